@@ -1,0 +1,216 @@
+// The Orchard v1 API model, defined once: these TypeBox schemas are the JSON Schema the controller
+// validates with, the TypeScript types every part of the program uses, and the OpenAPI components.
+// Field names follow the upstream wire format exactly (its mix of camelCase and snake_case included).
+import { Type, type Static, type TSchema } from '@sinclair/typebox';
+
+export const ROLES = ['compute:read', 'compute:write', 'compute:connect', 'admin:read', 'admin:write'] as const;
+export type Role = (typeof ROLES)[number];
+
+/** RFC 1123 DNS label: what VM, worker and service account names must be. */
+export const NAME_PATTERN = '^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$';
+export const Name = Type.String({ pattern: NAME_PATTERN, minLength: 1, maxLength: 63, description: 'DNS label' });
+
+const Timestamp = Type.String({ description: 'RFC 3339 time', maxLength: 64 });
+const StringMap = (description: string) =>
+  Type.Record(Type.String({ maxLength: 253 }), Type.String({ maxLength: 4096 }), { description, maxProperties: 256 });
+const Counters = Type.Record(Type.String({ maxLength: 253 }), Type.Integer({ minimum: 0, maximum: 2 ** 40 }), {
+  description: 'resource name to amount',
+  maxProperties: 256,
+});
+
+export const RESOURCE_TART_VMS = 'org.cirruslabs.tart-vms';
+export const RESOURCE_LOGICAL_CORES = 'org.cirruslabs.logical-cores';
+export const RESOURCE_MEMORY_MIB = 'org.cirruslabs.memory-mib';
+
+// ---- VM ----------------------------------------------------------------------------------------
+
+export const MAX_CPU = 512;
+export const MAX_MEMORY_MIB = 4 * 1024 * 1024;
+export const MAX_DISK_GB = 64 * 1024;
+
+export const HostDir = Type.Object(
+  {
+    name: Type.String({ minLength: 1, maxLength: 255 }),
+    path: Type.String({ minLength: 1, maxLength: 4096 }),
+    ro: Type.Optional(Type.Boolean()),
+  },
+  { additionalProperties: false },
+);
+
+export const StartupScript = Type.Object(
+  {
+    script_content: Type.String({ maxLength: 256 * 1024 }),
+    env: Type.Optional(StringMap('environment of the script')),
+  },
+  { additionalProperties: false },
+);
+
+export const Condition = Type.Object(
+  {
+    type: Type.Union([
+      Type.Literal('scheduled'),
+      Type.Literal('running'),
+      Type.Literal('cloning'),
+      Type.Literal('suspending'),
+      Type.Literal('stopping'),
+    ]),
+    state: Type.Union([Type.Literal('true'), Type.Literal('false')]),
+  },
+  { additionalProperties: false },
+);
+
+/** Fields the user sets (the spec). Changing any of them bumps `generation`. */
+export const VMSpecFields = {
+  os: Type.Optional(Type.Union([Type.Literal('darwin'), Type.Literal('linux')], { default: 'darwin' })),
+  arch: Type.Optional(Type.Union([Type.Literal('arm64'), Type.Literal('amd64')], { default: 'arm64' })),
+  runtime: Type.Optional(Type.String({ pattern: '^[a-z][a-z0-9-]{0,31}$', description: 'tart, vetu, qemu, synthetic' })),
+  image: Type.Optional(Type.String({ minLength: 1, maxLength: 1024 })),
+  imagePullPolicy: Type.Optional(Type.Union([Type.Literal('IfNotPresent'), Type.Literal('Always')])),
+  cpu: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_CPU, description: 'virtual CPUs (default 4)' })),
+  memory: Type.Optional(Type.Integer({ minimum: 64, maximum: MAX_MEMORY_MIB, description: 'MiB (default 8192)' })),
+  diskSize: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_DISK_GB, description: 'GB' })),
+  netSoftnet: Type.Optional(Type.Boolean()),
+  'net-softnet': Type.Optional(Type.Boolean({ description: 'deprecated spelling of netSoftnet' })),
+  netSoftnetAllow: Type.Optional(Type.Array(Type.String({ maxLength: 64 }), { maxItems: 256 })),
+  netSoftnetBlock: Type.Optional(Type.Array(Type.String({ maxLength: 64 }), { maxItems: 256 })),
+  'net-bridged': Type.Optional(Type.String({ maxLength: 64 })),
+  headless: Type.Optional(Type.Boolean()),
+  nested: Type.Optional(Type.Boolean()),
+  suspendable: Type.Optional(Type.Boolean()),
+  username: Type.Optional(Type.String({ maxLength: 255 })),
+  password: Type.Optional(Type.String({ maxLength: 1024 })),
+  startup_script: Type.Optional(Type.Union([StartupScript, Type.Null()])),
+  restart_policy: Type.Optional(Type.Union([Type.Literal('Never'), Type.Literal('OnFailure')])),
+  resources: Type.Optional(Counters),
+  labels: Type.Optional(StringMap('worker labels the VM requires')),
+  hostDirs: Type.Optional(Type.Array(HostDir, { maxItems: 64 })),
+  powerState: Type.Optional(
+    Type.Union([Type.Literal('running'), Type.Literal('stopped'), Type.Literal('suspended')]),
+  ),
+  randomSerial: Type.Optional(Type.Boolean()),
+};
+export const IMMUTABLE_VM_FIELDS = ['os', 'arch', 'runtime'] as const;
+export const VM_SPEC_KEYS = Object.keys(VMSpecFields) as (keyof typeof VMSpecFields)[];
+
+export const VMStatus = Type.Union([Type.Literal('pending'), Type.Literal('running'), Type.Literal('failed')]);
+export type VMStatus = Static<typeof VMStatus>;
+
+/** Fields the controller and the VM's worker set (the state). */
+export const VMStateFields = {
+  status: Type.Optional(VMStatus),
+  status_message: Type.Optional(Type.String({ maxLength: 4096 })),
+  worker: Type.Optional(Type.String({ maxLength: 253 })),
+  observedGeneration: Type.Optional(Type.Integer({ minimum: 0 })),
+  conditions: Type.Optional(Type.Array(Condition, { maxItems: 16 })),
+  scheduled_at: Type.Optional(Timestamp),
+  started_at: Type.Optional(Timestamp),
+  restarted_at: Type.Optional(Timestamp),
+  restart_count: Type.Optional(Type.Integer({ minimum: 0 })),
+  assignedCPU: Type.Optional(Type.Integer({ minimum: 0 })),
+  assignedMemory: Type.Optional(Type.Integer({ minimum: 0 })),
+  localName: Type.Optional(Type.String({ maxLength: 255 })),
+};
+
+export const MetaFields = {
+  name: Name,
+  uid: Type.Optional(Type.String({ maxLength: 64 })),
+  createdAt: Type.Optional(Timestamp),
+  generation: Type.Optional(Type.Integer({ minimum: 0 })),
+};
+
+/** A VM as the API returns it, and as clients send it (server-owned fields are accepted and ignored). */
+export const VM = Type.Object({ ...MetaFields, ...VMSpecFields, ...VMStateFields }, { additionalProperties: false, title: 'VM' });
+export type VM = Static<typeof VM>;
+
+/** Body of PUT /v1/vms/{name}/state. */
+export const VMStateUpdate = Type.Object(
+  {
+    status: Type.Optional(VMStatus),
+    status_message: Type.Optional(Type.String({ maxLength: 4096 })),
+    observedGeneration: Type.Optional(Type.Integer({ minimum: 0 })),
+    conditions: Type.Optional(Type.Array(Condition, { maxItems: 16 })),
+    started_at: Type.Optional(Timestamp),
+    localName: Type.Optional(Type.String({ maxLength: 255 })),
+  },
+  { additionalProperties: true, title: 'VMStateUpdate', description: 'other VM fields are ignored' },
+);
+export type VMStateUpdate = Static<typeof VMStateUpdate>;
+
+// ---- Worker ------------------------------------------------------------------------------------
+
+export const Worker = Type.Object(
+  {
+    name: Name,
+    machine_id: Type.Optional(Type.String({ maxLength: 255 })),
+    last_seen: Type.Optional(Timestamp),
+    scheduling_paused: Type.Optional(Type.Boolean()),
+    resources: Type.Optional(Counters),
+    labels: Type.Optional(StringMap('labels VMs can require')),
+    defaultCPU: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_CPU })),
+    defaultMemory: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_MEMORY_MIB })),
+    arch: Type.Optional(Type.String({ maxLength: 32 })),
+    runtime: Type.Optional(Type.String({ maxLength: 32 })),
+    createdAt: Type.Optional(Timestamp),
+  },
+  { additionalProperties: false, title: 'Worker' },
+);
+export type Worker = Static<typeof Worker>;
+
+// ---- Service account, cluster settings, events, info ---------------------------------------------
+
+export const ServiceAccount = Type.Object(
+  {
+    name: Name,
+    token: Type.Optional(Type.String({ minLength: 1, maxLength: 1024 })),
+    roles: Type.Array(Type.Union(ROLES.map((r) => Type.Literal(r))), { maxItems: ROLES.length, uniqueItems: true }),
+    createdAt: Type.Optional(Timestamp),
+  },
+  { additionalProperties: false, title: 'ServiceAccount' },
+);
+export type ServiceAccount = Static<typeof ServiceAccount>;
+
+export const SCHEDULER_PROFILES = ['optimize-utilization', 'distribute-load'] as const;
+export const ClusterSettings = Type.Object(
+  {
+    hostDirPolicies: Type.Optional(
+      Type.Array(
+        Type.Object(
+          { pathPrefix: Type.String({ minLength: 1, maxLength: 4096 }), ro: Type.Optional(Type.Boolean()) },
+          { additionalProperties: false },
+        ),
+        { maxItems: 256 },
+      ),
+    ),
+    schedulerProfile: Type.Optional(Type.Union(SCHEDULER_PROFILES.map((p) => Type.Literal(p)))),
+  },
+  { additionalProperties: false, title: 'ClusterSettings' },
+);
+export type ClusterSettings = Static<typeof ClusterSettings>;
+
+export const Event = Type.Object(
+  {
+    kind: Type.String({ maxLength: 64 }),
+    timestamp: Type.Integer({ minimum: 0, description: 'unix seconds' }),
+    payload: Type.String({ maxLength: 1024 * 1024 }),
+  },
+  { additionalProperties: false, title: 'Event' },
+);
+export type Event = Static<typeof Event>;
+export const EventList = Type.Array(Event, { maxItems: 10000 });
+
+export const ControllerInfo = Type.Object(
+  { version: Type.String(), commit: Type.String(), capabilities: Type.Array(Type.String()) },
+  { title: 'ControllerInfo' },
+);
+export type ControllerInfo = Static<typeof ControllerInfo>;
+
+export const ErrorBody = Type.Object({ message: Type.String() }, { title: 'Error' });
+
+export type WatchEventType = 'ADDED' | 'MODIFIED' | 'DELETED';
+export interface WatchEvent<T> {
+  type: WatchEventType;
+  object: T;
+}
+
+/** The schemas that appear as named components in the OpenAPI document. */
+export const COMPONENTS: TSchema[] = [VM, VMStateUpdate, Worker, ServiceAccount, ClusterSettings, Event, ControllerInfo, ErrorBody];

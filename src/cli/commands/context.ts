@@ -1,0 +1,105 @@
+// orchard context create|list|default|delete
+import type { Command } from 'commander';
+import { OrchardClient, probeCertificate } from '../../client/client.ts';
+import { configPath, loadConfig, saveConfig, type Context } from '../../client/config.ts';
+import { confirm, UsageError } from '../common.ts';
+import { parseOutput, print, table, type OutputFormat } from '../output.ts';
+
+/** Normalises "AA:bb:..." / "aabb..." fingerprints for comparison. */
+const normFingerprint = (f: string) => f.replace(/^sha256:/i, '').replace(/[^0-9a-f]/gi, '').toUpperCase();
+
+export function registerContextCommands(program: Command) {
+  const context = program.command('context').description('manage the controllers this CLI talks to');
+
+  context
+    .command('create')
+    .description("add a controller: checks its certificate's fingerprint, pins it, verifies the credentials")
+    .argument('<url>', 'controller URL, e.g. https://controller.example.com:6120')
+    .option('--name <name>', 'name of the context', 'default')
+    .option('--service-account-name <name>', 'service account to authenticate as')
+    .option('--service-account-token <token>', 'its token')
+    .option('--trust-fingerprint <sha256>', 'trust the certificate only if it has this SHA-256 fingerprint (non-interactive)')
+    .option('-y, --yes', 'trust the presented certificate without asking (when you verify it some other way)')
+    .option('--force', 'replace an existing context of the same name')
+    .action(async (rawURL: string, opts: { name: string; serviceAccountName?: string; serviceAccountToken?: string; trustFingerprint?: string; yes?: boolean; force?: boolean }) => {
+      let url: URL;
+      try {
+        url = new URL(/^[a-z]+:\/\//i.test(rawURL) ? rawURL : `https://${rawURL}`);
+      } catch {
+        throw new UsageError(`"${rawURL}" is not a URL`);
+      }
+      if (url.protocol !== 'https:' && url.protocol !== 'http:') throw new UsageError('the controller URL must be https:// (or http:// for --insecure-no-tls controllers)');
+      if (!url.port) url.port = '6120';
+      const config = loadConfig();
+      if (config.contexts[opts.name] && !opts.force) throw new UsageError(`context "${opts.name}" exists; pass --force to replace it`);
+      const ctx: Context = { url: url.origin, serviceAccountName: opts.serviceAccountName, serviceAccountToken: opts.serviceAccountToken };
+      if (url.protocol === 'https:') {
+        const cert = await probeCertificate(url.origin);
+        if (!cert.trusted) {
+          process.stderr.write(`The controller's certificate is not signed by an authority this system trusts.\nSHA-256 fingerprint: ${cert.fingerprint}\n`);
+          if (opts.trustFingerprint) {
+            if (normFingerprint(opts.trustFingerprint) !== normFingerprint(cert.fingerprint)) {
+              throw new Error(`the certificate's fingerprint ${cert.fingerprint} is not the expected ${opts.trustFingerprint}; not trusting it`);
+            }
+          } else if (!opts.yes) {
+            if (!process.stdin.isTTY) throw new UsageError('refusing to trust an unverified certificate non-interactively: compare the fingerprint with the controller\'s log, then pass --trust-fingerprint SHA256 (or --yes)');
+            if (!(await confirm('Trust it and pin it for this context? [y/N] '))) throw new Error('certificate not trusted; nothing saved');
+          }
+          ctx.certificate = cert.pem;
+        }
+      } else {
+        process.stderr.write('warning: http:// sends the service account token in clear text\n');
+      }
+      const client = new OrchardClient(ctx);
+      try {
+        await client.info();
+      } finally {
+        client.close();
+      }
+      config.contexts[opts.name] = ctx;
+      if (!config['default-context'] || Object.keys(config.contexts).length === 1) config['default-context'] = opts.name;
+      saveConfig(config);
+      process.stderr.write(`context "${opts.name}" saved to ${configPath()}${config['default-context'] === opts.name ? ' (default)' : ''}\n`);
+    });
+
+  context
+    .command('list')
+    .description('list contexts')
+    .option('-o, --output <format>', 'table, json or yaml', parseOutput, 'table' as OutputFormat)
+    .action((opts: { output: OutputFormat }) => {
+      const config = loadConfig();
+      const rows = Object.entries(config.contexts).map(([name, c]) => ({
+        name,
+        url: c.url,
+        serviceAccountName: c.serviceAccountName,
+        default: config['default-context'] === name,
+        pinnedCertificate: Boolean(c.certificate),
+      }));
+      print(opts.output, rows, () =>
+        table(['NAME', 'URL', 'SERVICE ACCOUNT', 'DEFAULT', 'PINNED CERT'], rows.map((r) => [r.name, r.url, r.serviceAccountName, r.default ? '*' : '', r.pinnedCertificate ? 'yes' : 'no'])),
+      );
+    });
+
+  context
+    .command('default')
+    .description('make a context the default')
+    .argument('<name>')
+    .action((name: string) => {
+      const config = loadConfig();
+      if (!config.contexts[name]) throw new Error(`no context named "${name}"`);
+      config['default-context'] = name;
+      saveConfig(config);
+    });
+
+  context
+    .command('delete')
+    .description('delete a context')
+    .argument('<name>')
+    .action((name: string) => {
+      const config = loadConfig();
+      if (!config.contexts[name]) throw new Error(`no context named "${name}"`);
+      delete config.contexts[name];
+      if (config['default-context'] === name) delete config['default-context'];
+      saveConfig(config);
+    });
+}

@@ -1,0 +1,50 @@
+// orchard controller run
+import type { Command } from 'commander';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { DEFAULT_PORT, startController } from '../../controller/controller.ts';
+import { parseDuration } from '../output.ts';
+
+export function registerControllerCommands(program: Command) {
+  const controller = program.command('controller').description('run the controller');
+  controller
+    .command('run')
+    .description('run the controller: the API, the embedded database and the scheduler')
+    .option('--data-dir <dir>', 'where the database, certificate and key live', join(homedir(), '.orchard', 'controller'))
+    .option('-l, --listen <address>', 'address to listen on (HOST:PORT or :PORT)', `:${DEFAULT_PORT}`)
+    .option('--controller-cert <file>', 'use this TLS certificate (PEM) instead of the self-signed one')
+    .option('--controller-key <file>', 'the key of --controller-cert (PEM)')
+    .option('--insecure-no-tls', 'serve plain HTTP (tokens cross the network in clear text!)')
+    .option('--worker-offline-timeout <duration>', 'a worker not seen for this long is offline', '3m')
+    .addHelpText('after', '\nEnvironment:\n  ORCHARD_BOOTSTRAP_ADMIN_TOKEN  create (or update) the service account "bootstrap-admin" with every role and this token')
+    .action(async (opts: { dataDir: string; listen: string; controllerCert?: string; controllerKey?: string; insecureNoTls?: boolean; workerOfflineTimeout: string }) => {
+      let ctl;
+      try {
+        ctl = await startController({
+          dataDir: opts.dataDir,
+          listen: opts.listen,
+          certFile: opts.controllerCert,
+          keyFile: opts.controllerKey,
+          insecureNoTLS: opts.insecureNoTls,
+          workerOfflineTimeoutMs: parseDuration(opts.workerOfflineTimeout),
+          bootstrapAdminToken: process.env.ORCHARD_BOOTSTRAP_ADMIN_TOKEN || undefined,
+        });
+      } catch (err) {
+        const e = err as Error & { code?: string };
+        if (e.code === 'EADDRINUSE') throw new Error(`cannot listen on ${opts.listen}: the port is in use (another controller?); choose another with --listen`, { cause: e });
+        if (e.code === 'EACCES') throw new Error(`cannot listen on ${opts.listen}: permission denied; use a port above 1023`, { cause: e });
+        throw e;
+      }
+      if (ctl.fingerprint) process.stderr.write(`orchard controller: listening on ${ctl.url}, certificate SHA-256 ${ctl.fingerprint}\n`);
+      await new Promise<void>((resolve) => {
+        const stop = () => {
+          process.off('SIGINT', stop);
+          process.off('SIGTERM', stop);
+          ctl.logger.info('shutting down');
+          ctl.close().then(resolve, resolve);
+        };
+        process.on('SIGINT', stop);
+        process.on('SIGTERM', stop);
+      });
+    });
+}

@@ -1,0 +1,289 @@
+// create|list|get|delete of VMs, workers and service accounts; pause|resume worker;
+// get|set cluster-settings; get bootstrap-token; logs vm.
+import { readFileSync } from 'node:fs';
+import { Command, Option } from 'commander';
+import { ROLES, SCHEDULER_PROFILES, type ClusterSettings, type Role, type ServiceAccount, type VM, type Worker } from '../../api/schemas.ts';
+import { encodeBootstrapToken } from '../../api/bootstrap-token.ts';
+import { resolveContext } from '../../client/config.ts';
+import { collect, collectKeyValue, parseInteger, UsageError, withClient, withCommon, type CommonOptions } from '../common.ts';
+import { age, details, formatLabels, print, table } from '../output.ts';
+
+const vmRow = (vm: VM) => [vm.name, vm.image, vm.cpu, vm.memory, vm.status, vm.worker, formatLabels(vm.labels), age(vm.createdAt)];
+const VM_HEADERS = ['NAME', 'IMAGE', 'CPU', 'MEMORY', 'STATUS', 'WORKER', 'LABELS', 'AGE'];
+
+function vmDetails(vm: VM): string {
+  return details([
+    ['name', vm.name],
+    ['uid', vm.uid],
+    ['image', vm.image],
+    ['os/arch', `${vm.os}/${vm.arch}`],
+    ['runtime', vm.runtime],
+    ['cpu', vm.cpu],
+    ['memory', vm.memory !== undefined ? `${vm.memory} MiB` : undefined],
+    ['disk size', vm.diskSize ? `${vm.diskSize} GB` : undefined],
+    ['labels', formatLabels(vm.labels)],
+    ['restart policy', vm.restart_policy],
+    ['status', vm.status],
+    ['status message', vm.status_message],
+    ['worker', vm.worker],
+    ['restarts', vm.restart_count],
+    ['generation', `${vm.generation ?? 0} (observed ${vm.observedGeneration ?? '-'})`],
+    ['created', vm.createdAt],
+  ]);
+}
+
+const workerRow = (w: Worker) => [
+  w.name,
+  w.runtime,
+  w.arch,
+  formatLabels(w.resources),
+  formatLabels(w.labels),
+  w.scheduling_paused ? 'yes' : 'no',
+  age(w.last_seen),
+];
+const WORKER_HEADERS = ['NAME', 'RUNTIME', 'ARCH', 'RESOURCES', 'LABELS', 'PAUSED', 'LAST SEEN'];
+
+const saRow = (sa: ServiceAccount) => [sa.name, sa.roles.join(','), age(sa.createdAt)];
+
+function parseRoles(roles: string[]): Role[] {
+  for (const r of roles) if (!(ROLES as readonly string[]).includes(r)) throw new UsageError(`unknown role "${r}"; roles are ${ROLES.join(', ')}`);
+  return roles as Role[];
+}
+
+export function registerResourceCommands(program: Command) {
+  const create = program.command('create').description('create a resource');
+  const list = program.command('list').description('list resources');
+  const get = program.command('get').description('show a resource');
+  const del = program.command('delete').description('delete a resource');
+  const set = program.command('set').description('change a resource');
+
+  // ---- VMs ----
+  withCommon(
+    create
+      .command('vm')
+      .description('create a VM; a worker picks it up and boots it')
+      .argument('<name>', 'VM name (a DNS label)')
+      .requiredOption('--image <image>', 'image to boot (e.g. debian-dev, ghcr.io/cirruslabs/macos-sequoia-base:latest)')
+      .option('--cpu <n>', 'virtual CPUs (default 4)', parseInteger('--cpu'))
+      .option('--memory <mib>', 'memory in MiB (default 8192)', parseInteger('--memory'))
+      .option('--disk-size <gb>', 'disk size in GB', parseInteger('--disk-size'))
+      .option('--os <os>', 'darwin or linux')
+      .option('--arch <arch>', 'arm64 or amd64')
+      .option('--runtime <runtime>', 'tart, qemu, synthetic, ...')
+      .option('--label <key=value>', 'require a worker label (repeatable)', collectKeyValue)
+      .option('--resources <name=amount>', 'require a worker resource (repeatable)', collectKeyValue)
+      .option('--username <user>', 'SSH user of the guest (default admin)')
+      .option('--password <password>', 'SSH password of the guest (default admin)')
+      .option('--startup-script <script>', 'script to run once the guest is up (@FILE reads a file)')
+      .option('--startup-script-env <key=value>', 'environment of the startup script (repeatable)', collectKeyValue)
+      .addOption(new Option('--restart-policy <policy>', 'what to do when the VM fails').choices(['Never', 'OnFailure']))
+      .addOption(new Option('--image-pull-policy <policy>', 'when to pull the image').choices(['IfNotPresent', 'Always']))
+      .option('--net-softnet', 'isolate the VM with Softnet (Tart)')
+      .option('--nested', 'enable nested virtualisation')
+      .option('--headless', 'no graphics')
+      .option('--host-dir <name:path[:ro]>', 'share a host directory (repeatable)', collect),
+  ).action(
+    async (
+      name: string,
+      opts: CommonOptions & {
+        image: string;
+        cpu?: number;
+        memory?: number;
+        diskSize?: number;
+        os?: VM['os'];
+        arch?: VM['arch'];
+        runtime?: string;
+        label?: Record<string, string>;
+        resources?: Record<string, string>;
+        username?: string;
+        password?: string;
+        startupScript?: string;
+        startupScriptEnv?: Record<string, string>;
+        restartPolicy?: VM['restart_policy'];
+        imagePullPolicy?: VM['imagePullPolicy'];
+        netSoftnet?: boolean;
+        nested?: boolean;
+        headless?: boolean;
+        hostDir?: string[];
+      },
+    ) => {
+      const resources: Record<string, number> = {};
+      for (const [k, v] of Object.entries(opts.resources ?? {})) {
+        if (!/^\d+$/.test(v)) throw new UsageError(`--resources ${k}=${v}: the amount must be a whole number`);
+        resources[k] = Number(v);
+      }
+      const vm: VM = {
+        name,
+        image: opts.image,
+        cpu: opts.cpu,
+        memory: opts.memory,
+        diskSize: opts.diskSize,
+        os: opts.os,
+        arch: opts.arch,
+        runtime: opts.runtime,
+        labels: opts.label,
+        resources: Object.keys(resources).length ? resources : undefined,
+        username: opts.username,
+        password: opts.password,
+        restart_policy: opts.restartPolicy,
+        imagePullPolicy: opts.imagePullPolicy,
+        netSoftnet: opts.netSoftnet,
+        nested: opts.nested,
+        headless: opts.headless,
+        hostDirs: opts.hostDir?.map((spec) => {
+          const [dirName, path, ro] = spec.split(':');
+          if (!dirName || !path || (ro !== undefined && ro !== 'ro')) throw new UsageError(`--host-dir must be NAME:PATH or NAME:PATH:ro, got "${spec}"`);
+          return { name: dirName, path, ro: ro === 'ro' };
+        }),
+      };
+      if (opts.startupScript !== undefined) {
+        const content = opts.startupScript.startsWith('@') ? readFileSync(opts.startupScript.slice(1), 'utf8') : opts.startupScript;
+        vm.startup_script = { script_content: content, env: opts.startupScriptEnv };
+      }
+      for (const k of Object.keys(vm) as (keyof VM)[]) if (vm[k] === undefined) delete vm[k];
+      const created = await withClient(opts, (c) => c.createVM(vm));
+      print(opts.output, created, () => `VM ${created.name} created (${created.status})\n`);
+    },
+  );
+
+  withCommon(list.command('vms').description('list VMs').option('--worker <name>', 'only the VMs of this worker')).action(
+    async (opts: CommonOptions & { worker?: string }) => {
+      const vms = await withClient(opts, (c) => c.listVMs(opts.worker));
+      print(opts.output, vms, () => table(VM_HEADERS, vms.map(vmRow)));
+    },
+  );
+
+  withCommon(get.command('vm').description('show a VM').argument('<name>')).action(async (name: string, opts: CommonOptions) => {
+    const vm = await withClient(opts, (c) => c.getVM(name));
+    print(opts.output, vm, () => vmDetails(vm));
+  });
+
+  withCommon(del.command('vm').description('delete a VM (its worker stops it and removes its disk)').argument('<name>'), false).action(
+    async (name: string, opts: CommonOptions) => {
+      await withClient(opts, (c) => c.deleteVM(name));
+      process.stderr.write(`VM ${name} deleted\n`);
+    },
+  );
+
+  withCommon(
+    program
+      .command('logs')
+      .description('show logs')
+      .command('vm')
+      .description("a VM's events: lifecycle steps and startup script output")
+      .argument('<name>')
+      .option('--limit <n>', 'at most this many events', parseInteger('--limit'))
+      .addOption(new Option('--order <order>', 'oldest (asc) or newest (desc) first').choices(['asc', 'desc']).default('asc')),
+  ).action(async (name: string, opts: CommonOptions & { limit?: number; order: 'asc' | 'desc' }) => {
+    const events = await withClient(opts, async (c) => {
+      const all = [];
+      let cursor: string | undefined;
+      do {
+        const want = opts.limit !== undefined ? Math.min(1000, opts.limit - all.length) : 1000;
+        const page = await c.listEvents(name, { limit: want, order: opts.order, cursor });
+        all.push(...page.events);
+        cursor = page.nextCursor;
+      } while (cursor && (opts.limit === undefined || all.length < opts.limit));
+      return all;
+    });
+    print(opts.output, events, () =>
+      events.map((e) => `${new Date(e.timestamp * 1000).toISOString()} ${e.kind}: ${e.payload.replace(/\n$/, '')}`).join('\n') + (events.length ? '\n' : ''),
+    );
+  });
+
+  // ---- workers ----
+  withCommon(list.command('workers').description('list workers')).action(async (opts: CommonOptions) => {
+    const workers = await withClient(opts, (c) => c.listWorkers());
+    print(opts.output, workers, () => table(WORKER_HEADERS, workers.map(workerRow)));
+  });
+  withCommon(get.command('worker').description('show a worker').argument('<name>')).action(async (name: string, opts: CommonOptions) => {
+    const w = await withClient(opts, (c) => c.getWorker(name));
+    print(opts.output, w, () => table(WORKER_HEADERS, [workerRow(w)]));
+  });
+  withCommon(del.command('worker').description('delete a worker').argument('<name>'), false).action(async (name: string, opts: CommonOptions) => {
+    await withClient(opts, (c) => c.deleteWorker(name));
+    process.stderr.write(`worker ${name} deleted\n`);
+  });
+  for (const [verb, paused] of [
+    ['pause', true],
+    ['resume', false],
+  ] as const) {
+    withCommon(
+      program
+        .command(verb)
+        .description(`${verb} scheduling on a worker`)
+        .command('worker')
+        .description(paused ? 'place no new VMs on this worker (running ones stay)' : 'place new VMs on this worker again')
+        .argument('<name>'),
+      false,
+    ).action(async (name: string, opts: CommonOptions) => {
+      await withClient(opts, (c) => c.updateWorker({ name, scheduling_paused: paused }));
+      process.stderr.write(`worker ${name} ${paused ? 'paused' : 'resumed'}\n`);
+    });
+  }
+
+  // ---- service accounts ----
+  withCommon(
+    create
+      .command('service-account')
+      .description('create a service account (its token is generated unless given)')
+      .argument('<name>')
+      .option('--roles <role>', `a role (repeatable): ${ROLES.join(', ')}`, collect, [])
+      .option('--token <token>', 'use this token instead of a generated one'),
+  ).action(async (name: string, opts: CommonOptions & { roles: string[]; token?: string }) => {
+    const sa = await withClient(opts, (c) => c.createServiceAccount({ name, roles: parseRoles(opts.roles), token: opts.token }));
+    print(opts.output, sa, () => `service account ${sa.name} created with roles ${sa.roles.join(', ') || '(none)'}\n`);
+  });
+  withCommon(list.command('service-accounts').description('list service accounts')).action(async (opts: CommonOptions) => {
+    const sas = await withClient(opts, (c) => c.listServiceAccounts());
+    print(opts.output, sas, () => table(['NAME', 'ROLES', 'AGE'], sas.map(saRow)));
+  });
+  withCommon(get.command('service-account').description('show a service account').argument('<name>')).action(async (name: string, opts: CommonOptions) => {
+    const sa = await withClient(opts, (c) => c.getServiceAccount(name));
+    print(opts.output, sa, () => table(['NAME', 'ROLES', 'AGE'], [saRow(sa)]));
+  });
+  withCommon(del.command('service-account').description('delete a service account').argument('<name>'), false).action(
+    async (name: string, opts: CommonOptions) => {
+      await withClient(opts, (c) => c.deleteServiceAccount(name));
+      process.stderr.write(`service account ${name} deleted\n`);
+    },
+  );
+
+  withCommon(
+    get
+      .command('bootstrap-token')
+      .description("print a token for `orchard worker run --bootstrap-token`: a service account's credentials and the controller certificate")
+      .argument('<service-account>'),
+    false,
+  ).action(async (name: string, opts: CommonOptions) => {
+    const { context } = resolveContext(opts.context);
+    const sa = await withClient(opts, (c) => c.getServiceAccount(name));
+    if (!sa.token) throw new Error(`service account "${name}" has no token`);
+    process.stdout.write(encodeBootstrapToken({ serviceAccountName: sa.name, serviceAccountToken: sa.token, certificate: context.certificate }) + '\n');
+  });
+
+  // ---- cluster settings ----
+  withCommon(get.command('cluster-settings').description('show the cluster settings')).action(async (opts: CommonOptions) => {
+    const s = await withClient(opts, (c) => c.getClusterSettings());
+    print(opts.output, s, () =>
+      details([
+        ['scheduler profile', s.schedulerProfile],
+        ['host dir policies', (s.hostDirPolicies ?? []).map((p) => `${p.pathPrefix}${p.ro ? ' (ro)' : ''}`).join(', ')],
+      ]),
+    );
+  });
+  withCommon(
+    set
+      .command('cluster-settings')
+      .description('change the cluster settings')
+      .addOption(new Option('--scheduler-profile <profile>', 'how VMs are spread over workers').choices([...SCHEDULER_PROFILES]))
+      .option('--host-dir-policy <prefix[:ro]>', 'allow hostDirs under this path (repeatable; replaces the list)', collect),
+  ).action(async (opts: CommonOptions & { schedulerProfile?: ClusterSettings['schedulerProfile']; hostDirPolicy?: string[] }) => {
+    const change: ClusterSettings = {};
+    if (opts.schedulerProfile) change.schedulerProfile = opts.schedulerProfile;
+    if (opts.hostDirPolicy) change.hostDirPolicies = opts.hostDirPolicy.map((p) => (p.endsWith(':ro') ? { pathPrefix: p.slice(0, -3), ro: true } : { pathPrefix: p }));
+    if (!Object.keys(change).length) throw new UsageError('nothing to change: pass --scheduler-profile or --host-dir-policy');
+    const s = await withClient(opts, (c) => c.setClusterSettings(change));
+    print(opts.output, s, () => 'cluster settings updated\n');
+  });
+}

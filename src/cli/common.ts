@@ -1,0 +1,63 @@
+// Shared plumbing for CLI commands: the client of the chosen context, output flags, prompts.
+import { Command, Option } from 'commander';
+import { createInterface } from 'node:readline/promises';
+import { OrchardClient } from '../client/client.ts';
+import { resolveContext } from '../client/config.ts';
+import { parseOutput, type OutputFormat } from './output.ts';
+
+export class UsageError extends Error {}
+
+export interface CommonOptions {
+  context?: string;
+  output: OutputFormat;
+}
+
+/** Adds --context and --output to a command. */
+export function withCommon(cmd: Command, output = true): Command {
+  cmd.addOption(new Option('--context <name>', 'context to use (default: the default context, or $ORCHARD_CONTEXT)'));
+  if (output) cmd.addOption(new Option('-o, --output <format>', 'output format: table, json or yaml').default('table').argParser(parseOutput));
+  return cmd;
+}
+
+export function clientFor(opts: { context?: string }): OrchardClient {
+  const { context } = resolveContext(opts.context);
+  return new OrchardClient(context);
+}
+
+/** Runs `fn` with a client of the chosen context, closing its connections afterwards. */
+export async function withClient<T>(opts: { context?: string }, fn: (client: OrchardClient) => Promise<T>): Promise<T> {
+  const client = clientFor(opts);
+  try {
+    return await fn(client);
+  } finally {
+    client.close();
+  }
+}
+
+export async function confirm(question: string): Promise<boolean> {
+  const rl = createInterface({ input: process.stdin, output: process.stderr });
+  try {
+    const answer = await rl.question(question);
+    return /^y(es)?$/i.test(answer.trim());
+  } finally {
+    rl.close();
+  }
+}
+
+/** `--label k=v` (repeatable) into a map. */
+export function collectKeyValue(value: string, previous: Record<string, string> = {}): Record<string, string> {
+  const eq = value.indexOf('=');
+  if (eq <= 0) throw new UsageError(`expected KEY=VALUE, got "${value}"`);
+  return { ...previous, [value.slice(0, eq)]: value.slice(eq + 1) };
+}
+
+export function collect(value: string, previous: string[] = []): string[] {
+  return [...previous, value];
+}
+
+export function parseInteger(name: string) {
+  return (value: string) => {
+    if (!/^-?\d+$/.test(value)) throw new UsageError(`${name} must be an integer, got "${value}"`);
+    return Number(value);
+  };
+}

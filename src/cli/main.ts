@@ -1,0 +1,32 @@
+// The `orchard` command: one program for the controller, the workers and the users.
+import { Command, CommanderError } from 'commander';
+import { ApiError } from '../client/client.ts';
+import { VERSION } from '../api/version.ts';
+import { registerControllerCommands } from './commands/controller.ts';
+import { registerContextCommands } from './commands/context.ts';
+import { registerResourceCommands } from './commands/resources.ts';
+import { UsageError } from './common.ts';
+
+const program = new Command('orchard')
+  .description('Orchard: run virtual machines on a cluster of hosts (QEMU on Linux, Tart on macOS)')
+  .version(VERSION)
+  .showHelpAfterError()
+  .exitOverride();
+
+registerControllerCommands(program);
+registerContextCommands(program);
+registerResourceCommands(program);
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  if (err instanceof CommanderError) {
+    // Help and version are not errors; commander already printed its usage message.
+    process.exitCode = err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help' ? 0 : 2;
+  } else {
+    const e = err as Error & { code?: string };
+    process.stderr.write(`orchard: ${e instanceof ApiError ? `${e.message} (HTTP ${e.status})` : e.message}\n`);
+    if (process.env.ORCHARD_DEBUG && e.stack) process.stderr.write(e.stack + '\n');
+    process.exitCode = e instanceof UsageError ? 2 : 1;
+  }
+}

@@ -1,0 +1,55 @@
+// Output in the terminal's conventions: --output table (default) | json | yaml; errors go to stderr.
+import YAML from 'yaml';
+
+export type OutputFormat = 'table' | 'json' | 'yaml';
+export const OUTPUT_FORMATS: OutputFormat[] = ['table', 'json', 'yaml'];
+
+export function parseOutput(value: string): OutputFormat {
+  if (!(OUTPUT_FORMATS as string[]).includes(value)) throw new Error(`--output must be one of ${OUTPUT_FORMATS.join(', ')}, got "${value}"`);
+  return value as OutputFormat;
+}
+
+export function table(headers: string[], rows: (string | number | undefined)[][]): string {
+  const cells = [headers, ...rows.map((r) => r.map((c) => (c === undefined || c === '' ? '-' : String(c))))];
+  const widths = headers.map((_, i) => Math.max(...cells.map((r) => r[i].length)));
+  return cells.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]))).join('   ')).join('\n') + '\n';
+}
+
+/** A single object as aligned "key: value" lines. */
+export function details(fields: [string, unknown][]): string {
+  const width = Math.max(...fields.map(([k]) => k.length)) + 1;
+  return (
+    fields
+      .map(([k, v]) => `${(k + ':').padEnd(width)} ${v === undefined || v === '' ? '-' : typeof v === 'object' ? JSON.stringify(v) : String(v)}`)
+      .join('\n') + '\n'
+  );
+}
+
+export function print(format: OutputFormat, value: unknown, asTable: () => string): void {
+  if (format === 'json') process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+  else if (format === 'yaml') process.stdout.write(YAML.stringify(value));
+  else process.stdout.write(asTable());
+}
+
+export function formatLabels(labels?: Record<string, string | number>): string {
+  const entries = Object.entries(labels ?? {});
+  return entries.length ? entries.map(([k, v]) => `${k}=${v}`).join(',') : '';
+}
+
+export function age(iso?: string): string {
+  if (!iso) return '';
+  const s = Math.max(0, Math.round((Date.now() - Date.parse(iso)) / 1000));
+  if (Number.isNaN(s)) return '';
+  if (s < 120) return `${s}s`;
+  if (s < 7200) return `${Math.round(s / 60)}m`;
+  if (s < 172800) return `${Math.round(s / 3600)}h`;
+  return `${Math.round(s / 86400)}d`;
+}
+
+/** "3m", "90s", "1h", "500ms", or plain seconds -> milliseconds. */
+export function parseDuration(value: string): number {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(value.trim());
+  if (!m) throw new Error(`"${value}" is not a duration (like 30s, 3m, 1h)`);
+  const n = Number(m[1]);
+  return n * ({ ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[m[2] ?? 's'] ?? 1000);
+}

@@ -1,0 +1,219 @@
+// The Orchard API client: HTTPS with a pinned controller certificate, Basic auth, JSON errors as
+// exceptions. Used by the CLI, the worker and the tests.
+import http from 'node:http';
+import https from 'node:https';
+import tls from 'node:tls';
+import { X509Certificate } from 'node:crypto';
+import type { ClusterSettings, ControllerInfo, Event, ServiceAccount, VM, VMStateUpdate, WatchEvent, Worker } from '../api/schemas.ts';
+
+export interface ClientOptions {
+  url: string;
+  serviceAccountName?: string;
+  serviceAccountToken?: string;
+  /** PEM of the pinned controller certificate: only a controller presenting exactly it is trusted. */
+  certificate?: string;
+}
+
+export class ApiError extends Error {
+  readonly status: number;
+  constructor(status: number, message: string) {
+    super(message);
+    this.status = status;
+  }
+}
+
+export class CertificateMismatchError extends Error {}
+
+/** Fetches the certificate a TLS server presents, without trusting it or sending anything. */
+export function probeCertificate(url: string): Promise<{ pem: string; fingerprint: string; trusted: boolean; error?: string }> {
+  const u = new URL(url);
+  return new Promise((resolve, reject) => {
+    const socket = tls.connect({ host: u.hostname.replace(/^\[|\]$/g, ''), port: Number(u.port || 443), servername: isIP(u.hostname) ? undefined : u.hostname, rejectUnauthorized: false });
+    socket.setTimeout(10_000, () => socket.destroy(new Error(`timed out connecting to ${url}`)));
+    socket.once('secureConnect', () => {
+      const raw = socket.getPeerCertificate().raw;
+      const cert = new X509Certificate(raw);
+      const trusted = socket.authorized;
+      socket.end();
+      resolve({ pem: cert.toString(), fingerprint: cert.fingerprint256, trusted, error: socket.authorizationError?.toString() });
+    });
+    socket.once('error', reject);
+  });
+}
+
+const isIP = (host: string) => /^[\d.]+$/.test(host) || host.startsWith('[');
+
+export class OrchardClient {
+  readonly url: URL;
+  private readonly agent: http.Agent;
+  private readonly auth?: string;
+  readonly options: ClientOptions;
+  private readonly fingerprint?: string;
+
+  constructor(options: ClientOptions) {
+    this.options = options;
+    this.url = new URL(options.url.replace(/\/+$/, ''));
+    if (options.serviceAccountName !== undefined && options.serviceAccountToken !== undefined) {
+      this.auth = 'Basic ' + Buffer.from(`${options.serviceAccountName}:${options.serviceAccountToken}`).toString('base64');
+    }
+    if (this.url.protocol === 'https:') {
+      this.fingerprint = options.certificate ? new X509Certificate(options.certificate).fingerprint256 : undefined;
+      this.agent = new https.Agent({ keepAlive: true, ...this.tlsOptions() });
+    } else {
+      this.agent = new http.Agent({ keepAlive: true });
+    }
+  }
+
+  /** TLS options for any connection to the controller (HTTP requests, WebSockets). */
+  tlsOptions(): https.AgentOptions {
+    if (!this.options.certificate) return {};
+    const fingerprint = this.fingerprint;
+    return {
+      ca: this.options.certificate,
+      // The pinned certificate is trusted for any host name, and no other certificate is.
+      checkServerIdentity: (_host, cert) =>
+        cert.fingerprint256 === fingerprint ? undefined : new CertificateMismatchError(`certificate fingerprint ${cert.fingerprint256} is not the pinned ${fingerprint}`),
+    };
+  }
+
+  get authorization(): string | undefined {
+    return this.auth;
+  }
+
+  close() {
+    this.agent.destroy();
+  }
+
+  /** Turns a TLS verification failure against a pinned certificate into a clear message. */
+  private async explain(err: Error & { code?: string }): Promise<Error> {
+    if (!this.options.certificate || this.url.protocol !== 'https:') return err;
+    const tlsCodes = ['DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'CERT_SIGNATURE_FAILURE', 'ERR_TLS_CERT_ALTNAME_INVALID'];
+    if (!(err instanceof CertificateMismatchError) && !tlsCodes.includes(err.code ?? '')) return err;
+    let actual = 'unknown';
+    try {
+      actual = (await probeCertificate(this.url.href)).fingerprint;
+    } catch {
+      // keep "unknown"
+    }
+    return new CertificateMismatchError(
+      `the controller at ${this.url.origin} presents a certificate that differs from the one pinned for this context ` +
+        `(pinned SHA-256 ${this.fingerprint}, presented ${actual}); refusing to talk to it. If the controller's certificate ` +
+        `was changed on purpose, run "orchard context create" again.`,
+    );
+  }
+
+  async request<T>(method: string, path: string, body?: unknown, opts: { raw?: boolean } = {}): Promise<{ status: number; headers: http.IncomingHttpHeaders; body: T }> {
+    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+    const u = new URL(this.url.pathname.replace(/\/$/, '') + path, this.url);
+    const lib = u.protocol === 'https:' ? https : http;
+    const headers: Record<string, string> = { accept: 'application/json' };
+    if (this.auth) headers.authorization = this.auth;
+    if (payload) {
+      headers['content-type'] = 'application/json';
+      headers['content-length'] = String(payload.length);
+    }
+    try {
+      return await new Promise((resolve, reject) => {
+        const req = lib.request(u, { method, headers, agent: this.agent }, (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('error', reject);
+          res.on('end', () => {
+            const text = Buffer.concat(chunks).toString('utf8');
+            const status = res.statusCode ?? 0;
+            let parsed: unknown = text;
+            if (!opts.raw && text && (res.headers['content-type'] ?? '').includes('json')) {
+              try {
+                parsed = JSON.parse(text);
+              } catch {
+                return reject(new ApiError(status, `controller sent malformed JSON (HTTP ${status})`));
+              }
+            }
+            if (status >= 400) {
+              const message = (parsed as { message?: string })?.message ?? (text || `HTTP ${status}`);
+              return reject(new ApiError(status, message));
+            }
+            resolve({ status, headers: res.headers, body: parsed as T });
+          });
+        });
+        req.on('error', reject);
+        req.end(payload);
+      });
+    } catch (err) {
+      throw await this.explain(err as Error);
+    }
+  }
+
+  async call<T>(method: string, path: string, body?: unknown): Promise<T> {
+    return (await this.request<T>(method, path, body)).body;
+  }
+
+  /** Streams NDJSON watch events until the signal aborts or the server ends the stream. */
+  async *watch<T>(path: string, signal?: AbortSignal): AsyncGenerator<WatchEvent<T>> {
+    const u = new URL(this.url.pathname.replace(/\/$/, '') + path, this.url);
+    const lib = u.protocol === 'https:' ? https : http;
+    const res = await new Promise<http.IncomingMessage>((resolve, reject) => {
+      const req = lib.request(u, { method: 'GET', headers: this.auth ? { authorization: this.auth } : {}, agent: false, ...this.tlsOptions(), signal }, resolve);
+      req.on('error', reject);
+      req.end();
+    }).catch(async (err: Error) => {
+      throw await this.explain(err);
+    });
+    if ((res.statusCode ?? 0) >= 400) {
+      const chunks: Buffer[] = [];
+      for await (const c of res) chunks.push(c as Buffer);
+      let message = Buffer.concat(chunks).toString();
+      try {
+        message = (JSON.parse(message) as { message: string }).message;
+      } catch {
+        // plain text
+      }
+      throw new ApiError(res.statusCode ?? 0, message);
+    }
+    let buffered = '';
+    try {
+      for await (const chunk of res) {
+        buffered += (chunk as Buffer).toString('utf8');
+        let nl: number;
+        while ((nl = buffered.indexOf('\n')) >= 0) {
+          const line = buffered.slice(0, nl);
+          buffered = buffered.slice(nl + 1);
+          if (line.trim()) yield JSON.parse(line) as WatchEvent<T>;
+        }
+      }
+    } catch (err) {
+      if (!signal?.aborted) throw err;
+    } finally {
+      res.destroy();
+    }
+  }
+
+  // ---- typed helpers ----
+  info = () => this.call<ControllerInfo>('GET', '/v1/controller/info');
+  listVMs = (worker?: string) => this.call<VM[]>('GET', '/v1/vms' + (worker !== undefined ? `?filter=${encodeURIComponent(`worker=${worker}`)}` : ''));
+  getVM = (name: string) => this.call<VM>('GET', `/v1/vms/${encodeURIComponent(name)}`);
+  createVM = (vm: VM) => this.call<VM>('POST', '/v1/vms', vm);
+  updateVM = (vm: VM) => this.call<VM>('PUT', `/v1/vms/${encodeURIComponent(vm.name)}`, vm);
+  updateVMState = (name: string, state: VMStateUpdate) => this.call<VM>('PUT', `/v1/vms/${encodeURIComponent(name)}/state`, state);
+  deleteVM = (name: string) => this.call<VM>('DELETE', `/v1/vms/${encodeURIComponent(name)}`);
+  appendEvents = (name: string, events: Event[]) => this.call<unknown>('POST', `/v1/vms/${encodeURIComponent(name)}/events`, events);
+  async listEvents(name: string, opts: { limit?: number; order?: 'asc' | 'desc'; cursor?: string } = {}) {
+    const q = new URLSearchParams();
+    if (opts.limit !== undefined) q.set('limit', String(opts.limit));
+    if (opts.order) q.set('order', opts.order);
+    if (opts.cursor) q.set('cursor', opts.cursor);
+    const res = await this.request<Event[]>('GET', `/v1/vms/${encodeURIComponent(name)}/events${q.size ? '?' + q : ''}`);
+    return { events: res.body, nextCursor: res.headers['x-next-cursor'] as string | undefined };
+  }
+  listWorkers = () => this.call<Worker[]>('GET', '/v1/workers');
+  getWorker = (name: string) => this.call<Worker>('GET', `/v1/workers/${encodeURIComponent(name)}`);
+  registerWorker = (w: Worker) => this.call<Worker>('POST', '/v1/workers', w);
+  updateWorker = (w: Worker) => this.call<Worker>('PUT', `/v1/workers/${encodeURIComponent(w.name)}`, w);
+  deleteWorker = (name: string) => this.call<Worker>('DELETE', `/v1/workers/${encodeURIComponent(name)}`);
+  listServiceAccounts = () => this.call<ServiceAccount[]>('GET', '/v1/service-accounts');
+  getServiceAccount = (name: string) => this.call<ServiceAccount>('GET', `/v1/service-accounts/${encodeURIComponent(name)}`);
+  createServiceAccount = (sa: ServiceAccount) => this.call<ServiceAccount>('POST', '/v1/service-accounts', sa);
+  deleteServiceAccount = (name: string) => this.call<ServiceAccount>('DELETE', `/v1/service-accounts/${encodeURIComponent(name)}`);
+  getClusterSettings = () => this.call<ClusterSettings>('GET', '/v1/cluster-settings');
+  setClusterSettings = (s: ClusterSettings) => this.call<ClusterSettings>('PUT', '/v1/cluster-settings', s);
+}

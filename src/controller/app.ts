@@ -1,0 +1,102 @@
+// The controller's HTTP application: Fastify with schema-first validation (the shared TypeBox
+// schemas), authentication and role checks on every route, JSON errors, metrics and OpenAPI.
+import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import fastifySwagger from '@fastify/swagger';
+import { Ajv } from 'ajv';
+import { randomUUID } from 'node:crypto';
+import type { Logger } from 'pino';
+import type { Store } from './store/store.ts';
+import { authenticate, authorize } from './auth.ts';
+import { errorHandler } from './errors.ts';
+import { Metrics } from './metrics.ts';
+import { VERSION } from '../api/version.ts';
+import { registerVMRoutes } from './routes/vms.ts';
+import { registerWorkerRoutes } from './routes/workers.ts';
+import { registerAdminRoutes } from './routes/admin.ts';
+
+export interface AppOptions {
+  store: Store;
+  logger: Logger;
+  /** A worker not seen for this long is offline. */
+  workerOfflineTimeoutMs: number;
+  https?: { cert: string; key: string };
+  bodyLimit?: number;
+}
+
+export interface AppContext {
+  store: Store;
+  metrics: Metrics;
+  workerOfflineTimeoutMs: number;
+  /** Closed when the controller shuts down: long-lived streams end on it. */
+  shutdown: AbortSignal;
+}
+
+/** Bodies are validated strictly (no coercion: "4" is not a cpu count); query strings are coerced. */
+function validatorCompiler() {
+  const common = { strict: false, allErrors: false, removeAdditional: false, useDefaults: false } as const;
+  const body = new Ajv({ ...common, coerceTypes: false });
+  const other = new Ajv({ ...common, coerceTypes: true });
+  return ({ schema, httpPart }: { schema: object; httpPart?: string }) => (httpPart === 'body' ? body : other).compile(schema);
+}
+
+export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance; ctx: AppContext; close: () => Promise<void> }> {
+  const serverOptions: FastifyServerOptions & { https?: { cert: string; key: string } } = {
+    loggerInstance: opts.logger,
+    bodyLimit: opts.bodyLimit ?? 1024 * 1024,
+    requestIdHeader: 'x-request-id',
+    genReqId: () => randomUUID(),
+    return503OnClosing: true,
+    forceCloseConnections: true,
+    routerOptions: { ignoreTrailingSlash: true },
+  };
+  if (opts.https) serverOptions.https = opts.https;
+  const app = Fastify(serverOptions) as unknown as FastifyInstance;
+  const abort = new AbortController();
+  const metrics = new Metrics(opts.store, opts.workerOfflineTimeoutMs);
+  const ctx: AppContext = { store: opts.store, metrics, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, shutdown: abort.signal };
+
+  app.setValidatorCompiler(validatorCompiler());
+  app.setErrorHandler(errorHandler);
+  app.setNotFoundHandler((request, reply) => reply.code(404).send({ message: `no route for ${request.method} ${request.url.split('?')[0]}` }));
+
+  app.addHook('onRequest', async (request, reply) => {
+    reply.header('x-request-id', request.id);
+    const roles = request.routeOptions.config.roles;
+    if (roles === undefined) return;
+    request.account = await authenticate(opts.store, request.headers.authorization);
+    authorize(request.account, roles);
+  });
+  app.addHook('onResponse', async (request, reply) => {
+    metrics.observeRequest(request.method, request.routeOptions.url ?? 'unknown', reply.statusCode, reply.elapsedTime / 1000);
+  });
+
+  await app.register(fastifySwagger, {
+    openapi: {
+      openapi: '3.0.3',
+      info: { title: 'Orchard API', version: VERSION, description: 'Orchard v1 API: VMs, workers, service accounts, cluster settings' },
+      components: { securitySchemes: { basicAuth: { type: 'http', scheme: 'basic' } } },
+      security: [{ basicAuth: [] }],
+    },
+  });
+
+  app.get('/v1/openapi.json', { config: { roles: [] }, schema: { hide: true } }, async () => app.swagger());
+  app.get('/v1/openapi.yaml', { config: { roles: [] }, schema: { hide: true } }, async (_req, reply) =>
+    reply.type('application/yaml').send(app.swagger({ yaml: true })),
+  );
+  app.get('/metrics', { config: { roles: ['admin:read'] }, schema: { hide: true } }, async (_req, reply) =>
+    reply.type(metrics.contentType).send(await metrics.render()),
+  );
+
+  registerAdminRoutes(app, ctx);
+  registerWorkerRoutes(app, ctx);
+  registerVMRoutes(app, ctx);
+
+  return {
+    app,
+    ctx,
+    close: async () => {
+      abort.abort();
+      await app.close();
+    },
+  };
+}

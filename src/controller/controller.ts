@@ -1,0 +1,99 @@
+// `orchard controller run`: the TLS identity, the embedded store, the first admin, the HTTP API.
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { pino, type Logger } from 'pino';
+import { ROLES } from '../api/schemas.ts';
+import { SQLiteStore } from './store/sqlite.ts';
+import type { Store } from './store/store.ts';
+import { buildApp } from './app.ts';
+import { loadTLS } from './tls.ts';
+
+export interface ControllerOptions {
+  dataDir: string;
+  /** host:port; port 0 picks a free one. */
+  listen: string;
+  certFile?: string;
+  keyFile?: string;
+  insecureNoTLS?: boolean;
+  workerOfflineTimeoutMs?: number;
+  bootstrapAdminToken?: string;
+  logger?: Logger;
+}
+
+export interface RunningController {
+  url: string;
+  port: number;
+  /** PEM of the certificate served (undefined without TLS). */
+  certificate?: string;
+  fingerprint?: string;
+  store: Store;
+  logger: Logger;
+  close(): Promise<void>;
+}
+
+export const DEFAULT_PORT = 6120;
+
+export function parseListen(listen: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d{1,5})$/.exec(listen);
+  if (!m) throw new Error(`--listen must be HOST:PORT or :PORT, got "${listen}"`);
+  const port = Number(m[3]);
+  if (port > 65535) throw new Error(`--listen: port ${port} is out of range`);
+  return { host: m[1] ?? (m[2] || '0.0.0.0'), port };
+}
+
+export function defaultLogger(): Logger {
+  return pino({ level: process.env.ORCHARD_LOG_LEVEL ?? 'info', redact: ['req.headers.authorization', '*.token', '*.password'] });
+}
+
+export async function startController(opts: ControllerOptions): Promise<RunningController> {
+  const logger = opts.logger ?? defaultLogger();
+  const { host, port } = parseListen(opts.listen);
+  mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
+  let tls: Awaited<ReturnType<typeof loadTLS>> | undefined;
+  if (opts.insecureNoTLS) {
+    logger.warn('TLS IS DISABLED (--insecure-no-tls): service account tokens and all traffic cross the network in clear text');
+  } else {
+    tls = await loadTLS({ dataDir: opts.dataDir, certFile: opts.certFile, keyFile: opts.keyFile });
+    logger.info({ fingerprint: tls.fingerprint, generated: tls.generated }, tls.generated ? 'created a self-signed certificate' : 'loaded the certificate');
+  }
+  const store = new SQLiteStore(join(opts.dataDir, 'orchard.db'));
+  try {
+    if (opts.bootstrapAdminToken) {
+      const existing = await store.get('serviceAccounts', 'bootstrap-admin');
+      await store.put('serviceAccounts', {
+        name: 'bootstrap-admin',
+        token: opts.bootstrapAdminToken,
+        roles: [...ROLES],
+        createdAt: existing?.createdAt ?? new Date().toISOString(),
+      });
+      logger.info('service account "bootstrap-admin" has every role and the token from ORCHARD_BOOTSTRAP_ADMIN_TOKEN');
+    }
+    const { app, close } = await buildApp({
+      store,
+      logger,
+      workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs ?? 3 * 60_000,
+      https: tls ? { cert: tls.cert, key: tls.key } : undefined,
+    });
+    await app.listen({ host, port });
+    const address = app.server.address();
+    const boundPort = typeof address === 'object' && address ? address.port : port;
+    const urlHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host.includes(':') ? `[${host}]` : host;
+    const url = `${tls ? 'https' : 'http'}://${urlHost}:${boundPort}`;
+    logger.info({ url }, 'controller is listening');
+    return {
+      url,
+      port: boundPort,
+      certificate: tls?.cert,
+      fingerprint: tls?.fingerprint,
+      store,
+      logger,
+      close: async () => {
+        await close();
+        store.close();
+      },
+    };
+  } catch (err) {
+    store.close();
+    throw err;
+  }
+}

@@ -1,0 +1,68 @@
+// Errors the API answers with: always JSON `{"message": ...}`, a 4xx naming what was wrong, and a
+// 500 only for real bugs (logged, with no details sent to the client).
+import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
+import type { ErrorObject } from 'ajv';
+import { ConflictError, NotFoundError } from './store/store.ts';
+
+export class HttpError extends Error {
+  readonly statusCode: number;
+  constructor(statusCode: number, message: string) {
+    super(message);
+    this.statusCode = statusCode;
+  }
+}
+
+export const badRequest = (message: string) => new HttpError(400, message);
+export const notFound = (message: string) => new HttpError(404, message);
+
+/** `body.cpu`, `body.labels["a b"]`, `querystring.limit` from an Ajv error path. */
+function fieldPath(part: string, instancePath: string, extra?: string): string {
+  const segments = instancePath.split('/').slice(1).map((s) => s.replace(/~1/g, '/').replace(/~0/g, '~'));
+  if (extra !== undefined) segments.push(extra);
+  let out = part === 'body' ? '' : part;
+  for (const s of segments) out += /^\d+$/.test(s) ? `[${s}]` : /^[A-Za-z_][\w-]*$/.test(s) ? `${out ? '.' : ''}${s}` : `[${JSON.stringify(s)}]`;
+  return out || part;
+}
+
+export function formatValidationError(errors: ErrorObject[], part: string): string {
+  const e = errors[0];
+  const params = e.params as Record<string, unknown>;
+  switch (e.keyword) {
+    case 'additionalProperties':
+      return `unknown field "${fieldPath(part, e.instancePath, String(params.additionalProperty))}"`;
+    case 'required':
+      return `field "${fieldPath(part, e.instancePath, String(params.missingProperty))}" is required`;
+    case 'pattern':
+      if (params.pattern === '^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$')
+        return `field "${fieldPath(part, e.instancePath)}" must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters`;
+      return `field "${fieldPath(part, e.instancePath)}" must match ${String(params.pattern)}`;
+    case 'anyOf': {
+      // A union of literals (an enum): list the allowed values.
+      const values = (e.schema as { const?: unknown }[] | undefined)?.map((s) => s.const).filter((v) => v !== undefined);
+      return values && values.length
+        ? `field "${fieldPath(part, e.instancePath)}" must be one of ${values.map((v) => JSON.stringify(v)).join(', ')}`
+        : `field "${fieldPath(part, e.instancePath)}" has an invalid value`;
+    }
+    default:
+      return `field "${fieldPath(part, e.instancePath)}" ${e.message ?? 'is invalid'}`;
+  }
+}
+
+export function errorHandler(this: unknown, error: FastifyError & { validationContext?: string }, request: FastifyRequest, reply: FastifyReply) {
+  if (error.validation) {
+    return reply.code(400).send({ message: formatValidationError(error.validation as ErrorObject[], error.validationContext ?? 'body') });
+  }
+  if (error instanceof HttpError) return reply.code(error.statusCode).send({ message: error.message });
+  if (error instanceof NotFoundError) return reply.code(404).send({ message: error.message });
+  if (error instanceof ConflictError) return reply.code(409).send({ message: error.message });
+  const status = error.statusCode ?? 500;
+  if (status >= 400 && status < 500) {
+    const message =
+      error.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || error instanceof SyntaxError
+        ? `malformed JSON body: ${error.message}`
+        : error.message;
+    return reply.code(status).send({ message });
+  }
+  request.log.error({ err: error }, 'internal error');
+  return reply.code(500).send({ message: 'internal error; see the controller log for request ' + request.id });
+}

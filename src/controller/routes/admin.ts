@@ -1,0 +1,82 @@
+// Controller info, cluster settings and service accounts.
+import { randomBytes } from 'node:crypto';
+import { Type } from '@sinclair/typebox';
+import type { FastifyInstance } from 'fastify';
+import { ClusterSettings, ControllerInfo, ErrorBody, Name, ServiceAccount } from '../../api/schemas.ts';
+import { COMMIT, VERSION } from '../../api/version.ts';
+import type { AppContext } from '../app.ts';
+import { badRequest, notFound } from '../errors.ts';
+
+const NameParams = Type.Object({ name: Name });
+const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
+
+export const CAPABILITIES = ['vm-events', 'watch', 'openapi', 'metrics'];
+
+/** A new service account token: 32 bytes from the CSPRNG. */
+export const newToken = () => randomBytes(32).toString('base64url');
+
+export function registerAdminRoutes(app: FastifyInstance, ctx: AppContext) {
+  const { store } = ctx;
+
+  app.get(
+    '/v1/controller/info',
+    { config: { roles: [] }, schema: { tags: ['controller'], summary: 'Version and capabilities', response: { 200: ControllerInfo, 401: ErrorBody } } },
+    async (): Promise<ControllerInfo> => ({ version: VERSION, commit: COMMIT, capabilities: CAPABILITIES }),
+  );
+
+  app.get('/v1/cluster-settings', { config: { roles: ['admin:read'] }, schema: { tags: ['cluster'], response: { 200: ClusterSettings, ...errors } } }, async () => {
+    const s = await store.getClusterSettings();
+    return { hostDirPolicies: [], schedulerProfile: 'optimize-utilization', ...s };
+  });
+
+  app.put<{ Body: ClusterSettings }>(
+    '/v1/cluster-settings',
+    { config: { roles: ['admin:write'] }, schema: { tags: ['cluster'], body: ClusterSettings, response: { 200: ClusterSettings, ...errors } } },
+    async (request) => store.putClusterSettings({ ...(await store.getClusterSettings()), ...request.body }),
+  );
+
+  app.post<{ Body: ServiceAccount }>(
+    '/v1/service-accounts',
+    {
+      config: { roles: ['admin:write'] },
+      schema: { tags: ['service-accounts'], summary: 'Create a service account (token generated when not given)', body: ServiceAccount, response: { 200: ServiceAccount, 409: ErrorBody, ...errors } },
+    },
+    async (request) =>
+      store.create('serviceAccounts', {
+        name: request.body.name,
+        token: request.body.token ?? newToken(),
+        roles: request.body.roles,
+        createdAt: new Date().toISOString(),
+      }),
+  );
+
+  app.get('/v1/service-accounts', { config: { roles: ['admin:read'] }, schema: { tags: ['service-accounts'], response: { 200: Type.Array(ServiceAccount), ...errors } } }, async () =>
+    store.list('serviceAccounts'),
+  );
+
+  app.get<{ Params: { name: string } }>(
+    '/v1/service-accounts/:name',
+    { config: { roles: ['admin:read'] }, schema: { tags: ['service-accounts'], params: NameParams, response: { 200: ServiceAccount, ...errors } } },
+    async (request) => {
+      const sa = await store.get('serviceAccounts', request.params.name);
+      if (!sa) throw notFound(`service account "${request.params.name}" not found`);
+      return sa;
+    },
+  );
+
+  app.put<{ Params: { name: string }; Body: ServiceAccount }>(
+    '/v1/service-accounts/:name',
+    { config: { roles: ['admin:write'] }, schema: { tags: ['service-accounts'], params: NameParams, body: ServiceAccount, response: { 200: ServiceAccount, ...errors } } },
+    async (request) => {
+      const { name } = request.params;
+      if (request.body.name !== name) throw badRequest(`field "name": body says "${request.body.name}" but the URL says "${name}"`);
+      return store.update('serviceAccounts', name, (current) => ({ ...current, roles: request.body.roles, token: request.body.token ?? current.token }));
+    },
+  );
+
+  app.delete<{ Params: { name: string } }>(
+    '/v1/service-accounts/:name',
+    { config: { roles: ['admin:write'] }, schema: { tags: ['service-accounts'], params: NameParams, response: { 200: ServiceAccount, ...errors } } },
+    async (request) => store.delete('serviceAccounts', request.params.name),
+  );
+}

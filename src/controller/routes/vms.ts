@@ -1,0 +1,223 @@
+// /v1/vms: create, list (filter, watch), get (watch), update spec, report state, delete, events.
+import { randomUUID } from 'node:crypto';
+import { Type } from '@sinclair/typebox';
+import type { FastifyInstance } from 'fastify';
+import {
+  ErrorBody,
+  Event,
+  EventList,
+  IMMUTABLE_VM_FIELDS,
+  Name,
+  VM,
+  VM_SPEC_KEYS,
+  VMStateUpdate,
+  type ClusterSettings,
+} from '../../api/schemas.ts';
+import type { AppContext } from '../app.ts';
+import { badRequest, notFound } from '../errors.ts';
+import { streamWatch } from '../watch.ts';
+
+const NameParams = Type.Object({ name: Name });
+const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
+
+const READ = ['compute:read'] as const;
+const WRITE = ['compute:write'] as const;
+
+/** The spec fields of a VM, for comparing versions (generation bumps only on a real change). */
+function specOf(vm: VM): string {
+  return JSON.stringify(VM_SPEC_KEYS.map((k) => vm[k] ?? null));
+}
+
+export function checkHostDirs(vm: VM, settings: ClusterSettings): void {
+  (vm.hostDirs ?? []).forEach((dir, i) => {
+    const policy = (settings.hostDirPolicies ?? []).find((p) => dir.path === p.pathPrefix || dir.path.startsWith(p.pathPrefix.replace(/\/?$/, '/')));
+    if (!policy) throw badRequest(`field "hostDirs[${i}].path": ${dir.path} is not allowed by the cluster's hostDirPolicies`);
+    if (policy.ro && !dir.ro) throw badRequest(`field "hostDirs[${i}].ro": ${dir.path} may only be mounted read-only (hostDirPolicies)`);
+  });
+}
+
+/** A new VM from a client's body: server-owned fields are replaced, defaults applied. */
+export function newVM(body: VM): VM {
+  if (!body.image) throw badRequest('field "image" is required');
+  const spec: Partial<VM> = {};
+  for (const k of VM_SPEC_KEYS) if (body[k] !== undefined) (spec as Record<string, unknown>)[k] = body[k];
+  return {
+    name: body.name,
+    uid: randomUUID(),
+    createdAt: new Date().toISOString(),
+    generation: 0,
+    os: 'darwin',
+    arch: 'arm64',
+    imagePullPolicy: 'IfNotPresent',
+    cpu: 4,
+    memory: 8192,
+    username: 'admin',
+    password: 'admin',
+    restart_policy: 'Never',
+    resources: {},
+    labels: {},
+    powerState: 'running',
+    ...spec,
+    status: 'pending',
+    status_message: 'waiting to be scheduled',
+    restart_count: 0,
+    conditions: [],
+  };
+}
+
+export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
+  const { store } = ctx;
+
+  app.post<{ Body: VM }>(
+    '/v1/vms',
+    { config: { roles: WRITE }, schema: { tags: ['vms'], summary: 'Create a VM', body: VM, response: { 200: VM, 409: ErrorBody, ...errors } } },
+    async (request) => {
+      const vm = newVM(request.body);
+      checkHostDirs(vm, await store.getClusterSettings());
+      return store.create('vms', vm);
+    },
+  );
+
+  app.get<{ Querystring: { filter?: string; watch?: boolean } }>(
+    '/v1/vms',
+    {
+      config: { roles: READ },
+      schema: {
+        tags: ['vms'],
+        summary: 'List VMs, or watch them (NDJSON of ADDED/MODIFIED/DELETED)',
+        querystring: Type.Object({
+          filter: Type.Optional(Type.String({ description: 'worker=NAME', maxLength: 300 })),
+          watch: Type.Optional(Type.Boolean()),
+        }),
+        response: { 200: Type.Array(VM), ...errors },
+      },
+    },
+    async (request, reply) => {
+      let worker: string | undefined;
+      if (request.query.filter !== undefined) {
+        const m = /^worker=(.*)$/.exec(request.query.filter);
+        if (!m) throw badRequest('query parameter "filter" must look like worker=NAME');
+        worker = m[1];
+      }
+      const filter = worker !== undefined ? { worker } : undefined;
+      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (vm) => worker === undefined || vm.worker === worker, filter);
+      // Rows are stored as JSON: send them as they are instead of parsing and re-serializing.
+      return reply.type('application/json').serializer((s: unknown) => s as string).send(await store.listJSON('vms', filter));
+    },
+  );
+
+  app.get<{ Params: { name: string }; Querystring: { watch?: boolean } }>(
+    '/v1/vms/:name',
+    {
+      config: { roles: READ },
+      schema: {
+        tags: ['vms'],
+        summary: 'Get a VM, or watch it',
+        params: NameParams,
+        querystring: Type.Object({ watch: Type.Optional(Type.Boolean()) }),
+        response: { 200: VM, ...errors },
+      },
+    },
+    async (request, reply) => {
+      const { name } = request.params;
+      const vm = await store.get('vms', name);
+      if (!vm) throw notFound(`VM "${name}" not found`);
+      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (v) => v.name === name);
+      return vm;
+    },
+  );
+
+  app.put<{ Params: { name: string }; Body: VM }>(
+    '/v1/vms/:name',
+    {
+      config: { roles: WRITE },
+      schema: { tags: ['vms'], summary: 'Change a VM spec (bumps generation)', params: NameParams, body: VM, response: { 200: VM, ...errors } },
+    },
+    async (request) => {
+      const { name } = request.params;
+      const body = request.body;
+      if (body.name !== name) throw badRequest(`field "name": body says "${body.name}" but the URL says "${name}"; names cannot change`);
+      const settings = await store.getClusterSettings();
+      return store.update('vms', name, (current) => {
+        for (const field of IMMUTABLE_VM_FIELDS) {
+          if (body[field] !== undefined && body[field] !== current[field]) {
+            throw badRequest(`field "${field}" cannot be changed after creation (is ${JSON.stringify(current[field] ?? null)})`);
+          }
+        }
+        const next: VM = { ...current };
+        for (const k of VM_SPEC_KEYS) if (body[k] !== undefined) (next as Record<string, unknown>)[k] = body[k];
+        if (specOf(next) === specOf(current)) return current;
+        checkHostDirs(next, settings);
+        next.generation = (current.generation ?? 0) + 1;
+        return next;
+      });
+    },
+  );
+
+  app.put<{ Params: { name: string }; Body: VMStateUpdate }>(
+    '/v1/vms/:name/state',
+    {
+      config: { roles: WRITE },
+      schema: { tags: ['vms'], summary: "Report a VM's state (workers)", params: NameParams, body: VMStateUpdate, response: { 200: VM, ...errors } },
+    },
+    async (request) => {
+      const b = request.body;
+      return store.update('vms', request.params.name, (current) => {
+        const next: VM = { ...current };
+        if (b.status !== undefined) next.status = b.status;
+        if (b.status_message !== undefined) next.status_message = b.status_message;
+        if (b.observedGeneration !== undefined) next.observedGeneration = b.observedGeneration;
+        if (b.conditions !== undefined) next.conditions = b.conditions;
+        if (b.localName !== undefined) next.localName = b.localName;
+        if (b.started_at !== undefined) next.started_at = b.started_at;
+        else if (b.status === 'running' && current.status !== 'running') next.started_at = new Date().toISOString();
+        return JSON.stringify(next) === JSON.stringify(current) ? current : next;
+      });
+    },
+  );
+
+  app.delete<{ Params: { name: string } }>(
+    '/v1/vms/:name',
+    { config: { roles: WRITE }, schema: { tags: ['vms'], summary: 'Delete a VM', params: NameParams, response: { 200: VM, ...errors } } },
+    async (request) => store.delete('vms', request.params.name),
+  );
+
+  app.get<{ Params: { name: string }; Querystring: { limit?: number; order?: 'asc' | 'desc'; cursor?: string } }>(
+    '/v1/vms/:name/events',
+    {
+      config: { roles: READ },
+      schema: {
+        tags: ['vms'],
+        summary: "A VM's events, paged (X-Next-Cursor header gives the next page's cursor)",
+        params: NameParams,
+        querystring: Type.Object({
+          limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 10000 })),
+          order: Type.Optional(Type.Union([Type.Literal('asc'), Type.Literal('desc')])),
+          cursor: Type.Optional(Type.String({ pattern: '^[0-9]{1,15}$' })),
+        }),
+        response: { 200: EventList, ...errors },
+      },
+    },
+    async (request, reply) => {
+      const vm = await store.get('vms', request.params.name);
+      if (!vm?.uid) throw notFound(`VM "${request.params.name}" not found`);
+      const page = await store.listEvents(vm.uid, { limit: request.query.limit ?? 1000, order: request.query.order ?? 'asc', cursor: request.query.cursor });
+      if (page.nextCursor) reply.header('x-next-cursor', page.nextCursor);
+      return page.events;
+    },
+  );
+
+  app.post<{ Params: { name: string }; Body: Event[] }>(
+    '/v1/vms/:name/events',
+    {
+      config: { roles: WRITE },
+      schema: { tags: ['vms'], summary: 'Append events to a VM (workers)', params: NameParams, body: EventList, response: { 200: Type.Object({}), ...errors } },
+    },
+    async (request) => {
+      const vm = await store.get('vms', request.params.name);
+      if (!vm?.uid) throw notFound(`VM "${request.params.name}" not found`);
+      await store.appendEvents(vm.uid, request.body);
+      return {};
+    },
+  );
+}

@@ -1,0 +1,214 @@
+// The embedded store: one SQLite file (node:sqlite, no native addon) in the controller's data dir.
+// WAL with synchronous=FULL: when a call returns, its transaction is on disk. Changes are published
+// to subscribers right after their own commit, from the objects that commit wrote.
+import { DatabaseSync, type StatementSync } from 'node:sqlite';
+import { mkdirSync } from 'node:fs';
+import { dirname } from 'node:path';
+import type { ClusterSettings, Event, WatchEventType } from '../../api/schemas.ts';
+import { ConflictError, NotFoundError, type Change, type EventPage, type Kind, type Kinds, type Store } from './store.ts';
+
+interface Row {
+  body: string;
+}
+
+export class SQLiteStore implements Store {
+  private readonly db: DatabaseSync;
+  private readonly listeners = new Set<(change: Change) => void>();
+  private revision = 0;
+  private readonly stmt: Record<string, StatementSync>;
+
+  constructor(path: string) {
+    mkdirSync(dirname(path), { recursive: true });
+    this.db = new DatabaseSync(path);
+    this.db.exec(`
+      PRAGMA journal_mode = WAL;
+      PRAGMA synchronous = FULL;
+      PRAGMA busy_timeout = 5000;
+      CREATE TABLE IF NOT EXISTS objects (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        worker TEXT,
+        status TEXT,
+        body TEXT NOT NULL,
+        UNIQUE (kind, name)
+      );
+      CREATE INDEX IF NOT EXISTS objects_by_worker ON objects (kind, worker) WHERE worker IS NOT NULL;
+      CREATE TABLE IF NOT EXISTS events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_uid TEXT NOT NULL,
+        body TEXT NOT NULL
+      );
+      CREATE INDEX IF NOT EXISTS events_by_vm ON events (vm_uid, id);
+      CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, body TEXT NOT NULL);
+    `);
+    const p = (sql: string) => this.db.prepare(sql);
+    this.stmt = {
+      get: p('SELECT body FROM objects WHERE kind = ? AND name = ?'),
+      list: p('SELECT body FROM objects WHERE kind = ? ORDER BY id'),
+      listByWorker: p('SELECT body FROM objects WHERE kind = ? AND worker = ? ORDER BY id'),
+      listJSON: p(`SELECT '[' || coalesce(group_concat(body, ','), '') || ']' AS body FROM (SELECT body FROM objects WHERE kind = ? ORDER BY id)`),
+      listJSONByWorker: p(
+        `SELECT '[' || coalesce(group_concat(body, ','), '') || ']' AS body FROM (SELECT body FROM objects WHERE kind = ? AND worker = ? ORDER BY id)`,
+      ),
+      countByStatus: p(`SELECT status, count(*) AS n FROM objects WHERE kind = 'vms' GROUP BY status`),
+      insert: p('INSERT INTO objects (kind, name, worker, status, body) VALUES (?, ?, ?, ?, ?)'),
+      update: p('UPDATE objects SET worker = ?, status = ?, body = ? WHERE kind = ? AND name = ?'),
+      delete: p('DELETE FROM objects WHERE kind = ? AND name = ?'),
+      insertEvent: p('INSERT INTO events (vm_uid, body) VALUES (?, ?)'),
+      deleteEvents: p('DELETE FROM events WHERE vm_uid = ?'),
+      eventsAsc: p('SELECT id, body FROM events WHERE vm_uid = ? AND id > ? ORDER BY id ASC LIMIT ?'),
+      eventsDesc: p('SELECT id, body FROM events WHERE vm_uid = ? AND id < ? ORDER BY id DESC LIMIT ?'),
+      getSetting: p('SELECT body FROM settings WHERE key = ?'),
+      putSetting: p('INSERT INTO settings (key, body) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET body = excluded.body'),
+    };
+  }
+
+  private read<K extends Kind>(kind: K, name: string): Kinds[K] | undefined {
+    const row = this.stmt.get.get(kind, name) as Row | undefined;
+    return row ? (JSON.parse(row.body) as Kinds[K]) : undefined;
+  }
+
+  private listSync<K extends Kind>(kind: K, filter?: { worker?: string }): Kinds[K][] {
+    const rows = (filter?.worker !== undefined ? this.stmt.listByWorker.all(kind, filter.worker) : this.stmt.list.all(kind)) as unknown as Row[];
+    return rows.map((r) => JSON.parse(r.body) as Kinds[K]);
+  }
+
+  /** Runs `fn` in one IMMEDIATE transaction, then publishes the changes it produced. */
+  private tx<T>(fn: (changes: Change[]) => T): T {
+    const changes: Change[] = [];
+    this.db.exec('BEGIN IMMEDIATE');
+    let result: T;
+    try {
+      result = fn(changes);
+      this.db.exec('COMMIT');
+    } catch (err) {
+      this.db.exec('ROLLBACK');
+      throw err;
+    }
+    for (const change of changes) {
+      change.revision = ++this.revision;
+      for (const listener of this.listeners) listener(change);
+    }
+    return result;
+  }
+
+  private static columns(kind: Kind, object: object): [string | null, string | null] {
+    if (kind !== 'vms') return [null, null];
+    const vm = object as Kinds['vms'];
+    return [vm.worker || null, vm.status ?? null];
+  }
+
+  private change<K extends Kind>(changes: Change[], kind: K, type: WatchEventType, object: Kinds[K]) {
+    changes.push({ kind, type, object, revision: 0 } as Change);
+  }
+
+  async get<K extends Kind>(kind: K, name: string) {
+    return this.read(kind, name);
+  }
+
+  async list<K extends Kind>(kind: K, filter?: { worker?: string }) {
+    return this.listSync(kind, filter);
+  }
+
+  async snapshot<K extends Kind>(kind: K, filter?: { worker?: string }) {
+    return { items: this.listSync(kind, filter), revision: this.revision };
+  }
+
+  async listJSON(kind: Kind, filter?: { worker?: string }) {
+    const row = (filter?.worker !== undefined ? this.stmt.listJSONByWorker.get(kind, filter.worker) : this.stmt.listJSON.get(kind)) as unknown as Row;
+    return row.body;
+  }
+
+  async countVMsByStatus() {
+    const out: Record<string, number> = {};
+    for (const r of this.stmt.countByStatus.all() as { status: string | null; n: number }[]) out[r.status ?? 'unknown'] = r.n;
+    return out;
+  }
+
+  async create<K extends Kind>(kind: K, object: Kinds[K]) {
+    return this.tx((changes) => {
+      if (this.stmt.get.get(kind, object.name)) throw new ConflictError(`${singular(kind)} "${object.name}" already exists`);
+      this.stmt.insert.run(kind, object.name, ...SQLiteStore.columns(kind, object), JSON.stringify(object));
+      this.change(changes, kind, 'ADDED', object);
+      return object;
+    });
+  }
+
+  async update<K extends Kind>(kind: K, name: string, mutate: (current: Kinds[K]) => Kinds[K]) {
+    return this.tx((changes) => {
+      const current = this.read(kind, name);
+      if (!current) throw new NotFoundError(`${singular(kind)} "${name}" not found`);
+      const next = mutate(current);
+      if (next === current) return current;
+      this.stmt.update.run(...SQLiteStore.columns(kind, next), JSON.stringify(next), kind, name);
+      this.change(changes, kind, 'MODIFIED', next);
+      return next;
+    });
+  }
+
+  async put<K extends Kind>(kind: K, object: Kinds[K]) {
+    return this.tx((changes) => {
+      const exists = this.stmt.get.get(kind, object.name) !== undefined;
+      const [worker, status] = SQLiteStore.columns(kind, object);
+      if (exists) this.stmt.update.run(worker, status, JSON.stringify(object), kind, object.name);
+      else this.stmt.insert.run(kind, object.name, worker, status, JSON.stringify(object));
+      this.change(changes, kind, exists ? 'MODIFIED' : 'ADDED', object);
+      return object;
+    });
+  }
+
+  async delete<K extends Kind>(kind: K, name: string) {
+    return this.tx((changes) => {
+      const current = this.read(kind, name);
+      if (!current) throw new NotFoundError(`${singular(kind)} "${name}" not found`);
+      this.stmt.delete.run(kind, name);
+      const uid = (current as { uid?: string }).uid;
+      if (kind === 'vms' && uid) this.stmt.deleteEvents.run(uid);
+      this.change(changes, kind, 'DELETED', current);
+      return current;
+    });
+  }
+
+  async appendEvents(vmUID: string, events: Event[]) {
+    this.tx(() => {
+      for (const e of events) this.stmt.insertEvent.run(vmUID, JSON.stringify(e));
+    });
+  }
+
+  async listEvents(vmUID: string, opts: { limit: number; order: 'asc' | 'desc'; cursor?: string }): Promise<EventPage> {
+    const after = opts.cursor !== undefined ? Number(opts.cursor) : opts.order === 'asc' ? 0 : Number.MAX_SAFE_INTEGER;
+    const stmt = opts.order === 'asc' ? this.stmt.eventsAsc : this.stmt.eventsDesc;
+    // One row more than asked tells whether there is a next page.
+    const rows = stmt.all(vmUID, after, opts.limit + 1) as { id: number; body: string }[];
+    const page = rows.slice(0, opts.limit);
+    return {
+      events: page.map((r) => JSON.parse(r.body) as Event),
+      nextCursor: rows.length > opts.limit ? String(page[page.length - 1].id) : undefined,
+    };
+  }
+
+  async getClusterSettings(): Promise<ClusterSettings> {
+    const row = this.stmt.getSetting.get('cluster') as Row | undefined;
+    return row ? (JSON.parse(row.body) as ClusterSettings) : {};
+  }
+
+  async putClusterSettings(settings: ClusterSettings) {
+    this.tx(() => this.stmt.putSetting.run('cluster', JSON.stringify(settings)));
+    return settings;
+  }
+
+  subscribe(listener: (change: Change) => void) {
+    this.listeners.add(listener);
+    return () => void this.listeners.delete(listener);
+  }
+
+  close() {
+    this.listeners.clear();
+    if (this.db.isOpen) this.db.close();
+  }
+}
+
+function singular(kind: Kind): string {
+  return kind === 'vms' ? 'VM' : kind === 'workers' ? 'worker' : 'service account';
+}

@@ -1,0 +1,72 @@
+// The controller's TLS identity: a self-signed certificate made on first start and kept in the data
+// dir (key mode 0600), or the operator's own certificate and key.
+import { webcrypto, X509Certificate } from 'node:crypto';
+import { existsSync, readFileSync, writeFileSync, chmodSync } from 'node:fs';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import * as x509 from '@peculiar/x509';
+
+export interface TLSMaterial {
+  cert: string;
+  key: string;
+  /** SHA-256 fingerprint, colon-separated upper-case hex (as `openssl x509 -fingerprint -sha256`). */
+  fingerprint: string;
+}
+
+export function fingerprintOf(certPEM: string): string {
+  return new X509Certificate(certPEM).fingerprint256;
+}
+
+function pem(label: string, der: ArrayBuffer): string {
+  const b64 = Buffer.from(der).toString('base64').replace(/.{64}/g, '$&\n');
+  return `-----BEGIN ${label}-----\n${b64}${b64.endsWith('\n') ? '' : '\n'}-----END ${label}-----\n`;
+}
+
+export async function createSelfSigned(extraNames: string[] = []): Promise<{ cert: string; key: string }> {
+  x509.cryptoProvider.set(webcrypto as unknown as Parameters<typeof x509.cryptoProvider.set>[0]);
+  const alg = { name: 'ECDSA', namedCurve: 'P-256', hash: 'SHA-256' };
+  const keys = (await webcrypto.subtle.generateKey(alg, true, ['sign', 'verify'])) as webcrypto.CryptoKeyPair;
+  const names = [...new Set(['localhost', hostname(), ...extraNames])];
+  const isIP = (n: string) => /^[\d.]+$/.test(n) || n.includes(':');
+  const now = Date.now();
+  const cert = await x509.X509CertificateGenerator.createSelfSigned({
+    serialNumber: Buffer.from(webcrypto.getRandomValues(new Uint8Array(16))).toString('hex').replace(/^[89a-f]/, '1'),
+    name: `CN=Orchard Controller (${hostname()})`,
+    notBefore: new Date(now - 60_000),
+    notAfter: new Date(now + 10 * 365 * 24 * 3600_000),
+    signingAlgorithm: alg,
+    keys,
+    extensions: [
+      new x509.BasicConstraintsExtension(true, undefined, true),
+      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature | x509.KeyUsageFlags.keyCertSign, true),
+      new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth]),
+      new x509.SubjectAlternativeNameExtension([
+        ...names.filter((n) => !isIP(n)).map((value) => ({ type: 'dns' as const, value })),
+        ...['127.0.0.1', '::1', ...names.filter(isIP)].map((value) => ({ type: 'ip' as const, value })),
+      ]),
+    ],
+  });
+  const key = pem('PRIVATE KEY', await webcrypto.subtle.exportKey('pkcs8', keys.privateKey));
+  return { cert: cert.toString('pem') + '\n', key };
+}
+
+/** Loads the operator's certificate, or the data dir's self-signed one (made on first start). */
+export async function loadTLS(opts: { dataDir: string; certFile?: string; keyFile?: string }): Promise<TLSMaterial & { generated: boolean }> {
+  if (opts.certFile || opts.keyFile) {
+    if (!opts.certFile || !opts.keyFile) throw new Error('--controller-cert and --controller-key must be given together');
+    const cert = readFileSync(opts.certFile, 'utf8');
+    const key = readFileSync(opts.keyFile, 'utf8');
+    return { cert, key, fingerprint: fingerprintOf(cert), generated: false };
+  }
+  const certPath = join(opts.dataDir, 'controller.crt');
+  const keyPath = join(opts.dataDir, 'controller.key');
+  if (existsSync(certPath) && existsSync(keyPath)) {
+    const cert = readFileSync(certPath, 'utf8');
+    return { cert, key: readFileSync(keyPath, 'utf8'), fingerprint: fingerprintOf(cert), generated: false };
+  }
+  const { cert, key } = await createSelfSigned();
+  writeFileSync(keyPath, key, { mode: 0o600 });
+  chmodSync(keyPath, 0o600);
+  writeFileSync(certPath, cert, { mode: 0o644 });
+  return { cert, key, fingerprint: fingerprintOf(cert), generated: true };
+}

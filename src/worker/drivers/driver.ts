@@ -1,0 +1,58 @@
+// The one small interface every VM runtime (qemu, tart, synthetic) implements. The worker owns the
+// desired state and the controller protocol; a driver only knows how to make one VM exist on this host.
+import type { Duplex } from 'node:stream';
+
+/** What the worker asks a driver to run: the VM spec, reduced to what a hypervisor needs. */
+export interface DriverVM {
+  /** Name of the VM on this host; unique per host and recognisable as ours (prefix `orchard-`). */
+  localName: string;
+  /** Controller-side identity, kept with the VM so a restarted worker can match it again. */
+  uid: string;
+  image: string;
+  imagePullPolicy: 'IfNotPresent' | 'Always';
+  cpu: number;
+  /** MiB */
+  memory: number;
+  /** GB; 0 or undefined keeps the image's size */
+  diskSize?: number;
+  username: string;
+  password: string;
+  nested?: boolean;
+  headless?: boolean;
+  netSoftnet?: boolean;
+  netSoftnetAllow?: string[];
+  netSoftnetBlock?: string[];
+  netBridged?: string;
+  hostDirs?: { name: string; path: string; ro?: boolean }[];
+}
+
+/** A VM this driver finds on the host (for adoption after a worker restart, or clean-up). */
+export interface LocalVM {
+  localName: string;
+  uid?: string;
+  running: boolean;
+}
+
+export type Progress = (message: string) => void;
+
+export interface Driver {
+  readonly runtime: string;
+  /** Every VM on this host that this driver created (name prefix `orchard-`), running or not. */
+  list(): Promise<LocalVM[]>;
+  /** Make the VM's disk: resolve/pull the image, copy-on-write clone, apply cpu/memory/disk size. */
+  prepare(vm: DriverVM, progress?: Progress): Promise<void>;
+  /** Start the hypervisor; resolves once the process runs (not yet when the guest is ready). */
+  start(vm: DriverVM): Promise<void>;
+  /** Resolves when the guest accepts SSH (the `SSH-` banner answers); rejects if the VM dies or on abort. */
+  waitReady(localName: string, signal?: AbortSignal): Promise<void>;
+  /** Resolves when the VM's hypervisor process exits (for restart policies); reason in the value. */
+  waitExit(localName: string): Promise<{ reason: string }>;
+  /** The guest's IP as the guest sees it. */
+  ip(localName: string): Promise<string>;
+  /** A TCP connection to `port` inside the guest, reachable from this host. */
+  dial(localName: string, port: number): Promise<Duplex>;
+  /** Graceful power-off, then kill after `graceMs`. Idempotent. */
+  stop(localName: string, graceMs?: number): Promise<void>;
+  /** Stop if needed and remove every file of the VM. Idempotent. */
+  remove(localName: string): Promise<void>;
+}

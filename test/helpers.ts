@@ -1,0 +1,133 @@
+// Test helpers: real controllers (in this process or as a child process) on loopback with real TLS,
+// temporary data dirs, and clients that pin the controller's certificate.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { pino } from 'pino';
+import { startController, type RunningController } from '../src/controller/controller.ts';
+import { OrchardClient } from '../src/client/client.ts';
+
+export const ROOT = resolve(import.meta.dirname, '..');
+export const ORCHARD_BIN = join(ROOT, 'bin', 'orchard');
+export const ADMIN_TOKEN = 'test-admin-token';
+
+export function tempDir(prefix = 'orchard-test-'): string {
+  return mkdtempSync(join(tmpdir(), prefix));
+}
+
+/** A controller in this process on a free loopback port, with a bootstrap admin. */
+export async function inProcessController(opts: { dataDir?: string; workerOfflineTimeoutMs?: number } = {}) {
+  const dataDir = opts.dataDir ?? tempDir();
+  const ctl = await startController({
+    dataDir,
+    listen: '127.0.0.1:0',
+    bootstrapAdminToken: ADMIN_TOKEN,
+    workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs,
+    logger: pino({ level: process.env.ORCHARD_TEST_LOG ?? 'silent' }),
+  });
+  const admin = clientOf(ctl, 'bootstrap-admin', ADMIN_TOKEN);
+  return {
+    ctl,
+    dataDir,
+    admin,
+    client: (name: string, token: string) => clientOf(ctl, name, token),
+    async close() {
+      admin.close();
+      await ctl.close();
+    },
+    cleanup() {
+      rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
+}
+
+export function clientOf(ctl: { url: string; certificate?: string }, name: string, token: string) {
+  return new OrchardClient({ url: ctl.url, certificate: ctl.certificate, serviceAccountName: name, serviceAccountToken: token });
+}
+
+export interface ChildController {
+  proc: ChildProcess;
+  url: string;
+  fingerprint: string;
+  stderr: () => string;
+  kill(signal?: NodeJS.Signals): Promise<void>;
+}
+
+/** `orchard controller run` as a real child process; resolves once it listens. */
+export function spawnController(dataDir: string, extraArgs: string[] = [], env: Record<string, string> = {}): Promise<ChildController> {
+  const proc = spawn(ORCHARD_BIN, ['controller', 'run', '--data-dir', dataDir, '--listen', '127.0.0.1:0', ...extraArgs], {
+    env: { ...process.env, ORCHARD_BOOTSTRAP_ADMIN_TOKEN: ADMIN_TOKEN, ORCHARD_LOG_LEVEL: 'warn', ...env },
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  let err = '';
+  const exited = new Promise<void>((r) => proc.once('exit', () => r()));
+  return new Promise((resolvePromise, reject) => {
+    const timer = setTimeout(() => reject(new Error(`controller did not start in 20 s:\n${err}`)), 20_000);
+    proc.stderr!.on('data', (chunk: Buffer) => {
+      err += chunk.toString();
+      const m = /listening on (\S+), certificate SHA-256 (\S+)/.exec(err);
+      if (m) {
+        clearTimeout(timer);
+        resolvePromise({
+          proc,
+          url: m[1].replace(/,$/, ''),
+          fingerprint: m[2],
+          stderr: () => err,
+          kill: async (signal = 'SIGKILL') => {
+            if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+            await exited;
+          },
+        });
+      }
+    });
+    proc.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`controller exited with ${code}:\n${err}`));
+    });
+  });
+}
+
+/** Runs the real `orchard` CLI; resolves with its exit code and output. */
+export function runCLI(args: string[], env: Record<string, string> = {}, input?: string): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolvePromise, reject) => {
+    const proc = spawn(ORCHARD_BIN, args, { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    proc.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
+    proc.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    proc.on('error', reject);
+    proc.on('close', (code) => resolvePromise({ code: code ?? -1, stdout, stderr }));
+    proc.stdin.end(input ?? '');
+  });
+}
+
+/** A raw HTTPS request (pinned certificate), for tests that send exactly the bytes they mean. */
+export async function rawRequest(
+  ctl: { url: string; certificate?: string },
+  method: string,
+  path: string,
+  opts: { auth?: [string, string]; body?: string | Buffer; contentType?: string } = {},
+): Promise<{ status: number; body: string; json: unknown; headers: Record<string, string | string[] | undefined> }> {
+  const https = await import('node:https');
+  const headers: Record<string, string> = {};
+  if (opts.auth) headers.authorization = 'Basic ' + Buffer.from(`${opts.auth[0]}:${opts.auth[1]}`).toString('base64');
+  if (opts.body !== undefined) headers['content-type'] = opts.contentType ?? 'application/json';
+  return new Promise((resolvePromise, reject) => {
+    const req = https.request(new URL(path, ctl.url), { method, headers, ca: ctl.certificate, checkServerIdentity: () => undefined }, (res) => {
+      let body = '';
+      res.on('data', (c: Buffer) => (body += c.toString()));
+      res.on('end', () => {
+        let json: unknown;
+        try {
+          json = JSON.parse(body);
+        } catch {
+          json = undefined;
+        }
+        resolvePromise({ status: res.statusCode ?? 0, body, json, headers: res.headers });
+      });
+    });
+    req.on('error', reject);
+    req.end(opts.body);
+  });
+}
