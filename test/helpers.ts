@@ -5,7 +5,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pino } from 'pino';
-import { startController, type RunningController } from '../src/controller/controller.ts';
+import { startController } from '../src/controller/controller.ts';
 import { OrchardClient } from '../src/client/client.ts';
 
 export const ROOT = resolve(import.meta.dirname, '..');

@@ -33,7 +33,7 @@ export interface AppContext {
 
 /** Bodies are validated strictly (no coercion: "4" is not a cpu count); query strings are coerced. */
 function validatorCompiler() {
-  const common = { strict: false, allErrors: false, removeAdditional: false, useDefaults: false } as const;
+  const common = { strict: false, strictNumbers: true, allErrors: false, removeAdditional: false, useDefaults: false } as const;
   const body = new Ajv({ ...common, coerceTypes: false });
   const other = new Ajv({ ...common, coerceTypes: true });
   return ({ schema, httpPart }: { schema: object; httpPart?: string }) => (httpPart === 'body' ? body : other).compile(schema);
@@ -56,6 +56,8 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   const ctx: AppContext = { store: opts.store, metrics, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, shutdown: abort.signal };
 
   app.setValidatorCompiler(validatorCompiler());
+  // JSON only: a text/plain body is an unsupported media type, not a string to validate.
+  app.removeContentTypeParser('text/plain');
   app.setErrorHandler(errorHandler);
   app.setNotFoundHandler((request, reply) => reply.code(404).send({ message: `no route for ${request.method} ${request.url.split('?')[0]}` }));
 

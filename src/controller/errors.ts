@@ -25,7 +25,11 @@ function fieldPath(part: string, instancePath: string, extra?: string): string {
 }
 
 export function formatValidationError(errors: ErrorObject[], part: string): string {
-  const e = errors[0];
+  let e = errors[0];
+  // A union of literals (an enum) fails with one `const` error per member and then the `anyOf`:
+  // report the `anyOf`, listing the members' values, instead of the first member's "must be equal to constant".
+  const allowed = errors.filter((x) => x.keyword === 'const' && x.instancePath === e.instancePath).map((x) => (x.params as { allowedValue?: unknown }).allowedValue);
+  if (e.keyword === 'const') e = errors.find((x) => x.keyword === 'anyOf' && x.instancePath === e.instancePath) ?? e;
   const params = e.params as Record<string, unknown>;
   switch (e.keyword) {
     case 'additionalProperties':
@@ -38,8 +42,8 @@ export function formatValidationError(errors: ErrorObject[], part: string): stri
       return `field "${fieldPath(part, e.instancePath)}" must match ${String(params.pattern)}`;
     case 'anyOf': {
       // A union of literals (an enum): list the allowed values.
-      const values = (e.schema as { const?: unknown }[] | undefined)?.map((s) => s.const).filter((v) => v !== undefined);
-      return values && values.length
+      const values = allowed.filter((v) => v !== undefined);
+      return values.length
         ? `field "${fieldPath(part, e.instancePath)}" must be one of ${values.map((v) => JSON.stringify(v)).join(', ')}`
         : `field "${fieldPath(part, e.instancePath)}" has an invalid value`;
     }
@@ -60,7 +64,11 @@ export function errorHandler(this: unknown, error: FastifyError & { validationCo
     const message =
       error.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || error instanceof SyntaxError
         ? `malformed JSON body: ${error.message}`
-        : error.message;
+        : error.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE'
+          ? `unsupported content-type ${JSON.stringify(request.headers['content-type'] ?? '')}: send application/json`
+          : error.code === 'FST_ERR_CTP_BODY_TOO_LARGE'
+            ? `request body is too large (the limit is ${request.routeOptions.bodyLimit} bytes)`
+            : error.message;
     return reply.code(status).send({ message });
   }
   request.log.error({ err: error }, 'internal error');

@@ -4,7 +4,6 @@ import { webcrypto, X509Certificate } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync, chmodSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import * as x509 from '@peculiar/x509';
 
 export interface TLSMaterial {
   cert: string;
@@ -23,6 +22,7 @@ function pem(label: string, der: ArrayBuffer): string {
 }
 
 export async function createSelfSigned(extraNames: string[] = []): Promise<{ cert: string; key: string }> {
+  const x509 = await import('@peculiar/x509'); // only needed on a controller's first start
   x509.cryptoProvider.set(webcrypto as unknown as Parameters<typeof x509.cryptoProvider.set>[0]);
   const alg = { name: 'ECDSA', namedCurve: 'P-256', hash: 'SHA-256' };
   const keys = (await webcrypto.subtle.generateKey(alg, true, ['sign', 'verify'])) as webcrypto.CryptoKeyPair;

@@ -2,7 +2,6 @@
 import type { Command } from 'commander';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import { DEFAULT_PORT, startController } from '../../controller/controller.ts';
 import { parseDuration } from '../output.ts';
 
 export function registerControllerCommands(program: Command) {
@@ -11,13 +10,15 @@ export function registerControllerCommands(program: Command) {
     .command('run')
     .description('run the controller: the API, the embedded database and the scheduler')
     .option('--data-dir <dir>', 'where the database, certificate and key live', join(homedir(), '.orchard', 'controller'))
-    .option('-l, --listen <address>', 'address to listen on (HOST:PORT or :PORT)', `:${DEFAULT_PORT}`)
+    .option('-l, --listen <address>', 'address to listen on (HOST:PORT or :PORT)', ':6120')
     .option('--controller-cert <file>', 'use this TLS certificate (PEM) instead of the self-signed one')
     .option('--controller-key <file>', 'the key of --controller-cert (PEM)')
     .option('--insecure-no-tls', 'serve plain HTTP (tokens cross the network in clear text!)')
     .option('--worker-offline-timeout <duration>', 'a worker not seen for this long is offline', '3m')
     .addHelpText('after', '\nEnvironment:\n  ORCHARD_BOOTSTRAP_ADMIN_TOKEN  create (or update) the service account "bootstrap-admin" with every role and this token')
     .action(async (opts: { dataDir: string; listen: string; controllerCert?: string; controllerKey?: string; insecureNoTls?: boolean; workerOfflineTimeout: string }) => {
+      // Loaded on demand: the other commands need none of the server's modules.
+      const { startController } = await import('../../controller/controller.ts');
       let ctl;
       try {
         ctl = await startController({

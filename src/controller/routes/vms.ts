@@ -11,6 +11,7 @@ import {
   VM,
   VM_SPEC_KEYS,
   VMStateUpdate,
+  VMStatus,
   type ClusterSettings,
 } from '../../api/schemas.ts';
 import type { AppContext } from '../app.ts';
@@ -30,11 +31,30 @@ function specOf(vm: VM): string {
 
 export function checkHostDirs(vm: VM, settings: ClusterSettings): void {
   (vm.hostDirs ?? []).forEach((dir, i) => {
-    const policy = (settings.hostDirPolicies ?? []).find((p) => dir.path === p.pathPrefix || dir.path.startsWith(p.pathPrefix.replace(/\/?$/, '/')));
-    if (!policy) throw badRequest(`field "hostDirs[${i}].path": ${dir.path} is not allowed by the cluster's hostDirPolicies`);
-    if (policy.ro && !dir.ro) throw badRequest(`field "hostDirs[${i}].ro": ${dir.path} may only be mounted read-only (hostDirPolicies)`);
+    // A ".." segment would climb out of the allowed prefix (upstream refuses it the same way).
+    if (/(^|\/)\.\.(\/|$)/.test(dir.path)) throw badRequest(`field "hostDirs[${i}].path": ${dir.path} must not contain ".." segments`);
+    const policies = (settings.hostDirPolicies ?? []).filter((p) => dir.path === p.pathPrefix || dir.path.startsWith(p.pathPrefix.replace(/\/?$/, '/')));
+    if (!policies.length) throw badRequest(`field "hostDirs[${i}].path": ${dir.path} is not allowed by the cluster's hostDirPolicies`);
+    if (!dir.ro && policies.every((p) => p.ro)) throw badRequest(`field "hostDirs[${i}].ro": ${dir.path} may only be mounted read-only (hostDirPolicies)`);
   });
 }
+
+/**
+ * JSON numbers like 1e400 parse to Infinity, which the integer schemas accept (and storing it
+ * turns it into null): refuse integers that are not exactly representable.
+ */
+function checkSafeInteger(field: string, value: number | undefined): void {
+  if (value !== undefined && !Number.isSafeInteger(value)) throw badRequest(`field "${field}" must be an integer below 2^53`);
+}
+
+/**
+ * The body of POST and PUT /v1/vms: a VM. Upstream Go clients send state fields with their zero
+ * values (`"status":""`, zero times); state fields are ignored there, so "" is accepted for status.
+ */
+const VMBody = Type.Object(
+  { ...VM.properties, status: Type.Optional(Type.Union([...VMStatus.anyOf, Type.Literal('')])) },
+  { additionalProperties: false, description: 'a VM; state fields are ignored' },
+);
 
 /** A new VM from a client's body: server-owned fields are replaced, defaults applied. */
 export function newVM(body: VM): VM {
@@ -70,7 +90,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
 
   app.post<{ Body: VM }>(
     '/v1/vms',
-    { config: { roles: WRITE }, schema: { tags: ['vms'], summary: 'Create a VM', body: VM, response: { 200: VM, 409: ErrorBody, ...errors } } },
+    { config: { roles: WRITE }, schema: { tags: ['vms'], summary: 'Create a VM', body: VMBody, response: { 200: VM, 409: ErrorBody, ...errors } } },
     async (request) => {
       const vm = newVM(request.body);
       checkHostDirs(vm, await store.getClusterSettings());
@@ -131,7 +151,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
     '/v1/vms/:name',
     {
       config: { roles: WRITE },
-      schema: { tags: ['vms'], summary: 'Change a VM spec (bumps generation)', params: NameParams, body: VM, response: { 200: VM, ...errors } },
+      schema: { tags: ['vms'], summary: 'Change a VM spec (bumps generation)', params: NameParams, body: VMBody, response: { 200: VM, ...errors } },
     },
     async (request) => {
       const { name } = request.params;
@@ -162,6 +182,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
     },
     async (request) => {
       const b = request.body;
+      checkSafeInteger('observedGeneration', b.observedGeneration);
       return store.update('vms', request.params.name, (current) => {
         const next: VM = { ...current };
         if (b.status !== undefined) next.status = b.status;
@@ -214,6 +235,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       schema: { tags: ['vms'], summary: 'Append events to a VM (workers)', params: NameParams, body: EventList, response: { 200: Type.Object({}), ...errors } },
     },
     async (request) => {
+      request.body.forEach((e, i) => checkSafeInteger(`[${i}].timestamp`, e.timestamp));
       const vm = await store.get('vms', request.params.name);
       if (!vm?.uid) throw notFound(`VM "${request.params.name}" not found`);
       await store.appendEvents(vm.uid, request.body);

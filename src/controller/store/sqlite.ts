@@ -15,6 +15,7 @@ export class SQLiteStore implements Store {
   private readonly db: DatabaseSync;
   private readonly listeners = new Set<(change: Change) => void>();
   private revision = 0;
+  private batch?: { changes: Change[]; waiters: { resolve: () => void; reject: (err: Error) => void }[] };
   private readonly stmt: Record<string, StatementSync>;
 
   constructor(path: string) {
@@ -74,23 +75,56 @@ export class SQLiteStore implements Store {
     return rows.map((r) => JSON.parse(r.body) as Kinds[K]);
   }
 
-  /** Runs `fn` in one IMMEDIATE transaction, then publishes the changes it produced. */
-  private tx<T>(fn: (changes: Change[]) => T): T {
+  /**
+   * Group commit: every mutation runs at once inside the batch's open transaction (in its own
+   * savepoint, so a failing one leaves nothing behind), and the batch commits, with one fsync, once
+   * this event-loop turn's I/O is handled. A mutation's promise resolves only after that commit, so
+   * an acknowledged change is on disk; its changes are published right after it, in commit order.
+   */
+  private tx<T>(fn: (changes: Change[]) => T): Promise<T> {
+    if (!this.batch) {
+      this.db.exec('BEGIN IMMEDIATE');
+      this.batch = { changes: [], waiters: [] };
+      setImmediate(() => this.flush());
+    }
     const changes: Change[] = [];
-    this.db.exec('BEGIN IMMEDIATE');
     let result: T;
+    this.db.exec('SAVEPOINT mutation');
     try {
       result = fn(changes);
+      this.db.exec('RELEASE mutation');
+    } catch (err) {
+      this.db.exec('ROLLBACK TO mutation');
+      this.db.exec('RELEASE mutation');
+      return Promise.reject(err);
+    }
+    const batch = this.batch;
+    batch.changes.push(...changes);
+    return new Promise<T>((resolve, reject) => batch.waiters.push({ resolve: () => resolve(result), reject }));
+  }
+
+  private flush() {
+    const batch = this.batch;
+    if (!batch) return;
+    this.batch = undefined;
+    try {
       this.db.exec('COMMIT');
     } catch (err) {
-      this.db.exec('ROLLBACK');
-      throw err;
+      if (this.db.isTransaction) this.db.exec('ROLLBACK');
+      for (const w of batch.waiters) w.reject(err as Error);
+      return;
     }
-    for (const change of changes) {
+    for (const change of batch.changes) {
       change.revision = ++this.revision;
-      for (const listener of this.listeners) listener(change);
+      for (const listener of this.listeners) {
+        try {
+          listener(change);
+        } catch {
+          // a failing watcher must not affect the writer or other watchers
+        }
+      }
     }
-    return result;
+    for (const w of batch.waiters) w.resolve();
   }
 
   private static columns(kind: Kind, object: object): [string | null, string | null] {
@@ -171,7 +205,7 @@ export class SQLiteStore implements Store {
   }
 
   async appendEvents(vmUID: string, events: Event[]) {
-    this.tx(() => {
+    await this.tx(() => {
       for (const e of events) this.stmt.insertEvent.run(vmUID, JSON.stringify(e));
     });
   }
@@ -194,7 +228,7 @@ export class SQLiteStore implements Store {
   }
 
   async putClusterSettings(settings: ClusterSettings) {
-    this.tx(() => this.stmt.putSetting.run('cluster', JSON.stringify(settings)));
+    await this.tx(() => this.stmt.putSetting.run('cluster', JSON.stringify(settings)));
     return settings;
   }
 
@@ -204,6 +238,7 @@ export class SQLiteStore implements Store {
   }
 
   close() {
+    this.flush();
     this.listeners.clear();
     if (this.db.isOpen) this.db.close();
   }

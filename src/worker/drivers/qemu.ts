@@ -1,0 +1,730 @@
+// QEMU driver for Linux workers. One directory per VM, `<dataDir>/vms/<localName>/`:
+//   vm.json       what a restarted worker needs to find the VM again (uid, image, cpu, memory, ports)
+//   base.qcow2    hard link to the image's disk (kernel images: vmlinux|vmlinuz, initrd.img too), so
+//                 rebuilding or removing the image never breaks the VM
+//   disk.qcow2    copy-on-write overlay on base.qcow2 (grown to diskSize)
+//   console.log   serial console;  qemu.log: QEMU's stdout/stderr;  qmp.sock;  qemu.pid
+// QEMU runs in its own session (setsid), so it outlives the worker process; a new QemuDriver on
+// the same directories adopts it (list() checks that the pid really is the VM's QEMU).
+// Networking is QEMU user-mode (slirp): guest 10.0.2.15, host ports forwarded on 127.0.0.1 only.
+import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { accessSync, closeSync, constants as fsConstants, existsSync, openSync, readFileSync } from 'node:fs';
+import { copyFile, link, mkdir, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import net from 'node:net';
+import { join, resolve } from 'node:path';
+import type { Duplex } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { promisify } from 'node:util';
+import { resolveImage, type ResolvedImage } from '../images.ts';
+import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
+
+const execFileP = promisify(execFile);
+
+/** The guest's address on QEMU's user-mode network (the first address its DHCP server hands out). */
+export const USER_NET_GUEST_IP = '10.0.2.15';
+/** dial(name, VNC_PORT) reaches QEMU's VNC server for the VM's display. */
+export const VNC_PORT = 5900;
+
+export type Accel = 'kvm' | 'tcg';
+
+/** pino-like logger (`log.info(obj, msg)`), or a plain function that takes a message. */
+export interface LoggerLike {
+  info(obj: object, msg?: string): void;
+  warn(obj: object, msg?: string): void;
+  error(obj: object, msg?: string): void;
+  debug?(obj: object, msg?: string): void;
+}
+
+export interface QemuDriverOptions {
+  dataDir: string;
+  imagesDir: string;
+  accel?: 'auto' | Accel;
+  log?: LoggerLike | ((msg: string) => void);
+  /** default `qemu-system-x86_64` (from PATH) */
+  qemuBinary?: string;
+  /** waitReady gives up after this long (default 10 minutes); callers can abort earlier. */
+  readyTimeoutMs?: number;
+}
+
+/**
+ * KVM only when it is real hardware virtualisation: /dev/kvm writable, vmx/svm in the CPU flags and
+ * no kvm_pvm module (a software KVM that boots stock kernels far slower than TCG). Else TCG.
+ */
+export function detectAccel(): { accel: Accel; reason: string } {
+  try {
+    accessSync('/dev/kvm', fsConstants.R_OK | fsConstants.W_OK);
+  } catch {
+    return { accel: 'tcg', reason: '/dev/kvm is missing or not writable' };
+  }
+  let cpuinfo = '';
+  try {
+    cpuinfo = readFileSync('/proc/cpuinfo', 'utf8');
+  } catch {
+    // leave empty: no flags known
+  }
+  if (!/^flags\s*:.*\b(vmx|svm)\b/m.test(cpuinfo)) {
+    return { accel: 'tcg', reason: 'the CPU shows no hardware virtualisation (vmx/svm)' };
+  }
+  if (existsSync('/sys/module/kvm_pvm')) {
+    return { accel: 'tcg', reason: '/dev/kvm is a software KVM (kvm_pvm), slower than TCG' };
+  }
+  return { accel: 'kvm', reason: 'hardware virtualisation available' };
+}
+
+// ---------------------------------------------------------------------------------------------
+// A tiny QMP client: newline-delimited JSON over a unix socket.
+
+interface QmpReply {
+  id?: number;
+  return?: unknown;
+  error?: { class: string; desc: string };
+  event?: string;
+  QMP?: unknown;
+}
+
+export class QmpClient {
+  private readonly sock: net.Socket;
+  private buf = '';
+  private nextId = 1;
+  private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
+  private closedError: Error | undefined;
+  private greeted: Promise<void>;
+
+  private constructor(sock: net.Socket) {
+    this.sock = sock;
+    let onGreeting!: () => void;
+    let onFail!: (e: Error) => void;
+    this.greeted = new Promise<void>((res, rej) => {
+      onGreeting = res;
+      onFail = rej;
+    });
+    sock.setEncoding('utf8');
+    sock.on('data', (chunk: string) => {
+      this.buf += chunk;
+      let nl;
+      while ((nl = this.buf.indexOf('\n')) >= 0) {
+        const line = this.buf.slice(0, nl).trim();
+        this.buf = this.buf.slice(nl + 1);
+        if (!line) continue;
+        let msg: QmpReply;
+        try {
+          msg = JSON.parse(line) as QmpReply;
+        } catch {
+          continue;
+        }
+        if (msg.QMP) {
+          onGreeting();
+          continue;
+        }
+        if (msg.event || msg.id === undefined) continue;
+        const p = this.pending.get(msg.id);
+        if (!p) continue;
+        this.pending.delete(msg.id);
+        if (msg.error) p.reject(new Error(`QMP: ${msg.error.class}: ${msg.error.desc}`));
+        else p.resolve(msg.return);
+      }
+    });
+    const fail = (err: Error) => {
+      this.closedError ??= err;
+      onFail(err);
+      for (const p of this.pending.values()) p.reject(err);
+      this.pending.clear();
+    };
+    sock.on('error', (err) => fail(err));
+    sock.on('close', () => fail(new Error('QMP connection closed')));
+  }
+
+  /** Connect, read the greeting and leave capabilities negotiation mode. */
+  static async connect(path: string, timeoutMs = 5000): Promise<QmpClient> {
+    const sock = net.createConnection({ path });
+    const client = new QmpClient(sock);
+    const timer = setTimeout(() => sock.destroy(new Error(`QMP: no greeting on ${path} within ${timeoutMs} ms`)), timeoutMs);
+    try {
+      await client.greeted;
+      await client.execute('qmp_capabilities');
+      return client;
+    } catch (err) {
+      sock.destroy();
+      throw err;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  execute(command: string, args?: Record<string, unknown>): Promise<unknown> {
+    if (this.closedError) return Promise.reject(this.closedError);
+    const id = this.nextId++;
+    return new Promise((res, rej) => {
+      this.pending.set(id, { resolve: res, reject: rej });
+      this.sock.write(JSON.stringify(args ? { execute: command, arguments: args, id } : { execute: command, id }) + '\n');
+    });
+  }
+
+  /** An HMP command through QMP; HMP reports errors as text, so a non-empty answer may be one. */
+  async hmp(commandLine: string): Promise<string> {
+    return String(await this.execute('human-monitor-command', { 'command-line': commandLine }));
+  }
+
+  close(): void {
+    this.sock.end();
+    this.sock.destroy();
+  }
+}
+
+/** Host-side forwards from `info usernet`: guest port -> host port (TCP, HOST_FORWARD rows). */
+export function parseHostForwards(infoUsernet: string): Map<number, number> {
+  const out = new Map<number, number>();
+  const re = /TCP\[HOST_FORWARD\]\s+-?\d+\s+(\S+)\s+(\d+)\s+(\S+)\s+(\d+)/g;
+  for (const m of infoUsernet.matchAll(re)) out.set(Number(m[4]), Number(m[2]));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+interface VmFile {
+  uid: string;
+  localName: string;
+  image: string;
+  kind: 'kernel' | 'disk';
+  cpu: number;
+  memory: number;
+  diskSize?: number;
+  /** kernel images: file names in the VM dir and the command line */
+  kernel?: string;
+  initrd?: string;
+  cmdline?: string;
+  hostDirs?: { name: string; path: string; ro?: boolean }[];
+  created: string;
+  accel?: Accel;
+  /** host ports of the running QEMU (`pid`): ssh = forward to guest 22, vnc = QEMU's VNC server */
+  pid?: number;
+  ports?: { ssh?: number; vnc?: number };
+}
+
+interface VmState {
+  /** The QEMU process this driver instance started (absent for adopted VMs). */
+  child?: ChildProcess;
+  childExit?: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  stopping?: boolean;
+  /** guest port -> host port, valid for the QEMU with pid `fwdPid` */
+  fwd: Map<number, number>;
+  fwdPid?: number;
+  /** serialises QMP sessions: QEMU serves one QMP client at a time */
+  qmpChain: Promise<unknown>;
+}
+
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+
+export class QemuDriver implements Driver {
+  readonly runtime = 'qemu';
+  readonly accel: Accel;
+  /** Why `accel` was chosen (for a warning when it is TCG). */
+  readonly accelReason: string;
+  readonly dataDir: string;
+  readonly imagesDir: string;
+  private readonly qemuBinary: string;
+  private readonly readyTimeoutMs: number;
+  private readonly logFn: (level: 'info' | 'warn' | 'error' | 'debug', fields: object, msg: string) => void;
+  private readonly state = new Map<string, VmState>();
+
+  constructor(opts: QemuDriverOptions) {
+    this.dataDir = resolve(opts.dataDir);
+    this.imagesDir = resolve(opts.imagesDir);
+    this.qemuBinary = opts.qemuBinary ?? 'qemu-system-x86_64';
+    this.readyTimeoutMs = opts.readyTimeoutMs ?? 600_000;
+    const want = opts.accel ?? 'auto';
+    if (want === 'auto') {
+      const d = detectAccel();
+      this.accel = d.accel;
+      this.accelReason = d.reason;
+    } else {
+      this.accel = want;
+      this.accelReason = 'configured';
+    }
+    const log = opts.log;
+    if (typeof log === 'function') {
+      this.logFn = (level, fields, msg) => {
+        if (level !== 'debug') log(`${msg}${Object.keys(fields).length ? ' ' + JSON.stringify(fields) : ''}`);
+      };
+    } else if (log) {
+      this.logFn = (level, fields, msg) => (level === 'debug' ? log.debug?.(fields, msg) : log[level](fields, msg));
+    } else {
+      this.logFn = () => {};
+    }
+  }
+
+  // --- paths and small helpers -----------------------------------------------------------------
+
+  vmDir(localName: string): string {
+    if (!NAME_RE.test(localName)) throw new Error(`invalid VM name ${JSON.stringify(localName)}`);
+    return join(this.dataDir, 'vms', localName);
+  }
+
+  private st(localName: string): VmState {
+    let s = this.state.get(localName);
+    if (!s) {
+      s = { fwd: new Map(), qmpChain: Promise.resolve() };
+      this.state.set(localName, s);
+    }
+    return s;
+  }
+
+  private async readVm(localName: string): Promise<VmFile | undefined> {
+    try {
+      return JSON.parse(await readFile(join(this.vmDir(localName), 'vm.json'), 'utf8')) as VmFile;
+    } catch {
+      return undefined;
+    }
+  }
+
+  private async writeVm(vm: VmFile): Promise<void> {
+    const path = join(this.vmDir(vm.localName), 'vm.json');
+    await writeFile(path + '.tmp', JSON.stringify(vm, null, 2) + '\n');
+    await rename(path + '.tmp', path);
+  }
+
+  /** The pid of the VM's QEMU if it is alive and really is that QEMU (not a reused pid). */
+  private livePid(localName: string): number | undefined {
+    const dir = this.vmDir(localName);
+    const child = this.state.get(localName)?.child;
+    let pid = child && child.exitCode === null && child.signalCode === null ? child.pid : undefined;
+    if (!pid) {
+      try {
+        pid = Number(readFileSync(join(dir, 'qemu.pid'), 'utf8').trim());
+      } catch {
+        return undefined;
+      }
+    }
+    if (!Number.isInteger(pid) || pid <= 1) return undefined;
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+      if (state === 'Z' || state === 'X') return undefined;
+      const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+      if (!cmdline.includes(join(dir, 'qemu.pid'))) return undefined;
+      return pid;
+    } catch {
+      return undefined;
+    }
+  }
+
+  private isRunning(localName: string): boolean {
+    return this.livePid(localName) !== undefined;
+  }
+
+  private requirePid(localName: string): number {
+    const pid = this.livePid(localName);
+    if (pid === undefined) throw new Error(`VM ${localName} is not running`);
+    return pid;
+  }
+
+  private qmpPath(localName: string, pid: number): string {
+    const path = join(this.vmDir(localName), 'qmp.sock');
+    // unix socket paths are limited to 107 bytes; QEMU's cwd is the VM dir, reachable via /proc.
+    return Buffer.byteLength(path) < 100 ? path : `/proc/${pid}/cwd/qmp.sock`;
+  }
+
+  /** Run `fn` with a QMP session to the VM (sessions are serialised per VM). */
+  private qmp<T>(localName: string, fn: (q: QmpClient) => Promise<T>, timeoutMs = 10_000): Promise<T> {
+    const s = this.st(localName);
+    const run = async () => {
+      const pid = this.requirePid(localName);
+      const q = await QmpClient.connect(this.qmpPath(localName, pid), timeoutMs);
+      let timer: NodeJS.Timeout | undefined;
+      try {
+        return await Promise.race([
+          fn(q),
+          new Promise<never>((_, rej) => {
+            timer = setTimeout(() => rej(new Error(`QMP: VM ${localName} did not answer within ${timeoutMs} ms`)), timeoutMs);
+          }),
+        ]);
+      } finally {
+        clearTimeout(timer);
+        q.close();
+      }
+    };
+    const result = s.qmpChain.then(run, run);
+    s.qmpChain = result.catch(() => {});
+    return result;
+  }
+
+  private async tail(localName: string, file: string, lines: number): Promise<string> {
+    try {
+      const text = await readFile(join(this.vmDir(localName), file), 'utf8');
+      return text.replace(/\r/g, '').trimEnd().split('\n').slice(-lines).join('\n');
+    } catch {
+      return '';
+    }
+  }
+
+  // --- Driver -------------------------------------------------------------------------------------
+
+  async list(): Promise<LocalVM[]> {
+    let entries;
+    try {
+      entries = await readdir(join(this.dataDir, 'vms'), { withFileTypes: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw err;
+    }
+    const out: LocalVM[] = [];
+    for (const e of entries) {
+      if (!e.isDirectory() || !NAME_RE.test(e.name)) continue;
+      const vm = await this.readVm(e.name);
+      out.push({ localName: e.name, uid: vm?.uid, running: this.isRunning(e.name) });
+    }
+    return out.sort((a, b) => a.localName.localeCompare(b.localName));
+  }
+
+  async prepare(vm: DriverVM, progress: Progress = () => {}): Promise<void> {
+    const dir = this.vmDir(vm.localName);
+    if (this.isRunning(vm.localName)) throw new Error(`VM ${vm.localName} is running; stop it before preparing it again`);
+    progress(`resolving image ${vm.image}`);
+    const image = await resolveImage(this.imagesDir, vm.image);
+    const old = await this.readVm(vm.localName);
+    await mkdir(dir, { recursive: true });
+    const file: VmFile = {
+      uid: vm.uid,
+      localName: vm.localName,
+      image: vm.image,
+      kind: image.kind,
+      cpu: vm.cpu,
+      memory: vm.memory,
+      diskSize: vm.diskSize || undefined,
+      hostDirs: vm.hostDirs?.length ? vm.hostDirs : undefined,
+      created: new Date().toISOString(),
+      accel: this.accel,
+    };
+    if (old && old.uid === vm.uid && old.image === vm.image && existsSync(join(dir, 'disk.qcow2'))) {
+      // Same VM prepared again (e.g. a restart): keep its disk and files.
+      Object.assign(file, { kernel: old.kernel, initrd: old.initrd, cmdline: old.cmdline, created: old.created });
+      await this.growDisk(vm.localName, vm.diskSize, progress);
+      await this.writeVm(file);
+      progress('disk kept from an earlier start');
+      return;
+    }
+    // A fresh VM: drop whatever a VM of this name left, link the image's files, clone the disk.
+    for (const f of await readdir(dir)) await rm(join(dir, f), { recursive: true, force: true });
+    progress('creating copy-on-write disk');
+    await linkOrCopy(image.disk, join(dir, 'base.qcow2'));
+    if (image.kind === 'kernel') {
+      file.kernel = image.kernel!.endsWith('vmlinux') ? 'vmlinux' : 'vmlinuz';
+      file.initrd = 'initrd.img';
+      file.cmdline = image.cmdline;
+      await linkOrCopy(image.kernel!, join(dir, file.kernel));
+      await linkOrCopy(image.initrd!, join(dir, file.initrd));
+      await this.copyImageKeys(image, dir);
+    }
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', join(dir, 'disk.qcow2')]);
+    await this.growDisk(vm.localName, vm.diskSize, progress);
+    await this.writeVm(file);
+    this.logFn('info', { vm: vm.localName, image: vm.image }, 'VM prepared');
+  }
+
+  private async copyImageKeys(image: ResolvedImage, dir: string): Promise<void> {
+    if (image.sshKey) await copyFile(image.sshKey, join(dir, 'id_ed25519'));
+    if (image.knownHosts) await writeFile(join(dir, 'known_hosts'), image.knownHosts);
+  }
+
+  /** Grow disk.qcow2 to diskSize GiB (never shrinks: that would cut the guest's file system). */
+  private async growDisk(localName: string, diskSize: number | undefined, progress: Progress): Promise<void> {
+    if (!diskSize || diskSize <= 0) return;
+    const disk = join(this.vmDir(localName), 'disk.qcow2');
+    const { stdout } = await qemuImg(['info', '--output=json', '-U', disk]);
+    const current = (JSON.parse(stdout) as { 'virtual-size': number })['virtual-size'];
+    const want = Math.round(diskSize * 1024 ** 3);
+    if (want > current) {
+      await qemuImg(['resize', '-q', disk, String(want)]);
+      progress(`disk grown to ${diskSize} GiB`);
+    } else if (want < current) {
+      progress(`disk stays at ${(current / 1024 ** 3).toFixed(1)} GiB (the image is larger than diskSize ${diskSize})`);
+    }
+  }
+
+  async start(vm: DriverVM): Promise<void> {
+    const dir = this.vmDir(vm.localName);
+    if (this.isRunning(vm.localName)) return;
+    const file = await this.readVm(vm.localName);
+    if (!file || !existsSync(join(dir, 'disk.qcow2'))) throw new Error(`VM ${vm.localName} is not prepared`);
+    file.cpu = vm.cpu || file.cpu;
+    file.memory = vm.memory || file.memory;
+    if (vm.hostDirs) file.hostDirs = vm.hostDirs.length ? vm.hostDirs : undefined;
+    for (const f of ['qmp.sock', 'qemu.pid']) await unlink(join(dir, f)).catch(() => {});
+
+    const args = [
+      '-name', `guest=${vm.localName},debug-threads=on`,
+      '-M', 'q35',
+      ...(this.accel === 'kvm' ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg,thread=multi', '-cpu', 'max']),
+      '-smp', String(Math.max(1, Math.floor(file.cpu))),
+      '-m', String(Math.max(32, Math.floor(file.memory))),
+      '-nodefaults', '-no-user-config', '-msg', 'timestamp=on',
+      '-drive', `file=${join(dir, 'disk.qcow2')},if=virtio,format=qcow2,discard=unmap,cache=writeback`,
+      '-netdev', 'user,id=net0,hostfwd=tcp:127.0.0.1:0-:22', '-device', 'virtio-net-pci,netdev=net0',
+      '-device', 'virtio-rng-pci',
+      '-vga', 'std', '-vnc', '127.0.0.1:0,to=99',
+      '-serial', `file:${join(dir, 'console.log')}`,
+      // relative: unix socket paths are short (QEMU runs in the VM dir)
+      '-qmp', 'unix:qmp.sock,server=on,wait=off',
+      '-pidfile', join(dir, 'qemu.pid'),
+    ];
+    if (file.kind === 'kernel') {
+      args.push('-kernel', join(dir, file.kernel!), '-initrd', join(dir, file.initrd!),
+        '-append', `${file.cmdline ?? 'console=ttyS0'} root=/dev/vda`);
+    }
+    (file.hostDirs ?? []).forEach((d, i) => {
+      args.push('-virtfs', `local,path=${resolve(d.path).replace(/,/g, ',,')},mount_tag=${d.name.replace(/,/g, ',,')},security_model=none,id=share${i}${d.ro ? ',readonly=on' : ''}`);
+    });
+    for (const unsupported of ['netBridged', 'netSoftnet', 'nested'] as const) {
+      if (vm[unsupported]) this.logFn('warn', { vm: vm.localName }, `${unsupported} is not supported by the qemu driver; ignored`);
+    }
+
+    const out = openSync(join(dir, 'qemu.log'), 'w'); // this run's messages only, like console.log
+    let child: ChildProcess;
+    try {
+      // detached: own session and process group, so QEMU survives the worker (and its signals).
+      child = spawn(this.qemuBinary, args, { cwd: dir, detached: true, stdio: ['ignore', out, out] });
+    } finally {
+      closeSync(out);
+    }
+    const s = this.st(vm.localName);
+    s.child = child;
+    s.stopping = false;
+    s.fwd = new Map();
+    s.fwdPid = undefined;
+    let spawnError: Error | undefined;
+    s.childExit = new Promise((res) => {
+      child.once('exit', (code, signal) => res({ code, signal }));
+      child.once('error', (err) => {
+        spawnError = (err as NodeJS.ErrnoException).code === 'ENOENT'
+          ? new Error(`${this.qemuBinary} not found: apt-get install qemu-system-x86`) : err;
+        res({ code: null, signal: null });
+      });
+    });
+    child.unref();
+    const exited = s.childExit;
+
+    // Up once QMP answers (QEMU has set up the machine); then read the real host ports back.
+    const deadline = Date.now() + 30_000;
+    let ports: { ssh: number; vnc: number } | undefined;
+    let lastErr: unknown;
+    while (!ports && Date.now() < deadline) {
+      const done = await Promise.race([exited, sleep(50).then(() => undefined)]);
+      if (done) break;
+      if (!child.pid || !existsSync(join(dir, 'qemu.pid'))) continue;
+      try {
+        ports = await this.qmp(vm.localName, async (q) => {
+          const fwd = parseHostForwards(await q.hmp('info usernet'));
+          const vnc = (await q.execute('query-vnc')) as { service?: string };
+          return { ssh: fwd.get(22) ?? 0, vnc: Number(vnc.service ?? 0) };
+        }, 5000);
+      } catch (err) {
+        lastErr = err;
+      }
+    }
+    if (!ports || !ports.ssh) {
+      const r = await Promise.race([exited, sleep(500).then(() => undefined)]);
+      if (spawnError) throw spawnError;
+      if (!r && child.pid) process.kill(child.pid, 'SIGKILL');
+      const log = await this.tail(vm.localName, 'qemu.log', 15);
+      throw new Error(`VM ${vm.localName}: QEMU did not start` +
+        (r ? ` (${r.signal ?? `exit code ${r.code}`})` : lastErr ? ` (${(lastErr as Error).message})` : '') +
+        (log ? `:\n${log}` : ''));
+    }
+    file.pid = child.pid;
+    file.ports = ports;
+    file.accel = this.accel;
+    await this.writeVm(file);
+    s.fwd.set(22, ports.ssh);
+    s.fwdPid = child.pid;
+    this.logFn('info', { vm: vm.localName, pid: child.pid, accel: this.accel, sshPort: ports.ssh, vncPort: ports.vnc }, 'QEMU started');
+  }
+
+  /** Host port on 127.0.0.1 that reaches guest TCP `port` (adds a forward over QMP when needed). */
+  private async hostPort(localName: string, port: number): Promise<number> {
+    const pid = this.requirePid(localName);
+    const s = this.st(localName);
+    if (s.fwdPid !== pid) {
+      s.fwd = new Map();
+      s.fwdPid = pid;
+      const file = await this.readVm(localName);
+      if (file?.pid === pid && file.ports?.ssh) s.fwd.set(22, file.ports.ssh);
+      if (file?.pid === pid && file.ports?.vnc) s.fwd.set(-VNC_PORT, file.ports.vnc);
+    }
+    const key = port === VNC_PORT ? -VNC_PORT : port;
+    const known = s.fwd.get(key);
+    if (known) return known;
+    const found = await this.qmp(localName, async (q) => {
+      if (port === VNC_PORT) {
+        const vnc = (await q.execute('query-vnc')) as { service?: string };
+        return Number(vnc.service ?? 0);
+      }
+      let fwd = parseHostForwards(await q.hmp('info usernet'));
+      if (!fwd.has(port)) {
+        const err = (await q.hmp(`hostfwd_add net0 tcp:127.0.0.1:0-:${port}`)).trim();
+        if (err) throw new Error(`cannot forward guest port ${port}: ${err}`);
+        fwd = parseHostForwards(await q.hmp('info usernet'));
+      }
+      return fwd.get(port) ?? 0;
+    });
+    if (!found) throw new Error(`VM ${localName}: no host port for guest port ${port}`);
+    s.fwd.set(key, found);
+    return found;
+  }
+
+  async waitReady(localName: string, signal?: AbortSignal): Promise<void> {
+    const deadline = Date.now() + this.readyTimeoutMs;
+    let port: number | undefined;
+    for (;;) {
+      signal?.throwIfAborted();
+      if (!this.isRunning(localName)) {
+        const consoleTail = await this.tail(localName, 'console.log', 20);
+        const log = (await this.tail(localName, 'qemu.log', 6)).split('\n').filter((l) => l && !l.startsWith('VNC server running')).join('\n');
+        const child = this.state.get(localName)?.child;
+        const how = child?.signalCode ? ` (killed by ${child.signalCode})` : child?.exitCode != null ? ` (exit code ${child.exitCode})` : '';
+        throw new Error(`VM ${localName}: QEMU exited before the guest was ready${how}` +
+          (log ? `\nqemu: ${log}` : '') + (consoleTail ? `\nlast console lines:\n${consoleTail}` : ''));
+      }
+      if (Date.now() > deadline) {
+        const consoleTail = await this.tail(localName, 'console.log', 20);
+        throw new Error(`VM ${localName}: no SSH after ${Math.round(this.readyTimeoutMs / 1000)} s` +
+          (consoleTail ? `\nlast console lines:\n${consoleTail}` : ''));
+      }
+      port ??= await this.hostPort(localName, 22).catch(() => undefined);
+      // User-mode networking accepts the TCP connection before the guest is up, and a SYN it
+      // forwards too early is only retried seconds later: wait for the banner, short attempts.
+      if (port && (await sshBanner(port, 500))) return;
+      await sleep(100, undefined, { signal }).catch(() => signal?.throwIfAborted());
+    }
+  }
+
+  async waitExit(localName: string): Promise<{ reason: string }> {
+    const s = this.st(localName);
+    const pid = this.livePid(localName);
+    if (s.child && s.childExit && (pid === undefined || pid === s.child.pid)) {
+      const { code, signal } = await s.childExit;
+      if (s.stopping) return { reason: 'stopped' };
+      if (signal) return { reason: `QEMU was killed by ${signal}` };
+      if (code === 0) return { reason: 'the guest powered off' };
+      const log = await this.tail(localName, 'qemu.log', 3);
+      return { reason: `QEMU exited with code ${code}${log ? `: ${log}` : ''}` };
+    }
+    if (pid === undefined) return { reason: 'not running' };
+    while (this.livePid(localName) === pid) await sleep(250);
+    return { reason: s.stopping ? 'stopped' : 'QEMU exited' };
+  }
+
+  async ip(localName: string): Promise<string> {
+    if (!(await this.readVm(localName))) throw new Error(`no VM ${localName}`);
+    return USER_NET_GUEST_IP;
+  }
+
+  async dial(localName: string, port: number): Promise<Duplex> {
+    if (!Number.isInteger(port) || port < 1 || port > 65535) throw new Error(`invalid port ${port}`);
+    const hostPort = await this.hostPort(localName, port);
+    return await new Promise<Duplex>((res, rej) => {
+      const sock = net.createConnection({ host: '127.0.0.1', port: hostPort });
+      const timer = setTimeout(() => sock.destroy(new Error(`connect to VM ${localName} port ${port} timed out`)), 10_000);
+      sock.once('connect', () => {
+        clearTimeout(timer);
+        sock.removeListener('error', rej);
+        res(sock);
+      });
+      sock.once('error', (err) => {
+        clearTimeout(timer);
+        rej(err);
+      });
+    });
+  }
+
+  async stop(localName: string, graceMs = 10_000): Promise<void> {
+    const pid = this.livePid(localName);
+    if (pid === undefined) return;
+    const s = this.st(localName);
+    s.stopping = true;
+    const gone = (ms: number) => this.waitGone(localName, pid, ms);
+    if (graceMs > 0) {
+      try {
+        await this.qmp(localName, (q) => q.execute('system_powerdown'), 3000);
+        if (await gone(graceMs)) return this.stopped(localName, 'powered off');
+      } catch (err) {
+        this.logFn('warn', { vm: localName, err: String(err) }, 'system_powerdown failed');
+      }
+    }
+    try {
+      await this.qmp(localName, (q) => q.execute('quit'), 3000);
+    } catch {
+      // the connection may close before the reply arrives; checked below
+    }
+    if (await gone(3000)) return this.stopped(localName, 'quit');
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+    if (await gone(5000)) return this.stopped(localName, 'killed');
+    throw new Error(`VM ${localName}: QEMU (pid ${pid}) did not exit`);
+  }
+
+  private stopped(localName: string, how: string): void {
+    this.logFn('info', { vm: localName }, `VM stopped (${how})`);
+  }
+
+  private async waitGone(localName: string, pid: number, ms: number): Promise<boolean> {
+    const deadline = Date.now() + ms;
+    while (this.livePid(localName) === pid) {
+      if (Date.now() >= deadline) return false;
+      await sleep(50);
+    }
+    return true;
+  }
+
+  async remove(localName: string): Promise<void> {
+    const dir = this.vmDir(localName);
+    await this.stop(localName, 0); // the disk goes too: no point in a graceful guest shutdown
+    await rm(dir, { recursive: true, force: true });
+    this.state.delete(localName);
+    this.logFn('info', { vm: localName }, 'VM removed');
+  }
+}
+
+async function linkOrCopy(src: string, dst: string): Promise<void> {
+  try {
+    await link(src, dst);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code !== 'EXDEV' && code !== 'EPERM' && code !== 'EMLINK') throw err;
+    await copyFile(src, dst, fsConstants.COPYFILE_FICLONE);
+  }
+  await stat(dst);
+}
+
+async function qemuImg(args: string[]): Promise<{ stdout: string }> {
+  try {
+    return await execFileP('qemu-img', args);
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException & { stderr?: string };
+    if (e.code === 'ENOENT' && !e.stderr) throw new Error('qemu-img not found: apt-get install qemu-utils');
+    throw new Error(`qemu-img ${args[0]} failed: ${(e.stderr ?? e.message).trim()}`);
+  }
+}
+
+/** true when 127.0.0.1:port sends an SSH banner within `ms`. */
+function sshBanner(port: number, ms: number): Promise<boolean> {
+  return new Promise((res) => {
+    const sock = net.createConnection({ host: '127.0.0.1', port });
+    let got = '';
+    const done = (ok: boolean) => {
+      clearTimeout(timer);
+      sock.destroy();
+      res(ok);
+    };
+    const timer = setTimeout(() => done(false), ms);
+    sock.setEncoding('latin1');
+    sock.on('data', (d: string) => {
+      got += d;
+      if (got.length >= 4) done(got.startsWith('SSH-'));
+    });
+    sock.on('error', () => done(false));
+    sock.on('close', () => done(false));
+  });
+}
