@@ -17,13 +17,14 @@ export function tempDir(prefix = 'orchard-test-'): string {
 }
 
 /** A controller in this process on a free loopback port, with a bootstrap admin. */
-export async function inProcessController(opts: { dataDir?: string; workerOfflineTimeoutMs?: number } = {}) {
+export async function inProcessController(opts: { dataDir?: string; workerOfflineTimeoutMs?: number; restartBackoffMs?: number } = {}) {
   const dataDir = opts.dataDir ?? tempDir();
   const ctl = await startController({
     dataDir,
     listen: '127.0.0.1:0',
     bootstrapAdminToken: ADMIN_TOKEN,
     workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs,
+    restartBackoffMs: opts.restartBackoffMs,
     logger: pino({ level: process.env.ORCHARD_TEST_LOG ?? 'silent' }),
   });
   const admin = clientOf(ctl, 'bootstrap-admin', ADMIN_TOKEN);
@@ -130,4 +131,16 @@ export async function rawRequest(
     req.on('error', reject);
     req.end(opts.body);
   });
+}
+
+/** Polls `fn` until it returns a truthy value (or throws after `timeoutMs`, with the last value). */
+export async function waitFor<T>(what: string, fn: () => Promise<T> | T, timeoutMs = 30_000, everyMs = 50): Promise<NonNullable<T>> {
+  const deadline = Date.now() + timeoutMs;
+  let last: T | undefined;
+  for (;;) {
+    last = await fn();
+    if (last) return last as NonNullable<T>;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} (last: ${JSON.stringify(last)})`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
 }

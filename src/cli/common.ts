@@ -1,5 +1,5 @@
 // Shared plumbing for CLI commands: the client of the chosen context, output flags, prompts.
-import { Command, Option } from 'commander';
+import { Command, InvalidArgumentError, Option } from 'commander';
 import { createInterface } from 'node:readline/promises';
 import { OrchardClient } from '../client/client.ts';
 import { resolveContext } from '../client/config.ts';
@@ -47,7 +47,7 @@ export async function confirm(question: string): Promise<boolean> {
 /** `--label k=v` (repeatable) into a map. */
 export function collectKeyValue(value: string, previous: Record<string, string> = {}): Record<string, string> {
   const eq = value.indexOf('=');
-  if (eq <= 0) throw new UsageError(`expected KEY=VALUE, got "${value}"`);
+  if (eq <= 0) throw new InvalidArgumentError(`expected KEY=VALUE, got "${value}"`);
   return { ...previous, [value.slice(0, eq)]: value.slice(eq + 1) };
 }
 
@@ -57,7 +57,7 @@ export function collect(value: string, previous: string[] = []): string[] {
 
 export function parseInteger(name: string) {
   return (value: string) => {
-    if (!/^-?\d+$/.test(value)) throw new UsageError(`${name} must be an integer, got "${value}"`);
+    if (!/^-?\d+$/.test(value)) throw new InvalidArgumentError(`${name} must be an integer, got "${value}"`);
     return Number(value);
   };
 }

@@ -5,6 +5,8 @@ import { VERSION } from '../api/version.ts';
 import { registerControllerCommands } from './commands/controller.ts';
 import { registerContextCommands } from './commands/context.ts';
 import { registerResourceCommands } from './commands/resources.ts';
+import { registerWorkerCommands } from './commands/worker.ts';
+import { registerDevCommand } from './commands/dev.ts';
 import { UsageError } from './common.ts';
 
 const program = new Command('orchard')
@@ -16,6 +18,8 @@ const program = new Command('orchard')
 registerControllerCommands(program);
 registerContextCommands(program);
 registerResourceCommands(program);
+registerWorkerCommands(program);
+registerDevCommand(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -1,11 +1,12 @@
 // Output in the terminal's conventions: --output table (default) | json | yaml; errors go to stderr.
+import { InvalidArgumentError } from 'commander';
 import YAML from 'yaml';
 
 export type OutputFormat = 'table' | 'json' | 'yaml';
 export const OUTPUT_FORMATS: OutputFormat[] = ['table', 'json', 'yaml'];
 
 export function parseOutput(value: string): OutputFormat {
-  if (!(OUTPUT_FORMATS as string[]).includes(value)) throw new Error(`--output must be one of ${OUTPUT_FORMATS.join(', ')}, got "${value}"`);
+  if (!(OUTPUT_FORMATS as string[]).includes(value)) throw new InvalidArgumentError(`--output must be one of ${OUTPUT_FORMATS.join(', ')}, got "${value}"`);
   return value as OutputFormat;
 }
 

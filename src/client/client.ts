@@ -152,13 +152,17 @@ export class OrchardClient {
   async *watch<T>(path: string, signal?: AbortSignal): AsyncGenerator<WatchEvent<T>> {
     const u = new URL(this.url.pathname.replace(/\/$/, '') + path, this.url);
     const lib = u.protocol === 'https:' ? https : http;
-    const res = await new Promise<http.IncomingMessage>((resolve, reject) => {
-      const req = lib.request(u, { method: 'GET', headers: this.auth ? { authorization: this.auth } : {}, agent: false, ...this.tlsOptions(), signal }, resolve);
-      req.on('error', reject);
-      req.end();
-    }).catch(async (err: Error) => {
-      throw await this.explain(err);
-    });
+    let res: http.IncomingMessage;
+    try {
+      res = await new Promise<http.IncomingMessage>((resolve, reject) => {
+        const req = lib.request(u, { method: 'GET', headers: this.auth ? { authorization: this.auth } : {}, agent: false, ...this.tlsOptions(), signal }, resolve);
+        req.on('error', reject);
+        req.end();
+      });
+    } catch (err) {
+      if (signal?.aborted) return;
+      throw await this.explain(err as Error);
+    }
     if ((res.statusCode ?? 0) >= 400) {
       const chunks: Buffer[] = [];
       for await (const c of res) chunks.push(c as Buffer);

@@ -13,6 +13,10 @@ import { VERSION } from '../api/version.ts';
 import { registerVMRoutes } from './routes/vms.ts';
 import { registerWorkerRoutes } from './routes/workers.ts';
 import { registerAdminRoutes } from './routes/admin.ts';
+import { WebSocketRoutes, WorkerChannels } from './rpc.ts';
+import { Scheduler } from './scheduler.ts';
+import { badRequest } from './errors.ts';
+import { NAME_PATTERN } from '../api/schemas.ts';
 
 export interface AppOptions {
   store: Store;
@@ -21,12 +25,16 @@ export interface AppOptions {
   workerOfflineTimeoutMs: number;
   https?: { cert: string; key: string };
   bodyLimit?: number;
+  /** Backoff base of OnFailure restarts (tests shorten it). */
+  restartBackoffMs?: number;
 }
 
 export interface AppContext {
   store: Store;
   metrics: Metrics;
   workerOfflineTimeoutMs: number;
+  channels: WorkerChannels;
+  scheduler: Scheduler;
   /** Closed when the controller shuts down: long-lived streams end on it. */
   shutdown: AbortSignal;
 }
@@ -53,7 +61,39 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   const app = Fastify(serverOptions) as unknown as FastifyInstance;
   const abort = new AbortController();
   const metrics = new Metrics(opts.store, opts.workerOfflineTimeoutMs);
-  const ctx: AppContext = { store: opts.store, metrics, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, shutdown: abort.signal };
+  const channels = new WorkerChannels(opts.logger);
+  const scheduler = new Scheduler(opts.store, opts.logger, {
+    offlineTimeoutMs: opts.workerOfflineTimeoutMs,
+    isConnected: (w) => channels.isConnected(w),
+    backoffBaseMs: opts.restartBackoffMs,
+  });
+  const ctx: AppContext = { store: opts.store, metrics, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, shutdown: abort.signal };
+
+  // Push, not poll: any change to a VM reaches the worker it was and is assigned to at once.
+  const assigned = new Map<string, string | undefined>();
+  const unsubscribe = opts.store.subscribe((change) => {
+    if (change.kind !== 'vms') return;
+    const vm = change.object as { uid?: string; worker?: string };
+    const before = vm.uid ? assigned.get(vm.uid) : undefined;
+    if (before && before !== vm.worker) channels.requestSync(before);
+    if (vm.worker) channels.requestSync(vm.worker);
+    if (vm.uid) {
+      if (change.type === 'DELETED') assigned.delete(vm.uid);
+      else assigned.set(vm.uid, vm.worker);
+    }
+  });
+  channels.onChange = () => scheduler.kick();
+
+  const sockets = new WebSocketRoutes(opts.store, opts.logger);
+  sockets.route('/v1/rpc/watch', ['compute:read'], (_request, url, ws) => {
+    const worker = url.searchParams.get('workerName') ?? url.searchParams.get('worker') ?? '';
+    if (!new RegExp(NAME_PATTERN).test(worker)) {
+      ws.close(1008, String(badRequest('query parameter "workerName" must be the worker\'s name').message).slice(0, 120));
+      return;
+    }
+    channels.accept(worker, ws);
+  });
+  sockets.attach(app.server);
 
   app.setValidatorCompiler(validatorCompiler());
   // JSON only: a text/plain body is an unsupported media type, not a string to validate.
@@ -93,11 +133,15 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   registerWorkerRoutes(app, ctx);
   registerVMRoutes(app, ctx);
 
+  scheduler.start();
   return {
     app,
     ctx,
     close: async () => {
       abort.abort();
+      unsubscribe();
+      await scheduler.stop();
+      sockets.close();
       await app.close();
     },
   };

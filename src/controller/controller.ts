@@ -18,6 +18,8 @@ export interface ControllerOptions {
   workerOfflineTimeoutMs?: number;
   bootstrapAdminToken?: string;
   logger?: Logger;
+  /** Backoff base of OnFailure restarts (default 1 s, doubling up to 5 min). */
+  restartBackoffMs?: number;
 }
 
 export interface RunningController {
@@ -73,6 +75,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       logger,
       workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs ?? 3 * 60_000,
       https: tls ? { cert: tls.cert, key: tls.key } : undefined,
+      restartBackoffMs: opts.restartBackoffMs,
     });
     await app.listen({ host, port });
     const address = app.server.address();

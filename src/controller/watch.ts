@@ -41,6 +41,7 @@ export async function streamWatch<K extends Kind>(
     snapshotRevision = snapshot.revision;
     reply.hijack();
     raw.writeHead(200, { 'content-type': 'application/x-ndjson', 'cache-control': 'no-store', 'x-request-id': String(reply.request.id) });
+    raw.flushHeaders(); // the client learns the watch is established even before the first event
     for (const object of snapshot.items) if (matches(object)) write({ type: 'ADDED', object });
     for (const change of pending) if (change.revision > snapshotRevision) write(change);
     pending.length = 0;

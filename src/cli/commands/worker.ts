@@ -1,0 +1,92 @@
+// orchard worker run; orchard image build|import|list
+import type { Command } from 'commander';
+import { hostname, homedir } from 'node:os';
+import { join } from 'node:path';
+import { decodeBootstrapToken } from '../../api/bootstrap-token.ts';
+import { collectKeyValue, parseInteger, UsageError } from '../common.ts';
+import { parseDuration, print, table, type OutputFormat } from '../output.ts';
+import { parseOutput } from '../output.ts';
+
+export const defaultWorkerDataDir = () => join(homedir(), '.orchard', 'worker');
+
+export function registerWorkerCommands(program: Command) {
+  const worker = program.command('worker').description('run a worker');
+  worker
+    .command('run')
+    .description('run a worker: register with the controller and run the VMs it assigns here')
+    .argument('<controller-url>', 'e.g. https://controller:6120')
+    .requiredOption('--bootstrap-token <token>', 'from `orchard get bootstrap-token NAME` (credentials and the controller certificate)')
+    .option('--name <name>', 'worker name', hostname().toLowerCase().replace(/[^a-z0-9-]/g, '-').slice(0, 63))
+    .option('--label <key=value>', 'label VMs can require (repeatable)', collectKeyValue)
+    .option('--resources <name=amount>', 'extra resource to advertise (repeatable)', collectKeyValue)
+    .option('--runtime <runtime>', 'qemu (Linux), tart (macOS) or synthetic', process.platform === 'darwin' ? 'tart' : 'qemu')
+    .option('--synthetic', 'same as --runtime synthetic: in-memory VMs for load tests')
+    .option('--slots <n>', 'VMs this host runs at once (default: 2 for tart, memory/1 GiB for qemu, 1000 synthetic)', parseInteger('--slots'))
+    .option('--data-dir <dir>', 'VM disks, images and state', defaultWorkerDataDir())
+    .option('--heartbeat <duration>', 'how often to report liveness', '10s')
+    .action(async (url: string, opts: { bootstrapToken: string; name: string; label?: Record<string, string>; resources?: Record<string, string>; runtime: string; synthetic?: boolean; slots?: number; dataDir: string; heartbeat: string }) => {
+      const { startWorker } = await import('../../worker/run.ts');
+      const token = decodeBootstrapToken(opts.bootstrapToken);
+      const resources: Record<string, number> = {};
+      for (const [k, v] of Object.entries(opts.resources ?? {})) {
+        if (!/^\d+$/.test(v)) throw new UsageError(`--resources ${k}=${v}: the amount must be a whole number`);
+        resources[k] = Number(v);
+      }
+      const running = await startWorker({
+        url,
+        token,
+        name: opts.name,
+        runtime: opts.synthetic ? 'synthetic' : opts.runtime,
+        labels: opts.label ?? {},
+        resources,
+        slots: opts.slots,
+        dataDir: opts.dataDir,
+        heartbeatMs: parseDuration(opts.heartbeat),
+      });
+      await new Promise<void>((resolve) => {
+        const stop = () => {
+          process.off('SIGINT', stop);
+          process.off('SIGTERM', stop);
+          running.stop().then(resolve, resolve);
+        };
+        process.on('SIGINT', stop);
+        process.on('SIGTERM', stop);
+      });
+    });
+
+  const image = program.command('image').description('manage the QEMU guest images of this host');
+  image
+    .command('build')
+    .description('build a guest image from Debian packages (debian-dev: SSH server, user admin/admin)')
+    .argument('<name>', 'only debian-dev is known')
+    .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
+    .action(async (name: string, opts: { dataDir: string }) => {
+      if (name !== 'debian-dev') throw new UsageError(`no recipe for "${name}": only debian-dev can be built; import other qcow2 disks with "orchard image import"`);
+      const { buildDebianDev } = await import('../../worker/images.ts');
+      const t0 = Date.now();
+      const result = await buildDebianDev(join(opts.dataDir, 'images'), (msg) => process.stderr.write(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${msg}\n`));
+      process.stderr.write(result.cached ? `debian-dev is up to date (${result.dir})\n` : `built debian-dev in ${((Date.now() - t0) / 1000).toFixed(1)}s (${result.dir})\n`);
+    });
+  image
+    .command('import')
+    .description('add a qcow2 disk as an image')
+    .argument('<name>')
+    .argument('<file>', 'a .qcow2 disk that boots by itself')
+    .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
+    .option('--replace', 'replace an image of the same name')
+    .action(async (name: string, file: string, opts: { dataDir: string; replace?: boolean }) => {
+      const { importImage } = await import('../../worker/images.ts');
+      const info = await importImage(join(opts.dataDir, 'images'), name, file, { replace: opts.replace });
+      process.stderr.write(`imported ${info.name} (${(info.size / 1024 / 1024).toFixed(1)} MiB)\n`);
+    });
+  image
+    .command('list')
+    .description('list images')
+    .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
+    .option('-o, --output <format>', 'table, json or yaml', parseOutput, 'table' as OutputFormat)
+    .action(async (opts: { dataDir: string; output: OutputFormat }) => {
+      const { listImages } = await import('../../worker/images.ts');
+      const images = await listImages(join(opts.dataDir, 'images'));
+      print(opts.output, images, () => table(['NAME', 'KIND', 'SIZE', 'CREATED'], images.map((i) => [i.name, i.kind, `${(i.size / 1024 / 1024).toFixed(1)} MiB`, i.created])));
+    });
+}

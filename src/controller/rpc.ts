@@ -1,0 +1,129 @@
+// Controller ↔ worker: each worker holds a WebSocket on /v1/rpc/watch; the controller pushes
+// instructions down it (`syncVMsAction` the moment one of the worker's VMs changes). WebSocket
+// pings keep the connection alive through proxies and load balancers and detect dead peers.
+import type { IncomingMessage, Server } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { WebSocketServer, type WebSocket } from 'ws';
+import type { Role } from '../api/schemas.ts';
+import type { Store } from './store/store.ts';
+import { authenticate, authorize } from './auth.ts';
+import { HttpError } from './errors.ts';
+import type { Logger } from 'pino';
+
+const PING_INTERVAL_MS = 20_000;
+
+type UpgradeHandler = (request: IncomingMessage, url: URL, ws: WebSocket) => void;
+
+/** Routes WebSocket upgrades by path, after the same authentication and role checks as the REST API. */
+export class WebSocketRoutes {
+  private readonly wss = new WebSocketServer({ noServer: true, maxPayload: 16 * 1024 * 1024 });
+  private readonly routes = new Map<string, { roles: readonly Role[]; handler: UpgradeHandler }>();
+  private readonly pinger: NodeJS.Timeout;
+  private readonly alive = new WeakSet<WebSocket>();
+  private readonly store: Store;
+  private readonly logger: Logger;
+
+  constructor(store: Store, logger: Logger) {
+    this.store = store;
+    this.logger = logger;
+    this.pinger = setInterval(() => {
+      for (const ws of this.wss.clients) {
+        if (!this.alive.has(ws)) {
+          ws.terminate();
+          continue;
+        }
+        this.alive.delete(ws);
+        ws.ping();
+      }
+    }, PING_INTERVAL_MS);
+    this.pinger.unref();
+  }
+
+  route(path: string, roles: readonly Role[], handler: UpgradeHandler) {
+    this.routes.set(path, { roles, handler });
+  }
+
+  attach(server: Server) {
+    server.on('upgrade', (request: IncomingMessage, socket: Duplex, head: Buffer) => {
+      void this.upgrade(request, socket, head);
+    });
+  }
+
+  private async upgrade(request: IncomingMessage, socket: Duplex, head: Buffer) {
+    const url = new URL(request.url ?? '/', 'http://controller');
+    const route = this.routes.get(url.pathname);
+    try {
+      if (!route) throw new HttpError(404, `no WebSocket route for ${url.pathname}`);
+      const account = await authenticate(this.store, request.headers.authorization);
+      authorize(account, route.roles);
+    } catch (err) {
+      const status = err instanceof HttpError ? err.statusCode : 500;
+      const body = JSON.stringify({ message: err instanceof HttpError ? err.message : 'internal error' });
+      socket.end(`HTTP/1.1 ${status} ${status === 401 ? 'Unauthorized' : status === 403 ? 'Forbidden' : status === 404 ? 'Not Found' : 'Error'}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+      return;
+    }
+    this.wss.handleUpgrade(request, socket, head, (ws) => {
+      this.alive.add(ws);
+      ws.on('pong', () => this.alive.add(ws));
+      ws.on('error', (err) => this.logger.debug({ err }, 'websocket error'));
+      route.handler(request, url, ws);
+    });
+  }
+
+  close() {
+    clearInterval(this.pinger);
+    for (const ws of this.wss.clients) ws.terminate();
+    this.wss.close();
+  }
+}
+
+/** The workers' instruction channels. */
+export class WorkerChannels {
+  private readonly sockets = new Map<string, Set<WebSocket>>();
+  private readonly pendingSync = new Set<string>();
+  private readonly logger: Logger;
+  /** Called when a worker connects or disconnects (the scheduler reacts). */
+  onChange: (worker: string, connected: boolean) => void = () => {};
+
+  constructor(logger: Logger) {
+    this.logger = logger;
+  }
+
+  accept(worker: string, ws: WebSocket) {
+    let set = this.sockets.get(worker);
+    if (!set) this.sockets.set(worker, (set = new Set()));
+    set.add(ws);
+    this.logger.info({ worker }, 'worker connected');
+    ws.on('close', () => {
+      set.delete(ws);
+      if (set.size === 0) this.sockets.delete(worker);
+      this.logger.info({ worker }, 'worker disconnected');
+      this.onChange(worker, false);
+    });
+    // A (re)connected worker converges to the full desired state at once.
+    this.send(worker, { syncVMsAction: {} });
+    this.onChange(worker, true);
+  }
+
+  isConnected(worker: string) {
+    return this.sockets.has(worker);
+  }
+
+  send(worker: string, message: object): boolean {
+    const set = this.sockets.get(worker);
+    if (!set) return false;
+    const text = JSON.stringify(message);
+    for (const ws of set) ws.send(text);
+    return true;
+  }
+
+  /** Coalesces the sync requests of one event-loop turn into one message per worker. */
+  requestSync(worker: string) {
+    if (this.pendingSync.has(worker)) return;
+    this.pendingSync.add(worker);
+    queueMicrotask(() => {
+      this.pendingSync.delete(worker);
+      this.send(worker, { syncVMsAction: {} });
+    });
+  }
+}

@@ -1,0 +1,91 @@
+// In-memory VMs for load tests (upstream's --synthetic): they "boot" after an optional delay and
+// every port answers as an echo server. Nothing survives the worker process.
+import { Duplex } from 'node:stream';
+import type { Driver, DriverVM, LocalVM } from './driver.ts';
+
+interface SyntheticVM {
+  vm: DriverVM;
+  running: boolean;
+  exit: Promise<{ reason: string }>;
+  stopped: (reason: string) => void;
+}
+
+/** A connected pair where whatever is written comes back (an echo server, without a socket). */
+function echoStream(): Duplex {
+  const echo: Duplex = new Duplex({
+    read() {},
+    write(chunk, _enc, cb) {
+      echo.push(chunk);
+      cb();
+    },
+    final(cb) {
+      echo.push(null);
+      cb();
+    },
+  });
+  return echo;
+}
+
+export class SyntheticDriver implements Driver {
+  readonly runtime = 'synthetic';
+  private readonly vms = new Map<string, SyntheticVM>();
+  private readonly bootDelayMs: number;
+
+  constructor(opts: { bootDelayMs?: number } = {}) {
+    this.bootDelayMs = opts.bootDelayMs ?? 0;
+  }
+
+  private get(localName: string): SyntheticVM {
+    const vm = this.vms.get(localName);
+    if (!vm) throw new Error(`synthetic VM ${localName} does not exist`);
+    return vm;
+  }
+
+  async list(): Promise<LocalVM[]> {
+    return [...this.vms.values()].map((v) => ({ localName: v.vm.localName, uid: v.vm.uid, running: v.running }));
+  }
+
+  async prepare(vm: DriverVM): Promise<void> {
+    if (this.vms.has(vm.localName)) return;
+    let stopped!: (reason: string) => void;
+    const exit = new Promise<{ reason: string }>((resolve) => (stopped = (reason) => resolve({ reason })));
+    this.vms.set(vm.localName, { vm, running: false, exit, stopped });
+  }
+
+  async start(vm: DriverVM): Promise<void> {
+    this.get(vm.localName).running = true;
+  }
+
+  async waitReady(localName: string, signal?: AbortSignal): Promise<void> {
+    this.get(localName);
+    if (this.bootDelayMs > 0) await new Promise((r) => setTimeout(r, this.bootDelayMs));
+    signal?.throwIfAborted();
+    if (!this.get(localName).running) throw new Error(`synthetic VM ${localName} stopped while booting`);
+  }
+
+  waitExit(localName: string) {
+    return this.get(localName).exit;
+  }
+
+  async ip(localName: string) {
+    this.get(localName);
+    return '127.0.0.1';
+  }
+
+  async dial(localName: string, _port: number): Promise<Duplex> {
+    if (!this.get(localName).running) throw new Error(`synthetic VM ${localName} is not running`);
+    return echoStream();
+  }
+
+  async stop(localName: string): Promise<void> {
+    const vm = this.vms.get(localName);
+    if (!vm || !vm.running) return;
+    vm.running = false;
+    vm.stopped('stopped');
+  }
+
+  async remove(localName: string): Promise<void> {
+    await this.stop(localName);
+    this.vms.delete(localName);
+  }
+}

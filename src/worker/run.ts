@@ -1,0 +1,88 @@
+// Builds a worker from its command-line options: the client (credentials and pinned certificate
+// from the bootstrap token), the driver of its runtime, and the measured host resources.
+import { join } from 'node:path';
+import { totalmem } from 'node:os';
+import { execFileSync } from 'node:child_process';
+import { pino, type Logger } from 'pino';
+import type { BootstrapToken } from '../api/bootstrap-token.ts';
+import { OrchardClient } from '../client/client.ts';
+import type { Driver } from './drivers/driver.ts';
+import { OrchardWorker } from './worker.ts';
+
+export interface StartWorkerOptions {
+  url: string;
+  token: BootstrapToken;
+  name: string;
+  runtime: string;
+  labels: Record<string, string>;
+  resources?: Record<string, number>;
+  slots?: number;
+  dataDir: string;
+  heartbeatMs?: number;
+  logger?: Logger;
+  /** Use this driver instead of making one for `runtime` (tests, dev mode). */
+  driver?: Driver;
+}
+
+function hasCommand(cmd: string): boolean {
+  try {
+    execFileSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export async function makeDriver(runtime: string, dataDir: string, logger: Logger): Promise<Driver> {
+  switch (runtime) {
+    case 'qemu': {
+      if (!hasCommand('qemu-system-x86_64') || !hasCommand('qemu-img')) {
+        throw new Error('the qemu runtime needs QEMU: install it with "sudo apt-get install qemu-system-x86 qemu-utils" (or run scripts/setup.sh)');
+      }
+      const { QemuDriver } = await import('./drivers/qemu.ts');
+      const driver = new QemuDriver({ dataDir, imagesDir: join(dataDir, 'images'), log: logger });
+      if (driver.accel === 'tcg') logger.warn({ reason: driver.accelReason }, 'no usable hardware virtualisation: VMs run under TCG (software emulation), slower');
+      return driver;
+    }
+    case 'tart': {
+      const { TartDriver } = await import('./drivers/tart.ts');
+      return new TartDriver({ stateDir: join(dataDir, 'tart'), log: (msg: string) => logger.info(msg) });
+    }
+    case 'synthetic': {
+      const { SyntheticDriver } = await import('./drivers/synthetic.ts');
+      return new SyntheticDriver();
+    }
+    default:
+      throw new Error(`unknown runtime "${runtime}": use qemu, tart or synthetic`);
+  }
+}
+
+export function defaultSlots(runtime: string): number {
+  if (runtime === 'tart') return 2; // macOS allows two VMs per host
+  if (runtime === 'synthetic') return 1000;
+  return Math.max(1, Math.min(64, Math.floor(totalmem() / 1024 / 1024 / 1024)));
+}
+
+export async function startWorker(opts: StartWorkerOptions): Promise<OrchardWorker> {
+  const logger = opts.logger ?? pino({ level: process.env.ORCHARD_LOG_LEVEL ?? 'info' });
+  const driver = opts.driver ?? (await makeDriver(opts.runtime, opts.dataDir, logger));
+  const client = new OrchardClient({
+    url: opts.url,
+    certificate: opts.token.certificate,
+    serviceAccountName: opts.token.serviceAccountName,
+    serviceAccountToken: opts.token.serviceAccountToken,
+  });
+  const worker = new OrchardWorker({
+    client,
+    name: opts.name,
+    driver,
+    dataDir: opts.dataDir,
+    labels: opts.labels,
+    resources: opts.resources,
+    slots: opts.slots ?? defaultSlots(driver.runtime),
+    heartbeatMs: opts.heartbeatMs,
+    logger,
+  });
+  await worker.start();
+  return worker;
+}

@@ -1,0 +1,314 @@
+// The worker: registers with the controller, keeps its heartbeat, holds the /v1/rpc/watch WebSocket,
+// and converges the VMs on this host to the controller's records for it, through one Driver.
+import { randomUUID } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { availableParallelism, arch as osArch, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { WebSocket } from 'ws';
+import type { Logger } from 'pino';
+import { RESOURCE_LOGICAL_CORES, RESOURCE_MEMORY_MIB, RESOURCE_TART_VMS, type Event, type VM, type VMStateUpdate } from '../api/schemas.ts';
+import { ApiError, OrchardClient } from '../client/client.ts';
+import type { Driver, DriverVM } from './drivers/driver.ts';
+import { runScript } from './startup-script.ts';
+
+export interface WorkerOptions {
+  client: OrchardClient;
+  name: string;
+  driver: Driver;
+  dataDir: string;
+  labels?: Record<string, string>;
+  /** VM slots offered (org.cirruslabs.tart-vms). */
+  slots: number;
+  /** Extra resources to advertise. */
+  resources?: Record<string, number>;
+  heartbeatMs?: number;
+  logger: Logger;
+}
+
+/** The VM's name on this host: recognisably ours, unique per VM incarnation. */
+export const localNameOf = (vm: VM) => `orchard-${vm.name}-${vm.uid}`;
+
+/** Abort reason of a worker that stops: its VMs keep running (a restarted worker adopts them). */
+const SHUTDOWN = 'worker shutdown';
+
+interface Task {
+  uid: string;
+  name: string;
+  localName: string;
+  abort: AbortController;
+}
+
+export class OrchardWorker {
+  private readonly o: WorkerOptions;
+  private readonly log: Logger;
+  private ws?: WebSocket;
+  private stopped = false;
+  private heartbeat?: NodeJS.Timeout;
+  private reconnectDelay = 500;
+  private syncing = false;
+  private syncAgain = false;
+  private readonly tasks = new Map<string, Task>();
+  readonly machineId: string;
+
+  constructor(opts: WorkerOptions) {
+    this.o = opts;
+    this.log = opts.logger.child({ worker: opts.name });
+    mkdirSync(opts.dataDir, { recursive: true });
+    const idFile = join(opts.dataDir, 'machine-id');
+    if (!existsSync(idFile)) writeFileSync(idFile, randomUUID() + '\n');
+    this.machineId = readFileSync(idFile, 'utf8').trim();
+  }
+
+  private workerRecord() {
+    return {
+      name: this.o.name,
+      machine_id: this.machineId,
+      labels: this.o.labels ?? {},
+      runtime: this.o.driver.runtime,
+      arch: osArch() === 'x64' ? 'amd64' : osArch(),
+      resources: {
+        [RESOURCE_TART_VMS]: this.o.slots,
+        [RESOURCE_LOGICAL_CORES]: availableParallelism(),
+        [RESOURCE_MEMORY_MIB]: Math.floor(totalmem() / 1024 / 1024),
+        ...(this.o.resources ?? {}),
+      },
+    };
+  }
+
+  async start() {
+    await this.o.client.registerWorker(this.workerRecord());
+    this.log.info({ runtime: this.o.driver.runtime, slots: this.o.slots }, 'worker registered');
+    this.heartbeat = setInterval(() => void this.beat(), this.o.heartbeatMs ?? 10_000);
+    this.connect();
+    this.requestSync();
+  }
+
+  /** Stops talking to the controller. VMs keep running: a restarted worker adopts them. */
+  async stop() {
+    this.stopped = true;
+    clearInterval(this.heartbeat);
+    this.ws?.terminate();
+    for (const t of this.tasks.values()) t.abort.abort(SHUTDOWN);
+    this.o.client.close();
+  }
+
+  private async beat() {
+    try {
+      await this.o.client.updateWorker({ name: this.o.name, machine_id: this.machineId });
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 404) {
+        this.log.warn('worker record is gone; registering again');
+        await this.o.client.registerWorker(this.workerRecord()).catch(() => {});
+      } else this.log.warn({ err: (err as Error).message }, 'heartbeat failed');
+    }
+  }
+
+  private connect() {
+    if (this.stopped) return;
+    const base = this.o.client.url;
+    const url = new URL(`${base.pathname.replace(/\/$/, '')}/v1/rpc/watch?workerName=${encodeURIComponent(this.o.name)}`, base);
+    url.protocol = base.protocol === 'https:' ? 'wss:' : 'ws:';
+    const ws = new WebSocket(url, { headers: { authorization: this.o.client.authorization ?? '' }, ...this.o.client.tlsOptions(), handshakeTimeout: 15_000 });
+    this.ws = ws;
+    ws.on('open', () => {
+      this.reconnectDelay = 500;
+      this.log.info('connected to the controller');
+    });
+    ws.on('message', (data) => {
+      let msg: Record<string, unknown>;
+      try {
+        msg = JSON.parse(data.toString()) as Record<string, unknown>;
+      } catch {
+        return;
+      }
+      if ('syncVMsAction' in msg) this.requestSync();
+    });
+    ws.on('unexpected-response', (_req, res) => {
+      this.log.warn({ status: res.statusCode }, 'controller refused the watch connection');
+      ws.terminate();
+    });
+    ws.on('error', (err) => this.log.debug({ err: err.message }, 'watch connection error'));
+    ws.on('close', () => {
+      if (this.stopped) return;
+      const delay = this.reconnectDelay * (0.75 + Math.random() / 2);
+      this.reconnectDelay = Math.min(this.reconnectDelay * 2, 15_000);
+      this.log.info({ inMs: Math.round(delay) }, 'watch connection lost; reconnecting');
+      setTimeout(() => {
+        // Re-register first: the controller may have restarted, or the record may have been deleted.
+        this.o.client.registerWorker(this.workerRecord()).then(
+          () => this.connect(),
+          () => this.connect(),
+        );
+      }, delay);
+    });
+  }
+
+  /** Syncs never overlap; requests during a sync cause one more. */
+  requestSync() {
+    if (this.syncing) {
+      this.syncAgain = true;
+      return;
+    }
+    this.syncing = true;
+    void (async () => {
+      try {
+        do {
+          this.syncAgain = false;
+          await this.sync();
+        } while (this.syncAgain && !this.stopped);
+      } catch (err) {
+        this.log.warn({ err: (err as Error).message }, 'sync failed; retrying');
+        setTimeout(() => this.requestSync(), 2000);
+      } finally {
+        this.syncing = false;
+      }
+    })();
+  }
+
+  /** Converge: start what is assigned and missing, adopt what already runs, remove what is not ours any more. */
+  private async sync() {
+    if (this.stopped) return;
+    const desired = await this.o.client.listVMs(this.o.name);
+    const local = await this.o.driver.list();
+    const localByName = new Map(local.map((l) => [l.localName, l]));
+    const wanted = new Set<string>();
+    for (const vm of desired) {
+      if (!vm.uid) continue;
+      const localName = localNameOf(vm);
+      wanted.add(localName);
+      if (this.tasks.has(localName) || vm.status === 'failed') continue;
+      const existing = localByName.get(localName);
+      this.run(vm, localName, existing?.running ?? false);
+    }
+    // Anything of ours the controller no longer assigns here is stopped and removed (no leaks).
+    for (const t of this.tasks.values()) {
+      if (!wanted.has(t.localName)) {
+        t.abort.abort();
+        this.tasks.delete(t.localName);
+      }
+    }
+    for (const l of local) {
+      if (!wanted.has(l.localName)) {
+        this.log.info({ vm: l.localName }, 'removing a VM the controller no longer assigns here');
+        await this.o.driver.remove(l.localName).catch((err: Error) => this.log.warn({ vm: l.localName, err: err.message }, 'remove failed'));
+      }
+    }
+  }
+
+  private async event(vm: VM, kind: string, payload: string) {
+    const e: Event = { kind, timestamp: Math.floor(Date.now() / 1000), payload };
+    await this.o.client.appendEvents(vm.name, [e]).catch(() => {});
+  }
+
+  private async report(vm: VM, task: Task, state: VMStateUpdate) {
+    if (task.abort.signal.aborted) return;
+    await this.o.client.updateVMState(vm.name, { localName: task.localName, observedGeneration: vm.generation, ...state }).catch((err: Error) => {
+      this.log.debug({ vm: vm.name, err: err.message }, 'state report failed');
+    });
+  }
+
+  private toDriverVM(vm: VM, localName: string): DriverVM {
+    return {
+      localName,
+      uid: vm.uid!,
+      image: vm.image!,
+      imagePullPolicy: vm.imagePullPolicy ?? 'IfNotPresent',
+      cpu: vm.cpu ?? 4,
+      memory: vm.memory ?? 8192,
+      diskSize: vm.diskSize,
+      username: vm.username ?? 'admin',
+      password: vm.password ?? 'admin',
+      nested: vm.nested,
+      headless: vm.headless,
+      netSoftnet: vm.netSoftnet || vm['net-softnet'],
+      netSoftnetAllow: vm.netSoftnetAllow,
+      netSoftnetBlock: vm.netSoftnetBlock,
+      netBridged: vm['net-bridged'],
+      hostDirs: vm.hostDirs,
+    };
+  }
+
+  /** Brings one VM up (or adopts it) and watches it until it exits or is no longer ours. */
+  private run(vm: VM, localName: string, alreadyRunning: boolean) {
+    const task: Task = { uid: vm.uid!, name: vm.name, localName, abort: new AbortController() };
+    this.tasks.set(localName, task);
+    const driver = this.o.driver;
+    const signal = task.abort.signal;
+    void (async () => {
+      const t0 = Date.now();
+      try {
+        if (alreadyRunning) {
+          this.log.info({ vm: vm.name }, 'adopting a running VM');
+          await this.event(vm, 'lifecycle', `adopted by worker ${this.o.name} after a restart`);
+        } else {
+          await this.event(vm, 'lifecycle', `scheduled on worker ${this.o.name}; cloning image ${vm.image}`);
+          await this.report(vm, task, { status: 'pending', status_message: `cloning image ${vm.image}`, conditions: [{ type: 'scheduled', state: 'true' }, { type: 'cloning', state: 'true' }] });
+          let lastProgress = 0;
+          await driver.prepare(this.toDriverVM(vm, localName), (msg) => {
+            if (Date.now() - lastProgress < 1000) return;
+            lastProgress = Date.now();
+            void this.event(vm, 'progress', msg);
+          });
+          signal.throwIfAborted();
+          await this.event(vm, 'lifecycle', 'booting');
+          await this.report(vm, task, { status: 'pending', status_message: 'booting', conditions: [{ type: 'scheduled', state: 'true' }] });
+          await driver.start(this.toDriverVM(vm, localName));
+        }
+        await driver.waitReady(localName, signal);
+        signal.throwIfAborted();
+        await this.report(vm, task, { status: 'running', status_message: 'running', conditions: [{ type: 'scheduled', state: 'true' }, { type: 'running', state: 'true' }] });
+        if (!alreadyRunning) {
+          await this.event(vm, 'lifecycle', `running: the guest answers SSH ${((Date.now() - t0) / 1000).toFixed(1)}s after the clone started`);
+          if (vm.startup_script?.script_content) await this.startupScript(vm, localName, signal);
+        }
+        const exit = await Promise.race([driver.waitExit(localName), new Promise<never>((_, reject) => signal.addEventListener('abort', () => reject(signal.reason), { once: true }))]);
+        await this.event(vm, 'lifecycle', `failed: the VM stopped (${exit.reason})`);
+        await this.report(vm, task, { status: 'failed', status_message: `the VM stopped: ${exit.reason}`, conditions: [] });
+      } catch (err) {
+        if (signal.aborted) {
+          if (signal.reason === SHUTDOWN) return; // the worker stops; the VM keeps running for the next one
+          this.log.info({ vm: vm.name }, 'VM no longer assigned here; stopping it');
+          await driver.remove(localName).catch((e: Error) => this.log.warn({ vm: vm.name, err: e.message }, 'remove failed'));
+          return;
+        }
+        const message = (err as Error).message;
+        this.log.warn({ vm: vm.name, err: message }, 'VM failed');
+        await this.event(vm, 'lifecycle', `failed: ${message}`);
+        await this.report(vm, task, { status: 'failed', status_message: message, conditions: [] });
+        await driver.stop(localName, 5000).catch(() => {});
+      }
+      // The finished task stays in `tasks`, so a sync does not restart a failed VM in place: the
+      // controller decides (restart policy) and unassigns it, which removes it here.
+    })();
+  }
+
+  private async startupScript(vm: VM, localName: string, signal: AbortSignal) {
+    await this.event(vm, 'startup-script', 'running the startup script');
+    let buffered = '';
+    const flush = async () => {
+      if (!buffered) return;
+      const payload = buffered;
+      buffered = '';
+      await this.event(vm, 'startup-script-output', payload);
+    };
+    const timer = setInterval(() => void flush(), 500);
+    try {
+      const result = await runScript({
+        sock: await this.o.driver.dial(localName, 22),
+        username: vm.username ?? 'admin',
+        password: vm.password ?? 'admin',
+        script: vm.startup_script!.script_content,
+        env: vm.startup_script!.env,
+        onOutput: (_stream, data) => (buffered += data.toString('utf8')),
+        signal,
+      });
+      clearInterval(timer);
+      await flush();
+      await this.event(vm, 'startup-script', result.signal ? `startup script killed by signal ${result.signal}` : `startup script exited with code ${result.exitCode}`);
+    } catch (err) {
+      clearInterval(timer);
+      await flush();
+      await this.event(vm, 'startup-script', `startup script could not run: ${(err as Error).message}`);
+    }
+  }
+}

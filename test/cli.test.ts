@@ -1,0 +1,78 @@
+// The issue's quick start through the real `orchard` command: a controller process, a context with a
+// pinned certificate, VMs and service accounts, every output format, errors on stderr with exit codes.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { rmSync } from 'node:fs';
+import YAML from 'yaml';
+import { decodeBootstrapToken } from '../src/api/bootstrap-token.ts';
+import type { VM } from '../src/api/schemas.ts';
+import { ADMIN_TOKEN, runCLI, spawnController, tempDir } from './helpers.ts';
+
+test('quick start: controller run, context create, create/list/get/delete vm, service accounts, bootstrap token', async () => {
+  const dataDir = tempDir();
+  const home = tempDir('orchard-home-');
+  const env = { ORCHARD_HOME: home };
+  const ctl = await spawnController(dataDir);
+  const cli = async (...args: string[]) => {
+    const r = await runCLI(args, env);
+    assert.equal(r.code, 0, `orchard ${args.join(' ')} failed: ${r.stderr}`);
+    return r.stdout;
+  };
+  try {
+    assert.match(ctl.stderr(), /certificate SHA-256/);
+    await cli('context', 'create', ctl.url, '--name', 'local', '--service-account-name', 'bootstrap-admin', '--service-account-token', ADMIN_TOKEN, '--yes');
+    assert.match(await cli('context', 'list'), /^local\s+https:\/\/127\.0\.0\.1:\d+\s+bootstrap-admin\s+\*\s+yes$/m);
+
+    await cli('create', 'vm', 'ci-1', '--image', 'ghcr.io/cirruslabs/macos-sequoia-base:latest', '--cpu', '4', '--memory', '8192', '--label', 'model=m2');
+    assert.match(await cli('list', 'vms'), /^ci-1\s+ghcr\.io\/cirruslabs\/macos-sequoia-base:latest\s+4\s+8192\s+pending\s+-\s+model=m2\s+\d+s$/m);
+    const vm = JSON.parse(await cli('get', 'vm', 'ci-1', '--output', 'json')) as VM;
+    assert.equal(vm.name, 'ci-1');
+    assert.deepEqual(vm.labels, { model: 'm2' });
+    assert.equal(vm.status, 'pending');
+    assert.deepEqual((YAML.parse(await cli('get', 'vm', 'ci-1', '-o', 'yaml')) as VM).uid, vm.uid);
+
+    const sa = JSON.parse(await cli('create', 'service-account', 'ro', '--roles', 'compute:read', '-o', 'json')) as { token: string; roles: string[] };
+    assert.deepEqual(sa.roles, ['compute:read']);
+    assert.ok(sa.token.length >= 40, 'a generated token has 256 bits');
+    const token = decodeBootstrapToken((await cli('get', 'bootstrap-token', 'ro')).trim());
+    assert.equal(token.serviceAccountName, 'ro');
+    assert.equal(token.serviceAccountToken, sa.token);
+    assert.match(token.certificate ?? '', /BEGIN CERTIFICATE/);
+
+    // A read-only account can list but not create: 403 on stderr, exit code 1, nothing on stdout.
+    await cli('context', 'create', ctl.url, '--name', 'ro', '--service-account-name', 'ro', '--service-account-token', sa.token, '--trust-fingerprint', ctl.fingerprint);
+    assert.match(await cli('list', 'vms', '--context', 'ro'), /ci-1/);
+    const denied = await runCLI(['create', 'vm', 'x', '--image', 'i', '--context', 'ro'], env);
+    assert.equal(denied.code, 1);
+    assert.equal(denied.stdout, '');
+    assert.match(denied.stderr, /lacks the role "compute:write" \(HTTP 403\)/);
+
+    await cli('delete', 'vm', 'ci-1');
+    assert.deepEqual(JSON.parse(await cli('list', 'vms', '-o', 'json')), []);
+    const missing = await runCLI(['get', 'vm', 'ci-1'], env);
+    assert.equal(missing.code, 1);
+    assert.match(missing.stderr, /VM "ci-1" not found/);
+
+    // Usage errors: exit code 2 and a message naming the flag.
+    const bad = await runCLI(['create', 'vm', 'y', '--image', 'i', '--cpu', 'four'], env);
+    assert.equal(bad.code, 2);
+    assert.match(bad.stderr, /--cpu must be an integer/);
+    const badOutput = await runCLI(['list', 'vms', '-o', 'xml'], env);
+    assert.equal(badOutput.code, 2);
+    assert.match(badOutput.stderr, /--output must be one of table, json, yaml/);
+    // The controller validates too: the field is named.
+    const invalid = await runCLI(['create', 'vm', 'Bad_Name', '--image', 'i'], env);
+    assert.equal(invalid.code, 1);
+    assert.match(invalid.stderr, /field "name" must be a DNS label/);
+
+    // Workers and cluster settings.
+    await cli('set', 'cluster-settings', '--scheduler-profile', 'distribute-load');
+    assert.match(await cli('get', 'cluster-settings'), /scheduler profile:\s+distribute-load/);
+    assert.equal(JSON.parse(await cli('list', 'workers', '-o', 'json')).length, 0);
+    assert.match((await runCLI(['--help'], env)).stdout, /Usage: orchard/);
+  } finally {
+    await ctl.kill('SIGTERM');
+    rmSync(dataDir, { recursive: true, force: true });
+    rmSync(home, { recursive: true, force: true });
+  }
+});
