@@ -84,7 +84,7 @@ test('qemu worker: create → running → startup script → worker kill -9 and 
     const createToRunning = Date.now() - t0;
     console.log(`# create→running through the cluster: ${createToRunning} ms`);
     assert.equal(running.worker, 'host-1');
-    assert.equal(running.localName, `orchard-web-1-${created.uid}`);
+    assert.equal(running.localName, `orchard-web-1-${created.uid}-0`);
     const qemuPids = processesWith(running.localName!);
     assert.ok(existsSync(join(workerDir, 'vms', running.localName!, 'disk.qcow2')), "the VM's disk is in the worker's data dir");
     assert.equal(qemuPids.length, 1, 'one qemu process runs the VM');

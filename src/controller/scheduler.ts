@@ -4,11 +4,12 @@
 // never overbook a worker, however many creates arrive at once.
 import type { Logger } from 'pino';
 import { RESOURCE_TART_VMS, type VM, type Worker } from '../api/schemas.ts';
-import type { Store } from './store/store.ts';
+import type { Change, Store } from './store/store.ts';
 
 export const MAX_RESTARTS = 10;
 const BACKOFF_BASE_MS = 1000;
 const BACKOFF_CAP_MS = 5 * 60_000;
+const MIN_PASS_INTERVAL_MS = 20;
 
 export interface SchedulerOptions {
   offlineTimeoutMs: number;
@@ -30,13 +31,23 @@ export class Scheduler {
   private readonly logger: Logger;
   private readonly opts: SchedulerOptions;
   private readonly startedAt = Date.now();
-  /** When each failed VM (by uid) was first seen failed: the backoff counts from there. */
+  /**
+   * When each failure (VM uid and restart count: a pass may miss the short pending/running phase
+   * between two failures) was first seen: the backoff counts from there.
+   */
   private readonly failedSince = new Map<string, number>();
   private running = false;
+  private stopped = false;
   private again = false;
   private timer?: NodeJS.Timeout;
+  /** Wakes the loop when the next backed-off restart is due (the periodic pass alone would be up to 1 s late). */
+  private dueTimer?: NodeJS.Timeout;
   private unsubscribe?: () => void;
   private idle: Promise<void> = Promise.resolve();
+  /** The committed VMs and workers, kept current from the store's change feed (no re-reading per pass). */
+  private readonly vms = new Map<string, VM>();
+  private readonly workers = new Map<string, Worker>();
+  private loaded?: Promise<void>;
 
   constructor(store: Store, logger: Logger, opts: SchedulerOptions) {
     this.store = store;
@@ -45,24 +56,47 @@ export class Scheduler {
   }
 
   start() {
+    let snapshotRevision = -1;
+    const early: Change[] = [];
+    const apply = (change: Change) => {
+      if (change.kind === 'serviceAccounts') return;
+      const map = (change.kind === 'vms' ? this.vms : this.workers) as Map<string, VM | Worker>;
+      if (change.type === 'DELETED') map.delete(change.object.name);
+      else map.set(change.object.name, change.object as VM | Worker);
+    };
     this.unsubscribe = this.store.subscribe((change) => {
+      if (snapshotRevision < 0) early.push(change);
+      else apply(change);
       // Placement can change when a VM is added or changes, a VM goes away (freeing room), or a worker changes.
       if (change.kind !== 'serviceAccounts') this.kick();
     });
+    this.loaded = (async () => {
+      const [vms, workers] = await Promise.all([this.store.snapshot('vms'), this.store.snapshot('workers')]);
+      for (const vm of vms.items) this.vms.set(vm.name, vm);
+      for (const w of workers.items) this.workers.set(w.name, w);
+      snapshotRevision = Math.min(vms.revision, workers.revision);
+      for (const change of early) if (change.revision > snapshotRevision) apply(change);
+      early.length = 0;
+    })();
     this.timer = setInterval(() => this.kick(), 1000);
     this.timer.unref();
     this.kick();
   }
 
   async stop() {
+    // No pass after this: workers disconnecting during shutdown would otherwise look offline (and the store may be closed).
+    this.stopped = true;
     this.unsubscribe?.();
     clearInterval(this.timer);
     this.timer = undefined;
+    clearTimeout(this.dueTimer);
     await this.idle;
+    clearTimeout(this.dueTimer);
   }
 
   /** Asks for a pass soon; passes never overlap, and requests during a pass cause one more. */
   kick() {
+    if (this.stopped) return;
     if (this.running) {
       this.again = true;
       return;
@@ -71,9 +105,12 @@ export class Scheduler {
     this.idle = new Promise((resolve) => {
       setImmediate(async () => {
         try {
+          await this.loaded;
           do {
             this.again = false;
             await this.pass();
+            // Under a burst of changes, let some accumulate: one pass then handles many at once.
+            if (this.again) await new Promise((r) => setTimeout(r, MIN_PASS_INTERVAL_MS));
           } while (this.again && this.timer);
         } catch (err) {
           this.logger.error({ err }, 'scheduler pass failed');
@@ -99,7 +136,11 @@ export class Scheduler {
   /** One pass over the whole cluster state. */
   async pass() {
     const now = Date.now();
-    const [settings, workers, vms] = await Promise.all([this.store.getClusterSettings(), this.store.list('workers'), this.store.list('vms')]);
+    const settings = await this.store.getClusterSettings();
+    const workers = [...this.workers.values()];
+    // The pass records its own decisions by replacing an entry with a changed copy, never by
+    // changing the committed objects.
+    const vms = [...this.vms.values()];
     const byName = new Map(workers.map((w) => [w.name, w]));
     const online = new Map(workers.map((w) => [w.name, this.online(w, now)]));
     const writes: Promise<unknown>[] = [];
@@ -111,26 +152,24 @@ export class Scheduler {
       );
 
     // 1. VMs whose worker is gone or offline fail (and may be restarted elsewhere below).
-    for (const vm of vms) {
+    for (const [i, vm] of vms.entries()) {
       if (!vm.worker || vm.status === 'failed') continue;
       const w = byName.get(vm.worker);
       if (w && online.get(w.name)) continue;
       const reason = w ? `worker ${w.name} is offline (not seen since ${w.last_seen ?? 'ever'})` : `worker ${vm.worker} was deleted`;
-      vm.status = 'failed';
-      vm.status_message = reason;
+      vms[i] = { ...vm, status: 'failed', status_message: reason };
       update(vm, (cur) => cur.worker === vm.worker && cur.status !== 'failed', () => ({ status: 'failed', status_message: reason }));
     }
 
     // 2. Restart policy: failed OnFailure VMs go back to pending after an exponential backoff.
     const live = new Set<string>();
-    for (const vm of vms) {
+    let nextDue = Infinity;
+    for (const [i, vm] of vms.entries()) {
       if (!vm.uid) continue;
-      live.add(vm.uid);
-      if (vm.status !== 'failed') {
-        this.failedSince.delete(vm.uid);
-        continue;
-      }
-      if (!this.failedSince.has(vm.uid)) this.failedSince.set(vm.uid, now);
+      const failure = `${vm.uid}/${vm.restart_count ?? 0}`;
+      live.add(failure);
+      if (vm.status !== 'failed') continue;
+      if (!this.failedSince.has(failure)) this.failedSince.set(failure, now);
       if (vm.restart_policy !== 'OnFailure') continue;
       const count = vm.restart_count ?? 0;
       const reason = (vm.status_message ?? '').replace(/ \(restart .*\)$/, '');
@@ -139,14 +178,14 @@ export class Scheduler {
         if (vm.status_message !== message) update(vm, (cur) => cur.status === 'failed', () => ({ status_message: message }));
         continue;
       }
-      const due = this.failedSince.get(vm.uid)! + this.backoffMs(count);
+      const due = this.failedSince.get(failure)! + this.backoffMs(count);
       if (now < due) {
+        nextDue = Math.min(nextDue, due);
         const message = `${reason} (restart ${count + 1} of ${MAX_RESTARTS} in ${Math.ceil((due - now) / 1000)}s)`;
         if (vm.status_message !== message) update(vm, (cur) => cur.status === 'failed', () => ({ status_message: message }));
         continue;
       }
-      vm.status = 'pending';
-      vm.worker = undefined;
+      vms[i] = { ...vm, status: 'pending', worker: undefined };
       update(vm, (cur) => cur.status === 'failed', (cur) => ({
         status: 'pending',
         worker: undefined,
@@ -157,7 +196,12 @@ export class Scheduler {
         conditions: [],
       }));
     }
-    for (const uid of this.failedSince.keys()) if (!live.has(uid)) this.failedSince.delete(uid);
+    for (const failure of this.failedSince.keys()) if (!live.has(failure)) this.failedSince.delete(failure);
+    clearTimeout(this.dueTimer);
+    if (nextDue < Infinity && this.timer) {
+      this.dueTimer = setTimeout(() => this.kick(), Math.max(0, nextDue - Date.now()));
+      this.dueTimer.unref();
+    }
 
     // 3. Placement.
     const used = new Map<string, Record<string, number>>(workers.map((w) => [w.name, {}]));
@@ -172,24 +216,30 @@ export class Scheduler {
     for (const vm of vms) {
       if (vm.status !== 'pending' || vm.worker) continue;
       const need = requirements(vm);
-      const reasons = new Map<string, number>();
-      const why = (r: string) => reasons.set(r, (reasons.get(r) ?? 0) + 1);
+      // Each reason in its singular and plural form: "1 is paused", "2 are paused".
+      const reasons = new Map<string, { n: number; plural: string }>();
+      const why = (one: string, many: string) => {
+        const r = reasons.get(one);
+        if (r) r.n++;
+        else reasons.set(one, { n: 1, plural: many });
+      };
       const fits: Worker[] = [];
       for (const w of workers) {
-        if (!online.get(w.name)) why('is offline');
-        else if (w.scheduling_paused) why('is paused');
-        else if (vm.runtime && vm.runtime !== (w.runtime ?? 'tart')) why(`runs ${w.runtime ?? 'tart'}, not ${vm.runtime}`);
+        if (!online.get(w.name)) why('is offline', 'are offline');
+        else if (w.scheduling_paused) why('is paused', 'are paused');
+        else if (vm.runtime && vm.runtime !== (w.runtime ?? 'tart')) why(`runs ${w.runtime ?? 'tart'}, not ${vm.runtime}`, `run ${w.runtime ?? 'tart'}, not ${vm.runtime}`);
         else {
           const missing = Object.entries(vm.labels ?? {}).find(([k, v]) => w.labels?.[k] !== v);
           if (missing) {
-            why(`lacks label ${missing[0]}=${missing[1]}`);
+            why(`lacks label ${missing[0]}=${missing[1]}`, `lack label ${missing[0]}=${missing[1]}`);
             continue;
           }
           const u = used.get(w.name)!;
           const short = Object.entries(need).find(([k, v]) => (w.resources?.[k] ?? 0) - (u[k] ?? 0) < v);
           if (short) {
             const [k, v] = short;
-            why(`has ${Math.max(0, (w.resources?.[k] ?? 0) - (u[k] ?? 0))} of ${v} ${shortName(k)} free`);
+            const free = Math.max(0, (w.resources?.[k] ?? 0) - (u[k] ?? 0));
+            why(`has ${free} of ${v} ${shortName(k)} free`, `have ${free} of ${v} ${shortName(k)} free`);
             continue;
           }
           fits.push(w);
@@ -199,7 +249,7 @@ export class Scheduler {
         const message =
           workers.length === 0
             ? 'waiting for a worker: none is registered'
-            : `no worker fits: ${workers.length} worker${workers.length > 1 ? 's' : ''}: ${[...reasons].map(([r, n]) => `${n} ${r}`).join(', ')}`;
+            : `no worker fits: ${workers.length} worker${workers.length > 1 ? 's' : ''}: ${[...reasons].map(([one, { n, plural }]) => `${n} ${n === 1 ? one : plural}`).join(', ')}`;
         if (vm.status_message !== message) update(vm, (cur) => cur.status === 'pending' && !cur.worker, () => ({ status_message: message }));
         continue;
       }

@@ -25,8 +25,12 @@ export interface WorkerOptions {
   logger: Logger;
 }
 
-/** The VM's name on this host: recognisably ours, unique per VM incarnation. */
-export const localNameOf = (vm: VM) => `orchard-${vm.name}-${vm.uid}`;
+/**
+ * The VM's name on this host: recognisably ours, unique per VM incarnation. The restart count is part
+ * of it (as upstream's orchard-NAME-UID-RESTARTCOUNT): an OnFailure restart on the same worker is a
+ * new local VM, not the finished run of the failed one.
+ */
+export const localNameOf = (vm: VM) => `orchard-${vm.name}-${vm.uid}-${vm.restart_count ?? 0}`;
 
 /** Abort reason of a worker that stops: its VMs keep running (a restarted worker adopts them). */
 const SHUTDOWN = 'worker shutdown';

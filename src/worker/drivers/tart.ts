@@ -267,6 +267,7 @@ export class TartDriver implements Driver {
     if (existing && old && old.uid === vm.uid && old.image === vm.image) {
       // Same VM prepared again (e.g. a restart): keep its disk.
       progress('disk kept from an earlier start');
+      if (old.netBridged !== (vm.netBridged || undefined)) await this.writeVm({ ...old, netBridged: vm.netBridged || undefined });
     } else {
       if (existing) {
         progress(`deleting an earlier VM named ${name}`);
@@ -282,6 +283,8 @@ export class TartDriver implements Driver {
       }
       progress(`cloning ${vm.image}`);
       await this.tart(['clone', vm.image, name]);
+      // Like upstream: clones of one image would share a MAC address, and so a DHCP lease and an IP.
+      await this.tart(['set', name, '--random-mac']);
       disk = (await this.localEntry(name))?.Disk;
       await this.writeVm({
         uid: vm.uid, localName: name, image: vm.image, netBridged: vm.netBridged || undefined, created: new Date().toISOString(),
@@ -300,9 +303,6 @@ export class TartDriver implements Driver {
     if (set.length > 2) {
       progress('configuring VM');
       await this.tart(set);
-    }
-    if (old && old.netBridged !== (vm.netBridged || undefined)) {
-      await this.writeVm({ ...old, netBridged: vm.netBridged || undefined });
     }
     this.logFn(`VM ${name} prepared from ${vm.image}`);
   }

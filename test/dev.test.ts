@@ -1,0 +1,99 @@
+// `orchard dev` as a newcomer runs it: one command starts a secure cluster with a qemu worker and
+// writes the `dev` context; a VM from debian-dev runs its startup script; Ctrl-C (SIGINT) leaves no
+// child process and no listening port behind; the next `orchard dev` finds the VM's record again.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import YAML from 'yaml';
+import { buildDebianDev } from '../src/worker/images.ts';
+import { ORCHARD_BIN, runCLI, tempDir, waitFor } from './helpers.ts';
+
+const IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
+
+const freePort = () =>
+  new Promise<number>((resolve) => {
+    const s = createServer().listen(0, '127.0.0.1', () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+
+/** Processes whose command line mentions `needle`. */
+const processesWith = (needle: string) =>
+  readdirSync('/proc')
+    .filter((p) => /^\d+$/.test(p))
+    .filter((p) => {
+      try {
+        return readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(needle);
+      } catch {
+        return false;
+      }
+    });
+
+const listening = (port: number) => readFileSync('/proc/net/tcp', 'utf8').split('\n').some((l) => l.includes(`:${port.toString(16).toUpperCase().padStart(4, '0')} `) && l.split(/\s+/)[4] === '0A');
+
+function startDev(dataDir: string, port: number, env: Record<string, string>) {
+  const proc = spawn(ORCHARD_BIN, ['dev', '--data-dir', dataDir, '--listen', `127.0.0.1:${port}`], { env: { ...process.env, ...env }, stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
+  proc.stderr!.on('data', (c: Buffer) => (err += c.toString()));
+  const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
+  return { proc, stderr: () => err, exited };
+}
+
+test('orchard dev: a working cluster in one command; Ctrl-C leaves nothing running', async () => {
+  await buildDebianDev(IMAGES);
+  const work = tempDir('orchard-dev-');
+  const dataDir = join(work, '.dev-data');
+  const env = { ORCHARD_HOME: join(work, 'home') };
+  const port = await freePort();
+  // The image cache of the test suite stands in for the first run's image build.
+  mkdirSync(dataDir, { recursive: true });
+  symlinkSync(IMAGES, join(dataDir, 'images'));
+  let dev = startDev(dataDir, port, env);
+  try {
+    await waitFor('orchard dev to be ready', () => /Ctrl-C stops everything/.test(dev.stderr()), 60_000, 100);
+    assert.match(dev.stderr(), /controller https:\/\/127\.0\.0\.1:\d+ \(certificate SHA-256 [0-9A-F:]+\)/);
+    const config = YAML.parse(readFileSync(join(env.ORCHARD_HOME, 'orchard.yml'), 'utf8')) as { 'default-context': string; contexts: Record<string, { certificate?: string; serviceAccountToken?: string }> };
+    assert.equal(config['default-context'], 'dev');
+    assert.match(config.contexts.dev.certificate ?? '', /BEGIN CERTIFICATE/, 'the dev context pins the certificate');
+    assert.ok((config.contexts.dev.serviceAccountToken ?? '').length >= 40, 'a generated admin token');
+
+    let r = await runCLI(['create', 'vm', 'demo', '--image', 'debian-dev', '--cpu', '1', '--memory', '512', '--startup-script', 'echo it works'], env);
+    assert.equal(r.code, 0, r.stderr);
+    await waitFor('demo to run its startup script', async () => {
+      const logs = await runCLI(['logs', 'vm', 'demo'], env);
+      return /startup-script-output: it works/.test(logs.stdout);
+    }, 180_000, 500);
+    r = await runCLI(['list', 'vms'], env);
+    assert.match(r.stdout, /^demo\s+debian-dev\s+1\s+512\s+running\s+dev-worker-1/m);
+    assert.equal(processesWith(dataDir).length > 0, true, 'qemu runs from the dev data dir');
+
+    // Ctrl-C: everything stops; no qemu, no port.
+    dev.proc.kill('SIGINT');
+    assert.equal(await dev.exited, 0, dev.stderr());
+    assert.deepEqual(processesWith(dataDir), [], 'no process of the dev cluster is left');
+    assert.equal(listening(port), false, 'the port is free');
+
+    // The next run finds the VM's record and boots it again.
+    dev = startDev(dataDir, port, env);
+    await waitFor('orchard dev to be ready again', () => /Ctrl-C stops everything/.test(dev.stderr()), 60_000, 100);
+    await waitFor('demo to run again', async () => / running /.test((await runCLI(['list', 'vms'], env)).stdout), 180_000, 500);
+    r = await runCLI(['delete', 'vm', 'demo'], env);
+    assert.equal(r.code, 0, r.stderr);
+    await waitFor("demo's disk to go", () => !readdirSync(join(dataDir, 'worker-1', 'vms')).some((d) => d.startsWith('orchard-demo-')), 30_000, 100);
+    dev.proc.kill('SIGINT');
+    assert.equal(await dev.exited, 0, dev.stderr());
+    assert.deepEqual(processesWith(dataDir), []);
+  } finally {
+    if (dev.proc.exitCode === null) {
+      dev.proc.kill('SIGKILL');
+      await dev.exited;
+    }
+    for (const pid of processesWith(dataDir)) process.kill(Number(pid), 'SIGKILL');
+    if (existsSync(work)) rmSync(work, { recursive: true, force: true });
+  }
+});
