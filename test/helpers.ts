@@ -144,3 +144,60 @@ export async function waitFor<T>(what: string, fn: () => Promise<T> | T, timeout
     await new Promise((r) => setTimeout(r, everyMs));
   }
 }
+
+/** The test suite's cache of built guest images (built once, reused by every test and run). */
+export const TEST_IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
+
+/**
+ * An in-process controller and an in-process worker with the real QEMU driver, the debian-dev image
+ * built (or cached), and a helper that creates a VM and waits until its guest answers SSH.
+ */
+export async function qemuCluster(opts: { workerName?: string } = {}) {
+  const [{ buildDebianDev }, { QemuDriver }, { startWorker }, fs] = await Promise.all([
+    import('../src/worker/images.ts'),
+    import('../src/worker/drivers/qemu.ts'),
+    import('../src/worker/run.ts'),
+    import('node:fs'),
+  ]);
+  await buildDebianDev(TEST_IMAGES);
+  const c = await inProcessController();
+  const workerDir = tempDir('orchard-worker-');
+  fs.symlinkSync(TEST_IMAGES, join(workerDir, 'images'));
+  const driver = new QemuDriver({ dataDir: workerDir, imagesDir: TEST_IMAGES });
+  const name = opts.workerName ?? 'qemu-1';
+  const worker = await startWorker({
+    url: c.ctl.url,
+    token: { serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate: c.ctl.certificate },
+    name,
+    runtime: 'qemu',
+    labels: {},
+    slots: 4,
+    dataDir: workerDir,
+    driver,
+    logger: pino({ level: process.env.ORCHARD_TEST_LOG ?? 'silent' }),
+  });
+  return {
+    ...c,
+    worker,
+    workerName: name,
+    driver,
+    workerDir,
+    /** Creates a debian-dev VM (1 vCPU, 512 MiB unless overridden) and waits until it runs. */
+    async runningVM(vmName: string, extra: Partial<import('../src/api/schemas.ts').VM> = {}) {
+      await c.admin.createVM({ name: vmName, image: 'debian-dev', cpu: 1, memory: 512, ...extra });
+      return waitFor(`${vmName} to run`, async () => {
+        const vm = await c.admin.getVM(vmName);
+        if (vm.status === 'failed') throw new Error(`${vmName} failed: ${vm.status_message}`);
+        return vm.status === 'running' ? vm : undefined;
+      }, 180_000, 100);
+    },
+    async close() {
+      for (const vm of await c.admin.listVMs().catch(() => [])) await c.admin.deleteVM(vm.name).catch(() => {});
+      await worker.stop();
+      for (const vm of await driver.list()) await driver.remove(vm.localName).catch(() => {});
+      await c.close();
+      c.cleanup();
+      rmSync(workerDir, { recursive: true, force: true });
+    },
+  };
+}

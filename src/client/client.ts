@@ -4,6 +4,8 @@ import http from 'node:http';
 import https from 'node:https';
 import tls from 'node:tls';
 import { X509Certificate } from 'node:crypto';
+import type { Duplex } from 'node:stream';
+import { createWebSocketStream, WebSocket } from 'ws';
 import type { ClusterSettings, ControllerInfo, Event, ServiceAccount, VM, VMStateUpdate, WatchEvent, Worker } from '../api/schemas.ts';
 
 export interface ClientOptions {
@@ -191,6 +193,50 @@ export class OrchardClient {
       res.destroy();
     }
   }
+
+  /** Opens a WebSocket to an API path; HTTP errors reject as ApiError with the server's message. */
+  async openWebSocket(path: string): Promise<WebSocket> {
+    const u = new URL(this.url.pathname.replace(/\/$/, '') + path, this.url);
+    u.protocol = u.protocol === 'https:' ? 'wss:' : 'ws:';
+    const ws = new WebSocket(u, { headers: this.auth ? { authorization: this.auth } : {}, ...this.tlsOptions(), handshakeTimeout: 60_000, maxPayload: 64 * 1024 * 1024 });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        ws.once('open', () => resolve());
+        ws.once('error', reject);
+        ws.once('unexpected-response', (_req, res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('end', () => {
+            let message = Buffer.concat(chunks).toString() || `HTTP ${res.statusCode}`;
+            try {
+              message = (JSON.parse(message) as { message: string }).message;
+            } catch {
+              // plain text
+            }
+            reject(new ApiError(res.statusCode ?? 0, message));
+          });
+        });
+      });
+    } catch (err) {
+      ws.terminate();
+      throw err instanceof ApiError ? err : await this.explain(err as Error);
+    }
+    ws.on('error', () => {});
+    return ws;
+  }
+
+  /** A flow-controlled byte stream to TCP `port` of a VM, through the controller and its worker. */
+  async portForwardVM(name: string, port: number, waitSeconds = 10): Promise<{ ws: WebSocket; stream: Duplex }> {
+    const ws = await this.openWebSocket(`/v1/vms/${encodeURIComponent(name)}/port-forward?port=${port}&wait=${waitSeconds}`);
+    return { ws, stream: createWebSocketStream(ws) };
+  }
+
+  async portForwardWorker(name: string, port: number): Promise<{ ws: WebSocket; stream: Duplex }> {
+    const ws = await this.openWebSocket(`/v1/workers/${encodeURIComponent(name)}/port-forward?port=${port}`);
+    return { ws, stream: createWebSocketStream(ws) };
+  }
+
+  vmIP = async (name: string, waitSeconds = 10) => (await this.call<{ ip: string }>('GET', `/v1/vms/${encodeURIComponent(name)}/ip?wait=${waitSeconds}`)).ip;
 
   // ---- typed helpers ----
   info = () => this.call<ControllerInfo>('GET', '/v1/controller/info');

@@ -15,6 +15,8 @@ import { registerWorkerRoutes } from './routes/workers.ts';
 import { registerAdminRoutes } from './routes/admin.ts';
 import { WebSocketRoutes, WorkerChannels } from './rpc.ts';
 import { Scheduler } from './scheduler.ts';
+import { Tunnels } from './tunnels.ts';
+import { registerConnectRoutes } from './routes/connect.ts';
 import { badRequest } from './errors.ts';
 import { NAME_PATTERN } from '../api/schemas.ts';
 
@@ -35,6 +37,7 @@ export interface AppContext {
   workerOfflineTimeoutMs: number;
   channels: WorkerChannels;
   scheduler: Scheduler;
+  tunnels: Tunnels;
   /** Closed when the controller shuts down: long-lived streams end on it. */
   shutdown: AbortSignal;
 }
@@ -67,7 +70,8 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     isConnected: (w) => channels.isConnected(w),
     backoffBaseMs: opts.restartBackoffMs,
   });
-  const ctx: AppContext = { store: opts.store, metrics, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, shutdown: abort.signal };
+  const tunnels = new Tunnels(opts.store, channels);
+  const ctx: AppContext = { store: opts.store, metrics, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, shutdown: abort.signal };
 
   // Push, not poll: any change to a VM reaches the worker it was and is assigned to at once.
   const assigned = new Map<string, string | undefined>();
@@ -85,13 +89,10 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   channels.onChange = () => scheduler.kick();
 
   const sockets = new WebSocketRoutes(opts.store, opts.logger);
-  sockets.route('/v1/rpc/watch', ['compute:read'], (_request, url, ws) => {
+  sockets.route('/v1/rpc/watch', ['compute:read'], ({ url }) => {
     const worker = url.searchParams.get('workerName') ?? url.searchParams.get('worker') ?? '';
-    if (!new RegExp(NAME_PATTERN).test(worker)) {
-      ws.close(1008, String(badRequest('query parameter "workerName" must be the worker\'s name').message).slice(0, 120));
-      return;
-    }
-    channels.accept(worker, ws);
+    if (!new RegExp(NAME_PATTERN).test(worker)) throw badRequest('query parameter "workerName" must be the worker\'s name (a DNS label)');
+    return (ws) => channels.accept(worker, ws);
   });
   sockets.attach(app.server);
 
@@ -132,6 +133,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   registerAdminRoutes(app, ctx);
   registerWorkerRoutes(app, ctx);
   registerVMRoutes(app, ctx);
+  registerConnectRoutes(app, ctx, sockets, tunnels);
 
   scheduler.start();
   return {
@@ -141,6 +143,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
       abort.abort();
       unsubscribe();
       await scheduler.stop();
+      tunnels.close();
       sockets.close();
       await app.close();
     },

@@ -4,7 +4,7 @@
 import type { IncomingMessage, Server } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
-import type { Role } from '../api/schemas.ts';
+import type { Role, ServiceAccount } from '../api/schemas.ts';
 import type { Store } from './store/store.ts';
 import { authenticate, authorize } from './auth.ts';
 import { HttpError } from './errors.ts';
@@ -12,12 +12,23 @@ import type { Logger } from 'pino';
 
 const PING_INTERVAL_MS = 20_000;
 
-type UpgradeHandler = (request: IncomingMessage, url: URL, ws: WebSocket) => void;
+export interface UpgradeRequest {
+  request: IncomingMessage;
+  url: URL;
+  /** Path parameters, e.g. {name} of /v1/vms/{name}/port-forward */
+  params: Record<string, string>;
+  account: ServiceAccount;
+}
+/**
+ * Runs before the upgrade (so it can still answer with an HTTP error: throw an HttpError) and
+ * returns what to do with the WebSocket once it is open.
+ */
+type UpgradeHandler = (req: UpgradeRequest) => Promise<(ws: WebSocket) => void> | ((ws: WebSocket) => void);
 
 /** Routes WebSocket upgrades by path, after the same authentication and role checks as the REST API. */
 export class WebSocketRoutes {
   private readonly wss = new WebSocketServer({ noServer: true, maxPayload: 16 * 1024 * 1024 });
-  private readonly routes = new Map<string, { roles: readonly Role[]; handler: UpgradeHandler }>();
+  private readonly routes: { pattern: RegExp; keys: string[]; roles: readonly Role[]; handler: UpgradeHandler }[] = [];
   private readonly pinger: NodeJS.Timeout;
   private readonly alive = new WeakSet<WebSocket>();
   private readonly store: Store;
@@ -39,8 +50,11 @@ export class WebSocketRoutes {
     this.pinger.unref();
   }
 
+  /** `path` may have parameters: /v1/vms/{name}/port-forward */
   route(path: string, roles: readonly Role[], handler: UpgradeHandler) {
-    this.routes.set(path, { roles, handler });
+    const keys: string[] = [];
+    const pattern = new RegExp('^' + path.replace(/\{(\w+)\}/g, (_m, k: string) => (keys.push(k), '([^/]+)')) + '$');
+    this.routes.push({ pattern, keys, roles, handler });
   }
 
   attach(server: Server) {
@@ -51,22 +65,31 @@ export class WebSocketRoutes {
 
   private async upgrade(request: IncomingMessage, socket: Duplex, head: Buffer) {
     const url = new URL(request.url ?? '/', 'http://controller');
-    const route = this.routes.get(url.pathname);
+    let onOpen: (ws: WebSocket) => void;
+    socket.on('error', () => {});
     try {
-      if (!route) throw new HttpError(404, `no WebSocket route for ${url.pathname}`);
+      let match: RegExpExecArray | null = null;
+      const route = this.routes.find((r) => (match = r.pattern.exec(url.pathname)) !== null);
+      if (!route || !match) throw new HttpError(404, `no WebSocket route for ${url.pathname}`);
+      const m: RegExpExecArray = match;
       const account = await authenticate(this.store, request.headers.authorization);
       authorize(account, route.roles);
+      const params = Object.fromEntries(route.keys.map((k, i) => [k, decodeURIComponent(m[i + 1])]));
+      onOpen = await route.handler({ request, url, params, account });
     } catch (err) {
       const status = err instanceof HttpError ? err.statusCode : 500;
+      if (!(err instanceof HttpError)) this.logger.error({ err }, 'websocket route failed');
       const body = JSON.stringify({ message: err instanceof HttpError ? err.message : 'internal error' });
-      socket.end(`HTTP/1.1 ${status} ${status === 401 ? 'Unauthorized' : status === 403 ? 'Forbidden' : status === 404 ? 'Not Found' : 'Error'}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+      const reason = { 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 409: 'Conflict', 503: 'Service Unavailable', 504: 'Gateway Timeout' }[status] ?? 'Error';
+      socket.end(`HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
       return;
     }
+    if (socket.destroyed) return;
     this.wss.handleUpgrade(request, socket, head, (ws) => {
       this.alive.add(ws);
       ws.on('pong', () => this.alive.add(ws));
       ws.on('error', (err) => this.logger.debug({ err }, 'websocket error'));
-      route.handler(request, url, ws);
+      onOpen(ws);
     });
   }
 

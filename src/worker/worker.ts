@@ -4,7 +4,9 @@ import { randomUUID } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism, arch as osArch, totalmem } from 'node:os';
 import { join } from 'node:path';
-import { WebSocket } from 'ws';
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import { createWebSocketStream, WebSocket } from 'ws';
 import type { Logger } from 'pino';
 import { RESOURCE_LOGICAL_CORES, RESOURCE_MEMORY_MIB, RESOURCE_TART_VMS, type Event, type VM, type VMStateUpdate } from '../api/schemas.ts';
 import { ApiError, OrchardClient } from '../client/client.ts';
@@ -126,6 +128,8 @@ export class OrchardWorker {
         return;
       }
       if ('syncVMsAction' in msg) this.requestSync();
+      if ('portForwardAction' in msg) void this.portForward(msg.portForwardAction as { session: string; vmUID?: string; port: number });
+      if ('resolveIPAction' in msg) void this.resolveIP(msg.resolveIPAction as { session: string; vmUID: string });
     });
     ws.on('unexpected-response', (_req, res) => {
       this.log.warn({ status: res.statusCode }, 'controller refused the watch connection');
@@ -144,6 +148,69 @@ export class OrchardWorker {
           () => this.connect(),
         );
       }, delay);
+    });
+  }
+
+  private localNameOfUID(uid: string): string {
+    for (const t of this.tasks.values()) if (t.uid === uid && !t.abort.signal.aborted) return t.localName;
+    throw new Error(`no VM with uid ${uid} runs on worker ${this.o.name}`);
+  }
+
+  private rpcURL(path: string, query: Record<string, string>, ws: boolean): URL {
+    const base = this.o.client.url;
+    const url = new URL(`${base.pathname.replace(/\/$/, '')}${path}`, base);
+    for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
+    if (ws) url.protocol = base.protocol === 'https:' ? 'wss:' : 'ws:';
+    return url;
+  }
+
+  /** portForwardAction: dial the VM's port (or this host's, without a VM), then dial back and splice. */
+  private async portForward(action: { session: string; vmUID?: string; port: number }) {
+    const query: Record<string, string> = { session: action.session, workerName: this.o.name };
+    let target: Duplex | undefined;
+    try {
+      target = action.vmUID
+        ? await this.o.driver.dial(this.localNameOfUID(action.vmUID), action.port)
+        : await new Promise<Duplex>((resolve, reject) => {
+            const sock = net.connect({ host: '127.0.0.1', port: action.port }, () => resolve(sock));
+            sock.once('error', reject);
+          });
+    } catch (err) {
+      query.error = (err as Error).message.slice(0, 500);
+    }
+    const ws = new WebSocket(this.rpcURL('/v1/rpc/port-forward', query, true), {
+      headers: { authorization: this.o.client.authorization ?? '' },
+      ...this.o.client.tlsOptions(),
+      handshakeTimeout: 15_000,
+    });
+    ws.on('error', (err) => {
+      this.log.debug({ err: err.message }, 'port-forward dial-back failed');
+      target?.destroy();
+    });
+    if (!target) return;
+    const t = target;
+    t.on('error', () => ws.terminate());
+    ws.on('open', () => {
+      const stream = createWebSocketStream(ws);
+      stream.on('error', () => t.destroy());
+      t.pipe(stream);
+      stream.pipe(t);
+      // The VM side closing ends the tunnel cleanly (code 1000).
+      t.on('close', () => ws.close(1000));
+      ws.on('close', () => t.destroy());
+    });
+  }
+
+  /** resolveIPAction: find the VM's IP and POST it back. */
+  private async resolveIP(action: { session: string; vmUID: string }) {
+    let body: { ip?: string; error?: string };
+    try {
+      body = { ip: await this.o.driver.ip(this.localNameOfUID(action.vmUID)) };
+    } catch (err) {
+      body = { error: (err as Error).message.slice(0, 1000) };
+    }
+    await this.o.client.call('POST', `/v1/rpc/resolve-ip?session=${encodeURIComponent(action.session)}`, body).catch((err: Error) => {
+      this.log.debug({ err: err.message }, 'resolve-ip answer failed');
     });
   }
 

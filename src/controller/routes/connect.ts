@@ -1,0 +1,83 @@
+// Reaching VMs through the controller: port-forward (VM or worker host), IP resolution, and the
+// workers' side of both (/v1/rpc/port-forward, /v1/rpc/resolve-ip).
+import { Type } from '@sinclair/typebox';
+import type { FastifyInstance } from 'fastify';
+import { ErrorBody, Name } from '../../api/schemas.ts';
+import type { AppContext } from '../app.ts';
+import { badRequest, notFound } from '../errors.ts';
+import type { WebSocketRoutes } from '../rpc.ts';
+import { splice, type Tunnels } from '../tunnels.ts';
+
+const CONNECT = ['compute:write', 'compute:connect'] as const;
+
+export function parsePort(value: string | null): number {
+  if (value === null || !/^\d{1,5}$/.test(value) || Number(value) < 1 || Number(value) > 65535) {
+    throw badRequest(`query parameter "port" must be a TCP port (1-65535), got ${JSON.stringify(value)}`);
+  }
+  return Number(value);
+}
+
+export function parseWait(value: string | null, fallback: number): number {
+  if (value === null) return fallback;
+  if (!/^\d{1,5}$/.test(value)) throw badRequest(`query parameter "wait" must be a number of seconds, got ${JSON.stringify(value)}`);
+  return Math.min(Number(value), 3600);
+}
+
+export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, sockets: WebSocketRoutes, tunnels: Tunnels) {
+  const { store } = ctx;
+
+  sockets.route('/v1/vms/{name}/port-forward', CONNECT, async ({ url, params }) => {
+    const port = parsePort(url.searchParams.get('port'));
+    const vm = await tunnels.runningVM(params.name, parseWait(url.searchParams.get('wait'), 10));
+    const tunnel = await tunnels.open(vm.worker!, port, vm);
+    return (ws) => splice(ws, tunnel);
+  });
+
+  sockets.route('/v1/workers/{name}/port-forward', ['admin:write'], async ({ url, params }) => {
+    const port = parsePort(url.searchParams.get('port'));
+    if (!(await store.get('workers', params.name))) throw notFound(`worker "${params.name}" not found`);
+    const tunnel = await tunnels.open(params.name, port);
+    return (ws) => splice(ws, tunnel);
+  });
+
+  sockets.route('/v1/rpc/port-forward', ['compute:write'], ({ url }) => {
+    const pending = tunnels.claimForward(url.searchParams.get('session') ?? '', url.searchParams.get('workerName'));
+    return (ws) => tunnels.completeForward(pending, ws, url.searchParams.get('error'));
+  });
+
+  app.get<{ Params: { name: string }; Querystring: { wait?: number } }>(
+    '/v1/vms/:name/ip',
+    {
+      config: { roles: CONNECT },
+      schema: {
+        tags: ['vms'],
+        summary: "The VM's IP address, resolved on its worker (waits up to ?wait seconds, default 10, for the VM to run)",
+        params: Type.Object({ name: Name }),
+        querystring: Type.Object({ wait: Type.Optional(Type.Integer({ minimum: 0, maximum: 3600 })) }),
+        response: { 200: Type.Object({ ip: Type.String() }), 400: ErrorBody, 404: ErrorBody, 503: ErrorBody },
+      },
+    },
+    async (request) => {
+      const vm = await tunnels.runningVM(request.params.name, request.query.wait ?? 10);
+      return { ip: await tunnels.resolveIP(vm) };
+    },
+  );
+
+  app.post<{ Querystring: { session: string }; Body: { ip?: string; error?: string } }>(
+    '/v1/rpc/resolve-ip',
+    {
+      config: { roles: ['compute:write'] },
+      schema: {
+        tags: ['rpc'],
+        summary: "A worker's answer to a resolveIPAction",
+        querystring: Type.Object({ session: Type.String({ minLength: 1, maxLength: 64 }) }),
+        body: Type.Object({ ip: Type.Optional(Type.String({ maxLength: 64 })), error: Type.Optional(Type.String({ maxLength: 1024 })) }, { additionalProperties: false }),
+        response: { 200: Type.Object({}), 400: ErrorBody, 404: ErrorBody },
+      },
+    },
+    async (request) => {
+      tunnels.answerIP(request.query.session, request.body);
+      return {};
+    },
+  );
+}
