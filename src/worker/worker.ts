@@ -37,11 +37,17 @@ export const localNameOf = (vm: VM) => `orchard-${vm.name}-${vm.uid}-${vm.restar
 /** Abort reason of a worker that stops: its VMs keep running (a restarted worker adopts them). */
 const SHUTDOWN = 'worker shutdown';
 
+type OutboxItem = { events: Event[] } | { state: VMStateUpdate };
+
 interface Task {
   uid: string;
   name: string;
   localName: string;
   abort: AbortController;
+  outbox: OutboxItem[];
+  sending?: Promise<void>;
+  /** The last state reported: re-sent when the controller missed it (e.g. it restarted meanwhile). */
+  reported?: VMStateUpdate;
 }
 
 export class OrchardWorker {
@@ -247,7 +253,14 @@ export class OrchardWorker {
       if (!vm.uid) continue;
       const localName = localNameOf(vm);
       wanted.add(localName);
-      if (this.tasks.has(localName) || vm.status === 'failed') continue;
+      const task = this.tasks.get(localName);
+      if (task) {
+        // A report lost while the controller was away: the controller still thinks the VM is
+        // pending, but it has moved on here. (A failed VM is the controller's call, not re-asserted.)
+        if (vm.status === 'pending' && task.reported && task.reported.status !== 'pending' && !task.outbox.length) this.report(vm, task, task.reported);
+        continue;
+      }
+      if (vm.status === 'failed') continue;
       const existing = localByName.get(localName);
       this.run(vm, localName, existing?.running ?? false);
     }
@@ -266,16 +279,33 @@ export class OrchardWorker {
     }
   }
 
-  private async event(vm: VM, kind: string, payload: string) {
-    const e: Event = { kind, timestamp: Math.floor(Date.now() / 1000), payload };
-    await this.o.client.appendEvents(vm.name, [e]).catch(() => {});
+  /**
+   * Events and state reports leave through the task's outbox, in order, without holding up the VM's
+   * lifecycle (no round trip on the boot path); consecutive events go out as one batch.
+   */
+  private send(task: Task, item: OutboxItem) {
+    const last = task.outbox.at(-1);
+    if ('events' in item && last && 'events' in last) last.events.push(...item.events);
+    else task.outbox.push(item);
+    if (task.sending) return;
+    task.sending = (async () => {
+      for (let next = task.outbox.shift(); next; next = task.outbox.shift()) {
+        if ('events' in next) await this.o.client.appendEvents(task.name, next.events).catch(() => {});
+        else if (!task.abort.signal.aborted) {
+          await this.o.client.updateVMState(task.name, next.state).catch((err: Error) => this.log.debug({ vm: task.name, err: err.message }, 'state report failed'));
+        }
+      }
+      task.sending = undefined;
+    })();
   }
 
-  private async report(vm: VM, task: Task, state: VMStateUpdate) {
-    if (task.abort.signal.aborted) return;
-    await this.o.client.updateVMState(vm.name, { localName: task.localName, observedGeneration: vm.generation, ...state }).catch((err: Error) => {
-      this.log.debug({ vm: vm.name, err: err.message }, 'state report failed');
-    });
+  private event(task: Task, kind: string, payload: string) {
+    this.send(task, { events: [{ kind, timestamp: Math.floor(Date.now() / 1000), payload }] });
+  }
+
+  private report(vm: VM, task: Task, state: VMStateUpdate) {
+    task.reported = state;
+    this.send(task, { state: { localName: task.localName, observedGeneration: vm.generation, ...state } });
   }
 
   private toDriverVM(vm: VM, localName: string): DriverVM {
@@ -301,7 +331,7 @@ export class OrchardWorker {
 
   /** Brings one VM up (or adopts it) and watches it until it exits or is no longer ours. */
   private run(vm: VM, localName: string, alreadyRunning: boolean) {
-    const task: Task = { uid: vm.uid!, name: vm.name, localName, abort: new AbortController() };
+    const task: Task = { uid: vm.uid!, name: vm.name, localName, abort: new AbortController(), outbox: [] };
     this.tasks.set(localName, task);
     const driver = this.o.driver;
     const signal = task.abort.signal;
@@ -310,31 +340,31 @@ export class OrchardWorker {
       try {
         if (alreadyRunning) {
           this.log.info({ vm: vm.name }, 'adopting a running VM');
-          await this.event(vm, 'lifecycle', `adopted by worker ${this.o.name} after a restart`);
+          this.event(task, 'lifecycle', `adopted by worker ${this.o.name} after a restart`);
         } else {
-          await this.event(vm, 'lifecycle', `scheduled on worker ${this.o.name}; cloning image ${vm.image}`);
-          await this.report(vm, task, { status: 'pending', status_message: `cloning image ${vm.image}`, conditions: [{ type: 'scheduled', state: 'true' }, { type: 'cloning', state: 'true' }] });
+          this.event(task, 'lifecycle', `scheduled on worker ${this.o.name}; cloning image ${vm.image}`);
+          this.report(vm, task, { status: 'pending', status_message: `cloning image ${vm.image}`, conditions: [{ type: 'scheduled', state: 'true' }, { type: 'cloning', state: 'true' }] });
           let lastProgress = 0;
           await driver.prepare(this.toDriverVM(vm, localName), (msg) => {
             if (Date.now() - lastProgress < 1000) return;
             lastProgress = Date.now();
-            void this.event(vm, 'progress', msg);
+            this.event(task, 'progress', msg);
           });
           signal.throwIfAborted();
-          await this.event(vm, 'lifecycle', 'booting');
-          await this.report(vm, task, { status: 'pending', status_message: 'booting', conditions: [{ type: 'scheduled', state: 'true' }] });
+          this.event(task, 'lifecycle', 'booting');
+          this.report(vm, task, { status: 'pending', status_message: 'booting', conditions: [{ type: 'scheduled', state: 'true' }] });
           await driver.start(this.toDriverVM(vm, localName));
         }
         await driver.waitReady(localName, signal);
         signal.throwIfAborted();
-        await this.report(vm, task, { status: 'running', status_message: 'running', conditions: [{ type: 'scheduled', state: 'true' }, { type: 'running', state: 'true' }] });
+        this.report(vm, task, { status: 'running', status_message: 'running', conditions: [{ type: 'scheduled', state: 'true' }, { type: 'running', state: 'true' }] });
         if (!alreadyRunning) {
-          await this.event(vm, 'lifecycle', `running: the guest answers SSH ${((Date.now() - t0) / 1000).toFixed(1)}s after the clone started`);
-          if (vm.startup_script?.script_content) await this.startupScript(vm, localName, signal);
+          this.event(task, 'lifecycle', `running: the guest answers SSH ${((Date.now() - t0) / 1000).toFixed(1)}s after the clone started`);
+          if (vm.startup_script?.script_content) await this.startupScript(vm, task);
         }
         const exit = await Promise.race([driver.waitExit(localName), new Promise<never>((_, reject) => signal.addEventListener('abort', () => reject(signal.reason), { once: true }))]);
-        await this.event(vm, 'lifecycle', `failed: the VM stopped (${exit.reason})`);
-        await this.report(vm, task, { status: 'failed', status_message: `the VM stopped: ${exit.reason}`, conditions: [] });
+        this.event(task, 'lifecycle', `failed: the VM stopped (${exit.reason})`);
+        this.report(vm, task, { status: 'failed', status_message: `the VM stopped: ${exit.reason}`, conditions: [] });
       } catch (err) {
         if (signal.aborted) {
           if (signal.reason === SHUTDOWN) return; // the worker stops; the VM keeps running for the next one
@@ -344,8 +374,8 @@ export class OrchardWorker {
         }
         const message = (err as Error).message;
         this.log.warn({ vm: vm.name, err: message }, 'VM failed');
-        await this.event(vm, 'lifecycle', `failed: ${message}`);
-        await this.report(vm, task, { status: 'failed', status_message: message, conditions: [] });
+        this.event(task, 'lifecycle', `failed: ${message}`);
+        this.report(vm, task, { status: 'failed', status_message: message, conditions: [] });
         await driver.stop(localName, 5000).catch(() => {});
       }
       // The finished task stays in `tasks`, so a sync does not restart a failed VM in place: the
@@ -353,16 +383,18 @@ export class OrchardWorker {
     })();
   }
 
-  private async startupScript(vm: VM, localName: string, signal: AbortSignal) {
-    await this.event(vm, 'startup-script', 'running the startup script');
+  private async startupScript(vm: VM, task: Task) {
+    const { localName } = task;
+    const signal = task.abort.signal;
+    this.event(task, 'startup-script', 'running the startup script');
     let buffered = '';
-    const flush = async () => {
+    const flush = () => {
       if (!buffered) return;
       const payload = buffered;
       buffered = '';
-      await this.event(vm, 'startup-script-output', payload);
+      this.event(task, 'startup-script-output', payload);
     };
-    const timer = setInterval(() => void flush(), 500);
+    const timer = setInterval(flush, 500);
     try {
       const result = await runScript({
         sock: await this.o.driver.dial(localName, 22),
@@ -374,12 +406,12 @@ export class OrchardWorker {
         signal,
       });
       clearInterval(timer);
-      await flush();
-      await this.event(vm, 'startup-script', result.signal ? `startup script killed by signal ${result.signal}` : `startup script exited with code ${result.exitCode}`);
+      flush();
+      this.event(task, 'startup-script', result.signal ? `startup script killed by signal ${result.signal}` : `startup script exited with code ${result.exitCode}`);
     } catch (err) {
       clearInterval(timer);
-      await flush();
-      await this.event(vm, 'startup-script', `startup script could not run: ${(err as Error).message}`);
+      flush();
+      this.event(task, 'startup-script', `startup script could not run: ${(err as Error).message}`);
     }
   }
 }

@@ -1,0 +1,166 @@
+// Load harness: a real controller (a child process: real TLS, real HTTP, real SQLite) and N workers
+// with the synthetic driver, each a real OrchardWorker with its own HTTPS client and WebSocket, all
+// in this process. Creates M VMs and measures what an operator cares about. Used by bench/load.ts
+// (figures) and by test/load.test.ts (correctness at a smaller scale).
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { pino } from 'pino';
+import type { VM, WatchEvent } from '../src/api/schemas.ts';
+import { OrchardClient } from '../src/client/client.ts';
+import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
+import { OrchardWorker } from '../src/worker/worker.ts';
+import { ADMIN_TOKEN, spawnController, tempDir, type ChildController } from '../test/helpers.ts';
+
+export const pct = (sorted: number[], p: number) => (sorted.length ? sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] : NaN);
+
+export interface ControllerUsage {
+  rssMB: number;
+  /** CPU used by the controller process over the sampling window, in % of one core. */
+  cpuPercent: number;
+}
+
+/** RSS and CPU of a process, from /proc, over `ms`. */
+export async function usageOf(pid: number, ms: number): Promise<ControllerUsage> {
+  const ticks = () => {
+    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    return Number(f[11]) + Number(f[12]); // utime + stime, in clock ticks (100/s)
+  };
+  const t0 = ticks();
+  await new Promise((r) => setTimeout(r, ms));
+  const cpuPercent = ((ticks() - t0) / 100 / (ms / 1000)) * 100;
+  const rss = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return { rssMB: rss ? Number(rss[1]) / 1024 : NaN, cpuPercent };
+}
+
+export class Cluster {
+  ctl!: ChildController;
+  admin!: OrchardClient;
+  certificate!: string;
+  readonly dataDir = tempDir('orchard-load-');
+  workers: OrchardWorker[] = [];
+  drivers: SyntheticDriver[] = [];
+  private readonly logger = pino({ level: 'silent' });
+
+  async startController(port = 0) {
+    this.ctl = await spawnController(this.dataDir, port ? ['--listen', `127.0.0.1:${port}`] : []);
+    this.certificate = readFileSync(join(this.dataDir, 'controller.crt'), 'utf8');
+    this.admin?.close();
+    this.admin = this.client();
+  }
+
+  client() {
+    return new OrchardClient({ url: this.ctl.url, certificate: this.certificate, serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN });
+  }
+
+  /** Starts `n` synthetic workers with `slots` VM slots each, `concurrency` at a time. */
+  async startWorkers(n: number, slots: number, concurrency = 50, heartbeatMs = 10_000) {
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: concurrency }, async () => {
+        while (next < n) {
+          const i = next++;
+          const driver = new SyntheticDriver();
+          const worker = new OrchardWorker({ client: this.client(), name: `load-${i}`, driver, dataDir: join(this.dataDir, 'workers', String(i)), slots, heartbeatMs, logger: this.logger });
+          this.drivers[i] = driver;
+          this.workers[i] = worker;
+          await worker.start();
+        }
+      }),
+    );
+  }
+
+  async stop() {
+    await Promise.all(this.workers.map((w) => w.stop()));
+    this.admin?.close();
+    await this.ctl?.kill('SIGTERM');
+  }
+}
+
+/** Runs `op` n times with `concurrency` in flight; returns per-call latencies (ms) and the wall time. */
+export async function closedLoop(n: number, concurrency: number, op: (i: number) => Promise<unknown>) {
+  const latencies: number[] = new Array(n);
+  let next = 0;
+  const t0 = performance.now();
+  await Promise.all(
+    Array.from({ length: concurrency }, async () => {
+      while (next < n) {
+        const i = next++;
+        const s = performance.now();
+        await op(i);
+        latencies[i] = performance.now() - s;
+      }
+    }),
+  );
+  return { latencies: latencies.sort((a, b) => a - b), seconds: (performance.now() - t0) / 1000 };
+}
+
+/** Follows /v1/vms?watch=true and records, per VM, when it was first seen placed and running. */
+export class Watcher {
+  readonly placedAt = new Map<string, number>();
+  readonly runningAt = new Map<string, number>();
+  /** For each ADDED event: ms between the create's 2xx (noted by the caller) and the event's arrival. */
+  readonly lags: number[] = [];
+  readonly acknowledged = new Map<string, number>();
+  /** Every worker each VM was ever seen on (a VM placed exactly once has one). */
+  readonly workersSeen = new Map<string, Set<string>>();
+  /** Highest number of non-failed VMs seen assigned to one worker at any time, per worker. */
+  readonly peak = new Map<string, number>();
+  private readonly assigned = new Map<string, string>();
+  private readonly perWorker = new Map<string, number>();
+  private readonly abort = new AbortController();
+  private waiters: (() => void)[] = [];
+  done: Promise<void>;
+
+  constructor(client: OrchardClient) {
+    this.done = this.run(client.watch<VM>('/v1/vms?watch=true', this.abort.signal));
+  }
+
+  private async run(events: AsyncGenerator<WatchEvent<VM>>) {
+    for await (const e of events) {
+      const now = performance.now();
+      const vm = e.object;
+      if (e.type === 'ADDED') {
+        const ack = this.acknowledged.get(vm.name);
+        if (ack !== undefined) this.lags.push(now - ack);
+      }
+      const holder = e.type !== 'DELETED' && vm.worker && vm.status !== 'failed' ? vm.worker : undefined;
+      const before = this.assigned.get(vm.name);
+      if (before !== holder) {
+        if (before) this.perWorker.set(before, (this.perWorker.get(before) ?? 1) - 1);
+        if (holder) {
+          const n = (this.perWorker.get(holder) ?? 0) + 1;
+          this.perWorker.set(holder, n);
+          this.peak.set(holder, Math.max(this.peak.get(holder) ?? 0, n));
+          this.assigned.set(vm.name, holder);
+        } else this.assigned.delete(vm.name);
+      }
+      if (vm.worker && !this.placedAt.has(vm.name)) this.placedAt.set(vm.name, now);
+      if (vm.worker) {
+        let seen = this.workersSeen.get(vm.name);
+        if (!seen) this.workersSeen.set(vm.name, (seen = new Set()));
+        seen.add(vm.worker);
+      }
+      if (vm.status === 'running' && !this.runningAt.has(vm.name)) this.runningAt.set(vm.name, now);
+      for (const w of this.waiters.splice(0)) w();
+    }
+  }
+
+  /** Resolves when `check` holds (re-checked after every event), or rejects after `timeoutMs`. */
+  until(check: () => boolean, timeoutMs: number, what: string): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), timeoutMs);
+      const test = () => {
+        if (check()) {
+          clearTimeout(timer);
+          resolve();
+        } else this.waiters.push(test);
+      };
+      test();
+    });
+  }
+
+  stop() {
+    this.abort.abort();
+  }
+}

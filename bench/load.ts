@@ -1,0 +1,97 @@
+// Load benchmark: N synthetic workers × M VMs against one controller process, at several scales,
+// printed as one table (see bench/load-harness.ts for what is real: everything but the VMs).
+//
+//   node bench/load.ts                       # 10×100, 100×1,000, 1,000×10,000
+//   node bench/load.ts --scales 50x500       # workers x VMs, comma-separated
+import { parseArgs } from 'node:util';
+import { rmSync } from 'node:fs';
+import { performance } from 'node:perf_hooks';
+import { Cluster, closedLoop, pct, usageOf, Watcher } from './load-harness.ts';
+
+const { values } = parseArgs({
+  options: { scales: { type: 'string', default: '10x100,100x1000,1000x10000' }, concurrency: { type: 'string', default: '32' }, 'no-restart': { type: 'boolean', default: false } },
+});
+const scales = values.scales.split(',').map((s) => s.split('x').map(Number) as [number, number]);
+const CONCURRENCY = Number(values.concurrency);
+
+interface Row {
+  [figure: string]: string;
+}
+
+async function measure(nWorkers: number, nVMs: number): Promise<Row> {
+  const cluster = new Cluster();
+  const row: Row = {};
+  try {
+    await cluster.startController();
+    const pid = cluster.ctl.proc.pid!;
+    let t0 = performance.now();
+    await cluster.startWorkers(nWorkers, Math.ceil(nVMs / nWorkers));
+    row['workers connected in'] = `${((performance.now() - t0) / 1000).toFixed(1)} s`;
+    const idle = await usageOf(pid, 10_000);
+    row['controller RSS, workers idle'] = `${idle.rssMB.toFixed(0)} MB`;
+    row['controller CPU, workers idle'] = `${idle.cpuPercent.toFixed(1)} %`;
+
+    const watcher = new Watcher(cluster.admin);
+    await new Promise((r) => setTimeout(r, 200));
+    const created = new Map<string, number>();
+    const usageDuring = usageOf(pid, 5000);
+    const creates = await closedLoop(nVMs, CONCURRENCY, async (i) => {
+      const name = `vm-${i}`;
+      created.set(name, performance.now());
+      await cluster.admin.createVM({ name, image: 'synthetic', cpu: 1, memory: 512 });
+      watcher.acknowledged.set(name, performance.now());
+    });
+    const lastCreate = performance.now();
+    row['creates/s'] = (nVMs / creates.seconds).toFixed(0);
+    row['create p50 / p99'] = `${pct(creates.latencies, 50).toFixed(1)} / ${pct(creates.latencies, 99).toFixed(1)} ms`;
+    await watcher.until(() => watcher.placedAt.size >= nVMs, 600_000, 'all placed');
+    row['all placed after last create'] = `${((performance.now() - lastCreate) / 1000).toFixed(2)} s`;
+    await watcher.until(() => watcher.runningAt.size >= nVMs, 600_000, 'all running');
+    row['all running after last create'] = `${((performance.now() - lastCreate) / 1000).toFixed(2)} s`;
+    const c2r = [...created].map(([name, t]) => watcher.runningAt.get(name)! - t).sort((a, b) => a - b);
+    row['create→running p50 / p99'] = `${pct(c2r, 50).toFixed(0)} / ${pct(c2r, 99).toFixed(0)} ms`;
+    const lags = [...watcher.lags].sort((a, b) => a - b);
+    row['watch lag p50 / p99'] = `${pct(lags, 50).toFixed(1)} / ${pct(lags, 99).toFixed(1)} ms`;
+    const during = await usageDuring;
+    row['controller CPU, first 5 s of creates'] = `${during.cpuPercent.toFixed(0)} %`;
+    const overbooked = [...watcher.peak.values()].filter((n) => n > Math.ceil(nVMs / nWorkers)).length;
+    row['workers overbooked'] = String(overbooked);
+    watcher.stop();
+
+    const lists: number[] = [];
+    for (let i = 0; i < 5; i++) {
+      t0 = performance.now();
+      const vms = await cluster.admin.listVMs();
+      lists.push(performance.now() - t0);
+      if (vms.length !== nVMs) throw new Error(`listed ${vms.length} VMs, expected ${nVMs}`);
+    }
+    row[`GET /v1/vms (all) median`] = `${pct(lists.sort((a, b) => a - b), 50).toFixed(1)} ms`;
+    const loaded = await usageOf(pid, 3000);
+    row['controller RSS, all running'] = `${loaded.rssMB.toFixed(0)} MB`;
+
+    if (values['no-restart']) return row;
+    // Cold restart with everything stored, while the workers reconnect.
+    await cluster.ctl.kill('SIGKILL');
+    const port = Number(new URL(cluster.ctl.url).port);
+    t0 = performance.now();
+    await cluster.startController(port);
+    await cluster.admin.listVMs();
+    row['cold restart to first served request'] = `${(performance.now() - t0).toFixed(0)} ms`;
+    return row;
+  } finally {
+    await cluster.stop();
+    rmSync(cluster.dataDir, { recursive: true, force: true });
+  }
+}
+
+const results: [string, Row][] = [];
+for (const [w, v] of scales) {
+  process.stderr.write(`measuring ${w} workers × ${v} VMs...\n`);
+  results.push([`${w}×${v}`, await measure(w, v)]);
+}
+const figures = Object.keys(results[0][1]);
+const widths = [Math.max(...figures.map((f) => f.length)), ...results.map(([h, r]) => Math.max(h.length, ...Object.values(r).map((x) => x.length)))];
+const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('   ');
+console.log(`orchard load: synthetic workers × VMs, one controller process, ${CONCURRENCY} concurrent creates\n`);
+console.log(line(['workers × VMs', ...results.map(([h]) => h)]));
+for (const f of figures) console.log(line([f, ...results.map(([, r]) => r[f])]));
