@@ -24,6 +24,18 @@ export function requirements(vm: VM): Record<string, number> {
   return { [RESOURCE_TART_VMS]: 1, ...(vm.resources ?? {}) };
 }
 
+/**
+ * Does this change matter to placement? A heartbeat (only last_seen), or a worker's progress report
+ * on a placed VM (status_message, conditions), does not: passes stay proportional to real events.
+ */
+function placementInputsDiffer(kind: 'vms' | 'workers', before: VM | Worker, after: VM | Worker): boolean {
+  const keys =
+    kind === 'workers'
+      ? (['scheduling_paused', 'resources', 'labels', 'runtime'] as const)
+      : (['status', 'worker', 'resources', 'labels', 'runtime', 'restart_count', 'restart_policy'] as const);
+  return keys.some((k) => JSON.stringify((before as Record<string, unknown>)[k]) !== JSON.stringify((after as Record<string, unknown>)[k]));
+}
+
 const shortName = (resource: string) => resource.replace(/^org\.cirruslabs\./, '');
 
 export class Scheduler {
@@ -65,10 +77,11 @@ export class Scheduler {
       else map.set(change.object.name, change.object as VM | Worker);
     };
     this.unsubscribe = this.store.subscribe((change) => {
+      if (change.kind === 'serviceAccounts') return;
+      const before = (change.kind === 'vms' ? this.vms : this.workers).get(change.object.name);
       if (snapshotRevision < 0) early.push(change);
       else apply(change);
-      // Placement can change when a VM is added or changes, a VM goes away (freeing room), or a worker changes.
-      if (change.kind !== 'serviceAccounts') this.kick();
+      if (change.type !== 'MODIFIED' || !before || placementInputsDiffer(change.kind, before, change.object as VM | Worker)) this.kick();
     });
     this.loaded = (async () => {
       const [vms, workers] = await Promise.all([this.store.snapshot('vms'), this.store.snapshot('workers')]);
