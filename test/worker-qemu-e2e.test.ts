@@ -114,6 +114,16 @@ test('qemu worker: create → running → startup script → worker kill -9 and 
     assert.equal(adopted.restart_count, 0, 'adopted, not restarted');
     assert.deepEqual(processesWith(running.localName!), qemuPids, 'the same qemu process');
 
+    // An image the worker does not have: the VM fails, saying which image and what to run.
+    await admin.createVM({ name: 'no-image', image: 'ubuntu-missing', cpu: 1, memory: 512 });
+    const failed = await waitFor('no-image to fail', async () => {
+      const vm = await admin.getVM('no-image');
+      return vm.status === 'failed' ? vm : undefined;
+    }, 30_000, 100);
+    assert.match(failed.status_message ?? '', /ubuntu-missing/);
+    assert.match(failed.status_message ?? '', /orchard image (build|import)/);
+    await admin.deleteVM('no-image');
+
     // Delete: the guest is stopped and its disk removed.
     await admin.deleteVM('web-1');
     await waitFor('the qemu process to go', () => processesWith(running.localName!).length === 0, 30_000, 100);
