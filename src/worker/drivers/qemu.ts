@@ -16,6 +16,7 @@ import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { resolveImage, type ResolvedImage } from '../images.ts';
+import { connectTCP, sshBanner } from './net.ts';
 import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
 
 const execFileP = promisify(execFile);
@@ -592,7 +593,7 @@ export class QemuDriver implements Driver {
       port ??= await this.hostPort(localName, 22).catch(() => undefined);
       // User-mode networking accepts the TCP connection before the guest is up, and a SYN it
       // forwards too early is only retried seconds later: wait for the banner, short attempts.
-      if (port && (await sshBanner(port, 500))) return;
+      if (port && (await sshBanner('127.0.0.1', port, 500))) return;
       await sleep(100, undefined, { signal }).catch(() => signal?.throwIfAborted());
     }
   }
@@ -621,19 +622,7 @@ export class QemuDriver implements Driver {
   async dial(localName: string, port: number): Promise<Duplex> {
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw new Error(`invalid port ${port}`);
     const hostPort = await this.hostPort(localName, port);
-    return await new Promise<Duplex>((res, rej) => {
-      const sock = net.createConnection({ host: '127.0.0.1', port: hostPort });
-      const timer = setTimeout(() => sock.destroy(new Error(`connect to VM ${localName} port ${port} timed out`)), 10_000);
-      sock.once('connect', () => {
-        clearTimeout(timer);
-        sock.removeListener('error', rej);
-        res(sock);
-      });
-      sock.once('error', (err) => {
-        clearTimeout(timer);
-        rej(err);
-      });
-    });
+    return connectTCP('127.0.0.1', hostPort, `VM ${localName} port ${port}`);
   }
 
   async stop(localName: string, graceMs = 10_000): Promise<void> {
@@ -706,25 +695,4 @@ async function qemuImg(args: string[]): Promise<{ stdout: string }> {
     if (e.code === 'ENOENT' && !e.stderr) throw new Error('qemu-img not found: apt-get install qemu-utils');
     throw new Error(`qemu-img ${args[0]} failed: ${(e.stderr ?? e.message).trim()}`);
   }
-}
-
-/** true when 127.0.0.1:port sends an SSH banner within `ms`. */
-function sshBanner(port: number, ms: number): Promise<boolean> {
-  return new Promise((res) => {
-    const sock = net.createConnection({ host: '127.0.0.1', port });
-    let got = '';
-    const done = (ok: boolean) => {
-      clearTimeout(timer);
-      sock.destroy();
-      res(ok);
-    };
-    const timer = setTimeout(() => done(false), ms);
-    sock.setEncoding('latin1');
-    sock.on('data', (d: string) => {
-      got += d;
-      if (got.length >= 4) done(got.startsWith('SSH-'));
-    });
-    sock.on('error', () => done(false));
-    sock.on('close', () => done(false));
-  });
 }

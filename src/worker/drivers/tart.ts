@@ -18,6 +18,7 @@ import net from 'node:net';
 import { join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { connectTCP, sshBanner } from './net.ts';
 import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
 
 export interface TartDriverOptions {
@@ -474,19 +475,7 @@ export class TartDriver implements Driver {
   async dial(localName: string, port: number): Promise<Duplex> {
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw new Error(`invalid port ${port}`);
     const ip = await this.ip(localName);
-    return await new Promise<Duplex>((res, rej) => {
-      const sock = net.createConnection({ host: ip, port });
-      const timer = setTimeout(() => sock.destroy(new Error(`connect to VM ${localName} port ${port} (${ip}) timed out`)), 10_000);
-      sock.once('connect', () => {
-        clearTimeout(timer);
-        sock.removeListener('error', rej);
-        res(sock);
-      });
-      sock.once('error', (err) => {
-        clearTimeout(timer);
-        rej(err);
-      });
-    });
+    return connectTCP(ip, port, `VM ${localName} port ${port} (${ip})`);
   }
 
   async stop(localName: string, graceMs = 10_000): Promise<void> {
@@ -519,25 +508,4 @@ export class TartDriver implements Driver {
     this.state.delete(name);
     this.logFn(`VM ${name} removed`);
   }
-}
-
-/** true when ip:port sends an SSH banner within `ms`. */
-function sshBanner(host: string, port: number, ms: number): Promise<boolean> {
-  return new Promise((res) => {
-    const sock = net.createConnection({ host, port });
-    let got = '';
-    const done = (ok: boolean) => {
-      clearTimeout(timer);
-      sock.destroy();
-      res(ok);
-    };
-    const timer = setTimeout(() => done(false), ms);
-    sock.setEncoding('latin1');
-    sock.on('data', (d: string) => {
-      got += d;
-      if (got.length >= 4) done(got.startsWith('SSH-'));
-    });
-    sock.on('error', () => done(false));
-    sock.on('close', () => done(false));
-  });
 }
