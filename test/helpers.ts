@@ -17,7 +17,7 @@ export function tempDir(prefix = 'orchard-test-'): string {
 }
 
 /** A controller in this process on a free loopback port, with a bootstrap admin. */
-export async function inProcessController(opts: { dataDir?: string; workerOfflineTimeoutMs?: number; restartBackoffMs?: number } = {}) {
+export async function inProcessController(opts: { dataDir?: string; workerOfflineTimeoutMs?: number; restartBackoffMs?: number; listenSSH?: string } = {}) {
   const dataDir = opts.dataDir ?? tempDir();
   const ctl = await startController({
     dataDir,
@@ -25,6 +25,7 @@ export async function inProcessController(opts: { dataDir?: string; workerOfflin
     bootstrapAdminToken: ADMIN_TOKEN,
     workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs,
     restartBackoffMs: opts.restartBackoffMs,
+    listenSSH: opts.listenSSH,
     logger: pino({ level: process.env.ORCHARD_TEST_LOG ?? 'silent' }),
   });
   const admin = clientOf(ctl, 'bootstrap-admin', ADMIN_TOKEN);
@@ -152,7 +153,7 @@ export const TEST_IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'or
  * An in-process controller and an in-process worker with the real QEMU driver, the debian-dev image
  * built (or cached), and a helper that creates a VM and waits until its guest answers SSH.
  */
-export async function qemuCluster(opts: { workerName?: string } = {}) {
+export async function qemuCluster(opts: { workerName?: string; listenSSH?: string } = {}) {
   const [{ buildDebianDev }, { QemuDriver }, { startWorker }, fs] = await Promise.all([
     import('../src/worker/images.ts'),
     import('../src/worker/drivers/qemu.ts'),
@@ -160,7 +161,7 @@ export async function qemuCluster(opts: { workerName?: string } = {}) {
     import('node:fs'),
   ]);
   await buildDebianDev(TEST_IMAGES);
-  const c = await inProcessController();
+  const c = await inProcessController({ listenSSH: opts.listenSSH });
   const workerDir = tempDir('orchard-worker-');
   fs.symlinkSync(TEST_IMAGES, join(workerDir, 'images'));
   const driver = new QemuDriver({ dataDir: workerDir, imagesDir: TEST_IMAGES });

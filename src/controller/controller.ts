@@ -7,6 +7,7 @@ import { SQLiteStore } from './store/sqlite.ts';
 import type { Store } from './store/store.ts';
 import { buildApp } from './app.ts';
 import { loadTLS } from './tls.ts';
+import { startSSHJump, type SSHJumpServer } from './ssh-jump.ts';
 
 export interface ControllerOptions {
   dataDir: string;
@@ -20,6 +21,8 @@ export interface ControllerOptions {
   logger?: Logger;
   /** Backoff base of OnFailure restarts (default 1 s, doubling up to 5 min). */
   restartBackoffMs?: number;
+  /** host:port of the SSH jump host (`ssh -J ACCOUNT@HOST:PORT USER@VM`); none when unset. Port 0 picks a free one. */
+  listenSSH?: string;
 }
 
 export interface RunningController {
@@ -28,6 +31,8 @@ export interface RunningController {
   /** PEM of the certificate served (undefined without TLS). */
   certificate?: string;
   fingerprint?: string;
+  /** The SSH jump host, when `listenSSH` was given: its bound port and its host key. */
+  ssh?: { port: number; fingerprint: string; publicKey: string };
   store: Store;
   logger: Logger;
   close(): Promise<void>;
@@ -35,11 +40,11 @@ export interface RunningController {
 
 export const DEFAULT_PORT = 6120;
 
-export function parseListen(listen: string): { host: string; port: number } {
+export function parseListen(listen: string, flag = '--listen'): { host: string; port: number } {
   const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d{1,5})$/.exec(listen);
-  if (!m) throw new Error(`--listen must be HOST:PORT or :PORT, got "${listen}"`);
+  if (!m) throw new Error(`${flag} must be HOST:PORT or :PORT, got "${listen}"`);
   const port = Number(m[3]);
-  if (port > 65535) throw new Error(`--listen: port ${port} is out of range`);
+  if (port > 65535) throw new Error(`${flag}: port ${port} is out of range`);
   return { host: m[1] ?? (m[2] || '0.0.0.0'), port };
 }
 
@@ -50,6 +55,7 @@ export function defaultLogger(): Logger {
 export async function startController(opts: ControllerOptions): Promise<RunningController> {
   const logger = opts.logger ?? defaultLogger();
   const { host, port } = parseListen(opts.listen);
+  const sshListen = opts.listenSSH === undefined ? undefined : parseListen(opts.listenSSH, '--listen-ssh');
   mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
   let tls: Awaited<ReturnType<typeof loadTLS>> | undefined;
   if (opts.insecureNoTLS) {
@@ -70,14 +76,21 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       });
       logger.info('service account "bootstrap-admin" has every role and the token from ORCHARD_BOOTSTRAP_ADMIN_TOKEN');
     }
-    const { app, close } = await buildApp({
+    const { app, ctx, close } = await buildApp({
       store,
       logger,
       workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs ?? 3 * 60_000,
       https: tls ? { cert: tls.cert, key: tls.key } : undefined,
       restartBackoffMs: opts.restartBackoffMs,
     });
-    await app.listen({ host, port });
+    let ssh: SSHJumpServer | undefined;
+    try {
+      await app.listen({ host, port });
+      if (sshListen) ssh = await startSSHJump({ ...sshListen, dataDir: opts.dataDir, store, tunnels: ctx.tunnels, logger });
+    } catch (err) {
+      await close();
+      throw err;
+    }
     const address = app.server.address();
     const boundPort = typeof address === 'object' && address ? address.port : port;
     const urlHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host.includes(':') ? `[${host}]` : host;
@@ -88,9 +101,12 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       port: boundPort,
       certificate: tls?.cert,
       fingerprint: tls?.fingerprint,
+      ssh: ssh && { port: ssh.port, fingerprint: ssh.hostKey.fingerprint, publicKey: ssh.hostKey.publicKey },
       store,
       logger,
       close: async () => {
+        // The jump host first: its connections ride on the tunnels the app closes.
+        await ssh?.close();
         await close();
         store.close();
       },

@@ -178,7 +178,7 @@ export class OrchardWorker {
       target = action.vmUID
         ? await this.o.driver.dial(this.localNameOfUID(action.vmUID), action.port)
         : await new Promise<Duplex>((resolve, reject) => {
-            const sock = net.connect({ host: '127.0.0.1', port: action.port }, () => resolve(sock));
+            const sock = net.connect({ host: '127.0.0.1', port: action.port, noDelay: true }, () => resolve(sock));
             sock.once('error', reject);
           });
     } catch (err) {

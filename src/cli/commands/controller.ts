@@ -15,8 +15,9 @@ export function registerControllerCommands(program: Command) {
     .option('--controller-key <file>', 'the key of --controller-cert (PEM)')
     .option('--insecure-no-tls', 'serve plain HTTP (tokens cross the network in clear text!)')
     .option('--worker-offline-timeout <duration>', 'a worker not seen for this long is offline', '3m')
+    .option('--listen-ssh <address>', 'also run an SSH jump host to the VMs on this address (HOST:PORT or :PORT): ssh -J ACCOUNT@HOST:PORT USER@VM, password = the account\'s token')
     .addHelpText('after', '\nEnvironment:\n  ORCHARD_BOOTSTRAP_ADMIN_TOKEN  create (or update) the service account "bootstrap-admin" with every role and this token')
-    .action(async (opts: { dataDir: string; listen: string; controllerCert?: string; controllerKey?: string; insecureNoTls?: boolean; workerOfflineTimeout: string }) => {
+    .action(async (opts: { dataDir: string; listen: string; controllerCert?: string; controllerKey?: string; insecureNoTls?: boolean; workerOfflineTimeout: string; listenSsh?: string }) => {
       // Loaded on demand: the other commands need none of the server's modules.
       const { startController } = await import('../../controller/controller.ts');
       let ctl;
@@ -29,6 +30,7 @@ export function registerControllerCommands(program: Command) {
           insecureNoTLS: opts.insecureNoTls,
           workerOfflineTimeoutMs: parseDuration(opts.workerOfflineTimeout),
           bootstrapAdminToken: process.env.ORCHARD_BOOTSTRAP_ADMIN_TOKEN || undefined,
+          listenSSH: opts.listenSsh,
         });
       } catch (err) {
         const e = err as Error & { code?: string };
@@ -37,6 +39,10 @@ export function registerControllerCommands(program: Command) {
         throw e;
       }
       if (ctl.fingerprint) process.stderr.write(`orchard controller: listening on ${ctl.url}, certificate SHA-256 ${ctl.fingerprint}\n`);
+      if (ctl.ssh) {
+        const address = opts.listenSsh!.replace(/\d+$/, String(ctl.ssh.port));
+        process.stderr.write(`orchard controller: SSH jump host on ${address}, host key ${ctl.ssh.fingerprint} (ssh -J ACCOUNT@HOST:${ctl.ssh.port} USER@VM)\n`);
+      }
       await new Promise<void>((resolve) => {
         const stop = () => {
           process.off('SIGINT', stop);

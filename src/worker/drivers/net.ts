@@ -9,6 +9,8 @@ export function connectTCP(host: string, port: number, what: string, timeoutMs =
     sock.once('connect', () => {
       clearTimeout(timer);
       sock.removeListener('error', reject);
+      // Tunnelled protocols (SSH, VNC) send small packets; Nagle's algorithm would hold them back.
+      sock.setNoDelay(true);
       resolve(sock);
     });
     sock.once('error', (err) => {

@@ -1,0 +1,339 @@
+// `orchard controller run --listen-ssh ADDR`: an SSH server that is only a jump host. A client
+// authenticates as a service account (user = account name, password = its token; the account
+// needs compute:write or compute:connect) and opens `direct-tcpip` channels — what `ssh -J` and
+// `ssh -W` use — whose destination host is a VM name and whose port is a TCP port of that VM.
+// Each channel is spliced to a tunnel through the VM's worker (the same path as the port-forward
+// WebSocket). Sessions (shell/exec/subsystems such as sftp), remote forwarding and Unix sockets
+// are refused. The host key is made on first start, kept in the data dir and reused.
+import { createHash } from 'node:crypto';
+import { chmodSync, existsSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import ssh2 from 'ssh2';
+import type { AuthContext, Connection, ParsedKey, ServerChannel, TcpipRequestInfo } from 'ssh2';
+import { NAME_PATTERN, type ServiceAccount } from '../api/schemas.ts';
+import type { Store } from './store/store.ts';
+import type { Tunnel, Tunnels } from './tunnels.ts';
+import { tokensEqual } from './auth.ts';
+import { HttpError } from './errors.ts';
+
+export const HOST_KEY_FILE = 'ssh_host_ed25519_key';
+/** Roles of which an account needs one to use the jump host (as for port-forward and exec). */
+const ROLES_NEEDED = ['compute:write', 'compute:connect'] as const;
+const AUTH_METHODS: ('password' | 'keyboard-interactive')[] = ['password', 'keyboard-interactive'];
+/** A failed authentication answers only after this long (slows down guessing). */
+const AUTH_FAILURE_DELAY_MS = 200;
+/** A connection not authenticated within this long is closed (as OpenSSH's LoginGraceTime). */
+const LOGIN_GRACE_MS = 60_000;
+/** Dead clients are found by keepalives: every 15 s, dropped after 4 unanswered. */
+const KEEPALIVE = { keepaliveInterval: 15_000, keepaliveCountMax: 4 };
+/** SSH_MSG_CHANNEL_OPEN_FAILURE reason codes (RFC 4254 §5.1). */
+const OPEN_FAILURE = { ADMINISTRATIVELY_PROHIBITED: 1, CONNECT_FAILED: 2 } as const;
+
+export interface HostKey {
+  /** OpenSSH private key (PEM-like text). */
+  privateKey: string;
+  /** `ssh-ed25519 BASE64`: a known_hosts line without the host part. */
+  publicKey: string;
+  /** `SHA256:...` as `ssh-keygen -l` prints it. */
+  fingerprint: string;
+  generated: boolean;
+}
+
+function describeKey(privateKey: string, path: string): Omit<HostKey, 'generated'> {
+  const key: ParsedKey | Error = ssh2.utils.parseKey(privateKey);
+  if (key instanceof Error || !key.isPrivateKey()) {
+    throw new Error(`cannot use the SSH host key ${path}: ${key instanceof Error ? key.message : 'not a private key'}; remove it to have a new one made`);
+  }
+  const blob = key.getPublicSSH();
+  return {
+    privateKey,
+    publicKey: `${key.type} ${blob.toString('base64')}`,
+    fingerprint: `SHA256:${createHash('sha256').update(blob).digest('base64').replace(/=+$/, '')}`,
+  };
+}
+
+/** Loads `DATA_DIR/ssh_host_ed25519_key`, or makes it (mode 0600) when there is none. */
+export function loadHostKey(dataDir: string, logger?: Logger): HostKey {
+  const path = join(dataDir, HOST_KEY_FILE);
+  if (existsSync(path)) {
+    const mode = statSync(path).mode & 0o777;
+    if (mode & 0o077) {
+      logger?.warn({ path, mode: mode.toString(8) }, 'the SSH host key was readable by others: setting its mode to 0600');
+      chmodSync(path, 0o600);
+    }
+    return { ...describeKey(readFileSync(path, 'utf8'), path), generated: false };
+  }
+  const pair = ssh2.utils.generateKeyPairSync('ed25519', { comment: 'orchard-controller' });
+  // Written aside and renamed, so a crash never leaves a half-written key behind.
+  const tmp = `${path}.${process.pid}.tmp`;
+  writeFileSync(tmp, pair.private, { mode: 0o600 });
+  renameSync(tmp, path);
+  return { ...describeKey(pair.private, path), generated: true };
+}
+
+export interface SSHJumpOptions {
+  host: string;
+  port: number;
+  dataDir: string;
+  store: Store;
+  tunnels: Tunnels;
+  logger: Logger;
+  /** How long a channel open waits for its VM to run (default 5 s). */
+  waitSeconds?: number;
+}
+
+export interface SSHJumpServer {
+  port: number;
+  hostKey: HostKey;
+  close(): Promise<void>;
+}
+
+/**
+ * Rejects a channel open with a reason code and a description the client shows (OpenSSH:
+ * "channel 0: open failed: connect failed: <description>"). ssh2's `reject()` sends no
+ * description, so its one call to the protocol's `channelOpenFail` is given ours; if ssh2's
+ * internals ever change, this degrades to a plain `reject()`.
+ */
+function rejectChannel(client: Connection, reject: () => void, code: number, description: string) {
+  type Proto = { channelOpenFail?: (recipient: number, reason: number, desc?: string) => void };
+  const proto = (client as unknown as { _protocol?: Proto })._protocol;
+  const original = proto?.channelOpenFail;
+  if (!proto || typeof original !== 'function') return reject();
+  const own = Object.getOwnPropertyDescriptor(proto, 'channelOpenFail');
+  const text = description.replace(/[^\x20-\x7e]+/g, ' ').slice(0, 240);
+  proto.channelOpenFail = (recipient: number) => original.call(proto, recipient, code, text);
+  try {
+    reject();
+  } finally {
+    if (own) Object.defineProperty(proto, 'channelOpenFail', own);
+    else delete proto.channelOpenFail;
+  }
+}
+
+const hasRole = (account: ServiceAccount) => ROLES_NEEDED.some((r) => account.roles.includes(r));
+
+export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer> {
+  const { store, tunnels, logger } = opts;
+  const log = logger.child({ component: 'ssh-jump' });
+  const waitSeconds = opts.waitSeconds ?? 5;
+  const hostKey = loadHostKey(opts.dataDir, log);
+  const clients = new Set<Connection>();
+  const nameRE = new RegExp(NAME_PATTERN);
+
+  /** The account if `token` is its token and it may connect; otherwise why not (never the token). */
+  async function check(name: string, token: string): Promise<ServiceAccount | string> {
+    const account = await store.get('serviceAccounts', name);
+    // Compare even when the account is missing, so timing does not tell which names exist.
+    const ok = tokensEqual(account?.token ?? '\0no-such-account', token) && !!account?.token;
+    if (!ok || !account) return 'no such service account or wrong token';
+    if (!hasRole(account)) return `service account lacks one of the roles ${ROLES_NEEDED.map((r) => `"${r}"`).join(' or ')}`;
+    return account;
+  }
+
+  const server = new ssh2.Server({ hostKeys: [hostKey.privateKey], ident: 'Orchard-jump', ...KEEPALIVE }, (client, info) => {
+    const remote = `${info.ip}:${info.port}`;
+    let account: ServiceAccount | undefined;
+    const open = new Set<Tunnel>();
+    clients.add(client);
+    // Without this, Nagle holds back the small packets interactive use and the inner SSH
+    // connection's window adjustments are made of (40 ms each against delayed ACKs).
+    (client as Connection & { setNoDelay(noDelay: boolean): void }).setNoDelay(true);
+    client.on('error', (err: Error) => log.debug({ remote, err: err.message }, 'SSH client connection error'));
+    const grace = setTimeout(() => {
+      log.info({ remote }, 'SSH jump host: no authentication in time, closing the connection');
+      client.end();
+    }, LOGIN_GRACE_MS);
+    client.on('close', () => {
+      clearTimeout(grace);
+      clients.delete(client);
+      for (const t of open) t.ws.close(1000, 'SSH client gone');
+    });
+
+    client.on('authentication', (ctx: AuthContext) => {
+      const decide = (result: ServiceAccount | string) => {
+        if (typeof result === 'string') {
+          log.info({ account: ctx.username, method: ctx.method, remote, reason: result }, 'SSH jump host: authentication refused');
+          setTimeout(() => {
+            try {
+              ctx.reject(AUTH_METHODS);
+            } catch {
+              // the client is gone
+            }
+          }, AUTH_FAILURE_DELAY_MS);
+          return;
+        }
+        account = result;
+        ctx.accept();
+      };
+      const fail = (err: unknown) => {
+        log.error({ err, remote }, 'SSH jump host: authentication failed with an error');
+        try {
+          ctx.reject(AUTH_METHODS);
+        } catch {
+          // the client is gone
+        }
+      };
+      switch (ctx.method) {
+        case 'password':
+          check(ctx.username, ctx.password).then(decide, fail);
+          return;
+        case 'keyboard-interactive':
+          ctx.prompt([{ prompt: `Token of service account "${ctx.username}": `, echo: false }], 'Orchard SSH jump host', '', (answers) => {
+            check(ctx.username, answers[0] ?? '').then(decide, fail);
+          });
+          return;
+        default:
+          // "none" (the client asking which methods there are), public keys, host-based: not offered.
+          ctx.reject(AUTH_METHODS);
+      }
+    });
+
+    client.on('ready', () => clearTimeout(grace));
+    client.on('ready', () => log.info({ account: account?.name, remote }, 'SSH jump host: client authenticated'));
+
+    client.on('tcpip', (accept, reject, dest: TcpipRequestInfo) => {
+      forward(client, remote, account!, accept, reject, dest, open).catch((err: unknown) => {
+        log.error({ err, remote }, 'SSH jump host: forwarding failed with an error');
+        rejectChannel(client, reject, OPEN_FAILURE.CONNECT_FAILED, 'internal error');
+      });
+    });
+
+    const onlyJump = 'this is an Orchard jump host: only TCP forwarding to VMs is allowed (ssh -J ACCOUNT@HOST:PORT USER@VM, or ssh -W VM:PORT)';
+    client.on('session', (_accept, reject) => {
+      log.info({ account: account?.name, remote }, 'SSH jump host: refused a session (shell, exec, sftp) channel');
+      rejectChannel(client, reject, OPEN_FAILURE.ADMINISTRATIVELY_PROHIBITED, onlyJump);
+    });
+    client.on('openssh.streamlocal', (_accept, reject) => {
+      log.info({ account: account?.name, remote }, 'SSH jump host: refused a Unix socket channel');
+      rejectChannel(client, reject, OPEN_FAILURE.ADMINISTRATIVELY_PROHIBITED, onlyJump);
+    });
+    // Global requests: remote forwarding (tcpip-forward, streamlocal-forward) is refused.
+    // ("no-more-sessions@openssh.com" is answered by ssh2 itself.)
+    client.on('request', (_accept: unknown, reject: (() => void) | undefined, name: string) => {
+      log.info({ account: account?.name, remote, request: name }, 'SSH jump host: refused a global request');
+      reject?.();
+    });
+  });
+
+  async function forward(
+    client: Connection,
+    remote: string,
+    authenticated: ServiceAccount,
+    accept: () => ServerChannel | undefined,
+    reject: () => void,
+    dest: TcpipRequestInfo,
+    open: Set<Tunnel>,
+  ) {
+    const vmName = dest.destIP;
+    const port = dest.destPort;
+    const fields = { account: authenticated.name, vm: vmName, port, remote };
+    const refuse = (code: number, why: string) => {
+      log.info({ ...fields, reason: why }, 'SSH jump host: refused a connection');
+      rejectChannel(client, reject, code, why);
+    };
+    // The account may have been deleted, or lost its roles or its token, since it logged in.
+    const current = await store.get('serviceAccounts', authenticated.name);
+    if (!current || !tokensEqual(current.token ?? '', authenticated.token ?? '\0') || !hasRole(current)) {
+      return refuse(OPEN_FAILURE.ADMINISTRATIVELY_PROHIBITED, `service account "${authenticated.name}" is no longer allowed to connect`);
+    }
+    if (!nameRE.test(vmName)) return refuse(OPEN_FAILURE.CONNECT_FAILED, `"${vmName}" is not a VM name: the destination host must be the name of a VM`);
+    if (!Number.isInteger(port) || port < 1 || port > 65535) return refuse(OPEN_FAILURE.CONNECT_FAILED, `port ${port} is out of range`);
+    let vm;
+    try {
+      vm = await tunnels.runningVM(vmName, waitSeconds);
+    } catch (err) {
+      if (!(err instanceof HttpError)) throw err;
+      const why = err.statusCode === 404 ? `VM "${vmName}" not found` : err.message.replace(/; try a longer \?wait=.*$/, '');
+      return refuse(OPEN_FAILURE.CONNECT_FAILED, why);
+    }
+    let tunnel: Tunnel;
+    try {
+      tunnel = await tunnels.open(vm.worker!, port, vm);
+    } catch (err) {
+      if (!(err instanceof HttpError)) throw err;
+      return refuse(OPEN_FAILURE.CONNECT_FAILED, `cannot connect to port ${port} of VM "${vmName}": ${err.message}`);
+    }
+    if (!clients.has(client)) {
+      tunnel.ws.close(1000, 'SSH client gone');
+      return;
+    }
+    const channel = accept();
+    if (!channel) {
+      tunnel.ws.close(1000, 'SSH channel gone');
+      return;
+    }
+    open.add(tunnel);
+    const started = Date.now();
+    log.info({ ...fields, worker: vm.worker }, 'SSH jump host: connected to the VM');
+    splice(channel, tunnel, (stats) => {
+      open.delete(tunnel);
+      log.info({ ...fields, ...stats, durationMs: Date.now() - started }, 'SSH jump host: connection closed');
+    });
+  }
+
+  await new Promise<void>((resolve, reject) => {
+    const onError = (err: Error & { code?: string }) => {
+      const where = `${opts.host.includes(':') ? `[${opts.host}]` : opts.host}:${opts.port}`;
+      const why = err.code === 'EADDRINUSE' ? 'the port is in use' : err.code === 'EACCES' ? 'permission denied (use a port above 1023)' : err.message;
+      reject(new Error(`--listen-ssh: cannot listen on ${where}: ${why}`, { cause: err }));
+    };
+    server.once('error', onError);
+    server.listen(opts.port, opts.host, () => {
+      server.off('error', onError);
+      resolve();
+    });
+  });
+  server.on('error', (err: Error) => log.error({ err }, 'SSH jump host server error'));
+  const address = server.address();
+  const port = typeof address === 'object' && address ? address.port : opts.port;
+  log.info({ host: opts.host, port, fingerprint: hostKey.fingerprint, generated: hostKey.generated }, 'SSH jump host is listening');
+
+  return {
+    port,
+    hostKey,
+    close: async () => {
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      for (const client of clients) client.end();
+      // Connections that do not close politely within a second are cut.
+      const timer = setTimeout(() => {
+        for (const client of clients) (client as unknown as { _sock?: { destroy(): void } })._sock?.destroy();
+      }, 1000);
+      await closed;
+      clearTimeout(timer);
+    },
+  };
+}
+
+/**
+ * Splices an SSH channel and a tunnel to the VM, both ways, with flow control on each side (SSH
+ * windows and WebSocket backpressure, through pipe). Closing either end closes the other: the
+ * tunnel cannot carry a half-close, so the client's EOF closes the tunnel (as a WebSocket
+ * client's close does), and the VM's close sends EOF and CLOSE on the channel.
+ */
+function splice(channel: ServerChannel, tunnel: Tunnel, onEnd: (stats: { bytesToVM: number; bytesFromVM: number; closedBy: string }) => void) {
+  const vmSide = tunnel.stream;
+  let bytesToVM = 0;
+  let bytesFromVM = 0;
+  let ended = false;
+  const end = (closedBy: string) => {
+    if (ended) return;
+    ended = true;
+    onEnd({ bytesToVM, bytesFromVM, closedBy });
+  };
+  channel.on('data', (c: Buffer) => (bytesToVM += c.length));
+  vmSide.on('data', (c: Buffer) => (bytesFromVM += c.length));
+  channel.pipe(vmSide);
+  vmSide.pipe(channel);
+  vmSide.on('error', () => channel.close());
+  channel.on('error', () => tunnel.ws.close(1000, 'SSH channel error'));
+  channel.on('close', () => {
+    if (tunnel.ws.readyState === tunnel.ws.OPEN || tunnel.ws.readyState === tunnel.ws.CONNECTING) tunnel.ws.close(1000, 'SSH channel closed');
+    end('client');
+  });
+  tunnel.ws.on('close', (code: number) => {
+    // A normal close flows through the pipe (EOF then CLOSE); a lost worker cuts the channel.
+    if (code !== 1000 && code !== 1005) channel.close();
+    end(code === 1000 || code === 1005 ? 'vm' : `worker connection lost (${code})`);
+  });
+}
