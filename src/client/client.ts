@@ -266,4 +266,34 @@ export class OrchardClient {
   deleteServiceAccount = (name: string) => this.call<ServiceAccount>('DELETE', `/v1/service-accounts/${encodeURIComponent(name)}`);
   getClusterSettings = () => this.call<ClusterSettings>('GET', '/v1/cluster-settings');
   setClusterSettings = (s: ClusterSettings) => this.call<ClusterSettings>('PUT', '/v1/cluster-settings', s);
+
+  /** Opens GET /v1/vms/{name}/exec: JSON frames both ways (see src/controller/exec.ts); HTTP errors reject as ApiError. */
+  openExec(name: string, opts: ExecOptions): Promise<WebSocket> {
+    const q = new URLSearchParams();
+    if (opts.command !== undefined) q.set('command', opts.command);
+    if (opts.interactive) q.set('interactive', 'true');
+    if (opts.tty) q.set('tty', 'true');
+    if (opts.rows !== undefined) q.set('rows', String(opts.rows));
+    if (opts.cols !== undefined) q.set('cols', String(opts.cols));
+    for (const [k, v] of Object.entries(opts.env ?? {})) q.append(`env[${k}]`, v);
+    if (opts.workdir !== undefined) q.set('workdir', opts.workdir);
+    if (opts.wait !== undefined) q.set('wait', String(opts.wait));
+    if (opts.session !== undefined) q.set('session', opts.session);
+    return this.openWebSocket(`/v1/vms/${encodeURIComponent(name)}/exec?${q}`);
+  }
+}
+
+export interface ExecOptions {
+  /** The command line (run by the guest user's login shell); may be left out only to reattach to a session. */
+  command?: string;
+  interactive?: boolean;
+  tty?: boolean;
+  rows?: number;
+  cols?: number;
+  env?: Record<string, string>;
+  workdir?: string;
+  /** Seconds to wait for the VM to run (the controller's default is 10). */
+  wait?: number;
+  /** A reconnectable session id. */
+  session?: string;
 }

@@ -6,6 +6,7 @@ import { ErrorBody, Name } from '../../api/schemas.ts';
 import type { AppContext } from '../app.ts';
 import { badRequest, notFound } from '../errors.ts';
 import type { WebSocketRoutes } from '../rpc.ts';
+import { ExecSessions, parseExecQuery } from '../exec.ts';
 import { splice, type Tunnels } from '../tunnels.ts';
 
 const CONNECT = ['compute:write', 'compute:connect'] as const;
@@ -31,6 +32,15 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
     const vm = await tunnels.runningVM(params.name, parseWait(url.searchParams.get('wait'), 10));
     const tunnel = await tunnels.open(vm.worker!, port, vm);
     return (ws) => splice(ws, tunnel);
+  });
+
+  // Exec over SSH through the worker tunnel; frames, sessions and limits: see ../exec.ts.
+  const exec = new ExecSessions({ store, tunnels, logger: app.log });
+  ctx.shutdown.addEventListener('abort', () => exec.close(), { once: true });
+  sockets.route('/v1/vms/{name}/exec', CONNECT, async ({ url, params, account, request }) => {
+    const query = parseExecQuery(url);
+    const waitSeconds = parseWait(url.searchParams.get('wait'), 10);
+    return exec.open({ vmName: params.name, account: account.name, query, waitSeconds, request });
   });
 
   sockets.route('/v1/workers/{name}/port-forward', ['admin:write'], async ({ url, params }) => {
