@@ -62,14 +62,15 @@ test('orchard dev: a working cluster in one command; Ctrl-C leaves nothing runni
     assert.match(config.contexts.dev.certificate ?? '', /BEGIN CERTIFICATE/, 'the dev context pins the certificate');
     assert.ok((config.contexts.dev.serviceAccountToken ?? '').length >= 40, 'a generated admin token');
 
-    let r = await runCLI(['create', 'vm', 'demo', '--image', 'debian-dev', '--cpu', '1', '--memory', '512', '--startup-script', 'echo it works'], env);
+    // The quick start, literally: defaults (4 vCPUs, 8 GiB) and all.
+    let r = await runCLI(['create', 'vm', 'demo', '--image', 'debian-dev'], env);
     assert.equal(r.code, 0, r.stderr);
-    await waitFor('demo to run its startup script', async () => {
-      const logs = await runCLI(['logs', 'vm', 'demo'], env);
-      return /startup-script-output: it works/.test(logs.stdout);
-    }, 180_000, 500);
+    await waitFor('demo to run', async () => / running /.test((await runCLI(['list', 'vms'], env)).stdout), 180_000, 500);
+    r = await runCLI(['ssh', 'vm', 'demo', '--', 'echo', 'it', 'works'], env);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, 'it works\n');
     r = await runCLI(['list', 'vms'], env);
-    assert.match(r.stdout, /^demo\s+debian-dev\s+1\s+512\s+running\s+dev-worker-1/m);
+    assert.match(r.stdout, /^demo\s+debian-dev\s+4\s+8192\s+running\s+dev-worker-1/m);
     assert.equal(processesWith(dataDir).length > 0, true, 'qemu runs from the dev data dir');
 
     // Ctrl-C: everything stops; no qemu, no port.

@@ -7,6 +7,7 @@ import { registerContextCommands } from './commands/context.ts';
 import { registerResourceCommands } from './commands/resources.ts';
 import { registerWorkerCommands } from './commands/worker.ts';
 import { registerDevCommand } from './commands/dev.ts';
+import { registerConnectCommands } from './commands/connect.ts';
 import { UsageError } from './common.ts';
 
 const program = new Command('orchard')
@@ -20,6 +21,7 @@ registerContextCommands(program);
 registerResourceCommands(program);
 registerWorkerCommands(program);
 registerDevCommand(program);
+registerConnectCommands(program);
 
 try {
   await program.parseAsync(process.argv);

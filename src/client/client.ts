@@ -43,6 +43,16 @@ export function probeCertificate(url: string): Promise<{ pem: string; fingerprin
   });
 }
 
+/**
+ * Frame masking for client WebSockets. RFC 6455 masks client frames so that plain-text proxies can't
+ * be confused into caching attacker-chosen bytes; inside TLS no intermediary sees them, and masking
+ * (a byte-by-byte loop in JavaScript on both ends) was 40-50 % of a tunnel's CPU (BENCHMARKS.md).
+ * So: an all-zero mask (which `ws` skips) on wss://, random masks on plain ws://.
+ */
+export function wsMasking(url: URL): { generateMask?: (mask: Buffer) => void } {
+  return url.protocol === 'wss:' ? { generateMask: (mask: Buffer) => void mask.fill(0) } : {};
+}
+
 const isIP = (host: string) => /^[\d.]+$/.test(host) || host.startsWith('[');
 
 export class OrchardClient {
@@ -51,6 +61,7 @@ export class OrchardClient {
   private readonly auth?: string;
   readonly options: ClientOptions;
   private readonly fingerprint?: string;
+  private secureContext?: tls.SecureContext;
 
   constructor(options: ClientOptions) {
     this.options = options;
@@ -70,8 +81,10 @@ export class OrchardClient {
   tlsOptions(): https.AgentOptions {
     if (!this.options.certificate) return {};
     const fingerprint = this.fingerprint;
+    // One TLS context for every connection (building one per connection costs ~0.4 ms each).
+    this.secureContext ??= tls.createSecureContext({ ca: this.options.certificate });
     return {
-      ca: this.options.certificate,
+      secureContext: this.secureContext,
       // The pinned certificate is trusted for any host name, and no other certificate is.
       checkServerIdentity: (_host, cert) =>
         cert.fingerprint256 === fingerprint ? undefined : new CertificateMismatchError(`certificate fingerprint ${cert.fingerprint256} is not the pinned ${fingerprint}`),
@@ -195,10 +208,16 @@ export class OrchardClient {
   }
 
   /** Opens a WebSocket to an API path; HTTP errors reject as ApiError with the server's message. */
-  async openWebSocket(path: string): Promise<WebSocket> {
+  async openWebSocket(path: string, handshakeTimeoutMs = 60_000): Promise<WebSocket> {
     const u = new URL(this.url.pathname.replace(/\/$/, '') + path, this.url);
     u.protocol = u.protocol === 'https:' ? 'wss:' : 'ws:';
-    const ws = new WebSocket(u, { headers: this.auth ? { authorization: this.auth } : {}, ...this.tlsOptions(), handshakeTimeout: 60_000, maxPayload: 64 * 1024 * 1024 });
+    const ws = new WebSocket(u, {
+      headers: this.auth ? { authorization: this.auth } : {},
+      ...this.tlsOptions(),
+      ...wsMasking(u),
+      handshakeTimeout: handshakeTimeoutMs,
+      maxPayload: 64 * 1024 * 1024,
+    });
     try {
       await new Promise<void>((resolve, reject) => {
         ws.once('open', () => resolve());
@@ -227,7 +246,8 @@ export class OrchardClient {
 
   /** A flow-controlled byte stream to TCP `port` of a VM, through the controller and its worker. */
   async portForwardVM(name: string, port: number, waitSeconds = 10): Promise<{ ws: WebSocket; stream: Duplex }> {
-    const ws = await this.openWebSocket(`/v1/vms/${encodeURIComponent(name)}/port-forward?port=${port}&wait=${waitSeconds}`);
+    // The controller may wait `waitSeconds` for the VM, then up to 30 s for the worker to dial back.
+    const ws = await this.openWebSocket(`/v1/vms/${encodeURIComponent(name)}/port-forward?port=${port}&wait=${waitSeconds}`, (waitSeconds + 35) * 1000);
     return { ws, stream: createWebSocketStream(ws) };
   }
 

@@ -9,7 +9,7 @@ import type { Duplex } from 'node:stream';
 import { createWebSocketStream, WebSocket } from 'ws';
 import type { Logger } from 'pino';
 import { RESOURCE_LOGICAL_CORES, RESOURCE_MEMORY_MIB, RESOURCE_TART_VMS, type Event, type VM, type VMStateUpdate } from '../api/schemas.ts';
-import { ApiError, OrchardClient } from '../client/client.ts';
+import { ApiError, OrchardClient, wsMasking } from '../client/client.ts';
 import type { Driver, DriverVM } from './drivers/driver.ts';
 import { runScript } from './startup-script.ts';
 
@@ -184,9 +184,11 @@ export class OrchardWorker {
     } catch (err) {
       query.error = (err as Error).message.slice(0, 500);
     }
-    const ws = new WebSocket(this.rpcURL('/v1/rpc/port-forward', query, true), {
+    const url = this.rpcURL('/v1/rpc/port-forward', query, true);
+    const ws = new WebSocket(url, {
       headers: { authorization: this.o.client.authorization ?? '' },
       ...this.o.client.tlsOptions(),
+      ...wsMasking(url),
       handshakeTimeout: 15_000,
     });
     ws.on('error', (err) => {

@@ -153,7 +153,19 @@ export function registerResourceCommands(program: Command) {
     },
   );
 
-  withCommon(get.command('vm').description('show a VM').argument('<name>')).action(async (name: string, opts: CommonOptions) => {
+  withCommon(
+    get
+      .command('vm')
+      .description('show a VM')
+      .argument('<name>')
+      .option('--ip', "print only the VM's IP address (resolved on its worker; needs compute:write or compute:connect)")
+      .option('--wait <seconds>', 'with --ip: how long to wait for the VM to be running', parseInteger('--wait'), 10),
+  ).action(async (name: string, opts: CommonOptions & { ip?: boolean; wait: number }) => {
+    if (opts.ip) {
+      const ip = await withClient(opts, (c) => c.vmIP(name, opts.wait));
+      print(opts.output, { ip }, () => ip + '\n');
+      return;
+    }
     const vm = await withClient(opts, (c) => c.getVM(name));
     print(opts.output, vm, () => vmDetails(vm));
   });
