@@ -49,8 +49,8 @@ export class Cluster {
     this.admin = this.client();
   }
 
-  client() {
-    return new OrchardClient({ url: this.ctl.url, certificate: this.certificate, serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN });
+  client(maxSockets?: number) {
+    return new OrchardClient({ url: this.ctl.url, certificate: this.certificate, serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, maxSockets });
   }
 
   /** Starts `n` synthetic workers with `slots` VM slots each, `concurrency` at a time. */
@@ -61,7 +61,7 @@ export class Cluster {
         while (next < n) {
           const i = next++;
           const driver = new SyntheticDriver();
-          const worker = new OrchardWorker({ client: this.client(), name: `load-${i}`, driver, dataDir: join(this.dataDir, 'workers', String(i)), slots, heartbeatMs, logger: this.logger });
+          const worker = new OrchardWorker({ client: this.client(4), name: `load-${i}`, driver, dataDir: join(this.dataDir, 'workers', String(i)), slots, heartbeatMs, logger: this.logger });
           this.drivers[i] = driver;
           this.workers[i] = worker;
           await worker.start();

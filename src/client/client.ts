@@ -14,6 +14,11 @@ export interface ClientOptions {
   serviceAccountToken?: string;
   /** PEM of the pinned controller certificate: only a controller presenting exactly it is trusted. */
   certificate?: string;
+  /**
+   * Connections kept to the controller for API requests (more requests queue). Bounded, so that a
+   * thousand workers cost the controller a few thousand TLS connections, not one per request in flight.
+   */
+  maxSockets?: number;
 }
 
 export class ApiError extends Error {
@@ -71,9 +76,9 @@ export class OrchardClient {
     }
     if (this.url.protocol === 'https:') {
       this.fingerprint = options.certificate ? new X509Certificate(options.certificate).fingerprint256 : undefined;
-      this.agent = new https.Agent({ keepAlive: true, ...this.tlsOptions() });
+      this.agent = new https.Agent({ keepAlive: true, maxSockets: options.maxSockets ?? 32, ...this.tlsOptions() });
     } else {
-      this.agent = new http.Agent({ keepAlive: true });
+      this.agent = new http.Agent({ keepAlive: true, maxSockets: options.maxSockets ?? 32 });
     }
   }
 

@@ -18,7 +18,7 @@ import { Scheduler } from './scheduler.ts';
 import { Tunnels } from './tunnels.ts';
 import { registerConnectRoutes } from './routes/connect.ts';
 import { badRequest } from './errors.ts';
-import { NAME_PATTERN } from '../api/schemas.ts';
+import { NAME_PATTERN, type VM } from '../api/schemas.ts';
 
 export interface AppOptions {
   store: Store;
@@ -73,18 +73,23 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   const tunnels = new Tunnels(opts.store, channels);
   const ctx: AppContext = { store: opts.store, metrics, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, shutdown: abort.signal };
 
-  // Push, not poll: any change to a VM reaches the worker it was and is assigned to at once.
-  const assigned = new Map<string, string | undefined>();
+  // Push, not poll: a change a worker must act on (a VM assigned to it or taken away, a new spec, a
+  // restart, a deletion) reaches it at once. State reports (status, messages, conditions: mostly
+  // the worker's own) do not echo back to it.
+  const seen = new Map<string, { worker?: string; generation?: number; restarts?: number }>();
   const unsubscribe = opts.store.subscribe((change) => {
     if (change.kind !== 'vms') return;
-    const vm = change.object as { uid?: string; worker?: string };
-    const before = vm.uid ? assigned.get(vm.uid) : undefined;
-    if (before && before !== vm.worker) channels.requestSync(before);
+    const vm = change.object as VM;
+    if (!vm.uid) return;
+    const before = seen.get(vm.uid);
+    const now = { worker: vm.worker, generation: vm.generation, restarts: vm.restart_count };
+    if (change.type === 'DELETED') seen.delete(vm.uid);
+    else seen.set(vm.uid, now);
+    const relevant =
+      change.type !== 'MODIFIED' || !before || before.worker !== now.worker || before.generation !== now.generation || before.restarts !== now.restarts;
+    if (!relevant) return;
+    if (before?.worker && before.worker !== vm.worker) channels.requestSync(before.worker);
     if (vm.worker) channels.requestSync(vm.worker);
-    if (vm.uid) {
-      if (change.type === 'DELETED') assigned.delete(vm.uid);
-      else assigned.set(vm.uid, vm.worker);
-    }
   });
   channels.onChange = () => scheduler.kick();
 

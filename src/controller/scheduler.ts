@@ -32,7 +32,9 @@ function placementInputsDiffer(kind: 'vms' | 'workers', before: VM | Worker, aft
   const keys =
     kind === 'workers'
       ? (['scheduling_paused', 'resources', 'labels', 'runtime'] as const)
-      : (['status', 'worker', 'resources', 'labels', 'runtime', 'restart_count', 'restart_policy'] as const);
+      : (['worker', 'resources', 'labels', 'runtime', 'restart_count', 'restart_policy'] as const);
+  // Of a VM's status only failing (or recovering) matters: pending → running on its worker does not.
+  if (kind === 'vms' && ((before as VM).status === 'failed') !== ((after as VM).status === 'failed')) return true;
   return keys.some((k) => JSON.stringify((before as Record<string, unknown>)[k]) !== JSON.stringify((after as Record<string, unknown>)[k]));
 }
 
@@ -146,6 +148,42 @@ export class Scheduler {
     return Math.min((this.opts.backoffBaseMs ?? BACKOFF_BASE_MS) * 2 ** restartCount, BACKOFF_CAP_MS);
   }
 
+  private fits(vm: VM, need: Record<string, number>, w: Worker, u: Record<string, number>): boolean {
+    if (vm.runtime && vm.runtime !== (w.runtime ?? 'tart')) return false;
+    if (vm.labels) for (const k in vm.labels) if (w.labels?.[k] !== vm.labels[k]) return false;
+    for (const k in need) if ((w.resources?.[k] ?? 0) - (u[k] ?? 0) < need[k]) return false;
+    return true;
+  }
+
+  /** Why a VM fits on no worker, per reason: "no worker fits: 2 workers: 1 lacks label rack=a, 1 is paused". */
+  private whyNoFit(vm: VM, need: Record<string, number>, workers: Worker[], online: Map<string, boolean>, used: Map<string, Record<string, number>>): string {
+    if (workers.length === 0) return 'waiting for a worker: none is registered';
+    // Each reason in its singular and plural form: "1 is paused", "2 are paused".
+    const reasons = new Map<string, { n: number; plural: string }>();
+    const why = (one: string, many: string) => {
+      const r = reasons.get(one);
+      if (r) r.n++;
+      else reasons.set(one, { n: 1, plural: many });
+    };
+    for (const w of workers) {
+      const runtime = w.runtime ?? 'tart';
+      const missing = Object.entries(vm.labels ?? {}).find(([k, v]) => w.labels?.[k] !== v);
+      const u = used.get(w.name)!;
+      const short = Object.entries(need).find(([k, v]) => (w.resources?.[k] ?? 0) - (u[k] ?? 0) < v);
+      if (!online.get(w.name)) why('is offline', 'are offline');
+      else if (w.scheduling_paused) why('is paused', 'are paused');
+      else if (vm.runtime && vm.runtime !== runtime) why(`runs ${runtime}, not ${vm.runtime}`, `run ${runtime}, not ${vm.runtime}`);
+      else if (missing) why(`lacks label ${missing[0]}=${missing[1]}`, `lack label ${missing[0]}=${missing[1]}`);
+      else if (short) {
+        const [k, v] = short;
+        const free = Math.max(0, (w.resources?.[k] ?? 0) - (u[k] ?? 0));
+        why(`has ${free} of ${v} ${shortName(k)} free`, `have ${free} of ${v} ${shortName(k)} free`);
+      }
+    }
+    const list = [...reasons].map(([one, { n, plural }]) => `${n} ${n === 1 ? one : plural}`).join(', ');
+    return `no worker fits: ${workers.length} worker${workers.length > 1 ? 's' : ''}: ${list}`;
+  }
+
   /** One pass over the whole cluster state. */
   async pass() {
     const now = Date.now();
@@ -178,10 +216,9 @@ export class Scheduler {
     const live = new Set<string>();
     let nextDue = Infinity;
     for (const [i, vm] of vms.entries()) {
-      if (!vm.uid) continue;
+      if (!vm.uid || vm.status !== 'failed') continue;
       const failure = `${vm.uid}/${vm.restart_count ?? 0}`;
       live.add(failure);
-      if (vm.status !== 'failed') continue;
       if (!this.failedSince.has(failure)) this.failedSince.set(failure, now);
       if (vm.restart_policy !== 'OnFailure') continue;
       const count = vm.restart_count ?? 0;
@@ -216,60 +253,56 @@ export class Scheduler {
       this.dueTimer.unref();
     }
 
-    // 3. Placement.
+    // 3. Placement, from an ordered list of the workers with room (no full scan per VM); VMs that ask
+    // for the same things share one verdict once they stop fitting (usage only grows in a pass).
     const used = new Map<string, Record<string, number>>(workers.map((w) => [w.name, {}]));
     for (const vm of vms) {
       if (!vm.worker || vm.status === 'failed') continue;
       const u = used.get(vm.worker);
       if (!u) continue;
-      for (const [k, v] of Object.entries(requirements(vm))) u[k] = (u[k] ?? 0) + v;
+      u[RESOURCE_TART_VMS] = (u[RESOURCE_TART_VMS] ?? 0) + 1;
+      if (vm.resources) for (const k in vm.resources) u[k] = (u[k] ?? 0) + vm.resources[k];
     }
-    const profile = settings.schedulerProfile ?? 'optimize-utilization';
+    const distribute = (settings.schedulerProfile ?? 'optimize-utilization') === 'distribute-load';
     const load = (w: Worker) => used.get(w.name)![RESOURCE_TART_VMS] ?? 0;
+    const free = (w: Worker) => (w.resources?.[RESOURCE_TART_VMS] ?? 0) - load(w);
+    // Workers that could take a VM, in the profile's order (busiest or least busy first, then by
+    // name): the first that fits is the one to use. Full workers leave the list.
+    const before = (a: Worker, b: Worker) => (load(a) !== load(b) ? (distribute ? load(a) < load(b) : load(a) > load(b)) : a.name < b.name);
+    const candidates = workers
+      .filter((w) => online.get(w.name) && !w.scheduling_paused && free(w) > 0)
+      .sort((a, b) => (before(a, b) ? -1 : before(b, a) ? 1 : 0));
+    const noFit = new Map<string, string>();
     for (const vm of vms) {
       if (vm.status !== 'pending' || vm.worker) continue;
       const need = requirements(vm);
-      // Each reason in its singular and plural form: "1 is paused", "2 are paused".
-      const reasons = new Map<string, { n: number; plural: string }>();
-      const why = (one: string, many: string) => {
-        const r = reasons.get(one);
-        if (r) r.n++;
-        else reasons.set(one, { n: 1, plural: many });
-      };
-      const fits: Worker[] = [];
-      for (const w of workers) {
-        if (!online.get(w.name)) why('is offline', 'are offline');
-        else if (w.scheduling_paused) why('is paused', 'are paused');
-        else if (vm.runtime && vm.runtime !== (w.runtime ?? 'tart')) why(`runs ${w.runtime ?? 'tart'}, not ${vm.runtime}`, `run ${w.runtime ?? 'tart'}, not ${vm.runtime}`);
-        else {
-          const missing = Object.entries(vm.labels ?? {}).find(([k, v]) => w.labels?.[k] !== v);
-          if (missing) {
-            why(`lacks label ${missing[0]}=${missing[1]}`, `lack label ${missing[0]}=${missing[1]}`);
-            continue;
-          }
-          const u = used.get(w.name)!;
-          const short = Object.entries(need).find(([k, v]) => (w.resources?.[k] ?? 0) - (u[k] ?? 0) < v);
-          if (short) {
-            const [k, v] = short;
-            const free = Math.max(0, (w.resources?.[k] ?? 0) - (u[k] ?? 0));
-            why(`has ${free} of ${v} ${shortName(k)} free`, `have ${free} of ${v} ${shortName(k)} free`);
-            continue;
-          }
-          fits.push(w);
-        }
+      const signature = JSON.stringify([vm.runtime, vm.labels, need]);
+      let message = noFit.get(signature);
+      let best: Worker | undefined;
+      let at = -1;
+      if (message === undefined) {
+        at = candidates.findIndex((w) => this.fits(vm, need, w, used.get(w.name)!));
+        best = candidates[at];
       }
-      if (fits.length === 0) {
-        const message =
-          workers.length === 0
-            ? 'waiting for a worker: none is registered'
-            : `no worker fits: ${workers.length} worker${workers.length > 1 ? 's' : ''}: ${[...reasons].map(([one, { n, plural }]) => `${n} ${n === 1 ? one : plural}`).join(', ')}`;
-        if (vm.status_message !== message) update(vm, (cur) => cur.status === 'pending' && !cur.worker, () => ({ status_message: message }));
+      if (!best) {
+        message ??= this.whyNoFit(vm, need, workers, online, used);
+        noFit.set(signature, message);
+        if (vm.status_message !== message) {
+          const m = message;
+          update(vm, (cur) => cur.status === 'pending' && !cur.worker, () => ({ status_message: m }));
+        }
         continue;
       }
-      fits.sort((a, b) => (profile === 'distribute-load' ? load(a) - load(b) : load(b) - load(a)) || a.name.localeCompare(b.name));
-      const w = fits[0];
+      const w = best;
       const u = used.get(w.name)!;
-      for (const [k, v] of Object.entries(need)) u[k] = (u[k] ?? 0) + v;
+      for (const k in need) u[k] = (u[k] ?? 0) + need[k];
+      // Keep the order: the worker's load grew by one.
+      candidates.splice(at, 1);
+      if (free(w) > 0) {
+        let i = distribute ? at : 0;
+        while (i < candidates.length && before(candidates[i], w)) i++;
+        candidates.splice(i, 0, w);
+      }
       update(vm, (cur) => cur.status === 'pending' && !cur.worker, () => ({
         worker: w.name,
         scheduled_at: new Date(now).toISOString(),

@@ -71,6 +71,7 @@ export async function startWorker(opts: StartWorkerOptions): Promise<OrchardWork
     certificate: opts.token.certificate,
     serviceAccountName: opts.token.serviceAccountName,
     serviceAccountToken: opts.token.serviceAccountToken,
+    maxSockets: 4,
   });
   const worker = new OrchardWorker({
     client,

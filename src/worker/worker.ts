@@ -286,9 +286,15 @@ export class OrchardWorker {
    * lifecycle (no round trip on the boot path); consecutive events go out as one batch.
    */
   private send(task: Task, item: OutboxItem) {
-    const last = task.outbox.at(-1);
-    if ('events' in item && last && 'events' in last) last.events.push(...item.events);
-    else task.outbox.push(item);
+    // Queued (unsent) items merge: events into one batch, and only the newest state matters.
+    if ('events' in item) {
+      const queued = task.outbox.find((i): i is { events: Event[] } => 'events' in i);
+      if (queued) queued.events.push(...item.events);
+      else task.outbox.push(item);
+    } else {
+      task.outbox = task.outbox.filter((i) => !('state' in i));
+      task.outbox.push(item);
+    }
     if (task.sending) return;
     task.sending = (async () => {
       for (let next = task.outbox.shift(); next; next = task.outbox.shift()) {

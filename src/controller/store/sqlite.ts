@@ -15,6 +15,8 @@ export class SQLiteStore implements Store {
   private readonly db: DatabaseSync;
   private readonly listeners = new Set<(change: Change) => void>();
   private revision = 0;
+  /** Cache of the existing service accounts by name; cleared by any write to them. */
+  private readonly accounts = new Map<string, Kinds['serviceAccounts']>();
   private batch?: { changes: Change[]; waiters: { resolve: () => void; reject: (err: Error) => void }[] };
   private readonly stmt: Record<string, StatementSync>;
 
@@ -66,8 +68,13 @@ export class SQLiteStore implements Store {
   }
 
   private read<K extends Kind>(kind: K, name: string): Kinds[K] | undefined {
+    // Service accounts are read on every request (authentication): those few come from memory.
+    const cached = kind === 'serviceAccounts' ? this.accounts.get(name) : undefined;
+    if (cached) return cached as Kinds[K];
     const row = this.stmt.get.get(kind, name) as Row | undefined;
-    return row ? (JSON.parse(row.body) as Kinds[K]) : undefined;
+    const object = row ? (JSON.parse(row.body) as Kinds[K]) : undefined;
+    if (kind === 'serviceAccounts' && object && !this.db.isTransaction) this.accounts.set(name, object as Kinds['serviceAccounts']);
+    return object;
   }
 
   private listSync<K extends Kind>(kind: K, filter?: { worker?: string }): Kinds[K][] {
@@ -134,6 +141,7 @@ export class SQLiteStore implements Store {
   }
 
   private change<K extends Kind>(changes: Change[], kind: K, type: WatchEventType, object: Kinds[K]) {
+    if (kind === 'serviceAccounts') this.accounts.clear();
     changes.push({ kind, type, object, revision: 0 } as Change);
   }
 
