@@ -99,9 +99,8 @@ export async function closedLoop(n: number, concurrency: number, op: (i: number)
 export class Watcher {
   readonly placedAt = new Map<string, number>();
   readonly runningAt = new Map<string, number>();
-  /** For each ADDED event: ms between the create's 2xx (noted by the caller) and the event's arrival. */
-  readonly lags: number[] = [];
-  readonly acknowledged = new Map<string, number>();
+  /** When each VM's ADDED event arrived. */
+  readonly addedAt = new Map<string, number>();
   /** Every worker each VM was ever seen on (a VM placed exactly once has one). */
   readonly workersSeen = new Map<string, Set<string>>();
   /** Highest number of non-failed VMs seen assigned to one worker at any time, per worker. */
@@ -120,10 +119,7 @@ export class Watcher {
     for await (const e of events) {
       const now = performance.now();
       const vm = e.object;
-      if (e.type === 'ADDED') {
-        const ack = this.acknowledged.get(vm.name);
-        if (ack !== undefined) this.lags.push(now - ack);
-      }
+      if (e.type === 'ADDED') this.addedAt.set(vm.name, now);
       const holder = e.type !== 'DELETED' && vm.worker && vm.status !== 'failed' ? vm.worker : undefined;
       const before = this.assigned.get(vm.name);
       if (before !== holder) {
