@@ -282,18 +282,18 @@ export class OrchardWorker {
   }
 
   /**
-   * Events and state reports leave through the task's outbox, in order, without holding up the VM's
-   * lifecycle (no round trip on the boot path); consecutive events go out as one batch.
+   * Events and state reports leave through the task's outbox, one request at a time, without holding
+   * up the VM's lifecycle (no round trip on the boot path). Queued (unsent) items merge: events into
+   * one batch, and of the states only the newest is sent, ahead of queued events.
    */
   private send(task: Task, item: OutboxItem) {
-    // Queued (unsent) items merge: events into one batch, and only the newest state matters.
     if ('events' in item) {
       const queued = task.outbox.find((i): i is { events: Event[] } => 'events' in i);
       if (queued) queued.events.push(...item.events);
       else task.outbox.push(item);
     } else {
-      task.outbox = task.outbox.filter((i) => !('state' in i));
-      task.outbox.push(item);
+      // The state goes first: readiness should not wait behind log lines.
+      task.outbox = [item, ...task.outbox.filter((i) => !('state' in i))];
     }
     if (task.sending) return;
     task.sending = (async () => {
