@@ -36,6 +36,12 @@ export const localNameOf = (vm: VM) => `orchard-${vm.name}-${vm.uid}-${vm.restar
 
 /** Abort reason of a worker that stops: its VMs keep running (a restarted worker adopts them). */
 const SHUTDOWN = 'worker shutdown';
+/** Abort reason of a run whose VM gets a new spec: it is stopped, then booted again with the new one. */
+const RESPEC = 'new spec';
+
+/** The spec fields the host acts on; a change to any other (labels, scripts...) needs no restart. */
+const hostSpecOf = (vm: VM) =>
+  JSON.stringify([vm.image, vm.cpu, vm.memory, vm.diskSize, vm.nested, vm.headless, vm.netSoftnet, vm['net-softnet'], vm.netSoftnetAllow, vm.netSoftnetBlock, vm['net-bridged'], vm.hostDirs, vm.powerState]);
 
 type OutboxItem = { events: Event[] } | { state: VMStateUpdate };
 
@@ -48,6 +54,11 @@ interface Task {
   sending?: Promise<void>;
   /** The last state reported: re-sent when the controller missed it (e.g. it restarted meanwhile). */
   reported?: VMStateUpdate;
+  /** The spec generation this run carries out, and the host-relevant part of that spec. */
+  generation?: number;
+  hostSpec: string;
+  /** Settles when the run is over (a new run of the same VM waits for it). */
+  finished: Promise<void>;
 }
 
 export class OrchardWorker {
@@ -256,6 +267,18 @@ export class OrchardWorker {
       const localName = localNameOf(vm);
       wanted.add(localName);
       const task = this.tasks.get(localName);
+      if (task && task.generation !== vm.generation && vm.status !== 'failed') {
+        if (task.hostSpec !== hostSpecOf(vm)) {
+          // A new spec the host must carry out (cpu, memory, disk, powerState...): stop, boot again.
+          task.abort.abort(RESPEC);
+          this.tasks.delete(localName);
+          this.run(vm, localName, false, task.finished);
+        } else {
+          task.generation = vm.generation; // nothing to do here: acknowledge the generation
+          if (task.reported) this.report(vm, task, task.reported);
+        }
+        continue;
+      }
       if (task) {
         // A report lost while the controller was away: the controller still thinks the VM is
         // pending, but it has moved on here. (A failed VM is the controller's call, not re-asserted.)
@@ -338,14 +361,25 @@ export class OrchardWorker {
   }
 
   /** Brings one VM up (or adopts it) and watches it until it exits or is no longer ours. */
-  private run(vm: VM, localName: string, alreadyRunning: boolean) {
-    const task: Task = { uid: vm.uid!, name: vm.name, localName, abort: new AbortController(), outbox: [] };
+  private run(vm: VM, localName: string, alreadyRunning: boolean, after?: Promise<void>) {
+    let finish!: () => void;
+    const finished = new Promise<void>((resolve) => (finish = resolve));
+    const task: Task = { uid: vm.uid!, name: vm.name, localName, abort: new AbortController(), outbox: [], generation: vm.generation, hostSpec: hostSpecOf(vm), finished };
     this.tasks.set(localName, task);
     const driver = this.o.driver;
     const signal = task.abort.signal;
     void (async () => {
       const t0 = Date.now();
       try {
+        await after;
+        if (vm.powerState === 'stopped' || vm.powerState === 'suspended') {
+          // Powered off on request: the disk stays; a powerState of running boots it again.
+          // (Suspending to memory is not in the driver interface: suspended stops the VM too.)
+          await driver.stop(localName);
+          this.event(task, 'lifecycle', `stopped (powerState ${vm.powerState})`);
+          this.report(vm, task, { status: 'pending', status_message: `stopped (powerState ${vm.powerState})`, conditions: [{ type: 'scheduled', state: 'true' }] });
+          await new Promise<void>((_, reject) => signal.addEventListener('abort', () => reject(signal.reason), { once: true }));
+        }
         if (alreadyRunning) {
           this.log.info({ vm: vm.name }, 'adopting a running VM');
           this.event(task, 'lifecycle', `adopted by worker ${this.o.name} after a restart`);
@@ -376,6 +410,11 @@ export class OrchardWorker {
       } catch (err) {
         if (signal.aborted) {
           if (signal.reason === SHUTDOWN) return; // the worker stops; the VM keeps running for the next one
+          if (signal.reason === RESPEC) {
+            this.event(task, 'lifecycle', 'stopping to apply a new spec');
+            await driver.stop(localName).catch((e: Error) => this.log.warn({ vm: vm.name, err: e.message }, 'stop failed'));
+            return;
+          }
           this.log.info({ vm: vm.name }, 'VM no longer assigned here; stopping it');
           await driver.remove(localName).catch((e: Error) => this.log.warn({ vm: vm.name, err: e.message }, 'remove failed'));
           return;
@@ -385,6 +424,8 @@ export class OrchardWorker {
         this.event(task, 'lifecycle', `failed: ${message}`);
         this.report(vm, task, { status: 'failed', status_message: message, conditions: [] });
         await driver.stop(localName, 5000).catch(() => {});
+      } finally {
+        finish();
       }
       // The finished task stays in `tasks`, so a sync does not restart a failed VM in place: the
       // controller decides (restart policy) and unassigns it, which removes it here.

@@ -6,6 +6,7 @@ import type { Driver, DriverVM, LocalVM } from './driver.ts';
 interface SyntheticVM {
   vm: DriverVM;
   running: boolean;
+  starts: number;
   exit: Promise<{ reason: string }>;
   stopped: (reason: string) => void;
 }
@@ -46,14 +47,30 @@ export class SyntheticDriver implements Driver {
   }
 
   async prepare(vm: DriverVM): Promise<void> {
-    if (this.vms.has(vm.localName)) return;
+    const existing = this.vms.get(vm.localName);
+    if (existing) {
+      existing.vm = vm; // a new spec for the same VM
+      return;
+    }
     let stopped!: (reason: string) => void;
     const exit = new Promise<{ reason: string }>((resolve) => (stopped = (reason) => resolve({ reason })));
-    this.vms.set(vm.localName, { vm, running: false, exit, stopped });
+    this.vms.set(vm.localName, { vm, running: false, starts: 0, exit, stopped });
   }
 
   async start(vm: DriverVM): Promise<void> {
-    this.get(vm.localName).running = true;
+    const v = this.get(vm.localName);
+    if (!v.running) {
+      // A fresh exit promise for this boot (the previous one settled when it stopped).
+      v.exit = new Promise((resolve) => (v.stopped = (reason) => resolve({ reason })));
+      v.starts++;
+    }
+    v.running = true;
+  }
+
+  /** The spec a VM was last prepared with, and how often it was started (tests). */
+  describe(localName: string): { vm: DriverVM; running: boolean; starts: number } | undefined {
+    const v = this.vms.get(localName);
+    return v && { vm: v.vm, running: v.running, starts: v.starts };
   }
 
   async waitReady(localName: string, signal?: AbortSignal): Promise<void> {
