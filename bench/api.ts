@@ -8,6 +8,7 @@ import { parseArgs } from 'node:util';
 import { rmSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
 import { OrchardClient } from '../src/client/client.ts';
+import { closedLoop, pct } from './load-harness.ts';
 import { ADMIN_TOKEN, spawnController, tempDir, type ChildController } from '../test/helpers.ts';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -16,24 +17,8 @@ const { values } = parseArgs({ options: { vms: { type: 'string', default: '10000
 const N = Number(values.vms);
 const CONCURRENCY = Number(values.concurrency);
 
-const pct = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
-
 async function run(label: string, n: number, op: (i: number) => Promise<unknown>) {
-  const latencies: number[] = new Array(n);
-  let next = 0;
-  const t0 = performance.now();
-  await Promise.all(
-    Array.from({ length: CONCURRENCY }, async () => {
-      while (next < n) {
-        const i = next++;
-        const s = performance.now();
-        await op(i);
-        latencies[i] = performance.now() - s;
-      }
-    }),
-  );
-  const seconds = (performance.now() - t0) / 1000;
-  latencies.sort((a, b) => a - b);
+  const { latencies, seconds } = await closedLoop(n, CONCURRENCY, op);
   const result = { label, perSecond: n / seconds, p50: pct(latencies, 50), p99: pct(latencies, 99) };
   console.log(`${label.padEnd(34)} ${result.perSecond.toFixed(0).padStart(7)}/s   p50 ${result.p50.toFixed(2)} ms   p99 ${result.p99.toFixed(2)} ms`);
   return result;
