@@ -17,6 +17,8 @@
 # Env: KERNEL_FLAVOUR=amd64 (has 9p for shared dirs), DISK_SIZE=2G, GUEST_PASSWORD=admin.
 # Runs as root; without root it needs the packages already installed and uses fakeroot.
 set -euo pipefail
+# depmod, modprobe, mke2fs live in sbin, which a non-root user's PATH lacks on Debian.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 IMG=${1:?usage: build-debian-dev.sh IMAGE_DIR BUILD_DIR}
 BUILD=${2:?usage: build-debian-dev.sh IMAGE_DIR BUILD_DIR}
 FLAVOUR=${KERNEL_FLAVOUR:-amd64} DISK_SIZE=${DISK_SIZE:-2G} PASSWORD=${GUEST_PASSWORD:-admin}
