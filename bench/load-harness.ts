@@ -111,8 +111,13 @@ export class Watcher {
   private waiters: (() => void)[] = [];
   done: Promise<void>;
 
+  /** Why the watch ended early, if it did (waits in `until` then time out and say so). */
+  error?: Error;
+
   constructor(client: OrchardClient) {
-    this.done = this.run(client.watch<VM>('/v1/vms?watch=true', this.abort.signal));
+    this.done = this.run(client.watch<VM>('/v1/vms?watch=true', this.abort.signal)).catch((err: Error) => {
+      this.error = err;
+    });
   }
 
   private async run(events: AsyncGenerator<WatchEvent<VM>>) {
@@ -145,7 +150,7 @@ export class Watcher {
   /** Resolves when `check` holds (re-checked after every event), or rejects after `timeoutMs`. */
   until(check: () => boolean, timeoutMs: number, what: string): Promise<void> {
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), timeoutMs);
+      const timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}${this.error ? ` (the watch failed: ${this.error.message})` : ''}`)), timeoutMs);
       const test = () => {
         if (check()) {
           clearTimeout(timer);
