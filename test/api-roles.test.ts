@@ -4,12 +4,11 @@
 // unauthenticated ones 401 — all with JSON bodies. Also: tokens never reach the controller's log.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import https from 'node:https';
 import { rmSync } from 'node:fs';
 import { pino } from 'pino';
 import { ROLES, type Role } from '../src/api/schemas.ts';
 import { startController } from '../src/controller/controller.ts';
-import { ADMIN_TOKEN, inProcessController, tempDir } from './helpers.ts';
+import { ADMIN_TOKEN, inProcessController, rawRequest, tempDir } from './helpers.ts';
 
 type Ctl = { url: string; certificate?: string };
 interface Response {
@@ -22,30 +21,8 @@ interface Response {
 const basic = (name: string, token: string) => 'Basic ' + Buffer.from(`${name}:${token}`).toString('base64');
 
 /** One HTTPS request with exactly the Authorization header given (or none). */
-function send(ctl: Ctl, method: string, path: string, authorization?: string, body?: unknown): Promise<Response> {
-  const headers: Record<string, string> = {};
-  if (authorization !== undefined) headers.authorization = authorization;
-  const payload = body === undefined ? undefined : JSON.stringify(body);
-  if (payload !== undefined) headers['content-type'] = 'application/json';
-  return new Promise((resolve, reject) => {
-    const req = https.request(new URL(path, ctl.url), { method, headers, ca: ctl.certificate, checkServerIdentity: () => undefined }, (res) => {
-      let text = '';
-      res.setEncoding('utf8');
-      res.on('data', (c: string) => (text += c));
-      res.on('end', () => {
-        let json: unknown;
-        try {
-          json = JSON.parse(text);
-        } catch {
-          json = undefined;
-        }
-        resolve({ status: res.statusCode ?? 0, body: text, json, headers: res.headers });
-      });
-    });
-    req.on('error', reject);
-    req.end(payload);
-  });
-}
+const send = (ctl: Ctl, method: string, path: string, authorization?: string, body?: unknown): Promise<Response> =>
+  rawRequest(ctl, method, path, { authorization, body: body === undefined ? undefined : JSON.stringify(body) });
 
 const messageOf = (res: Response) => {
   assert.equal(typeof res.json, 'object', `expected a JSON body, got ${JSON.stringify(res.body.slice(0, 200))}`);
