@@ -1,7 +1,7 @@
 // The Orchard v1 API model, defined once: these TypeBox schemas are the JSON Schema the controller
 // validates with, the TypeScript types every part of the program uses, and the OpenAPI components.
 // Field names follow the upstream wire format exactly (its mix of camelCase and snake_case included).
-import { Type, type Static, type TSchema } from '@sinclair/typebox';
+import { Type, type Static } from '@sinclair/typebox';
 
 export const ROLES = ['compute:read', 'compute:write', 'compute:connect', 'admin:read', 'admin:write'] as const;
 export type Role = (typeof ROLES)[number];
@@ -211,6 +211,3 @@ export interface WatchEvent<T> {
   type: WatchEventType;
   object: T;
 }
-
-/** The schemas that appear as named components in the OpenAPI document. */
-export const COMPONENTS: TSchema[] = [VM, VMStateUpdate, Worker, ServiceAccount, ClusterSettings, Event, ControllerInfo, ErrorBody];
