@@ -20,15 +20,17 @@ export interface ControllerUsage {
   cpuPercent: number;
 }
 
+/** CPU time a process has used so far, in seconds (utime + stime from /proc, 100 ticks/s). */
+export function cpuSeconds(pid: number): number {
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100;
+}
+
 /** RSS and CPU of a process, from /proc, over `ms`. */
 export async function usageOf(pid: number, ms: number): Promise<ControllerUsage> {
-  const ticks = () => {
-    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-    return Number(f[11]) + Number(f[12]); // utime + stime, in clock ticks (100/s)
-  };
-  const t0 = ticks();
+  const t0 = cpuSeconds(pid);
   await new Promise((r) => setTimeout(r, ms));
-  const cpuPercent = ((ticks() - t0) / 100 / (ms / 1000)) * 100;
+  const cpuPercent = ((cpuSeconds(pid) - t0) / (ms / 1000)) * 100;
   const rss = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
   return { rssMB: rss ? Number(rss[1]) / 1024 : NaN, cpuPercent };
 }

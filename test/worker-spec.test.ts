@@ -5,7 +5,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { pino } from 'pino';
 import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
-import { OrchardWorker, localNameOf } from '../src/worker/worker.ts';
+import { OrchardWorker } from '../src/worker/worker.ts';
+import { localNameOf } from '../src/api/schemas.ts';
 import { ADMIN_TOKEN, clientOf, inProcessController, tempDir, waitFor } from './helpers.ts';
 
 test('generation, observedGeneration and powerState are honoured on a running VM', async () => {

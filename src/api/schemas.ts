@@ -122,6 +122,24 @@ export const MetaFields = {
 export const VM = Type.Object({ ...MetaFields, ...VMSpecFields, ...VMStateFields }, { additionalProperties: false, title: 'VM' });
 export type VM = Static<typeof VM>;
 
+/**
+ * The VM's name on its worker host: recognisably ours, unique per VM incarnation. The restart count
+ * is part of it (as upstream's orchard-NAME-UID-RESTARTCOUNT): an OnFailure restart on the same
+ * worker is a new local VM, not the finished run of the failed one.
+ */
+export const localNameOf = (vm: VM) => `orchard-${vm.name}-${vm.uid}-${vm.restart_count ?? 0}`;
+
+export const Event = Type.Object(
+  {
+    kind: Type.String({ maxLength: 64 }),
+    timestamp: Type.Integer({ minimum: 0, description: 'unix seconds' }),
+    payload: Type.String({ maxLength: 1024 * 1024 }),
+  },
+  { additionalProperties: false, title: 'Event' },
+);
+export type Event = Static<typeof Event>;
+export const EventList = Type.Array(Event, { maxItems: 10000 });
+
 /** Body of PUT /v1/vms/{name}/state. */
 export const VMStateUpdate = Type.Object(
   {
@@ -131,6 +149,9 @@ export const VMStateUpdate = Type.Object(
     conditions: Type.Optional(Type.Array(Condition, { maxItems: 16 })),
     started_at: Type.Optional(Timestamp),
     localName: Type.Optional(Type.String({ maxLength: 255 })),
+    events: Type.Optional(
+      Type.Array(Event, { maxItems: 10000, description: 'Orchard addition (capability "vm-state-events"): events appended in the same commit as the state' }),
+    ),
   },
   { additionalProperties: true, title: 'VMStateUpdate', description: 'other VM fields are ignored' },
 );
@@ -187,16 +208,6 @@ export const ClusterSettings = Type.Object(
 );
 export type ClusterSettings = Static<typeof ClusterSettings>;
 
-export const Event = Type.Object(
-  {
-    kind: Type.String({ maxLength: 64 }),
-    timestamp: Type.Integer({ minimum: 0, description: 'unix seconds' }),
-    payload: Type.String({ maxLength: 1024 * 1024 }),
-  },
-  { additionalProperties: false, title: 'Event' },
-);
-export type Event = Static<typeof Event>;
-export const EventList = Type.Array(Event, { maxItems: 10000 });
 
 export const ControllerInfo = Type.Object(
   { version: Type.String(), commit: Type.String(), capabilities: Type.Array(Type.String()) },

@@ -15,10 +15,11 @@ import { registerWorkerRoutes } from './routes/workers.ts';
 import { registerAdminRoutes } from './routes/admin.ts';
 import { WebSocketRoutes, WorkerChannels } from './rpc.ts';
 import { Scheduler } from './scheduler.ts';
+import { ClusterView } from './view.ts';
 import { Tunnels } from './tunnels.ts';
 import { registerConnectRoutes } from './routes/connect.ts';
 import { badRequest } from './errors.ts';
-import { NAME_PATTERN, type VM } from '../api/schemas.ts';
+import { NAME_PATTERN } from '../api/schemas.ts';
 
 export interface AppOptions {
   store: Store;
@@ -33,6 +34,7 @@ export interface AppOptions {
 
 export interface AppContext {
   store: Store;
+  view: ClusterView;
   metrics: Metrics;
   workerOfflineTimeoutMs: number;
   channels: WorkerChannels;
@@ -64,29 +66,25 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   const app = Fastify(serverOptions) as unknown as FastifyInstance;
   const abort = new AbortController();
   const metrics = new Metrics(opts.store, opts.workerOfflineTimeoutMs);
-  const channels = new WorkerChannels(opts.logger);
-  const scheduler = new Scheduler(opts.store, opts.logger, {
+  const view = new ClusterView(opts.store);
+  // A sync push carries the worker's VMs, so the worker need not list them (upstream workers ignore the field and list).
+  const channels = new WorkerChannels(opts.logger, (worker) => view.vmsJSON(worker));
+  const scheduler = new Scheduler(opts.store, view, opts.logger, {
     offlineTimeoutMs: opts.workerOfflineTimeoutMs,
     isConnected: (w) => channels.isConnected(w),
     backoffBaseMs: opts.restartBackoffMs,
   });
   const tunnels = new Tunnels(opts.store, channels);
-  const ctx: AppContext = { store: opts.store, metrics, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, shutdown: abort.signal };
+  const ctx: AppContext = { store: opts.store, view, metrics, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, shutdown: abort.signal };
 
   // Push, not poll: a change a worker must act on (a VM assigned to it or taken away, a new spec, a
   // restart, a deletion) reaches it at once. State reports (status, messages, conditions: mostly
   // the worker's own) do not echo back to it.
-  const seen = new Map<string, { worker?: string; generation?: number; restarts?: number }>();
-  const unsubscribe = opts.store.subscribe((change) => {
+  const unsubscribe = view.subscribe((change) => {
     if (change.kind !== 'vms') return;
-    const vm = change.object as VM;
-    if (!vm.uid) return;
-    const before = seen.get(vm.uid);
-    const now = { worker: vm.worker, generation: vm.generation, restarts: vm.restart_count };
-    if (change.type === 'DELETED') seen.delete(vm.uid);
-    else seen.set(vm.uid, now);
+    const { object: vm, before } = change;
     const relevant =
-      change.type !== 'MODIFIED' || !before || before.worker !== now.worker || before.generation !== now.generation || before.restarts !== now.restarts;
+      change.type !== 'MODIFIED' || !before || before.worker !== vm.worker || before.generation !== vm.generation || before.restart_count !== vm.restart_count;
     if (!relevant) return;
     if (before?.worker && before.worker !== vm.worker) channels.requestSync(before.worker);
     if (vm.worker) channels.requestSync(vm.worker);
@@ -94,9 +92,10 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   channels.onChange = () => scheduler.kick();
 
   const sockets = new WebSocketRoutes(opts.store, opts.logger);
-  sockets.route('/v1/rpc/watch', ['compute:read'], ({ url }) => {
+  sockets.route('/v1/rpc/watch', ['compute:read'], async ({ url }) => {
     const worker = url.searchParams.get('workerName') ?? url.searchParams.get('worker') ?? '';
     if (!new RegExp(NAME_PATTERN).test(worker)) throw badRequest('query parameter "workerName" must be the worker\'s name (a DNS label)');
+    await view.loaded; // the first push carries the worker's VMs: never a partial list
     return (ws) => channels.accept(worker, ws);
   });
   sockets.attach(app.server);
@@ -148,6 +147,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
       abort.abort();
       unsubscribe();
       await scheduler.stop();
+      view.close();
       tunnels.close();
       sockets.close();
       await app.close();

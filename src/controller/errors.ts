@@ -14,6 +14,7 @@ export class HttpError extends Error {
 
 export const badRequest = (message: string) => new HttpError(400, message);
 export const notFound = (message: string) => new HttpError(404, message);
+export const conflict = (message: string) => new HttpError(409, message);
 
 /** `body.cpu`, `body.labels["a b"]`, `querystring.limit` from an Ajv error path. */
 function fieldPath(part: string, instancePath: string, extra?: string): string {

@@ -1,5 +1,5 @@
 // Controller ↔ worker: each worker holds a WebSocket on /v1/rpc/watch; the controller pushes
-// instructions down it (`syncVMsAction` the moment one of the worker's VMs changes). WebSocket
+// instructions down it (`syncVMsAction`, with the worker's VMs, the moment one of them changes). WebSocket
 // pings keep the connection alive through proxies and load balancers and detect dead peers.
 import type { IncomingMessage, Server } from 'node:http';
 import type { Duplex } from 'node:stream';
@@ -105,11 +105,14 @@ export class WorkerChannels {
   private readonly sockets = new Map<string, Set<WebSocket>>();
   private readonly pendingSync = new Set<string>();
   private readonly logger: Logger;
+  private readonly vmsJSON: (worker: string) => string;
   /** Called when a worker connects or disconnects (the scheduler reacts). */
   onChange: (worker: string, connected: boolean) => void = () => {};
 
-  constructor(logger: Logger) {
+  /** `vmsJSON` gives the worker's VMs as a JSON array, sent with each sync (our addition to `syncVMsAction`). */
+  constructor(logger: Logger, vmsJSON: (worker: string) => string) {
     this.logger = logger;
+    this.vmsJSON = vmsJSON;
   }
 
   accept(worker: string, ws: WebSocket) {
@@ -124,7 +127,7 @@ export class WorkerChannels {
       this.onChange(worker, false);
     });
     // A (re)connected worker converges to the full desired state at once.
-    this.send(worker, { syncVMsAction: {} });
+    this.sync(worker);
     this.onChange(worker, true);
   }
 
@@ -132,12 +135,17 @@ export class WorkerChannels {
     return this.sockets.has(worker);
   }
 
-  send(worker: string, message: object): boolean {
+  send(worker: string, message: object | string): boolean {
     const set = this.sockets.get(worker);
     if (!set) return false;
-    const text = JSON.stringify(message);
+    const text = typeof message === 'string' ? message : JSON.stringify(message);
     for (const ws of set) ws.send(text);
     return true;
+  }
+
+  /** `syncVMsAction` with the worker's VMs as they are committed now. */
+  private sync(worker: string) {
+    if (this.sockets.has(worker)) this.send(worker, `{"syncVMsAction":{"vms":${this.vmsJSON(worker)}}}`);
   }
 
   /** Coalesces the sync requests of one event-loop turn into one message per worker. */
@@ -146,7 +154,7 @@ export class WorkerChannels {
     this.pendingSync.add(worker);
     queueMicrotask(() => {
       this.pendingSync.delete(worker);
-      this.send(worker, { syncVMsAction: {} });
+      this.sync(worker);
     });
   }
 }

@@ -4,7 +4,8 @@
 // never overbook a worker, however many creates arrive at once.
 import type { Logger } from 'pino';
 import { RESOURCE_TART_VMS, type VM, type Worker } from '../api/schemas.ts';
-import type { Change, Store } from './store/store.ts';
+import type { Store } from './store/store.ts';
+import type { ClusterView } from './view.ts';
 
 export const MAX_RESTARTS = 10;
 const BACKOFF_BASE_MS = 1000;
@@ -58,41 +59,20 @@ export class Scheduler {
   private dueTimer?: NodeJS.Timeout;
   private unsubscribe?: () => void;
   private idle: Promise<void> = Promise.resolve();
-  /** The committed VMs and workers, kept current from the store's change feed (no re-reading per pass). */
-  private readonly vms = new Map<string, VM>();
-  private readonly workers = new Map<string, Worker>();
-  private loaded?: Promise<void>;
+  /** The committed VMs and workers (no re-reading per pass). */
+  private readonly view: ClusterView;
 
-  constructor(store: Store, logger: Logger, opts: SchedulerOptions) {
+  constructor(store: Store, view: ClusterView, logger: Logger, opts: SchedulerOptions) {
     this.store = store;
+    this.view = view;
     this.logger = logger;
     this.opts = opts;
   }
 
   start() {
-    let snapshotRevision = -1;
-    const early: Change[] = [];
-    const apply = (change: Change) => {
-      if (change.kind === 'serviceAccounts') return;
-      const map = (change.kind === 'vms' ? this.vms : this.workers) as Map<string, VM | Worker>;
-      if (change.type === 'DELETED') map.delete(change.object.name);
-      else map.set(change.object.name, change.object as VM | Worker);
-    };
-    this.unsubscribe = this.store.subscribe((change) => {
-      if (change.kind === 'serviceAccounts') return;
-      const before = (change.kind === 'vms' ? this.vms : this.workers).get(change.object.name);
-      if (snapshotRevision < 0) early.push(change);
-      else apply(change);
-      if (change.type !== 'MODIFIED' || !before || placementInputsDiffer(change.kind, before, change.object as VM | Worker)) this.kick();
+    this.unsubscribe = this.view.subscribe((change) => {
+      if (change.type !== 'MODIFIED' || !change.before || placementInputsDiffer(change.kind, change.before, change.object)) this.kick();
     });
-    this.loaded = (async () => {
-      const [vms, workers] = await Promise.all([this.store.snapshot('vms'), this.store.snapshot('workers')]);
-      for (const vm of vms.items) this.vms.set(vm.name, vm);
-      for (const w of workers.items) this.workers.set(w.name, w);
-      snapshotRevision = Math.min(vms.revision, workers.revision);
-      for (const change of early) if (change.revision > snapshotRevision) apply(change);
-      early.length = 0;
-    })();
     this.timer = setInterval(() => this.kick(), 1000);
     this.timer.unref();
     this.kick();
@@ -120,7 +100,7 @@ export class Scheduler {
     this.idle = new Promise((resolve) => {
       setImmediate(async () => {
         try {
-          await this.loaded;
+          await this.view.loaded;
           do {
             this.again = false;
             await this.pass();
@@ -188,10 +168,10 @@ export class Scheduler {
   async pass() {
     const now = Date.now();
     const settings = await this.store.getClusterSettings();
-    const workers = [...this.workers.values()];
+    const workers = [...this.view.workers.values()];
     // The pass records its own decisions by replacing an entry with a changed copy, never by
     // changing the committed objects.
-    const vms = [...this.vms.values()];
+    const vms = [...this.view.vms.values()];
     const byName = new Map(workers.map((w) => [w.name, w]));
     const online = new Map(workers.map((w) => [w.name, this.online(w, now)]));
     const writes: Promise<unknown>[] = [];

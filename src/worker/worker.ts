@@ -8,7 +8,7 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { createWebSocketStream, WebSocket } from 'ws';
 import type { Logger } from 'pino';
-import { RESOURCE_LOGICAL_CORES, RESOURCE_MEMORY_MIB, RESOURCE_TART_VMS, type Event, type VM, type VMStateUpdate } from '../api/schemas.ts';
+import { localNameOf, RESOURCE_LOGICAL_CORES, RESOURCE_MEMORY_MIB, RESOURCE_TART_VMS, type Event, type VM, type VMStateUpdate } from '../api/schemas.ts';
 import { ApiError, OrchardClient, wsMasking } from '../client/client.ts';
 import type { Driver, DriverVM } from './drivers/driver.ts';
 import { runScript } from './startup-script.ts';
@@ -26,13 +26,6 @@ export interface WorkerOptions {
   heartbeatMs?: number;
   logger: Logger;
 }
-
-/**
- * The VM's name on this host: recognisably ours, unique per VM incarnation. The restart count is part
- * of it (as upstream's orchard-NAME-UID-RESTARTCOUNT): an OnFailure restart on the same worker is a
- * new local VM, not the finished run of the failed one.
- */
-export const localNameOf = (vm: VM) => `orchard-${vm.name}-${vm.uid}-${vm.restart_count ?? 0}`;
 
 /** Abort reason of a worker that stops: its VMs keep running (a restarted worker adopts them). */
 const SHUTDOWN = 'worker shutdown';
@@ -70,6 +63,10 @@ export class OrchardWorker {
   private reconnectDelay = 500;
   private syncing = false;
   private syncAgain = false;
+  /** The VMs of the latest sync push, for the next sync (instead of listing them). */
+  private pushed?: VM[];
+  /** Does the controller take events with a state report (capability "vm-state-events")? */
+  private stateWithEvents = false;
   private readonly tasks = new Map<string, Task>();
   readonly machineId: string;
 
@@ -99,6 +96,9 @@ export class OrchardWorker {
   }
 
   async start() {
+    // Our controller takes a state report and its events in one request; an upstream one does not.
+    const info = await this.o.client.info().catch(() => undefined);
+    this.stateWithEvents = info?.capabilities?.includes('vm-state-events') ?? false;
     await this.o.client.registerWorker(this.workerRecord());
     this.log.info({ runtime: this.o.driver.runtime, slots: this.o.slots }, 'worker registered');
     this.heartbeat = setInterval(() => void this.beat(), this.o.heartbeatMs ?? 10_000);
@@ -144,7 +144,12 @@ export class OrchardWorker {
       } catch {
         return;
       }
-      if ('syncVMsAction' in msg) this.requestSync();
+      if ('syncVMsAction' in msg) {
+        // Our controller sends the worker's VMs along; an upstream one does not, and the sync lists them.
+        const vms = (msg.syncVMsAction as { vms?: unknown } | null)?.vms;
+        this.pushed = Array.isArray(vms) ? (vms as VM[]) : undefined;
+        this.requestSync();
+      }
       if ('portForwardAction' in msg) void this.portForward(msg.portForwardAction as { session: string; vmUID?: string; port: number });
       if ('resolveIPAction' in msg) void this.resolveIP(msg.resolveIPAction as { session: string; vmUID: string });
     });
@@ -155,17 +160,19 @@ export class OrchardWorker {
     ws.on('error', (err) => this.log.debug({ err: err.message }, 'watch connection error'));
     ws.on('close', () => {
       if (this.stopped) return;
-      const delay = this.reconnectDelay * (0.75 + Math.random() / 2);
+      // Exponential backoff with full jitter: after a controller restart, hundreds of workers spread
+      // their reconnects over the window instead of arriving together. (The worker's record is kept
+      // by the controller; a deleted one is registered again by the heartbeat.)
+      const delay = Math.random() * this.reconnectDelay;
       this.reconnectDelay = Math.min(this.reconnectDelay * 2, 15_000);
       this.log.info({ inMs: Math.round(delay) }, 'watch connection lost; reconnecting');
-      setTimeout(() => {
-        // Re-register first: the controller may have restarted, or the record may have been deleted.
-        this.o.client.registerWorker(this.workerRecord()).then(
-          () => this.connect(),
-          () => this.connect(),
-        );
-      }, delay);
+      setTimeout(() => this.connect(), delay);
     });
+  }
+
+  /** Is the instruction channel to the controller open? */
+  get connected(): boolean {
+    return this.ws?.readyState === WebSocket.OPEN;
   }
 
   private localNameOfUID(uid: string): string {
@@ -258,7 +265,9 @@ export class OrchardWorker {
   /** Converge: start what is assigned and missing, adopt what already runs, remove what is not ours any more. */
   private async sync() {
     if (this.stopped) return;
-    const desired = await this.o.client.listVMs(this.o.name);
+    const pushed = this.pushed;
+    this.pushed = undefined;
+    const desired = pushed ?? (await this.o.client.listVMs(this.o.name));
     const local = await this.o.driver.list();
     const localByName = new Map(local.map((l) => [l.localName, l]));
     const wanted = new Set<string>();
@@ -307,7 +316,9 @@ export class OrchardWorker {
   /**
    * Events and state reports leave through the task's outbox, one request at a time, without holding
    * up the VM's lifecycle (no round trip on the boot path). Queued (unsent) items merge: events into
-   * one batch, and of the states only the newest is sent, ahead of queued events.
+   * one batch, and of the states only the newest is sent, ahead of queued events, and with them when
+   * the controller takes both in one request. Sending starts on the next turn of the event loop, so
+   * the steps of a quick transition (scheduled, cloned, booted, running) leave together.
    */
   private send(task: Task, item: OutboxItem) {
     if ('events' in item) {
@@ -320,10 +331,17 @@ export class OrchardWorker {
     }
     if (task.sending) return;
     task.sending = (async () => {
+      await new Promise((r) => setImmediate(r));
       for (let next = task.outbox.shift(); next; next = task.outbox.shift()) {
         if ('events' in next) await this.o.client.appendEvents(task.name, next.events).catch(() => {});
         else if (!task.abort.signal.aborted) {
-          await this.o.client.updateVMState(task.name, next.state).catch((err: Error) => this.log.debug({ vm: task.name, err: err.message }, 'state report failed'));
+          let state = next.state;
+          const events = task.outbox[0];
+          if (this.stateWithEvents && events && 'events' in events) {
+            task.outbox.shift();
+            state = { ...state, events: events.events };
+          }
+          await this.o.client.updateVMState(task.name, state).catch((err: Error) => this.log.debug({ vm: task.name, err: err.message }, 'state report failed'));
         }
       }
       task.sending = undefined;

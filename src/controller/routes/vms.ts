@@ -7,6 +7,7 @@ import {
   Event,
   EventList,
   IMMUTABLE_VM_FIELDS,
+  localNameOf,
   Name,
   VM,
   VM_SPEC_KEYS,
@@ -15,7 +16,7 @@ import {
   type ClusterSettings,
 } from '../../api/schemas.ts';
 import type { AppContext } from '../app.ts';
-import { badRequest, notFound } from '../errors.ts';
+import { badRequest, conflict, notFound } from '../errors.ts';
 import { streamWatch } from '../watch.ts';
 
 const NameParams = Type.Object({ name: Name });
@@ -121,8 +122,9 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       }
       const filter = worker !== undefined ? { worker } : undefined;
       if (request.query.watch) return streamWatch(ctx, reply, 'vms', (vm) => worker === undefined || vm.worker === worker, filter);
-      // Rows are stored as JSON: send them as they are instead of parsing and re-serializing.
-      return reply.type('application/json').serializer((s: unknown) => s as string).send(await store.listJSON('vms', filter));
+      // From the in-memory view, with each VM's JSON made once per change (not per list).
+      await ctx.view.loaded;
+      return reply.type('application/json').serializer((s: unknown) => s as string).send(ctx.view.vmsJSON(worker));
     },
   );
 
@@ -178,22 +180,40 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
     '/v1/vms/:name/state',
     {
       config: { roles: WRITE },
-      schema: { tags: ['vms'], summary: "Report a VM's state (workers)", params: NameParams, body: VMStateUpdate, response: { 200: VM, ...errors } },
+      schema: { tags: ['vms'], summary: "Report a VM's state (workers)", params: NameParams, body: VMStateUpdate, response: { 200: VM, 409: ErrorBody, ...errors } },
     },
     async (request) => {
-      const b = request.body;
+      const { name } = request.params;
+      const { events, ...b } = request.body;
       checkSafeInteger('observedGeneration', b.observedGeneration);
-      return store.update('vms', request.params.name, (current) => {
-        const next: VM = { ...current };
-        if (b.status !== undefined) next.status = b.status;
-        if (b.status_message !== undefined) next.status_message = b.status_message;
-        if (b.observedGeneration !== undefined) next.observedGeneration = b.observedGeneration;
-        if (b.conditions !== undefined) next.conditions = b.conditions;
-        if (b.localName !== undefined) next.localName = b.localName;
-        if (b.started_at !== undefined) next.started_at = b.started_at;
-        else if (b.status === 'running' && current.status !== 'running') next.started_at = new Date().toISOString();
-        return JSON.stringify(next) === JSON.stringify(current) ? current : next;
-      });
+      events?.forEach((e, i) => checkSafeInteger(`events[${i}].timestamp`, e.timestamp));
+      // A report about an earlier run of the VM (a late one from the worker it left, or from before
+      // an OnFailure restart) must not overwrite the current run's state.
+      const checkRun = (vm: VM) => {
+        if (b.localName?.startsWith('orchard-') && vm.uid && b.localName !== localNameOf(vm)) {
+          throw conflict(`field "localName": ${b.localName} is an earlier run of VM "${name}" (now ${localNameOf(vm)}); report ignored`);
+        }
+      };
+      const current = await store.get('vms', name);
+      if (!current) throw notFound(`VM "${name}" not found`);
+      checkRun(current);
+      const [vm] = await Promise.all([
+        store.update('vms', name, (current) => {
+          checkRun(current);
+          const next: VM = { ...current };
+          if (b.status !== undefined) next.status = b.status;
+          if (b.status_message !== undefined) next.status_message = b.status_message;
+          if (b.observedGeneration !== undefined) next.observedGeneration = b.observedGeneration;
+          if (b.conditions !== undefined) next.conditions = b.conditions;
+          if (b.localName !== undefined) next.localName = b.localName;
+          if (b.started_at !== undefined) next.started_at = b.started_at;
+          else if (b.status === 'running' && current.status !== 'running') next.started_at = new Date().toISOString();
+          return JSON.stringify(next) === JSON.stringify(current) ? current : next;
+        }),
+        // In the same group commit as the state.
+        events?.length && current.uid ? store.appendEvents(current.uid, events) : undefined,
+      ]);
+      return vm;
     },
   );
 

@@ -50,10 +50,6 @@ export class SQLiteStore implements Store {
       get: p('SELECT body FROM objects WHERE kind = ? AND name = ?'),
       list: p('SELECT body FROM objects WHERE kind = ? ORDER BY id'),
       listByWorker: p('SELECT body FROM objects WHERE kind = ? AND worker = ? ORDER BY id'),
-      listJSON: p(`SELECT '[' || coalesce(group_concat(body, ','), '') || ']' AS body FROM (SELECT body FROM objects WHERE kind = ? ORDER BY id)`),
-      listJSONByWorker: p(
-        `SELECT '[' || coalesce(group_concat(body, ','), '') || ']' AS body FROM (SELECT body FROM objects WHERE kind = ? AND worker = ? ORDER BY id)`,
-      ),
       countByStatus: p(`SELECT status, count(*) AS n FROM objects WHERE kind = 'vms' GROUP BY status`),
       insert: p('INSERT INTO objects (kind, name, worker, status, body) VALUES (?, ?, ?, ?, ?)'),
       update: p('UPDATE objects SET worker = ?, status = ?, body = ? WHERE kind = ? AND name = ?'),
@@ -155,11 +151,6 @@ export class SQLiteStore implements Store {
 
   async snapshot<K extends Kind>(kind: K, filter?: { worker?: string }) {
     return { items: this.listSync(kind, filter), revision: this.revision };
-  }
-
-  async listJSON(kind: Kind, filter?: { worker?: string }) {
-    const row = (filter?.worker !== undefined ? this.stmt.listJSONByWorker.get(kind, filter.worker) : this.stmt.listJSON.get(kind)) as unknown as Row;
-    return row.body;
   }
 
   async countVMsByStatus() {

@@ -31,8 +31,6 @@ export interface Store {
   list<K extends Kind>(kind: K, filter?: { worker?: string }): Promise<Kinds[K][]>;
   /** `list` plus the revision it reflects, so a watch can add exactly the changes after it. */
   snapshot<K extends Kind>(kind: K, filter?: { worker?: string }): Promise<{ items: Kinds[K][]; revision: number }>;
-  /** The serialized JSON array of `list`, without parsing each row (for large lists). */
-  listJSON(kind: Kind, filter?: { worker?: string }): Promise<string>;
   /** Number of VMs per status (for metrics). */
   countVMsByStatus(): Promise<Record<string, number>>;
   /** Throws ConflictError when the name is taken. */

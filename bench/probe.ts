@@ -1,0 +1,48 @@
+// A client in a process of its own, so its figures are not slowed by the load benchmark's many
+// in-process workers. Prints "ready", then waits for one line on stdin and runs the probe:
+//
+//   node bench/probe.ts first-served URL CERT_FILE ACCOUNT TOKEN
+//       ms from "go" until the controller first answers GET /v1/vms with 200 (retrying every 10 ms)
+//   node bench/probe.ts list N URL CERT_FILE ACCOUNT TOKEN
+//       N timings of GET /v1/vms, as "response_ms parse_ms count" lines
+import { readFileSync } from 'node:fs';
+import https from 'node:https';
+import { performance } from 'node:perf_hooks';
+
+const mode = process.argv[2];
+const times = mode === 'list' ? Number(process.argv[3]) : 1;
+const [url, certFile, account, token] = process.argv.slice(mode === 'list' ? 4 : 3);
+const ca = readFileSync(certFile, 'utf8');
+const authorization = 'Basic ' + Buffer.from(`${account}:${token}`).toString('base64');
+const agent = new https.Agent({ keepAlive: true, ca });
+
+/** The body of GET /v1/vms, or undefined when the controller does not answer 200. */
+const list = (fresh: boolean) =>
+  new Promise<string | undefined>((resolve) => {
+    const req = https.get(new URL('/v1/vms', url), { ca, headers: { authorization }, agent: fresh ? false : agent, timeout: 30_000 }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve(res.statusCode === 200 ? Buffer.concat(chunks).toString('utf8') : undefined));
+    });
+    req.on('error', () => resolve(undefined));
+    req.on('timeout', () => req.destroy());
+  });
+
+console.log('ready');
+process.stdin.once('data', async () => {
+  if (mode === 'first-served') {
+    const t0 = performance.now();
+    while ((await list(true)) === undefined) await new Promise((r) => setTimeout(r, 10));
+    console.log((performance.now() - t0).toFixed(0));
+  } else {
+    await list(false); // the connection, set up once as a client with keep-alive does
+    for (let i = 0; i < times; i++) {
+      const t0 = performance.now();
+      const body = await list(false);
+      const t1 = performance.now();
+      const n = (JSON.parse(body ?? 'null') as unknown[] | null)?.length ?? -1;
+      console.log(`${(t1 - t0).toFixed(1)} ${(performance.now() - t1).toFixed(1)} ${n}`);
+    }
+  }
+  process.exit(0);
+});

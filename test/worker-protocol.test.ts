@@ -1,0 +1,73 @@
+// What a VM costs on the wire between worker and controller: the sync push carries the worker's VMs
+// (no listing), a quick start is one state report that carries its events, and a report about an
+// earlier run of a VM is refused instead of overwriting the current run's state.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { pino } from 'pino';
+import { localNameOf, type VM } from '../src/api/schemas.ts';
+import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
+import { OrchardWorker } from '../src/worker/worker.ts';
+import { ADMIN_TOKEN, clientOf, inProcessController, rawRequest, tempDir, waitFor } from './helpers.ts';
+
+/** Requests served so far for one method and route, from the controller's Prometheus metrics. */
+async function served(c: Awaited<ReturnType<typeof inProcessController>>, method: string, route: string): Promise<number> {
+  const res = await rawRequest(c.ctl, 'GET', '/metrics', { auth: ['bootstrap-admin', ADMIN_TOKEN] });
+  let n = 0;
+  for (const line of res.body.split('\n')) {
+    if (line.startsWith('orchard_http_requests_total{') && line.includes(`method="${method}"`) && line.includes(`route="${route}"`)) n += Number(line.split(' ').pop());
+  }
+  return n;
+}
+
+test('a worker gets its VMs in the sync push and reports a quick start in one request with its events', async () => {
+  const c = await inProcessController();
+  const worker = new OrchardWorker({ client: clientOf(c.ctl, 'bootstrap-admin', ADMIN_TOKEN), name: 'w', driver: new SyntheticDriver(), dataDir: tempDir(), slots: 10, logger: pino({ level: 'silent' }) });
+  try {
+    await worker.start();
+    await waitFor('the worker connected', async () => (await c.admin.getWorker('w')).last_seen);
+    const listsBefore = await served(c, 'GET', '/v1/vms');
+    for (let i = 0; i < 8; i++) await c.admin.createVM({ name: `p${i}`, image: 'synthetic', cpu: 1, memory: 512 });
+    for (let i = 0; i < 8; i++) await waitFor(`p${i} running`, async () => (await c.admin.getVM(`p${i}`)).status === 'running' || undefined, 10_000, 20);
+
+    assert.equal(await served(c, 'GET', '/v1/vms'), listsBefore, 'the worker did not list its VMs: the pushes carried them');
+    assert.equal(await served(c, 'POST', '/v1/vms/:name/events'), 0, 'events travel with the state reports');
+    assert.equal(await served(c, 'PUT', '/v1/vms/:name/state'), 8, 'one state report per VM');
+    const { events } = await c.admin.listEvents('p3');
+    assert.deepEqual(
+      events.map((e) => e.payload.replace(/ [\d.]+s after/, ' Ns after')),
+      ['scheduled on worker w; cloning image synthetic', 'booting', 'running: the guest answers SSH Ns after the clone started'],
+    );
+  } finally {
+    await worker.stop();
+    await c.close();
+    c.cleanup();
+  }
+});
+
+test("a state report about an earlier run of a VM is refused (409) and changes nothing; events ride along a report", async () => {
+  const c = await inProcessController();
+  try {
+    const vm = await c.admin.createVM({ name: 'r', image: 'synthetic' });
+    const put = (body: object) => rawRequest(c.ctl, 'PUT', '/v1/vms/r/state', { auth: ['bootstrap-admin', ADMIN_TOKEN], body: JSON.stringify(body) });
+
+    let res = await put({ status: 'running', localName: localNameOf(vm), events: [{ kind: 'lifecycle', timestamp: 1, payload: 'up' }] });
+    assert.equal(res.status, 200, res.body);
+    assert.equal((res.json as VM).status, 'running');
+    assert.deepEqual((await c.admin.listEvents('r')).events.map((e) => e.payload), ['up']);
+
+    const earlier = localNameOf({ ...vm, restart_count: 3 });
+    res = await put({ status: 'failed', status_message: 'late', localName: earlier, events: [{ kind: 'lifecycle', timestamp: 2, payload: 'late' }] });
+    assert.equal(res.status, 409);
+    assert.match((res.json as { message: string }).message, /field "localName": .* is an earlier run of VM "r"/);
+    const after = await c.admin.getVM('r');
+    assert.deepEqual([after.status, after.localName], ['running', localNameOf(vm)]);
+    assert.deepEqual((await c.admin.listEvents('r')).events.map((e) => e.payload), ['up'], 'the refused report added no events');
+
+    res = await put({ events: [{ kind: 'x', timestamp: 'soon', payload: '' }] });
+    assert.equal(res.status, 400);
+    assert.match((res.json as { message: string }).message, /events\[0\]\.timestamp/);
+  } finally {
+    await c.close();
+    c.cleanup();
+  }
+});
