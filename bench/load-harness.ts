@@ -10,6 +10,7 @@ import type { VM, WatchEvent } from '../src/api/schemas.ts';
 import { OrchardClient } from '../src/client/client.ts';
 import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
 import { OrchardWorker } from '../src/worker/worker.ts';
+import { WORKER_HTTP_CONNECTIONS } from '../src/worker/run.ts';
 import { ADMIN_TOKEN, spawnController, tempDir, type ChildController } from '../test/helpers.ts';
 
 export const pct = (sorted: number[], p: number) => (sorted.length ? sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] : NaN);
@@ -63,7 +64,7 @@ export class Cluster {
         while (next < n) {
           const i = next++;
           const driver = new SyntheticDriver();
-          const worker = new OrchardWorker({ client: this.client(4), name: `load-${i}`, driver, dataDir: join(this.dataDir, 'workers', String(i)), slots, heartbeatMs, logger: this.logger });
+          const worker = new OrchardWorker({ client: this.client(WORKER_HTTP_CONNECTIONS), name: `load-${i}`, driver, dataDir: join(this.dataDir, 'workers', String(i)), slots, heartbeatMs, logger: this.logger });
           this.drivers[i] = driver;
           this.workers[i] = worker;
           await worker.start();
