@@ -71,3 +71,35 @@ test("a state report about an earlier run of a VM is refused (409) and changes n
     c.cleanup();
   }
 });
+
+test('a connected watch keeps a worker alive without HTTP heartbeats; a deleted worker registers again', async () => {
+  const c = await inProcessController({ workerOfflineTimeoutMs: 1500 });
+  const worker = new OrchardWorker({
+    client: clientOf(c.ctl, 'bootstrap-admin', ADMIN_TOKEN),
+    name: 'live',
+    driver: new SyntheticDriver(),
+    dataDir: tempDir(),
+    slots: 1,
+    heartbeatMs: 100,
+    logger: pino({ level: 'silent' }),
+  });
+  try {
+    await worker.start();
+    await waitFor('the watch connected', () => worker.connected || undefined);
+    const beats = await served(c, 'PUT', '/v1/workers/:name');
+    const seen = (await c.admin.getWorker('live')).last_seen!;
+    await new Promise((r) => setTimeout(r, 1200));
+    assert.equal(await served(c, 'PUT', '/v1/workers/:name'), beats, 'no heartbeat requests while the watch is connected');
+    assert.ok(Date.parse((await c.admin.getWorker('live')).last_seen!) > Date.parse(seen), 'the controller refreshed last_seen');
+
+    const created = (await c.admin.getWorker('live')).createdAt;
+    await c.admin.deleteWorker('live');
+    const back = await waitFor('registered again', async () => (await c.admin.listWorkers()).find((w) => w.name === 'live' && w.createdAt !== created), 10_000);
+    assert.ok(back.last_seen);
+    await waitFor('the watch connected again', () => worker.connected || undefined);
+  } finally {
+    await worker.stop();
+    await c.close();
+    c.cleanup();
+  }
+});

@@ -74,11 +74,14 @@ export class OrchardClient {
     if (options.serviceAccountName !== undefined && options.serviceAccountToken !== undefined) {
       this.auth = 'Basic ' + Buffer.from(`${options.serviceAccountName}:${options.serviceAccountToken}`).toString('base64');
     }
+    // Idle connections close after 5 s (as Node's global agent), not when the server gives up on them
+    // (72 s): a controller serving hundreds of workers keeps only the connections in use.
+    const pool = { keepAlive: true, timeout: 5000, maxSockets: options.maxSockets ?? 32 };
     if (this.url.protocol === 'https:') {
       this.fingerprint = options.certificate ? new X509Certificate(options.certificate).fingerprint256 : undefined;
-      this.agent = new https.Agent({ keepAlive: true, maxSockets: options.maxSockets ?? 32, ...this.tlsOptions() });
+      this.agent = new https.Agent({ ...pool, ...this.tlsOptions() });
     } else {
-      this.agent = new http.Agent({ keepAlive: true, maxSockets: options.maxSockets ?? 32 });
+      this.agent = new http.Agent(pool);
     }
   }
 

@@ -18,8 +18,11 @@ import { Scheduler } from './scheduler.ts';
 import { ClusterView } from './view.ts';
 import { Tunnels } from './tunnels.ts';
 import { registerConnectRoutes } from './routes/connect.ts';
-import { badRequest } from './errors.ts';
+import { badRequest, notFound } from './errors.ts';
 import { NAME_PATTERN } from '../api/schemas.ts';
+
+/** How often the controller refreshes last_seen of the workers whose watch is connected (at most a third of the offline timeout). */
+const LIVENESS_REFRESH_MS = 10_000;
 
 export interface AppOptions {
   store: Store;
@@ -89,13 +92,29 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     if (before?.worker && before.worker !== vm.worker) channels.requestSync(before.worker);
     if (vm.worker) channels.requestSync(vm.worker);
   });
-  channels.onChange = () => scheduler.kick();
+  // A worker whose watch is connected is alive: the controller keeps its last_seen current (all of
+  // them in one commit), so our workers send no HTTP heartbeat meanwhile (capability "watch-liveness")
+  // and an idle worker holds one connection. A deleted worker is disconnected; it registers again.
+  const touch = (workers: Iterable<string>) => {
+    const now = new Date().toISOString();
+    for (const w of workers) void opts.store.update('workers', w, (cur) => ({ ...cur, last_seen: now })).catch(() => {});
+  };
+  const liveness = setInterval(() => touch(channels.connected()), Math.min(LIVENESS_REFRESH_MS, opts.workerOfflineTimeoutMs / 3));
+  liveness.unref();
+  channels.onChange = (worker, connected) => {
+    if (connected) touch([worker]);
+    scheduler.kick();
+  };
+  const unsubscribeWorkers = view.subscribe((change) => {
+    if (change.kind === 'workers' && change.type === 'DELETED') channels.disconnect(change.object.name);
+  });
 
   const sockets = new WebSocketRoutes(opts.store, opts.logger);
   sockets.route('/v1/rpc/watch', ['compute:read'], async ({ url }) => {
     const worker = url.searchParams.get('workerName') ?? url.searchParams.get('worker') ?? '';
     if (!new RegExp(NAME_PATTERN).test(worker)) throw badRequest('query parameter "workerName" must be the worker\'s name (a DNS label)');
     await view.loaded; // the first push carries the worker's VMs: never a partial list
+    if (!view.workers.has(worker)) throw notFound(`worker "${worker}" is not registered (POST /v1/workers first)`);
     return (ws) => channels.accept(worker, ws);
   });
   sockets.attach(app.server);
@@ -145,7 +164,9 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     ctx,
     close: async () => {
       abort.abort();
+      clearInterval(liveness);
       unsubscribe();
+      unsubscribeWorkers();
       await scheduler.stop();
       view.close();
       tunnels.close();

@@ -131,6 +131,16 @@ export class WorkerChannels {
     this.onChange(worker, true);
   }
 
+  /** The workers whose watch is connected now. */
+  connected(): Iterable<string> {
+    return this.sockets.keys();
+  }
+
+  /** Closes a worker's watch connections (its record was deleted). */
+  disconnect(worker: string) {
+    for (const ws of this.sockets.get(worker) ?? []) ws.close(1000, 'worker deleted');
+  }
+
   isConnected(worker: string) {
     return this.sockets.has(worker);
   }

@@ -67,6 +67,10 @@ export class OrchardWorker {
   private pushed?: VM[];
   /** Does the controller take events with a state report (capability "vm-state-events")? */
   private stateWithEvents = false;
+  /** Does a connected watch keep this worker alive on the controller (capability "watch-liveness")? Then no HTTP heartbeat is due meanwhile. */
+  private watchLiveness = false;
+  /** The controller does not know this worker (it was deleted): register before watching again. */
+  private unregistered = false;
   private readonly tasks = new Map<string, Task>();
   readonly machineId: string;
 
@@ -99,6 +103,7 @@ export class OrchardWorker {
     // Our controller takes a state report and its events in one request; an upstream one does not.
     const info = await this.o.client.info().catch(() => undefined);
     this.stateWithEvents = info?.capabilities?.includes('vm-state-events') ?? false;
+    this.watchLiveness = info?.capabilities?.includes('watch-liveness') ?? false;
     await this.o.client.registerWorker(this.workerRecord());
     this.log.info({ runtime: this.o.driver.runtime, slots: this.o.slots }, 'worker registered');
     this.heartbeat = setInterval(() => void this.beat(), this.o.heartbeatMs ?? 10_000);
@@ -116,6 +121,7 @@ export class OrchardWorker {
   }
 
   private async beat() {
+    if (this.watchLiveness && this.connected) return;
     try {
       await this.o.client.updateWorker({ name: this.o.name, machine_id: this.machineId });
     } catch (err) {
@@ -154,6 +160,7 @@ export class OrchardWorker {
       if ('resolveIPAction' in msg) void this.resolveIP(msg.resolveIPAction as { session: string; vmUID: string });
     });
     ws.on('unexpected-response', (_req, res) => {
+      if (res.statusCode === 404) this.unregistered = true;
       this.log.warn({ status: res.statusCode }, 'controller refused the watch connection');
       ws.terminate();
     });
@@ -161,12 +168,22 @@ export class OrchardWorker {
     ws.on('close', () => {
       if (this.stopped) return;
       // Exponential backoff with full jitter: after a controller restart, hundreds of workers spread
-      // their reconnects over the window instead of arriving together. (The worker's record is kept
-      // by the controller; a deleted one is registered again by the heartbeat.)
+      // their reconnects over the window instead of arriving together. The controller keeps the
+      // worker's record; only when it was deleted does the worker register again.
       const delay = Math.random() * this.reconnectDelay;
       this.reconnectDelay = Math.min(this.reconnectDelay * 2, 15_000);
       this.log.info({ inMs: Math.round(delay) }, 'watch connection lost; reconnecting');
-      setTimeout(() => this.connect(), delay);
+      setTimeout(() => {
+        if (!this.unregistered) return this.connect();
+        this.log.warn('the controller does not know this worker (deleted?); registering again');
+        this.o.client.registerWorker(this.workerRecord()).then(
+          () => {
+            this.unregistered = false;
+            this.connect();
+          },
+          () => this.connect(),
+        );
+      }, delay);
     });
   }
 

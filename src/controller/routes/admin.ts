@@ -10,7 +10,7 @@ import { badRequest, notFound } from '../errors.ts';
 const NameParams = Type.Object({ name: Name });
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
 
-export const CAPABILITIES = ['vm-events', 'watch', 'openapi', 'metrics', 'vm-state-events'];
+export const CAPABILITIES = ['vm-events', 'watch', 'openapi', 'metrics', 'vm-state-events', 'watch-liveness'];
 
 /** A new service account token: 32 bytes from the CSPRNG. */
 export const newToken = () => randomBytes(32).toString('base64url');
