@@ -5,7 +5,7 @@
 import type { Logger } from 'pino';
 import { RESOURCE_TART_VMS, type VM, type Worker } from '../api/schemas.ts';
 import type { Store } from './store/store.ts';
-import type { ClusterView } from './view.ts';
+import { requirements, type ClusterView } from './view.ts';
 
 export const MAX_RESTARTS = 10;
 const BACKOFF_BASE_MS = 1000;
@@ -18,11 +18,6 @@ export interface SchedulerOptions {
   isConnected: (worker: string) => boolean;
   /** Backoff base for OnFailure restarts (tests shorten it). */
   backoffBaseMs?: number;
-}
-
-/** What a VM takes from its worker: one VM slot, plus the resources it asks for. */
-export function requirements(vm: VM): Record<string, number> {
-  return { [RESOURCE_TART_VMS]: 1, ...(vm.resources ?? {}) };
 }
 
 /**
@@ -136,7 +131,7 @@ export class Scheduler {
   }
 
   /** Why a VM fits on no worker, per reason: "no worker fits: 2 workers: 1 lacks label rack=a, 1 is paused". */
-  private whyNoFit(vm: VM, need: Record<string, number>, workers: Worker[], online: Map<string, boolean>, used: Map<string, Record<string, number>>): string {
+  private whyNoFit(vm: VM, need: Record<string, number>, workers: Worker[], online: Map<string, boolean>, usedOf: (worker: string) => Record<string, number>): string {
     if (workers.length === 0) return 'waiting for a worker: none is registered';
     // Each reason in its singular and plural form: "1 is paused", "2 are paused".
     const reasons = new Map<string, { n: number; plural: string }>();
@@ -148,7 +143,7 @@ export class Scheduler {
     for (const w of workers) {
       const runtime = w.runtime ?? 'tart';
       const missing = Object.entries(vm.labels ?? {}).find(([k, v]) => w.labels?.[k] !== v);
-      const u = used.get(w.name)!;
+      const u = usedOf(w.name);
       const short = Object.entries(need).find(([k, v]) => (w.resources?.[k] ?? 0) - (u[k] ?? 0) < v);
       if (!online.get(w.name)) why('is offline', 'are offline');
       else if (w.scheduling_paused) why('is paused', 'are paused');
@@ -164,16 +159,20 @@ export class Scheduler {
     return `no worker fits: ${workers.length} worker${workers.length > 1 ? 's' : ''}: ${list}`;
   }
 
-  /** One pass over the whole cluster state. */
+  /**
+   * One pass: fails the VMs of offline or deleted workers, restarts failed OnFailure VMs, places the
+   * waiting ones. Its cost follows the workers and the VMs that need something (failed, waiting),
+   * not all VMs: usage per worker and the waiting and failed VMs are indexes the view keeps.
+   */
   async pass() {
     const now = Date.now();
     const settings = await this.store.getClusterSettings();
-    const workers = [...this.view.workers.values()];
-    // The pass records its own decisions by replacing an entry with a changed copy, never by
-    // changing the committed objects.
-    const vms = [...this.view.vms.values()];
-    const byName = new Map(workers.map((w) => [w.name, w]));
+    const view = this.view;
+    const workers = [...view.workers.values()];
     const online = new Map(workers.map((w) => [w.name, this.online(w, now)]));
+    // The pass's own decisions, by VM name (the committed objects are never changed).
+    const decided = new Map<string, VM>();
+    const current = (name: string) => decided.get(name) ?? view.vms.get(name);
     const writes: Promise<unknown>[] = [];
     const update = (vm: VM, guard: (cur: VM) => boolean, change: (cur: VM) => Partial<VM>) =>
       writes.push(
@@ -183,20 +182,27 @@ export class Scheduler {
       );
 
     // 1. VMs whose worker is gone or offline fail (and may be restarted elsewhere below).
-    for (const [i, vm] of vms.entries()) {
-      if (!vm.worker || vm.status === 'failed') continue;
-      const w = byName.get(vm.worker);
-      if (w && online.get(w.name)) continue;
-      const reason = w ? `worker ${w.name} is offline (not seen since ${w.last_seen ?? 'ever'})` : `worker ${vm.worker} was deleted`;
-      vms[i] = { ...vm, status: 'failed', status_message: reason };
-      update(vm, (cur) => cur.worker === vm.worker && cur.status !== 'failed', () => ({ status: 'failed', status_message: reason }));
+    const failed = [...view.failed];
+    for (const [name, placed] of view.placements()) {
+      const w = view.workers.get(name);
+      if (placed.size === 0 || (w && online.get(name))) continue;
+      const reason = w ? `worker ${w.name} is offline (not seen since ${w.last_seen ?? 'ever'})` : `worker ${name} was deleted`;
+      for (const vmName of placed) {
+        const vm = view.vms.get(vmName)!;
+        if (vm.status === 'failed') continue;
+        decided.set(vmName, { ...vm, status: 'failed', status_message: reason });
+        failed.push(vmName);
+        update(vm, (cur) => cur.worker === vm.worker && cur.status !== 'failed', () => ({ status: 'failed', status_message: reason }));
+      }
     }
 
     // 2. Restart policy: failed OnFailure VMs go back to pending after an exponential backoff.
     const live = new Set<string>();
+    const restarted: string[] = [];
     let nextDue = Infinity;
-    for (const [i, vm] of vms.entries()) {
-      if (!vm.uid || vm.status !== 'failed') continue;
+    for (const name of failed) {
+      const vm = current(name)!;
+      if (!vm.uid) continue;
       const failure = `${vm.uid}/${vm.restart_count ?? 0}`;
       live.add(failure);
       if (!this.failedSince.has(failure)) this.failedSince.set(failure, now);
@@ -215,7 +221,8 @@ export class Scheduler {
         if (vm.status_message !== message) update(vm, (cur) => cur.status === 'failed', () => ({ status_message: message }));
         continue;
       }
-      vms[i] = { ...vm, status: 'pending', worker: undefined };
+      decided.set(name, { ...vm, status: 'pending', worker: undefined });
+      restarted.push(name);
       update(vm, (cur) => cur.status === 'failed', (cur) => ({
         status: 'pending',
         worker: undefined,
@@ -235,25 +242,25 @@ export class Scheduler {
 
     // 3. Placement, from an ordered list of the workers with room (no full scan per VM); VMs that ask
     // for the same things share one verdict once they stop fitting (usage only grows in a pass).
-    const used = new Map<string, Record<string, number>>(workers.map((w) => [w.name, {}]));
-    for (const vm of vms) {
-      if (!vm.worker || vm.status === 'failed') continue;
-      const u = used.get(vm.worker);
-      if (!u) continue;
-      u[RESOURCE_TART_VMS] = (u[RESOURCE_TART_VMS] ?? 0) + 1;
-      if (vm.resources) for (const k in vm.resources) u[k] = (u[k] ?? 0) + vm.resources[k];
-    }
+    const used = new Map<string, Record<string, number>>();
+    const usedOf = (worker: string) => {
+      let u = used.get(worker);
+      if (!u) used.set(worker, (u = { ...view.usage.get(worker) }));
+      return u;
+    };
     const distribute = (settings.schedulerProfile ?? 'optimize-utilization') === 'distribute-load';
-    const load = (w: Worker) => used.get(w.name)![RESOURCE_TART_VMS] ?? 0;
+    const load = (w: Worker) => usedOf(w.name)[RESOURCE_TART_VMS] ?? 0;
     const free = (w: Worker) => (w.resources?.[RESOURCE_TART_VMS] ?? 0) - load(w);
     // Workers that could take a VM, in the profile's order (busiest or least busy first, then by
     // name): the first that fits is the one to use. Full workers leave the list.
     const before = (a: Worker, b: Worker) => (load(a) !== load(b) ? (distribute ? load(a) < load(b) : load(a) > load(b)) : a.name < b.name);
-    const candidates = workers
-      .filter((w) => online.get(w.name) && !w.scheduling_paused && free(w) > 0)
-      .sort((a, b) => (before(a, b) ? -1 : before(b, a) ? 1 : 0));
+    const waiting = [...view.unplaced, ...restarted];
+    const candidates = waiting.length
+      ? workers.filter((w) => online.get(w.name) && !w.scheduling_paused && free(w) > 0).sort((a, b) => (before(a, b) ? -1 : before(b, a) ? 1 : 0))
+      : [];
     const noFit = new Map<string, string>();
-    for (const vm of vms) {
+    for (const name of waiting) {
+      const vm = current(name)!;
       if (vm.status !== 'pending' || vm.worker) continue;
       const need = requirements(vm);
       const signature = JSON.stringify([vm.runtime, vm.labels, need]);
@@ -261,11 +268,11 @@ export class Scheduler {
       let best: Worker | undefined;
       let at = -1;
       if (message === undefined) {
-        at = candidates.findIndex((w) => this.fits(vm, need, w, used.get(w.name)!));
+        at = candidates.findIndex((w) => this.fits(vm, need, w, usedOf(w.name)));
         best = candidates[at];
       }
       if (!best) {
-        message ??= this.whyNoFit(vm, need, workers, online, used);
+        message ??= this.whyNoFit(vm, need, workers, online, usedOf);
         noFit.set(signature, message);
         if (vm.status_message !== message) {
           const m = message;
@@ -274,7 +281,7 @@ export class Scheduler {
         continue;
       }
       const w = best;
-      const u = used.get(w.name)!;
+      const u = usedOf(w.name);
       for (const k in need) u[k] = (u[k] ?? 0) + need[k];
       // Keep the order: the worker's load grew by one.
       candidates.splice(at, 1);

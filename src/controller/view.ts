@@ -1,8 +1,13 @@
 // The controller's in-memory view of the committed VMs and workers: loaded once from the store, then
 // kept current from the store's commit feed (never re-read). The scheduler places from it, workers'
 // sync pushes carry their VMs from it, and `GET /v1/vms` is answered from it without touching SQLite.
-import type { VM, Worker } from '../api/schemas.ts';
+import { RESOURCE_TART_VMS, type VM, type Worker } from '../api/schemas.ts';
 import type { Change, Store } from './store/store.ts';
+
+/** What a VM takes from its worker: one VM slot, plus the resources it asks for. */
+export function requirements(vm: VM): Record<string, number> {
+  return { [RESOURCE_TART_VMS]: 1, ...(vm.resources ?? {}) };
+}
 
 export type ViewChange = { kind: 'vms'; type: Change['type']; object: VM; before?: VM } | { kind: 'workers'; type: Change['type']; object: Worker; before?: Worker };
 
@@ -13,6 +18,11 @@ export class ClusterView {
   /** The JSON of each VM, made when first needed and dropped when the VM changes. */
   private readonly json = new Map<string, string>();
   private readonly byWorker = new Map<string, Set<string>>();
+  /** What the VMs placed on each worker take (a failed VM takes nothing), kept as the VMs change. */
+  readonly usage = new Map<string, Record<string, number>>();
+  /** VMs waiting for a worker (pending, unplaced), in the order they started waiting; and failed VMs. */
+  readonly unplaced = new Set<string>();
+  readonly failed = new Set<string>();
   private readonly listeners = new Set<(change: ViewChange) => void>();
   private readonly unsubscribe: () => void;
   /** Settles when the initial snapshot is in; nothing should be read before. */
@@ -47,8 +57,25 @@ export class ClusterView {
     this.listeners.clear();
   }
 
+  /** Keeps the indexes right as a VM goes from `before` to `after` (either may be absent). */
+  private reindex(name: string, before: VM | undefined, after: VM | undefined) {
+    const waiting = (vm?: VM) => vm?.status === 'pending' && !vm.worker;
+    const failed = (vm?: VM) => vm?.status === 'failed';
+    // Only a change of membership moves a VM: waiting VMs keep their place in line.
+    if (waiting(before) !== waiting(after)) this.unplaced[waiting(after) ? 'add' : 'delete'](name);
+    if (failed(before) !== failed(after)) this.failed[failed(after) ? 'add' : 'delete'](name);
+    for (const [vm, sign] of [[before, -1], [after, 1]] as const) {
+      if (!vm?.worker || vm.status === 'failed') continue;
+      let u = this.usage.get(vm.worker);
+      if (!u) this.usage.set(vm.worker, (u = {}));
+      const need = requirements(vm);
+      for (const k in need) u[k] = (u[k] ?? 0) + sign * need[k];
+    }
+  }
+
   private setVM(vm: VM) {
     const before = this.vms.get(vm.name);
+    this.reindex(vm.name, before, vm);
     if (before?.worker !== vm.worker) {
       if (before?.worker) this.byWorker.get(before.worker)?.delete(vm.name);
       if (vm.worker) {
@@ -69,6 +96,7 @@ export class ClusterView {
       let before: VM | undefined;
       if (change.type === 'DELETED') {
         before = this.vms.get(vm.name);
+        this.reindex(vm.name, before, undefined);
         if (before?.worker) this.byWorker.get(before.worker)?.delete(vm.name);
         this.vms.delete(vm.name);
         this.json.delete(vm.name);
@@ -88,6 +116,11 @@ export class ClusterView {
     let s = this.json.get(name);
     if (s === undefined) this.json.set(name, (s = JSON.stringify(this.vms.get(name))));
     return s;
+  }
+
+  /** The names of the VMs placed on each worker (workers that were deleted included). */
+  placements(): Iterable<[string, ReadonlySet<string>]> {
+    return this.byWorker;
   }
 
   /** The JSON array of all VMs (in the store's order), or of one worker's (in the order they were placed there). */

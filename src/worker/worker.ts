@@ -47,6 +47,8 @@ interface Task {
   sending?: Promise<void>;
   /** The last state reported: re-sent when the controller missed it (e.g. it restarted meanwhile). */
   reported?: VMStateUpdate;
+  /** Has the controller acknowledged `reported` (committed it)? */
+  acked?: boolean;
   /** The spec generation this run carries out, and the host-relevant part of that spec. */
   generation?: number;
   hostSpec: string;
@@ -308,7 +310,8 @@ export class OrchardWorker {
       if (task) {
         // A report lost while the controller was away: the controller still thinks the VM is
         // pending, but it has moved on here. (A failed VM is the controller's call, not re-asserted.)
-        if (vm.status === 'pending' && task.reported && task.reported.status !== 'pending' && !task.outbox.length) this.report(vm, task, task.reported);
+        // (A push made before the report was committed also shows it pending: only an unacknowledged report is sent again.)
+        if (vm.status === 'pending' && task.reported && task.reported.status !== 'pending' && !task.acked && !task.sending) this.report(vm, task, task.reported);
         continue;
       }
       if (vm.status === 'failed') continue;
@@ -358,7 +361,10 @@ export class OrchardWorker {
             task.outbox.shift();
             state = { ...state, events: events.events };
           }
-          await this.o.client.updateVMState(task.name, state).catch((err: Error) => this.log.debug({ vm: task.name, err: err.message }, 'state report failed'));
+          await this.o.client.updateVMState(task.name, state).then(
+            () => (task.acked = !task.outbox.some((i) => 'state' in i)), // no newer state queued: the latest is in
+            (err: Error) => this.log.debug({ vm: task.name, err: err.message }, 'state report failed'),
+          );
         }
       }
       task.sending = undefined;
@@ -371,6 +377,7 @@ export class OrchardWorker {
 
   private report(vm: VM, task: Task, state: VMStateUpdate) {
     task.reported = state;
+    task.acked = false;
     this.send(task, { state: { localName: task.localName, observedGeneration: vm.generation, ...state } });
   }
 
