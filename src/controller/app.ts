@@ -83,8 +83,12 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   // Push, not poll: a change a worker must act on (a VM assigned to it or taken away, a new spec, a
   // restart, a deletion) reaches it at once. State reports (status, messages, conditions: mostly
   // the worker's own) do not echo back to it.
+  // (A deleted worker is disconnected: it registers again when it reconnects.)
   const unsubscribe = view.subscribe((change) => {
-    if (change.kind !== 'vms') return;
+    if (change.kind === 'workers') {
+      if (change.type === 'DELETED') channels.disconnect(change.object.name);
+      return;
+    }
     const { object: vm, before } = change;
     const relevant =
       change.type !== 'MODIFIED' || !before || before.worker !== vm.worker || before.generation !== vm.generation || before.restart_count !== vm.restart_count;
@@ -94,7 +98,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   });
   // A worker whose watch is connected is alive: the controller keeps its last_seen current (all of
   // them in one commit), so our workers send no HTTP heartbeat meanwhile (capability "watch-liveness")
-  // and an idle worker holds one connection. A deleted worker is disconnected; it registers again.
+  // and an idle worker holds one connection.
   const touch = (workers: Iterable<string>) => {
     const now = new Date().toISOString();
     for (const w of workers) void opts.store.update('workers', w, (cur) => ({ ...cur, last_seen: now })).catch(() => {});
@@ -105,9 +109,6 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     if (connected) touch([worker]);
     scheduler.kick();
   };
-  const unsubscribeWorkers = view.subscribe((change) => {
-    if (change.kind === 'workers' && change.type === 'DELETED') channels.disconnect(change.object.name);
-  });
 
   const sockets = new WebSocketRoutes(opts.store, opts.logger);
   sockets.route('/v1/rpc/watch', ['compute:read'], async ({ url }) => {
@@ -166,7 +167,6 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
       abort.abort();
       clearInterval(liveness);
       unsubscribe();
-      unsubscribeWorkers();
       await scheduler.stop();
       view.close();
       tunnels.close();

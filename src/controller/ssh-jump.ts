@@ -64,7 +64,17 @@ export function loadHostKey(dataDir: string, logger?: Logger): HostKey {
     }
     return { ...describeKey(readFileSync(path, 'utf8'), path), generated: false };
   }
-  const pair = ssh2.utils.generateKeyPairSync('ed25519', { comment: 'orchard-controller' });
+  // ssh2 drops a leading zero byte of the key it writes (about 1 key in 230 comes out malformed):
+  // keep only a key that parses and signs what it verifies.
+  const usable = (privateKey: string) => {
+    const key = ssh2.utils.parseKey(privateKey);
+    if (key instanceof Error) return false;
+    const probe = Buffer.from('orchard');
+    return key.verify(probe, key.sign(probe)) === true;
+  };
+  let pair;
+  do pair = ssh2.utils.generateKeyPairSync('ed25519', { comment: 'orchard-controller' });
+  while (!usable(pair.private));
   // Written aside and renamed, so a crash never leaves a half-written key behind.
   const tmp = `${path}.${process.pid}.tmp`;
   writeFileSync(tmp, pair.private, { mode: 0o600 });
