@@ -3,6 +3,8 @@
 //
 //   node bench/load.ts                       # 10×100, 100×1,000, 1,000×10,000
 //   node bench/load.ts --scales 50x500       # workers x VMs, comma-separated
+//   --concurrency 32    creates in flight during the burst
+//   --paced-rate 200    creates/s of the paced phase after it (M/10 more VMs, one at a time)
 import { parseArgs } from 'node:util';
 import { spawn } from 'node:child_process';
 import { rmSync } from 'node:fs';
@@ -13,10 +15,12 @@ import { ADMIN_TOKEN } from '../test/helpers.ts';
 import { Cluster, closedLoop, cpuSeconds, pct, usageOf, Watcher } from './load-harness.ts';
 
 const { values } = parseArgs({
-  options: { scales: { type: 'string', default: '10x100,100x1000,1000x10000' }, concurrency: { type: 'string', default: '32' }, 'no-restart': { type: 'boolean', default: false } },
+  options: { scales: { type: 'string', default: '10x100,100x1000,1000x10000' }, concurrency: { type: 'string', default: '32' }, 'paced-rate': { type: 'string', default: '200' }, 'no-restart': { type: 'boolean', default: false } },
 });
 const scales = values.scales.split(',').map((s) => s.split('x').map(Number) as [number, number]);
 const CONCURRENCY = Number(values.concurrency);
+/** Creates per second of the paced phase (after the burst): a rate the controller keeps up with. */
+const PACED_RATE = Number(values['paced-rate']);
 
 /** Starts bench/probe.ts against the cluster's controller; the function returned runs it and resolves with its output lines. */
 async function probe(cluster: Cluster, args: string[]): Promise<() => Promise<string[]>> {
@@ -45,7 +49,10 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     await cluster.startController();
     const pid = cluster.ctl.proc.pid!;
     let t0 = performance.now();
-    await cluster.startWorkers(nWorkers, Math.ceil(nVMs / nWorkers));
+    // Slots for the VMs of the burst, plus room for the paced VMs created after it.
+    const paced = Math.max(10, Math.round(nVMs / 10));
+    const slots = Math.ceil(nVMs / nWorkers) + Math.ceil(paced / nWorkers);
+    await cluster.startWorkers(nWorkers, slots);
     row['workers connected in'] = `${((performance.now() - t0) / 1000).toFixed(1)} s`;
     const idle = await usageOf(pid, 10_000);
     row['controller RSS, workers idle'] = `${idle.rssMB.toFixed(0)} MB`;
@@ -76,13 +83,29 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     const lags = [...acknowledged].map(([name, t]) => Math.max(0, (watcher.addedAt.get(name) ?? Infinity) - t)).sort((a, b) => a - b);
     row['watch lag p50 / p99'] = `${pct(lags, 50).toFixed(1)} / ${pct(lags, 99).toFixed(1)} ms`;
     row['CPU during creates: controller / harness'] = `${ctlCPU} / ${benchCPU}`;
-    const overbooked = [...watcher.peak.values()].filter((n) => n > Math.ceil(nVMs / nWorkers)).length;
+
+    // The same, when the controller keeps up: VMs created one at a time at a steady rate.
+    const pacedAt = new Map<string, number>();
+    const start = performance.now();
+    const pacing: Promise<unknown>[] = [];
+    for (let i = 0; i < paced; i++) {
+      const due = start + (i * 1000) / PACED_RATE;
+      if (due > performance.now()) await new Promise((r) => setTimeout(r, due - performance.now()));
+      pacedAt.set(`paced-${i}`, performance.now());
+      pacing.push(cluster.admin.createVM({ name: `paced-${i}`, image: 'synthetic', cpu: 1, memory: 512 }));
+    }
+    await Promise.all(pacing);
+    await watcher.until(() => [...pacedAt.keys()].every((n) => watcher.runningAt.has(n)), 600_000, 'the paced VMs running');
+    const pacedC2R = [...pacedAt].map(([name, t]) => watcher.runningAt.get(name)! - t).sort((a, b) => a - b);
+    row[`create→running p50 / p99, ${PACED_RATE}/s paced`] = `${pct(pacedC2R, 50).toFixed(0)} / ${pct(pacedC2R, 99).toFixed(0)} ms`;
+
+    const overbooked = [...watcher.peak.values()].filter((n) => n > slots).length;
     row['workers overbooked'] = String(overbooked);
     watcher.stop();
 
     // Timed from a client process of its own, until the whole response is in; its JSON.parse apart.
     const lists = (await (await probe(cluster, ['list', '5']))()).map((l) => l.split(' ').map(Number));
-    if (lists.some(([, , n]) => n !== nVMs)) throw new Error(`listed ${lists.map(([, , n]) => n)} VMs, expected ${nVMs}`);
+    if (lists.some(([, , n]) => n !== nVMs + paced)) throw new Error(`listed ${lists.map(([, , n]) => n)} VMs, expected ${nVMs + paced}`);
     row[`GET /v1/vms (all) median`] = `${pct(lists.map(([ms]) => ms).sort((a, b) => a - b), 50).toFixed(1)} ms`;
     row[`  + the client's JSON.parse`] = `${pct(lists.map(([, ms]) => ms).sort((a, b) => a - b), 50).toFixed(1)} ms`;
     const loaded = await usageOf(pid, 3000);

@@ -15,8 +15,9 @@ export class ClusterView {
   /** In the store's order (creation order), as `Map` keeps insertion order and the store lists by row id. */
   readonly vms = new Map<string, VM>();
   readonly workers = new Map<string, Worker>();
-  /** The JSON of each VM, made when first needed and dropped when the VM changes. */
+  /** The JSON of each VM, made when first needed and dropped when the VM changes; and of the whole list. */
   private readonly json = new Map<string, string>();
+  private allJSON?: Buffer;
   private readonly byWorker = new Map<string, Set<string>>();
   /** What the VMs placed on each worker take (a failed VM takes nothing), kept as the VMs change. */
   readonly usage = new Map<string, Record<string, number>>();
@@ -86,6 +87,7 @@ export class ClusterView {
     }
     this.vms.set(vm.name, vm);
     this.json.delete(vm.name);
+    this.allJSON = undefined;
     return before;
   }
 
@@ -100,6 +102,7 @@ export class ClusterView {
         if (before?.worker) this.byWorker.get(before.worker)?.delete(vm.name);
         this.vms.delete(vm.name);
         this.json.delete(vm.name);
+        this.allJSON = undefined;
       } else before = this.setVM(vm);
       event = { kind: 'vms', type: change.type, object: vm, before };
     } else {
@@ -123,9 +126,14 @@ export class ClusterView {
     return this.byWorker;
   }
 
-  /** The JSON array of all VMs (in the store's order), or of one worker's (in the order they were placed there). */
-  vmsJSON(worker?: string): string {
-    const names = worker === undefined ? this.vms.keys() : (this.byWorker.get(worker) ?? []);
-    return '[' + Array.from(names, (n) => this.jsonOf(n)).join(',') + ']';
+  /** The JSON array of one worker's VMs, in the order they were placed there. */
+  vmsJSON(worker: string): string {
+    return '[' + Array.from(this.byWorker.get(worker) ?? [], (n) => this.jsonOf(n)).join(',') + ']';
+  }
+
+  /** The JSON array of all VMs, in the store's order, as bytes: made once per change, not per list. */
+  allVMsJSON(): Buffer {
+    this.allJSON ??= Buffer.from('[' + Array.from(this.vms.keys(), (n) => this.jsonOf(n)).join(',') + ']');
+    return this.allJSON;
   }
 }

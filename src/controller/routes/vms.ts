@@ -122,9 +122,9 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       }
       const filter = worker !== undefined ? { worker } : undefined;
       if (request.query.watch) return streamWatch(ctx, reply, 'vms', (vm) => worker === undefined || vm.worker === worker, filter);
-      // From the in-memory view, with each VM's JSON made once per change (not per list).
+      // From the in-memory view: each VM's JSON, and the whole list's, is made once per change, not per list.
       await ctx.view.loaded;
-      return reply.type('application/json').serializer((s: unknown) => s as string).send(ctx.view.vmsJSON(worker));
+      return reply.type('application/json').send(worker === undefined ? ctx.view.allVMsJSON() : ctx.view.vmsJSON(worker));
     },
   );
 
