@@ -42,7 +42,21 @@ interface Row {
   [figure: string]: string;
 }
 
+/** Baseline, in the same run: creates/s of a controller with no workers (the machine's speed drifts between runs). */
+async function baseline(nVMs: number): Promise<number> {
+  const alone = new Cluster();
+  try {
+    await alone.startController();
+    const creates = await closedLoop(nVMs, CONCURRENCY, (i) => alone.admin.createVM({ name: `vm-${i}`, image: 'synthetic', cpu: 1, memory: 512 }));
+    return nVMs / creates.seconds;
+  } finally {
+    await alone.stop();
+    rmSync(alone.dataDir, { recursive: true, force: true });
+  }
+}
+
 async function measure(nWorkers: number, nVMs: number): Promise<Row> {
+  const alone = await baseline(nVMs);
   const cluster = new Cluster();
   const row: Row = {};
   try {
@@ -71,7 +85,8 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     });
     const lastCreate = performance.now();
     const [ctlCPU, benchCPU] = [cpuSeconds(pid) - cpu0[0], cpuSeconds(process.pid) - cpu0[1]].map((s) => `${((s / creates.seconds) * 100).toFixed(0)} %`);
-    row['creates/s'] = (nVMs / creates.seconds).toFixed(0);
+    row['creates/s, controller alone (baseline)'] = alone.toFixed(0);
+    row['creates/s'] = `${(nVMs / creates.seconds).toFixed(0)} (${(nVMs / creates.seconds / alone).toFixed(2)}× baseline)`;
     row['create p50 / p99'] = `${pct(creates.latencies, 50).toFixed(1)} / ${pct(creates.latencies, 99).toFixed(1)} ms`;
     await watcher.until(() => watcher.placedAt.size >= nVMs, 600_000, 'all placed');
     row['all placed after last create'] = `${((performance.now() - lastCreate) / 1000).toFixed(2)} s`;
