@@ -1,6 +1,7 @@
-// What a VM costs on the wire between worker and controller: the sync push carries the worker's VMs
-// (no listing), a quick start is one state report that carries its events, and a report about an
-// earlier run of a VM is refused instead of overwriting the current run's state.
+// The worker protocol and our additions to it: the sync push carries the worker's VMs (no listing),
+// a quick start is one state report that carries its events, a report about an earlier run of a VM
+// is refused instead of overwriting the current run's state, a connected watch keeps a worker alive
+// (no HTTP heartbeats), and against a controller without these the worker speaks the upstream protocol.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { pino } from 'pino';
@@ -97,6 +98,28 @@ test('a connected watch keeps a worker alive without HTTP heartbeats; a deleted 
     const back = await waitFor('registered again', async () => (await c.admin.listWorkers()).find((w) => w.name === 'live' && w.createdAt !== created), 10_000);
     assert.ok(back.last_seen);
     await waitFor('the watch connected again', () => worker.connected || undefined);
+  } finally {
+    await worker.stop();
+    await c.close();
+    c.cleanup();
+  }
+});
+
+test('against a controller without our capabilities the worker speaks the upstream protocol: events posted apart, HTTP heartbeats', async () => {
+  const c = await inProcessController();
+  const client = clientOf(c.ctl, 'bootstrap-admin', ADMIN_TOKEN);
+  // What an upstream controller answers: no "vm-state-events", no "watch-liveness".
+  client.info = async () => ({ version: 'upstream', commit: '', capabilities: ['vm-events', 'watch'] });
+  const worker = new OrchardWorker({ client, name: 'old', driver: new SyntheticDriver(), dataDir: tempDir(), slots: 2, heartbeatMs: 100, logger: pino({ level: 'silent' }) });
+  try {
+    await worker.start();
+    await c.admin.createVM({ name: 'u', image: 'synthetic', cpu: 1, memory: 512 });
+    await waitFor('running', async () => (await c.admin.getVM('u')).status === 'running' || undefined, 10_000, 20);
+    await waitFor('the events', async () => ((await c.admin.listEvents('u')).events.length >= 3 ? true : undefined), 5000);
+    assert.ok((await served(c, 'POST', '/v1/vms/:name/events')) >= 1, 'events are posted on their own');
+    const beats = await served(c, 'PUT', '/v1/workers/:name');
+    await new Promise((r) => setTimeout(r, 500));
+    assert.ok((await served(c, 'PUT', '/v1/workers/:name')) > beats, 'the worker heartbeats over HTTP');
   } finally {
     await worker.stop();
     await c.close();
