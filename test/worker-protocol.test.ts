@@ -8,6 +8,7 @@ import { pino } from 'pino';
 import { localNameOf, type VM } from '../src/api/schemas.ts';
 import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
 import { OrchardWorker } from '../src/worker/worker.ts';
+import type { OrchardClient } from '../src/client/client.ts';
 import { ADMIN_TOKEN, clientOf, inProcessController, rawRequest, tempDir, waitFor } from './helpers.ts';
 
 /** Requests served so far for one method and route, from the controller's Prometheus metrics. */
@@ -20,9 +21,13 @@ async function served(c: Awaited<ReturnType<typeof inProcessController>>, method
   return n;
 }
 
+/** A synthetic worker with `slots` slots, heartbeating every 100 ms when it heartbeats over HTTP at all. */
+const syntheticWorker = (client: OrchardClient, name: string, slots: number) =>
+  new OrchardWorker({ client, name, driver: new SyntheticDriver(), dataDir: tempDir(), slots, heartbeatMs: 100, logger: pino({ level: 'silent' }) });
+
 test('a worker gets its VMs in the sync push and reports a quick start in one request with its events', async () => {
   const c = await inProcessController();
-  const worker = new OrchardWorker({ client: clientOf(c.ctl, 'bootstrap-admin', ADMIN_TOKEN), name: 'w', driver: new SyntheticDriver(), dataDir: tempDir(), slots: 10, logger: pino({ level: 'silent' }) });
+  const worker = syntheticWorker(clientOf(c.ctl, 'bootstrap-admin', ADMIN_TOKEN), 'w', 10);
   try {
     await worker.start();
     await waitFor('the worker connected', async () => (await c.admin.getWorker('w')).last_seen);
@@ -75,15 +80,7 @@ test("a state report about an earlier run of a VM is refused (409) and changes n
 
 test('a connected watch keeps a worker alive without HTTP heartbeats; a deleted worker registers again', async () => {
   const c = await inProcessController({ workerOfflineTimeoutMs: 1500 });
-  const worker = new OrchardWorker({
-    client: clientOf(c.ctl, 'bootstrap-admin', ADMIN_TOKEN),
-    name: 'live',
-    driver: new SyntheticDriver(),
-    dataDir: tempDir(),
-    slots: 1,
-    heartbeatMs: 100,
-    logger: pino({ level: 'silent' }),
-  });
+  const worker = syntheticWorker(clientOf(c.ctl, 'bootstrap-admin', ADMIN_TOKEN), 'live', 1);
   try {
     await worker.start();
     await waitFor('the watch connected', () => worker.connected || undefined);
@@ -110,7 +107,7 @@ test('against a controller without our capabilities the worker speaks the upstre
   const client = clientOf(c.ctl, 'bootstrap-admin', ADMIN_TOKEN);
   // What an upstream controller answers: no "vm-state-events", no "watch-liveness".
   client.info = async () => ({ version: 'upstream', commit: '', capabilities: ['vm-events', 'watch'] });
-  const worker = new OrchardWorker({ client, name: 'old', driver: new SyntheticDriver(), dataDir: tempDir(), slots: 2, heartbeatMs: 100, logger: pino({ level: 'silent' }) });
+  const worker = syntheticWorker(client, 'old', 2);
   try {
     await worker.start();
     await c.admin.createVM({ name: 'u', image: 'synthetic', cpu: 1, memory: 512 });

@@ -39,7 +39,7 @@ export class ClusterView {
     });
     this.loaded = (async () => {
       const [vms, workers] = await Promise.all([store.snapshot('vms'), store.snapshot('workers')]);
-      for (const vm of vms.items) this.setVM(vm);
+      for (const vm of vms.items) this.record(vm.name, vm);
       for (const w of workers.items) this.workers.set(w.name, w);
       snapshotRevision = Math.min(vms.revision, workers.revision);
       for (const change of early) if (change.revision > snapshotRevision) this.apply(change);
@@ -74,19 +74,21 @@ export class ClusterView {
     }
   }
 
-  private setVM(vm: VM) {
-    const before = this.vms.get(vm.name);
-    this.reindex(vm.name, before, vm);
-    if (before?.worker !== vm.worker) {
-      if (before?.worker) this.byWorker.get(before.worker)?.delete(vm.name);
-      if (vm.worker) {
+  /** Records a VM's new version, or its deletion (`vm` undefined); returns the version before. */
+  private record(name: string, vm: VM | undefined): VM | undefined {
+    const before = this.vms.get(name);
+    this.reindex(name, before, vm);
+    if (before?.worker !== vm?.worker) {
+      if (before?.worker) this.byWorker.get(before.worker)?.delete(name);
+      if (vm?.worker) {
         let set = this.byWorker.get(vm.worker);
         if (!set) this.byWorker.set(vm.worker, (set = new Set()));
-        set.add(vm.name);
+        set.add(name);
       }
     }
-    this.vms.set(vm.name, vm);
-    this.json.delete(vm.name);
+    if (vm) this.vms.set(name, vm);
+    else this.vms.delete(name);
+    this.json.delete(name);
     this.allJSON = undefined;
     return before;
   }
@@ -95,15 +97,7 @@ export class ClusterView {
     let event: ViewChange;
     if (change.kind === 'vms') {
       const vm = change.object as VM;
-      let before: VM | undefined;
-      if (change.type === 'DELETED') {
-        before = this.vms.get(vm.name);
-        this.reindex(vm.name, before, undefined);
-        if (before?.worker) this.byWorker.get(before.worker)?.delete(vm.name);
-        this.vms.delete(vm.name);
-        this.json.delete(vm.name);
-        this.allJSON = undefined;
-      } else before = this.setVM(vm);
+      const before = this.record(vm.name, change.type === 'DELETED' ? undefined : vm);
       event = { kind: 'vms', type: change.type, object: vm, before };
     } else {
       const w = change.object as Worker;
