@@ -125,9 +125,16 @@ export class OrchardClient {
     );
   }
 
+  /** The URL of an API path under the controller's URL (which may have a path prefix); `ws` gives ws: or wss:. */
+  urlOf(path: string, ws = false): URL {
+    const u = new URL(this.url.pathname.replace(/\/$/, '') + path, this.url);
+    if (ws) u.protocol = u.protocol === 'https:' ? 'wss:' : 'ws:';
+    return u;
+  }
+
   async request<T>(method: string, path: string, body?: unknown, opts: { raw?: boolean } = {}): Promise<{ status: number; headers: http.IncomingHttpHeaders; body: T }> {
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-    const u = new URL(this.url.pathname.replace(/\/$/, '') + path, this.url);
+    const u = this.urlOf(path);
     const lib = u.protocol === 'https:' ? https : http;
     const headers: Record<string, string> = { accept: 'application/json' };
     if (this.auth) headers.authorization = this.auth;
@@ -173,7 +180,7 @@ export class OrchardClient {
 
   /** Streams NDJSON watch events until the signal aborts or the server ends the stream. */
   async *watch<T>(path: string, signal?: AbortSignal): AsyncGenerator<WatchEvent<T>> {
-    const u = new URL(this.url.pathname.replace(/\/$/, '') + path, this.url);
+    const u = this.urlOf(path);
     const lib = u.protocol === 'https:' ? https : http;
     let res: http.IncomingMessage;
     try {
@@ -217,8 +224,7 @@ export class OrchardClient {
 
   /** Opens a WebSocket to an API path; HTTP errors reject as ApiError with the server's message. */
   async openWebSocket(path: string, handshakeTimeoutMs = 60_000): Promise<WebSocket> {
-    const u = new URL(this.url.pathname.replace(/\/$/, '') + path, this.url);
-    u.protocol = u.protocol === 'https:' ? 'wss:' : 'ws:';
+    const u = this.urlOf(path, true);
     const ws = new WebSocket(u, {
       headers: this.auth ? { authorization: this.auth } : {},
       ...this.tlsOptions(),

@@ -136,9 +136,7 @@ export class OrchardWorker {
 
   private connect() {
     if (this.stopped) return;
-    const base = this.o.client.url;
-    const url = new URL(`${base.pathname.replace(/\/$/, '')}/v1/rpc/watch?workerName=${encodeURIComponent(this.o.name)}`, base);
-    url.protocol = base.protocol === 'https:' ? 'wss:' : 'ws:';
+    const url = this.rpcURL('/v1/rpc/watch', { workerName: this.o.name }, true);
     const ws = new WebSocket(url, { headers: { authorization: this.o.client.authorization ?? '' }, ...this.o.client.tlsOptions(), handshakeTimeout: 15_000 });
     this.ws = ws;
     ws.on('open', () => {
@@ -200,10 +198,8 @@ export class OrchardWorker {
   }
 
   private rpcURL(path: string, query: Record<string, string>, ws: boolean): URL {
-    const base = this.o.client.url;
-    const url = new URL(`${base.pathname.replace(/\/$/, '')}${path}`, base);
+    const url = this.o.client.urlOf(path, ws);
     for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
-    if (ws) url.protocol = base.protocol === 'https:' ? 'wss:' : 'ws:';
     return url;
   }
 
