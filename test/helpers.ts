@@ -7,6 +7,7 @@ import { join, resolve } from 'node:path';
 import { pino } from 'pino';
 import { startController } from '../src/controller/controller.ts';
 import { OrchardClient } from '../src/client/client.ts';
+import type { BackoffOptions } from '../src/controller/auth-backoff.ts';
 
 export const ROOT = resolve(import.meta.dirname, '..');
 export const ORCHARD_BIN = join(ROOT, 'bin', 'orchard');
@@ -17,7 +18,9 @@ export function tempDir(prefix = 'orchard-test-'): string {
 }
 
 /** A controller in this process on a free loopback port, with a bootstrap admin. */
-export async function inProcessController(opts: { dataDir?: string; workerOfflineTimeoutMs?: number; restartBackoffMs?: number; listenSSH?: string } = {}) {
+export async function inProcessController(
+  opts: { dataDir?: string; workerOfflineTimeoutMs?: number; restartBackoffMs?: number; listenSSH?: string; authBackoff?: BackoffOptions | false } = {},
+) {
   const dataDir = opts.dataDir ?? tempDir();
   const ctl = await startController({
     dataDir,
@@ -26,6 +29,7 @@ export async function inProcessController(opts: { dataDir?: string; workerOfflin
     workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs,
     restartBackoffMs: opts.restartBackoffMs,
     listenSSH: opts.listenSSH,
+    authBackoff: opts.authBackoff,
     logger: pino({ level: process.env.ORCHARD_TEST_LOG ?? 'silent' }),
   });
   const admin = clientOf(ctl, 'bootstrap-admin', ADMIN_TOKEN);

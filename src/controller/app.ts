@@ -6,7 +6,9 @@ import { Ajv } from 'ajv';
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { Store } from './store/store.ts';
-import { authenticate, authorize } from './auth.ts';
+import { Access, authorize, parseBasicAuth } from './access.ts';
+import type { BackoffOptions } from './auth-backoff.ts';
+import type { AppContext } from './context.ts';
 import { errorHandler } from './errors.ts';
 import { Metrics } from './metrics.ts';
 import { VERSION } from '../api/version.ts';
@@ -33,18 +35,8 @@ export interface AppOptions {
   bodyLimit?: number;
   /** Backoff base of OnFailure restarts (tests shorten it). */
   restartBackoffMs?: number;
-}
-
-export interface AppContext {
-  store: Store;
-  view: ClusterView;
-  metrics: Metrics;
-  workerOfflineTimeoutMs: number;
-  channels: WorkerChannels;
-  scheduler: Scheduler;
-  tunnels: Tunnels;
-  /** Closed when the controller shuts down: long-lived streams end on it. */
-  shutdown: AbortSignal;
+  /** Back-off on failed authentication (default DEFAULT_BACKOFF); false turns it off. */
+  authBackoff?: BackoffOptions | false;
 }
 
 /** Bodies are validated strictly (no coercion: "4" is not a cpu count); query strings are coerced. */
@@ -78,7 +70,8 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     backoffBaseMs: opts.restartBackoffMs,
   });
   const tunnels = new Tunnels(opts.store, channels);
-  const ctx: AppContext = { store: opts.store, view, metrics, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, shutdown: abort.signal };
+  const access = new Access(opts.store, opts.logger, opts.authBackoff);
+  const ctx: AppContext = { store: opts.store, view, metrics, access, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, shutdown: abort.signal };
 
   // Push, not poll: a change a worker must act on (a VM assigned to it or taken away, a new spec, a
   // restart, a deletion) reaches it at once. State reports (status, messages, conditions: mostly
@@ -110,7 +103,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     scheduler.kick();
   };
 
-  const sockets = new WebSocketRoutes(opts.store, opts.logger);
+  const sockets = new WebSocketRoutes(access, opts.logger);
   sockets.route('/v1/rpc/watch', ['compute:read'], async ({ url }) => {
     const worker = url.searchParams.get('workerName') ?? url.searchParams.get('worker') ?? '';
     if (!new RegExp(NAME_PATTERN).test(worker)) throw badRequest('query parameter "workerName" must be the worker\'s name (a DNS label)');
@@ -130,7 +123,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     reply.header('x-request-id', request.id);
     const roles = request.routeOptions.config.roles;
     if (roles === undefined) return;
-    request.account = await authenticate(opts.store, request.headers.authorization);
+    request.account = await access.authenticate(parseBasicAuth(request.headers.authorization), request.ip);
     authorize(request.account, roles);
   });
   app.addHook('onResponse', async (request, reply) => {
@@ -171,6 +164,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
       view.close();
       tunnels.close();
       sockets.close();
+      access.close();
       await app.close();
     },
   };

@@ -7,6 +7,7 @@ import { SQLiteStore } from './store/sqlite.ts';
 import type { Store } from './store/store.ts';
 import { buildApp } from './app.ts';
 import { loadTLS } from './tls.ts';
+import type { BackoffOptions } from './auth-backoff.ts';
 import { startSSHJump, type SSHJumpServer } from './ssh-jump.ts';
 
 export interface ControllerOptions {
@@ -23,6 +24,8 @@ export interface ControllerOptions {
   restartBackoffMs?: number;
   /** host:port of the SSH jump host (`ssh -J ACCOUNT@HOST:PORT USER@VM`); none when unset. Port 0 picks a free one. */
   listenSSH?: string;
+  /** Back-off on failed authentication (default DEFAULT_BACKOFF); false turns it off. */
+  authBackoff?: BackoffOptions | false;
 }
 
 export interface RunningController {
@@ -82,11 +85,12 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs ?? 3 * 60_000,
       https: tls ? { cert: tls.cert, key: tls.key } : undefined,
       restartBackoffMs: opts.restartBackoffMs,
+      authBackoff: opts.authBackoff,
     });
     let ssh: SSHJumpServer | undefined;
     try {
       await app.listen({ host, port });
-      if (sshListen) ssh = await startSSHJump({ ...sshListen, dataDir: opts.dataDir, store, tunnels: ctx.tunnels, logger });
+      if (sshListen) ssh = await startSSHJump({ ...sshListen, dataDir: opts.dataDir, access: ctx.access, tunnels: ctx.tunnels, logger });
     } catch (err) {
       await close();
       throw err;

@@ -6,9 +6,12 @@ import { ConflictError, NotFoundError } from './store/store.ts';
 
 export class HttpError extends Error {
   readonly statusCode: number;
-  constructor(statusCode: number, message: string) {
+  /** Extra response headers (Retry-After of a 429, say). */
+  readonly headers: Record<string, string>;
+  constructor(statusCode: number, message: string, headers: Record<string, string> = {}) {
     super(message);
     this.statusCode = statusCode;
+    this.headers = headers;
   }
 }
 
@@ -57,7 +60,7 @@ export function errorHandler(this: unknown, error: FastifyError & { validationCo
   if (error.validation) {
     return reply.code(400).send({ message: formatValidationError(error.validation as ErrorObject[], error.validationContext ?? 'body') });
   }
-  if (error instanceof HttpError) return reply.code(error.statusCode).send({ message: error.message });
+  if (error instanceof HttpError) return reply.code(error.statusCode).headers(error.headers).send({ message: error.message });
   if (error instanceof NotFoundError) return reply.code(404).send({ message: error.message });
   if (error instanceof ConflictError) return reply.code(409).send({ message: error.message });
   const status = error.statusCode ?? 500;

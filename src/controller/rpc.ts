@@ -5,8 +5,7 @@ import type { IncomingMessage, Server } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { Role, ServiceAccount } from '../api/schemas.ts';
-import type { Store } from './store/store.ts';
-import { authenticate, authorize } from './auth.ts';
+import { authorize, parseBasicAuth, type Access } from './access.ts';
 import { HttpError } from './errors.ts';
 import type { Logger } from 'pino';
 
@@ -25,17 +24,26 @@ export interface UpgradeRequest {
  */
 type UpgradeHandler = (req: UpgradeRequest) => Promise<(ws: WebSocket) => void> | ((ws: WebSocket) => void);
 
+/** A percent-decoded path segment; malformed encoding is the client's error (400), not ours. */
+function decodePathSegment(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    throw new HttpError(400, `malformed percent-encoding in the path: ${JSON.stringify(segment.slice(0, 100))}`);
+  }
+}
+
 /** Routes WebSocket upgrades by path, after the same authentication and role checks as the REST API. */
 export class WebSocketRoutes {
   private readonly wss = new WebSocketServer({ noServer: true, maxPayload: 16 * 1024 * 1024 });
   private readonly routes: { pattern: RegExp; keys: string[]; roles: readonly Role[]; handler: UpgradeHandler }[] = [];
   private readonly pinger: NodeJS.Timeout;
   private readonly alive = new WeakSet<WebSocket>();
-  private readonly store: Store;
+  private readonly access: Access;
   private readonly logger: Logger;
 
-  constructor(store: Store, logger: Logger) {
-    this.store = store;
+  constructor(access: Access, logger: Logger) {
+    this.access = access;
     this.logger = logger;
     this.pinger = setInterval(() => {
       for (const ws of this.wss.clients) {
@@ -66,22 +74,26 @@ export class WebSocketRoutes {
   private async upgrade(request: IncomingMessage, socket: Duplex, head: Buffer) {
     const url = new URL(request.url ?? '/', 'http://controller');
     let onOpen: (ws: WebSocket) => void;
+    let account: ServiceAccount;
+    let roles: readonly Role[];
     socket.on('error', () => {});
     try {
       let match: RegExpExecArray | null = null;
       const route = this.routes.find((r) => (match = r.pattern.exec(url.pathname)) !== null);
       if (!route || !match) throw new HttpError(404, `no WebSocket route for ${url.pathname}`);
       const m: RegExpExecArray = match;
-      const account = await authenticate(this.store, request.headers.authorization);
+      account = await this.access.authenticate(parseBasicAuth(request.headers.authorization), request.socket.remoteAddress);
       authorize(account, route.roles);
-      const params = Object.fromEntries(route.keys.map((k, i) => [k, decodeURIComponent(m[i + 1])]));
+      const params = Object.fromEntries(route.keys.map((k, i) => [k, decodePathSegment(m[i + 1])]));
       onOpen = await route.handler({ request, url, params, account });
+      roles = route.roles;
     } catch (err) {
       const status = err instanceof HttpError ? err.statusCode : 500;
       if (!(err instanceof HttpError)) this.logger.error({ err }, 'websocket route failed');
       const body = JSON.stringify({ message: err instanceof HttpError ? err.message : 'internal error' });
-      const reason = { 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 409: 'Conflict', 503: 'Service Unavailable', 504: 'Gateway Timeout' }[status] ?? 'Error';
-      socket.end(`HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+      const reason = { 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 409: 'Conflict', 429: 'Too Many Requests', 503: 'Service Unavailable', 504: 'Gateway Timeout' }[status] ?? 'Error';
+      const extra = err instanceof HttpError ? Object.entries(err.headers).map(([k, v]) => `${k}: ${v}\r\n`).join('') : '';
+      socket.end(`HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n${extra}connection: close\r\n\r\n${body}`);
       return;
     }
     if (socket.destroyed) return;
@@ -89,6 +101,9 @@ export class WebSocketRoutes {
       this.alive.add(ws);
       ws.on('pong', () => this.alive.add(ws));
       ws.on('error', (err) => this.logger.debug({ err }, 'websocket error'));
+      // Revoking the account (deleted, new token, role removed) closes the connection at once.
+      const release = this.access.hold(account, roles, (why) => ws.close(1008, why.slice(0, 120)));
+      ws.on('close', release);
       onOpen(ws);
     });
   }

@@ -12,17 +12,16 @@ import type { Logger } from 'pino';
 import ssh2 from 'ssh2';
 import type { AuthContext, Connection, ParsedKey, ServerChannel, TcpipRequestInfo } from 'ssh2';
 import { NAME_PATTERN, type ServiceAccount } from '../api/schemas.ts';
-import type { Store } from './store/store.ts';
 import type { Tunnel, Tunnels } from './tunnels.ts';
-import { tokensEqual } from './auth.ts';
+import { CONNECT_ROLES, hasAnyRole, type Access } from './access.ts';
 import { HttpError } from './errors.ts';
 
 export const HOST_KEY_FILE = 'ssh_host_ed25519_key';
-/** Roles of which an account needs one to use the jump host (as for port-forward and exec). */
-const ROLES_NEEDED = ['compute:write', 'compute:connect'] as const;
 const AUTH_METHODS: ('password' | 'keyboard-interactive')[] = ['password', 'keyboard-interactive'];
 /** A failed authentication answers only after this long (slows down guessing). */
 const AUTH_FAILURE_DELAY_MS = 200;
+/** Failed sign-ins allowed on one connection before it is closed (OpenSSH's MaxAuthTries is 6). */
+const MAX_AUTH_TRIES = 3;
 /** A connection not authenticated within this long is closed (as OpenSSH's LoginGraceTime). */
 const LOGIN_GRACE_MS = 60_000;
 /** Dead clients are found by keepalives: every 15 s, dropped after 4 unanswered. */
@@ -86,7 +85,7 @@ export interface SSHJumpOptions {
   host: string;
   port: number;
   dataDir: string;
-  store: Store;
+  access: Access;
   tunnels: Tunnels;
   logger: Logger;
   /** How long a channel open waits for its VM to run (default 5 s). */
@@ -121,10 +120,8 @@ function rejectChannel(client: Connection, reject: () => void, code: number, des
   }
 }
 
-const hasRole = (account: ServiceAccount) => ROLES_NEEDED.some((r) => account.roles.includes(r));
-
 export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer> {
-  const { store, tunnels, logger } = opts;
+  const { access, tunnels, logger } = opts;
   const log = logger.child({ component: 'ssh-jump' });
   const waitSeconds = opts.waitSeconds ?? 5;
   const hostKey = loadHostKey(opts.dataDir, log);
@@ -132,18 +129,23 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
   const nameRE = new RegExp(NAME_PATTERN);
 
   /** The account if `token` is its token and it may connect; otherwise why not (never the token). */
-  async function check(name: string, token: string): Promise<ServiceAccount | string> {
-    const account = await store.get('serviceAccounts', name);
-    // Compare even when the account is missing, so timing does not tell which names exist.
-    const ok = tokensEqual(account?.token ?? '\0no-such-account', token) && !!account?.token;
-    if (!ok || !account) return 'no such service account or wrong token';
-    if (!hasRole(account)) return `service account lacks one of the roles ${ROLES_NEEDED.map((r) => `"${r}"`).join(' or ')}`;
+  async function check(name: string, token: string, source: string): Promise<ServiceAccount | string> {
+    let account: ServiceAccount;
+    try {
+      account = await access.authenticate({ name, token }, source);
+    } catch (err) {
+      if (!(err instanceof HttpError)) throw err;
+      return err.statusCode === 429 ? err.message : 'no such service account or wrong token';
+    }
+    if (!hasAnyRole(account, CONNECT_ROLES)) return `service account lacks one of the roles ${CONNECT_ROLES.map((r) => `"${r}"`).join(' or ')}`;
     return account;
   }
 
   const server = new ssh2.Server({ hostKeys: [hostKey.privateKey], ident: 'Orchard-jump', ...KEEPALIVE }, (client, info) => {
     const remote = `${info.ip}:${info.port}`;
     let account: ServiceAccount | undefined;
+    let failures = 0;
+    let release = () => {};
     const open = new Set<Tunnel>();
     clients.add(client);
     // Without this, Nagle holds back the small packets interactive use and the inner SSH
@@ -156,6 +158,7 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
     }, LOGIN_GRACE_MS);
     client.on('close', () => {
       clearTimeout(grace);
+      release();
       clients.delete(client);
       for (const t of open) t.ws.close(1000, 'SSH client gone');
     });
@@ -164,9 +167,11 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
       const decide = (result: ServiceAccount | string) => {
         if (typeof result === 'string') {
           log.info({ account: ctx.username, method: ctx.method, remote, reason: result }, 'SSH jump host: authentication refused');
+          const last = ++failures >= MAX_AUTH_TRIES;
           setTimeout(() => {
             try {
               ctx.reject(AUTH_METHODS);
+              if (last) client.end();
             } catch {
               // the client is gone
             }
@@ -174,6 +179,11 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
           return;
         }
         account = result;
+        // Revoking the account (deleted, new token, role removed) ends the connection and its channels.
+        release = access.hold(result, CONNECT_ROLES, (why) => {
+          log.info({ account: result.name, remote, reason: why }, 'SSH jump host: closing the connection of a revoked account');
+          client.end();
+        });
         ctx.accept();
       };
       const fail = (err: unknown) => {
@@ -186,11 +196,11 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
       };
       switch (ctx.method) {
         case 'password':
-          check(ctx.username, ctx.password).then(decide, fail);
+          check(ctx.username, ctx.password, info.ip).then(decide, fail);
           return;
         case 'keyboard-interactive':
           ctx.prompt([{ prompt: `Token of service account "${ctx.username}": `, echo: false }], 'Orchard SSH jump host', '', (answers) => {
-            check(ctx.username, answers[0] ?? '').then(decide, fail);
+            check(ctx.username, answers[0] ?? '', info.ip).then(decide, fail);
           });
           return;
         default:
@@ -242,11 +252,6 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
       log.info({ ...fields, reason: why }, 'SSH jump host: refused a connection');
       rejectChannel(client, reject, code, why);
     };
-    // The account may have been deleted, or lost its roles or its token, since it logged in.
-    const current = await store.get('serviceAccounts', authenticated.name);
-    if (!current || !tokensEqual(current.token ?? '', authenticated.token ?? '\0') || !hasRole(current)) {
-      return refuse(OPEN_FAILURE.ADMINISTRATIVELY_PROHIBITED, `service account "${authenticated.name}" is no longer allowed to connect`);
-    }
     if (!nameRE.test(vmName)) return refuse(OPEN_FAILURE.CONNECT_FAILED, `"${vmName}" is not a VM name: the destination host must be the name of a VM`);
     if (!Number.isInteger(port) || port < 1 || port > 65535) return refuse(OPEN_FAILURE.CONNECT_FAILED, `port ${port} is out of range`);
     let vm;

@@ -2,7 +2,7 @@
 // commit order. Changes come from the store's own commit notifications, never from a re-read.
 import type { FastifyReply } from 'fastify';
 import type { Change, Kind, Kinds } from './store/store.ts';
-import type { AppContext } from './app.ts';
+import type { AppContext } from './context.ts';
 
 /** A watcher that falls this far behind is disconnected (it can watch again) instead of buffering without bound. */
 const MAX_BUFFERED_BYTES = 16 * 1024 * 1024;

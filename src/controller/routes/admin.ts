@@ -4,7 +4,7 @@ import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import { ClusterSettings, ControllerInfo, ErrorBody, Name, ServiceAccount } from '../../api/schemas.ts';
 import { COMMIT, VERSION } from '../../api/version.ts';
-import type { AppContext } from '../app.ts';
+import type { AppContext } from '../context.ts';
 import { badRequest, notFound } from '../errors.ts';
 
 const NameParams = Type.Object({ name: Name });

@@ -3,13 +3,13 @@
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import { ErrorBody, Name } from '../../api/schemas.ts';
-import type { AppContext } from '../app.ts';
+import type { AppContext } from '../context.ts';
 import { badRequest, notFound } from '../errors.ts';
 import type { WebSocketRoutes } from '../rpc.ts';
 import { ExecSessions, parseExecQuery } from '../exec.ts';
 import { splice, type Tunnels } from '../tunnels.ts';
+import { CONNECT_ROLES as CONNECT } from '../access.ts';
 
-const CONNECT = ['compute:write', 'compute:connect'] as const;
 
 export function parsePort(value: string | null): number {
   if (value === null || !/^\d{1,5}$/.test(value) || Number(value) < 1 || Number(value) > 65535) {

@@ -15,7 +15,7 @@ import {
   VMStatus,
   type ClusterSettings,
 } from '../../api/schemas.ts';
-import type { AppContext } from '../app.ts';
+import type { AppContext } from '../context.ts';
 import { badRequest, conflict, notFound } from '../errors.ts';
 import { streamWatch } from '../watch.ts';
 

@@ -2,7 +2,7 @@
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import { ErrorBody, Name, Worker } from '../../api/schemas.ts';
-import type { AppContext } from '../app.ts';
+import type { AppContext } from '../context.ts';
 import { badRequest, HttpError, notFound } from '../errors.ts';
 
 const NameParams = Type.Object({ name: Name });

@@ -1,0 +1,162 @@
+// Who may do what, in one place for HTTP, WebSocket and the SSH jump host: authentication (a service
+// account's name and token, with back-off on failures), role checks, and revocation — whatever an
+// account holds open (watch streams, tunnels, exec sessions, SSH connections, a worker's watch) is
+// closed the moment the account is deleted, its token changes or it loses the roles it was opened with.
+import { createHash, timingSafeEqual } from 'node:crypto';
+import type { FastifyRequest } from 'fastify';
+import type { Logger } from 'pino';
+import type { Role, ServiceAccount } from '../api/schemas.ts';
+import type { Store } from './store/store.ts';
+import { HttpError } from './errors.ts';
+import { AuthBackoff, DEFAULT_BACKOFF, sourceKey, type BackoffOptions } from './auth-backoff.ts';
+
+const digest = (s: string) => createHash('sha256').update(s).digest();
+
+/** Constant-time token comparison (hashing first makes lengths equal and hides them). */
+export function tokensEqual(a: string, b: string): boolean {
+  return timingSafeEqual(digest(a), digest(b));
+}
+
+export interface Credentials {
+  name: string;
+  token: string;
+}
+
+export function parseBasicAuth(header: string | undefined): Credentials | undefined {
+  if (!header) return undefined;
+  const m = /^Basic\s+([A-Za-z0-9+/=]+)\s*$/i.exec(header);
+  if (!m) return undefined;
+  const decoded = Buffer.from(m[1], 'base64').toString('utf8');
+  const colon = decoded.indexOf(':');
+  if (colon < 0) return undefined;
+  return { name: decoded.slice(0, colon), token: decoded.slice(colon + 1) };
+}
+
+/** Roles of which an account needs one to reach a VM (port-forward, exec, IP, SSH jump host). */
+export const CONNECT_ROLES = ['compute:write', 'compute:connect'] as const;
+
+/** `anyOf` empty: any authenticated account. Otherwise one of the roles is needed. */
+export function hasAnyRole(account: ServiceAccount, anyOf: readonly Role[]): boolean {
+  return anyOf.length === 0 || anyOf.some((r) => account.roles.includes(r));
+}
+
+export function authorize(account: ServiceAccount, anyOf: readonly Role[]): void {
+  if (hasAnyRole(account, anyOf)) return;
+  const need = anyOf.length === 1 ? `the role "${anyOf[0]}"` : `one of the roles ${anyOf.map((r) => `"${r}"`).join(' or ')}`;
+  throw new HttpError(403, `service account "${account.name}" lacks ${need}`);
+}
+
+/** Something an account holds open, closed when the account may no longer hold it. */
+interface Hold {
+  token: string | undefined;
+  roles: readonly Role[];
+  close: (reason: string) => void;
+}
+
+export class Access {
+  private readonly store: Store;
+  private readonly log: Logger;
+  private readonly backoff: AuthBackoff | undefined;
+  private readonly holds = new Map<string, Set<Hold>>();
+  private readonly unsubscribe: () => void;
+
+  /** `backoff: false` turns the back-off off (tests of many refused requests). */
+  constructor(store: Store, logger: Logger, backoff: BackoffOptions | false = DEFAULT_BACKOFF) {
+    this.store = store;
+    this.log = logger.child({ component: 'access' });
+    this.backoff = backoff === false ? undefined : new AuthBackoff(backoff);
+    this.unsubscribe = store.subscribe((change) => {
+      if (change.kind !== 'serviceAccounts') return;
+      const account = change.object as ServiceAccount;
+      this.revoke(account.name, change.type === 'DELETED' ? undefined : account);
+    });
+  }
+
+  /**
+   * The account these credentials sign in as. 401 without credentials or with wrong ones (logged
+   * with the account name and source), 429 while the source or the account name is backed off.
+   */
+  async authenticate(creds: Credentials | undefined, remoteAddress: string | undefined): Promise<ServiceAccount> {
+    if (!creds) throw new HttpError(401, 'authentication required: HTTP Basic auth with a service account name and token');
+    const source = sourceKey(remoteAddress);
+    const wait = this.backoff?.retryAfterMs(source, creds.name) ?? 0;
+    if (wait > 0) {
+      const seconds = Math.ceil(wait / 1000);
+      this.log.warn({ account: creds.name, source }, 'authentication refused: too many failures (backed off)');
+      throw new HttpError(429, `too many failed sign-ins; try again in ${seconds} s`, { 'retry-after': String(seconds) });
+    }
+    const account = await this.store.get('serviceAccounts', creds.name);
+    // Compare even when the account is missing, so timing does not tell which names exist.
+    const ok = tokensEqual(account?.token ?? '\0no-such-account', creds.token) && account !== undefined;
+    if (!ok) {
+      this.backoff?.failed(source, creds.name);
+      this.log.warn({ account: creds.name, source }, 'authentication failed: no such service account or wrong token');
+      throw new HttpError(401, 'invalid service account name or token');
+    }
+    this.backoff?.succeeded(source, creds.name);
+    return account;
+  }
+
+  /**
+   * Registers something `account` keeps open because it has one of `roles`; `close` is called (once)
+   * when that stops being true. Returns the function to call when it ends by itself.
+   */
+  hold(account: ServiceAccount, roles: readonly Role[], close: (reason: string) => void): () => void {
+    let set = this.holds.get(account.name);
+    if (!set) this.holds.set(account.name, (set = new Set()));
+    const hold: Hold = { token: account.token, roles, close };
+    set.add(hold);
+    return () => {
+      set.delete(hold);
+      if (set.size === 0 && this.holds.get(account.name) === set) this.holds.delete(account.name);
+    };
+  }
+
+  /** How many things are held open (for tests and metrics). */
+  heldBy(name: string): number {
+    return this.holds.get(name)?.size ?? 0;
+  }
+
+  private revoke(name: string, now: ServiceAccount | undefined) {
+    const set = this.holds.get(name);
+    if (!set) return;
+    for (const hold of [...set]) {
+      const reason = !now
+        ? `service account "${name}" was deleted`
+        : now.token !== hold.token
+          ? `the token of service account "${name}" changed`
+          : !hasAnyRole(now, hold.roles)
+            ? `service account "${name}" lost the role it needed`
+            : undefined;
+      if (!reason) continue;
+      set.delete(hold);
+      this.log.info({ account: name, reason }, 'closing what a revoked account held open');
+      try {
+        hold.close(reason);
+      } catch (err) {
+        this.log.error({ err, account: name }, 'closing a revoked hold failed');
+      }
+    }
+    if (set.size === 0) this.holds.delete(name);
+  }
+
+  close() {
+    this.unsubscribe();
+    this.holds.clear();
+  }
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    account?: ServiceAccount;
+  }
+  interface FastifyContextConfig {
+    /** Roles of which the caller needs one; [] = any authenticated account; undefined = public. */
+    roles?: readonly Role[];
+  }
+}
+
+export function accountOf(request: FastifyRequest): ServiceAccount {
+  if (!request.account) throw new HttpError(401, 'authentication required');
+  return request.account;
+}
