@@ -8,7 +8,7 @@ import { rmSync } from 'node:fs';
 import { pino } from 'pino';
 import { ROLES, type Role } from '../src/api/schemas.ts';
 import { startController } from '../src/controller/controller.ts';
-import { ADMIN_TOKEN, inProcessController, rawRequest, tempDir } from './helpers.ts';
+import { ADMIN_TOKEN, inProcessController, rawRequest, tempDir, waitFor } from './helpers.ts';
 
 type Ctl = { url: string; certificate?: string };
 interface Response {
@@ -61,6 +61,8 @@ describe('role × endpoint matrix', () => {
     req: () => Promise<{ path: string; body?: unknown }>;
     /** Checks the body of a successful call. */
     check?: (res: Response) => void;
+    /** A worker-side call about VM: besides the role, the caller must be the account of the VM's worker. */
+    asWorker?: boolean;
   }
   const ANY = 'any' as const;
   const R = ['compute:read'] as const;
@@ -89,9 +91,9 @@ describe('role × endpoint matrix', () => {
     { route: 'GET /v1/vms/{name}', needs: R, req: async () => ({ path: `/v1/vms/${VM}` }), check: (r) => assert.equal((r.json as { name: unknown }).name, VM) },
     { route: 'PUT /v1/vms/{name}', needs: W, req: async () => ({ path: `/v1/vms/${VM}`, body: { name: VM, cpu: 1 + (++seq % 8) } }) },
     { route: 'DELETE /v1/vms/{name}', needs: W, req: async () => ({ path: `/v1/vms/${await freshVM()}` }) },
-    { route: 'PUT /v1/vms/{name}/state', needs: W, req: async () => ({ path: `/v1/vms/${VM}/state`, body: { status: 'pending', status_message: uniq('msg') } }) },
+    { route: 'PUT /v1/vms/{name}/state', needs: W, asWorker: true, req: async () => ({ path: `/v1/vms/${VM}/state`, body: { status: 'pending', status_message: uniq('msg') } }) },
     { route: 'GET /v1/vms/{name}/events', needs: R, req: async () => ({ path: `/v1/vms/${VM}/events` }), check: isArray },
-    { route: 'POST /v1/vms/{name}/events', needs: W, req: async () => ({ path: `/v1/vms/${VM}/events`, body: [{ kind: 'log_line', timestamp: 1700000000, payload: 'hello' }] }) },
+    { route: 'POST /v1/vms/{name}/events', needs: W, asWorker: true, req: async () => ({ path: `/v1/vms/${VM}/events`, body: [{ kind: 'log_line', timestamp: 1700000000, payload: 'hello' }] }) },
     { route: 'GET /metrics', needs: AR, req: async () => ({ path: '/metrics' }), check: (r) => assert.match(r.body, /^# (HELP|TYPE) /m) },
     { route: 'GET /v1/openapi.json', needs: ANY, req: async () => ({ path: '/v1/openapi.json' }), check: (r) => assert.ok((r.json as { paths?: unknown }).paths) },
     { route: 'GET /v1/openapi.yaml', needs: ANY, req: async () => ({ path: '/v1/openapi.yaml' }), check: (r) => assert.match(r.body, /^openapi: /m) },
@@ -129,7 +131,11 @@ describe('role × endpoint matrix', () => {
     h = await inProcessController({ authBackoff: false });
     for (const c of callers) if (c.name !== 'bootstrap-admin') await admin('POST', '/v1/service-accounts', { name: c.name, token: c.token, roles: c.roles });
     await admin('POST', '/v1/vms', { name: VM, image: 'ghcr.io/cirruslabs/macos:latest' });
-    await admin('POST', '/v1/workers', { name: WORKER });
+    // The VM runs on a worker registered by the compute:write account: only it reports the VM's state.
+    const writer = callers.find((c) => c.label === 'compute:write')!;
+    const registered = await send(h.ctl, 'POST', '/v1/workers', basic(writer.name, writer.token), { name: WORKER, resources: { 'org.cirruslabs.tart-vms': 1 } });
+    assert.equal(registered.status, 200, registered.body);
+    await waitFor('the fixture VM placed', async () => ((await admin('GET', `/v1/vms/${VM}`)) as { worker?: string }).worker === WORKER || undefined);
     await admin('POST', '/v1/service-accounts', { name: SA, roles: [] });
   });
   after(async () => {
@@ -142,10 +148,14 @@ describe('role × endpoint matrix', () => {
     test(ep.route, async () => {
       for (const caller of callers) {
         const allowed = ep.needs === ANY || ep.needs.some((r) => caller.roles.includes(r));
+        const notTheWorker = allowed && ep.asWorker && caller.label !== 'compute:write';
         const { path, body } = await ep.req();
         const res = await send(h.ctl, method, path, basic(caller.name, caller.token), body);
         const who = `${ep.route} as ${caller.label}`;
-        if (allowed) {
+        if (notTheWorker) {
+          assert.equal(res.status, 403, `${who}: expected 403 (not the VM's worker), got ${res.status} ${res.body.slice(0, 300)}`);
+          assert.match(messageOf(res), /worker "matrix-worker" belongs to service account "role-compute-write"/, who);
+        } else if (allowed) {
           assert.equal(res.status, 200, `${who}: expected 200, got ${res.status} ${res.body.slice(0, 300)}`);
           ep.check?.(res);
         } else {

@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import YAML from 'yaml';
 import type { VM, WatchEvent } from '../src/api/schemas.ts';
-import { inProcessController, rawRequest } from './helpers.ts';
+import { inProcessController, placeOn, rawRequest } from './helpers.ts';
 
 async function collect(iter: AsyncGenerator<WatchEvent<VM>>, until: (seen: WatchEvent<VM>[]) => boolean) {
   const seen: WatchEvent<VM>[] = [];
@@ -26,6 +26,7 @@ test('watch: snapshot, then every change in commit order, also under concurrent 
 
     // Sequential changes: exactly this sequence.
     await c.admin.createVM({ name: 'a', image: 'img' });
+    await placeOn(c.admin, 'w', 'a', 2); // its worker's account reports its state ("before" takes the other slot)
     await c.admin.updateVM({ name: 'a', cpu: 2 });
     await c.admin.updateVMState('a', { status: 'running' });
     await c.admin.deleteVM('a');
@@ -93,6 +94,7 @@ test('events: appended in order, paged with limit/order/cursor and X-Next-Cursor
   const c = await inProcessController();
   try {
     await c.admin.createVM({ name: 'e', image: 'img' });
+    await placeOn(c.admin, 'w', 'e');
     const events = Array.from({ length: 25 }, (_, i) => ({ kind: 'log', timestamp: 1000 + i, payload: `line ${i}` }));
     await c.admin.appendEvents('e', events.slice(0, 10));
     await c.admin.appendEvents('e', events.slice(10));
@@ -123,10 +125,11 @@ test('events: appended in order, paged with limit/order/cursor and X-Next-Cursor
 test('metrics (Prometheus) and the OpenAPI document', async () => {
   const c = await inProcessController();
   try {
-    await c.admin.createVM({ name: 'm1', image: 'img' });
     await c.admin.createVM({ name: 'm2', image: 'img' });
+    await placeOn(c.admin, 'w', 'm2', 1); // its worker's account reports its state; no room for m1
+    await c.admin.createVM({ name: 'm1', image: 'img' });
     await c.admin.updateVMState('m2', { status: 'running' });
-    await c.admin.registerWorker({ name: 'w', machine_id: 'x' });
+    await c.admin.registerWorker({ name: 'w', machine_id: 'x', resources: { 'org.cirruslabs.tart-vms': 1 } });
     const auth: [string, string] = ['bootstrap-admin', 'test-admin-token'];
     const metrics = await rawRequest(c.ctl, 'GET', '/metrics', { auth });
     assert.equal(metrics.status, 200);

@@ -7,6 +7,7 @@ import { join, resolve } from 'node:path';
 import { pino } from 'pino';
 import { startController } from '../src/controller/controller.ts';
 import { OrchardClient } from '../src/client/client.ts';
+import { RESOURCE_TART_VMS } from '../src/api/schemas.ts';
 import type { BackoffOptions } from '../src/controller/auth-backoff.ts';
 
 export const ROOT = resolve(import.meta.dirname, '..');
@@ -46,6 +47,18 @@ export async function inProcessController(
       rmSync(dataDir, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * Registers worker `worker` as `client`'s account (room for 100 VMs) and waits until VM `vm` is placed
+ * on it: that account may then report the VM's state and events, as its worker.
+ */
+export async function placeOn(client: OrchardClient, worker: string, vm: string, slots = 100) {
+  await client.registerWorker({ name: worker, resources: { [RESOURCE_TART_VMS]: slots } });
+  return waitFor(`VM ${vm} placed on worker ${worker}`, async () => {
+    const v = await client.getVM(vm);
+    return v.worker === worker ? v : undefined;
+  }, 10_000);
 }
 
 export function clientOf(ctl: { url: string; certificate?: string }, name: string, token: string) {

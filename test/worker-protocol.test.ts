@@ -9,7 +9,7 @@ import { localNameOf, type VM } from '../src/api/schemas.ts';
 import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
 import { OrchardWorker } from '../src/worker/worker.ts';
 import type { OrchardClient } from '../src/client/client.ts';
-import { ADMIN_TOKEN, clientOf, inProcessController, rawRequest, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, clientOf, inProcessController, placeOn, rawRequest, tempDir, waitFor } from './helpers.ts';
 
 /** Requests served so far for one method and route, from the controller's Prometheus metrics. */
 async function served(c: Awaited<ReturnType<typeof inProcessController>>, method: string, route: string): Promise<number> {
@@ -53,7 +53,8 @@ test('a worker gets its VMs in the sync push and reports a quick start in one re
 test("a state report about an earlier run of a VM is refused (409) and changes nothing; events ride along a report", async () => {
   const c = await inProcessController();
   try {
-    const vm = await c.admin.createVM({ name: 'r', image: 'synthetic' });
+    await c.admin.createVM({ name: 'r', image: 'synthetic' });
+    const vm = await placeOn(c.admin, 'w', 'r');
     const put = (body: object) => rawRequest(c.ctl, 'PUT', '/v1/vms/r/state', { auth: ['bootstrap-admin', ADMIN_TOKEN], body: JSON.stringify(body) });
 
     let res = await put({ status: 'running', localName: localNameOf(vm), events: [{ kind: 'lifecycle', timestamp: 1, payload: 'up' }] });

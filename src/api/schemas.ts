@@ -172,6 +172,9 @@ export const Worker = Type.Object(
     arch: Type.Optional(Type.String({ maxLength: 32 })),
     runtime: Type.Optional(Type.String({ maxLength: 32 })),
     createdAt: Type.Optional(Timestamp),
+    serviceAccount: Type.Optional(
+      Type.String({ maxLength: 253, description: 'Orchard addition, set by the controller: the service account that registered the worker; only it may act as the worker' }),
+    ),
   },
   { additionalProperties: false, title: 'Worker' },
 );

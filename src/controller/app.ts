@@ -9,6 +9,7 @@ import type { Store } from './store/store.ts';
 import { Access, authorize, parseBasicAuth } from './access.ts';
 import type { BackoffOptions } from './auth-backoff.ts';
 import type { AppContext } from './context.ts';
+import { checkActsAs } from './domain/workers.ts';
 import { errorHandler } from './errors.ts';
 import { Metrics } from './metrics.ts';
 import { VERSION } from '../api/version.ts';
@@ -69,7 +70,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     isConnected: (w) => channels.isConnected(w),
     backoffBaseMs: opts.restartBackoffMs,
   });
-  const tunnels = new Tunnels(opts.store, channels);
+  const tunnels = new Tunnels(opts.store, channels, view);
   const access = new Access(opts.store, opts.logger, opts.authBackoff);
   const ctx: AppContext = { store: opts.store, view, metrics, access, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, shutdown: abort.signal };
 
@@ -104,11 +105,19 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   };
 
   const sockets = new WebSocketRoutes(access, opts.logger);
-  sockets.route('/v1/rpc/watch', ['compute:read'], async ({ url }) => {
+  sockets.route('/v1/rpc/watch', ['compute:read'], async ({ url, account }) => {
     const worker = url.searchParams.get('workerName') ?? url.searchParams.get('worker') ?? '';
     if (!new RegExp(NAME_PATTERN).test(worker)) throw badRequest('query parameter "workerName" must be the worker\'s name (a DNS label)');
     await view.loaded; // the first push carries the worker's VMs: never a partial list
-    if (!view.workers.has(worker)) throw notFound(`worker "${worker}" is not registered (POST /v1/workers first)`);
+    const record = view.workers.get(worker);
+    if (!record) throw notFound(`worker "${worker}" is not registered (POST /v1/workers first)`);
+    checkActsAs(record, account);
+    // A worker registered before workers were bound to accounts is bound by its first watch.
+    if (record.serviceAccount === undefined) {
+      authorize(account, ['compute:write']);
+      await opts.store.update('workers', worker, (w) => (w.serviceAccount ? w : { ...w, serviceAccount: account.name }));
+      checkActsAs(view.workers.get(worker) ?? record, account);
+    }
     return (ws) => channels.accept(worker, ws);
   });
   sockets.attach(app.server);

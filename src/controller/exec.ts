@@ -49,7 +49,8 @@ import { constants as osConstants } from 'node:os';
 import type { Duplex, Readable } from 'node:stream';
 import { Client } from 'ssh2';
 import type { RawData, WebSocket } from 'ws';
-import type { VM } from '../api/schemas.ts';
+import type { ServiceAccount, VM } from '../api/schemas.ts';
+import { CONNECT_ROLES, type Access } from './access.ts';
 import type { Store } from './store/store.ts';
 import { badRequest, HttpError, notFound } from './errors.ts';
 import type { Tunnel, Tunnels } from './tunnels.ts';
@@ -657,6 +658,8 @@ interface Logger {
 export interface ExecSessionsOptions {
   store: Store;
   tunnels: Tunnels;
+  /** Ends the sessions of an account that is revoked (deleted, new token, lost its connect role). */
+  access?: Access;
   logger?: Logger;
 }
 
@@ -669,12 +672,14 @@ export class ExecSessions {
   private readonly plain = new Set<ExecSession>();
   private readonly store: Store;
   private readonly tunnels: Tunnels;
+  private readonly access?: Access;
   private readonly logger?: Logger;
   private closed = false;
 
   constructor(opts: ExecSessionsOptions) {
     this.store = opts.store;
     this.tunnels = opts.tunnels;
+    this.access = opts.access;
     this.logger = opts.logger;
   }
 
@@ -691,12 +696,13 @@ export class ExecSessions {
    * Everything before the WebSocket upgrade (HTTP errors can still be answered): checks, waits for
    * the VM, connects over SSH and starts the command. Returns what to do with the WebSocket.
    */
-  async open(req: { vmName: string; account: string; query: ExecQuery; waitSeconds: number; request?: IncomingMessage }): Promise<(ws: WebSocket) => void> {
+  async open(req: { vmName: string; account: ServiceAccount; query: ExecQuery; waitSeconds: number; request?: IncomingMessage }): Promise<(ws: WebSocket) => void> {
     if (this.closed) throw new HttpError(503, 'the controller is shutting down');
-    const { vmName, account, query } = req;
+    const { vmName, query } = req;
+    const account = req.account.name;
     if (query.session === undefined) {
       if (!query.spec) throw badRequest('query parameter "command" is required: the command line to run in the VM');
-      const session = await this.start(vmName, account, query.spec, req.waitSeconds);
+      const session = await this.start(vmName, req.account, query.spec, req.waitSeconds);
       this.plain.add(session);
       const socket = req.request?.socket;
       if (socket) {
@@ -740,7 +746,7 @@ export class ExecSessions {
 
     const id = query.session;
     const spec = query.spec;
-    const promise = this.start(vmName, account, spec, req.waitSeconds, id);
+    const promise = this.start(vmName, req.account, spec, req.waitSeconds, id);
     this.creating.set(k, { account, promise });
     let session: ExecSession;
     try {
@@ -761,7 +767,7 @@ export class ExecSessions {
   }
 
   /** Waits for the VM, connects over SSH (retrying until the wait is over) and starts the command. */
-  private async start(vmName: string, account: string, spec: ExecSpec, waitSeconds: number, id?: string): Promise<ExecSession> {
+  private async start(vmName: string, account: ServiceAccount, spec: ExecSpec, waitSeconds: number, id?: string): Promise<ExecSession> {
     const deadline = Date.now() + waitSeconds * 1000;
     const vm = await this.tunnels.runningVM(vmName, waitSeconds);
     for (;;) {
@@ -783,7 +789,7 @@ export class ExecSessions {
     }
   }
 
-  private async startOnce(vm: VM, account: string, spec: ExecSpec, id?: string): Promise<ExecSession> {
+  private async startOnce(vm: VM, account: ServiceAccount, spec: ExecSpec, id?: string): Promise<ExecSession> {
     const tunnel: Tunnel = await this.tunnels.open(vm.worker!, 22, vm);
     const conn = new Client();
     const marker = randomUUID();
@@ -816,9 +822,10 @@ export class ExecSessions {
           err ? reject(err) : resolve(ch as CommandChannel),
         );
       });
+      let release = () => {};
       const session: ExecSession = new ExecSession({
         id,
-        account,
+        account: account.name,
         vmName: vm.name,
         vmUID: vm.uid ?? '',
         spec,
@@ -833,10 +840,12 @@ export class ExecSessions {
             ch.resume();
           }),
         onEnd: () => {
+          release();
           this.plain.delete(session);
           if (id !== undefined && this.sessions.get(key(vm.name, id)) === session) this.sessions.delete(key(vm.name, id));
         },
       });
+      release = this.access?.hold(account, CONNECT_ROLES, (why) => session.end(1008, why)) ?? release;
       return session;
     } catch (err) {
       disconnect();

@@ -133,6 +133,8 @@ export class WorkerChannels {
   accept(worker: string, ws: WebSocket) {
     let set = this.sockets.get(worker);
     if (!set) this.sockets.set(worker, (set = new Set()));
+    // One live watch per worker: a new one (a reconnect) replaces any older one.
+    for (const old of set) old.close(1008, 'replaced by a newer watch connection of this worker');
     set.add(ws);
     this.logger.info({ worker }, 'worker connected');
     ws.on('close', () => {

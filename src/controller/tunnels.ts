@@ -1,13 +1,15 @@
 // Connections to VMs, always through their worker: the controller asks the worker (over its watch
 // WebSocket) to dial the VM's port and to dial back on /v1/rpc/port-forward?session=ID; the two are
 // paired by session id (a rendezvous). The same for IP resolution via /v1/rpc/resolve-ip.
-import { randomUUID } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { createWebSocketStream, type WebSocket } from 'ws';
-import type { VM } from '../api/schemas.ts';
+import type { ServiceAccount, VM } from '../api/schemas.ts';
 import type { Store } from './store/store.ts';
 import type { WorkerChannels } from './rpc.ts';
 import { HttpError } from './errors.ts';
+import type { ClusterView } from './view.ts';
+import { checkActsAs } from './domain/workers.ts';
 
 /** How long the worker has to dial back. */
 const RENDEZVOUS_TIMEOUT_MS = 30_000;
@@ -31,14 +33,17 @@ export class Tunnels {
   private readonly ipRequests = new Map<string, Pending<string>>();
   private readonly store: Store;
   private readonly channels: WorkerChannels;
+  private readonly view: ClusterView;
 
-  constructor(store: Store, channels: WorkerChannels) {
+  constructor(store: Store, channels: WorkerChannels, view: ClusterView) {
     this.store = store;
     this.channels = channels;
+    this.view = view;
   }
 
   private rendezvous<T>(map: Map<string, Pending<T>>, worker: string, action: (session: string) => object, what: string): Promise<T> {
-    const session = randomUUID();
+    // Unguessable and single-use: whoever could guess one could claim someone else's tunnel.
+    const session = randomBytes(32).toString('base64url');
     return new Promise<T>((resolve, reject) => {
       const timer = setTimeout(() => {
         map.delete(session);
@@ -77,11 +82,19 @@ export class Tunnels {
     return this.rendezvous(this.ipRequests, vm.worker!, (session) => ({ resolveIPAction: { session, vmUID: vm.uid } }), 'IP resolution');
   }
 
+  /** Only the account of the session's worker may answer it. */
+  private checkWorker(name: string, account: ServiceAccount, claimed: string | null) {
+    if (claimed && claimed !== name) throw new HttpError(403, 'the session belongs to another worker');
+    const worker = this.view.workers.get(name);
+    if (!worker) throw new HttpError(403, `worker "${name}" is no longer registered`);
+    checkActsAs(worker, account);
+  }
+
   /** The worker's dial-back: checks the session belongs to it, before the WebSocket upgrade. */
-  claimForward(session: string, worker: string | null): Pending<Tunnel> {
+  claimForward(session: string, worker: string | null, account: ServiceAccount): Pending<Tunnel> {
     const pending = this.forwards.get(session);
-    if (!pending) throw new HttpError(404, `no port-forward session "${session}" is waiting (it may have timed out)`);
-    if (worker && worker !== pending.worker) throw new HttpError(403, `session "${session}" belongs to another worker`);
+    if (!pending) throw new HttpError(404, 'no port-forward session with this id is waiting (it may have timed out)');
+    this.checkWorker(pending.worker, account, worker);
     this.forwards.delete(session);
     clearTimeout(pending.timer);
     return pending;
@@ -97,9 +110,10 @@ export class Tunnels {
     pending.resolve({ stream: createWebSocketStream(ws), ws });
   }
 
-  answerIP(session: string, body: { ip?: string; error?: string }) {
+  answerIP(session: string, body: { ip?: string; error?: string }, account: ServiceAccount) {
     const pending = this.ipRequests.get(session);
-    if (!pending) throw new HttpError(404, `no IP resolution session "${session}" is waiting`);
+    if (!pending) throw new HttpError(404, 'no IP resolution session with this id is waiting');
+    this.checkWorker(pending.worker, account, null);
     this.ipRequests.delete(session);
     clearTimeout(pending.timer);
     if (body.ip) pending.resolve(body.ip);

@@ -29,8 +29,12 @@ export async function streamWatch<K extends Kind>(
     if (!ready) pending.push(change);
     else write(change);
   });
+  // Revoking the account (deleted, new token, role removed) ends the stream at once.
+  const account = reply.request.account;
+  const release = account ? ctx.access.hold(account, reply.request.routeOptions.config.roles ?? [], () => raw.destroy()) : () => {};
   const stop = () => {
     unsubscribe();
+    release();
     ctx.shutdown.removeEventListener('abort', end);
   };
   const end = () => raw.end();

@@ -8,7 +8,7 @@ import { badRequest, notFound } from '../errors.ts';
 import type { WebSocketRoutes } from '../rpc.ts';
 import { ExecSessions, parseExecQuery } from '../exec.ts';
 import { splice, type Tunnels } from '../tunnels.ts';
-import { CONNECT_ROLES as CONNECT } from '../access.ts';
+import { accountOf, CONNECT_ROLES as CONNECT } from '../access.ts';
 
 
 export function parsePort(value: string | null): number {
@@ -35,12 +35,12 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
   });
 
   // Exec over SSH through the worker tunnel; frames, sessions and limits: see ../exec.ts.
-  const exec = new ExecSessions({ store, tunnels, logger: app.log });
+  const exec = new ExecSessions({ store, tunnels, access: ctx.access, logger: app.log });
   ctx.shutdown.addEventListener('abort', () => exec.close(), { once: true });
   sockets.route('/v1/vms/{name}/exec', CONNECT, async ({ url, params, account, request }) => {
     const query = parseExecQuery(url);
     const waitSeconds = parseWait(url.searchParams.get('wait'), 10);
-    return exec.open({ vmName: params.name, account: account.name, query, waitSeconds, request });
+    return exec.open({ vmName: params.name, account, query, waitSeconds, request });
   });
 
   sockets.route('/v1/workers/{name}/port-forward', ['admin:write'], async ({ url, params }) => {
@@ -50,8 +50,8 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
     return (ws) => splice(ws, tunnel);
   });
 
-  sockets.route('/v1/rpc/port-forward', ['compute:write'], ({ url }) => {
-    const pending = tunnels.claimForward(url.searchParams.get('session') ?? '', url.searchParams.get('workerName'));
+  sockets.route('/v1/rpc/port-forward', ['compute:write'], ({ url, account }) => {
+    const pending = tunnels.claimForward(url.searchParams.get('session') ?? '', url.searchParams.get('workerName'), account);
     return (ws) => tunnels.completeForward(pending, ws, url.searchParams.get('error'));
   });
 
@@ -86,7 +86,7 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
       },
     },
     async (request) => {
-      tunnels.answerIP(request.query.session, request.body);
+      tunnels.answerIP(request.query.session, request.body, accountOf(request));
       return {};
     },
   );

@@ -14,10 +14,13 @@ import {
   VMStateUpdate,
   VMStatus,
   type ClusterSettings,
+  type ServiceAccount,
 } from '../../api/schemas.ts';
 import type { AppContext } from '../context.ts';
 import { badRequest, conflict, notFound } from '../errors.ts';
 import { streamWatch } from '../watch.ts';
+import { accountOf } from '../access.ts';
+import { checkActsAs } from '../domain/workers.ts';
 
 const NameParams = Type.Object({ name: Name });
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
@@ -88,6 +91,13 @@ export function newVM(body: VM): VM {
 
 export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
   const { store } = ctx;
+
+  /** State and events of a VM come only from the worker it is assigned to, through that worker's account. */
+  const checkReporter = (vm: VM, account: ServiceAccount) => {
+    const worker = vm.worker ? ctx.view.workers.get(vm.worker) : undefined;
+    if (!worker) throw conflict(`VM "${vm.name}" is not assigned to a worker: only its worker reports its state and events`);
+    checkActsAs(worker, account);
+  };
 
   app.post<{ Body: VM }>(
     '/v1/vms',
@@ -196,19 +206,21 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       };
       const current = await store.get('vms', name);
       if (!current) throw notFound(`VM "${name}" not found`);
+      checkReporter(current, accountOf(request));
       checkRun(current);
       const [vm] = await Promise.all([
-        store.update('vms', name, (current) => {
-          checkRun(current);
-          const next: VM = { ...current };
+        store.update('vms', name, (latest) => {
+          if (latest.worker !== current.worker) throw conflict(`VM "${name}" moved to another worker; report ignored`);
+          checkRun(latest);
+          const next: VM = { ...latest };
           if (b.status !== undefined) next.status = b.status;
           if (b.status_message !== undefined) next.status_message = b.status_message;
           if (b.observedGeneration !== undefined) next.observedGeneration = b.observedGeneration;
           if (b.conditions !== undefined) next.conditions = b.conditions;
           if (b.localName !== undefined) next.localName = b.localName;
           if (b.started_at !== undefined) next.started_at = b.started_at;
-          else if (b.status === 'running' && current.status !== 'running') next.started_at = new Date().toISOString();
-          return JSON.stringify(next) === JSON.stringify(current) ? current : next;
+          else if (b.status === 'running' && latest.status !== 'running') next.started_at = new Date().toISOString();
+          return JSON.stringify(next) === JSON.stringify(latest) ? latest : next;
         }),
         // In the same group commit as the state.
         events?.length && current.uid ? store.appendEvents(current.uid, events) : undefined,
@@ -258,6 +270,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       request.body.forEach((e, i) => checkSafeInteger(`[${i}].timestamp`, e.timestamp));
       const vm = await store.get('vms', request.params.name);
       if (!vm?.uid) throw notFound(`VM "${request.params.name}" not found`);
+      checkReporter(vm, accountOf(request));
       await store.appendEvents(vm.uid, request.body);
       return {};
     },

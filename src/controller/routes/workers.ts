@@ -3,7 +3,9 @@ import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import { ErrorBody, Name, Worker } from '../../api/schemas.ts';
 import type { AppContext } from '../context.ts';
-import { badRequest, HttpError, notFound } from '../errors.ts';
+import { badRequest, notFound } from '../errors.ts';
+import { accountOf } from '../access.ts';
+import { registration, update } from '../domain/workers.ts';
 
 const NameParams = Type.Object({ name: Name });
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
@@ -20,21 +22,8 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
       schema: { tags: ['workers'], summary: 'Register a worker (or re-register the same machine)', body: Worker, response: { 200: Worker, 409: ErrorBody, ...errors } },
     },
     async (request) => {
-      const body = request.body;
-      const now = new Date().toISOString();
-      const existing = await store.get('workers', body.name);
-      if (existing && existing.machine_id && body.machine_id && existing.machine_id !== body.machine_id) {
-        throw new HttpError(409, `worker "${body.name}" is already registered by another machine (machine_id ${existing.machine_id})`);
-      }
-      return store.put('workers', {
-        ...body,
-        resources: body.resources ?? {},
-        labels: body.labels ?? {},
-        // Pausing is the operator's decision: a re-registering worker does not undo it.
-        scheduling_paused: existing?.scheduling_paused ?? body.scheduling_paused ?? false,
-        createdAt: existing?.createdAt ?? now,
-        last_seen: now,
-      });
+      const existing = await store.get('workers', request.body.name);
+      return store.put('workers', registration(request.body, existing, accountOf(request), new Date().toISOString()));
     },
   );
 
@@ -62,17 +51,7 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
       const { name } = request.params;
       const body = request.body;
       if (body.name !== name) throw badRequest(`field "name": body says "${body.name}" but the URL says "${name}"`);
-      return store.update('workers', name, (current) => {
-        if (body.machine_id && current.machine_id && body.machine_id !== current.machine_id) {
-          throw new HttpError(409, `worker "${name}" belongs to another machine (machine_id ${current.machine_id})`);
-        }
-        const next: Worker = { ...current };
-        for (const [k, v] of Object.entries(body)) if (v !== undefined && k !== 'createdAt') (next as Record<string, unknown>)[k] = v;
-        // A heartbeat is a PUT from the worker itself; an operator's pause/resume is not a sign of life.
-        const fromOperator = Object.keys(body).every((k) => k === 'name' || k === 'scheduling_paused' || k === 'last_seen');
-        next.last_seen = fromOperator ? current.last_seen : new Date().toISOString();
-        return next;
-      });
+      return store.update('workers', name, (current) => update(current, body, accountOf(request), new Date().toISOString()));
     },
   );
 

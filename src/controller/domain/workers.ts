@@ -1,0 +1,61 @@
+// Worker rules: registration, updates, and who may act as a worker. A worker belongs to the service
+// account that registered it: only that account may register it again, heartbeat for it, hold its
+// watch, answer its dial-backs and report the state of its VMs. Operators (any compute:write account)
+// may pause, resume and delete it. Upstream workers use one account throughout, so they keep working.
+import type { ServiceAccount, Worker } from '../../api/schemas.ts';
+import { conflict, HttpError } from '../errors.ts';
+
+/** Why `account` may not act as `worker`, or undefined when it may. A worker registered before accounts were bound (no `serviceAccount`) is claimed by the first one that acts as it. */
+export function notWorkerReason(worker: Worker, account: ServiceAccount): string | undefined {
+  if (worker.serviceAccount === undefined || worker.serviceAccount === account.name) return undefined;
+  return `worker "${worker.name}" belongs to service account "${worker.serviceAccount}": service account "${account.name}" may not act as it`;
+}
+
+export function checkActsAs(worker: Worker, account: ServiceAccount): void {
+  const why = notWorkerReason(worker, account);
+  if (why) throw new HttpError(403, why);
+}
+
+/** The record a registration (POST /v1/workers) stores, given what is stored now. */
+export function registration(body: Worker, existing: Worker | undefined, account: ServiceAccount, now: string): Worker {
+  if (existing) {
+    const why = notWorkerReason(existing, account);
+    if (why) throw new HttpError(403, `${why} (delete the worker first to register it under another account)`);
+    if (existing.machine_id && body.machine_id && existing.machine_id !== body.machine_id) {
+      throw conflict(`worker "${body.name}" is already registered by another machine (machine_id ${existing.machine_id})`);
+    }
+  }
+  return {
+    ...body,
+    resources: body.resources ?? {},
+    labels: body.labels ?? {},
+    // Pausing is the operator's decision: a re-registering worker does not undo it.
+    scheduling_paused: existing?.scheduling_paused ?? body.scheduling_paused ?? false,
+    createdAt: existing?.createdAt ?? now,
+    last_seen: now,
+    serviceAccount: account.name,
+  };
+}
+
+/**
+ * PUT /v1/workers/{name}: the worker's own account updates its record (a heartbeat: a sign of
+ * life); any other account may only pause or resume it (other fields it sends are ignored, as
+ * upstream's CLI sends the whole record back).
+ */
+export function update(current: Worker, body: Worker, account: ServiceAccount, now: string): Worker {
+  const own = notWorkerReason(current, account) === undefined;
+  if (!own) {
+    if (body.scheduling_paused === undefined || body.scheduling_paused === current.scheduling_paused) return current;
+    return { ...current, scheduling_paused: body.scheduling_paused };
+  }
+  if (body.machine_id && current.machine_id && body.machine_id !== current.machine_id) {
+    throw conflict(`worker "${current.name}" belongs to another machine (machine_id ${current.machine_id})`);
+  }
+  const next: Worker = { ...current };
+  for (const [k, v] of Object.entries(body)) if (v !== undefined && k !== 'createdAt' && k !== 'serviceAccount') (next as Record<string, unknown>)[k] = v;
+  // An operator's pause/resume through its own worker account is not a sign of life either.
+  const fromOperator = Object.keys(body).every((k) => k === 'name' || k === 'scheduling_paused' || k === 'last_seen');
+  next.last_seen = fromOperator ? current.last_seen : now;
+  if (!fromOperator) next.serviceAccount = account.name;
+  return next;
+}
