@@ -126,7 +126,7 @@ export async function rawRequest(
   ctl: { url: string; certificate?: string },
   method: string,
   path: string,
-  opts: { auth?: [string, string]; authorization?: string; body?: string | Buffer; contentType?: string } = {},
+  opts: { auth?: [string, string]; authorization?: string; body?: string | Buffer; contentType?: string; localAddress?: string } = {},
 ): Promise<{ status: number; body: string; json: unknown; headers: Record<string, string | string[] | undefined> }> {
   const https = await import('node:https');
   const headers: Record<string, string> = {};
@@ -135,7 +135,7 @@ export async function rawRequest(
   if (opts.authorization !== undefined) headers.authorization = opts.authorization;
   if (opts.body !== undefined) headers['content-type'] = opts.contentType ?? 'application/json';
   return new Promise((resolvePromise, reject) => {
-    const req = https.request(new URL(path, ctl.url), { method, headers, ca: ctl.certificate, checkServerIdentity: () => undefined }, (res) => {
+    const req = https.request(new URL(path, ctl.url), { method, headers, ca: ctl.certificate, checkServerIdentity: () => undefined, ...(opts.localAddress ? { localAddress: opts.localAddress, agent: false } : {}) }, (res) => {
       let body = '';
       res.on('data', (c: Buffer) => (body += c.toString()));
       res.on('end', () => {

@@ -8,6 +8,8 @@ import type { Store } from './store/store.ts';
 import { buildApp } from './app.ts';
 import { loadTLS } from './tls.ts';
 import type { BackoffOptions } from './auth-backoff.ts';
+import type { Server as TLSServer } from 'node:tls';
+import { answerPlainHTTP } from './plain-http.ts';
 import { startSSHJump, type SSHJumpServer } from './ssh-jump.ts';
 
 export interface ControllerOptions {
@@ -88,7 +90,9 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       authBackoff: opts.authBackoff,
     });
     let ssh: SSHJumpServer | undefined;
+    let closeWaiting = () => {};
     try {
+      if (tls) closeWaiting = answerPlainHTTP(app.server as unknown as TLSServer);
       await app.listen({ host, port });
       if (sshListen) ssh = await startSSHJump({ ...sshListen, dataDir: opts.dataDir, access: ctx.access, tunnels: ctx.tunnels, logger });
     } catch (err) {
@@ -111,6 +115,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       close: async () => {
         // The jump host first: its connections ride on the tunnels the app closes.
         await ssh?.close();
+        closeWaiting();
         await close();
         store.close();
       },

@@ -3,6 +3,7 @@
 // sync pushes carry their VMs from it, and `GET /v1/vms` is answered from it without touching SQLite.
 import { RESOURCE_TART_VMS, type VM, type Worker } from '../api/schemas.ts';
 import type { Change, Store } from './store/store.ts';
+import { redactVM, type VMSecrets } from './domain/vms.ts';
 
 /** What a VM takes from its worker: one VM slot, plus the resources it asks for. */
 export function requirements(vm: VM): Record<string, number> {
@@ -15,9 +16,9 @@ export class ClusterView {
   /** In the store's order (creation order), as `Map` keeps insertion order and the store lists by row id. */
   readonly vms = new Map<string, VM>();
   readonly workers = new Map<string, Worker>();
-  /** The JSON of each VM, made when first needed and dropped when the VM changes; and of the whole list. */
-  private readonly json = new Map<string, string>();
-  private allJSON?: Buffer;
+  /** The JSON of each VM as each kind of reader sees it, made when first needed and dropped when the VM changes; and of the whole list. */
+  private readonly json: Record<VMSecrets, Map<string, string>> = { all: new Map(), password: new Map(), none: new Map() };
+  private allJSON: Partial<Record<VMSecrets, Buffer>> = {};
   private readonly byWorker = new Map<string, Set<string>>();
   /** What the VMs placed on each worker take (a failed VM takes nothing), kept as the VMs change. */
   readonly usage = new Map<string, Record<string, number>>();
@@ -88,8 +89,8 @@ export class ClusterView {
     }
     if (vm) this.vms.set(name, vm);
     else this.vms.delete(name);
-    this.json.delete(name);
-    this.allJSON = undefined;
+    for (const m of Object.values(this.json)) m.delete(name);
+    this.allJSON = {};
     return before;
   }
 
@@ -109,9 +110,9 @@ export class ClusterView {
     for (const listener of this.listeners) listener(event);
   }
 
-  private jsonOf(name: string): string {
-    let s = this.json.get(name);
-    if (s === undefined) this.json.set(name, (s = JSON.stringify(this.vms.get(name))));
+  private jsonOf(name: string, secrets: VMSecrets): string {
+    let s = this.json[secrets].get(name);
+    if (s === undefined) this.json[secrets].set(name, (s = JSON.stringify(redactVM(this.vms.get(name)!, secrets))));
     return s;
   }
 
@@ -121,13 +122,12 @@ export class ClusterView {
   }
 
   /** The JSON array of one worker's VMs, in the order they were placed there. */
-  vmsJSON(worker: string): string {
-    return '[' + Array.from(this.byWorker.get(worker) ?? [], (n) => this.jsonOf(n)).join(',') + ']';
+  vmsJSON(worker: string, secrets: VMSecrets = 'all'): string {
+    return '[' + Array.from(this.byWorker.get(worker) ?? [], (n) => this.jsonOf(n, secrets)).join(',') + ']';
   }
 
   /** The JSON array of all VMs, in the store's order, as bytes: made once per change, not per list. */
-  allVMsJSON(): Buffer {
-    this.allJSON ??= Buffer.from('[' + Array.from(this.vms.keys(), (n) => this.jsonOf(n)).join(',') + ']');
-    return this.allJSON;
+  allVMsJSON(secrets: VMSecrets = 'all'): Buffer {
+    return (this.allJSON[secrets] ??= Buffer.from('[' + Array.from(this.vms.keys(), (n) => this.jsonOf(n, secrets)).join(',') + ']'));
   }
 }

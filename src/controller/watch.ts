@@ -13,6 +13,8 @@ export async function streamWatch<K extends Kind>(
   kind: K,
   matches: (object: Kinds[K]) => boolean,
   filter?: { worker?: string },
+  /** What the caller may see of an object (secrets hidden). */
+  present: (object: Kinds[K]) => Kinds[K] = (o) => o,
 ): Promise<void> {
   const raw = reply.raw;
   let ready = false;
@@ -20,7 +22,7 @@ export async function streamWatch<K extends Kind>(
   const pending: Change[] = [];
   const write = (change: Pick<Change, 'type' | 'object'>) => {
     if (raw.destroyed) return;
-    raw.write(JSON.stringify({ type: change.type, object: change.object }) + '\n');
+    raw.write(JSON.stringify({ type: change.type, object: present(change.object as Kinds[K]) }) + '\n');
     if (raw.writableLength > MAX_BUFFERED_BYTES) raw.destroy();
   };
   // Subscribe before taking the snapshot, so nothing between the two is lost.

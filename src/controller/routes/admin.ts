@@ -6,11 +6,19 @@ import { ClusterSettings, ControllerInfo, ErrorBody, Name, ServiceAccount } from
 import { COMMIT, VERSION } from '../../api/version.ts';
 import type { AppContext } from '../context.ts';
 import { badRequest, notFound } from '../errors.ts';
+import { accountOf, hasAnyRole } from '../access.ts';
 
 const NameParams = Type.Object({ name: Name });
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
 
 export const CAPABILITIES = ['vm-events', 'watch', 'openapi', 'metrics', 'vm-state-events', 'watch-liveness'];
+
+/** Tokens are shown only to admin:write (which can set them anyway, and which `get bootstrap-token` needs). */
+function presentAccount(sa: ServiceAccount, reader: ServiceAccount): ServiceAccount {
+  if (hasAnyRole(reader, ['admin:write'])) return sa;
+  const { token: _hidden, ...rest } = sa;
+  return rest;
+}
 
 /** A new service account token: 32 bytes from the CSPRNG. */
 export const newToken = () => randomBytes(32).toString('base64url');
@@ -50,8 +58,8 @@ export function registerAdminRoutes(app: FastifyInstance, ctx: AppContext) {
       }),
   );
 
-  app.get('/v1/service-accounts', { config: { roles: ['admin:read'] }, schema: { tags: ['service-accounts'], response: { 200: Type.Array(ServiceAccount), ...errors } } }, async () =>
-    store.list('serviceAccounts'),
+  app.get('/v1/service-accounts', { config: { roles: ['admin:read'] }, schema: { tags: ['service-accounts'], response: { 200: Type.Array(ServiceAccount), ...errors } } }, async (request) =>
+    (await store.list('serviceAccounts')).map((sa) => presentAccount(sa, accountOf(request))),
   );
 
   app.get<{ Params: { name: string } }>(
@@ -60,7 +68,7 @@ export function registerAdminRoutes(app: FastifyInstance, ctx: AppContext) {
     async (request) => {
       const sa = await store.get('serviceAccounts', request.params.name);
       if (!sa) throw notFound(`service account "${request.params.name}" not found`);
-      return sa;
+      return presentAccount(sa, accountOf(request));
     },
   );
 

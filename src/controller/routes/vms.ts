@@ -21,6 +21,7 @@ import { badRequest, conflict, notFound } from '../errors.ts';
 import { streamWatch } from '../watch.ts';
 import { accountOf } from '../access.ts';
 import { checkActsAs } from '../domain/workers.ts';
+import { redactVM, secretsFor } from '../domain/vms.ts';
 
 const NameParams = Type.Object({ name: Name });
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
@@ -131,10 +132,11 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
         worker = m[1];
       }
       const filter = worker !== undefined ? { worker } : undefined;
-      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (vm) => worker === undefined || vm.worker === worker, filter);
+      const secrets = secretsFor(request.account);
+      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (vm) => worker === undefined || vm.worker === worker, filter, (vm) => redactVM(vm, secrets));
       // From the in-memory view: each VM's JSON, and the whole list's, is made once per change, not per list.
       await ctx.view.loaded;
-      return reply.type('application/json').send(worker === undefined ? ctx.view.allVMsJSON() : ctx.view.vmsJSON(worker));
+      return reply.type('application/json').send(worker === undefined ? ctx.view.allVMsJSON(secrets) : ctx.view.vmsJSON(worker, secrets));
     },
   );
 
@@ -154,8 +156,9 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       const { name } = request.params;
       const vm = await store.get('vms', name);
       if (!vm) throw notFound(`VM "${name}" not found`);
-      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (v) => v.name === name);
-      return vm;
+      const secrets = secretsFor(request.account);
+      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (v) => v.name === name, undefined, (v) => redactVM(v, secrets));
+      return redactVM(vm, secrets);
     },
   );
 

@@ -2,7 +2,7 @@
 // WAL with synchronous=FULL: when a call returns, its transaction is on disk. Changes are published
 // to subscribers right after their own commit, from the objects that commit wrote.
 import { DatabaseSync, type StatementSync } from 'node:sqlite';
-import { mkdirSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { ClusterSettings, Event, WatchEventType } from '../../api/schemas.ts';
 import { ConflictError, NotFoundError, type Change, type EventPage, type Kind, type Kinds, type Store } from './store.ts';
@@ -21,7 +21,11 @@ export class SQLiteStore implements Store {
   private readonly stmt: Record<string, StatementSync>;
 
   constructor(path: string) {
-    mkdirSync(dirname(path), { recursive: true });
+    mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+    // The database holds every token and VM password: owner-only, whatever the umask or the data
+    // dir's mode. SQLite gives its -wal and -shm files the mode of the database file.
+    closeSync(openSync(path, 'a', 0o600));
+    for (const f of [path, `${path}-wal`, `${path}-shm`]) if (existsSync(f)) chmodSync(f, 0o600);
     this.db = new DatabaseSync(path);
     this.db.exec(`
       PRAGMA journal_mode = WAL;

@@ -1,0 +1,40 @@
+// Plain HTTP sent to the TLS port gets a readable answer ("use https://") instead of an empty reply.
+// The first byte of a connection tells: a TLS handshake starts with 0x16. It is read, put back, and
+// the connection handed to the TLS server, which takes bytes already read from the socket first.
+import type { Socket } from 'node:net';
+import type { Server } from 'node:tls';
+
+/** A connection that sends nothing for this long is closed (the TLS handshake timeout only starts after). */
+const FIRST_BYTE_TIMEOUT_MS = 30_000;
+const TLS_HANDSHAKE = 0x16;
+const ignore = () => {};
+
+/** Installs the check on `server`; returns what closes the connections still waiting for their first byte. */
+export function answerPlainHTTP(server: Server): () => void {
+  const tlsListeners = server.listeners('connection') as ((socket: Socket) => void)[];
+  const waiting = new Set<Socket>();
+  server.removeAllListeners('connection');
+  server.on('connection', (socket: Socket) => {
+    waiting.add(socket);
+    socket.on('error', ignore);
+    socket.once('close', () => waiting.delete(socket));
+    socket.setTimeout(FIRST_BYTE_TIMEOUT_MS, () => socket.destroy());
+    socket.once('data', (first: Buffer) => {
+      waiting.delete(socket);
+      socket.setTimeout(0);
+      if (first[0] === TLS_HANDSHAKE) {
+        socket.pause();
+        socket.unshift(first);
+        socket.off('error', ignore);
+        for (const listener of tlsListeners) listener.call(server, socket);
+        return;
+      }
+      const body = JSON.stringify({ message: 'this is an HTTPS port: use https:// (Orchard serves its API over TLS only)' });
+      socket.end(`HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+      socket.resume(); // read (and drop) the rest, so the client's close is seen
+    });
+  });
+  return () => {
+    for (const socket of waiting) socket.destroy();
+  };
+}

@@ -1,0 +1,59 @@
+// What the hostile-client tests share: accounts with chosen roles, raw WebSocket upgrades with exactly
+// the credentials (and source address) an attacker would use, and a synthetic worker.
+import { WebSocket } from 'ws';
+import { pino } from 'pino';
+import type { Role } from '../../src/api/schemas.ts';
+import type { OrchardClient } from '../../src/client/client.ts';
+import { SyntheticDriver } from '../../src/worker/drivers/synthetic.ts';
+import { OrchardWorker } from '../../src/worker/worker.ts';
+import { clientOf, tempDir, type inProcessController } from '../helpers.ts';
+
+export type Cluster = Awaited<ReturnType<typeof inProcessController>>;
+
+export interface Account {
+  name: string;
+  token: string;
+  auth: [string, string];
+  client: OrchardClient;
+}
+
+export async function account(c: Cluster, name: string, roles: Role[]): Promise<Account> {
+  const token = `${name}-${Math.random().toString(36).slice(2)}-${Math.random().toString(36).slice(2)}`;
+  await c.admin.createServiceAccount({ name, token, roles });
+  return { name, token, auth: [name, token], client: clientOf(c.ctl, name, token) };
+}
+
+export interface Upgrade {
+  /** 101 when the WebSocket opened, else the HTTP status of the refusal. */
+  status: number;
+  body: string;
+  headers: Record<string, string | string[] | undefined>;
+  ws?: WebSocket;
+}
+
+/** A WebSocket upgrade with exactly these credentials; resolves with the socket or the refusal. */
+export function upgrade(ctl: { url: string; certificate?: string }, path: string, opts: { auth?: [string, string]; localAddress?: string } = {}): Promise<Upgrade> {
+  const url = new URL(path, ctl.url.replace(/^http/, 'ws'));
+  const headers: Record<string, string> = {};
+  if (opts.auth) headers.authorization = 'Basic ' + Buffer.from(`${opts.auth[0]}:${opts.auth[1]}`).toString('base64');
+  return new Promise((resolve, reject) => {
+    // The certificate is pinned (ca); the name in it is not checked (as helpers.rawRequest).
+    const ws = new WebSocket(url, { headers, ca: ctl.certificate, checkServerIdentity: (() => undefined) as unknown as () => boolean, localAddress: opts.localAddress });
+    ws.once('open', () => resolve({ status: 101, body: '', headers: {}, ws }));
+    ws.once('unexpected-response', (_req, res) => {
+      let body = '';
+      res.on('data', (c: Buffer) => (body += c.toString()));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body, headers: res.headers }));
+    });
+    ws.once('error', reject);
+  });
+}
+
+/** Resolves with the close code and reason of `ws`, and when it closed. */
+export const closed = (ws: WebSocket) =>
+  new Promise<{ code: number; reason: string; at: number }>((resolve) => ws.once('close', (code, reason) => resolve({ code, reason: reason.toString(), at: Date.now() })));
+
+/** A real worker (synthetic VMs: dial gives an echo stream) acting through `client`'s account. */
+export function syntheticWorker(client: OrchardClient, name: string, labels: Record<string, string> = {}) {
+  return new OrchardWorker({ client, name, labels, driver: new SyntheticDriver(), dataDir: tempDir(), slots: 10, heartbeatMs: 1000, logger: pino({ level: 'silent' }) });
+}
