@@ -11,7 +11,7 @@ import { Duplex, Readable } from 'node:stream';
 import { WebSocket, WebSocketServer } from 'ws';
 import { ApiError, type ExecOptions, type OrchardClient } from '../src/client/client.ts';
 import { ExecSession, execLimits, setExecLimits, type ExecSpec } from '../src/controller/exec.ts';
-import { qemuCluster, waitFor } from './helpers.ts';
+import { clientOf, qemuCluster, waitFor } from './helpers.ts';
 
 const DEFAULT_LIMITS = execLimits();
 
@@ -419,6 +419,24 @@ describe('exec in a real VM', () => {
     await waitFor('sleep to run', async () => (await processCount('sleep 1235')) === 1, 20_000, 200);
     c.ws.terminate();
     await waitFor('sleep to be killed', async () => (await processCount('sleep 1235')) === 0, 20_000, 200);
+  });
+
+  test("deleting the account ends its detached session at once and kills the command", async () => {
+    await q.admin.createServiceAccount({ name: 'temp-user', token: 'temp-user-token-0123456789abcdef', roles: ['compute:read', 'compute:connect'] });
+    const temp = clientOf(q.ctl, 'temp-user', 'temp-user-token-0123456789abcdef');
+    const id = `revoked-${Date.now()}`;
+    const c = await exec({ command: 'sleep 4321', session: id }, temp);
+    await waitFor('sleep to run', async () => (await processCount('sleep 4321')) === 1, 20_000, 200);
+    c.send({ type: 'detach' });
+    await c.closed;
+    await q.admin.deleteServiceAccount('temp-user');
+    // The same name with a new token finds no session: it ended with the account.
+    await q.admin.createServiceAccount({ name: 'temp-user', token: 'temp-user-token-new-0123456789abcd', roles: ['compute:read', 'compute:connect'] });
+    const again = clientOf(q.ctl, 'temp-user', 'temp-user-token-new-0123456789abcd');
+    await assert.rejects(exec({ session: id }, again), (err: ApiError) => err.status === 404);
+    await waitFor('the command killed', async () => (await processCount('sleep 4321')) === 0, 10_000, 200);
+    temp.close();
+    again.close();
   });
 
   test('close kills a long command and ends the session; detach keeps it', async () => {

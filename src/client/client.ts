@@ -297,6 +297,7 @@ export class OrchardClient {
   listServiceAccounts = () => this.call<ServiceAccount[]>('GET', '/v1/service-accounts');
   getServiceAccount = (name: string) => this.call<ServiceAccount>('GET', `/v1/service-accounts/${encodeURIComponent(name)}`);
   createServiceAccount = (sa: ServiceAccount) => this.call<ServiceAccount>('POST', '/v1/service-accounts', sa);
+  updateServiceAccount = (sa: ServiceAccount) => this.call<ServiceAccount>('PUT', `/v1/service-accounts/${encodeURIComponent(sa.name)}`, sa);
   deleteServiceAccount = (name: string) => this.call<ServiceAccount>('DELETE', `/v1/service-accounts/${encodeURIComponent(name)}`);
   getClusterSettings = () => this.call<ClusterSettings>('GET', '/v1/cluster-settings');
   setClusterSettings = (s: ClusterSettings) => this.call<ClusterSettings>('PUT', '/v1/cluster-settings', s);

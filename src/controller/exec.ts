@@ -845,7 +845,7 @@ export class ExecSessions {
           if (id !== undefined && this.sessions.get(key(vm.name, id)) === session) this.sessions.delete(key(vm.name, id));
         },
       });
-      release = this.access?.hold(account, CONNECT_ROLES, (why) => session.end(1008, why)) ?? release;
+      release = this.access?.hold(account, CONNECT_ROLES, (why) => session.kill(why)) ?? release;
       return session;
     } catch (err) {
       disconnect();
