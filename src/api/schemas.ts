@@ -213,7 +213,12 @@ export type ClusterSettings = Static<typeof ClusterSettings>;
 
 
 export const ControllerInfo = Type.Object(
-  { version: Type.String(), commit: Type.String(), capabilities: Type.Array(Type.String()) },
+  {
+    version: Type.String(),
+    commit: Type.String(),
+    capabilities: Type.Array(Type.String()),
+    clusterID: Type.Optional(Type.String({ description: 'Orchard addition: the identity of the cluster whose data this controller serves' })),
+  },
   { title: 'ControllerInfo' },
 );
 export type ControllerInfo = Static<typeof ControllerInfo>;

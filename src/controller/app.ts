@@ -38,6 +38,8 @@ export interface AppOptions {
   restartBackoffMs?: number;
   /** Back-off on failed authentication (default DEFAULT_BACKOFF); false turns it off. */
   authBackoff?: BackoffOptions | false;
+  /** The cluster's identity (GET /v1/controller/info), kept with its data. */
+  clusterID?: string;
 }
 
 /** Bodies are validated strictly (no coercion: "4" is not a cpu count); query strings are coerced. */
@@ -72,7 +74,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   });
   const tunnels = new Tunnels(opts.store, channels, view);
   const access = new Access(opts.store, opts.logger, opts.authBackoff);
-  const ctx: AppContext = { store: opts.store, view, metrics, access, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, shutdown: abort.signal };
+  const ctx: AppContext = { store: opts.store, clusterID: opts.clusterID, view, metrics, access, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, shutdown: abort.signal };
 
   // Push, not poll: a change a worker must act on (a VM assigned to it or taken away, a new spec, a
   // restart, a deletion) reaches it at once. State reports (status, messages, conditions: mostly

@@ -9,6 +9,7 @@ import type { Access } from './access.ts';
 
 export interface AppContext {
   store: Store;
+  clusterID?: string;
   view: ClusterView;
   metrics: Metrics;
   access: Access;

@@ -10,6 +10,8 @@ import { loadTLS } from './tls.ts';
 import type { BackoffOptions } from './auth-backoff.ts';
 import type { Server as TLSServer } from 'node:tls';
 import { answerPlainHTTP } from './plain-http.ts';
+import { randomUUID } from 'node:crypto';
+import { checkBeforeOpen, checkIdentity, writeClusterFile } from './store/integrity.ts';
 import { startSSHJump, type SSHJumpServer } from './ssh-jump.ts';
 
 export interface ControllerOptions {
@@ -28,10 +30,14 @@ export interface ControllerOptions {
   listenSSH?: string;
   /** Back-off on failed authentication (default DEFAULT_BACKOFF); false turns it off. */
   authBackoff?: BackoffOptions | false;
+  /** Start even on a database that fails the start-up checks (store/integrity.ts). */
+  acceptDamagedDatabase?: boolean;
 }
 
 export interface RunningController {
   url: string;
+  /** The cluster's identity, kept with its data. */
+  clusterID: string;
   port: number;
   /** PEM of the certificate served (undefined without TLS). */
   certificate?: string;
@@ -69,8 +75,17 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     tls = await loadTLS({ dataDir: opts.dataDir, certFile: opts.certFile, keyFile: opts.keyFile });
     logger.info({ fingerprint: tls.fingerprint, generated: tls.generated }, tls.generated ? 'created a self-signed certificate' : 'loaded the certificate');
   }
+  if (!opts.acceptDamagedDatabase) checkBeforeOpen(opts.dataDir);
   const store = new SQLiteStore(join(opts.dataDir, 'orchard.db'));
   try {
+    let clusterID: string;
+    const init = (id: string) => store.initClusterID(id);
+    if (opts.acceptDamagedDatabase) {
+      clusterID = store.clusterID() ?? randomUUID();
+      if (!store.clusterID()) init(clusterID);
+      logger.warn({ clusterID }, 'started with --accept-damaged-database: the database is used as it is');
+    } else clusterID = checkIdentity(opts.dataDir, store.clusterID(), store.quickCheck(), init);
+    writeClusterFile(opts.dataDir, { clusterID, cleanStop: false });
     if (opts.bootstrapAdminToken) {
       const existing = await store.get('serviceAccounts', 'bootstrap-admin');
       await store.put('serviceAccounts', {
@@ -88,6 +103,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       https: tls ? { cert: tls.cert, key: tls.key } : undefined,
       restartBackoffMs: opts.restartBackoffMs,
       authBackoff: opts.authBackoff,
+      clusterID,
     });
     let ssh: SSHJumpServer | undefined;
     let closeWaiting = () => {};
@@ -106,6 +122,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     logger.info({ url }, 'controller is listening');
     return {
       url,
+      clusterID,
       port: boundPort,
       certificate: tls?.cert,
       fingerprint: tls?.fingerprint,
@@ -118,6 +135,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
         closeWaiting();
         await close();
         store.close();
+        writeClusterFile(opts.dataDir, { clusterID, cleanStop: true });
       },
     };
   } catch (err) {

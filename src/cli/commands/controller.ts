@@ -15,9 +15,10 @@ export function registerControllerCommands(program: Command) {
     .option('--controller-key <file>', 'the key of --controller-cert (PEM)')
     .option('--insecure-no-tls', 'serve plain HTTP (tokens cross the network in clear text!)')
     .option('--worker-offline-timeout <duration>', 'a worker not seen for this long is offline', '3m')
+    .option('--accept-damaged-database', 'start even when the database fails its start-up checks (damaged or missing WAL, emptied or swapped orchard.db): VMs it does not know stay on their workers as orphans')
     .option('--listen-ssh <address>', 'also run an SSH jump host to the VMs on this address (HOST:PORT or :PORT): ssh -J ACCOUNT@HOST:PORT USER@VM, password = the account\'s token')
     .addHelpText('after', '\nEnvironment:\n  ORCHARD_BOOTSTRAP_ADMIN_TOKEN  create (or update) the service account "bootstrap-admin" with every role and this token')
-    .action(async (opts: { dataDir: string; listen: string; controllerCert?: string; controllerKey?: string; insecureNoTls?: boolean; workerOfflineTimeout: string; listenSsh?: string }) => {
+    .action(async (opts: { dataDir: string; listen: string; controllerCert?: string; controllerKey?: string; insecureNoTls?: boolean; workerOfflineTimeout: string; listenSsh?: string; acceptDamagedDatabase?: boolean }) => {
       // Loaded on demand: the other commands need none of the server's modules.
       const { startController } = await import('../../controller/controller.ts');
       let ctl;
@@ -31,6 +32,7 @@ export function registerControllerCommands(program: Command) {
           workerOfflineTimeoutMs: parseDuration(opts.workerOfflineTimeout),
           bootstrapAdminToken: process.env.ORCHARD_BOOTSTRAP_ADMIN_TOKEN || undefined,
           listenSSH: opts.listenSsh,
+          acceptDamagedDatabase: opts.acceptDamagedDatabase,
         });
       } catch (err) {
         const e = err as Error & { code?: string };

@@ -29,7 +29,7 @@ export function registerAdminRoutes(app: FastifyInstance, ctx: AppContext) {
   app.get(
     '/v1/controller/info',
     { config: { roles: [] }, schema: { tags: ['controller'], summary: 'Version and capabilities', response: { 200: ControllerInfo, 401: ErrorBody } } },
-    async (): Promise<ControllerInfo> => ({ version: VERSION, commit: COMMIT, capabilities: CAPABILITIES }),
+    async (): Promise<ControllerInfo> => ({ version: VERSION, commit: COMMIT, capabilities: CAPABILITIES, clusterID: ctx.clusterID }),
   );
 
   app.get('/v1/cluster-settings', { config: { roles: ['admin:read'] }, schema: { tags: ['cluster'], response: { 200: ClusterSettings, ...errors } } }, async () => {

@@ -235,6 +235,24 @@ export class SQLiteStore implements Store {
     return settings;
   }
 
+  /** The cluster's identity, if this database has one. */
+  clusterID(): string | undefined {
+    const row = this.stmt.getSetting.get('cluster-id') as Row | undefined;
+    return row ? (JSON.parse(row.body) as string) : undefined;
+  }
+
+  /** Gives the database its identity, checkpointed at once: it is in orchard.db itself, not only in the WAL. */
+  initClusterID(id: string) {
+    this.flush();
+    this.stmt.putSetting.run('cluster-id', JSON.stringify(id));
+    this.db.exec('PRAGMA wal_checkpoint(TRUNCATE)');
+  }
+
+  /** SQLite's quick_check: "ok", or what is wrong. */
+  quickCheck(): string {
+    return (this.db.prepare('PRAGMA quick_check').all() as { quick_check: string }[]).map((r) => r.quick_check).join('; ');
+  }
+
   subscribe(listener: (change: Change) => void) {
     this.listeners.add(listener);
     return () => void this.listeners.delete(listener);
@@ -243,6 +261,8 @@ export class SQLiteStore implements Store {
   close() {
     this.flush();
     this.listeners.clear();
+    // Everything into orchard.db, the WAL emptied: a clean stop leaves one self-contained file.
+    if (this.db.isOpen) this.db.exec('PRAGMA wal_checkpoint(TRUNCATE)');
     if (this.db.isOpen) this.db.close();
   }
 }
