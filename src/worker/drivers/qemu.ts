@@ -15,7 +15,7 @@ import { join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
-import { resolveImage, type ResolvedImage } from '../images.ts';
+import { diskImageProblem, resolveImage, type ResolvedImage } from '../images.ts';
 import { connectTCP, sshBanner } from './net.ts';
 import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
 
@@ -405,6 +405,9 @@ export class QemuDriver implements Driver {
       return;
     }
     // A fresh VM: drop whatever a VM of this name left, link the image's files, clone the disk.
+    // The image is checked again here: one put in the store by an older version may name host files.
+    const problem = await diskImageProblem(image.disk);
+    if (problem) throw new Error(`image ${vm.image}: ${problem}`);
     for (const f of await readdir(dir)) await rm(join(dir, f), { recursive: true, force: true });
     progress('creating copy-on-write disk');
     await linkOrCopy(image.disk, join(dir, 'base.qcow2'));
