@@ -13,6 +13,7 @@ import { copyFile, mkdir, readdir, readFile, rename, rm, stat, writeFile } from 
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { privateDir, privateFiles } from './private-files.ts';
 
 const execFileP = promisify(execFile);
 
@@ -184,6 +185,8 @@ export async function resolveImage(storeDir: string, name: string): Promise<Reso
  */
 export async function buildDebianDev(storeDir: string, progress: (msg: string) => void = () => {}): Promise<BuildResult> {
   const store = resolve(storeDir);
+  // 0700 before the build: the store encloses the build tree and the image while they are made.
+  await privateDir(store);
   await mkdir(join(store, '.build'), { recursive: true });
   const dir = imageDir(store, DEBIAN_DEV);
   const buildDir = join(store, '.build', imageDirName(DEBIAN_DEV));
@@ -216,6 +219,8 @@ export async function buildDebianDev(storeDir: string, progress: (msg: string) =
         `building image ${DEBIAN_DEV} failed (${signal ?? `exit ${code}`}):\n${tail}`));
     });
   });
+  await privateDir(dir);
+  await privateFiles(dir);
   if (result === 'built') progress(`image ${DEBIAN_DEV} built`);
   return { ...(await resolveImage(store, DEBIAN_DEV)), cached: result === 'cached' };
 }
@@ -267,8 +272,9 @@ export async function importImage(storeDir: string, name: string, qcow2File: str
   if (!opts.replace && (await readMeta(dir))) throw new Error(`image "${name}" already exists; remove it first or replace it`);
   const problem = await diskImageProblem(qcow2File);
   if (problem) throw new Error(`cannot import ${name}: ${problem}`);
+  await privateDir(store);
   const tmp = join(store, `.import-${process.pid}-${Date.now()}`);
-  await mkdir(tmp, { recursive: true });
+  await privateDir(tmp);
   try {
     const disk = join(tmp, 'base.qcow2');
     await copyFile(resolve(qcow2File), disk, fsConstants.COPYFILE_FICLONE);
@@ -277,6 +283,7 @@ export async function importImage(storeDir: string, name: string, qcow2File: str
     if (copied) throw new Error(`cannot import ${name}: ${copied.replaceAll(disk, qcow2File)}`);
     const meta: ImageMeta = { name, kind: 'disk', created: new Date().toISOString(), source: `import of ${resolve(qcow2File)}` };
     await writeFile(join(tmp, 'image.json'), JSON.stringify(meta) + '\n');
+    await privateFiles(tmp);
     const old = join(store, `.old-${process.pid}-${Date.now()}`);
     if (await exists(dir)) await rename(dir, old);
     await rename(tmp, dir);

@@ -11,13 +11,14 @@
 // (see netns.ts): the guest reaches the outside but nothing on the host's loopback.
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import { accessSync, closeSync, constants as fsConstants, existsSync, openSync, readFileSync } from 'node:fs';
-import { copyFile, link, mkdir, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import { copyFile, link, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import { join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { diskImageProblem, resolveImage, type ResolvedImage } from '../images.ts';
+import { privateDir, privateFiles } from '../private-files.ts';
 import { connectTCP, connectUnix, sshBannerOn } from './net.ts';
 import { connectInNetns, inNewNetns, startPasta } from './netns.ts';
 import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
@@ -397,7 +398,8 @@ export class QemuDriver implements Driver {
     progress(`resolving image ${vm.image}`);
     const image = await resolveImage(this.imagesDir, vm.image);
     const old = await this.readVm(vm.localName);
-    await mkdir(dir, { recursive: true });
+    await privateDir(join(this.dataDir, 'vms'));
+    await privateDir(dir);
     const file: VmFile = {
       uid: vm.uid,
       localName: vm.localName,
@@ -415,6 +417,7 @@ export class QemuDriver implements Driver {
       Object.assign(file, { kernel: old.kernel, initrd: old.initrd, cmdline: old.cmdline, created: old.created });
       await this.growDisk(vm.localName, vm.diskSize, progress);
       await this.writeVm(file);
+      await privateFiles(dir);
       progress('disk kept from an earlier start');
       return;
     }
@@ -436,6 +439,8 @@ export class QemuDriver implements Driver {
     await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', join(dir, 'disk.qcow2')]);
     await this.growDisk(vm.localName, vm.diskSize, progress);
     await this.writeVm(file);
+    // base.qcow2 and the kernel files are hard links: this makes the image's own files 0600 too.
+    await privateFiles(dir);
     this.logFn('info', { vm: vm.localName, image: vm.image }, 'VM prepared');
   }
 
