@@ -533,22 +533,22 @@ export class QemuDriver implements Driver {
     // and the forward of guest port 22 once pasta has brought the namespace's loopback up.
     const deadline = Date.now() + 30_000;
     let ssh: number | undefined;
-    let net: ChildProcess | undefined;
+    let pasta: ChildProcess | undefined;
     let netError: Error | undefined;
     let lastErr: unknown;
     while (!ssh && !netError && Date.now() < deadline) {
       const done = await Promise.race([exited, sleep(50).then(() => undefined)]);
       if (done) break;
       if (!child.pid || !existsSync(join(dir, 'qemu.pid'))) continue;
-      if (!net) {
-        net = startPasta(child.pid, join(dir, 'net.log'));
-        net.once('error', (err: NodeJS.ErrnoException) => {
+      if (!pasta) {
+        pasta = startPasta(child.pid, join(dir, 'net.log'));
+        pasta.once('error', (err: NodeJS.ErrnoException) => {
           netError = err.code === 'ENOENT' ? new Error('pasta not found: apt-get install passt') : err;
         });
-        net.once('exit', (code, signal) => {
+        pasta.once('exit', (code, signal) => {
           netError ??= new Error(`VM ${vm.localName}: pasta (its network) exited (${signal ?? `exit code ${code}`})`);
         });
-        net.unref();
+        pasta.unref();
       }
       try {
         ssh = await this.qmp(vm.localName, (q) => forward(q, 22), 5000);
@@ -565,6 +565,7 @@ export class QemuDriver implements Driver {
         throw new Error(netError.message + (log ? `:\n${log}` : ''));
       }
       const log = await this.tail(vm.localName, 'qemu.log', 15);
+      if (r?.code === 127 && log.includes('failed to execute')) throw new Error(`${this.qemuBinary} not found: apt-get install qemu-system-x86`);
       throw new Error(`VM ${vm.localName}: QEMU did not start` +
         (r ? ` (${r.signal ?? `exit code ${r.code}`})` : lastErr ? ` (${(lastErr as Error).message})` : '') +
         (log ? `:\n${log}` : ''));
@@ -572,20 +573,20 @@ export class QemuDriver implements Driver {
     file.pid = child.pid;
     file.ports = { ssh };
     file.netns = true;
-    file.netPid = net?.pid;
+    file.netPid = pasta?.pid;
     file.accel = this.accel;
     await this.writeVm(file);
     s.fwd.set(22, ssh);
     s.fwdPid = child.pid;
     s.netns = true;
-    this.logFn('info', { vm: vm.localName, pid: child.pid, netPid: net?.pid, accel: this.accel }, 'QEMU started');
+    this.logFn('info', { vm: vm.localName, pid: child.pid, netPid: pasta?.pid, accel: this.accel }, 'QEMU started');
   }
 
   /**
    * Port on 127.0.0.1 of the VM's network namespace (the host's, for a VM started by an earlier
    * version: `netns` false) that reaches guest TCP `port` (adds a forward over QMP when needed).
    */
-  private async hostPort(localName: string, port: number): Promise<{ port: number; pid: number; netns: boolean }> {
+  private async forwardOf(localName: string, port: number): Promise<{ port: number; pid: number; netns: boolean }> {
     const pid = this.requirePid(localName);
     const s = this.st(localName);
     if (s.fwdPid !== pid) {
@@ -662,7 +663,7 @@ export class QemuDriver implements Driver {
   async dial(localName: string, port: number): Promise<Duplex> {
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw new Error(`invalid port ${port}`);
     const what = `VM ${localName} port ${port}`;
-    const fwd = await this.hostPort(localName, port);
+    const fwd = await this.forwardOf(localName, port);
     if (!fwd.netns) return connectTCP('127.0.0.1', fwd.port, what);
     if (port === VNC_PORT) return connectUnix(this.socketPath(localName, fwd.pid, 'vnc.sock'), what);
     return connectInNetns(fwd.pid, fwd.port, what);
