@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(qemu-system-x86 qemu-utils busybox-static dropbear-bin openssh-sftp-server openssh-client cpio
-      e2fsprogs kmod zstd xz-utils iproute2 procps fakeroot)
+      e2fsprogs kmod zstd xz-utils iproute2 procps fakeroot passt socat)
 command -v npm >/dev/null 2>&1 || PKGS+=(nodejs npm)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -13,6 +13,7 @@ import { copyFile, mkdir, readdir, readFile, rename, rm, stat, writeFile } from 
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { privateDir, privateFiles } from './private-files.ts';
 
 const execFileP = promisify(execFile);
 
@@ -184,6 +185,8 @@ export async function resolveImage(storeDir: string, name: string): Promise<Reso
  */
 export async function buildDebianDev(storeDir: string, progress: (msg: string) => void = () => {}): Promise<BuildResult> {
   const store = resolve(storeDir);
+  // 0700 before the build: the store encloses the build tree and the image while they are made.
+  await privateDir(store);
   await mkdir(join(store, '.build'), { recursive: true });
   const dir = imageDir(store, DEBIAN_DEV);
   const buildDir = join(store, '.build', imageDirName(DEBIAN_DEV));
@@ -216,38 +219,71 @@ export async function buildDebianDev(storeDir: string, progress: (msg: string) =
         `building image ${DEBIAN_DEV} failed (${signal ?? `exit ${code}`}):\n${tail}`));
     });
   });
+  await privateDir(dir);
+  await privateFiles(dir);
   if (result === 'built') progress(`image ${DEBIAN_DEV} built`);
   return { ...(await resolveImage(store, DEBIAN_DEV)), cached: result === 'cached' };
 }
 
 /**
- * Add `qcow2File` as disk image `name` (booted with its own bootloader). The file is copied (or
- * flattened, when it has a backing file), so the original can go. Replaces an image of that name
- * only with `{ replace: true }`; VMs made from the old one keep their own links to it.
+ * Why `file` may not become (or stay) a disk image, or undefined when it may. A qcow2 can name other
+ * files that QEMU then reads as part of the disk: a backing file (`-b /etc/shadow` made a host file
+ * the guest's disk) or an external data file. An image must be one self-contained qcow2 file.
+ * `qemu-img info` does not open backing files unless asked (--backing-chain).
+ */
+export async function diskImageProblem(file: string): Promise<string | undefined> {
+  // An absolute path: qemu-img reads `json:{...}` or `nbd:...` as protocols, never `/…`.
+  const path = resolve(file);
+  let details: {
+    format?: string;
+    'backing-filename'?: string;
+    'full-backing-filename'?: string;
+    'format-specific'?: { data?: { 'data-file'?: string } };
+  };
+  try {
+    const { stdout } = await execFileP('qemu-img', ['info', '--output=json', '-U', '--', path]);
+    details = JSON.parse(stdout) as typeof details;
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException & { stderr?: string };
+    if (e.code === 'ENOENT' && !e.stderr) throw new Error('qemu-img not found: apt-get install qemu-utils');
+    return `cannot read ${file} as a disk image: ${(e.stderr ?? e.message).trim()}`;
+  }
+  if (details.format !== 'qcow2') return `${file} is ${details.format ?? 'not a disk image'}, not qcow2 (convert it with: qemu-img convert -O qcow2 ${file} OUT.qcow2)`;
+  const backing = details['backing-filename'] ?? details['full-backing-filename'];
+  if (backing !== undefined) {
+    return `${file} has a backing file (${backing}), which QEMU would read as part of the disk; an image must be one self-contained qcow2 file (flatten it with: qemu-img convert -O qcow2 ${file} OUT.qcow2)`;
+  }
+  const dataFile = details['format-specific']?.data?.['data-file'];
+  if (dataFile !== undefined) {
+    return `${file} keeps its data in an external data file (${dataFile}); an image must be one self-contained qcow2 file (convert it with: qemu-img convert -O qcow2 ${file} OUT.qcow2)`;
+  }
+  return undefined;
+}
+
+/**
+ * Add `qcow2File` as disk image `name` (booted with its own bootloader). The file is copied, so the
+ * original can go; only a self-contained qcow2 is accepted (see diskImageProblem). Replaces an image
+ * of that name only with `{ replace: true }`; VMs made from the old one keep their own links to it.
  */
 export async function importImage(storeDir: string, name: string, qcow2File: string,
   opts: { replace?: boolean } = {}): Promise<ImageInfo> {
   const store = resolve(storeDir);
   const dir = imageDir(store, name);
   if (!opts.replace && (await readMeta(dir))) throw new Error(`image "${name}" already exists; remove it first or replace it`);
-  let details: { format?: string; 'backing-filename'?: string };
-  try {
-    const { stdout } = await execFileP('qemu-img', ['info', '--output=json', '--', qcow2File]);
-    details = JSON.parse(stdout) as typeof details;
-  } catch (err) {
-    const e = err as NodeJS.ErrnoException & { stderr?: string };
-    if (e.code === 'ENOENT' && !e.stderr) throw new Error('qemu-img not found: apt-get install qemu-utils');
-    throw new Error(`cannot read ${qcow2File} as a disk image: ${(e.stderr ?? e.message).trim()}`);
-  }
-  if (details.format !== 'qcow2') throw new Error(`${qcow2File} is ${details.format ?? 'not a disk image'}, not qcow2 (convert it with: qemu-img convert -O qcow2 ${qcow2File} OUT.qcow2)`);
+  const problem = await diskImageProblem(qcow2File);
+  if (problem) throw new Error(`cannot import ${name}: ${problem}`);
+  await privateDir(store);
   const tmp = join(store, `.import-${process.pid}-${Date.now()}`);
-  await mkdir(tmp, { recursive: true });
+  await privateDir(tmp);
   try {
     const disk = join(tmp, 'base.qcow2');
-    if (details['backing-filename']) await execFileP('qemu-img', ['convert', '-O', 'qcow2', '--', qcow2File, disk]);
-    else await copyFile(qcow2File, disk, fsConstants.COPYFILE_FICLONE);
+    await copyFile(resolve(qcow2File), disk, fsConstants.COPYFILE_FICLONE);
+    // Checked again on the copy: the original could have been swapped between the check and the copy.
+    const copied = await diskImageProblem(disk);
+    if (copied) throw new Error(`cannot import ${name}: ${copied.replaceAll(disk, qcow2File)}`);
     const meta: ImageMeta = { name, kind: 'disk', created: new Date().toISOString(), source: `import of ${resolve(qcow2File)}` };
     await writeFile(join(tmp, 'image.json'), JSON.stringify(meta) + '\n');
+    await privateFiles(tmp);
     const old = join(store, `.old-${process.pid}-${Date.now()}`);
     if (await exists(dir)) await rename(dir, old);
     await rename(tmp, dir);

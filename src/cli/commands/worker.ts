@@ -9,13 +9,46 @@ import { parseOutput } from '../output.ts';
 
 export const defaultWorkerDataDir = () => join(homedir(), '.orchard', 'worker');
 
+const BOOTSTRAP_TOKEN_ENV = 'ORCHARD_BOOTSTRAP_TOKEN';
+
+/**
+ * The worker's bootstrap token from exactly one source. A command-line argument is readable by
+ * every user of the host (ps, /proc/PID/cmdline); stdin and the environment are not.
+ */
+async function bootstrapTokenFrom(opts: { bootstrapToken?: string; bootstrapTokenStdin?: boolean }): Promise<string> {
+  const env = process.env[BOOTSTRAP_TOKEN_ENV];
+  // Not passed on to what the worker starts (QEMU, Tart, startup scripts).
+  delete process.env[BOOTSTRAP_TOKEN_ENV];
+  const sources = [
+    opts.bootstrapTokenStdin ? '--bootstrap-token-stdin' : undefined,
+    env !== undefined ? `$${BOOTSTRAP_TOKEN_ENV}` : undefined,
+    opts.bootstrapToken !== undefined ? '--bootstrap-token' : undefined,
+  ].filter((s) => s !== undefined);
+  if (sources.length === 0) throw new UsageError(`a bootstrap token is needed: pipe it into --bootstrap-token-stdin, or set $${BOOTSTRAP_TOKEN_ENV}`);
+  if (sources.length > 1) throw new UsageError(`the bootstrap token comes from one place only, got ${sources.join(' and ')}`);
+  let token: string;
+  if (opts.bootstrapTokenStdin) {
+    const chunks: Buffer[] = [];
+    for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+    token = Buffer.concat(chunks).toString('utf8').trim();
+  } else {
+    token = (env ?? opts.bootstrapToken ?? '').trim();
+  }
+  if (!token) throw new UsageError(`${sources[0]}: the bootstrap token is empty`);
+  if (opts.bootstrapToken !== undefined) {
+    process.stderr.write(`warning: --bootstrap-token is visible to every user of this host (ps); use --bootstrap-token-stdin or $${BOOTSTRAP_TOKEN_ENV}\n`);
+  }
+  return token;
+}
+
 export function registerWorkerCommands(program: Command) {
   const worker = program.command('worker').description('run a worker');
   worker
     .command('run')
     .description('run a worker: register with the controller and run the VMs it assigns here')
     .argument('<controller-url>', 'e.g. https://controller:6120')
-    .requiredOption('--bootstrap-token <token>', 'from `orchard get bootstrap-token NAME` (credentials and the controller certificate)')
+    .option('--bootstrap-token <token>', 'from `orchard get bootstrap-token NAME` (credentials and the controller certificate); visible in ps, prefer the next two')
+    .option('--bootstrap-token-stdin', 'read the bootstrap token from standard input')
     .option('--name <name>', 'worker name', hostname().toLowerCase().replace(/[^a-z0-9-]/g, '-').slice(0, 63))
     .option('--label <key=value>', 'label VMs can require (repeatable)', collectKeyValue)
     .option('--resources <name=amount>', 'extra resource to advertise (repeatable)', collectKeyValue)
@@ -24,9 +57,10 @@ export function registerWorkerCommands(program: Command) {
     .option('--slots <n>', 'VMs this host runs at once (default: 2 for tart, memory/1 GiB for qemu, 1000 synthetic)', parseInteger('--slots'))
     .option('--data-dir <dir>', 'VM disks, images and state', defaultWorkerDataDir())
     .option('--heartbeat <duration>', 'how often to report liveness', '10s')
-    .action(async (url: string, opts: { bootstrapToken: string; name: string; label?: Record<string, string>; resources?: Record<string, string>; runtime: string; synthetic?: boolean; slots?: number; dataDir: string; heartbeat: string }) => {
+    .addHelpText('after', `\nThe bootstrap token comes from exactly one of --bootstrap-token-stdin, $${BOOTSTRAP_TOKEN_ENV} or --bootstrap-token.`)
+    .action(async (url: string, opts: { bootstrapToken?: string; bootstrapTokenStdin?: boolean; name: string; label?: Record<string, string>; resources?: Record<string, string>; runtime: string; synthetic?: boolean; slots?: number; dataDir: string; heartbeat: string }) => {
       const { startWorker } = await import('../../worker/run.ts');
-      const token = decodeBootstrapToken(opts.bootstrapToken);
+      const token = decodeBootstrapToken(await bootstrapTokenFrom(opts));
       const resources: Record<string, number> = {};
       for (const [k, v] of Object.entries(opts.resources ?? {})) {
         if (!/^\d+$/.test(v)) throw new UsageError(`--resources ${k}=${v}: the amount must be a whole number`);

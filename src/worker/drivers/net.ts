@@ -1,5 +1,6 @@
 // TCP helpers the VM drivers share: connecting to a guest port, and the SSH readiness probe.
 import net from 'node:net';
+import type { Duplex } from 'node:stream';
 
 /** A TCP connection to host:port, or an error after `timeoutMs`; `what` names it in errors. */
 export function connectTCP(host: string, port: number, what: string, timeoutMs = 10_000): Promise<net.Socket> {
@@ -20,13 +21,36 @@ export function connectTCP(host: string, port: number, what: string, timeoutMs =
   });
 }
 
+/** A connection to the unix socket at `path`, or an error after `timeoutMs`; `what` names it in errors. */
+export function connectUnix(path: string, what: string, timeoutMs = 10_000): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const sock = net.createConnection({ path });
+    const timer = setTimeout(() => sock.destroy(new Error(`connect to ${what} timed out`)), timeoutMs);
+    sock.once('connect', () => {
+      clearTimeout(timer);
+      sock.removeListener('error', reject);
+      resolve(sock);
+    });
+    sock.once('error', (err) => {
+      clearTimeout(timer);
+      reject(new Error(`connect to ${what}: ${err.message}`));
+    });
+  });
+}
+
 /**
  * true when host:port sends an SSH banner (`SSH-`) within `ms`. A TCP connect alone proves nothing:
  * QEMU's user network accepts connections before the guest is up.
  */
-export function sshBanner(host: string, port: number, ms: number): Promise<boolean> {
+export async function sshBanner(host: string, port: number, ms: number): Promise<boolean> {
+  const sock = net.createConnection({ host, port });
+  sock.on('error', () => {});
+  return sshBannerOn(sock, ms);
+}
+
+/** true when `sock` starts with an SSH banner (`SSH-`) within `ms`; `sock` is closed afterwards. */
+export function sshBannerOn(sock: Duplex, ms: number): Promise<boolean> {
   return new Promise((resolve) => {
-    const sock = net.createConnection({ host, port });
     let got = '';
     const done = (ok: boolean) => {
       clearTimeout(timer);
@@ -34,9 +58,8 @@ export function sshBanner(host: string, port: number, ms: number): Promise<boole
       resolve(ok);
     };
     const timer = setTimeout(() => done(false), ms);
-    sock.setEncoding('latin1');
-    sock.on('data', (d: string) => {
-      got += d;
+    sock.on('data', (d: Buffer) => {
+      got += d.toString('latin1');
       if (got.length >= 4) done(got.startsWith('SSH-'));
     });
     sock.on('error', () => done(false));

@@ -4,26 +4,30 @@
 //                 rebuilding or removing the image never breaks the VM
 //   disk.qcow2    copy-on-write overlay on base.qcow2 (grown to diskSize)
 //   console.log   serial console;  qemu.log: QEMU's stdout/stderr;  qmp.sock;  qemu.pid
+//   vnc.sock      QEMU's VNC server (the VM's display);  net.log: pasta's messages
 // QEMU runs in its own session (setsid), so it outlives the worker process; a new QemuDriver on
 // the same directories adopts it (list() checks that the pid really is the VM's QEMU).
-// Networking is QEMU user-mode (slirp): guest 10.0.2.15, host ports forwarded on 127.0.0.1 only.
+// Networking is QEMU user-mode (slirp), guest 10.0.2.15, in a network namespace of the VM's own
+// (see netns.ts): the guest reaches the outside but nothing on the host's loopback.
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import { accessSync, closeSync, constants as fsConstants, existsSync, openSync, readFileSync } from 'node:fs';
-import { copyFile, link, mkdir, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import { copyFile, link, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import { join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
-import { resolveImage, type ResolvedImage } from '../images.ts';
-import { connectTCP, sshBanner } from './net.ts';
+import { diskImageProblem, resolveImage, type ResolvedImage } from '../images.ts';
+import { privateDir, privateFiles } from '../private-files.ts';
+import { connectTCP, connectUnix, sshBannerOn } from './net.ts';
+import { connectInNetns, inNewNetns, startPasta } from './netns.ts';
 import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
 
 const execFileP = promisify(execFile);
 
 /** The guest's address on QEMU's user-mode network (the first address its DHCP server hands out). */
 export const USER_NET_GUEST_IP = '10.0.2.15';
-/** dial(name, VNC_PORT) reaches QEMU's VNC server for the VM's display. */
+/** dial(name, VNC_PORT) reaches QEMU's VNC server for the VM's display (a unix socket, no guest port). */
 export const VNC_PORT = 5900;
 
 export type Accel = 'kvm' | 'tcg';
@@ -197,9 +201,16 @@ interface VmFile {
   hostDirs?: { name: string; path: string; ro?: boolean }[];
   created: string;
   accel?: Accel;
-  /** host ports of the running QEMU (`pid`): ssh = forward to guest 22, vnc = QEMU's VNC server */
+  /**
+   * Ports of the running QEMU (`pid`): ssh = forward to guest 22 on 127.0.0.1 of the VM's network
+   * namespace. A VM started by an earlier version (no `netns`) has them on the host's 127.0.0.1,
+   * with vnc = QEMU's VNC server: they are used as they are until the VM restarts.
+   */
   pid?: number;
   ports?: { ssh?: number; vnc?: number };
+  netns?: boolean;
+  /** pasta's pid (outbound network of the namespace) */
+  netPid?: number;
 }
 
 interface VmState {
@@ -207,9 +218,11 @@ interface VmState {
   child?: ChildProcess;
   childExit?: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   stopping?: boolean;
-  /** guest port -> host port, valid for the QEMU with pid `fwdPid` */
+  /** guest port -> forwarded port, valid for the QEMU with pid `fwdPid` */
   fwd: Map<number, number>;
   fwdPid?: number;
+  /** whether the QEMU with pid `fwdPid` runs in its own network namespace */
+  netns?: boolean;
   /** serialises QMP sessions: QEMU serves one QMP client at a time */
   qmpChain: Promise<unknown>;
 }
@@ -319,10 +332,10 @@ export class QemuDriver implements Driver {
     return pid;
   }
 
-  private qmpPath(localName: string, pid: number): string {
-    const path = join(this.vmDir(localName), 'qmp.sock');
+  private socketPath(localName: string, pid: number, name: 'qmp.sock' | 'vnc.sock'): string {
+    const path = join(this.vmDir(localName), name);
     // unix socket paths are limited to 107 bytes; QEMU's cwd is the VM dir, reachable via /proc.
-    return Buffer.byteLength(path) < 100 ? path : `/proc/${pid}/cwd/qmp.sock`;
+    return Buffer.byteLength(path) < 100 ? path : `/proc/${pid}/cwd/${name}`;
   }
 
   /** Run `fn` with a QMP session to the VM (sessions are serialised per VM). */
@@ -330,7 +343,7 @@ export class QemuDriver implements Driver {
     const s = this.st(localName);
     const run = async () => {
       const pid = this.requirePid(localName);
-      const q = await QmpClient.connect(this.qmpPath(localName, pid), timeoutMs);
+      const q = await QmpClient.connect(this.socketPath(localName, pid, 'qmp.sock'), timeoutMs);
       let timer: NodeJS.Timeout | undefined;
       try {
         return await Promise.race([
@@ -352,7 +365,9 @@ export class QemuDriver implements Driver {
   private async tail(localName: string, file: string, lines: number): Promise<string> {
     try {
       const text = await readFile(join(this.vmDir(localName), file), 'utf8');
-      return text.replace(/\r/g, '').trimEnd().split('\n').slice(-lines).join('\n');
+      // pasta reports to syslog too, and says so on every line where there is none
+      return text.replace(/\r/g, '').split('\n').filter((l) => !l.startsWith('Failed to send ')).join('\n')
+        .trimEnd().split('\n').slice(-lines).join('\n');
     } catch {
       return '';
     }
@@ -383,7 +398,8 @@ export class QemuDriver implements Driver {
     progress(`resolving image ${vm.image}`);
     const image = await resolveImage(this.imagesDir, vm.image);
     const old = await this.readVm(vm.localName);
-    await mkdir(dir, { recursive: true });
+    await privateDir(join(this.dataDir, 'vms'));
+    await privateDir(dir);
     const file: VmFile = {
       uid: vm.uid,
       localName: vm.localName,
@@ -401,10 +417,14 @@ export class QemuDriver implements Driver {
       Object.assign(file, { kernel: old.kernel, initrd: old.initrd, cmdline: old.cmdline, created: old.created });
       await this.growDisk(vm.localName, vm.diskSize, progress);
       await this.writeVm(file);
+      await privateFiles(dir);
       progress('disk kept from an earlier start');
       return;
     }
     // A fresh VM: drop whatever a VM of this name left, link the image's files, clone the disk.
+    // The image is checked again here: one put in the store by an older version may name host files.
+    const problem = await diskImageProblem(image.disk);
+    if (problem) throw new Error(`image ${vm.image}: ${problem}`);
     for (const f of await readdir(dir)) await rm(join(dir, f), { recursive: true, force: true });
     progress('creating copy-on-write disk');
     await linkOrCopy(image.disk, join(dir, 'base.qcow2'));
@@ -419,6 +439,8 @@ export class QemuDriver implements Driver {
     await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', join(dir, 'disk.qcow2')]);
     await this.growDisk(vm.localName, vm.diskSize, progress);
     await this.writeVm(file);
+    // base.qcow2 and the kernel files are hard links: this makes the image's own files 0600 too.
+    await privateFiles(dir);
     this.logFn('info', { vm: vm.localName, image: vm.image }, 'VM prepared');
   }
 
@@ -450,7 +472,7 @@ export class QemuDriver implements Driver {
     file.cpu = vm.cpu || file.cpu;
     file.memory = vm.memory || file.memory;
     if (vm.hostDirs) file.hostDirs = vm.hostDirs.length ? vm.hostDirs : undefined;
-    for (const f of ['qmp.sock', 'qemu.pid']) await unlink(join(dir, f)).catch(() => {});
+    for (const f of ['qmp.sock', 'vnc.sock', 'qemu.pid']) await unlink(join(dir, f)).catch(() => {});
 
     const args = [
       '-name', `guest=${vm.localName},debug-threads=on`,
@@ -460,9 +482,11 @@ export class QemuDriver implements Driver {
       '-m', String(Math.max(32, Math.floor(file.memory))),
       '-nodefaults', '-no-user-config', '-msg', 'timestamp=on',
       '-drive', `file=${join(dir, 'disk.qcow2')},if=virtio,format=qcow2,discard=unmap,cache=writeback`,
-      '-netdev', 'user,id=net0,hostfwd=tcp:127.0.0.1:0-:22', '-device', 'virtio-net-pci,netdev=net0',
+      // No hostfwd yet: the namespace's loopback is down until pasta has configured it.
+      '-netdev', 'user,id=net0', '-device', 'virtio-net-pci,netdev=net0',
       '-device', 'virtio-rng-pci',
-      '-vga', 'std', '-vnc', '127.0.0.1:0,to=99',
+      // No password: only the worker's user can open the socket (the VM dir is 0700).
+      '-vga', 'std', '-vnc', 'unix:vnc.sock',
       '-serial', `file:${join(dir, 'console.log')}`,
       // relative: unix socket paths are short (QEMU runs in the VM dir)
       '-qmp', 'unix:qmp.sock,server=on,wait=off',
@@ -483,7 +507,8 @@ export class QemuDriver implements Driver {
     let child: ChildProcess;
     try {
       // detached: own session and process group, so QEMU survives the worker (and its signals).
-      child = spawn(this.qemuBinary, args, { cwd: dir, detached: true, stdio: ['ignore', out, out] });
+      const [cmd, ...argv] = inNewNetns([this.qemuBinary, ...args]);
+      child = spawn(cmd, argv, { cwd: dir, detached: true, stdio: ['ignore', out, out] });
     } finally {
       closeSync(out);
     }
@@ -497,84 +522,100 @@ export class QemuDriver implements Driver {
       child.once('exit', (code, signal) => res({ code, signal }));
       child.once('error', (err) => {
         spawnError = (err as NodeJS.ErrnoException).code === 'ENOENT'
-          ? new Error(`${this.qemuBinary} not found: apt-get install qemu-system-x86`) : err;
+          ? new Error('unshare not found: apt-get install util-linux') : err;
         res({ code: null, signal: null });
       });
     });
     child.unref();
     const exited = s.childExit;
 
-    // Up once QMP answers (QEMU has set up the machine); then read the real host ports back.
+    // Up once QEMU wrote its pid file (its namespaces exist): then pasta for the outbound network,
+    // and the forward of guest port 22 once pasta has brought the namespace's loopback up.
     const deadline = Date.now() + 30_000;
-    let ports: { ssh: number; vnc: number } | undefined;
+    let ssh: number | undefined;
+    let pasta: ChildProcess | undefined;
+    let netError: Error | undefined;
     let lastErr: unknown;
-    while (!ports && Date.now() < deadline) {
+    while (!ssh && !netError && Date.now() < deadline) {
       const done = await Promise.race([exited, sleep(50).then(() => undefined)]);
       if (done) break;
       if (!child.pid || !existsSync(join(dir, 'qemu.pid'))) continue;
+      if (!pasta) {
+        pasta = startPasta(child.pid, join(dir, 'net.log'));
+        pasta.once('error', (err: NodeJS.ErrnoException) => {
+          netError = err.code === 'ENOENT' ? new Error('pasta not found: apt-get install passt') : err;
+        });
+        pasta.once('exit', (code, signal) => {
+          netError ??= new Error(`VM ${vm.localName}: pasta (its network) exited (${signal ?? `exit code ${code}`})`);
+        });
+        pasta.unref();
+      }
       try {
-        ports = await this.qmp(vm.localName, async (q) => {
-          const fwd = parseHostForwards(await q.hmp('info usernet'));
-          const vnc = (await q.execute('query-vnc')) as { service?: string };
-          return { ssh: fwd.get(22) ?? 0, vnc: Number(vnc.service ?? 0) };
-        }, 5000);
+        ssh = await this.qmp(vm.localName, (q) => forward(q, 22), 5000);
       } catch (err) {
         lastErr = err;
       }
     }
-    if (!ports || !ports.ssh) {
+    if (!ssh) {
       const r = await Promise.race([exited, sleep(500).then(() => undefined)]);
       if (spawnError) throw spawnError;
       if (!r && child.pid) process.kill(child.pid, 'SIGKILL');
+      if (netError) {
+        const log = await this.tail(vm.localName, 'net.log', 5);
+        throw new Error(netError.message + (log ? `:\n${log}` : ''));
+      }
       const log = await this.tail(vm.localName, 'qemu.log', 15);
+      if (r?.code === 127 && log.includes('failed to execute')) throw new Error(`${this.qemuBinary} not found: apt-get install qemu-system-x86`);
       throw new Error(`VM ${vm.localName}: QEMU did not start` +
         (r ? ` (${r.signal ?? `exit code ${r.code}`})` : lastErr ? ` (${(lastErr as Error).message})` : '') +
         (log ? `:\n${log}` : ''));
     }
     file.pid = child.pid;
-    file.ports = ports;
+    file.ports = { ssh };
+    file.netns = true;
+    file.netPid = pasta?.pid;
     file.accel = this.accel;
     await this.writeVm(file);
-    s.fwd.set(22, ports.ssh);
+    s.fwd.set(22, ssh);
     s.fwdPid = child.pid;
-    this.logFn('info', { vm: vm.localName, pid: child.pid, accel: this.accel, sshPort: ports.ssh, vncPort: ports.vnc }, 'QEMU started');
+    s.netns = true;
+    this.logFn('info', { vm: vm.localName, pid: child.pid, netPid: pasta?.pid, accel: this.accel }, 'QEMU started');
   }
 
-  /** Host port on 127.0.0.1 that reaches guest TCP `port` (adds a forward over QMP when needed). */
-  private async hostPort(localName: string, port: number): Promise<number> {
+  /**
+   * Port on 127.0.0.1 of the VM's network namespace (the host's, for a VM started by an earlier
+   * version: `netns` false) that reaches guest TCP `port` (adds a forward over QMP when needed).
+   */
+  private async forwardOf(localName: string, port: number): Promise<{ port: number; pid: number; netns: boolean }> {
     const pid = this.requirePid(localName);
     const s = this.st(localName);
     if (s.fwdPid !== pid) {
       s.fwd = new Map();
       s.fwdPid = pid;
       const file = await this.readVm(localName);
+      s.netns = file?.pid !== pid || file.netns === true;
       if (file?.pid === pid && file.ports?.ssh) s.fwd.set(22, file.ports.ssh);
       if (file?.pid === pid && file.ports?.vnc) s.fwd.set(-VNC_PORT, file.ports.vnc);
     }
+    const netns = s.netns ?? true;
+    if (netns && port === VNC_PORT) return { port, pid, netns };
     const key = port === VNC_PORT ? -VNC_PORT : port;
     const known = s.fwd.get(key);
-    if (known) return known;
+    if (known) return { port: known, pid, netns };
     const found = await this.qmp(localName, async (q) => {
       if (port === VNC_PORT) {
         const vnc = (await q.execute('query-vnc')) as { service?: string };
         return Number(vnc.service ?? 0);
       }
-      let fwd = parseHostForwards(await q.hmp('info usernet'));
-      if (!fwd.has(port)) {
-        const err = (await q.hmp(`hostfwd_add net0 tcp:127.0.0.1:0-:${port}`)).trim();
-        if (err) throw new Error(`cannot forward guest port ${port}: ${err}`);
-        fwd = parseHostForwards(await q.hmp('info usernet'));
-      }
-      return fwd.get(port) ?? 0;
+      return forward(q, port);
     });
     if (!found) throw new Error(`VM ${localName}: no host port for guest port ${port}`);
     s.fwd.set(key, found);
-    return found;
+    return { port: found, pid, netns };
   }
 
   async waitReady(localName: string, signal?: AbortSignal): Promise<void> {
     const deadline = Date.now() + this.readyTimeoutMs;
-    let port: number | undefined;
     for (;;) {
       signal?.throwIfAborted();
       if (!this.isRunning(localName)) {
@@ -590,10 +631,10 @@ export class QemuDriver implements Driver {
         throw new Error(`VM ${localName}: no SSH after ${Math.round(this.readyTimeoutMs / 1000)} s` +
           (consoleTail ? `\nlast console lines:\n${consoleTail}` : ''));
       }
-      port ??= await this.hostPort(localName, 22).catch(() => undefined);
       // User-mode networking accepts the TCP connection before the guest is up, and a SYN it
       // forwards too early is only retried seconds later: wait for the banner, short attempts.
-      if (port && (await sshBanner('127.0.0.1', port, 500))) return;
+      const sock = await this.dial(localName, 22).catch(() => undefined);
+      if (sock && (await sshBannerOn(sock, 500))) return;
       await sleep(100, undefined, { signal }).catch(() => signal?.throwIfAborted());
     }
   }
@@ -621,8 +662,11 @@ export class QemuDriver implements Driver {
 
   async dial(localName: string, port: number): Promise<Duplex> {
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw new Error(`invalid port ${port}`);
-    const hostPort = await this.hostPort(localName, port);
-    return connectTCP('127.0.0.1', hostPort, `VM ${localName} port ${port}`);
+    const what = `VM ${localName} port ${port}`;
+    const fwd = await this.forwardOf(localName, port);
+    if (!fwd.netns) return connectTCP('127.0.0.1', fwd.port, what);
+    if (port === VNC_PORT) return connectUnix(this.socketPath(localName, fwd.pid, 'vnc.sock'), what);
+    return connectInNetns(fwd.pid, fwd.port, what);
   }
 
   async stop(localName: string, graceMs = 10_000): Promise<void> {
@@ -670,10 +714,31 @@ export class QemuDriver implements Driver {
   async remove(localName: string): Promise<void> {
     const dir = this.vmDir(localName);
     await this.stop(localName, 0); // the disk goes too: no point in a graceful guest shutdown
+    // pasta quits when QEMU's namespace goes; this covers a pasta that outlived it anyway.
+    const file = await this.readVm(localName);
+    if (file?.netPid && file.pid) {
+      try {
+        const cmdline = readFileSync(`/proc/${file.netPid}/cmdline`, 'utf8').split('\0');
+        if (cmdline[0]?.endsWith('pasta') && cmdline.includes(String(file.pid))) process.kill(file.netPid, 'SIGKILL');
+      } catch {
+        // gone
+      }
+    }
     await rm(dir, { recursive: true, force: true });
     this.state.delete(localName);
     this.logFn('info', { vm: localName }, 'VM removed');
   }
+}
+
+/** Forwards guest TCP `port` from 127.0.0.1 of QEMU's network namespace (once); the port used. */
+async function forward(q: QmpClient, port: number): Promise<number> {
+  let fwd = parseHostForwards(await q.hmp('info usernet'));
+  if (!fwd.has(port)) {
+    const err = (await q.hmp(`hostfwd_add net0 tcp:127.0.0.1:0-:${port}`)).trim();
+    if (err) throw new Error(`cannot forward guest port ${port}: ${err}`);
+    fwd = parseHostForwards(await q.hmp('info usernet'));
+  }
+  return fwd.get(port) ?? 0;
 }
 
 async function linkOrCopy(src: string, dst: string): Promise<void> {

@@ -13,11 +13,12 @@
 // list() can report the uid of adopted VMs and a repeated prepare() of the same VM keeps its disk.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
-import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { readFile, rename, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import { join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { privateDir } from '../private-files.ts';
 import { connectTCP, sshBanner } from './net.ts';
 import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
 
@@ -214,9 +215,9 @@ export class TartDriver implements Driver {
   }
 
   private async writeVm(vm: VmFile): Promise<void> {
-    await mkdir(this.stateDir, { recursive: true });
+    await privateDir(this.stateDir);
     const path = this.filePath(vm.localName);
-    await writeFile(path + '.tmp', JSON.stringify(vm, null, 2) + '\n');
+    await writeFile(path + '.tmp', JSON.stringify(vm, null, 2) + '\n', { mode: 0o600 });
     await rename(path + '.tmp', path);
   }
 
@@ -327,9 +328,9 @@ export class TartDriver implements Driver {
   async start(vm: DriverVM): Promise<void> {
     const name = this.check(vm.localName);
     if (await this.running(name)) return;
-    await mkdir(this.stateDir, { recursive: true });
+    await privateDir(this.stateDir);
     const args = this.runArgs(vm);
-    const out = openSync(this.logPath(name), 'w'); // this run's output only
+    const out = openSync(this.logPath(name), 'w', 0o600); // this run's output only
     let child: ChildProcess;
     try {
       // detached: own session and process group, so the VM survives the worker (and its signals)
