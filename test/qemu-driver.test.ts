@@ -230,7 +230,7 @@ test('VM lifecycle: boot, SSH, VNC, forwarded port, adoption, stop, restart, rem
     await d.start(vm);`);
   assert.ok(existsSync(join(vmDir, 'disk.qcow2')));
   assert.equal(pidsUsing(vmDir).length, 1, 'QEMU outlived the worker that started it');
-  assert.deepEqual(await driver.list(), [{ localName: name, uid: `uid-${name}`, running: true }]);
+  assert.deepEqual(await driver.list(), [{ localName: name, uid: `uid-${name}`, running: true, image: 'debian-dev', cpu: 1, memory: 256 }]);
   await driver.waitReady(name, AbortSignal.timeout(120_000));
   console.log(`# boot-to-SSH: ${Date.now() - t0} ms (${driver.accel}, including a worker process start)`);
 
@@ -264,7 +264,7 @@ test('VM lifecycle: boot, SSH, VNC, forwarded port, adoption, stop, restart, rem
 
   // a restarted worker: a new driver on the same directories adopts the running VM
   const driver2 = new QemuDriver({ dataDir, imagesDir: STORE });
-  assert.deepEqual(await driver2.list(), [{ localName: name, uid: `uid-${name}`, running: true }]);
+  assert.deepEqual(await driver2.list(), [{ localName: name, uid: `uid-${name}`, running: true, image: 'debian-dev', cpu: 1, memory: 256 }]);
   assert.equal((await ssh(driver2, name, 'cat ~/marker')).out, 'persisted\n');
   assert.equal(await echo(driver2), 'ping 8080\n');
 
@@ -276,7 +276,7 @@ test('VM lifecycle: boot, SSH, VNC, forwarded port, adoption, stop, restart, rem
   console.log(`# graceful stop: ${stopMs} ms`);
   assert.ok(stopMs < 25_000, 'the guest powered off by itself');
   assert.equal((await exited).reason, 'stopped');
-  assert.deepEqual(await driver2.list(), [{ localName: name, uid: `uid-${name}`, running: false }]);
+  assert.deepEqual(await driver2.list(), [{ localName: name, uid: `uid-${name}`, running: false, image: 'debian-dev', cpu: 1, memory: 256 }]);
   assert.deepEqual(pidsUsing(vmDir), []);
   await driver2.stop(name); // idempotent
 

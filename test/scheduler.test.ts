@@ -9,7 +9,7 @@ import { rmSync } from 'node:fs';
 import { pino } from 'pino';
 import type { VM } from '../src/api/schemas.ts';
 import type { OrchardClient } from '../src/client/client.ts';
-import { newVM } from '../src/controller/routes/vms.ts';
+import { newVM } from '../src/controller/domain/vms.ts';
 import { OrchardWorker } from '../src/worker/worker.ts';
 import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
 import { ADMIN_TOKEN, clientOf, inProcessController, tempDir, waitFor } from './helpers.ts';

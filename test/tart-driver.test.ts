@@ -140,7 +140,7 @@ test('prepare with IfNotPresent pulls an absent image, clones it and sets cpu, m
   assert.ok(progress.includes('pulling manifest...'), progress.join(' | '));
   assert.ok(progress.includes('100%'), progress.join(' | '));
   assert.deepEqual(fakeVm('orchard-a-1'), { ...fakeVm('orchard-a-1'), cpu: 2, memory: 4096, disk: 30, from: `${UBUNTU}:latest` });
-  assert.deepEqual(await driver.list(), [{ localName: 'orchard-a-1', uid: 'uid-orchard-a-1', running: false }]);
+  assert.deepEqual(await driver.list(), [{ localName: 'orchard-a-1', uid: 'uid-orchard-a-1', running: false, image: UBUNTU }]);
 });
 
 test('prepare with IfNotPresent does not pull an image that is present', async () => {
@@ -182,9 +182,9 @@ test('start runs tart with softnet, nested and directory flags; waitReady, ip an
     '--net-softnet-block=0.0.0.0/0', '--nested', `--dir=src:${src}`, `--dir=cache:${cache}:ro`,
   ]]);
   assert.deepEqual(await driver.list(), [
-    { localName: 'orchard-a-1', uid: 'uid-orchard-a-1', running: true },
-    { localName: 'orchard-b-2', uid: 'uid-orchard-b-2', running: false },
-    { localName: 'orchard-c-3', uid: 'uid-orchard-c-3', running: false },
+    { localName: 'orchard-a-1', uid: 'uid-orchard-a-1', running: true, image: UBUNTU },
+    { localName: 'orchard-b-2', uid: 'uid-orchard-b-2', running: false, image: UBUNTU },
+    { localName: 'orchard-c-3', uid: 'uid-orchard-c-3', running: false, image: MACOS },
   ]);
   // starting a running VM again is a no-op
   assert.deepEqual((await callsDuring(() => driver.start(vm))).filter(notList), []);
@@ -216,7 +216,7 @@ test('list ignores VMs that are not Orchard\'s and OCI images', async () => {
 test('a new driver instance adopts the running VM; stop ends it for both', async () => {
   const second = newDriver();
   assert.deepEqual((await second.list()).find((v) => v.localName === 'orchard-a-1'),
-    { localName: 'orchard-a-1', uid: 'uid-orchard-a-1', running: true });
+    { localName: 'orchard-a-1', uid: 'uid-orchard-a-1', running: true, image: UBUNTU });
   assert.deepEqual((await callsDuring(() => second.start(spec('orchard-a-1')))).filter(notList), [], 'no second tart run');
   await second.waitReady('orchard-a-1');
   assert.equal(await second.ip('orchard-a-1'), '127.0.0.1');
@@ -295,7 +295,7 @@ test('errors from tart reject with tart\'s message', async () => {
   await assert.rejects(driver.start(spec('orchard-a-1', { netSoftnet: true, netBridged: 'en0' })),
     /--net-bridged, --net-softnet and --net-host are mutually exclusive/);
   await assert.rejects(driver.start(spec('orchard-nope-5')), /the specified VM "orchard-nope-5" does not exist/);
-  assert.deepEqual(await driver.list(), [{ localName: 'orchard-a-1', uid: 'uid-orchard-a-1', running: false }]);
+  assert.deepEqual(await driver.list(), [{ localName: 'orchard-a-1', uid: 'uid-orchard-a-1', running: false, image: UBUNTU }]);
   // a missing tart binary says so
   const missing = new TartDriver({ stateDir, tartBinary: join(work, 'no-tart') });
   await assert.rejects(missing.list(), /no-tart not found/);

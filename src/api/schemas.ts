@@ -129,6 +129,12 @@ export type VM = Static<typeof VM>;
  */
 export const localNameOf = (vm: VM) => `orchard-${vm.name}-${vm.uid}-${vm.restart_count ?? 0}`;
 
+/** The VM name, uid and restart count in a local name made by localNameOf (VM names may hold '-'; uids are UUIDs). */
+export function parseLocalName(localName: string): { name: string; uid: string; restartCount: number } | undefined {
+  const m = /^orchard-(.+)-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-(\d+)$/.exec(localName);
+  return m ? { name: m[1], uid: m[2], restartCount: Number(m[3]) } : undefined;
+}
+
 export const Event = Type.Object(
   {
     kind: Type.String({ maxLength: 64 }),
@@ -159,6 +165,25 @@ export type VMStateUpdate = Static<typeof VMStateUpdate>;
 
 // ---- Worker ------------------------------------------------------------------------------------
 
+/**
+ * A VM a worker runs that the controller does not know (it lost or swapped its records): kept as it
+ * is, for an admin to adopt or delete (or removed by the worker after its orphan grace period).
+ */
+export const Orphan = Type.Object(
+  {
+    localName: Type.String({ minLength: 1, maxLength: 255 }),
+    uid: Type.Optional(Type.String({ maxLength: 64 })),
+    name: Type.Optional(Type.String({ maxLength: 63 })),
+    running: Type.Optional(Type.Boolean()),
+    image: Type.Optional(Type.String({ maxLength: 1024 })),
+    cpu: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_CPU })),
+    memory: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_MEMORY_MIB })),
+    since: Type.Optional(Timestamp),
+  },
+  { additionalProperties: false, title: 'Orphan' },
+);
+export type Orphan = Static<typeof Orphan>;
+
 export const Worker = Type.Object(
   {
     name: Name,
@@ -175,6 +200,7 @@ export const Worker = Type.Object(
     serviceAccount: Type.Optional(
       Type.String({ maxLength: 253, description: 'Orchard addition, set by the controller: the service account that registered the worker; only it may act as the worker' }),
     ),
+    orphans: Type.Optional(Type.Array(Orphan, { maxItems: 1000, description: 'Orchard addition, set by the controller: VMs on the worker the controller does not know' })),
   },
   { additionalProperties: false, title: 'Worker' },
 );

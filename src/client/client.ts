@@ -6,7 +6,7 @@ import tls from 'node:tls';
 import { X509Certificate } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { createWebSocketStream, WebSocket } from 'ws';
-import type { ClusterSettings, ControllerInfo, Event, ServiceAccount, VM, VMStateUpdate, WatchEvent, Worker } from '../api/schemas.ts';
+import type { ClusterSettings, ControllerInfo, Event, Orphan, ServiceAccount, VM, VMStateUpdate, WatchEvent, Worker } from '../api/schemas.ts';
 
 export interface ClientOptions {
   url: string;
@@ -292,6 +292,10 @@ export class OrchardClient {
   listWorkers = () => this.call<Worker[]>('GET', '/v1/workers');
   getWorker = (name: string) => this.call<Worker>('GET', `/v1/workers/${encodeURIComponent(name)}`);
   registerWorker = (w: Worker) => this.call<Worker>('POST', '/v1/workers', w);
+  reportUnassigned = (worker: string, vms: Orphan[]) =>
+    this.call<{ remove: string[]; orphans: Orphan[] }>('POST', `/v1/workers/${encodeURIComponent(worker)}/orphans`, { vms });
+  deleteOrphan = (worker: string, localName: string) => this.call<Orphan>('DELETE', `/v1/workers/${encodeURIComponent(worker)}/orphans/${encodeURIComponent(localName)}`);
+  adoptOrphan = (worker: string, localName: string) => this.call<Orphan>('POST', `/v1/workers/${encodeURIComponent(worker)}/orphans/${encodeURIComponent(localName)}/adopt`);
   updateWorker = (w: Worker) => this.call<Worker>('PUT', `/v1/workers/${encodeURIComponent(w.name)}`, w);
   deleteWorker = (name: string) => this.call<Worker>('DELETE', `/v1/workers/${encodeURIComponent(name)}`);
   listServiceAccounts = () => this.call<ServiceAccount[]>('GET', '/v1/service-accounts');

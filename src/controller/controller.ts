@@ -77,8 +77,13 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   }
   if (!opts.acceptDamagedDatabase) checkBeforeOpen(opts.dataDir);
   const store = new SQLiteStore(join(opts.dataDir, 'orchard.db'));
+  let clusterID: string | undefined;
+  // A clean close checkpoints everything into orchard.db and removes the WAL: cluster.json says so.
+  const closeStore = () => {
+    store.close();
+    if (clusterID) writeClusterFile(opts.dataDir, { clusterID, cleanStop: true });
+  };
   try {
-    let clusterID: string;
     const init = (id: string) => store.initClusterID(id);
     if (opts.acceptDamagedDatabase) {
       clusterID = store.clusterID() ?? randomUUID();
@@ -134,12 +139,11 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
         await ssh?.close();
         closeWaiting();
         await close();
-        store.close();
-        writeClusterFile(opts.dataDir, { clusterID, cleanStop: true });
+        closeStore();
       },
     };
   } catch (err) {
-    store.close();
+    closeStore();
     throw err;
   }
 }

@@ -19,6 +19,7 @@ export interface StartWorkerOptions {
   slots?: number;
   dataDir: string;
   heartbeatMs?: number;
+  orphanGraceMs?: number;
   logger?: Logger;
   /** Use this driver instead of making one for `runtime` (tests, dev mode). */
   driver?: Driver;
@@ -89,6 +90,7 @@ export async function startWorker(opts: StartWorkerOptions): Promise<OrchardWork
     resources: opts.resources,
     slots: opts.slots ?? defaultSlots(driver.runtime),
     heartbeatMs: opts.heartbeatMs,
+    orphanGraceMs: opts.orphanGraceMs,
     logger,
   });
   await worker.start();

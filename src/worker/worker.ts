@@ -8,9 +8,9 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { createWebSocketStream, WebSocket } from 'ws';
 import type { Logger } from 'pino';
-import { localNameOf, RESOURCE_LOGICAL_CORES, RESOURCE_MEMORY_MIB, RESOURCE_TART_VMS, type Event, type VM, type VMStateUpdate } from '../api/schemas.ts';
+import { localNameOf, RESOURCE_LOGICAL_CORES, RESOURCE_MEMORY_MIB, RESOURCE_TART_VMS, type Event, type Orphan, type VM, type VMStateUpdate } from '../api/schemas.ts';
 import { ApiError, OrchardClient, wsMasking } from '../client/client.ts';
-import type { Driver, DriverVM } from './drivers/driver.ts';
+import type { Driver, DriverVM, LocalVM } from './drivers/driver.ts';
 import { runScript } from './startup-script.ts';
 
 export interface WorkerOptions {
@@ -24,11 +24,19 @@ export interface WorkerOptions {
   /** Extra resources to advertise. */
   resources?: Record<string, number>;
   heartbeatMs?: number;
+  /**
+   * A VM this worker runs that its controller does not know (nor knows to have gone elsewhere or been
+   * deleted) is an orphan: kept, reported, and removed only after this long (default 24 h), unless an
+   * admin adopts or deletes it first.
+   */
+  orphanGraceMs?: number;
   logger: Logger;
 }
 
 /** Abort reason of a worker that stops: its VMs keep running (a restarted worker adopts them). */
 const SHUTDOWN = 'worker shutdown';
+/** Abort reason of a run whose VM the controller does not know any more: the VM is kept as it is (an orphan). */
+const ORPHANED = 'orphaned';
 /** Abort reason of a run whose VM gets a new spec: it is stopped, then booted again with the new one. */
 const RESPEC = 'new spec';
 
@@ -73,6 +81,11 @@ export class OrchardWorker {
   private watchLiveness = false;
   /** The controller does not know this worker (it was deleted): register before watching again. */
   private unregistered = false;
+  /** Does the controller sort a worker's unassigned VMs into removable ones and orphans (capability "orphans")? */
+  private orphansCapable = false;
+  /** Did the last report leave orphans (then an empty report clears them on the controller)? */
+  private hadOrphans = false;
+  private graceTimer?: NodeJS.Timeout;
   private readonly tasks = new Map<string, Task>();
   readonly machineId: string;
 
@@ -106,6 +119,8 @@ export class OrchardWorker {
     const info = await this.o.client.info().catch(() => undefined);
     this.stateWithEvents = info?.capabilities?.includes('vm-state-events') ?? false;
     this.watchLiveness = info?.capabilities?.includes('watch-liveness') ?? false;
+    this.orphansCapable = info?.capabilities?.includes('orphans') ?? false;
+    this.checkCluster(info?.clusterID);
     await this.o.client.registerWorker(this.workerRecord());
     this.log.info({ runtime: this.o.driver.runtime, slots: this.o.slots }, 'worker registered');
     this.heartbeat = setInterval(() => void this.beat(), this.o.heartbeatMs ?? 10_000);
@@ -117,6 +132,7 @@ export class OrchardWorker {
   async stop() {
     this.stopped = true;
     clearInterval(this.heartbeat);
+    clearTimeout(this.graceTimer);
     this.ws?.terminate();
     for (const t of this.tasks.values()) t.abort.abort(SHUTDOWN);
     this.o.client.close();
@@ -142,6 +158,7 @@ export class OrchardWorker {
     ws.on('open', () => {
       this.reconnectDelay = 500;
       this.log.info('connected to the controller');
+      void this.o.client.info().then((i) => this.checkCluster(i.clusterID), () => {});
     });
     ws.on('message', (data) => {
       let msg: Record<string, unknown>;
@@ -185,6 +202,19 @@ export class OrchardWorker {
         );
       }, delay);
     });
+  }
+
+  /**
+   * Remembers the controller's cluster id and says so when it changes: a controller that lost or swapped
+   * its data. Nothing is destroyed for it: VMs it does not know become orphans (see sync).
+   */
+  private checkCluster(clusterID: string | undefined) {
+    if (!clusterID) return;
+    const file = join(this.o.dataDir, 'controller.json');
+    const before = existsSync(file) ? (JSON.parse(readFileSync(file, 'utf8')) as { clusterID?: string }).clusterID : undefined;
+    if (before === clusterID) return;
+    if (before) this.log.warn({ before, now: clusterID }, "the controller's cluster changed (it lost or swapped its data): VMs it does not know are kept as orphans");
+    writeFileSync(file, JSON.stringify({ clusterID }) + '\n');
   }
 
   /** Is the instruction channel to the controller open? */
@@ -314,19 +344,52 @@ export class OrchardWorker {
       const existing = localByName.get(localName);
       this.run(vm, localName, existing?.running ?? false);
     }
-    // Anything of ours the controller no longer assigns here is stopped and removed (no leaks).
-    for (const t of this.tasks.values()) {
-      if (!wanted.has(t.localName)) {
-        t.abort.abort();
-        this.tasks.delete(t.localName);
+    await this.settleUnassigned(local.filter((l) => !wanted.has(l.localName)), [...this.tasks.values()].filter((t) => !wanted.has(t.localName)));
+  }
+
+  /**
+   * What runs here but is not assigned here. Our controller says which of these it knows to have gone
+   * (deleted, moved, a newer run): those are stopped and removed (no leaks). The others it does not
+   * know at all (it lost or swapped its data): they are kept as orphans, never destroyed for that,
+   * until an admin adopts or deletes them or the orphan grace period ends. (An upstream controller
+   * cannot tell the two apart: then everything unassigned is removed, as upstream workers do.)
+   */
+  private async settleUnassigned(local: LocalVM[], tasks: Task[]) {
+    const entries = new Map<string, Orphan>();
+    for (const t of tasks) entries.set(t.localName, { localName: t.localName, uid: t.uid, name: t.name });
+    for (const l of local) entries.set(l.localName, { localName: l.localName, uid: l.uid, running: l.running, image: l.image, cpu: l.cpu, memory: l.memory });
+    if (entries.size === 0 && !this.hadOrphans) return;
+    let remove: Set<string>;
+    let orphans: Orphan[] = [];
+    if (this.orphansCapable) {
+      const answer = await this.o.client.reportUnassigned(this.o.name, [...entries.values()]);
+      remove = new Set(answer.remove);
+      orphans = answer.orphans;
+      this.hadOrphans = orphans.length > 0;
+      const grace = this.o.orphanGraceMs ?? 24 * 3600_000;
+      let next = Infinity;
+      for (const o of orphans) {
+        const left = Date.parse(o.since ?? '') + grace - Date.now();
+        if (left <= 0) {
+          this.log.warn({ vm: o.localName, since: o.since }, 'removing an orphan: its grace period is over');
+          remove.add(o.localName);
+        } else next = Math.min(next, left);
       }
+      // Look again when the next orphan's grace period ends.
+      clearTimeout(this.graceTimer);
+      if (next < Infinity) this.graceTimer = setTimeout(() => this.requestSync(), Math.min(next + 100, 2 ** 31 - 1));
+    } else remove = new Set(entries.keys());
+    for (const t of tasks) {
+      this.tasks.delete(t.localName);
+      t.abort.abort(remove.has(t.localName) ? undefined : ORPHANED);
     }
     for (const l of local) {
-      if (!wanted.has(l.localName)) {
+      if (remove.has(l.localName) && !tasks.some((t) => t.localName === l.localName)) {
         this.log.info({ vm: l.localName }, 'removing a VM the controller no longer assigns here');
         await this.o.driver.remove(l.localName).catch((err: Error) => this.log.warn({ vm: l.localName, err: err.message }, 'remove failed'));
       }
     }
+    for (const o of orphans) if (!remove.has(o.localName)) this.log.warn({ vm: o.localName, since: o.since }, 'keeping a VM the controller does not know (an orphan: orchard list orphans)');
   }
 
   /**
@@ -448,6 +511,7 @@ export class OrchardWorker {
       } catch (err) {
         if (signal.aborted) {
           if (signal.reason === SHUTDOWN) return; // the worker stops; the VM keeps running for the next one
+          if (signal.reason === ORPHANED) return; // the controller does not know it: kept as it is
           if (signal.reason === RESPEC) {
             this.event(task, 'lifecycle', 'stopping to apply a new spec');
             await driver.stop(localName).catch((e: Error) => this.log.warn({ vm: vm.name, err: e.message }, 'stop failed'));

@@ -1,4 +1,4 @@
-// create|list|get|delete of VMs, workers and service accounts; pause|resume worker;
+// create|list|get|delete of VMs, workers and service accounts; pause|resume worker; list|delete|adopt orphans;
 // get|set cluster-settings; get bootstrap-token; logs vm.
 import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
@@ -233,6 +233,36 @@ export function registerResourceCommands(program: Command) {
       process.stderr.write(`worker ${name} ${paused ? 'paused' : 'resumed'}\n`);
     });
   }
+
+  // ---- orphans: VMs workers run that the controller does not know ----
+  withCommon(list.command('orphans').description('list VMs that workers run but the controller does not know (it lost or swapped its data)')).action(
+    async (opts: CommonOptions) => {
+      const workers = await withClient(opts, (c) => c.listWorkers());
+      const orphans = workers.flatMap((w) => (w.orphans ?? []).map((o) => ({ worker: w.name, ...o })));
+      print(opts.output, orphans, () =>
+        table(['WORKER', 'LOCAL NAME', 'VM', 'IMAGE', 'RUNNING', 'SINCE'], orphans.map((o) => [o.worker, o.localName, o.name, o.image, o.running === undefined ? '' : o.running ? 'yes' : 'no', age(o.since)])),
+      );
+    },
+  );
+  withCommon(del.command('orphan').description('stop an orphan and remove its disk').argument('<worker>').argument('<local-name>'), false).action(
+    async (worker: string, localName: string, opts: CommonOptions) => {
+      await withClient(opts, (c) => c.deleteOrphan(worker, localName));
+      process.stderr.write(`orphan ${localName} on worker ${worker} deleted: the worker removes it\n`);
+    },
+  );
+  withCommon(
+    program
+      .command('adopt')
+      .description('take over what the controller does not know')
+      .command('orphan')
+      .description('know an orphan again as the VM it was, on its worker')
+      .argument('<worker>')
+      .argument('<local-name>'),
+    false,
+  ).action(async (worker: string, localName: string, opts: CommonOptions) => {
+    const o = await withClient(opts, (c) => c.adoptOrphan(worker, localName));
+    process.stderr.write(`orphan ${localName} adopted as VM ${o.name ?? '?'} on worker ${worker}\n`);
+  });
 
   // ---- service accounts ----
   withCommon(

@@ -57,8 +57,9 @@ export function registerWorkerCommands(program: Command) {
     .option('--slots <n>', 'VMs this host runs at once (default: 2 for tart, memory/1 GiB for qemu, 1000 synthetic)', parseInteger('--slots'))
     .option('--data-dir <dir>', 'VM disks, images and state', defaultWorkerDataDir())
     .option('--heartbeat <duration>', 'how often to report liveness', '10s')
+    .option('--orphan-grace <duration>', 'how long to keep a VM the controller does not know (it lost its data) before removing it', '24h')
     .addHelpText('after', `\nThe bootstrap token comes from exactly one of --bootstrap-token-stdin, $${BOOTSTRAP_TOKEN_ENV} or --bootstrap-token.`)
-    .action(async (url: string, opts: { bootstrapToken?: string; bootstrapTokenStdin?: boolean; name: string; label?: Record<string, string>; resources?: Record<string, string>; runtime: string; synthetic?: boolean; slots?: number; dataDir: string; heartbeat: string }) => {
+    .action(async (url: string, opts: { bootstrapToken?: string; bootstrapTokenStdin?: boolean; name: string; label?: Record<string, string>; resources?: Record<string, string>; runtime: string; synthetic?: boolean; slots?: number; dataDir: string; heartbeat: string; orphanGrace: string }) => {
       const { startWorker } = await import('../../worker/run.ts');
       const token = decodeBootstrapToken(await bootstrapTokenFrom(opts));
       const resources: Record<string, number> = {};
@@ -76,6 +77,7 @@ export function registerWorkerCommands(program: Command) {
         slots: opts.slots,
         dataDir: opts.dataDir,
         heartbeatMs: parseDuration(opts.heartbeat),
+        orphanGraceMs: parseDuration(opts.orphanGrace),
       });
       await new Promise<void>((resolve) => {
         const stop = () => {

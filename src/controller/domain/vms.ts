@@ -1,7 +1,11 @@
+// VM rules: what a new VM is, and what of a VM each account may read.
+//
 // What of a VM each account may read: its password only to accounts that may connect to it
 // (compute:write or compute:connect), its startup script's environment values only to compute:write
 // (they may hold credentials). Workers act with compute:write and get everything.
-import type { ServiceAccount, VM } from '../../api/schemas.ts';
+import { randomUUID } from 'node:crypto';
+import { VM_SPEC_KEYS, type ServiceAccount, type VM } from '../../api/schemas.ts';
+import { badRequest } from '../errors.ts';
 
 export type VMSecrets = 'all' | 'password' | 'none';
 
@@ -23,4 +27,33 @@ export function redactVM(vm: VM, secrets: VMSecrets): VM {
   if (hidePassword) delete out.password;
   if (env && vm.startup_script) out.startup_script = { ...vm.startup_script, env: Object.fromEntries(Object.keys(env).map((k) => [k, REDACTED])) };
   return out;
+}
+
+/** A new VM from a client's body: server-owned fields are replaced, defaults applied. */
+export function newVM(body: VM): VM {
+  if (!body.image) throw badRequest('field "image" is required');
+  const spec: Partial<VM> = {};
+  for (const k of VM_SPEC_KEYS) if (body[k] !== undefined) (spec as Record<string, unknown>)[k] = body[k];
+  return {
+    name: body.name,
+    uid: randomUUID(),
+    createdAt: new Date().toISOString(),
+    generation: 0,
+    os: 'darwin',
+    arch: 'arm64',
+    imagePullPolicy: 'IfNotPresent',
+    cpu: 4,
+    memory: 8192,
+    username: 'admin',
+    password: 'admin',
+    restart_policy: 'Never',
+    resources: {},
+    labels: {},
+    powerState: 'running',
+    ...spec,
+    status: 'pending',
+    status_message: 'waiting to be scheduled',
+    restart_count: 0,
+    conditions: [],
+  };
 }

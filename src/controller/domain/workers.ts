@@ -2,7 +2,7 @@
 // account that registered it: only that account may register it again, heartbeat for it, hold its
 // watch, answer its dial-backs and report the state of its VMs. Operators (any compute:write account)
 // may pause, resume and delete it. Upstream workers use one account throughout, so they keep working.
-import type { ServiceAccount, Worker } from '../../api/schemas.ts';
+import { parseLocalName, type Orphan, type ServiceAccount, type VM, type Worker } from '../../api/schemas.ts';
 import { conflict, HttpError } from '../errors.ts';
 
 /** Why `account` may not act as `worker`, or undefined when it may. A worker registered before accounts were bound (no `serviceAccount`) is claimed by the first one that acts as it. */
@@ -34,6 +34,7 @@ export function registration(body: Worker, existing: Worker | undefined, account
     createdAt: existing?.createdAt ?? now,
     last_seen: now,
     serviceAccount: account.name,
+    orphans: existing?.orphans,
   };
 }
 
@@ -52,10 +53,37 @@ export function update(current: Worker, body: Worker, account: ServiceAccount, n
     throw conflict(`worker "${current.name}" belongs to another machine (machine_id ${current.machine_id})`);
   }
   const next: Worker = { ...current };
-  for (const [k, v] of Object.entries(body)) if (v !== undefined && k !== 'createdAt' && k !== 'serviceAccount') (next as Record<string, unknown>)[k] = v;
+  for (const [k, v] of Object.entries(body)) if (v !== undefined && k !== 'createdAt' && k !== 'serviceAccount' && k !== 'orphans') (next as Record<string, unknown>)[k] = v;
   // An operator's pause/resume through its own worker account is not a sign of life either.
   const fromOperator = Object.keys(body).every((k) => k === 'name' || k === 'scheduling_paused' || k === 'last_seen');
   next.last_seen = fromOperator ? current.last_seen : now;
   if (!fromOperator) next.serviceAccount = account.name;
   return next;
+}
+
+/** The uid of a VM a worker reports: as reported, or from its local name. */
+export const uidOf = (o: Orphan) => o.uid ?? parseLocalName(o.localName)?.uid;
+
+/**
+ * Sorts the VMs a worker runs that are not assigned to it: those it may remove (the controller knows
+ * the VM went elsewhere, was deleted, or is a newer run of it) and the rest, the orphans, which it
+ * keeps. An orphan keeps the time it was first reported.
+ */
+export function sortUnassigned(
+  reported: Orphan[],
+  known: (name: string) => VM | undefined,
+  released: Set<string>,
+  current: Orphan[] = [],
+  now: string,
+): { remove: string[]; orphans: Orphan[] } {
+  const remove: string[] = [];
+  const orphans: Orphan[] = [];
+  const since = new Map(current.map((o) => [o.localName, o.since]));
+  for (const r of reported) {
+    const uid = uidOf(r);
+    const name = r.name ?? parseLocalName(r.localName)?.name;
+    if (uid && (released.has(uid) || (name !== undefined && known(name)?.uid === uid))) remove.push(r.localName);
+    else orphans.push({ ...r, uid, name, since: since.get(r.localName) ?? now });
+  }
+  return { remove, orphans };
 }

@@ -1,5 +1,4 @@
 // /v1/vms: create, list (filter, watch), get (watch), update spec, report state, delete, events.
-import { randomUUID } from 'node:crypto';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import {
@@ -21,7 +20,7 @@ import { badRequest, conflict, notFound } from '../errors.ts';
 import { streamWatch } from '../watch.ts';
 import { accountOf } from '../access.ts';
 import { checkActsAs } from '../domain/workers.ts';
-import { redactVM, secretsFor } from '../domain/vms.ts';
+import { newVM, redactVM, secretsFor } from '../domain/vms.ts';
 
 const NameParams = Type.Object({ name: Name });
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
@@ -60,35 +59,6 @@ const VMBody = Type.Object(
   { ...VM.properties, status: Type.Optional(Type.Union([...VMStatus.anyOf, Type.Literal('')])) },
   { additionalProperties: false, description: 'a VM; state fields are ignored' },
 );
-
-/** A new VM from a client's body: server-owned fields are replaced, defaults applied. */
-export function newVM(body: VM): VM {
-  if (!body.image) throw badRequest('field "image" is required');
-  const spec: Partial<VM> = {};
-  for (const k of VM_SPEC_KEYS) if (body[k] !== undefined) (spec as Record<string, unknown>)[k] = body[k];
-  return {
-    name: body.name,
-    uid: randomUUID(),
-    createdAt: new Date().toISOString(),
-    generation: 0,
-    os: 'darwin',
-    arch: 'arm64',
-    imagePullPolicy: 'IfNotPresent',
-    cpu: 4,
-    memory: 8192,
-    username: 'admin',
-    password: 'admin',
-    restart_policy: 'Never',
-    resources: {},
-    labels: {},
-    powerState: 'running',
-    ...spec,
-    status: 'pending',
-    status_message: 'waiting to be scheduled',
-    restart_count: 0,
-    conditions: [],
-  };
-}
 
 export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
   const { store } = ctx;

@@ -1,11 +1,12 @@
 // /v1/workers: workers register (POST) and heartbeat (PUT); operators list, pause/resume, delete.
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
-import { ErrorBody, Name, Worker } from '../../api/schemas.ts';
+import { ErrorBody, Name, Orphan, parseLocalName, Worker } from '../../api/schemas.ts';
 import type { AppContext } from '../context.ts';
-import { badRequest, notFound } from '../errors.ts';
+import { badRequest, conflict, notFound } from '../errors.ts';
 import { accountOf } from '../access.ts';
-import { registration, update } from '../domain/workers.ts';
+import { checkActsAs, registration, sortUnassigned, uidOf, update } from '../domain/workers.ts';
+import { newVM } from '../domain/vms.ts';
 
 const NameParams = Type.Object({ name: Name });
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
@@ -59,5 +60,96 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
     '/v1/workers/:name',
     { config: { roles: WRITE }, schema: { tags: ['workers'], summary: 'Delete a worker', params: NameParams, response: { 200: Worker, ...errors } } },
     async (request) => store.delete('workers', request.params.name),
+  );
+
+  // Orphans: VMs a worker runs that the controller does not know (it lost or swapped its records).
+  // The worker reports what it runs that is not assigned to it; what the controller knows went
+  // elsewhere or was deleted it may remove, the rest it keeps until an admin adopts or deletes them.
+  const OrphanParams = Type.Object({ name: Name, localName: Type.String({ minLength: 1, maxLength: 255 }) });
+  app.post<{ Params: { name: string }; Body: { vms: Orphan[] } }>(
+    '/v1/workers/:name/orphans',
+    {
+      config: { roles: WRITE },
+      schema: {
+        tags: ['workers'],
+        summary: "A worker's VMs that are not assigned to it: answers which it may remove; the others are kept as orphans (Orchard addition, capability \"orphans\")",
+        params: NameParams,
+        body: Type.Object({ vms: Type.Array(Orphan, { maxItems: 1000 }) }, { additionalProperties: false }),
+        response: { 200: Type.Object({ remove: Type.Array(Type.String()), orphans: Type.Array(Orphan) }), ...errors },
+      },
+    },
+    async (request) => {
+      const { name } = request.params;
+      const worker = await store.get('workers', name);
+      if (!worker) throw notFound(`worker "${name}" not found`);
+      checkActsAs(worker, accountOf(request));
+      await ctx.view.loaded;
+      const uids = request.body.vms.map(uidOf).filter((u): u is string => !!u);
+      const released = await store.releasedFrom(name, uids);
+      let result!: ReturnType<typeof sortUnassigned>;
+      await store.update('workers', name, (w) => {
+        result = sortUnassigned(request.body.vms, (vm) => ctx.view.vms.get(vm), released, w.orphans, new Date().toISOString());
+        if (JSON.stringify(result.orphans) === JSON.stringify(w.orphans ?? [])) return w;
+        return { ...w, orphans: result.orphans.length ? result.orphans : undefined };
+      });
+      if (result.orphans.length) request.log.warn({ worker: name, orphans: result.orphans.map((o) => o.localName) }, 'the worker runs VMs this controller does not know: kept as orphans');
+      return result;
+    },
+  );
+
+  /** The orphan `localName` of worker `name`, taken off its record by `then` (which returns what to answer). */
+  const takeOrphan = async (name: string, localName: string, then: (orphan: Orphan) => Promise<void>) => {
+    const worker = await store.get('workers', name);
+    if (!worker) throw notFound(`worker "${name}" not found`);
+    const orphan = worker.orphans?.find((o) => o.localName === localName);
+    if (!orphan) throw notFound(`worker "${name}" reports no orphan "${localName}" (orchard list orphans)`);
+    await then(orphan);
+    await store.update('workers', name, (w) => {
+      const rest = (w.orphans ?? []).filter((o) => o.localName !== localName);
+      return { ...w, orphans: rest.length ? rest : undefined };
+    });
+    return orphan;
+  };
+
+  app.delete<{ Params: { name: string; localName: string } }>(
+    '/v1/workers/:name/orphans/:localName',
+    {
+      config: { roles: WRITE },
+      schema: { tags: ['workers'], summary: 'Delete an orphan: its worker stops it and removes its disk (Orchard addition)', params: OrphanParams, response: { 200: Orphan, ...errors } },
+    },
+    async (request) =>
+      takeOrphan(request.params.name, request.params.localName, async (orphan) => {
+        const uid = uidOf(orphan);
+        if (!uid) throw conflict(`orphan "${orphan.localName}" has no uid: remove it on the worker host`);
+        await store.release(request.params.name, uid);
+        ctx.channels.requestSync(request.params.name);
+      }),
+  );
+
+  app.post<{ Params: { name: string; localName: string } }>(
+    '/v1/workers/:name/orphans/:localName/adopt',
+    {
+      config: { roles: WRITE },
+      schema: {
+        tags: ['workers'],
+        summary: 'Adopt an orphan: the controller knows it again as the VM it was, on its worker (Orchard addition)',
+        params: OrphanParams,
+        response: { 200: Orphan, 409: ErrorBody, ...errors },
+      },
+    },
+    async (request) =>
+      takeOrphan(request.params.name, request.params.localName, async (orphan) => {
+        const parsed = parseLocalName(orphan.localName);
+        if (!parsed) throw conflict(`orphan "${orphan.localName}" was not made by Orchard (its name does not say which VM it was)`);
+        const vm = newVM({ name: parsed.name, image: orphan.image ?? 'unknown', cpu: orphan.cpu || undefined, memory: orphan.memory || undefined });
+        await store.create('vms', {
+          ...vm,
+          uid: parsed.uid,
+          restart_count: parsed.restartCount,
+          worker: request.params.name,
+          scheduled_at: new Date().toISOString(),
+          status_message: `adopted from worker ${request.params.name}`,
+        });
+      }),
   );
 }

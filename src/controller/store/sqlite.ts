@@ -11,6 +11,9 @@ interface Row {
   body: string;
 }
 
+/** Releases older than this are forgotten (a worker away for longer keeps such VMs as orphans). */
+const RELEASE_RETENTION_MS = 30 * 24 * 3600_000;
+
 export class SQLiteStore implements Store {
   private readonly db: DatabaseSync;
   private readonly listeners = new Set<(change: Change) => void>();
@@ -48,7 +51,11 @@ export class SQLiteStore implements Store {
       );
       CREATE INDEX IF NOT EXISTS events_by_vm ON events (vm_uid, id);
       CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, body TEXT NOT NULL);
+      -- VMs that left a worker (deleted, moved elsewhere, or released by an admin): the worker may remove
+      -- its copy. A VM a worker runs that is neither known nor released is an orphan, never destroyed.
+      CREATE TABLE IF NOT EXISTS releases (worker TEXT NOT NULL, uid TEXT NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (worker, uid));
     `);
+    this.db.prepare('DELETE FROM releases WHERE at < ?').run(Date.now() - RELEASE_RETENTION_MS);
     const p = (sql: string) => this.db.prepare(sql);
     this.stmt = {
       get: p('SELECT body FROM objects WHERE kind = ? AND name = ?'),
@@ -62,6 +69,8 @@ export class SQLiteStore implements Store {
       deleteEvents: p('DELETE FROM events WHERE vm_uid = ?'),
       eventsAsc: p('SELECT id, body FROM events WHERE vm_uid = ? AND id > ? ORDER BY id ASC LIMIT ?'),
       eventsDesc: p('SELECT id, body FROM events WHERE vm_uid = ? AND id < ? ORDER BY id DESC LIMIT ?'),
+      release: p('INSERT INTO releases (worker, uid, at) VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET at = excluded.at'),
+      released: p('SELECT 1 FROM releases WHERE worker = ? AND uid = ?'),
       getSetting: p('SELECT body FROM settings WHERE key = ?'),
       putSetting: p('INSERT INTO settings (key, body) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET body = excluded.body'),
     };
@@ -178,6 +187,7 @@ export class SQLiteStore implements Store {
       if (!current) throw new NotFoundError(`${singular(kind)} "${name}" not found`);
       const next = mutate(current);
       if (next === current) return current;
+      this.released(kind, current, next);
       this.stmt.update.run(...SQLiteStore.columns(kind, next), JSON.stringify(next), kind, name);
       this.change(changes, kind, 'MODIFIED', next);
       return next;
@@ -186,7 +196,9 @@ export class SQLiteStore implements Store {
 
   async put<K extends Kind>(kind: K, object: Kinds[K]) {
     return this.tx((changes) => {
-      const exists = this.stmt.get.get(kind, object.name) !== undefined;
+      const row = this.stmt.get.get(kind, object.name) as Row | undefined;
+      const exists = row !== undefined;
+      if (row) this.released(kind, JSON.parse(row.body) as Kinds[K], object);
       const [worker, status] = SQLiteStore.columns(kind, object);
       if (exists) this.stmt.update.run(worker, status, JSON.stringify(object), kind, object.name);
       else this.stmt.insert.run(kind, object.name, worker, status, JSON.stringify(object));
@@ -200,11 +212,28 @@ export class SQLiteStore implements Store {
       const current = this.read(kind, name);
       if (!current) throw new NotFoundError(`${singular(kind)} "${name}" not found`);
       this.stmt.delete.run(kind, name);
+      this.released(kind, current, undefined);
       const uid = (current as { uid?: string }).uid;
       if (kind === 'vms' && uid) this.stmt.deleteEvents.run(uid);
       this.change(changes, kind, 'DELETED', current);
       return current;
     });
+  }
+
+  /** In the same transaction as the change: a VM that leaves its worker is released from it. */
+  private released<K extends Kind>(kind: K, before: Kinds[K], after: Kinds[K] | undefined) {
+    if (kind !== 'vms') return;
+    const b = before as Kinds['vms'];
+    const a = after as Kinds['vms'] | undefined;
+    if (b.worker && b.uid && (!a || a.worker !== b.worker)) this.stmt.release.run(b.worker, b.uid, Date.now());
+  }
+
+  async release(worker: string, uid: string) {
+    await this.tx(() => this.stmt.release.run(worker, uid, Date.now()));
+  }
+
+  async releasedFrom(worker: string, uids: string[]) {
+    return new Set(uids.filter((uid) => this.stmt.released.get(worker, uid) !== undefined));
   }
 
   async appendEvents(vmUID: string, events: Event[]) {

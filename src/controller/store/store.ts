@@ -46,6 +46,14 @@ export interface Store {
   /** Returns the deleted object; throws NotFoundError. Deleting a VM deletes its events. */
   delete<K extends Kind>(kind: K, name: string): Promise<Kinds[K]>;
 
+  /** Records that `worker` may remove its copy of VM `uid` (it is no longer the VM's worker). */
+  release(worker: string, uid: string): Promise<void>;
+  /**
+   * Of `uids`, those that left `worker`: deleted or moved while assigned to it (the store records this
+   * in the same commit), or released by an admin. Kept for 30 days.
+   */
+  releasedFrom(worker: string, uids: string[]): Promise<Set<string>>;
+
   appendEvents(vmUID: string, events: Event[]): Promise<void>;
   listEvents(vmUID: string, opts: { limit: number; order: 'asc' | 'desc'; cursor?: string }): Promise<EventPage>;
 

@@ -31,6 +31,10 @@ export interface LocalVM {
   localName: string;
   uid?: string;
   running: boolean;
+  /** What the driver knows of its spec (for an admin adopting it when the controller lost its record). */
+  image?: string;
+  cpu?: number;
+  memory?: number;
 }
 
 export type Progress = (message: string) => void;

@@ -387,7 +387,7 @@ export class QemuDriver implements Driver {
     for (const e of entries) {
       if (!e.isDirectory() || !NAME_RE.test(e.name)) continue;
       const vm = await this.readVm(e.name);
-      out.push({ localName: e.name, uid: vm?.uid, running: this.isRunning(e.name) });
+      out.push({ localName: e.name, uid: vm?.uid, running: this.isRunning(e.name), image: vm?.image, cpu: vm?.cpu, memory: vm?.memory });
     }
     return out.sort((a, b) => a.localName.localeCompare(b.localName));
   }

@@ -43,7 +43,7 @@ export class SyntheticDriver implements Driver {
   }
 
   async list(): Promise<LocalVM[]> {
-    return [...this.vms.values()].map((v) => ({ localName: v.vm.localName, uid: v.vm.uid, running: v.running }));
+    return [...this.vms.values()].map((v) => ({ localName: v.vm.localName, uid: v.vm.uid, running: v.running, image: v.vm.image, cpu: v.vm.cpu, memory: v.vm.memory }));
   }
 
   async prepare(vm: DriverVM): Promise<void> {

@@ -253,7 +253,7 @@ export class TartDriver implements Driver {
     for (const e of await this.tartList()) {
       if (!TartDriver.isLocal(e) || !e.Name.startsWith(PREFIX) || !NAME_RE.test(e.Name)) continue;
       const file = await this.readVm(e.Name);
-      out.push({ localName: e.Name, uid: file?.uid, running: TartDriver.isRunning(e) });
+      out.push({ localName: e.Name, uid: file?.uid, running: TartDriver.isRunning(e), image: file?.image });
     }
     return out.sort((a, b) => a.localName.localeCompare(b.localName));
   }
