@@ -5,14 +5,14 @@
 // knows to be gone (deleted, moved) are still removed at once.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { rmSync, truncateSync } from 'node:fs';
+import { existsSync, rmSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { startController } from '../src/controller/controller.ts';
 import { DamagedDatabaseError } from '../src/controller/store/integrity.ts';
 import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
 import { OrchardWorker } from '../src/worker/worker.ts';
-import { ADMIN_TOKEN, clientOf, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, clientOf, qemuCluster, tempDir, waitFor } from './helpers.ts';
 
 const silent = pino({ level: 'silent' });
 
@@ -108,5 +108,38 @@ test('an orphan nobody adopts or deletes is removed when its grace period ends, 
     await c.worker.stop();
     admin.close();
     await ctl.close();
+  }
+});
+
+test('a real qemu VM and its disk survive a controller that lost its database, as an orphan', async () => {
+  const q = await qemuCluster({ workerName: 'qemu-orphans' });
+  let ctl: Awaited<ReturnType<typeof startController>> | undefined;
+  let admin: ReturnType<typeof clientOf> | undefined;
+  try {
+    const vm = await q.runningVM('survivor');
+    const localName = `orchard-survivor-${vm.uid}-0`;
+    const disk = join(q.workerDir, 'vms', localName, 'disk.qcow2');
+    assert.ok(existsSync(disk));
+    const port = q.ctl.port;
+    await q.ctl.close();
+    truncateSync(join(q.dataDir, 'orchard.db'), 0);
+    rmSync(join(q.dataDir, 'orchard.db-wal'), { force: true });
+    ctl = await startController({ dataDir: q.dataDir, listen: `127.0.0.1:${port}`, bootstrapAdminToken: ADMIN_TOKEN, logger: silent, acceptDamagedDatabase: true });
+    admin = clientOf(ctl, 'bootstrap-admin', ADMIN_TOKEN);
+    const orphans = await waitFor('the orphan reported', async () => (await admin!.getWorker('qemu-orphans').catch(() => undefined))?.orphans, 30_000, 200);
+    assert.deepEqual(orphans.map((o) => [o.localName, o.name, o.image, o.running]), [[localName, 'survivor', 'debian-dev', true]]);
+    assert.ok((await q.driver.list()).find((l) => l.localName === localName)?.running, 'QEMU still runs');
+    assert.ok(existsSync(disk), 'its disk is still there');
+    // The guest still answers through the worker.
+    const sock = await q.driver.dial(localName, 22);
+    const banner = await new Promise<string>((resolve) => sock.once('data', (d: Buffer) => resolve(d.toString())));
+    sock.destroy();
+    assert.match(banner, /^SSH-/);
+    await admin.deleteOrphan('qemu-orphans', localName);
+    await waitFor('the orphan removed', async () => !existsSync(disk) || undefined, 30_000, 200);
+  } finally {
+    admin?.close();
+    await ctl?.close();
+    await q.close().catch(() => {});
   }
 });
