@@ -126,14 +126,15 @@ export async function rawRequest(
   ctl: { url: string; certificate?: string },
   method: string,
   path: string,
-  opts: { auth?: [string, string]; authorization?: string; body?: string | Buffer; contentType?: string; localAddress?: string } = {},
+  /** `contentType: null` sends a body without a Content-Type (as upstream's Go client does). */
+  opts: { auth?: [string, string]; authorization?: string; body?: string | Buffer; contentType?: string | null; localAddress?: string; headers?: Record<string, string> } = {},
 ): Promise<{ status: number; body: string; json: unknown; headers: Record<string, string | string[] | undefined> }> {
   const https = await import('node:https');
-  const headers: Record<string, string> = {};
+  const headers: Record<string, string> = { ...opts.headers };
   // `auth` makes a Basic header; `authorization` sends exactly the header given (malformed ones too).
   if (opts.auth) headers.authorization = 'Basic ' + Buffer.from(`${opts.auth[0]}:${opts.auth[1]}`).toString('base64');
   if (opts.authorization !== undefined) headers.authorization = opts.authorization;
-  if (opts.body !== undefined) headers['content-type'] = opts.contentType ?? 'application/json';
+  if (opts.body !== undefined && opts.contentType !== null) headers['content-type'] = opts.contentType ?? 'application/json';
   return new Promise((resolvePromise, reject) => {
     const req = https.request(new URL(path, ctl.url), { method, headers, ca: ctl.certificate, checkServerIdentity: () => undefined, ...(opts.localAddress ? { localAddress: opts.localAddress, agent: false } : {}) }, (res) => {
       let body = '';

@@ -132,6 +132,9 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
 
   app.addHook('onRequest', async (request, reply) => {
     reply.header('x-request-id', request.id);
+    // Upstream's Go client sends JSON bodies without a Content-Type: a body without one is JSON (a wrong one is still refused).
+    const hasBody = request.headers['transfer-encoding'] !== undefined || (request.headers['content-length'] ?? '0') !== '0';
+    if (hasBody && request.headers['content-type'] === undefined) request.headers['content-type'] = 'application/json';
     const roles = request.routeOptions.config.roles;
     if (roles === undefined) return;
     request.account = await access.authenticate(parseBasicAuth(request.headers.authorization), request.ip);
@@ -150,6 +153,8 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     },
   });
 
+  // Upstream's clients check that the API answers with GET /v1/ (no credentials needed).
+  app.get('/v1/', { config: { roles: undefined }, schema: { hide: true } }, async (_req, reply) => reply.code(200).send());
   app.get('/v1/openapi.json', { config: { roles: [] }, schema: { hide: true } }, async () => app.swagger());
   app.get('/v1/openapi.yaml', { config: { roles: [] }, schema: { hide: true } }, async (_req, reply) =>
     reply.type('application/yaml').send(app.swagger({ yaml: true })),

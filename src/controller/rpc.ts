@@ -166,7 +166,8 @@ export class WorkerChannels {
     const set = this.sockets.get(worker);
     if (!set) return false;
     const text = typeof message === 'string' ? message : JSON.stringify(message);
-    for (const ws of set) ws.send(text);
+    // Binary frames: upstream's workers read the watch as a binary JSON stream (ours take either).
+    for (const ws of set) ws.send(Buffer.from(text), { binary: true });
     return true;
   }
 

@@ -11,7 +11,9 @@ import { accountOf, hasAnyRole } from '../access.ts';
 const NameParams = Type.Object({ name: Name });
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
 
-export const CAPABILITIES = ['vm-events', 'watch', 'openapi', 'metrics', 'vm-state-events', 'watch-liveness', 'orphans'];
+// rpc-v2 (the WebSocket watch, instructions in binary frames) and vm-state-endpoint (PUT /v1/vms/{name}/state)
+// are what upstream's workers look for; the rest are Orchard additions.
+export const CAPABILITIES = ['rpc-v2', 'vm-state-endpoint', 'vm-events', 'watch', 'openapi', 'metrics', 'vm-state-events', 'watch-liveness', 'orphans'];
 
 /** Tokens are shown only to admin:write (which can set them anyway, and which `get bootstrap-token` needs). */
 function presentAccount(sa: ServiceAccount, reader: ServiceAccount): ServiceAccount {

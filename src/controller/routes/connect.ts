@@ -52,7 +52,8 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
 
   sockets.route('/v1/rpc/port-forward', ['compute:write'], ({ url, account }) => {
     const pending = tunnels.claimForward(url.searchParams.get('session') ?? '', url.searchParams.get('workerName'), account);
-    return (ws) => tunnels.completeForward(pending, ws, url.searchParams.get('error'));
+    // The worker's error: `errorMessage` (upstream's workers, empty when there is none) or `error` (ours).
+    return (ws) => tunnels.completeForward(pending, ws, url.searchParams.get('errorMessage') || url.searchParams.get('error'));
   });
 
   app.get<{ Params: { name: string }; Querystring: { wait?: number } }>(
@@ -73,20 +74,30 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
     },
   );
 
-  app.post<{ Querystring: { session: string }; Body: { ip?: string; error?: string } }>(
+  // Upstream workers answer in the query (ip, errorMessage) with no body; ours in a JSON body.
+  app.post<{ Querystring: { session: string; ip?: string; errorMessage?: string }; Body: { ip?: string; error?: string } }>(
     '/v1/rpc/resolve-ip',
     {
       config: { roles: ['compute:write'] },
+      preValidation: async (request) => {
+        request.body ??= {};
+      },
       schema: {
         tags: ['rpc'],
         summary: "A worker's answer to a resolveIPAction",
-        querystring: Type.Object({ session: Type.String({ minLength: 1, maxLength: 64 }) }),
+        querystring: Type.Object({
+          session: Type.String({ minLength: 1, maxLength: 64 }),
+          ip: Type.Optional(Type.String({ maxLength: 64 })),
+          errorMessage: Type.Optional(Type.String({ maxLength: 1024 })),
+        }),
         body: Type.Object({ ip: Type.Optional(Type.String({ maxLength: 64 })), error: Type.Optional(Type.String({ maxLength: 1024 })) }, { additionalProperties: false }),
         response: { 200: Type.Object({}), 400: ErrorBody, 404: ErrorBody },
       },
     },
     async (request) => {
-      tunnels.answerIP(request.query.session, request.body, accountOf(request));
+      const { ip, errorMessage } = request.query;
+      const answer = request.body.ip || request.body.error ? request.body : { ip: ip || undefined, error: errorMessage || undefined };
+      tunnels.answerIP(request.query.session, answer, accountOf(request));
       return {};
     },
   );

@@ -1,0 +1,131 @@
+// An upstream Orchard 0.55 worker, replayed request by request as its Go code sends them (pkg/client,
+// internal/worker): no Content-Type on JSON bodies, User-Agent Orchard/0.55.0, Go's JSON (zero times,
+// omitempty), the WebSocket watch read as binary frames, dial-backs and IP answers in the query.
+// It registers, receives its VM over the watch, reports it running with a log_line event, serves a
+// port-forward and an IP lookup, heartbeats with its whole record, and is paused and resumed.
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import type { WebSocket } from 'ws';
+import { inProcessController, rawRequest, waitFor } from '../helpers.ts';
+import { account, upgrade, type Account, type Cluster } from '../security/attack.ts';
+
+const UA = { 'user-agent': 'Orchard/0.55.0' };
+const ZERO_TIME = '0001-01-01T00:00:00Z';
+
+describe('an upstream 0.55 worker (replayed)', () => {
+  let c: Cluster;
+  let w: Account;
+  let watch: WebSocket;
+  const frames: { binary: boolean; json: Record<string, { session?: string; vmUID?: string; port?: number }> }[] = [];
+  /** A request as upstream's client makes it: JSON body without Content-Type, its User-Agent, only 200 is success. */
+  const go = (method: string, path: string, body?: object) =>
+    rawRequest(c.ctl, method, path, { auth: w.auth, body: body === undefined ? undefined : JSON.stringify(body), contentType: null, headers: UA });
+
+  before(async () => {
+    c = await inProcessController();
+    w = await account(c, 'mac-worker', ['compute:read', 'compute:write']);
+  });
+  after(async () => {
+    watch?.close();
+    await c.close();
+    c.cleanup();
+  });
+
+  test('GET /v1/ answers 200 without credentials; controller info advertises rpc-v2 and vm-state-endpoint', async () => {
+    assert.equal((await rawRequest(c.ctl, 'GET', '/v1/', { headers: UA })).status, 200);
+    const info = await go('GET', '/v1/controller/info');
+    assert.equal(info.status, 200);
+    const caps = (info.json as { capabilities: string[] }).capabilities;
+    assert.ok(caps.includes('rpc-v2') && caps.includes('vm-state-endpoint'), caps.join(','));
+  });
+
+  test('registers with a Go-marshalled body and no Content-Type, then watches over binary frames', async () => {
+    // v1.Worker as encoding/json writes it: struct field order, omitempty, the embedded Meta last (zero createdAt).
+    const registered = await go('POST', '/v1/workers', {
+      last_seen: new Date().toISOString(),
+      machine_id: '8F3A2C1E-0B7D-4E59-9A61-2D3C4B5A6F70',
+      resources: { 'org.cirruslabs.tart-vms': 2, 'org.cirruslabs.logical-cores': 8, 'org.cirruslabs.memory-mib': 16384 },
+      arch: 'arm64',
+      runtime: 'tart',
+      name: 'mac-mini-1',
+      createdAt: ZERO_TIME,
+    });
+    assert.equal(registered.status, 200, registered.body);
+    const opened = await upgrade(c.ctl, '/v1/rpc/watch?workerName=mac-mini-1', { auth: w.auth });
+    assert.equal(opened.status, 101, opened.body);
+    watch = opened.ws!;
+    watch.on('message', (data, isBinary) => frames.push({ binary: isBinary, json: JSON.parse(data.toString()) }));
+    await waitFor('the first sync', () => frames.length > 0 || undefined);
+    assert.ok(frames.every((f) => f.binary), 'every watch instruction is a binary frame');
+    assert.ok('syncVMsAction' in frames[0].json);
+  });
+
+  test('gets a VM created as upstream does (runtime tart), reports it running with a log_line event', async () => {
+    const before = frames.length;
+    await c.admin.createVM({ name: 'ci-1', image: 'ghcr.io/cirruslabs/macos-sonoma-base:latest', cpu: 4, memory: 8192, runtime: 'tart' });
+    await waitFor('a sync for the new VM', () => frames.slice(before).some((f) => 'syncVMsAction' in f.json) || undefined);
+    // Upstream's worker lists its VMs on every syncVMsAction.
+    const listed = await go('GET', '/v1/vms?filter=worker%3Dmac-mini-1');
+    assert.equal(listed.status, 200);
+    const vm = (listed.json as { name: string; uid: string; generation: number }[]).find((v) => v.name === 'ci-1');
+    assert.ok(vm, listed.body);
+    const state = await go('PUT', '/v1/vms/ci-1/state', {
+      image: 'ghcr.io/cirruslabs/macos-sonoma-base:latest',
+      cpu: 4,
+      memory: 8192,
+      conditions: [{ type: 'scheduled', state: 'true' }, { type: 'running', state: 'true' }],
+      status: 'running',
+      status_message: 'VM is running',
+      worker: 'mac-mini-1',
+      restarted_at: ZERO_TIME,
+      uid: vm.uid,
+      scheduled_at: ZERO_TIME,
+      started_at: ZERO_TIME,
+      generation: vm.generation,
+      name: 'ci-1',
+      createdAt: ZERO_TIME,
+    });
+    assert.equal(state.status, 200, state.body);
+    const events = await go('POST', '/v1/vms/ci-1/events', [{ kind: 'log_line', timestamp: Math.floor(Date.now() / 1000), payload: 'Booted.' }]);
+    assert.equal(events.status, 200, events.body);
+    assert.equal((await c.admin.getVM('ci-1')).status, 'running');
+    assert.deepEqual((await c.admin.listEvents('ci-1')).events.map((e) => [e.kind, e.payload]), [['log_line', 'Booted.']]);
+  });
+
+  test('serves a port-forward (errorMessage= in the query) and an IP lookup (ip= in the query, no body)', async () => {
+    const user = await account(c, 'user', ['compute:connect']);
+    const before = frames.length;
+    const client = upgrade(c.ctl, '/v1/vms/ci-1/port-forward?port=22&wait=5', { auth: user.auth });
+    const pf = await waitFor('portForwardAction', () => frames.slice(before).find((f) => f.json.portForwardAction)?.json.portForwardAction);
+    assert.equal(pf.port, 22);
+    // url.Values.Encode sorts the keys: errorMessage first, empty when the worker reached the VM.
+    const dial = await upgrade(c.ctl, `/v1/rpc/port-forward?errorMessage=&session=${encodeURIComponent(pf.session!)}`, { auth: w.auth });
+    assert.equal(dial.status, 101, dial.body);
+    const tunnel = await client;
+    assert.equal(tunnel.status, 101);
+    dial.ws!.on('message', (m) => dial.ws!.send(m, { binary: true }));
+    const echoed = new Promise<string>((resolve) => tunnel.ws!.once('message', (m) => resolve(m.toString())));
+    tunnel.ws!.send(Buffer.from('SSH-2.0-probe\r\n'));
+    assert.equal(await echoed, 'SSH-2.0-probe\r\n');
+    tunnel.ws!.close();
+
+    const ipBefore = frames.length;
+    const asked = rawRequest(c.ctl, 'GET', '/v1/vms/ci-1/ip?wait=5', { auth: user.auth });
+    const ra = await waitFor('resolveIPAction', () => frames.slice(ipBefore).find((f) => f.json.resolveIPAction)?.json.resolveIPAction);
+    const answered = await go('POST', `/v1/rpc/resolve-ip?errorMessage=&ip=192.168.64.7&session=${encodeURIComponent(ra.session!)}`);
+    assert.equal(answered.status, 200, answered.body);
+    assert.deepEqual((await asked).json, { ip: '192.168.64.7' });
+  });
+
+  test('heartbeats with its whole record (GET then PUT) and is paused and resumed by an operator', async () => {
+    const got = await go('GET', '/v1/workers/mac-mini-1');
+    assert.equal(got.status, 200);
+    const record = got.json as Record<string, unknown>;
+    const beat = await go('PUT', '/v1/workers/mac-mini-1', { ...record, last_seen: new Date().toISOString() });
+    assert.equal(beat.status, 200, beat.body);
+    await c.admin.updateWorker({ name: 'mac-mini-1', scheduling_paused: true });
+    assert.equal((await c.admin.getWorker('mac-mini-1')).scheduling_paused, true);
+    await c.admin.updateWorker({ name: 'mac-mini-1', scheduling_paused: false });
+    assert.equal((await c.admin.getWorker('mac-mini-1')).scheduling_paused, false);
+  });
+});
