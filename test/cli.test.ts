@@ -61,9 +61,9 @@ test('quick start: controller run, context create, create/list/get/delete vm, se
     assert.equal(badOutput.code, 2);
     assert.match(badOutput.stderr, /--output must be one of table, json, yaml/);
     // The controller validates too: the field is named.
-    const invalid = await runCLI(['create', 'vm', 'Bad_Name', '--image', 'i'], env);
+    const invalid = await runCLI(['create', 'vm', 'bad name', '--image', 'i'], env);
     assert.equal(invalid.code, 1);
-    assert.match(invalid.stderr, /field "name" must be a DNS label/);
+    assert.match(invalid.stderr, /field "name" must be a name: letters, digits/);
 
     // Workers and cluster settings.
     await cli('set', 'cluster-settings', '--scheduler-profile', 'distribute-load');

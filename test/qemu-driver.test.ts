@@ -323,3 +323,16 @@ test('stop falls back to quit when the guest ignores the power button', { timeou
   assert.equal((await driver.waitExit(name)).reason, 'stopped');
   await driver.remove(name);
 });
+
+test("upstream's name characters ('.', '_', ':', capitals) in a VM's local name: it boots, answers SSH, and is removed", { timeout: 120_000 }, async () => {
+  const name = 'orchard-Team:ci_build.1-0b4a7c2e-1d3f-4e5a-9b6c-7d8e9f0a1b2c-0';
+  await driver.prepare(vmSpec(name));
+  await driver.start(vmSpec(name));
+  await driver.waitReady(name);
+  const sock = await driver.dial(name, 22);
+  assert.match((await readBytes(sock, 4)).toString(), /^SSH-/);
+  sock.destroy();
+  assert.equal((await driver.list()).find((v) => v.localName === name)?.running, true);
+  await driver.remove(name);
+  assert.equal((await driver.list()).some((v) => v.localName === name), false);
+});

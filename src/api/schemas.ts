@@ -6,9 +6,14 @@ import { Type, type Static } from '@sinclair/typebox';
 export const ROLES = ['compute:read', 'compute:write', 'compute:connect', 'admin:read', 'admin:write'] as const;
 export type Role = (typeof ROLES)[number];
 
-/** RFC 1123 DNS label: what VM, worker and service account names must be. */
-export const NAME_PATTERN = '^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$';
-export const Name = Type.String({ pattern: NAME_PATTERN, minLength: 1, maxLength: 63, description: 'DNS label' });
+/**
+ * What VM, worker and service account names may be: upstream's characters (letters, digits, '-', '_',
+ * '.', ':'), so host-named workers (admins-Mac-mini.local) and names like ci_build.1 work. Not "." or
+ * ".." (they are path segments in URLs); at most 128 characters, so a worker's name for a VM
+ * (orchard-NAME-UID-N) fits in a file name.
+ */
+export const NAME_PATTERN = '^(?!\\.{1,2}$)[A-Za-z0-9._:-]{1,128}$';
+export const Name = Type.String({ pattern: NAME_PATTERN, minLength: 1, maxLength: 128, description: "letters, digits, '-', '_', '.' and ':'" });
 
 const Timestamp = Type.String({ description: 'RFC 3339 time', maxLength: 64 });
 const StringMap = (description: string) =>

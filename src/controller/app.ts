@@ -58,7 +58,8 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     genReqId: () => randomUUID(),
     return503OnClosing: true,
     forceCloseConnections: true,
-    routerOptions: { ignoreTrailingSlash: true },
+    // Names are up to 128 characters (percent-encoded up to 3 bytes each): a longer one gets a 400 naming the field, not a 414.
+    routerOptions: { ignoreTrailingSlash: true, maxParamLength: 1024 },
   };
   if (opts.https) serverOptions.https = opts.https;
   const app = Fastify(serverOptions) as unknown as FastifyInstance;
@@ -109,7 +110,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   const sockets = new WebSocketRoutes(access, opts.logger);
   sockets.route('/v1/rpc/watch', ['compute:read'], async ({ url, account }) => {
     const worker = url.searchParams.get('workerName') ?? url.searchParams.get('worker') ?? '';
-    if (!new RegExp(NAME_PATTERN).test(worker)) throw badRequest('query parameter "workerName" must be the worker\'s name (a DNS label)');
+    if (!new RegExp(NAME_PATTERN).test(worker)) throw badRequest('query parameter "workerName" must be the worker\'s name (letters, digits, \'-\', \'_\', \'.\', \':\')');
     await view.loaded; // the first push carries the worker's VMs: never a partial list
     const record = view.workers.get(worker);
     if (!record) throw notFound(`worker "${worker}" is not registered (POST /v1/workers first)`);

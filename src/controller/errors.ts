@@ -3,6 +3,7 @@
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import type { ErrorObject } from 'ajv';
 import { ConflictError, NotFoundError } from './store/store.ts';
+import { NAME_PATTERN } from '../api/schemas.ts';
 
 export class HttpError extends Error {
   readonly statusCode: number;
@@ -41,8 +42,8 @@ export function formatValidationError(errors: ErrorObject[], part: string): stri
     case 'required':
       return `field "${fieldPath(part, e.instancePath, String(params.missingProperty))}" is required`;
     case 'pattern':
-      if (params.pattern === '^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$')
-        return `field "${fieldPath(part, e.instancePath)}" must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters`;
+      if (params.pattern === NAME_PATTERN)
+        return `field "${fieldPath(part, e.instancePath)}" must be a name: letters, digits, '-', '_', '.' and ':', at most 128 characters, not "." or ".."`;
       return `field "${fieldPath(part, e.instancePath)}" must match ${String(params.pattern)}`;
     case 'anyOf': {
       // A union of literals (an enum): list the allowed values.

@@ -47,11 +47,11 @@ describe('an upstream 0.55 worker (replayed)', () => {
       resources: { 'org.cirruslabs.tart-vms': 2, 'org.cirruslabs.logical-cores': 8, 'org.cirruslabs.memory-mib': 16384 },
       arch: 'arm64',
       runtime: 'tart',
-      name: 'mac-mini-1',
+      name: 'admins-Mac-mini.local',
       createdAt: ZERO_TIME,
     });
     assert.equal(registered.status, 200, registered.body);
-    const opened = await upgrade(c.ctl, '/v1/rpc/watch?workerName=mac-mini-1', { auth: w.auth });
+    const opened = await upgrade(c.ctl, '/v1/rpc/watch?workerName=admins-Mac-mini.local', { auth: w.auth });
     assert.equal(opened.status, 101, opened.body);
     watch = opened.ws!;
     watch.on('message', (data, isBinary) => frames.push({ binary: isBinary, json: JSON.parse(data.toString()) }));
@@ -62,40 +62,40 @@ describe('an upstream 0.55 worker (replayed)', () => {
 
   test('gets a VM created as upstream does (runtime tart), reports it running with a log_line event', async () => {
     const before = frames.length;
-    await c.admin.createVM({ name: 'ci-1', image: 'ghcr.io/cirruslabs/macos-sonoma-base:latest', cpu: 4, memory: 8192, runtime: 'tart' });
+    await c.admin.createVM({ name: 'ci_build.1', image: 'ghcr.io/cirruslabs/macos-sonoma-base:latest', cpu: 4, memory: 8192, runtime: 'tart' });
     await waitFor('a sync for the new VM', () => frames.slice(before).some((f) => 'syncVMsAction' in f.json) || undefined);
     // Upstream's worker lists its VMs on every syncVMsAction.
-    const listed = await go('GET', '/v1/vms?filter=worker%3Dmac-mini-1');
+    const listed = await go('GET', '/v1/vms?filter=worker%3Dadmins-Mac-mini.local');
     assert.equal(listed.status, 200);
-    const vm = (listed.json as { name: string; uid: string; generation: number }[]).find((v) => v.name === 'ci-1');
+    const vm = (listed.json as { name: string; uid: string; generation: number }[]).find((v) => v.name === 'ci_build.1');
     assert.ok(vm, listed.body);
-    const state = await go('PUT', '/v1/vms/ci-1/state', {
+    const state = await go('PUT', '/v1/vms/ci_build.1/state', {
       image: 'ghcr.io/cirruslabs/macos-sonoma-base:latest',
       cpu: 4,
       memory: 8192,
       conditions: [{ type: 'scheduled', state: 'true' }, { type: 'running', state: 'true' }],
       status: 'running',
       status_message: 'VM is running',
-      worker: 'mac-mini-1',
+      worker: 'admins-Mac-mini.local',
       restarted_at: ZERO_TIME,
       uid: vm.uid,
       scheduled_at: ZERO_TIME,
       started_at: ZERO_TIME,
       generation: vm.generation,
-      name: 'ci-1',
+      name: 'ci_build.1',
       createdAt: ZERO_TIME,
     });
     assert.equal(state.status, 200, state.body);
-    const events = await go('POST', '/v1/vms/ci-1/events', [{ kind: 'log_line', timestamp: Math.floor(Date.now() / 1000), payload: 'Booted.' }]);
+    const events = await go('POST', '/v1/vms/ci_build.1/events', [{ kind: 'log_line', timestamp: Math.floor(Date.now() / 1000), payload: 'Booted.' }]);
     assert.equal(events.status, 200, events.body);
-    assert.equal((await c.admin.getVM('ci-1')).status, 'running');
-    assert.deepEqual((await c.admin.listEvents('ci-1')).events.map((e) => [e.kind, e.payload]), [['log_line', 'Booted.']]);
+    assert.equal((await c.admin.getVM('ci_build.1')).status, 'running');
+    assert.deepEqual((await c.admin.listEvents('ci_build.1')).events.map((e) => [e.kind, e.payload]), [['log_line', 'Booted.']]);
   });
 
   test('serves a port-forward (errorMessage= in the query) and an IP lookup (ip= in the query, no body)', async () => {
     const user = await account(c, 'user', ['compute:connect']);
     const before = frames.length;
-    const client = upgrade(c.ctl, '/v1/vms/ci-1/port-forward?port=22&wait=5', { auth: user.auth });
+    const client = upgrade(c.ctl, '/v1/vms/ci_build.1/port-forward?port=22&wait=5', { auth: user.auth });
     const pf = await waitFor('portForwardAction', () => frames.slice(before).find((f) => f.json.portForwardAction)?.json.portForwardAction);
     assert.equal(pf.port, 22);
     // url.Values.Encode sorts the keys: errorMessage first, empty when the worker reached the VM.
@@ -110,7 +110,7 @@ describe('an upstream 0.55 worker (replayed)', () => {
     tunnel.ws!.close();
 
     const ipBefore = frames.length;
-    const asked = rawRequest(c.ctl, 'GET', '/v1/vms/ci-1/ip?wait=5', { auth: user.auth });
+    const asked = rawRequest(c.ctl, 'GET', '/v1/vms/ci_build.1/ip?wait=5', { auth: user.auth });
     const ra = await waitFor('resolveIPAction', () => frames.slice(ipBefore).find((f) => f.json.resolveIPAction)?.json.resolveIPAction);
     const answered = await go('POST', `/v1/rpc/resolve-ip?errorMessage=&ip=192.168.64.7&session=${encodeURIComponent(ra.session!)}`);
     assert.equal(answered.status, 200, answered.body);
@@ -118,14 +118,14 @@ describe('an upstream 0.55 worker (replayed)', () => {
   });
 
   test('heartbeats with its whole record (GET then PUT) and is paused and resumed by an operator', async () => {
-    const got = await go('GET', '/v1/workers/mac-mini-1');
+    const got = await go('GET', '/v1/workers/admins-Mac-mini.local');
     assert.equal(got.status, 200);
     const record = got.json as Record<string, unknown>;
-    const beat = await go('PUT', '/v1/workers/mac-mini-1', { ...record, last_seen: new Date().toISOString() });
+    const beat = await go('PUT', '/v1/workers/admins-Mac-mini.local', { ...record, last_seen: new Date().toISOString() });
     assert.equal(beat.status, 200, beat.body);
-    await c.admin.updateWorker({ name: 'mac-mini-1', scheduling_paused: true });
-    assert.equal((await c.admin.getWorker('mac-mini-1')).scheduling_paused, true);
-    await c.admin.updateWorker({ name: 'mac-mini-1', scheduling_paused: false });
-    assert.equal((await c.admin.getWorker('mac-mini-1')).scheduling_paused, false);
+    await c.admin.updateWorker({ name: 'admins-Mac-mini.local', scheduling_paused: true });
+    assert.equal((await c.admin.getWorker('admins-Mac-mini.local')).scheduling_paused, true);
+    await c.admin.updateWorker({ name: 'admins-Mac-mini.local', scheduling_paused: false });
+    assert.equal((await c.admin.getWorker('admins-Mac-mini.local')).scheduling_paused, false);
   });
 });

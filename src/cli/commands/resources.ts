@@ -62,7 +62,7 @@ export function registerResourceCommands(program: Command) {
     create
       .command('vm')
       .description('create a VM; a worker picks it up and boots it')
-      .argument('<name>', 'VM name (a DNS label)')
+      .argument('<name>', "VM name: letters, digits, '-', '_', '.', ':'")
       .requiredOption('--image <image>', 'image to boot (e.g. debian-dev, ghcr.io/cirruslabs/macos-sequoia-base:latest)')
       .option('--cpu <n>', 'virtual CPUs (default 4)', parseInteger('--cpu'))
       .option('--memory <mib>', 'memory in MiB (default 8192)', parseInteger('--memory'))

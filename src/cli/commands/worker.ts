@@ -49,7 +49,7 @@ export function registerWorkerCommands(program: Command) {
     .argument('<controller-url>', 'e.g. https://controller:6120')
     .option('--bootstrap-token <token>', 'from `orchard get bootstrap-token NAME` (credentials and the controller certificate); visible in ps, prefer the next two')
     .option('--bootstrap-token-stdin', 'read the bootstrap token from standard input')
-    .option('--name <name>', 'worker name', hostname().toLowerCase().replace(/[^a-z0-9-]/g, '-').slice(0, 63))
+    .option('--name <name>', 'worker name (default: the host name, as upstream)', hostname().replace(/[^A-Za-z0-9._:-]/g, '-').slice(0, 128))
     .option('--label <key=value>', 'label VMs can require (repeatable)', collectKeyValue)
     .option('--resources <name=amount>', 'extra resource to advertise (repeatable)', collectKeyValue)
     .option('--runtime <runtime>', 'qemu (Linux), tart (macOS) or synthetic', process.platform === 'darwin' ? 'tart' : 'qemu')

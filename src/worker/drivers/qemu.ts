@@ -227,7 +227,8 @@ interface VmState {
   qmpChain: Promise<unknown>;
 }
 
-const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** A local name: orchard-NAME-UID-N, with NAME in the controller's characters (names are at most 128). */
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$/;
 
 export class QemuDriver implements Driver {
   readonly runtime = 'qemu';

@@ -82,7 +82,8 @@ interface VmState {
   stopping?: boolean;
 }
 
-const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** A local name: orchard-NAME-UID-N, with NAME in the controller's characters (names are at most 128). */
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$/;
 const PREFIX = 'orchard-';
 
 /** Tart's progress output: lines, percentages redrawn with escape sequences (sometimes literal ones). */
