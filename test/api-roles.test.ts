@@ -221,7 +221,7 @@ describe('tokens stay out of the log', () => {
       assert.equal((await send(ctl, 'GET', '/v1/vms', basic('log-user', adminToken))).status, 401);
       assert.equal((await send(ctl, 'GET', '/v1/vms', basic('nobody', userToken))).status, 401);
       assert.equal((await send(ctl, 'GET', '/v1/vms', `Bearer ${userToken}`)).status, 401);
-      assert.equal((await send(ctl, 'POST', '/v1/service-accounts', asAdmin, { name: 'BAD', token: userToken, roles: [] })).status, 400);
+      assert.equal((await send(ctl, 'POST', '/v1/service-accounts', asAdmin, { name: 'bad name', token: userToken, roles: [] })).status, 400);
       assert.equal((await send(ctl, 'PUT', '/v1/service-accounts/log-user', asAdmin, { name: 'log-user', token: `${userToken}-2`, roles: [] })).status, 200);
     } finally {
       await ctl.close();

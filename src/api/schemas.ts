@@ -114,6 +114,9 @@ export const VMStateFields = {
   assignedCPU: Type.Optional(Type.Integer({ minimum: 0 })),
   assignedMemory: Type.Optional(Type.Integer({ minimum: 0 })),
   localName: Type.Optional(Type.String({ maxLength: 255 })),
+  /** Set by upstream's Tart workers: the VM's name in Tart, and the image's fully qualified reference. */
+  tartName: Type.Optional(Type.String({ maxLength: 255 })),
+  image_fqn: Type.Optional(Type.String({ maxLength: 1024 })),
 };
 
 export const MetaFields = {
@@ -121,6 +124,8 @@ export const MetaFields = {
   uid: Type.Optional(Type.String({ maxLength: 64 })),
   createdAt: Type.Optional(Timestamp),
   generation: Type.Optional(Type.Integer({ minimum: 0 })),
+  /** Upstream's resource version (its watch implementation): accepted, not used. */
+  version: Type.Optional(Type.Integer({ minimum: 0 })),
 };
 
 /** A VM as the API returns it, and as clients send it (server-owned fields are accepted and ignored). */
@@ -160,6 +165,8 @@ export const VMStateUpdate = Type.Object(
     conditions: Type.Optional(Type.Array(Condition, { maxItems: 16 })),
     started_at: Type.Optional(Timestamp),
     localName: Type.Optional(Type.String({ maxLength: 255 })),
+    tartName: Type.Optional(Type.String({ maxLength: 255 })),
+    image_fqn: Type.Optional(Type.String({ maxLength: 1024 })),
     events: Type.Optional(
       Type.Array(Event, { maxItems: 10000, description: 'Orchard addition (capability "vm-state-events"): events appended in the same commit as the state' }),
     ),
@@ -202,6 +209,7 @@ export const Worker = Type.Object(
     arch: Type.Optional(Type.String({ maxLength: 32 })),
     runtime: Type.Optional(Type.String({ maxLength: 32 })),
     createdAt: Type.Optional(Timestamp),
+    version: Type.Optional(Type.Integer({ minimum: 0, description: "upstream's resource version: accepted, not used" })),
     serviceAccount: Type.Optional(
       Type.String({ maxLength: 253, description: 'Orchard addition, set by the controller: the service account that registered the worker; only it may act as the worker' }),
     ),
@@ -219,6 +227,7 @@ export const ServiceAccount = Type.Object(
     token: Type.Optional(Type.String({ minLength: 1, maxLength: 1024 })),
     roles: Type.Array(Type.Union(ROLES.map((r) => Type.Literal(r))), { maxItems: ROLES.length, uniqueItems: true }),
     createdAt: Type.Optional(Timestamp),
+    version: Type.Optional(Type.Integer({ minimum: 0, description: "upstream's resource version: accepted, not used" })),
   },
   { additionalProperties: false, title: 'ServiceAccount' },
 );

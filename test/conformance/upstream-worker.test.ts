@@ -62,7 +62,31 @@ describe('an upstream 0.55 worker (replayed)', () => {
 
   test('gets a VM created as upstream does (runtime tart), reports it running with a log_line event', async () => {
     const before = frames.length;
-    await c.admin.createVM({ name: 'ci_build.1', image: 'ghcr.io/cirruslabs/macos-sonoma-base:latest', cpu: 4, memory: 8192, runtime: 'tart' });
+    // As upstream's `orchard create vm ci_build.1 --image …` marshals v1.VM: omitempty fields left out,
+    // the others with their zero values (times, generation, observedGeneration); no Content-Type.
+    const created = await rawRequest(c.ctl, 'POST', '/v1/vms', {
+      auth: ['bootstrap-admin', 'test-admin-token'],
+      contentType: null,
+      headers: UA,
+      body: JSON.stringify({
+        image: 'ghcr.io/cirruslabs/macos-sonoma-base:latest',
+        imagePullPolicy: 'IfNotPresent',
+        cpu: 4,
+        memory: 8192,
+        os: 'darwin',
+        arch: 'arm64',
+        runtime: 'tart',
+        observedGeneration: 0,
+        restart_policy: 'Never',
+        restarted_at: ZERO_TIME,
+        scheduled_at: ZERO_TIME,
+        started_at: ZERO_TIME,
+        generation: 0,
+        name: 'ci_build.1',
+        createdAt: ZERO_TIME,
+      }),
+    });
+    assert.equal(created.status, 200, created.body);
     await waitFor('a sync for the new VM', () => frames.slice(before).some((f) => 'syncVMsAction' in f.json) || undefined);
     // Upstream's worker lists its VMs on every syncVMsAction.
     const listed = await go('GET', '/v1/vms?filter=worker%3Dadmins-Mac-mini.local');
@@ -84,8 +108,13 @@ describe('an upstream 0.55 worker (replayed)', () => {
       generation: vm.generation,
       name: 'ci_build.1',
       createdAt: ZERO_TIME,
+      tartName: `orchard-ci_build.1-${vm.uid}-0`,
+      image_fqn: 'ghcr.io/cirruslabs/macos-sonoma-base@sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0',
     });
     assert.equal(state.status, 200, state.body);
+    const reported = await c.admin.getVM('ci_build.1');
+    assert.equal(reported.tartName, `orchard-ci_build.1-${vm.uid}-0`, 'tartName is kept and returned');
+    assert.match(reported.image_fqn ?? '', /@sha256:/);
     const events = await go('POST', '/v1/vms/ci_build.1/events', [{ kind: 'log_line', timestamp: Math.floor(Date.now() / 1000), payload: 'Booted.' }]);
     assert.equal(events.status, 200, events.body);
     assert.equal((await c.admin.getVM('ci_build.1')).status, 'running');

@@ -35,6 +35,7 @@ export function registration(body: Worker, existing: Worker | undefined, account
     last_seen: now,
     serviceAccount: account.name,
     orphans: existing?.orphans,
+    version: undefined, // upstream's resource version: not kept
   };
 }
 
@@ -53,7 +54,7 @@ export function update(current: Worker, body: Worker, account: ServiceAccount, n
     throw conflict(`worker "${current.name}" belongs to another machine (machine_id ${current.machine_id})`);
   }
   const next: Worker = { ...current };
-  for (const [k, v] of Object.entries(body)) if (v !== undefined && k !== 'createdAt' && k !== 'serviceAccount' && k !== 'orphans') (next as Record<string, unknown>)[k] = v;
+  for (const [k, v] of Object.entries(body)) if (v !== undefined && k !== 'createdAt' && k !== 'serviceAccount' && k !== 'orphans' && k !== 'version') (next as Record<string, unknown>)[k] = v;
   // An operator's pause/resume through its own worker account is not a sign of life either.
   const fromOperator = Object.keys(body).every((k) => k === 'name' || k === 'scheduling_paused' || k === 'last_seen');
   next.last_seen = fromOperator ? current.last_seen : now;

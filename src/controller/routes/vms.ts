@@ -191,6 +191,8 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
           if (b.observedGeneration !== undefined) next.observedGeneration = b.observedGeneration;
           if (b.conditions !== undefined) next.conditions = b.conditions;
           if (b.localName !== undefined) next.localName = b.localName;
+          if (b.tartName !== undefined) next.tartName = b.tartName;
+          if (b.image_fqn !== undefined) next.image_fqn = b.image_fqn;
           if (b.started_at !== undefined) next.started_at = b.started_at;
           else if (b.status === 'running' && latest.status !== 'running') next.started_at = new Date().toISOString();
           return JSON.stringify(next) === JSON.stringify(latest) ? latest : next;
