@@ -152,9 +152,29 @@ describe('an upstream 0.55 worker (replayed)', () => {
     const record = got.json as Record<string, unknown>;
     const beat = await go('PUT', '/v1/workers/admins-Mac-mini.local', { ...record, last_seen: new Date().toISOString() });
     assert.equal(beat.status, 200, beat.body);
-    await c.admin.updateWorker({ name: 'admins-Mac-mini.local', scheduling_paused: true });
+    // Upstream's `orchard pause|resume worker`: GET the record, flip scheduling_paused, PUT it back
+    // (Go's omitempty leaves a false one out), as an operator's account.
+    const admin = (method: string, path: string, body?: object) =>
+      rawRequest(c.ctl, method, path, { auth: ['bootstrap-admin', 'test-admin-token'], body: body && JSON.stringify(body), contentType: null, headers: UA });
+    const flip = async (pause: boolean) => {
+      const { scheduling_paused: _drop, ...current } = (await admin('GET', '/v1/workers/admins-Mac-mini.local')).json as Record<string, unknown>;
+      const put = await admin('PUT', '/v1/workers/admins-Mac-mini.local', pause ? { ...current, scheduling_paused: true } : current);
+      assert.equal(put.status, 200, put.body);
+      return (await c.admin.getWorker('admins-Mac-mini.local')).scheduling_paused ?? false;
+    };
+    assert.equal(await flip(true), true, 'paused');
+    // The worker's own heartbeat (its whole record, paused included) keeps it paused.
+    const paused = (await go('GET', '/v1/workers/admins-Mac-mini.local')).json as Record<string, unknown>;
+    assert.equal((await go('PUT', '/v1/workers/admins-Mac-mini.local', { ...paused, last_seen: new Date().toISOString() })).status, 200);
     assert.equal((await c.admin.getWorker('admins-Mac-mini.local')).scheduling_paused, true);
-    await c.admin.updateWorker({ name: 'admins-Mac-mini.local', scheduling_paused: false });
-    assert.equal((await c.admin.getWorker('admins-Mac-mini.local')).scheduling_paused, false);
+    assert.equal(await flip(false), false, 'resumed');
+  });
+
+  test("PUT /v1/cluster-settings replaces the settings, as upstream's (policies can be cleared)", async () => {
+    const put = (body: object) => rawRequest(c.ctl, 'PUT', '/v1/cluster-settings', { auth: ['bootstrap-admin', 'test-admin-token'], body: JSON.stringify(body), contentType: null, headers: UA });
+    assert.equal((await put({ hostDirPolicies: [{ pathPrefix: '/srv/cache', ro: true }], schedulerProfile: 'distribute-load' })).status, 200);
+    assert.deepEqual((await c.admin.getClusterSettings()).hostDirPolicies, [{ pathPrefix: '/srv/cache', ro: true }]);
+    assert.equal((await put({ schedulerProfile: 'optimize-utilization' })).status, 200);
+    assert.deepEqual((await c.admin.getClusterSettings()).hostDirPolicies, [], 'the policies are cleared');
   });
 });

@@ -325,7 +325,8 @@ export function registerResourceCommands(program: Command) {
     if (opts.schedulerProfile) change.schedulerProfile = opts.schedulerProfile;
     if (opts.hostDirPolicy) change.hostDirPolicies = opts.hostDirPolicy.map((p) => (p.endsWith(':ro') ? { pathPrefix: p.slice(0, -3), ro: true } : { pathPrefix: p }));
     if (!Object.keys(change).length) throw new UsageError('nothing to change: pass --scheduler-profile or --host-dir-policy');
-    const s = await withClient(opts, (c) => c.setClusterSettings(change));
+    // PUT replaces the settings (as upstream's): send the current ones with the change.
+    const s = await withClient(opts, async (c) => c.setClusterSettings({ ...(await c.getClusterSettings()), ...change }));
     print(opts.output, s, () => 'cluster settings updated\n');
   });
 }

@@ -42,14 +42,14 @@ export function registration(body: Worker, existing: Worker | undefined, account
 /**
  * PUT /v1/workers/{name}: the worker's own account updates its record (a heartbeat: a sign of
  * life); any other account may only pause or resume it (other fields it sends are ignored, as
- * upstream's CLI sends the whole record back).
+ * upstream's CLI sends the whole record back). A whole record (with `resources`) replaces
+ * `scheduling_paused` as upstream's PUT does — Go leaves a false one out, so that is how upstream's
+ * `orchard resume worker` resumes; a partial body (our worker's heartbeat) leaves it as it is.
  */
 export function update(current: Worker, body: Worker, account: ServiceAccount, now: string): Worker {
   const own = notWorkerReason(current, account) === undefined;
-  if (!own) {
-    if (body.scheduling_paused === undefined || body.scheduling_paused === current.scheduling_paused) return current;
-    return { ...current, scheduling_paused: body.scheduling_paused };
-  }
+  const paused = body.scheduling_paused ?? (body.resources !== undefined ? false : current.scheduling_paused);
+  if (!own) return paused === current.scheduling_paused ? current : { ...current, scheduling_paused: paused };
   if (body.machine_id && current.machine_id && body.machine_id !== current.machine_id) {
     throw conflict(`worker "${current.name}" belongs to another machine (machine_id ${current.machine_id})`);
   }
@@ -57,6 +57,7 @@ export function update(current: Worker, body: Worker, account: ServiceAccount, n
   for (const [k, v] of Object.entries(body)) if (v !== undefined && k !== 'createdAt' && k !== 'serviceAccount' && k !== 'orphans' && k !== 'version') (next as Record<string, unknown>)[k] = v;
   // An operator's pause/resume through its own worker account is not a sign of life either.
   const fromOperator = Object.keys(body).every((k) => k === 'name' || k === 'scheduling_paused' || k === 'last_seen');
+  next.scheduling_paused = paused;
   next.last_seen = fromOperator ? current.last_seen : now;
   if (!fromOperator) next.serviceAccount = account.name;
   return next;

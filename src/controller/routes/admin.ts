@@ -42,7 +42,8 @@ export function registerAdminRoutes(app: FastifyInstance, ctx: AppContext) {
   app.put<{ Body: ClusterSettings }>(
     '/v1/cluster-settings',
     { config: { roles: ['admin:write'] }, schema: { tags: ['cluster'], body: ClusterSettings, response: { 200: ClusterSettings, ...errors } } },
-    async (request) => store.putClusterSettings({ ...(await store.getClusterSettings()), ...request.body }),
+    // Replaces, as upstream's does: what the body leaves out is cleared (its CLI sends the whole settings).
+    async (request) => store.putClusterSettings(request.body),
   );
 
   app.post<{ Body: ServiceAccount }>(
