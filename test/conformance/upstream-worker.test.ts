@@ -170,6 +170,12 @@ describe('an upstream 0.55 worker (replayed)', () => {
     assert.equal(await flip(false), false, 'resumed');
   });
 
+  test('a service account created as upstream marshals it (no roles: omitempty) has none', async () => {
+    const r = await rawRequest(c.ctl, 'POST', '/v1/service-accounts', { auth: ['bootstrap-admin', 'test-admin-token'], body: JSON.stringify({ name: 'ci.bot', createdAt: ZERO_TIME }), contentType: null, headers: UA });
+    assert.equal(r.status, 200, r.body);
+    assert.deepEqual((r.json as { roles: string[] }).roles, []);
+  });
+
   test("PUT /v1/cluster-settings replaces the settings, as upstream's (policies can be cleared)", async () => {
     const put = (body: object) => rawRequest(c.ctl, 'PUT', '/v1/cluster-settings', { auth: ['bootstrap-admin', 'test-admin-token'], body: JSON.stringify(body), contentType: null, headers: UA });
     assert.equal((await put({ hostDirPolicies: [{ pathPrefix: '/srv/cache', ro: true }], schedulerProfile: 'distribute-load' })).status, 200);

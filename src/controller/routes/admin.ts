@@ -1,6 +1,6 @@
 // Controller info, cluster settings and service accounts.
 import { randomBytes } from 'node:crypto';
-import { Type } from '@sinclair/typebox';
+import { Type, type Static } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import { ClusterSettings, ControllerInfo, ErrorBody, Name, ServiceAccount } from '../../api/schemas.ts';
 import { COMMIT, VERSION } from '../../api/version.ts';
@@ -9,6 +9,9 @@ import { badRequest, notFound } from '../errors.ts';
 import { accountOf, hasAnyRole } from '../access.ts';
 
 const NameParams = Type.Object({ name: Name });
+/** What clients send: `roles` may be left out (Go's omitempty drops an empty list), meaning none. */
+const ServiceAccountBody = Type.Object({ ...ServiceAccount.properties, roles: Type.Optional(ServiceAccount.properties.roles) }, { additionalProperties: false });
+type ServiceAccountBody = Static<typeof ServiceAccountBody>;
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
 
 // rpc-v2 (the WebSocket watch, instructions in binary frames) and vm-state-endpoint (PUT /v1/vms/{name}/state)
@@ -46,17 +49,17 @@ export function registerAdminRoutes(app: FastifyInstance, ctx: AppContext) {
     async (request) => store.putClusterSettings(request.body),
   );
 
-  app.post<{ Body: ServiceAccount }>(
+  app.post<{ Body: ServiceAccountBody }>(
     '/v1/service-accounts',
     {
       config: { roles: ['admin:write'] },
-      schema: { tags: ['service-accounts'], summary: 'Create a service account (token generated when not given)', body: ServiceAccount, response: { 200: ServiceAccount, 409: ErrorBody, ...errors } },
+      schema: { tags: ['service-accounts'], summary: 'Create a service account (token generated when not given)', body: ServiceAccountBody, response: { 200: ServiceAccount, 409: ErrorBody, ...errors } },
     },
     async (request) =>
       store.create('serviceAccounts', {
         name: request.body.name,
         token: request.body.token ?? newToken(),
-        roles: request.body.roles,
+        roles: request.body.roles ?? [],
         createdAt: new Date().toISOString(),
       }),
   );
@@ -75,13 +78,13 @@ export function registerAdminRoutes(app: FastifyInstance, ctx: AppContext) {
     },
   );
 
-  app.put<{ Params: { name: string }; Body: ServiceAccount }>(
+  app.put<{ Params: { name: string }; Body: ServiceAccountBody }>(
     '/v1/service-accounts/:name',
-    { config: { roles: ['admin:write'] }, schema: { tags: ['service-accounts'], params: NameParams, body: ServiceAccount, response: { 200: ServiceAccount, ...errors } } },
+    { config: { roles: ['admin:write'] }, schema: { tags: ['service-accounts'], params: NameParams, body: ServiceAccountBody, response: { 200: ServiceAccount, ...errors } } },
     async (request) => {
       const { name } = request.params;
       if (request.body.name !== name) throw badRequest(`field "name": body says "${request.body.name}" but the URL says "${name}"`);
-      return store.update('serviceAccounts', name, (current) => ({ ...current, roles: request.body.roles, token: request.body.token ?? current.token }));
+      return store.update('serviceAccounts', name, (current) => ({ ...current, roles: request.body.roles ?? [], token: request.body.token ?? current.token }));
     },
   );
 
