@@ -34,7 +34,14 @@ export function loadConfig(): Config {
     throw new Error(`cannot read ${path}: ${(err as Error).message}`);
   }
   const config = (parsed ?? {}) as Partial<Config>;
-  return { ...config, contexts: config.contexts ?? {} };
+  const contexts = config.contexts ?? {};
+  for (const c of Object.values(contexts)) if (c?.certificate) c.certificate = pemOf(c.certificate);
+  return { ...config, contexts };
+}
+
+/** Upstream's CLI keeps the certificate as base64 of its PEM; older files of ours, as PEM: both are read. */
+function pemOf(stored: string): string {
+  return stored.trimStart().startsWith('-----BEGIN') ? stored : Buffer.from(stored, 'base64').toString('utf8');
 }
 
 export function saveConfig(config: Config): void {
@@ -42,14 +49,39 @@ export function saveConfig(config: Config): void {
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   const path = configPath();
   // Write-then-rename, so a crash never leaves a half-written file; 0600: it holds tokens.
-  writeFileSync(path + '.tmp', YAML.stringify(config), { mode: 0o600 });
+  // The certificate as upstream's CLI writes it (base64 of the PEM), so both CLIs share the file.
+  const contexts = Object.fromEntries(
+    Object.entries(config.contexts).map(([name, c]) => [name, c.certificate ? { ...c, certificate: Buffer.from(c.certificate).toString('base64') } : c]),
+  );
+  writeFileSync(path + '.tmp', YAML.stringify({ ...config, contexts }), { mode: 0o600 });
   chmodSync(path + '.tmp', 0o600);
   renameSync(path + '.tmp', path);
+}
+
+/** ORCHARD_URL, ORCHARD_SERVICE_ACCOUNT_NAME and ORCHARD_SERVICE_ACCOUNT_TOKEN override the default context (as upstream's). */
+function withEnvironment(context: Context): Context {
+  const env = process.env;
+  return {
+    ...context,
+    url: env.ORCHARD_URL ? normalizeURL(env.ORCHARD_URL) : context.url,
+    serviceAccountName: env.ORCHARD_SERVICE_ACCOUNT_NAME ?? context.serviceAccountName,
+    serviceAccountToken: env.ORCHARD_SERVICE_ACCOUNT_TOKEN ?? context.serviceAccountToken,
+  };
+}
+
+/** A bare `host:port` (as upstream users type it) means https://host:port. */
+export function normalizeURL(url: string): string {
+  return /^[a-z][a-z0-9+.-]*:\/\//i.test(url) ? url : `https://${url}`;
 }
 
 export function resolveContext(name?: string): { name: string; context: Context } {
   const config = loadConfig();
   const wanted = name ?? process.env.ORCHARD_CONTEXT ?? config['default-context'];
+  if (!name && !process.env.ORCHARD_CONTEXT) {
+    const chosen = wanted ? config.contexts[wanted] : Object.keys(config.contexts).length === 1 ? Object.values(config.contexts)[0] : undefined;
+    if (process.env.ORCHARD_URL) return { name: wanted ?? 'environment', context: withEnvironment(chosen ?? { url: '' }) };
+    if (chosen) return { name: wanted ?? Object.keys(config.contexts)[0], context: withEnvironment(chosen) };
+  }
   if (!wanted) {
     const names = Object.keys(config.contexts);
     if (names.length === 1) return { name: names[0], context: config.contexts[names[0]] };

@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { OrchardClient, probeCertificate } from '../../client/client.ts';
 import { configPath, loadConfig, saveConfig, type Context } from '../../client/config.ts';
 import { confirm, UsageError } from '../common.ts';
+import { decodeBootstrapToken } from '../../api/bootstrap-token.ts';
 import { parseOutput, print, table, type OutputFormat } from '../output.ts';
 
 /** Normalises "AA:bb:..." / "aabb..." fingerprints for comparison. */
@@ -21,7 +22,11 @@ export function registerContextCommands(program: Command) {
     .option('--trust-fingerprint <sha256>', 'trust the certificate only if it has this SHA-256 fingerprint (non-interactive)')
     .option('-y, --yes', 'trust the presented certificate without asking (when you verify it some other way)')
     .option('--force', 'replace an existing context of the same name')
-    .action(async (rawURL: string, opts: { name: string; serviceAccountName?: string; serviceAccountToken?: string; trustFingerprint?: string; yes?: boolean; force?: boolean }) => {
+    .option('--bootstrap-token <token>', 'from `orchard get bootstrap-token NAME`: the credentials, and the certificate to pin (checked against the one presented)')
+    .option('--no-pki', 'pin the presented certificate even when the system trusts it (as upstream\'s flag)')
+    .action(async (rawURL: string, opts: { name: string; serviceAccountName?: string; serviceAccountToken?: string; trustFingerprint?: string; yes?: boolean; force?: boolean; bootstrapToken?: string; pki: boolean }) => {
+      const bootstrap = opts.bootstrapToken ? decodeBootstrapToken(opts.bootstrapToken) : undefined;
+      if (bootstrap && (opts.serviceAccountName || opts.serviceAccountToken)) throw new UsageError('--bootstrap-token carries the credentials: leave out --service-account-name and --service-account-token');
       let url: URL;
       try {
         url = new URL(/^[a-z]+:\/\//i.test(rawURL) ? rawURL : `https://${rawURL}`);
@@ -32,11 +37,19 @@ export function registerContextCommands(program: Command) {
       if (!url.port) url.port = '6120';
       const config = loadConfig();
       if (config.contexts[opts.name] && !opts.force) throw new UsageError(`context "${opts.name}" exists; pass --force to replace it`);
-      const ctx: Context = { url: url.origin, serviceAccountName: opts.serviceAccountName, serviceAccountToken: opts.serviceAccountToken };
+      const ctx: Context = {
+        url: url.origin,
+        serviceAccountName: bootstrap?.serviceAccountName ?? opts.serviceAccountName,
+        serviceAccountToken: bootstrap?.serviceAccountToken ?? opts.serviceAccountToken,
+      };
       if (url.protocol === 'https:') {
         const cert = await probeCertificate(url.origin);
-        if (!cert.trusted) {
-          process.stderr.write(`The controller's certificate is not signed by an authority this system trusts.\nSHA-256 fingerprint: ${cert.fingerprint}\n`);
+        if (bootstrap?.certificate) {
+          // The bootstrap token says which certificate the controller has: the presented one must be it.
+          if (bootstrap.certificate.trim() !== cert.pem.trim()) throw new Error(`the controller presents a certificate (SHA-256 ${cert.fingerprint}) other than the bootstrap token's; not trusting it`);
+          ctx.certificate = cert.pem;
+        } else if (!cert.trusted || !opts.pki) {
+          process.stderr.write(`${cert.trusted ? "Pinning the controller's certificate (--no-pki)." : "The controller's certificate is not signed by an authority this system trusts."}\nSHA-256 fingerprint: ${cert.fingerprint}\n`);
           if (opts.trustFingerprint) {
             if (normFingerprint(opts.trustFingerprint) !== normFingerprint(cert.fingerprint)) {
               throw new Error(`the certificate's fingerprint ${cert.fingerprint} is not the expected ${opts.trustFingerprint}; not trusting it`);

@@ -1,0 +1,58 @@
+// What upstream's users type and keep: `context create HOST:PORT --bootstrap-token …`, the
+// ~/.orchard/orchard.yml upstream's CLI reads and writes (certificate as base64 of its PEM), and the
+// ORCHARD_URL / ORCHARD_SERVICE_ACCOUNT_NAME / ORCHARD_SERVICE_ACCOUNT_TOKEN overrides.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import YAML from 'yaml';
+import { inProcessController, runCLI, tempDir } from '../helpers.ts';
+
+test('context create HOST:PORT --bootstrap-token, the config file as upstream writes it, and the environment overrides', async () => {
+  const c = await inProcessController();
+  try {
+    const home = tempDir();
+    const env = { ORCHARD_HOME: home };
+    await c.admin.createServiceAccount({ name: 'ci', roles: ['compute:read', 'compute:write'] });
+    const admin = await runCLI(['context', 'create', c.ctl.url, '--name', 'admin', '--service-account-name', 'bootstrap-admin', '--service-account-token', 'test-admin-token', '--trust-fingerprint', c.ctl.fingerprint!], env);
+    assert.equal(admin.code, 0, admin.stderr);
+    const got = await runCLI(['get', 'bootstrap-token', 'ci', '--context', 'admin'], env);
+    assert.equal(got.code, 0, got.stderr);
+
+    // A bare host:port, as upstream users type it; the token's certificate is pinned (checked against the presented one).
+    const hostPort = c.ctl.url.replace(/^https:\/\//, '');
+    const created = await runCLI(['context', 'create', hostPort, '--name', 'ci', '--bootstrap-token', got.stdout.trim()], env);
+    assert.equal(created.code, 0, created.stderr);
+    const listed = await runCLI(['list', 'vms', '--context', 'ci'], env);
+    assert.equal(listed.code, 0, listed.stderr);
+
+    // The file as upstream's CLI keeps it: the certificate is base64 of the PEM.
+    const file = YAML.parse(readFileSync(join(home, 'orchard.yml'), 'utf8')) as { contexts: Record<string, { url: string; certificate: string; serviceAccountName: string }> };
+    assert.equal(file.contexts.ci.serviceAccountName, 'ci');
+    assert.match(Buffer.from(file.contexts.ci.certificate, 'base64').toString(), /^-----BEGIN CERTIFICATE-----/);
+    assert.equal(Buffer.from(file.contexts.ci.certificate, 'base64').toString().trim(), c.ctl.certificate!.trim());
+
+    // The environment overrides the default context's credentials, as upstream's.
+    const viaEnv = await runCLI(['list', 'service-accounts'], { ...env, ORCHARD_SERVICE_ACCOUNT_NAME: 'bootstrap-admin', ORCHARD_SERVICE_ACCOUNT_TOKEN: 'test-admin-token' });
+    assert.equal(viaEnv.code, 0, viaEnv.stderr);
+    assert.match(viaEnv.stdout, /\bci\b/);
+    const wrong = await runCLI(['list', 'vms'], { ...env, ORCHARD_SERVICE_ACCOUNT_TOKEN: 'not-the-token' });
+    assert.notEqual(wrong.code, 0, 'the override is used');
+    assert.match(wrong.stderr, /401|invalid service account/);
+
+    // A bootstrap token for another controller's certificate is refused.
+    const other = await inProcessController();
+    try {
+      const forged = got.stdout.trim().split('.').slice(0, 3).concat(Buffer.from(other.ctl.certificate!).toString('base64url')).join('.');
+      const refused = await runCLI(['context', 'create', hostPort, '--name', 'forged', '--bootstrap-token', forged], env);
+      assert.notEqual(refused.code, 0);
+      assert.match(refused.stderr, /other than the bootstrap token's/);
+    } finally {
+      await other.close();
+      other.cleanup();
+    }
+  } finally {
+    await c.close();
+    c.cleanup();
+  }
+});
