@@ -44,15 +44,24 @@ export async function confirm(question: string): Promise<boolean> {
   }
 }
 
-/** `--label k=v` (repeatable) into a map. */
+/** `--label k=v` (repeatable), or upstream's `--labels a=1,b=2`, into a map. */
 export function collectKeyValue(value: string, previous: Record<string, string> = {}): Record<string, string> {
-  const eq = value.indexOf('=');
-  if (eq <= 0) throw new InvalidArgumentError(`expected KEY=VALUE, got "${value}"`);
-  return { ...previous, [value.slice(0, eq)]: value.slice(eq + 1) };
+  const out = { ...previous };
+  for (const pair of value.split(',')) {
+    const eq = pair.indexOf('=');
+    if (eq <= 0) throw new InvalidArgumentError(`expected KEY=VALUE[,KEY=VALUE...], got "${value}"`);
+    out[pair.slice(0, eq)] = pair.slice(eq + 1);
+  }
+  return out;
 }
 
 export function collect(value: string, previous: string[] = []): string[] {
   return [...previous, value];
+}
+
+/** A repeatable list flag that also takes upstream's comma-separated form (`--host-dirs a,b`). */
+export function collectList(value: string, previous: string[] = []): string[] {
+  return [...previous, ...value.split(',').filter(Boolean)];
 }
 
 export function parseInteger(name: string) {

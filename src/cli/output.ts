@@ -47,10 +47,14 @@ export function age(iso?: string): string {
   return `${Math.round(s / 86400)}d`;
 }
 
-/** "3m", "90s", "1h", "500ms", or plain seconds -> milliseconds. */
+const DURATION_UNITS: Record<string, number> = { ns: 1e-6, us: 1e-3, µs: 1e-3, ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+
+/** A Go duration ("3m", "90s", "1h30m", "5m30s", "500ms") or plain seconds -> milliseconds. */
 export function parseDuration(value: string): number {
-  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(value.trim());
-  if (!m) throw new Error(`"${value}" is not a duration (like 30s, 3m, 1h)`);
-  const n = Number(m[1]);
-  return n * ({ ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[m[2] ?? 's'] ?? 1000);
+  const v = value.trim();
+  if (/^\d+(?:\.\d+)?$/.test(v)) return Number(v) * 1000;
+  if (!/^(?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+$/.test(v)) throw new Error(`"${value}" is not a duration (like 30s, 3m, 1h30m)`);
+  let ms = 0;
+  for (const [, n, unit] of v.matchAll(/(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)/g)) ms += Number(n) * DURATION_UNITS[unit];
+  return ms;
 }

@@ -56,3 +56,30 @@ test('context create HOST:PORT --bootstrap-token, the config file as upstream wr
     c.cleanup();
   }
 });
+
+test("upstream's flag forms: --labels a=1,b=2, --resources a=1,b=2, --net-softnet-allow a,b, Go durations", async () => {
+  const c = await inProcessController();
+  try {
+    const home = tempDir();
+    const env = { ORCHARD_HOME: home, ORCHARD_URL: c.ctl.url, ORCHARD_SERVICE_ACCOUNT_NAME: 'bootstrap-admin', ORCHARD_SERVICE_ACCOUNT_TOKEN: 'test-admin-token' };
+    const ctx = await runCLI(['context', 'create', c.ctl.url, '--name', 'admin', '--service-account-name', 'bootstrap-admin', '--service-account-token', 'test-admin-token', '--trust-fingerprint', c.ctl.fingerprint!], env);
+    assert.equal(ctx.code, 0, ctx.stderr);
+    const created = await runCLI(
+      ['create', 'vm', 'ci_build.2', '--image', 'ghcr.io/cirruslabs/macos-sonoma-base:latest', '--labels', 'os=sonoma,model=m2', '--label', 'rack=a',
+        '--resources', 'gpu=1,license=2', '--net-softnet', '--net-softnet-allow', '10.0.0.0/8,192.168.0.0/16', '--suspendable'],
+      env,
+    );
+    assert.equal(created.code, 0, created.stderr);
+    const vm = await c.admin.getVM('ci_build.2');
+    assert.deepEqual(vm.labels, { os: 'sonoma', model: 'm2', rack: 'a' });
+    assert.deepEqual(vm.resources, { gpu: 1, license: 2 });
+    assert.deepEqual(vm.netSoftnetAllow, ['10.0.0.0/8', '192.168.0.0/16']);
+    assert.equal(vm.suspendable, true);
+    const { parseDuration } = await import('../../src/cli/output.ts');
+    assert.deepEqual(['5m30s', '1h', '90', '1.5s', '250ms', '2h45m10s'].map(parseDuration), [330_000, 3_600_000, 90_000, 1500, 250, 9_910_000]);
+    assert.throws(() => parseDuration('5 minutes'), /not a duration/);
+  } finally {
+    await c.close();
+    c.cleanup();
+  }
+});

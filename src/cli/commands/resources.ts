@@ -5,7 +5,7 @@ import { Command, Option } from 'commander';
 import { ROLES, SCHEDULER_PROFILES, type ClusterSettings, type Role, type ServiceAccount, type VM, type Worker } from '../../api/schemas.ts';
 import { encodeBootstrapToken } from '../../api/bootstrap-token.ts';
 import { resolveContext } from '../../client/config.ts';
-import { collect, collectKeyValue, parseInteger, UsageError, withClient, withCommon, type CommonOptions } from '../common.ts';
+import { collect, collectKeyValue, collectList, parseInteger, UsageError, withClient, withCommon, type CommonOptions } from '../common.ts';
 import { age, details, formatLabels, print, table } from '../output.ts';
 
 const vmRow = (vm: VM) => [vm.name, vm.image, vm.cpu, vm.memory, vm.status, vm.worker, formatLabels(vm.labels), age(vm.createdAt)];
@@ -70,8 +70,8 @@ export function registerResourceCommands(program: Command) {
       .option('--os <os>', 'darwin or linux')
       .option('--arch <arch>', 'arm64 or amd64')
       .option('--runtime <runtime>', 'tart, qemu, synthetic, ...')
-      .option('--label <key=value>', 'require a worker label (repeatable)', collectKeyValue)
-      .option('--resources <name=amount>', 'require a worker resource (repeatable)', collectKeyValue)
+      .option('--label, --labels <key=value[,...]>', 'require worker labels (repeatable)', collectKeyValue)
+      .option('--resources <name=amount[,...]>', 'require worker resources (repeatable)', collectKeyValue)
       .option('--username <user>', 'SSH user of the guest (default admin)')
       .option('--password <password>', 'SSH password of the guest (default admin)')
       .option('--startup-script <script>', 'script to run once the guest is up (@FILE reads a file)')
@@ -79,9 +79,14 @@ export function registerResourceCommands(program: Command) {
       .addOption(new Option('--restart-policy <policy>', 'what to do when the VM fails').choices(['Never', 'OnFailure']))
       .addOption(new Option('--image-pull-policy <policy>', 'when to pull the image').choices(['IfNotPresent', 'Always']))
       .option('--net-softnet', 'isolate the VM with Softnet (Tart)')
+      .option('--net-softnet-allow <cidr[,...]>', 'Softnet: allow these networks (Tart)', collectList)
+      .option('--net-softnet-block <cidr[,...]>', 'Softnet: block these networks (Tart)', collectList)
+      .option('--net-bridged <interface>', 'bridge the VM to this host interface (Tart)')
       .option('--nested', 'enable nested virtualisation')
       .option('--headless', 'no graphics')
-      .option('--host-dir <name:path[:ro]>', 'share a host directory (repeatable)', collect),
+      .option('--suspendable', 'the VM may be suspended (Tart)')
+      .option('--random-serial', 'a random serial number (Tart)')
+      .option('--host-dir, --host-dirs <name:path[:ro][,...]>', 'share host directories (repeatable)', collectList),
   ).action(
     async (
       name: string,
@@ -93,7 +98,7 @@ export function registerResourceCommands(program: Command) {
         os?: VM['os'];
         arch?: VM['arch'];
         runtime?: string;
-        label?: Record<string, string>;
+        labels?: Record<string, string>;
         resources?: Record<string, string>;
         username?: string;
         password?: string;
@@ -102,9 +107,14 @@ export function registerResourceCommands(program: Command) {
         restartPolicy?: VM['restart_policy'];
         imagePullPolicy?: VM['imagePullPolicy'];
         netSoftnet?: boolean;
+        netSoftnetAllow?: string[];
+        netSoftnetBlock?: string[];
+        netBridged?: string;
         nested?: boolean;
         headless?: boolean;
-        hostDir?: string[];
+        suspendable?: boolean;
+        randomSerial?: boolean;
+        hostDirs?: string[];
       },
     ) => {
       const resources: Record<string, number> = {};
@@ -121,16 +131,21 @@ export function registerResourceCommands(program: Command) {
         os: opts.os,
         arch: opts.arch,
         runtime: opts.runtime,
-        labels: opts.label,
+        labels: opts.labels,
         resources: Object.keys(resources).length ? resources : undefined,
         username: opts.username,
         password: opts.password,
         restart_policy: opts.restartPolicy,
         imagePullPolicy: opts.imagePullPolicy,
         netSoftnet: opts.netSoftnet,
+        netSoftnetAllow: opts.netSoftnetAllow,
+        netSoftnetBlock: opts.netSoftnetBlock,
+        'net-bridged': opts.netBridged,
         nested: opts.nested,
         headless: opts.headless,
-        hostDirs: opts.hostDir?.map((spec) => {
+        suspendable: opts.suspendable,
+        randomSerial: opts.randomSerial,
+        hostDirs: opts.hostDirs?.map((spec) => {
           const [dirName, path, ro] = spec.split(':');
           if (!dirName || !path || (ro !== undefined && ro !== 'ro')) throw new UsageError(`--host-dir must be NAME:PATH or NAME:PATH:ro, got "${spec}"`);
           return { name: dirName, path, ro: ro === 'ro' };

@@ -50,8 +50,8 @@ export function registerWorkerCommands(program: Command) {
     .option('--bootstrap-token <token>', 'from `orchard get bootstrap-token NAME` (credentials and the controller certificate); visible in ps, prefer the next two')
     .option('--bootstrap-token-stdin', 'read the bootstrap token from standard input')
     .option('--name <name>', 'worker name (default: the host name, as upstream)', hostname().replace(/[^A-Za-z0-9._:-]/g, '-').slice(0, 128))
-    .option('--label <key=value>', 'label VMs can require (repeatable)', collectKeyValue)
-    .option('--resources <name=amount>', 'extra resource to advertise (repeatable)', collectKeyValue)
+    .option('--label, --labels <key=value[,...]>', 'labels VMs can require (repeatable)', collectKeyValue)
+    .option('--resources <name=amount[,...]>', 'extra resources to advertise (repeatable)', collectKeyValue)
     .option('--runtime <runtime>', 'qemu (Linux), tart (macOS) or synthetic', process.platform === 'darwin' ? 'tart' : 'qemu')
     .option('--synthetic', 'same as --runtime synthetic: in-memory VMs for load tests')
     .option('--slots <n>', 'VMs this host runs at once (default: 2 for tart, memory/1 GiB for qemu, 1000 synthetic)', parseInteger('--slots'))
@@ -59,7 +59,7 @@ export function registerWorkerCommands(program: Command) {
     .option('--heartbeat <duration>', 'how often to report liveness', '10s')
     .option('--orphan-grace <duration>', 'how long to keep a VM the controller does not know (it lost its data) before removing it', '24h')
     .addHelpText('after', `\nThe bootstrap token comes from exactly one of --bootstrap-token-stdin, $${BOOTSTRAP_TOKEN_ENV} or --bootstrap-token.`)
-    .action(async (url: string, opts: { bootstrapToken?: string; bootstrapTokenStdin?: boolean; name: string; label?: Record<string, string>; resources?: Record<string, string>; runtime: string; synthetic?: boolean; slots?: number; dataDir: string; heartbeat: string; orphanGrace: string }) => {
+    .action(async (url: string, opts: { bootstrapToken?: string; bootstrapTokenStdin?: boolean; name: string; labels?: Record<string, string>; resources?: Record<string, string>; runtime: string; synthetic?: boolean; slots?: number; dataDir: string; heartbeat: string; orphanGrace: string }) => {
       const { startWorker } = await import('../../worker/run.ts');
       const token = decodeBootstrapToken(await bootstrapTokenFrom(opts));
       const resources: Record<string, number> = {};
@@ -72,7 +72,7 @@ export function registerWorkerCommands(program: Command) {
         token,
         name: opts.name,
         runtime: opts.synthetic ? 'synthetic' : opts.runtime,
-        labels: opts.label ?? {},
+        labels: opts.labels ?? {},
         resources,
         slots: opts.slots,
         dataDir: opts.dataDir,
