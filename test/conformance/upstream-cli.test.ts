@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import YAML from 'yaml';
-import { inProcessController, runCLI, tempDir } from '../helpers.ts';
+import { inProcessController, runCLI, tempDir, waitFor } from '../helpers.ts';
 
 test('context create HOST:PORT --bootstrap-token, the config file as upstream writes it, and the environment overrides', async () => {
   const c = await inProcessController();
@@ -75,6 +75,28 @@ test("upstream's flag forms: --labels a=1,b=2, --resources a=1,b=2, --net-softne
     assert.deepEqual(vm.resources, { gpu: 1, license: 2 });
     assert.deepEqual(vm.netSoftnetAllow, ['10.0.0.0/8', '192.168.0.0/16']);
     assert.equal(vm.suspendable, true);
+    // list -q (before or after the resource), logs --tail, pause worker --wait.
+    for (const args of [['list', '-q', 'vms'], ['list', 'vms', '-q']]) {
+      const q = await runCLI(args, env);
+      assert.equal(q.code, 0, q.stderr);
+      assert.equal(q.stdout, 'ci_build.2\n');
+    }
+    await c.admin.registerWorker({ name: 'w-tail', resources: { 'org.cirruslabs.tart-vms': 1 } });
+    await c.admin.createVM({ name: 'busy', image: 'img', labels: { pool: 'tail' } });
+    await c.admin.updateWorker({ name: 'w-tail', labels: { pool: 'tail' } });
+    await waitFor('busy placed', async () => (await c.admin.getVM('busy')).worker === 'w-tail' || undefined);
+    await c.admin.appendEvents('busy', [1, 2, 3, 4, 5].map((i) => ({ kind: 'log_line', timestamp: 1_700_000_000 + i, payload: `line ${i}` })));
+    const tail = await runCLI(['logs', 'vm', 'busy', '--tail', '2'], env);
+    assert.equal(tail.code, 0, tail.stderr);
+    assert.deepEqual(tail.stdout.trim().split('\n').map((l) => l.replace(/^\S+ /, '')), ['log_line: line 5', 'log_line: line 4'], 'the last two, newest first');
+    const t0 = Date.now();
+    const timedOut = await runCLI(['pause', 'worker', 'w-tail', '--wait', '1'], env);
+    assert.notEqual(timedOut.code, 0, 'busy still runs');
+    assert.match(timedOut.stderr, /still runs 1 VM after 1s: busy/);
+    assert.ok(Date.now() - t0 >= 1000);
+    await c.admin.deleteVM('busy');
+    const done = await runCLI(['pause', 'worker', 'w-tail', '--wait', '5'], env);
+    assert.equal(done.code, 0, done.stderr);
     const { parseDuration } = await import('../../src/cli/output.ts');
     assert.deepEqual(['5m30s', '1h', '90', '1.5s', '250ms', '2h45m10s'].map(parseDuration), [330_000, 3_600_000, 90_000, 1500, 250, 9_910_000]);
     assert.throws(() => parseDuration('5 minutes'), /not a duration/);

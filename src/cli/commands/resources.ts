@@ -52,7 +52,10 @@ function parseRoles(roles: string[]): Role[] {
 
 export function registerResourceCommands(program: Command) {
   const create = program.command('create').description('create a resource');
-  const list = program.command('list').description('list resources');
+  const list = program.command('list').description('list resources').option('-q, --quiet', 'only the names (as upstream\'s `list -q`)');
+  /** `list -q vms` or `list vms -q`: names only. */
+  const quiet = (opts: { quiet?: boolean }) => opts.quiet || (list.opts() as { quiet?: boolean }).quiet;
+  const names = (items: { name: string }[]) => items.map((i) => i.name + '\n').join('');
   const get = program.command('get').description('show a resource');
   const del = program.command('delete').description('delete a resource');
   const set = program.command('set').description('change a resource');
@@ -161,10 +164,10 @@ export function registerResourceCommands(program: Command) {
     },
   );
 
-  withCommon(list.command('vms').description('list VMs').option('--worker <name>', 'only the VMs of this worker')).action(
-    async (opts: CommonOptions & { worker?: string }) => {
+  withCommon(list.command('vms').description('list VMs').option('--worker <name>', 'only the VMs of this worker').option('-q, --quiet', 'only the names')).action(
+    async (opts: CommonOptions & { worker?: string; quiet?: boolean }) => {
       const vms = await withClient(opts, (c) => c.listVMs(opts.worker));
-      print(opts.output, vms, () => table(VM_HEADERS, vms.map(vmRow)));
+      print(opts.output, vms, () => (quiet(opts) ? names(vms) : table(VM_HEADERS, vms.map(vmRow))));
     },
   );
 
@@ -200,8 +203,13 @@ export function registerResourceCommands(program: Command) {
       .description("a VM's events: lifecycle steps and startup script output")
       .argument('<name>')
       .option('--limit <n>', 'at most this many events', parseInteger('--limit'))
+      .option('--tail <n>', 'the last N events, newest first (as upstream\'s; same as --limit N --order desc)', parseInteger('--tail'))
       .addOption(new Option('--order <order>', 'oldest (asc) or newest (desc) first').choices(['asc', 'desc']).default('asc')),
-  ).action(async (name: string, opts: CommonOptions & { limit?: number; order: 'asc' | 'desc' }) => {
+  ).action(async (name: string, opts: CommonOptions & { limit?: number; tail?: number; order: 'asc' | 'desc' }) => {
+    if (opts.tail !== undefined && opts.tail > 0) {
+      opts.limit = opts.tail;
+      opts.order = 'desc';
+    }
     const events = await withClient(opts, async (c) => {
       const all = [];
       let cursor: string | undefined;
@@ -219,9 +227,9 @@ export function registerResourceCommands(program: Command) {
   });
 
   // ---- workers ----
-  withCommon(list.command('workers').description('list workers')).action(async (opts: CommonOptions) => {
+  withCommon(list.command('workers').description('list workers').option('-q, --quiet', 'only the names')).action(async (opts: CommonOptions & { quiet?: boolean }) => {
     const workers = await withClient(opts, (c) => c.listWorkers());
-    print(opts.output, workers, () => table(WORKER_HEADERS, workers.map(workerRow)));
+    print(opts.output, workers, () => (quiet(opts) ? names(workers) : table(WORKER_HEADERS, workers.map(workerRow))));
   });
   withCommon(get.command('worker').description('show a worker').argument('<name>')).action(async (name: string, opts: CommonOptions) => {
     const w = await withClient(opts, (c) => c.getWorker(name));
@@ -235,17 +243,27 @@ export function registerResourceCommands(program: Command) {
     ['pause', true],
     ['resume', false],
   ] as const) {
-    withCommon(
-      program
-        .command(verb)
-        .description(`${verb} scheduling on a worker`)
-        .command('worker')
-        .description(paused ? 'place no new VMs on this worker (running ones stay)' : 'place new VMs on this worker again')
-        .argument('<name>'),
-      false,
-    ).action(async (name: string, opts: CommonOptions) => {
-      await withClient(opts, (c) => c.updateWorker({ name, scheduling_paused: paused }));
-      process.stderr.write(`worker ${name} ${paused ? 'paused' : 'resumed'}\n`);
+    const cmd = program
+      .command(verb)
+      .description(`${verb} scheduling on a worker`)
+      .command('worker')
+      .description(paused ? 'place no new VMs on this worker (running ones stay)' : 'place new VMs on this worker again')
+      .argument('<name>');
+    if (paused) cmd.option('--wait <seconds>', "then wait up to this long until none of its VMs runs (as upstream's)", parseInteger('--wait'));
+    withCommon(cmd, false).action(async (name: string, opts: CommonOptions & { wait?: number }) => {
+      await withClient(opts, async (c) => {
+        await c.updateWorker({ name, scheduling_paused: paused });
+        process.stderr.write(`worker ${name} ${paused ? 'paused' : 'resumed'}\n`);
+        if (!paused || !opts.wait) return;
+        const deadline = Date.now() + opts.wait * 1000;
+        for (;;) {
+          const active = (await c.listVMs(name)).filter((vm) => vm.status !== 'failed');
+          if (!active.length) return;
+          if (Date.now() > deadline) throw new Error(`worker ${name} still runs ${active.length} VM${active.length === 1 ? '' : 's'} after ${opts.wait}s: ${active.map((v) => v.name).join(', ')}`);
+          process.stderr.write(`waiting for ${active.length} VM${active.length === 1 ? '' : 's'} on worker ${name} to stop…\n`);
+          await new Promise((r) => setTimeout(r, 1000));
+        }
+      });
     });
   }
 
@@ -291,9 +309,9 @@ export function registerResourceCommands(program: Command) {
     const sa = await withClient(opts, (c) => c.createServiceAccount({ name, roles: parseRoles(opts.roles), token: opts.token }));
     print(opts.output, sa, () => `service account ${sa.name} created with roles ${sa.roles.join(', ') || '(none)'}\n`);
   });
-  withCommon(list.command('service-accounts').description('list service accounts')).action(async (opts: CommonOptions) => {
+  withCommon(list.command('service-accounts').description('list service accounts').option('-q, --quiet', 'only the names')).action(async (opts: CommonOptions & { quiet?: boolean }) => {
     const sas = await withClient(opts, (c) => c.listServiceAccounts());
-    print(opts.output, sas, () => table(['NAME', 'ROLES', 'AGE'], sas.map(saRow)));
+    print(opts.output, sas, () => (quiet(opts) ? names(sas) : table(['NAME', 'ROLES', 'AGE'], sas.map(saRow))));
   });
   withCommon(get.command('service-account').description('show a service account').argument('<name>')).action(async (name: string, opts: CommonOptions) => {
     const sa = await withClient(opts, (c) => c.getServiceAccount(name));
