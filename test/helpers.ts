@@ -76,7 +76,8 @@ export interface ChildController {
 /** `orchard controller run` as a real child process; resolves once it listens. */
 export function spawnController(dataDir: string, extraArgs: string[] = [], env: Record<string, string> = {}): Promise<ChildController> {
   const proc = spawn(ORCHARD_BIN, ['controller', 'run', '--data-dir', dataDir, '--listen', '127.0.0.1:0', ...extraArgs], {
-    env: { ...process.env, ORCHARD_BOOTSTRAP_ADMIN_TOKEN: ADMIN_TOKEN, ORCHARD_LOG_LEVEL: 'warn', ...env },
+    // ORCHARD_HOME: the controller writes a bootstrap-context there (as upstream's), not in the user's ~/.orchard.
+    env: { ...process.env, ORCHARD_BOOTSTRAP_ADMIN_TOKEN: ADMIN_TOKEN, ORCHARD_LOG_LEVEL: 'warn', ORCHARD_HOME: tempDir('orchard-home-'), ...env },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   let err = '';

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import YAML from 'yaml';
-import { inProcessController, runCLI, tempDir, waitFor } from '../helpers.ts';
+import { inProcessController, runCLI, spawnController, tempDir, waitFor } from '../helpers.ts';
 
 test('context create HOST:PORT --bootstrap-token, the config file as upstream writes it, and the environment overrides', async () => {
   const c = await inProcessController();
@@ -103,5 +103,23 @@ test("upstream's flag forms: --labels a=1,b=2, --resources a=1,b=2, --net-softne
   } finally {
     await c.close();
     c.cleanup();
+  }
+});
+
+test('controller run on a fresh data dir without ORCHARD_BOOTSTRAP_ADMIN_TOKEN makes bootstrap-admin and a bootstrap-context, as upstream', async () => {
+  const home = tempDir();
+  const ctl = await spawnController(tempDir(), [], { ORCHARD_BOOTSTRAP_ADMIN_TOKEN: '', ORCHARD_HOME: home });
+  try {
+    await waitFor('the bootstrap message', () => /service account token: (\S+)/.exec(ctl.stderr())?.[1]);
+    const token = /service account token: (\S+)/.exec(ctl.stderr())![1];
+    assert.ok(token.length >= 40, 'a long random token');
+    const file = YAML.parse(readFileSync(join(home, 'orchard.yml'), 'utf8')) as { 'default-context': string; contexts: Record<string, { serviceAccountToken: string }> };
+    assert.equal(file['default-context'], 'bootstrap-context');
+    assert.equal(file.contexts['bootstrap-context'].serviceAccountToken, token);
+    const listed = await runCLI(['list', 'service-accounts', '-q'], { ORCHARD_HOME: home });
+    assert.equal(listed.code, 0, listed.stderr);
+    assert.equal(listed.stdout, 'bootstrap-admin\n');
+  } finally {
+    await ctl.kill('SIGTERM');
   }
 });

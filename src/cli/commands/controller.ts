@@ -3,6 +3,33 @@ import type { Command } from 'commander';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { parseDuration } from '../output.ts';
+import { randomBytes } from 'node:crypto';
+import { ROLES } from '../../api/schemas.ts';
+import { loadConfig, saveConfig } from '../../client/config.ts';
+import type { RunningController } from '../../controller/controller.ts';
+
+/**
+ * As upstream's: a fresh controller started without ORCHARD_BOOTSTRAP_ADMIN_TOKEN makes the
+ * "bootstrap-admin" account with a random token and prints it once; while that account exists, the
+ * "bootstrap-context" context on this host holds its credentials (the default if there is none).
+ */
+async function bootstrapAdmin(ctl: RunningController, fromEnvironment: boolean) {
+  if (!fromEnvironment && (await ctl.store.list('serviceAccounts')).length === 0) {
+    const token = randomBytes(32).toString('base64url');
+    await ctl.store.create('serviceAccounts', { name: 'bootstrap-admin', token, roles: [...ROLES], createdAt: new Date().toISOString() });
+    process.stderr.write(
+      'orchard controller: no service accounts found: created "bootstrap-admin" with every role and a random token:\n' +
+        `  service account name: bootstrap-admin\n  service account token: ${token}\n` +
+        (ctl.fingerprint ? `  certificate SHA-256 fingerprint: ${ctl.fingerprint}\n` : ''),
+    );
+  }
+  const admin = await ctl.store.get('serviceAccounts', 'bootstrap-admin');
+  if (!admin?.token) return;
+  const config = loadConfig();
+  config.contexts['bootstrap-context'] = { url: ctl.url, certificate: ctl.certificate, serviceAccountName: admin.name, serviceAccountToken: admin.token };
+  config['default-context'] ??= 'bootstrap-context';
+  saveConfig(config);
+}
 
 export function registerControllerCommands(program: Command) {
   const controller = program.command('controller').description('run the controller');
@@ -41,6 +68,7 @@ export function registerControllerCommands(program: Command) {
         throw e;
       }
       if (ctl.fingerprint) process.stderr.write(`orchard controller: listening on ${ctl.url}, certificate SHA-256 ${ctl.fingerprint}\n`);
+      await bootstrapAdmin(ctl, !!process.env.ORCHARD_BOOTSTRAP_ADMIN_TOKEN);
       if (ctl.ssh) {
         const address = opts.listenSsh!.replace(/\d+$/, String(ctl.ssh.port));
         process.stderr.write(`orchard controller: SSH jump host on ${address}, host key ${ctl.ssh.fingerprint} (ssh -J ACCOUNT@HOST:${ctl.ssh.port} USER@VM)\n`);
