@@ -128,7 +128,7 @@ test('jump host: host key kept across restarts; tokens, roles, sessions, remote 
       openssh('sftp', ['-F', cfg, 'jumper@jump'], jumper.token!, work),
       ssh(['-N', '-o', 'ExitOnForwardFailure=yes', '-R', '0:127.0.0.1:22', 'jumper@jump'], jumper.token!),
       ssh(['-W', 'no-such-vm:22', 'jumper@jump'], jumper.token!),
-      ssh(['-W', 'not_a.vm:22', 'jumper@jump'], jumper.token!),
+      ssh(['-W', 'bad%name:22', 'jumper@jump'], jumper.token!),
       ssh(['-J', 'jumper@jump', 'no-such-vm', 'true'], jumper.token!),
       ssh(['-W', 'pending-vm:22', 'jumper@jump'], jumper.token!),
     ]);
@@ -145,7 +145,7 @@ test('jump host: host key kept across restarts; tokens, roles, sessions, remote 
     assert.match(remoteForward.stderr, /remote port forwarding failed/, show(remoteForward));
     assert.match(unknownVM.stderr, /channel 0: open failed: connect failed: VM "no-such-vm" not found/, show(unknownVM));
     assert.match(unknownVM.stderr, /stdio forwarding failed/, show(unknownVM));
-    assert.match(badName.stderr, /open failed: connect failed: "not_a\.vm" is not a VM name/, show(badName));
+    assert.match(badName.stderr, /open failed: connect failed: "bad%name" is not a VM name/, show(badName));
     assert.equal(jumpToUnknown.code, 255, show(jumpToUnknown));
     assert.match(jumpToUnknown.stderr, /open failed: connect failed: VM "no-such-vm" not found/, show(jumpToUnknown));
     assert.equal(pending.code, 255, show(pending));
