@@ -51,6 +51,7 @@ import { Client } from 'ssh2';
 import type { RawData, WebSocket } from 'ws';
 import type { ServiceAccount, VM } from '../api/schemas.ts';
 import { CONNECT_ROLES, type Access } from './access.ts';
+import { sshCredentials } from '../api/defaults.ts';
 import type { Store } from './store/store.ts';
 import { badRequest, HttpError, notFound } from './errors.ts';
 import type { Tunnel, Tunnels } from './tunnels.ts';
@@ -781,7 +782,7 @@ export class ExecSessions {
         if (err instanceof HttpError && err.statusCode !== 503) throw err;
         if (auth || Date.now() + 1000 > deadline) {
           throw new HttpError(503, auth
-            ? `could not log in to VM "${vmName}" over SSH as "${vm.username ?? 'admin'}": ${message} (check the VM's username and password)`
+            ? `could not log in to VM "${vmName}" over SSH as "${sshCredentials(vm).username}": ${message} (check the VM's username and password)`
             : `could not run the command in VM "${vmName}" over SSH: ${message}`);
         }
         await sleep(1000);
@@ -807,8 +808,7 @@ export class ExecSessions {
         conn.once('close', () => reject(new Error(connError ?? 'the connection closed during the SSH handshake')));
         conn.connect({
           sock: tunnel.stream,
-          username: vm.username ?? 'admin',
-          password: vm.password ?? 'admin',
+          ...sshCredentials(vm),
           readyTimeout: 20_000,
           keepaliveInterval: 30_000,
           keepaliveCountMax: 3,

@@ -12,6 +12,7 @@ import { localNameOf, RESOURCE_LOGICAL_CORES, RESOURCE_MEMORY_MIB, RESOURCE_TART
 import { ApiError, OrchardClient, wsMasking } from '../client/client.ts';
 import type { Driver, DriverVM, LocalVM } from './drivers/driver.ts';
 import { runScript } from './startup-script.ts';
+import { sshCredentials, VM_DEFAULTS } from '../api/defaults.ts';
 
 export interface WorkerOptions {
   client: OrchardClient;
@@ -455,11 +456,10 @@ export class OrchardWorker {
       uid: vm.uid!,
       image: vm.image!,
       imagePullPolicy: vm.imagePullPolicy ?? 'IfNotPresent',
-      cpu: vm.cpu ?? 4,
-      memory: vm.memory ?? 8192,
+      cpu: vm.cpu ?? VM_DEFAULTS.cpu,
+      memory: vm.memory ?? VM_DEFAULTS.memory,
       diskSize: vm.diskSize,
-      username: vm.username ?? 'admin',
-      password: vm.password ?? 'admin',
+      ...sshCredentials(vm),
       nested: vm.nested,
       headless: vm.headless,
       netSoftnet: vm.netSoftnet || vm['net-softnet'],
@@ -558,8 +558,7 @@ export class OrchardWorker {
     try {
       const result = await runScript({
         sock: await this.o.driver.dial(localName, 22),
-        username: vm.username ?? 'admin',
-        password: vm.password ?? 'admin',
+        ...sshCredentials(vm),
         script: vm.startup_script!.script_content,
         env: vm.startup_script!.env,
         onOutput: (_stream, data) => (buffered += data.toString('utf8')),

@@ -11,12 +11,12 @@ import type { Command } from 'commander';
 import type { ClientChannel, Client as SSHClient } from 'ssh2';
 import type { WebSocket } from 'ws';
 import { ApiError, type OrchardClient } from '../../client/client.ts';
+import { sshCredentials, VM_DEFAULTS, VNC_PORT } from '../../api/defaults.ts';
 import { clientFor, parseInteger, UsageError, withCommon } from '../common.ts';
 
 /** Upstream's default for --wait: how long a connection waits for the VM to be running. */
 const DEFAULT_WAIT = 60;
 const SSH_PORT = 22;
-const VNC_PORT = 5900;
 
 export interface PortSpec {
   /** 0: any free port */
@@ -149,11 +149,12 @@ async function credentials(client: OrchardClient, name: string, username?: strin
   if (username !== undefined && password !== undefined) return { username, password };
   try {
     const vm = await client.getVM(name);
-    return { username: username ?? vm.username ?? 'admin', password: password ?? vm.password ?? 'admin' };
+    const own = sshCredentials(vm);
+    return { username: username ?? own.username, password: password ?? own.password };
   } catch (err) {
     if (err instanceof ApiError && err.status === 404) throw err;
     warn(`could not read VM ${name}'s credentials (${describe(err)}); trying admin/admin`);
-    return { username: username ?? 'admin', password: password ?? 'admin' };
+    return { username: username ?? VM_DEFAULTS.username, password: password ?? VM_DEFAULTS.password };
   }
 }
 

@@ -4,6 +4,7 @@ import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { ROLES, SCHEDULER_PROFILES, type ClusterSettings, type Role, type ServiceAccount, type VM, type Worker } from '../../api/schemas.ts';
 import { encodeBootstrapToken } from '../../api/bootstrap-token.ts';
+import { VM_DEFAULTS } from '../../api/defaults.ts';
 import { resolveContext } from '../../client/config.ts';
 import { collect, collectKeyValue, collectList, parseInteger, UsageError, withClient, withCommon, type CommonOptions } from '../common.ts';
 import { age, details, formatLabels, print, table } from '../output.ts';
@@ -67,8 +68,8 @@ export function registerResourceCommands(program: Command) {
       .description('create a VM; a worker picks it up and boots it')
       .argument('<name>', "VM name: letters, digits, '-', '_', '.', ':'")
       .requiredOption('--image <image>', 'image to boot (e.g. debian-dev, ghcr.io/cirruslabs/macos-sequoia-base:latest)')
-      .option('--cpu <n>', 'virtual CPUs (default 4)', parseInteger('--cpu'))
-      .option('--memory <mib>', 'memory in MiB (default 8192)', parseInteger('--memory'))
+      .option('--cpu <n>', `virtual CPUs (default ${VM_DEFAULTS.cpu})`, parseInteger('--cpu'))
+      .option('--memory <mib>', `memory in MiB (default ${VM_DEFAULTS.memory})`, parseInteger('--memory'))
       .option('--disk-size <gb>', 'disk size in GB', parseInteger('--disk-size'))
       .option('--os <os>', 'darwin or linux')
       .option('--arch <arch>', 'arm64 or amd64')

@@ -6,6 +6,7 @@
 import { randomUUID } from 'node:crypto';
 import { VM_SPEC_KEYS, type ServiceAccount, type VM } from '../../api/schemas.ts';
 import { badRequest } from '../errors.ts';
+import { VM_DEFAULTS } from '../../api/defaults.ts';
 
 export type VMSecrets = 'all' | 'password' | 'none';
 
@@ -42,10 +43,7 @@ export function newVM(body: VM): VM {
     os: 'darwin',
     arch: 'arm64',
     imagePullPolicy: 'IfNotPresent',
-    cpu: 4,
-    memory: 8192,
-    username: 'admin',
-    password: 'admin',
+    ...VM_DEFAULTS,
     restart_policy: 'Never',
     resources: {},
     labels: {},

@@ -22,13 +22,13 @@ import { privateDir, privateFiles } from '../private-files.ts';
 import { connectTCP, connectUnix, sshBannerOn } from './net.ts';
 import { connectInNetns, inNewNetns, startPasta } from './netns.ts';
 import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
+// dial(name, VNC_PORT) reaches QEMU's VNC server for the VM's display (a unix socket, no guest port).
+import { VNC_PORT } from '../../api/defaults.ts';
 
 const execFileP = promisify(execFile);
 
 /** The guest's address on QEMU's user-mode network (the first address its DHCP server hands out). */
 export const USER_NET_GUEST_IP = '10.0.2.15';
-/** dial(name, VNC_PORT) reaches QEMU's VNC server for the VM's display (a unix socket, no guest port). */
-export const VNC_PORT = 5900;
 
 export type Accel = 'kvm' | 'tcg';
 
