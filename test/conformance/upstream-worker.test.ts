@@ -121,6 +121,22 @@ describe('an upstream 0.55 worker (replayed)', () => {
     assert.deepEqual((await c.admin.listEvents('ci_build.1')).events.map((e) => [e.kind, e.payload]), [['log_line', 'Booted.']]);
   });
 
+  test("an older upstream worker's state report through PUT /v1/vms/{name} (User-Agent Orchard/0…); started_at is the controller's", async () => {
+    const vm = await c.admin.getVM('ci_build.1');
+    const old = await rawRequest(c.ctl, 'PUT', '/v1/vms/ci_build.1', {
+      auth: w.auth,
+      contentType: null,
+      headers: { 'user-agent': 'Orchard/0.40.1' },
+      body: JSON.stringify({ ...vm, status: 'running', status_message: 'still running (old worker)', started_at: ZERO_TIME, restarted_at: ZERO_TIME }),
+    });
+    assert.equal(old.status, 200, old.body);
+    const after = await c.admin.getVM('ci_build.1');
+    assert.equal(after.status_message, 'still running (old worker)');
+    assert.equal(after.generation, vm.generation, 'not a spec change');
+    assert.notEqual(after.started_at, ZERO_TIME);
+    assert.ok(Date.parse(after.started_at!) > Date.parse('2020-01-01'), after.started_at);
+  });
+
   test('serves a port-forward (errorMessage= in the query) and an IP lookup (ip= in the query, no body)', async () => {
     const user = await account(c, 'user', ['compute:connect']);
     const before = frames.length;

@@ -4,7 +4,7 @@
 // (compute:write or compute:connect), its startup script's environment values only to compute:write
 // (they may hold credentials). Workers act with compute:write and get everything.
 import { randomUUID } from 'node:crypto';
-import { VM_SPEC_KEYS, type ServiceAccount, type VM } from '../../api/schemas.ts';
+import { VM_SPEC_KEYS, type ServiceAccount, type VM, type VMStateUpdate } from '../../api/schemas.ts';
 import { badRequest } from '../errors.ts';
 import { VM_DEFAULTS } from '../../api/defaults.ts';
 
@@ -54,4 +54,21 @@ export function newVM(body: VM): VM {
     restart_count: 0,
     conditions: [],
   };
+}
+
+/**
+ * A VM after its worker's state report: the state fields it carries (the others stay). `started_at`
+ * is the controller's: set when the VM starts running (upstream's workers send a zero time).
+ */
+export function applyStateReport(vm: VM, report: Omit<VMStateUpdate, 'events'>, now: string): VM {
+  const next: VM = { ...vm };
+  if (report.status) next.status = report.status;
+  if (report.status_message !== undefined) next.status_message = report.status_message;
+  if (report.observedGeneration !== undefined) next.observedGeneration = report.observedGeneration;
+  if (report.conditions !== undefined) next.conditions = report.conditions;
+  if (report.localName !== undefined) next.localName = report.localName;
+  if (report.tartName !== undefined) next.tartName = report.tartName;
+  if (report.image_fqn !== undefined) next.image_fqn = report.image_fqn;
+  if (report.status === 'running' && vm.status !== 'running') next.started_at = now;
+  return JSON.stringify(next) === JSON.stringify(vm) ? vm : next;
 }

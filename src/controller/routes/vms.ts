@@ -20,7 +20,7 @@ import { badRequest, conflict, notFound } from '../errors.ts';
 import { streamWatch } from '../watch.ts';
 import { accountOf } from '../access.ts';
 import { checkActsAs } from '../domain/workers.ts';
-import { newVM, redactVM, secretsFor } from '../domain/vms.ts';
+import { applyStateReport, newVM, redactVM, secretsFor } from '../domain/vms.ts';
 
 const NameParams = Type.Object({ name: Name });
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
@@ -132,6 +132,34 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
     },
   );
 
+  /** A worker's report of a VM's state (and events, in the same commit). */
+  async function reportState(name: string, report: VMStateUpdate, account: ServiceAccount): Promise<VM> {
+    const { events, ...b } = report;
+    checkSafeInteger('observedGeneration', b.observedGeneration);
+    events?.forEach((e, i) => checkSafeInteger(`events[${i}].timestamp`, e.timestamp));
+    // A report about an earlier run of the VM (a late one from the worker it left, or from before
+    // an OnFailure restart) must not overwrite the current run's state.
+    const checkRun = (vm: VM) => {
+      if (b.localName?.startsWith('orchard-') && vm.uid && b.localName !== localNameOf(vm)) {
+        throw conflict(`field "localName": ${b.localName} is an earlier run of VM "${name}" (now ${localNameOf(vm)}); report ignored`);
+      }
+    };
+    const current = await store.get('vms', name);
+    if (!current) throw notFound(`VM "${name}" not found`);
+    checkReporter(current, account);
+    checkRun(current);
+    const [vm] = await Promise.all([
+      store.update('vms', name, (latest) => {
+        if (latest.worker !== current.worker) throw conflict(`VM "${name}" moved to another worker; report ignored`);
+        checkRun(latest);
+        return applyStateReport(latest, b, new Date().toISOString());
+      }),
+      // In the same group commit as the state.
+      events?.length && current.uid ? store.appendEvents(current.uid, events) : undefined,
+    ]);
+    return vm;
+  }
+
   app.put<{ Params: { name: string }; Body: VM }>(
     '/v1/vms/:name',
     {
@@ -141,6 +169,12 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
     async (request) => {
       const { name } = request.params;
       const body = request.body;
+      // Upstream's workers before the state endpoint report state with PUT /v1/vms/{name}; they say
+      // "Orchard/0…" in their User-Agent (its library's users say "Orchard/unknown"), as upstream tells them apart.
+      if (request.headers['user-agent']?.startsWith('Orchard/0')) {
+        const { status, status_message, observedGeneration, conditions, localName, tartName, image_fqn } = body;
+        return reportState(name, { status: status || undefined, status_message, observedGeneration, conditions, localName, tartName, image_fqn }, accountOf(request));
+      }
       if (body.name !== name) throw badRequest(`field "name": body says "${body.name}" but the URL says "${name}"; names cannot change`);
       const settings = await store.getClusterSettings();
       return store.update('vms', name, (current) => {
@@ -165,43 +199,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       config: { roles: WRITE },
       schema: { tags: ['vms'], summary: "Report a VM's state (workers)", params: NameParams, body: VMStateUpdate, response: { 200: VM, 409: ErrorBody, ...errors } },
     },
-    async (request) => {
-      const { name } = request.params;
-      const { events, ...b } = request.body;
-      checkSafeInteger('observedGeneration', b.observedGeneration);
-      events?.forEach((e, i) => checkSafeInteger(`events[${i}].timestamp`, e.timestamp));
-      // A report about an earlier run of the VM (a late one from the worker it left, or from before
-      // an OnFailure restart) must not overwrite the current run's state.
-      const checkRun = (vm: VM) => {
-        if (b.localName?.startsWith('orchard-') && vm.uid && b.localName !== localNameOf(vm)) {
-          throw conflict(`field "localName": ${b.localName} is an earlier run of VM "${name}" (now ${localNameOf(vm)}); report ignored`);
-        }
-      };
-      const current = await store.get('vms', name);
-      if (!current) throw notFound(`VM "${name}" not found`);
-      checkReporter(current, accountOf(request));
-      checkRun(current);
-      const [vm] = await Promise.all([
-        store.update('vms', name, (latest) => {
-          if (latest.worker !== current.worker) throw conflict(`VM "${name}" moved to another worker; report ignored`);
-          checkRun(latest);
-          const next: VM = { ...latest };
-          if (b.status !== undefined) next.status = b.status;
-          if (b.status_message !== undefined) next.status_message = b.status_message;
-          if (b.observedGeneration !== undefined) next.observedGeneration = b.observedGeneration;
-          if (b.conditions !== undefined) next.conditions = b.conditions;
-          if (b.localName !== undefined) next.localName = b.localName;
-          if (b.tartName !== undefined) next.tartName = b.tartName;
-          if (b.image_fqn !== undefined) next.image_fqn = b.image_fqn;
-          if (b.started_at !== undefined) next.started_at = b.started_at;
-          else if (b.status === 'running' && latest.status !== 'running') next.started_at = new Date().toISOString();
-          return JSON.stringify(next) === JSON.stringify(latest) ? latest : next;
-        }),
-        // In the same group commit as the state.
-        events?.length && current.uid ? store.appendEvents(current.uid, events) : undefined,
-      ]);
-      return vm;
-    },
+    async (request) => reportState(request.params.name, request.body, accountOf(request)),
   );
 
   app.delete<{ Params: { name: string } }>(
