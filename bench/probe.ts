@@ -5,13 +5,16 @@
 //       ms from "go" until the controller first answers GET /v1/vms with 200 (retrying every 10 ms)
 //   node bench/probe.ts list N URL CERT_FILE ACCOUNT TOKEN
 //       N timings of GET /v1/vms, as "response_ms parse_ms count" lines
+//   node bench/probe.ts fresh N URL CERT_FILE ACCOUNT TOKEN
+//       N timings (ms, one a line) of GET /v1/vms, each on a new TLS connection, one every 50 ms
 import { readFileSync } from 'node:fs';
 import https from 'node:https';
 import { performance } from 'node:perf_hooks';
 
 const mode = process.argv[2];
-const times = mode === 'list' ? Number(process.argv[3]) : 1;
-const [url, certFile, account, token] = process.argv.slice(mode === 'list' ? 4 : 3);
+const counted = mode === 'list' || mode === 'fresh';
+const times = counted ? Number(process.argv[3]) : 1;
+const [url, certFile, account, token] = process.argv.slice(counted ? 4 : 3);
 const ca = readFileSync(certFile, 'utf8');
 const authorization = 'Basic ' + Buffer.from(`${account}:${token}`).toString('base64');
 const agent = new https.Agent({ keepAlive: true, ca });
@@ -34,6 +37,13 @@ process.stdin.once('data', async () => {
     const t0 = performance.now();
     while ((await list(true)) === undefined) await new Promise((r) => setTimeout(r, 10));
     console.log((performance.now() - t0).toFixed(0));
+  } else if (mode === 'fresh') {
+    for (let i = 0; i < times; i++) {
+      const t0 = performance.now();
+      const ok = (await list(true)) !== undefined;
+      console.log(ok ? (performance.now() - t0).toFixed(1) : 'failed');
+      await new Promise((r) => setTimeout(r, 50));
+    }
   } else {
     await list(false); // the connection, set up once as a client with keep-alive does
     for (let i = 0; i < times; i++) {

@@ -9,6 +9,7 @@ import { startController } from '../src/controller/controller.ts';
 import { OrchardClient } from '../src/client/client.ts';
 import { RESOURCE_TART_VMS } from '../src/api/schemas.ts';
 import type { BackoffOptions } from '../src/controller/auth-backoff.ts';
+import type { Limits } from '../src/controller/limits.ts';
 
 export const ROOT = resolve(import.meta.dirname, '..');
 export const ORCHARD_BIN = join(ROOT, 'bin', 'orchard');
@@ -20,7 +21,7 @@ export function tempDir(prefix = 'orchard-test-'): string {
 
 /** A controller in this process on a free loopback port, with a bootstrap admin. */
 export async function inProcessController(
-  opts: { dataDir?: string; workerOfflineTimeoutMs?: number; restartBackoffMs?: number; listenSSH?: string; authBackoff?: BackoffOptions | false } = {},
+  opts: { dataDir?: string; workerOfflineTimeoutMs?: number; restartBackoffMs?: number; listenSSH?: string; authBackoff?: BackoffOptions | false; limits?: Partial<Limits> } = {},
 ) {
   const dataDir = opts.dataDir ?? tempDir();
   const ctl = await startController({
@@ -31,6 +32,7 @@ export async function inProcessController(
     restartBackoffMs: opts.restartBackoffMs,
     listenSSH: opts.listenSSH,
     authBackoff: opts.authBackoff,
+    limits: opts.limits,
     logger: pino({ level: process.env.ORCHARD_TEST_LOG ?? 'silent' }),
   });
   const admin = clientOf(ctl, 'bootstrap-admin', ADMIN_TOKEN);

@@ -212,7 +212,11 @@ export class OrchardClient {
         while ((nl = buffered.indexOf('\n')) >= 0) {
           const line = buffered.slice(0, nl);
           buffered = buffered.slice(nl + 1);
-          if (line.trim()) yield JSON.parse(line) as WatchEvent<T>;
+          if (!line.trim()) continue;
+          const event = JSON.parse(line) as WatchEvent<T> | { type: 'ERROR'; object: { message?: string } };
+          // The controller ended the watch and says why (e.g. this reader fell too far behind).
+          if (event.type === 'ERROR') throw new Error(`the controller ended the watch: ${event.object.message ?? 'no reason given'}`);
+          yield event;
         }
       }
     } catch (err) {

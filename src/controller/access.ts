@@ -58,6 +58,8 @@ export class Access {
   private readonly log: Logger;
   private readonly backoff: AuthBackoff | undefined;
   private readonly holds = new Map<string, Set<Hold>>();
+  /** How many of each limited thing (watch streams, tunnels) each account has open: "account\0what" → count. */
+  private readonly counts = new Map<string, number>();
   private readonly unsubscribe: () => void;
 
   /** `backoff: false` turns the back-off off (tests of many refused requests). */
@@ -110,6 +112,33 @@ export class Access {
       set.delete(hold);
       if (set.size === 0 && this.holds.get(account.name) === set) this.holds.delete(account.name);
     };
+  }
+
+  /**
+   * Counts one more `what` (e.g. "watch streams") open for `account`; a 429 naming the limit when it
+   * already has `max`. Returns the release (calling it more than once releases once).
+   */
+  take(account: string, what: string, max: number): () => void {
+    const key = `${account}\0${what}`;
+    const open = this.counts.get(key) ?? 0;
+    if (open >= max) {
+      this.log.warn({ account, what, max }, 'refused: per-account limit reached');
+      throw new HttpError(429, `service account "${account}" has ${open} ${what} open, its limit is ${max}: close some first`);
+    }
+    this.counts.set(key, open + 1);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const left = (this.counts.get(key) ?? 1) - 1;
+      if (left > 0) this.counts.set(key, left);
+      else this.counts.delete(key);
+    };
+  }
+
+  /** How many `what` the account has open now. */
+  opened(account: string, what: string): number {
+    return this.counts.get(`${account}\0${what}`) ?? 0;
   }
 
   /** How many things are held open (for tests and metrics). */

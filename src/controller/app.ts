@@ -23,6 +23,8 @@ import { Tunnels } from './tunnels.ts';
 import { registerConnectRoutes } from './routes/connect.ts';
 import { badRequest, notFound } from './errors.ts';
 import { NAME_PATTERN } from '../api/schemas.ts';
+import { limitsOf, type Limits } from './limits.ts';
+import { closeSilentConnections } from './connections.ts';
 
 /** How often the controller refreshes last_seen of the workers whose watch is connected (at most a third of the offline timeout). */
 const LIVENESS_REFRESH_MS = 10_000;
@@ -40,6 +42,8 @@ export interface AppOptions {
   authBackoff?: BackoffOptions | false;
   /** The cluster's identity (GET /v1/controller/info), kept with its data. */
   clusterID?: string;
+  /** What one client may make the controller hold (defaults: DEFAULT_LIMITS). */
+  limits?: Partial<Limits>;
 }
 
 /** Bodies are validated strictly (no coercion: "4" is not a cpu count); query strings are coerced. */
@@ -51,6 +55,7 @@ function validatorCompiler() {
 }
 
 export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance; ctx: AppContext; close: () => Promise<void> }> {
+  const limits = limitsOf(opts.limits);
   const serverOptions: FastifyServerOptions & { https?: { cert: string; key: string } } = {
     loggerInstance: opts.logger,
     bodyLimit: opts.bodyLimit ?? 1024 * 1024,
@@ -60,14 +65,22 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     forceCloseConnections: true,
     // Names are up to 128 characters (percent-encoded up to 3 bytes each): a longer one gets a 400 naming the field, not a 414.
     routerOptions: { ignoreTrailingSlash: true, maxParamLength: 1024 },
+    requestTimeout: limits.requestTimeoutMs,
+    keepAliveTimeout: limits.keepAliveTimeoutMs,
   };
-  if (opts.https) serverOptions.https = opts.https;
+  // Node checks its request and headers timeouts this often: well within the shortest of them.
+  const nodeTimeouts = {
+    headersTimeout: Math.min(60_000, limits.requestTimeoutMs),
+    connectionsCheckingInterval: Math.max(100, Math.min(30_000, Math.floor(limits.requestTimeoutMs / 4))),
+  };
+  if (opts.https) serverOptions.https = { ...opts.https, ...nodeTimeouts, handshakeTimeout: limits.firstRequestTimeoutMs } as typeof opts.https;
+  else (serverOptions as { http?: object }).http = nodeTimeouts;
   const app = Fastify(serverOptions) as unknown as FastifyInstance;
   const abort = new AbortController();
   const metrics = new Metrics(opts.store, opts.workerOfflineTimeoutMs);
   const view = new ClusterView(opts.store);
   // A sync push carries the worker's VMs, so the worker need not list them (upstream workers ignore the field and list).
-  const channels = new WorkerChannels(opts.logger, (worker) => view.vmsJSON(worker));
+  const channels = new WorkerChannels(opts.logger, (worker) => view.vmsJSON(worker), limits);
   const scheduler = new Scheduler(opts.store, view, opts.logger, {
     offlineTimeoutMs: opts.workerOfflineTimeoutMs,
     isConnected: (w) => channels.isConnected(w),
@@ -75,7 +88,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   });
   const tunnels = new Tunnels(opts.store, channels, view);
   const access = new Access(opts.store, opts.logger, opts.authBackoff);
-  const ctx: AppContext = { store: opts.store, clusterID: opts.clusterID, view, metrics, access, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, shutdown: abort.signal };
+  const ctx: AppContext = { store: opts.store, clusterID: opts.clusterID, view, metrics, access, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, limits, shutdown: abort.signal };
 
   // Push, not poll: a change a worker must act on (a VM assigned to it or taken away, a new spec, a
   // restart, a deletion) reaches it at once. State reports (status, messages, conditions: mostly
@@ -108,7 +121,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   };
 
   const sockets = new WebSocketRoutes(access, opts.logger);
-  sockets.route('/v1/rpc/watch', ['compute:read'], async ({ url, account }) => {
+  sockets.route('/v1/rpc/watch', ['compute:read'], { maxPayload: limits.controlFrameBytes }, async ({ url, account }) => {
     const worker = url.searchParams.get('workerName') ?? url.searchParams.get('worker') ?? '';
     if (!new RegExp(NAME_PATTERN).test(worker)) throw badRequest('query parameter "workerName" must be the worker\'s name (letters, digits, \'-\', \'_\', \'.\', \':\')');
     await view.loaded; // the first push carries the worker's VMs: never a partial list
@@ -124,6 +137,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     return (ws) => channels.accept(worker, ws);
   });
   sockets.attach(app.server);
+  closeSilentConnections(app.server, opts.https !== undefined, limits.firstRequestTimeoutMs);
 
   app.setValidatorCompiler(validatorCompiler());
   // JSON only: a text/plain body is an unsupported media type, not a string to validate.

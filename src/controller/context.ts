@@ -6,6 +6,7 @@ import type { WorkerChannels } from './rpc.ts';
 import type { Scheduler } from './scheduler.ts';
 import type { Tunnels } from './tunnels.ts';
 import type { Access } from './access.ts';
+import type { Limits } from './limits.ts';
 
 export interface AppContext {
   store: Store;
@@ -17,6 +18,7 @@ export interface AppContext {
   channels: WorkerChannels;
   scheduler: Scheduler;
   tunnels: Tunnels;
+  limits: Limits;
   /** Closed when the controller shuts down: long-lived streams end on it. */
   shutdown: AbortSignal;
 }

@@ -13,6 +13,7 @@ import { answerPlainHTTP } from './plain-http.ts';
 import { randomUUID } from 'node:crypto';
 import { checkBeforeOpen, checkIdentity, writeClusterFile } from './store/integrity.ts';
 import { startSSHJump, type SSHJumpServer } from './ssh-jump.ts';
+import { limitsOf, type Limits } from './limits.ts';
 
 export interface ControllerOptions {
   dataDir: string;
@@ -32,6 +33,8 @@ export interface ControllerOptions {
   authBackoff?: BackoffOptions | false;
   /** Start even on a database that fails the start-up checks (store/integrity.ts). */
   acceptDamagedDatabase?: boolean;
+  /** What one client may make the controller hold (defaults: DEFAULT_LIMITS). */
+  limits?: Partial<Limits>;
 }
 
 export interface RunningController {
@@ -76,7 +79,8 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     logger.info({ fingerprint: tls.fingerprint, generated: tls.generated }, tls.generated ? 'created a self-signed certificate' : 'loaded the certificate');
   }
   if (!opts.acceptDamagedDatabase) checkBeforeOpen(opts.dataDir);
-  const store = new SQLiteStore(join(opts.dataDir, 'orchard.db'));
+  const limits = limitsOf(opts.limits);
+  const store = new SQLiteStore(join(opts.dataDir, 'orchard.db'), limits);
   let clusterID: string | undefined;
   // A clean close checkpoints everything into orchard.db and removes the WAL: cluster.json says so.
   const closeStore = () => {
@@ -109,11 +113,12 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       restartBackoffMs: opts.restartBackoffMs,
       authBackoff: opts.authBackoff,
       clusterID,
+      limits,
     });
     let ssh: SSHJumpServer | undefined;
     let closeWaiting = () => {};
     try {
-      if (tls) closeWaiting = answerPlainHTTP(app.server as unknown as TLSServer);
+      if (tls) closeWaiting = answerPlainHTTP(app.server as unknown as TLSServer, limits.firstRequestTimeoutMs);
       await app.listen({ host, port });
       if (sshListen) ssh = await startSSHJump({ ...sshListen, dataDir: opts.dataDir, access: ctx.access, tunnels: ctx.tunnels, logger });
     } catch (err) {

@@ -4,13 +4,14 @@
 import type { Socket } from 'node:net';
 import type { Server } from 'node:tls';
 
-/** A connection that sends nothing for this long is closed (the TLS handshake timeout only starts after). */
-const FIRST_BYTE_TIMEOUT_MS = 30_000;
 const TLS_HANDSHAKE = 0x16;
 const ignore = () => {};
 
-/** Installs the check on `server`; returns what closes the connections still waiting for their first byte. */
-export function answerPlainHTTP(server: Server): () => void {
+/**
+ * Installs the check on `server`; returns what closes the connections still waiting for their first
+ * byte. One that sends nothing for `timeoutMs` is closed (the TLS handshake timeout only starts after).
+ */
+export function answerPlainHTTP(server: Server, timeoutMs: number): () => void {
   const tlsListeners = server.listeners('connection') as ((socket: Socket) => void)[];
   const waiting = new Set<Socket>();
   server.removeAllListeners('connection');
@@ -18,7 +19,7 @@ export function answerPlainHTTP(server: Server): () => void {
     waiting.add(socket);
     socket.on('error', ignore);
     socket.once('close', () => waiting.delete(socket));
-    socket.setTimeout(FIRST_BYTE_TIMEOUT_MS, () => socket.destroy());
+    socket.setTimeout(timeoutMs, () => socket.destroy());
     socket.once('data', (first: Buffer) => {
       waiting.delete(socket);
       socket.setTimeout(0);

@@ -8,8 +8,16 @@ import type { Role, ServiceAccount } from '../api/schemas.ts';
 import { authorize, parseBasicAuth, type Access } from './access.ts';
 import { HttpError } from './errors.ts';
 import type { Logger } from 'pino';
+import type { Limits } from './limits.ts';
 
 const PING_INTERVAL_MS = 20_000;
+
+export interface RouteOptions {
+  /** Largest frame accepted from the peer: a bigger one closes the connection with 1009. */
+  maxPayload: number;
+  /** Counted per account against `max` from the request on (waits included): 429 past it. */
+  perAccount?: { what: string; max: number };
+}
 
 export interface UpgradeRequest {
   request: IncomingMessage;
@@ -35,8 +43,9 @@ function decodePathSegment(segment: string): string {
 
 /** Routes WebSocket upgrades by path, after the same authentication and role checks as the REST API. */
 export class WebSocketRoutes {
-  private readonly wss = new WebSocketServer({ noServer: true, maxPayload: 16 * 1024 * 1024 });
-  private readonly routes: { pattern: RegExp; keys: string[]; roles: readonly Role[]; handler: UpgradeHandler }[] = [];
+  /** One server per frame size limit (ws takes it per server). */
+  private readonly servers = new Map<number, WebSocketServer>();
+  private readonly routes: { pattern: RegExp; keys: string[]; roles: readonly Role[]; handler: UpgradeHandler; options: RouteOptions }[] = [];
   private readonly pinger: NodeJS.Timeout;
   private readonly alive = new WeakSet<WebSocket>();
   private readonly access: Access;
@@ -46,7 +55,7 @@ export class WebSocketRoutes {
     this.access = access;
     this.logger = logger;
     this.pinger = setInterval(() => {
-      for (const ws of this.wss.clients) {
+      for (const ws of this.clients()) {
         if (!this.alive.has(ws)) {
           ws.terminate();
           continue;
@@ -58,11 +67,16 @@ export class WebSocketRoutes {
     this.pinger.unref();
   }
 
+  private *clients(): Iterable<WebSocket> {
+    for (const wss of this.servers.values()) yield* wss.clients;
+  }
+
   /** `path` may have parameters: /v1/vms/{name}/port-forward */
-  route(path: string, roles: readonly Role[], handler: UpgradeHandler) {
+  route(path: string, roles: readonly Role[], options: RouteOptions, handler: UpgradeHandler) {
     const keys: string[] = [];
     const pattern = new RegExp('^' + path.replace(/\{(\w+)\}/g, (_m, k: string) => (keys.push(k), '([^/]+)')) + '$');
-    this.routes.push({ pattern, keys, roles, handler });
+    if (!this.servers.has(options.maxPayload)) this.servers.set(options.maxPayload, new WebSocketServer({ noServer: true, maxPayload: options.maxPayload }));
+    this.routes.push({ pattern, keys, roles, handler, options });
   }
 
   attach(server: Server) {
@@ -76,7 +90,10 @@ export class WebSocketRoutes {
     let onOpen: (ws: WebSocket) => void;
     let account: ServiceAccount;
     let roles: readonly Role[];
+    let wss: WebSocketServer;
+    let untake = () => {};
     socket.on('error', () => {});
+    socket.once('close', () => untake());
     try {
       let match: RegExpExecArray | null = null;
       const route = this.routes.find((r) => (match = r.pattern.exec(url.pathname)) !== null);
@@ -85,9 +102,13 @@ export class WebSocketRoutes {
       account = await this.access.authenticate(parseBasicAuth(request.headers.authorization), request.socket.remoteAddress);
       authorize(account, route.roles);
       const params = Object.fromEntries(route.keys.map((k, i) => [k, decodePathSegment(m[i + 1])]));
+      const limit = route.options.perAccount;
+      if (limit) untake = this.access.take(account.name, limit.what, limit.max);
       onOpen = await route.handler({ request, url, params, account });
       roles = route.roles;
+      wss = this.servers.get(route.options.maxPayload)!;
     } catch (err) {
+      untake();
       const status = err instanceof HttpError ? err.statusCode : 500;
       if (!(err instanceof HttpError)) this.logger.error({ err }, 'websocket route failed');
       const body = JSON.stringify({ message: err instanceof HttpError ? err.message : 'internal error' });
@@ -96,8 +117,8 @@ export class WebSocketRoutes {
       socket.end(`HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n${extra}connection: close\r\n\r\n${body}`);
       return;
     }
-    if (socket.destroyed) return;
-    this.wss.handleUpgrade(request, socket, head, (ws) => {
+    if (socket.destroyed) return untake();
+    wss.handleUpgrade(request, socket, head, (ws) => {
       this.alive.add(ws);
       ws.on('pong', () => this.alive.add(ws));
       ws.on('error', (err) => this.logger.debug({ err }, 'websocket error'));
@@ -110,8 +131,8 @@ export class WebSocketRoutes {
 
   close() {
     clearInterval(this.pinger);
-    for (const ws of this.wss.clients) ws.terminate();
-    this.wss.close();
+    for (const ws of this.clients()) ws.terminate();
+    for (const wss of this.servers.values()) wss.close();
   }
 }
 
@@ -121,13 +142,15 @@ export class WorkerChannels {
   private readonly pendingSync = new Set<string>();
   private readonly logger: Logger;
   private readonly vmsJSON: (worker: string) => string;
+  private readonly maxBuffered: number;
   /** Called when a worker connects or disconnects (the scheduler reacts). */
   onChange: (worker: string, connected: boolean) => void = () => {};
 
   /** `vmsJSON` gives the worker's VMs as a JSON array, sent with each sync (our addition to `syncVMsAction`). */
-  constructor(logger: Logger, vmsJSON: (worker: string) => string) {
+  constructor(logger: Logger, vmsJSON: (worker: string) => string, limits: Pick<Limits, 'workerBufferBytes'>) {
     this.logger = logger;
     this.vmsJSON = vmsJSON;
+    this.maxBuffered = limits.workerBufferBytes;
   }
 
   accept(worker: string, ws: WebSocket) {
@@ -166,8 +189,16 @@ export class WorkerChannels {
     const set = this.sockets.get(worker);
     if (!set) return false;
     const text = typeof message === 'string' ? message : JSON.stringify(message);
-    // Binary frames: upstream's workers read the watch as a binary JSON stream (ours take either).
-    for (const ws of set) ws.send(Buffer.from(text), { binary: true });
+    for (const ws of set) {
+      // Binary frames: upstream's workers read the watch as a binary JSON stream (ours take either).
+      ws.send(Buffer.from(text), { binary: true });
+      // A worker that does not read is dropped (it reconnects and gets the full state) rather than buffered for.
+      if (ws.bufferedAmount > this.maxBuffered) {
+        this.logger.warn({ worker, buffered: ws.bufferedAmount }, 'worker does not read its watch connection: disconnecting it');
+        ws.close(1008, `too slow: ${ws.bufferedAmount} bytes unread`);
+        setTimeout(() => ws.terminate(), 5_000).unref();
+      }
+    }
     return true;
   }
 

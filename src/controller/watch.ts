@@ -1,11 +1,26 @@
 // NDJSON watch streams: a snapshot of the matching objects as ADDED, then every committed change in
 // commit order. Changes come from the store's own commit notifications, never from a re-read.
+// A stream holds a bounded amount for its reader: the snapshot is written as the reader takes it, and
+// a reader that falls limits.watchBufferBytes behind is ended with the reason as the last line
+// ({"type":"ERROR","object":{"message":...}}, as Kubernetes does); it can watch again.
 import type { FastifyReply } from 'fastify';
+import type { ServerResponse } from 'node:http';
 import type { Change, Kind, Kinds } from './store/store.ts';
 import type { AppContext } from './context.ts';
 
-/** A watcher that falls this far behind is disconnected (it can watch again) instead of buffering without bound. */
-const MAX_BUFFERED_BYTES = 16 * 1024 * 1024;
+/** A reader that leaves the end line unread this long after it was written loses the connection. */
+const END_GRACE_MS = 10_000;
+
+const drained = (raw: ServerResponse) =>
+  new Promise<void>((resolve) => {
+    const done = () => {
+      raw.off('drain', done);
+      raw.off('close', done);
+      resolve();
+    };
+    raw.on('drain', done);
+    raw.on('close', done);
+  });
 
 export async function streamWatch<K extends Kind>(
   ctx: AppContext,
@@ -17,26 +32,51 @@ export async function streamWatch<K extends Kind>(
   present: (object: Kinds[K]) => Kinds[K] = (o) => o,
 ): Promise<void> {
   const raw = reply.raw;
+  const limit = ctx.limits.watchBufferBytes;
+  const account = reply.request.account;
+  // Counted from the request on, so that waiting for the snapshot counts too.
+  const untake = account ? ctx.access.take(account.name, 'watch streams', ctx.limits.watchesPerAccount) : () => {};
   let ready = false;
+  let ended = false;
   let snapshotRevision = 0;
-  const pending: Change[] = [];
-  const write = (change: Pick<Change, 'type' | 'object'>) => {
+  const pending: { revision: number; line: string }[] = [];
+  let pendingBytes = 0;
+  const lineOf = (change: Pick<Change, 'type' | 'object'>) => JSON.stringify({ type: change.type, object: present(change.object as Kinds[K]) }) + '\n';
+  const endWith = (message: string) => {
+    if (ended) return;
+    ended = true;
+    stop();
     if (raw.destroyed) return;
-    raw.write(JSON.stringify({ type: change.type, object: present(change.object as Kinds[K]) }) + '\n');
-    if (raw.writableLength > MAX_BUFFERED_BYTES) raw.destroy();
+    raw.end(JSON.stringify({ type: 'ERROR', object: { message } }) + '\n');
+    const timer = setTimeout(() => raw.destroy(), END_GRACE_MS);
+    timer.unref();
+    raw.once('close', () => clearTimeout(timer));
+  };
+  const behind = (bytes: number) =>
+    `the watch was ended because its reader fell ${bytes} bytes behind (the limit is ${limit}); watch again to get the current state`;
+  const write = (line: string) => {
+    if (ended || raw.destroyed) return;
+    raw.write(line);
+    if (raw.writableLength > limit) endWith(behind(raw.writableLength));
   };
   // Subscribe before taking the snapshot, so nothing between the two is lost.
   const unsubscribe = ctx.store.subscribe((change) => {
     if (change.kind !== kind || !matches(change.object as Kinds[K])) return;
-    if (!ready) pending.push(change);
-    else write(change);
+    const line = lineOf(change);
+    if (ready) return write(line);
+    pending.push({ revision: change.revision, line });
+    pendingBytes += line.length;
+    if (pendingBytes > limit && reply.sent) endWith(behind(pendingBytes + raw.writableLength));
   });
   // Revoking the account (deleted, new token, role removed) ends the stream at once.
-  const account = reply.request.account;
   const release = account ? ctx.access.hold(account, reply.request.routeOptions.config.roles ?? [], () => raw.destroy()) : () => {};
+  let stopped = false;
   const stop = () => {
+    if (stopped) return;
+    stopped = true;
     unsubscribe();
     release();
+    untake();
     ctx.shutdown.removeEventListener('abort', end);
   };
   const end = () => raw.end();
@@ -48,8 +88,14 @@ export async function streamWatch<K extends Kind>(
     reply.hijack();
     raw.writeHead(200, { 'content-type': 'application/x-ndjson', 'cache-control': 'no-store', 'x-request-id': String(reply.request.id) });
     raw.flushHeaders(); // the client learns the watch is established even before the first event
-    for (const object of snapshot.items) if (matches(object)) write({ type: 'ADDED', object });
-    for (const change of pending) if (change.revision > snapshotRevision) write(change);
+    if (pendingBytes > limit) endWith(behind(pendingBytes));
+    // The snapshot goes out as fast as the reader takes it (it may be larger than the limit).
+    for (const object of snapshot.items) {
+      if (ended || raw.destroyed) return;
+      if (!matches(object)) continue;
+      if (!raw.write(lineOf({ type: 'ADDED', object })) && raw.writableLength >= limit) await drained(raw);
+    }
+    for (const change of pending) if (change.revision > snapshotRevision) write(change.line);
     pending.length = 0;
     ready = true;
   } catch (err) {

@@ -25,9 +25,10 @@ export function parseWait(value: string | null, fallback: number): number {
 }
 
 export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, sockets: WebSocketRoutes, tunnels: Tunnels) {
-  const { store } = ctx;
+  const { store, limits } = ctx;
+  const tunnel = { maxPayload: limits.tunnelFrameBytes, perAccount: { what: 'tunnels', max: limits.tunnelsPerAccount } };
 
-  sockets.route('/v1/vms/{name}/port-forward', CONNECT, async ({ url, params }) => {
+  sockets.route('/v1/vms/{name}/port-forward', CONNECT, tunnel, async ({ url, params }) => {
     const port = parsePort(url.searchParams.get('port'));
     const vm = await tunnels.runningVM(params.name, parseWait(url.searchParams.get('wait'), 10));
     const tunnel = await tunnels.open(vm.worker!, port, vm);
@@ -37,20 +38,21 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
   // Exec over SSH through the worker tunnel; frames, sessions and limits: see ../exec.ts.
   const exec = new ExecSessions({ store, tunnels, access: ctx.access, logger: app.log });
   ctx.shutdown.addEventListener('abort', () => exec.close(), { once: true });
-  sockets.route('/v1/vms/{name}/exec', CONNECT, async ({ url, params, account, request }) => {
+  sockets.route('/v1/vms/{name}/exec', CONNECT, { maxPayload: limits.tunnelFrameBytes }, async ({ url, params, account, request }) => {
     const query = parseExecQuery(url);
     const waitSeconds = parseWait(url.searchParams.get('wait'), 10);
     return exec.open({ vmName: params.name, account, query, waitSeconds, request });
   });
 
-  sockets.route('/v1/workers/{name}/port-forward', ['admin:write'], async ({ url, params }) => {
+  sockets.route('/v1/workers/{name}/port-forward', ['admin:write'], tunnel, async ({ url, params }) => {
     const port = parsePort(url.searchParams.get('port'));
     if (!(await store.get('workers', params.name))) throw notFound(`worker "${params.name}" not found`);
     const tunnel = await tunnels.open(params.name, port);
     return (ws) => splice(ws, tunnel);
   });
 
-  sockets.route('/v1/rpc/port-forward', ['compute:write'], ({ url, account }) => {
+    // The worker's side of a tunnel: counted on the client's side already.
+  sockets.route('/v1/rpc/port-forward', ['compute:write'], { maxPayload: limits.tunnelFrameBytes }, ({ url, account }) => {
     const pending = tunnels.claimForward(url.searchParams.get('session') ?? '', url.searchParams.get('workerName'), account);
     // The worker's error: `errorMessage` (upstream's workers, empty when there is none) or `error` (ours).
     return (ws) => tunnels.completeForward(pending, ws, url.searchParams.get('errorMessage') || url.searchParams.get('error'));

@@ -60,6 +60,15 @@ const VMBody = Type.Object(
   { additionalProperties: false, description: 'a VM; state fields are ignored' },
 );
 
+/** Stands in for the events retention dropped. */
+function droppedEvent(dropped: number, at: number | undefined): Event {
+  return {
+    kind: 'events-dropped',
+    timestamp: Math.floor((at ?? Date.now()) / 1000),
+    payload: `${dropped} earlier event${dropped === 1 ? ' was' : 's were'} dropped: the controller keeps only the newest events of each VM`,
+  };
+}
+
 export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
   const { store } = ctx;
 
@@ -214,7 +223,8 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       config: { roles: READ },
       schema: {
         tags: ['vms'],
-        summary: "A VM's events, paged (X-Next-Cursor header gives the next page's cursor)",
+        summary:
+          "A VM's events, paged (X-Next-Cursor header gives the next page's cursor; a page also ends at about 2 MiB). Only the newest events are kept: X-Events-Dropped says how many older ones were dropped, and an `events-dropped` event stands in for them at the oldest end",
         params: NameParams,
         querystring: Type.Object({
           limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 10000 })),
@@ -227,9 +237,17 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
     async (request, reply) => {
       const vm = await store.get('vms', request.params.name);
       if (!vm?.uid) throw notFound(`VM "${request.params.name}" not found`);
-      const page = await store.listEvents(vm.uid, { limit: request.query.limit ?? 1000, order: request.query.order ?? 'asc', cursor: request.query.cursor });
+      const order = request.query.order ?? 'asc';
+      const page = await store.listEvents(vm.uid, { limit: request.query.limit ?? 1000, order, cursor: request.query.cursor });
       if (page.nextCursor) reply.header('x-next-cursor', page.nextCursor);
-      return page.events;
+      if (page.dropped === 0) return page.events;
+      // Retention dropped the oldest events: the header says so on every page, and the page that
+      // reaches the oldest kept event says it in the list itself (what `orchard logs` shows).
+      reply.header('x-events-dropped', String(page.dropped));
+      const oldestEnd = order === 'asc' ? request.query.cursor === undefined : page.nextCursor === undefined;
+      if (!oldestEnd) return page.events;
+      const cut = droppedEvent(page.dropped, page.droppedAt);
+      return order === 'asc' ? [cut, ...page.events] : [...page.events, cut];
     },
   );
 

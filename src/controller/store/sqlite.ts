@@ -6,6 +6,9 @@ import { chmodSync, closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { ClusterSettings, Event, WatchEventType } from '../../api/schemas.ts';
 import { ConflictError, NotFoundError, type Change, type EventPage, type Kind, type Kinds, type Store } from './store.ts';
+import { DEFAULT_LIMITS, type Limits } from '../limits.ts';
+
+export type EventLimits = Pick<Limits, 'eventsPerVM' | 'eventBytesPerVM' | 'eventPageBytes'>;
 
 interface Row {
   body: string;
@@ -22,8 +25,12 @@ export class SQLiteStore implements Store {
   private readonly accounts = new Map<string, Kinds['serviceAccounts']>();
   private batch?: { changes: Change[]; waiters: { resolve: () => void; reject: (err: Error) => void }[] };
   private readonly stmt: Record<string, StatementSync>;
+  private readonly eventLimits: EventLimits;
+  /** Count and bytes of each VM's stored events, read from the table the first time a VM gets events. */
+  private readonly eventStats = new Map<string, { count: number; bytes: number }>();
 
-  constructor(path: string) {
+  constructor(path: string, eventLimits: EventLimits = DEFAULT_LIMITS) {
+    this.eventLimits = eventLimits;
     mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
     // The database holds every token and VM password: owner-only, whatever the umask or the data
     // dir's mode. SQLite gives its -wal and -shm files the mode of the database file.
@@ -50,6 +57,8 @@ export class SQLiteStore implements Store {
         body TEXT NOT NULL
       );
       CREATE INDEX IF NOT EXISTS events_by_vm ON events (vm_uid, id);
+      -- How many of a VM's oldest events retention dropped, and when last.
+      CREATE TABLE IF NOT EXISTS event_cuts (vm_uid TEXT PRIMARY KEY, dropped INTEGER NOT NULL, at INTEGER NOT NULL);
       CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, body TEXT NOT NULL);
       -- VMs that left a worker (deleted, moved elsewhere, or released by an admin): the worker may remove
       -- its copy. A VM a worker runs that is neither known nor released is an orphan, never destroyed.
@@ -67,6 +76,12 @@ export class SQLiteStore implements Store {
       delete: p('DELETE FROM objects WHERE kind = ? AND name = ?'),
       insertEvent: p('INSERT INTO events (vm_uid, body) VALUES (?, ?)'),
       deleteEvents: p('DELETE FROM events WHERE vm_uid = ?'),
+      deleteCut: p('DELETE FROM event_cuts WHERE vm_uid = ?'),
+      eventStats: p('SELECT count(*) AS count, coalesce(sum(length(CAST(body AS BLOB))), 0) AS bytes FROM events WHERE vm_uid = ?'),
+      oldestEvents: p('SELECT id, length(CAST(body AS BLOB)) AS size FROM events WHERE vm_uid = ? ORDER BY id ASC'),
+      dropEvents: p('DELETE FROM events WHERE vm_uid = ? AND id <= ?'),
+      cut: p('SELECT dropped, at FROM event_cuts WHERE vm_uid = ?'),
+      addCut: p('INSERT INTO event_cuts (vm_uid, dropped, at) VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET dropped = dropped + excluded.dropped, at = excluded.at'),
       eventsAsc: p('SELECT id, body FROM events WHERE vm_uid = ? AND id > ? ORDER BY id ASC LIMIT ?'),
       eventsDesc: p('SELECT id, body FROM events WHERE vm_uid = ? AND id < ? ORDER BY id DESC LIMIT ?'),
       release: p('INSERT INTO releases (worker, uid, at) VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET at = excluded.at'),
@@ -127,6 +142,7 @@ export class SQLiteStore implements Store {
       this.db.exec('COMMIT');
     } catch (err) {
       if (this.db.isTransaction) this.db.exec('ROLLBACK');
+      this.eventStats.clear(); // they may count events that were rolled back
       for (const w of batch.waiters) w.reject(err as Error);
       return;
     }
@@ -214,7 +230,11 @@ export class SQLiteStore implements Store {
       this.stmt.delete.run(kind, name);
       this.released(kind, current, undefined);
       const uid = (current as { uid?: string }).uid;
-      if (kind === 'vms' && uid) this.stmt.deleteEvents.run(uid);
+      if (kind === 'vms' && uid) {
+        this.stmt.deleteEvents.run(uid);
+        this.stmt.deleteCut.run(uid);
+        this.eventStats.delete(uid);
+      }
       this.change(changes, kind, 'DELETED', current);
       return current;
     });
@@ -238,20 +258,57 @@ export class SQLiteStore implements Store {
 
   async appendEvents(vmUID: string, events: Event[]) {
     await this.tx(() => {
-      for (const e of events) this.stmt.insertEvent.run(vmUID, JSON.stringify(e));
+      let stats = this.eventStats.get(vmUID);
+      if (!stats) stats = { ...(this.stmt.eventStats.get(vmUID) as { count: number; bytes: number }) };
+      for (const e of events) {
+        const body = JSON.stringify(e);
+        this.stmt.insertEvent.run(vmUID, body);
+        stats.count++;
+        stats.bytes += Buffer.byteLength(body);
+      }
+      this.retain(vmUID, stats);
+      this.eventStats.set(vmUID, stats);
     });
+  }
+
+  /** Drops a VM's oldest events beyond the retention limits (its newest event always stays), and records the cut. */
+  private retain(vmUID: string, stats: { count: number; bytes: number }) {
+    const { eventsPerVM, eventBytesPerVM } = this.eventLimits;
+    if (stats.count <= eventsPerVM && stats.bytes <= eventBytesPerVM) return;
+    let lastID = -1;
+    let dropped = 0;
+    for (const row of this.stmt.oldestEvents.iterate(vmUID) as Iterable<{ id: number; size: number }>) {
+      if (stats.count <= 1 || (stats.count <= eventsPerVM && stats.bytes <= eventBytesPerVM)) break;
+      lastID = row.id;
+      dropped++;
+      stats.count--;
+      stats.bytes -= row.size;
+    }
+    if (dropped === 0) return;
+    this.stmt.dropEvents.run(vmUID, lastID);
+    this.stmt.addCut.run(vmUID, dropped, Date.now());
   }
 
   async listEvents(vmUID: string, opts: { limit: number; order: 'asc' | 'desc'; cursor?: string }): Promise<EventPage> {
     const after = opts.cursor !== undefined ? Number(opts.cursor) : opts.order === 'asc' ? 0 : Number.MAX_SAFE_INTEGER;
     const stmt = opts.order === 'asc' ? this.stmt.eventsAsc : this.stmt.eventsDesc;
-    // One row more than asked tells whether there is a next page.
-    const rows = stmt.all(vmUID, after, opts.limit + 1) as { id: number; body: string }[];
-    const page = rows.slice(0, opts.limit);
-    return {
-      events: page.map((r) => JSON.parse(r.body) as Event),
-      nextCursor: rows.length > opts.limit ? String(page[page.length - 1].id) : undefined,
-    };
+    // Rows are read one at a time, and the page ends at its byte budget (at least one event), so a
+    // page never holds more than about eventPageBytes however many events were asked for.
+    const events: Event[] = [];
+    let bytes = 0;
+    let lastID = 0;
+    let more = false;
+    for (const row of stmt.iterate(vmUID, after, opts.limit + 1) as Iterable<{ id: number; body: string }>) {
+      if (events.length === opts.limit || (events.length > 0 && bytes + row.body.length > this.eventLimits.eventPageBytes)) {
+        more = true;
+        break;
+      }
+      events.push(JSON.parse(row.body) as Event);
+      bytes += row.body.length;
+      lastID = row.id;
+    }
+    const cut = this.stmt.cut.get(vmUID) as { dropped: number; at: number } | undefined;
+    return { events, nextCursor: more ? String(lastID) : undefined, dropped: cut?.dropped ?? 0, droppedAt: cut?.at };
   }
 
   async getClusterSettings(): Promise<ClusterSettings> {

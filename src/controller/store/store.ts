@@ -24,6 +24,9 @@ export class ConflictError extends Error {}
 export interface EventPage {
   events: Event[];
   nextCursor?: string;
+  /** How many of the VM's oldest events retention dropped so far, and when it last did (ms since the epoch). */
+  dropped: number;
+  droppedAt?: number;
 }
 
 export interface Store {
@@ -54,6 +57,7 @@ export interface Store {
    */
   releasedFrom(worker: string, uids: string[]): Promise<Set<string>>;
 
+  /** Appends; the VM's oldest events beyond its retention (count and bytes) are dropped in the same commit. */
   appendEvents(vmUID: string, events: Event[]): Promise<void>;
   listEvents(vmUID: string, opts: { limit: number; order: 'asc' | 'desc'; cursor?: string }): Promise<EventPage>;
 

@@ -1,0 +1,186 @@
+// Abuse benchmark: what hostile or careless clients make the controller (a child process, measured
+// alone) hold, and how fast it still answers a fresh authorised request meanwhile. Phases, in one run:
+//
+//   idle                                          the controller with one synthetic worker and two VMs
+//   1,000 watch streams                           10 accounts × 100 reading NDJSON watches
+//   50 non-reading watchers under changes         a VM with a 200 kB startup script changed 20×/s
+//   40 port-forwards pushing 15 MiB frames        each reconnects when refused and tries again
+//   40 port-forwards pushing 1 MiB frames         the largest allowed, as fast as flow control lets
+//
+// For each: peak controller RSS during the load, its RSS 5 s after the clients left, and p50/p99 of
+// GET /v1/vms on a new TLS connection (bench/probe.ts, a process of its own) during the load.
+// Goals: peak ≤ 1.5 × idle + 100 MB, after ≤ 1.1 × idle, p99 ≤ 100 ms.
+//
+//   node bench/abuse.ts [--seconds 8]
+import { spawn } from 'node:child_process';
+import { readFileSync, rmSync } from 'node:fs';
+import https from 'node:https';
+import type { IncomingMessage } from 'node:http';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { parseArgs } from 'node:util';
+import { WebSocket } from 'ws';
+import { ADMIN_TOKEN } from '../test/helpers.ts';
+import { Cluster, pct } from './load-harness.ts';
+
+const { values } = parseArgs({ options: { seconds: { type: 'string', default: '8' } } });
+const SECONDS = Number(values.seconds);
+const MiB = 1024 * 1024;
+
+const cluster = new Cluster();
+await cluster.startController();
+const pid = cluster.ctl.proc.pid!;
+const rssMB = () => Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]) / 1024;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const auth = (name: string, token: string) => 'Basic ' + Buffer.from(`${name}:${token}`).toString('base64');
+
+async function account(name: string, roles: string[]) {
+  const token = `${name}-token-${Math.random().toString(36).slice(2)}`;
+  await cluster.admin.createServiceAccount({ name, token, roles: roles as never });
+  return auth(name, token);
+}
+
+/** p50/p99 of fresh authorised requests over the load (one every 50 ms). */
+async function latency(n: number): Promise<{ p50: number; p99: number; failed: number }> {
+  const proc = spawn(process.execPath, [join(import.meta.dirname, 'probe.ts'), 'fresh', String(n), cluster.ctl.url, join(cluster.dataDir, 'controller.crt'), 'bootstrap-admin', ADMIN_TOKEN], { stdio: ['pipe', 'pipe', 'inherit'] });
+  const lines: string[] = [];
+  const exited = new Promise<void>((resolve) => proc.on('close', () => resolve()));
+  await new Promise<void>((resolve) => createInterface({ input: proc.stdout }).on('line', (l) => (l === 'ready' ? resolve() : lines.push(l))));
+  proc.stdin.write('go\n');
+  await exited;
+  const ms = lines.filter((l) => l !== 'failed').map(Number).sort((a, b) => a - b);
+  return { p50: pct(ms, 50), p99: pct(ms, 99), failed: lines.length - ms.length };
+}
+
+/** Runs `load` (which returns its stop function) and measures; the clients leave before "after". */
+async function phase(name: string, load: () => Promise<() => Promise<void> | void>) {
+  const stop = await load();
+  let peak = rssMB();
+  const sampler = setInterval(() => (peak = Math.max(peak, rssMB())), 100);
+  const lat = await latency(Math.round((SECONDS * 1000) / 60));
+  clearInterval(sampler);
+  peak = Math.max(peak, rssMB());
+  await stop();
+  await sleep(5000);
+  const after = rssMB();
+  return { name, peak, after, ...lat };
+}
+
+function watch(authorization: string, read: boolean): Promise<IncomingMessage> {
+  return new Promise((resolve, reject) => {
+    const req = https.request(new URL('/v1/vms?watch=true', cluster.ctl.url), { headers: { authorization }, ca: cluster.certificate, checkServerIdentity: () => undefined, agent: false }, (res) => {
+      if (read) res.resume();
+      else res.pause();
+      res.on('error', () => {});
+      resolve(res);
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+// ------------------------------------------------------------------ set-up
+await cluster.startWorkers(1, 10);
+const bigScript = { script_content: 'x'.repeat(200 * 1024) };
+await cluster.admin.createVM({ name: 'echo', image: 'synthetic' });
+while ((await cluster.admin.getVM('echo')).status !== 'running') await sleep(50);
+const watchers = await Promise.all(Array.from({ length: 10 }, (_, i) => account(`watcher-${i}`, ['compute:read'])));
+const slow = await account('slow', ['compute:read']);
+const tunneler = await account('tunneler', ['compute:read', 'compute:connect']);
+await sleep(3000);
+const idle = rssMB();
+const idleLatency = await latency(Math.round((SECONDS * 1000) / 60));
+const results = [];
+
+results.push(
+  await phase('1,000 watch streams', async () => {
+    const open: IncomingMessage[] = [];
+    for (let i = 0; i < 1000; i += 50) open.push(...(await Promise.all(Array.from({ length: 50 }, (_, j) => watch(watchers[Math.floor((i + j) / 100)], true)))));
+    const refused = open.filter((r) => r.statusCode !== 200).length;
+    if (refused) console.error(`${refused} watch streams refused`);
+    return () => open.forEach((r) => r.destroy());
+  }),
+);
+
+results.push(
+  await phase('50 non-reading watchers, 20 changes/s of 200 kB', async () => {
+    await cluster.admin.createVM({ name: 'churn', image: 'synthetic', startup_script: bigScript });
+    const open = await Promise.all(Array.from({ length: 50 }, () => watch(slow, false)));
+    let cpu = 1;
+    let stopped = false;
+    const churn = (async () => {
+      while (!stopped) {
+        cpu = 3 - cpu;
+        await cluster.admin.updateVM({ name: 'churn', image: 'synthetic', cpu, startup_script: bigScript });
+        await sleep(50);
+      }
+    })();
+    return async () => {
+      stopped = true;
+      await churn;
+      open.forEach((r) => r.destroy());
+      await cluster.admin.deleteVM('churn');
+    };
+  }),
+);
+
+/** 40 port-forwards to the echo VM, each sending frames of `bytes` (and reading what comes back); a refused one reconnects. */
+const pushers = (bytes: number) => async () => {
+  const frame = Buffer.alloc(bytes, 0x5a);
+  let stopped = false;
+  const sockets = new Set<WebSocket>();
+  const closes = { count: 0, codes: new Map<number, number>() };
+  const one = async () => {
+    while (!stopped) {
+      const ws = new WebSocket(new URL('/v1/vms/echo/port-forward?port=22', cluster.ctl.url.replace(/^http/, 'ws')), {
+        headers: { authorization: tunneler },
+        ca: cluster.certificate,
+        checkServerIdentity: (() => undefined) as unknown as () => boolean,
+        maxPayload: 64 * MiB,
+      });
+      sockets.add(ws);
+      ws.on('error', () => {});
+      await new Promise<void>((resolve) => {
+        const pump = () => {
+          while (!stopped && ws.readyState === ws.OPEN && ws.bufferedAmount < bytes) ws.send(frame);
+        };
+        ws.on('open', pump);
+        ws.on('message', pump);
+        const timer = setInterval(pump, 20);
+        ws.on('close', (code) => {
+          clearInterval(timer);
+          closes.count++;
+          closes.codes.set(code, (closes.codes.get(code) ?? 0) + 1);
+          resolve();
+        });
+      });
+      sockets.delete(ws);
+      if (!stopped) await sleep(100);
+    }
+  };
+  const all = Promise.all(Array.from({ length: 40 }, one));
+  return async () => {
+    stopped = true;
+    for (const ws of sockets) ws.terminate();
+    await all;
+    console.error(`${bytes / MiB} MiB frames: ${closes.count} tunnels closed, codes ${JSON.stringify(Object.fromEntries(closes.codes))}`);
+  };
+};
+results.push(await phase('40 port-forwards pushing 15 MiB frames', pushers(15 * MiB)));
+results.push(await phase('40 port-forwards pushing 1 MiB frames', pushers(1 * MiB)));
+
+await cluster.stop();
+rmSync(cluster.dataDir, { recursive: true, force: true });
+
+const f = (n: number) => n.toFixed(0);
+console.log(`controller RSS idle: ${f(idle)} MB; fresh authorised request idle: p50 ${idleLatency.p50.toFixed(1)} ms, p99 ${idleLatency.p99.toFixed(1)} ms`);
+console.log(`goal: peak ≤ ${f(1.5 * idle + 100)} MB (1.5 × idle + 100), after ≤ ${f(1.1 * idle)} MB (idle + 10 %), p99 ≤ 100 ms`);
+console.log('| load | peak RSS | RSS 5 s after | p50 | p99 | failed requests |');
+console.log('|---|---|---|---|---|---|');
+for (const r of results) {
+  const mark = (ok: boolean) => (ok ? '' : ' ✗');
+  console.log(
+    `| ${r.name} | ${f(r.peak)} MB${mark(r.peak <= 1.5 * idle + 100)} | ${f(r.after)} MB${mark(r.after <= 1.1 * idle)} | ${r.p50.toFixed(1)} ms | ${r.p99.toFixed(1)} ms${mark(r.p99 <= 100)} | ${r.failed} |`,
+  );
+}
+process.exit(0);
