@@ -72,7 +72,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     isConnected: (w) => channels.isConnected(w),
     backoffBaseMs: opts.restartBackoffMs,
   });
-  const tunnels = new Tunnels(opts.store, channels, view);
+  const tunnels = new Tunnels(channels, view);
   const access = new Access(opts.store, opts.logger, opts.authBackoff);
   const ctx: AppContext = { store: opts.store, clusterID: opts.clusterID, view, metrics, access, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, shutdown: abort.signal };
 

@@ -17,6 +17,8 @@ export interface UpgradeRequest {
   /** Path parameters, e.g. {name} of /v1/vms/{name}/port-forward */
   params: Record<string, string>;
   account: ServiceAccount;
+  /** Aborts when the client goes away before its WebSocket opens: waits end, and what they got is released. */
+  signal: AbortSignal;
 }
 /**
  * Runs before the upgrade (so it can still answer with an HTTP error: throw an HttpError) and
@@ -77,6 +79,9 @@ export class WebSocketRoutes {
     let account: ServiceAccount;
     let roles: readonly Role[];
     socket.on('error', () => {});
+    const gone = new AbortController();
+    const leave = () => gone.abort();
+    socket.once('close', leave);
     try {
       let match: RegExpExecArray | null = null;
       const route = this.routes.find((r) => (match = r.pattern.exec(url.pathname)) !== null);
@@ -85,7 +90,7 @@ export class WebSocketRoutes {
       account = await this.access.authenticate(parseBasicAuth(request.headers.authorization), request.socket.remoteAddress);
       authorize(account, route.roles);
       const params = Object.fromEntries(route.keys.map((k, i) => [k, decodePathSegment(m[i + 1])]));
-      onOpen = await route.handler({ request, url, params, account });
+      onOpen = await route.handler({ request, url, params, account, signal: gone.signal });
       roles = route.roles;
     } catch (err) {
       const status = err instanceof HttpError ? err.statusCode : 500;
@@ -93,11 +98,13 @@ export class WebSocketRoutes {
       const body = JSON.stringify({ message: err instanceof HttpError ? err.message : 'internal error' });
       const reason = { 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 409: 'Conflict', 429: 'Too Many Requests', 503: 'Service Unavailable', 504: 'Gateway Timeout' }[status] ?? 'Error';
       const extra = err instanceof HttpError ? Object.entries(err.headers).map(([k, v]) => `${k}: ${v}\r\n`).join('') : '';
+      socket.off('close', leave);
       socket.end(`HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n${extra}connection: close\r\n\r\n${body}`);
       return;
     }
-    if (socket.destroyed) return;
+    if (socket.destroyed) return leave();
     this.wss.handleUpgrade(request, socket, head, (ws) => {
+      socket.off('close', leave);
       this.alive.add(ws);
       ws.on('pong', () => this.alive.add(ws));
       ws.on('error', (err) => this.logger.debug({ err }, 'websocket error'));
