@@ -38,7 +38,7 @@ test('abandoned port-forwards: waits are cancelled, tunnels close on both sides'
     const url = new URL('/v1/vms/late/port-forward?port=22&wait=120', c.ctl.url.replace(/^http/, 'ws'));
     const headers = { authorization: 'Basic ' + Buffer.from(`bootstrap-admin:${ADMIN_TOKEN}`).toString('base64') };
     const clients = Array.from({ length: 50 }, () => {
-      const ws = new WebSocket(url, { headers, ca: c.ctl.certificate, checkServerIdentity: () => undefined });
+      const ws = new WebSocket(url, { headers, ...c.admin.tlsOptions() });
       ws.on('error', () => {});
       return ws;
     });
@@ -53,7 +53,7 @@ test('abandoned port-forwards: waits are cancelled, tunnels close on both sides'
 
     // A client that leaves while its tunnel is being set up: the tunnel closes on the worker too.
     drivers[1].dialDelayMs = 500;
-    const early = new WebSocket(url, { headers, ca: c.ctl.certificate, checkServerIdentity: () => undefined });
+    const early = new WebSocket(url, { headers, ...c.admin.tlsOptions() });
     early.on('error', () => {});
     await waitFor('the worker to dial', () => drivers[1].dials === 1, 5000, 10);
     early.terminate();
