@@ -115,9 +115,14 @@ export class WebSocketRoutes {
     });
   }
 
-  close() {
+  /** Closes every WebSocket with 1001 and the reason; those that do not finish the closing handshake within `graceMs` are cut. */
+  close(graceMs = 1000) {
     clearInterval(this.pinger);
-    for (const ws of this.wss.clients) ws.terminate();
+    for (const ws of this.wss.clients) ws.close(1001, 'the controller is shutting down');
+    const cut = setTimeout(() => {
+      for (const ws of this.wss.clients) ws.terminate();
+    }, graceMs);
+    cut.unref();
     this.wss.close();
   }
 }
