@@ -363,17 +363,23 @@ export class OrchardWorker {
       const existing = localByName.get(localName);
       this.run(vm, localName, existing?.running ?? false);
     }
-    await this.settleUnassigned(local.filter((l) => !wanted.has(l.localName)), [...this.tasks.values()].filter((t) => !wanted.has(t.localName)));
+    const desiredUIDs = new Set(desired.map((vm) => vm.uid));
+    await this.settleUnassigned(
+      local.filter((l) => !wanted.has(l.localName)),
+      [...this.tasks.values()].filter((t) => !wanted.has(t.localName)),
+      desiredUIDs,
+    );
   }
 
   /**
-   * What runs here but is not assigned here. Our controller says which of these it knows to have gone
-   * (deleted, moved, a newer run): those are stopped and removed (no leaks). The others it does not
+   * What runs here but is not assigned here. An earlier run of a VM assigned here (same uid) is
+   * removed at once. Of the rest, our controller says which it knows to have gone (deleted, moved):
+   * those are stopped and removed (no leaks). The others it does not
    * know at all (it lost or swapped its data): they are kept as orphans, never destroyed for that,
    * until an admin adopts or deletes them or the orphan grace period ends. (An upstream controller
    * cannot tell the two apart: then everything unassigned is removed, as upstream workers do.)
    */
-  private async settleUnassigned(local: LocalVM[], tasks: Task[]) {
+  private async settleUnassigned(local: LocalVM[], tasks: Task[], assignedUIDs: Set<string | undefined>) {
     const entries = new Map<string, Orphan>();
     for (const t of tasks) entries.set(t.localName, { localName: t.localName, uid: t.uid, name: t.name });
     for (const l of local) entries.set(l.localName, { localName: l.localName, uid: l.uid, running: l.running, image: l.image, cpu: l.cpu, memory: l.memory });
@@ -381,8 +387,10 @@ export class OrchardWorker {
     let remove: Set<string>;
     let orphans: Orphan[] = [];
     if (this.orphansCapable) {
-      const answer = await this.o.client.reportUnassigned(this.o.name, [...entries.values()]);
-      remove = new Set(answer.remove);
+      const earlierRuns = [...entries.values()].filter((e) => e.uid && assignedUIDs.has(e.uid)).map((e) => e.localName);
+      const ask = [...entries.values()].filter((e) => !earlierRuns.includes(e.localName));
+      const answer = ask.length || this.hadOrphans ? await this.o.client.reportUnassigned(this.o.name, ask) : { remove: [], orphans: [] };
+      remove = new Set([...earlierRuns, ...answer.remove]);
       orphans = answer.orphans;
       this.hadOrphans = orphans.length > 0;
       const grace = this.o.orphanGraceMs ?? 24 * 3600_000;
@@ -403,7 +411,8 @@ export class OrchardWorker {
       t.abort.abort(remove.has(t.localName) ? undefined : ORPHANED);
     }
     for (const l of local) {
-      if (remove.has(l.localName) && !tasks.some((t) => t.localName === l.localName)) {
+      // (A live run removes its VM itself when aborted; a finished one does not: remove is idempotent.)
+      if (remove.has(l.localName)) {
         this.log.info({ vm: l.localName }, 'removing a VM the controller no longer assigns here');
         await this.o.driver.remove(l.localName).catch((err: Error) => this.log.warn({ vm: l.localName, err: err.message }, 'remove failed'));
       }
