@@ -4,6 +4,7 @@ import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastif
 import fastifySwagger from '@fastify/swagger';
 import { Ajv } from 'ajv';
 import { randomUUID } from 'node:crypto';
+import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import type { Store } from './store/store.ts';
 import { Access, authorize, parseBasicAuth } from './access.ts';
@@ -28,6 +29,8 @@ import { closeSilentConnections } from './connections.ts';
 
 /** How often the controller refreshes last_seen of the workers whose watch is connected (at most a third of the offline timeout). */
 const LIVENESS_REFRESH_MS = 10_000;
+/** How long a stopping controller lets requests in flight finish (systemd's stop timeout is 90 s; we aim at 5 s in all). */
+const DRAIN_MS = 3000;
 
 export interface AppOptions {
   store: Store;
@@ -86,7 +89,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     isConnected: (w) => channels.isConnected(w),
     backoffBaseMs: opts.restartBackoffMs,
   });
-  const tunnels = new Tunnels(opts.store, channels, view);
+  const tunnels = new Tunnels(channels, view);
   const access = new Access(opts.store, opts.logger, opts.authBackoff);
   const ctx: AppContext = { store: opts.store, clusterID: opts.clusterID, view, metrics, access, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, limits, shutdown: abort.signal };
 
@@ -177,6 +180,26 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   app.get('/metrics', { config: { roles: ['admin:read'] }, schema: { hide: true } }, async (_req, reply) =>
     reply.type(metrics.contentType).send(await metrics.render()),
   );
+
+  // Stopping finishes the requests in flight (for at most DRAIN_MS), then cuts every connection left:
+  // idle keep-alive ones, and those that never sent a request.
+  // (A TLS handshake that stalls would otherwise hold the server's close for its 120 s timeout.)
+  let inFlight = 0;
+  const connections = new Set<Socket>();
+  app.server.on('connection', (socket: Socket) => {
+    connections.add(socket);
+    socket.once('close', () => connections.delete(socket));
+  });
+  app.server.on('request', (_req, res) => {
+    inFlight++;
+    res.once('close', () => inFlight--);
+  });
+  app.addHook('preClose', async () => {
+    const deadline = Date.now() + DRAIN_MS;
+    while (inFlight > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    if (inFlight > 0) opts.logger.warn({ requests: inFlight }, 'shutting down: cutting requests still in flight');
+    for (const socket of connections) socket.destroy();
+  });
 
   registerAdminRoutes(app, ctx);
   registerWorkerRoutes(app, ctx);

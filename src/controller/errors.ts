@@ -57,6 +57,17 @@ export function formatValidationError(errors: ErrorObject[], part: string): stri
   }
 }
 
+const SQLITE_FULL = 13;
+
+/** The cause when `error` (or its cause) is the disk filling up: SQLite's SQLITE_FULL, or ENOSPC from a file write. */
+export function diskFullCause(error: unknown): string | undefined {
+  for (let e = error as { errcode?: number; errstr?: string; code?: string; cause?: unknown } | undefined, depth = 0; e && depth < 5; e = e.cause as typeof e, depth++) {
+    if (typeof e.errcode === 'number' && (e.errcode & 0xff) === SQLITE_FULL) return `SQLITE_FULL: ${e.errstr ?? 'database or disk is full'}`;
+    if (e.code === 'ENOSPC') return 'ENOSPC: no space left on device';
+  }
+  return undefined;
+}
+
 export function errorHandler(this: unknown, error: FastifyError & { validationContext?: string }, request: FastifyRequest, reply: FastifyReply) {
   if (error.validation) {
     return reply.code(400).send({ message: formatValidationError(error.validation as ErrorObject[], error.validationContext ?? 'body') });
@@ -75,6 +86,12 @@ export function errorHandler(this: unknown, error: FastifyError & { validationCo
             ? `request body is too large (the limit is ${request.routeOptions.bodyLimit} bytes)`
             : error.message;
     return reply.code(status).send({ message });
+  }
+  // Not a bug: the controller's disk is full. Nothing was saved; it works again once there is space.
+  const full = diskFullCause(error);
+  if (full) {
+    request.log.error({ err: error }, 'the disk is full: a change was not saved');
+    return reply.code(507).send({ message: `the controller's disk is full (${full}): the change was not saved; free space on the controller's data volume and retry` });
   }
   request.log.error({ err: error }, 'internal error');
   return reply.code(500).send({ message: 'internal error; see the controller log for request ' + request.id });

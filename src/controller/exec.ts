@@ -697,13 +697,14 @@ export class ExecSessions {
    * Everything before the WebSocket upgrade (HTTP errors can still be answered): checks, waits for
    * the VM, connects over SSH and starts the command. Returns what to do with the WebSocket.
    */
-  async open(req: { vmName: string; account: ServiceAccount; query: ExecQuery; waitSeconds: number; request?: IncomingMessage }): Promise<(ws: WebSocket) => void> {
+  async open(req: { vmName: string; account: ServiceAccount; query: ExecQuery; waitSeconds: number; request?: IncomingMessage; signal?: AbortSignal }): Promise<(ws: WebSocket) => void> {
     if (this.closed) throw new HttpError(503, 'the controller is shutting down');
     const { vmName, query } = req;
     const account = req.account.name;
     if (query.session === undefined) {
       if (!query.spec) throw badRequest('query parameter "command" is required: the command line to run in the VM');
-      const session = await this.start(vmName, req.account, query.spec, req.waitSeconds);
+      // A client that leaves while the VM is awaited ends the wait (a named session outlives its client).
+      const session = await this.start(vmName, req.account, query.spec, req.waitSeconds, undefined, req.signal);
       this.plain.add(session);
       const socket = req.request?.socket;
       if (socket) {
@@ -768,9 +769,9 @@ export class ExecSessions {
   }
 
   /** Waits for the VM, connects over SSH (retrying until the wait is over) and starts the command. */
-  private async start(vmName: string, account: ServiceAccount, spec: ExecSpec, waitSeconds: number, id?: string): Promise<ExecSession> {
+  private async start(vmName: string, account: ServiceAccount, spec: ExecSpec, waitSeconds: number, id?: string, signal?: AbortSignal): Promise<ExecSession> {
     const deadline = Date.now() + waitSeconds * 1000;
-    const vm = await this.tunnels.runningVM(vmName, waitSeconds);
+    const vm = await this.tunnels.runningVM(vmName, waitSeconds, signal);
     for (;;) {
       try {
         return await this.startOnce(vm, account, spec, id);

@@ -25,6 +25,8 @@ export interface UpgradeRequest {
   /** Path parameters, e.g. {name} of /v1/vms/{name}/port-forward */
   params: Record<string, string>;
   account: ServiceAccount;
+  /** Aborts when the client goes away before its WebSocket opens: waits end, and what they got is released. */
+  signal: AbortSignal;
 }
 /**
  * Runs before the upgrade (so it can still answer with an HTTP error: throw an HttpError) and
@@ -94,6 +96,10 @@ export class WebSocketRoutes {
     let untake = () => {};
     socket.on('error', () => {});
     socket.once('close', () => untake());
+    // A client that leaves before the WebSocket opens ends what its handler waits for.
+    const gone = new AbortController();
+    const leave = () => gone.abort();
+    socket.once('close', leave);
     try {
       let match: RegExpExecArray | null = null;
       const route = this.routes.find((r) => (match = r.pattern.exec(url.pathname)) !== null);
@@ -104,7 +110,7 @@ export class WebSocketRoutes {
       const params = Object.fromEntries(route.keys.map((k, i) => [k, decodePathSegment(m[i + 1])]));
       const limit = route.options.perAccount;
       if (limit) untake = this.access.take(account.name, limit.what, limit.max);
-      onOpen = await route.handler({ request, url, params, account });
+      onOpen = await route.handler({ request, url, params, account, signal: gone.signal });
       roles = route.roles;
       wss = this.servers.get(route.options.maxPayload)!;
     } catch (err) {
@@ -114,11 +120,16 @@ export class WebSocketRoutes {
       const body = JSON.stringify({ message: err instanceof HttpError ? err.message : 'internal error' });
       const reason = { 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 409: 'Conflict', 429: 'Too Many Requests', 503: 'Service Unavailable', 504: 'Gateway Timeout' }[status] ?? 'Error';
       const extra = err instanceof HttpError ? Object.entries(err.headers).map(([k, v]) => `${k}: ${v}\r\n`).join('') : '';
+      socket.off('close', leave);
       socket.end(`HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n${extra}connection: close\r\n\r\n${body}`);
       return;
     }
-    if (socket.destroyed) return untake();
+    if (socket.destroyed) {
+      untake();
+      return leave();
+    }
     wss.handleUpgrade(request, socket, head, (ws) => {
+      socket.off('close', leave);
       this.alive.add(ws);
       ws.on('pong', () => this.alive.add(ws));
       ws.on('error', (err) => this.logger.debug({ err }, 'websocket error'));
@@ -129,9 +140,14 @@ export class WebSocketRoutes {
     });
   }
 
-  close() {
+  /** Closes every WebSocket with 1001 and the reason; those that do not finish the closing handshake within `graceMs` are cut. */
+  close(graceMs = 1000) {
     clearInterval(this.pinger);
-    for (const ws of this.clients()) ws.terminate();
+    for (const ws of this.clients()) ws.close(1001, 'the controller is shutting down');
+    const cut = setTimeout(() => {
+      for (const ws of this.clients()) ws.terminate();
+    }, graceMs);
+    cut.unref();
     for (const wss of this.servers.values()) wss.close();
   }
 }

@@ -5,7 +5,6 @@ import { randomBytes } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { createWebSocketStream, type WebSocket } from 'ws';
 import type { ServiceAccount, VM } from '../api/schemas.ts';
-import type { Store } from './store/store.ts';
 import type { WorkerChannels } from './rpc.ts';
 import { HttpError } from './errors.ts';
 import type { ClusterView } from './view.ts';
@@ -26,60 +25,116 @@ interface Pending<T> {
   resolve: (value: T) => void;
   reject: (err: Error) => void;
   timer: NodeJS.Timeout;
+  /** The caller left (its client went away) after the worker claimed the session. */
+  cancelled?: boolean;
 }
+
+/** The answer to a waiter whose client went away: nobody reads it, but it ends the wait. */
+export const clientGone = () => new HttpError(499, 'the client went away');
+const shuttingDown = () => new HttpError(503, 'the controller is shutting down');
 
 export class Tunnels {
   private readonly forwards = new Map<string, Pending<Tunnel>>();
   private readonly ipRequests = new Map<string, Pending<string>>();
-  private readonly store: Store;
+  /** Callers waiting for a VM to change (runningVM), by VM name: woken by the view, not by polling. */
+  private readonly waiters = new Map<string, Set<() => void>>();
   private readonly channels: WorkerChannels;
   private readonly view: ClusterView;
+  private readonly unsubscribe: () => void;
+  private closed = false;
 
-  constructor(store: Store, channels: WorkerChannels, view: ClusterView) {
-    this.store = store;
+  constructor(channels: WorkerChannels, view: ClusterView) {
     this.channels = channels;
     this.view = view;
-  }
-
-  private rendezvous<T>(map: Map<string, Pending<T>>, worker: string, action: (session: string) => object, what: string): Promise<T> {
-    // Unguessable and single-use: whoever could guess one could claim someone else's tunnel.
-    const session = randomBytes(32).toString('base64url');
-    return new Promise<T>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        map.delete(session);
-        reject(new HttpError(503, `worker ${worker} did not answer the ${what} request within ${RENDEZVOUS_TIMEOUT_MS / 1000}s`));
-      }, RENDEZVOUS_TIMEOUT_MS);
-      map.set(session, { worker, resolve, reject, timer });
-      if (!this.channels.send(worker, action(session))) {
-        clearTimeout(timer);
-        map.delete(session);
-        reject(new HttpError(503, `worker ${worker} is not connected to the controller`));
-      }
+    this.unsubscribe = view.subscribe((change) => {
+      if (change.kind !== 'vms') return;
+      for (const wake of this.waiters.get(change.object.name) ?? []) wake();
     });
   }
 
-  /** Waits up to `waitSeconds` for the VM to run; 404 if there is no such VM, 503 if it does not run in time. */
-  async runningVM(name: string, waitSeconds: number): Promise<VM> {
+  /** A rendezvous that gives up when `signal` aborts (its client went away): the session is withdrawn. */
+  private rendezvous<T>(map: Map<string, Pending<T>>, worker: string, action: (session: string) => object, what: string, signal?: AbortSignal): Promise<T> {
+    if (this.closed) return Promise.reject(shuttingDown());
+    // Unguessable and single-use: whoever could guess one could claim someone else's tunnel.
+    const session = randomBytes(32).toString('base64url');
+    return new Promise<T>((resolve, reject) => {
+      const done = () => {
+        clearTimeout(pending.timer);
+        map.delete(session);
+        signal?.removeEventListener('abort', onAbort);
+      };
+      const onAbort = () => {
+        pending.cancelled = true;
+        done();
+        reject(clientGone());
+      };
+      const pending: Pending<T> = {
+        worker,
+        resolve: (v) => (done(), resolve(v)),
+        reject: (e) => (done(), reject(e)),
+        timer: setTimeout(() => pending.reject(new HttpError(503, `worker ${worker} did not answer the ${what} request within ${RENDEZVOUS_TIMEOUT_MS / 1000}s`)), RENDEZVOUS_TIMEOUT_MS),
+      };
+      if (signal?.aborted) return onAbort();
+      signal?.addEventListener('abort', onAbort, { once: true });
+      map.set(session, pending);
+      if (!this.channels.send(worker, action(session))) pending.reject(new HttpError(503, `worker ${worker} is not connected to the controller`));
+    });
+  }
+
+  /**
+   * Waits up to `waitSeconds` for the VM to run; 404 if there is no such VM, 503 if it does not run in
+   * time. Woken by the controller's view as the VM changes; `signal` (the client went away) ends the wait.
+   */
+  async runningVM(name: string, waitSeconds: number, signal?: AbortSignal): Promise<VM> {
+    await this.view.loaded;
     const deadline = Date.now() + waitSeconds * 1000;
-    for (;;) {
-      const vm = await this.store.get('vms', name);
+    const check = (timedOut: boolean): VM | undefined => {
+      const vm = this.view.vms.get(name);
       if (!vm) throw new HttpError(404, `VM "${name}" not found`);
       if (vm.status === 'running' && vm.worker) return vm;
       if (vm.status === 'failed') throw new HttpError(503, `VM "${name}" has failed: ${vm.status_message ?? ''}`);
-      if (Date.now() >= deadline) {
+      if (timedOut) {
         throw new HttpError(503, `VM "${name}" is not running (${vm.status}: ${vm.status_message ?? ''})${waitSeconds ? ` after waiting ${waitSeconds}s` : ''}; try a longer ?wait=`);
       }
-      await new Promise((r) => setTimeout(r, Math.min(200, deadline - Date.now())));
-    }
+      return undefined;
+    };
+    const now = check(waitSeconds === 0);
+    if (now) return now;
+    if (this.closed) throw shuttingDown();
+    return new Promise<VM>((resolve, reject) => {
+      let set = this.waiters.get(name);
+      if (!set) this.waiters.set(name, (set = new Set()));
+      const finish = (fn: () => void) => {
+        clearTimeout(timer);
+        signal?.removeEventListener('abort', onAbort);
+        set.delete(wake);
+        if (set.size === 0 && this.waiters.get(name) === set) this.waiters.delete(name);
+        fn();
+      };
+      const settle = (timedOut: boolean) => {
+        try {
+          const vm = check(timedOut);
+          if (vm) finish(() => resolve(vm));
+        } catch (err) {
+          finish(() => reject(err as Error));
+        }
+      };
+      const wake = () => (this.closed ? finish(() => reject(shuttingDown())) : settle(false));
+      const onAbort = () => finish(() => reject(clientGone()));
+      const timer = setTimeout(() => settle(true), Math.max(0, deadline - Date.now()));
+      if (signal?.aborted) return onAbort();
+      signal?.addEventListener('abort', onAbort, { once: true });
+      set.add(wake);
+    });
   }
 
-  /** A connection to TCP `port` of the VM (or, without a VM, of the worker host itself). */
-  open(worker: string, port: number, vm?: VM): Promise<Tunnel> {
-    return this.rendezvous(this.forwards, worker, (session) => ({ portForwardAction: { session, vmUID: vm?.uid ?? '', port } }), 'port-forward');
+  /** A connection to TCP `port` of the VM (or, without a VM, of the worker host itself); `signal`: the client went away. */
+  open(worker: string, port: number, vm?: VM, signal?: AbortSignal): Promise<Tunnel> {
+    return this.rendezvous(this.forwards, worker, (session) => ({ portForwardAction: { session, vmUID: vm?.uid ?? '', port } }), 'port-forward', signal);
   }
 
-  resolveIP(vm: VM): Promise<string> {
-    return this.rendezvous(this.ipRequests, vm.worker!, (session) => ({ resolveIPAction: { session, vmUID: vm.uid } }), 'IP resolution');
+  resolveIP(vm: VM, signal?: AbortSignal): Promise<string> {
+    return this.rendezvous(this.ipRequests, vm.worker!, (session) => ({ resolveIPAction: { session, vmUID: vm.uid } }), 'IP resolution', signal);
   }
 
   /** Only the account of the session's worker may answer it. */
@@ -95,6 +150,7 @@ export class Tunnels {
     const pending = this.forwards.get(session);
     if (!pending) throw new HttpError(404, 'no port-forward session with this id is waiting (it may have timed out)');
     this.checkWorker(pending.worker, account, worker);
+    // Claimed: the worker's WebSocket completes it (or, if the client leaves meanwhile, is closed).
     this.forwards.delete(session);
     clearTimeout(pending.timer);
     return pending;
@@ -102,6 +158,10 @@ export class Tunnels {
 
   /** Completes a claimed session with the worker's WebSocket, or with the worker's error. */
   completeForward(pending: Pending<Tunnel>, ws: WebSocket, error: string | null) {
+    if (pending.cancelled) {
+      ws.close(1000, 'the client went away');
+      return;
+    }
     if (error) {
       pending.reject(new HttpError(503, `worker ${pending.worker} could not connect: ${error}`));
       ws.close(1000);
@@ -114,20 +174,18 @@ export class Tunnels {
     const pending = this.ipRequests.get(session);
     if (!pending) throw new HttpError(404, 'no IP resolution session with this id is waiting');
     this.checkWorker(pending.worker, account, null);
-    this.ipRequests.delete(session);
-    clearTimeout(pending.timer);
     if (body.ip) pending.resolve(body.ip);
     else pending.reject(new HttpError(503, `worker ${pending.worker} could not resolve the IP: ${body.error ?? 'no IP'}`));
   }
 
+  /** Answers every wait with 503 (the controller is shutting down). */
   close() {
+    this.closed = true;
+    this.unsubscribe();
     for (const map of [this.forwards, this.ipRequests] as Map<string, Pending<unknown>>[]) {
-      for (const p of map.values()) {
-        clearTimeout(p.timer);
-        p.reject(new HttpError(503, 'the controller is shutting down'));
-      }
-      map.clear();
+      for (const p of [...map.values()]) p.reject(shuttingDown());
     }
+    for (const set of [...this.waiters.values()]) for (const wake of [...set]) wake();
   }
 }
 

@@ -40,6 +40,12 @@ const SHUTDOWN = 'worker shutdown';
 const ORPHANED = 'orphaned';
 /** Abort reason of a run whose VM gets a new spec: it is stopped, then booted again with the new one. */
 const RESPEC = 'new spec';
+/** Back-off of state reports and event batches the controller did not take: 0.5 s doubling to 30 s. */
+const REPORT_RETRY_BASE_MS = 500;
+const REPORT_RETRY_MAX_MS = 30_000;
+/** Events per request, and unsent events kept per VM while the controller is unreachable. */
+const MAX_EVENTS_PER_REQUEST = 500;
+const MAX_QUEUED_EVENTS = 10_000;
 
 /** The spec fields the host acts on; a change to any other (labels, scripts...) needs no restart. */
 const hostSpecOf = (vm: VM) =>
@@ -70,10 +76,14 @@ export class OrchardWorker {
   private readonly log: Logger;
   private ws?: WebSocket;
   private stopped = false;
+  /** Aborts when the worker stops (ends back-off waits). */
+  private readonly stopSignal = new AbortController();
   private heartbeat?: NodeJS.Timeout;
   private reconnectDelay = 500;
   private syncing = false;
   private syncAgain = false;
+  /** The watch (re)connected: the next sync re-reports every VM whose state the controller does not have. */
+  private resync = false;
   /** The VMs of the latest sync push, for the next sync (instead of listing them). */
   private pushed?: VM[];
   /** Does the controller take events with a state report (capability "vm-state-events")? */
@@ -132,6 +142,7 @@ export class OrchardWorker {
   /** Stops talking to the controller. VMs keep running: a restarted worker adopts them. */
   async stop() {
     this.stopped = true;
+    this.stopSignal.abort();
     clearInterval(this.heartbeat);
     clearTimeout(this.graceTimer);
     this.ws?.terminate();
@@ -158,6 +169,7 @@ export class OrchardWorker {
     this.ws = ws;
     ws.on('open', () => {
       this.reconnectDelay = 500;
+      this.resync = true;
       this.log.info('connected to the controller');
       void this.o.client.info().then((i) => this.checkCluster(i.clusterID), () => {});
     });
@@ -313,6 +325,8 @@ export class OrchardWorker {
     if (this.stopped) return;
     const pushed = this.pushed;
     this.pushed = undefined;
+    const resync = this.resync;
+    this.resync = false;
     const desired = pushed ?? (await this.o.client.listVMs(this.o.name));
     const local = await this.o.driver.list();
     const localByName = new Map(local.map((l) => [l.localName, l]));
@@ -339,6 +353,11 @@ export class OrchardWorker {
         // pending, but it has moved on here. (A failed VM is the controller's call, not re-asserted.)
         // (A push made before the report was committed also shows it pending: only an unacknowledged report is sent again.)
         if (vm.status === 'pending' && task.reported && task.reported.status !== 'pending' && !task.acked && !task.sending) this.report(vm, task, task.reported);
+        // After a reconnect, the whole state: whatever the controller shows that differs from what was
+        // reported (it lost it: restored, restarted) is reported again.
+        else if (resync && vm.status !== 'failed' && task.reported && !task.sending && !task.abort.signal.aborted && (vm.status !== task.reported.status || vm.status_message !== task.reported.status_message)) {
+          this.report(vm, task, task.reported);
+        }
         continue;
       }
       if (vm.status === 'failed') continue;
@@ -408,12 +427,14 @@ export class OrchardWorker {
    * one batch, and of the states only the newest is sent, ahead of queued events, and with them when
    * the controller takes both in one request. Sending starts on the next turn of the event loop, so
    * the steps of a quick transition (scheduled, cloned, booted, running) leave together.
+   * What fails is sent again with back-off until the controller takes it (see deliver).
    */
   private send(task: Task, item: OutboxItem) {
     if ('events' in item) {
       const queued = task.outbox.find((i): i is { events: Event[] } => 'events' in i);
       if (queued) queued.events.push(...item.events);
       else task.outbox.push(item);
+      this.trimEvents(task);
     } else {
       // The state goes first: readiness should not wait behind log lines.
       task.outbox = [item, ...task.outbox.filter((i) => !('state' in i))];
@@ -421,23 +442,92 @@ export class OrchardWorker {
     if (task.sending) return;
     task.sending = (async () => {
       await new Promise((r) => setImmediate(r));
-      for (let next = task.outbox.shift(); next; next = task.outbox.shift()) {
-        if ('events' in next) await this.o.client.appendEvents(task.name, next.events).catch(() => {});
-        else if (!task.abort.signal.aborted) {
-          let state = next.state;
-          const events = task.outbox[0];
-          if (this.stateWithEvents && events && 'events' in events) {
-            task.outbox.shift();
-            state = { ...state, events: events.events };
+      let attempt = 0;
+      while (!this.stopped) {
+        const next = task.outbox.shift();
+        if (!next) break;
+        let state: VMStateUpdate | undefined;
+        let events: Event[] | undefined;
+        if ('state' in next) {
+          // A run that is over reports nothing more (its VM went elsewhere or was removed).
+          if (task.abort.signal.aborted) continue;
+          state = next.state;
+          const queued = task.outbox[0];
+          if (this.stateWithEvents && queued && 'events' in queued) {
+            events = queued.events.splice(0, MAX_EVENTS_PER_REQUEST);
+            if (!queued.events.length) task.outbox.shift();
           }
-          await this.o.client.updateVMState(task.name, state).then(
-            () => (task.acked = !task.outbox.some((i) => 'state' in i)), // no newer state queued: the latest is in
-            (err: Error) => this.log.debug({ vm: task.name, err: err.message }, 'state report failed'),
-          );
+        } else {
+          events = next.events.splice(0, MAX_EVENTS_PER_REQUEST);
+          if (next.events.length) task.outbox.unshift(next); // the rest of the batch goes next
         }
+        const outcome = await this.deliver(task, state, events, attempt);
+        if (outcome === 'retry') {
+          // Back in front; a state only if no newer one has come meanwhile (that one replaces it).
+          if (events?.length) this.prependEvents(task, events);
+          if (state && !task.outbox.some((i) => 'state' in i)) task.outbox.unshift({ state });
+          await this.backoff(++attempt);
+          continue;
+        }
+        attempt = 0;
+        if (state && outcome === 'sent') task.acked = !task.outbox.some((i) => 'state' in i); // no newer state queued: the latest is in
       }
       task.sending = undefined;
     })();
+  }
+
+  /**
+   * One request: a state report (with events when the controller takes both) or an event batch.
+   * 401, 403, 408, 429, 5xx and network errors are worth another try (a revoked role may come back, a
+   * full disk may be cleared, a controller restarts); any other 4xx will never succeed (a deleted VM,
+   * a report about an earlier run): it is dropped, with a log line.
+   */
+  private async deliver(task: Task, state: VMStateUpdate | undefined, events: Event[] | undefined, attempt: number): Promise<'sent' | 'dropped' | 'retry'> {
+    const what = state ? 'state report' : 'event batch';
+    try {
+      if (state) await this.o.client.updateVMState(task.name, events?.length ? { ...state, events } : state);
+      else if (events?.length) await this.o.client.appendEvents(task.name, events);
+      if (attempt > 0) this.log.info({ vm: task.name, attempts: attempt + 1 }, `${what} delivered after retrying`);
+      return 'sent';
+    } catch (err) {
+      const status = err instanceof ApiError ? err.status : 0;
+      const message = (err as Error).message;
+      if (status >= 400 && status < 500 && ![401, 403, 408, 429].includes(status)) {
+        this.log.warn({ vm: task.name, status, err: message, state: state?.status, events: events?.length ?? 0 }, `${what} refused; dropped`);
+        return 'dropped';
+      }
+      // The first failure is worth a warning; the retries that follow, a debug line each.
+      this.log[attempt === 0 ? 'warn' : 'debug']({ vm: task.name, status: status || undefined, err: message, attempt: attempt + 1 }, `${what} failed; retrying with back-off`);
+      return 'retry';
+    }
+  }
+
+  /** Exponential back-off with jitter (0.5 s doubling to 30 s); cut short when the worker stops. */
+  private backoff(attempt: number): Promise<void> {
+    const ms = Math.min(REPORT_RETRY_BASE_MS * 2 ** (attempt - 1), REPORT_RETRY_MAX_MS) * (0.5 + Math.random() / 2);
+    return new Promise((resolve) => {
+      const signal = this.stopSignal.signal;
+      const stop = () => (clearTimeout(timer), resolve());
+      const timer = setTimeout(() => (signal.removeEventListener('abort', stop), resolve()), ms);
+      signal.addEventListener('abort', stop, { once: true });
+    });
+  }
+
+  private prependEvents(task: Task, events: Event[]) {
+    const queued = task.outbox.find((i): i is { events: Event[] } => 'events' in i);
+    if (queued) queued.events.unshift(...events);
+    else task.outbox.push({ events });
+    this.trimEvents(task);
+  }
+
+  /** While the controller is away, a VM's unsent events are bounded: the oldest go, and an event says how many. */
+  private trimEvents(task: Task) {
+    const queued = task.outbox.find((i): i is { events: Event[] } => 'events' in i);
+    if (!queued || queued.events.length <= MAX_QUEUED_EVENTS) return;
+    const dropped = queued.events.length - MAX_QUEUED_EVENTS + 1;
+    const first = queued.events[dropped];
+    queued.events.splice(0, dropped, { kind: 'lifecycle', timestamp: first.timestamp, payload: `${dropped} earlier events were dropped while the controller was unreachable` });
+    this.log.warn({ vm: task.name, dropped }, 'the controller is unreachable: dropped the oldest unsent events');
   }
 
   private event(task: Task, kind: string, payload: string) {

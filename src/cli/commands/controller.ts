@@ -78,6 +78,11 @@ export function registerControllerCommands(program: Command) {
           process.off('SIGINT', stop);
           process.off('SIGTERM', stop);
           ctl.logger.info('shutting down');
+          // Requests in flight get a few seconds (see app.ts); should anything still hang, exit anyway before systemd's kill.
+          setTimeout(() => {
+            ctl.logger.error('shutdown did not finish in 10 s; exiting anyway');
+            process.exit(1);
+          }, 10_000).unref();
           ctl.close().then(resolve, resolve);
         };
         process.on('SIGINT', stop);

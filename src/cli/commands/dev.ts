@@ -24,7 +24,11 @@ export function registerDevCommand(program: Command) {
       const { startWorker, makeDriver } = await import('../../worker/run.ts');
       const dataDir = resolve(opts.dataDir);
       const logger = pino({ level: process.env.ORCHARD_LOG_LEVEL ?? 'error' });
-      const say = (msg: string) => process.stderr.write(`orchard dev: ${msg}\n`);
+      // Our output may have no reader any more (a closed pipe or terminal): that must not stop the stop.
+      let outputGone = false;
+      const say = (msg: string) => {
+        if (!outputGone && !process.stderr.destroyed) process.stderr.write(`orchard dev: ${msg}\n`, () => {});
+      };
       const runtime = opts.synthetic ? 'synthetic' : process.platform === 'darwin' ? 'tart' : 'qemu';
       if (opts.workers < 1 || opts.workers > 64) throw new Error('--workers must be between 1 and 64');
 
@@ -88,19 +92,37 @@ export function registerDevCommand(program: Command) {
         ].join('\n'),
       );
 
+      // Every way of stopping leaves no VM behind (QEMU runs in its own process group, so nothing
+      // else stops it): Ctrl-C, SIGTERM, the terminal closing (SIGHUP), our output's reader going
+      // away (EPIPE: `orchard dev | tee log` stopped with Ctrl-C), or a crash. A second signal while
+      // stopping does not cut the stop short.
       await new Promise<void>((done) => {
-        const stop = async () => {
-          process.off('SIGINT', stop);
-          process.off('SIGTERM', stop);
-          say('stopping: VMs, workers, controller');
-          for (const w of workers) await w.stop();
-          // No VM outlives `orchard dev`; their disks stay, and the next run boots them again.
-          await Promise.all(drivers.map(async (d) => Promise.all((await d.list()).map((vm) => d.stop(vm.localName, 10_000).catch(() => {})))));
-          await ctl.close();
-          done();
+        let stopping: Promise<void> | undefined;
+        const stop = (why: string, code = 0) => {
+          if (stopping) return void say(`still stopping (${why})`);
+          process.exitCode = code;
+          say(`stopping (${why}): VMs, workers, controller`);
+          stopping = (async () => {
+            for (const w of workers) await w.stop().catch(() => {});
+            // No VM outlives `orchard dev`; their disks stay, and the next run boots them again.
+            await Promise.all(drivers.map(async (d) => Promise.all((await d.list().catch(() => [])).map((vm) => d.stop(vm.localName, 10_000).catch(() => {})))));
+            await ctl.close().catch(() => {});
+            done();
+          })();
         };
-        process.on('SIGINT', stop);
-        process.on('SIGTERM', stop);
+        for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, () => stop(signal));
+        const lostOutput = (err: Error & { code?: string }) => {
+          // Nothing more is written (each write would fail again), and the stop goes on.
+          if (outputGone) return;
+          outputGone = true;
+          if (!stopping) stop(`output: ${err.code ?? err.message}`);
+        };
+        for (const stream of [process.stdout, process.stderr]) stream.on('error', lostOutput);
+        process.on('uncaughtException', (err: Error & { code?: string }) => {
+          if (err.code === 'EPIPE' || err.code === 'EIO') return lostOutput(err);
+          say(`error: ${err.stack ?? err.message}`);
+          stop('error', 1);
+        });
       });
     });
 }

@@ -7,7 +7,8 @@ import type { AppContext } from '../context.ts';
 import { badRequest, notFound } from '../errors.ts';
 import type { WebSocketRoutes } from '../rpc.ts';
 import { ExecSessions, parseExecQuery } from '../exec.ts';
-import { splice, type Tunnels } from '../tunnels.ts';
+import { clientGone, splice, type Tunnel, type Tunnels } from '../tunnels.ts';
+import type { WebSocket } from 'ws';
 import { accountOf, CONNECT_ROLES as CONNECT } from '../access.ts';
 
 
@@ -24,34 +25,46 @@ export function parseWait(value: string | null, fallback: number): number {
   return Math.min(Number(value), 3600);
 }
 
+/** A tunnel for a client whose WebSocket is about to open; if the client has left meanwhile, the tunnel closes on both sides. */
+function spliceWhenOpen(tunnel: Tunnel, signal: AbortSignal): (ws: WebSocket) => void {
+  const release = () => tunnel.ws.close(1000, 'the client went away');
+  if (signal.aborted) {
+    release();
+    throw clientGone();
+  }
+  signal.addEventListener('abort', release, { once: true });
+  return (ws) => {
+    signal.removeEventListener('abort', release);
+    splice(ws, tunnel);
+  };
+}
+
 export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, sockets: WebSocketRoutes, tunnels: Tunnels) {
   const { store, limits } = ctx;
   const tunnel = { maxPayload: limits.tunnelFrameBytes, perAccount: { what: 'tunnels', max: limits.tunnelsPerAccount } };
 
-  sockets.route('/v1/vms/{name}/port-forward', CONNECT, tunnel, async ({ url, params }) => {
+  sockets.route('/v1/vms/{name}/port-forward', CONNECT, tunnel, async ({ url, params, signal }) => {
     const port = parsePort(url.searchParams.get('port'));
-    const vm = await tunnels.runningVM(params.name, parseWait(url.searchParams.get('wait'), 10));
-    const tunnel = await tunnels.open(vm.worker!, port, vm);
-    return (ws) => splice(ws, tunnel);
+    const vm = await tunnels.runningVM(params.name, parseWait(url.searchParams.get('wait'), 10), signal);
+    return spliceWhenOpen(await tunnels.open(vm.worker!, port, vm, signal), signal);
   });
 
   // Exec over SSH through the worker tunnel; frames, sessions and limits: see ../exec.ts.
   const exec = new ExecSessions({ store, tunnels, access: ctx.access, logger: app.log });
   ctx.shutdown.addEventListener('abort', () => exec.close(), { once: true });
-  sockets.route('/v1/vms/{name}/exec', CONNECT, { maxPayload: limits.tunnelFrameBytes }, async ({ url, params, account, request }) => {
+  sockets.route('/v1/vms/{name}/exec', CONNECT, { maxPayload: limits.tunnelFrameBytes }, async ({ url, params, account, request, signal }) => {
     const query = parseExecQuery(url);
     const waitSeconds = parseWait(url.searchParams.get('wait'), 10);
-    return exec.open({ vmName: params.name, account, query, waitSeconds, request });
+    return exec.open({ vmName: params.name, account, query, waitSeconds, request, signal });
   });
 
-  sockets.route('/v1/workers/{name}/port-forward', ['admin:write'], tunnel, async ({ url, params }) => {
+  sockets.route('/v1/workers/{name}/port-forward', ['admin:write'], tunnel, async ({ url, params, signal }) => {
     const port = parsePort(url.searchParams.get('port'));
     if (!(await store.get('workers', params.name))) throw notFound(`worker "${params.name}" not found`);
-    const tunnel = await tunnels.open(params.name, port);
-    return (ws) => splice(ws, tunnel);
+    return spliceWhenOpen(await tunnels.open(params.name, port, undefined, signal), signal);
   });
 
-    // The worker's side of a tunnel: counted on the client's side already.
+  // The worker's side of a tunnel: counted on the client's side already.
   sockets.route('/v1/rpc/port-forward', ['compute:write'], { maxPayload: limits.tunnelFrameBytes }, ({ url, account }) => {
     const pending = tunnels.claimForward(url.searchParams.get('session') ?? '', url.searchParams.get('workerName'), account);
     // The worker's error: `errorMessage` (upstream's workers, empty when there is none) or `error` (ours).
@@ -70,9 +83,17 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
         response: { 200: Type.Object({ ip: Type.String() }), 400: ErrorBody, 404: ErrorBody, 503: ErrorBody },
       },
     },
-    async (request) => {
-      const vm = await tunnels.runningVM(request.params.name, request.query.wait ?? 10);
-      return { ip: await tunnels.resolveIP(vm) };
+    async (request, reply) => {
+      // A client that hangs up ends the wait (and the worker's answer is not waited for).
+      const gone = new AbortController();
+      const leave = () => gone.abort();
+      reply.raw.once('close', leave);
+      try {
+        const vm = await tunnels.runningVM(request.params.name, request.query.wait ?? 10, gone.signal);
+        return { ip: await tunnels.resolveIP(vm, gone.signal) };
+      } finally {
+        reply.raw.off('close', leave);
+      }
     },
   );
 
