@@ -5,34 +5,14 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import YAML from 'yaml';
 import { buildDebianDev } from '../src/worker/images.ts';
-import { ORCHARD_BIN, runCLI, tempDir, waitFor } from './helpers.ts';
+import { freePort, ORCHARD_BIN, processesWith, runCLI, tempDir, waitFor } from './helpers.ts';
 
 const IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
 
-const freePort = () =>
-  new Promise<number>((resolve) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-
-/** Processes whose command line mentions `needle`. */
-const processesWith = (needle: string) =>
-  readdirSync('/proc')
-    .filter((p) => /^\d+$/.test(p))
-    .filter((p) => {
-      try {
-        return readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(needle);
-      } catch {
-        return false;
-      }
-    });
 
 const listening = (port: number) => readFileSync('/proc/net/tcp', 'utf8').split('\n').some((l) => l.includes(`:${port.toString(16).toUpperCase().padStart(4, '0')} `) && l.split(/\s+/)[4] === '0A');
 

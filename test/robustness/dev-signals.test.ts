@@ -4,31 +4,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdirSync, readdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { mkdirSync, rmSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { buildDebianDev } from '../../src/worker/images.ts';
-import { ORCHARD_BIN, runCLI, tempDir, TEST_IMAGES, waitFor } from '../helpers.ts';
+import { freePort, ORCHARD_BIN, processesWith, runCLI, tempDir, TEST_IMAGES, waitFor } from '../helpers.ts';
 
-const freePort = () =>
-  new Promise<number>((resolve) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-
-/** Processes whose command line mentions `needle`. */
-const processesWith = (needle: string) =>
-  readdirSync('/proc')
-    .filter((p) => /^\d+$/.test(p))
-    .filter((p) => {
-      try {
-        return readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(needle);
-      } catch {
-        return false;
-      }
-    });
 
 test('orchard dev stopped by EPIPE + SIGINT, SIGHUP or SIGTERM leaves no VM running', async () => {
   await buildDebianDev(TEST_IMAGES);
