@@ -156,6 +156,15 @@ export const Event = Type.Object(
 export type Event = Static<typeof Event>;
 export const EventList = Type.Array(Event, { maxItems: 10000 });
 
+/** An event as clients send it: each field may be left out (upstream's Go structs leave empty ones out), meaning "" or 0. */
+export const EventInput = Type.Object(
+  { kind: Type.Optional(Event.properties.kind), timestamp: Type.Optional(Event.properties.timestamp), payload: Type.Optional(Event.properties.payload) },
+  { additionalProperties: false, title: 'EventInput' },
+);
+export type EventInput = Static<typeof EventInput>;
+export const EventInputList = Type.Array(EventInput, { maxItems: 10000 });
+export const eventOf = (e: EventInput): Event => ({ kind: e.kind ?? '', timestamp: e.timestamp ?? 0, payload: e.payload ?? '' });
+
 /** Body of PUT /v1/vms/{name}/state. */
 export const VMStateUpdate = Type.Object(
   {
@@ -168,7 +177,7 @@ export const VMStateUpdate = Type.Object(
     tartName: Type.Optional(Type.String({ maxLength: 255 })),
     image_fqn: Type.Optional(Type.String({ maxLength: 1024 })),
     events: Type.Optional(
-      Type.Array(Event, { maxItems: 10000, description: 'Orchard addition (capability "vm-state-events"): events appended in the same commit as the state' }),
+      Type.Array(EventInput, { maxItems: 10000, description: 'Orchard addition (capability "vm-state-events"): events appended in the same commit as the state' }),
     ),
   },
   { additionalProperties: true, title: 'VMStateUpdate', description: 'other VM fields are ignored' },

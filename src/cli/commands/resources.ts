@@ -223,7 +223,7 @@ export function registerResourceCommands(program: Command) {
       return all;
     });
     print(opts.output, events, () =>
-      events.map((e) => `${new Date(e.timestamp * 1000).toISOString()} ${e.kind}: ${e.payload.replace(/\n$/, '')}`).join('\n') + (events.length ? '\n' : ''),
+      events.map((e) => `${new Date((e.timestamp ?? 0) * 1000).toISOString()} ${e.kind ?? ''}: ${(e.payload ?? '').replace(/\n$/, '')}`).join('\n') + (events.length ? '\n' : ''),
     );
   });
 

@@ -4,7 +4,10 @@ import type { FastifyInstance } from 'fastify';
 import {
   ErrorBody,
   Event,
+  EventInputList,
   EventList,
+  eventOf,
+  type EventInput,
   IMMUTABLE_VM_FIELDS,
   localNameOf,
   Name,
@@ -164,7 +167,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
         return applyStateReport(latest, b, new Date().toISOString());
       }),
       // In the same group commit as the state.
-      events?.length && current.uid ? store.appendEvents(current.uid, events) : undefined,
+      events?.length && current.uid ? store.appendEvents(current.uid, events.map(eventOf)) : undefined,
     ]);
     return vm;
   }
@@ -251,18 +254,18 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
     },
   );
 
-  app.post<{ Params: { name: string }; Body: Event[] }>(
+  app.post<{ Params: { name: string }; Body: EventInput[] }>(
     '/v1/vms/:name/events',
     {
       config: { roles: WRITE },
-      schema: { tags: ['vms'], summary: 'Append events to a VM (workers)', params: NameParams, body: EventList, response: { 200: Type.Object({}), ...errors } },
+      schema: { tags: ['vms'], summary: 'Append events to a VM (workers)', params: NameParams, body: EventInputList, response: { 200: Type.Object({}), ...errors } },
     },
     async (request) => {
       request.body.forEach((e, i) => checkSafeInteger(`[${i}].timestamp`, e.timestamp));
       const vm = await store.get('vms', request.params.name);
       if (!vm?.uid) throw notFound(`VM "${request.params.name}" not found`);
       checkReporter(vm, accountOf(request));
-      await store.appendEvents(vm.uid, request.body);
+      await store.appendEvents(vm.uid, request.body.map(eventOf));
       return {};
     },
   );
