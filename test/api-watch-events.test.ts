@@ -82,8 +82,7 @@ test('watch with filter=worker and watch of one VM see only their objects', asyn
     await new Promise((r) => setTimeout(r, 200));
     abort.abort();
     assert.deepEqual(await quiet, []);
-    const missing = await rawRequest(c.ctl, 'GET', '/v1/vms/nope?watch=true', { auth: ['bootstrap-admin', 'test-admin-token'] });
-    assert.equal(missing.status, 404);
+    // (Watching a VM that does not exist yet waits for its ADDED, as upstream's: test/conformance.)
   } finally {
     await c.close();
     c.cleanup();

@@ -188,6 +188,17 @@ describe('an upstream 0.55 worker (replayed)', () => {
     assert.equal(await flip(false), false, 'resumed');
   });
 
+  test('watching a VM that does not exist yet waits for it and gets its ADDED', async () => {
+    const ac = new AbortController();
+    const events = c.admin.watch<{ name: string }>('/v1/vms/later-vm?watch=true', ac.signal);
+    const first = events.next();
+    await new Promise((r) => setTimeout(r, 200));
+    await c.admin.createVM({ name: 'later-vm', image: 'img' });
+    const got = await first;
+    assert.deepEqual([got.value?.type, got.value?.object.name], ['ADDED', 'later-vm']);
+    ac.abort();
+  });
+
   test('a service account created as upstream marshals it (no roles: omitempty) has none', async () => {
     const r = await rawRequest(c.ctl, 'POST', '/v1/service-accounts', { auth: ['bootstrap-admin', 'test-admin-token'], body: JSON.stringify({ name: 'ci.bot', createdAt: ZERO_TIME }), contentType: null, headers: UA });
     assert.equal(r.status, 200, r.body);

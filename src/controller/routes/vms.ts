@@ -136,10 +136,11 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
     },
     async (request, reply) => {
       const { name } = request.params;
+      const secrets = secretsFor(request.account);
+      // Watching a VM that does not exist yet waits for it (its ADDED), as upstream's watch does.
+      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (v) => v.name === name, undefined, (v) => redactVM(v, secrets));
       const vm = await store.get('vms', name);
       if (!vm) throw notFound(`VM "${name}" not found`);
-      const secrets = secretsFor(request.account);
-      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (v) => v.name === name, undefined, (v) => redactVM(v, secrets));
       return redactVM(vm, secrets);
     },
   );
