@@ -36,6 +36,20 @@ function placementInputsDiffer(kind: 'vms' | 'workers', before: VM | Worker, aft
 
 const shortName = (resource: string) => resource.replace(/^org\.cirruslabs\./, '');
 
+/**
+ * The first resource `w` has too little of for `vm`, or undefined. Every VM takes a VM slot on workers
+ * that count slots (ours, upstream's Tart workers); a worker that counts none (upstream's Linux Vetu
+ * workers) runs VMs that are not macOS Tart VMs without one, as upstream charges the slot only to those.
+ */
+function shortOf(vm: VM, need: Record<string, number>, w: Worker, used: Record<string, number>): [string, number] | undefined {
+  const macOSTart = (vm.os ?? 'darwin') === 'darwin' && (vm.runtime ?? 'tart') === 'tart';
+  for (const [k, v] of Object.entries(need)) {
+    if (k === RESOURCE_TART_VMS && w.resources?.[k] === undefined && !macOSTart && vm.resources?.[k] === undefined) continue;
+    if ((w.resources?.[k] ?? 0) - (used[k] ?? 0) < v) return [k, v];
+  }
+  return undefined;
+}
+
 export class Scheduler {
   private readonly store: Store;
   private readonly logger: Logger;
@@ -126,8 +140,7 @@ export class Scheduler {
   private fits(vm: VM, need: Record<string, number>, w: Worker, u: Record<string, number>): boolean {
     if (vm.runtime && vm.runtime !== (w.runtime ?? 'tart')) return false;
     if (vm.labels) for (const k in vm.labels) if (w.labels?.[k] !== vm.labels[k]) return false;
-    for (const k in need) if ((w.resources?.[k] ?? 0) - (u[k] ?? 0) < need[k]) return false;
-    return true;
+    return shortOf(vm, need, w, u) === undefined;
   }
 
   /** Why a VM fits on no worker, per reason: "no worker fits: 2 workers: 1 lacks label rack=a, 1 is paused". */
@@ -144,7 +157,7 @@ export class Scheduler {
       const runtime = w.runtime ?? 'tart';
       const missing = Object.entries(vm.labels ?? {}).find(([k, v]) => w.labels?.[k] !== v);
       const u = usedOf(w.name);
-      const short = Object.entries(need).find(([k, v]) => (w.resources?.[k] ?? 0) - (u[k] ?? 0) < v);
+      const short = shortOf(vm, need, w, u);
       if (!online.get(w.name)) why('is offline', 'are offline');
       else if (w.scheduling_paused) why('is paused', 'are paused');
       else if (vm.runtime && vm.runtime !== runtime) why(`runs ${runtime}, not ${vm.runtime}`, `run ${runtime}, not ${vm.runtime}`);
@@ -250,7 +263,8 @@ export class Scheduler {
     };
     const distribute = (settings.schedulerProfile ?? 'optimize-utilization') === 'distribute-load';
     const load = (w: Worker) => usedOf(w.name)[RESOURCE_TART_VMS] ?? 0;
-    const free = (w: Worker) => (w.resources?.[RESOURCE_TART_VMS] ?? 0) - load(w);
+    // (A worker that counts no slots, as upstream's Vetu workers, is never full by count.)
+    const free = (w: Worker) => (w.resources?.[RESOURCE_TART_VMS] === undefined ? Infinity : w.resources[RESOURCE_TART_VMS] - load(w));
     // Workers that could take a VM, in the profile's order (busiest or least busy first, then by
     // name): the first that fits is the one to use. Full workers leave the list.
     const before = (a: Worker, b: Worker) => (load(a) !== load(b) ? (distribute ? load(a) < load(b) : load(a) > load(b)) : a.name < b.name);

@@ -213,3 +213,25 @@ describe('an upstream 0.55 worker (replayed)', () => {
     assert.deepEqual((await c.admin.getClusterSettings()).hostDirPolicies, [], 'the policies are cleared');
   });
 });
+
+test('an upstream Linux (Vetu) worker, which counts no VM slots, gets a VM that asks for none', async () => {
+  const c = await inProcessController();
+  try {
+    await c.admin.registerWorker({ name: 'linux-1', runtime: 'vetu', arch: 'amd64', resources: { 'org.cirruslabs.logical-cores': 8, 'org.cirruslabs.memory-mib': 32768 } });
+    await c.admin.createVM({ name: 'ubuntu-1', image: 'ghcr.io/cirruslabs/ubuntu:latest', os: 'linux', arch: 'amd64', runtime: 'vetu' });
+    const vm = await waitFor('ubuntu-1 placed', async () => {
+      const v = await c.admin.getVM('ubuntu-1');
+      return v.worker ? v : undefined;
+    });
+    assert.equal(vm.worker, 'linux-1');
+    // A VM that asks for a slot explicitly still needs a worker that has one.
+    await c.admin.createVM({ name: 'slotted', image: 'i', runtime: 'vetu', resources: { 'org.cirruslabs.tart-vms': 1 } });
+    await new Promise((r) => setTimeout(r, 300));
+    const slotted = await c.admin.getVM('slotted');
+    assert.equal(slotted.worker, undefined);
+    assert.match(slotted.status_message ?? '', /has 0 of 1 tart-vms free|tart-vms/);
+  } finally {
+    await c.close();
+    c.cleanup();
+  }
+});
