@@ -3,10 +3,10 @@ import type { Command } from 'commander';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { parseDuration } from '../output.ts';
-import { randomBytes } from 'node:crypto';
 import { ROLES } from '../../api/schemas.ts';
 import { loadConfig, saveConfig } from '../../client/config.ts';
 import type { RunningController } from '../../controller/controller.ts';
+import { newToken } from '../../controller/domain/accounts.ts';
 
 /**
  * As upstream's: a fresh controller started without ORCHARD_BOOTSTRAP_ADMIN_TOKEN makes the
@@ -15,7 +15,7 @@ import type { RunningController } from '../../controller/controller.ts';
  */
 async function bootstrapAdmin(ctl: RunningController, fromEnvironment: boolean) {
   if (!fromEnvironment && (await ctl.store.list('serviceAccounts')).length === 0) {
-    const token = randomBytes(32).toString('base64url');
+    const token = newToken();
     await ctl.store.create('serviceAccounts', { name: 'bootstrap-admin', token, roles: [...ROLES], createdAt: new Date().toISOString() });
     process.stderr.write(
       'orchard controller: no service accounts found: created "bootstrap-admin" with every role and a random token:\n' +

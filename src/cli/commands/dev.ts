@@ -2,7 +2,7 @@
 // generated admin token) with nothing to set up: the `dev` context gets the credentials and the
 // pinned certificate. Ctrl-C stops every VM and exits; the next run finds the records again.
 import type { Command } from 'commander';
-import { randomBytes } from 'node:crypto';
+import { newToken } from '../../controller/domain/accounts.ts';
 import { existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { pino } from 'pino';
@@ -54,7 +54,7 @@ export function registerDevCommand(program: Command) {
       }
 
       const tokenFile = join(dataDir, 'admin-token');
-      if (!existsSync(tokenFile)) writeFileSync(tokenFile, randomBytes(32).toString('base64url') + '\n', { mode: 0o600 });
+      if (!existsSync(tokenFile)) writeFileSync(tokenFile, newToken() + '\n', { mode: 0o600 });
       const adminToken = readFileSync(tokenFile, 'utf8').trim();
       let ctl;
       try {

@@ -1,12 +1,12 @@
 // Controller info, cluster settings and service accounts.
-import { randomBytes } from 'node:crypto';
 import { Type, type Static } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import { ClusterSettings, ControllerInfo, ErrorBody, Name, ServiceAccount } from '../../api/schemas.ts';
 import { COMMIT, VERSION } from '../../api/version.ts';
 import type { AppContext } from '../context.ts';
 import { badRequest, notFound } from '../errors.ts';
-import { accountOf, hasAnyRole } from '../access.ts';
+import { accountOf } from '../access.ts';
+import { newToken, presentAccount } from '../domain/accounts.ts';
 
 const NameParams = Type.Object({ name: Name });
 /** What clients send: `roles` may be left out (Go's omitempty drops an empty list), meaning none. */
@@ -18,15 +18,6 @@ const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody 
 // are what upstream's workers look for; the rest are Orchard additions.
 export const CAPABILITIES = ['rpc-v2', 'vm-state-endpoint', 'vm-events', 'watch', 'openapi', 'metrics', 'vm-state-events', 'watch-liveness', 'orphans'];
 
-/** Tokens are shown only to admin:write (which can set them anyway, and which `get bootstrap-token` needs). */
-function presentAccount(sa: ServiceAccount, reader: ServiceAccount): ServiceAccount {
-  if (hasAnyRole(reader, ['admin:write'])) return sa;
-  const { token: _hidden, ...rest } = sa;
-  return rest;
-}
-
-/** A new service account token: 32 bytes from the CSPRNG. */
-export const newToken = () => randomBytes(32).toString('base64url');
 
 export function registerAdminRoutes(app: FastifyInstance, ctx: AppContext) {
   const { store } = ctx;
