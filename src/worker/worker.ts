@@ -375,10 +375,10 @@ export class OrchardWorker {
   /**
    * What runs here but is not assigned here. An earlier run of a VM assigned here (same uid) is
    * removed at once. Of the rest, our controller says which it knows to have gone (deleted, moved):
-   * those are stopped and removed (no leaks). The others it does not
-   * know at all (it lost or swapped its data): they are kept as orphans, never destroyed for that,
-   * until an admin adopts or deletes them or the orphan grace period ends. (An upstream controller
-   * cannot tell the two apart: then everything unassigned is removed, as upstream workers do.)
+   * those are stopped and removed (no leaks). The others it does not know at all (it lost or swapped
+   * its data): they are kept as orphans, never destroyed for that, until an admin adopts or deletes
+   * them or the orphan grace period ends. (An upstream controller cannot tell the two apart: then
+   * everything unassigned is removed, as upstream workers do.)
    */
   private async settleUnassigned(local: LocalVM[], tasks: Task[], assignedUIDs: Set<string | undefined>) {
     const entries = new Map<string, Orphan>();
