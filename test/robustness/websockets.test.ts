@@ -4,9 +4,8 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { RESOURCE_TART_VMS } from '../../src/api/schemas.ts';
 import { DEFAULT_LIMITS } from '../../src/controller/limits.ts';
-import type { OrchardWorker } from '../../src/worker/worker.ts';
-import { inProcessController, waitFor } from '../helpers.ts';
-import { account, closed, syntheticWorker, upgrade, type Account, type Cluster } from '../security/attack.ts';
+import { waitFor } from '../helpers.ts';
+import { account, closed, clusterWithVM, upgrade, type Account, type Cluster } from '../security/attack.ts';
 
 const echoed = (ws: import('ws').WebSocket, bytes: number) =>
   new Promise<void>((resolve, reject) => {
@@ -23,22 +22,15 @@ const closeCode = (ws: import('ws').WebSocket) =>
   Promise.race([closed(ws).then((e) => e.code), new Promise<number>((_, reject) => setTimeout(() => reject(new Error('still open after 5 s')), 5000))]);
 
 describe('WebSocket frame limits (defaults)', () => {
+  let cluster: Awaited<ReturnType<typeof clusterWithVM>>;
   let c: Cluster;
-  let worker: OrchardWorker;
   let user: Account;
   before(async () => {
-    c = await inProcessController();
+    cluster = await clusterWithVM('v');
+    c = cluster.c;
     user = await account(c, 'user', ['compute:read', 'compute:connect']);
-    worker = syntheticWorker(c.admin, 'syn-1');
-    await worker.start();
-    await c.admin.createVM({ name: 'v', image: 'synthetic' });
-    await waitFor('v running', async () => (await c.admin.getVM('v')).status === 'running', 10_000);
   });
-  after(async () => {
-    await worker.stop();
-    await c.close();
-    c.cleanup();
-  });
+  after(() => cluster.close());
 
   test(`port-forward: a frame of ${DEFAULT_LIMITS.tunnelFrameBytes} bytes passes, a bigger one closes the tunnel with 1009`, async () => {
     const ok = await upgrade(c.ctl, '/v1/vms/v/port-forward?port=22', { auth: user.auth });
@@ -67,20 +59,13 @@ describe('WebSocket frame limits (defaults)', () => {
 });
 
 describe('tunnels per account', () => {
+  let cluster: Awaited<ReturnType<typeof clusterWithVM>>;
   let c: Cluster;
-  let worker: OrchardWorker;
   before(async () => {
-    c = await inProcessController({ limits: { tunnelsPerAccount: 2 } });
-    worker = syntheticWorker(c.admin, 'syn-1');
-    await worker.start();
-    await c.admin.createVM({ name: 'v', image: 'synthetic' });
-    await waitFor('v running', async () => (await c.admin.getVM('v')).status === 'running', 10_000);
+    cluster = await clusterWithVM('v', { limits: { tunnelsPerAccount: 2 } });
+    c = cluster.c;
   });
-  after(async () => {
-    await worker.stop();
-    await c.close();
-    c.cleanup();
-  });
+  after(() => cluster.close());
 
   test('the third is a 429 naming the limit, waits for a VM count, other accounts are not affected, a closed one frees its place', async () => {
     const a = await account(c, 'a', ['compute:read', 'compute:connect']);

@@ -6,7 +6,7 @@ import type { Role } from '../../src/api/schemas.ts';
 import type { OrchardClient } from '../../src/client/client.ts';
 import { SyntheticDriver } from '../../src/worker/drivers/synthetic.ts';
 import { OrchardWorker } from '../../src/worker/worker.ts';
-import { clientOf, tempDir, type inProcessController } from '../helpers.ts';
+import { clientOf, inProcessController, tempDir, waitFor } from '../helpers.ts';
 
 export type Cluster = Awaited<ReturnType<typeof inProcessController>>;
 
@@ -56,4 +56,21 @@ export const closed = (ws: WebSocket) =>
 /** A real worker (synthetic VMs: dial gives an echo stream) acting through `client`'s account. */
 export function syntheticWorker(client: OrchardClient, name: string, labels: Record<string, string> = {}) {
   return new OrchardWorker({ client, name, labels, driver: new SyntheticDriver(), dataDir: tempDir(), slots: 10, heartbeatMs: 1000, logger: pino({ level: 'silent' }) });
+}
+
+/** A controller with a synthetic worker (acting as the admin) running the synthetic VM `vm`. */
+export async function clusterWithVM(vm: string, opts: Parameters<typeof inProcessController>[0] = {}) {
+  const c = await inProcessController(opts);
+  const worker = syntheticWorker(c.admin, 'syn-1');
+  await worker.start();
+  await c.admin.createVM({ name: vm, image: 'synthetic' });
+  await waitFor(`${vm} running`, async () => (await c.admin.getVM(vm)).status === 'running', 10_000);
+  return {
+    c,
+    async close() {
+      await worker.stop();
+      await c.close();
+      c.cleanup();
+    },
+  };
 }
