@@ -26,6 +26,8 @@ import { badRequest, notFound } from './errors.ts';
 import { NAME_PATTERN } from '../api/schemas.ts';
 import { limitsOf, type Limits } from './limits.ts';
 import { closeSilentConnections } from './connections.ts';
+import { answerPlainHTTP } from './plain-http.ts';
+import type { Server as TLSServer } from 'node:tls';
 
 /** How often the controller refreshes last_seen of the workers whose watch is connected (at most a third of the offline timeout). */
 const LIVENESS_REFRESH_MS = 10_000;
@@ -140,6 +142,8 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     return (ws) => channels.accept(worker, ws);
   });
   sockets.attach(app.server);
+  // Before anything else watches connections: they then see every one, from its first byte on.
+  if (opts.https) answerPlainHTTP(app.server as unknown as TLSServer, limits.firstRequestTimeoutMs);
   closeSilentConnections(app.server, opts.https !== undefined, limits.firstRequestTimeoutMs);
 
   app.setValidatorCompiler(validatorCompiler());

@@ -8,8 +8,6 @@ import type { Store } from './store/store.ts';
 import { buildApp } from './app.ts';
 import { loadTLS } from './tls.ts';
 import type { BackoffOptions } from './auth-backoff.ts';
-import type { Server as TLSServer } from 'node:tls';
-import { answerPlainHTTP } from './plain-http.ts';
 import { randomUUID } from 'node:crypto';
 import { checkBeforeOpen, checkIdentity, writeClusterFile } from './store/integrity.ts';
 import { startSSHJump, type SSHJumpServer } from './ssh-jump.ts';
@@ -116,9 +114,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       limits,
     });
     let ssh: SSHJumpServer | undefined;
-    let closeWaiting = () => {};
     try {
-      if (tls) closeWaiting = answerPlainHTTP(app.server as unknown as TLSServer, limits.firstRequestTimeoutMs);
       await app.listen({ host, port });
       if (sshListen) ssh = await startSSHJump({ ...sshListen, dataDir: opts.dataDir, access: ctx.access, tunnels: ctx.tunnels, logger });
     } catch (err) {
@@ -142,7 +138,6 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       close: async () => {
         // The jump host first: its connections ride on the tunnels the app closes.
         await ssh?.close();
-        closeWaiting();
         await close();
         closeStore();
       },

@@ -8,20 +8,16 @@ const TLS_HANDSHAKE = 0x16;
 const ignore = () => {};
 
 /**
- * Installs the check on `server`; returns what closes the connections still waiting for their first
- * byte. One that sends nothing for `timeoutMs` is closed (the TLS handshake timeout only starts after).
+ * Installs the check on `server`, before other 'connection' listeners (those see every connection at
+ * once). One that sends nothing for `timeoutMs` is closed (the TLS handshake timeout only starts after).
  */
-export function answerPlainHTTP(server: Server, timeoutMs: number): () => void {
+export function answerPlainHTTP(server: Server, timeoutMs: number) {
   const tlsListeners = server.listeners('connection') as ((socket: Socket) => void)[];
-  const waiting = new Set<Socket>();
   server.removeAllListeners('connection');
   server.on('connection', (socket: Socket) => {
-    waiting.add(socket);
     socket.on('error', ignore);
-    socket.once('close', () => waiting.delete(socket));
     socket.setTimeout(timeoutMs, () => socket.destroy());
     socket.once('data', (first: Buffer) => {
-      waiting.delete(socket);
       socket.setTimeout(0);
       if (first[0] === TLS_HANDSHAKE) {
         socket.pause();
@@ -35,7 +31,4 @@ export function answerPlainHTTP(server: Server, timeoutMs: number): () => void {
       socket.resume(); // read (and drop) the rest, so the client's close is seen
     });
   });
-  return () => {
-    for (const socket of waiting) socket.destroy();
-  };
 }
