@@ -60,6 +60,24 @@ export function wsMasking(url: URL): { generateMask?: (mask: Buffer) => void } {
 
 const isIP = (host: string) => /^[\d.]+$/.test(host) || host.startsWith('[');
 
+/** Frames this client sends on a tunnel: as big as a socket read, far below the controller's limit. */
+const TUNNEL_FRAME_BYTES = 64 * 1024;
+
+/** A tunnel's byte stream; a big write goes out as several frames, so any write size works. */
+function tunnelStream(ws: WebSocket): Duplex {
+  const stream = createWebSocketStream(ws);
+  const writeFrame = stream._write.bind(stream);
+  stream._write = (chunk: Buffer, encoding, callback) => {
+    if (chunk.length <= TUNNEL_FRAME_BYTES) return writeFrame(chunk, encoding, callback);
+    const next = (offset: number) => (err?: Error | null) => {
+      if (err || offset >= chunk.length) return callback(err);
+      writeFrame(chunk.subarray(offset, offset + TUNNEL_FRAME_BYTES), encoding, next(offset + TUNNEL_FRAME_BYTES));
+    };
+    next(0)();
+  };
+  return stream;
+}
+
 export class OrchardClient {
   readonly url: URL;
   private readonly agent: http.Agent;
@@ -266,12 +284,12 @@ export class OrchardClient {
   async portForwardVM(name: string, port: number, waitSeconds = 10): Promise<{ ws: WebSocket; stream: Duplex }> {
     // The controller may wait `waitSeconds` for the VM, then up to 30 s for the worker to dial back.
     const ws = await this.openWebSocket(`/v1/vms/${encodeURIComponent(name)}/port-forward?port=${port}&wait=${waitSeconds}`, (waitSeconds + 35) * 1000);
-    return { ws, stream: createWebSocketStream(ws) };
+    return { ws, stream: tunnelStream(ws) };
   }
 
   async portForwardWorker(name: string, port: number): Promise<{ ws: WebSocket; stream: Duplex }> {
     const ws = await this.openWebSocket(`/v1/workers/${encodeURIComponent(name)}/port-forward?port=${port}`);
-    return { ws, stream: createWebSocketStream(ws) };
+    return { ws, stream: tunnelStream(ws) };
   }
 
   vmIP = async (name: string, waitSeconds = 10) => (await this.call<{ ip: string }>('GET', `/v1/vms/${encodeURIComponent(name)}/ip?wait=${waitSeconds}`)).ip;

@@ -12,6 +12,7 @@ import { randomUUID } from 'node:crypto';
 import { checkBeforeOpen, checkIdentity, writeClusterFile } from './store/integrity.ts';
 import { startSSHJump, type SSHJumpServer } from './ssh-jump.ts';
 import { limitsOf, type Limits } from './limits.ts';
+import { giveBackMemoryWhenQuiet } from './memory.ts';
 
 export interface ControllerOptions {
   dataDir: string;
@@ -126,6 +127,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     const urlHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host.includes(':') ? `[${host}]` : host;
     const url = `${tls ? 'https' : 'http'}://${urlHost}:${boundPort}`;
     logger.info({ url }, 'controller is listening');
+    const stopMemoryCheck = giveBackMemoryWhenQuiet();
     return {
       url,
       clusterID,
@@ -137,6 +139,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       logger,
       close: async () => {
         // The jump host first: its connections ride on the tunnels the app closes.
+        stopMemoryCheck();
         await ssh?.close();
         await close();
         closeStore();

@@ -14,7 +14,11 @@ export interface Limits {
   watchesPerAccount: number;
   /** Port-forward tunnels per service account, counted from the request (waiting for the VM included). */
   tunnelsPerAccount: number;
-  /** Largest WebSocket frame accepted on tunnels (port-forward, its worker side, exec). */
+  /**
+   * Largest WebSocket frame accepted on tunnels (port-forward, its worker side, exec). Clients send a
+   * frame per socket read (upstream's Go clients 32 KiB, ours at most 64 KiB); each tunnel may hold a
+   * few frames in flight, so this bounds what 40 tunnels pushing big frames make the controller hold.
+   */
   tunnelFrameBytes: number;
   /** Largest WebSocket frame accepted on a worker's watch connection. */
   controlFrameBytes: number;
@@ -37,7 +41,7 @@ export const DEFAULT_LIMITS: Readonly<Limits> = {
   watchBufferBytes: 1 * MiB,
   watchesPerAccount: 100,
   tunnelsPerAccount: 256,
-  tunnelFrameBytes: 1 * MiB,
+  tunnelFrameBytes: MiB / 4,
   controlFrameBytes: 1 * MiB,
   workerBufferBytes: 64 * MiB,
   firstRequestTimeoutMs: 30_000,

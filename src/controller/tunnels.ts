@@ -189,26 +189,44 @@ export class Tunnels {
   }
 }
 
+/** How long a tunnel's side may take to finish its close handshake before its connection is cut. */
+const CLOSE_GRACE_MS = 5_000;
+
 /**
  * Splices a client's WebSocket and a tunnel, both ways, with flow control on each side. Closing
  * either end closes the whole path; a tunnel lost abnormally closes the client with 1011 and why.
+ * A client that vanishes (no close frame) has the worker side cut at once, dropping what was queued
+ * for it; a side that does not finish closing within CLOSE_GRACE_MS is cut too, so nothing a tunnel
+ * buffered outlives it for long.
  */
 export function splice(client: WebSocket, tunnel: Tunnel, onEnd?: () => void) {
   const clientStream = createWebSocketStream(client);
   const worker = tunnel.stream;
   let ended = false;
-  const end = (code: number, reason: string) => {
+  const end = (code: number, reason: string, clientVanished = false) => {
     if (ended) return;
     ended = true;
     if (client.readyState === client.OPEN) client.close(code, reason.slice(0, 120));
-    if (tunnel.ws.readyState === tunnel.ws.OPEN) tunnel.ws.close(code === 1011 ? 1000 : code, 'client closed');
+    if (clientVanished) tunnel.ws.terminate();
+    else if (tunnel.ws.readyState === tunnel.ws.OPEN) tunnel.ws.close(code === 1011 ? 1000 : code, 'client closed');
+    const cut = setTimeout(() => {
+      client.terminate();
+      tunnel.ws.terminate();
+    }, CLOSE_GRACE_MS);
+    cut.unref();
+    let open = 2;
+    const closed = () => --open || clearTimeout(cut);
+    for (const ws of [client, tunnel.ws]) {
+      if (ws.readyState === ws.CLOSED) closed();
+      else ws.once('close', closed);
+    }
     onEnd?.();
   };
-  clientStream.on('error', () => end(1000, 'client gone'));
+  clientStream.on('error', () => end(1000, 'client gone', true));
   worker.on('error', () => {});
   clientStream.pipe(worker);
   worker.pipe(clientStream);
-  client.on('close', () => end(1000, 'client closed'));
+  client.on('close', (code) => end(1000, 'client closed', code === 1006));
   tunnel.ws.on('close', (code, reason) => {
     if (code === 1000 || code === 1005) end(1000, 'the VM closed the connection');
     else end(1011, `the worker connection was lost (${code}${reason.length ? ` ${reason.toString()}` : ''})`);

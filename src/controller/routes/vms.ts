@@ -115,7 +115,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       }
       const filter = worker !== undefined ? { worker } : undefined;
       const secrets = secretsFor(request.account);
-      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (vm) => worker === undefined || vm.worker === worker, filter, (vm) => redactVM(vm, secrets));
+      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (vm) => worker === undefined || vm.worker === worker, filter, { as: secrets, present: (vm) => redactVM(vm, secrets) });
       // From the in-memory view: each VM's JSON, and the whole list's, is made once per change, not per list.
       await ctx.view.loaded;
       return reply.type('application/json').send(worker === undefined ? ctx.view.allVMsJSON(secrets) : ctx.view.vmsJSON(worker, secrets));
@@ -138,7 +138,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       const { name } = request.params;
       const secrets = secretsFor(request.account);
       // Watching a VM that does not exist yet waits for it (its ADDED), as upstream's watch does.
-      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (v) => v.name === name, undefined, (v) => redactVM(v, secrets));
+      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (v) => v.name === name, undefined, { as: secrets, present: (v) => redactVM(v, secrets) });
       const vm = await store.get('vms', name);
       if (!vm) throw notFound(`VM "${name}" not found`);
       return redactVM(vm, secrets);
