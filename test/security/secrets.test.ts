@@ -71,6 +71,18 @@ test("a VM's password only to compute:write and compute:connect; startup-script 
         assert.match(body, /API_KEY/, `${who.name} ${where}: the env keys stay visible`);
       }
     }
+    // Watching at the same time, the writer first: a change's line is made once per kind of reader
+    // and shared, never the writer's line handed to the reader.
+    const streams = [writer, connector, reader].map((who) => who.client.watch<VM>('/v1/vms/s1?watch=true', new AbortController().signal));
+    for (const stream of streams) await stream.next();
+    await c.admin.updateVM({ name: 's1', image: 'img', cpu: 3, password: 'pw-of-s1', startup_script: { script_content: 'echo $API_KEY', env: { API_KEY: 'key-of-s1' } } });
+    const modified = await Promise.all(streams.map(async (stream) => JSON.stringify((await stream.next()).value)));
+    for (const stream of streams) await stream.return(undefined);
+    for (const [i, [who, password, env]] of ([[writer, true, true], [connector, true, false], [reader, false, false]] as const).entries()) {
+      assert.match(modified[i], /"MODIFIED"/);
+      assert.equal(modified[i].includes('pw-of-s1'), password, `${who.name} concurrent watch: password ${password ? 'shown' : 'hidden'}`);
+      assert.equal(modified[i].includes('key-of-s1'), env, `${who.name} concurrent watch: env values ${env ? 'shown' : 'hidden'}`);
+    }
   } finally {
     await c.close();
     c.cleanup();
