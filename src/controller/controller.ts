@@ -64,6 +64,12 @@ export function defaultLogger(): Logger {
   return pino({ level: process.env.ORCHARD_LOG_LEVEL ?? 'info', redact: ['req.headers.authorization', '*.token', '*.password'] });
 }
 
+function logMigration(logger: Logger, m: SQLiteStore['migration']) {
+  if (m.from === 0 && !m.unmarked) logger.info({ schemaVersion: m.to }, `created orchard.db with schema version ${m.to}`);
+  else if (m.from !== m.to) logger.info({ from: m.from, to: m.to }, `migrated orchard.db from schema version ${m.from} to ${m.to}`);
+  else if (m.unmarked) logger.info({ schemaVersion: m.to }, `marked orchard.db (written before schema versions were recorded) as schema version ${m.to}`);
+}
+
 export async function startController(opts: ControllerOptions): Promise<RunningController> {
   const logger = opts.logger ?? defaultLogger();
   const { host, port } = parseListen(opts.listen);
@@ -79,6 +85,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   if (!opts.acceptDamagedDatabase) checkBeforeOpen(opts.dataDir);
   const limits = limitsOf(opts.limits);
   const store = new SQLiteStore(join(opts.dataDir, 'orchard.db'), limits);
+  logMigration(logger, store.migration);
   let clusterID: string | undefined;
   // A clean close checkpoints everything into orchard.db and removes the WAL: cluster.json says so.
   const closeStore = () => {
