@@ -9,7 +9,9 @@ import { buildApp } from './app.ts';
 import { loadTLS } from './tls.ts';
 import type { BackoffOptions } from './auth-backoff.ts';
 import { randomUUID } from 'node:crypto';
-import { checkBeforeOpen, checkIdentity, writeClusterFile } from './store/integrity.ts';
+import { checkBeforeOpen, checkIdentity, checkSchemaVersion, writeClusterFile } from './store/integrity.ts';
+import { SCHEMA_VERSION } from './store/schema.ts';
+import { VERSION } from '../api/version.ts';
 import { startSSHJump, type SSHJumpServer } from './ssh-jump.ts';
 import { limitsOf, type Limits } from './limits.ts';
 
@@ -74,6 +76,8 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const logger = opts.logger ?? defaultLogger();
   const { host, port } = parseListen(opts.listen);
   const sshListen = opts.listenSSH === undefined ? undefined : parseListen(opts.listenSSH, '--listen-ssh');
+  // First of all: a data dir of a newer release is left exactly as it is.
+  checkSchemaVersion(opts.dataDir);
   mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
   let tls: Awaited<ReturnType<typeof loadTLS>> | undefined;
   if (opts.insecureNoTLS) {
@@ -90,7 +94,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   // A clean close checkpoints everything into orchard.db and removes the WAL: cluster.json says so.
   const closeStore = () => {
     store.close();
-    if (clusterID) writeClusterFile(opts.dataDir, { clusterID, cleanStop: true });
+    if (clusterID) writeClusterFile(opts.dataDir, { clusterID, cleanStop: true, schemaVersion: SCHEMA_VERSION, release: VERSION });
   };
   try {
     const init = (id: string) => store.initClusterID(id);
@@ -99,7 +103,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       if (!store.clusterID()) init(clusterID);
       logger.warn({ clusterID }, 'started with --accept-damaged-database: the database is used as it is');
     } else clusterID = checkIdentity(opts.dataDir, store.clusterID(), store.quickCheck(), init);
-    writeClusterFile(opts.dataDir, { clusterID, cleanStop: false });
+    writeClusterFile(opts.dataDir, { clusterID, cleanStop: false, schemaVersion: SCHEMA_VERSION, release: VERSION });
     if (opts.bootstrapAdminToken) {
       const existing = await store.get('serviceAccounts', 'bootstrap-admin');
       await store.put('serviceAccounts', {
