@@ -67,6 +67,13 @@ export function userVersion(db: DatabaseSync): number {
   return (db.prepare('PRAGMA user_version').get() as { user_version: number }).user_version;
 }
 
+/** The version the database's schema is at: its marker, or 1 for a database of Orchard's written before markers. */
+export function schemaVersionOf(db: DatabaseSync): number {
+  const marked = userVersion(db);
+  if (marked > 0) return marked;
+  return db.prepare(`SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'objects'`).get() ? 1 : 0;
+}
+
 /**
  * The schema version in the header of the database file at `path`, read without SQLite: undefined
  * when there is no such file or it is empty (a new database). The header in the file is the
