@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { ROOT, runCLI, tempDir } from './helpers.ts';
 
 const DEPLOY = join(ROOT, 'deploy');
-const UNITS = ['orchard-controller.service', 'orchard-worker.service'];
+const UNITS = ['orchard-controller.service', 'orchard-worker.service', 'orchard-backup.service', 'orchard-backup.timer'];
 const SYSTEM_UNITS = ['/usr/lib/systemd/system', '/lib/systemd/system'].find((d) => existsSync(join(d, 'sysinit.target')));
 
 function need(command: string) {
@@ -18,7 +18,10 @@ function need(command: string) {
   assert.ok(found, `${command} is needed for this test: scripts/setup.sh installs it (Debian package systemd)`);
 }
 
-/** A root with systemd's units, the given units in /etc/systemd/system and a stand-in /usr/local/bin/orchard. */
+/**
+ * A root with systemd's units, the given units in /etc/systemd/system, and stand-ins for the programs
+ * they run: /usr/local/bin/orchard, and the host's own programs that the units name (which must exist).
+ */
 function unitRoot(units: Record<string, string>): string {
   assert.ok(SYSTEM_UNITS, "systemd's own units (sysinit.target…) are needed: Debian package systemd");
   const root = tempDir('orchard-deploy-');
@@ -26,9 +29,14 @@ function unitRoot(units: Record<string, string>): string {
   cpSync(SYSTEM_UNITS, join(root, 'usr/lib/systemd/system'), { recursive: true, verbatimSymlinks: true });
   mkdirSync(join(root, 'etc/systemd/system'), { recursive: true });
   for (const [name, text] of Object.entries(units)) writeFileSync(join(root, 'etc/systemd/system', name), text);
-  mkdirSync(join(root, 'usr/local/bin'), { recursive: true });
-  writeFileSync(join(root, 'usr/local/bin/orchard'), '#!/bin/sh\nexit 0\n');
-  chmodSync(join(root, 'usr/local/bin/orchard'), 0o755);
+  const programs = new Set(['/usr/local/bin/orchard']);
+  for (const text of Object.values(units)) for (const m of text.matchAll(/^Exec\w+=[-@:+!]*(\/\S+)/gm)) programs.add(m[1]);
+  for (const program of programs) {
+    assert.ok(program === '/usr/local/bin/orchard' || existsSync(program), `${program} (run by a unit) is on this host`);
+    mkdirSync(join(root, program, '..'), { recursive: true });
+    writeFileSync(join(root, program), '#!/bin/sh\nexit 0\n');
+    chmodSync(join(root, program), 0o755);
+  }
   return root;
 }
 
@@ -66,7 +74,7 @@ test('the systemd units pass systemd-analyze verify without a warning, and verif
     writeFileSync(join(root, 'etc/systemd/system', UNITS[0]), unitText(UNITS[0]).replace('ProtectHome=yes', 'ProtecHome=yes'));
     assert.match(verify(root, [UNITS[0]]).output, /Unknown key 'ProtecHome'/);
     rmSync(join(root, 'usr/local/bin/orchard'));
-    const missing = verify(root, [UNITS[1]]);
+    const missing = verify(root, ['orchard-worker.service']);
     assert.notEqual(missing.code, 0);
     assert.match(missing.output, /\/usr\/local\/bin\/orchard is not executable/);
   } finally {
@@ -96,6 +104,11 @@ test('the units run the real flags of orchard, keep tokens off command lines, an
   assert.deepEqual(worker.get('SupplementaryGroups'), ['kvm']);
   assert.ok(worker.get('DeviceAllow')?.includes('/dev/kvm rw'));
   assert.deepEqual(controller.get('EnvironmentFile'), ['-/etc/orchard/controller.env']);
+  // The backup timer's service backs up the controller's data dir, with flags `controller backup` has.
+  const backup = settings(unitText('orchard-backup.service')).get('ExecStart')?.[0] ?? '';
+  assert.match(backup, /\/usr\/local\/bin\/orchard controller backup "\/var\/lib\/orchard\/backups\/[^"]+" --data-dir \/var\/lib\/orchard\/controller'$/);
+  const backupFlags = await flagsOf('controller', 'backup');
+  for (const flag of backup.match(/--[a-z][a-z0-9-]*/g) ?? []) assert.ok(backupFlags.has(flag), `orchard controller backup has no ${flag}`);
 });
 
 test('systemd-sysusers makes the user orchard, in the group kvm, from deploy/', () => {
