@@ -153,3 +153,36 @@ test('backup and restore refuse what they cannot do safely, with a clear message
   assert.ok(!existsSync(join(root, 'r2', 'orchard.db')), 'nothing restored');
   rmSync(root, { recursive: true, force: true });
 });
+
+test("a backup of a crashed controller's data dir has the changes in its WAL, and leaves the WAL as it was", async () => {
+  const root = tempDir();
+  const dataDir = join(root, 'controller');
+  const ctl = await spawnController(dataDir);
+  const admin = adminOf(ctl.url, readFileSync(join(dataDir, 'controller.crt'), 'utf8'));
+  await Promise.all(Array.from({ length: 100 }, (_, i) => admin.createVM({ name: `vm-${i}`, image: 'debian-dev' })));
+  admin.close();
+  await ctl.kill('SIGKILL');
+  const wal = readFileSync(join(dataDir, 'orchard.db-wal'));
+  const db = readFileSync(join(dataDir, 'orchard.db'));
+  assert.ok(wal.length > 0, 'the latest changes are in the WAL');
+
+  const file = join(root, 'crashed.db');
+  const backup = await runCLI(['controller', 'backup', file, '--data-dir', dataDir]);
+  assert.equal(backup.code, 0, backup.stderr);
+  assert.deepEqual(readFileSync(join(dataDir, 'orchard.db-wal')), wal, 'the WAL is untouched (the crashed controller still needs it)');
+  assert.deepEqual(readFileSync(join(dataDir, 'orchard.db')), db);
+  const copy = new DatabaseSync(file, { readOnly: true });
+  assert.equal((copy.prepare(`SELECT count(*) AS n FROM objects WHERE kind = 'vms'`).get() as { n: number }).n, 100);
+  copy.close();
+
+  // The crashed controller itself still starts with everything.
+  const again = await spawnController(dataDir);
+  const admin2 = adminOf(again.url, readFileSync(join(dataDir, 'controller.crt'), 'utf8'));
+  try {
+    assert.equal((await admin2.listVMs()).length, 100);
+  } finally {
+    admin2.close();
+    await again.kill('SIGTERM');
+  }
+  rmSync(root, { recursive: true, force: true });
+});
