@@ -11,7 +11,7 @@
 // Not in a backup: a certificate and key given with --controller-cert/--controller-key (they live
 // where the operator keeps them), worker hosts' VM disks and images, CLI contexts (~/.orchard).
 import { backup as sqliteBackup, DatabaseSync } from 'node:sqlite';
-import { chmodSync, closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, closeSync, copyFileSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { VERSION } from '../../api/version.ts';
 import { HOST_KEY_FILE } from '../ssh-jump.ts';
@@ -190,7 +190,8 @@ export function restoreDataDir(file: string, dataDir: string, opts: { force?: bo
   let created = '';
   let schemaVersion = 0;
   try {
-    writeFileSync(tmp, readFileSync(source), { mode: 0o600 });
+    writeFileSync(tmp, '', { mode: 0o600 });
+    copyFileSync(source, tmp);
     const copy = new DatabaseSync(tmp);
     try {
       const tables = new Set((copy.prepare(`SELECT name FROM sqlite_master WHERE type = 'table'`).all() as { name: string }[]).map((r) => r.name));
