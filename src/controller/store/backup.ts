@@ -42,6 +42,11 @@ function settingOf(db: DatabaseSync, key: string): string | undefined {
   return row ? (JSON.parse(row.body) as string) : undefined;
 }
 
+/** SQLite's full integrity check: "ok", or what is wrong. */
+function integrityCheck(db: DatabaseSync): string {
+  return (db.prepare('PRAGMA integrity_check').all() as { integrity_check: string }[]).map((r) => r.integrity_check).join('; ');
+}
+
 function fsyncPath(path: string) {
   const fd = openSync(path, 'r');
   try {
@@ -108,7 +113,7 @@ export async function backupDataDir(dataDir: string, file: string): Promise<Back
       put.run(name, statSync(path).mode & 0o777, readFileSync(path));
       files.push(name);
     }
-    const check = (copy.prepare('PRAGMA integrity_check').all() as { integrity_check: string }[]).map((r) => r.integrity_check).join('; ');
+    const check = integrityCheck(copy);
     if (check !== 'ok') throw new BackupError(`the copy failed SQLite's integrity check (${check.slice(0, 300)}); nothing was written to ${target}`);
     copy.close();
     fsyncPath(tmp);
@@ -196,7 +201,7 @@ export function restoreDataDir(file: string, dataDir: string, opts: { force?: bo
     try {
       const tables = new Set((copy.prepare(`SELECT name FROM sqlite_master WHERE type = 'table'`).all() as { name: string }[]).map((r) => r.name));
       if (!tables.has('orchard_backup') || !tables.has('orchard_backup_files')) throw new BackupError(`${source} is not an orchard controller backup (made by orchard controller backup)`);
-      const check = (copy.prepare('PRAGMA integrity_check').all() as { integrity_check: string }[]).map((r) => r.integrity_check).join('; ');
+      const check = integrityCheck(copy);
       if (check !== 'ok') throw new BackupError(`${source} fails SQLite's integrity check (${check.slice(0, 300)}): not restored. Nothing was changed.`);
       const meta = Object.fromEntries((copy.prepare('SELECT key, value FROM orchard_backup').all() as { key: string; value: string }[]).map((r) => [r.key, r.value]));
       clusterID = settingOf(copy, 'cluster-id');
