@@ -229,7 +229,6 @@ export function restoreDataDir(file: string, dataDir: string, opts: { force?: bo
     mkdirSync(movedAside, { mode: 0o700 });
     for (const f of present) renameSync(join(dir, f), join(movedAside, f));
   }
-  for (const f of ['orchard.db-wal', 'orchard.db-shm']) rmSync(join(dir, f), { force: true }); // only an empty orchard.db's (the others were moved)
   for (const r of restored) {
     const path = join(dir, r.name);
     const part = `${path}.${process.pid}.tmp`;
