@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(qemu-system-x86 qemu-utils busybox-static dropbear-bin openssh-sftp-server openssh-client cpio
-      e2fsprogs kmod zstd xz-utils iproute2 procps fakeroot passt socat)
+      e2fsprogs kmod zstd xz-utils iproute2 procps fakeroot passt socat
+      systemd)  # systemd-analyze, systemd-sysusers: test/deploy.test.ts checks deploy/ with them
 command -v npm >/dev/null 2>&1 || PKGS+=(nodejs npm)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -7,6 +7,8 @@ import { closeSync, cpSync, existsSync, openSync, readFileSync, rmSync, statSync
 import { join } from 'node:path';
 import { OrchardClient } from '../src/client/client.ts';
 import { ADMIN_TOKEN, spawnController, tempDir } from './helpers.ts';
+import { SCHEMA_VERSION } from '../src/controller/store/schema.ts';
+import { VERSION } from '../src/api/version.ts';
 
 const adminOf = (url: string, certificate: string) => new OrchardClient({ url, certificate, serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN });
 
@@ -80,7 +82,7 @@ test('a damaged, missing, emptied or swapped database is refused with what to do
   admin.close();
   await ctl.kill('SIGTERM');
   assert.ok(!existsSync(wal(dataDir)) || statSync(wal(dataDir)).size === 0, 'the WAL is empty after a clean stop');
-  assert.deepEqual(JSON.parse(readFileSync(join(dataDir, 'cluster.json'), 'utf8')), { clusterID, cleanStop: true });
+  assert.deepEqual(JSON.parse(readFileSync(join(dataDir, 'cluster.json'), 'utf8')), { clusterID, cleanStop: true, schemaVersion: SCHEMA_VERSION, release: VERSION });
   const copyAfterClean = await startOnCopy(dataDir, (d) => rmSync(wal(d), { force: true }));
   assert.equal(copyAfterClean.vms, 50, 'after a clean stop, orchard.db alone holds everything');
 });

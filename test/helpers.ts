@@ -73,6 +73,8 @@ export interface ChildController {
   url: string;
   fingerprint: string;
   stderr: () => string;
+  /** What it wrote to stdout: its log (pino JSON lines). */
+  stdout: () => string;
   kill(signal?: NodeJS.Signals): Promise<void>;
 }
 
@@ -81,9 +83,11 @@ export function spawnController(dataDir: string, extraArgs: string[] = [], env: 
   const proc = spawn(ORCHARD_BIN, ['controller', 'run', '--data-dir', dataDir, '--listen', '127.0.0.1:0', ...extraArgs], {
     // ORCHARD_HOME: the controller writes a bootstrap-context there (as upstream's), not in the user's ~/.orchard.
     env: { ...process.env, ORCHARD_BOOTSTRAP_ADMIN_TOKEN: ADMIN_TOKEN, ORCHARD_LOG_LEVEL: 'warn', ORCHARD_HOME: tempDir('orchard-home-'), ...env },
-    stdio: ['ignore', 'ignore', 'pipe'],
+    stdio: ['ignore', 'pipe', 'pipe'],
   });
   let err = '';
+  let out = '';
+  proc.stdout!.on('data', (chunk: Buffer) => (out += chunk.toString()));
   const exited = new Promise<void>((r) => proc.once('exit', () => r()));
   return new Promise((resolvePromise, reject) => {
     const timer = setTimeout(() => reject(new Error(`controller did not start in 20 s:\n${err}`)), 20_000);
@@ -97,6 +101,7 @@ export function spawnController(dataDir: string, extraArgs: string[] = [], env: 
           url: m[1].replace(/,$/, ''),
           fingerprint: m[2],
           stderr: () => err,
+          stdout: () => out,
           kill: async (signal = 'SIGKILL') => {
             if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
             await exited;

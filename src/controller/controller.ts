@@ -9,7 +9,9 @@ import { buildApp } from './app.ts';
 import { loadTLS } from './tls.ts';
 import type { BackoffOptions } from './auth-backoff.ts';
 import { randomUUID } from 'node:crypto';
-import { checkBeforeOpen, checkIdentity, writeClusterFile } from './store/integrity.ts';
+import { checkBeforeOpen, checkIdentity, checkSchemaVersion, writeClusterFile } from './store/integrity.ts';
+import { SCHEMA_VERSION } from './store/schema.ts';
+import { VERSION } from '../api/version.ts';
 import { startSSHJump, type SSHJumpServer } from './ssh-jump.ts';
 import { limitsOf, type Limits } from './limits.ts';
 import { giveBackMemoryWhenQuiet } from './memory.ts';
@@ -65,10 +67,18 @@ export function defaultLogger(): Logger {
   return pino({ level: process.env.ORCHARD_LOG_LEVEL ?? 'info', redact: ['req.headers.authorization', '*.token', '*.password'] });
 }
 
+function logMigration(logger: Logger, m: SQLiteStore['migration']) {
+  if (m.from === 0 && !m.unmarked) logger.info({ schemaVersion: m.to }, `created orchard.db with schema version ${m.to}`);
+  else if (m.from !== m.to) logger.info({ from: m.from, to: m.to }, `migrated orchard.db from schema version ${m.from} to ${m.to}`);
+  else if (m.unmarked) logger.info({ schemaVersion: m.to }, `marked orchard.db (written before schema versions were recorded) as schema version ${m.to}`);
+}
+
 export async function startController(opts: ControllerOptions): Promise<RunningController> {
   const logger = opts.logger ?? defaultLogger();
   const { host, port } = parseListen(opts.listen);
   const sshListen = opts.listenSSH === undefined ? undefined : parseListen(opts.listenSSH, '--listen-ssh');
+  // First of all: a data dir of a newer release is left exactly as it is.
+  checkSchemaVersion(opts.dataDir);
   mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
   let tls: Awaited<ReturnType<typeof loadTLS>> | undefined;
   if (opts.insecureNoTLS) {
@@ -80,11 +90,12 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   if (!opts.acceptDamagedDatabase) checkBeforeOpen(opts.dataDir);
   const limits = limitsOf(opts.limits);
   const store = new SQLiteStore(join(opts.dataDir, 'orchard.db'), limits);
+  logMigration(logger, store.migration);
   let clusterID: string | undefined;
   // A clean close checkpoints everything into orchard.db and removes the WAL: cluster.json says so.
   const closeStore = () => {
     store.close();
-    if (clusterID) writeClusterFile(opts.dataDir, { clusterID, cleanStop: true });
+    if (clusterID) writeClusterFile(opts.dataDir, { clusterID, cleanStop: true, schemaVersion: SCHEMA_VERSION, release: VERSION });
   };
   try {
     const init = (id: string) => store.initClusterID(id);
@@ -93,7 +104,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       if (!store.clusterID()) init(clusterID);
       logger.warn({ clusterID }, 'started with --accept-damaged-database: the database is used as it is');
     } else clusterID = checkIdentity(opts.dataDir, store.clusterID(), store.quickCheck(), init);
-    writeClusterFile(opts.dataDir, { clusterID, cleanStop: false });
+    writeClusterFile(opts.dataDir, { clusterID, cleanStop: false, schemaVersion: SCHEMA_VERSION, release: VERSION });
     if (opts.bootstrapAdminToken) {
       const existing = await store.get('serviceAccounts', 'bootstrap-admin');
       await store.put('serviceAccounts', {

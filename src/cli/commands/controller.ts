@@ -1,4 +1,4 @@
-// orchard controller run
+// orchard controller run | backup | restore
 import type { Command } from 'commander';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
@@ -88,5 +88,39 @@ export function registerControllerCommands(program: Command) {
         process.on('SIGINT', stop);
         process.on('SIGTERM', stop);
       });
+    });
+  registerBackupCommands(controller);
+}
+
+/** As `controller run`'s --data-dir default. */
+const defaultDataDir = () => join(homedir(), '.orchard', 'controller');
+
+function registerBackupCommands(controller: Command) {
+  controller
+    .command('backup')
+    .description("copy a controller's state into FILE while it serves (SQLite online backup): the database, its TLS certificate and key, its SSH host key")
+    .argument('<file>', 'the backup file to write (replaced atomically; mode 0600: it holds every token and key)')
+    .option('--data-dir <dir>', "the controller's data dir", defaultDataDir())
+    .action(async (file: string, opts: { dataDir: string }) => {
+      const { backupDataDir } = await import('../../controller/store/backup.ts');
+      const b = await backupDataDir(opts.dataDir, file);
+      process.stderr.write(
+        `orchard controller backup: cluster ${b.clusterID} (schema version ${b.schemaVersion}) written to ${b.file}: ${b.bytes} bytes, ` +
+          `with ${b.files.length ? b.files.join(', ') : 'no certificate or key files'}; ${Math.round(b.totalMs)} ms, the copy itself ${Math.round(b.copyMs)} ms\n`,
+      );
+    });
+  controller
+    .command('restore')
+    .description('make a data dir the state of a backup (from orchard controller backup); start the controller on it afterwards')
+    .argument('<file>', 'the backup file')
+    .option('--data-dir <dir>', "the controller's data dir to restore into", defaultDataDir())
+    .option('--force', "replace the data dir's current controller files (they are moved to a before-restore-… folder in it, not deleted)")
+    .action(async (file: string, opts: { dataDir: string; force?: boolean }) => {
+      const { restoreDataDir } = await import('../../controller/store/backup.ts');
+      const r = restoreDataDir(file, opts.dataDir, { force: opts.force });
+      process.stderr.write(
+        `orchard controller restore: ${r.dataDir} now holds cluster ${r.clusterID} as backed up at ${r.created} (schema version ${r.schemaVersion}` +
+          `${r.files.length ? `; ${r.files.join(', ')}` : ''})${r.movedAside ? `; its previous files are in ${r.movedAside}` : ''}. Start the controller with --data-dir ${r.dataDir}\n`,
+      );
     });
 }

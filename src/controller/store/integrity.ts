@@ -10,6 +10,7 @@
 import { randomUUID } from 'node:crypto';
 import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { fileSchemaVersion, newerError, SCHEMA_VERSION, SchemaError } from './schema.ts';
 
 const WAL_HEADER = 32;
 const FRAME_HEADER = 24;
@@ -61,6 +62,9 @@ export interface ClusterFile {
   clusterID: string;
   /** False while a controller has the database open: after a crash the WAL holds the latest changes. */
   cleanStop: boolean;
+  /** The schema version of orchard.db and the orchard release that last ran on it (absent before they were recorded). */
+  schemaVersion?: number;
+  release?: string;
 }
 
 export function readClusterFile(dataDir: string): ClusterFile | undefined {
@@ -86,6 +90,23 @@ const WHAT_TO_DO =
   'Stop, and restore orchard.db together with orchard.db-wal from a backup (or from where they were moved). ' +
   'To start with the database as it is instead — VMs it does not know stay on their workers as orphans, for an admin to adopt or delete — ' +
   'run again with --accept-damaged-database.';
+
+/**
+ * Refuses a data dir whose database is newer than this release, before anything in it is created,
+ * opened or changed (the version is read from the file's header; see store/schema.ts).
+ */
+export function checkSchemaVersion(dataDir: string): void {
+  const version = fileSchemaVersion(join(dataDir, 'orchard.db'));
+  if (version === undefined || version <= SCHEMA_VERSION) return;
+  let release: string | undefined;
+  try {
+    release = readClusterFile(dataDir)?.release;
+  } catch {
+    // the version alone says enough
+  }
+  const err = newerError(version, SCHEMA_VERSION, release);
+  throw new SchemaError(`${join(dataDir, 'orchard.db')}: ${err.message}`);
+}
 
 /** Checks made before SQLite opens the database (it would repair or ignore what they look for). */
 export function checkBeforeOpen(dataDir: string): void {

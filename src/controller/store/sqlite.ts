@@ -7,6 +7,7 @@ import { dirname } from 'node:path';
 import type { ClusterSettings, Event, WatchEventType } from '../../api/schemas.ts';
 import { ConflictError, NotFoundError, type Change, type EventPage, type Kind, type Kinds, type Store } from './store.ts';
 import { DEFAULT_LIMITS, type Limits } from '../limits.ts';
+import { fileSchemaVersion, migrate, newerError, SCHEMA_VERSION } from './schema.ts';
 
 export type EventLimits = Pick<Limits, 'eventsPerVM' | 'eventBytesPerVM' | 'eventPageBytes'>;
 
@@ -28,42 +29,27 @@ export class SQLiteStore implements Store {
   private readonly eventLimits: EventLimits;
   /** Count and bytes of each VM's stored events, read from the table the first time a VM gets events. */
   private readonly eventStats = new Map<string, { count: number; bytes: number }>();
+  /** What opening did to the schema (schema.ts): `from` < `to` when it migrated. */
+  readonly migration: { from: number; to: number; unmarked: boolean };
 
   constructor(path: string, eventLimits: EventLimits = DEFAULT_LIMITS) {
     this.eventLimits = eventLimits;
+    // A database newer than this release is refused before anything is created, opened or changed.
+    const onFile = fileSchemaVersion(path);
+    if (onFile !== undefined && onFile > SCHEMA_VERSION) throw newerError(onFile);
     mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
     // The database holds every token and VM password: owner-only, whatever the umask or the data
     // dir's mode. SQLite gives its -wal and -shm files the mode of the database file.
     closeSync(openSync(path, 'a', 0o600));
     for (const f of [path, `${path}-wal`, `${path}-shm`]) if (existsSync(f)) chmodSync(f, 0o600);
     this.db = new DatabaseSync(path);
-    this.db.exec(`
-      PRAGMA journal_mode = WAL;
-      PRAGMA synchronous = FULL;
-      PRAGMA busy_timeout = 5000;
-      CREATE TABLE IF NOT EXISTS objects (
-        id INTEGER PRIMARY KEY,
-        kind TEXT NOT NULL,
-        name TEXT NOT NULL,
-        worker TEXT,
-        status TEXT,
-        body TEXT NOT NULL,
-        UNIQUE (kind, name)
-      );
-      CREATE INDEX IF NOT EXISTS objects_by_worker ON objects (kind, worker) WHERE worker IS NOT NULL;
-      CREATE TABLE IF NOT EXISTS events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        vm_uid TEXT NOT NULL,
-        body TEXT NOT NULL
-      );
-      CREATE INDEX IF NOT EXISTS events_by_vm ON events (vm_uid, id);
-      -- How many of a VM's oldest events retention dropped, and when last.
-      CREATE TABLE IF NOT EXISTS event_cuts (vm_uid TEXT PRIMARY KEY, dropped INTEGER NOT NULL, at INTEGER NOT NULL);
-      CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, body TEXT NOT NULL);
-      -- VMs that left a worker (deleted, moved elsewhere, or released by an admin): the worker may remove
-      -- its copy. A VM a worker runs that is neither known nor released is an orphan, never destroyed.
-      CREATE TABLE IF NOT EXISTS releases (worker TEXT NOT NULL, uid TEXT NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (worker, uid));
-    `);
+    this.db.exec('PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;');
+    try {
+      this.migration = migrate(this.db);
+    } catch (err) {
+      this.db.close();
+      throw err;
+    }
     this.db.prepare('DELETE FROM releases WHERE at < ?').run(Date.now() - RELEASE_RETENTION_MS);
     const p = (sql: string) => this.db.prepare(sql);
     this.stmt = {
