@@ -11,7 +11,7 @@
 // GET /v1/vms on a new TLS connection (bench/probe.ts, a process of its own) during the load.
 // Goals: peak ≤ 1.5 × idle + 100 MB, after ≤ 1.1 × idle, p99 ≤ 100 ms.
 //
-//   node bench/abuse.ts [--seconds 8]
+//   node bench/abuse.ts [--seconds 8] [--only TEXT]   (--only: the phases whose name has TEXT)
 import { spawn } from 'node:child_process';
 import { readFileSync, readdirSync, rmSync } from 'node:fs';
 import https from 'node:https';
@@ -24,7 +24,7 @@ import { ADMIN_TOKEN } from '../test/helpers.ts';
 import { Cluster, pct } from './load-harness.ts';
 import { DEFAULT_LIMITS } from '../src/controller/limits.ts';
 
-const { values } = parseArgs({ options: { seconds: { type: 'string', default: '8' } } });
+const { values } = parseArgs({ options: { seconds: { type: 'string', default: '8' }, only: { type: 'string' } } });
 const SECONDS = Number(values.seconds);
 const MiB = 1024 * 1024;
 const f = (n: number) => n.toFixed(0);
@@ -80,8 +80,11 @@ async function latency(n: number): Promise<{ p50: number; p99: number; failed: n
   return { p50: pct(ms, 50), p99: pct(ms, 99), failed: lines.length - ms.length };
 }
 
+const results: { name: string; peak: number; after: number; p50: number; p99: number; failed: number }[] = [];
+
 /** Runs `load` (which returns its stop function) and measures; the clients leave before "after". */
 async function phase(name: string, load: () => Promise<() => Promise<void> | void>) {
+  if (values.only && !name.includes(values.only)) return;
   const stop = await load();
   let peak = rssMB();
   const sampler = setInterval(() => (peak = Math.max(peak, rssMB())), 100);
@@ -92,7 +95,7 @@ async function phase(name: string, load: () => Promise<() => Promise<void> | voi
   await sleep(5000);
   const after = rssMB();
   console.error(`${name}: peak ${f(peak)} MB, after ${f(after)} MB (${await heap()})`);
-  return { name, peak, after, ...lat };
+  results.push({ name, peak, after, ...lat });
 }
 
 function watch(authorization: string, read: boolean): Promise<IncomingMessage> {
@@ -120,20 +123,16 @@ await sleep(3000);
 const idle = rssMB();
 console.error(`idle: ${f(idle)} MB (${await heap()})`);
 const idleLatency = await latency(Math.round((SECONDS * 1000) / 60));
-const results = [];
 
-results.push(
-  await phase('1,000 watch streams', async () => {
+await phase('1,000 watch streams', async () => {
     const open: IncomingMessage[] = [];
     for (let i = 0; i < 1000; i += 50) open.push(...(await Promise.all(Array.from({ length: 50 }, (_, j) => watch(watchers[Math.floor((i + j) / 100)], true)))));
     const refused = open.filter((r) => r.statusCode !== 200).length;
     if (refused) console.error(`${refused} watch streams refused`);
     return () => open.forEach((r) => r.destroy());
-  }),
-);
+  });
 
-results.push(
-  await phase('50 non-reading watchers, 20 changes/s of 200 kB', async () => {
+await phase('50 non-reading watchers, 20 changes/s of 200 kB', async () => {
     await cluster.admin.createVM({ name: 'churn', image: 'synthetic', startup_script: bigScript });
     const open = await Promise.all(Array.from({ length: 50 }, () => watch(slow, false)));
     let cpu = 1;
@@ -151,8 +150,7 @@ results.push(
       open.forEach((r) => r.destroy());
       await cluster.admin.deleteVM('churn');
     };
-  }),
-);
+  });
 
 /** 40 port-forwards to the echo VM, each sending frames of `bytes` (and reading what comes back); a refused one reconnects. */
 const pushers = (bytes: number) => async () => {
@@ -196,8 +194,8 @@ const pushers = (bytes: number) => async () => {
     console.error(`${bytes / 1024} KiB frames: ${closes.count} tunnels closed, codes ${JSON.stringify(Object.fromEntries(closes.codes))}`);
   };
 };
-results.push(await phase('40 port-forwards pushing 15 MiB frames', pushers(15 * MiB)));
-results.push(await phase(`40 port-forwards pushing ${DEFAULT_LIMITS.tunnelFrameBytes / 1024} KiB frames (the largest allowed)`, pushers(DEFAULT_LIMITS.tunnelFrameBytes)));
+await phase('40 port-forwards pushing 15 MiB frames', pushers(15 * MiB));
+await phase(`40 port-forwards pushing ${DEFAULT_LIMITS.tunnelFrameBytes / 1024} KiB frames (the largest allowed)`, pushers(DEFAULT_LIMITS.tunnelFrameBytes));
 
 await cluster.stop();
 rmSync(cluster.dataDir, { recursive: true, force: true });

@@ -9,14 +9,15 @@ import type { WorkerChannels } from './rpc.ts';
 import { HttpError } from './errors.ts';
 import type { ClusterView } from './view.ts';
 import { checkActsAs } from './domain/workers.ts';
+import { relay } from './relay.ts';
 
 /** How long the worker has to dial back. */
 const RENDEZVOUS_TIMEOUT_MS = 30_000;
 
 export interface Tunnel {
-  /** Bytes to and from the VM's port (flow-controlled: writes wait for the network). */
-  stream: Duplex;
-  /** The worker's WebSocket, for its close code. */
+  /** Bytes to and from the VM's port (flow-controlled: writes wait for the network); made when first used. */
+  readonly stream: Duplex;
+  /** The worker's WebSocket: its close code, and its messages for a relay that does not use `stream`. */
   ws: WebSocket;
 }
 
@@ -167,7 +168,13 @@ export class Tunnels {
       ws.close(1000);
       return;
     }
-    pending.resolve({ stream: createWebSocketStream(ws), ws });
+    let stream: Duplex | undefined;
+    pending.resolve({
+      ws,
+      get stream() {
+        return (stream ??= createWebSocketStream(ws));
+      },
+    });
   }
 
   answerIP(session: string, body: { ip?: string; error?: string }, account: ServiceAccount) {
@@ -193,15 +200,14 @@ export class Tunnels {
 const CLOSE_GRACE_MS = 5_000;
 
 /**
- * Splices a client's WebSocket and a tunnel, both ways, with flow control on each side. Closing
+ * Splices a client's WebSocket and a tunnel, both ways, message for message (relay.ts: flow control
+ * on each side, the thread shared fairly with everything else). Closing
  * either end closes the whole path; a tunnel lost abnormally closes the client with 1011 and why.
  * A client that vanishes (no close frame) has the worker side cut at once, dropping what was queued
  * for it; a side that does not finish closing within CLOSE_GRACE_MS is cut too, so nothing a tunnel
  * buffered outlives it for long.
  */
 export function splice(client: WebSocket, tunnel: Tunnel, onEnd?: () => void) {
-  const clientStream = createWebSocketStream(client);
-  const worker = tunnel.stream;
   let ended = false;
   const end = (code: number, reason: string, clientVanished = false) => {
     if (ended) return;
@@ -222,10 +228,10 @@ export function splice(client: WebSocket, tunnel: Tunnel, onEnd?: () => void) {
     }
     onEnd?.();
   };
-  clientStream.on('error', () => end(1000, 'client gone', true));
-  worker.on('error', () => {});
-  clientStream.pipe(worker);
-  worker.pipe(clientStream);
+  client.on('error', () => end(1000, 'client gone', true));
+  tunnel.ws.on('error', () => {});
+  relay(client, tunnel.ws);
+  relay(tunnel.ws, client);
   client.on('close', (code) => end(1000, 'client closed', code === 1006));
   tunnel.ws.on('close', (code, reason) => {
     if (code === 1000 || code === 1005) end(1000, 'the VM closed the connection');
