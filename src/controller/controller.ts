@@ -128,7 +128,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     let ssh: SSHJumpServer | undefined;
     try {
       await app.listen({ host, port });
-      if (sshListen) ssh = await startSSHJump({ ...sshListen, dataDir: opts.dataDir, access: ctx.access, tunnels: ctx.tunnels, logger });
+      if (sshListen) ssh = await startSSHJump({ ...sshListen, dataDir: opts.dataDir, access: ctx.access, tunnels: ctx.tunnels, logger, tunnelsPerAccount: limits.tunnelsPerAccount });
     } catch (err) {
       await close();
       throw err;

@@ -27,7 +27,7 @@ const LOGIN_GRACE_MS = 60_000;
 /** Dead clients are found by keepalives: every 15 s, dropped after 4 unanswered. */
 const KEEPALIVE = { keepaliveInterval: 15_000, keepaliveCountMax: 4 };
 /** SSH_MSG_CHANNEL_OPEN_FAILURE reason codes (RFC 4254 §5.1). */
-const OPEN_FAILURE = { ADMINISTRATIVELY_PROHIBITED: 1, CONNECT_FAILED: 2 } as const;
+const OPEN_FAILURE = { ADMINISTRATIVELY_PROHIBITED: 1, CONNECT_FAILED: 2, RESOURCE_SHORTAGE: 4 } as const;
 
 export interface HostKey {
   /** OpenSSH private key (PEM-like text). */
@@ -90,6 +90,8 @@ export interface SSHJumpOptions {
   logger: Logger;
   /** How long a channel open waits for its VM to run (default 5 s). */
   waitSeconds?: number;
+  /** Tunnels an account may hold open, counted with its port-forwards (limits.tunnelsPerAccount). */
+  tunnelsPerAccount: number;
 }
 
 export interface SSHJumpServer {
@@ -147,6 +149,8 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
     let failures = 0;
     let release = () => {};
     const open = new Set<Tunnel>();
+    // The client leaving cancels what its channel opens are waiting for (a VM to run, a worker to dial back).
+    const gone = new AbortController();
     clients.add(client);
     // Without this, Nagle holds back the small packets interactive use and the inner SSH
     // connection's window adjustments are made of (40 ms each against delayed ACKs).
@@ -160,6 +164,7 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
       clearTimeout(grace);
       release();
       clients.delete(client);
+      gone.abort();
       for (const t of open) t.ws.close(1000, 'SSH client gone');
     });
 
@@ -213,7 +218,7 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
     client.on('ready', () => log.info({ account: account?.name, remote }, 'SSH jump host: client authenticated'));
 
     client.on('tcpip', (accept, reject, dest: TcpipRequestInfo) => {
-      forward(client, remote, account!, accept, reject, dest, open).catch((err: unknown) => {
+      forward(client, remote, account!, accept, reject, dest, open, gone.signal).catch((err: unknown) => {
         log.error({ err, remote }, 'SSH jump host: forwarding failed with an error');
         rejectChannel(client, reject, OPEN_FAILURE.CONNECT_FAILED, 'internal error');
       });
@@ -244,6 +249,7 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
     reject: () => void,
     dest: TcpipRequestInfo,
     open: Set<Tunnel>,
+    signal: AbortSignal,
   ) {
     const vmName = dest.destIP;
     const port = dest.destPort;
@@ -254,28 +260,30 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
     };
     if (!nameRE.test(vmName)) return refuse(OPEN_FAILURE.CONNECT_FAILED, `"${vmName}" is not a VM name: the destination host must be the name of a VM`);
     if (!Number.isInteger(port) || port < 1 || port > 65535) return refuse(OPEN_FAILURE.CONNECT_FAILED, `port ${port} is out of range`);
-    let vm;
+    let untake: () => void;
     try {
-      vm = await tunnels.runningVM(vmName, waitSeconds);
+      untake = access.take(authenticated.name, 'tunnels', opts.tunnelsPerAccount);
     } catch (err) {
       if (!(err instanceof HttpError)) throw err;
-      const why = err.statusCode === 404 ? `VM "${vmName}" not found` : err.message.replace(/; try a longer \?wait=.*$/, '');
-      return refuse(OPEN_FAILURE.CONNECT_FAILED, why);
+      return refuse(OPEN_FAILURE.RESOURCE_SHORTAGE, err.message);
     }
+    let vm;
     let tunnel: Tunnel;
     try {
-      tunnel = await tunnels.open(vm.worker!, port, vm);
+      vm = await tunnels.runningVM(vmName, waitSeconds, signal);
+      tunnel = await tunnels.open(vm.worker!, port, vm, signal);
     } catch (err) {
+      untake();
       if (!(err instanceof HttpError)) throw err;
-      return refuse(OPEN_FAILURE.CONNECT_FAILED, `cannot connect to port ${port} of VM "${vmName}": ${err.message}`);
+      if (signal.aborted) return;
+      const why = err.statusCode === 404 ? `VM "${vmName}" not found`
+        : vm ? `cannot connect to port ${port} of VM "${vmName}": ${err.message}` : err.message.replace(/; try a longer \?wait=.*$/, '');
+      return refuse(OPEN_FAILURE.CONNECT_FAILED, why);
     }
-    if (!clients.has(client)) {
-      tunnel.ws.close(1000, 'SSH client gone');
-      return;
-    }
-    const channel = accept();
+    const channel = clients.has(client) ? accept() : undefined;
     if (!channel) {
-      tunnel.ws.close(1000, 'SSH channel gone');
+      untake();
+      tunnel.ws.close(1000, 'SSH client gone');
       return;
     }
     open.add(tunnel);
@@ -283,6 +291,7 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
     log.info({ ...fields, worker: vm.worker }, 'SSH jump host: connected to the VM');
     splice(channel, tunnel, (stats) => {
       open.delete(tunnel);
+      untake();
       log.info({ ...fields, ...stats, durationMs: Date.now() - started }, 'SSH jump host: connection closed');
     });
   }
