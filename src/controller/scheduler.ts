@@ -5,6 +5,7 @@
 import type { Logger } from 'pino';
 import { RESOURCE_TART_VMS, type VM, type Worker } from '../api/schemas.ts';
 import type { Store } from './store/store.ts';
+import { VM_DEFAULTS } from '../api/defaults.ts';
 import { requirements, type ClusterView } from './view.ts';
 
 export const MAX_RESTARTS = 10;
@@ -308,8 +309,9 @@ export class Scheduler {
         worker: w.name,
         scheduled_at: new Date(now).toISOString(),
         status_message: `scheduled on worker ${w.name}`,
-        assignedCPU: vm.cpu,
-        assignedMemory: vm.memory,
+        // A VM that asks for no cpu or memory gets the worker's defaults (upstream's --default-cpu/--default-memory).
+        assignedCPU: vm.cpu || w.defaultCPU || VM_DEFAULTS.cpu,
+        assignedMemory: vm.memory || w.defaultMemory || VM_DEFAULTS.memory,
         conditions: [{ type: 'scheduled', state: 'true' }],
       }));
     }

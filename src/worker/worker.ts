@@ -31,6 +31,9 @@ export interface WorkerOptions {
    * admin adopts or deletes it first.
    */
   orphanGraceMs?: number;
+  /** CPUs and MiB of memory of a VM that asks for none (upstream's --default-cpu, --default-memory: 4 and 8192). */
+  defaultCPU?: number;
+  defaultMemory?: number;
   logger: Logger;
 }
 
@@ -116,6 +119,8 @@ export class OrchardWorker {
       labels: this.o.labels ?? {},
       runtime: this.o.driver.runtime,
       arch: osArch() === 'x64' ? 'amd64' : osArch(),
+      defaultCPU: this.o.defaultCPU ?? VM_DEFAULTS.cpu,
+      defaultMemory: this.o.defaultMemory ?? VM_DEFAULTS.memory,
       resources: {
         [RESOURCE_TART_VMS]: this.o.slots,
         [RESOURCE_LOGICAL_CORES]: availableParallelism(),
@@ -546,8 +551,10 @@ export class OrchardWorker {
       uid: vm.uid!,
       image: vm.image!,
       imagePullPolicy: vm.imagePullPolicy ?? 'IfNotPresent',
-      cpu: vm.cpu ?? VM_DEFAULTS.cpu,
-      memory: vm.memory ?? VM_DEFAULTS.memory,
+      // What the VM asks for, else what the controller assigned when it placed the VM (from this
+      // worker's defaults), else this worker's defaults (a controller that assigns nothing).
+      cpu: vm.cpu || vm.assignedCPU || (this.o.defaultCPU ?? VM_DEFAULTS.cpu),
+      memory: vm.memory || vm.assignedMemory || (this.o.defaultMemory ?? VM_DEFAULTS.memory),
       diskSize: vm.diskSize,
       ...sshCredentials(vm),
       nested: vm.nested,

@@ -43,7 +43,10 @@ export function newVM(body: VM): VM {
     os: 'darwin',
     arch: 'arm64',
     imagePullPolicy: 'IfNotPresent',
-    ...VM_DEFAULTS,
+    // cpu and memory stay unset unless given: the scheduler assigns the worker's defaults
+    // (assignedCPU, assignedMemory), as upstream's.
+    username: VM_DEFAULTS.username,
+    password: VM_DEFAULTS.password,
     restart_policy: 'Never',
     resources: {},
     labels: {},
