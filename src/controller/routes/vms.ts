@@ -23,10 +23,10 @@ import { badRequest, conflict, notFound } from '../errors.ts';
 import { streamWatch } from '../watch.ts';
 import { accountOf } from '../access.ts';
 import { checkActsAs } from '../domain/workers.ts';
-import { applyStateReport, newVM, redactVM, secretsFor } from '../domain/vms.ts';
+import { applyStateReport, checkRuntimeFields, checkSpecChange, newVM, redactVM, secretsFor } from '../domain/vms.ts';
 
 const NameParams = Type.Object({ name: Name });
-const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
+const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody, 409: ErrorBody };
 
 const READ = ['compute:read'] as const;
 const WRITE = ['compute:write'] as const;
@@ -84,7 +84,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
 
   app.post<{ Body: VM }>(
     '/v1/vms',
-    { config: { roles: WRITE }, schema: { tags: ['vms'], summary: 'Create a VM', body: VMBody, response: { 200: VM, 409: ErrorBody, ...errors } } },
+    { config: { roles: WRITE }, schema: { tags: ['vms'], summary: 'Create a VM', body: VMBody, response: { 200: VM, ...errors } } },
     async (request) => {
       const vm = newVM(request.body);
       checkHostDirs(vm, await store.getClusterSettings());
@@ -199,6 +199,8 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
         const next: VM = { ...current };
         for (const k of VM_SPEC_KEYS) if (body[k] !== undefined) (next as Record<string, unknown>)[k] = body[k];
         if (specOf(next) === specOf(current)) return current;
+        checkSpecChange(current, next);
+        checkRuntimeFields(next);
         checkHostDirs(next, settings);
         next.generation = (current.generation ?? 0) + 1;
         return next;
@@ -210,7 +212,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
     '/v1/vms/:name/state',
     {
       config: { roles: WRITE },
-      schema: { tags: ['vms'], summary: "Report a VM's state (workers)", params: NameParams, body: VMStateUpdate, response: { 200: VM, 409: ErrorBody, ...errors } },
+      schema: { tags: ['vms'], summary: "Report a VM's state (workers)", params: NameParams, body: VMStateUpdate, response: { 200: VM, ...errors } },
     },
     async (request) => reportState(request.params.name, request.body, accountOf(request)),
   );
