@@ -79,7 +79,8 @@ export function newVM(body: VM): VM {
   if (!body.image) throw badRequest('field "image" is required');
   checkRuntimeFields(body);
   const spec: Partial<VM> = {};
-  for (const k of VM_SPEC_KEYS) if (body[k] !== undefined) (spec as Record<string, unknown>)[k] = body[k];
+  // null (a script sent as null) is left out, as Go's clients leave out what they do not set.
+  for (const k of VM_SPEC_KEYS) if (body[k] !== undefined && body[k] !== null) (spec as Record<string, unknown>)[k] = body[k];
   return {
     name: body.name,
     uid: randomUUID(),

@@ -197,7 +197,11 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
           }
         }
         const next: VM = { ...current };
-        for (const k of VM_SPEC_KEYS) if (body[k] !== undefined) (next as Record<string, unknown>)[k] = body[k];
+        for (const k of VM_SPEC_KEYS) {
+          // null removes the field (a startup script): a VM never holds a null, as upstream's never does.
+          if (body[k] === null) delete (next as Record<string, unknown>)[k];
+          else if (body[k] !== undefined) (next as Record<string, unknown>)[k] = body[k];
+        }
         if (specOf(next) === specOf(current)) return current;
         checkSpecChange(current, next);
         checkRuntimeFields(next);
