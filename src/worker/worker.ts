@@ -158,7 +158,14 @@ export class OrchardWorker {
   private async beat() {
     if (this.watchLiveness && this.connected) return;
     try {
-      await this.o.client.updateWorker({ name: this.o.name, machine_id: this.machineId });
+      if (this.watchLiveness) await this.o.client.updateWorker({ name: this.o.name, machine_id: this.machineId });
+      else {
+        // A controller without our capabilities is taken for upstream's, whose PUT sets last_seen and
+        // scheduling_paused from the body (absent: a zero time, and resumed): heartbeat as upstream's
+        // worker does, with the whole record read back and last_seen set.
+        const record = await this.o.client.getWorker(this.o.name);
+        await this.o.client.updateWorker({ ...record, last_seen: new Date().toISOString() });
+      }
     } catch (err) {
       if (err instanceof ApiError && err.status === 404) {
         this.log.warn('worker record is gone; registering again');
@@ -263,7 +270,8 @@ export class OrchardWorker {
             sock.once('error', reject);
           });
     } catch (err) {
-      query.error = (err as Error).message.slice(0, 500);
+      // `errorMessage`, as upstream's worker sends it (our controller reads it too).
+      query.errorMessage = (err as Error).message.slice(0, 500);
     }
     const url = this.rpcURL('/v1/rpc/port-forward', query, true);
     const ws = new WebSocket(url, {
@@ -290,15 +298,15 @@ export class OrchardWorker {
     });
   }
 
-  /** resolveIPAction: find the VM's IP and POST it back. */
+  /** resolveIPAction: find the VM's IP and POST it back, in the query (`ip` or `errorMessage`) as upstream's worker does. */
   private async resolveIP(action: { session: string; vmUID: string }) {
-    let body: { ip?: string; error?: string };
+    const query = new URLSearchParams({ session: action.session });
     try {
-      body = { ip: await this.o.driver.ip(this.localNameOfUID(action.vmUID)) };
+      query.set('ip', await this.o.driver.ip(this.localNameOfUID(action.vmUID)));
     } catch (err) {
-      body = { error: (err as Error).message.slice(0, 1000) };
+      query.set('errorMessage', (err as Error).message.slice(0, 1000));
     }
-    await this.o.client.call('POST', `/v1/rpc/resolve-ip?session=${encodeURIComponent(action.session)}`, body).catch((err: Error) => {
+    await this.o.client.call('POST', `/v1/rpc/resolve-ip?${query}`).catch((err: Error) => {
       this.log.debug({ err: err.message }, 'resolve-ip answer failed');
     });
   }
