@@ -129,8 +129,9 @@ test('controller run --api-prefix serves the whole API (REST and WebSockets) und
   }
 });
 
-test('controller run --debug logs at debug level', async () => {
-  const proc = spawn(ORCHARD_BIN, ['controller', 'run', '--data-dir', tempDir(), '--listen', '127.0.0.1:0', '--debug'], {
+test('controller --data-dir DIR run --debug: the data dir given before run (as upstream), debug log level', async () => {
+  const dataDir = tempDir();
+  const proc = spawn(ORCHARD_BIN, ['controller', '--data-dir', dataDir, 'run', '--listen', '127.0.0.1:0', '--debug'], {
     env: { ...process.env, ORCHARD_BOOTSTRAP_ADMIN_TOKEN: ADMIN_TOKEN, ORCHARD_LOG_LEVEL: 'warn', ORCHARD_HOME: tempDir() },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -141,6 +142,7 @@ test('controller run --debug logs at debug level', async () => {
     await waitFor('the controller listening', () => /listening on/.test(out) || undefined, 20_000);
     const lines = out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as { level: number; msg: string });
     assert.ok(lines.some((l) => l.level === 20 && l.msg === 'starting the controller'), out);
+    assert.ok(existsSync(join(dataDir, 'controller.crt')), 'the data dir given before run is used');
   } finally {
     proc.kill('SIGTERM');
     await new Promise((r) => proc.once('exit', r));

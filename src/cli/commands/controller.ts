@@ -33,11 +33,13 @@ async function bootstrapAdmin(ctl: RunningController, fromEnvironment: boolean) 
 }
 
 export function registerControllerCommands(program: Command) {
-  const controller = program.command('controller').description('run the controller');
+  const defaultDataDir = join(homedir(), '.orchard', 'controller');
+  // --data-dir also before `run`, as upstream's (a flag of `orchard controller`): orchard controller --data-dir DIR run
+  const controller = program.command('controller').description('run the controller').option('--data-dir <dir>', `where the database, certificate and key live (default ${defaultDataDir})`);
   controller
     .command('run')
     .description('run the controller: the API, the embedded database and the scheduler')
-    .option('--data-dir <dir>', 'where the database, certificate and key live', join(homedir(), '.orchard', 'controller'))
+    .option('--data-dir <dir>', `where the database, certificate and key live (default ${defaultDataDir})`)
     .option('-l, --listen <address>', 'address to listen on (HOST:PORT or :PORT; default :$PORT, else :6120, as upstream)', `:${process.env.PORT || 6120}`)
     .option('--api-prefix <path>', 'serve the whole API under this path (e.g. /orchard), for a controller behind a proxy shared with other services; contexts then use https://HOST:PORT/orchard')
     .option('--debug', 'debug log level (same as ORCHARD_LOG_LEVEL=debug)')
@@ -49,6 +51,7 @@ export function registerControllerCommands(program: Command) {
     .option('--insecure-ssh-no-client-auth', 'refused: the SSH jump host always authenticates the service account')
     .option('--no-experimental-rpc-v2', 'refused: only the v2 worker protocol is served')
     .addOption(new Option('--experimental-rpc-v2', 'deprecated, as upstream: v2 is always on').hideHelp())
+    .addOption(new Option('--synthetic', "upstream's hidden flag (it changes nothing there either)").hideHelp())
     .option('--controller-cert <file>', 'use this TLS certificate (PEM) instead of the self-signed one')
     .option('--controller-key <file>', 'the key of --controller-cert (PEM)')
     .option('--insecure-no-tls', 'serve plain HTTP (tokens cross the network in clear text!)')
@@ -57,7 +60,7 @@ export function registerControllerCommands(program: Command) {
     .option('--listen-ssh <address>', 'also run an SSH jump host to the VMs on this address (HOST:PORT or :PORT): ssh -J ACCOUNT@HOST:PORT USER@VM, password = the account\'s token')
     .addHelpText('after', '\nEnvironment:\n  ORCHARD_BOOTSTRAP_ADMIN_TOKEN  create (or update) the service account "bootstrap-admin" with every role and this token')
     .action(async (opts: {
-      dataDir: string;
+      dataDir?: string;
       listen: string;
       controllerCert?: string;
       controllerKey?: string;
@@ -75,6 +78,7 @@ export function registerControllerCommands(program: Command) {
       insecureSshNoClientAuth?: boolean;
       experimentalRpcV2: boolean;
     }) => {
+      opts.dataDir ??= (controller.opts() as { dataDir?: string }).dataDir ?? defaultDataDir;
       if (opts.insecureSshNoClientAuth) throw new UsageError('--insecure-ssh-no-client-auth is not supported: the SSH jump host always authenticates (user = service account, password = its token)');
       // Commander's --no-experimental-rpc-v2 sets experimentalRpcV2 to false; the hidden --experimental-rpc-v2 leaves it true.
       if (opts.experimentalRpcV2 === false) throw new UsageError('--no-experimental-rpc-v2 is not supported: the controller serves only the v2 worker protocol (the gRPC v1 one is not served)');
