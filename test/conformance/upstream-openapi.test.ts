@@ -262,3 +262,31 @@ describe("our controller's answers against upstream 0.55's api/openapi.yaml", ()
     }
   });
 });
+
+test("upstream's `orchard logs vm` (events without `limit`, X-Next-Cursor unread) gets every kept event; with `limit`, pages", async () => {
+  const c = await inProcessController({ limits: { eventPageBytes: 16 * 1024 } });
+  try {
+    await c.admin.createVM({ name: 'chatty', image: 'img' });
+    const { placeOn } = await import('../helpers.ts');
+    await placeOn(c.admin, 'w-chatty', 'chatty');
+    const events = Array.from({ length: 1500 }, (_, i) => ({ kind: 'log_line', timestamp: 1_700_000_000 + i, payload: `line ${i} `.padEnd(100, '.') }));
+    for (let i = 0; i < events.length; i += 500) await c.admin.appendEvents('chatty', events.slice(i, i + 500));
+    const get = (query: string) =>
+      rawRequest(c.ctl, 'GET', `/v1/vms/chatty/events${query}`, { auth: ['bootstrap-admin', ADMIN_TOKEN], headers: { 'user-agent': 'Orchard/0.55.0' } });
+    const all = await get('');
+    assert.equal(all.status, 200);
+    assert.equal((all.json as unknown[]).length, 1500, 'more than a page of bytes and more than 1000 events, in one answer');
+    assert.equal(all.headers['x-next-cursor'], undefined);
+    const desc = (await get('?order=desc')).json as { payload: string }[];
+    assert.deepEqual([desc.length, desc[0].payload.split(' ')[1]], [1500, '1499'], 'newest first, all of them');
+    // `--tail 5`: limit and order desc.
+    const tail = await get('?limit=5&order=desc');
+    assert.deepEqual((tail.json as { payload: string }[]).map((e) => e.payload.split(' ')[1]), ['1499', '1498', '1497', '1496', '1495']);
+    const page = await get('?limit=1000');
+    assert.ok((page.json as unknown[]).length < 1000, 'a page with a limit still stops at its byte budget');
+    assert.ok(typeof page.headers['x-next-cursor'] === 'string');
+  } finally {
+    await c.close();
+    c.cleanup();
+  }
+});

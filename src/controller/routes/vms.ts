@@ -234,7 +234,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       schema: {
         tags: ['vms'],
         summary:
-          "A VM's events, paged (X-Next-Cursor header gives the next page's cursor; a page also ends at about 2 MiB). Only the newest events are kept: X-Events-Dropped says how many older ones were dropped, and an `events-dropped` event stands in for them at the oldest end",
+          "A VM's events: without `limit` all of them (as upstream's); with `limit` a page (X-Next-Cursor header gives the next page's cursor; a page also ends at about 2 MiB). Only the newest events are kept: X-Events-Dropped says how many older ones were dropped, and an `events-dropped` event stands in for them at the oldest end",
         params: NameParams,
         querystring: Type.Object({
           limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 10000 })),
@@ -248,7 +248,18 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       const vm = await store.get('vms', request.params.name);
       if (!vm?.uid) throw notFound(`VM "${request.params.name}" not found`);
       const order = request.query.order ?? 'asc';
-      const page = await store.listEvents(vm.uid, { limit: request.query.limit ?? 1000, order, cursor: request.query.cursor });
+      let page = await store.listEvents(vm.uid, { limit: request.query.limit ?? ctx.limits.eventsPerVM, order, cursor: request.query.cursor });
+      if (request.query.limit === undefined) {
+        // No limit, as upstream's clients ask (`orchard logs vm`, which reads no X-Next-Cursor): every
+        // kept event in one answer, as upstream's controller gives it. Retention bounds it (eventsPerVM,
+        // eventBytesPerVM); the store's pages (eventPageBytes each) are joined here.
+        const events = [...page.events];
+        while (page.nextCursor) {
+          page = await store.listEvents(vm.uid, { limit: ctx.limits.eventsPerVM, order, cursor: page.nextCursor });
+          events.push(...page.events);
+        }
+        page = { ...page, events };
+      }
       if (page.nextCursor) reply.header('x-next-cursor', page.nextCursor);
       if (page.dropped === 0) return page.events;
       // Retention dropped the oldest events: the header says so on every page, and the page that
