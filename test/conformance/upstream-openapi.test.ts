@@ -178,6 +178,9 @@ describe("our controller's answers against upstream 0.55's api/openapi.yaml", ()
       createdAt: '0001-01-01T00:00:00Z',
     });
     conforms('POST', '/vms', created, 200);
+    // localName (and the deprecated tartName) from the start, as upstream's: orchard-NAME-UID-RESTARTCOUNT.
+    const made = created.json as { uid: string; localName?: string; tartName?: string };
+    assert.deepEqual([made.localName, made.tartName], [`orchard-ci_build.1-${made.uid}-0`, `orchard-ci_build.1-${made.uid}-0`]);
     conforms('POST', '/vms', await go('POST', '/vms', { name: 'ci_build.1', image: 'x' }), 409);
     conforms('GET', '/vms', await go('GET', '/vms'), 200);
     conforms('GET', '/vms', await go('GET', '/vms?filter=worker%3Dnone'), 200);

@@ -4,7 +4,7 @@
 // (compute:write or compute:connect), its startup script's environment values only to compute:write
 // (they may hold credentials). Workers act with compute:write and get everything.
 import { randomUUID } from 'node:crypto';
-import { VM_SPEC_KEYS, type ServiceAccount, type VM, type VMStateUpdate } from '../../api/schemas.ts';
+import { localNameOf, VM_SPEC_KEYS, type ServiceAccount, type VM, type VMStateUpdate } from '../../api/schemas.ts';
 import { badRequest, conflict } from '../errors.ts';
 import { VM_DEFAULTS } from '../../api/defaults.ts';
 
@@ -81,9 +81,12 @@ export function newVM(body: VM): VM {
   const spec: Partial<VM> = {};
   // null (a script sent as null) is left out, as Go's clients leave out what they do not set.
   for (const k of VM_SPEC_KEYS) if (body[k] !== undefined && body[k] !== null) (spec as Record<string, unknown>)[k] = body[k];
+  const uid = randomUUID();
+  // The VM's name on its worker, known from the start as upstream's (localName, and its deprecated tartName).
+  const localName = localNameOf({ name: body.name, uid, restart_count: 0 });
   return {
     name: body.name,
-    uid: randomUUID(),
+    uid,
     createdAt: new Date().toISOString(),
     generation: 0,
     os: 'darwin',
@@ -103,6 +106,8 @@ export function newVM(body: VM): VM {
     status_message: 'waiting to be scheduled',
     restart_count: 0,
     conditions: [],
+    localName,
+    tartName: localName,
   };
 }
 
