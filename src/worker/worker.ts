@@ -652,12 +652,17 @@ export class OrchardWorker {
     const { localName } = task;
     const signal = task.abort.signal;
     this.event(task, 'startup-script', 'running the startup script');
+    // The script's output as upstream's workers give it: one `log_line` event per line (what upstream's
+    // `orchard logs vm` shows), sent in batches every 0.5 s; a line still open goes out at the end.
     let buffered = '';
-    const flush = () => {
-      if (!buffered) return;
-      const payload = buffered;
-      buffered = '';
-      this.event(task, 'startup-script-output', payload);
+    const flush = (all = false) => {
+      const end = all ? buffered.length : buffered.lastIndexOf('\n') + 1;
+      if (end === 0) return;
+      const text = buffered.slice(0, end);
+      buffered = buffered.slice(end);
+      const now = Math.floor(Date.now() / 1000);
+      const lines = text.replace(/\r?\n$/, '').split(/\r?\n/);
+      this.send(task, { events: lines.map((payload) => ({ kind: 'log_line', timestamp: now, payload })) });
     };
     const timer = setInterval(flush, 500);
     try {
@@ -670,11 +675,11 @@ export class OrchardWorker {
         signal,
       });
       clearInterval(timer);
-      flush();
+      flush(true);
       this.event(task, 'startup-script', result.signal ? `startup script killed by signal ${result.signal}` : `startup script exited with code ${result.exitCode}`);
     } catch (err) {
       clearInterval(timer);
-      flush();
+      flush(true);
       this.event(task, 'startup-script', `startup script could not run: ${(err as Error).message}`);
     }
   }
