@@ -14,7 +14,9 @@ const program = new Command('orchard')
   .description('Orchard: run virtual machines on a cluster of hosts (QEMU on Linux, Tart on macOS)')
   .version(VERSION)
   .showHelpAfterError()
-  .exitOverride();
+  .exitOverride()
+  // Needed for any command's positional options (`orchard controller --data-dir DIR run`): the program has only --version and --help.
+  .enablePositionalOptions();
 
 registerControllerCommands(program);
 registerContextCommands(program);

@@ -35,7 +35,12 @@ async function bootstrapAdmin(ctl: RunningController, fromEnvironment: boolean) 
 export function registerControllerCommands(program: Command) {
   const defaultDataDir = join(homedir(), '.orchard', 'controller');
   // --data-dir also before `run`, as upstream's (a flag of `orchard controller`): orchard controller --data-dir DIR run
-  const controller = program.command('controller').description('run the controller').option('--data-dir <dir>', `where the database, certificate and key live (default ${defaultDataDir})`);
+  // Positional: a --data-dir after the subcommand is the subcommand's (each has its own), one before it is this one's.
+  const controller = program
+    .command('controller')
+    .description('run the controller')
+    .enablePositionalOptions()
+    .option('--data-dir <dir>', `where the database, certificate and key live (default ${defaultDataDir})`);
   controller
     .command('run')
     .description('run the controller: the API, the embedded database and the scheduler')
