@@ -33,18 +33,17 @@ async function bootstrapAdmin(ctl: RunningController, fromEnvironment: boolean) 
 }
 
 export function registerControllerCommands(program: Command) {
-  const defaultDataDir = join(homedir(), '.orchard', 'controller');
   // --data-dir also before `run`, as upstream's (a flag of `orchard controller`): orchard controller --data-dir DIR run
   // Positional: a --data-dir after the subcommand is the subcommand's (each has its own), one before it is this one's.
   const controller = program
     .command('controller')
     .description('run the controller')
     .enablePositionalOptions()
-    .option('--data-dir <dir>', `where the database, certificate and key live (default ${defaultDataDir})`);
+    .option('--data-dir <dir>', `where the database, certificate and key live (default ${defaultDataDir()})`);
   controller
     .command('run')
     .description('run the controller: the API, the embedded database and the scheduler')
-    .option('--data-dir <dir>', `where the database, certificate and key live (default ${defaultDataDir})`)
+    .option('--data-dir <dir>', `where the database, certificate and key live (default ${defaultDataDir()})`)
     .option('-l, --listen <address>', 'address to listen on (HOST:PORT or :PORT; default :$PORT, else :6120, as upstream)', `:${process.env.PORT || 6120}`)
     .option('--api-prefix <path>', 'serve the whole API under this path (e.g. /orchard), for a controller behind a proxy shared with other services; contexts then use https://HOST:PORT/orchard')
     .option('--debug', 'debug log level (same as ORCHARD_LOG_LEVEL=debug)')
@@ -83,7 +82,7 @@ export function registerControllerCommands(program: Command) {
       insecureSshNoClientAuth?: boolean;
       experimentalRpcV2: boolean;
     }) => {
-      opts.dataDir ??= (controller.opts() as { dataDir?: string }).dataDir ?? defaultDataDir;
+      opts.dataDir ??= (controller.opts() as { dataDir?: string }).dataDir ?? defaultDataDir();
       if (opts.insecureSshNoClientAuth) throw new UsageError('--insecure-ssh-no-client-auth is not supported: the SSH jump host always authenticates (user = service account, password = its token)');
       // Commander's --no-experimental-rpc-v2 sets experimentalRpcV2 to false; the hidden --experimental-rpc-v2 leaves it true.
       if (opts.experimentalRpcV2 === false) throw new UsageError('--no-experimental-rpc-v2 is not supported: the controller serves only the v2 worker protocol (the gRPC v1 one is not served)');
