@@ -8,6 +8,7 @@ import { spawn } from 'node:child_process';
 import { chmodSync, existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { encodeBootstrapToken } from '../../src/api/bootstrap-token.ts';
+import { HOST_KEY_FILE, loadHostKey } from '../../src/controller/ssh-jump.ts';
 import { ADMIN_TOKEN, clientOf, inProcessController, ORCHARD_BIN, rawRequest, runCLI, spawnController, tempDir, waitFor } from '../helpers.ts';
 
 test('get vm|worker|service-account NAME/FIELD, Go boolean forms, --host-dir-policies adds', async () => {
@@ -129,9 +130,12 @@ test('controller run --api-prefix serves the whole API (REST and WebSockets) und
   }
 });
 
-test('controller --data-dir DIR run --debug: the data dir given before run (as upstream), debug log level', async () => {
+test('controller --data-dir DIR run --debug --ssh-host-key FILE: the data dir given before run (as upstream), debug log level, the jump host key from the file', async () => {
   const dataDir = tempDir();
-  const proc = spawn(ORCHARD_BIN, ['controller', '--data-dir', dataDir, 'run', '--listen', '127.0.0.1:0', '--debug'], {
+  // A host key made elsewhere (another data dir), given as a file.
+  const keyDir = tempDir();
+  const key = loadHostKey(keyDir);
+  const proc = spawn(ORCHARD_BIN, ['controller', '--data-dir', dataDir, 'run', '--listen', '127.0.0.1:0', '--debug', '--listen-ssh', '127.0.0.1:0', '--ssh-host-key', join(keyDir, HOST_KEY_FILE)], {
     env: { ...process.env, ORCHARD_BOOTSTRAP_ADMIN_TOKEN: ADMIN_TOKEN, ORCHARD_LOG_LEVEL: 'warn', ORCHARD_HOME: tempDir() },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -143,6 +147,9 @@ test('controller --data-dir DIR run --debug: the data dir given before run (as u
     const lines = out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as { level: number; msg: string });
     assert.ok(lines.some((l) => l.level === 20 && l.msg === 'starting the controller'), out);
     assert.ok(existsSync(join(dataDir, 'controller.crt')), 'the data dir given before run is used');
+    await waitFor('the jump host', () => /SSH jump host on/.test(out) || undefined, 10_000);
+    assert.ok(out.includes(`host key ${key.fingerprint}`), `the jump host uses the key from --ssh-host-key (${key.fingerprint}): ${out}`);
+    assert.ok(!existsSync(join(dataDir, HOST_KEY_FILE)), 'none is made in the data dir');
   } finally {
     proc.kill('SIGTERM');
     await new Promise((r) => proc.once('exit', r));
