@@ -108,6 +108,7 @@ const Event = obj({ kind: str(), payload: str(), timestamp: int() });
  * As the description declares it: an object (with an `items` keyword, which only arrays use). Upstream's
  * controller answers a JSON array (internal/controller/api_vms.go, listVMEvents: `page.Items`, a
  * []v1.Event) and its client decodes one (pkg/client/vms.go, `[]v1.Event`): see EVENTS_AS_UPSTREAM_SERVES_THEM.
+ * (Ajv in strict mode refuses to compile it as declared: `items` without `type: 'array'`.)
  */
 const Events: Schema = { type: 'object', items: Event };
 
