@@ -24,7 +24,7 @@ test('quick start: controller run, context create, create/list/get/delete vm, se
     assert.match(await cli('context', 'list'), /^local\s+https:\/\/127\.0\.0\.1:\d+\s+bootstrap-admin\s+\*\s+yes$/m);
 
     await cli('create', 'vm', 'ci-1', '--image', 'ghcr.io/cirruslabs/macos-sequoia-base:latest', '--cpu', '4', '--memory', '8192', '--label', 'model=m2');
-    assert.match(await cli('list', 'vms'), /^ci-1\s+ghcr\.io\/cirruslabs\/macos-sequoia-base:latest\s+4\s+8192\s+pending\s+-\s+model=m2\s+\d+s$/m);
+    assert.match(await cli('list', 'vms'), /^ci-1\s+ghcr\.io\/cirruslabs\/macos-sequoia-base:latest\s+4\s+8192\s+pending \(waiting for a worker\)\s+-\s+model=m2\s+\d+s$/m);
     const vm = JSON.parse(await cli('get', 'vm', 'ci-1', '--output', 'json')) as VM;
     assert.equal(vm.name, 'ci-1');
     assert.deepEqual(vm.labels, { model: 'm2' });
