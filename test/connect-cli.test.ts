@@ -83,7 +83,7 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
         const ctx = await runCLI(['context', 'create', q.ctl.url, '--name', 't', '--service-account-name', 'bootstrap-admin', '--service-account-token', ADMIN_TOKEN, '--yes'], env);
         assert.equal(ctx.code, 0, ctx.stderr);
         await q.admin.createServiceAccount({ name: 'reader', roles: ['compute:read'], token: 'reader-token' });
-        const r = await runCLI(['context', 'create', q.ctl.url, '--name', 'reader', '--service-account-name', 'reader', '--service-account-token', 'reader-token', '--yes'], env);
+        const r = await runCLI(['context', 'create', q.ctl.url, '--name', 'reader', '--service-account-name', 'reader', '--service-account-token', 'reader-token', '--yes', '--no-default'], env);
         assert.equal(r.code, 0, r.stderr);
       })(),
     ]);
