@@ -10,10 +10,9 @@ import type { AddressInfo } from 'node:net';
 import { Duplex, Readable } from 'node:stream';
 import { WebSocket, WebSocketServer } from 'ws';
 import { ApiError, type ExecOptions, type OrchardClient } from '../src/client/client.ts';
-import { ExecSession, execLimits, setExecLimits, type ExecSpec } from '../src/controller/exec.ts';
+import { ExecSession, type ExecLimits } from '../src/controller/connect/exec/session.ts';
+import type { ExecSpec } from '../src/controller/connect/exec/query.ts';
 import { clientOf, qemuCluster, waitFor } from './helpers.ts';
-
-const DEFAULT_LIMITS = execLimits();
 
 interface Frame {
   type: string;
@@ -141,7 +140,7 @@ class FakeChannel extends Duplex {
 
 const SPEC: ExecSpec = { command: 'x', interactive: false, tty: false, rows: 24, cols: 80, env: {}, workdir: '' };
 
-function fakeSession(id?: string) {
+function fakeSession(id?: string, limits?: ExecLimits) {
   const channel = new FakeChannel();
   const state = { disconnected: 0, ended: 0 };
   const session = new ExecSession({
@@ -153,6 +152,7 @@ function fakeSession(id?: string) {
     channel,
     disconnect: () => state.disconnected++,
     onEnd: () => state.ended++,
+    limits,
   });
   return { channel, session, state };
 }
@@ -180,55 +180,47 @@ async function wsPair() {
 describe('exec sessions (stand-in SSH channel)', () => {
   let sockets: Awaited<ReturnType<typeof wsPair>>;
   before(async () => (sockets = await wsPair()));
-  after(() => {
-    setExecLimits(DEFAULT_LIMITS);
-    sockets.close();
-  });
+  after(() => sockets.close());
 
   test('history cap drops the oldest frames; history below them says output was lost, then replays the rest; ack drops history', async () => {
-    setExecLimits({ historyBytes: 2000 });
-    try {
-      const { channel, session, state } = fakeSession('s1');
-      for (let i = 1; i <= 50; i++) await channel.out(`line ${String(i).padStart(2, '0')} ${'x'.repeat(90)}\n`);
-      await waitFor('50 frames recorded', () => session.stats().last === 50, 5000, 5);
-      const kept = session.stats();
-      assert.ok(kept.keptBytes <= 2000, `history stays under the cap (${kept.keptBytes})`);
-      assert.ok(kept.firstKept > 40 && kept.firstKept < 50, `the oldest frames went (first kept: ${kept.firstKept})`);
+    const { channel, session, state } = fakeSession('s1', { historyBytes: 2000, retentionMs: 600_000 });
+    for (let i = 1; i <= 50; i++) await channel.out(`line ${String(i).padStart(2, '0')} ${'x'.repeat(90)}\n`);
+    await waitFor('50 frames recorded', () => session.stats().last === 50, 5000, 5);
+    const kept = session.stats();
+    assert.ok(kept.keptBytes <= 2000, `history stays under the cap (${kept.keptBytes})`);
+    assert.ok(kept.firstKept > 40 && kept.firstKept < 50, `the oldest frames went (first kept: ${kept.firstKept})`);
 
-      const [ws, c] = await sockets.pair();
-      session.attach(ws, false);
-      await new Promise((r) => setTimeout(r, 100));
-      assert.equal(c.frames.length, 0, 'a reconnection gets nothing before it asks for history');
-      c.send({ type: 'history', watermark: 3 });
-      await c.until('no_more_history', () => c.frames.some((f) => f.type === 'no_more_history'));
-      assert.equal(c.frames[0].type, 'error');
-      assert.match(c.frames[0].error!, new RegExp(`output was lost: frames 4 to ${kept.firstKept - 1}`));
-      const replayed = c.frames.slice(1, -1);
-      assert.deepEqual(replayed.map((f) => f.watermark), Array.from({ length: 51 - kept.firstKept }, (_, i) => kept.firstKept + i));
-      assert.equal(c.text('stdout', replayed).split('\n')[0].slice(0, 7), `line ${kept.firstKept}`);
-      assert.deepEqual(c.frames.at(-1), { type: 'no_more_history', watermark: 50 });
+    const [ws, c] = await sockets.pair();
+    session.attach(ws, false);
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(c.frames.length, 0, 'a reconnection gets nothing before it asks for history');
+    c.send({ type: 'history', watermark: 3 });
+    await c.until('no_more_history', () => c.frames.some((f) => f.type === 'no_more_history'));
+    assert.equal(c.frames[0].type, 'error');
+    assert.match(c.frames[0].error!, new RegExp(`output was lost: frames 4 to ${kept.firstKept - 1}`));
+    const replayed = c.frames.slice(1, -1);
+    assert.deepEqual(replayed.map((f) => f.watermark), Array.from({ length: 51 - kept.firstKept }, (_, i) => kept.firstKept + i));
+    assert.equal(c.text('stdout', replayed).split('\n')[0].slice(0, 7), `line ${kept.firstKept}`);
+    assert.deepEqual(c.frames.at(-1), { type: 'no_more_history', watermark: 50 });
 
-      await channel.out('live\n');
-      await c.until('the live frame', () => c.frames.at(-1)?.watermark === 51);
-      assert.equal(c.text('stdout', [c.frames.at(-1)!]), 'live\n');
-      c.send({ type: 'ack', watermark: 51 });
-      await waitFor('the acked history to go', () => session.stats().keptFrames === 0, 5000, 5);
-      // A later history below the acknowledged watermark is no loss: nothing is missing.
-      const [ws2, c2] = await sockets.pair();
-      session.attach(ws2, false);
-      c2.send({ type: 'history', watermark: 10 });
-      await c2.until('no_more_history', () => c2.frames.some((f) => f.type === 'no_more_history'));
-      assert.deepEqual(c2.frames, [{ type: 'no_more_history', watermark: 51 }]);
+    await channel.out('live\n');
+    await c.until('the live frame', () => c.frames.at(-1)?.watermark === 51);
+    assert.equal(c.text('stdout', [c.frames.at(-1)!]), 'live\n');
+    c.send({ type: 'ack', watermark: 51 });
+    await waitFor('the acked history to go', () => session.stats().keptFrames === 0, 5000, 5);
+    // A later history below the acknowledged watermark is no loss: nothing is missing.
+    const [ws2, c2] = await sockets.pair();
+    session.attach(ws2, false);
+    c2.send({ type: 'history', watermark: 10 });
+    await c2.until('no_more_history', () => c2.frames.some((f) => f.type === 'no_more_history'));
+    assert.deepEqual(c2.frames, [{ type: 'no_more_history', watermark: 51 }]);
 
-      channel.finish(0);
-      const [r1, r2] = await Promise.all([c.finished(), c2.finished()]);
-      assert.deepEqual(r1, { code: 0, close: 1000 });
-      assert.deepEqual(r2, { code: 0, close: 1000 });
-      assert.equal(c.exit!.watermark, 52);
-      await waitFor('the session to end once its exit was delivered', () => state.ended === 1 && state.disconnected >= 1, 5000, 5);
-    } finally {
-      setExecLimits(DEFAULT_LIMITS);
-    }
+    channel.finish(0);
+    const [r1, r2] = await Promise.all([c.finished(), c2.finished()]);
+    assert.deepEqual(r1, { code: 0, close: 1000 });
+    assert.deepEqual(r2, { code: 0, close: 1000 });
+    assert.equal(c.exit!.watermark, 52);
+    await waitFor('the session to end once its exit was delivered', () => state.ended === 1 && state.disconnected >= 1, 5000, 5);
   });
 
   test('a watermark beyond the session (a new session under an old id) gets an error and a full replay', async () => {
@@ -297,20 +289,15 @@ describe('exec sessions (stand-in SSH channel)', () => {
   });
 
   test('a session nobody is attached to is killed after the retention TTL', async () => {
-    setExecLimits({ retentionMs: 200 });
-    try {
-      const [ws, c] = await sockets.pair();
-      const { channel, session, state } = fakeSession('s3');
-      session.attach(ws, true);
-      await new Promise((r) => setTimeout(r, 400));
-      assert.deepEqual(channel.signals, [], 'alive while attached');
-      c.send({ type: 'detach' });
-      assert.equal((await c.closed).code, 1000);
-      await waitFor('the TTL to kill it', () => channel.signals.includes('KILL') && state.ended === 1, 5000, 10);
-      assert.equal(session.gone, true);
-    } finally {
-      setExecLimits(DEFAULT_LIMITS);
-    }
+    const [ws, c] = await sockets.pair();
+    const { channel, session, state } = fakeSession('s3', { historyBytes: 4 * 1024 * 1024, retentionMs: 200 });
+    session.attach(ws, true);
+    await new Promise((r) => setTimeout(r, 400));
+    assert.deepEqual(channel.signals, [], 'alive while attached');
+    c.send({ type: 'detach' });
+    assert.equal((await c.closed).code, 1000);
+    await waitFor('the TTL to kill it', () => channel.signals.includes('KILL') && state.ended === 1, 5000, 10);
+    assert.equal(session.gone, true);
   });
 });
 
@@ -331,12 +318,12 @@ describe('exec in a real VM', () => {
 
   before(async () => {
     const t0 = Date.now();
-    q = await qemuCluster();
+    // Detached sessions expire after 3 s here (the TTL test); the other tests reattach well within it.
+    q = await qemuCluster({ limits: { execRetentionMs: 3000 } });
     await q.runningVM(VM_NAME);
     console.log(`# cluster and VM up in ${Date.now() - t0} ms`);
   }, { timeout: 300_000 });
   after(async () => {
-    setExecLimits(DEFAULT_LIMITS);
     await q?.close();
   });
 
@@ -457,23 +444,18 @@ describe('exec in a real VM', () => {
   });
 
   test('a detached session expires after the retention TTL', async () => {
-    setExecLimits({ retentionMs: 3000 });
-    try {
-      const id = `ttl-${Date.now()}`;
-      const c = await exec({ command: 'sleep 1236', session: id });
-      await waitFor('sleep to run', async () => (await processCount('sleep 1236')) === 1, 20_000, 200);
-      c.ws.terminate();
-      await c.closed;
-      const t0 = Date.now();
-      assert.equal(await processCount('sleep 1236'), 1, 'alive within the TTL');
-      assert.ok(Date.now() - t0 < 2500, 'checked well within the TTL');
-      // (Reattaching now would restart the TTL: look only once it is over.)
-      await new Promise((r) => setTimeout(r, t0 + 3500 - Date.now()));
-      await assert.rejects(exec({ session: id }), (err: ApiError) => err.status === 404);
-      await waitFor('sleep to be killed', async () => (await processCount('sleep 1236')) === 0, 10_000, 200);
-    } finally {
-      setExecLimits(DEFAULT_LIMITS);
-    }
+    const id = `ttl-${Date.now()}`;
+    const c = await exec({ command: 'sleep 1236', session: id });
+    await waitFor('sleep to run', async () => (await processCount('sleep 1236')) === 1, 20_000, 200);
+    c.ws.terminate();
+    await c.closed;
+    const t0 = Date.now();
+    assert.equal(await processCount('sleep 1236'), 1, 'alive within the TTL');
+    assert.ok(Date.now() - t0 < 2500, 'checked well within the TTL');
+    // (Reattaching now would restart the TTL: look only once it is over.)
+    await new Promise((r) => setTimeout(r, t0 + 3500 - Date.now()));
+    await assert.rejects(exec({ session: id }), (err: ApiError) => err.status === 404);
+    await waitFor('sleep to be killed', async () => (await processCount('sleep 1236')) === 0, 10_000, 200);
   });
 
   test("a session id is refused to another service account; a different command under a running id is a conflict", async () => {

@@ -182,7 +182,7 @@ export const TEST_IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'or
  * An in-process controller and an in-process worker with the real QEMU driver, the debian-dev image
  * built (or cached), and a helper that creates a VM and waits until its guest answers SSH.
  */
-export async function qemuCluster(opts: { workerName?: string; listenSSH?: string } = {}) {
+export async function qemuCluster(opts: { workerName?: string; listenSSH?: string; limits?: Partial<Limits> } = {}) {
   const [{ buildDebianDev }, { QemuDriver }, { startWorker }, fs] = await Promise.all([
     import('../src/worker/images.ts'),
     import('../src/worker/drivers/qemu.ts'),
@@ -190,7 +190,7 @@ export async function qemuCluster(opts: { workerName?: string; listenSSH?: strin
     import('node:fs'),
   ]);
   await buildDebianDev(TEST_IMAGES);
-  const c = await inProcessController({ listenSSH: opts.listenSSH });
+  const c = await inProcessController({ listenSSH: opts.listenSSH, limits: opts.limits });
   const workerDir = tempDir('orchard-worker-');
   fs.symlinkSync(TEST_IMAGES, join(workerDir, 'images'));
   const driver = new QemuDriver({ dataDir: workerDir, imagesDir: TEST_IMAGES });

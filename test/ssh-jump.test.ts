@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { pino } from 'pino';
 import ssh2 from 'ssh2';
 import { startController } from '../src/controller/controller.ts';
-import { HOST_KEY_FILE } from '../src/controller/ssh-jump.ts';
+import { HOST_KEY_FILE } from '../src/controller/connect/ssh-jump.ts';
 import { resolveImage } from '../src/worker/images.ts';
 import { createServer } from 'node:net';
 import { ADMIN_TOKEN, TEST_IMAGES, clientOf, qemuCluster, runCLI, spawnController, tempDir, waitFor } from './helpers.ts';

@@ -20,7 +20,7 @@ import { registerAdminRoutes } from './routes/admin.ts';
 import { WebSocketRoutes, WorkerChannels } from './rpc.ts';
 import { Scheduler } from './scheduler.ts';
 import { ClusterView } from './view.ts';
-import { Tunnels } from './tunnels.ts';
+import { Tunnels } from './connect/tunnels.ts';
 import { registerConnectRoutes } from './routes/connect.ts';
 import { badRequest, notFound } from './errors.ts';
 import { NAME_PATTERN } from '../api/schemas.ts';

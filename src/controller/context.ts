@@ -4,7 +4,7 @@ import type { ClusterView } from './view.ts';
 import type { Metrics } from './metrics.ts';
 import type { WorkerChannels } from './rpc.ts';
 import type { Scheduler } from './scheduler.ts';
-import type { Tunnels } from './tunnels.ts';
+import type { Tunnels } from './connect/tunnels.ts';
 import type { Access } from './access.ts';
 import type { Limits } from './limits.ts';
 

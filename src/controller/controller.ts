@@ -12,7 +12,7 @@ import { randomUUID } from 'node:crypto';
 import { checkBeforeOpen, checkIdentity, checkSchemaVersion, writeClusterFile } from './store/integrity.ts';
 import { SCHEMA_VERSION } from './store/schema.ts';
 import { VERSION } from '../api/version.ts';
-import { startSSHJump, type SSHJumpServer } from './ssh-jump.ts';
+import { startSSHJump, type SSHJumpServer } from './connect/ssh-jump.ts';
 import { limitsOf, type Limits } from './limits.ts';
 import { giveBackMemoryWhenQuiet } from './memory.ts';
 

@@ -24,6 +24,10 @@ export interface Limits {
   controlFrameBytes: number;
   /** A worker whose watch connection leaves this much unread is disconnected (it reconnects and resyncs). */
   workerBufferBytes: number;
+  /** Output an exec session keeps for replay (its frames, in bytes); the oldest go first. */
+  execHistoryBytes: number;
+  /** How long an exec session with nobody attached lives on (controller run --exec-session-exit-ttl). */
+  execRetentionMs: number;
   /** A connection that has not sent a complete request head within this time is closed. */
   firstRequestTimeoutMs: number;
   /** Time allowed to receive a whole request (head and body). */
@@ -44,6 +48,8 @@ export const DEFAULT_LIMITS: Readonly<Limits> = {
   tunnelFrameBytes: MiB / 4,
   controlFrameBytes: 1 * MiB,
   workerBufferBytes: 64 * MiB,
+  execHistoryBytes: 4 * MiB,
+  execRetentionMs: 10 * 60_000,
   firstRequestTimeoutMs: 30_000,
   requestTimeoutMs: 60_000,
   keepAliveTimeoutMs: 72_000,

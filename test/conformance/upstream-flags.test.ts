@@ -8,7 +8,7 @@ import { spawn } from 'node:child_process';
 import { chmodSync, existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { encodeBootstrapToken } from '../../src/api/bootstrap-token.ts';
-import { HOST_KEY_FILE, loadHostKey } from '../../src/controller/ssh-jump.ts';
+import { HOST_KEY_FILE, loadHostKey } from '../../src/controller/connect/ssh-jump.ts';
 import { ADMIN_TOKEN, clientOf, inProcessController, ORCHARD_BIN, rawRequest, runCLI, spawnController, tempDir, waitFor } from '../helpers.ts';
 
 test('get vm|worker|service-account NAME/FIELD, Go boolean forms, --host-dir-policies adds', async () => {

@@ -94,8 +94,6 @@ export function registerControllerCommands(program: Command) {
       if (opts.debug) process.env.ORCHARD_LOG_LEVEL = 'debug';
       // Loaded on demand: the other commands need none of the server's modules.
       const { startController } = await import('../../controller/controller.ts');
-      const { setExecLimits } = await import('../../controller/exec.ts');
-      setExecLimits({ retentionMs: execTTL });
       let ctl;
       try {
         ctl = await startController({
@@ -111,6 +109,7 @@ export function registerControllerCommands(program: Command) {
           apiPrefix: opts.apiPrefix,
           sshHostKeyFile: opts.sshHostKey,
           pingIntervalMs,
+          limits: { execRetentionMs: execTTL },
         });
       } catch (err) {
         const e = err as Error & { code?: string };

@@ -6,8 +6,9 @@ import { ErrorBody, Name } from '../../api/schemas.ts';
 import type { AppContext } from '../context.ts';
 import { badRequest, notFound } from '../errors.ts';
 import type { WebSocketRoutes } from '../rpc.ts';
-import { ExecSessions, parseExecQuery } from '../exec.ts';
-import { clientGone, splice, type Tunnel, type Tunnels } from '../tunnels.ts';
+import { ExecSessions } from '../connect/exec/registry.ts';
+import { parseExecQuery } from '../connect/exec/query.ts';
+import { clientGone, splice, type Tunnel, type Tunnels } from '../connect/tunnels.ts';
 import type { WebSocket } from 'ws';
 import { accountOf, CONNECT_ROLES as CONNECT } from '../access.ts';
 
@@ -50,7 +51,7 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
   });
 
   // Exec over SSH through the worker tunnel; frames, sessions and limits: see ../exec.ts.
-  const exec = new ExecSessions({ store, tunnels, access: ctx.access, logger: app.log });
+  const exec = new ExecSessions({ store, tunnels, access: ctx.access, logger: app.log, limits: { historyBytes: limits.execHistoryBytes, retentionMs: limits.execRetentionMs } });
   ctx.shutdown.addEventListener('abort', () => exec.close(), { once: true });
   sockets.route('/v1/vms/{name}/exec', CONNECT, { maxPayload: limits.tunnelFrameBytes }, async ({ url, params, account, request, signal }) => {
     const query = parseExecQuery(url);

@@ -14,7 +14,7 @@ import { backup as sqliteBackup, DatabaseSync } from 'node:sqlite';
 import { chmodSync, closeSync, copyFileSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { VERSION } from '../../api/version.ts';
-import { HOST_KEY_FILE } from '../ssh-jump.ts';
+import { HOST_KEY_FILE } from '../connect/ssh-jump.ts';
 import { checkSchemaVersion, readClusterFile, walDamage, writeClusterFile } from './integrity.ts';
 import { fileSchemaVersion, newerError, SCHEMA_VERSION, schemaVersionOf, userVersion } from './schema.ts';
 

@@ -11,10 +11,10 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import ssh2 from 'ssh2';
 import type { AuthContext, Connection, ParsedKey, ServerChannel, TcpipRequestInfo } from 'ssh2';
-import { NAME_PATTERN, type ServiceAccount } from '../api/schemas.ts';
+import { NAME_PATTERN, type ServiceAccount } from '../../api/schemas.ts';
 import type { Tunnel, Tunnels } from './tunnels.ts';
-import { CONNECT_ROLES, hasAnyRole, type Access } from './access.ts';
-import { HttpError } from './errors.ts';
+import { CONNECT_ROLES, hasAnyRole, type Access } from '../access.ts';
+import { HttpError } from '../errors.ts';
 
 export const HOST_KEY_FILE = 'ssh_host_ed25519_key';
 const AUTH_METHODS: ('password' | 'keyboard-interactive')[] = ['password', 'keyboard-interactive'];

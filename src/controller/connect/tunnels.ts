@@ -4,11 +4,11 @@
 import { randomBytes } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { createWebSocketStream, type WebSocket } from 'ws';
-import type { ServiceAccount, VM } from '../api/schemas.ts';
-import type { WorkerChannels } from './rpc.ts';
-import { HttpError } from './errors.ts';
-import type { ClusterView } from './view.ts';
-import { checkActsAs } from './domain/workers.ts';
+import type { ServiceAccount, VM } from '../../api/schemas.ts';
+import type { WorkerChannels } from '../rpc.ts';
+import { HttpError } from '../errors.ts';
+import type { ClusterView } from '../view.ts';
+import { checkActsAs } from '../domain/workers.ts';
 import { relay } from './relay.ts';
 
 /** How long the worker has to dial back. */
