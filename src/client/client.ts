@@ -21,15 +21,9 @@ export interface ClientOptions {
   maxSockets?: number;
 }
 
-export class ApiError extends Error {
-  readonly status: number;
-  constructor(status: number, message: string) {
-    super(message);
-    this.status = status;
-  }
-}
+import { ApiError, CertificateMismatchError } from './errors.ts';
 
-export class CertificateMismatchError extends Error {}
+export { ApiError, CertificateMismatchError };
 
 /** Fetches the certificate a TLS server presents, without trusting it or sending anything. */
 export function probeCertificate(url: string): Promise<{ pem: string; fingerprint: string; trusted: boolean; error?: string }> {

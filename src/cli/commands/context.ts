@@ -1,6 +1,5 @@
 // orchard context create|list|default|delete
 import type { Command } from 'commander';
-import { OrchardClient, probeCertificate } from '../../client/client.ts';
 import { configPath, loadConfig, saveConfig, type Context } from '../../client/config.ts';
 import { confirm, UsageError } from '../common.ts';
 import { decodeBootstrapToken } from '../../api/bootstrap-token.ts';
@@ -35,7 +34,8 @@ export function registerContextCommands(program: Command) {
       }
       if (url.protocol !== 'https:' && url.protocol !== 'http:') throw new UsageError('the controller URL must be https:// (or http:// for --insecure-no-tls controllers)');
       if (!url.port) url.port = '6120';
-      const config = loadConfig();
+      const { OrchardClient, probeCertificate } = await import('../../client/client.ts');
+      const config = await loadConfig();
       if (config.contexts[opts.name] && !opts.force) throw new UsageError(`context "${opts.name}" exists; pass --force to replace it`);
       const ctx: Context = {
         url: url.origin,
@@ -71,7 +71,7 @@ export function registerContextCommands(program: Command) {
       }
       config.contexts[opts.name] = ctx;
       if (!config['default-context'] || Object.keys(config.contexts).length === 1) config['default-context'] = opts.name;
-      saveConfig(config);
+      await saveConfig(config);
       process.stderr.write(`context "${opts.name}" saved to ${configPath()}${config['default-context'] === opts.name ? ' (default)' : ''}\n`);
     });
 
@@ -79,8 +79,8 @@ export function registerContextCommands(program: Command) {
     .command('list')
     .description('list contexts')
     .option('-o, --output <format>', 'table, json or yaml', parseOutput, 'table' as OutputFormat)
-    .action((opts: { output: OutputFormat }) => {
-      const config = loadConfig();
+    .action(async (opts: { output: OutputFormat }) => {
+      const config = await loadConfig();
       const rows = Object.entries(config.contexts).map(([name, c]) => ({
         name,
         url: c.url,
@@ -88,7 +88,7 @@ export function registerContextCommands(program: Command) {
         default: config['default-context'] === name,
         pinnedCertificate: Boolean(c.certificate),
       }));
-      print(opts.output, rows, () =>
+      await print(opts.output, rows, () =>
         table(['NAME', 'URL', 'SERVICE ACCOUNT', 'DEFAULT', 'PINNED CERT'], rows.map((r) => [r.name, r.url, r.serviceAccountName, r.default ? '*' : '', r.pinnedCertificate ? 'yes' : 'no'])),
       );
     });
@@ -97,22 +97,22 @@ export function registerContextCommands(program: Command) {
     .command('default')
     .description('make a context the default')
     .argument('<name>')
-    .action((name: string) => {
-      const config = loadConfig();
+    .action(async (name: string) => {
+      const config = await loadConfig();
       if (!config.contexts[name]) throw new Error(`no context named "${name}"`);
       config['default-context'] = name;
-      saveConfig(config);
+      await saveConfig(config);
     });
 
   context
     .command('delete')
     .description('delete a context')
     .argument('<name>')
-    .action((name: string) => {
-      const config = loadConfig();
+    .action(async (name: string) => {
+      const config = await loadConfig();
       if (!config.contexts[name]) throw new Error(`no context named "${name}"`);
       delete config.contexts[name];
       if (config['default-context'] === name) delete config['default-context'];
-      saveConfig(config);
+      await saveConfig(config);
     });
 }

@@ -3,10 +3,9 @@ import type { Command } from 'commander';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { parseDuration } from '../output.ts';
-import { ROLES } from '../../api/schemas.ts';
+import { ROLES } from '../../api/enums.ts';
 import { loadConfig, saveConfig } from '../../client/config.ts';
 import type { RunningController } from '../../controller/controller.ts';
-import { newToken } from '../../controller/domain/accounts.ts';
 
 /**
  * As upstream's: a fresh controller started without ORCHARD_BOOTSTRAP_ADMIN_TOKEN makes the
@@ -15,6 +14,7 @@ import { newToken } from '../../controller/domain/accounts.ts';
  */
 async function bootstrapAdmin(ctl: RunningController, fromEnvironment: boolean) {
   if (!fromEnvironment && (await ctl.store.list('serviceAccounts')).length === 0) {
+    const { newToken } = await import('../../controller/domain/accounts.ts');
     const token = newToken();
     await ctl.store.create('serviceAccounts', { name: 'bootstrap-admin', token, roles: [...ROLES], createdAt: new Date().toISOString() });
     process.stderr.write(
@@ -25,10 +25,10 @@ async function bootstrapAdmin(ctl: RunningController, fromEnvironment: boolean) 
   }
   const admin = await ctl.store.get('serviceAccounts', 'bootstrap-admin');
   if (!admin?.token) return;
-  const config = loadConfig();
+  const config = await loadConfig();
   config.contexts['bootstrap-context'] = { url: ctl.url, certificate: ctl.certificate, serviceAccountName: admin.name, serviceAccountToken: admin.token };
   config['default-context'] ??= 'bootstrap-context';
-  saveConfig(config);
+  await saveConfig(config);
 }
 
 export function registerControllerCommands(program: Command) {

@@ -2,10 +2,8 @@
 // generated admin token) with nothing to set up: the `dev` context gets the credentials and the
 // pinned certificate. Ctrl-C stops every VM and exits; the next run finds the records again.
 import type { Command } from 'commander';
-import { newToken } from '../../controller/domain/accounts.ts';
 import { existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { pino } from 'pino';
 import { loadConfig, saveConfig } from '../../client/config.ts';
 import { parseInteger } from '../common.ts';
 import type { Driver } from '../../worker/drivers/driver.ts';
@@ -22,6 +20,8 @@ export function registerDevCommand(program: Command) {
     .action(async (opts: { dataDir: string; listen: string; workers: number; synthetic?: boolean }) => {
       const { startController } = await import('../../controller/controller.ts');
       const { startWorker, makeDriver } = await import('../../worker/run.ts');
+      const { newToken } = await import('../../controller/domain/accounts.ts');
+      const { pino } = await import('pino');
       const dataDir = resolve(opts.dataDir);
       const logger = pino({ level: process.env.ORCHARD_LOG_LEVEL ?? 'error' });
       // Our output may have no reader any more (a closed pipe or terminal): that must not stop the stop.
@@ -65,10 +65,10 @@ export function registerDevCommand(program: Command) {
         }
         throw err;
       }
-      const config = loadConfig();
+      const config = await loadConfig();
       config.contexts.dev = { url: ctl.url, certificate: ctl.certificate, serviceAccountName: 'bootstrap-admin', serviceAccountToken: adminToken };
       config['default-context'] = 'dev';
-      saveConfig(config);
+      await saveConfig(config);
 
       const token = { serviceAccountName: 'bootstrap-admin', serviceAccountToken: adminToken, certificate: ctl.certificate };
       const workers: OrchardWorker[] = [];

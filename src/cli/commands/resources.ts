@@ -2,7 +2,8 @@
 // get|set cluster-settings; get bootstrap-token; logs vm.
 import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
-import { ROLES, SCHEDULER_PROFILES, type ClusterSettings, type Role, type ServiceAccount, type VM, type Worker } from '../../api/schemas.ts';
+import type { ClusterSettings, ServiceAccount, VM, Worker } from '../../api/schemas.ts';
+import { ROLES, SCHEDULER_PROFILES, type Role } from '../../api/enums.ts';
 import { encodeBootstrapToken } from '../../api/bootstrap-token.ts';
 import { VM_DEFAULTS } from '../../api/defaults.ts';
 import { resolveContext } from '../../client/config.ts';
@@ -161,14 +162,14 @@ export function registerResourceCommands(program: Command) {
       }
       for (const k of Object.keys(vm) as (keyof VM)[]) if (vm[k] === undefined) delete vm[k];
       const created = await withClient(opts, (c) => c.createVM(vm));
-      print(opts.output, created, () => `VM ${created.name} created (${created.status})\n`);
+      await print(opts.output, created, () => `VM ${created.name} created (${created.status})\n`);
     },
   );
 
   withCommon(list.command('vms').description('list VMs').option('--worker <name>', 'only the VMs of this worker').option('-q, --quiet', 'only the names')).action(
     async (opts: CommonOptions & { worker?: string; quiet?: boolean }) => {
       const vms = await withClient(opts, (c) => c.listVMs(opts.worker));
-      print(opts.output, vms, () => (quiet(opts) ? names(vms) : table(VM_HEADERS, vms.map(vmRow))));
+      await print(opts.output, vms, () => (quiet(opts) ? names(vms) : table(VM_HEADERS, vms.map(vmRow))));
     },
   );
 
@@ -182,11 +183,11 @@ export function registerResourceCommands(program: Command) {
   ).action(async (name: string, opts: CommonOptions & { ip?: boolean; wait: number }) => {
     if (opts.ip) {
       const ip = await withClient(opts, (c) => c.vmIP(name, opts.wait));
-      print(opts.output, { ip }, () => ip + '\n');
+      await print(opts.output, { ip }, () => ip + '\n');
       return;
     }
     const vm = await withClient(opts, (c) => c.getVM(name));
-    print(opts.output, vm, () => vmDetails(vm));
+    await print(opts.output, vm, () => vmDetails(vm));
   });
 
   withCommon(del.command('vm').description('delete a VM (its worker stops it and removes its disk)').argument('<name>'), false).action(
@@ -222,7 +223,7 @@ export function registerResourceCommands(program: Command) {
       } while (cursor && (opts.limit === undefined || all.length < opts.limit));
       return all;
     });
-    print(opts.output, events, () =>
+    await print(opts.output, events, () =>
       events.map((e) => `${new Date((e.timestamp ?? 0) * 1000).toISOString()} ${e.kind ?? ''}: ${(e.payload ?? '').replace(/\n$/, '')}`).join('\n') + (events.length ? '\n' : ''),
     );
   });
@@ -230,11 +231,11 @@ export function registerResourceCommands(program: Command) {
   // ---- workers ----
   withCommon(list.command('workers').description('list workers').option('-q, --quiet', 'only the names')).action(async (opts: CommonOptions & { quiet?: boolean }) => {
     const workers = await withClient(opts, (c) => c.listWorkers());
-    print(opts.output, workers, () => (quiet(opts) ? names(workers) : table(WORKER_HEADERS, workers.map(workerRow))));
+    await print(opts.output, workers, () => (quiet(opts) ? names(workers) : table(WORKER_HEADERS, workers.map(workerRow))));
   });
   withCommon(get.command('worker').description('show a worker').argument('<name>')).action(async (name: string, opts: CommonOptions) => {
     const w = await withClient(opts, (c) => c.getWorker(name));
-    print(opts.output, w, () => table(WORKER_HEADERS, [workerRow(w)]));
+    await print(opts.output, w, () => table(WORKER_HEADERS, [workerRow(w)]));
   });
   withCommon(del.command('worker').description('delete a worker').argument('<name>'), false).action(async (name: string, opts: CommonOptions) => {
     await withClient(opts, (c) => c.deleteWorker(name));
@@ -273,7 +274,7 @@ export function registerResourceCommands(program: Command) {
     async (opts: CommonOptions) => {
       const workers = await withClient(opts, (c) => c.listWorkers());
       const orphans = workers.flatMap((w) => (w.orphans ?? []).map((o) => ({ worker: w.name, ...o })));
-      print(opts.output, orphans, () =>
+      await print(opts.output, orphans, () =>
         table(['WORKER', 'LOCAL NAME', 'VM', 'IMAGE', 'RUNNING', 'SINCE'], orphans.map((o) => [o.worker, o.localName, o.name, o.image, o.running === undefined ? '' : o.running ? 'yes' : 'no', age(o.since)])),
       );
     },
@@ -308,15 +309,15 @@ export function registerResourceCommands(program: Command) {
       .option('--token <token>', 'use this token instead of a generated one'),
   ).action(async (name: string, opts: CommonOptions & { roles: string[]; token?: string }) => {
     const sa = await withClient(opts, (c) => c.createServiceAccount({ name, roles: parseRoles(opts.roles), token: opts.token }));
-    print(opts.output, sa, () => `service account ${sa.name} created with roles ${sa.roles.join(', ') || '(none)'}\n`);
+    await print(opts.output, sa, () => `service account ${sa.name} created with roles ${sa.roles.join(', ') || '(none)'}\n`);
   });
   withCommon(list.command('service-accounts').description('list service accounts').option('-q, --quiet', 'only the names')).action(async (opts: CommonOptions & { quiet?: boolean }) => {
     const sas = await withClient(opts, (c) => c.listServiceAccounts());
-    print(opts.output, sas, () => (quiet(opts) ? names(sas) : table(['NAME', 'ROLES', 'AGE'], sas.map(saRow))));
+    await print(opts.output, sas, () => (quiet(opts) ? names(sas) : table(['NAME', 'ROLES', 'AGE'], sas.map(saRow))));
   });
   withCommon(get.command('service-account').description('show a service account').argument('<name>')).action(async (name: string, opts: CommonOptions) => {
     const sa = await withClient(opts, (c) => c.getServiceAccount(name));
-    print(opts.output, sa, () => table(['NAME', 'ROLES', 'AGE'], [saRow(sa)]));
+    await print(opts.output, sa, () => table(['NAME', 'ROLES', 'AGE'], [saRow(sa)]));
   });
   withCommon(del.command('service-account').description('delete a service account').argument('<name>'), false).action(
     async (name: string, opts: CommonOptions) => {
@@ -332,7 +333,7 @@ export function registerResourceCommands(program: Command) {
       .argument('<service-account>'),
     false,
   ).action(async (name: string, opts: CommonOptions) => {
-    const { context } = resolveContext(opts.context);
+    const { context } = await resolveContext(opts.context);
     const sa = await withClient(opts, (c) => c.getServiceAccount(name));
     if (!sa.token) throw new Error(`service account "${name}" has no token`);
     process.stdout.write(encodeBootstrapToken({ serviceAccountName: sa.name, serviceAccountToken: sa.token, certificate: context.certificate }) + '\n');
@@ -341,7 +342,7 @@ export function registerResourceCommands(program: Command) {
   // ---- cluster settings ----
   withCommon(get.command('cluster-settings').description('show the cluster settings')).action(async (opts: CommonOptions) => {
     const s = await withClient(opts, (c) => c.getClusterSettings());
-    print(opts.output, s, () =>
+    await print(opts.output, s, () =>
       details([
         ['scheduler profile', s.schedulerProfile],
         ['host dir policies', (s.hostDirPolicies ?? []).map((p) => `${p.pathPrefix}${p.ro ? ' (ro)' : ''}`).join(', ')],
@@ -361,6 +362,6 @@ export function registerResourceCommands(program: Command) {
     if (!Object.keys(change).length) throw new UsageError('nothing to change: pass --scheduler-profile or --host-dir-policy');
     // PUT replaces the settings (as upstream's): send the current ones with the change.
     const s = await withClient(opts, async (c) => c.setClusterSettings({ ...(await c.getClusterSettings()), ...change }));
-    print(opts.output, s, () => 'cluster settings updated\n');
+    await print(opts.output, s, () => 'cluster settings updated\n');
   });
 }

@@ -123,6 +123,6 @@ export function registerWorkerCommands(program: Command) {
     .action(async (opts: { dataDir: string; output: OutputFormat }) => {
       const { listImages } = await import('../../worker/images.ts');
       const images = await listImages(join(opts.dataDir, 'images'));
-      print(opts.output, images, () => table(['NAME', 'KIND', 'SIZE', 'CREATED'], images.map((i) => [i.name, i.kind, `${(i.size / 1024 / 1024).toFixed(1)} MiB`, i.created])));
+      await print(opts.output, images, () => table(['NAME', 'KIND', 'SIZE', 'CREATED'], images.map((i) => [i.name, i.kind, `${(i.size / 1024 / 1024).toFixed(1)} MiB`, i.created])));
     });
 }

@@ -1,0 +1,164 @@
+// npm run build [-- --host-only]: Orchard as one executable file per platform, with nothing else to
+// install (Node's single executable applications, SEA):
+//   1. esbuild bundles src/cli/main.ts and every dependency into one CommonJS script, with
+//      src/build/single-executable.ts in place of src/build/source-tree.ts (version and commit fixed
+//      now, asset files read from inside the executable);
+//   2. the pinned Node (node_modules/node) makes a SEA preparation blob of it and the asset files;
+//   3. postject injects the blob into a copy of the Node binary of each platform, at exactly the
+//      pinned version: this host's is node_modules/node's own, other platforms' come from the npm
+//      registry's node-<platform>-<arch> packages (`npm pack`, cached in node_modules/.cache).
+// Writes dist/orchard-linux-x64 and dist/orchard-linux-arm64 (--host-only: this host's only, no
+// download) and dist/orchard.blob, the blob without code cache for other platforms (README: macOS).
+// Only this host's executable carries V8's code cache: a code cache is specific to the CPU it was
+// made for.
+import { execFileSync } from 'node:child_process';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { join, relative, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import * as esbuild from 'esbuild';
+import { ASSETS } from '../src/build/assets.ts';
+
+const ROOT = resolve(import.meta.dirname, '..');
+const DIST = join(ROOT, 'dist');
+const WORK = join(DIST, '.build');
+const CACHE = join(ROOT, 'node_modules', '.cache', 'orchard-sea');
+const NODE = join(ROOT, 'node_modules', 'node', 'bin', 'node');
+// From Node's single executable applications documentation (v24): the fuse postject flips.
+const SENTINEL_FUSE = 'NODE_SEA_FUSE_fce680ab2cc467b6e072b8b5df1996b2';
+
+const { values: args } = parseArgs({ options: { 'host-only': { type: 'boolean' }, 'no-code-cache': { type: 'boolean' } } });
+const say = (msg: string) => process.stderr.write(`build: ${msg}\n`);
+const t0 = performance.now();
+const elapsed = () => `${((performance.now() - t0) / 1000).toFixed(1)}s`;
+
+const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string };
+// The exact Node version package-lock.json pins (the `node` package's version is Node's).
+const lock = JSON.parse(readFileSync(join(ROOT, 'package-lock.json'), 'utf8')) as { packages: Record<string, { version?: string }> };
+const nodeVersion = lock.packages['node_modules/node']?.version;
+if (!nodeVersion) throw new Error('package-lock.json pins no version of the "node" package');
+const hostNodeVersion = execFileSync(NODE, ['--version'], { encoding: 'utf8' }).trim();
+if (hostNodeVersion !== `v${nodeVersion}`) throw new Error(`${NODE} is ${hostNodeVersion}, package-lock.json pins ${nodeVersion}: run npm ci`);
+
+function gitCommit(): string {
+  try {
+    const git = (...a: string[]) => execFileSync('git', a, { cwd: ROOT, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+    return git('rev-parse', '--short=12', 'HEAD') + (git('status', '--porcelain', '--untracked-files=no') ? '-dirty' : '');
+  } catch {
+    return 'unknown';
+  }
+}
+const commit = process.env.ORCHARD_COMMIT ?? gitCommit();
+
+interface Target {
+  platform: 'linux' | 'darwin';
+  arch: 'x64' | 'arm64';
+}
+const host: Target = { platform: process.platform as Target['platform'], arch: process.arch as Target['arch'] };
+if (host.platform !== 'linux' || (host.arch !== 'x64' && host.arch !== 'arm64')) throw new Error(`building on ${process.platform}-${process.arch} is not supported (linux-x64, linux-arm64)`);
+const targets: Target[] = args['host-only'] ? [host] : [{ platform: 'linux', arch: 'x64' }, { platform: 'linux', arch: 'arm64' }];
+const same = (a: Target, b: Target) => a.platform === b.platform && a.arch === b.arch;
+
+mkdirSync(WORK, { recursive: true });
+
+// 1. One script.
+const bundle = join(WORK, 'orchard.cjs');
+const result = await esbuild.build({
+  entryPoints: [join(ROOT, 'src', 'cli', 'main.ts')],
+  outfile: bundle,
+  bundle: true,
+  platform: 'node',
+  target: `node${nodeVersion}`,
+  format: 'cjs',
+  // Whitespace and syntax only: names stay, so stack traces (ORCHARD_DEBUG) stay readable.
+  minifyWhitespace: true,
+  minifySyntax: true,
+  legalComments: 'eof',
+  sourcemap: false,
+  define: { ORCHARD_BUILD_VERSION: JSON.stringify(pkg.version), ORCHARD_BUILD_COMMIT: JSON.stringify(commit) },
+  // ssh2's optional native parts (cpu-features, its crypto binding) are loaded in try/catch and not
+  // needed: ssh2 falls back to Node's crypto, as it does in a checkout (package.json allowScripts).
+  external: ['cpu-features', '*.node'],
+  // import.meta is empty in a CommonJS bundle: a use of it would read the wrong file at run time.
+  logOverride: { 'empty-import-meta': 'error' },
+  metafile: true,
+  plugins: [
+    {
+      name: 'single-executable',
+      setup(build) {
+        build.onResolve({ filter: /\/source-tree\.ts$/ }, (a) => ({ path: join(resolve(a.resolveDir, a.path), '..', 'single-executable.ts') }));
+        // commander loads node:child_process (≈ 3 ms of every start) for executable subcommands,
+        // which orchard does not have: load it when first used instead.
+        build.onLoad({ filter: /[\\/]commander[\\/]lib[\\/]command\.js$/ }, (a) => {
+          const eager = "const childProcess = require('node:child_process');";
+          const source = readFileSync(a.path, 'utf8');
+          if (!source.includes(eager)) throw new Error(`${a.path}: commander changed; check how it loads node:child_process`);
+          return { contents: source.replace(eager, "const childProcess = { spawn: (...args) => require('node:child_process').spawn(...args) };"), loader: 'js' };
+        });
+      },
+    },
+  ],
+});
+for (const w of result.warnings) say(`esbuild warning: ${w.text}`);
+const inputs = Object.keys(result.metafile.inputs);
+if (inputs.some((f) => f.endsWith('source-tree.ts'))) throw new Error('source-tree.ts is in the bundle');
+say(`bundled ${inputs.length} modules into ${relative(ROOT, bundle)} (${(statSync(bundle).size / 1e6).toFixed(1)} MB) in ${elapsed()}`);
+
+// 2. The preparation blobs: with code cache for this host (when asked for), without for the others.
+function makeBlob(name: string, useCodeCache: boolean): string {
+  const blob = join(WORK, `${name}.blob`);
+  const config = join(WORK, `${name}.sea-config.json`);
+  writeFileSync(
+    config,
+    JSON.stringify(
+      {
+        main: bundle,
+        output: blob,
+        disableExperimentalSEAWarning: true,
+        useSnapshot: false,
+        useCodeCache,
+        assets: Object.fromEntries(ASSETS.map((a) => [a, join(ROOT, 'src', a)])),
+      },
+      null,
+      2,
+    ),
+  );
+  execFileSync(NODE, ['--experimental-sea-config', config], { stdio: ['ignore', 'ignore', 'inherit'] });
+  return blob;
+}
+const useCodeCache = !args['no-code-cache'];
+const hostBlob = makeBlob('host', useCodeCache);
+const portableBlob = useCodeCache ? makeBlob('portable', false) : hostBlob;
+copyFileSync(portableBlob, join(DIST, 'orchard.blob'));
+say(`SEA blobs made (this host's ${useCodeCache ? 'with' : 'without'} code cache) at ${elapsed()}`);
+
+// 3. Node binaries at the pinned version, and the injection.
+function nodeBinary(t: Target): string {
+  if (same(t, host)) return NODE;
+  const name = `node-${t.platform}-${t.arch}`;
+  const dir = join(CACHE, `${name}-${nodeVersion}`);
+  const binary = join(dir, 'package', 'bin', 'node');
+  if (existsSync(binary)) return binary;
+  mkdirSync(dir, { recursive: true });
+  say(`fetching ${name}@${nodeVersion} from the npm registry (npm pack; cached in ${relative(ROOT, CACHE)})`);
+  const out = execFileSync('npm', ['pack', `${name}@${nodeVersion}`, '--pack-destination', dir, '--json', '--silent'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] });
+  const [{ filename }] = JSON.parse(out) as { filename: string }[];
+  execFileSync('tar', ['-xzf', join(dir, filename), '-C', dir, 'package/bin/node', 'package/package.json']);
+  rmSync(join(dir, filename));
+  return binary;
+}
+
+const { inject } = createRequire(import.meta.url)('postject') as {
+  inject(file: string, resource: string, data: Buffer, opts: { sentinelFuse: string; machoSegmentName?: string; overwrite?: boolean }): Promise<void>;
+};
+for (const t of targets) {
+  const node = nodeBinary(t);
+  const out = join(DIST, `orchard-${t.platform}-${t.arch}`);
+  const tmp = `${out}.tmp`;
+  copyFileSync(node, tmp);
+  chmodSync(tmp, 0o755);
+  await inject(tmp, 'NODE_SEA_BLOB', readFileSync(same(t, host) ? hostBlob : portableBlob), { sentinelFuse: SENTINEL_FUSE });
+  renameSync(tmp, out);
+  say(`${relative(ROOT, out)}: ${(statSync(out).size / 1e6).toFixed(1)} MB (Node ${nodeVersion} ${(statSync(node).size / 1e6).toFixed(1)} MB) at ${elapsed()}`);
+}
+say(`orchard ${pkg.version} (commit ${commit}) built in ${elapsed()}`);
