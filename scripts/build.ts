@@ -64,6 +64,7 @@ mkdirSync(WORK, { recursive: true });
 // 1. One script.
 const bundle = join(WORK, 'orchard.cjs');
 const result = await esbuild.build({
+  absWorkingDir: ROOT,
   entryPoints: [join(ROOT, 'src', 'cli', 'main.ts')],
   outfile: bundle,
   bundle: true,
@@ -102,6 +103,10 @@ const result = await esbuild.build({
 for (const w of result.warnings) say(`esbuild warning: ${w.text}`);
 const inputs = Object.keys(result.metafile.inputs);
 if (inputs.some((f) => f.endsWith('source-tree.ts'))) throw new Error('source-tree.ts is in the bundle');
+// The parts loaded on demand (import()) are in the one script too.
+for (const part of ['controller/controller.ts', 'worker/run.ts', 'worker/drivers/qemu.ts', 'worker/drivers/tart.ts', 'worker/drivers/synthetic.ts', 'worker/images.ts']) {
+  if (!inputs.includes(`src/${part}`)) throw new Error(`src/${part} is not in the bundle`);
+}
 say(`bundled ${inputs.length} modules into ${relative(ROOT, bundle)} (${(statSync(bundle).size / 1e6).toFixed(1)} MB) in ${elapsed()}`);
 
 // 2. The preparation blobs: with code cache for this host (when asked for), without for the others.
@@ -123,13 +128,14 @@ function makeBlob(name: string, useCodeCache: boolean): string {
       2,
     ),
   );
-  execFileSync(NODE, ['--experimental-sea-config', config], { stdio: ['ignore', 'ignore', 'inherit'] });
+  execFileSync(NODE, ['--experimental-sea-config', config], { stdio: 'pipe' });
   return blob;
 }
 const useCodeCache = !args['no-code-cache'];
 const hostBlob = makeBlob('host', useCodeCache);
 const portableBlob = useCodeCache ? makeBlob('portable', false) : hostBlob;
 copyFileSync(portableBlob, join(DIST, 'orchard.blob'));
+chmodSync(join(DIST, 'orchard.blob'), 0o644);
 say(`SEA blobs made (this host's ${useCodeCache ? 'with' : 'without'} code cache) at ${elapsed()}`);
 
 // 3. Node binaries at the pinned version, and the injection.
@@ -148,6 +154,11 @@ function nodeBinary(t: Target): string {
   return binary;
 }
 
+// postject's LIEF prints "warning: Can't find string offset for section name '.note.100'" for Node's
+// binaries, harmless (Node's SEA documentation shows them too): its printer, bound to console.warn
+// when postject loads, skips just those.
+const consoleWarn = console.warn;
+console.warn = (...a: unknown[]) => void (/^warning: Can't find string offset for section name/.test(String(a[0])) || consoleWarn(...a));
 const { inject } = createRequire(import.meta.url)('postject') as {
   inject(file: string, resource: string, data: Buffer, opts: { sentinelFuse: string; machoSegmentName?: string; overwrite?: boolean }): Promise<void>;
 };
