@@ -6,7 +6,7 @@
 //   - worker start to registered (synthetic and qemu runtimes; goal ≤ 0.5 s)
 //   - the size of each executable next to its Node binary (goal ≤ 1.2×)
 //
-//   node bench/executable.ts [--runs 5] [--help-runs 30] [--vms 10000]
+//   node bench/executable.ts [--runs 5] [--help-runs 30] [--vms 10000] [--only help,controller,worker,size]
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
@@ -17,7 +17,8 @@ import { OrchardClient } from '../src/client/client.ts';
 import { closedLoop } from './load-harness.ts';
 import { ADMIN_TOKEN, ORCHARD_BIN, ROOT, tempDir, waitFor } from '../test/helpers.ts';
 
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '5' }, 'help-runs': { type: 'string', default: '30' }, vms: { type: 'string', default: '10000' } } });
+const { values } = parseArgs({ options: { runs: { type: 'string', default: '5' }, 'help-runs': { type: 'string', default: '30' }, vms: { type: 'string', default: '10000' }, only: { type: 'string', default: 'help,controller,worker,size' } } });
+const ONLY = new Set(values.only.split(','));
 const RUNS = Number(values.runs);
 const HELP_RUNS = Number(values['help-runs']);
 const N_VMS = Number(values.vms);
@@ -33,23 +34,25 @@ const version = spawnSync(EXE, ['--version'], { encoding: 'utf8' }).stdout.trim(
 console.log(`single executable benchmark: ${version}, ${EXE}\n`);
 
 // 1. --help: interleaved, so the machine's load hits all three alike.
-const helpCommands: [string, string[]][] = [
-  ['node -e 0 (same Node binary)', [NODE, '-e', '0']],
-  ['orchard --help (executable)', [EXE, '--help']],
-  ['orchard --help (bin/orchard)', [ORCHARD_BIN, '--help']],
-];
-const helpTimes = helpCommands.map(() => [] as number[]);
-for (let i = 0; i < HELP_RUNS + 2; i++) {
-  helpCommands.forEach(([, [cmd, ...args]], j) => {
-    const t0 = performance.now();
-    const r = spawnSync(cmd, args, { stdio: 'ignore' });
-    if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} exited with ${r.status}`);
-    if (i >= 2) helpTimes[j].push(performance.now() - t0); // two warm-up rounds (page cache, compile cache)
-  });
+if (ONLY.has('help')) {
+  const helpCommands: [string, string[]][] = [
+    ['node -e 0 (same Node binary)', [NODE, '-e', '0']],
+    ['orchard --help (executable)', [EXE, '--help']],
+    ['orchard --help (bin/orchard)', [ORCHARD_BIN, '--help']],
+  ];
+  const helpTimes = helpCommands.map(() => [] as number[]);
+  for (let i = 0; i < HELP_RUNS + 2; i++) {
+    helpCommands.forEach(([, [cmd, ...args]], j) => {
+      const t0 = performance.now();
+      const r = spawnSync(cmd, args, { stdio: 'ignore' });
+      if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} exited with ${r.status}`);
+      if (i >= 2) helpTimes[j].push(performance.now() - t0); // two warm-up rounds (page cache, compile cache)
+    });
+  }
+  helpCommands.forEach(([label], j) => console.log(`${label.padEnd(34)} median ${ms(median(helpTimes[j]))}   min ${ms(min(helpTimes[j]))}`));
+  const helpRatio = median(helpTimes[1]) / median(helpTimes[0]);
+  console.log(`ratio executable --help ÷ node -e 0: ${helpRatio.toFixed(2)} (min ÷ min ${(min(helpTimes[1]) / min(helpTimes[0])).toFixed(2)})   bin/orchard ÷ executable: ${(median(helpTimes[2]) / median(helpTimes[1])).toFixed(2)}\n`);
 }
-helpCommands.forEach(([label], j) => console.log(`${label.padEnd(34)} median ${ms(median(helpTimes[j]))}   min ${ms(min(helpTimes[j]))}`));
-const helpRatio = median(helpTimes[1]) / median(helpTimes[0]);
-console.log(`ratio executable --help ÷ node -e 0: ${helpRatio.toFixed(2)} (min ÷ min ${(min(helpTimes[1]) / min(helpTimes[0])).toFixed(2)})   bin/orchard ÷ executable: ${(median(helpTimes[2]) / median(helpTimes[1])).toFixed(2)}\n`);
 
 // 2. Controller start to the first served request.
 interface Started {
@@ -85,80 +88,86 @@ const work = tempDir('orchard-bench-exe-');
 try {
   const emptyDir = join(work, 'empty');
   const fullDir = join(work, 'full');
-  // First starts make the certificates; the full store gets its VMs through the API.
-  await (await startController(EXE, emptyDir)).stop();
-  const filling = await startController(EXE, fullDir);
-  const admin = new OrchardClient({ url: filling.url, certificate: readFileSync(join(fullDir, 'controller.crt'), 'utf8'), serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN });
-  await closedLoop(N_VMS, 16, (i) => admin.createVM({ name: `vm-${i}`, image: 'synthetic', cpu: 1, memory: 512 }));
-  admin.close();
-  await filling.stop();
+  if (ONLY.has('controller')) {
+    // First starts make the certificates; the full store gets its VMs through the API.
+    await (await startController(EXE, emptyDir)).stop();
+    const filling = await startController(EXE, fullDir);
+    const admin = new OrchardClient({ url: filling.url, certificate: readFileSync(join(fullDir, 'controller.crt'), 'utf8'), serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN });
+    await closedLoop(N_VMS, 16, (i) => admin.createVM({ name: `vm-${i}`, image: 'synthetic', cpu: 1, memory: 512 }));
+    admin.close();
+    await filling.stop();
 
-  const starts: Record<string, number[]> = {};
-  for (let i = 0; i < RUNS; i++) {
-    for (const [bin, label] of [[EXE, 'executable'], [ORCHARD_BIN, 'bin/orchard']] as const) {
-      for (const [dir, store] of [[emptyDir, 'empty store'], [fullDir, `${N_VMS} VMs`]] as const) {
-        const s = await startController(bin, dir);
-        await s.stop();
-        (starts[`${label}, ${store}`] ??= []).push(s.ms);
+    const starts: Record<string, number[]> = {};
+    for (let i = 0; i < RUNS; i++) {
+      for (const [bin, label] of [[EXE, 'executable'], [ORCHARD_BIN, 'bin/orchard']] as const) {
+        for (const [dir, store] of [[emptyDir, 'empty store'], [fullDir, `${N_VMS} VMs`]] as const) {
+          const s = await startController(bin, dir);
+          await s.stop();
+          (starts[`${label}, ${store}`] ??= []).push(s.ms);
+        }
       }
     }
+    for (const [label, xs] of Object.entries(starts)) console.log(`controller start → first request, ${label.padEnd(24)} median ${ms(median(xs))}   min ${ms(min(xs))}`);
+    const exeEmpty = median(starts['executable, empty store']);
+    const exeFull = median(starts[`executable, ${N_VMS} VMs`]);
+    console.log(`goals: empty ≤ 300 ms (${met(exeEmpty <= 300)}), ${N_VMS} VMs ≤ 600 ms (${met(exeFull <= 600)})\n`);
   }
-  for (const [label, xs] of Object.entries(starts)) console.log(`controller start → first request, ${label.padEnd(24)} median ${ms(median(xs))}   min ${ms(min(xs))}`);
-  const exeEmpty = median(starts['executable, empty store']);
-  const exeFull = median(starts[`executable, ${N_VMS} VMs`]);
-  console.log(`goals: empty ≤ 300 ms (${met(exeEmpty <= 300)}), ${N_VMS} VMs ≤ 600 ms (${met(exeFull <= 600)})\n`);
 
   // 3. Worker start to registered, against a controller of the executable.
-  const ctl = await startController(EXE, emptyDir);
-  const certificate = readFileSync(join(emptyDir, 'controller.crt'), 'utf8');
-  const client = new OrchardClient({ url: ctl.url, certificate, serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN });
-  const token = encodeBootstrapToken({ serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate });
-  const runtimes = spawnSync('sh', ['-c', 'command -v qemu-system-x86_64 && command -v pasta'], { stdio: 'ignore' }).status === 0 ? ['synthetic', 'qemu'] : ['synthetic'];
-  const registered: Record<string, number[]> = {};
-  let n = 0;
-  for (let i = 0; i < RUNS; i++) {
-    for (const runtime of runtimes) {
-      for (const [bin, label] of [[EXE, 'executable'], [ORCHARD_BIN, 'bin/orchard']] as const) {
-        const name = `bench-worker-${++n}`;
-        const dataDir = join(work, name);
-        mkdirSync(dataDir);
-        const t0 = performance.now();
-        const proc = spawn(bin, ['worker', 'run', ctl.url, '--bootstrap-token-stdin', '--name', name, '--runtime', runtime, '--data-dir', dataDir], {
-          env: { ...process.env, ORCHARD_LOG_LEVEL: 'warn' },
-          stdio: ['pipe', 'ignore', 'ignore'],
-        });
-        proc.stdin!.end(token);
-        await waitFor(`worker ${name} to register`, async () => (await client.listWorkers()).some((w) => w.name === name), 30_000, 2);
-        (registered[`${label}, ${runtime}`] ??= []).push(performance.now() - t0);
-        const exited = new Promise<void>((r) => proc.once('exit', () => r()));
-        proc.kill('SIGTERM');
-        await exited;
-        await client.deleteWorker(name);
+  if (ONLY.has('worker')) {
+    const ctl = await startController(EXE, emptyDir);
+    const certificate = readFileSync(join(emptyDir, 'controller.crt'), 'utf8');
+    const client = new OrchardClient({ url: ctl.url, certificate, serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN });
+    const token = encodeBootstrapToken({ serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate });
+    const runtimes = spawnSync('sh', ['-c', 'command -v qemu-system-x86_64 && command -v pasta'], { stdio: 'ignore' }).status === 0 ? ['synthetic', 'qemu'] : ['synthetic'];
+    const registered: Record<string, number[]> = {};
+    let n = 0;
+    for (let i = 0; i < RUNS; i++) {
+      for (const runtime of runtimes) {
+        for (const [bin, label] of [[EXE, 'executable'], [ORCHARD_BIN, 'bin/orchard']] as const) {
+          const name = `bench-worker-${++n}`;
+          const dataDir = join(work, name);
+          mkdirSync(dataDir);
+          const t0 = performance.now();
+          const proc = spawn(bin, ['worker', 'run', ctl.url, '--bootstrap-token-stdin', '--name', name, '--runtime', runtime, '--data-dir', dataDir], {
+            env: { ...process.env, ORCHARD_LOG_LEVEL: 'warn' },
+            stdio: ['pipe', 'ignore', 'ignore'],
+          });
+          proc.stdin!.end(token);
+          await waitFor(`worker ${name} to register`, async () => (await client.listWorkers()).some((w) => w.name === name), 30_000, 2);
+          (registered[`${label}, ${runtime}`] ??= []).push(performance.now() - t0);
+          const exited = new Promise<void>((r) => proc.once('exit', () => r()));
+          proc.kill('SIGTERM');
+          await exited;
+          await client.deleteWorker(name);
+        }
       }
     }
+    client.close();
+    await ctl.stop();
+    for (const [label, xs] of Object.entries(registered)) console.log(`worker start → registered, ${label.padEnd(24)} median ${ms(median(xs))}   min ${ms(min(xs))}`);
+    const exeWorker = Math.max(...runtimes.map((r) => median(registered[`executable, ${r}`])));
+    console.log(`goal: ≤ 500 ms (${met(exeWorker <= 500)})\n`);
   }
-  client.close();
-  await ctl.stop();
-  for (const [label, xs] of Object.entries(registered)) console.log(`worker start → registered, ${label.padEnd(24)} median ${ms(median(xs))}   min ${ms(min(xs))}`);
-  const exeWorker = Math.max(...runtimes.map((r) => median(registered[`executable, ${r}`])));
-  console.log(`goal: ≤ 500 ms (${met(exeWorker <= 500)})\n`);
 } finally {
   rmSync(work, { recursive: true, force: true });
 }
 
 // 4. Sizes: each executable next to the Node binary it was made from.
-const cache = join(ROOT, 'node_modules', '.cache', 'orchard-sea');
-const nodeVersion = spawnSync(NODE, ['--version'], { encoding: 'utf8' }).stdout.trim().slice(1);
-let worst = 0;
-for (const arch of ['x64', 'arm64']) {
-  const exe = join(ROOT, 'dist', `orchard-linux-${arch}`);
-  const node = arch === process.arch ? NODE : join(cache, `node-linux-${arch}-${nodeVersion}`, 'package', 'bin', 'node');
-  if (!existsSync(exe) || !existsSync(node)) {
-    console.log(`orchard-linux-${arch}: not built (npm run build makes it)`);
-    continue;
+if (ONLY.has('size')) {
+  const cache = join(ROOT, 'node_modules', '.cache', 'orchard-sea');
+  const nodeVersion = spawnSync(NODE, ['--version'], { encoding: 'utf8' }).stdout.trim().slice(1);
+  let worst = 0;
+  for (const arch of ['x64', 'arm64']) {
+    const exe = join(ROOT, 'dist', `orchard-linux-${arch}`);
+    const node = arch === process.arch ? NODE : join(cache, `node-linux-${arch}-${nodeVersion}`, 'package', 'bin', 'node');
+    if (!existsSync(exe) || !existsSync(node)) {
+      console.log(`orchard-linux-${arch}: not built (npm run build makes it)`);
+      continue;
+    }
+    const ratio = statSync(exe).size / statSync(node).size;
+    worst = Math.max(worst, ratio);
+    console.log(`orchard-linux-${arch}`.padEnd(22) + `${(statSync(exe).size / 1e6).toFixed(1)} MB, its Node binary ${(statSync(node).size / 1e6).toFixed(1)} MB: ${ratio.toFixed(3)}×`);
   }
-  const ratio = statSync(exe).size / statSync(node).size;
-  worst = Math.max(worst, ratio);
-  console.log(`orchard-linux-${arch}`.padEnd(22) + `${(statSync(exe).size / 1e6).toFixed(1)} MB, its Node binary ${(statSync(node).size / 1e6).toFixed(1)} MB: ${ratio.toFixed(3)}×`);
+  console.log(`goal: ≤ 1.2× (${met(worst <= 1.2)}); the script with its assets adds ${(statSync(join(ROOT, 'dist', 'orchard.blob')).size / 1e6).toFixed(1)} MB (without code cache)`);
 }
-console.log(`goal: ≤ 1.2× (${met(worst <= 1.2)}); the script with its assets adds ${(statSync(join(ROOT, 'dist', 'orchard.blob')).size / 1e6).toFixed(1)} MB (without code cache)`);

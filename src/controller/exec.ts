@@ -47,7 +47,6 @@ import { randomUUID } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
 import { constants as osConstants } from 'node:os';
 import type { Duplex, Readable } from 'node:stream';
-import { Client } from 'ssh2';
 import type { RawData, WebSocket } from 'ws';
 import type { ServiceAccount, VM } from '../api/schemas.ts';
 import { CONNECT_ROLES, type Access } from './access.ts';
@@ -792,6 +791,8 @@ export class ExecSessions {
   }
 
   private async startOnce(vm: VM, account: ServiceAccount, spec: ExecSpec, id?: string): Promise<ExecSession> {
+    // ssh2 is loaded with the first exec, not with every controller.
+    const { Client } = await import('ssh2');
     const tunnel: Tunnel = await this.tunnels.open(vm.worker!, 22, vm);
     const conn = new Client();
     const marker = randomUUID();
