@@ -1,12 +1,13 @@
 // The single executable's figures, in one run (after `npm run build`):
 //   - `orchard --help` wall time: the executable, the bare start of the same Node binary
 //     (`node -e 0`), and the checkout's bin/orchard; interleaved runs, medians (goal: ≤ 1.5× node)
+//   - a client command's wall time (`orchard list vms`, one VM, against a controller of the executable)
 //   - controller start to the first served request (GET /v1/vms, authenticated), empty store and
 //     10,000 VMs stored (goals: ≤ 0.3 s, ≤ 0.6 s), the executable and bin/orchard alternating
 //   - worker start to registered (synthetic and qemu runtimes; goal ≤ 0.5 s)
 //   - the size of each executable next to its Node binary (goal ≤ 1.2×)
 //
-//   node bench/executable.ts [--runs 5] [--help-runs 30] [--vms 10000] [--only help,controller,worker,size]
+//   node bench/executable.ts [--runs 5] [--help-runs 30] [--vms 10000] [--only help,client,controller,worker,size]
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
@@ -17,7 +18,7 @@ import { OrchardClient } from '../src/client/client.ts';
 import { closedLoop } from './load-harness.ts';
 import { ADMIN_TOKEN, ORCHARD_BIN, ROOT, tempDir, waitFor } from '../test/helpers.ts';
 
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '5' }, 'help-runs': { type: 'string', default: '30' }, vms: { type: 'string', default: '10000' }, only: { type: 'string', default: 'help,controller,worker,size' } } });
+const { values } = parseArgs({ options: { runs: { type: 'string', default: '5' }, 'help-runs': { type: 'string', default: '30' }, vms: { type: 'string', default: '10000' }, only: { type: 'string', default: 'help,client,controller,worker,size' } } });
 const ONLY = new Set(values.only.split(','));
 const RUNS = Number(values.runs);
 const HELP_RUNS = Number(values['help-runs']);
@@ -111,6 +112,34 @@ try {
     const exeEmpty = median(starts['executable, empty store']);
     const exeFull = median(starts[`executable, ${N_VMS} VMs`]);
     console.log(`goals: empty ≤ 300 ms (${met(exeEmpty <= 300)}), ${N_VMS} VMs ≤ 600 ms (${met(exeFull <= 600)})\n`);
+  }
+
+  // A client command: the CLI and the API client (the executable's second script) against a controller.
+  if (ONLY.has('client')) {
+    const ctl = await startController(EXE, emptyDir);
+    const env = { ...process.env, ORCHARD_HOME: join(work, 'client-home') };
+    const ok = (cmd: string, args: string[]) => {
+      const r = spawnSync(cmd, args, { env, stdio: ['ignore', 'ignore', 'pipe'], encoding: 'utf8' });
+      if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
+    };
+    ok(EXE, ['context', 'create', ctl.url, '--name', 'bench', '--service-account-name', 'bootstrap-admin', '--service-account-token', ADMIN_TOKEN, '--yes']);
+    ok(EXE, ['create', 'vm', 'bench-vm', '--image', 'synthetic']);
+    const commands: [string, string, string[]][] = [
+      ['node -e 0 (same Node binary)', NODE, ['-e', '0']],
+      ['orchard list vms (executable)', EXE, ['list', 'vms']],
+      ['orchard list vms (bin/orchard)', ORCHARD_BIN, ['list', 'vms']],
+    ];
+    const times = commands.map(() => [] as number[]);
+    for (let i = 0; i < HELP_RUNS + 2; i++) {
+      commands.forEach(([, cmd, args], j) => {
+        const t0 = performance.now();
+        ok(cmd, args);
+        if (i >= 2) times[j].push(performance.now() - t0);
+      });
+    }
+    commands.forEach(([label], j) => console.log(`${label.padEnd(34)} median ${ms(median(times[j]))}   min ${ms(min(times[j]))}`));
+    console.log(`ratio executable list vms ÷ node -e 0: ${(median(times[1]) / median(times[0])).toFixed(2)}   bin/orchard ÷ executable: ${(median(times[2]) / median(times[1])).toFixed(2)}\n`);
+    await ctl.stop();
   }
 
   // 3. Worker start to registered, against a controller of the executable.

@@ -17,7 +17,7 @@ import { createRequire } from 'node:module';
 import { join, relative, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import * as esbuild from 'esbuild';
-import { ASSETS } from '../src/build/assets.ts';
+import { ASSETS, LAZY_SCRIPT, LAZY_WRAPPER } from '../src/build/assets.ts';
 
 const ROOT = resolve(import.meta.dirname, '..');
 const DIST = join(ROOT, 'dist');
@@ -61,16 +61,21 @@ const same = (a: Target, b: Target) => a.platform === b.platform && a.arch === b
 
 mkdirSync(WORK, { recursive: true });
 
-// 1. One script.
+// 1. Two scripts. The first (orchard.cjs, the SEA's main) is the CLI: what every start needs. The
+// second (lazy.cjs, a SEA asset; its entry is src/build/lazy.ts) holds the parts a command loads when
+// it runs (controller, worker, client, pino, yaml, ssh2), so a start compiles only the first. A module both
+// need (the client's errors, the version, …) is in the first only: the second requires it as
+// `orchard-shared:PATH`, and lazy-single-executable.ts hands over the first script's instance.
 const bundle = join(WORK, 'orchard.cjs');
-const result = await esbuild.build({
+const lazyBundle = join(WORK, LAZY_SCRIPT.source);
+const common: esbuild.BuildOptions = {
   absWorkingDir: ROOT,
-  entryPoints: [join(ROOT, 'src', 'cli', 'main.ts')],
-  outfile: bundle,
   bundle: true,
   platform: 'node',
   target: `node${nodeVersion}`,
   format: 'cjs',
+  // import() becomes require(): the second script runs in a vm.Script, which has no import().
+  supported: { 'dynamic-import': false },
   // Whitespace and syntax only: names stay, so stack traces (ORCHARD_DEBUG) stay readable.
   minifyWhitespace: true,
   minifySyntax: true,
@@ -83,31 +88,104 @@ const result = await esbuild.build({
   // import.meta is empty in a CommonJS bundle: a use of it would read the wrong file at run time.
   logOverride: { 'empty-import-meta': 'error' },
   metafile: true,
+};
+/** The modules of the single executable in place of the checkout's (source-tree.ts, lazy.ts). */
+const singleExecutable: esbuild.Plugin = {
+  name: 'single-executable',
+  setup(build) {
+    build.onResolve({ filter: /\/source-tree\.ts$/ }, (a) => ({ path: join(resolve(a.resolveDir, a.path), '..', 'single-executable.ts') }));
+    // (Not for the second script's entry, which is lazy.ts itself.)
+    build.onResolve({ filter: /\/lazy\.ts$/ }, (a) => (a.kind === 'entry-point' ? undefined : { path: join(resolve(a.resolveDir, a.path), '..', 'lazy-single-executable.ts') }));
+    // commander loads node:child_process (≈ 3 ms of every start) for executable subcommands,
+    // which orchard does not have: load it when first used instead.
+    build.onLoad({ filter: /[\\/]commander[\\/]lib[\\/]command\.js$/ }, (a) => {
+      const eager = "const childProcess = require('node:child_process');";
+      const source = readFileSync(a.path, 'utf8');
+      if (!source.includes(eager)) throw new Error(`${a.path}: commander changed; check how it loads node:child_process`);
+      return { contents: source.replace(eager, "const childProcess = { spawn: (...args) => require('node:child_process').spawn(...args) };"), loader: 'js' };
+    });
+  },
+};
+/** The first script, whose `orchard:shared` module hands `shared` (repository paths) to the second. */
+const buildFirst = (shared: string[]) =>
+  esbuild.build({
+    ...common,
+    entryPoints: [join(ROOT, 'src', 'cli', 'main.ts')],
+    outfile: bundle,
+    plugins: [
+      singleExecutable,
+      {
+        name: 'shared',
+        setup(build) {
+          build.onResolve({ filter: /^orchard:shared$/ }, () => ({ path: 'orchard:shared', namespace: 'orchard-shared' }));
+          build.onLoad({ filter: /.*/, namespace: 'orchard-shared' }, () => ({
+            resolveDir: ROOT,
+            loader: 'js',
+            contents:
+              shared.map((f, i) => `import * as m${i} from ${JSON.stringify('./' + f)};`).join('\n') +
+              `\nexport const shared = { ${shared.map((f, i) => `${JSON.stringify(f)}: m${i}`).join(', ')} };\n`,
+          }));
+        },
+      },
+    ],
+  });
+const srcInputs = (r: esbuild.BuildResult) => Object.keys(r.metafile!.inputs).filter((f) => f.startsWith('src/'));
+
+const firstInputs = new Set(srcInputs(await buildFirst([])));
+const shared = new Set<string>();
+const lazyResult = await esbuild.build({
+  ...common,
+  entryPoints: [join(ROOT, 'src', 'build', 'lazy.ts')],
+  outfile: lazyBundle,
   plugins: [
     {
-      name: 'single-executable',
+      name: 'shared',
       setup(build) {
-        build.onResolve({ filter: /\/source-tree\.ts$/ }, (a) => ({ path: join(resolve(a.resolveDir, a.path), '..', 'single-executable.ts') }));
-        // commander loads node:child_process (≈ 3 ms of every start) for executable subcommands,
-        // which orchard does not have: load it when first used instead.
-        build.onLoad({ filter: /[\\/]commander[\\/]lib[\\/]command\.js$/ }, (a) => {
-          const eager = "const childProcess = require('node:child_process');";
-          const source = readFileSync(a.path, 'utf8');
-          if (!source.includes(eager)) throw new Error(`${a.path}: commander changed; check how it loads node:child_process`);
-          return { contents: source.replace(eager, "const childProcess = { spawn: (...args) => require('node:child_process').spawn(...args) };"), loader: 'js' };
+        build.onResolve({ filter: /^\./ }, (a) => {
+          const file = relative(ROOT, resolve(a.resolveDir, a.path)).replace(/\\/g, '/').replace(/source-tree\.ts$/, 'single-executable.ts');
+          if (!firstInputs.has(file)) return undefined;
+          shared.add(file);
+          return { path: `orchard-shared:${file}`, external: true };
         });
       },
     },
+    singleExecutable,
   ],
 });
-for (const w of result.warnings) say(`esbuild warning: ${w.text}`);
-const inputs = Object.keys(result.metafile.inputs);
-if (inputs.some((f) => f.endsWith('source-tree.ts'))) throw new Error('source-tree.ts is in the bundle');
-// The parts loaded on demand (import()) are in the one script too.
-for (const part of ['controller/controller.ts', 'worker/run.ts', 'worker/drivers/qemu.ts', 'worker/drivers/tart.ts', 'worker/drivers/synthetic.ts', 'worker/images.ts']) {
-  if (!inputs.includes(`src/${part}`)) throw new Error(`src/${part} is not in the bundle`);
+const firstResult = await buildFirst([...shared].sort());
+// esbuild writes strings and names as ASCII; what is left (a regex's `µs`, a licence's name) is
+// escaped too, so both scripts are ASCII: Node then makes one-byte strings of them, not two-byte
+// copies (≈ 3 ms of a command's start for the second script). \uXXXX means the same character in a
+// regex, and in a comment it is only text.
+for (const file of [bundle, lazyBundle]) {
+  const text = readFileSync(file, 'utf8');
+  writeFileSync(file, text.replace(/[^\x00-\x7f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`));
 }
-say(`bundled ${inputs.length} modules into ${relative(ROOT, bundle)} (${(statSync(bundle).size / 1e6).toFixed(1)} MB) in ${elapsed()}`);
+const firstFinal = srcInputs(firstResult);
+// The first script may only have gained its `orchard:shared` module.
+if (firstFinal.length !== firstInputs.size || firstFinal.some((f) => !firstInputs.has(f))) throw new Error('the first script changed when it got the shared modules');
+for (const w of [...firstResult.warnings, ...lazyResult.warnings]) say(`esbuild warning: ${w.text}`);
+const first = Object.keys(firstResult.metafile!.inputs);
+const lazy = Object.keys(lazyResult.metafile!.inputs);
+if ([...first, ...lazy].some((f) => f.endsWith('source-tree.ts')) || first.includes('src/build/lazy.ts')) throw new Error("a checkout's module is in the first script");
+// Every part is in the second script, and none of it is in the first.
+for (const part of ['controller/controller.ts', 'worker/run.ts', 'worker/drivers/qemu.ts', 'worker/drivers/tart.ts', 'worker/drivers/synthetic.ts', 'worker/images.ts', 'client/client.ts']) {
+  if (!lazy.includes(`src/${part}`)) throw new Error(`src/${part} is not in the second script`);
+  if (first.includes(`src/${part}`)) throw new Error(`src/${part} is in the first script`);
+}
+say(
+  `bundled ${first.length} modules into ${relative(ROOT, bundle)} (${(statSync(bundle).size / 1e6).toFixed(2)} MB) and ${lazy.length} into ` +
+    `${relative(ROOT, lazyBundle)} (${(statSync(lazyBundle).size / 1e6).toFixed(1)} MB; ${shared.size} shared) in ${elapsed()}`,
+);
+
+// The second script's code cache, for this host: V8 compiles it exactly as lazy-single-executable.ts will.
+const lazyCache = join(WORK, LAZY_SCRIPT.cache);
+execFileSync(
+  NODE,
+  ['-e', 'const fs = require("node:fs"), vm = require("node:vm"); const [, src, out, filename, head, tail] = process.argv; fs.writeFileSync(out, new vm.Script(head + fs.readFileSync(src, "utf8") + tail, { filename }).createCachedData());',
+    lazyBundle, lazyCache, LAZY_SCRIPT.filename, ...LAZY_WRAPPER],
+  { stdio: 'pipe' },
+);
 
 // 2. The preparation blobs: with code cache for this host (when asked for), without for the others.
 function makeBlob(name: string, useCodeCache: boolean): string {
@@ -122,7 +200,11 @@ function makeBlob(name: string, useCodeCache: boolean): string {
         disableExperimentalSEAWarning: true,
         useSnapshot: false,
         useCodeCache,
-        assets: Object.fromEntries(ASSETS.map((a) => [a, join(ROOT, 'src', a)])),
+        assets: {
+          ...Object.fromEntries(ASSETS.map((a) => [a, join(ROOT, 'src', a)])),
+          [LAZY_SCRIPT.source]: lazyBundle,
+          ...(useCodeCache ? { [LAZY_SCRIPT.cache]: lazyCache } : {}),
+        },
       },
       null,
       2,

@@ -3,6 +3,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import type { OrchardClient } from '../client/client.ts';
 import { resolveContext } from '../client/config.ts';
 import { parseOutput, type OutputFormat } from './output.ts';
+import * as lazy from '../build/lazy.ts';
 
 export class UsageError extends Error {}
 
@@ -21,7 +22,7 @@ export function withCommon(cmd: Command, output = true): Command {
 /** A client of the chosen context (the client's modules are loaded on first use, not at start-up). */
 export async function clientFor(opts: { context?: string }): Promise<OrchardClient> {
   const { context } = await resolveContext(opts.context);
-  const { OrchardClient } = await import('../client/client.ts');
+  const { OrchardClient } = await lazy.client();
   return new OrchardClient(context);
 }
 

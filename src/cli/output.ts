@@ -1,5 +1,6 @@
 // Output in the terminal's conventions: --output table (default) | json | yaml; errors go to stderr.
 import { InvalidArgumentError } from 'commander';
+import * as lazy from '../build/lazy.ts';
 
 export type OutputFormat = 'table' | 'json' | 'yaml';
 export const OUTPUT_FORMATS: OutputFormat[] = ['table', 'json', 'yaml'];
@@ -28,7 +29,7 @@ export function details(fields: [string, unknown][]): string {
 export async function print(format: OutputFormat, value: unknown, asTable: () => string): Promise<void> {
   if (format === 'json') process.stdout.write(JSON.stringify(value, null, 2) + '\n');
   // YAML is loaded when asked for: most CLI starts need none.
-  else if (format === 'yaml') process.stdout.write((await import('yaml')).default.stringify(value));
+  else if (format === 'yaml') process.stdout.write((await lazy.yaml()).default.stringify(value));
   else process.stdout.write(asTable());
 }
 

@@ -3,6 +3,7 @@
 import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
+import * as lazy from '../build/lazy.ts';
 
 export interface Context {
   url: string;
@@ -24,7 +25,7 @@ export function orchardHome(): string {
 export const configPath = () => join(orchardHome(), 'orchard.yml');
 
 /** The YAML library, loaded on first use (most CLI starts, such as --help, need none). */
-const yaml = async () => (await import('yaml')).default;
+const yaml = async () => (await lazy.yaml()).default;
 
 export async function loadConfig(): Promise<Config> {
   const path = configPath();

@@ -12,6 +12,7 @@ import type { OrchardClient } from '../../client/client.ts';
 import { ApiError } from '../../client/errors.ts';
 import { sshCredentials, VM_DEFAULTS, VNC_PORT } from '../../api/defaults.ts';
 import { clientFor, parseInteger, UsageError, withCommon } from '../common.ts';
+import * as lazy from '../../build/lazy.ts';
 
 /** Upstream's default for --wait: how long a connection waits for the VM to be running. */
 const DEFAULT_WAIT = 60;
@@ -202,7 +203,7 @@ export function sshFingerprint(key: Buffer): { type: string; fingerprint: string
 class SSHError extends Error {}
 
 function sshConnect(stream: Duplex, opts: { username: string; password?: string; privateKey?: Buffer; verbose?: boolean; host: string }): Promise<SSHClient> {
-  return import('ssh2').then(
+  return lazy.ssh2().then(
     ({ Client }) =>
       new Promise<SSHClient>((resolve, reject) => {
         const conn = new Client();

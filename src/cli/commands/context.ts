@@ -4,6 +4,7 @@ import { configPath, loadConfig, saveConfig, type Context } from '../../client/c
 import { confirm, UsageError } from '../common.ts';
 import { decodeBootstrapToken } from '../../api/bootstrap-token.ts';
 import { parseOutput, print, table, type OutputFormat } from '../output.ts';
+import * as lazy from '../../build/lazy.ts';
 
 /** Normalises "AA:bb:..." / "aabb..." fingerprints for comparison. */
 const normFingerprint = (f: string) => f.replace(/^sha256:/i, '').replace(/[^0-9a-f]/gi, '').toUpperCase();
@@ -34,7 +35,7 @@ export function registerContextCommands(program: Command) {
       }
       if (url.protocol !== 'https:' && url.protocol !== 'http:') throw new UsageError('the controller URL must be https:// (or http:// for --insecure-no-tls controllers)');
       if (!url.port) url.port = '6120';
-      const { OrchardClient, probeCertificate } = await import('../../client/client.ts');
+      const { OrchardClient, probeCertificate } = await lazy.client();
       const config = await loadConfig();
       if (config.contexts[opts.name] && !opts.force) throw new UsageError(`context "${opts.name}" exists; pass --force to replace it`);
       const ctx: Context = {

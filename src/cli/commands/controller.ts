@@ -6,6 +6,7 @@ import { parseDuration } from '../output.ts';
 import { ROLES } from '../../api/enums.ts';
 import { loadConfig, saveConfig } from '../../client/config.ts';
 import type { RunningController } from '../../controller/controller.ts';
+import * as lazy from '../../build/lazy.ts';
 
 /**
  * As upstream's: a fresh controller started without ORCHARD_BOOTSTRAP_ADMIN_TOKEN makes the
@@ -14,7 +15,7 @@ import type { RunningController } from '../../controller/controller.ts';
  */
 async function bootstrapAdmin(ctl: RunningController, fromEnvironment: boolean) {
   if (!fromEnvironment && (await ctl.store.list('serviceAccounts')).length === 0) {
-    const { newToken } = await import('../../controller/domain/accounts.ts');
+    const { newToken } = await lazy.accounts();
     const token = newToken();
     await ctl.store.create('serviceAccounts', { name: 'bootstrap-admin', token, roles: [...ROLES], createdAt: new Date().toISOString() });
     process.stderr.write(
@@ -47,7 +48,7 @@ export function registerControllerCommands(program: Command) {
     .addHelpText('after', '\nEnvironment:\n  ORCHARD_BOOTSTRAP_ADMIN_TOKEN  create (or update) the service account "bootstrap-admin" with every role and this token')
     .action(async (opts: { dataDir: string; listen: string; controllerCert?: string; controllerKey?: string; insecureNoTls?: boolean; workerOfflineTimeout: string; listenSsh?: string; acceptDamagedDatabase?: boolean }) => {
       // Loaded on demand: the other commands need none of the server's modules.
-      const { startController } = await import('../../controller/controller.ts');
+      const { startController } = await lazy.controller();
       let ctl;
       try {
         ctl = await startController({
@@ -102,7 +103,7 @@ function registerBackupCommands(controller: Command) {
     .argument('<file>', 'the backup file to write (replaced atomically; mode 0600: it holds every token and key)')
     .option('--data-dir <dir>', "the controller's data dir", defaultDataDir())
     .action(async (file: string, opts: { dataDir: string }) => {
-      const { backupDataDir } = await import('../../controller/store/backup.ts');
+      const { backupDataDir } = await lazy.backup();
       const b = await backupDataDir(opts.dataDir, file);
       process.stderr.write(
         `orchard controller backup: cluster ${b.clusterID} (schema version ${b.schemaVersion}) written to ${b.file}: ${b.bytes} bytes, ` +
@@ -116,7 +117,7 @@ function registerBackupCommands(controller: Command) {
     .option('--data-dir <dir>', "the controller's data dir to restore into", defaultDataDir())
     .option('--force', "replace the data dir's current controller files (they are moved to a before-restore-… folder in it, not deleted)")
     .action(async (file: string, opts: { dataDir: string; force?: boolean }) => {
-      const { restoreDataDir } = await import('../../controller/store/backup.ts');
+      const { restoreDataDir } = await lazy.backup();
       const r = restoreDataDir(file, opts.dataDir, { force: opts.force });
       process.stderr.write(
         `orchard controller restore: ${r.dataDir} now holds cluster ${r.clusterID} as backed up at ${r.created} (schema version ${r.schemaVersion}` +

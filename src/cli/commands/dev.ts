@@ -8,6 +8,7 @@ import { loadConfig, saveConfig } from '../../client/config.ts';
 import { parseInteger } from '../common.ts';
 import type { Driver } from '../../worker/drivers/driver.ts';
 import type { OrchardWorker } from '../../worker/worker.ts';
+import * as lazy from '../../build/lazy.ts';
 
 export function registerDevCommand(program: Command) {
   program
@@ -18,10 +19,10 @@ export function registerDevCommand(program: Command) {
     .option('--workers <n>', 'number of workers', parseInteger('--workers'), 1)
     .option('--synthetic', 'in-memory VMs (for load tests) instead of real ones')
     .action(async (opts: { dataDir: string; listen: string; workers: number; synthetic?: boolean }) => {
-      const { startController } = await import('../../controller/controller.ts');
-      const { startWorker, makeDriver } = await import('../../worker/run.ts');
-      const { newToken } = await import('../../controller/domain/accounts.ts');
-      const { pino } = await import('pino');
+      const { startController } = await lazy.controller();
+      const { startWorker, makeDriver } = await lazy.worker();
+      const { newToken } = await lazy.accounts();
+      const { pino } = await lazy.pino();
       const dataDir = resolve(opts.dataDir);
       const logger = pino({ level: process.env.ORCHARD_LOG_LEVEL ?? 'error' });
       // Our output may have no reader any more (a closed pipe or terminal): that must not stop the stop.
@@ -45,7 +46,7 @@ export function registerDevCommand(program: Command) {
         drivers.push(await makeDriver(runtime, dir, logger));
       }
       if (runtime === 'qemu') {
-        const { buildDebianDev } = await import('../../worker/images.ts');
+        const { buildDebianDev } = await lazy.images();
         const t0 = Date.now();
         const built = await buildDebianDev(join(dataDir, 'images'), (msg) => say(`[image debian-dev ${((Date.now() - t0) / 1000).toFixed(0)}s] ${msg}`));
         if (!built.cached) say(`built the debian-dev image in ${((Date.now() - t0) / 1000).toFixed(1)}s`);

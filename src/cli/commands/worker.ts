@@ -6,6 +6,7 @@ import { decodeBootstrapToken } from '../../api/bootstrap-token.ts';
 import { collectKeyValue, parseInteger, UsageError } from '../common.ts';
 import { parseDuration, print, table, type OutputFormat } from '../output.ts';
 import { parseOutput } from '../output.ts';
+import * as lazy from '../../build/lazy.ts';
 
 export const defaultWorkerDataDir = () => join(homedir(), '.orchard', 'worker');
 
@@ -60,7 +61,7 @@ export function registerWorkerCommands(program: Command) {
     .option('--orphan-grace <duration>', 'how long to keep a VM the controller does not know (it lost its data) before removing it', '24h')
     .addHelpText('after', `\nThe bootstrap token comes from exactly one of --bootstrap-token-stdin, $${BOOTSTRAP_TOKEN_ENV} or --bootstrap-token.`)
     .action(async (url: string, opts: { bootstrapToken?: string; bootstrapTokenStdin?: boolean; name: string; labels?: Record<string, string>; resources?: Record<string, string>; runtime: string; synthetic?: boolean; slots?: number; dataDir: string; heartbeat: string; orphanGrace: string }) => {
-      const { startWorker } = await import('../../worker/run.ts');
+      const { startWorker } = await lazy.worker();
       const token = decodeBootstrapToken(await bootstrapTokenFrom(opts));
       const resources: Record<string, number> = {};
       for (const [k, v] of Object.entries(opts.resources ?? {})) {
@@ -98,7 +99,7 @@ export function registerWorkerCommands(program: Command) {
     .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
     .action(async (name: string, opts: { dataDir: string }) => {
       if (name !== 'debian-dev') throw new UsageError(`no recipe for "${name}": only debian-dev can be built; import other qcow2 disks with "orchard image import"`);
-      const { buildDebianDev } = await import('../../worker/images.ts');
+      const { buildDebianDev } = await lazy.images();
       const t0 = Date.now();
       const result = await buildDebianDev(join(opts.dataDir, 'images'), (msg) => process.stderr.write(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${msg}\n`));
       process.stderr.write(result.cached ? `debian-dev is up to date (${result.dir})\n` : `built debian-dev in ${((Date.now() - t0) / 1000).toFixed(1)}s (${result.dir})\n`);
@@ -111,7 +112,7 @@ export function registerWorkerCommands(program: Command) {
     .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
     .option('--replace', 'replace an image of the same name')
     .action(async (name: string, file: string, opts: { dataDir: string; replace?: boolean }) => {
-      const { importImage } = await import('../../worker/images.ts');
+      const { importImage } = await lazy.images();
       const info = await importImage(join(opts.dataDir, 'images'), name, file, { replace: opts.replace });
       process.stderr.write(`imported ${info.name} (${(info.size / 1024 / 1024).toFixed(1)} MiB)\n`);
     });
@@ -121,7 +122,7 @@ export function registerWorkerCommands(program: Command) {
     .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
     .option('-o, --output <format>', 'table, json or yaml', parseOutput, 'table' as OutputFormat)
     .action(async (opts: { dataDir: string; output: OutputFormat }) => {
-      const { listImages } = await import('../../worker/images.ts');
+      const { listImages } = await lazy.images();
       const images = await listImages(join(opts.dataDir, 'images'));
       await print(opts.output, images, () => table(['NAME', 'KIND', 'SIZE', 'CREATED'], images.map((i) => [i.name, i.kind, `${(i.size / 1024 / 1024).toFixed(1)} MiB`, i.created])));
     });
