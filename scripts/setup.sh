@@ -2,12 +2,17 @@
 # Installs what Orchard needs on a Debian/Ubuntu machine: the Debian packages for the QEMU runtime and
 # its guest images, then the npm dependencies (which include the pinned Node.js 24).
 # Runs as root, or as a user with sudo (it says so before using it). Idempotent.
+# --test: also what only the tests use (scripts/test.sh passes it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(qemu-system-x86 qemu-utils busybox-static dropbear-bin openssh-sftp-server openssh-client cpio
-      e2fsprogs kmod zstd xz-utils iproute2 procps fakeroot passt socat
-      systemd)  # systemd-analyze, systemd-sysusers: test/deploy.test.ts checks deploy/ with them
+      e2fsprogs kmod zstd xz-utils iproute2 procps fakeroot passt socat)
+if [ "${1:-}" = --test ]; then
+  # systemd-analyze, systemd-sysusers: test/deploy.test.ts checks deploy/ with them; vncsnapshot and
+  # tesseract: test/connect-cli.test.ts reads the VM's screen through `orchard vnc`.
+  PKGS+=(systemd vncsnapshot tesseract-ocr tesseract-ocr-eng)
+fi
 command -v npm >/dev/null 2>&1 || PKGS+=(nodejs npm)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -2,5 +2,5 @@
 # Sets up (Debian packages, npm dependencies) and runs every check: lint, type-check, all tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --test
 exec npm test

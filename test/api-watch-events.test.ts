@@ -25,7 +25,8 @@ test('watch: snapshot, then every change in commit order, also under concurrent 
     assert.deepEqual([first.value?.type, first.value?.object.name], ['ADDED', 'before']);
 
     // Sequential changes: exactly this sequence.
-    await c.admin.createVM({ name: 'a', image: 'img' });
+    // (cpu given: a VM that asks for none keeps none, and is assigned its worker's default when placed.)
+    await c.admin.createVM({ name: 'a', image: 'img', cpu: 4 });
     await placeOn(c.admin, 'w', 'a', 2); // its worker's account reports its state ("before" takes the other slot)
     await c.admin.updateVM({ name: 'a', cpu: 2 });
     await c.admin.updateVMState('a', { status: 'running' });

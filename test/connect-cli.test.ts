@@ -1,12 +1,14 @@
 // The connect commands of the real CLI (bin/orchard) against one real debian-dev guest:
 // `ssh vm -- CMD` (output, exit code), `port-forward vm` with the real OpenSSH client and scp
-// (100 MB both ways, same sha256), `vnc vm --no-open` (an RFB handshake through the forward),
+// (100 MB both ways, same sha256), `vnc vm --no-open` (an RFB handshake through the forward, and
+// a screenshot by a real VNC client that shows the guest's login prompt),
 // `get vm --ip`; unknown VM, missing role, and a worker killed (kill -9) in the middle of a transfer.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, createWriteStream, mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, createReadStream, createWriteStream, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import net from 'node:net';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -148,7 +150,7 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
     }
   });
 
-  test('vnc vm NAME --no-open: prints a vnc:// URL; an RFB handshake works through it', async () => {
+  test('vnc vm NAME --no-open: prints a vnc:// URL; an RFB handshake works through it; the screen shows the login prompt', async () => {
     const vnc = spawnCLI(['vnc', 'vm', VM, '--no-open'], env);
     try {
       const m = await vnc.waitOutput(/vnc:\/\/admin:admin@127\.0\.0\.1:(\d+)\n/);
@@ -176,6 +178,25 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
         }
       } finally {
         sock.destroy();
+      }
+      // What a VNC client shows: the guest's login console, not only the BIOS. A screenshot by
+      // Debian's vncsnapshot through the same forward, read by tesseract (OCR).
+      const dir = mkdtempSync(join(tmpdir(), 'orchard-vnc-'));
+      try {
+        const shot = join(dir, 'screen.jpg');
+        let seen = '';
+        await waitFor('the login prompt on the VM screen', async () => {
+          await execFileP('vncsnapshot', ['-quiet', '-quality', '95', `127.0.0.1::${m[1]}`, shot], { timeout: 30_000 });
+          // ORCHARD_SCREENSHOT=FILE keeps the screenshot (the README's comes from here).
+          if (process.env.ORCHARD_SCREENSHOT) copyFileSync(shot, process.env.ORCHARD_SCREENSHOT);
+          seen = (await execFileP('tesseract', [shot, 'stdout', '--psm', '6'], { timeout: 30_000 })).stdout;
+          return /login:/.test(seen);
+        }, 90_000, 1000).catch((err: Error) => fail(`${err.message}; the screen read: ${JSON.stringify(seen)}`));
+        // (The OCR may read "vm" as "um".)
+        assert.match(seen, /orchard-\w\w login:/);
+        assert.doesNotMatch(seen, /SeaBIOS|Booting from/);
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
       }
     } finally {
       assert.equal(await vnc.kill('SIGINT'), 0);

@@ -93,7 +93,8 @@ test('qemu worker: create → running → startup script → worker kill -9 and 
       const { events } = await admin.listEvents('web-1');
       return events.some((e) => /exited with code 7/.test(e.payload)) ? events : undefined;
     }, 60_000, 200);
-    const output = events.filter((e) => e.kind === 'startup-script-output').map((e) => e.payload).join('');
+    // The script's output in upstream's kind, one event per line (upstream's `orchard logs vm` shows only log_line events).
+    const output = events.filter((e) => e.kind === 'log_line').map((e) => e.payload).join('\n');
     assert.match(output, /hello from \S+ as admin with hi there/);
     for (const step of ['scheduled on worker host-1', 'booting', 'running: the guest answers SSH']) {
       assert.ok(events.some((e) => e.payload.includes(step)), `event "${step}"`);
@@ -102,7 +103,7 @@ test('qemu worker: create → running → startup script → worker kill -9 and 
     await runCLI(['context', 'create', ctl.url, '--name', 'e2e', '--service-account-name', 'bootstrap-admin', '--service-account-token', ADMIN_TOKEN, '--yes'], { ORCHARD_HOME: home });
     const logs = await runCLI(['logs', 'vm', 'web-1'], { ORCHARD_HOME: home });
     assert.equal(logs.code, 0, logs.stderr);
-    assert.match(logs.stdout, /startup-script-output: hello from/);
+    assert.match(logs.stdout, /log_line: hello from/);
 
     // kill -9 the worker: the guest keeps running; a new worker process adopts it, no reboot.
     await worker.kill('SIGKILL');

@@ -30,9 +30,12 @@ function load(): typeof Parts {
 
 export const controller: typeof Parts.controller = () => load().controller();
 export const accounts: typeof Parts.accounts = () => load().accounts();
+export const exec: typeof Parts.exec = () => load().exec();
 export const backup: typeof Parts.backup = () => load().backup();
 export const worker: typeof Parts.worker = () => load().worker();
 export const images: typeof Parts.images = () => load().images();
+export const privdrop: typeof Parts.privdrop = () => load().privdrop();
+export const logFile: typeof Parts.logFile = () => load().logFile();
 export const client: typeof Parts.client = () => load().client();
 export const pino: typeof Parts.pino = () => load().pino();
 export const yaml: typeof Parts.yaml = () => load().yaml();

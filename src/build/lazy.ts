@@ -6,9 +6,12 @@
 // without them (bench/executable.ts). Each part is evaluated only when asked for, in both.
 export const controller = () => import('../controller/controller.ts');
 export const accounts = () => import('../controller/domain/accounts.ts');
+export const exec = () => import('../controller/exec.ts');
 export const backup = () => import('../controller/store/backup.ts');
 export const worker = () => import('../worker/run.ts');
 export const images = () => import('../worker/images.ts');
+export const privdrop = () => import('../worker/privdrop.ts');
+export const logFile = () => import('../worker/log-file.ts');
 export const client = () => import('../client/client.ts');
 export const pino = () => import('pino');
 export const yaml = () => import('yaml');

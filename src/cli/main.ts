@@ -22,7 +22,9 @@ const program = new Command('orchard')
     throw new CommanderError(0, 'commander.version', text);
   })
   .showHelpAfterError()
-  .exitOverride();
+  .exitOverride()
+  // Needed for any command's positional options (`orchard controller --data-dir DIR run`): the program has only --version and --help.
+  .enablePositionalOptions();
 
 registerControllerCommands(program);
 registerContextCommands(program);
@@ -31,8 +33,29 @@ registerWorkerCommands(program);
 registerDevCommand(program);
 registerConnectCommands(program);
 
+/** The long names of every boolean flag (`--nested`, `--no-pki`), in any command. */
+function booleanFlags(cmd: Command, into = new Set<string>()): Set<string> {
+  for (const o of cmd.options) if (!o.required && !o.optional && o.long) into.add(o.long);
+  for (const sub of cmd.commands) booleanFlags(sub, into);
+  return into;
+}
+
+/**
+ * Go's flag forms for booleans, as upstream's users type them: `--nested=true` is `--nested`,
+ * `--headless=false` is leaving the flag out (none of ours is on by default).
+ */
+function goBooleans(argv: string[], flags: Set<string>): string[] {
+  const out: string[] = [];
+  for (const [i, arg] of argv.entries()) {
+    const m = /^(--[A-Za-z0-9-]+)=(true|false|TRUE|FALSE|True|False|t|f|T|F|1|0)$/.exec(arg);
+    if (i < 2 || !m || !flags.has(m[1]) || argv.slice(2, i).includes('--')) out.push(arg);
+    else if (/^(true|t|1)$/i.test(m[2])) out.push(m[1]);
+  }
+  return out;
+}
+
 // No top-level await: the single executable runs this file bundled as a CommonJS script.
-program.parseAsync(process.argv).catch((err: unknown) => {
+program.parseAsync(goBooleans(process.argv, booleanFlags(program))).catch((err: unknown) => {
   if (err instanceof CommanderError) {
     // Help and version are not errors; commander already printed its usage message.
     process.exitCode = err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help' ? 0 : 2;

@@ -50,6 +50,34 @@ export interface AppOptions {
   clusterID?: string;
   /** What one client may make the controller hold (defaults: DEFAULT_LIMITS). */
   limits?: Partial<Limits>;
+  /**
+   * Serve the whole API (REST, WebSockets, metrics, OpenAPI) under this path, e.g. `/orchard`, as
+   * upstream's `--api-prefix`: for a controller behind a proxy that shares its host with other services.
+   */
+  apiPrefix?: string;
+  /** How often WebSockets are pinged (a dead peer is cut after two intervals; upstream's --experimental-ping-interval). */
+  pingIntervalMs?: number;
+}
+
+/** `orchard`, `/orchard/` → `/orchard`; '' or '/' → '' (no prefix). Refuses what is not a plain path. */
+export function normalizeAPIPrefix(prefix: string | undefined): string {
+  const p = (prefix ?? '').trim().replace(/\/+$/, '');
+  if (p === '') return '';
+  const withSlash = p.startsWith('/') ? p : '/' + p;
+  if (!/^(\/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+$/.test(withSlash) || withSlash.split('/').some((seg) => seg === '.' || seg === '..')) {
+    throw new Error(`--api-prefix must be a URL path such as /orchard, got "${prefix}"`);
+  }
+  return withSlash;
+}
+
+/**
+ * The path a request's URL names once the API prefix is taken off, or undefined when it is not
+ * under the prefix (then nothing is served: upstream serves only under its prefix).
+ */
+export function stripAPIPrefix(url: string, prefix: string): string | undefined {
+  if (!prefix) return url;
+  if (url === prefix || url.startsWith(prefix + '/') || url.startsWith(prefix + '?')) return url.slice(prefix.length) || '/';
+  return undefined;
 }
 
 /**
@@ -91,6 +119,7 @@ function serializerCompilers(): NonNullable<FastifyServerOptions['schemaControll
 
 export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance; ctx: AppContext; close: () => Promise<void> }> {
   const limits = limitsOf(opts.limits);
+  const apiPrefix = normalizeAPIPrefix(opts.apiPrefix);
   const serverOptions: FastifyServerOptions & { https?: { cert: string; key: string } } = {
     loggerInstance: opts.logger,
     bodyLimit: opts.bodyLimit ?? 1024 * 1024,
@@ -104,6 +133,8 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     keepAliveTimeout: limits.keepAliveTimeoutMs,
     schemaController: { compilersFactory: serializerCompilers() },
   };
+  // Under an API prefix, routes see the path without it; a path outside the prefix matches no route.
+  if (apiPrefix) serverOptions.rewriteUrl = (req) => stripAPIPrefix(req.url ?? '/', apiPrefix) ?? `/.outside-the-api-prefix${req.url ?? '/'}`;
   // Node checks its request and headers timeouts this often: well within the shortest of them.
   const nodeTimeouts = {
     headersTimeout: Math.min(60_000, limits.requestTimeoutMs),
@@ -156,7 +187,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     scheduler.kick();
   };
 
-  const sockets = new WebSocketRoutes(access, opts.logger);
+  const sockets = new WebSocketRoutes(access, opts.logger, (path) => stripAPIPrefix(path, apiPrefix), opts.pingIntervalMs);
   sockets.route('/v1/rpc/watch', ['compute:read'], { maxPayload: limits.controlFrameBytes }, async ({ url, account }) => {
     const worker = url.searchParams.get('workerName') ?? url.searchParams.get('worker') ?? '';
     if (!new RegExp(NAME_PATTERN).test(worker)) throw badRequest('query parameter "workerName" must be the worker\'s name (letters, digits, \'-\', \'_\', \'.\', \':\')');
@@ -181,7 +212,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   // JSON only: a text/plain body is an unsupported media type, not a string to validate.
   app.removeContentTypeParser('text/plain');
   app.setErrorHandler(errorHandler);
-  app.setNotFoundHandler((request, reply) => reply.code(404).send({ message: `no route for ${request.method} ${request.url.split('?')[0]}` }));
+  app.setNotFoundHandler((request, reply) => reply.code(404).send({ message: `no route for ${request.method} ${request.originalUrl.split('?')[0]}` }));
 
   app.addHook('onRequest', async (request, reply) => {
     reply.header('x-request-id', request.id);

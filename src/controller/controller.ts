@@ -5,7 +5,7 @@ import { pino, type Logger } from 'pino';
 import { ROLES } from '../api/schemas.ts';
 import { SQLiteStore } from './store/sqlite.ts';
 import type { Store } from './store/store.ts';
-import { buildApp } from './app.ts';
+import { buildApp, normalizeAPIPrefix } from './app.ts';
 import { loadTLS } from './tls.ts';
 import type { BackoffOptions } from './auth-backoff.ts';
 import { randomUUID } from 'node:crypto';
@@ -36,6 +36,12 @@ export interface ControllerOptions {
   acceptDamagedDatabase?: boolean;
   /** What one client may make the controller hold (defaults: DEFAULT_LIMITS). */
   limits?: Partial<Limits>;
+  /** Serve the API under this path (upstream's --api-prefix); `url` then ends with it. */
+  apiPrefix?: string;
+  /** The SSH jump host's key from this file instead of the data dir (upstream's --ssh-host-key). */
+  sshHostKeyFile?: string;
+  /** How often WebSockets are pinged (upstream's --experimental-ping-interval). */
+  pingIntervalMs?: number;
 }
 
 export interface RunningController {
@@ -63,8 +69,8 @@ export function parseListen(listen: string, flag = '--listen'): { host: string; 
   return { host: m[1] ?? (m[2] || '0.0.0.0'), port };
 }
 
-export function defaultLogger(): Logger {
-  return pino({ level: process.env.ORCHARD_LOG_LEVEL ?? 'info', redact: ['req.headers.authorization', '*.token', '*.password'] });
+export function defaultLogger(level = process.env.ORCHARD_LOG_LEVEL ?? 'info'): Logger {
+  return pino({ level, redact: ['req.headers.authorization', '*.token', '*.password'] });
 }
 
 function logMigration(logger: Logger, m: SQLiteStore['migration']) {
@@ -76,6 +82,11 @@ function logMigration(logger: Logger, m: SQLiteStore['migration']) {
 export async function startController(opts: ControllerOptions): Promise<RunningController> {
   const logger = opts.logger ?? defaultLogger();
   const { host, port } = parseListen(opts.listen);
+  const apiPrefix = normalizeAPIPrefix(opts.apiPrefix);
+  logger.debug(
+    { dataDir: opts.dataDir, listen: opts.listen, apiPrefix, tls: !opts.insecureNoTLS, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, listenSSH: opts.listenSSH, pingIntervalMs: opts.pingIntervalMs },
+    'starting the controller',
+  );
   const sshListen = opts.listenSSH === undefined ? undefined : parseListen(opts.listenSSH, '--listen-ssh');
   // First of all: a data dir of a newer release is left exactly as it is.
   checkSchemaVersion(opts.dataDir);
@@ -124,12 +135,14 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       authBackoff: opts.authBackoff,
       clusterID,
       limits,
+      apiPrefix,
+      pingIntervalMs: opts.pingIntervalMs,
     });
     let ssh: SSHJumpServer | undefined;
     try {
       await app.listen({ host, port });
       // ssh2 only for a controller with a jump host.
-      if (sshListen) ssh = await (await import('./ssh-jump.ts')).startSSHJump({ ...sshListen, dataDir: opts.dataDir, access: ctx.access, tunnels: ctx.tunnels, logger, tunnelsPerAccount: limits.tunnelsPerAccount });
+      if (sshListen) ssh = await (await import('./ssh-jump.ts')).startSSHJump({ ...sshListen, dataDir: opts.dataDir, hostKeyFile: opts.sshHostKeyFile, access: ctx.access, tunnels: ctx.tunnels, logger, tunnelsPerAccount: limits.tunnelsPerAccount });
     } catch (err) {
       await close();
       throw err;
@@ -137,7 +150,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     const address = app.server.address();
     const boundPort = typeof address === 'object' && address ? address.port : port;
     const urlHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host.includes(':') ? `[${host}]` : host;
-    const url = `${tls ? 'https' : 'http'}://${urlHost}:${boundPort}`;
+    const url = `${tls ? 'https' : 'http'}://${urlHost}:${boundPort}${apiPrefix}`;
     logger.info({ url }, 'controller is listening');
     const stopMemoryCheck = giveBackMemoryWhenQuiet();
     return {

@@ -52,10 +52,13 @@ export class WebSocketRoutes {
   private readonly alive = new WeakSet<WebSocket>();
   private readonly access: Access;
   private readonly logger: Logger;
+  /** The route's path of a request's path (the API prefix taken off), or undefined outside the API. */
+  private readonly routePath: (path: string) => string | undefined;
 
-  constructor(access: Access, logger: Logger) {
+  constructor(access: Access, logger: Logger, routePath: (path: string) => string | undefined = (path) => path, pingIntervalMs = PING_INTERVAL_MS) {
     this.access = access;
     this.logger = logger;
+    this.routePath = routePath;
     this.pinger = setInterval(() => {
       for (const ws of this.clients()) {
         if (!this.alive.has(ws)) {
@@ -65,7 +68,7 @@ export class WebSocketRoutes {
         this.alive.delete(ws);
         ws.ping();
       }
-    }, PING_INTERVAL_MS);
+    }, pingIntervalMs);
     this.pinger.unref();
   }
 
@@ -102,7 +105,8 @@ export class WebSocketRoutes {
     socket.once('close', leave);
     try {
       let match: RegExpExecArray | null = null;
-      const route = this.routes.find((r) => (match = r.pattern.exec(url.pathname)) !== null);
+      const path = this.routePath(url.pathname);
+      const route = path === undefined ? undefined : this.routes.find((r) => (match = r.pattern.exec(path)) !== null);
       if (!route || !match) throw new HttpError(404, `no WebSocket route for ${url.pathname}`);
       const m: RegExpExecArray = match;
       account = await this.access.authenticate(parseBasicAuth(request.headers.authorization), request.socket.remoteAddress);

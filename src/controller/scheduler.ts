@@ -3,8 +3,9 @@
 // One loop in the controller does all placement, from one consistent view per pass, so two VMs can
 // never overbook a worker, however many creates arrive at once.
 import type { Logger } from 'pino';
-import { RESOURCE_TART_VMS, type VM, type Worker } from '../api/schemas.ts';
+import { localNameOf, RESOURCE_TART_VMS, type VM, type Worker } from '../api/schemas.ts';
 import type { Store } from './store/store.ts';
+import { VM_DEFAULTS } from '../api/defaults.ts';
 import { requirements, type ClusterView } from './view.ts';
 
 export const MAX_RESTARTS = 10;
@@ -239,7 +240,9 @@ export class Scheduler {
       update(vm, (cur) => cur.status === 'failed', (cur) => ({
         status: 'pending',
         worker: undefined,
-        localName: undefined,
+        // The next run's name on its worker, as upstream's.
+        localName: localNameOf({ ...cur, restart_count: (cur.restart_count ?? 0) + 1 }),
+        tartName: localNameOf({ ...cur, restart_count: (cur.restart_count ?? 0) + 1 }),
         restart_count: (cur.restart_count ?? 0) + 1,
         restarted_at: new Date(now).toISOString(),
         status_message: `restarting after failure: ${reason}`,
@@ -308,8 +311,9 @@ export class Scheduler {
         worker: w.name,
         scheduled_at: new Date(now).toISOString(),
         status_message: `scheduled on worker ${w.name}`,
-        assignedCPU: vm.cpu,
-        assignedMemory: vm.memory,
+        // A VM that asks for no cpu or memory gets the worker's defaults (upstream's --default-cpu/--default-memory).
+        assignedCPU: vm.cpu || w.defaultCPU || VM_DEFAULTS.cpu,
+        assignedMemory: vm.memory || w.defaultMemory || VM_DEFAULTS.memory,
         conditions: [{ type: 'scheduled', state: 'true' }],
       }));
     }

@@ -52,8 +52,9 @@ function describeKey(privateKey: string, path: string): Omit<HostKey, 'generated
   };
 }
 
-/** Loads `DATA_DIR/ssh_host_ed25519_key`, or makes it (mode 0600) when there is none. */
-export function loadHostKey(dataDir: string, logger?: Logger): HostKey {
+/** Loads `file` (upstream's --ssh-host-key) or `DATA_DIR/ssh_host_ed25519_key`, or makes the latter (mode 0600) when there is none. */
+export function loadHostKey(dataDir: string, logger?: Logger, file?: string): HostKey {
+  if (file) return { ...describeKey(readFileSync(file, 'utf8'), file), generated: false };
   const path = join(dataDir, HOST_KEY_FILE);
   if (existsSync(path)) {
     const mode = statSync(path).mode & 0o777;
@@ -85,6 +86,8 @@ export interface SSHJumpOptions {
   host: string;
   port: number;
   dataDir: string;
+  /** The host key's file instead of the data dir's (upstream's --ssh-host-key). */
+  hostKeyFile?: string;
   access: Access;
   tunnels: Tunnels;
   logger: Logger;
@@ -126,7 +129,7 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
   const { access, tunnels, logger } = opts;
   const log = logger.child({ component: 'ssh-jump' });
   const waitSeconds = opts.waitSeconds ?? 5;
-  const hostKey = loadHostKey(opts.dataDir, log);
+  const hostKey = loadHostKey(opts.dataDir, log, opts.hostKeyFile);
   const clients = new Set<Connection>();
   const nameRE = new RegExp(NAME_PATTERN);
 

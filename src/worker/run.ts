@@ -20,6 +20,9 @@ export interface StartWorkerOptions {
   dataDir: string;
   heartbeatMs?: number;
   orphanGraceMs?: number;
+  /** CPUs and MiB of a VM that asks for none (upstream's --default-cpu and --default-memory). */
+  defaultCPU?: number;
+  defaultMemory?: number;
   logger?: Logger;
   /** Use this driver instead of making one for `runtime` (tests, dev mode). */
   driver?: Driver;
@@ -91,6 +94,8 @@ export async function startWorker(opts: StartWorkerOptions): Promise<OrchardWork
     slots: opts.slots ?? defaultSlots(driver.runtime),
     heartbeatMs: opts.heartbeatMs,
     orphanGraceMs: opts.orphanGraceMs,
+    defaultCPU: opts.defaultCPU,
+    defaultMemory: opts.defaultMemory,
     logger,
   });
   await worker.start();

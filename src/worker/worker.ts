@@ -31,6 +31,9 @@ export interface WorkerOptions {
    * admin adopts or deletes it first.
    */
   orphanGraceMs?: number;
+  /** CPUs and MiB of memory of a VM that asks for none (upstream's --default-cpu, --default-memory: 4 and 8192). */
+  defaultCPU?: number;
+  defaultMemory?: number;
   logger: Logger;
 }
 
@@ -116,6 +119,8 @@ export class OrchardWorker {
       labels: this.o.labels ?? {},
       runtime: this.o.driver.runtime,
       arch: osArch() === 'x64' ? 'amd64' : osArch(),
+      defaultCPU: this.o.defaultCPU ?? VM_DEFAULTS.cpu,
+      defaultMemory: this.o.defaultMemory ?? VM_DEFAULTS.memory,
       resources: {
         [RESOURCE_TART_VMS]: this.o.slots,
         [RESOURCE_LOGICAL_CORES]: availableParallelism(),
@@ -153,7 +158,14 @@ export class OrchardWorker {
   private async beat() {
     if (this.watchLiveness && this.connected) return;
     try {
-      await this.o.client.updateWorker({ name: this.o.name, machine_id: this.machineId });
+      if (this.watchLiveness) await this.o.client.updateWorker({ name: this.o.name, machine_id: this.machineId });
+      else {
+        // A controller without our capabilities is taken for upstream's, whose PUT sets last_seen and
+        // scheduling_paused from the body (absent: a zero time, and resumed): heartbeat as upstream's
+        // worker does, with the whole record read back and last_seen set.
+        const record = await this.o.client.getWorker(this.o.name);
+        await this.o.client.updateWorker({ ...record, last_seen: new Date().toISOString() });
+      }
     } catch (err) {
       if (err instanceof ApiError && err.status === 404) {
         this.log.warn('worker record is gone; registering again');
@@ -258,7 +270,8 @@ export class OrchardWorker {
             sock.once('error', reject);
           });
     } catch (err) {
-      query.error = (err as Error).message.slice(0, 500);
+      // `errorMessage`, as upstream's worker sends it (our controller reads it too).
+      query.errorMessage = (err as Error).message.slice(0, 500);
     }
     const url = this.rpcURL('/v1/rpc/port-forward', query, true);
     const ws = new WebSocket(url, {
@@ -285,15 +298,15 @@ export class OrchardWorker {
     });
   }
 
-  /** resolveIPAction: find the VM's IP and POST it back. */
+  /** resolveIPAction: find the VM's IP and POST it back, in the query (`ip` or `errorMessage`) as upstream's worker does. */
   private async resolveIP(action: { session: string; vmUID: string }) {
-    let body: { ip?: string; error?: string };
+    const query = new URLSearchParams({ session: action.session });
     try {
-      body = { ip: await this.o.driver.ip(this.localNameOfUID(action.vmUID)) };
+      query.set('ip', await this.o.driver.ip(this.localNameOfUID(action.vmUID)));
     } catch (err) {
-      body = { error: (err as Error).message.slice(0, 1000) };
+      query.set('errorMessage', (err as Error).message.slice(0, 1000));
     }
-    await this.o.client.call('POST', `/v1/rpc/resolve-ip?session=${encodeURIComponent(action.session)}`, body).catch((err: Error) => {
+    await this.o.client.call('POST', `/v1/rpc/resolve-ip?${query}`).catch((err: Error) => {
       this.log.debug({ err: err.message }, 'resolve-ip answer failed');
     });
   }
@@ -546,8 +559,10 @@ export class OrchardWorker {
       uid: vm.uid!,
       image: vm.image!,
       imagePullPolicy: vm.imagePullPolicy ?? 'IfNotPresent',
-      cpu: vm.cpu ?? VM_DEFAULTS.cpu,
-      memory: vm.memory ?? VM_DEFAULTS.memory,
+      // What the VM asks for, else what the controller assigned when it placed the VM (from this
+      // worker's defaults), else this worker's defaults (a controller that assigns nothing).
+      cpu: vm.cpu || vm.assignedCPU || (this.o.defaultCPU ?? VM_DEFAULTS.cpu),
+      memory: vm.memory || vm.assignedMemory || (this.o.defaultMemory ?? VM_DEFAULTS.memory),
       diskSize: vm.diskSize,
       ...sshCredentials(vm),
       nested: vm.nested,
@@ -637,12 +652,17 @@ export class OrchardWorker {
     const { localName } = task;
     const signal = task.abort.signal;
     this.event(task, 'startup-script', 'running the startup script');
+    // The script's output as upstream's workers give it: one `log_line` event per line (what upstream's
+    // `orchard logs vm` shows), sent in batches every 0.5 s; a line still open goes out at the end.
     let buffered = '';
-    const flush = () => {
-      if (!buffered) return;
-      const payload = buffered;
-      buffered = '';
-      this.event(task, 'startup-script-output', payload);
+    const flush = (all = false) => {
+      const end = all ? buffered.length : buffered.lastIndexOf('\n') + 1;
+      if (end === 0) return;
+      const text = buffered.slice(0, end);
+      buffered = buffered.slice(end);
+      const now = Math.floor(Date.now() / 1000);
+      const lines = text.replace(/\r?\n$/, '').split(/\r?\n/);
+      this.send(task, { events: lines.map((payload) => ({ kind: 'log_line', timestamp: now, payload })) });
     };
     const timer = setInterval(flush, 500);
     try {
@@ -655,11 +675,11 @@ export class OrchardWorker {
         signal,
       });
       clearInterval(timer);
-      flush();
+      flush(true);
       this.event(task, 'startup-script', result.signal ? `startup script killed by signal ${result.signal}` : `startup script exited with code ${result.exitCode}`);
     } catch (err) {
       clearInterval(timer);
-      flush();
+      flush(true);
       this.event(task, 'startup-script', `startup script could not run: ${(err as Error).message}`);
     }
   }

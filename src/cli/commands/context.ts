@@ -39,7 +39,8 @@ export function registerContextCommands(program: Command) {
       const config = await loadConfig();
       if (config.contexts[opts.name] && !opts.force) throw new UsageError(`context "${opts.name}" exists; pass --force to replace it`);
       const ctx: Context = {
-        url: url.origin,
+        // With the path: a controller run with --api-prefix serves its API under it.
+        url: url.origin + url.pathname.replace(/\/+$/, ''),
         serviceAccountName: bootstrap?.serviceAccountName ?? opts.serviceAccountName,
         serviceAccountToken: bootstrap?.serviceAccountToken ?? opts.serviceAccountToken,
       };

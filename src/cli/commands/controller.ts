@@ -1,5 +1,6 @@
 // orchard controller run | backup | restore
-import type { Command } from 'commander';
+import { Option, type Command } from 'commander';
+import { UsageError } from '../common.ts';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { parseDuration } from '../output.ts';
@@ -33,12 +34,29 @@ async function bootstrapAdmin(ctl: RunningController, fromEnvironment: boolean) 
 }
 
 export function registerControllerCommands(program: Command) {
-  const controller = program.command('controller').description('run the controller');
+  // --data-dir also before `run`, as upstream's (a flag of `orchard controller`): orchard controller --data-dir DIR run
+  // Positional: a --data-dir after the subcommand is the subcommand's (each has its own), one before it is this one's.
+  const controller = program
+    .command('controller')
+    .description('run the controller')
+    .enablePositionalOptions()
+    .option('--data-dir <dir>', `where the database, certificate and key live (default ${defaultDataDir()})`);
   controller
     .command('run')
     .description('run the controller: the API, the embedded database and the scheduler')
-    .option('--data-dir <dir>', 'where the database, certificate and key live', join(homedir(), '.orchard', 'controller'))
-    .option('-l, --listen <address>', 'address to listen on (HOST:PORT or :PORT)', ':6120')
+    .option('--data-dir <dir>', `where the database, certificate and key live (default ${defaultDataDir()})`)
+    .option('-l, --listen <address>', 'address to listen on (HOST:PORT or :PORT; default :$PORT, else :6120, as upstream)', `:${process.env.PORT || 6120}`)
+    .option('--api-prefix <path>', 'serve the whole API under this path (e.g. /orchard), for a controller behind a proxy shared with other services; contexts then use https://HOST:PORT/orchard')
+    .option('--debug', 'debug log level (same as ORCHARD_LOG_LEVEL=debug)')
+    .option('--ssh-host-key <file>', "the SSH jump host's private key from this file instead of the one made in the data dir")
+    .option('--exec-session-exit-ttl <duration>', 'how long a reconnectable exec session with nobody attached (its command exited or not) keeps its history', '10m')
+    .option('--experimental-ping-interval <duration>', 'how often WebSockets to workers and clients are pinged (at least 5s; default 20s), for proxies with shorter idle timeouts')
+    .option('--experimental-disable-db-compression', "accepted for upstream's command lines; nothing to do (the SQLite store does not compress)")
+    .option('--listen-pprof <address>', "accepted for upstream's command lines and ignored (Go's pprof; see GET /metrics)")
+    .option('--insecure-ssh-no-client-auth', 'refused: the SSH jump host always authenticates the service account')
+    .option('--no-experimental-rpc-v2', 'refused: only the v2 worker protocol is served')
+    .addOption(new Option('--experimental-rpc-v2', 'deprecated, as upstream: v2 is always on').hideHelp())
+    .addOption(new Option('--synthetic', "upstream's hidden flag (it changes nothing there either)").hideHelp())
     .option('--controller-cert <file>', 'use this TLS certificate (PEM) instead of the self-signed one')
     .option('--controller-key <file>', 'the key of --controller-cert (PEM)')
     .option('--insecure-no-tls', 'serve plain HTTP (tokens cross the network in clear text!)')
@@ -46,9 +64,39 @@ export function registerControllerCommands(program: Command) {
     .option('--accept-damaged-database', 'start even when the database fails its start-up checks (damaged or missing WAL, emptied or swapped orchard.db): VMs it does not know stay on their workers as orphans')
     .option('--listen-ssh <address>', 'also run an SSH jump host to the VMs on this address (HOST:PORT or :PORT): ssh -J ACCOUNT@HOST:PORT USER@VM, password = the account\'s token')
     .addHelpText('after', '\nEnvironment:\n  ORCHARD_BOOTSTRAP_ADMIN_TOKEN  create (or update) the service account "bootstrap-admin" with every role and this token')
-    .action(async (opts: { dataDir: string; listen: string; controllerCert?: string; controllerKey?: string; insecureNoTls?: boolean; workerOfflineTimeout: string; listenSsh?: string; acceptDamagedDatabase?: boolean }) => {
+    .action(async (opts: {
+      dataDir?: string;
+      listen: string;
+      controllerCert?: string;
+      controllerKey?: string;
+      insecureNoTls?: boolean;
+      workerOfflineTimeout: string;
+      listenSsh?: string;
+      acceptDamagedDatabase?: boolean;
+      apiPrefix?: string;
+      debug?: boolean;
+      sshHostKey?: string;
+      execSessionExitTtl: string;
+      experimentalPingInterval?: string;
+      experimentalDisableDbCompression?: boolean;
+      listenPprof?: string;
+      insecureSshNoClientAuth?: boolean;
+      experimentalRpcV2: boolean;
+    }) => {
+      opts.dataDir ??= (controller.opts() as { dataDir?: string }).dataDir ?? defaultDataDir();
+      if (opts.insecureSshNoClientAuth) throw new UsageError('--insecure-ssh-no-client-auth is not supported: the SSH jump host always authenticates (user = service account, password = its token)');
+      // Commander's --no-experimental-rpc-v2 sets experimentalRpcV2 to false; the hidden --experimental-rpc-v2 leaves it true.
+      if (opts.experimentalRpcV2 === false) throw new UsageError('--no-experimental-rpc-v2 is not supported: the controller serves only the v2 worker protocol (the gRPC v1 one is not served)');
+      if (opts.sshHostKey && !opts.listenSsh) throw new UsageError('--ssh-host-key is for the SSH jump host: add --listen-ssh');
+      const pingIntervalMs = opts.experimentalPingInterval === undefined ? undefined : parseDuration(opts.experimentalPingInterval);
+      if (pingIntervalMs !== undefined && pingIntervalMs < 5000) throw new UsageError("--experimental-ping-interval's value cannot be less than 5 seconds");
+      const execTTL = parseDuration(opts.execSessionExitTtl);
+      if (opts.listenPprof) process.stderr.write('orchard controller: --listen-pprof is ignored (Go\'s pprof has no counterpart here; GET /metrics has the metrics)\n');
+      if (opts.debug) process.env.ORCHARD_LOG_LEVEL = 'debug';
       // Loaded on demand: the other commands need none of the server's modules.
       const { startController } = await lazy.controller();
+      const { setExecLimits } = await lazy.exec();
+      setExecLimits({ retentionMs: execTTL });
       let ctl;
       try {
         ctl = await startController({
@@ -61,6 +109,9 @@ export function registerControllerCommands(program: Command) {
           bootstrapAdminToken: process.env.ORCHARD_BOOTSTRAP_ADMIN_TOKEN || undefined,
           listenSSH: opts.listenSsh,
           acceptDamagedDatabase: opts.acceptDamagedDatabase,
+          apiPrefix: opts.apiPrefix,
+          sshHostKeyFile: opts.sshHostKey,
+          pingIntervalMs,
         });
       } catch (err) {
         const e = err as Error & { code?: string };

@@ -1,11 +1,11 @@
 // orchard dev: a whole cluster (controller + workers) in one process, secure by default (TLS and a
 // generated admin token) with nothing to set up: the `dev` context gets the credentials and the
 // pinned certificate. Ctrl-C stops every VM and exits; the next run finds the records again.
-import type { Command } from 'commander';
+import { Option, type Command } from 'commander';
 import { existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { loadConfig, saveConfig } from '../../client/config.ts';
-import { parseInteger } from '../common.ts';
+import { collectKeyValue, parseInteger, UsageError } from '../common.ts';
 import type { Driver } from '../../worker/drivers/driver.ts';
 import type { OrchardWorker } from '../../worker/worker.ts';
 import * as lazy from '../../build/lazy.ts';
@@ -14,11 +14,20 @@ export function registerDevCommand(program: Command) {
   program
     .command('dev')
     .description('run a development cluster on this machine: a controller and workers, with real VMs')
-    .option('--data-dir <dir>', 'where everything is kept between runs', '.dev-data')
+    .option('-d, --data-dir <dir>', 'where everything is kept between runs', '.dev-data')
     .option('-l, --listen <address>', 'controller address', '127.0.0.1:6120')
     .option('--workers <n>', 'number of workers', parseInteger('--workers'), 1)
     .option('--synthetic', 'in-memory VMs (for load tests) instead of real ones')
-    .action(async (opts: { dataDir: string; listen: string; workers: number; synthetic?: boolean }) => {
+    .option('--api-prefix <path>', 'serve the API under this path (as controller run --api-prefix)')
+    .option('--resources <name=amount[,...]>', 'extra resources the workers advertise (repeatable)', collectKeyValue)
+    .option('--listen-pprof <address>', "accepted for upstream's command lines and ignored (Go's pprof)")
+    .addOption(new Option('--experimental-rpc-v2', 'deprecated, as upstream: v2 is always on').hideHelp())
+    .action(async (opts: { dataDir: string; listen: string; workers: number; synthetic?: boolean; apiPrefix?: string; resources?: Record<string, string> }) => {
+      const resources: Record<string, number> = {};
+      for (const [k, v] of Object.entries(opts.resources ?? {})) {
+        if (!/^\d+$/.test(v)) throw new UsageError(`--resources ${k}=${v}: the amount must be a whole number`);
+        resources[k] = Number(v);
+      }
       const { startController } = await lazy.controller();
       const { startWorker, makeDriver } = await lazy.worker();
       const { newToken } = await lazy.accounts();
@@ -59,7 +68,7 @@ export function registerDevCommand(program: Command) {
       const adminToken = readFileSync(tokenFile, 'utf8').trim();
       let ctl;
       try {
-        ctl = await startController({ dataDir: join(dataDir, 'controller'), listen: opts.listen, bootstrapAdminToken: adminToken, logger });
+        ctl = await startController({ dataDir: join(dataDir, 'controller'), listen: opts.listen, bootstrapAdminToken: adminToken, logger, apiPrefix: opts.apiPrefix });
       } catch (err) {
         if ((err as { code?: string }).code === 'EADDRINUSE') {
           throw new Error(`${opts.listen} is in use (another "orchard dev" or controller?): stop it, or pick another address with --listen 127.0.0.1:PORT`, { cause: err });
@@ -75,7 +84,7 @@ export function registerDevCommand(program: Command) {
       const workers: OrchardWorker[] = [];
       for (let i = 1; i <= opts.workers; i++) {
         workers.push(
-          await startWorker({ url: ctl.url, token, name: `dev-worker-${i}`, runtime, labels: {}, dataDir: join(dataDir, `worker-${i}`), driver: drivers[i - 1], logger }),
+          await startWorker({ url: ctl.url, token, name: `dev-worker-${i}`, runtime, labels: {}, resources, dataDir: join(dataDir, `worker-${i}`), driver: drivers[i - 1], logger }),
         );
       }
       say(`controller ${ctl.url} (certificate SHA-256 ${ctl.fingerprint})`);

@@ -10,7 +10,10 @@ import { resolveContext } from '../../client/config.ts';
 import { collect, collectKeyValue, collectList, parseInteger, UsageError, withClient, withCommon, type CommonOptions } from '../common.ts';
 import { age, details, formatLabels, print, table } from '../output.ts';
 
-const vmRow = (vm: VM) => [vm.name, vm.image, vm.cpu, vm.memory, vm.status, vm.worker, formatLabels(vm.labels), age(vm.createdAt)];
+/** What a VM asks for, else what it was given when placed (its worker's defaults). */
+const cpuOf = (vm: VM) => vm.cpu || vm.assignedCPU;
+const memoryOf = (vm: VM) => vm.memory || vm.assignedMemory;
+const vmRow = (vm: VM) => [vm.name, vm.image, cpuOf(vm), memoryOf(vm), vm.status, vm.worker, formatLabels(vm.labels), age(vm.createdAt)];
 const VM_HEADERS = ['NAME', 'IMAGE', 'CPU', 'MEMORY', 'STATUS', 'WORKER', 'LABELS', 'AGE'];
 
 function vmDetails(vm: VM): string {
@@ -20,8 +23,8 @@ function vmDetails(vm: VM): string {
     ['image', vm.image],
     ['os/arch', `${vm.os}/${vm.arch}`],
     ['runtime', vm.runtime],
-    ['cpu', vm.cpu],
-    ['memory', vm.memory !== undefined ? `${vm.memory} MiB` : undefined],
+    ['cpu', cpuOf(vm) ?? "the worker's default"],
+    ['memory', memoryOf(vm) !== undefined ? `${memoryOf(vm)} MiB` : "the worker's default"],
     ['disk size', vm.diskSize ? `${vm.diskSize} GB` : undefined],
     ['labels', formatLabels(vm.labels)],
     ['restart policy', vm.restart_policy],
@@ -46,6 +49,31 @@ const workerRow = (w: Worker) => [
 const WORKER_HEADERS = ['NAME', 'RUNTIME', 'ARCH', 'RESOURCES', 'LABELS', 'PAUSED', 'LAST SEEN'];
 
 const saRow = (sa: ServiceAccount) => [sa.name, sa.roles.join(','), age(sa.createdAt)];
+
+/**
+ * `NAME/FIELD[/FIELD…]` as upstream's `orchard get vm macos/status`: the name and the field path.
+ * A field is named by its JSON key or upstream's Go field name, in any case (`status_message`,
+ * `StatusMessage`, `statusmessage`; `startup_script/script_content`).
+ */
+export function splitFieldPath(arg: string): { name: string; path: string[] } {
+  const [name, ...path] = arg.split('/');
+  return { name, path };
+}
+
+const fold = (key: string) => key.replace(/[^A-Za-z0-9]/g, '').toLowerCase();
+
+/** The text of a field of `value` at `path`, or an error naming the field. Strings print as they are; anything else as JSON. */
+export function lookupField(value: unknown, path: string[]): string {
+  let current: unknown = value;
+  for (const [i, element] of path.entries()) {
+    const key = current !== null && typeof current === 'object' && !Array.isArray(current) ? Object.keys(current).find((k) => fold(k) === fold(element)) : undefined;
+    if (key === undefined) {
+      throw new UsageError(`failed to find the specified field "${path.slice(0, i + 1).join('/')}"${current !== null && typeof current === 'object' && !Array.isArray(current) ? ` (fields: ${Object.keys(current).join(', ')})` : ''}`);
+    }
+    current = (current as Record<string, unknown>)[key];
+  }
+  return typeof current === 'string' ? current : JSON.stringify(current);
+}
 
 function parseRoles(roles: string[]): Role[] {
   for (const r of roles) if (!(ROLES as readonly string[]).includes(r)) throw new UsageError(`unknown role "${r}"; roles are ${ROLES.join(', ')}`);
@@ -176,17 +204,23 @@ export function registerResourceCommands(program: Command) {
   withCommon(
     get
       .command('vm')
-      .description('show a VM')
-      .argument('<name>')
+      .description('show a VM, or one of its fields (NAME/FIELD: `orchard get vm macos/status`)')
+      .argument('<name>', 'NAME or NAME/FIELD[/FIELD...]')
       .option('--ip', "print only the VM's IP address (resolved on its worker; needs compute:write or compute:connect)")
       .option('--wait <seconds>', 'with --ip: how long to wait for the VM to be running', parseInteger('--wait'), 10),
-  ).action(async (name: string, opts: CommonOptions & { ip?: boolean; wait: number }) => {
+  ).action(async (arg: string, opts: CommonOptions & { ip?: boolean; wait: number }) => {
+    const { name, path } = splitFieldPath(arg);
     if (opts.ip) {
+      if (path.length) throw new UsageError('--ip takes a VM name, not NAME/FIELD');
       const ip = await withClient(opts, (c) => c.vmIP(name, opts.wait));
       await print(opts.output, { ip }, () => ip + '\n');
       return;
     }
     const vm = await withClient(opts, (c) => c.getVM(name));
+    if (path.length) {
+      process.stdout.write(lookupField(vm, path) + '\n');
+      return;
+    }
     await print(opts.output, vm, () => vmDetails(vm));
   });
 
@@ -233,8 +267,10 @@ export function registerResourceCommands(program: Command) {
     const workers = await withClient(opts, (c) => c.listWorkers());
     await print(opts.output, workers, () => (quiet(opts) ? names(workers) : table(WORKER_HEADERS, workers.map(workerRow))));
   });
-  withCommon(get.command('worker').description('show a worker').argument('<name>')).action(async (name: string, opts: CommonOptions) => {
+  withCommon(get.command('worker').description('show a worker, or one of its fields (NAME/FIELD)').argument('<name>', 'NAME or NAME/FIELD[/FIELD...]')).action(async (arg: string, opts: CommonOptions) => {
+    const { name, path } = splitFieldPath(arg);
     const w = await withClient(opts, (c) => c.getWorker(name));
+    if (path.length) return void process.stdout.write(lookupField(w, path) + '\n');
     await print(opts.output, w, () => table(WORKER_HEADERS, [workerRow(w)]));
   });
   withCommon(del.command('worker').description('delete a worker').argument('<name>'), false).action(async (name: string, opts: CommonOptions) => {
@@ -315,8 +351,10 @@ export function registerResourceCommands(program: Command) {
     const sas = await withClient(opts, (c) => c.listServiceAccounts());
     await print(opts.output, sas, () => (quiet(opts) ? names(sas) : table(['NAME', 'ROLES', 'AGE'], sas.map(saRow))));
   });
-  withCommon(get.command('service-account').description('show a service account').argument('<name>')).action(async (name: string, opts: CommonOptions) => {
+  withCommon(get.command('service-account').description('show a service account, or one of its fields (NAME/FIELD: `workers/token`)').argument('<name>', 'NAME or NAME/FIELD[/FIELD...]')).action(async (arg: string, opts: CommonOptions) => {
+    const { name, path } = splitFieldPath(arg);
     const sa = await withClient(opts, (c) => c.getServiceAccount(name));
+    if (path.length) return void process.stdout.write(lookupField(sa, path) + '\n');
     await print(opts.output, sa, () => table(['NAME', 'ROLES', 'AGE'], [saRow(sa)]));
   });
   withCommon(del.command('service-account').description('delete a service account').argument('<name>'), false).action(
@@ -354,14 +392,21 @@ export function registerResourceCommands(program: Command) {
       .command('cluster-settings')
       .description('change the cluster settings')
       .addOption(new Option('--scheduler-profile <profile>', 'how VMs are spread over workers').choices([...SCHEDULER_PROFILES]))
-      .option('--host-dir-policy <prefix[:ro]>', 'allow hostDirs under this path (repeatable; replaces the list)', collect),
-  ).action(async (opts: CommonOptions & { schedulerProfile?: ClusterSettings['schedulerProfile']; hostDirPolicy?: string[] }) => {
+      .option('--host-dir-policy <prefix[:ro]>', 'allow hostDirs under this path (repeatable; replaces the list)', collect)
+      .option('--host-dir-policies <prefix[:ro][,...]>', "add these to the allowed hostDir paths (as upstream's: comma-separated, added to the list)", collectList),
+  ).action(async (opts: CommonOptions & { schedulerProfile?: ClusterSettings['schedulerProfile']; hostDirPolicy?: string[]; hostDirPolicies?: string[] }) => {
+    const policy = (p: string) => (p.endsWith(':ro') ? { pathPrefix: p.slice(0, -3), ro: true } : { pathPrefix: p });
     const change: ClusterSettings = {};
     if (opts.schedulerProfile) change.schedulerProfile = opts.schedulerProfile;
-    if (opts.hostDirPolicy) change.hostDirPolicies = opts.hostDirPolicy.map((p) => (p.endsWith(':ro') ? { pathPrefix: p.slice(0, -3), ro: true } : { pathPrefix: p }));
-    if (!Object.keys(change).length) throw new UsageError('nothing to change: pass --scheduler-profile or --host-dir-policy');
+    if (opts.hostDirPolicy) change.hostDirPolicies = opts.hostDirPolicy.map(policy);
+    if (!Object.keys(change).length && !opts.hostDirPolicies) throw new UsageError('nothing to change: pass --scheduler-profile, --host-dir-policy or --host-dir-policies');
     // PUT replaces the settings (as upstream's): send the current ones with the change.
-    const s = await withClient(opts, async (c) => c.setClusterSettings({ ...(await c.getClusterSettings()), ...change }));
+    const s = await withClient(opts, async (c) => {
+      const current = await c.getClusterSettings();
+      const next = { ...current, ...change };
+      if (opts.hostDirPolicies) next.hostDirPolicies = [...(next.hostDirPolicies ?? []), ...opts.hostDirPolicies.map(policy)];
+      return c.setClusterSettings(next);
+    });
     await print(opts.output, s, () => 'cluster settings updated\n');
   });
 }

@@ -1,5 +1,7 @@
 // orchard worker run; orchard image build|import|list
-import type { Command } from 'commander';
+import { Option, type Command } from 'commander';
+import type { Logger } from 'pino';
+import { VM_DEFAULTS } from '../../api/defaults.ts';
 import { hostname, homedir } from 'node:os';
 import { join } from 'node:path';
 import { decodeBootstrapToken } from '../../api/bootstrap-token.ts';
@@ -11,6 +13,19 @@ import * as lazy from '../../build/lazy.ts';
 export const defaultWorkerDataDir = () => join(homedir(), '.orchard', 'worker');
 
 const BOOTSTRAP_TOKEN_ENV = 'ORCHARD_BOOTSTRAP_TOKEN';
+
+/** The controller's URL as upstream's worker takes it: a bare HOST[:PORT] is https://HOST:PORT, port 6120 by default. */
+export function controllerURL(raw: string): string {
+  let url: URL;
+  try {
+    url = new URL(/^[a-z][a-z0-9+.-]*:\/\//i.test(raw) ? raw : `https://${raw}`);
+  } catch {
+    throw new UsageError(`"${raw}" is not a controller URL (https://HOST:PORT)`);
+  }
+  if (url.protocol !== 'https:' && url.protocol !== 'http:') throw new UsageError(`"${raw}": the controller URL must be https:// (or http:// for --insecure-no-tls controllers)`);
+  if (!url.port && !/^[a-z]+:\/\/[^/]*:\d+/i.test(raw)) url.port = '6120';
+  return url.href.replace(/\/$/, '');
+}
 
 /**
  * The worker's bootstrap token from exactly one source. A command-line argument is readable by
@@ -47,7 +62,7 @@ export function registerWorkerCommands(program: Command) {
   worker
     .command('run')
     .description('run a worker: register with the controller and run the VMs it assigns here')
-    .argument('<controller-url>', 'e.g. https://controller:6120')
+    .argument('<controller-url>', 'e.g. https://controller:6120 (a bare HOST[:PORT] means https://HOST:PORT, port 6120 by default)')
     .option('--bootstrap-token <token>', 'from `orchard get bootstrap-token NAME` (credentials and the controller certificate); visible in ps, prefer the next two')
     .option('--bootstrap-token-stdin', 'read the bootstrap token from standard input')
     .option('--name <name>', 'worker name (default: the host name, as upstream)', hostname().replace(/[^A-Za-z0-9._:-]/g, '-').slice(0, 128))
@@ -56,40 +71,112 @@ export function registerWorkerCommands(program: Command) {
     .option('--runtime <runtime>', 'qemu (Linux), tart (macOS) or synthetic', process.platform === 'darwin' ? 'tart' : 'qemu')
     .option('--synthetic', 'same as --runtime synthetic: in-memory VMs for load tests')
     .option('--slots <n>', 'VMs this host runs at once (default: 2 for tart, memory/1 GiB for qemu, 1000 synthetic)', parseInteger('--slots'))
-    .option('--data-dir <dir>', 'VM disks, images and state', defaultWorkerDataDir())
+    .option('--default-cpu <n>', 'CPUs of a VM that asks for none', parseInteger('--default-cpu'), VM_DEFAULTS.cpu)
+    .option('--default-memory <mib>', 'memory (MiB) of a VM that asks for none', parseInteger('--default-memory'), VM_DEFAULTS.memory)
+    .option('--data-dir <dir>', 'VM disks, images and state (default: ~/.orchard/worker of the user the worker runs as)')
     .option('--heartbeat <duration>', 'how often to report liveness', '10s')
     .option('--orphan-grace <duration>', 'how long to keep a VM the controller does not know (it lost its data) before removing it', '24h')
+    .option('--log-file <file>', 'write the log (JSON lines) to this file instead of standard error; rotated at 100 MB (the full one becomes FILE.1)')
+    .option('--debug', 'debug log level (same as ORCHARD_LOG_LEVEL=debug)')
+    .option('--user <name>', 'started as root: run as this user (its groups and HOME) from the start on; VMs, their files and startup scripts belong to it')
+    .option('--no-pki', "trust only the certificate in the bootstrap token (refuse to start if it has none), never the host's CAs")
+    .option('--listen-pprof <address>', "accepted for upstream's command lines and ignored (Go's pprof)")
+    .addOption(new Option('--workers <n>', 'run this many workers in this process, named NAME-1…NAME-N (load tests)').argParser(parseInteger('--workers')).default(1).hideHelp())
     .addHelpText('after', `\nThe bootstrap token comes from exactly one of --bootstrap-token-stdin, $${BOOTSTRAP_TOKEN_ENV} or --bootstrap-token.`)
-    .action(async (url: string, opts: { bootstrapToken?: string; bootstrapTokenStdin?: boolean; name: string; labels?: Record<string, string>; resources?: Record<string, string>; runtime: string; synthetic?: boolean; slots?: number; dataDir: string; heartbeat: string; orphanGrace: string }) => {
-      const { startWorker } = await lazy.worker();
-      const token = decodeBootstrapToken(await bootstrapTokenFrom(opts));
-      const resources: Record<string, number> = {};
-      for (const [k, v] of Object.entries(opts.resources ?? {})) {
-        if (!/^\d+$/.test(v)) throw new UsageError(`--resources ${k}=${v}: the amount must be a whole number`);
-        resources[k] = Number(v);
-      }
-      const running = await startWorker({
-        url,
-        token,
-        name: opts.name,
-        runtime: opts.synthetic ? 'synthetic' : opts.runtime,
-        labels: opts.labels ?? {},
-        resources,
-        slots: opts.slots,
-        dataDir: opts.dataDir,
-        heartbeatMs: parseDuration(opts.heartbeat),
-        orphanGraceMs: parseDuration(opts.orphanGrace),
-      });
-      await new Promise<void>((resolve) => {
-        const stop = () => {
-          process.off('SIGINT', stop);
-          process.off('SIGTERM', stop);
-          running.stop().then(resolve, resolve);
-        };
-        process.on('SIGINT', stop);
-        process.on('SIGTERM', stop);
-      });
-    });
+    .action(
+      async (
+        rawURL: string,
+        opts: {
+          bootstrapToken?: string;
+          bootstrapTokenStdin?: boolean;
+          name: string;
+          labels?: Record<string, string>;
+          resources?: Record<string, string>;
+          runtime: string;
+          synthetic?: boolean;
+          slots?: number;
+          defaultCpu: number;
+          defaultMemory: number;
+          dataDir?: string;
+          heartbeat: string;
+          orphanGrace: string;
+          logFile?: string;
+          debug?: boolean;
+          user?: string;
+          pki: boolean;
+          listenPprof?: string;
+          workers: number;
+        },
+      ) => {
+        const { startWorker } = await lazy.worker();
+        const { pino } = await lazy.pino();
+        const url = controllerURL(rawURL);
+        for (const [flag, n] of [['--default-cpu', opts.defaultCpu], ['--default-memory', opts.defaultMemory], ['--workers', opts.workers]] as const) {
+          if (n < 1) throw new UsageError(`${flag} must be at least 1, got ${n}`);
+        }
+        const token = decodeBootstrapToken(await bootstrapTokenFrom(opts));
+        if (!opts.pki && !token.certificate) throw new UsageError('--no-pki was given, but the bootstrap token carries no certificate to trust');
+        const resources: Record<string, number> = {};
+        for (const [k, v] of Object.entries(opts.resources ?? {})) {
+          if (!/^\d+$/.test(v)) throw new UsageError(`--resources ${k}=${v}: the amount must be a whole number`);
+          resources[k] = Number(v);
+        }
+        if (opts.listenPprof) process.stderr.write("orchard worker: --listen-pprof is ignored (Go's pprof has no counterpart here)\n");
+        // As upstream: drop privileges before anything else (the log file, the data dir, the VMs belong to the user).
+        if (opts.user) {
+          const { dropPrivileges } = await lazy.privdrop();
+          const dropped = dropPrivileges(opts.user);
+          process.stderr.write(`orchard worker: running as ${opts.user} (uid ${dropped.uid}, gid ${dropped.gid})\n`);
+        }
+        const dataDir = opts.dataDir ?? defaultWorkerDataDir();
+        const level = opts.debug ? 'debug' : (process.env.ORCHARD_LOG_LEVEL ?? 'info');
+        let logger: Logger;
+        let logFile: { close(): void } | undefined;
+        if (opts.logFile) {
+          const { RotatingLogFile } = await lazy.logFile();
+          const file = new RotatingLogFile(opts.logFile);
+          logFile = file;
+          logger = pino({ level }, file);
+        } else logger = pino({ level });
+        const runtime = opts.synthetic ? 'synthetic' : opts.runtime;
+        const running: { stop(): Promise<void> }[] = [];
+        try {
+          for (let i = 1; i <= opts.workers; i++) {
+            const many = opts.workers > 1;
+            running.push(
+              await startWorker({
+                url,
+                token,
+                name: many ? `${opts.name}-${i}` : opts.name,
+                runtime,
+                labels: opts.labels ?? {},
+                resources,
+                slots: opts.slots,
+                dataDir: many ? join(dataDir, `${opts.name}-${i}`) : dataDir,
+                heartbeatMs: parseDuration(opts.heartbeat),
+                orphanGraceMs: parseDuration(opts.orphanGrace),
+                defaultCPU: opts.defaultCpu,
+                defaultMemory: opts.defaultMemory,
+                logger,
+              }),
+            );
+          }
+        } catch (err) {
+          await Promise.all(running.map((w) => w.stop()));
+          throw err;
+        }
+        await new Promise<void>((resolve) => {
+          const stop = () => {
+            process.off('SIGINT', stop);
+            process.off('SIGTERM', stop);
+            Promise.all(running.map((w) => w.stop())).then(() => resolve(), () => resolve());
+          };
+          process.on('SIGINT', stop);
+          process.on('SIGTERM', stop);
+        });
+        logFile?.close();
+      },
+    );
 
   const image = program.command('image').description('manage the QEMU guest images of this host');
   image

@@ -23,10 +23,10 @@ import { badRequest, conflict, notFound } from '../errors.ts';
 import { streamWatch } from '../watch.ts';
 import { accountOf } from '../access.ts';
 import { checkActsAs } from '../domain/workers.ts';
-import { applyStateReport, newVM, redactVM, secretsFor } from '../domain/vms.ts';
+import { applyStateReport, checkRuntimeFields, checkSpecChange, newVM, redactVM, secretsFor } from '../domain/vms.ts';
 
 const NameParams = Type.Object({ name: Name });
-const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
+const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody, 409: ErrorBody };
 
 const READ = ['compute:read'] as const;
 const WRITE = ['compute:write'] as const;
@@ -84,7 +84,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
 
   app.post<{ Body: VM }>(
     '/v1/vms',
-    { config: { roles: WRITE }, schema: { tags: ['vms'], summary: 'Create a VM', body: VMBody, response: { 200: VM, 409: ErrorBody, ...errors } } },
+    { config: { roles: WRITE }, schema: { tags: ['vms'], summary: 'Create a VM', body: VMBody, response: { 200: VM, ...errors } } },
     async (request) => {
       const vm = newVM(request.body);
       checkHostDirs(vm, await store.getClusterSettings());
@@ -197,8 +197,14 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
           }
         }
         const next: VM = { ...current };
-        for (const k of VM_SPEC_KEYS) if (body[k] !== undefined) (next as Record<string, unknown>)[k] = body[k];
+        for (const k of VM_SPEC_KEYS) {
+          // null removes the field (a startup script): a VM never holds a null, as upstream's never does.
+          if (body[k] === null) delete (next as Record<string, unknown>)[k];
+          else if (body[k] !== undefined) (next as Record<string, unknown>)[k] = body[k];
+        }
         if (specOf(next) === specOf(current)) return current;
+        checkSpecChange(current, next);
+        checkRuntimeFields(next);
         checkHostDirs(next, settings);
         next.generation = (current.generation ?? 0) + 1;
         return next;
@@ -210,7 +216,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
     '/v1/vms/:name/state',
     {
       config: { roles: WRITE },
-      schema: { tags: ['vms'], summary: "Report a VM's state (workers)", params: NameParams, body: VMStateUpdate, response: { 200: VM, 409: ErrorBody, ...errors } },
+      schema: { tags: ['vms'], summary: "Report a VM's state (workers)", params: NameParams, body: VMStateUpdate, response: { 200: VM, ...errors } },
     },
     async (request) => reportState(request.params.name, request.body, accountOf(request)),
   );
@@ -228,7 +234,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       schema: {
         tags: ['vms'],
         summary:
-          "A VM's events, paged (X-Next-Cursor header gives the next page's cursor; a page also ends at about 2 MiB). Only the newest events are kept: X-Events-Dropped says how many older ones were dropped, and an `events-dropped` event stands in for them at the oldest end",
+          "A VM's events: without `limit` all of them (as upstream's); with `limit` a page (X-Next-Cursor header gives the next page's cursor; a page also ends at about 2 MiB). Only the newest events are kept: X-Events-Dropped says how many older ones were dropped, and an `events-dropped` event stands in for them at the oldest end",
         params: NameParams,
         querystring: Type.Object({
           limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 10000 })),
@@ -242,7 +248,18 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       const vm = await store.get('vms', request.params.name);
       if (!vm?.uid) throw notFound(`VM "${request.params.name}" not found`);
       const order = request.query.order ?? 'asc';
-      const page = await store.listEvents(vm.uid, { limit: request.query.limit ?? 1000, order, cursor: request.query.cursor });
+      let page = await store.listEvents(vm.uid, { limit: request.query.limit ?? ctx.limits.eventsPerVM, order, cursor: request.query.cursor });
+      if (request.query.limit === undefined) {
+        // No limit, as upstream's clients ask (`orchard logs vm`, which reads no X-Next-Cursor): every
+        // kept event in one answer, as upstream's controller gives it. Retention bounds it (eventsPerVM,
+        // eventBytesPerVM); the store's pages (eventPageBytes each) are joined here.
+        const events = [...page.events];
+        while (page.nextCursor) {
+          page = await store.listEvents(vm.uid, { limit: ctx.limits.eventsPerVM, order, cursor: page.nextCursor });
+          events.push(...page.events);
+        }
+        page = { ...page, events };
+      }
       if (page.nextCursor) reply.header('x-next-cursor', page.nextCursor);
       if (page.dropped === 0) return page.events;
       // Retention dropped the oldest events: the header says so on every page, and the page that

@@ -146,6 +146,8 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
           ...vm,
           uid: parsed.uid,
           restart_count: parsed.restartCount,
+          localName: orphan.localName,
+          tartName: orphan.localName,
           worker: request.params.name,
           scheduled_at: new Date().toISOString(),
           status_message: `adopted from worker ${request.params.name}`,
