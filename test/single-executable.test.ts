@@ -171,7 +171,7 @@ test('the single executable runs a whole cluster with no node on the PATH', { ti
       return vm.status === 'running';
     }, 180_000, 500);
     assert.match(await ok(['list', 'vms']), /^one\s+debian-dev\s+1\s+512\s+running\s+sea-worker/m);
-    await waitFor('the startup script output', async () => /startup-script-output: hello from /.test(await ok(['logs', 'vm', 'one'])), 60_000, 500);
+    await waitFor('the startup script output', async () => /log_line: hello from /.test(await ok(['logs', 'vm', 'one'])), 60_000, 500);
 
     const ssh = await run(['ssh', 'vm', 'one', '--', 'echo "$(whoami) on $(uname -s)"; exit 3']);
     assert.equal(ssh.code, 3, ssh.stderr);
