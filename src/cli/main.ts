@@ -10,6 +10,7 @@ import { registerResourceCommands } from './commands/resources.ts';
 import { registerWorkerCommands } from './commands/worker.ts';
 import { registerDevCommand } from './commands/dev.ts';
 import { registerConnectCommands } from './commands/connect.ts';
+import { registerPowerCommands } from './commands/power.ts';
 import { UsageError } from './common.ts';
 
 const program = new Command('orchard')
@@ -29,6 +30,7 @@ const program = new Command('orchard')
 registerControllerCommands(program);
 registerContextCommands(program);
 registerResourceCommands(program);
+registerPowerCommands(program);
 registerWorkerCommands(program);
 registerDevCommand(program);
 registerConnectCommands(program);

@@ -9,11 +9,12 @@ import { VM_DEFAULTS } from '../../api/defaults.ts';
 import { resolveContext } from '../../client/config.ts';
 import { collect, collectKeyValue, collectList, parseInteger, UsageError, withClient, withCommon, type CommonOptions } from '../common.ts';
 import { age, details, formatLabels, print, table } from '../output.ts';
+import { statusOf } from './power.ts';
 
 /** What a VM asks for, else what it was given when placed (its worker's defaults). */
 const cpuOf = (vm: VM) => vm.cpu || vm.assignedCPU;
 const memoryOf = (vm: VM) => vm.memory || vm.assignedMemory;
-const vmRow = (vm: VM) => [vm.name, vm.image, cpuOf(vm), memoryOf(vm), vm.status, vm.worker, formatLabels(vm.labels), age(vm.createdAt)];
+const vmRow = (vm: VM) => [vm.name, vm.image, cpuOf(vm), memoryOf(vm), statusOf(vm), vm.worker, formatLabels(vm.labels), age(vm.createdAt)];
 const VM_HEADERS = ['NAME', 'IMAGE', 'CPU', 'MEMORY', 'STATUS', 'WORKER', 'LABELS', 'AGE'];
 
 function vmDetails(vm: VM): string {
@@ -28,7 +29,8 @@ function vmDetails(vm: VM): string {
     ['disk size', vm.diskSize ? `${vm.diskSize} GB` : undefined],
     ['labels', formatLabels(vm.labels)],
     ['restart policy', vm.restart_policy],
-    ['status', vm.status],
+    ['status', statusOf(vm)],
+    ['power state', vm.powerState],
     ['status message', vm.status_message],
     ['worker', vm.worker],
     ['restarts', vm.restart_count],
