@@ -303,7 +303,7 @@ export class OrchardClient {
     if (opts.order) q.set('order', opts.order);
     if (opts.cursor) q.set('cursor', opts.cursor);
     const res = await this.request<Event[]>('GET', `/v1/vms/${encodeURIComponent(name)}/events${q.size ? '?' + q : ''}`);
-    return { events: res.body, nextCursor: res.headers['x-next-cursor'] as string | undefined };
+    return { events: res.body, nextCursor: res.headers['x-next-cursor'] as string | undefined, newestCursor: res.headers['x-newest-cursor'] as string | undefined };
   }
   listWorkers = () => this.call<Worker[]>('GET', '/v1/workers');
   getWorker = (name: string) => this.call<Worker>('GET', `/v1/workers/${encodeURIComponent(name)}`);

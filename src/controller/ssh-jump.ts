@@ -280,7 +280,7 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
       if (!(err instanceof HttpError)) throw err;
       if (signal.aborted) return;
       const why = err.statusCode === 404 ? `VM "${vmName}" not found`
-        : vm ? `cannot connect to port ${port} of VM "${vmName}": ${err.message}` : err.message.replace(/; try a longer \?wait=.*$/, '');
+        : vm ? `cannot connect to port ${port} of VM "${vmName}": ${err.message}` : err.message.replace(/; wait longer with .*$/, '');
       return refuse(OPEN_FAILURE.CONNECT_FAILED, why);
     }
     const channel = clients.has(client) ? accept() : undefined;

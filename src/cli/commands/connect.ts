@@ -11,8 +11,10 @@ import type { WebSocket } from 'ws';
 import type { OrchardClient } from '../../client/client.ts';
 import { ApiError } from '../../client/errors.ts';
 import { sshCredentials, VM_DEFAULTS, VNC_PORT } from '../../api/defaults.ts';
+import type { VM } from '../../api/schemas.ts';
 import { clientFor, parseInteger, UsageError, withCommon } from '../common.ts';
 import * as lazy from '../../build/lazy.ts';
+import { stoppedVM, waitRunning } from '../wait.ts';
 
 /** Upstream's default for --wait: how long a connection waits for the VM to be running. */
 const DEFAULT_WAIT = 60;
@@ -136,13 +138,22 @@ function untilInterrupted(): Promise<NodeJS.Signals> {
 }
 
 /** A 404 is final; anything else (e.g. a compute:connect account may not read VMs) is left to the tunnel to report. */
-async function mustExist(what: () => Promise<unknown>) {
+/** The resource, or undefined when the account may not read it (compute:connect alone): the tunnel says the rest. */
+async function mustExist<T>(what: () => Promise<T>): Promise<T | undefined> {
   try {
-    await what();
+    return await what();
   } catch (err) {
-    if (err instanceof ApiError && err.status === 403) return;
+    if (err instanceof ApiError && err.status === 403) return undefined;
     throw err;
   }
+}
+
+/** A forward to a VM that does not run yet says so at the start, instead of connections hanging silently. */
+function noticeNotRunning(vm: VM | undefined, waitSeconds: number) {
+  if (!vm || vm.status === 'running') return;
+  const stopped = stoppedVM(vm);
+  if (stopped) warn(`${stopped}; until then connections to it fail`);
+  else warn(`VM ${vm.name} is ${vm.status}${vm.status_message ? ` (${vm.status_message})` : ''}: each connection waits up to ${waitSeconds}s for it to run (--wait SECONDS)`);
 }
 
 /** The guest's credentials: flags first, then the VM record, then upstream's admin/admin fallback. */
@@ -288,6 +299,8 @@ async function sshVM(name: string, command: string[], opts: SSHOptions): Promise
     const { username, password } = privateKey
       ? { username: opts.username ?? (await credentials(client, name, undefined, '')).username, password: undefined }
       : await credentials(client, name, opts.username, opts.password);
+    // Said, not silent: what the VM is waiting for, and the flag for more time.
+    await waitRunning(client, name, opts.wait);
     if (opts.verbose) process.stderr.write(`connecting to ${name}:${SSH_PORT} through ${client.url.origin}\n`);
     tunnel = await client.portForwardVM(name, SSH_PORT, opts.wait);
     let lostReason: string | undefined;
@@ -377,7 +390,7 @@ export function registerConnectCommands(program: Command) {
     const client = await clientFor(opts);
     let forwards: Forward[];
     try {
-      await mustExist(() => client.getVM(name));
+      noticeNotRunning(await mustExist(() => client.getVM(name)), opts.wait);
       forwards = await openForwards(specs, (s) => `${name}:${s.remote}`, (s) => () => client.portForwardVM(name, s.remote, opts.wait));
     } catch (err) {
       client.close();
@@ -454,6 +467,7 @@ export function registerConnectCommands(program: Command) {
     let creds: { username: string; password: string };
     try {
       creds = await credentials(client, name, opts.username, opts.password);
+      noticeNotRunning(await mustExist(() => client.getVM(name)), opts.wait);
       forwards = await openForwards([{ local: 0, remote: VNC_PORT }], () => `${name}:${VNC_PORT}`, () => () => client.portForwardVM(name, VNC_PORT, opts.wait));
     } catch (err) {
       client.close();

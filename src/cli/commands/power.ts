@@ -2,8 +2,8 @@
 // out. (Upstream has no such commands; its users PUT the VM with a new powerState, which works too.)
 import type { Command } from 'commander';
 import type { VM } from '../../api/schemas.ts';
-import type { OrchardClient } from '../../client/client.ts';
 import { parseInteger, withClient, withCommon, type CommonOptions } from '../common.ts';
+import { waitForVM } from '../wait.ts';
 
 type PowerState = NonNullable<VM['powerState']>;
 
@@ -26,22 +26,6 @@ const VERBS: { verb: string; to: PowerState; description: string }[] = [
   { verb: 'suspend', to: 'suspended', description: 'suspend a VM created with --suspendable (powerState suspended; the qemu runtime stops it)' },
 ];
 
-/** Waits until the worker has carried out `generation` (and a started VM runs); says what it waits for on stderr. */
-async function waitCarriedOut(c: OrchardClient, name: string, to: PowerState, generation: number, seconds: number): Promise<VM> {
-  const deadline = Date.now() + seconds * 1000;
-  let said = '';
-  for (;;) {
-    const vm = await c.getVM(name);
-    if (vm.status === 'failed') throw new Error(`VM ${name} failed: ${vm.status_message ?? 'no reason given'}`);
-    const seen = (vm.observedGeneration ?? -1) >= generation;
-    if (seen && (to === 'running' ? vm.status === 'running' : vm.status !== 'running')) return vm;
-    const now = !vm.worker ? `waiting for a worker: ${vm.status_message ?? 'not placed yet'}` : !seen ? `waiting for worker ${vm.worker} to act` : `${statusOf(vm)}: ${vm.status_message ?? ''}`;
-    if (now !== said) process.stderr.write(`${name}: ${(said = now)}\n`);
-    if (Date.now() > deadline) throw new Error(`VM ${name} is not ${to} after ${seconds}s (${statusOf(vm)}: ${vm.status_message ?? 'no message'}); wait longer with --wait SECONDS`);
-    await new Promise((r) => setTimeout(r, 500));
-  }
-}
-
 export function registerPowerCommands(program: Command) {
   for (const { verb, to, description } of VERBS) {
     const cmd = program
@@ -57,7 +41,11 @@ export function registerPowerCommands(program: Command) {
         let generation = vm.generation ?? 0;
         if ((vm.powerState ?? 'running') === to) process.stderr.write(`VM ${name} is already set to ${to}\n`);
         else generation = (await c.updateVM({ ...vm, powerState: to })).generation ?? generation + 1;
-        if (opts.wait > 0) await waitCarriedOut(c, name, to, generation, opts.wait);
+        if (opts.wait > 0) {
+          // Carried out: the worker has seen this generation, and the VM runs (start) or no longer does.
+          const carriedOut = (v: VM) => (v.observedGeneration ?? -1) >= generation && (to === 'running' ? v.status === 'running' : v.status !== 'running' && v.status !== 'failed');
+          await waitForVM(c, name, { what: to, done: carriedOut, seconds: opts.wait, flag: '--wait' });
+        }
         process.stderr.write(`VM ${name} ${to === 'running' ? 'running' : to}\n`);
       });
     });

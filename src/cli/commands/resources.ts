@@ -2,14 +2,16 @@
 // get|set cluster-settings; get bootstrap-token; logs vm.
 import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
-import type { ClusterSettings, ServiceAccount, VM, Worker } from '../../api/schemas.ts';
+import type { ClusterSettings, Event, ServiceAccount, VM, Worker } from '../../api/schemas.ts';
 import { ROLES, SCHEDULER_PROFILES, type Role } from '../../api/enums.ts';
 import { encodeBootstrapToken } from '../../api/bootstrap-token.ts';
 import { VM_DEFAULTS } from '../../api/defaults.ts';
 import { resolveContext } from '../../client/config.ts';
+import { ApiError } from '../../client/errors.ts';
 import { collect, collectKeyValue, collectList, parseInteger, UsageError, withClient, withCommon, type CommonOptions } from '../common.ts';
 import { age, details, formatLabels, print, table } from '../output.ts';
 import { statusOf } from './power.ts';
+import { waitForVM } from '../wait.ts';
 
 /** What a VM asks for, else what it was given when placed (its worker's defaults). */
 const cpuOf = (vm: VM) => vm.cpu || vm.assignedCPU;
@@ -121,7 +123,8 @@ export function registerResourceCommands(program: Command) {
       .option('--headless', 'no graphics')
       .option('--suspendable', 'the VM may be suspended (Tart)')
       .option('--random-serial', 'a random serial number (Tart)')
-      .option('--host-dir, --host-dirs <name:path[:ro][,...]>', 'share host directories (repeatable)', collectList),
+      .option('--host-dir, --host-dirs <name:path[:ro][,...]>', 'share host directories (repeatable)', collectList)
+      .option('--wait [seconds]', 'then wait until it runs, showing its progress (default 600 s)', parseInteger('--wait')),
   ).action(
     async (
       name: string,
@@ -150,6 +153,7 @@ export function registerResourceCommands(program: Command) {
         suspendable?: boolean;
         randomSerial?: boolean;
         hostDirs?: string[];
+        wait?: number | true;
       },
     ) => {
       const resources: Record<string, number> = {};
@@ -191,8 +195,14 @@ export function registerResourceCommands(program: Command) {
         vm.startup_script = { script_content: content, env: opts.startupScriptEnv };
       }
       for (const k of Object.keys(vm) as (keyof VM)[]) if (vm[k] === undefined) delete vm[k];
-      const created = await withClient(opts, (c) => c.createVM(vm));
-      await print(opts.output, created, () => `VM ${created.name} created (${created.status})\n`);
+      const created = await withClient(opts, async (c) => {
+        const made = await c.createVM(vm);
+        if (opts.wait === undefined) return made;
+        process.stderr.write(`VM ${made.name} created\n`);
+        const seconds = opts.wait === true ? 600 : opts.wait;
+        return waitForVM(c, made.name, { what: 'running', done: (v) => v.status === 'running', seconds, flag: '--wait' });
+      });
+      await print(opts.output, created, () => (created.status === 'running' ? `VM ${created.name} running on worker ${created.worker}\n` : `VM ${created.name} created (${created.status})\n`));
     },
   );
 
@@ -242,26 +252,44 @@ export function registerResourceCommands(program: Command) {
       .argument('<name>')
       .option('--limit <n>', 'at most this many events', parseInteger('--limit'))
       .option('--tail <n>', 'the last N events, newest first (as upstream\'s; same as --limit N --order desc)', parseInteger('--tail'))
-      .addOption(new Option('--order <order>', 'oldest (asc) or newest (desc) first').choices(['asc', 'desc']).default('asc')),
-  ).action(async (name: string, opts: CommonOptions & { limit?: number; tail?: number; order: 'asc' | 'desc' }) => {
+      .addOption(new Option('--order <order>', 'oldest (asc) or newest (desc) first').choices(['asc', 'desc']).default('asc'))
+      .option('-f, --follow', 'then print new events as they come, until the VM is deleted or Ctrl-C'),
+  ).action(async (name: string, opts: CommonOptions & { limit?: number; tail?: number; order: 'asc' | 'desc'; follow?: boolean }) => {
     if (opts.tail !== undefined && opts.tail > 0) {
       opts.limit = opts.tail;
       opts.order = 'desc';
     }
-    const events = await withClient(opts, async (c) => {
-      const all = [];
+    const line = (e: Event) => `${new Date((e.timestamp ?? 0) * 1000).toISOString()} ${e.kind ?? ''}: ${(e.payload ?? '').replace(/\n$/, '')}\n`;
+    await withClient(opts, async (c) => {
+      const events: Event[] = [];
       let cursor: string | undefined;
+      let newest: string | undefined;
       do {
-        const want = opts.limit !== undefined ? Math.min(1000, opts.limit - all.length) : 1000;
+        const want = opts.limit !== undefined ? Math.min(1000, opts.limit - events.length) : 1000;
         const page = await c.listEvents(name, { limit: want, order: opts.order, cursor });
-        all.push(...page.events);
+        events.push(...page.events);
         cursor = page.nextCursor;
-      } while (cursor && (opts.limit === undefined || all.length < opts.limit));
-      return all;
+        if (!newest || opts.order === 'asc') newest = page.newestCursor ?? newest;
+      } while (cursor && (opts.limit === undefined || events.length < opts.limit));
+      if (!opts.follow) return await print(opts.output, events, () => events.map(line).join(''));
+      // Following: one event per line (JSON lines with -o json), oldest first, then what is appended.
+      const show = (e: Event) => process.stdout.write(opts.output === 'table' ? line(e) : JSON.stringify(e) + '\n');
+      (opts.order === 'desc' ? events.reverse() : events).forEach(show);
+      const stop = new AbortController();
+      process.once('SIGINT', () => stop.abort());
+      while (!stop.signal.aborted) {
+        await new Promise((r) => setTimeout(r, 1000));
+        let page;
+        try {
+          page = await c.listEvents(name, { limit: 1000, order: 'asc', cursor: newest });
+        } catch (err) {
+          if (err instanceof ApiError && err.status === 404) return void process.stderr.write(`VM ${name} was deleted\n`);
+          throw err;
+        }
+        page.events.forEach(show);
+        newest = page.newestCursor ?? newest;
+      }
     });
-    await print(opts.output, events, () =>
-      events.map((e) => `${new Date((e.timestamp ?? 0) * 1000).toISOString()} ${e.kind ?? ''}: ${(e.payload ?? '').replace(/\n$/, '')}`).join('\n') + (events.length ? '\n' : ''),
-    );
   });
 
   // ---- workers ----

@@ -234,7 +234,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       schema: {
         tags: ['vms'],
         summary:
-          "A VM's events: without `limit` all of them (as upstream's); with `limit` a page (X-Next-Cursor header gives the next page's cursor; a page also ends at about 2 MiB). Only the newest events are kept: X-Events-Dropped says how many older ones were dropped, and an `events-dropped` event stands in for them at the oldest end",
+          "A VM's events: without `limit` all of them (as upstream's); with `limit` a page (X-Next-Cursor header gives the next page's cursor; a page also ends at about 2 MiB). Only the newest events are kept: X-Events-Dropped says how many older ones were dropped, and an `events-dropped` event stands in for them at the oldest end. X-Newest-Cursor: with order=asc and this cursor, only the events appended later",
         params: NameParams,
         querystring: Type.Object({
           limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 10000 })),
@@ -254,13 +254,17 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
         // kept event in one answer, as upstream's controller gives it. Retention bounds it (eventsPerVM,
         // eventBytesPerVM); the store's pages (eventPageBytes each) are joined here.
         const events = [...page.events];
+        let newest = page.newestCursor;
         while (page.nextCursor) {
           page = await store.listEvents(vm.uid, { limit: ctx.limits.eventsPerVM, order, cursor: page.nextCursor });
           events.push(...page.events);
+          if (order === 'asc') newest = page.newestCursor ?? newest;
         }
-        page = { ...page, events };
+        page = { ...page, events, newestCursor: newest };
       }
       if (page.nextCursor) reply.header('x-next-cursor', page.nextCursor);
+      // Where to continue, in ascending order, for what is appended later (`orchard logs vm --follow`).
+      if (page.newestCursor) reply.header('x-newest-cursor', page.newestCursor);
       if (page.dropped === 0) return page.events;
       // Retention dropped the oldest events: the header says so on every page, and the page that
       // reaches the oldest kept event says it in the list itself (what `orchard logs` shows).

@@ -283,6 +283,7 @@ export class SQLiteStore implements Store {
     const events: Event[] = [];
     let bytes = 0;
     let lastID = 0;
+    let newestID = 0;
     let more = false;
     for (const row of stmt.iterate(vmUID, after, opts.limit + 1) as Iterable<{ id: number; body: string }>) {
       if (events.length === opts.limit || (events.length > 0 && bytes + row.body.length > this.eventLimits.eventPageBytes)) {
@@ -292,9 +293,10 @@ export class SQLiteStore implements Store {
       events.push(JSON.parse(row.body) as Event);
       bytes += row.body.length;
       lastID = row.id;
+      newestID = Math.max(newestID, row.id);
     }
     const cut = this.stmt.cut.get(vmUID) as { dropped: number; at: number } | undefined;
-    return { events, nextCursor: more ? String(lastID) : undefined, dropped: cut?.dropped ?? 0, droppedAt: cut?.at };
+    return { events, nextCursor: more ? String(lastID) : undefined, newestCursor: newestID ? String(newestID) : undefined, dropped: cut?.dropped ?? 0, droppedAt: cut?.at };
   }
 
   async getClusterSettings(): Promise<ClusterSettings> {

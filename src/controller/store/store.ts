@@ -24,6 +24,8 @@ export class ConflictError extends Error {}
 export interface EventPage {
   events: Event[];
   nextCursor?: string;
+  /** The cursor just past the newest event of this page (to ask, in ascending order, for what comes after). */
+  newestCursor?: string;
   /** How many of the VM's oldest events retention dropped so far, and when it last did (ms since the epoch). */
   dropped: number;
   droppedAt?: number;
