@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(qemu-system-x86 qemu-utils busybox-static dropbear-bin openssh-sftp-server openssh-client cpio
-      e2fsprogs kmod zstd xz-utils iproute2 procps fakeroot passt socat)
+      e2fsprogs kmod zstd xz-utils iproute2 procps fakeroot passt socat rsync)
 if [ "${1:-}" = --test ]; then
   # systemd-analyze, systemd-sysusers: test/deploy.test.ts checks deploy/ with them; vncsnapshot and
   # tesseract: test/connect-cli.test.ts reads the VM's screen through `orchard vnc`.

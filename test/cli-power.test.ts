@@ -24,6 +24,8 @@ test('stop vm, start vm, suspend vm: set, waited for, listed as stopped', async 
     assert.equal(vm.powerState, 'stopped');
     assert.equal(vm.status, 'pending');
     assert.ok((vm.observedGeneration ?? -1) >= (vm.generation ?? 0));
+    // Placed on a synthetic (non-Tart) worker: a Linux VM of the worker's architecture, not upstream's darwin/arm64 defaults.
+    assert.deepEqual([vm.os, vm.arch], ['linux', process.arch === 'x64' ? 'amd64' : process.arch]);
     assert.match(await listed(), /^box\s+synthetic\s+\S+\s+\S+\s+stopped\s+syn-1\s/m);
     assert.match((await cli('get', 'vm', 'box')).stdout, /^status:\s+stopped$/m);
     assert.equal((JSON.parse((await cli('get', 'vm', 'box', '-o', 'json')).stdout) as VM).status, 'pending', 'JSON keeps the API status');

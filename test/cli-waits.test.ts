@@ -22,7 +22,8 @@ test('create --wait, ssh and port-forward to a VM that does not run, logs --foll
     // A VM no worker fits: the reason while waiting, and the flag when the wait ends.
     const stuck = await cli('create', 'vm', 'stuck', '--image', 'synthetic', '--label', 'rack=nowhere', '--wait', '2');
     assert.equal(stuck.code, 1);
-    assert.match(stuck.stderr, /waiting up to 2s for VM stuck to be running \(pending: no worker fits: .*rack=nowhere/);
+    assert.match(stuck.stderr, /^waiting up to 2s for VM stuck to be running \(pending: /m);
+    assert.match(stuck.stderr, /pending: no worker fits: .*rack=nowhere/);
     assert.match(stuck.stderr, /VM stuck is not running after 2s \(pending: no worker fits.*\); wait longer with --wait SECONDS/);
 
     const ssh = await cli('ssh', 'vm', 'stuck', '--wait', '1', '--', 'true');

@@ -24,7 +24,7 @@ test('quick start: controller run, context create, create/list/get/delete vm, se
     assert.match(await cli('context', 'list'), /^local\s+https:\/\/127\.0\.0\.1:\d+\s+bootstrap-admin\s+\*\s+yes$/m);
 
     await cli('create', 'vm', 'ci-1', '--image', 'ghcr.io/cirruslabs/macos-sequoia-base:latest', '--cpu', '4', '--memory', '8192', '--label', 'model=m2');
-    assert.match(await cli('list', 'vms'), /^ci-1\s+ghcr\.io\/cirruslabs\/macos-sequoia-base:latest\s+4\s+8192\s+pending\s+-\s+model=m2\s+\d+s$/m);
+    assert.match(await cli('list', 'vms'), /^ci-1\s+ghcr\.io\/cirruslabs\/macos-sequoia-base:latest\s+4\s+8192\s+pending \(waiting for a worker\)\s+-\s+model=m2\s+\d+s$/m);
     const vm = JSON.parse(await cli('get', 'vm', 'ci-1', '--output', 'json')) as VM;
     assert.equal(vm.name, 'ci-1');
     assert.deepEqual(vm.labels, { model: 'm2' });
@@ -40,7 +40,14 @@ test('quick start: controller run, context create, create/list/get/delete vm, se
     assert.match(token.certificate ?? '', /BEGIN CERTIFICATE/);
 
     // A read-only account can list but not create: 403 on stderr, exit code 1, nothing on stdout.
-    await cli('context', 'create', ctl.url, '--name', 'ro', '--service-account-name', 'ro', '--service-account-token', sa.token, '--trust-fingerprint', ctl.fingerprint);
+    const ro = await runCLI(['context', 'create', ctl.url, '--name', 'ro', '--service-account-name', 'ro', '--service-account-token', sa.token, '--trust-fingerprint', ctl.fingerprint, '--no-default'], env);
+    assert.equal(ro.code, 0, ro.stderr);
+    assert.match(ro.stderr, /context "ro" saved to .*; the default context is still "local"/);
+    // Without --no-default a new context is the one the next commands use, and it says so.
+    const other = await runCLI(['context', 'create', ctl.url, '--name', 'other', '--service-account-name', 'bootstrap-admin', '--service-account-token', ADMIN_TOKEN, '--trust-fingerprint', ctl.fingerprint], env);
+    assert.match(other.stderr, /context "other" saved to .*; it is the default context now \(was "local"\)/);
+    assert.match(await cli('context', 'list'), /^other\s.*\*/m);
+    await cli('context', 'default', 'local');
     assert.match(await cli('list', 'vms', '--context', 'ro'), /ci-1/);
     const denied = await runCLI(['create', 'vm', 'x', '--image', 'i', '--context', 'ro'], env);
     assert.equal(denied.code, 1);

@@ -7,7 +7,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { copyFileSync, createReadStream, createWriteStream, mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, createReadStream, createWriteStream, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import net from 'node:net';
 import { join } from 'node:path';
@@ -83,7 +83,7 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
         const ctx = await runCLI(['context', 'create', q.ctl.url, '--name', 't', '--service-account-name', 'bootstrap-admin', '--service-account-token', ADMIN_TOKEN, '--yes'], env);
         assert.equal(ctx.code, 0, ctx.stderr);
         await q.admin.createServiceAccount({ name: 'reader', roles: ['compute:read'], token: 'reader-token' });
-        const r = await runCLI(['context', 'create', q.ctl.url, '--name', 'reader', '--service-account-name', 'reader', '--service-account-token', 'reader-token', '--yes'], env);
+        const r = await runCLI(['context', 'create', q.ctl.url, '--name', 'reader', '--service-account-name', 'reader', '--service-account-token', 'reader-token', '--yes', '--no-default'], env);
         assert.equal(r.code, 0, r.stderr);
       })(),
     ]);
@@ -118,7 +118,7 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
     assert.match(wrong.stderr, /authentication as "admin" .* failed/);
   });
 
-  test('port-forward vm NAME 0:22: the real OpenSSH client logs in; scp copies 100 MB in and out intact', async () => {
+  test('port-forward vm NAME 0:22: the real OpenSSH client logs in; scp copies 100 MB in and out intact; rsync works', async () => {
     const pf = spawnCLI(['port-forward', 'vm', VM, '0:22'], env);
     const dir = mkdtempSync(join(home, 'scp-'));
     try {
@@ -141,7 +141,17 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
       await execFileP('scp', [...opts, '-P', String(port), 'admin@127.0.0.1:/home/admin/random.bin', join(dir, 'back.bin')], { timeout: 120_000 });
       const t2 = Date.now();
       assert.equal(await sha256(join(dir, 'back.bin')), want);
-      await ssh('rm -f /home/admin/random.bin');
+      // rsync over the same forward (the guest has rsync, as the README says): a directory, then an update.
+      const tree = join(dir, 'tree');
+      mkdirSync(join(tree, 'sub'), { recursive: true });
+      writeFileSync(join(tree, 'a.txt'), 'first\n');
+      writeFileSync(join(tree, 'sub', 'b.txt'), 'second\n');
+      const rsync = () => execFileP('rsync', ['-a', '-e', ['ssh', ...opts, '-p', String(port)].join(' '), `${tree}/`, 'admin@127.0.0.1:/home/admin/tree/'], { timeout: 60_000 });
+      await rsync();
+      writeFileSync(join(tree, 'a.txt'), 'changed\n');
+      await rsync();
+      assert.equal((await ssh('cat /home/admin/tree/a.txt /home/admin/tree/sub/b.txt')).stdout, 'changed\nsecond\n');
+      await ssh('rm -rf /home/admin/random.bin /home/admin/tree');
       console.log(`scp 100 MB through the tunnel: in ${((t1 - t0) / 1000).toFixed(1)} s, out ${((t2 - t1) / 1000).toFixed(1)} s (the guest's sshd under TCG is the bottleneck)`);
       assert.doesNotMatch(pf.stderr(), /orchard:/, 'no tunnel errors');
     } finally {

@@ -220,17 +220,17 @@ test('fit: slots and explicit resources decide placement; a VM that fits nowhere
     await runningOn(c, 'gpu-1', 'fit-a');
     // fit-a's only slot is taken, fit-b has no GPU: both reasons, counted per worker.
     await c.admin.createVM(vmSpec('gpu-2', { resources: { [GPU]: 1 } }));
-    await pendingWith(c, 'gpu-2', `no worker fits: 2 workers: 1 has 0 of 1 tart-vms free, 1 has 0 of 1 ${GPU} free`);
+    await pendingWith(c, 'gpu-2', `no worker fits: 2 workers: 1 has 0 of 1 VM slots free, 1 has 0 of 1 ${GPU} free`);
     // The label matches only fit-a, which is full.
     await c.admin.createVM(vmSpec('rack-a', { labels: { rack: 'a' } }));
-    await pendingWith(c, 'rack-a', 'no worker fits: 2 workers: 1 has 0 of 1 tart-vms free, 1 lacks label rack=a');
+    await pendingWith(c, 'rack-a', 'no worker fits: 2 workers: 1 has 0 of 1 VM slots free, 1 lacks label rack=a');
     // Plain VMs fill fit-b's two slots, and a third fits nowhere.
     await c.admin.createVM(vmSpec('plain-1'));
     await c.admin.createVM(vmSpec('plain-2'));
     await runningOn(c, 'plain-1', 'fit-b');
     await runningOn(c, 'plain-2', 'fit-b');
     await c.admin.createVM(vmSpec('plain-3'));
-    await pendingWith(c, 'plain-3', 'no worker fits: 2 workers: 2 have 0 of 1 tart-vms free');
+    await pendingWith(c, 'plain-3', 'no worker fits: 2 workers: 2 have 0 of 1 VM slots free');
 
     // They stay pending (past a periodic scheduler pass), and nothing is overbooked.
     await sleep(1200);
@@ -244,7 +244,7 @@ test('fit: slots and explicit resources decide placement; a VM that fits nowhere
     // Room on fit-a: the oldest pending VM that fits there (gpu-2) gets it; rack-a still waits, with its reason.
     await c.admin.deleteVM('gpu-1');
     await runningOn(c, 'gpu-2', 'fit-a');
-    await pendingWith(c, 'rack-a', 'no worker fits: 2 workers: 1 has 0 of 1 tart-vms free, 1 lacks label rack=a');
+    await pendingWith(c, 'rack-a', 'no worker fits: 2 workers: 1 has 0 of 1 VM slots free, 1 lacks label rack=a');
     // Room on fit-b: plain-3 goes there; rack-a cannot.
     await c.admin.deleteVM('plain-1');
     await runningOn(c, 'plain-3', 'fit-b');
@@ -500,7 +500,7 @@ test('concurrency: 60 concurrent creates on 5 workers × 4 slots place exactly 2
     const vms = Array.from({ length: 60 }, (_, i) => `load-${String(i).padStart(2, '0')}`);
     await Promise.all(vms.map((v) => c.admin.createVM(vmSpec(v))));
 
-    const full = 'no worker fits: 5 workers: 5 have 0 of 1 tart-vms free';
+    const full = 'no worker fits: 5 workers: 5 have 0 of 1 VM slots free';
     const settled = async (placed: number, pending: number) => {
       let last = '';
       await waitFor(

@@ -35,7 +35,8 @@ function placementInputsDiffer(kind: 'vms' | 'workers', before: VM | Worker, aft
   return keys.some((k) => JSON.stringify((before as Record<string, unknown>)[k]) !== JSON.stringify((after as Record<string, unknown>)[k]));
 }
 
-const shortName = (resource: string) => resource.replace(/^org\.cirruslabs\./, '');
+/** A resource as the pending reason names it: the VM slot resource (upstream's tart-vms, counted by every runtime) as "VM slots". */
+const shortName = (resource: string) => (resource === RESOURCE_TART_VMS ? 'VM slots' : resource.replace(/^org\.cirruslabs\./, ''));
 
 /**
  * The first resource `w` has too little of for `vm`, or undefined. Every VM takes a VM slot on workers
@@ -49,6 +50,15 @@ function shortOf(vm: VM, need: Record<string, number>, w: Worker, used: Record<s
     if ((w.resources?.[k] ?? 0) - (used[k] ?? 0) < v) return [k, v];
   }
   return undefined;
+}
+
+/**
+ * What a VM runs as on `w`: a VM placed on a worker that is not a Tart worker (qemu, Vetu, synthetic)
+ * is a Linux VM of that host's architecture, whatever upstream's defaults (darwin/arm64) said.
+ */
+function platformOn(vm: VM, w: Worker): Pick<VM, 'os' | 'arch'> | undefined {
+  if ((w.runtime ?? 'tart') === 'tart' || vm.runtime === 'tart') return undefined;
+  return { os: 'linux', arch: w.arch === 'amd64' || w.arch === 'arm64' ? w.arch : vm.arch };
 }
 
 export class Scheduler {
@@ -314,6 +324,7 @@ export class Scheduler {
         // A VM that asks for no cpu or memory gets the worker's defaults (upstream's --default-cpu/--default-memory).
         assignedCPU: vm.cpu || w.defaultCPU || VM_DEFAULTS.cpu,
         assignedMemory: vm.memory || w.defaultMemory || VM_DEFAULTS.memory,
+        ...platformOn(vm, w),
         conditions: [{ type: 'scheduled', state: 'true' }],
       }));
     }

@@ -229,7 +229,7 @@ test('an upstream Linux (Vetu) worker, which counts no VM slots, gets a VM that 
     await new Promise((r) => setTimeout(r, 300));
     const slotted = await c.admin.getVM('slotted');
     assert.equal(slotted.worker, undefined);
-    assert.match(slotted.status_message ?? '', /has 0 of 1 tart-vms free|tart-vms/);
+    assert.match(slotted.status_message ?? '', /has 0 of 1 VM slots free/);
   } finally {
     await c.close();
     c.cleanup();

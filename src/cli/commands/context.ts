@@ -24,7 +24,8 @@ export function registerContextCommands(program: Command) {
     .option('--force', 'replace an existing context of the same name')
     .option('--bootstrap-token <token>', 'from `orchard get bootstrap-token NAME`: the credentials, and the certificate to pin (checked against the one presented)')
     .option('--no-pki', 'pin the presented certificate even when the system trusts it (as upstream\'s flag)')
-    .action(async (rawURL: string, opts: { name: string; serviceAccountName?: string; serviceAccountToken?: string; trustFingerprint?: string; yes?: boolean; force?: boolean; bootstrapToken?: string; pki: boolean }) => {
+    .option('--no-default', 'keep the current default context (by default the new context becomes the default)')
+    .action(async (rawURL: string, opts: { name: string; serviceAccountName?: string; serviceAccountToken?: string; trustFingerprint?: string; yes?: boolean; force?: boolean; bootstrapToken?: string; pki: boolean; default: boolean }) => {
       const bootstrap = opts.bootstrapToken ? decodeBootstrapToken(opts.bootstrapToken) : undefined;
       if (bootstrap && (opts.serviceAccountName || opts.serviceAccountToken)) throw new UsageError('--bootstrap-token carries the credentials: leave out --service-account-name and --service-account-token');
       let url: URL;
@@ -72,9 +73,14 @@ export function registerContextCommands(program: Command) {
         client.close();
       }
       config.contexts[opts.name] = ctx;
-      if (!config['default-context'] || Object.keys(config.contexts).length === 1) config['default-context'] = opts.name;
+      // The new context is the one the next commands use (upstream keeps an existing default: the
+      // commands that followed then went, silently, to the old cluster). Said either way.
+      const before = config['default-context'];
+      if (opts.default || !before || !config.contexts[before]) config['default-context'] = opts.name;
       await saveConfig(config);
-      process.stderr.write(`context "${opts.name}" saved to ${configPath()}${config['default-context'] === opts.name ? ' (default)' : ''}\n`);
+      const now = config['default-context'];
+      const which = now === opts.name ? `it is the default context now${before && before !== opts.name ? ` (was "${before}")` : ''}` : `the default context is still "${now}" (orchard context default ${opts.name}, or --context ${opts.name})`;
+      process.stderr.write(`context "${opts.name}" saved to ${configPath()}; ${which}\n`);
     });
 
   context

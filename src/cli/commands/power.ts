@@ -20,6 +20,15 @@ export function statusOf(vm: VM): string {
   return power === 'stopped' ? 'stopping' : 'suspending';
 }
 
+/** The status with, for a VM that does not run, the short form of why (`pending (no worker fits)`): for `list vms`. */
+export function statusWithReason(vm: VM): string {
+  const status = statusOf(vm);
+  if ((status !== 'pending' && status !== 'failed') || !vm.status_message) return status;
+  const short = vm.status_message.split(/[:;\n]/)[0].trim();
+  const reason = short.length > 40 ? short.slice(0, 39) + '…' : short;
+  return reason && reason !== status ? `${status} (${reason})` : status;
+}
+
 const VERBS: { verb: string; to: PowerState; description: string }[] = [
   { verb: 'start', to: 'running', description: 'start a stopped or suspended VM (powerState running)' },
   { verb: 'stop', to: 'stopped', description: 'power a VM off, keeping its disk (powerState stopped)' },

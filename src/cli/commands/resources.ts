@@ -10,13 +10,13 @@ import { resolveContext } from '../../client/config.ts';
 import { ApiError } from '../../client/errors.ts';
 import { collect, collectKeyValue, collectList, parseInteger, UsageError, withClient, withCommon, type CommonOptions } from '../common.ts';
 import { age, details, formatLabels, print, table } from '../output.ts';
-import { statusOf } from './power.ts';
+import { statusOf, statusWithReason } from './power.ts';
 import { waitForVM } from '../wait.ts';
 
 /** What a VM asks for, else what it was given when placed (its worker's defaults). */
 const cpuOf = (vm: VM) => vm.cpu || vm.assignedCPU;
 const memoryOf = (vm: VM) => vm.memory || vm.assignedMemory;
-const vmRow = (vm: VM) => [vm.name, vm.image, cpuOf(vm), memoryOf(vm), statusOf(vm), vm.worker, formatLabels(vm.labels), age(vm.createdAt)];
+const vmRow = (vm: VM) => [vm.name, vm.image, cpuOf(vm), memoryOf(vm), statusWithReason(vm), vm.worker, formatLabels(vm.labels), age(vm.createdAt)];
 const VM_HEADERS = ['NAME', 'IMAGE', 'CPU', 'MEMORY', 'STATUS', 'WORKER', 'LABELS', 'AGE'];
 
 function vmDetails(vm: VM): string {
@@ -226,6 +226,10 @@ export function registerResourceCommands(program: Command) {
       if (path.length) throw new UsageError('--ip takes a VM name, not NAME/FIELD');
       const ip = await withClient(opts, (c) => c.vmIP(name, opts.wait));
       await print(opts.output, { ip }, () => ip + '\n');
+      // QEMU's user-mode network (the qemu runtime): the address exists only inside the VM's own network.
+      if (opts.output === 'table' && ip.startsWith('10.0.2.')) {
+        process.stderr.write(`note: ${ip} is the VM's address in its own private network on its worker (QEMU user-mode networking), not reachable from elsewhere; reach the VM with: orchard ssh vm ${name}, or orchard port-forward vm ${name} LOCAL:PORT\n`);
+      }
       return;
     }
     const vm = await withClient(opts, (c) => c.getVM(name));

@@ -5,7 +5,7 @@
 # IMAGE_DIR receives (replaced as a whole, atomically, only when something changed):
 #   vmlinux      the Debian kernel uncompressed (ELF with a PVH entry: skips the slow in-guest
 #                decompressor under TCG); vmlinuz: the same kernel as shipped
-#   initrd.img   the whole root fs (busybox, dropbear sshd, bash, sftp-server, virtio modules); it
+#   initrd.img   the whole root fs (busybox, dropbear sshd, bash, sftp-server, rsync, virtio modules); it
 #                switches to the disk when the kernel command line has root=/dev/vdX
 #   base.qcow2   the same root fs as ext4 ($DISK_SIZE virtual; the guest grows it to its disk on boot)
 #   cmdline      kernel command line;  id_ed25519(.pub): SSH client key for root and admin
@@ -29,7 +29,7 @@ step() { echo "step: $*" >&3; }
 
 # Packages used to build the guest and to run it (qemu). Nothing here starts a service.
 PKGS="qemu-system-x86 qemu-utils busybox-static dropbear-bin openssh-sftp-server openssh-client
-      cpio e2fsprogs kmod zstd xz-utils"
+      cpio e2fsprogs kmod zstd xz-utils rsync"
 
 mkdir -p "$BUILD"
 if [ -z "${ORCHARD_IN_FAKEROOT:-}" ]; then
@@ -73,7 +73,7 @@ fi
 KVER=${KPKG#linux-image-}
 
 STAMP=$( { cat "$SELF"; echo "$KPKG $KDEBVER $FLAVOUR $DISK_SIZE $PASSWORD"
-           dpkg-query -W busybox-static dropbear-bin openssh-sftp-server bash e2fsprogs libc6; } | sha256sum | cut -c1-16)
+           dpkg-query -W busybox-static dropbear-bin openssh-sftp-server bash e2fsprogs libc6 rsync; } | sha256sum | cut -c1-16)
 if [ "$(cat "$BUILD/stamp" 2>/dev/null)" = "$STAMP" ] && [ -f "$IMG/base.qcow2" ] && [ -f "$IMG/image.json" ]; then
   echo "result: cached" >&3; exit 0
 fi
@@ -127,7 +127,7 @@ add_program() { # a dynamically linked program plus the shared libraries it load
     for l in $(ldd "$f" | grep -o '/[^ ]*'); do [ -e "$R$l" ] || install -D "$l" "$R$l"; done
   done
 }
-add_program /usr/sbin/dropbear /usr/bin/dropbearkey /usr/lib/openssh/sftp-server /usr/bin/bash /usr/sbin/resize2fs
+add_program /usr/sbin/dropbear /usr/bin/dropbearkey /usr/lib/openssh/sftp-server /usr/bin/bash /usr/sbin/resize2fs /usr/bin/rsync
 ln -sf openssh/sftp-server "$R/usr/lib/sftp-server"   # dropbear's default sftp path
 # Modules for the virtual hardware and their dependencies; the guest loads them by modalias.
 # bochs: QEMU's standard VGA as a framebuffer, so the login console shows on the VM's screen (VNC);
