@@ -1,7 +1,7 @@
 import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
-  { ignores: ['node_modules/**', '.dev-data/**'] },
+  { ignores: ['node_modules/**', '.dev-data/**', 'dist/**'] },
   ...tseslint.configs.recommended,
   {
     rules: {

@@ -2,9 +2,9 @@
 // validates with, the TypeScript types every part of the program uses, and the OpenAPI components.
 // Field names follow the upstream wire format exactly (its mix of camelCase and snake_case included).
 import { Type, type Static } from '@sinclair/typebox';
+import { ROLES, SCHEDULER_PROFILES, type Role } from './enums.ts';
 
-export const ROLES = ['compute:read', 'compute:write', 'compute:connect', 'admin:read', 'admin:write'] as const;
-export type Role = (typeof ROLES)[number];
+export { ROLES, SCHEDULER_PROFILES, type Role };
 
 /**
  * What VM, worker and service account names may be: upstream's characters (letters, digits, '-', '_',
@@ -242,7 +242,6 @@ export const ServiceAccount = Type.Object(
 );
 export type ServiceAccount = Static<typeof ServiceAccount>;
 
-export const SCHEDULER_PROFILES = ['optimize-utilization', 'distribute-load'] as const;
 export const ClusterSettings = Type.Object(
   {
     hostDirPolicies: Type.Optional(

@@ -1,6 +1,7 @@
-import { readFileSync } from 'node:fs';
+import { buildCommit, VERSION as BUILD_VERSION } from '../build/source-tree.ts';
 
-const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
-export const VERSION: string = pkg.version;
-/** Set at release time; "dev" for a checkout. */
-export const COMMIT: string = process.env.ORCHARD_COMMIT ?? 'dev';
+export const VERSION: string = BUILD_VERSION;
+/** The git commit of this build: fixed by `npm run build`; a checkout's own; $ORCHARD_COMMIT overrides. */
+export function commit(): string {
+  return process.env.ORCHARD_COMMIT ?? buildCommit();
+}

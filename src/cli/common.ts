@@ -1,9 +1,9 @@
 // Shared plumbing for CLI commands: the client of the chosen context, output flags, prompts.
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { createInterface } from 'node:readline/promises';
-import { OrchardClient } from '../client/client.ts';
+import type { OrchardClient } from '../client/client.ts';
 import { resolveContext } from '../client/config.ts';
 import { parseOutput, type OutputFormat } from './output.ts';
+import * as lazy from '../build/lazy.ts';
 
 export class UsageError extends Error {}
 
@@ -19,14 +19,16 @@ export function withCommon(cmd: Command, output = true): Command {
   return cmd;
 }
 
-export function clientFor(opts: { context?: string }): OrchardClient {
-  const { context } = resolveContext(opts.context);
+/** A client of the chosen context (the client's modules are loaded on first use, not at start-up). */
+export async function clientFor(opts: { context?: string }): Promise<OrchardClient> {
+  const { context } = await resolveContext(opts.context);
+  const { OrchardClient } = await lazy.client();
   return new OrchardClient(context);
 }
 
 /** Runs `fn` with a client of the chosen context, closing its connections afterwards. */
 export async function withClient<T>(opts: { context?: string }, fn: (client: OrchardClient) => Promise<T>): Promise<T> {
-  const client = clientFor(opts);
+  const client = await clientFor(opts);
   try {
     return await fn(client);
   } finally {
@@ -35,6 +37,7 @@ export async function withClient<T>(opts: { context?: string }, fn: (client: Orc
 }
 
 export async function confirm(question: string): Promise<boolean> {
+  const { createInterface } = await import('node:readline/promises');
   const rl = createInterface({ input: process.stdin, output: process.stderr });
   try {
     const answer = await rl.question(question);

@@ -1,7 +1,9 @@
 // The `orchard` command: one program for the controller, the workers and the users.
+// Start-up loads commander and the commands' definitions only: what a command needs (the client, the
+// controller, the worker, pino, ssh2) is imported when it runs (bench/executable.ts measures this).
 import { Command, CommanderError } from 'commander';
-import { ApiError } from '../client/client.ts';
-import { VERSION } from '../api/version.ts';
+import { ApiError } from '../client/errors.ts';
+import { commit, VERSION } from '../api/version.ts';
 import { registerControllerCommands } from './commands/controller.ts';
 import { registerContextCommands } from './commands/context.ts';
 import { registerResourceCommands } from './commands/resources.ts';
@@ -13,7 +15,13 @@ import { UsageError } from './common.ts';
 
 const program = new Command('orchard')
   .description('Orchard: run virtual machines on a cluster of hosts (QEMU on Linux, Tart on macOS)')
-  .version(VERSION)
+  // Not commander's .version(text): the commit is looked up (a checkout asks git) only when asked for.
+  .option('-V, --version', 'output the version and the git commit')
+  .on('option:version', () => {
+    const text = `orchard ${VERSION} (commit ${commit()})`;
+    process.stdout.write(text + '\n');
+    throw new CommanderError(0, 'commander.version', text);
+  })
   .showHelpAfterError()
   .exitOverride()
   // Needed for any command's positional options (`orchard controller --data-dir DIR run`): the program has only --version and --help.
@@ -48,9 +56,8 @@ function goBooleans(argv: string[], flags: Set<string>): string[] {
   return out;
 }
 
-try {
-  await program.parseAsync(goBooleans(process.argv, booleanFlags(program)));
-} catch (err) {
+// No top-level await: the single executable runs this file bundled as a CommonJS script.
+program.parseAsync(goBooleans(process.argv, booleanFlags(program))).catch((err: unknown) => {
   if (err instanceof CommanderError) {
     // Help and version are not errors; commander already printed its usage message.
     process.exitCode = err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help' ? 0 : 2;
@@ -60,4 +67,4 @@ try {
     if (process.env.ORCHARD_DEBUG && e.stack) process.stderr.write(e.stack + '\n');
     process.exitCode = e instanceof UsageError ? 2 : 1;
   }
-}
+});

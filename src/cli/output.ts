@@ -1,6 +1,6 @@
 // Output in the terminal's conventions: --output table (default) | json | yaml; errors go to stderr.
 import { InvalidArgumentError } from 'commander';
-import YAML from 'yaml';
+import * as lazy from '../build/lazy.ts';
 
 export type OutputFormat = 'table' | 'json' | 'yaml';
 export const OUTPUT_FORMATS: OutputFormat[] = ['table', 'json', 'yaml'];
@@ -26,9 +26,10 @@ export function details(fields: [string, unknown][]): string {
   );
 }
 
-export function print(format: OutputFormat, value: unknown, asTable: () => string): void {
+export async function print(format: OutputFormat, value: unknown, asTable: () => string): Promise<void> {
   if (format === 'json') process.stdout.write(JSON.stringify(value, null, 2) + '\n');
-  else if (format === 'yaml') process.stdout.write(YAML.stringify(value));
+  // YAML is loaded when asked for: most CLI starts need none.
+  else if (format === 'yaml') process.stdout.write((await lazy.yaml()).default.stringify(value));
   else process.stdout.write(asTable());
 }
 

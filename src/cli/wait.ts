@@ -2,7 +2,8 @@
 // (with the controller's reason: "no worker fits: …", "booting", …), and on timeout the flag that
 // gives more time. Used by create vm --wait, start|stop vm, ssh, port-forward and vnc.
 import type { VM } from '../api/schemas.ts';
-import { ApiError, type OrchardClient } from '../client/client.ts';
+import type { OrchardClient } from '../client/client.ts';
+import { ApiError } from '../client/errors.ts';
 
 export interface WaitOptions {
   /** What the VM should become, as the messages say it: "running", "stopped". */

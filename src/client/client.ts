@@ -21,15 +21,9 @@ export interface ClientOptions {
   maxSockets?: number;
 }
 
-export class ApiError extends Error {
-  readonly status: number;
-  constructor(status: number, message: string) {
-    super(message);
-    this.status = status;
-  }
-}
+import { ApiError, CertificateMismatchError } from './errors.ts';
 
-export class CertificateMismatchError extends Error {}
+export { ApiError, CertificateMismatchError };
 
 /** Fetches the certificate a TLS server presents, without trusting it or sending anything. */
 export function probeCertificate(url: string): Promise<{ pem: string; fingerprint: string; trusted: boolean; error?: string }> {
@@ -328,7 +322,7 @@ export class OrchardClient {
   getClusterSettings = () => this.call<ClusterSettings>('GET', '/v1/cluster-settings');
   setClusterSettings = (s: ClusterSettings) => this.call<ClusterSettings>('PUT', '/v1/cluster-settings', s);
 
-  /** Opens GET /v1/vms/{name}/exec: JSON frames both ways (see src/controller/exec.ts); HTTP errors reject as ApiError. */
+  /** Opens GET /v1/vms/{name}/exec: JSON frames both ways (see src/controller/connect/exec/session.ts); HTTP errors reject as ApiError. */
   openExec(name: string, opts: ExecOptions): Promise<WebSocket> {
     const q = new URLSearchParams();
     if (opts.command !== undefined) q.set('command', opts.command);

@@ -3,7 +3,7 @@
 import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import YAML from 'yaml';
+import * as lazy from '../build/lazy.ts';
 
 export interface Context {
   url: string;
@@ -24,9 +24,13 @@ export function orchardHome(): string {
 
 export const configPath = () => join(orchardHome(), 'orchard.yml');
 
-export function loadConfig(): Config {
+/** The YAML library, loaded on first use (most CLI starts, such as --help, need none). */
+const yaml = async () => (await lazy.yaml()).default;
+
+export async function loadConfig(): Promise<Config> {
   const path = configPath();
   if (!existsSync(path)) return { contexts: {} };
+  const YAML = await yaml();
   let parsed: unknown;
   try {
     parsed = YAML.parse(readFileSync(path, 'utf8'));
@@ -44,7 +48,7 @@ function pemOf(stored: string): string {
   return stored.trimStart().startsWith('-----BEGIN') ? stored : Buffer.from(stored, 'base64').toString('utf8');
 }
 
-export function saveConfig(config: Config): void {
+export async function saveConfig(config: Config): Promise<void> {
   const dir = orchardHome();
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   const path = configPath();
@@ -53,6 +57,7 @@ export function saveConfig(config: Config): void {
   const contexts = Object.fromEntries(
     Object.entries(config.contexts).map(([name, c]) => [name, c.certificate ? { ...c, certificate: Buffer.from(c.certificate).toString('base64') } : c]),
   );
+  const YAML = await yaml();
   writeFileSync(path + '.tmp', YAML.stringify({ ...config, contexts }), { mode: 0o600 });
   chmodSync(path + '.tmp', 0o600);
   renameSync(path + '.tmp', path);
@@ -74,8 +79,8 @@ export function normalizeURL(url: string): string {
   return /^[a-z][a-z0-9+.-]*:\/\//i.test(url) ? url : `https://${url}`;
 }
 
-export function resolveContext(name?: string): { name: string; context: Context } {
-  const config = loadConfig();
+export async function resolveContext(name?: string): Promise<{ name: string; context: Context }> {
+  const config = await loadConfig();
   const wanted = name ?? process.env.ORCHARD_CONTEXT ?? config['default-context'];
   if (!name && !process.env.ORCHARD_CONTEXT) {
     const chosen = wanted ? config.contexts[wanted] : Object.keys(config.contexts).length === 1 ? Object.values(config.contexts)[0] : undefined;

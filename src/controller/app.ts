@@ -2,7 +2,8 @@
 // schemas), authentication and role checks on every route, JSON errors, metrics and OpenAPI.
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import fastifySwagger from '@fastify/swagger';
-import { Ajv } from 'ajv';
+import { Ajv, type ValidateFunction } from 'ajv';
+import { SerializerSelector } from '@fastify/fast-json-stringify-compiler';
 import { randomUUID } from 'node:crypto';
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
@@ -79,12 +80,41 @@ export function stripAPIPrefix(url: string, prefix: string): string | undefined 
   return undefined;
 }
 
-/** Bodies are validated strictly (no coercion: "4" is not a cpu count); query strings are coerced. */
+/**
+ * Bodies are validated strictly (no coercion: "4" is not a cpu count); query strings are coerced.
+ * A route's validator is compiled when the route is first used, not when the controller starts:
+ * compiling them all took most of a controller's start (bench/executable.ts).
+ */
 function validatorCompiler() {
   const common = { strict: false, strictNumbers: true, allErrors: false, removeAdditional: false, useDefaults: false } as const;
   const body = new Ajv({ ...common, coerceTypes: false });
   const other = new Ajv({ ...common, coerceTypes: true });
-  return ({ schema, httpPart }: { schema: object; httpPart?: string }) => (httpPart === 'body' ? body : other).compile(schema);
+  return ({ schema, httpPart }: { schema: object; httpPart?: string }) => {
+    let compiled: ValidateFunction | undefined;
+    // Fastify reads a failed validation's errors from the function it was given.
+    const validate = (data: unknown) => {
+      compiled ??= (httpPart === 'body' ? body : other).compile(schema);
+      const valid = compiled(data);
+      validate.errors = compiled.errors;
+      return valid;
+    };
+    validate.errors = undefined as ValidateFunction['errors'];
+    return validate;
+  };
+}
+
+/** Fastify's own response serializers (fast-json-stringify), each compiled when first used, as validators are. */
+function serializerCompilers(): NonNullable<FastifyServerOptions['schemaController']>['compilersFactory'] {
+  const buildSerializer = SerializerSelector();
+  return {
+    buildSerializer: (externalSchemas, options) => {
+      const compile = buildSerializer(externalSchemas, options);
+      return (route) => {
+        let serialize: ((data: unknown) => string) | undefined;
+        return (data: unknown) => (serialize ??= compile(route))(data);
+      };
+    },
+  };
 }
 
 export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance; ctx: AppContext; close: () => Promise<void> }> {
@@ -101,6 +131,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     routerOptions: { ignoreTrailingSlash: true, maxParamLength: 1024 },
     requestTimeout: limits.requestTimeoutMs,
     keepAliveTimeout: limits.keepAliveTimeoutMs,
+    schemaController: { compilersFactory: serializerCompilers() },
   };
   // Under an API prefix, routes see the path without it; a path outside the prefix matches no route.
   if (apiPrefix) serverOptions.rewriteUrl = (req) => stripAPIPrefix(req.url ?? '/', apiPrefix) ?? `/.outside-the-api-prefix${req.url ?? '/'}`;

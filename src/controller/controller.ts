@@ -12,7 +12,7 @@ import { randomUUID } from 'node:crypto';
 import { checkBeforeOpen, checkIdentity, checkSchemaVersion, writeClusterFile } from './store/integrity.ts';
 import { SCHEMA_VERSION } from './store/schema.ts';
 import { VERSION } from '../api/version.ts';
-import { startSSHJump, type SSHJumpServer } from './connect/ssh-jump.ts';
+import type { SSHJumpServer } from './connect/ssh-jump.ts';
 import { limitsOf, type Limits } from './limits.ts';
 import { giveBackMemoryWhenQuiet } from './memory.ts';
 
@@ -141,7 +141,8 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     let ssh: SSHJumpServer | undefined;
     try {
       await app.listen({ host, port });
-      if (sshListen) ssh = await startSSHJump({ ...sshListen, dataDir: opts.dataDir, hostKeyFile: opts.sshHostKeyFile, access: ctx.access, tunnels: ctx.tunnels, logger, tunnelsPerAccount: limits.tunnelsPerAccount });
+      // ssh2 only for a controller with a jump host.
+      if (sshListen) ssh = await (await import('./connect/ssh-jump.ts')).startSSHJump({ ...sshListen, dataDir: opts.dataDir, hostKeyFile: opts.sshHostKeyFile, access: ctx.access, tunnels: ctx.tunnels, logger, tunnelsPerAccount: limits.tunnelsPerAccount });
     } catch (err) {
       await close();
       throw err;

@@ -11,14 +11,29 @@ import { createHash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { copyFile, mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { assetText } from '../build/source-tree.ts';
 import { privateDir, privateFiles } from './private-files.ts';
 
 const execFileP = promisify(execFile);
 
 export const DEBIAN_DEV = 'debian-dev';
-const BUILD_SCRIPT = fileURLToPath(new URL('./images/build-debian-dev.sh', import.meta.url));
+
+/**
+ * The image build script as a file bash can run (the single executable carries it inside itself):
+ * `<store>/.build/build-debian-dev.sh`, rewritten only when its text changed. The script's text is
+ * part of the image's stamp, so a checkout and an executable of the same commit share built images.
+ */
+async function buildScriptFile(buildRoot: string): Promise<string> {
+  const text = assetText('worker/images/build-debian-dev.sh');
+  const file = join(buildRoot, 'build-debian-dev.sh');
+  if ((await readFile(file, 'utf8').catch(() => undefined)) !== text) {
+    const tmp = `${file}.${process.pid}.tmp`;
+    await writeFile(tmp, text, { mode: 0o700 });
+    await rename(tmp, file);
+  }
+  return file;
+}
 
 export type ImageKind = 'kernel' | 'disk';
 
@@ -190,10 +205,11 @@ export async function buildDebianDev(storeDir: string, progress: (msg: string) =
   await mkdir(join(store, '.build'), { recursive: true });
   const dir = imageDir(store, DEBIAN_DEV);
   const buildDir = join(store, '.build', imageDirName(DEBIAN_DEV));
+  const script = await buildScriptFile(join(store, '.build'));
   let result = '';
   const stderr: string[] = [];
   await new Promise<void>((resolveRun, reject) => {
-    const child = spawn('bash', [BUILD_SCRIPT, dir, buildDir], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn('bash', [script, dir, buildDir], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     child.stdout.setEncoding('utf8').on('data', (chunk: string) => {
       out += chunk;

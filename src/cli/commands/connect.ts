@@ -1,19 +1,19 @@
 // orchard port-forward vm|worker, orchard ssh vm, orchard vnc vm|worker: reaching a VM's (or a
 // worker host's) TCP ports from this machine, through the controller's port-forward WebSockets
 // (controller → worker → VM). Nothing needs to be reachable but the controller.
-import { spawn } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import net from 'node:net';
+import type net from 'node:net';
 import { constants as osConstants } from 'node:os';
 import type { Duplex } from 'node:stream';
 import type { Command } from 'commander';
 import type { ClientChannel, Client as SSHClient } from 'ssh2';
 import type { WebSocket } from 'ws';
-import { ApiError, type OrchardClient } from '../../client/client.ts';
+import type { OrchardClient } from '../../client/client.ts';
+import { ApiError } from '../../client/errors.ts';
 import { sshCredentials, VM_DEFAULTS, VNC_PORT } from '../../api/defaults.ts';
 import type { VM } from '../../api/schemas.ts';
 import { clientFor, parseInteger, UsageError, withCommon } from '../common.ts';
+import * as lazy from '../../build/lazy.ts';
 import { stoppedVM, waitRunning } from '../wait.ts';
 
 /** Upstream's default for --wait: how long a connection waits for the VM to be running. */
@@ -87,7 +87,8 @@ interface Forward {
 /** Listens on 127.0.0.1:`localPort`; each accepted connection gets its own tunnel from `open`. */
 export async function listenForward(localPort: number, target: string, open: () => Promise<Tunnel>, report: (msg: string) => void = warn): Promise<Forward> {
   const active = new Set<net.Socket>();
-  const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (sock) => {
+  // node:net when a forward starts, not on every start of the CLI (bench/executable.ts).
+  const server = process.getBuiltinModule('node:net').createServer({ noDelay: true, pauseOnConnect: true }, (sock) => {
     active.add(sock);
     sock.on('close', () => active.delete(sock));
     sock.on('error', () => {});
@@ -207,13 +208,13 @@ interface SSHOptions {
 export function sshFingerprint(key: Buffer): { type: string; fingerprint: string } {
   const len = key.length >= 4 ? key.readUInt32BE(0) : 0;
   const type = len > 0 && len < 64 && key.length >= 4 + len ? key.subarray(4, 4 + len).toString() : 'unknown';
-  return { type, fingerprint: 'SHA256:' + createHash('sha256').update(key).digest('base64').replace(/=+$/, '') };
+  return { type, fingerprint: 'SHA256:' + process.getBuiltinModule('node:crypto').createHash('sha256').update(key).digest('base64').replace(/=+$/, '') };
 }
 
 class SSHError extends Error {}
 
 function sshConnect(stream: Duplex, opts: { username: string; password?: string; privateKey?: Buffer; verbose?: boolean; host: string }): Promise<SSHClient> {
-  return import('ssh2').then(
+  return lazy.ssh2().then(
     ({ Client }) =>
       new Promise<SSHClient>((resolve, reject) => {
         const conn = new Client();
@@ -283,7 +284,7 @@ function attach(conn: SSHClient, ch: ClientChannel, lost: () => string | undefin
 }
 
 async function sshVM(name: string, command: string[], opts: SSHOptions): Promise<number> {
-  const client = clientFor(opts);
+  const client = await clientFor(opts);
   let tunnel: Tunnel | undefined;
   let conn: SSHClient | undefined;
   try {
@@ -349,6 +350,7 @@ async function sshVM(name: string, command: string[], opts: SSHOptions): Promise
 function openURL(url: string, shown: string) {
   const opener = process.platform === 'darwin' ? 'open' : process.platform === 'win32' ? 'explorer' : 'xdg-open';
   process.stderr.write(`opening ${shown}\n`);
+  const { spawn } = process.getBuiltinModule('node:child_process');
   const child = spawn(opener, [url], { stdio: 'ignore', detached: true });
   // Without an opener, the URL (with the credentials) goes to stdout, as with --no-open.
   child.on('error', (err) => {
@@ -385,7 +387,7 @@ export function registerConnectCommands(program: Command) {
     false,
   ).action(async (name: string, ports: string[], opts: { context?: string; wait: number }) => {
     const specs = ports.map(parsePortSpec);
-    const client = clientFor(opts);
+    const client = await clientFor(opts);
     let forwards: Forward[];
     try {
       noticeNotRunning(await mustExist(() => client.getVM(name)), opts.wait);
@@ -405,7 +407,7 @@ export function registerConnectCommands(program: Command) {
     false,
   ).action(async (name: string, ports: string[], opts: { context?: string }) => {
     const specs = ports.map(parsePortSpec);
-    const client = clientFor(opts);
+    const client = await clientFor(opts);
     let forwards: Forward[];
     try {
       await mustExist(() => client.getWorker(name));
@@ -460,7 +462,7 @@ export function registerConnectCommands(program: Command) {
       .option('--no-open', 'only print the URL (on stdout) and keep forwarding until Ctrl-C'),
     false,
   ).action(async (name: string, opts: { context?: string; username?: string; password?: string; wait: number; open: boolean }) => {
-    const client = clientFor(opts);
+    const client = await clientFor(opts);
     let forwards: Forward[];
     let creds: { username: string; password: string };
     try {
@@ -484,7 +486,7 @@ export function registerConnectCommands(program: Command) {
       .option('--no-open', 'only print the URL (on stdout) and keep forwarding until Ctrl-C'),
     false,
   ).action(async (name: string, opts: { context?: string; username?: string; password?: string; open: boolean }) => {
-    const client = clientFor(opts);
+    const client = await clientFor(opts);
     let forwards: Forward[];
     try {
       await mustExist(() => client.getWorker(name));

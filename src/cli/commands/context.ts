@@ -1,10 +1,10 @@
 // orchard context create|list|default|delete
 import type { Command } from 'commander';
-import { OrchardClient, probeCertificate } from '../../client/client.ts';
 import { configPath, loadConfig, saveConfig, type Context } from '../../client/config.ts';
 import { confirm, UsageError } from '../common.ts';
 import { decodeBootstrapToken } from '../../api/bootstrap-token.ts';
 import { parseOutput, print, table, type OutputFormat } from '../output.ts';
+import * as lazy from '../../build/lazy.ts';
 
 /** Normalises "AA:bb:..." / "aabb..." fingerprints for comparison. */
 const normFingerprint = (f: string) => f.replace(/^sha256:/i, '').replace(/[^0-9a-f]/gi, '').toUpperCase();
@@ -36,7 +36,8 @@ export function registerContextCommands(program: Command) {
       }
       if (url.protocol !== 'https:' && url.protocol !== 'http:') throw new UsageError('the controller URL must be https:// (or http:// for --insecure-no-tls controllers)');
       if (!url.port) url.port = '6120';
-      const config = loadConfig();
+      const { OrchardClient, probeCertificate } = await lazy.client();
+      const config = await loadConfig();
       if (config.contexts[opts.name] && !opts.force) throw new UsageError(`context "${opts.name}" exists; pass --force to replace it`);
       const ctx: Context = {
         // With the path: a controller run with --api-prefix serves its API under it.
@@ -76,7 +77,7 @@ export function registerContextCommands(program: Command) {
       // commands that followed then went, silently, to the old cluster). Said either way.
       const before = config['default-context'];
       if (opts.default || !before || !config.contexts[before]) config['default-context'] = opts.name;
-      saveConfig(config);
+      await saveConfig(config);
       const now = config['default-context'];
       const which = now === opts.name ? `it is the default context now${before && before !== opts.name ? ` (was "${before}")` : ''}` : `the default context is still "${now}" (orchard context default ${opts.name}, or --context ${opts.name})`;
       process.stderr.write(`context "${opts.name}" saved to ${configPath()}; ${which}\n`);
@@ -86,8 +87,8 @@ export function registerContextCommands(program: Command) {
     .command('list')
     .description('list contexts')
     .option('-o, --output <format>', 'table, json or yaml', parseOutput, 'table' as OutputFormat)
-    .action((opts: { output: OutputFormat }) => {
-      const config = loadConfig();
+    .action(async (opts: { output: OutputFormat }) => {
+      const config = await loadConfig();
       const rows = Object.entries(config.contexts).map(([name, c]) => ({
         name,
         url: c.url,
@@ -95,7 +96,7 @@ export function registerContextCommands(program: Command) {
         default: config['default-context'] === name,
         pinnedCertificate: Boolean(c.certificate),
       }));
-      print(opts.output, rows, () =>
+      await print(opts.output, rows, () =>
         table(['NAME', 'URL', 'SERVICE ACCOUNT', 'DEFAULT', 'PINNED CERT'], rows.map((r) => [r.name, r.url, r.serviceAccountName, r.default ? '*' : '', r.pinnedCertificate ? 'yes' : 'no'])),
       );
     });
@@ -104,22 +105,22 @@ export function registerContextCommands(program: Command) {
     .command('default')
     .description('make a context the default')
     .argument('<name>')
-    .action((name: string) => {
-      const config = loadConfig();
+    .action(async (name: string) => {
+      const config = await loadConfig();
       if (!config.contexts[name]) throw new Error(`no context named "${name}"`);
       config['default-context'] = name;
-      saveConfig(config);
+      await saveConfig(config);
     });
 
   context
     .command('delete')
     .description('delete a context')
     .argument('<name>')
-    .action((name: string) => {
-      const config = loadConfig();
+    .action(async (name: string) => {
+      const config = await loadConfig();
       if (!config.contexts[name]) throw new Error(`no context named "${name}"`);
       delete config.contexts[name];
       if (config['default-context'] === name) delete config['default-context'];
-      saveConfig(config);
+      await saveConfig(config);
     });
 }

@@ -4,10 +4,10 @@ import { UsageError } from '../common.ts';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { parseDuration } from '../output.ts';
-import { ROLES } from '../../api/schemas.ts';
+import { ROLES } from '../../api/enums.ts';
 import { loadConfig, saveConfig } from '../../client/config.ts';
 import type { RunningController } from '../../controller/controller.ts';
-import { newToken } from '../../controller/domain/accounts.ts';
+import * as lazy from '../../build/lazy.ts';
 
 /**
  * As upstream's: a fresh controller started without ORCHARD_BOOTSTRAP_ADMIN_TOKEN makes the
@@ -16,6 +16,7 @@ import { newToken } from '../../controller/domain/accounts.ts';
  */
 async function bootstrapAdmin(ctl: RunningController, fromEnvironment: boolean) {
   if (!fromEnvironment && (await ctl.store.list('serviceAccounts')).length === 0) {
+    const { newToken } = await lazy.accounts();
     const token = newToken();
     await ctl.store.create('serviceAccounts', { name: 'bootstrap-admin', token, roles: [...ROLES], createdAt: new Date().toISOString() });
     process.stderr.write(
@@ -26,10 +27,10 @@ async function bootstrapAdmin(ctl: RunningController, fromEnvironment: boolean) 
   }
   const admin = await ctl.store.get('serviceAccounts', 'bootstrap-admin');
   if (!admin?.token) return;
-  const config = loadConfig();
+  const config = await loadConfig();
   config.contexts['bootstrap-context'] = { url: ctl.url, certificate: ctl.certificate, serviceAccountName: admin.name, serviceAccountToken: admin.token };
   config['default-context'] ??= 'bootstrap-context';
-  saveConfig(config);
+  await saveConfig(config);
 }
 
 export function registerControllerCommands(program: Command) {
@@ -93,7 +94,7 @@ export function registerControllerCommands(program: Command) {
       if (opts.listenPprof) process.stderr.write('orchard controller: --listen-pprof is ignored (Go\'s pprof has no counterpart here; GET /metrics has the metrics)\n');
       if (opts.debug) process.env.ORCHARD_LOG_LEVEL = 'debug';
       // Loaded on demand: the other commands need none of the server's modules.
-      const { startController } = await import('../../controller/controller.ts');
+      const { startController } = await lazy.controller();
       let ctl;
       try {
         ctl = await startController({
@@ -152,7 +153,7 @@ function registerBackupCommands(controller: Command) {
     .argument('<file>', 'the backup file to write (replaced atomically; mode 0600: it holds every token and key)')
     .option('--data-dir <dir>', "the controller's data dir", defaultDataDir())
     .action(async (file: string, opts: { dataDir: string }) => {
-      const { backupDataDir } = await import('../../controller/store/backup.ts');
+      const { backupDataDir } = await lazy.backup();
       const b = await backupDataDir(opts.dataDir, file);
       process.stderr.write(
         `orchard controller backup: cluster ${b.clusterID} (schema version ${b.schemaVersion}) written to ${b.file}: ${b.bytes} bytes, ` +
@@ -166,7 +167,7 @@ function registerBackupCommands(controller: Command) {
     .option('--data-dir <dir>', "the controller's data dir to restore into", defaultDataDir())
     .option('--force', "replace the data dir's current controller files (they are moved to a before-restore-… folder in it, not deleted)")
     .action(async (file: string, opts: { dataDir: string; force?: boolean }) => {
-      const { restoreDataDir } = await import('../../controller/store/backup.ts');
+      const { restoreDataDir } = await lazy.backup();
       const r = restoreDataDir(file, opts.dataDir, { force: opts.force });
       process.stderr.write(
         `orchard controller restore: ${r.dataDir} now holds cluster ${r.clusterID} as backed up at ${r.created} (schema version ${r.schemaVersion}` +

@@ -2,14 +2,13 @@
 // generated admin token) with nothing to set up: the `dev` context gets the credentials and the
 // pinned certificate. Ctrl-C stops every VM and exits; the next run finds the records again.
 import { Option, type Command } from 'commander';
-import { newToken } from '../../controller/domain/accounts.ts';
 import { existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { pino } from 'pino';
 import { loadConfig, saveConfig } from '../../client/config.ts';
 import { collectKeyValue, parseInteger, UsageError } from '../common.ts';
 import type { Driver } from '../../worker/drivers/driver.ts';
 import type { OrchardWorker } from '../../worker/worker.ts';
+import * as lazy from '../../build/lazy.ts';
 
 export function registerDevCommand(program: Command) {
   program
@@ -29,8 +28,10 @@ export function registerDevCommand(program: Command) {
         if (!/^\d+$/.test(v)) throw new UsageError(`--resources ${k}=${v}: the amount must be a whole number`);
         resources[k] = Number(v);
       }
-      const { startController } = await import('../../controller/controller.ts');
-      const { startWorker, makeDriver } = await import('../../worker/run.ts');
+      const { startController } = await lazy.controller();
+      const { startWorker, makeDriver } = await lazy.worker();
+      const { newToken } = await lazy.accounts();
+      const { pino } = await lazy.pino();
       const dataDir = resolve(opts.dataDir);
       const logger = pino({ level: process.env.ORCHARD_LOG_LEVEL ?? 'error' });
       // Our output may have no reader any more (a closed pipe or terminal): that must not stop the stop.
@@ -54,7 +55,7 @@ export function registerDevCommand(program: Command) {
         drivers.push(await makeDriver(runtime, dir, logger));
       }
       if (runtime === 'qemu') {
-        const { buildDebianDev } = await import('../../worker/images.ts');
+        const { buildDebianDev } = await lazy.images();
         const t0 = Date.now();
         const built = await buildDebianDev(join(dataDir, 'images'), (msg) => say(`[image debian-dev ${((Date.now() - t0) / 1000).toFixed(0)}s] ${msg}`));
         if (!built.cached) say(`built the debian-dev image in ${((Date.now() - t0) / 1000).toFixed(1)}s`);
@@ -74,10 +75,10 @@ export function registerDevCommand(program: Command) {
         }
         throw err;
       }
-      const config = loadConfig();
+      const config = await loadConfig();
       config.contexts.dev = { url: ctl.url, certificate: ctl.certificate, serviceAccountName: 'bootstrap-admin', serviceAccountToken: adminToken };
       config['default-context'] = 'dev';
-      saveConfig(config);
+      await saveConfig(config);
 
       const token = { serviceAccountName: 'bootstrap-admin', serviceAccountToken: adminToken, certificate: ctl.certificate };
       const workers: OrchardWorker[] = [];

@@ -2,11 +2,12 @@
 // get|set cluster-settings; get bootstrap-token; logs vm.
 import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
-import { ROLES, SCHEDULER_PROFILES, type ClusterSettings, type Event, type Role, type ServiceAccount, type VM, type Worker } from '../../api/schemas.ts';
+import type { ClusterSettings, Event, ServiceAccount, VM, Worker } from '../../api/schemas.ts';
+import { ROLES, SCHEDULER_PROFILES, type Role } from '../../api/enums.ts';
 import { encodeBootstrapToken } from '../../api/bootstrap-token.ts';
 import { VM_DEFAULTS } from '../../api/defaults.ts';
 import { resolveContext } from '../../client/config.ts';
-import { ApiError } from '../../client/client.ts';
+import { ApiError } from '../../client/errors.ts';
 import { collect, collectKeyValue, collectList, parseInteger, UsageError, withClient, withCommon, type CommonOptions } from '../common.ts';
 import { age, details, formatLabels, print, table } from '../output.ts';
 import { statusOf, statusWithReason } from './power.ts';
@@ -201,14 +202,14 @@ export function registerResourceCommands(program: Command) {
         const seconds = opts.wait === true ? 600 : opts.wait;
         return waitForVM(c, made.name, { what: 'running', done: (v) => v.status === 'running', seconds, flag: '--wait' });
       });
-      print(opts.output, created, () => (created.status === 'running' ? `VM ${created.name} running on worker ${created.worker}\n` : `VM ${created.name} created (${created.status})\n`));
+      await print(opts.output, created, () => (created.status === 'running' ? `VM ${created.name} running on worker ${created.worker}\n` : `VM ${created.name} created (${created.status})\n`));
     },
   );
 
   withCommon(list.command('vms').description('list VMs').option('--worker <name>', 'only the VMs of this worker').option('-q, --quiet', 'only the names')).action(
     async (opts: CommonOptions & { worker?: string; quiet?: boolean }) => {
       const vms = await withClient(opts, (c) => c.listVMs(opts.worker));
-      print(opts.output, vms, () => (quiet(opts) ? names(vms) : table(VM_HEADERS, vms.map(vmRow))));
+      await print(opts.output, vms, () => (quiet(opts) ? names(vms) : table(VM_HEADERS, vms.map(vmRow))));
     },
   );
 
@@ -224,7 +225,7 @@ export function registerResourceCommands(program: Command) {
     if (opts.ip) {
       if (path.length) throw new UsageError('--ip takes a VM name, not NAME/FIELD');
       const ip = await withClient(opts, (c) => c.vmIP(name, opts.wait));
-      print(opts.output, { ip }, () => ip + '\n');
+      await print(opts.output, { ip }, () => ip + '\n');
       // QEMU's user-mode network (the qemu runtime): the address exists only inside the VM's own network.
       if (opts.output === 'table' && ip.startsWith('10.0.2.')) {
         process.stderr.write(`note: ${ip} is the VM's address in its own private network on its worker (QEMU user-mode networking), not reachable from elsewhere; reach the VM with: orchard ssh vm ${name}, or orchard port-forward vm ${name} LOCAL:PORT\n`);
@@ -236,7 +237,7 @@ export function registerResourceCommands(program: Command) {
       process.stdout.write(lookupField(vm, path) + '\n');
       return;
     }
-    print(opts.output, vm, () => vmDetails(vm));
+    await print(opts.output, vm, () => vmDetails(vm));
   });
 
   withCommon(del.command('vm').description('delete a VM (its worker stops it and removes its disk)').argument('<name>'), false).action(
@@ -274,7 +275,7 @@ export function registerResourceCommands(program: Command) {
         cursor = page.nextCursor;
         if (!newest || opts.order === 'asc') newest = page.newestCursor ?? newest;
       } while (cursor && (opts.limit === undefined || events.length < opts.limit));
-      if (!opts.follow) return print(opts.output, events, () => events.map(line).join(''));
+      if (!opts.follow) return await print(opts.output, events, () => events.map(line).join(''));
       // Following: one event per line (JSON lines with -o json), oldest first, then what is appended.
       const show = (e: Event) => process.stdout.write(opts.output === 'table' ? line(e) : JSON.stringify(e) + '\n');
       (opts.order === 'desc' ? events.reverse() : events).forEach(show);
@@ -298,13 +299,13 @@ export function registerResourceCommands(program: Command) {
   // ---- workers ----
   withCommon(list.command('workers').description('list workers').option('-q, --quiet', 'only the names')).action(async (opts: CommonOptions & { quiet?: boolean }) => {
     const workers = await withClient(opts, (c) => c.listWorkers());
-    print(opts.output, workers, () => (quiet(opts) ? names(workers) : table(WORKER_HEADERS, workers.map(workerRow))));
+    await print(opts.output, workers, () => (quiet(opts) ? names(workers) : table(WORKER_HEADERS, workers.map(workerRow))));
   });
   withCommon(get.command('worker').description('show a worker, or one of its fields (NAME/FIELD)').argument('<name>', 'NAME or NAME/FIELD[/FIELD...]')).action(async (arg: string, opts: CommonOptions) => {
     const { name, path } = splitFieldPath(arg);
     const w = await withClient(opts, (c) => c.getWorker(name));
     if (path.length) return void process.stdout.write(lookupField(w, path) + '\n');
-    print(opts.output, w, () => table(WORKER_HEADERS, [workerRow(w)]));
+    await print(opts.output, w, () => table(WORKER_HEADERS, [workerRow(w)]));
   });
   withCommon(del.command('worker').description('delete a worker').argument('<name>'), false).action(async (name: string, opts: CommonOptions) => {
     await withClient(opts, (c) => c.deleteWorker(name));
@@ -343,7 +344,7 @@ export function registerResourceCommands(program: Command) {
     async (opts: CommonOptions) => {
       const workers = await withClient(opts, (c) => c.listWorkers());
       const orphans = workers.flatMap((w) => (w.orphans ?? []).map((o) => ({ worker: w.name, ...o })));
-      print(opts.output, orphans, () =>
+      await print(opts.output, orphans, () =>
         table(['WORKER', 'LOCAL NAME', 'VM', 'IMAGE', 'RUNNING', 'SINCE'], orphans.map((o) => [o.worker, o.localName, o.name, o.image, o.running === undefined ? '' : o.running ? 'yes' : 'no', age(o.since)])),
       );
     },
@@ -378,17 +379,17 @@ export function registerResourceCommands(program: Command) {
       .option('--token <token>', 'use this token instead of a generated one'),
   ).action(async (name: string, opts: CommonOptions & { roles: string[]; token?: string }) => {
     const sa = await withClient(opts, (c) => c.createServiceAccount({ name, roles: parseRoles(opts.roles), token: opts.token }));
-    print(opts.output, sa, () => `service account ${sa.name} created with roles ${sa.roles.join(', ') || '(none)'}\n`);
+    await print(opts.output, sa, () => `service account ${sa.name} created with roles ${sa.roles.join(', ') || '(none)'}\n`);
   });
   withCommon(list.command('service-accounts').description('list service accounts').option('-q, --quiet', 'only the names')).action(async (opts: CommonOptions & { quiet?: boolean }) => {
     const sas = await withClient(opts, (c) => c.listServiceAccounts());
-    print(opts.output, sas, () => (quiet(opts) ? names(sas) : table(['NAME', 'ROLES', 'AGE'], sas.map(saRow))));
+    await print(opts.output, sas, () => (quiet(opts) ? names(sas) : table(['NAME', 'ROLES', 'AGE'], sas.map(saRow))));
   });
   withCommon(get.command('service-account').description('show a service account, or one of its fields (NAME/FIELD: `workers/token`)').argument('<name>', 'NAME or NAME/FIELD[/FIELD...]')).action(async (arg: string, opts: CommonOptions) => {
     const { name, path } = splitFieldPath(arg);
     const sa = await withClient(opts, (c) => c.getServiceAccount(name));
     if (path.length) return void process.stdout.write(lookupField(sa, path) + '\n');
-    print(opts.output, sa, () => table(['NAME', 'ROLES', 'AGE'], [saRow(sa)]));
+    await print(opts.output, sa, () => table(['NAME', 'ROLES', 'AGE'], [saRow(sa)]));
   });
   withCommon(del.command('service-account').description('delete a service account').argument('<name>'), false).action(
     async (name: string, opts: CommonOptions) => {
@@ -404,7 +405,7 @@ export function registerResourceCommands(program: Command) {
       .argument('<service-account>'),
     false,
   ).action(async (name: string, opts: CommonOptions) => {
-    const { context } = resolveContext(opts.context);
+    const { context } = await resolveContext(opts.context);
     const sa = await withClient(opts, (c) => c.getServiceAccount(name));
     if (!sa.token) throw new Error(`service account "${name}" has no token`);
     process.stdout.write(encodeBootstrapToken({ serviceAccountName: sa.name, serviceAccountToken: sa.token, certificate: context.certificate }) + '\n');
@@ -413,7 +414,7 @@ export function registerResourceCommands(program: Command) {
   // ---- cluster settings ----
   withCommon(get.command('cluster-settings').description('show the cluster settings')).action(async (opts: CommonOptions) => {
     const s = await withClient(opts, (c) => c.getClusterSettings());
-    print(opts.output, s, () =>
+    await print(opts.output, s, () =>
       details([
         ['scheduler profile', s.schedulerProfile],
         ['host dir policies', (s.hostDirPolicies ?? []).map((p) => `${p.pathPrefix}${p.ro ? ' (ro)' : ''}`).join(', ')],
@@ -440,6 +441,6 @@ export function registerResourceCommands(program: Command) {
       if (opts.hostDirPolicies) next.hostDirPolicies = [...(next.hostDirPolicies ?? []), ...opts.hostDirPolicies.map(policy)];
       return c.setClusterSettings(next);
     });
-    print(opts.output, s, () => 'cluster settings updated\n');
+    await print(opts.output, s, () => 'cluster settings updated\n');
   });
 }

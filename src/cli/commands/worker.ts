@@ -1,6 +1,6 @@
 // orchard worker run; orchard image build|import|list
 import { Option, type Command } from 'commander';
-import { pino, type Logger } from 'pino';
+import type { Logger } from 'pino';
 import { VM_DEFAULTS } from '../../api/defaults.ts';
 import { hostname, homedir } from 'node:os';
 import { join } from 'node:path';
@@ -8,6 +8,7 @@ import { decodeBootstrapToken } from '../../api/bootstrap-token.ts';
 import { collectKeyValue, parseInteger, UsageError } from '../common.ts';
 import { parseDuration, print, table, type OutputFormat } from '../output.ts';
 import { parseOutput } from '../output.ts';
+import * as lazy from '../../build/lazy.ts';
 
 export const defaultWorkerDataDir = () => join(homedir(), '.orchard', 'worker');
 
@@ -107,7 +108,8 @@ export function registerWorkerCommands(program: Command) {
           workers: number;
         },
       ) => {
-        const { startWorker } = await import('../../worker/run.ts');
+        const { startWorker } = await lazy.worker();
+        const { pino } = await lazy.pino();
         const url = controllerURL(rawURL);
         for (const [flag, n] of [['--default-cpu', opts.defaultCpu], ['--default-memory', opts.defaultMemory], ['--workers', opts.workers]] as const) {
           if (n < 1) throw new UsageError(`${flag} must be at least 1, got ${n}`);
@@ -122,7 +124,7 @@ export function registerWorkerCommands(program: Command) {
         if (opts.listenPprof) process.stderr.write("orchard worker: --listen-pprof is ignored (Go's pprof has no counterpart here)\n");
         // As upstream: drop privileges before anything else (the log file, the data dir, the VMs belong to the user).
         if (opts.user) {
-          const { dropPrivileges } = await import('../../worker/privdrop.ts');
+          const { dropPrivileges } = await lazy.privdrop();
           const dropped = dropPrivileges(opts.user);
           process.stderr.write(`orchard worker: running as ${opts.user} (uid ${dropped.uid}, gid ${dropped.gid})\n`);
         }
@@ -131,7 +133,7 @@ export function registerWorkerCommands(program: Command) {
         let logger: Logger;
         let logFile: { close(): void } | undefined;
         if (opts.logFile) {
-          const { RotatingLogFile } = await import('../../worker/log-file.ts');
+          const { RotatingLogFile } = await lazy.logFile();
           const file = new RotatingLogFile(opts.logFile);
           logFile = file;
           logger = pino({ level }, file);
@@ -184,7 +186,7 @@ export function registerWorkerCommands(program: Command) {
     .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
     .action(async (name: string, opts: { dataDir: string }) => {
       if (name !== 'debian-dev') throw new UsageError(`no recipe for "${name}": only debian-dev can be built; import other qcow2 disks with "orchard image import"`);
-      const { buildDebianDev } = await import('../../worker/images.ts');
+      const { buildDebianDev } = await lazy.images();
       const t0 = Date.now();
       const result = await buildDebianDev(join(opts.dataDir, 'images'), (msg) => process.stderr.write(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${msg}\n`));
       process.stderr.write(result.cached ? `debian-dev is up to date (${result.dir})\n` : `built debian-dev in ${((Date.now() - t0) / 1000).toFixed(1)}s (${result.dir})\n`);
@@ -197,7 +199,7 @@ export function registerWorkerCommands(program: Command) {
     .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
     .option('--replace', 'replace an image of the same name')
     .action(async (name: string, file: string, opts: { dataDir: string; replace?: boolean }) => {
-      const { importImage } = await import('../../worker/images.ts');
+      const { importImage } = await lazy.images();
       const info = await importImage(join(opts.dataDir, 'images'), name, file, { replace: opts.replace });
       process.stderr.write(`imported ${info.name} (${(info.size / 1024 / 1024).toFixed(1)} MiB)\n`);
     });
@@ -207,8 +209,8 @@ export function registerWorkerCommands(program: Command) {
     .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
     .option('-o, --output <format>', 'table, json or yaml', parseOutput, 'table' as OutputFormat)
     .action(async (opts: { dataDir: string; output: OutputFormat }) => {
-      const { listImages } = await import('../../worker/images.ts');
+      const { listImages } = await lazy.images();
       const images = await listImages(join(opts.dataDir, 'images'));
-      print(opts.output, images, () => table(['NAME', 'KIND', 'SIZE', 'CREATED'], images.map((i) => [i.name, i.kind, `${(i.size / 1024 / 1024).toFixed(1)} MiB`, i.created])));
+      await print(opts.output, images, () => table(['NAME', 'KIND', 'SIZE', 'CREATED'], images.map((i) => [i.name, i.kind, `${(i.size / 1024 / 1024).toFixed(1)} MiB`, i.created])));
     });
 }

@@ -2,7 +2,7 @@
 import { Type, type Static } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import { ClusterSettings, ControllerInfo, ErrorBody, Name, ServiceAccount } from '../../api/schemas.ts';
-import { COMMIT, VERSION } from '../../api/version.ts';
+import { commit, VERSION } from '../../api/version.ts';
 import type { AppContext } from '../context.ts';
 import { badRequest, notFound } from '../errors.ts';
 import { accountOf } from '../access.ts';
@@ -25,7 +25,7 @@ export function registerAdminRoutes(app: FastifyInstance, ctx: AppContext) {
   app.get(
     '/v1/controller/info',
     { config: { roles: [] }, schema: { tags: ['controller'], summary: 'Version and capabilities', response: { 200: ControllerInfo, 401: ErrorBody } } },
-    async (): Promise<ControllerInfo> => ({ version: VERSION, commit: COMMIT, capabilities: CAPABILITIES, clusterID: ctx.clusterID }),
+    async (): Promise<ControllerInfo> => ({ version: VERSION, commit: commit(), capabilities: CAPABILITIES, clusterID: ctx.clusterID }),
   );
 
   app.get('/v1/cluster-settings', { config: { roles: ['admin:read'] }, schema: { tags: ['cluster'], response: { 200: ClusterSettings, ...errors } } }, async () => {

@@ -3,7 +3,6 @@
 // MAX_SESSIONS_PER_ACCOUNT per account and MAX_SESSIONS in all. The protocol: session.ts.
 import { randomUUID } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
-import { Client } from 'ssh2';
 import type { WebSocket } from 'ws';
 import type { ServiceAccount, VM } from '../../../api/schemas.ts';
 import { sshCredentials } from '../../../api/defaults.ts';
@@ -161,6 +160,8 @@ export class ExecSessions {
   }
 
   private async startOnce(vm: VM, account: ServiceAccount, spec: ExecSpec, id?: string): Promise<ExecSession> {
+    // ssh2 is loaded with the first exec, not with every controller.
+    const { Client } = await import('ssh2');
     const tunnel: Tunnel = await this.tunnels.open(vm.worker!, 22, vm);
     const conn = new Client();
     const marker = randomUUID();

@@ -1,0 +1,17 @@
+// The parts of the program that a command loads when it runs, not when `orchard` starts: the
+// controller, the worker, the API client and the heavier libraries. In a checkout these are plain
+// dynamic imports. In the single executable this module is the entry of a second script, which holds
+// the parts; lazy-single-executable.ts, in its place in the first script, compiles that second script
+// (with its code cache) for the first command that needs a part, so that `orchard --help` starts
+// without them (bench/executable.ts). Each part is evaluated only when asked for, in both.
+export const controller = () => import('../controller/controller.ts');
+export const accounts = () => import('../controller/domain/accounts.ts');
+export const backup = () => import('../controller/store/backup.ts');
+export const worker = () => import('../worker/run.ts');
+export const images = () => import('../worker/images.ts');
+export const privdrop = () => import('../worker/privdrop.ts');
+export const logFile = () => import('../worker/log-file.ts');
+export const client = () => import('../client/client.ts');
+export const pino = () => import('pino');
+export const yaml = () => import('yaml');
+export const ssh2 = () => import('ssh2');

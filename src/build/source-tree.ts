@@ -1,0 +1,33 @@
+// What the program reads from its source tree at run time: its version, its git commit and its asset
+// files. This is the checkout's version of the module; the single executable (`npm run build`,
+// scripts/build.ts) is bundled with single-executable.ts beside it instead, which serves the same
+// things from inside the executable. Both export the same names.
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import type { AssetName } from './assets.ts';
+
+const ROOT = new URL('../../', import.meta.url);
+
+export const VERSION: string = (JSON.parse(readFileSync(new URL('package.json', ROOT), 'utf8')) as { version: string }).version;
+
+let commit: string | undefined;
+/** The checkout's commit (short hash, "-dirty" with uncommitted changes), or "dev" without git. */
+export function buildCommit(): string {
+  if (commit === undefined) {
+    try {
+      const git = (...args: string[]) => execFileSync('git', args, { cwd: ROOT, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], timeout: 5_000 }).trim();
+      commit = git('rev-parse', '--short=12', 'HEAD') + (git('status', '--porcelain', '--untracked-files=no') ? '-dirty' : '');
+    } catch {
+      commit = 'dev';
+    }
+  }
+  return commit;
+}
+
+/** The text of an asset file. */
+export function assetText(name: AssetName): string {
+  return readFileSync(new URL(`src/${name}`, ROOT), 'utf8');
+}
+
+/** true in the single executable. */
+export const SINGLE_EXECUTABLE = false;
