@@ -1,6 +1,6 @@
 // The worker: registers with the controller, keeps its heartbeat, holds the /v1/rpc/watch WebSocket,
 // and converges the VMs on this host to the controller's records for it, through one Driver.
-import { randomUUID } from 'node:crypto';
+import { randomUUID, X509Certificate } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism, arch as osArch, totalmem } from 'node:os';
 import { join } from 'node:path';
@@ -9,7 +9,7 @@ import type { Duplex } from 'node:stream';
 import { createWebSocketStream, WebSocket } from 'ws';
 import type { Logger } from 'pino';
 import { localNameOf, RESOURCE_LOGICAL_CORES, RESOURCE_MEMORY_MIB, RESOURCE_TART_VMS, type Event, type Orphan, type VM, type VMStateUpdate } from '../api/schemas.ts';
-import { ApiError, OrchardClient, wsMasking } from '../client/client.ts';
+import { ApiError, CertificateMismatchError, OrchardClient, probeCertificate, wsMasking } from '../client/client.ts';
 import type { Driver, DriverVM, LocalVM } from './drivers/driver.ts';
 import { runScript } from './startup-script.ts';
 import { sshCredentials, VM_DEFAULTS } from '../api/defaults.ts';
@@ -137,11 +137,42 @@ export class OrchardWorker {
     this.watchLiveness = info?.capabilities?.includes('watch-liveness') ?? false;
     this.orphansCapable = info?.capabilities?.includes('orphans') ?? false;
     this.checkCluster(info?.clusterID);
-    await this.o.client.registerWorker(this.workerRecord());
+    try {
+      await this.o.client.registerWorker(this.workerRecord());
+    } catch (err) {
+      throw await this.joinError(err as Error);
+    }
     this.log.info({ runtime: this.o.driver.runtime, slots: this.o.slots }, 'worker registered');
     this.heartbeat = setInterval(() => void this.beat(), this.o.heartbeatMs ?? 10_000);
     this.connect();
     this.requestSync();
+  }
+
+  /**
+   * Why registering failed, in a worker's terms: the client's own messages speak of CLI contexts, but a
+   * worker has none, only its bootstrap token (credentials and the controller's certificate).
+   */
+  private async joinError(err: Error): Promise<Error> {
+    const where = `the controller at ${this.o.client.url.origin}`;
+    const account = this.o.client.options.serviceAccountName ?? '?';
+    const getNew = `get a new one with "orchard get bootstrap-token ${account}" on the controller's admin context`;
+    if (err instanceof CertificateMismatchError) {
+      const pinned = this.o.client.options.certificate ? new X509Certificate(this.o.client.options.certificate).fingerprint256 : 'none';
+      const presented = await probeCertificate(this.o.client.url.href).then((c) => c.fingerprint, () => 'unknown');
+      return new Error(
+        `${where} presents a certificate other than the bootstrap token's (token's SHA-256 ${pinned}, presented ${presented}): ` +
+          `the token was made by another controller (or the controller's certificate changed); ${getNew}`,
+        { cause: err },
+      );
+    }
+    if (err instanceof ApiError && err.status === 401) {
+      return new Error(
+        `${where} does not know the bootstrap token's service account "${account}" or its token: the token was made by another ` +
+          `controller, or the account was deleted or given a new token since; ${getNew}`,
+        { cause: err },
+      );
+    }
+    return err;
   }
 
   /** Stops talking to the controller. VMs keep running: a restarted worker adopts them. */
@@ -170,7 +201,7 @@ export class OrchardWorker {
       if (err instanceof ApiError && err.status === 404) {
         this.log.warn('worker record is gone; registering again');
         await this.o.client.registerWorker(this.workerRecord()).catch(() => {});
-      } else this.log.warn({ err: (err as Error).message }, 'heartbeat failed');
+      } else this.log.warn({ err: (await this.joinError(err as Error)).message }, 'heartbeat failed');
     }
   }
 
