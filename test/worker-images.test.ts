@@ -4,7 +4,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { cpSync, existsSync, mkdirSync, rmSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { QemuDriver } from '../src/worker/drivers/qemu.ts';
@@ -121,4 +121,35 @@ test('debian-dev is built on first use on a qemu worker that lacks it, with prog
   }
   const image = await resolveImage(join(workerDir, 'images'), 'debian-dev');
   assert.equal(image.kind, 'kernel');
+});
+
+test('debian-dev that cannot be built: the VM waits with why and the exact command, and goes on once the cause is gone', async (t) => {
+  await buildDebianDev(TEST_IMAGES);
+  const c = await inProcessController();
+  const workerDir = tempDir('orchard-worker-');
+  mkdirSync(join(workerDir, 'images'), { recursive: true });
+  // A store the build cannot use: its build directory is a file (a broken disk, a stray copy...).
+  writeFileSync(join(workerDir, 'images', '.build'), 'not a directory\n');
+  const w = await qemuWorker(c, 'img-3', workerDir);
+  t.after(async () => {
+    await c.admin.deleteVM('third').catch(() => {});
+    await w.close();
+    await c.close();
+    c.cleanup();
+    rmSync(workerDir, { recursive: true, force: true });
+  });
+  await c.admin.createVM({ name: 'third', image: 'debian-dev', cpu: 1, memory: 256 });
+  const waiting = await waitFor('the VM to wait for debian-dev', async () => {
+    const vm = await c.admin.getVM('third');
+    assert.notEqual(vm.status, 'failed', vm.status_message);
+    return vm.status_message?.startsWith('image debian-dev not found on worker img-3') ? vm : undefined;
+  }, 30_000, 100);
+  assert.equal(waiting.status, 'pending');
+  assert.match(waiting.status_message!, /this worker could not build it: .*\.build/);
+  assert.ok(waiting.status_message!.endsWith(`build it as the worker's user with: orchard image build debian-dev --data-dir ${workerDir}`), waiting.status_message);
+  // The cause goes (with the kernel package already in the cache): the worker notices and builds.
+  rmSync(join(workerDir, 'images', '.build'));
+  mkdirSync(join(workerDir, 'images', '.build'));
+  cpSync(join(TEST_IMAGES, '.build', 'debian-dev', 'cache'), join(workerDir, 'images', '.build', 'debian-dev', 'cache'), { recursive: true });
+  await waitFor('the VM to boot', async () => (await events(c, 'third')).includes('lifecycle: booting'), 120_000, 250);
 });
