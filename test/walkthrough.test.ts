@@ -11,10 +11,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { buildDebianDev } from '../src/worker/images.ts';
-import { processesWith, ROOT, spawnController, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
+import { freePort, processesWith, ROOT, spawnController, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
 
 const README = readFileSync(join(ROOT, 'README.md'), 'utf8');
 const README_URL = 'https://controller.example.com:6120';
@@ -55,6 +55,10 @@ test('README "A real cluster": a controller, two workers with their own data dir
     assert.equal(r.code, 0, `${command}\nexit ${r.code}\n${r.stderr}${r.stdout}`);
     return r;
   };
+  // The laptop already has `orchard dev`'s context as its default (the quick start): after step 3 the
+  // README's commands must go to the new controller, not there (nothing listens on this port).
+  mkdirSync(home, { recursive: true, mode: 0o700 });
+  writeFileSync(join(home, 'orchard.yml'), `default-context: dev\ncontexts:\n  dev:\n    url: https://127.0.0.1:${await freePort()}\n    serviceAccountName: bootstrap-admin\n    serviceAccountToken: dev-token\n`, { mode: 0o600 });
   const workers: { proc: ChildProcess; log: () => string; exited: Promise<void> }[] = [];
   const ctlDir = join(work, 'controller');
   // 2. The controller host (the unit's command line, on a free loopback port).
@@ -71,6 +75,9 @@ test('README "A real cluster": a controller, two workers with their own data dir
         ` --trust-fingerprint ${fingerprint}`,
     );
     assert.match(created.stdout + created.stderr, /prod/);
+    const contexts = (await ok('orchard context list')).stdout;
+    assert.match(contexts, /^prod\s+https:\/\/127\.0\.0\.1:\d+\s+bootstrap-admin\s+\*\s+yes\s*$/m, contexts);
+    assert.match(contexts, /^dev\s+\S+\s+bootstrap-admin\s+-\s+no\s*$/m, contexts);
     await ok(fromReadme('orchard create service-account worker --roles compute:read --roles compute:write'));
     await ok(fromReadme('orchard get bootstrap-token worker > bootstrap-token'));
     assert.match(readFileSync(join(work, 'bootstrap-token'), 'utf8'), /^orchard-bootstrap-token-v0\./);
