@@ -115,14 +115,16 @@ test('qemu worker: create → running → startup script → worker kill -9 and 
     assert.equal(adopted.restart_count, 0, 'adopted, not restarted');
     assert.deepEqual(processesWith(running.localName!), qemuPids, 'the same qemu process');
 
-    // An image the worker does not have: the VM fails, saying which image and what to run.
+    // An image the worker does not have: the VM waits for it (pending, not failed), saying which image
+    // and the exact command to add it on this worker (test/worker-images.test.ts: it boots once the image is there).
     await admin.createVM({ name: 'no-image', image: 'ubuntu-missing', cpu: 1, memory: 512 });
-    const failed = await waitFor('no-image to fail', async () => {
+    const waiting = await waitFor('no-image to wait for its image', async () => {
       const vm = await admin.getVM('no-image');
-      return vm.status === 'failed' ? vm : undefined;
+      assert.notEqual(vm.status, 'failed', vm.status_message);
+      return vm.status_message?.startsWith('image ubuntu-missing not found on worker host-1') ? vm : undefined;
     }, 30_000, 100);
-    assert.match(failed.status_message ?? '', /ubuntu-missing/);
-    assert.match(failed.status_message ?? '', /orchard image (build|import)/);
+    assert.equal(waiting.status, 'pending');
+    assert.ok(waiting.status_message!.includes(`orchard image import ubuntu-missing FILE.qcow2 --data-dir ${workerDir}`), waiting.status_message);
     await admin.deleteVM('no-image');
 
     // Delete: the guest is stopped and its disk removed.

@@ -10,7 +10,7 @@ import { spawn, execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { copyFile, mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { assetText } from '../build/source-tree.ts';
 import { privateDir, privateFiles } from './private-files.ts';
@@ -83,11 +83,22 @@ interface ImageMeta {
   source?: string;
 }
 
-/** What to run to get `name` onto this worker, for error messages. */
-export function imageHowTo(name: string): string {
+/**
+ * What to run to get `name` onto this worker, for error messages. With the store, the command names
+ * the worker's data dir when the store is `<data dir>/images` (as `orchard worker run` lays it out),
+ * so it can be pasted as is.
+ */
+export function imageHowTo(name: string, storeDir?: string): string {
+  const store = storeDir === undefined ? undefined : resolve(storeDir);
+  const dataDir = store !== undefined && basename(store) === 'images' ? ` --data-dir ${shellWord(dirname(store))}` : '';
   return name === DEBIAN_DEV
-    ? `orchard image build ${DEBIAN_DEV}`
-    : `orchard image import ${name} FILE.qcow2`;
+    ? `orchard image build ${DEBIAN_DEV}${dataDir}`
+    : `orchard image import ${shellWord(name)} FILE.qcow2${dataDir}`;
+}
+
+/** `s` quoted for a POSIX shell when it needs it. */
+function shellWord(s: string): string {
+  return /^[A-Za-z0-9._/:@%+=,-]+$/.test(s) ? s : `'${s.replaceAll("'", `'\\''`)}'`;
 }
 
 /**
@@ -177,7 +188,7 @@ export async function resolveImage(storeDir: string, name: string): Promise<Reso
   const meta = await readMeta(dir);
   const disk = join(dir, 'base.qcow2');
   const notFound = (what: string) =>
-    new ImageNotFoundError(name, `image "${name}" ${what} on this worker (store ${resolve(storeDir)}); run: ${imageHowTo(name)}`);
+    new ImageNotFoundError(name, `image "${name}" ${what} on this worker (store ${resolve(storeDir)}); run: ${imageHowTo(name, storeDir)}`);
   if (!meta || !(await exists(disk))) throw notFound('is not');
   const image: ResolvedImage = { ...(await info(dir, meta)), disk };
   if (meta.kind === 'kernel') {
@@ -198,8 +209,15 @@ export async function resolveImage(storeDir: string, name: string): Promise<Reso
  * image's SSH key. Installs missing Debian packages with apt-get (needs root). With unchanged
  * inputs it does nothing (well under a second).
  */
-export async function buildDebianDev(storeDir: string, progress: (msg: string) => void = () => {}): Promise<BuildResult> {
+export async function buildDebianDev(storeDir: string, progress: (msg: string) => void = () => {}, opts: { installPackages?: boolean } = {}): Promise<BuildResult> {
   const store = resolve(storeDir);
+  if (opts.installPackages === false) {
+    // Even as root: a build that a VM asked for must not change the host's packages.
+    const missing = await missingBuildPackages();
+    if (missing.length) {
+      throw new Error(`missing Debian packages: ${missing.join(' ')}. Install them with: sudo apt-get install -y --no-install-recommends ${missing.join(' ')}`);
+    }
+  }
   // 0700 before the build: the store encloses the build tree and the image while they are made.
   await privateDir(store);
   await mkdir(join(store, '.build'), { recursive: true });
@@ -239,6 +257,16 @@ export async function buildDebianDev(storeDir: string, progress: (msg: string) =
   await privateFiles(dir);
   if (result === 'built') progress(`image ${DEBIAN_DEV} built`);
   return { ...(await resolveImage(store, DEBIAN_DEV)), cached: result === 'cached' };
+}
+
+/** The Debian packages the debian-dev build needs (the build script's PKGS) that are not installed. */
+export async function missingBuildPackages(): Promise<string[]> {
+  const m = /^PKGS="([^"]+)"/m.exec(assetText('worker/images/build-debian-dev.sh'));
+  if (!m) throw new Error('build-debian-dev.sh names no packages (PKGS="…")');
+  const pkgs = m[1].split(/\s+/).filter(Boolean);
+  const { stdout } = await execFileP('dpkg-query', ['-W', '-f=${db:Status-Status} ${Package}\\n', ...pkgs]).catch((err: { stdout?: string }) => ({ stdout: err.stdout ?? '' }));
+  const installed = new Set(stdout.split('\n').filter((l) => l.startsWith('installed ')).map((l) => l.slice('installed '.length)));
+  return pkgs.filter((p) => !installed.has(p));
 }
 
 /**

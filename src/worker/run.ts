@@ -44,7 +44,7 @@ export async function makeDriver(runtime: string, dataDir: string, logger: Logge
         throw new Error('the qemu runtime needs QEMU: install it with "sudo apt-get install qemu-system-x86 qemu-utils" (or run scripts/setup.sh)');
       }
       const { QemuDriver } = await import('./drivers/qemu.ts');
-      const driver = new QemuDriver({ dataDir, imagesDir: join(dataDir, 'images'), log: logger });
+      const driver = new QemuDriver({ dataDir, imagesDir: join(dataDir, 'images'), log: logger, buildMissingDebianDev: true });
       if (driver.accel === 'tcg') logger.warn({ reason: driver.accelReason }, 'no usable hardware virtualisation: VMs run under TCG (software emulation), slower');
       return driver;
     }

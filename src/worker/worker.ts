@@ -1,6 +1,6 @@
 // The worker: registers with the controller, keeps its heartbeat, holds the /v1/rpc/watch WebSocket,
 // and converges the VMs on this host to the controller's records for it, through one Driver.
-import { randomUUID } from 'node:crypto';
+import { randomUUID, X509Certificate } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism, arch as osArch, totalmem } from 'node:os';
 import { join } from 'node:path';
@@ -9,7 +9,7 @@ import type { Duplex } from 'node:stream';
 import { createWebSocketStream, WebSocket } from 'ws';
 import type { Logger } from 'pino';
 import { localNameOf, RESOURCE_LOGICAL_CORES, RESOURCE_MEMORY_MIB, RESOURCE_TART_VMS, type Event, type Orphan, type VM, type VMStateUpdate } from '../api/schemas.ts';
-import { ApiError, OrchardClient, wsMasking } from '../client/client.ts';
+import { ApiError, CertificateMismatchError, OrchardClient, probeCertificate, wsMasking } from '../client/client.ts';
 import type { Driver, DriverVM, LocalVM } from './drivers/driver.ts';
 import { runScript } from './startup-script.ts';
 import { sshCredentials, VM_DEFAULTS } from '../api/defaults.ts';
@@ -46,6 +46,9 @@ const RESPEC = 'new spec';
 /** Back-off of state reports and event batches the controller did not take: 0.5 s doubling to 30 s. */
 const REPORT_RETRY_BASE_MS = 500;
 const REPORT_RETRY_MAX_MS = 30_000;
+/** A VM whose image this host lacks is tried again: at once when the images change, else after 5 s doubling to 5 min. */
+const IMAGE_RETRY_BASE_MS = 5_000;
+const IMAGE_RETRY_MAX_MS = 300_000;
 /** Events per request, and unsent events kept per VM while the controller is unreachable. */
 const MAX_EVENTS_PER_REQUEST = 500;
 const MAX_QUEUED_EVENTS = 10_000;
@@ -137,11 +140,42 @@ export class OrchardWorker {
     this.watchLiveness = info?.capabilities?.includes('watch-liveness') ?? false;
     this.orphansCapable = info?.capabilities?.includes('orphans') ?? false;
     this.checkCluster(info?.clusterID);
-    await this.o.client.registerWorker(this.workerRecord());
+    try {
+      await this.o.client.registerWorker(this.workerRecord());
+    } catch (err) {
+      throw await this.joinError(err as Error);
+    }
     this.log.info({ runtime: this.o.driver.runtime, slots: this.o.slots }, 'worker registered');
     this.heartbeat = setInterval(() => void this.beat(), this.o.heartbeatMs ?? 10_000);
     this.connect();
     this.requestSync();
+  }
+
+  /**
+   * Why registering failed, in a worker's terms: the client's own messages speak of CLI contexts, but a
+   * worker has none, only its bootstrap token (credentials and the controller's certificate).
+   */
+  private async joinError(err: Error): Promise<Error> {
+    const where = `the controller at ${this.o.client.url.origin}`;
+    const account = this.o.client.options.serviceAccountName ?? '?';
+    const getNew = `get a new one with "orchard get bootstrap-token ${account}" on the controller's admin context`;
+    if (err instanceof CertificateMismatchError) {
+      const pinned = this.o.client.options.certificate ? new X509Certificate(this.o.client.options.certificate).fingerprint256 : 'none';
+      const presented = await probeCertificate(this.o.client.url.href).then((c) => c.fingerprint, () => 'unknown');
+      return new Error(
+        `${where} presents a certificate other than the bootstrap token's (token's SHA-256 ${pinned}, presented ${presented}): ` +
+          `the token was made by another controller (or the controller's certificate changed); ${getNew}`,
+        { cause: err },
+      );
+    }
+    if (err instanceof ApiError && err.status === 401) {
+      return new Error(
+        `${where} does not know the bootstrap token's service account "${account}" or its token: the token was made by another ` +
+          `controller, or the account was deleted or given a new token since; ${getNew}`,
+        { cause: err },
+      );
+    }
+    return err;
   }
 
   /** Stops talking to the controller. VMs keep running: a restarted worker adopts them. */
@@ -170,7 +204,7 @@ export class OrchardWorker {
       if (err instanceof ApiError && err.status === 404) {
         this.log.warn('worker record is gone; registering again');
         await this.o.client.registerWorker(this.workerRecord()).catch(() => {});
-      } else this.log.warn({ err: (err as Error).message }, 'heartbeat failed');
+      } else this.log.warn({ err: (await this.joinError(err as Error)).message }, 'heartbeat failed');
     }
   }
 
@@ -601,12 +635,7 @@ export class OrchardWorker {
         } else {
           this.event(task, 'lifecycle', `scheduled on worker ${this.o.name}; cloning image ${vm.image}`);
           this.report(vm, task, { status: 'pending', status_message: `cloning image ${vm.image}`, conditions: [{ type: 'scheduled', state: 'true' }, { type: 'cloning', state: 'true' }] });
-          let lastProgress = 0;
-          await driver.prepare(this.toDriverVM(vm, localName), (msg) => {
-            if (Date.now() - lastProgress < 1000) return;
-            lastProgress = Date.now();
-            this.event(task, 'progress', msg);
-          });
+          await this.prepare(vm, task);
           signal.throwIfAborted();
           this.event(task, 'lifecycle', 'booting');
           this.report(vm, task, { status: 'pending', status_message: 'booting', conditions: [{ type: 'scheduled', state: 'true' }] });
@@ -646,6 +675,84 @@ export class OrchardWorker {
       // The finished task stays in `tasks`, so a sync does not restart a failed VM in place: the
       // controller decides (restart policy) and unassigns it, which removes it here.
     })();
+  }
+
+  /**
+   * The driver's prepare; a VM whose image this host lacks does not fail: like a Kubernetes pod in
+   * ImagePullBackOff it stays pending here, its reason saying which image is missing and how to add
+   * it, and is tried again as soon as the host's images change (driver.watchImages) and else with
+   * back-off (5 s doubling to 5 min), until the image is there or the VM is deleted or changed.
+   */
+  private async prepare(vm: VM, task: Task) {
+    const signal = task.abort.signal;
+    // At most one progress event a second; the newest held back is sent when the second is over (none is lost at the end).
+    let lastProgress = 0;
+    let held: string | undefined;
+    let timer: NodeJS.Timeout | undefined;
+    const progress = (msg: string) => {
+      const wait = lastProgress + 1000 - Date.now();
+      if (wait > 0) {
+        held = msg;
+        timer ??= setTimeout(() => {
+          timer = undefined;
+          if (held !== undefined && !signal.aborted) progress(held);
+          held = undefined;
+        }, wait);
+        return;
+      }
+      held = undefined;
+      lastProgress = Date.now();
+      this.event(task, 'progress', msg);
+    };
+    const flush = () => {
+      clearTimeout(timer);
+      timer = undefined;
+      if (held !== undefined && !signal.aborted) this.event(task, 'progress', held);
+      held = undefined;
+    };
+    let lastReason = '';
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.o.driver.prepare(this.toDriverVM(vm, task.localName), progress).finally(flush);
+        if (attempt > 0) this.event(task, 'lifecycle', `image ${vm.image} is here now (after ${attempt + 1} attempts); cloning it`);
+        return;
+      } catch (err) {
+        if ((err as { code?: string }).code !== 'IMAGE_NOT_FOUND' || signal.aborted) throw err;
+        const delay = Math.min(IMAGE_RETRY_BASE_MS * 2 ** attempt, IMAGE_RETRY_MAX_MS);
+        const reason = `image ${vm.image} not found on worker ${this.o.name}: ${(err as Error).message}`;
+        if (reason !== lastReason) {
+          lastReason = reason;
+          this.log.warn({ vm: vm.name, image: vm.image, err: (err as Error).message }, 'VM waits for its image; retrying when the images change, else with back-off');
+          this.event(task, 'lifecycle', `${reason} (retrying when the worker's images change, else with back-off up to ${IMAGE_RETRY_MAX_MS / 60_000} min)`);
+          this.report(vm, task, { status: 'pending', status_message: reason, conditions: [{ type: 'scheduled', state: 'true' }] });
+        }
+        await this.imagesChangedOr(delay, signal);
+      }
+    }
+  }
+
+  /** Resolves after `ms`, or soon after the driver sees the host's images change; rejects on abort. */
+  private imagesChangedOr(ms: number, signal: AbortSignal): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      let settle: NodeJS.Timeout | undefined;
+      const done = (err?: unknown) => {
+        clearTimeout(timer);
+        clearTimeout(settle);
+        unwatch?.();
+        signal.removeEventListener('abort', onAbort);
+        if (err === undefined) resolve();
+        else reject(err as Error);
+      };
+      const onAbort = () => done(signal.reason);
+      const timer = setTimeout(() => done(), ms);
+      // A change comes in bursts (a build writes many files, an import renames a directory into place): try after they settle.
+      const unwatch = this.o.driver.watchImages?.(() => {
+        clearTimeout(settle);
+        settle = setTimeout(() => done(), 500);
+      });
+      if (signal.aborted) onAbort();
+      else signal.addEventListener('abort', onAbort, { once: true });
+    });
   }
 
   private async startupScript(vm: VM, task: Task) {

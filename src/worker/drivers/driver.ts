@@ -45,6 +45,11 @@ export interface Driver {
   list(): Promise<LocalVM[]>;
   /** Make the VM's disk: resolve/pull the image, copy-on-write clone, apply cpu/memory/disk size. */
   prepare(vm: DriverVM, progress?: Progress): Promise<void>;
+  /**
+   * Optional: calls `onChange` when this host's images may have changed (built, imported, pulled by
+   * another process); returns what stops it. VMs waiting for a missing image are retried then.
+   */
+  watchImages?(onChange: () => void): () => void;
   /** Start the hypervisor; resolves once the process runs (not yet when the guest is ready). */
   start(vm: DriverVM): Promise<void>;
   /** Resolves when the guest accepts SSH (the `SSH-` banner answers); rejects if the VM dies or on abort. */

@@ -10,14 +10,14 @@
 // Networking is QEMU user-mode (slirp), guest 10.0.2.15, in a network namespace of the VM's own
 // (see netns.ts): the guest reaches the outside but nothing on the host's loopback.
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
-import { accessSync, closeSync, constants as fsConstants, existsSync, openSync, readFileSync } from 'node:fs';
+import { accessSync, closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, readFileSync, watch, type FSWatcher } from 'node:fs';
 import { copyFile, link, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import { join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
-import { diskImageProblem, resolveImage, type ResolvedImage } from '../images.ts';
+import { buildDebianDev, DEBIAN_DEV, diskImageProblem, imageHowTo, ImageNotFoundError, resolveImage, type ResolvedImage } from '../images.ts';
 import { privateDir, privateFiles } from '../private-files.ts';
 import { connectTCP, connectUnix, sshBannerOn } from './net.ts';
 import { connectInNetns, inNewNetns, startPasta } from './netns.ts';
@@ -49,6 +49,11 @@ export interface QemuDriverOptions {
   qemuBinary?: string;
   /** waitReady gives up after this long (default 10 minutes); callers can abort earlier. */
   readyTimeoutMs?: number;
+  /**
+   * Build the `debian-dev` image when a VM asks for it and the store lacks it (a worker's first use),
+   * with the Debian packages already on the host: a VM's request never installs packages.
+   */
+  buildMissingDebianDev?: boolean;
 }
 
 /**
@@ -241,12 +246,17 @@ export class QemuDriver implements Driver {
   private readonly readyTimeoutMs: number;
   private readonly logFn: (level: 'info' | 'warn' | 'error' | 'debug', fields: object, msg: string) => void;
   private readonly state = new Map<string, VmState>();
+  private readonly buildMissingDebianDev: boolean;
+  /** The on-demand build of debian-dev under way: VMs that ask meanwhile wait for the same one. */
+  private building?: Promise<unknown>;
+  private readonly buildListeners = new Set<Progress>();
 
   constructor(opts: QemuDriverOptions) {
     this.dataDir = resolve(opts.dataDir);
     this.imagesDir = resolve(opts.imagesDir);
     this.qemuBinary = opts.qemuBinary ?? 'qemu-system-x86_64';
     this.readyTimeoutMs = opts.readyTimeoutMs ?? 600_000;
+    this.buildMissingDebianDev = opts.buildMissingDebianDev ?? false;
     const want = opts.accel ?? 'auto';
     if (want === 'auto') {
       const d = detectAccel();
@@ -397,7 +407,7 @@ export class QemuDriver implements Driver {
     const dir = this.vmDir(vm.localName);
     if (this.isRunning(vm.localName)) throw new Error(`VM ${vm.localName} is running; stop it before preparing it again`);
     progress(`resolving image ${vm.image}`);
-    const image = await resolveImage(this.imagesDir, vm.image);
+    const image = await this.resolveOrBuild(vm.image, progress);
     const old = await this.readVm(vm.localName);
     await privateDir(join(this.dataDir, 'vms'));
     await privateDir(dir);
@@ -443,6 +453,51 @@ export class QemuDriver implements Driver {
     // base.qcow2 and the kernel files are hard links: this makes the image's own files 0600 too.
     await privateFiles(dir);
     this.logFn('info', { vm: vm.localName, image: vm.image }, 'VM prepared');
+  }
+
+  /** The image; `debian-dev`, when missing, built first (buildMissingDebianDev), once for all the VMs that wait for it. */
+  private async resolveOrBuild(name: string, progress: Progress): Promise<ResolvedImage> {
+    try {
+      return await resolveImage(this.imagesDir, name);
+    } catch (err) {
+      if (!(err instanceof ImageNotFoundError) || name !== DEBIAN_DEV || !this.buildMissingDebianDev) throw err;
+    }
+    this.buildListeners.add(progress);
+    try {
+      if (!this.building) {
+        progress(`image ${DEBIAN_DEV} is not on this worker yet: building it from Debian packages (once; later VMs reuse it)`);
+        const t0 = Date.now();
+        this.logFn('info', { image: DEBIAN_DEV, store: this.imagesDir }, 'building a missing image that a VM asked for');
+        this.building = buildDebianDev(this.imagesDir, (msg) => {
+          for (const l of this.buildListeners) l(`building image ${DEBIAN_DEV}: ${msg}`);
+        }, { installPackages: false }).then(
+          () => this.logFn('info', { image: DEBIAN_DEV, seconds: (Date.now() - t0) / 1000 }, 'image built'),
+          (e: Error) => {
+            throw new ImageNotFoundError(DEBIAN_DEV, `image "${DEBIAN_DEV}" is not on this worker (store ${this.imagesDir}) and this worker could not build it: ${e.message}; once that is fixed the worker builds it by itself, or build it as the worker's user with: ${imageHowTo(DEBIAN_DEV, this.imagesDir)}`);
+          },
+        ).finally(() => (this.building = undefined));
+      } else progress(`waiting for the build of image ${DEBIAN_DEV} under way`);
+      await this.building;
+    } finally {
+      this.buildListeners.delete(progress);
+    }
+    return resolveImage(this.imagesDir, DEBIAN_DEV);
+  }
+
+  /**
+   * Calls `onChange` when the image store changes (an image built, imported or removed by another
+   * process); returns what stops it. A worker retries VMs that wait for an image then.
+   */
+  watchImages(onChange: () => void): () => void {
+    let watcher: FSWatcher | undefined;
+    try {
+      mkdirSync(this.imagesDir, { recursive: true, mode: 0o700 });
+      watcher = watch(this.imagesDir, () => onChange());
+      watcher.on('error', () => watcher?.close());
+    } catch (err) {
+      this.logFn('warn', { store: this.imagesDir, err: (err as Error).message }, 'cannot watch the image store: VMs waiting for an image are retried on a timer only');
+    }
+    return () => watcher?.close();
   }
 
   private async copyImageKeys(image: ResolvedImage, dir: string): Promise<void> {
