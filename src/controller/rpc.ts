@@ -11,6 +11,35 @@ import type { Logger } from 'pino';
 import type { Limits } from './limits.ts';
 
 const PING_INTERVAL_MS = 20_000;
+/** An account whose WebSocket broke the protocol (a frame over the limit, bad framing) opens none for this long, doubling per offence. */
+const OFFENCE_HOLD_MS = { first: 1000, max: 60_000, forgetAfter: 10 * 60_000 };
+
+/**
+ * Accounts that broke the WebSocket protocol lately, held off from opening new ones for a while
+ * (doubling from 1 s to 60 s; forgotten after 10 min of good behaviour). Honest clients never
+ * offend (their frames are far below the limits); a hostile one reconnecting to send 15 MiB frames
+ * would otherwise cost the controller a TLS handshake and a refused frame ten times a second each.
+ */
+class Offences {
+  private readonly byAccount = new Map<string, { count: number; last: number; until: number }>();
+
+  record(account: string, now = Date.now()): number {
+    const prior = this.byAccount.get(account);
+    const count = prior && now - prior.last < OFFENCE_HOLD_MS.forgetAfter ? prior.count + 1 : 1;
+    const until = now + Math.min(OFFENCE_HOLD_MS.first * 2 ** (count - 1), OFFENCE_HOLD_MS.max);
+    this.byAccount.set(account, { count, last: now, until });
+    if (this.byAccount.size > 10_000) for (const [k, v] of this.byAccount) if (now - v.last > OFFENCE_HOLD_MS.forgetAfter) this.byAccount.delete(k);
+    return count;
+  }
+
+  /** A 429 for an account that is held off. */
+  check(account: string, now = Date.now()) {
+    const o = this.byAccount.get(account);
+    if (!o || now >= o.until) return;
+    const seconds = Math.ceil((o.until - now) / 1000);
+    throw new HttpError(429, `service account "${account}" broke the WebSocket protocol ${o.count} time${o.count === 1 ? '' : 's'} lately (frames over the limit); it may open WebSockets again in ${seconds}s`, { 'retry-after': String(seconds) });
+  }
+}
 
 export interface RouteOptions {
   /** Largest frame accepted from the peer: a bigger one closes the connection with 1009. */
@@ -50,6 +79,7 @@ export class WebSocketRoutes {
   private readonly routes: { pattern: RegExp; keys: string[]; roles: readonly Role[]; handler: UpgradeHandler; options: RouteOptions }[] = [];
   private readonly pinger: NodeJS.Timeout;
   private readonly alive = new WeakSet<WebSocket>();
+  private readonly offences = new Offences();
   private readonly access: Access;
   private readonly logger: Logger;
   /** The route's path of a request's path (the API prefix taken off), or undefined outside the API. */
@@ -111,6 +141,7 @@ export class WebSocketRoutes {
       const m: RegExpExecArray = match;
       account = await this.access.authenticate(parseBasicAuth(request.headers.authorization), request.socket.remoteAddress);
       authorize(account, route.roles);
+      this.offences.check(account.name);
       const params = Object.fromEntries(route.keys.map((k, i) => [k, decodePathSegment(m[i + 1])]));
       const limit = route.options.perAccount;
       if (limit) untake = this.access.take(account.name, limit.what, limit.max);
@@ -136,7 +167,13 @@ export class WebSocketRoutes {
       socket.off('close', leave);
       this.alive.add(ws);
       ws.on('pong', () => this.alive.add(ws));
-      ws.on('error', (err) => this.logger.debug({ err }, 'websocket error'));
+      ws.on('error', (err: Error & { code?: string }) => {
+        this.logger.debug({ err }, 'websocket error');
+        // ws's errors of a peer that broke the protocol (a frame over maxPayload: WS_ERR_UNSUPPORTED_MESSAGE_LENGTH).
+        if (!err.code?.startsWith('WS_ERR_')) return;
+        const count = this.offences.record(account.name);
+        this.logger.warn({ account: account.name, path: url.pathname, err: err.message, offences: count }, 'a WebSocket broke the protocol: its account is held off for a while');
+      });
       // Revoking the account (deleted, new token, role removed) closes the connection at once.
       const release = this.access.hold(account, roles, (why) => ws.close(1008, why.slice(0, 120)));
       ws.on('close', release);

@@ -44,6 +44,22 @@ describe('WebSocket frame limits (defaults)', () => {
     big.ws!.on('error', () => {});
     big.ws!.send(Buffer.alloc(DEFAULT_LIMITS.tunnelFrameBytes + 1, 1));
     assert.equal(await end, 1009);
+    // The offending account is held off for a while (1 s, doubling per offence): 429 with Retry-After.
+    const held = await upgrade(c.ctl, '/v1/vms/v/port-forward?port=22', { auth: user.auth });
+    assert.equal(held.status, 429);
+    assert.match(held.body, /broke the WebSocket protocol 1 time lately \(frames over the limit\); it may open WebSockets again in 1s/);
+    assert.equal(held.headers['retry-after'], '1');
+    // Another account is not.
+    const other = await account(c, 'other', ['compute:read', 'compute:connect']);
+    const fine = await upgrade(c.ctl, '/v1/vms/v/port-forward?port=22', { auth: other.auth });
+    assert.equal(fine.status, 101, fine.body);
+    fine.ws!.close();
+    // After the hold, the offender may connect again.
+    await waitFor('the hold to end', async () => {
+      const again = await upgrade(c.ctl, '/v1/vms/v/port-forward?port=22', { auth: user.auth });
+      again.ws?.close();
+      return again.status === 101;
+    }, 5000, 200);
   });
 
   test("a worker's watch connection: a frame over the limit closes it with 1009", async () => {
