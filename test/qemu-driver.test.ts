@@ -16,7 +16,8 @@ import ssh2 from 'ssh2';
 import {
   buildDebianDev, imageDirName, importImage, listImages, resolveImage, ImageNotFoundError, type ResolvedImage,
 } from '../src/worker/images.ts';
-import { QemuDriver, parseHostForwards } from '../src/worker/drivers/qemu.ts';
+import { QemuDriver } from '../src/worker/drivers/qemu.ts';
+import { parseHostForwards } from '../src/worker/drivers/qmp.ts';
 import type { DriverVM } from '../src/worker/drivers/driver.ts';
 
 const execFileP = promisify(execFile);

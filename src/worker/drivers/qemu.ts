@@ -8,11 +8,11 @@
 // QEMU runs in its own session (setsid), so it outlives the worker process; a new QemuDriver on
 // the same directories adopts it (list() checks that the pid really is the VM's QEMU).
 // Networking is QEMU user-mode (slirp), guest 10.0.2.15, in a network namespace of the VM's own
-// (see netns.ts): the guest reaches the outside but nothing on the host's loopback.
+// (see netns.ts): the guest reaches the outside but nothing on the host's loopback. QMP: qmp.ts;
+// which accelerator: accel.ts.
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
-import { accessSync, closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, readFileSync, watch, type FSWatcher } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, readFileSync, watch, type FSWatcher } from 'node:fs';
 import { copyFile, link, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
-import net from 'node:net';
 import { join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -22,6 +22,8 @@ import { privateDir, privateFiles } from '../private-files.ts';
 import { connectTCP, connectUnix, sshBannerOn } from './net.ts';
 import { connectInNetns, inNewNetns, startPasta } from './netns.ts';
 import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
+import { detectAccel, type Accel } from './accel.ts';
+import { forward, QmpClient } from './qmp.ts';
 // dial(name, VNC_PORT) reaches QEMU's VNC server for the VM's display (a unix socket, no guest port).
 import { VNC_PORT } from '../../api/defaults.ts';
 
@@ -29,8 +31,6 @@ const execFileP = promisify(execFile);
 
 /** The guest's address on QEMU's user-mode network (the first address its DHCP server hands out). */
 export const USER_NET_GUEST_IP = '10.0.2.15';
-
-export type Accel = 'kvm' | 'tcg';
 
 /** pino-like logger (`log.info(obj, msg)`), or a plain function that takes a message. */
 export interface LoggerLike {
@@ -56,140 +56,6 @@ export interface QemuDriverOptions {
   buildMissingDebianDev?: boolean;
 }
 
-/**
- * KVM only when it is real hardware virtualisation: /dev/kvm writable, vmx/svm in the CPU flags and
- * no kvm_pvm module (a software KVM that boots stock kernels far slower than TCG). Else TCG.
- */
-export function detectAccel(): { accel: Accel; reason: string } {
-  try {
-    accessSync('/dev/kvm', fsConstants.R_OK | fsConstants.W_OK);
-  } catch {
-    return { accel: 'tcg', reason: '/dev/kvm is missing or not writable' };
-  }
-  let cpuinfo = '';
-  try {
-    cpuinfo = readFileSync('/proc/cpuinfo', 'utf8');
-  } catch {
-    // leave empty: no flags known
-  }
-  if (!/^flags\s*:.*\b(vmx|svm)\b/m.test(cpuinfo)) {
-    return { accel: 'tcg', reason: 'the CPU shows no hardware virtualisation (vmx/svm)' };
-  }
-  if (existsSync('/sys/module/kvm_pvm')) {
-    return { accel: 'tcg', reason: '/dev/kvm is a software KVM (kvm_pvm), slower than TCG' };
-  }
-  return { accel: 'kvm', reason: 'hardware virtualisation available' };
-}
-
-// ---------------------------------------------------------------------------------------------
-// A tiny QMP client: newline-delimited JSON over a unix socket.
-
-interface QmpReply {
-  id?: number;
-  return?: unknown;
-  error?: { class: string; desc: string };
-  event?: string;
-  QMP?: unknown;
-}
-
-export class QmpClient {
-  private readonly sock: net.Socket;
-  private buf = '';
-  private nextId = 1;
-  private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
-  private closedError: Error | undefined;
-  private greeted: Promise<void>;
-
-  private constructor(sock: net.Socket) {
-    this.sock = sock;
-    let onGreeting!: () => void;
-    let onFail!: (e: Error) => void;
-    this.greeted = new Promise<void>((res, rej) => {
-      onGreeting = res;
-      onFail = rej;
-    });
-    sock.setEncoding('utf8');
-    sock.on('data', (chunk: string) => {
-      this.buf += chunk;
-      let nl;
-      while ((nl = this.buf.indexOf('\n')) >= 0) {
-        const line = this.buf.slice(0, nl).trim();
-        this.buf = this.buf.slice(nl + 1);
-        if (!line) continue;
-        let msg: QmpReply;
-        try {
-          msg = JSON.parse(line) as QmpReply;
-        } catch {
-          continue;
-        }
-        if (msg.QMP) {
-          onGreeting();
-          continue;
-        }
-        if (msg.event || msg.id === undefined) continue;
-        const p = this.pending.get(msg.id);
-        if (!p) continue;
-        this.pending.delete(msg.id);
-        if (msg.error) p.reject(new Error(`QMP: ${msg.error.class}: ${msg.error.desc}`));
-        else p.resolve(msg.return);
-      }
-    });
-    const fail = (err: Error) => {
-      this.closedError ??= err;
-      onFail(err);
-      for (const p of this.pending.values()) p.reject(err);
-      this.pending.clear();
-    };
-    sock.on('error', (err) => fail(err));
-    sock.on('close', () => fail(new Error('QMP connection closed')));
-  }
-
-  /** Connect, read the greeting and leave capabilities negotiation mode. */
-  static async connect(path: string, timeoutMs = 5000): Promise<QmpClient> {
-    const sock = net.createConnection({ path });
-    const client = new QmpClient(sock);
-    const timer = setTimeout(() => sock.destroy(new Error(`QMP: no greeting on ${path} within ${timeoutMs} ms`)), timeoutMs);
-    try {
-      await client.greeted;
-      await client.execute('qmp_capabilities');
-      return client;
-    } catch (err) {
-      sock.destroy();
-      throw err;
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
-  execute(command: string, args?: Record<string, unknown>): Promise<unknown> {
-    if (this.closedError) return Promise.reject(this.closedError);
-    const id = this.nextId++;
-    return new Promise((res, rej) => {
-      this.pending.set(id, { resolve: res, reject: rej });
-      this.sock.write(JSON.stringify(args ? { execute: command, arguments: args, id } : { execute: command, id }) + '\n');
-    });
-  }
-
-  /** An HMP command through QMP; HMP reports errors as text, so a non-empty answer may be one. */
-  async hmp(commandLine: string): Promise<string> {
-    return String(await this.execute('human-monitor-command', { 'command-line': commandLine }));
-  }
-
-  close(): void {
-    this.sock.end();
-    this.sock.destroy();
-  }
-}
-
-/** Host-side forwards from `info usernet`: guest port -> host port (TCP, HOST_FORWARD rows). */
-export function parseHostForwards(infoUsernet: string): Map<number, number> {
-  const out = new Map<number, number>();
-  const re = /TCP\[HOST_FORWARD\]\s+-?\d+\s+(\S+)\s+(\d+)\s+(\S+)\s+(\d+)/g;
-  for (const m of infoUsernet.matchAll(re)) out.set(Number(m[4]), Number(m[2]));
-  return out;
-}
-
-// ---------------------------------------------------------------------------------------------
 
 interface VmFile {
   uid: string;
@@ -784,17 +650,6 @@ export class QemuDriver implements Driver {
     this.state.delete(localName);
     this.logFn('info', { vm: localName }, 'VM removed');
   }
-}
-
-/** Forwards guest TCP `port` from 127.0.0.1 of QEMU's network namespace (once); the port used. */
-async function forward(q: QmpClient, port: number): Promise<number> {
-  let fwd = parseHostForwards(await q.hmp('info usernet'));
-  if (!fwd.has(port)) {
-    const err = (await q.hmp(`hostfwd_add net0 tcp:127.0.0.1:0-:${port}`)).trim();
-    if (err) throw new Error(`cannot forward guest port ${port}: ${err}`);
-    fwd = parseHostForwards(await q.hmp('info usernet'));
-  }
-  return fwd.get(port) ?? 0;
 }
 
 async function linkOrCopy(src: string, dst: string): Promise<void> {
