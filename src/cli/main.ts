@@ -11,6 +11,7 @@ import { registerDevCommand } from './commands/dev.ts';
 import { registerConnectCommands } from './commands/connect.ts';
 import { registerPowerCommands } from './commands/power.ts';
 import { UsageError, errorText } from './common.ts';
+import { registerCompletionCommands } from './completion.ts';
 
 /**
  * Commander's "error: unknown command 'lst'\n(Did you mean list?)" as
@@ -58,6 +59,7 @@ registerPowerCommands(program);
 registerWorkerCommands(program);
 registerDevCommand(program);
 registerConnectCommands(program);
+registerCompletionCommands(program);
 hintAfterUsageErrors(program);
 
 /** The long names of every boolean flag (`--nested`, `--no-pki`), in any command. */
