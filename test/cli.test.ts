@@ -3,6 +3,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import YAML from 'yaml';
 import { decodeBootstrapToken } from '../src/api/bootstrap-token.ts';
 import type { VM } from '../src/api/schemas.ts';
@@ -134,5 +136,18 @@ test('a controller that cannot be reached is named, with its context and URL', a
   const env2 = await runCLI(['list', 'workers'], { ...env, ORCHARD_URL: ctl.url });
   assert.equal(env2.code, 1);
   assert.equal(env2.stderr, `orchard: cannot reach the controller at ${ctl.url}: connection refused (is it running?)\n`);
+  // A plain HTTP server where TLS was expected, and a host that does not exist.
+  const plain = createServer((_req, res) => res.end('hello'));
+  await new Promise<void>((r) => plain.listen(0, '127.0.0.1', r));
+  try {
+    const url = `https://127.0.0.1:${(plain.address() as AddressInfo).port}`;
+    const r2 = await runCLI(['list', 'vms'], { ...env, ORCHARD_URL: url });
+    assert.equal(r2.stderr, `orchard: cannot reach the controller at ${url}: it does not speak TLS (is it an http:// controller, run with --insecure-no-tls?)\n`);
+  } finally {
+    plain.close();
+  }
+  const nohost = await runCLI(['list', 'vms'], { ...env, ORCHARD_URL: 'https://no-such-host.invalid:6120' });
+  // (ENOTFOUND, or EAI_AGAIN on a machine without a DNS server)
+  assert.match(nohost.stderr, /^orchard: cannot reach the controller at https:\/\/no-such-host\.invalid:6120: (no such host|cannot resolve) "no-such-host\.invalid"/);
   rmSync(home, { recursive: true, force: true });
 });

@@ -4,8 +4,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { rmSync } from 'node:fs';
+import { encodeBootstrapToken } from '../src/api/bootstrap-token.ts';
 import { formatLine } from '../src/logging.ts';
-import { ADMIN_TOKEN, ORCHARD_BIN, runCLI, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, inProcessController, ORCHARD_BIN, runCLI, tempDir, waitFor } from './helpers.ts';
 
 const TIME = String.raw`\d\d:\d\d:\d\d\.\d\d\d`;
 
@@ -139,5 +140,34 @@ test('in a pipe: JSON lines, requests only at debug; --log-format text forces li
     assert.doesNotMatch(text.out(), /^\{/m);
   } finally {
     text.cleanup();
+  }
+});
+
+test('worker run: --log-format text in a pipe gives lines for people; stopping says so and how long it took', async () => {
+  const c = await inProcessController();
+  const dataDir = tempDir();
+  const token = encodeBootstrapToken({ serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate: c.ctl.certificate });
+  const proc = spawn(ORCHARD_BIN, ['worker', 'run', c.ctl.url, '--synthetic', '--name', 'w-log', '--data-dir', dataDir, '--log-format', 'text'], {
+    env: { ...process.env, ORCHARD_BOOTSTRAP_TOKEN: token, ORCHARD_LOG_LEVEL: 'info' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  let err = '';
+  proc.stdout.on('data', (b: Buffer) => (out += b.toString()));
+  proc.stderr.on('data', (b: Buffer) => (err += b.toString()));
+  const exited = new Promise((r) => proc.once('exit', r));
+  try {
+    await waitFor('the worker registered', () => /INFO  worker registered/.test(out) || undefined, 20_000);
+    assert.match(out, new RegExp(`^${TIME} INFO  worker registered`, 'm'), out);
+    assert.doesNotMatch(out, /^\{/m, 'no JSON line');
+    proc.kill('SIGTERM');
+    await exited;
+    assert.match(err, /orchard worker: SIGTERM: stopping the worker…\n/);
+    assert.match(err, /orchard worker: stopped in \d+ ms\n/);
+  } finally {
+    if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+    await c.close();
+    c.cleanup();
+    rmSync(dataDir, { recursive: true, force: true });
   }
 });

@@ -159,7 +159,9 @@ export class OrchardClient {
    * and a TLS verification failure against a pinned certificate into a clear message.
    */
   private async explain(err: Error & { code?: string }): Promise<Error> {
-    const why = err.code ? NETWORK_ERRORS[err.code] : undefined;
+    // A plain-HTTP server answering TLS: OpenSSL's "wrong version number" (EPROTO).
+    const notTLS = err.code === 'EPROTO' && /wrong version number|packet length too long|http request/i.test(err.message);
+    const why = notTLS ? NETWORK_ERRORS.ERR_SSL_WRONG_VERSION_NUMBER : err.code ? NETWORK_ERRORS[err.code] : undefined;
     if (why) return new UnreachableError(`cannot reach ${this.describeController()}: ${why(this.url.hostname)}`, err);
     if (!this.options.certificate || this.url.protocol !== 'https:') return err;
     const tlsCodes = ['DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'CERT_SIGNATURE_FAILURE', 'ERR_TLS_CERT_ALTNAME_INVALID'];
