@@ -10,8 +10,9 @@ PKGS=(qemu-system-x86 qemu-utils busybox-static dropbear-bin openssh-sftp-server
       e2fsprogs kmod zstd xz-utils iproute2 procps fakeroot passt socat rsync)
 if [ "${1:-}" = --test ]; then
   # systemd-analyze, systemd-sysusers: test/deploy.test.ts checks deploy/ with them; vncsnapshot and
-  # tesseract: test/connect-cli.test.ts reads the VM's screen through `orchard vnc`.
-  PKGS+=(systemd vncsnapshot tesseract-ocr tesseract-ocr-eng)
+  # tesseract: test/connect-cli.test.ts reads the VM's screen through `orchard vnc`; zsh and fish:
+  # test/completion.test.ts loads `orchard completion zsh|fish` into them (bash and script(1) are essential).
+  PKGS+=(systemd vncsnapshot tesseract-ocr tesseract-ocr-eng zsh fish)
 fi
 command -v npm >/dev/null 2>&1 || PKGS+=(nodejs npm)
 missing=()

@@ -207,7 +207,7 @@ describe('tokens stay out of the log', () => {
       dataDir,
       listen: '127.0.0.1:0',
       bootstrapAdminToken: adminToken,
-      logger: pino({ level: 'info' }, { write: (s: string) => void (log += s) }),
+      logger: pino({ level: 'debug' }, { write: (s: string) => void (log += s) }),
     });
     try {
       const asAdmin = basic('bootstrap-admin', adminToken);
@@ -227,7 +227,11 @@ describe('tokens stay out of the log', () => {
       await ctl.close();
       rmSync(dataDir, { recursive: true, force: true });
     }
-    assert.match(log, /request completed/, 'the logger did not record requests at level info');
+    // Requests are logged at debug (20), one line each with the method, URL and status.
+    const requests = log.split('\n').filter((l) => l.includes('"request completed"')).map((l) => JSON.parse(l) as { level: number; req: { method: string; url: string }; res: { statusCode: number } });
+    assert.ok(requests.length >= 11, `the logger did not record the requests at level debug:\n${log}`);
+    assert.ok(requests.every((r) => r.level === 20), 'requests are logged at debug');
+    assert.ok(requests.some((r) => r.req.method === 'POST' && r.req.url === '/v1/vms' && r.res.statusCode === 403));
     for (const secret of [adminToken, userToken, `${userToken}-2`]) {
       assert.ok(!log.includes(secret), `token ${secret} appears in the log`);
       for (const name of ['bootstrap-admin', 'log-user', 'nobody']) {

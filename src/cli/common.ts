@@ -1,11 +1,22 @@
 // Shared plumbing for CLI commands: the client of the chosen context, output flags, prompts.
 import { Command, InvalidArgumentError, Option } from 'commander';
 import type { OrchardClient } from '../client/client.ts';
+import { ApiError } from '../client/errors.ts';
 import { resolveContext } from '../client/config.ts';
 import { parseOutput, type OutputFormat } from './output.ts';
 import * as lazy from '../build/lazy.ts';
 
 export class UsageError extends Error {}
+
+/**
+ * An error as the CLI prints it: the message alone for the errors one expects (a 4xx: not found,
+ * lacks a role, invalid…); a 5xx, the controller's own failure, also says "(HTTP 500)". With
+ * ORCHARD_DEBUG set every API error shows its HTTP status.
+ */
+export function errorText(err: Error): string {
+  if (!(err instanceof ApiError)) return err.message;
+  return err.status >= 500 || process.env.ORCHARD_DEBUG ? `${err.message} (HTTP ${err.status})` : err.message;
+}
 
 export interface CommonOptions {
   context?: string;
@@ -21,9 +32,10 @@ export function withCommon(cmd: Command, output = true): Command {
 
 /** A client of the chosen context (the client's modules are loaded on first use, not at start-up). */
 export async function clientFor(opts: { context?: string }): Promise<OrchardClient> {
-  const { context } = await resolveContext(opts.context);
+  const { name, context } = await resolveContext(opts.context);
   const { OrchardClient } = await lazy.client();
-  return new OrchardClient(context);
+  // Errors name the context (`cannot reach the controller of context "dev" at …`), unless ORCHARD_URL chose the controller.
+  return new OrchardClient({ ...context, contextName: process.env.ORCHARD_URL ? undefined : name });
 }
 
 /** Runs `fn` with a client of the chosen context, closing its connections afterwards. */

@@ -2,7 +2,6 @@
 // Start-up loads commander and the commands' definitions only: what a command needs (the client, the
 // controller, the worker, pino, ssh2) is imported when it runs (bench/executable.ts measures this).
 import { Command, CommanderError } from 'commander';
-import { ApiError } from '../client/errors.ts';
 import { commit, VERSION } from '../api/version.ts';
 import { registerControllerCommands } from './commands/controller.ts';
 import { registerContextCommands } from './commands/context.ts';
@@ -11,7 +10,32 @@ import { registerWorkerCommands } from './commands/worker.ts';
 import { registerDevCommand } from './commands/dev.ts';
 import { registerConnectCommands } from './commands/connect.ts';
 import { registerPowerCommands } from './commands/power.ts';
-import { UsageError } from './common.ts';
+import { UsageError, errorText } from './common.ts';
+import { registerCompletionCommands } from './completion.ts';
+
+/**
+ * Commander's "error: unknown command 'lst'\n(Did you mean list?)" as
+ * "orchard: unknown command 'lst'. Did you mean 'list'?".
+ */
+function usageErrorText(message: string): string {
+  const [first, ...rest] = message.trim().replace(/^error: /, '').split('\n');
+  const suggestion = /^\(Did you mean (one of )?(.+)\?\)$/.exec(rest.join(' ').trim());
+  if (!suggestion) return `orchard: ${[first, ...rest].join('\n')}\n`;
+  const quoted = suggestion[2].split(', ').map((s) => `'${s}'`).join(', ');
+  return `orchard: ${first}. Did you mean ${suggestion[1] ?? ''}${quoted}?\n`;
+}
+
+/** After a usage error, each command names where to look: `orchard get vm --help`, with its usage line. */
+function hintAfterUsageErrors(cmd: Command, path: string[] = []) {
+  const name = ['orchard', ...path].join(' ');
+  const visible = cmd.commands.filter((c) => !(c as Command & { _hidden?: boolean })._hidden);
+  cmd.showHelpAfterError(
+    visible.length
+      ? `run "${name} --help" for the ${path.length ? 'subcommands' : 'commands'}`
+      : `usage: ${name} ${cmd.usage()}\nrun "${name} --help" for more`,
+  );
+  for (const sub of cmd.commands) hintAfterUsageErrors(sub, [...path, sub.name()]);
+}
 
 const program = new Command('orchard')
   .description('Orchard: run virtual machines on a cluster of hosts (QEMU on Linux, Tart on macOS)')
@@ -22,8 +46,9 @@ const program = new Command('orchard')
     process.stdout.write(text + '\n');
     throw new CommanderError(0, 'commander.version', text);
   })
-  .showHelpAfterError()
   .exitOverride()
+  // A usage error is one line and a hint where to look (set per command below), not the whole help.
+  .configureOutput({ outputError: (message, write) => write(usageErrorText(message)) })
   // Needed for any command's positional options (`orchard controller --data-dir DIR run`): the program has only --version and --help.
   .enablePositionalOptions();
 
@@ -34,6 +59,8 @@ registerPowerCommands(program);
 registerWorkerCommands(program);
 registerDevCommand(program);
 registerConnectCommands(program);
+registerCompletionCommands(program);
+hintAfterUsageErrors(program);
 
 /** The long names of every boolean flag (`--nested`, `--no-pki`), in any command. */
 function booleanFlags(cmd: Command, into = new Set<string>()): Set<string> {
@@ -63,7 +90,7 @@ program.parseAsync(goBooleans(process.argv, booleanFlags(program))).catch((err: 
     process.exitCode = err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help' ? 0 : 2;
   } else {
     const e = err as Error & { code?: string };
-    process.stderr.write(`orchard: ${e instanceof ApiError ? `${e.message} (HTTP ${e.status})` : e.message}\n`);
+    process.stderr.write(`orchard: ${errorText(e)}\n`);
     if (process.env.ORCHARD_DEBUG && e.stack) process.stderr.write(e.stack + '\n');
     process.exitCode = e instanceof UsageError ? 2 : 1;
   }

@@ -19,11 +19,40 @@ export interface ClientOptions {
    * thousand workers cost the controller a few thousand TLS connections, not one per request in flight.
    */
   maxSockets?: number;
+  /** The CLI context these options come from: named in errors ("cannot reach the controller of context …"). */
+  contextName?: string;
 }
 
 import { ApiError, CertificateMismatchError } from './errors.ts';
 
 export { ApiError, CertificateMismatchError };
+
+/** The controller could not be reached at all (refused, unresolvable, timed out, not TLS…); `code` is the system's (ECONNREFUSED…). */
+export class UnreachableError extends Error {
+  readonly code?: string;
+  constructor(message: string, cause: Error & { code?: string }) {
+    super(message, { cause });
+    this.code = cause.code;
+  }
+}
+
+/** What a network error code means, in words. */
+const NETWORK_ERRORS: Record<string, (host: string) => string> = {
+  ECONNREFUSED: () => 'connection refused (is it running?)',
+  ENOTFOUND: (host) => `no such host "${host}"`,
+  EAI_AGAIN: (host) => `cannot resolve "${host}" (DNS lookup failed; try again)`,
+  EAI_FAIL: (host) => `cannot resolve "${host}"`,
+  ETIMEDOUT: () => 'the connection timed out',
+  ECONNRESET: () => 'the connection was reset before it answered',
+  EPIPE: () => 'the connection was closed',
+  EHOSTUNREACH: () => 'no route to the host',
+  ENETUNREACH: () => 'the network is unreachable',
+  EHOSTDOWN: () => 'the host is down',
+  EADDRNOTAVAIL: () => 'the address is not available',
+  ERR_SSL_WRONG_VERSION_NUMBER: () => 'it does not speak TLS (is it an http:// controller, run with --insecure-no-tls?)',
+  ERR_SSL_PACKET_LENGTH_TOO_LONG: () => 'it does not speak TLS (is it an http:// controller, run with --insecure-no-tls?)',
+  ECONNABORTED: () => 'the connection was aborted',
+};
 
 /** Fetches the certificate a TLS server presents, without trusting it or sending anything. */
 export function probeCertificate(url: string): Promise<{ pem: string; fingerprint: string; trusted: boolean; error?: string }> {
@@ -119,8 +148,21 @@ export class OrchardClient {
     this.agent.destroy();
   }
 
-  /** Turns a TLS verification failure against a pinned certificate into a clear message. */
+  /** "the controller of context "dev" at https://…" (or without the context, for a client not made from one). */
+  describeController(): string {
+    const where = this.url.href.replace(/\/$/, '');
+    return this.options.contextName ? `the controller of context "${this.options.contextName}" at ${where}` : `the controller at ${where}`;
+  }
+
+  /**
+   * Turns a network error into one naming the controller (and context) that could not be reached,
+   * and a TLS verification failure against a pinned certificate into a clear message.
+   */
   private async explain(err: Error & { code?: string }): Promise<Error> {
+    // A plain-HTTP server answering TLS: OpenSSL's "wrong version number" (EPROTO).
+    const notTLS = err.code === 'EPROTO' && /wrong version number|packet length too long|http request/i.test(err.message);
+    const why = notTLS ? NETWORK_ERRORS.ERR_SSL_WRONG_VERSION_NUMBER : err.code ? NETWORK_ERRORS[err.code] : undefined;
+    if (why) return new UnreachableError(`cannot reach ${this.describeController()}: ${why(this.url.hostname)}`, err);
     if (!this.options.certificate || this.url.protocol !== 'https:') return err;
     const tlsCodes = ['DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'CERT_SIGNATURE_FAILURE', 'ERR_TLS_CERT_ALTNAME_INVALID'];
     if (!(err instanceof CertificateMismatchError) && !tlsCodes.includes(err.code ?? '')) return err;

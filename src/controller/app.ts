@@ -1,6 +1,6 @@
 // The controller's HTTP application: Fastify with schema-first validation (the shared TypeBox
 // schemas), authentication and role checks on every route, JSON errors, metrics and OpenAPI.
-import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
 import fastifySwagger from '@fastify/swagger';
 import { Ajv, type ValidateFunction } from 'ajv';
 import { SerializerSelector } from '@fastify/fast-json-stringify-compiler';
@@ -117,11 +117,40 @@ function serializerCompilers(): NonNullable<FastifyServerOptions['schemaControll
   };
 }
 
-export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance; ctx: AppContext; close: () => Promise<void> }> {
+/**
+ * Requests are logged at debug (one line each, when it ends: method, URL, status, time), not at info:
+ * a busy controller's info log says what changed, not every poll. A failed request is still an error.
+ */
+class RequestLog extends LogController {
+  override incomingRequest(request: FastifyRequest) {
+    if (!this.isLogDisabled(request)) request.log.trace({ req: request }, 'incoming request');
+  }
+
+  override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply) {
+    if (this.isLogDisabled(request)) return;
+    if (error) reply.log.error({ req: request, res: reply, err: error, responseTime: reply.elapsedTime }, 'request errored');
+    else reply.log.debug({ req: request, res: reply, responseTime: reply.elapsedTime }, 'request completed');
+  }
+
+  override routeNotFound(request: FastifyRequest) {
+    if (!this.isLogDisabled(request)) request.log.debug(`Route ${request.raw.method}:${request.raw.url} not found`);
+  }
+}
+
+/** What a stopping controller has open. */
+export interface Activity {
+  /** TCP connections (workers' and clients' WebSockets among them). */
+  connections: number;
+  requestsInFlight: number;
+  workersConnected: number;
+}
+
+export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance; ctx: AppContext; close: () => Promise<void>; activity: () => Activity }> {
   const limits = limitsOf(opts.limits);
   const apiPrefix = normalizeAPIPrefix(opts.apiPrefix);
   const serverOptions: FastifyServerOptions & { https?: { cert: string; key: string } } = {
     loggerInstance: opts.logger,
+    logController: new RequestLog(),
     bodyLimit: opts.bodyLimit ?? 1024 * 1024,
     requestIdHeader: 'x-request-id',
     genReqId: () => randomUUID(),
@@ -276,6 +305,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   return {
     app,
     ctx,
+    activity: () => ({ connections: connections.size, requestsInFlight: inFlight, workersConnected: [...channels.connected()].length }),
     close: async () => {
       abort.abort();
       clearInterval(liveness);

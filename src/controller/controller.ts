@@ -1,11 +1,12 @@
 // `orchard controller run`: the TLS identity, the embedded store, the first admin, the HTTP API.
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { pino, type Logger } from 'pino';
+import type { Logger } from 'pino';
+import { createLogger, type LogFormat } from '../logging.ts';
 import { ROLES } from '../api/schemas.ts';
 import { SQLiteStore } from './store/sqlite.ts';
 import type { Store } from './store/store.ts';
-import { buildApp, normalizeAPIPrefix } from './app.ts';
+import { buildApp, normalizeAPIPrefix, type Activity } from './app.ts';
 import { loadTLS } from './tls.ts';
 import type { BackoffOptions } from './auth-backoff.ts';
 import { randomUUID } from 'node:crypto';
@@ -56,6 +57,8 @@ export interface RunningController {
   ssh?: { port: number; fingerprint: string; publicKey: string };
   store: Store;
   logger: Logger;
+  /** What it has open now (to say what stopping it closes). */
+  activity(): Activity;
   close(): Promise<void>;
 }
 
@@ -69,8 +72,9 @@ export function parseListen(listen: string, flag = '--listen'): { host: string; 
   return { host: m[1] ?? (m[2] || '0.0.0.0'), port };
 }
 
-export function defaultLogger(level = process.env.ORCHARD_LOG_LEVEL ?? 'info'): Logger {
-  return pino({ level, redact: ['req.headers.authorization', '*.token', '*.password'] });
+/** The log on standard output: lines for people on a terminal, JSON lines otherwise (or as `format` says). */
+export function defaultLogger(level = process.env.ORCHARD_LOG_LEVEL ?? 'info', format?: LogFormat): Logger {
+  return createLogger({ level, format });
 }
 
 function logMigration(logger: Logger, m: SQLiteStore['migration']) {
@@ -126,7 +130,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       });
       logger.info('service account "bootstrap-admin" has every role and the token from ORCHARD_BOOTSTRAP_ADMIN_TOKEN');
     }
-    const { app, ctx, close } = await buildApp({
+    const { app, ctx, close, activity } = await buildApp({
       store,
       logger,
       workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs ?? 3 * 60_000,
@@ -162,6 +166,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       ssh: ssh && { port: ssh.port, fingerprint: ssh.hostKey.fingerprint, publicKey: ssh.hostKey.publicKey },
       store,
       logger,
+      activity,
       close: async () => {
         // The jump host first: its connections ride on the tunnels the app closes.
         stopMemoryCheck();

@@ -3,11 +3,15 @@
 import { join } from 'node:path';
 import { totalmem } from 'node:os';
 import { execFileSync } from 'node:child_process';
-import { pino, type Logger } from 'pino';
+import type { Logger } from 'pino';
+import { createLogger } from '../logging.ts';
 import type { BootstrapToken } from '../api/bootstrap-token.ts';
 import { OrchardClient } from '../client/client.ts';
 import type { Driver } from './drivers/driver.ts';
 import { OrchardWorker } from './worker.ts';
+
+// For `orchard worker run`, which loads this module when it runs (src/build/lazy.ts), not at start-up.
+export { createLogger } from '../logging.ts';
 
 export interface StartWorkerOptions {
   url: string;
@@ -75,7 +79,7 @@ export function defaultSlots(runtime: string): number {
 export const WORKER_HTTP_CONNECTIONS = 1;
 
 export async function startWorker(opts: StartWorkerOptions): Promise<OrchardWorker> {
-  const logger = opts.logger ?? pino({ level: process.env.ORCHARD_LOG_LEVEL ?? 'info' });
+  const logger = opts.logger ?? createLogger();
   const driver = opts.driver ?? (await makeDriver(opts.runtime, opts.dataDir, logger));
   const client = new OrchardClient({
     url: opts.url,

@@ -8,6 +8,8 @@ import { ROLES } from '../../api/enums.ts';
 import { loadConfig, saveConfig } from '../../client/config.ts';
 import type { RunningController } from '../../controller/controller.ts';
 import * as lazy from '../../build/lazy.ts';
+import type { Activity } from '../../controller/app.ts';
+import type { LogFormat } from '../../logging.ts';
 
 /**
  * As upstream's: a fresh controller started without ORCHARD_BOOTSTRAP_ADMIN_TOKEN makes the
@@ -47,7 +49,8 @@ export function registerControllerCommands(program: Command) {
     .option('--data-dir <dir>', `where the database, certificate and key live (default ${defaultDataDir()})`)
     .option('-l, --listen <address>', 'address to listen on (HOST:PORT or :PORT; default :$PORT, else :6120, as upstream)', `:${process.env.PORT || 6120}`)
     .option('--api-prefix <path>', 'serve the whole API under this path (e.g. /orchard), for a controller behind a proxy shared with other services; contexts then use https://HOST:PORT/orchard')
-    .option('--debug', 'debug log level (same as ORCHARD_LOG_LEVEL=debug)')
+    .option('--debug', 'debug log level (same as ORCHARD_LOG_LEVEL=debug): every request, too')
+    .addOption(new Option('--log-format <format>', 'the log on standard output: text (lines for people) or json (JSON lines); default: text on a terminal, json otherwise').choices(['text', 'json']))
     .option('--ssh-host-key <file>', "the SSH jump host's private key from this file instead of the one made in the data dir")
     .option('--exec-session-exit-ttl <duration>', 'how long a reconnectable exec session with nobody attached (its command exited or not) keeps its history', '10m')
     .option('--experimental-ping-interval <duration>', 'how often WebSockets to workers and clients are pinged (at least 5s; default 20s), for proxies with shorter idle timeouts')
@@ -75,6 +78,7 @@ export function registerControllerCommands(program: Command) {
       acceptDamagedDatabase?: boolean;
       apiPrefix?: string;
       debug?: boolean;
+      logFormat?: LogFormat;
       sshHostKey?: string;
       execSessionExitTtl: string;
       experimentalPingInterval?: string;
@@ -94,7 +98,7 @@ export function registerControllerCommands(program: Command) {
       if (opts.listenPprof) process.stderr.write('orchard controller: --listen-pprof is ignored (Go\'s pprof has no counterpart here; GET /metrics has the metrics)\n');
       if (opts.debug) process.env.ORCHARD_LOG_LEVEL = 'debug';
       // Loaded on demand: the other commands need none of the server's modules.
-      const { startController } = await lazy.controller();
+      const { startController, defaultLogger } = await lazy.controller();
       let ctl;
       try {
         ctl = await startController({
@@ -111,6 +115,7 @@ export function registerControllerCommands(program: Command) {
           sshHostKeyFile: opts.sshHostKey,
           pingIntervalMs,
           limits: { execRetentionMs: execTTL },
+          logger: defaultLogger(undefined, opts.logFormat),
         });
       } catch (err) {
         const e = err as Error & { code?: string };
@@ -125,22 +130,42 @@ export function registerControllerCommands(program: Command) {
         process.stderr.write(`orchard controller: SSH jump host on ${address}, host key ${ctl.ssh.fingerprint} (ssh -J ACCOUNT@HOST:${ctl.ssh.port} USER@VM)\n`);
       }
       await new Promise<void>((resolve) => {
-        const stop = () => {
+        const stop = (signal: NodeJS.Signals) => {
           process.off('SIGINT', stop);
           process.off('SIGTERM', stop);
-          ctl.logger.info('shutting down');
+          const started = performance.now();
+          const a = ctl.activity();
+          ctl.logger.debug({ signal, ...a }, 'shutting down');
+          process.stderr.write(`orchard controller: ${signal}: stopping: ${stoppingText(a)}\n`);
           // Requests in flight get a few seconds (see app.ts); should anything still hang, exit anyway before systemd's kill.
           setTimeout(() => {
             ctl.logger.error('shutdown did not finish in 10 s; exiting anyway');
+            process.stderr.write('orchard controller: the shutdown did not finish in 10 s; exiting anyway\n');
             process.exit(1);
           }, 10_000).unref();
-          ctl.close().then(resolve, resolve);
+          const done = (err?: unknown) => {
+            const ms = Math.round(performance.now() - started);
+            if (err) process.stderr.write(`orchard controller: stopped in ${ms} ms, with an error: ${(err as Error).message}\n`);
+            else process.stderr.write(`orchard controller: stopped in ${ms} ms (the database closed cleanly)\n`);
+            resolve();
+          };
+          ctl.close().then(() => done(), done);
         };
         process.on('SIGINT', stop);
         process.on('SIGTERM', stop);
       });
     });
   registerBackupCommands(controller);
+}
+
+const plural = (n: number, one: string, many = `${one}s`) => `${n} ${n === 1 ? one : many}`;
+
+/** "closing 5 connections (2 workers), finishing 1 request in flight (up to 3 s), closing the database…" */
+function stoppingText(a: Activity): string {
+  const parts = [`closing ${plural(a.connections, 'connection')}${a.workersConnected ? ` (${plural(a.workersConnected, 'worker')} among them)` : ''}`];
+  if (a.requestsInFlight) parts.unshift(`finishing ${plural(a.requestsInFlight, 'request')} in flight (up to 3 s)`);
+  parts.push('closing the database…');
+  return parts.join(', ');
 }
 
 /** As `controller run`'s --data-dir default. */

@@ -28,12 +28,11 @@ export function registerDevCommand(program: Command) {
         if (!/^\d+$/.test(v)) throw new UsageError(`--resources ${k}=${v}: the amount must be a whole number`);
         resources[k] = Number(v);
       }
-      const { startController } = await lazy.controller();
+      const { startController, defaultLogger } = await lazy.controller();
       const { startWorker, makeDriver } = await lazy.worker();
       const { newToken } = await lazy.accounts();
-      const { pino } = await lazy.pino();
       const dataDir = resolve(opts.dataDir);
-      const logger = pino({ level: process.env.ORCHARD_LOG_LEVEL ?? 'error' });
+      const logger = defaultLogger(process.env.ORCHARD_LOG_LEVEL ?? 'error');
       // Our output may have no reader any more (a closed pipe or terminal): that must not stop the stop.
       let outputGone = false;
       const say = (msg: string) => {

@@ -9,6 +9,7 @@ import { collectKeyValue, parseInteger, UsageError } from '../common.ts';
 import { parseDuration, print, table, type OutputFormat } from '../output.ts';
 import { parseOutput } from '../output.ts';
 import * as lazy from '../../build/lazy.ts';
+import type { LogFormat } from '../../logging.ts';
 
 export const defaultWorkerDataDir = () => join(homedir(), '.orchard', 'worker');
 
@@ -76,7 +77,8 @@ export function registerWorkerCommands(program: Command) {
     .option('--data-dir <dir>', 'VM disks, images and state (default: ~/.orchard/worker of the user the worker runs as)')
     .option('--heartbeat <duration>', 'how often to report liveness', '10s')
     .option('--orphan-grace <duration>', 'how long to keep a VM the controller does not know (it lost its data) before removing it', '24h')
-    .option('--log-file <file>', 'write the log (JSON lines) to this file instead of standard error; rotated at 100 MB (the full one becomes FILE.1)')
+    .option('--log-file <file>', 'write the log (JSON lines) to this file instead of standard output; rotated at 100 MB (the full one becomes FILE.1)')
+    .addOption(new Option('--log-format <format>', 'the log on standard output: text (lines for people) or json (JSON lines); default: text on a terminal, json otherwise').choices(['text', 'json']))
     .option('--debug', 'debug log level (same as ORCHARD_LOG_LEVEL=debug)')
     .option('--user <name>', 'started as root: run as this user (its groups and HOME) from the start on; VMs, their files and startup scripts belong to it')
     .option('--no-pki', "trust only the certificate in the bootstrap token (refuse to start if it has none), never the host's CAs")
@@ -101,6 +103,7 @@ export function registerWorkerCommands(program: Command) {
           heartbeat: string;
           orphanGrace: string;
           logFile?: string;
+          logFormat?: LogFormat;
           debug?: boolean;
           user?: string;
           pki: boolean;
@@ -108,7 +111,7 @@ export function registerWorkerCommands(program: Command) {
           workers: number;
         },
       ) => {
-        const { startWorker } = await lazy.worker();
+        const { startWorker, createLogger } = await lazy.worker();
         const { pino } = await lazy.pino();
         const url = controllerURL(rawURL);
         for (const [flag, n] of [['--default-cpu', opts.defaultCpu], ['--default-memory', opts.defaultMemory], ['--workers', opts.workers]] as const) {
@@ -137,7 +140,7 @@ export function registerWorkerCommands(program: Command) {
           const file = new RotatingLogFile(opts.logFile);
           logFile = file;
           logger = pino({ level }, file);
-        } else logger = pino({ level });
+        } else logger = createLogger({ level, format: opts.logFormat });
         const runtime = opts.synthetic ? 'synthetic' : opts.runtime;
         const running: { stop(): Promise<void> }[] = [];
         try {
@@ -166,10 +169,17 @@ export function registerWorkerCommands(program: Command) {
           throw err;
         }
         await new Promise<void>((resolve) => {
-          const stop = () => {
+          const stop = (signal: NodeJS.Signals) => {
             process.off('SIGINT', stop);
             process.off('SIGTERM', stop);
-            Promise.all(running.map((w) => w.stop())).then(() => resolve(), () => resolve());
+            const started = performance.now();
+            process.stderr.write(`orchard worker: ${signal}: stopping ${running.length === 1 ? 'the worker' : `${running.length} workers`}…\n`);
+            const done = (err?: unknown) => {
+              const ms = Math.round(performance.now() - started);
+              process.stderr.write(`orchard worker: stopped in ${ms} ms${err ? `, with an error: ${(err as Error).message}` : ''}\n`);
+              resolve();
+            };
+            Promise.all(running.map((w) => w.stop())).then(() => done(), done);
           };
           process.on('SIGINT', stop);
           process.on('SIGTERM', stop);
