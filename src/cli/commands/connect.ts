@@ -12,7 +12,7 @@ import type { OrchardClient } from '../../client/client.ts';
 import { ApiError } from '../../client/errors.ts';
 import { sshCredentials, VM_DEFAULTS, VNC_PORT } from '../../api/defaults.ts';
 import type { VM } from '../../api/schemas.ts';
-import { clientFor, parseInteger, UsageError, withCommon } from '../common.ts';
+import { clientFor, errorText, parseInteger, UsageError, withCommon } from '../common.ts';
 import * as lazy from '../../build/lazy.ts';
 import { stoppedVM, waitRunning } from '../wait.ts';
 
@@ -41,10 +41,7 @@ type Tunnel = { ws: WebSocket; stream: Duplex };
 
 const warn = (msg: string) => process.stderr.write(`orchard: ${msg}\n`);
 
-function describe(err: unknown): string {
-  if (err instanceof ApiError) return `${err.message} (HTTP ${err.status})`;
-  return (err as Error).message ?? String(err);
-}
+const describe = (err: unknown): string => (err instanceof Error ? errorText(err) : String(err));
 
 /** Why a WebSocket closed, for codes that are not a normal end. */
 function closeText(code: number, reason: Buffer): string {
