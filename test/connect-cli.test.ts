@@ -5,7 +5,7 @@
 // `get vm --ip`; unknown VM, missing role, and a worker killed (kill -9) in the middle of a transfer.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { copyFileSync, createReadStream, createWriteStream, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -14,47 +14,14 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { encodeBootstrapToken } from '../src/api/bootstrap-token.ts';
 import { resolveImage } from '../src/worker/images.ts';
-import { ADMIN_TOKEN, ORCHARD_BIN, qemuCluster, runCLI, TEST_IMAGES, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, ORCHARD_BIN, qemuCluster, runCLI, spawnOrchard, TEST_IMAGES, tempDir, waitFor, type OrchardProcess } from './helpers.ts';
 
 const execFileP = promisify(execFile);
 const VM = 'web-1';
 
-/** A long-running CLI process (port-forward, vnc) with its output, killed by the suite at the latest. */
-interface CLIProcess {
-  proc: ChildProcess;
-  stdout: () => string;
-  stderr: () => string;
-  /** Resolves with the first match of `re` in stdout+stderr. */
-  waitOutput(re: RegExp, timeoutMs?: number): Promise<RegExpExecArray>;
-  exited: Promise<number | null>;
-  kill(signal?: NodeJS.Signals): Promise<number | null>;
-}
-
-const live = new Set<CLIProcess>();
-
-function spawnCLI(args: string[], env: Record<string, string>): CLIProcess {
-  const proc = spawn(ORCHARD_BIN, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  proc.stdout!.on('data', (c: Buffer) => (out += c.toString()));
-  proc.stderr!.on('data', (c: Buffer) => (err += c.toString()));
-  const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
-  const p: CLIProcess = {
-    proc,
-    stdout: () => out,
-    stderr: () => err,
-    exited,
-    waitOutput: (re, timeoutMs = 20_000) => waitFor(`${re} from orchard ${args.join(' ')}`, () => re.exec(out + err) ?? (proc.exitCode !== null ? fail(`exited with ${proc.exitCode}: ${err}`) : undefined), timeoutMs),
-    async kill(signal = 'SIGTERM') {
-      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
-      const code = await exited;
-      live.delete(p);
-      return code;
-    },
-  };
-  live.add(p);
-  return p;
-}
+/** Long-running CLI processes (port-forward, vnc), killed by the suite at the latest. */
+const live = new Set<OrchardProcess>();
+const spawnCLI = (args: string[], env: Record<string, string>) => spawnOrchard(args, { env, live });
 
 function fail(message: string): never {
   throw new Error(message);
@@ -91,7 +58,7 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
   });
 
   after(async () => {
-    for (const p of [...live]) await p.kill('SIGKILL');
+    for (const p of [...live]) await p.stop('SIGKILL');
     await q?.close();
     if (home) rmSync(home, { recursive: true, force: true });
   });
@@ -155,7 +122,7 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
       console.log(`scp 100 MB through the tunnel: in ${((t1 - t0) / 1000).toFixed(1)} s, out ${((t2 - t1) / 1000).toFixed(1)} s (the guest's sshd under TCG is the bottleneck)`);
       assert.doesNotMatch(pf.stderr(), /orchard:/, 'no tunnel errors');
     } finally {
-      assert.equal(await pf.kill('SIGINT'), 0);
+      assert.equal(await pf.stop('SIGINT'), 0);
       rmSync(dir, { recursive: true, force: true });
     }
   });
@@ -209,7 +176,7 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
         rmSync(dir, { recursive: true, force: true });
       }
     } finally {
-      assert.equal(await vnc.kill('SIGINT'), 0);
+      assert.equal(await vnc.stop('SIGINT'), 0);
     }
   });
 
@@ -254,7 +221,7 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
       const refused = await pf.waitOutput(/orchard: 127\.0\.0\.1:\d+ -> web-1:22: [^\n]*compute:connect[^\n]*\n/);
       assert.doesNotMatch(refused[0], /HTTP 403/, 'an expected error, without the HTTP status');
     } finally {
-      assert.equal(await pf.kill('SIGTERM'), 0);
+      assert.equal(await pf.stop('SIGTERM'), 0);
     }
   });
 
@@ -278,7 +245,7 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
       stdio: 'ignore',
     });
     const workerExited = new Promise((r) => worker.once('exit', r));
-    let pf: CLIProcess | undefined;
+    let pf: OrchardProcess | undefined;
     let sock: net.Socket | undefined;
     try {
       // Ready once a tunnel through it works.
@@ -320,7 +287,7 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
       sock?.destroy();
       if (worker.exitCode === null && worker.signalCode === null) worker.kill('SIGKILL');
       await workerExited;
-      if (pf) await pf.kill('SIGKILL');
+      if (pf) await pf.stop('SIGKILL');
       source.close();
       rmSync(workerDir, { recursive: true, force: true });
     }

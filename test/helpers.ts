@@ -252,3 +252,58 @@ export const processesWith = (needle: string) =>
         return false;
       }
     });
+
+/** A long-running `orchard` (port-forward, vnc, controller or worker run) with its output. */
+export interface OrchardProcess {
+  proc: ChildProcess;
+  stdout: () => string;
+  stderr: () => string;
+  /** stdout and stderr as they came, interleaved. */
+  output: () => string;
+  /** Resolves with the first match of `re` in the output; rejects if the process exits first. */
+  waitOutput(re: RegExp, timeoutMs?: number): Promise<RegExpExecArray>;
+  exited: Promise<number | null>;
+  /** Signals it (unless it has exited) and resolves with its exit code. */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+/**
+ * Starts `orchard ARGS` (the checkout's bin/orchard unless `bin`), with `env` added to this process's
+ * environment (or, with `inheritEnv: false`, only `env`). `live` collects what runs, for an after hook
+ * to stop whatever a failed test left.
+ */
+export function spawnOrchard(
+  args: string[],
+  opts: { env?: Record<string, string>; inheritEnv?: boolean; bin?: string; cwd?: string; input?: string; live?: Set<OrchardProcess> } = {},
+): OrchardProcess {
+  const env = opts.inheritEnv === false ? opts.env : { ...process.env, ...opts.env };
+  const proc = spawn(opts.bin ?? ORCHARD_BIN, args, { cwd: opts.cwd, env, stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
+  if (opts.input !== undefined) proc.stdin!.end(opts.input);
+  let out = '';
+  let err = '';
+  let all = '';
+  proc.stdout!.on('data', (c: Buffer) => ((out += c.toString()), (all += c.toString())));
+  proc.stderr!.on('data', (c: Buffer) => ((err += c.toString()), (all += c.toString())));
+  const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
+  const p: OrchardProcess = {
+    proc,
+    stdout: () => out,
+    stderr: () => err,
+    output: () => all,
+    exited,
+    waitOutput: (re, timeoutMs = 30_000) =>
+      waitFor(`${re} from orchard ${args.join(' ')}`, () => {
+        const m = re.exec(all);
+        if (!m && proc.exitCode !== null) throw new Error(`orchard ${args.join(' ')} exited with ${proc.exitCode}:\n${all}`);
+        return m;
+      }, timeoutMs),
+    async stop(signal = 'SIGTERM') {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+      const code = await exited;
+      opts.live?.delete(p);
+      return code;
+    },
+  };
+  opts.live?.add(p);
+  return p;
+}

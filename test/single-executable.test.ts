@@ -6,12 +6,12 @@
 // OpenAPI document, and `orchard dev --synthetic`.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { buildDebianDev, resolveImage } from '../src/worker/images.ts';
-import { freePort, processesWith, rawRequest, ROOT, TEST_IMAGES, tempDir, waitFor } from './helpers.ts';
+import { freePort, processesWith, rawRequest, ROOT, spawnOrchard, TEST_IMAGES, tempDir, waitFor, type OrchardProcess } from './helpers.ts';
 
 const execFileP = promisify(execFile);
 const EXECUTABLE = join(ROOT, 'dist', `orchard-linux-${process.arch}`);
@@ -65,13 +65,7 @@ function pathWithoutNode(dir: string): string {
   return dir;
 }
 
-interface Proc {
-  proc: ChildProcess;
-  out: () => string;
-  exited: Promise<number | null>;
-  waitOutput(re: RegExp, timeoutMs?: number): Promise<RegExpExecArray>;
-  stop(signal?: NodeJS.Signals): Promise<number | null>;
-}
+
 
 test('the single executable runs a whole cluster with no node on the PATH', { timeout: 600_000 }, async (t) => {
   const build = ensureBuilt();
@@ -92,35 +86,10 @@ test('the single executable runs a whole cluster with no node on the PATH', { ti
   assert.equal(noNode.stdout.trim(), 'none', 'no node on the PATH');
   assert.equal((await execFileP('sh', ['-c', 'command -v orchard'], { env })).stdout.trim(), orchard);
 
-  const live = new Set<Proc>();
-  const start = (args: string[], extraEnv: Record<string, string> = {}, input?: string): Proc => {
-    // Run from an empty directory: nothing of the checkout is at hand.
-    const proc = spawn('orchard', args, { cwd: work, env: { ...env, ...extraEnv }, stdio: [input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
-    if (input !== undefined) proc.stdin!.end(input);
-    let out = '';
-    proc.stdout!.on('data', (c: Buffer) => (out += c.toString()));
-    proc.stderr!.on('data', (c: Buffer) => (out += c.toString()));
-    const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
-    const p: Proc = {
-      proc,
-      out: () => out,
-      exited,
-      waitOutput: (re, timeoutMs = 30_000) =>
-        waitFor(`${re} from orchard ${args.join(' ')}`, () => {
-          const m = re.exec(out);
-          if (!m && proc.exitCode !== null) throw new Error(`orchard ${args.join(' ')} exited with ${proc.exitCode}:\n${out}`);
-          return m;
-        }, timeoutMs),
-      async stop(signal = 'SIGTERM') {
-        if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
-        const code = await exited;
-        live.delete(p);
-        return code;
-      },
-    };
-    live.add(p);
-    return p;
-  };
+  const live = new Set<OrchardProcess>();
+  // Run from an empty directory: nothing of the checkout is at hand.
+  const start = (args: string[], extraEnv: Record<string, string> = {}, input?: string) =>
+    spawnOrchard(args, { bin: 'orchard', cwd: work, env: { ...env, ...extraEnv }, inheritEnv: false, input, live });
   const run = (args: string[], input?: string) =>
     new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve, reject) => {
       execFile('orchard', args, { cwd: work, env, timeout: 60_000 }, (err, stdout, stderr) => {
@@ -182,7 +151,7 @@ test('the single executable runs a whole cluster with no node on the PATH', { ti
     const viaForward = await execFileP('ssh', ['-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'BatchMode=yes', '-o', 'LogLevel=ERROR',
       '-i', sshKey, '-p', port, 'admin@127.0.0.1', 'echo through the forward'], { timeout: 60_000 });
     assert.equal(viaForward.stdout, 'through the forward\n');
-    assert.equal(await forward.stop('SIGINT'), 0, forward.out());
+    assert.equal(await forward.stop('SIGINT'), 0, forward.output());
 
     const localName = JSON.parse(await ok(['get', 'vm', 'one', '--output', 'json'])).localName as string;
     assert.equal(processesWith(localName).length, 1, 'one qemu process runs the VM');
@@ -195,8 +164,8 @@ test('the single executable runs a whole cluster with no node on the PATH', { ti
     assert.equal(imageBuild.code, 0, imageBuild.stderr);
     assert.match(imageBuild.stderr, /debian-dev is up to date/);
 
-    assert.equal(await worker.stop(), 0, worker.out());
-    assert.equal(await controller.stop(), 0, controller.out());
+    assert.equal(await worker.stop(), 0, worker.output());
+    assert.equal(await controller.stop(), 0, controller.output());
 
     // orchard dev --synthetic: the whole cluster in one process of the executable.
     const devPort = await freePort();
@@ -204,7 +173,7 @@ test('the single executable runs a whole cluster with no node on the PATH', { ti
     await dev.waitOutput(/Ctrl-C stops everything/, 60_000);
     await ok(['create', 'vm', 'synthetic-1', '--image', 'anything']);
     await waitFor('the synthetic VM to run', async () => /^synthetic-1\s.*\srunning\s+dev-worker-1/m.test(await ok(['list', 'vms'])), 30_000, 200);
-    assert.equal(await dev.stop('SIGINT'), 0, dev.out());
+    assert.equal(await dev.stop('SIGINT'), 0, dev.output());
   } finally {
     for (const p of [...live]) await p.stop('SIGKILL');
     for (const pid of processesWith(workerDir)) process.kill(Number(pid), 'SIGKILL');
