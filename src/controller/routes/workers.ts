@@ -22,10 +22,9 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
       config: { roles: WRITE },
       schema: { tags: ['workers'], summary: 'Register a worker (or re-register the same machine)', body: Worker, response: { 200: Worker, 409: ErrorBody, ...errors } },
     },
-    async (request) => {
-      const existing = await store.get('workers', request.body.name);
-      return store.put('workers', registration(request.body, existing, accountOf(request), new Date().toISOString()));
-    },
+    // Read and write in one transaction: the rules see the record the registration replaces.
+    async (request) =>
+      store.transaction((tx) => tx.put('workers', registration(request.body, tx.get('workers', request.body.name), accountOf(request), new Date().toISOString()))),
   );
 
   app.get('/v1/workers', { config: { roles: READ }, schema: { tags: ['workers'], summary: 'List workers', response: { 200: Type.Array(Worker), ...errors } } }, async () =>
