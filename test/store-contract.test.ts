@@ -272,9 +272,15 @@ export function storeContract(name: string, factory: () => Promise<Store>, opts:
       assert.ok(await store.get('workers', 'w'));
       assert.deepEqual((await store.listEvents('uid-a', { limit: 10, order: 'asc' })).events, [event(1)]);
       assert.equal((await store.releasedFrom('w', ['uid-a'])).size, 0);
-      // And the store goes on: the next transaction commits.
+      // And the store goes on: the next transaction commits, and the failed ones left no gap in the revisions.
       await store.transaction((tx) => tx.appendEvents('uid-a', [event(3)]));
       assert.deepEqual((await store.listEvents('uid-a', { limit: 10, order: 'asc' })).events, [event(1), event(3)]);
+      await store.transaction((tx) => tx.create('vms', vm('d')));
+      assert.deepEqual(
+        changes.map((c) => `${c.type} ${c.kind} ${c.object.name}`),
+        ['ADDED vms c', 'ADDED vms d'],
+      );
+      assert.equal(changes[1].revision, changes[0].revision + 1);
     });
 
     withStore('transaction: the store’s own writes inside it are refused, and so is an async function', async (store) => {
