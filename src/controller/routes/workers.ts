@@ -3,6 +3,7 @@ import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import { ErrorBody, Name, Orphan, parseLocalName, Worker } from '../../api/schemas.ts';
 import type { AppContext } from '../context.ts';
+import type { Transaction } from '../store/store.ts';
 import { badRequest, conflict, notFound } from '../errors.ts';
 import { accountOf } from '../access.ts';
 import { checkActsAs, registration, sortUnassigned, uidOf, update } from '../domain/workers.ts';
@@ -96,19 +97,18 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
     },
   );
 
-  /** The orphan `localName` of worker `name`, taken off its record by `then` (which returns what to answer). */
-  const takeOrphan = async (name: string, localName: string, then: (orphan: Orphan) => Promise<void>) => {
-    const worker = await store.get('workers', name);
-    if (!worker) throw notFound(`worker "${name}" not found`);
-    const orphan = worker.orphans?.find((o) => o.localName === localName);
-    if (!orphan) throw notFound(`worker "${name}" reports no orphan "${localName}" (orchard list orphans)`);
-    await then(orphan);
-    await store.update('workers', name, (w) => {
-      const rest = (w.orphans ?? []).filter((o) => o.localName !== localName);
-      return { ...w, orphans: rest.length ? rest : undefined };
+  /** The orphan `localName` of worker `name`, taken off its record in one transaction with what `then` writes. */
+  const takeOrphan = (name: string, localName: string, then: (tx: Transaction, orphan: Orphan) => void) =>
+    store.transaction((tx) => {
+      const worker = tx.get('workers', name);
+      if (!worker) throw notFound(`worker "${name}" not found`);
+      const orphan = worker.orphans?.find((o) => o.localName === localName);
+      if (!orphan) throw notFound(`worker "${name}" reports no orphan "${localName}" (orchard list orphans)`);
+      then(tx, orphan);
+      const rest = worker.orphans!.filter((o) => o.localName !== localName);
+      tx.put('workers', { ...worker, orphans: rest.length ? rest : undefined });
+      return orphan;
     });
-    return orphan;
-  };
 
   app.delete<{ Params: { name: string; localName: string } }>(
     '/v1/workers/:name/orphans/:localName',
@@ -116,13 +116,15 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
       config: { roles: WRITE },
       schema: { tags: ['workers'], summary: 'Delete an orphan: its worker stops it and removes its disk (Orchard addition)', params: OrphanParams, response: { 200: Orphan, ...errors } },
     },
-    async (request) =>
-      takeOrphan(request.params.name, request.params.localName, async (orphan) => {
+    async (request) => {
+      const orphan = await takeOrphan(request.params.name, request.params.localName, (tx, orphan) => {
         const uid = uidOf(orphan);
         if (!uid) throw conflict(`orphan "${orphan.localName}" has no uid: remove it on the worker host`);
-        await store.release(request.params.name, uid);
-        ctx.channels.requestSync(request.params.name);
-      }),
+        tx.release(request.params.name, uid);
+      });
+      ctx.channels.requestSync(request.params.name);
+      return orphan;
+    },
   );
 
   app.post<{ Params: { name: string; localName: string } }>(
@@ -137,11 +139,11 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
       },
     },
     async (request) =>
-      takeOrphan(request.params.name, request.params.localName, async (orphan) => {
+      takeOrphan(request.params.name, request.params.localName, (tx, orphan) => {
         const parsed = parseLocalName(orphan.localName);
         if (!parsed) throw conflict(`orphan "${orphan.localName}" was not made by Orchard (its name does not say which VM it was)`);
         const vm = newVM({ name: parsed.name, image: orphan.image ?? 'unknown', cpu: orphan.cpu || undefined, memory: orphan.memory || undefined });
-        await store.create('vms', {
+        tx.create('vms', {
           ...vm,
           uid: parsed.uid,
           restart_count: parsed.restartCount,
