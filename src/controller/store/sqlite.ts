@@ -33,8 +33,6 @@ export class SQLiteStore implements Store {
   private revision = 0;
   /** The revision of the last committed change (as stored in settings). */
   private committed = 0;
-  /** Cache of the committed service accounts by name; cleared by any commit that changes one. */
-  private readonly accounts = new Map<string, Kinds['serviceAccounts']>();
   private batch?: { changes: Change[]; waiters: { resolve: () => void; reject: (err: Error) => void }[] };
   /** True while a mutation runs (inside its savepoint): the store's own write methods are refused then. */
   private mutating = false;
@@ -110,13 +108,8 @@ export class SQLiteStore implements Store {
 
   /** An object as committed. */
   private read<K extends Kind>(kind: K, name: string): Kinds[K] | undefined {
-    // Service accounts are read on every request (authentication): those few come from memory.
-    const cached = kind === 'serviceAccounts' ? this.accounts.get(name) : undefined;
-    if (cached) return cached as Kinds[K];
     const row = this.rstmt.get.get(kind, name) as Row | undefined;
-    const object = row ? (JSON.parse(row.body) as Kinds[K]) : undefined;
-    if (kind === 'serviceAccounts' && object) this.accounts.set(name, object as Kinds['serviceAccounts']);
-    return object;
+    return row ? (JSON.parse(row.body) as Kinds[K]) : undefined;
   }
 
   /** An object as the open batch has it (inside a mutation). */
@@ -191,7 +184,6 @@ export class SQLiteStore implements Store {
       return;
     }
     this.committed = this.revision;
-    if (batch.changes.some((c) => c.kind === 'serviceAccounts')) this.accounts.clear();
     for (const change of batch.changes) {
       for (const listener of this.listeners) {
         try {
