@@ -338,6 +338,24 @@ export function storeContract(name: string, factory: () => Promise<Store>, opts:
       assert.ok(page.droppedAt !== undefined && page.droppedAt >= before && page.droppedAt <= Date.now());
     });
 
+    withStore('events: those of a failed transaction do not count toward retention', async (store) => {
+      const keep = opts.eventsPerVM;
+      await store.appendEvents('uid-a', Array.from({ length: keep - 1 }, (_, i) => event(i)));
+      for (let i = 0; i < 3; i++) {
+        await assert.rejects(
+          store.transaction((tx) => {
+            tx.appendEvents('uid-a', [event(100 + i), event(200 + i)]);
+            throw new Error('abort');
+          }),
+          /abort/,
+        );
+      }
+      await store.appendEvents('uid-a', [event(keep - 1)]);
+      const page = await store.listEvents('uid-a', { limit: keep + 10, order: 'asc' });
+      assert.deepEqual(page.events, Array.from({ length: keep }, (_, i) => event(i)));
+      assert.equal(page.dropped, 0);
+    });
+
     withStore('releases: a VM that leaves its worker is released from it; release by hand', async (store) => {
       await store.create('vms', vm('a', { worker: 'w1' }));
       await store.create('vms', vm('b', { worker: 'w1' }));

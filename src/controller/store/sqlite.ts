@@ -45,6 +45,8 @@ export class SQLiteStore implements Store {
   private readonly eventLimits: EventLimits;
   /** Count and bytes of each VM's stored events, read from the table the first time a VM gets events. */
   private readonly eventStats = new Map<string, { count: number; bytes: number }>();
+  /** While a mutation runs: the event stats it changed, as they were before (undefined: not known), to put back if it fails. */
+  private statsBefore?: Map<string, { count: number; bytes: number } | undefined>;
   /** What opening did to the schema (schema.ts): `from` < `to` when it migrated. */
   readonly migration: { from: number; to: number; unmarked: boolean };
 
@@ -148,6 +150,7 @@ export class SQLiteStore implements Store {
     let result: T;
     this.db.exec('SAVEPOINT mutation');
     this.mutating = true;
+    this.statsBefore = new Map();
     try {
       result = fn(changes);
       if (result instanceof Promise) result.catch(() => {}); // its outcome is not awaited: the mutation fails instead
@@ -158,11 +161,15 @@ export class SQLiteStore implements Store {
       this.db.exec('ROLLBACK TO mutation');
       this.db.exec('RELEASE mutation');
       this.revision = revision;
-      this.eventStats.clear(); // they may count events that were rolled back
+      for (const [uid, stats] of this.statsBefore) {
+        if (stats) this.eventStats.set(uid, stats);
+        else this.eventStats.delete(uid);
+      }
       return Promise.reject(err);
     } finally {
       this.mutating = false;
       this.misuse = undefined;
+      this.statsBefore = undefined;
     }
     const batch = this.batch;
     batch.changes.push(...changes);
@@ -310,6 +317,7 @@ export class SQLiteStore implements Store {
     if (kind === 'vms' && uid) {
       this.stmt.deleteEvents.run(uid);
       this.stmt.deleteCut.run(uid);
+      this.keepStats(uid);
       this.eventStats.delete(uid);
     }
     this.change(changes, kind, 'DELETED', current);
@@ -336,7 +344,16 @@ export class SQLiteStore implements Store {
     await this.tx(() => this.appendEventsIn(vmUID, events));
   }
 
+  /** Notes a VM's event stats as they are before the running mutation changes them. */
+  private keepStats(vmUID: string) {
+    if (this.statsBefore && !this.statsBefore.has(vmUID)) {
+      const stats = this.eventStats.get(vmUID);
+      this.statsBefore.set(vmUID, stats && { ...stats });
+    }
+  }
+
   private appendEventsIn(vmUID: string, events: Event[]) {
+    this.keepStats(vmUID);
     let stats = this.eventStats.get(vmUID);
     if (!stats) stats = { ...(this.stmt.eventStats.get(vmUID) as { count: number; bytes: number }) };
     for (const e of events) {
