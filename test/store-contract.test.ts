@@ -366,6 +366,13 @@ export function storeContract(name: string, factory: () => Promise<Store>, opts:
       assert.deepEqual(await store.releasedFrom('w1', ['uid-a', 'uid-b', 'uid-c']), new Set(['uid-a', 'uid-b']));
       assert.deepEqual(await store.releasedFrom('w3', ['uid-x']), new Set(['uid-x']));
       assert.equal((await store.releasedFrom('w2', ['uid-a'])).size, 0);
+      // Inside a transaction: its own releases too.
+      await store.transaction((tx) => {
+        assert.equal(tx.releasedFrom('w4', ['uid-y']).size, 0);
+        tx.release('w4', 'uid-y');
+        assert.deepEqual(tx.releasedFrom('w4', ['uid-y', 'uid-z']), new Set(['uid-y']));
+      });
+      assert.deepEqual(await store.releasedFrom('w4', ['uid-y']), new Set(['uid-y']));
     });
 
     withStore('cluster settings: empty at first, then as put', async (store) => {

@@ -85,12 +85,16 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
       checkActsAs(worker, accountOf(request));
       await ctx.view.loaded;
       const uids = request.body.vms.map(uidOf).filter((u): u is string => !!u);
-      const released = await store.releasedFrom(name, uids);
-      let result!: ReturnType<typeof sortUnassigned>;
-      await store.update('workers', name, (w) => {
-        result = sortUnassigned(request.body.vms, (vm) => ctx.view.vms.get(vm), released, w.orphans, new Date().toISOString());
-        if (JSON.stringify(result.orphans) === JSON.stringify(w.orphans ?? [])) return w;
-        return { ...w, orphans: result.orphans.length ? result.orphans : undefined };
+      // The releases read and the record written in one transaction: a release made meanwhile is not missed.
+      const result = await store.transaction((tx) => {
+        const released = tx.releasedFrom(name, uids);
+        let sorted!: ReturnType<typeof sortUnassigned>;
+        tx.update('workers', name, (w) => {
+          sorted = sortUnassigned(request.body.vms, (vm) => ctx.view.vms.get(vm), released, w.orphans, new Date().toISOString());
+          if (JSON.stringify(sorted.orphans) === JSON.stringify(w.orphans ?? [])) return w;
+          return { ...w, orphans: sorted.orphans.length ? sorted.orphans : undefined };
+        });
+        return sorted;
       });
       if (result.orphans.length) request.log.warn({ worker: name, orphans: result.orphans.map((o) => o.localName) }, 'the worker runs VMs this controller does not know: kept as orphans');
       return result;

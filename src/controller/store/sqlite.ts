@@ -97,6 +97,7 @@ export class SQLiteStore implements Store {
       dropEvents: p('DELETE FROM events WHERE vm_uid = ? AND id <= ?'),
       addCut: p('INSERT INTO event_cuts (vm_uid, dropped, at) VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET dropped = dropped + excluded.dropped, at = excluded.at'),
       release: p('INSERT INTO releases (worker, uid, at) VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET at = excluded.at'),
+      released: p('SELECT 1 FROM releases WHERE worker = ? AND uid = ?'),
       putSetting: p('INSERT INTO settings (key, body) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET body = excluded.body'),
     };
     this.revision = this.committed = this.storedRevision();
@@ -267,6 +268,7 @@ export class SQLiteStore implements Store {
         put: live((kind, object) => this.putIn(changes, kind, object)),
         delete: live((kind, name) => this.deleteIn(changes, kind, name)),
         release: live((worker, uid) => void this.stmt.release.run(worker, uid, Date.now())),
+        releasedFrom: live((worker, uids) => new Set(uids.filter((uid) => this.stmt.released.get(worker, uid) !== undefined))),
         appendEvents: live((vmUID, events) => this.appendEventsIn(vmUID, events)),
       };
       try {

@@ -107,5 +107,7 @@ export interface Transaction {
   /** Throws NotFoundError. */
   delete<K extends Kind>(kind: K, name: string): Kinds[K];
   release(worker: string, uid: string): void;
+  /** As Store.releasedFrom, releases made in this transaction included. */
+  releasedFrom(worker: string, uids: string[]): Set<string>;
   appendEvents(vmUID: string, events: Event[]): void;
 }
