@@ -396,13 +396,18 @@ export function storeContract(name: string, factory: () => Promise<Store>, opts:
       assert.equal(await store.get('serviceAccounts', 'sa'), undefined);
     });
 
-    test('close: writes made before close are committed and published', async () => {
+    test('close: writes made before close are committed and published; later ones are refused', async () => {
       const store = await factory();
       const { changes } = record(store);
       const pending = store.create('vms', vm('a'));
       store.close();
       await pending;
       assert.equal(changes.length, 1);
+      // Afterwards writes are refused (and publish nothing); closing again does no harm.
+      await assert.rejects(store.create('vms', vm('b')));
+      await assert.rejects(store.transaction((tx) => tx.create('vms', vm('c'))));
+      assert.equal(changes.length, 1);
+      store.close();
     });
   });
 }
