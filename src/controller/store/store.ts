@@ -87,7 +87,9 @@ export interface Store {
    * transaction sees it (its own writes included, nobody else's in between): it must not await
    * (it gets no promises). When it throws, nothing it wrote is kept or published and the promise
    * rejects with its error; otherwise the promise resolves with its result once all is committed.
-   * The store's own write methods may not be called from inside `fn` (they would not be part of it).
+   * The store's own write methods may not be called from inside `fn` (they would not be part of it:
+   * they are refused, and the transaction fails); its own reads there give the committed state, not
+   * the transaction's (use `tx.get`).
    */
   transaction<T>(fn: (tx: Transaction) => T): Promise<T>;
 
