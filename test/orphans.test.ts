@@ -76,8 +76,15 @@ test('after the controller loses its data, the worker keeps its VMs as orphans; 
     assert.ok(events.some((e) => /adopted by worker w1/.test(e)), events.join(' | '));
     assert.ok(!events.some((e) => /cloning image/.test(e)), 'not prepared or booted again');
 
-    // Delete "drop": the worker stops and removes it.
+    // Adopting "drop" while another VM has its name fails, and as a whole: the orphan is still there.
     const drop = orphans.find((o) => o.name === 'drop')!;
+    await admin.createVM({ name: 'drop', image: 'synthetic', resources: { 'no-such-resource': 1 } }); // stays unplaced
+    await assert.rejects(admin.adoptOrphan('w1', drop.localName), /already exists/);
+    assert.deepEqual((await admin.getWorker('w1')).orphans?.map((o) => o.localName), [drop.localName]);
+    assert.notEqual((await admin.getVM('drop')).uid, drop.uid);
+    await admin.deleteVM('drop');
+
+    // Delete "drop": the worker stops and removes it.
     await admin.deleteOrphan('w1', drop.localName);
     await waitFor('"drop" removed', async () => !(await c.driver.list()).some((l) => l.localName === drop.localName) || undefined, 10_000);
     await waitFor('no orphans left', async () => !(await admin.getWorker('w1')).orphans?.length || undefined, 10_000);

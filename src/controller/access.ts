@@ -61,6 +61,13 @@ export class Access {
   /** How many of each limited thing (watch streams, tunnels) each account has open: "account\0what" → count. */
   private readonly counts = new Map<string, number>();
   private readonly unsubscribe: () => void;
+  /**
+   * The accounts authentication has read, by name: read on every request, so they come from memory.
+   * An entry goes when a change of its account is committed; `changes` counts those, so that a read
+   * overtaken by a change is not cached.
+   */
+  private readonly accounts = new Map<string, ServiceAccount>();
+  private changes = 0;
 
   /** `backoff: false` turns the back-off off (tests of many refused requests). */
   constructor(store: Store, logger: Logger, backoff: BackoffOptions | false = DEFAULT_BACKOFF) {
@@ -70,8 +77,20 @@ export class Access {
     this.unsubscribe = store.subscribe((change) => {
       if (change.kind !== 'serviceAccounts') return;
       const account = change.object as ServiceAccount;
+      this.changes++;
+      this.accounts.delete(account.name);
       this.revoke(account.name, change.type === 'DELETED' ? undefined : account);
     });
+  }
+
+  /** The committed account `name` (undefined when there is none). */
+  private async account(name: string): Promise<ServiceAccount | undefined> {
+    const cached = this.accounts.get(name);
+    if (cached) return cached;
+    const changes = this.changes;
+    const account = await this.store.get('serviceAccounts', name);
+    if (account && changes === this.changes) this.accounts.set(name, account);
+    return account;
   }
 
   /**
@@ -87,7 +106,7 @@ export class Access {
       this.log.warn({ account: creds.name, source }, 'authentication refused: too many failures (backed off)');
       throw new HttpError(429, `too many failed sign-ins; try again in ${seconds} s`, { 'retry-after': String(seconds) });
     }
-    const account = await this.store.get('serviceAccounts', creds.name);
+    const account = await this.account(creds.name);
     // Compare even when the account is missing, so timing does not tell which names exist.
     const ok = tokensEqual(account?.token ?? '\0no-such-account', creds.token) && account !== undefined;
     if (!ok) {
@@ -172,6 +191,7 @@ export class Access {
   close() {
     this.unsubscribe();
     this.holds.clear();
+    this.accounts.clear();
   }
 }
 

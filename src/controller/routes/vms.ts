@@ -161,16 +161,16 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
     if (!current) throw notFound(`VM "${name}" not found`);
     checkReporter(current, account);
     checkRun(current);
-    const [vm] = await Promise.all([
-      store.update('vms', name, (latest) => {
+    // The state and its events: one transaction (a report refused leaves no events either).
+    return store.transaction((tx) => {
+      const vm = tx.update('vms', name, (latest) => {
         if (latest.worker !== current.worker) throw conflict(`VM "${name}" moved to another worker; report ignored`);
         checkRun(latest);
         return applyStateReport(latest, b, new Date().toISOString());
-      }),
-      // In the same group commit as the state.
-      events?.length && current.uid ? store.appendEvents(current.uid, events.map(eventOf)) : undefined,
-    ]);
-    return vm;
+      });
+      if (events?.length && current.uid) tx.appendEvents(current.uid, events.map(eventOf));
+      return vm;
+    });
   }
 
   app.put<{ Params: { name: string }; Body: VM }>(

@@ -3,6 +3,7 @@ import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import { ErrorBody, Name, Orphan, parseLocalName, Worker } from '../../api/schemas.ts';
 import type { AppContext } from '../context.ts';
+import type { Transaction } from '../store/store.ts';
 import { badRequest, conflict, notFound } from '../errors.ts';
 import { accountOf } from '../access.ts';
 import { checkActsAs, registration, sortUnassigned, uidOf, update } from '../domain/workers.ts';
@@ -22,10 +23,9 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
       config: { roles: WRITE },
       schema: { tags: ['workers'], summary: 'Register a worker (or re-register the same machine)', body: Worker, response: { 200: Worker, 409: ErrorBody, ...errors } },
     },
-    async (request) => {
-      const existing = await store.get('workers', request.body.name);
-      return store.put('workers', registration(request.body, existing, accountOf(request), new Date().toISOString()));
-    },
+    // Read and write in one transaction: the rules see the record the registration replaces.
+    async (request) =>
+      store.transaction((tx) => tx.put('workers', registration(request.body, tx.get('workers', request.body.name), accountOf(request), new Date().toISOString()))),
   );
 
   app.get('/v1/workers', { config: { roles: READ }, schema: { tags: ['workers'], summary: 'List workers', response: { 200: Type.Array(Worker), ...errors } } }, async () =>
@@ -85,31 +85,34 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
       checkActsAs(worker, accountOf(request));
       await ctx.view.loaded;
       const uids = request.body.vms.map(uidOf).filter((u): u is string => !!u);
-      const released = await store.releasedFrom(name, uids);
-      let result!: ReturnType<typeof sortUnassigned>;
-      await store.update('workers', name, (w) => {
-        result = sortUnassigned(request.body.vms, (vm) => ctx.view.vms.get(vm), released, w.orphans, new Date().toISOString());
-        if (JSON.stringify(result.orphans) === JSON.stringify(w.orphans ?? [])) return w;
-        return { ...w, orphans: result.orphans.length ? result.orphans : undefined };
+      // The releases read and the record written in one transaction: a release made meanwhile is not missed.
+      const result = await store.transaction((tx) => {
+        const released = tx.releasedFrom(name, uids);
+        let sorted!: ReturnType<typeof sortUnassigned>;
+        tx.update('workers', name, (w) => {
+          sorted = sortUnassigned(request.body.vms, (vm) => ctx.view.vms.get(vm), released, w.orphans, new Date().toISOString());
+          if (JSON.stringify(sorted.orphans) === JSON.stringify(w.orphans ?? [])) return w;
+          return { ...w, orphans: sorted.orphans.length ? sorted.orphans : undefined };
+        });
+        return sorted;
       });
       if (result.orphans.length) request.log.warn({ worker: name, orphans: result.orphans.map((o) => o.localName) }, 'the worker runs VMs this controller does not know: kept as orphans');
       return result;
     },
   );
 
-  /** The orphan `localName` of worker `name`, taken off its record by `then` (which returns what to answer). */
-  const takeOrphan = async (name: string, localName: string, then: (orphan: Orphan) => Promise<void>) => {
-    const worker = await store.get('workers', name);
-    if (!worker) throw notFound(`worker "${name}" not found`);
-    const orphan = worker.orphans?.find((o) => o.localName === localName);
-    if (!orphan) throw notFound(`worker "${name}" reports no orphan "${localName}" (orchard list orphans)`);
-    await then(orphan);
-    await store.update('workers', name, (w) => {
-      const rest = (w.orphans ?? []).filter((o) => o.localName !== localName);
-      return { ...w, orphans: rest.length ? rest : undefined };
+  /** The orphan `localName` of worker `name`, taken off its record in one transaction with what `then` writes. */
+  const takeOrphan = (name: string, localName: string, then: (tx: Transaction, orphan: Orphan) => void) =>
+    store.transaction((tx) => {
+      const worker = tx.get('workers', name);
+      if (!worker) throw notFound(`worker "${name}" not found`);
+      const orphan = worker.orphans?.find((o) => o.localName === localName);
+      if (!orphan) throw notFound(`worker "${name}" reports no orphan "${localName}" (orchard list orphans)`);
+      then(tx, orphan);
+      const rest = worker.orphans!.filter((o) => o.localName !== localName);
+      tx.put('workers', { ...worker, orphans: rest.length ? rest : undefined });
+      return orphan;
     });
-    return orphan;
-  };
 
   app.delete<{ Params: { name: string; localName: string } }>(
     '/v1/workers/:name/orphans/:localName',
@@ -117,13 +120,15 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
       config: { roles: WRITE },
       schema: { tags: ['workers'], summary: 'Delete an orphan: its worker stops it and removes its disk (Orchard addition)', params: OrphanParams, response: { 200: Orphan, ...errors } },
     },
-    async (request) =>
-      takeOrphan(request.params.name, request.params.localName, async (orphan) => {
+    async (request) => {
+      const orphan = await takeOrphan(request.params.name, request.params.localName, (tx, orphan) => {
         const uid = uidOf(orphan);
         if (!uid) throw conflict(`orphan "${orphan.localName}" has no uid: remove it on the worker host`);
-        await store.release(request.params.name, uid);
-        ctx.channels.requestSync(request.params.name);
-      }),
+        tx.release(request.params.name, uid);
+      });
+      ctx.channels.requestSync(request.params.name);
+      return orphan;
+    },
   );
 
   app.post<{ Params: { name: string; localName: string } }>(
@@ -138,11 +143,11 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
       },
     },
     async (request) =>
-      takeOrphan(request.params.name, request.params.localName, async (orphan) => {
+      takeOrphan(request.params.name, request.params.localName, (tx, orphan) => {
         const parsed = parseLocalName(orphan.localName);
         if (!parsed) throw conflict(`orphan "${orphan.localName}" was not made by Orchard (its name does not say which VM it was)`);
         const vm = newVM({ name: parsed.name, image: orphan.image ?? 'unknown', cpu: orphan.cpu || undefined, memory: orphan.memory || undefined });
-        await store.create('vms', {
+        tx.create('vms', {
           ...vm,
           uid: parsed.uid,
           restart_count: parsed.restartCount,

@@ -1,11 +1,16 @@
 // The embedded store: one SQLite file (node:sqlite, no native addon) in the controller's data dir.
 // WAL with synchronous=FULL: when a call returns, its transaction is on disk. Changes are published
 // to subscribers right after their own commit, from the objects that commit wrote.
+//
+// Two connections to the file: writes (and the reads inside a write) go through `db`, whose
+// transaction stays open for a batch of writes (group commit, see `tx`); every other read goes
+// through `reader`, which in WAL mode sees the last commit and never the open batch. The revision of
+// the last committed change is kept in the settings table (key "revision"), in each batch's commit.
 import { DatabaseSync, type StatementSync } from 'node:sqlite';
 import { chmodSync, closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { ClusterSettings, Event, WatchEventType } from '../../api/schemas.ts';
-import { ConflictError, NotFoundError, type Change, type EventPage, type Kind, type Kinds, type Store } from './store.ts';
+import { ConflictError, NotFoundError, type Change, type EventPage, type Kind, type Kinds, type Store, type Transaction } from './store.ts';
 import { DEFAULT_LIMITS, type Limits } from '../limits.ts';
 import { fileSchemaVersion, migrate, newerError, SCHEMA_VERSION } from './schema.ts';
 
@@ -19,16 +24,29 @@ interface Row {
 const RELEASE_RETENTION_MS = 30 * 24 * 3600_000;
 
 export class SQLiteStore implements Store {
+  /** The writing connection: its transaction, when open, is the batch not yet committed. */
   private readonly db: DatabaseSync;
+  /** The reading connection: sees committed data only (WAL), never the open batch. */
+  private readonly reader: DatabaseSync;
   private readonly listeners = new Set<(change: Change) => void>();
+  /** The revision of the last change made: committed, or in the open batch (then more than `committed`). */
   private revision = 0;
-  /** Cache of the existing service accounts by name; cleared by any write to them. */
-  private readonly accounts = new Map<string, Kinds['serviceAccounts']>();
+  /** The revision of the last committed change (as stored in settings). */
+  private committed = 0;
   private batch?: { changes: Change[]; waiters: { resolve: () => void; reject: (err: Error) => void }[] };
+  /** True while a mutation runs (inside its savepoint): the store's own write methods are refused then. */
+  private mutating = false;
+  /** The error of a store write refused during the running mutation. */
+  private misuse?: Error;
+  /** Statements of the writing connection. */
   private readonly stmt: Record<string, StatementSync>;
+  /** Statements of the reading connection. */
+  private readonly rstmt: Record<string, StatementSync>;
   private readonly eventLimits: EventLimits;
   /** Count and bytes of each VM's stored events, read from the table the first time a VM gets events. */
   private readonly eventStats = new Map<string, { count: number; bytes: number }>();
+  /** While a mutation runs: the event stats it changed, as they were before (undefined: not known), to put back if it fails. */
+  private statsBefore?: Map<string, { count: number; bytes: number } | undefined>;
   /** What opening did to the schema (schema.ts): `from` < `to` when it migrated. */
   readonly migration: { from: number; to: number; unmarked: boolean };
 
@@ -51,12 +69,23 @@ export class SQLiteStore implements Store {
       throw err;
     }
     this.db.prepare('DELETE FROM releases WHERE at < ?').run(Date.now() - RELEASE_RETENTION_MS);
+    this.reader = new DatabaseSync(path, { readOnly: true });
+    this.reader.exec('PRAGMA busy_timeout = 5000;');
+    const r = (sql: string) => this.reader.prepare(sql);
+    this.rstmt = {
+      get: r('SELECT body FROM objects WHERE kind = ? AND name = ?'),
+      list: r('SELECT body FROM objects WHERE kind = ? ORDER BY id'),
+      listByWorker: r('SELECT body FROM objects WHERE kind = ? AND worker = ? ORDER BY id'),
+      countByStatus: r(`SELECT status, count(*) AS n FROM objects WHERE kind = 'vms' GROUP BY status`),
+      cut: r('SELECT dropped, at FROM event_cuts WHERE vm_uid = ?'),
+      eventsAsc: r('SELECT id, body FROM events WHERE vm_uid = ? AND id > ? ORDER BY id ASC LIMIT ?'),
+      eventsDesc: r('SELECT id, body FROM events WHERE vm_uid = ? AND id < ? ORDER BY id DESC LIMIT ?'),
+      released: r('SELECT 1 FROM releases WHERE worker = ? AND uid = ?'),
+      getSetting: r('SELECT body FROM settings WHERE key = ?'),
+    };
     const p = (sql: string) => this.db.prepare(sql);
     this.stmt = {
       get: p('SELECT body FROM objects WHERE kind = ? AND name = ?'),
-      list: p('SELECT body FROM objects WHERE kind = ? ORDER BY id'),
-      listByWorker: p('SELECT body FROM objects WHERE kind = ? AND worker = ? ORDER BY id'),
-      countByStatus: p(`SELECT status, count(*) AS n FROM objects WHERE kind = 'vms' GROUP BY status`),
       insert: p('INSERT INTO objects (kind, name, worker, status, body) VALUES (?, ?, ?, ?, ?)'),
       update: p('UPDATE objects SET worker = ?, status = ?, body = ? WHERE kind = ? AND name = ?'),
       delete: p('DELETE FROM objects WHERE kind = ? AND name = ?'),
@@ -66,29 +95,34 @@ export class SQLiteStore implements Store {
       eventStats: p('SELECT count(*) AS count, coalesce(sum(length(CAST(body AS BLOB))), 0) AS bytes FROM events WHERE vm_uid = ?'),
       oldestEvents: p('SELECT id, length(CAST(body AS BLOB)) AS size FROM events WHERE vm_uid = ? ORDER BY id ASC'),
       dropEvents: p('DELETE FROM events WHERE vm_uid = ? AND id <= ?'),
-      cut: p('SELECT dropped, at FROM event_cuts WHERE vm_uid = ?'),
       addCut: p('INSERT INTO event_cuts (vm_uid, dropped, at) VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET dropped = dropped + excluded.dropped, at = excluded.at'),
-      eventsAsc: p('SELECT id, body FROM events WHERE vm_uid = ? AND id > ? ORDER BY id ASC LIMIT ?'),
-      eventsDesc: p('SELECT id, body FROM events WHERE vm_uid = ? AND id < ? ORDER BY id DESC LIMIT ?'),
       release: p('INSERT INTO releases (worker, uid, at) VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET at = excluded.at'),
       released: p('SELECT 1 FROM releases WHERE worker = ? AND uid = ?'),
-      getSetting: p('SELECT body FROM settings WHERE key = ?'),
       putSetting: p('INSERT INTO settings (key, body) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET body = excluded.body'),
     };
+    this.revision = this.committed = this.storedRevision();
   }
 
+  /** The revision of the last committed change, as stored (0 in a database that has none yet). */
+  private storedRevision(): number {
+    const row = this.rstmt.getSetting.get('revision') as Row | undefined;
+    return row ? (JSON.parse(row.body) as number) : 0;
+  }
+
+  /** An object as committed. */
   private read<K extends Kind>(kind: K, name: string): Kinds[K] | undefined {
-    // Service accounts are read on every request (authentication): those few come from memory.
-    const cached = kind === 'serviceAccounts' ? this.accounts.get(name) : undefined;
-    if (cached) return cached as Kinds[K];
+    const row = this.rstmt.get.get(kind, name) as Row | undefined;
+    return row ? (JSON.parse(row.body) as Kinds[K]) : undefined;
+  }
+
+  /** An object as the open batch has it (inside a mutation). */
+  private readTx<K extends Kind>(kind: K, name: string): Kinds[K] | undefined {
     const row = this.stmt.get.get(kind, name) as Row | undefined;
-    const object = row ? (JSON.parse(row.body) as Kinds[K]) : undefined;
-    if (kind === 'serviceAccounts' && object && !this.db.isTransaction) this.accounts.set(name, object as Kinds['serviceAccounts']);
-    return object;
+    return row ? (JSON.parse(row.body) as Kinds[K]) : undefined;
   }
 
   private listSync<K extends Kind>(kind: K, filter?: { worker?: string }): Kinds[K][] {
-    const rows = (filter?.worker !== undefined ? this.stmt.listByWorker.all(kind, filter.worker) : this.stmt.list.all(kind)) as unknown as Row[];
+    const rows = (filter?.worker !== undefined ? this.rstmt.listByWorker.all(kind, filter.worker) : this.rstmt.list.all(kind)) as unknown as Row[];
     return rows.map((r) => JSON.parse(r.body) as Kinds[K]);
   }
 
@@ -97,23 +131,46 @@ export class SQLiteStore implements Store {
    * savepoint, so a failing one leaves nothing behind), and the batch commits, with one fsync, once
    * this event-loop turn's I/O is handled. A mutation's promise resolves only after that commit, so
    * an acknowledged change is on disk; its changes are published right after it, in commit order.
+   * Revisions are given as the changes are made (and given back when their mutation fails); the
+   * batch's last one is written with it. Other reads use the reading connection and do not see the
+   * batch until it is committed.
    */
   private tx<T>(fn: (changes: Change[]) => T): Promise<T> {
+    if (this.mutating) {
+      // Not part of the running mutation: refused, and that mutation fails with this error too.
+      this.misuse ??= new Error('a store write was called inside a transaction: use the transaction\'s own methods');
+      return Promise.reject(this.misuse);
+    }
     if (!this.batch) {
       this.db.exec('BEGIN IMMEDIATE');
       this.batch = { changes: [], waiters: [] };
       setImmediate(() => this.flush());
     }
     const changes: Change[] = [];
+    const revision = this.revision;
     let result: T;
     this.db.exec('SAVEPOINT mutation');
+    this.mutating = true;
+    this.statsBefore = new Map();
     try {
       result = fn(changes);
+      if (result instanceof Promise) result.catch(() => {}); // its outcome is not awaited: the mutation fails instead
+      if (this.misuse) throw this.misuse;
+      if (result instanceof Promise) throw new TypeError('a transaction runs synchronously: its function must not be async');
       this.db.exec('RELEASE mutation');
     } catch (err) {
       this.db.exec('ROLLBACK TO mutation');
       this.db.exec('RELEASE mutation');
+      this.revision = revision;
+      for (const [uid, stats] of this.statsBefore) {
+        if (stats) this.eventStats.set(uid, stats);
+        else this.eventStats.delete(uid);
+      }
       return Promise.reject(err);
+    } finally {
+      this.mutating = false;
+      this.misuse = undefined;
+      this.statsBefore = undefined;
     }
     const batch = this.batch;
     batch.changes.push(...changes);
@@ -125,15 +182,17 @@ export class SQLiteStore implements Store {
     if (!batch) return;
     this.batch = undefined;
     try {
+      if (this.revision !== this.committed) this.stmt.putSetting.run('revision', JSON.stringify(this.revision));
       this.db.exec('COMMIT');
     } catch (err) {
       if (this.db.isTransaction) this.db.exec('ROLLBACK');
+      this.revision = this.committed;
       this.eventStats.clear(); // they may count events that were rolled back
       for (const w of batch.waiters) w.reject(err as Error);
       return;
     }
+    this.committed = this.revision;
     for (const change of batch.changes) {
-      change.revision = ++this.revision;
       for (const listener of this.listeners) {
         try {
           listener(change);
@@ -152,8 +211,7 @@ export class SQLiteStore implements Store {
   }
 
   private change<K extends Kind>(changes: Change[], kind: K, type: WatchEventType, object: Kinds[K]) {
-    if (kind === 'serviceAccounts') this.accounts.clear();
-    changes.push({ kind, type, object, revision: 0 } as Change);
+    changes.push({ kind, type, object, revision: ++this.revision } as Change);
   }
 
   async get<K extends Kind>(kind: K, name: string) {
@@ -164,66 +222,108 @@ export class SQLiteStore implements Store {
     return this.listSync(kind, filter);
   }
 
+  /** The objects and the revision in one read transaction: the revision of the last commit the objects reflect. */
   async snapshot<K extends Kind>(kind: K, filter?: { worker?: string }) {
-    return { items: this.listSync(kind, filter), revision: this.revision };
+    this.reader.exec('BEGIN');
+    try {
+      return { items: this.listSync(kind, filter), revision: this.storedRevision() };
+    } finally {
+      this.reader.exec('COMMIT');
+    }
   }
 
   async countVMsByStatus() {
     const out: Record<string, number> = {};
-    for (const r of this.stmt.countByStatus.all() as { status: string | null; n: number }[]) out[r.status ?? 'unknown'] = r.n;
+    for (const r of this.rstmt.countByStatus.all() as { status: string | null; n: number }[]) out[r.status ?? 'unknown'] = r.n;
     return out;
   }
 
   async create<K extends Kind>(kind: K, object: Kinds[K]) {
-    return this.tx((changes) => {
-      if (this.stmt.get.get(kind, object.name)) throw new ConflictError(`${singular(kind)} "${object.name}" already exists`);
-      this.stmt.insert.run(kind, object.name, ...SQLiteStore.columns(kind, object), JSON.stringify(object));
-      this.change(changes, kind, 'ADDED', object);
-      return object;
-    });
+    return this.tx((changes) => this.createIn(changes, kind, object));
   }
 
   async update<K extends Kind>(kind: K, name: string, mutate: (current: Kinds[K]) => Kinds[K]) {
-    return this.tx((changes) => {
-      const current = this.read(kind, name);
-      if (!current) throw new NotFoundError(`${singular(kind)} "${name}" not found`);
-      const next = mutate(current);
-      if (next === current) return current;
-      this.released(kind, current, next);
-      this.stmt.update.run(...SQLiteStore.columns(kind, next), JSON.stringify(next), kind, name);
-      this.change(changes, kind, 'MODIFIED', next);
-      return next;
-    });
+    return this.tx((changes) => this.updateIn(changes, kind, name, mutate));
   }
 
   async put<K extends Kind>(kind: K, object: Kinds[K]) {
-    return this.tx((changes) => {
-      const row = this.stmt.get.get(kind, object.name) as Row | undefined;
-      const exists = row !== undefined;
-      if (row) this.released(kind, JSON.parse(row.body) as Kinds[K], object);
-      const [worker, status] = SQLiteStore.columns(kind, object);
-      if (exists) this.stmt.update.run(worker, status, JSON.stringify(object), kind, object.name);
-      else this.stmt.insert.run(kind, object.name, worker, status, JSON.stringify(object));
-      this.change(changes, kind, exists ? 'MODIFIED' : 'ADDED', object);
-      return object;
-    });
+    return this.tx((changes) => this.putIn(changes, kind, object));
   }
 
   async delete<K extends Kind>(kind: K, name: string) {
+    return this.tx((changes) => this.deleteIn(changes, kind, name));
+  }
+
+  async transaction<T>(fn: (tx: Transaction) => T): Promise<T> {
     return this.tx((changes) => {
-      const current = this.read(kind, name);
-      if (!current) throw new NotFoundError(`${singular(kind)} "${name}" not found`);
-      this.stmt.delete.run(kind, name);
-      this.released(kind, current, undefined);
-      const uid = (current as { uid?: string }).uid;
-      if (kind === 'vms' && uid) {
-        this.stmt.deleteEvents.run(uid);
-        this.stmt.deleteCut.run(uid);
-        this.eventStats.delete(uid);
+      let open = true;
+      const live = <A extends unknown[], R>(f: (...args: A) => R) => (...args: A): R => {
+        if (!open) throw new Error('a transaction was used after its function returned');
+        return f(...args);
+      };
+      const tx: Transaction = {
+        get: live((kind, name) => this.readTx(kind, name)),
+        create: live((kind, object) => this.createIn(changes, kind, object)),
+        update: live((kind, name, mutate) => this.updateIn(changes, kind, name, mutate)),
+        put: live((kind, object) => this.putIn(changes, kind, object)),
+        delete: live((kind, name) => this.deleteIn(changes, kind, name)),
+        release: live((worker, uid) => void this.stmt.release.run(worker, uid, Date.now())),
+        releasedFrom: live((worker, uids) => new Set(uids.filter((uid) => this.stmt.released.get(worker, uid) !== undefined))),
+        appendEvents: live((vmUID, events) => this.appendEventsIn(vmUID, events)),
+      };
+      try {
+        return fn(tx);
+      } finally {
+        open = false;
       }
-      this.change(changes, kind, 'DELETED', current);
-      return current;
     });
+  }
+
+  // The mutations, run inside a savepoint of the open batch (see `tx`).
+
+  private createIn<K extends Kind>(changes: Change[], kind: K, object: Kinds[K]): Kinds[K] {
+    if (this.stmt.get.get(kind, object.name)) throw new ConflictError(`${singular(kind)} "${object.name}" already exists`);
+    this.stmt.insert.run(kind, object.name, ...SQLiteStore.columns(kind, object), JSON.stringify(object));
+    this.change(changes, kind, 'ADDED', object);
+    return object;
+  }
+
+  private updateIn<K extends Kind>(changes: Change[], kind: K, name: string, mutate: (current: Kinds[K]) => Kinds[K]): Kinds[K] {
+    const current = this.readTx(kind, name);
+    if (!current) throw new NotFoundError(`${singular(kind)} "${name}" not found`);
+    const next = mutate(current);
+    if (next === current) return current;
+    this.released(kind, current, next);
+    this.stmt.update.run(...SQLiteStore.columns(kind, next), JSON.stringify(next), kind, name);
+    this.change(changes, kind, 'MODIFIED', next);
+    return next;
+  }
+
+  private putIn<K extends Kind>(changes: Change[], kind: K, object: Kinds[K]): Kinds[K] {
+    const row = this.stmt.get.get(kind, object.name) as Row | undefined;
+    const exists = row !== undefined;
+    if (row) this.released(kind, JSON.parse(row.body) as Kinds[K], object);
+    const [worker, status] = SQLiteStore.columns(kind, object);
+    if (exists) this.stmt.update.run(worker, status, JSON.stringify(object), kind, object.name);
+    else this.stmt.insert.run(kind, object.name, worker, status, JSON.stringify(object));
+    this.change(changes, kind, exists ? 'MODIFIED' : 'ADDED', object);
+    return object;
+  }
+
+  private deleteIn<K extends Kind>(changes: Change[], kind: K, name: string): Kinds[K] {
+    const current = this.readTx(kind, name);
+    if (!current) throw new NotFoundError(`${singular(kind)} "${name}" not found`);
+    this.stmt.delete.run(kind, name);
+    this.released(kind, current, undefined);
+    const uid = (current as { uid?: string }).uid;
+    if (kind === 'vms' && uid) {
+      this.stmt.deleteEvents.run(uid);
+      this.stmt.deleteCut.run(uid);
+      this.keepStats(uid);
+      this.eventStats.delete(uid);
+    }
+    this.change(changes, kind, 'DELETED', current);
+    return current;
   }
 
   /** In the same transaction as the change: a VM that leaves its worker is released from it. */
@@ -239,22 +339,33 @@ export class SQLiteStore implements Store {
   }
 
   async releasedFrom(worker: string, uids: string[]) {
-    return new Set(uids.filter((uid) => this.stmt.released.get(worker, uid) !== undefined));
+    return new Set(uids.filter((uid) => this.rstmt.released.get(worker, uid) !== undefined));
   }
 
   async appendEvents(vmUID: string, events: Event[]) {
-    await this.tx(() => {
-      let stats = this.eventStats.get(vmUID);
-      if (!stats) stats = { ...(this.stmt.eventStats.get(vmUID) as { count: number; bytes: number }) };
-      for (const e of events) {
-        const body = JSON.stringify(e);
-        this.stmt.insertEvent.run(vmUID, body);
-        stats.count++;
-        stats.bytes += Buffer.byteLength(body);
-      }
-      this.retain(vmUID, stats);
-      this.eventStats.set(vmUID, stats);
-    });
+    await this.tx(() => this.appendEventsIn(vmUID, events));
+  }
+
+  /** Notes a VM's event stats as they are before the running mutation changes them. */
+  private keepStats(vmUID: string) {
+    if (this.statsBefore && !this.statsBefore.has(vmUID)) {
+      const stats = this.eventStats.get(vmUID);
+      this.statsBefore.set(vmUID, stats && { ...stats });
+    }
+  }
+
+  private appendEventsIn(vmUID: string, events: Event[]) {
+    this.keepStats(vmUID);
+    let stats = this.eventStats.get(vmUID);
+    if (!stats) stats = { ...(this.stmt.eventStats.get(vmUID) as { count: number; bytes: number }) };
+    for (const e of events) {
+      const body = JSON.stringify(e);
+      this.stmt.insertEvent.run(vmUID, body);
+      stats.count++;
+      stats.bytes += Buffer.byteLength(body);
+    }
+    this.retain(vmUID, stats);
+    this.eventStats.set(vmUID, stats);
   }
 
   /** Drops a VM's oldest events beyond the retention limits (its newest event always stays), and records the cut. */
@@ -277,7 +388,7 @@ export class SQLiteStore implements Store {
 
   async listEvents(vmUID: string, opts: { limit: number; order: 'asc' | 'desc'; cursor?: string }): Promise<EventPage> {
     const after = opts.cursor !== undefined ? Number(opts.cursor) : opts.order === 'asc' ? 0 : Number.MAX_SAFE_INTEGER;
-    const stmt = opts.order === 'asc' ? this.stmt.eventsAsc : this.stmt.eventsDesc;
+    const stmt = opts.order === 'asc' ? this.rstmt.eventsAsc : this.rstmt.eventsDesc;
     // Rows are read one at a time, and the page ends at its byte budget (at least one event), so a
     // page never holds more than about eventPageBytes however many events were asked for.
     const events: Event[] = [];
@@ -295,12 +406,12 @@ export class SQLiteStore implements Store {
       lastID = row.id;
       newestID = Math.max(newestID, row.id);
     }
-    const cut = this.stmt.cut.get(vmUID) as { dropped: number; at: number } | undefined;
+    const cut = this.rstmt.cut.get(vmUID) as { dropped: number; at: number } | undefined;
     return { events, nextCursor: more ? String(lastID) : undefined, newestCursor: newestID ? String(newestID) : undefined, dropped: cut?.dropped ?? 0, droppedAt: cut?.at };
   }
 
   async getClusterSettings(): Promise<ClusterSettings> {
-    const row = this.stmt.getSetting.get('cluster') as Row | undefined;
+    const row = this.rstmt.getSetting.get('cluster') as Row | undefined;
     return row ? (JSON.parse(row.body) as ClusterSettings) : {};
   }
 
@@ -311,7 +422,7 @@ export class SQLiteStore implements Store {
 
   /** The cluster's identity, if this database has one. */
   clusterID(): string | undefined {
-    const row = this.stmt.getSetting.get('cluster-id') as Row | undefined;
+    const row = this.rstmt.getSetting.get('cluster-id') as Row | undefined;
     return row ? (JSON.parse(row.body) as string) : undefined;
   }
 
@@ -335,6 +446,7 @@ export class SQLiteStore implements Store {
   close() {
     this.flush();
     this.listeners.clear();
+    if (this.reader.isOpen) this.reader.close();
     // Everything into orchard.db, the WAL emptied: a clean stop leaves one self-contained file.
     if (this.db.isOpen) this.db.exec('PRAGMA wal_checkpoint(TRUNCATE)');
     if (this.db.isOpen) this.db.close();

@@ -1,6 +1,21 @@
 // The controller's storage, behind one small interface: the API layer only sees this, so another
-// backend (PostgreSQL, say) can be added without touching it. Every mutation is durable when its
-// promise resolves, and every committed change is published to watchers from that same commit.
+// backend (PostgreSQL, say) can be added without touching it. test/store-contract.test.ts is the
+// contract any implementation must pass.
+//
+// What a store guarantees:
+// - Durability: a write's promise resolves only once its commit is durable (a rejected one changed
+//   nothing). Several writes may share one commit (group commit); each is still all or nothing.
+// - Reads see committed data only: never a write whose commit is still to come (nor one that may yet
+//   fail), so what a read returns has been, or is being, published.
+// - Multi-object writes go through `transaction`: its writes commit together or not at all.
+// - The change feed: every committed change of an object (ADDED, MODIFIED, DELETED) is published
+//   once to every subscriber, in commit order, before the promise of the write that made it
+//   resolves. A write that changes nothing (an update that returns the same object) publishes nothing.
+// - Revisions: each change has a revision, one more than the change committed before it, of any
+//   kind, across restarts: the revision is stored with the data, in the same commit. A snapshot gives
+//   the revision of the last change it reflects, so subscribing first, then taking a snapshot, then
+//   adding the published changes with a greater revision gives every change once (no gap, no
+//   duplicate). Events (appendEvents), releases and cluster settings are not in the feed.
 import type { ClusterSettings, Event, ServiceAccount, VM, Worker, WatchEventType } from '../../api/schemas.ts';
 
 export interface Kinds {
@@ -14,7 +29,7 @@ export interface Change<K extends Kind = Kind> {
   kind: K;
   type: WatchEventType;
   object: Kinds[K];
-  /** Monotonic commit number: changes are delivered in this order. */
+  /** The change's place in the feed: one more than the change committed before it (see above). */
   revision: number;
 }
 
@@ -66,7 +81,35 @@ export interface Store {
   getClusterSettings(): Promise<ClusterSettings>;
   putClusterSettings(settings: ClusterSettings): Promise<ClusterSettings>;
 
-  /** Subscribe to committed changes; returns the unsubscribe function. */
+  /**
+   * Several writes that commit together or not at all (a state report and its events; a
+   * read-then-write registration). `fn` runs synchronously, at once, against the store as this
+   * transaction sees it (its own writes included, nobody else's in between): it must not await
+   * (it gets no promises). When it throws, nothing it wrote is kept or published and the promise
+   * rejects with its error; otherwise the promise resolves with its result once all is committed.
+   * The store's own write methods may not be called from inside `fn` (they would not be part of it:
+   * they are refused, and the transaction fails); its own reads there give the committed state, not
+   * the transaction's (use `tx.get`).
+   */
+  transaction<T>(fn: (tx: Transaction) => T): Promise<T>;
+
+  /** Subscribe to committed changes (see above); returns the unsubscribe function. */
   subscribe(listener: (change: Change) => void): () => void;
   close(): void;
+}
+
+/** The writes (and reads) of one transaction: as the Store's, but synchronous and all in one commit. */
+export interface Transaction {
+  get<K extends Kind>(kind: K, name: string): Kinds[K] | undefined;
+  /** Throws ConflictError when the name is taken. */
+  create<K extends Kind>(kind: K, object: Kinds[K]): Kinds[K];
+  /** As Store.update; throws NotFoundError. */
+  update<K extends Kind>(kind: K, name: string, mutate: (current: Kinds[K]) => Kinds[K]): Kinds[K];
+  put<K extends Kind>(kind: K, object: Kinds[K]): Kinds[K];
+  /** Throws NotFoundError. */
+  delete<K extends Kind>(kind: K, name: string): Kinds[K];
+  release(worker: string, uid: string): void;
+  /** As Store.releasedFrom, releases made in this transaction included. */
+  releasedFrom(worker: string, uids: string[]): Set<string>;
+  appendEvents(vmUID: string, events: Event[]): void;
 }
