@@ -9,6 +9,7 @@ import { authorize, parseBasicAuth, type Access } from './access.ts';
 import { HttpError } from './errors.ts';
 import type { Logger } from 'pino';
 import type { Limits } from './limits.ts';
+import { syncVMsFrame, type WorkerInstruction } from '../api/worker-protocol.ts';
 
 const PING_INTERVAL_MS = 20_000;
 /** An account whose WebSocket broke the protocol (a frame over the limit, bad framing) opens none for this long, doubling per offence. */
@@ -242,7 +243,8 @@ export class WorkerChannels {
     return this.sockets.has(worker);
   }
 
-  send(worker: string, message: object | string): boolean {
+  /** An instruction, or a frame already made (syncVMsFrame). */
+  send(worker: string, message: WorkerInstruction | string): boolean {
     const set = this.sockets.get(worker);
     if (!set) return false;
     const text = typeof message === 'string' ? message : JSON.stringify(message);
@@ -261,7 +263,7 @@ export class WorkerChannels {
 
   /** `syncVMsAction` with the worker's VMs as they are committed now. */
   private sync(worker: string) {
-    if (this.sockets.has(worker)) this.send(worker, `{"syncVMsAction":{"vms":${this.vmsJSON(worker)}}}`);
+    if (this.sockets.has(worker)) this.send(worker, syncVMsFrame(this.vmsJSON(worker)));
   }
 
   /** Coalesces the sync requests of one event-loop turn into one message per worker. */

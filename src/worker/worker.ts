@@ -13,6 +13,7 @@ import { ApiError, CertificateMismatchError, OrchardClient, probeCertificate, ws
 import type { Driver, DriverVM, LocalVM } from './drivers/driver.ts';
 import { runScript } from './startup-script.ts';
 import { sshCredentials, VM_DEFAULTS } from '../api/defaults.ts';
+import { parseInstruction, type PortForwardAction, type ResolveIPAction } from '../api/worker-protocol.ts';
 
 export interface WorkerOptions {
   client: OrchardClient;
@@ -220,20 +221,14 @@ export class OrchardWorker {
       void this.o.client.info().then((i) => this.checkCluster(i.clusterID), () => {});
     });
     ws.on('message', (data) => {
-      let msg: Record<string, unknown>;
-      try {
-        msg = JSON.parse(data.toString()) as Record<string, unknown>;
-      } catch {
-        return;
-      }
+      const msg = parseInstruction(data.toString());
+      if (!msg) return;
       if ('syncVMsAction' in msg) {
         // Our controller sends the worker's VMs along; an upstream one does not, and the sync lists them.
-        const vms = (msg.syncVMsAction as { vms?: unknown } | null)?.vms;
-        this.pushed = Array.isArray(vms) ? (vms as VM[]) : undefined;
+        this.pushed = msg.syncVMsAction.vms;
         this.requestSync();
-      }
-      if ('portForwardAction' in msg) void this.portForward(msg.portForwardAction as { session: string; vmUID?: string; port: number });
-      if ('resolveIPAction' in msg) void this.resolveIP(msg.resolveIPAction as { session: string; vmUID: string });
+      } else if ('portForwardAction' in msg) void this.portForward(msg.portForwardAction);
+      else void this.resolveIP(msg.resolveIPAction);
     });
     ws.on('unexpected-response', (_req, res) => {
       if (res.statusCode === 404) this.unregistered = true;
@@ -293,7 +288,7 @@ export class OrchardWorker {
   }
 
   /** portForwardAction: dial the VM's port (or this host's, without a VM), then dial back and splice. */
-  private async portForward(action: { session: string; vmUID?: string; port: number }) {
+  private async portForward(action: PortForwardAction) {
     const query: Record<string, string> = { session: action.session, workerName: this.o.name };
     let target: Duplex | undefined;
     try {
@@ -333,7 +328,7 @@ export class OrchardWorker {
   }
 
   /** resolveIPAction: find the VM's IP and POST it back, in the query (`ip` or `errorMessage`) as upstream's worker does. */
-  private async resolveIP(action: { session: string; vmUID: string }) {
+  private async resolveIP(action: ResolveIPAction) {
     const query = new URLSearchParams({ session: action.session });
     try {
       query.set('ip', await this.o.driver.ip(this.localNameOfUID(action.vmUID)));

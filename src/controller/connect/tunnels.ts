@@ -10,6 +10,7 @@ import { HttpError } from '../errors.ts';
 import type { ClusterView } from '../view.ts';
 import { checkActsAs } from '../domain/workers.ts';
 import { relay } from './relay.ts';
+import type { WorkerInstruction } from '../../api/worker-protocol.ts';
 
 /** How long the worker has to dial back. */
 const RENDEZVOUS_TIMEOUT_MS = 30_000;
@@ -54,7 +55,7 @@ export class Tunnels {
   }
 
   /** A rendezvous that gives up when `signal` aborts (its client went away): the session is withdrawn. */
-  private rendezvous<T>(map: Map<string, Pending<T>>, worker: string, action: (session: string) => object, what: string, signal?: AbortSignal): Promise<T> {
+  private rendezvous<T>(map: Map<string, Pending<T>>, worker: string, action: (session: string) => WorkerInstruction, what: string, signal?: AbortSignal): Promise<T> {
     if (this.closed) return Promise.reject(shuttingDown());
     // Unguessable and single-use: whoever could guess one could claim someone else's tunnel.
     const session = randomBytes(32).toString('base64url');
@@ -135,7 +136,7 @@ export class Tunnels {
   }
 
   resolveIP(vm: VM, signal?: AbortSignal): Promise<string> {
-    return this.rendezvous(this.ipRequests, vm.worker!, (session) => ({ resolveIPAction: { session, vmUID: vm.uid } }), 'IP resolution', signal);
+    return this.rendezvous(this.ipRequests, vm.worker!, (session) => ({ resolveIPAction: { session, vmUID: vm.uid ?? '' } }), 'IP resolution', signal);
   }
 
   /** Only the account of the session's worker may answer it. */

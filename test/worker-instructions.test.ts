@@ -1,0 +1,18 @@
+// The worker reads the controller's instructions through one typed parser (src/api/worker-protocol.ts):
+// upstream's frames and ours are understood; anything else (not JSON, wrong types, unknown actions)
+// is ignored rather than half-trusted.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { parseInstruction, syncVMsFrame } from '../src/api/worker-protocol.ts';
+
+test('worker instructions: upstream and ours parsed, malformed frames ignored', () => {
+  assert.deepEqual(parseInstruction('{"syncVMsAction":{}}'), { syncVMsAction: { vms: undefined } }, "upstream's sync carries no VMs");
+  assert.deepEqual(parseInstruction('{"syncVMsAction":null}'), { syncVMsAction: { vms: undefined } });
+  assert.deepEqual(parseInstruction(syncVMsFrame('[{"name":"a"}]')), { syncVMsAction: { vms: [{ name: 'a' }] } });
+  assert.deepEqual(parseInstruction('{"portForwardAction":{"session":"s","vmUID":"u","port":22}}'), { portForwardAction: { session: 's', vmUID: 'u', port: 22 } });
+  assert.deepEqual(parseInstruction('{"portForwardAction":{"session":"s","port":22}}'), { portForwardAction: { session: 's', vmUID: '', port: 22 } }, 'no VM: the worker host');
+  assert.deepEqual(parseInstruction('{"resolveIPAction":{"session":"s","vmUID":"u"}}'), { resolveIPAction: { session: 's', vmUID: 'u' } });
+  for (const bad of ['not json', '[]', 'null', '{}', '{"portForwardAction":{"session":1,"port":22}}', '{"portForwardAction":{"session":"s","port":"22"}}', '{"resolveIPAction":{"session":"s"}}', '{"somethingNew":{}}']) {
+    assert.equal(parseInstruction(bad), undefined, bad);
+  }
+});
