@@ -314,15 +314,20 @@ test('waitReady rejects early when QEMU dies; waitExit tells why', { timeout: 60
 
 test('stop falls back to quit when the guest ignores the power button', { timeout: 60_000 }, async () => {
   const name = 'orchard-test-stop';
-  await driver.prepare(vmSpec(name));
-  await driver.start(vmSpec(name));
+  // A driver of its own, whose log says which way the VM was stopped.
+  const messages: string[] = [];
+  const d = new QemuDriver({ dataDir, imagesDir: STORE, log: (msg) => messages.push(msg) });
+  await d.prepare(vmSpec(name));
+  await d.start(vmSpec(name));
   // right after start the guest kernel is still booting: no ACPI handler yet
   const t0 = Date.now();
-  await driver.stop(name, 500);
+  await d.stop(name, 500);
   assert.ok(Date.now() - t0 < 5000);
   assert.deepEqual(pidsUsing(join(dataDir, 'vms', name)), []);
-  assert.equal((await driver.waitExit(name)).reason, 'stopped');
-  await driver.remove(name);
+  assert.equal((await d.waitExit(name)).reason, 'stopped');
+  const how = messages.filter((m) => m.startsWith('VM stopped'));
+  assert.deepEqual(how.map((m) => m.replace(/ \{.*$/, '')), ['VM stopped (quit)'], `the power button was ignored and quit ended QEMU: ${how.join('; ')}`);
+  await d.remove(name);
 });
 
 test("upstream's name characters ('.', '_', ':', capitals) in a VM's local name: it boots, answers SSH, and is removed", { timeout: 120_000 }, async () => {
