@@ -182,30 +182,47 @@ export const TEST_IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'or
  * An in-process controller and an in-process worker with the real QEMU driver, the debian-dev image
  * built (or cached), and a helper that creates a VM and waits until its guest answers SSH.
  */
-export async function qemuCluster(opts: { workerName?: string; listenSSH?: string; limits?: Partial<Limits> } = {}) {
-  const [{ buildDebianDev }, { QemuDriver }, { startWorker }, fs] = await Promise.all([
-    import('../src/worker/images.ts'),
-    import('../src/worker/drivers/qemu.ts'),
-    import('../src/worker/run.ts'),
-    import('node:fs'),
-  ]);
-  await buildDebianDev(TEST_IMAGES);
-  const c = await inProcessController({ listenSSH: opts.listenSSH, limits: opts.limits });
-  const workerDir = tempDir('orchard-worker-');
-  fs.symlinkSync(TEST_IMAGES, join(workerDir, 'images'));
-  const driver = new QemuDriver({ dataDir: workerDir, imagesDir: TEST_IMAGES });
-  const name = opts.workerName ?? 'qemu-1';
+/**
+ * A real qemu worker of `c` (the bootstrap admin's account) with its data in `workerDir`; its images
+ * in `imagesDir` (default: `workerDir`/images). `close` stops it and removes its VMs.
+ */
+export async function qemuWorker(
+  c: Awaited<ReturnType<typeof inProcessController>>,
+  name: string,
+  workerDir: string,
+  opts: { imagesDir?: string; slots?: number; buildMissingDebianDev?: boolean } = {},
+) {
+  const [{ QemuDriver }, { startWorker }] = await Promise.all([import('../src/worker/drivers/qemu.ts'), import('../src/worker/run.ts')]);
+  const driver = new QemuDriver({ dataDir: workerDir, imagesDir: opts.imagesDir ?? join(workerDir, 'images'), buildMissingDebianDev: opts.buildMissingDebianDev });
   const worker = await startWorker({
     url: c.ctl.url,
     token: { serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate: c.ctl.certificate },
     name,
     runtime: 'qemu',
     labels: {},
-    slots: 4,
+    slots: opts.slots ?? 4,
     dataDir: workerDir,
     driver,
     logger: pino({ level: process.env.ORCHARD_TEST_LOG ?? 'silent' }),
   });
+  return {
+    worker,
+    driver,
+    async close() {
+      await worker.stop();
+      for (const vm of await driver.list()) await driver.remove(vm.localName).catch(() => {});
+    },
+  };
+}
+
+export async function qemuCluster(opts: { workerName?: string; listenSSH?: string; limits?: Partial<Limits> } = {}) {
+  const [{ buildDebianDev }, fs] = await Promise.all([import('../src/worker/images.ts'), import('node:fs')]);
+  await buildDebianDev(TEST_IMAGES);
+  const c = await inProcessController({ listenSSH: opts.listenSSH, limits: opts.limits });
+  const workerDir = tempDir('orchard-worker-');
+  fs.symlinkSync(TEST_IMAGES, join(workerDir, 'images'));
+  const name = opts.workerName ?? 'qemu-1';
+  const { worker, driver, close: stopWorker } = await qemuWorker(c, name, workerDir, { imagesDir: TEST_IMAGES });
   return {
     ...c,
     worker,
@@ -223,8 +240,7 @@ export async function qemuCluster(opts: { workerName?: string; listenSSH?: strin
     },
     async close() {
       for (const vm of await c.admin.listVMs().catch(() => [])) await c.admin.deleteVM(vm.name).catch(() => {});
-      await worker.stop();
-      for (const vm of await driver.list()) await driver.remove(vm.localName).catch(() => {});
+      await stopWorker();
       await c.close();
       c.cleanup();
       rmSync(workerDir, { recursive: true, force: true });

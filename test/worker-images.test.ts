@@ -6,33 +6,8 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { pino } from 'pino';
-import { QemuDriver } from '../src/worker/drivers/qemu.ts';
 import { buildDebianDev, importImage, resolveImage } from '../src/worker/images.ts';
-import { startWorker } from '../src/worker/run.ts';
-import { ADMIN_TOKEN, inProcessController, TEST_IMAGES, tempDir, waitFor } from './helpers.ts';
-
-async function qemuWorker(c: Awaited<ReturnType<typeof inProcessController>>, name: string, workerDir: string) {
-  const driver = new QemuDriver({ dataDir: workerDir, imagesDir: join(workerDir, 'images'), buildMissingDebianDev: true });
-  const worker = await startWorker({
-    url: c.ctl.url,
-    token: { serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate: c.ctl.certificate },
-    name,
-    runtime: 'qemu',
-    labels: {},
-    slots: 2,
-    dataDir: workerDir,
-    driver,
-    logger: pino({ level: process.env.ORCHARD_TEST_LOG ?? 'silent' }),
-  });
-  return {
-    driver,
-    async close() {
-      await worker.stop();
-      for (const vm of await driver.list()) await driver.remove(vm.localName).catch(() => {});
-    },
-  };
-}
+import { inProcessController, qemuWorker, TEST_IMAGES, tempDir, waitFor } from './helpers.ts';
 
 const events = async (c: Awaited<ReturnType<typeof inProcessController>>, vm: string) =>
   (await c.admin.listEvents(vm)).events.map((e) => `${e.kind}: ${e.payload}`);
@@ -53,7 +28,7 @@ test('the hint for a missing image names the worker data dir', async () => {
 test('a VM whose image is missing stays pending with the reason, and boots as soon as the image appears', async (t) => {
   const c = await inProcessController();
   const workerDir = tempDir('orchard-worker-');
-  const w = await qemuWorker(c, 'img-1', workerDir);
+  const w = await qemuWorker(c, 'img-1', workerDir, { slots: 2, buildMissingDebianDev: true });
   t.after(async () => {
     await c.admin.deleteVM('waiter').catch(() => {});
     await w.close();
@@ -95,7 +70,7 @@ test('debian-dev is built on first use on a qemu worker that lacks it, with prog
   mkdirSync(join(workerDir, 'images', '.build'), { recursive: true });
   cpSync(join(TEST_IMAGES, '.build', 'debian-dev', 'cache'), join(workerDir, 'images', '.build', 'debian-dev', 'cache'), { recursive: true });
   assert.ok(!existsSync(join(workerDir, 'images', 'debian-dev')));
-  const w = await qemuWorker(c, 'img-2', workerDir);
+  const w = await qemuWorker(c, 'img-2', workerDir, { slots: 2, buildMissingDebianDev: true });
   t.after(async () => {
     for (const vm of ['first', 'second']) await c.admin.deleteVM(vm).catch(() => {});
     await w.close();
@@ -130,7 +105,7 @@ test('debian-dev that cannot be built: the VM waits with why and the exact comma
   mkdirSync(join(workerDir, 'images'), { recursive: true });
   // A store the build cannot use: its build directory is a file (a broken disk, a stray copy...).
   writeFileSync(join(workerDir, 'images', '.build'), 'not a directory\n');
-  const w = await qemuWorker(c, 'img-3', workerDir);
+  const w = await qemuWorker(c, 'img-3', workerDir, { slots: 2, buildMissingDebianDev: true });
   t.after(async () => {
     await c.admin.deleteVM('third').catch(() => {});
     await w.close();
