@@ -23,7 +23,7 @@ import { badRequest, conflict, notFound } from '../errors.ts';
 import { streamWatch } from '../watch.ts';
 import { accountOf } from '../access.ts';
 import { checkActsAs } from '../domain/workers.ts';
-import { applyStateReport, checkRuntimeFields, checkSpecChange, newVM, redactVM, secretsFor } from '../domain/vms.ts';
+import { applyStateReport, checkRuntimeFields, checkSpecChange, newVM, redactVM, secretsFor, type VMSecrets } from '../domain/vms.ts';
 
 const NameParams = Type.Object({ name: Name });
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody, 409: ErrorBody };
@@ -64,6 +64,9 @@ const VMBody = Type.Object(
 );
 
 /** Stands in for the events retention dropped. */
+/** A watch's view of the VMs for a reader allowed `secrets` (streams with the same view share each line). */
+const shownAs = (secrets: VMSecrets) => ({ as: secrets, present: (vm: VM) => redactVM(vm, secrets) });
+
 function droppedEvent(dropped: number, at: number | undefined): Event {
   return {
     kind: 'events-dropped',
@@ -115,7 +118,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       }
       const filter = worker !== undefined ? { worker } : undefined;
       const secrets = secretsFor(request.account);
-      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (vm) => worker === undefined || vm.worker === worker, filter, { as: secrets, present: (vm) => redactVM(vm, secrets) });
+      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (vm) => worker === undefined || vm.worker === worker, filter, shownAs(secrets));
       // From the in-memory view: each VM's JSON, and the whole list's, is made once per change, not per list.
       await ctx.view.loaded;
       return reply.type('application/json').send(worker === undefined ? ctx.view.allVMsJSON(secrets) : ctx.view.vmsJSON(worker, secrets));
@@ -138,7 +141,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       const { name } = request.params;
       const secrets = secretsFor(request.account);
       // Watching a VM that does not exist yet waits for it (its ADDED), as upstream's watch does.
-      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (v) => v.name === name, undefined, { as: secrets, present: (v) => redactVM(v, secrets) });
+      if (request.query.watch) return streamWatch(ctx, reply, 'vms', (v) => v.name === name, undefined, shownAs(secrets));
       const vm = await store.get('vms', name);
       if (!vm) throw notFound(`VM "${name}" not found`);
       return redactVM(vm, secrets);
