@@ -1,7 +1,7 @@
 // A qemu worker and its images: a VM whose image the worker lacks waits for it (pending, with the
 // reason and the exact command to add it) and boots as soon as the image appears; `debian-dev`
 // is built on first use; the hints name the worker's --data-dir.
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
@@ -9,8 +9,36 @@ import { join } from 'node:path';
 import { buildDebianDev, importImage, resolveImage } from '../src/worker/images.ts';
 import { inProcessController, qemuWorker, TEST_IMAGES, tempDir, waitFor } from './helpers.ts';
 
-const events = async (c: Awaited<ReturnType<typeof inProcessController>>, vm: string) =>
-  (await c.admin.listEvents(vm)).events.map((e) => `${e.kind}: ${e.payload}`);
+type Cluster = Awaited<ReturnType<typeof inProcessController>>;
+
+const events = async (c: Cluster, vm: string) => (await c.admin.listEvents(vm)).events.map((e) => `${e.kind}: ${e.payload}`);
+
+/**
+ * A controller and a qemu worker `name` that builds debian-dev when missing, its data dir readied
+ * by `prepare` before it starts; after the test the VMs `vms`, the worker and the controller are gone.
+ */
+async function workerCluster(t: TestContext, name: string, vms: string[], prepare: (workerDir: string) => void = () => {}) {
+  const c = await inProcessController();
+  const workerDir = tempDir('orchard-worker-');
+  prepare(workerDir);
+  const w = await qemuWorker(c, name, workerDir, { slots: 2, buildMissingDebianDev: true });
+  t.after(async () => {
+    for (const vm of vms) await c.admin.deleteVM(vm).catch(() => {});
+    await w.close();
+    await c.close();
+    c.cleanup();
+    rmSync(workerDir, { recursive: true, force: true });
+  });
+  return { c, w, workerDir };
+}
+
+/** The VM once it waits, pending, for `image` on `worker` (a failed VM fails the test). */
+const waitingForImage = (c: Cluster, vm: string, image: string, worker: string, timeoutMs: number) =>
+  waitFor(`${vm} to wait for ${image}`, async () => {
+    const v = await c.admin.getVM(vm);
+    assert.notEqual(v.status, 'failed', v.status_message);
+    return v.status_message?.startsWith(`image ${image} not found on worker ${worker}`) ? v : undefined;
+  }, timeoutMs, 100);
 
 test('the hint for a missing image names the worker data dir', async () => {
   const dataDir = tempDir('orchard-hint-');
@@ -26,22 +54,9 @@ test('the hint for a missing image names the worker data dir', async () => {
 });
 
 test('a VM whose image is missing stays pending with the reason, and boots as soon as the image appears', async (t) => {
-  const c = await inProcessController();
-  const workerDir = tempDir('orchard-worker-');
-  const w = await qemuWorker(c, 'img-1', workerDir, { slots: 2, buildMissingDebianDev: true });
-  t.after(async () => {
-    await c.admin.deleteVM('waiter').catch(() => {});
-    await w.close();
-    await c.close();
-    c.cleanup();
-    rmSync(workerDir, { recursive: true, force: true });
-  });
+  const { c, w, workerDir } = await workerCluster(t, 'img-1', ['waiter']);
   await c.admin.createVM({ name: 'waiter', image: 'late-image', cpu: 1, memory: 256 });
-  const pending = await waitFor('the VM to wait for its image', async () => {
-    const vm = await c.admin.getVM('waiter');
-    assert.notEqual(vm.status, 'failed', vm.status_message);
-    return vm.status_message?.startsWith('image late-image not found on worker img-1') ? vm : undefined;
-  }, 20_000);
+  const pending = await waitingForImage(c, 'waiter', 'late-image', 'img-1', 20_000);
   assert.equal(pending.status, 'pending');
   assert.ok(pending.status_message!.includes(`orchard image import late-image FILE.qcow2 --data-dir ${workerDir}`), pending.status_message);
   assert.ok((await events(c, 'waiter')).some((e) => /retrying when the worker's images change/.test(e)));
@@ -64,19 +79,11 @@ test('a VM whose image is missing stays pending with the reason, and boots as so
 
 test('debian-dev is built on first use on a qemu worker that lacks it, with progress in the VM events', async (t) => {
   await buildDebianDev(TEST_IMAGES); // only so that the kernel package is in the cache below
-  const c = await inProcessController();
-  const workerDir = tempDir('orchard-worker-');
-  // The build's download cache (the kernel .deb) as a worker keeps it between builds; the image itself is not there.
-  mkdirSync(join(workerDir, 'images', '.build'), { recursive: true });
-  cpSync(join(TEST_IMAGES, '.build', 'debian-dev', 'cache'), join(workerDir, 'images', '.build', 'debian-dev', 'cache'), { recursive: true });
-  assert.ok(!existsSync(join(workerDir, 'images', 'debian-dev')));
-  const w = await qemuWorker(c, 'img-2', workerDir, { slots: 2, buildMissingDebianDev: true });
-  t.after(async () => {
-    for (const vm of ['first', 'second']) await c.admin.deleteVM(vm).catch(() => {});
-    await w.close();
-    await c.close();
-    c.cleanup();
-    rmSync(workerDir, { recursive: true, force: true });
+  const { c, workerDir } = await workerCluster(t, 'img-2', ['first', 'second'], (dir) => {
+    // The build's download cache (the kernel .deb) as a worker keeps it between builds; the image itself is not there.
+    mkdirSync(join(dir, 'images', '.build'), { recursive: true });
+    cpSync(join(TEST_IMAGES, '.build', 'debian-dev', 'cache'), join(dir, 'images', '.build', 'debian-dev', 'cache'), { recursive: true });
+    assert.ok(!existsSync(join(dir, 'images', 'debian-dev')));
   });
   // Two VMs ask at once: one build, both wait for it.
   await c.admin.createVM({ name: 'first', image: 'debian-dev', cpu: 1, memory: 256 });
@@ -100,25 +107,13 @@ test('debian-dev is built on first use on a qemu worker that lacks it, with prog
 
 test('debian-dev that cannot be built: the VM waits with why and the exact command, and goes on once the cause is gone', async (t) => {
   await buildDebianDev(TEST_IMAGES);
-  const c = await inProcessController();
-  const workerDir = tempDir('orchard-worker-');
-  mkdirSync(join(workerDir, 'images'), { recursive: true });
-  // A store the build cannot use: its build directory is a file (a broken disk, a stray copy...).
-  writeFileSync(join(workerDir, 'images', '.build'), 'not a directory\n');
-  const w = await qemuWorker(c, 'img-3', workerDir, { slots: 2, buildMissingDebianDev: true });
-  t.after(async () => {
-    await c.admin.deleteVM('third').catch(() => {});
-    await w.close();
-    await c.close();
-    c.cleanup();
-    rmSync(workerDir, { recursive: true, force: true });
+  const { c, workerDir } = await workerCluster(t, 'img-3', ['third'], (dir) => {
+    mkdirSync(join(dir, 'images'), { recursive: true });
+    // A store the build cannot use: its build directory is a file (a broken disk, a stray copy...).
+    writeFileSync(join(dir, 'images', '.build'), 'not a directory\n');
   });
   await c.admin.createVM({ name: 'third', image: 'debian-dev', cpu: 1, memory: 256 });
-  const waiting = await waitFor('the VM to wait for debian-dev', async () => {
-    const vm = await c.admin.getVM('third');
-    assert.notEqual(vm.status, 'failed', vm.status_message);
-    return vm.status_message?.startsWith('image debian-dev not found on worker img-3') ? vm : undefined;
-  }, 30_000, 100);
+  const waiting = await waitingForImage(c, 'third', 'debian-dev', 'img-3', 30_000);
   assert.equal(waiting.status, 'pending');
   assert.match(waiting.status_message!, /this worker could not build it: .*\.build/);
   assert.ok(waiting.status_message!.endsWith(`build it as the worker's user with: orchard image build debian-dev --data-dir ${workerDir}`), waiting.status_message);
