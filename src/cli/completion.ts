@@ -11,8 +11,6 @@ import { clientFor } from './common.ts';
  */
 export type Kind = 'vms' | 'workers' | 'service-accounts' | 'contexts' | 'files' | 'dirs' | `@${string}` | '-';
 
-export const NAME_KINDS = ['vms', 'workers', 'service-accounts', 'contexts'] as const;
-
 /** One command of the tree, as the scripts see it. */
 export interface Spec {
   /** The words that lead to it: '' for `orchard` itself, 'get vm' for `orchard get vm`. */
@@ -366,7 +364,7 @@ complete -c orchard -f -a '(__orchard_complete)'
 }
 
 /** Names of `kind` from the current (or --context's) context, one a line; nothing at all on any error. */
-async function printNames(kind: string, opts: { context?: string }) {
+async function namesOf(kind: string, opts: { context?: string }) {
   if (kind === 'contexts') return Object.keys((await loadConfig()).contexts);
   const client = await clientFor(opts);
   try {
@@ -394,7 +392,7 @@ export function registerCompletionCommands(program: Command) {
       // A TAB must not hang on a controller that does not answer: give up quietly.
       setTimeout(() => process.exit(0), COMPLETE_TIMEOUT_MS).unref();
       try {
-        const names = await printNames(kind, opts);
+        const names = await namesOf(kind, opts);
         if (names.length) process.stdout.write(names.join('\n') + '\n');
       } catch {
         // quietly nothing
