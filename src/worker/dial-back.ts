@@ -1,0 +1,74 @@
+// The worker's answers to the controller's connection requests: a port-forward dials the target
+// (a VM's port, or this host's) and dials back to the controller, which pairs the two; an IP
+// request is answered with one POST.
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import { createWebSocketStream, WebSocket } from 'ws';
+import type { Logger } from 'pino';
+import { wsMasking, type OrchardClient } from '../client/client.ts';
+import type { PortForwardAction, ResolveIPAction } from '../api/worker-protocol.ts';
+import type { Driver } from './drivers/driver.ts';
+
+export interface DialBackContext {
+  client: OrchardClient;
+  driver: Driver;
+  workerName: string;
+  log: Logger;
+  /** The local name of the VM with this uid running here; throws when there is none. */
+  localNameOfUID(uid: string): string;
+}
+
+/** portForwardAction: dial the VM's port (or this host's, without a VM), then dial back and splice. */
+export async function portForward(ctx: DialBackContext, action: PortForwardAction) {
+  const { client } = ctx;
+  const query: Record<string, string> = { session: action.session, workerName: ctx.workerName };
+  let target: Duplex | undefined;
+  try {
+    target = action.vmUID
+      ? await ctx.driver.dial(ctx.localNameOfUID(action.vmUID), action.port)
+      : await new Promise<Duplex>((resolve, reject) => {
+          const sock = net.connect({ host: '127.0.0.1', port: action.port, noDelay: true }, () => resolve(sock));
+          sock.once('error', reject);
+        });
+  } catch (err) {
+    // `errorMessage`, as upstream's worker sends it (our controller reads it too).
+    query.errorMessage = (err as Error).message.slice(0, 500);
+  }
+  const url = client.urlOf('/v1/rpc/port-forward', true);
+  for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
+  const ws = new WebSocket(url, {
+    headers: { authorization: client.authorization ?? '' },
+    ...client.tlsOptions(),
+    ...wsMasking(url),
+    handshakeTimeout: 15_000,
+  });
+  ws.on('error', (err) => {
+    ctx.log.debug({ err: err.message }, 'port-forward dial-back failed');
+    target?.destroy();
+  });
+  if (!target) return;
+  const t = target;
+  t.on('error', () => ws.terminate());
+  ws.on('open', () => {
+    const stream = createWebSocketStream(ws);
+    stream.on('error', () => t.destroy());
+    t.pipe(stream);
+    stream.pipe(t);
+    // The VM side closing ends the tunnel cleanly (code 1000).
+    t.on('close', () => ws.close(1000));
+    ws.on('close', () => t.destroy());
+  });
+}
+
+/** resolveIPAction: find the VM's IP and POST it back, in the query (`ip` or `errorMessage`) as upstream's worker does. */
+export async function resolveIP(ctx: DialBackContext, action: ResolveIPAction) {
+  const query = new URLSearchParams({ session: action.session });
+  try {
+    query.set('ip', await ctx.driver.ip(ctx.localNameOfUID(action.vmUID)));
+  } catch (err) {
+    query.set('errorMessage', (err as Error).message.slice(0, 1000));
+  }
+  await ctx.client.call('POST', `/v1/rpc/resolve-ip?${query}`).catch((err: Error) => {
+    ctx.log.debug({ err: err.message }, 'resolve-ip answer failed');
+  });
+}

@@ -1,0 +1,185 @@
+// The worker's link to its controller: what the controller can do (capabilities), registration,
+// the heartbeat, and the /v1/rpc/watch WebSocket that carries the controller's instructions,
+// reconnected with back-off whenever it drops.
+import { X509Certificate } from 'node:crypto';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { WebSocket } from 'ws';
+import type { Logger } from 'pino';
+import type { Worker } from '../api/schemas.ts';
+import { ApiError, CertificateMismatchError, probeCertificate, type OrchardClient } from '../client/client.ts';
+import { parseInstruction, type WorkerInstruction } from '../api/worker-protocol.ts';
+
+export interface LinkOptions {
+  client: OrchardClient;
+  log: Logger;
+  workerName: string;
+  machineId: string;
+  /** Where the controller's cluster id is remembered (`controller.json`). */
+  dataDir: string;
+  /** The worker's record, as registered. */
+  record(): Worker;
+  heartbeatMs?: number;
+  /** Aborts when the worker stops. */
+  stopped: AbortSignal;
+  onInstruction(instruction: WorkerInstruction): void;
+  /** The watch is (re)connected. */
+  onConnected(): void;
+}
+
+export class ControllerLink {
+  private ws?: WebSocket;
+  private heartbeat?: NodeJS.Timeout;
+  private reconnectDelay = 500;
+  /** The controller does not know this worker (it was deleted): register before watching again. */
+  private unregistered = false;
+  /** What the controller can do, from its capabilities (an upstream controller has none of ours). */
+  readonly can = {
+    /** It takes events with a state report ("vm-state-events"). */
+    stateWithEvents: false,
+    /** A connected watch keeps this worker alive ("watch-liveness"): then no HTTP heartbeat is due meanwhile. */
+    watchLiveness: false,
+    /** It sorts a worker's unassigned VMs into removable ones and orphans ("orphans"). */
+    orphans: false,
+  };
+
+  private readonly o: LinkOptions;
+
+  constructor(o: LinkOptions) {
+    this.o = o;
+  }
+
+  /** Reads the controller's capabilities, registers, starts the heartbeat and the watch. */
+  async start() {
+    const { client } = this.o;
+    const info = await client.info().catch(() => undefined);
+    const caps = info?.capabilities ?? [];
+    this.can.stateWithEvents = caps.includes('vm-state-events');
+    this.can.watchLiveness = caps.includes('watch-liveness');
+    this.can.orphans = caps.includes('orphans');
+    this.checkCluster(info?.clusterID);
+    try {
+      await client.registerWorker(this.o.record());
+    } catch (err) {
+      throw await this.joinError(err as Error);
+    }
+    this.heartbeat = setInterval(() => void this.beat(), this.o.heartbeatMs ?? 10_000);
+    this.connect();
+  }
+
+  stop() {
+    clearInterval(this.heartbeat);
+    this.ws?.terminate();
+  }
+
+  /** Is the instruction channel to the controller open? */
+  get connected(): boolean {
+    return this.ws?.readyState === WebSocket.OPEN;
+  }
+
+  /**
+   * Why registering failed, in a worker's terms: the client's own messages speak of CLI contexts, but a
+   * worker has none, only its bootstrap token (credentials and the controller's certificate).
+   */
+  private async joinError(err: Error): Promise<Error> {
+    const { client } = this.o;
+    const where = `the controller at ${client.url.origin}`;
+    const account = client.options.serviceAccountName ?? '?';
+    const getNew = `get a new one with "orchard get bootstrap-token ${account}" on the controller's admin context`;
+    if (err instanceof CertificateMismatchError) {
+      const pinned = client.options.certificate ? new X509Certificate(client.options.certificate).fingerprint256 : 'none';
+      const presented = await probeCertificate(client.url.href).then((c) => c.fingerprint, () => 'unknown');
+      return new Error(
+        `${where} presents a certificate other than the bootstrap token's (token's SHA-256 ${pinned}, presented ${presented}): ` +
+          `the token was made by another controller (or the controller's certificate changed); ${getNew}`,
+        { cause: err },
+      );
+    }
+    if (err instanceof ApiError && err.status === 401) {
+      return new Error(
+        `${where} does not know the bootstrap token's service account "${account}" or its token: the token was made by another ` +
+          `controller, or the account was deleted or given a new token since; ${getNew}`,
+        { cause: err },
+      );
+    }
+    return err;
+  }
+
+  private async beat() {
+    const { client, workerName: name, machineId } = this.o;
+    if (this.can.watchLiveness && this.connected) return;
+    try {
+      if (this.can.watchLiveness) await client.updateWorker({ name, machine_id: machineId });
+      else {
+        // A controller without our capabilities is taken for upstream's, whose PUT sets last_seen and
+        // scheduling_paused from the body (absent: a zero time, and resumed): heartbeat as upstream's
+        // worker does, with the whole record read back and last_seen set.
+        const record = await client.getWorker(name);
+        await client.updateWorker({ ...record, last_seen: new Date().toISOString() });
+      }
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 404) {
+        this.o.log.warn('worker record is gone; registering again');
+        await client.registerWorker(this.o.record()).catch(() => {});
+      } else this.o.log.warn({ err: (await this.joinError(err as Error)).message }, 'heartbeat failed');
+    }
+  }
+
+  private connect() {
+    if (this.o.stopped.aborted) return;
+    const { client, log } = this.o;
+    const url = client.urlOf('/v1/rpc/watch', true);
+    url.searchParams.set('workerName', this.o.workerName);
+    const ws = new WebSocket(url, { headers: { authorization: client.authorization ?? '' }, ...client.tlsOptions(), handshakeTimeout: 15_000 });
+    this.ws = ws;
+    ws.on('open', () => {
+      this.reconnectDelay = 500;
+      this.o.onConnected();
+      log.info('connected to the controller');
+      void client.info().then((i) => this.checkCluster(i.clusterID), () => {});
+    });
+    ws.on('message', (data) => {
+      const msg = parseInstruction(data.toString());
+      if (msg) this.o.onInstruction(msg);
+    });
+    ws.on('unexpected-response', (_req, res) => {
+      if (res.statusCode === 404) this.unregistered = true;
+      log.warn({ status: res.statusCode }, 'controller refused the watch connection');
+      ws.terminate();
+    });
+    ws.on('error', (err) => log.debug({ err: err.message }, 'watch connection error'));
+    ws.on('close', () => {
+      if (this.o.stopped.aborted) return;
+      // Exponential backoff with full jitter: after a controller restart, hundreds of workers spread
+      // their reconnects over the window instead of arriving together. The controller keeps the
+      // worker's record; only when it was deleted does the worker register again.
+      const delay = Math.random() * this.reconnectDelay;
+      this.reconnectDelay = Math.min(this.reconnectDelay * 2, 15_000);
+      log.info({ inMs: Math.round(delay) }, 'watch connection lost; reconnecting');
+      setTimeout(() => {
+        if (!this.unregistered) return this.connect();
+        log.warn('the controller does not know this worker (deleted?); registering again');
+        client.registerWorker(this.o.record()).then(
+          () => {
+            this.unregistered = false;
+            this.connect();
+          },
+          () => this.connect(),
+        );
+      }, delay);
+    });
+  }
+
+  /**
+   * Remembers the controller's cluster id and says so when it changes: a controller that lost or swapped
+   * its data. Nothing is destroyed for it: VMs it does not know become orphans (see the reconciler).
+   */
+  private checkCluster(clusterID: string | undefined) {
+    if (!clusterID) return;
+    const file = join(this.o.dataDir, 'controller.json');
+    const before = existsSync(file) ? (JSON.parse(readFileSync(file, 'utf8')) as { clusterID?: string }).clusterID : undefined;
+    if (before === clusterID) return;
+    if (before) this.o.log.warn({ before, now: clusterID }, "the controller's cluster changed (it lost or swapped its data): VMs it does not know are kept as orphans");
+    writeFileSync(file, JSON.stringify({ clusterID }) + '\n');
+  }
+}

@@ -1,0 +1,258 @@
+// One run of one VM on this host: prepare its disk (waiting for a missing image), boot it or adopt
+// it, report it running, run its startup script, and report how it ended. The reconciler starts
+// and aborts runs; a run only carries out the spec it was given.
+import type { Logger } from 'pino';
+import type { VM, VMStateUpdate } from '../api/schemas.ts';
+import { sshCredentials, VM_DEFAULTS } from '../api/defaults.ts';
+import type { Driver, DriverVM } from './drivers/driver.ts';
+import { Outbox, type OutboxContext } from './outbox.ts';
+import { runScript } from './startup-script.ts';
+
+/** Abort reason of a worker that stops: its VMs keep running (a restarted worker adopts them). */
+export const SHUTDOWN = 'worker shutdown';
+/** Abort reason of a run whose VM the controller does not know any more: the VM is kept as it is (an orphan). */
+export const ORPHANED = 'orphaned';
+/** Abort reason of a run whose VM gets a new spec: it is stopped, then booted again with the new one. */
+export const RESPEC = 'new spec';
+/** A VM whose image this host lacks is tried again: at once when the images change, else after 5 s doubling to 5 min. */
+const IMAGE_RETRY_BASE_MS = 5_000;
+const IMAGE_RETRY_MAX_MS = 300_000;
+
+/** The spec fields the host acts on; a change to any other (labels, scripts...) needs no restart. */
+export const hostSpecOf = (vm: VM) =>
+  JSON.stringify([vm.image, vm.cpu, vm.memory, vm.diskSize, vm.nested, vm.headless, vm.netSoftnet, vm['net-softnet'], vm.netSoftnetAllow, vm.netSoftnetBlock, vm['net-bridged'], vm.hostDirs, vm.powerState]);
+
+export interface RunContext {
+  driver: Driver;
+  workerName: string;
+  log: Logger;
+  outbox: OutboxContext;
+  /** CPUs and MiB of a VM that asks for none and was assigned none. */
+  defaultCPU?: number;
+  defaultMemory?: number;
+}
+
+/** A run of one VM, as the reconciler keeps it. */
+export interface Task {
+  uid: string;
+  name: string;
+  localName: string;
+  abort: AbortController;
+  out: Outbox;
+  /** The spec generation this run carries out, and the host-relevant part of that spec. */
+  generation?: number;
+  hostSpec: string;
+  /** Settles when the run is over (a new run of the same VM waits for it). */
+  finished: Promise<void>;
+}
+
+/** Reports `state` for the generation the task carries out (re-sent by the reconciler when the controller missed it). */
+export function report(task: Task, state: VMStateUpdate) {
+  task.out.report(state, task.generation);
+}
+
+/** Brings one VM up (or adopts it, when `alreadyRunning`) after `after` settles, and watches it until it exits or the run is aborted. */
+export function startRun(ctx: RunContext, vm: VM, localName: string, alreadyRunning: boolean, after?: Promise<void>): Task {
+  let finish!: () => void;
+  const finished = new Promise<void>((resolve) => (finish = resolve));
+  const abort = new AbortController();
+  const task: Task = { uid: vm.uid!, name: vm.name, localName, abort, out: new Outbox(ctx.outbox, vm.name, localName, abort.signal), generation: vm.generation, hostSpec: hostSpecOf(vm), finished };
+  void run(ctx, vm, task, alreadyRunning, after).finally(finish);
+  // The finished task stays with the reconciler, so a sync does not restart a failed VM in place:
+  // the controller decides (restart policy) and unassigns it, which removes it here.
+  return task;
+}
+
+async function run(ctx: RunContext, vm: VM, task: Task, alreadyRunning: boolean, after?: Promise<void>) {
+  const { driver, log } = ctx;
+  const { localName, out } = task;
+  const signal = task.abort.signal;
+  const aborted = () => new Promise<never>((_, reject) => signal.addEventListener('abort', () => reject(signal.reason), { once: true }));
+  const t0 = Date.now();
+  try {
+    await after;
+    if (vm.powerState === 'stopped' || vm.powerState === 'suspended') {
+      // Powered off on request: the disk stays; a powerState of running boots it again.
+      // (Suspending to memory is not in the driver interface: suspended stops the VM too.)
+      await driver.stop(localName);
+      out.event('lifecycle', `stopped (powerState ${vm.powerState})`);
+      report(task, { status: 'pending', status_message: `stopped (powerState ${vm.powerState})`, conditions: [{ type: 'scheduled', state: 'true' }] });
+      await aborted();
+    }
+    if (alreadyRunning) {
+      log.info({ vm: vm.name }, 'adopting a running VM');
+      out.event('lifecycle', `adopted by worker ${ctx.workerName} after a restart`);
+    } else {
+      out.event('lifecycle', `scheduled on worker ${ctx.workerName}; cloning image ${vm.image}`);
+      report(task, { status: 'pending', status_message: `cloning image ${vm.image}`, conditions: [{ type: 'scheduled', state: 'true' }, { type: 'cloning', state: 'true' }] });
+      await prepare(ctx, vm, task);
+      signal.throwIfAborted();
+      out.event('lifecycle', 'booting');
+      report(task, { status: 'pending', status_message: 'booting', conditions: [{ type: 'scheduled', state: 'true' }] });
+      await driver.start(toDriverVM(ctx, vm, localName));
+    }
+    await driver.waitReady(localName, signal);
+    signal.throwIfAborted();
+    report(task, { status: 'running', status_message: 'running', conditions: [{ type: 'scheduled', state: 'true' }, { type: 'running', state: 'true' }] });
+    if (!alreadyRunning) {
+      out.event('lifecycle', `running: the guest answers SSH ${((Date.now() - t0) / 1000).toFixed(1)}s after the clone started`);
+      if (vm.startup_script?.script_content) await startupScript(ctx, vm, task);
+    }
+    const exit = await Promise.race([driver.waitExit(localName), aborted()]);
+    out.event('lifecycle', `failed: the VM stopped (${exit.reason})`);
+    report(task, { status: 'failed', status_message: `the VM stopped: ${exit.reason}`, conditions: [] });
+  } catch (err) {
+    if (signal.aborted) {
+      if (signal.reason === SHUTDOWN) return; // the worker stops; the VM keeps running for the next one
+      if (signal.reason === ORPHANED) return; // the controller does not know it: kept as it is
+      if (signal.reason === RESPEC) {
+        out.event('lifecycle', 'stopping to apply a new spec');
+        await driver.stop(localName).catch((e: Error) => log.warn({ vm: vm.name, err: e.message }, 'stop failed'));
+        return;
+      }
+      log.info({ vm: vm.name }, 'VM no longer assigned here; stopping it');
+      await driver.remove(localName).catch((e: Error) => log.warn({ vm: vm.name, err: e.message }, 'remove failed'));
+      return;
+    }
+    const message = (err as Error).message;
+    log.warn({ vm: vm.name, err: message }, 'VM failed');
+    out.event('lifecycle', `failed: ${message}`);
+    report(task, { status: 'failed', status_message: message, conditions: [] });
+    await driver.stop(localName, 5000).catch(() => {});
+  }
+}
+
+function toDriverVM(ctx: RunContext, vm: VM, localName: string): DriverVM {
+  return {
+    localName,
+    uid: vm.uid!,
+    image: vm.image!,
+    imagePullPolicy: vm.imagePullPolicy ?? 'IfNotPresent',
+    // What the VM asks for, else what the controller assigned when it placed the VM (from this
+    // worker's defaults), else this worker's defaults (a controller that assigns nothing).
+    cpu: vm.cpu || vm.assignedCPU || (ctx.defaultCPU ?? VM_DEFAULTS.cpu),
+    memory: vm.memory || vm.assignedMemory || (ctx.defaultMemory ?? VM_DEFAULTS.memory),
+    diskSize: vm.diskSize,
+    ...sshCredentials(vm),
+    nested: vm.nested,
+    headless: vm.headless,
+    netSoftnet: vm.netSoftnet || vm['net-softnet'],
+    netSoftnetAllow: vm.netSoftnetAllow,
+    netSoftnetBlock: vm.netSoftnetBlock,
+    netBridged: vm['net-bridged'],
+    hostDirs: vm.hostDirs,
+  };
+}
+
+/**
+ * The driver's prepare; a VM whose image this host lacks does not fail: like a Kubernetes pod in
+ * ImagePullBackOff it stays pending here, its reason saying which image is missing and how to add
+ * it, and is tried again as soon as the host's images change (driver.watchImages) and else with
+ * back-off (5 s doubling to 5 min), until the image is there or the VM is deleted or changed.
+ */
+async function prepare(ctx: RunContext, vm: VM, task: Task) {
+  const signal = task.abort.signal;
+  // At most one progress event a second; the newest held back is sent when the second is over (none is lost at the end).
+  let lastProgress = 0;
+  let held: string | undefined;
+  let timer: NodeJS.Timeout | undefined;
+  const progress = (msg: string) => {
+    const wait = lastProgress + 1000 - Date.now();
+    if (wait > 0) {
+      held = msg;
+      timer ??= setTimeout(() => {
+        timer = undefined;
+        if (held !== undefined && !signal.aborted) progress(held);
+        held = undefined;
+      }, wait);
+      return;
+    }
+    held = undefined;
+    lastProgress = Date.now();
+    task.out.event('progress', msg);
+  };
+  const flush = () => {
+    clearTimeout(timer);
+    timer = undefined;
+    if (held !== undefined && !signal.aborted) task.out.event('progress', held);
+    held = undefined;
+  };
+  let lastReason = '';
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await ctx.driver.prepare(toDriverVM(ctx, vm, task.localName), progress).finally(flush);
+      if (attempt > 0) task.out.event('lifecycle', `image ${vm.image} is here now (after ${attempt + 1} attempts); cloning it`);
+      return;
+    } catch (err) {
+      if ((err as { code?: string }).code !== 'IMAGE_NOT_FOUND' || signal.aborted) throw err;
+      const delay = Math.min(IMAGE_RETRY_BASE_MS * 2 ** attempt, IMAGE_RETRY_MAX_MS);
+      const reason = `image ${vm.image} not found on worker ${ctx.workerName}: ${(err as Error).message}`;
+      if (reason !== lastReason) {
+        lastReason = reason;
+        ctx.log.warn({ vm: vm.name, image: vm.image, err: (err as Error).message }, 'VM waits for its image; retrying when the images change, else with back-off');
+        task.out.event('lifecycle', `${reason} (retrying when the worker's images change, else with back-off up to ${IMAGE_RETRY_MAX_MS / 60_000} min)`);
+        report(task, { status: 'pending', status_message: reason, conditions: [{ type: 'scheduled', state: 'true' }] });
+      }
+      await imagesChangedOr(ctx.driver, delay, signal);
+    }
+  }
+}
+
+/** Resolves after `ms`, or soon after the driver sees the host's images change; rejects on abort. */
+function imagesChangedOr(driver: Driver, ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    let settle: NodeJS.Timeout | undefined;
+    const done = (err?: unknown) => {
+      clearTimeout(timer);
+      clearTimeout(settle);
+      unwatch?.();
+      signal.removeEventListener('abort', onAbort);
+      if (err === undefined) resolve();
+      else reject(err as Error);
+    };
+    const onAbort = () => done(signal.reason);
+    const timer = setTimeout(() => done(), ms);
+    // A change comes in bursts (a build writes many files, an import renames a directory into place): try after they settle.
+    const unwatch = driver.watchImages?.(() => {
+      clearTimeout(settle);
+      settle = setTimeout(() => done(), 500);
+    });
+    if (signal.aborted) onAbort();
+    else signal.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+async function startupScript(ctx: RunContext, vm: VM, task: Task) {
+  const { out } = task;
+  out.event('startup-script', 'running the startup script');
+  // The script's output as upstream's workers give it: one `log_line` event per line (what upstream's
+  // `orchard logs vm` shows), sent in batches every 0.5 s; a line still open goes out at the end.
+  let buffered = '';
+  const flush = (all = false) => {
+    const end = all ? buffered.length : buffered.lastIndexOf('\n') + 1;
+    if (end === 0) return;
+    const text = buffered.slice(0, end);
+    buffered = buffered.slice(end);
+    const now = Math.floor(Date.now() / 1000);
+    const lines = text.replace(/\r?\n$/, '').split(/\r?\n/);
+    out.events(lines.map((payload) => ({ kind: 'log_line', timestamp: now, payload })));
+  };
+  const timer = setInterval(flush, 500);
+  try {
+    const result = await runScript({
+      sock: await ctx.driver.dial(task.localName, 22),
+      ...sshCredentials(vm),
+      script: vm.startup_script!.script_content,
+      env: vm.startup_script!.env,
+      onOutput: (_stream, data) => (buffered += data.toString('utf8')),
+      signal: task.abort.signal,
+    });
+    clearInterval(timer);
+    flush(true);
+    out.event('startup-script', result.signal ? `startup script killed by signal ${result.signal}` : `startup script exited with code ${result.exitCode}`);
+  } catch (err) {
+    clearInterval(timer);
+    flush(true);
+    out.event('startup-script', `startup script could not run: ${(err as Error).message}`);
+  }
+}
