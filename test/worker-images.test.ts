@@ -77,7 +77,7 @@ test('a VM whose image is missing stays pending with the reason, and boots as so
   await waitFor('the VM to be removed on the worker', async () => (await w.driver.list()).length === 0, 30_000, 200);
 });
 
-test('debian-dev is built on first use on a qemu worker that lacks it, with progress in the VM events', async (t) => {
+test('debian-dev is built on first use on a qemu worker that lacks it, with progress in the VM reasons and events', async (t) => {
   await buildDebianDev(TEST_IMAGES); // only so that the kernel package is in the cache below
   const { c, workerDir } = await workerCluster(t, 'img-2', ['first', 'second'], (dir) => {
     // The build's download cache (the kernel .deb) as a worker keeps it between builds; the image itself is not there.
@@ -88,15 +88,19 @@ test('debian-dev is built on first use on a qemu worker that lacks it, with prog
   // Two VMs ask at once: one build, both wait for it.
   await c.admin.createVM({ name: 'first', image: 'debian-dev', cpu: 1, memory: 256 });
   await c.admin.createVM({ name: 'second', image: 'debian-dev', cpu: 1, memory: 256 });
+  const reasons = new Set<string>();
   await waitFor('both VMs to have a disk', async () => {
     for (const name of ['first', 'second']) {
       const vm = await c.admin.getVM(name);
       if (vm.status === 'failed') throw new Error(`${name} failed: ${vm.status_message}`);
+      reasons.add(vm.status_message ?? '');
     }
     const all = [...(await events(c, 'first')), ...(await events(c, 'second'))];
     return all.filter((e) => e === 'lifecycle: booting').length === 2;
   }, 240_000, 250);
-  // Each VM shows the build's progress (at most one progress event a second, the last one always).
+  // While it lasts, the build's progress is the VMs' reason...
+  assert.ok([...reasons].some((r) => r.startsWith('building image debian-dev: ')), [...reasons].join('\n'));
+  // ...and each VM's events show it (at most one progress event a second, the last one always).
   for (const name of ['first', 'second']) {
     const log = (await events(c, name)).join('\n');
     assert.match(log, /progress: building image debian-dev: [^\n]+\n(.*\n)*lifecycle: booting/, log);

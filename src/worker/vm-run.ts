@@ -152,7 +152,7 @@ function toDriverVM(ctx: RunContext, vm: VM, localName: string): DriverVM {
  */
 async function prepare(ctx: RunContext, vm: VM, task: Task) {
   const signal = task.abort.signal;
-  // At most one progress event a second; the newest held back is sent when the second is over (none is lost at the end).
+  // At most one progress message a second; the newest held back is sent when the second is over (none is lost at the end).
   let lastProgress = 0;
   let held: string | undefined;
   let timer: NodeJS.Timeout | undefined;
@@ -169,12 +169,17 @@ async function prepare(ctx: RunContext, vm: VM, task: Task) {
     }
     held = undefined;
     lastProgress = Date.now();
+    show(msg);
+  };
+  // Progress (a pull's bytes and rate, a build's steps) is the VM's reason while it lasts, and an event.
+  const show = (msg: string) => {
     task.out.event('progress', msg);
+    report(task, { status: 'pending', status_message: msg, conditions: [{ type: 'scheduled', state: 'true' }, { type: 'cloning', state: 'true' }] });
   };
   const flush = () => {
     clearTimeout(timer);
     timer = undefined;
-    if (held !== undefined && !signal.aborted) task.out.event('progress', held);
+    if (held !== undefined && !signal.aborted) show(held);
     held = undefined;
   };
   let lastReason = '';
