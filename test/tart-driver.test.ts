@@ -3,7 +3,7 @@
 // the driver's behaviour on what tart answers. Runs anywhere Node runs; no macOS, no real VMs.
 // The fake's "guest" serves an SSH banner on 127.0.0.1:FAKE_TART_SSH_PORT, and `tart ip` prints
 // 127.0.0.1, so the driver is given the same port as its `sshPort`.
-import { after, before, test } from 'node:test';
+import { after, afterEach, before, beforeEach, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
@@ -12,7 +12,7 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
-import { setTimeout as sleep } from 'node:timers/promises';
+import { waitFor } from './helpers.ts';
 import { promisify } from 'node:util';
 import { TartDriver } from '../src/worker/drivers/tart.ts';
 import type { DriverVM } from '../src/worker/drivers/driver.ts';
@@ -22,12 +22,14 @@ const FAKE_TART = resolve(import.meta.dirname, 'fixtures', 'fake-tart');
 const UBUNTU = 'ghcr.io/cirruslabs/ubuntu'; // no tag: tart lists it as ...:latest
 const MACOS = 'ghcr.io/cirruslabs/macos-sequoia-base:latest';
 
+// Each test has its own fake Tart (its VMs, pulled images and call log), its own state dir and its
+// own driver: no test depends on what another left behind.
 let work: string;
 let tartHome: string;
 let stateDir: string;
 let sshPort: number;
 let driver: TartDriver;
-const drivers: TartDriver[] = [];
+let drivers: TartDriver[] = [];
 
 function newDriver(): TartDriver {
   const d = new TartDriver({
@@ -81,6 +83,11 @@ function spec(localName: string, extra: Partial<DriverVM> = {}): DriverVM {
   };
 }
 
+/** VMs made by the driver (not yet running), as the test's starting point. */
+async function prepared(...names: string[]) {
+  for (const name of names) await driver.prepare(spec(name));
+}
+
 function readLine(sock: Duplex, ms = 5000): Promise<string> {
   return new Promise((res, rej) => {
     let got = '';
@@ -97,6 +104,16 @@ function readLine(sock: Duplex, ms = 5000): Promise<string> {
 }
 
 before(async () => {
+  // One compile cache for every fake Tart of this file (each test's home is new).
+  process.env.NODE_COMPILE_CACHE = await mkdtemp(join(tmpdir(), 'orchard-fake-tart-cache-'));
+});
+
+after(async () => {
+  await rm(process.env.NODE_COMPILE_CACHE!, { recursive: true, force: true });
+  delete process.env.NODE_COMPILE_CACHE;
+});
+
+beforeEach(async () => {
   work = await mkdtemp(join(tmpdir(), 'orchard-tart-test-'));
   tartHome = join(work, 'tart');
   stateDir = join(work, 'state');
@@ -110,10 +127,11 @@ before(async () => {
   process.env.FAKE_TART_HOME = tartHome;
   process.env.FAKE_TART_SSH_PORT = String(sshPort);
   process.env.FAKE_TART_BOOT_MS = '300';
+  drivers = [];
   driver = newDriver();
 });
 
-after(async () => {
+afterEach(async () => {
   // Never leave a fake `tart run` behind, whatever failed.
   for (const vm of await driver.list().catch(() => [])) await driver.remove(vm.localName).catch(() => {});
   try {
@@ -144,6 +162,7 @@ test('prepare with IfNotPresent pulls an absent image, clones it and sets cpu, m
 });
 
 test('prepare with IfNotPresent does not pull an image that is present', async () => {
+  await fakeTart('pull', UBUNTU);
   const c = await callsDuring(() => driver.prepare(spec('orchard-b-2', { cpu: 1, memory: 2048 })));
   assert.deepEqual(c.filter(notList), [
     ['clone', UBUNTU, 'orchard-b-2'],
@@ -176,6 +195,7 @@ test('start runs tart with softnet, nested and directory flags; waitReady, ip an
     netSoftnet: true, netSoftnetAllow: ['10.0.0.0/8', '192.168.0.0/16'], netSoftnetBlock: ['0.0.0.0/0'], nested: true,
     hostDirs: [{ name: 'src', path: src }, { name: 'cache', path: cache, ro: true }],
   });
+  await prepared('orchard-a-1', 'orchard-b-2');
   const c = await callsDuring(() => driver.start(vm));
   assert.deepEqual(c.filter(notList), [[
     'run', 'orchard-a-1', '--no-graphics', '--net-softnet', '--net-softnet-allow=10.0.0.0/8,192.168.0.0/16',
@@ -184,7 +204,6 @@ test('start runs tart with softnet, nested and directory flags; waitReady, ip an
   assert.deepEqual(await driver.list(), [
     { localName: 'orchard-a-1', uid: 'uid-orchard-a-1', running: true, image: UBUNTU },
     { localName: 'orchard-b-2', uid: 'uid-orchard-b-2', running: false, image: UBUNTU },
-    { localName: 'orchard-c-3', uid: 'uid-orchard-c-3', running: false, image: MACOS },
   ]);
   // starting a running VM again is a no-op
   assert.deepEqual((await callsDuring(() => driver.start(vm))).filter(notList), []);
@@ -206,14 +225,16 @@ test('start runs tart with softnet, nested and directory flags; waitReady, ip an
 });
 
 test('list ignores VMs that are not Orchard\'s and OCI images', async () => {
+  await prepared('orchard-a-1', 'orchard-b-2');
   await fakeTart('clone', UBUNTU, 'my-dev-vm');
   await fakeTart('clone', UBUNTU, 'orchardish');
   const names = (await driver.list()).map((v) => v.localName);
-  assert.deepEqual(names, ['orchard-a-1', 'orchard-b-2', 'orchard-c-3']);
-  await fakeTart('delete', 'my-dev-vm', 'orchardish');
+  assert.deepEqual(names, ['orchard-a-1', 'orchard-b-2']);
 });
 
 test('a new driver instance adopts the running VM; stop ends it for both', async () => {
+  await prepared('orchard-a-1');
+  await driver.start(spec('orchard-a-1'));
   const second = newDriver();
   assert.deepEqual((await second.list()).find((v) => v.localName === 'orchard-a-1'),
     { localName: 'orchard-a-1', uid: 'uid-orchard-a-1', running: true, image: UBUNTU });
@@ -222,8 +243,11 @@ test('a new driver instance adopts the running VM; stop ends it for both', async
   assert.equal(await second.ip('orchard-a-1'), '127.0.0.1');
 
   const ownExit = driver.waitExit('orchard-a-1'); // the `tart run` child exits
+  const listsBefore = calls().filter((c) => c[0] === 'list').length;
   const adoptedExit = second.waitExit('orchard-a-1'); // `tart list` polling
-  await sleep(500); // let it see the VM running first (else it rightly answers 'not running')
+  // It has seen the VM running (else it rightly answers 'not running') once its first poll is over:
+  // a second poll starts only after the first one's answer was read.
+  await waitFor('the adopting driver to poll tart list twice', () => calls().filter((c) => c[0] === 'list').length >= listsBefore + 2, 10_000, 20);
   const c = await callsDuring(() => driver.stop('orchard-a-1', 5000));
   assert.deepEqual(c.filter(notList), [['stop', 'orchard-a-1', '--timeout', '5']]);
   assert.deepEqual(await ownExit, { reason: 'stopped' });
@@ -238,11 +262,13 @@ test('a new driver instance adopts the running VM; stop ends it for both', async
 });
 
 test('preparing the same VM again keeps its disk', async () => {
+  await prepared('orchard-a-1');
   const c = await callsDuring(() => driver.prepare(spec('orchard-a-1', { diskSize: 40 })));
   assert.deepEqual(c.filter(notList), [['set', 'orchard-a-1', '--cpu', '2', '--memory', '4096', '--disk-size', '40']]);
 });
 
 test('waitExit reports a guest that powers itself off; waitReady rejects when the VM dies or on abort', async () => {
+  await prepared('orchard-b-2');
   process.env.FAKE_TART_RUN_EXIT_AFTER_MS = '1000';
   try {
     await driver.start(spec('orchard-b-2'));
@@ -264,6 +290,7 @@ test('waitExit reports a guest that powers itself off; waitReady rejects when th
 });
 
 test('remove stops a running VM, then deletes it; idempotent', async () => {
+  await prepared('orchard-a-1', 'orchard-b-2', 'orchard-c-3');
   await driver.start(spec('orchard-c-3'));
   const c = await callsDuring(() => driver.remove('orchard-c-3'));
   assert.deepEqual(c.filter(notList), [['stop', 'orchard-c-3', '--timeout', '0'], ['delete', 'orchard-c-3']]);
@@ -285,6 +312,7 @@ test('bridged networking: --net-bridged on tart run, the ARP resolver for tart i
 });
 
 test('errors from tart reject with tart\'s message', async () => {
+  await prepared('orchard-a-1');
   // a local VM as the image: no pull, the clone fails
   await assert.rejects(driver.prepare(spec('orchard-d-4', { image: 'no-such-vm' })),
     /tart clone failed \(exit code 2\): the specified VM "no-such-vm" does not exist/);
