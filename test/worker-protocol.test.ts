@@ -116,8 +116,7 @@ test('against a controller without our capabilities the worker speaks the upstre
     await waitFor('the events', async () => ((await c.admin.listEvents('u')).events.length >= 3 ? true : undefined), 5000);
     assert.ok((await served(c, 'POST', '/v1/vms/:name/events')) >= 1, 'events are posted on their own');
     const beats = await served(c, 'PUT', '/v1/workers/:name');
-    await new Promise((r) => setTimeout(r, 500));
-    assert.ok((await served(c, 'PUT', '/v1/workers/:name')) > beats, 'the worker heartbeats over HTTP');
+    await waitFor('the worker to heartbeat over HTTP', async () => (await served(c, 'PUT', '/v1/workers/:name')) > beats || undefined, 5000, 50);
   } finally {
     await worker.stop();
     await c.close();
