@@ -12,7 +12,7 @@
 // which accelerator: accel.ts.
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import { closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, readFileSync, watch, type FSWatcher } from 'node:fs';
-import { copyFile, link, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import { copyFile, link, readdir, readFile, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -22,6 +22,7 @@ import { privateDir, privateFiles } from '../private-files.ts';
 import { connectTCP, connectUnix, sshBannerOn } from './net.ts';
 import { connectInNetns, inNewNetns, startPasta } from './netns.ts';
 import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
+import { checkLocalName, isLocalName, VMRecords } from './vm-records.ts';
 import { detectAccel, type Accel } from './accel.ts';
 import { forward, QmpClient } from './qmp.ts';
 // dial(name, VNC_PORT) reaches QEMU's VNC server for the VM's display (a unix socket, no guest port).
@@ -98,15 +99,14 @@ interface VmState {
   qmpChain: Promise<unknown>;
 }
 
-/** A local name: orchard-NAME-UID-N, with NAME in the controller's characters (names are at most 128). */
-const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$/;
-
 export class QemuDriver implements Driver {
   readonly runtime = 'qemu';
   readonly accel: Accel;
   /** Why `accel` was chosen (for a warning when it is TCG). */
   readonly accelReason: string;
   readonly dataDir: string;
+  /** `vm.json` in each VM's directory. */
+  private readonly records: VMRecords<VmFile>;
   readonly imagesDir: string;
   private readonly qemuBinary: string;
   private readonly readyTimeoutMs: number;
@@ -119,6 +119,7 @@ export class QemuDriver implements Driver {
 
   constructor(opts: QemuDriverOptions) {
     this.dataDir = resolve(opts.dataDir);
+    this.records = new VMRecords((localName) => join(this.vmDir(localName), 'vm.json'));
     this.imagesDir = resolve(opts.imagesDir);
     this.qemuBinary = opts.qemuBinary ?? 'qemu-system-x86_64';
     this.readyTimeoutMs = opts.readyTimeoutMs ?? 600_000;
@@ -147,8 +148,7 @@ export class QemuDriver implements Driver {
   // --- paths and small helpers -----------------------------------------------------------------
 
   vmDir(localName: string): string {
-    if (!NAME_RE.test(localName)) throw new Error(`invalid VM name ${JSON.stringify(localName)}`);
-    return join(this.dataDir, 'vms', localName);
+    return join(this.dataDir, 'vms', checkLocalName(localName));
   }
 
   private st(localName: string): VmState {
@@ -158,20 +158,6 @@ export class QemuDriver implements Driver {
       this.state.set(localName, s);
     }
     return s;
-  }
-
-  private async readVm(localName: string): Promise<VmFile | undefined> {
-    try {
-      return JSON.parse(await readFile(join(this.vmDir(localName), 'vm.json'), 'utf8')) as VmFile;
-    } catch {
-      return undefined;
-    }
-  }
-
-  private async writeVm(vm: VmFile): Promise<void> {
-    const path = join(this.vmDir(vm.localName), 'vm.json');
-    await writeFile(path + '.tmp', JSON.stringify(vm, null, 2) + '\n');
-    await rename(path + '.tmp', path);
   }
 
   /** The pid of the VM's QEMU if it is alive and really is that QEMU (not a reused pid). */
@@ -262,8 +248,8 @@ export class QemuDriver implements Driver {
     }
     const out: LocalVM[] = [];
     for (const e of entries) {
-      if (!e.isDirectory() || !NAME_RE.test(e.name)) continue;
-      const vm = await this.readVm(e.name);
+      if (!e.isDirectory() || !isLocalName(e.name)) continue;
+      const vm = await this.records.read(e.name);
       out.push({ localName: e.name, uid: vm?.uid, running: this.isRunning(e.name), image: vm?.image, cpu: vm?.cpu, memory: vm?.memory });
     }
     return out.sort((a, b) => a.localName.localeCompare(b.localName));
@@ -274,7 +260,7 @@ export class QemuDriver implements Driver {
     if (this.isRunning(vm.localName)) throw new Error(`VM ${vm.localName} is running; stop it before preparing it again`);
     progress(`resolving image ${vm.image}`);
     const image = await this.resolveOrBuild(vm.image, progress);
-    const old = await this.readVm(vm.localName);
+    const old = await this.records.read(vm.localName);
     await privateDir(join(this.dataDir, 'vms'));
     await privateDir(dir);
     const file: VmFile = {
@@ -293,7 +279,7 @@ export class QemuDriver implements Driver {
       // Same VM prepared again (e.g. a restart): keep its disk and files.
       Object.assign(file, { kernel: old.kernel, initrd: old.initrd, cmdline: old.cmdline, created: old.created });
       await this.growDisk(vm.localName, vm.diskSize, progress);
-      await this.writeVm(file);
+      await this.records.write(file);
       await privateFiles(dir);
       progress('disk kept from an earlier start');
       return;
@@ -315,7 +301,7 @@ export class QemuDriver implements Driver {
     }
     await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', join(dir, 'disk.qcow2')]);
     await this.growDisk(vm.localName, vm.diskSize, progress);
-    await this.writeVm(file);
+    await this.records.write(file);
     // base.qcow2 and the kernel files are hard links: this makes the image's own files 0600 too.
     await privateFiles(dir);
     this.logFn('info', { vm: vm.localName, image: vm.image }, 'VM prepared');
@@ -389,7 +375,7 @@ export class QemuDriver implements Driver {
   async start(vm: DriverVM): Promise<void> {
     const dir = this.vmDir(vm.localName);
     if (this.isRunning(vm.localName)) return;
-    const file = await this.readVm(vm.localName);
+    const file = await this.records.read(vm.localName);
     if (!file || !existsSync(join(dir, 'disk.qcow2'))) throw new Error(`VM ${vm.localName} is not prepared`);
     file.cpu = vm.cpu || file.cpu;
     file.memory = vm.memory || file.memory;
@@ -497,7 +483,7 @@ export class QemuDriver implements Driver {
     file.netns = true;
     file.netPid = pasta?.pid;
     file.accel = this.accel;
-    await this.writeVm(file);
+    await this.records.write(file);
     s.fwd.set(22, ssh);
     s.fwdPid = child.pid;
     s.netns = true;
@@ -514,7 +500,7 @@ export class QemuDriver implements Driver {
     if (s.fwdPid !== pid) {
       s.fwd = new Map();
       s.fwdPid = pid;
-      const file = await this.readVm(localName);
+      const file = await this.records.read(localName);
       s.netns = file?.pid !== pid || file.netns === true;
       if (file?.pid === pid && file.ports?.ssh) s.fwd.set(22, file.ports.ssh);
       if (file?.pid === pid && file.ports?.vnc) s.fwd.set(-VNC_PORT, file.ports.vnc);
@@ -578,7 +564,7 @@ export class QemuDriver implements Driver {
   }
 
   async ip(localName: string): Promise<string> {
-    if (!(await this.readVm(localName))) throw new Error(`no VM ${localName}`);
+    if (!(await this.records.read(localName))) throw new Error(`no VM ${localName}`);
     return USER_NET_GUEST_IP;
   }
 
@@ -637,7 +623,7 @@ export class QemuDriver implements Driver {
     const dir = this.vmDir(localName);
     await this.stop(localName, 0); // the disk goes too: no point in a graceful guest shutdown
     // pasta quits when QEMU's namespace goes; this covers a pasta that outlived it anyway.
-    const file = await this.readVm(localName);
+    const file = await this.records.read(localName);
     if (file?.netPid && file.pid) {
       try {
         const cmdline = readFileSync(`/proc/${file.netPid}/cmdline`, 'utf8').split('\0');

@@ -13,7 +13,7 @@
 // list() can report the uid of adopted VMs and a repeated prepare() of the same VM keeps its disk.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
-import { readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { readFile, rm } from 'node:fs/promises';
 import net from 'node:net';
 import { join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
@@ -21,6 +21,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { privateDir } from '../private-files.ts';
 import { connectTCP, sshBanner } from './net.ts';
 import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
+import { checkLocalName, isLocalName, VMRecords } from './vm-records.ts';
 
 export interface TartDriverOptions {
   /** Where the driver keeps each VM's `tart run` log and a small JSON file (uid, image). */
@@ -82,8 +83,6 @@ interface VmState {
   stopping?: boolean;
 }
 
-/** A local name: orchard-NAME-UID-N, with NAME in the controller's characters (names are at most 128). */
-const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$/;
 const PREFIX = 'orchard-';
 
 /** Tart's progress output: lines, percentages redrawn with escape sequences (sometimes literal ones). */
@@ -110,6 +109,8 @@ export function normalizeRemoteName(image: string): string | undefined {
 export class TartDriver implements Driver {
   readonly runtime = 'tart';
   readonly stateDir: string;
+  /** `<stateDir>/<localName>.json` of each VM. */
+  private readonly records: VMRecords<VmFile>;
   private readonly tartBinary: string;
   private readonly logFn: (msg: string) => void;
   private readonly ipWaitSeconds: number;
@@ -120,6 +121,7 @@ export class TartDriver implements Driver {
 
   constructor(opts: TartDriverOptions) {
     this.stateDir = resolve(opts.stateDir);
+    this.records = new VMRecords((localName) => join(this.stateDir, `${localName}.json`));
     this.tartBinary = opts.tartBinary ?? 'tart';
     this.logFn = opts.log ?? (() => {});
     this.ipWaitSeconds = Math.max(0, Math.floor(opts.ipWaitSeconds ?? 60));
@@ -193,33 +195,9 @@ export class TartDriver implements Driver {
 
   // --- state files ----------------------------------------------------------------------------------
 
-  private check(localName: string): string {
-    if (!NAME_RE.test(localName)) throw new Error(`invalid VM name ${JSON.stringify(localName)}`);
-    return localName;
-  }
-
   /** `<stateDir>/<localName>.log`: the output of the VM's `tart run`. */
   logPath(localName: string): string {
-    return join(this.stateDir, `${this.check(localName)}.log`);
-  }
-
-  private filePath(localName: string): string {
-    return join(this.stateDir, `${this.check(localName)}.json`);
-  }
-
-  private async readVm(localName: string): Promise<VmFile | undefined> {
-    try {
-      return JSON.parse(await readFile(this.filePath(localName), 'utf8')) as VmFile;
-    } catch {
-      return undefined;
-    }
-  }
-
-  private async writeVm(vm: VmFile): Promise<void> {
-    await privateDir(this.stateDir);
-    const path = this.filePath(vm.localName);
-    await writeFile(path + '.tmp', JSON.stringify(vm, null, 2) + '\n', { mode: 0o600 });
-    await rename(path + '.tmp', path);
+    return join(this.stateDir, `${checkLocalName(localName)}.log`);
   }
 
   private st(localName: string): VmState {
@@ -252,25 +230,25 @@ export class TartDriver implements Driver {
   async list(): Promise<LocalVM[]> {
     const out: LocalVM[] = [];
     for (const e of await this.tartList()) {
-      if (!TartDriver.isLocal(e) || !e.Name.startsWith(PREFIX) || !NAME_RE.test(e.Name)) continue;
-      const file = await this.readVm(e.Name);
+      if (!TartDriver.isLocal(e) || !e.Name.startsWith(PREFIX) || !isLocalName(e.Name)) continue;
+      const file = await this.records.read(e.Name);
       out.push({ localName: e.Name, uid: file?.uid, running: TartDriver.isRunning(e), image: file?.image });
     }
     return out.sort((a, b) => a.localName.localeCompare(b.localName));
   }
 
   async prepare(vm: DriverVM, progress: Progress = () => {}): Promise<void> {
-    const name = this.check(vm.localName);
+    const name = checkLocalName(vm.localName);
     const entries = await this.tartList();
     const existing = entries.find((e) => TartDriver.isLocal(e) && e.Name === name);
     if (existing && TartDriver.isRunning(existing)) throw new Error(`VM ${name} is running; stop it before preparing it again`);
-    const old = await this.readVm(name);
+    const old = await this.records.read(name);
     let disk = existing?.Disk;
 
     if (existing && old && old.uid === vm.uid && old.image === vm.image) {
       // Same VM prepared again (e.g. a restart): keep its disk.
       progress('disk kept from an earlier start');
-      if (old.netBridged !== (vm.netBridged || undefined)) await this.writeVm({ ...old, netBridged: vm.netBridged || undefined });
+      if (old.netBridged !== (vm.netBridged || undefined)) await this.records.write({ ...old, netBridged: vm.netBridged || undefined });
     } else {
       if (existing) {
         progress(`deleting an earlier VM named ${name}`);
@@ -289,7 +267,7 @@ export class TartDriver implements Driver {
       // Like upstream: clones of one image would share a MAC address, and so a DHCP lease and an IP.
       await this.tart(['set', name, '--random-mac']);
       disk = (await this.localEntry(name))?.Disk;
-      await this.writeVm({
+      await this.records.write({
         uid: vm.uid, localName: name, image: vm.image, netBridged: vm.netBridged || undefined, created: new Date().toISOString(),
       });
     }
@@ -327,7 +305,7 @@ export class TartDriver implements Driver {
   }
 
   async start(vm: DriverVM): Promise<void> {
-    const name = this.check(vm.localName);
+    const name = checkLocalName(vm.localName);
     if (await this.running(name)) return;
     await privateDir(this.stateDir);
     const args = this.runArgs(vm);
@@ -358,8 +336,8 @@ export class TartDriver implements Driver {
       });
     });
     child.unref();
-    const file = await this.readVm(name);
-    if (file && file.netBridged !== (vm.netBridged || undefined)) await this.writeVm({ ...file, netBridged: vm.netBridged || undefined });
+    const file = await this.records.read(name);
+    if (file && file.netBridged !== (vm.netBridged || undefined)) await this.records.write({ ...file, netBridged: vm.netBridged || undefined });
 
     // Up once tart shows the VM running (`tart run` holds the VM's lock), or failed if it exits first.
     const deadline = Date.now() + 60_000;
@@ -395,9 +373,9 @@ export class TartDriver implements Driver {
   }
 
   async waitReady(localName: string, signal?: AbortSignal): Promise<void> {
-    const name = this.check(localName);
+    const name = checkLocalName(localName);
     const deadline = Date.now() + this.readyTimeoutMs;
-    const file = await this.readVm(name);
+    const file = await this.records.read(name);
     const watch = new AbortController();
     let dead = false;
     const died = this.watchExit(name, watch.signal).then(() => {
@@ -445,7 +423,7 @@ export class TartDriver implements Driver {
   }
 
   async waitExit(localName: string): Promise<{ reason: string }> {
-    const name = this.check(localName);
+    const name = checkLocalName(localName);
     const s = this.st(name);
     if (s.child && s.childExit && !s.exited) {
       const { code, signal, error } = await s.childExit;
@@ -466,8 +444,8 @@ export class TartDriver implements Driver {
   }
 
   async ip(localName: string): Promise<string> {
-    const name = this.check(localName);
-    const file = await this.readVm(name);
+    const name = checkLocalName(localName);
+    const file = await this.records.read(name);
     const out = await this.tart(file?.netBridged ? ['ip', name, '--resolver', 'arp'] : ['ip', name]);
     const ip = out.trim().split('\n').pop()?.trim() ?? '';
     if (!net.isIP(ip)) throw new Error(`tart ip ${name}: unexpected output ${JSON.stringify(out.trim())}`);
@@ -481,7 +459,7 @@ export class TartDriver implements Driver {
   }
 
   async stop(localName: string, graceMs = 10_000): Promise<void> {
-    const name = this.check(localName);
+    const name = checkLocalName(localName);
     if (!(await this.running(name))) return;
     const s = this.st(name);
     s.stopping = true;
@@ -498,14 +476,14 @@ export class TartDriver implements Driver {
   }
 
   async remove(localName: string): Promise<void> {
-    const name = this.check(localName);
+    const name = checkLocalName(localName);
     await this.stop(name, 0); // the disk goes too: no point in a graceful guest shutdown
     try {
       await this.tart(['delete', name]);
     } catch (err) {
       if (!(err instanceof TartError && /does not exist/.test(err.message))) throw err;
     }
-    await rm(this.filePath(name), { force: true });
+    await this.records.remove(name);
     await rm(this.logPath(name), { force: true });
     this.state.delete(name);
     this.logFn(`VM ${name} removed`);
