@@ -5,7 +5,7 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { pino } from 'pino';
+import { pino, type Logger } from 'pino';
 import { startController } from '../src/controller/controller.ts';
 import { OrchardClient } from '../src/client/client.ts';
 import { RESOURCE_TART_VMS } from '../src/api/schemas.ts';
@@ -21,6 +21,17 @@ export function tempDir(prefix = 'orchard-test-'): string {
 }
 
 /** A controller in this process on a free loopback port, with a bootstrap admin. */
+/** A logger that hands each entry (pino's JSON, parsed) to `onEntry`: for tests that read what was logged. */
+export function entriesLogger(onEntry: (entry: { msg: string; [field: string]: unknown }) => void, level = 'debug'): Logger {
+  return pino({ level }, { write: (line: string) => onEntry(JSON.parse(line) as { msg: string }) });
+}
+
+/** A logger that prints `# PREFIX: msg {fields}` lines in the test's output (node:test shows them as diagnostics). */
+export function printingLogger(prefix: string): Logger {
+  return entriesLogger(({ msg, level: _l, time: _t, pid: _p, hostname: _h, ...fields }) =>
+    console.log(`# ${prefix}: ${msg}${Object.keys(fields).length ? ' ' + JSON.stringify(fields) : ''}`), 'info');
+}
+
 export async function inProcessController(
   opts: { dataDir?: string; workerOfflineTimeoutMs?: number; restartBackoffMs?: number; listenSSH?: string; authBackoff?: BackoffOptions | false; limits?: Partial<Limits> } = {},
 ) {

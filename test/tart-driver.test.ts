@@ -12,7 +12,7 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
-import { waitFor } from './helpers.ts';
+import { printingLogger, waitFor } from './helpers.ts';
 import { promisify } from 'node:util';
 import { TartDriver } from '../src/worker/drivers/tart.ts';
 import type { DriverVM } from '../src/worker/drivers/driver.ts';
@@ -34,7 +34,7 @@ let drivers: TartDriver[] = [];
 function newDriver(): TartDriver {
   const d = new TartDriver({
     stateDir, tartBinary: FAKE_TART, sshPort, ipWaitSeconds: 2, pollIntervalMs: 200, readyTimeoutMs: 15_000,
-    log: (msg) => console.log(`# driver: ${msg}`),
+    log: printingLogger('driver'),
   });
   drivers.push(d);
   return d;

@@ -54,7 +54,7 @@ export async function makeDriver(runtime: string, dataDir: string, logger: Logge
     }
     case 'tart': {
       const { TartDriver } = await import('./drivers/tart.ts');
-      return new TartDriver({ stateDir: join(dataDir, 'tart'), log: (msg: string) => logger.info(msg) });
+      return new TartDriver({ stateDir: join(dataDir, 'tart'), log: logger });
     }
     case 'synthetic': {
       const { SyntheticDriver } = await import('./drivers/synthetic.ts');

@@ -21,6 +21,7 @@ import { buildDebianDev, DEBIAN_DEV, diskImageProblem, imageHowTo, ImageNotFound
 import { privateDir, privateFiles } from '../private-files.ts';
 import { connectTCP, connectUnix, sshBannerOn } from './net.ts';
 import { connectInNetns, inNewNetns, startPasta } from './netns.ts';
+import { pino, type Logger } from 'pino';
 import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
 import { checkLocalName, isLocalName, VMRecords } from './vm-records.ts';
 import { detectAccel, type Accel } from './accel.ts';
@@ -34,18 +35,12 @@ const execFileP = promisify(execFile);
 export const USER_NET_GUEST_IP = '10.0.2.15';
 
 /** pino-like logger (`log.info(obj, msg)`), or a plain function that takes a message. */
-export interface LoggerLike {
-  info(obj: object, msg?: string): void;
-  warn(obj: object, msg?: string): void;
-  error(obj: object, msg?: string): void;
-  debug?(obj: object, msg?: string): void;
-}
-
 export interface QemuDriverOptions {
   dataDir: string;
   imagesDir: string;
   accel?: 'auto' | Accel;
-  log?: LoggerLike | ((msg: string) => void);
+  /** The worker's logger (default: none). */
+  log?: Logger;
   /** default `qemu-system-x86_64` (from PATH) */
   qemuBinary?: string;
   /** waitReady gives up after this long (default 10 minutes); callers can abort earlier. */
@@ -110,7 +105,7 @@ export class QemuDriver implements Driver {
   readonly imagesDir: string;
   private readonly qemuBinary: string;
   private readonly readyTimeoutMs: number;
-  private readonly logFn: (level: 'info' | 'warn' | 'error' | 'debug', fields: object, msg: string) => void;
+  private readonly log: Logger;
   private readonly state = new Map<string, VmState>();
   private readonly buildMissingDebianDev: boolean;
   /** The on-demand build of debian-dev under way: VMs that ask meanwhile wait for the same one. */
@@ -133,16 +128,7 @@ export class QemuDriver implements Driver {
       this.accel = want;
       this.accelReason = 'configured';
     }
-    const log = opts.log;
-    if (typeof log === 'function') {
-      this.logFn = (level, fields, msg) => {
-        if (level !== 'debug') log(`${msg}${Object.keys(fields).length ? ' ' + JSON.stringify(fields) : ''}`);
-      };
-    } else if (log) {
-      this.logFn = (level, fields, msg) => (level === 'debug' ? log.debug?.(fields, msg) : log[level](fields, msg));
-    } else {
-      this.logFn = () => {};
-    }
+    this.log = opts.log ?? pino({ level: 'silent' });
   }
 
   // --- paths and small helpers -----------------------------------------------------------------
@@ -304,7 +290,7 @@ export class QemuDriver implements Driver {
     await this.records.write(file);
     // base.qcow2 and the kernel files are hard links: this makes the image's own files 0600 too.
     await privateFiles(dir);
-    this.logFn('info', { vm: vm.localName, image: vm.image }, 'VM prepared');
+    this.log.info({ vm: vm.localName, image: vm.image }, 'VM prepared');
   }
 
   /** The image; `debian-dev`, when missing, built first (buildMissingDebianDev), once for all the VMs that wait for it. */
@@ -319,11 +305,11 @@ export class QemuDriver implements Driver {
       if (!this.building) {
         progress(`image ${DEBIAN_DEV} is not on this worker yet: building it from Debian packages (once; later VMs reuse it)`);
         const t0 = Date.now();
-        this.logFn('info', { image: DEBIAN_DEV, store: this.imagesDir }, 'building a missing image that a VM asked for');
+        this.log.info({ image: DEBIAN_DEV, store: this.imagesDir }, 'building a missing image that a VM asked for');
         this.building = buildDebianDev(this.imagesDir, (msg) => {
           for (const l of this.buildListeners) l(`building image ${DEBIAN_DEV}: ${msg}`);
         }, { installPackages: false }).then(
-          () => this.logFn('info', { image: DEBIAN_DEV, seconds: (Date.now() - t0) / 1000 }, 'image built'),
+          () => this.log.info({ image: DEBIAN_DEV, seconds: (Date.now() - t0) / 1000 }, 'image built'),
           (e: Error) => {
             throw new ImageNotFoundError(DEBIAN_DEV, `image "${DEBIAN_DEV}" is not on this worker (store ${this.imagesDir}) and this worker could not build it: ${e.message}; once that is fixed the worker builds it by itself, or build it as the worker's user with: ${imageHowTo(DEBIAN_DEV, this.imagesDir)}`);
           },
@@ -347,7 +333,7 @@ export class QemuDriver implements Driver {
       watcher = watch(this.imagesDir, () => onChange());
       watcher.on('error', () => watcher?.close());
     } catch (err) {
-      this.logFn('warn', { store: this.imagesDir, err: (err as Error).message }, 'cannot watch the image store: VMs waiting for an image are retried on a timer only');
+      this.log.warn({ store: this.imagesDir, err: (err as Error).message }, 'cannot watch the image store: VMs waiting for an image are retried on a timer only');
     }
     return () => watcher?.close();
   }
@@ -408,7 +394,7 @@ export class QemuDriver implements Driver {
       args.push('-virtfs', `local,path=${resolve(d.path).replace(/,/g, ',,')},mount_tag=${d.name.replace(/,/g, ',,')},security_model=none,id=share${i}${d.ro ? ',readonly=on' : ''}`);
     });
     for (const unsupported of ['netBridged', 'netSoftnet', 'nested'] as const) {
-      if (vm[unsupported]) this.logFn('warn', { vm: vm.localName }, `${unsupported} is not supported by the qemu driver; ignored`);
+      if (vm[unsupported]) this.log.warn({ vm: vm.localName }, `${unsupported} is not supported by the qemu driver; ignored`);
     }
 
     const out = openSync(join(dir, 'qemu.log'), 'w'); // this run's messages only, like console.log
@@ -487,7 +473,7 @@ export class QemuDriver implements Driver {
     s.fwd.set(22, ssh);
     s.fwdPid = child.pid;
     s.netns = true;
-    this.logFn('info', { vm: vm.localName, pid: child.pid, netPid: pasta?.pid, accel: this.accel }, 'QEMU started');
+    this.log.info({ vm: vm.localName, pid: child.pid, netPid: pasta?.pid, accel: this.accel }, 'QEMU started');
   }
 
   /**
@@ -588,7 +574,7 @@ export class QemuDriver implements Driver {
         await this.qmp(localName, (q) => q.execute('system_powerdown'), 3000);
         if (await gone(graceMs)) return this.stopped(localName, 'powered off');
       } catch (err) {
-        this.logFn('warn', { vm: localName, err: String(err) }, 'system_powerdown failed');
+        this.log.warn({ vm: localName, err: String(err) }, 'system_powerdown failed');
       }
     }
     try {
@@ -607,7 +593,7 @@ export class QemuDriver implements Driver {
   }
 
   private stopped(localName: string, how: string): void {
-    this.logFn('info', { vm: localName }, `VM stopped (${how})`);
+    this.log.info({ vm: localName }, `VM stopped (${how})`);
   }
 
   private async waitGone(localName: string, pid: number, ms: number): Promise<boolean> {
@@ -634,7 +620,7 @@ export class QemuDriver implements Driver {
     }
     await rm(dir, { recursive: true, force: true });
     this.state.delete(localName);
-    this.logFn('info', { vm: localName }, 'VM removed');
+    this.log.info({ vm: localName }, 'VM removed');
   }
 }
 

@@ -20,6 +20,7 @@ import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { privateDir } from '../private-files.ts';
 import { connectTCP, sshBanner } from './net.ts';
+import { pino, type Logger } from 'pino';
 import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
 import { checkLocalName, isLocalName, VMRecords } from './vm-records.ts';
 
@@ -28,7 +29,8 @@ export interface TartDriverOptions {
   stateDir: string;
   /** default `tart` (from PATH) */
   tartBinary?: string;
-  log?: (msg: string) => void;
+  /** The worker's logger (default: none). */
+  log?: Logger;
   /** `tart ip --wait` seconds per attempt in waitReady (default 60, like upstream Orchard). */
   ipWaitSeconds?: number;
   /** The guest port waitReady probes for the SSH banner (default 22; tests point it at a stand-in). */
@@ -112,7 +114,7 @@ export class TartDriver implements Driver {
   /** `<stateDir>/<localName>.json` of each VM. */
   private readonly records: VMRecords<VmFile>;
   private readonly tartBinary: string;
-  private readonly logFn: (msg: string) => void;
+  private readonly log: Logger;
   private readonly ipWaitSeconds: number;
   private readonly sshPort: number;
   private readonly readyTimeoutMs: number;
@@ -123,7 +125,7 @@ export class TartDriver implements Driver {
     this.stateDir = resolve(opts.stateDir);
     this.records = new VMRecords((localName) => join(this.stateDir, `${localName}.json`));
     this.tartBinary = opts.tartBinary ?? 'tart';
-    this.logFn = opts.log ?? (() => {});
+    this.log = opts.log ?? pino({ level: 'silent' });
     this.ipWaitSeconds = Math.max(0, Math.floor(opts.ipWaitSeconds ?? 60));
     this.sshPort = opts.sshPort ?? 22;
     this.readyTimeoutMs = opts.readyTimeoutMs ?? 600_000;
@@ -285,7 +287,7 @@ export class TartDriver implements Driver {
       progress('configuring VM');
       await this.tart(set);
     }
-    this.logFn(`VM ${name} prepared from ${vm.image}`);
+    this.log.info({ vm: name, image: vm.image }, 'VM prepared');
   }
 
   /** The `tart run` arguments for a VM. */
@@ -356,7 +358,7 @@ export class TartDriver implements Driver {
         throw new Error(`VM ${name}: tart run did not bring the VM up within 60 s`);
       }
     }
-    this.logFn(`VM ${name} started (tart run pid ${child.pid})`);
+    this.log.info({ vm: name, pid: child.pid }, 'tart run started');
   }
 
   /** Resolves once the VM is no longer running (child exit, or `tart list` polling); `stop()` ends the polling. */
@@ -412,7 +414,7 @@ export class TartDriver implements Driver {
         signal?.throwIfAborted();
         if (dead) throw await diedError();
         if (ip && net.isIP(ip) && (await sshBanner(ip, this.sshPort, 2000))) {
-          this.logFn(`VM ${name} is ready (SSH on ${ip})`);
+          this.log.info({ vm: name, ip }, 'VM ready (SSH answers)');
           return;
         }
         await sleep(Math.min(this.pollIntervalMs, 500), undefined, { signal }).catch(() => signal?.throwIfAborted());
@@ -472,7 +474,7 @@ export class TartDriver implements Driver {
     }
     // `tart stop` returns once the VM's lock is gone; let our own child's exit be seen too.
     if (s.child && s.childExit && !s.exited) await Promise.race([s.childExit, sleep(5000)]);
-    this.logFn(`VM ${name} stopped`);
+    this.log.info({ vm: name }, 'VM stopped');
   }
 
   async remove(localName: string): Promise<void> {
@@ -486,6 +488,6 @@ export class TartDriver implements Driver {
     await this.records.remove(name);
     await rm(this.logPath(name), { force: true });
     this.state.delete(name);
-    this.logFn(`VM ${name} removed`);
+    this.log.info({ vm: name }, 'VM removed');
   }
 }
