@@ -98,6 +98,8 @@ describe('role × endpoint matrix', () => {
     { route: 'PUT /v1/vms/{name}/state', needs: W, asWorker: true, req: async () => ({ path: `/v1/vms/${VM}/state`, body: { status: 'pending', status_message: uniq('msg') } }) },
     { route: 'GET /v1/vms/{name}/events', needs: R, req: async () => ({ path: `/v1/vms/${VM}/events` }), check: isArray },
     { route: 'POST /v1/vms/{name}/events', needs: W, asWorker: true, req: async () => ({ path: `/v1/vms/${VM}/events`, body: [{ kind: 'log_line', timestamp: 1700000000, payload: 'hello' }] }) },
+    { route: 'POST /v1/workers/{name}/images', needs: W, asWorker: true, req: async () => ({ path: `/v1/workers/${WORKER}/images`, body: { images: ['ghcr.io/cirruslabs/macos:latest'] } }) },
+    { route: 'POST /v1/images/pull', needs: W, req: async () => ({ path: '/v1/images/pull', body: { image: 'ghcr.io/cirruslabs/macos:latest' } }) },
     { route: 'POST /v1/registries', needs: AW, req: async () => ({ path: '/v1/registries', body: { host: `${uniq('reg')}.example.com`, username: 'u', password: REGISTRY_PASSWORD } }), check: noPassword },
     { route: 'GET /v1/registries', needs: AR, req: async () => ({ path: '/v1/registries' }), check: (r) => (isArray(r), noPassword(r)) },
     { route: 'GET /v1/registries/{host}', needs: AR, req: async () => ({ path: `/v1/registries/${REGISTRY}` }), check: noPassword },

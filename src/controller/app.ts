@@ -24,6 +24,7 @@ import { ClusterView } from './view.ts';
 import { Tunnels } from './connect/tunnels.ts';
 import { registerConnectRoutes } from './routes/connect.ts';
 import { registerRegistryRoutes } from './routes/registries.ts';
+import { registerImageRoutes } from './routes/images.ts';
 import { RegistryDelivery } from './registry-delivery.ts';
 import { badRequest, notFound } from './errors.ts';
 import { NAME_PATTERN } from '../api/schemas.ts';
@@ -305,6 +306,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   registerWorkerRoutes(app, ctx);
   registerVMRoutes(app, ctx);
   registerRegistryRoutes(app, ctx);
+  registerImageRoutes(app, ctx);
   registerConnectRoutes(app, ctx, sockets, tunnels);
 
   scheduler.start();
