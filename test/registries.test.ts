@@ -4,11 +4,12 @@
 // (registriesAction) only when their record declares they understand it.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { rmSync } from 'node:fs';
+import { rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { pino } from 'pino';
 import type { WebSocket } from 'ws';
 import { startController } from '../src/controller/controller.ts';
-import { ADMIN_TOKEN, clientOf, rawRequest, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, clientOf, inProcessController, rawRequest, runCLI, tempDir, waitFor } from './helpers.ts';
 import { upgrade } from './security/attack.ts';
 
 const ADMIN: [string, string] = ['bootstrap-admin', ADMIN_TOKEN];
@@ -162,5 +163,50 @@ test('a worker that declares registriesAction while connected (it registered aga
   } finally {
     await ctl.close();
     rmSync(dataDir, { recursive: true, force: true });
+  }
+});
+
+test('orchard create|list|get|delete registry: the password from stdin, never printed back', async () => {
+  const c = await inProcessController();
+  const home = tempDir('orchard-home-');
+  const env = { ORCHARD_HOME: home };
+  const cli = (args: string[], input?: string) => runCLI(args, env, input);
+  const PASSWORD = 'Rq8vTz3nKp6Ws1Ld';
+  try {
+    assert.equal((await cli(['context', 'create', c.ctl.url, '--name', 't', '--service-account-name', 'bootstrap-admin', '--service-account-token', ADMIN_TOKEN, '--trust-fingerprint', c.ctl.fingerprint!])).code, 0);
+    const caFile = join(home, 'ca.pem');
+    writeFileSync(caFile, c.ctl.certificate!);
+    let r = await cli(['create', 'registry', 'registry.local:5000', '--username', 'ci', '--password-stdin', '--ca-file', caFile], PASSWORD + '\n');
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, 'registry registry.local:5000 created (with a password)\n');
+    r = await cli(['create', 'registry', 'plain.local:8080', '--insecure', '-o', 'json']);
+    assert.equal(r.code, 0, r.stderr);
+    assert.deepEqual({ ...JSON.parse(r.stdout), createdAt: undefined }, { host: 'plain.local:8080', insecure: true, passwordSet: false, createdAt: undefined });
+    assert.equal((await cli(['create', 'registry', 'x.local', '--password-stdin'], 'pw\n')).code, 2, 'a password needs a user name');
+
+    const outputs: string[] = [];
+    r = await cli(['list', 'registries']);
+    outputs.push(r.stdout);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /^HOST\s+USERNAME\s+PASSWORD\s+INSECURE\s+CA\s+AGE$/m);
+    assert.match(r.stdout, /^registry\.local:5000\s+ci\s+yes\s+no\s+yes\s+\d+s$/m);
+    assert.match(r.stdout, /^plain\.local:8080\s+-\s+no\s+yes\s+no\s+\d+s$/m);
+    for (const args of [['list', 'registries', '-o', 'yaml'], ['get', 'registry', 'registry.local:5000', '-o', 'json'], ['get', 'registry', 'registry.local:5000']]) {
+      r = await cli(args);
+      assert.equal(r.code, 0, r.stderr);
+      outputs.push(r.stdout);
+    }
+    assert.equal((await cli(['get', 'registry', 'registry.local:5000/passwordSet'])).stdout, 'true\n');
+    assert.equal((await cli(['list', 'registries', '-q'])).stdout, 'registry.local:5000\nplain.local:8080\n');
+    assert.equal((await cli(['__complete', 'registries'])).stdout, 'registry.local:5000\nplain.local:8080\n');
+    for (const o of outputs) assert.ok(!o.includes(PASSWORD) && !o.includes('"password"'), o);
+    r = await cli(['delete', 'registry', 'plain.local:8080']);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stderr, 'registry plain.local:8080 deleted\n');
+    assert.deepEqual((await c.admin.listRegistries()).map((x) => x.host), ['registry.local:5000']);
+  } finally {
+    await c.close();
+    c.cleanup();
+    rmSync(home, { recursive: true, force: true });
   }
 });
