@@ -46,12 +46,15 @@ describe('role × endpoint matrix', () => {
   }
   const freshVM = async () => ((await admin('POST', '/v1/vms', { name: uniq('vm'), image: 'ghcr.io/cirruslabs/macos:latest' })) as { name: string }).name;
   const freshWorker = async () => ((await admin('POST', '/v1/workers', { name: uniq('worker') })) as { name: string }).name;
+  const freshRegistry = async () => ((await admin('POST', '/v1/registries', { host: `${uniq('reg')}.example.com`, username: 'u', password: REGISTRY_PASSWORD })) as { host: string }).host;
   const freshSA = async () => ((await admin('POST', '/v1/service-accounts', { name: uniq('sa'), roles: [] })) as { name: string }).name;
 
   // Long-lived fixtures for the read and update calls.
   const VM = 'matrix-vm';
   const WORKER = 'matrix-worker';
   const SA = 'matrix-sa';
+  const REGISTRY = 'registry.matrix.example:5000';
+  const REGISTRY_PASSWORD = 'matrix-registry-password-3f9a';
 
   type Needs = readonly Role[] | 'any';
   interface Endpoint {
@@ -70,6 +73,7 @@ describe('role × endpoint matrix', () => {
   const AR = ['admin:read'] as const;
   const AW = ['admin:write'] as const;
   const isArray = (res: Response) => assert.ok(Array.isArray(res.json), res.body.slice(0, 200));
+  const noPassword = (res: Response) => assert.ok(!res.body.includes(REGISTRY_PASSWORD) && !res.body.includes('"password"'), `a registry password in ${res.body.slice(0, 300)}`);
 
   // One line per endpoint.
   const endpoints: Endpoint[] = [
@@ -94,6 +98,13 @@ describe('role × endpoint matrix', () => {
     { route: 'PUT /v1/vms/{name}/state', needs: W, asWorker: true, req: async () => ({ path: `/v1/vms/${VM}/state`, body: { status: 'pending', status_message: uniq('msg') } }) },
     { route: 'GET /v1/vms/{name}/events', needs: R, req: async () => ({ path: `/v1/vms/${VM}/events` }), check: isArray },
     { route: 'POST /v1/vms/{name}/events', needs: W, asWorker: true, req: async () => ({ path: `/v1/vms/${VM}/events`, body: [{ kind: 'log_line', timestamp: 1700000000, payload: 'hello' }] }) },
+    { route: 'POST /v1/workers/{name}/images', needs: W, asWorker: true, req: async () => ({ path: `/v1/workers/${WORKER}/images`, body: { images: ['ghcr.io/cirruslabs/macos:latest'] } }) },
+    { route: 'POST /v1/images/pull', needs: W, req: async () => ({ path: '/v1/images/pull', body: { image: 'ghcr.io/cirruslabs/macos:latest' } }) },
+    { route: 'POST /v1/registries', needs: AW, req: async () => ({ path: '/v1/registries', body: { host: `${uniq('reg')}.example.com`, username: 'u', password: REGISTRY_PASSWORD } }), check: noPassword },
+    { route: 'GET /v1/registries', needs: AR, req: async () => ({ path: '/v1/registries' }), check: (r) => (isArray(r), noPassword(r)) },
+    { route: 'GET /v1/registries/{host}', needs: AR, req: async () => ({ path: `/v1/registries/${REGISTRY}` }), check: noPassword },
+    { route: 'PUT /v1/registries/{host}', needs: AW, req: async () => ({ path: `/v1/registries/${REGISTRY}`, body: { host: REGISTRY, username: uniq('user') } }), check: noPassword },
+    { route: 'DELETE /v1/registries/{host}', needs: AW, req: async () => ({ path: `/v1/registries/${await freshRegistry()}` }), check: noPassword },
     { route: 'GET /metrics', needs: AR, req: async () => ({ path: '/metrics' }), check: (r) => assert.match(r.body, /^# (HELP|TYPE) /m) },
     { route: 'GET /v1/openapi.json', needs: ANY, req: async () => ({ path: '/v1/openapi.json' }), check: (r) => assert.ok((r.json as { paths?: unknown }).paths) },
     { route: 'GET /v1/openapi.yaml', needs: ANY, req: async () => ({ path: '/v1/openapi.yaml' }), check: (r) => assert.match(r.body, /^openapi: /m) },
@@ -137,6 +148,7 @@ describe('role × endpoint matrix', () => {
     assert.equal(registered.status, 200, registered.body);
     await waitFor('the fixture VM placed', async () => ((await admin('GET', `/v1/vms/${VM}`)) as { worker?: string }).worker === WORKER || undefined);
     await admin('POST', '/v1/service-accounts', { name: SA, roles: [] });
+    await admin('POST', '/v1/registries', { host: REGISTRY, username: 'u', password: REGISTRY_PASSWORD });
   });
   after(async () => {
     await h?.close();

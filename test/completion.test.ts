@@ -79,7 +79,7 @@ describe('shell completion', { timeout: 180_000 }, () => {
       assert.ok(!top.includes('__complete'), 'the hidden command is not offered');
       assert.deepEqual(
         (await complete(shell, 'orchard list ')).filter((w) => w !== 'help'),
-        ['orphans', 'service-accounts', 'vms', 'workers'],
+        ['orphans', 'registries', 'service-accounts', 'vms', 'workers'],
       );
       const flags = await complete(shell, 'orchard get vm --');
       for (const f of ['--context', '--help', '--ip', '--output', '--wait']) assert.ok(flags.includes(f), `${f} in ${flags}`);

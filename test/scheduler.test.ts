@@ -323,6 +323,34 @@ test('profiles: optimize-utilization (the default) packs onto the busiest worker
   });
 });
 
+test('locality: of the workers the profile ranks equal, one holding the VM\'s image gets it, and its placement says so; it never overrides the profile', async () => {
+  await withHarness(async (h) => {
+    const c = await h.controller();
+    const watch = await h.watch(c);
+    const workers = [await h.worker(c, 'loc-1', { slots: 4 }), await h.worker(c, 'loc-2', { slots: 4 })];
+    // The workers' reports of what they hold (matched as the same string as the VM's image).
+    await c.admin.reportImages('loc-1', { images: ['team/base:1', 'sha256:' + 'a'.repeat(64)] });
+    await c.admin.reportImages('loc-2', { images: ['team/ubuntu:24.04'] });
+
+    // Both idle (equal): without the image, the name would pick loc-1.
+    await c.admin.createVM(vmSpec('near', { image: 'team/ubuntu:24.04' }));
+    await runningOn(c, 'near', 'loc-2');
+    await watch.seen('near', 'placed saying the image was there', (vm) => vm.status_message === 'scheduled on worker loc-2 (image team/ubuntu:24.04 already there)');
+
+    // loc-2 is now the busier: optimize-utilization packs onto it even though loc-1 holds this image.
+    await c.admin.createVM(vmSpec('packed', { image: 'team/base:1' }));
+    await runningOn(c, 'packed', 'loc-2');
+    await watch.seen('packed', 'placed without a locality note', (vm) => vm.status_message === 'scheduled on worker loc-2');
+
+    // A digest is matched as written, too; with distribute-load loc-1 (now the least busy) gets it anyway.
+    await c.admin.setClusterSettings({ schedulerProfile: 'distribute-load' });
+    await c.admin.createVM(vmSpec('by-digest', { image: 'sha256:' + 'a'.repeat(64) }));
+    await runningOn(c, 'by-digest', 'loc-1');
+    await watch.seen('by-digest', 'placed saying the image was there', (vm) => vm.status_message === `scheduled on worker loc-1 (image sha256:${'a'.repeat(64)} already there)`);
+    await driversConverged(c, workers);
+  });
+});
+
 test('pause/resume: a paused worker gets no new VMs but keeps its running ones; resumed, it gets VMs again', async () => {
   await withHarness(async (h) => {
     const c = await h.controller();

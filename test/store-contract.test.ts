@@ -4,7 +4,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import type { Event, ServiceAccount, VM, Worker } from '../src/api/schemas.ts';
+import type { Event, ServiceAccount, StoredRegistry, VM, Worker } from '../src/api/schemas.ts';
 import { ConflictError, NotFoundError, type Change, type Store } from '../src/controller/store/store.ts';
 import { SQLiteStore } from '../src/controller/store/sqlite.ts';
 import { DEFAULT_LIMITS } from '../src/controller/limits.ts';
@@ -18,6 +18,7 @@ export interface ContractOptions {
 const vm = (name: string, extra: Partial<VM> = {}): VM => ({ name, uid: `uid-${name}`, image: 'debian', status: 'pending', ...extra }) as VM;
 const worker = (name: string, extra: Partial<Worker> = {}): Worker => ({ name, resources: {}, labels: {}, ...extra });
 const account = (name: string): ServiceAccount => ({ name, token: `token-${name}`, roles: ['compute:read'] });
+const registry = (name: string): StoredRegistry => ({ name, username: 'puller', password: `secret-${name}`, ca: '-----BEGIN CERTIFICATE-----\n...', createdAt: '2026-01-01T00:00:00Z' });
 const event = (i: number): Event => ({ kind: 'log', timestamp: i, payload: `event ${i}` });
 
 /** Every change the store publishes, as it publishes it. */
@@ -47,6 +48,7 @@ export function storeContract(name: string, factory: () => Promise<Store>, opts:
         ['vms', vm],
         ['workers', worker],
         ['serviceAccounts', account],
+        ['registries', registry],
       ] as const) {
         assert.equal(await store.get(kind, 'a'), undefined);
         const a = make('a');
@@ -65,6 +67,29 @@ export function storeContract(name: string, factory: () => Promise<Store>, opts:
         assert.equal(await store.get(kind, 'a'), undefined);
         assert.deepEqual(await store.list(kind), [b]);
       }
+    });
+
+    withStore('registry credentials: kept whole (the password too), in the feed as their own kind, their host names apart from other kinds', async (store) => {
+      const { changes } = record(store);
+      await store.create('workers', worker('ghcr.io'));
+      await store.create('registries', registry('ghcr.io'));
+      await assert.rejects(store.create('registries', registry('ghcr.io')), ConflictError);
+      await store.update('registries', 'ghcr.io', (r) => ({ ...r, password: 'rotated' }));
+      assert.equal((await store.get('registries', 'ghcr.io'))?.password, 'rotated');
+      await store.delete('registries', 'ghcr.io');
+      await settle();
+      assert.deepEqual(
+        changes.map((c) => [c.kind, c.type, c.object.name]),
+        [
+          ['workers', 'ADDED', 'ghcr.io'],
+          ['registries', 'ADDED', 'ghcr.io'],
+          ['registries', 'MODIFIED', 'ghcr.io'],
+          ['registries', 'DELETED', 'ghcr.io'],
+        ],
+      );
+      assert.deepEqual(await store.list('registries'), []);
+      assert.equal((await store.list('workers')).length, 1, 'a worker of the same name is another object');
+      await assert.rejects(store.delete('registries', 'ghcr.io'), /registry "ghcr.io" not found/);
     });
 
     withStore('conflicts and missing objects: create of a taken name, update and delete of a missing one', async (store) => {

@@ -205,6 +205,27 @@ export const Orphan = Type.Object(
 );
 export type Orphan = Static<typeof Orphan>;
 
+/** An image reference or digest, as VMs name images (no whitespace or control characters). */
+export const ImageRef = Type.String({ minLength: 1, maxLength: 1024, pattern: '^[^\\s\\x00-\\x1f\\x7f]+$' });
+export const MAX_HELD_IMAGES = 256;
+export const MAX_IMAGE_PULLS = 32;
+
+export const ImagePull = Type.Object(
+  {
+    image: ImageRef,
+    state: Type.Union([Type.Literal('pulling'), Type.Literal('done'), Type.Literal('failed')]),
+    message: Type.Optional(Type.String({ maxLength: 1024 })),
+    updatedAt: Type.Optional(Timestamp),
+  },
+  { additionalProperties: false, title: 'ImagePull' },
+);
+export type ImagePull = Static<typeof ImagePull>;
+
+const HeldImages = Type.Array(ImageRef, {
+  maxItems: MAX_HELD_IMAGES,
+  description: "Orchard addition, set by the worker: the images it holds, as references and sha256: digests; the scheduler prefers, all else equal, a worker holding the VM's image (the same string)",
+});
+
 export const Worker = Type.Object(
   {
     name: Name,
@@ -223,10 +244,93 @@ export const Worker = Type.Object(
       Type.String({ maxLength: 253, description: 'Orchard addition, set by the controller: the service account that registered the worker; only it may act as the worker' }),
     ),
     orphans: Type.Optional(Type.Array(Orphan, { maxItems: 1000, description: 'Orchard addition, set by the controller: VMs on the worker the controller does not know' })),
+    capabilities: Type.Optional(
+      Type.Array(Type.String({ maxLength: 64 }), {
+        maxItems: 64,
+        description: 'Orchard addition, set by the worker: the watch instructions it understands beyond upstream\'s (registriesAction, pullImageAction); the controller sends a worker no others',
+      }),
+    ),
+    images: Type.Optional(HeldImages),
+    imagePulls: Type.Optional(Type.Array(ImagePull, { maxItems: MAX_IMAGE_PULLS, description: 'Orchard addition: the latest image pulls asked of the worker (orchard image pull), with their progress' })),
   },
   { additionalProperties: false, title: 'Worker' },
 );
 export type Worker = Static<typeof Worker>;
+
+/** Body of POST /v1/workers/{name}/images: the worker's held images, and/or the progress of one pull. */
+export const WorkerImagesReport = Type.Object(
+  {
+    images: Type.Optional(HeldImages),
+    pull: Type.Optional(Type.Object({ image: ImageRef, state: ImagePull.properties.state, message: ImagePull.properties.message }, { additionalProperties: false })),
+  },
+  { additionalProperties: false, title: 'WorkerImagesReport' },
+);
+export type WorkerImagesReport = Static<typeof WorkerImagesReport>;
+
+/** Body of POST /v1/images/pull (Orchard addition). */
+export const ImagePullRequest = Type.Object(
+  { image: ImageRef, labels: Type.Optional(StringMap('only workers with all of these labels')) },
+  { additionalProperties: false, title: 'ImagePullRequest' },
+);
+export type ImagePullRequest = Static<typeof ImagePullRequest>;
+
+/** The answer of POST /v1/images/pull: which of the matching workers were asked, and why the others were not. */
+export const ImagePullAnswer = Type.Object(
+  {
+    image: Type.String(),
+    asked: Type.Array(Type.String(), { description: 'connected workers that understand pullImageAction: each was sent one' }),
+    offline: Type.Array(Type.String(), { description: 'matching workers whose watch is not connected' }),
+    unsupported: Type.Array(Type.String(), { description: 'matching connected workers that do not declare pullImageAction (upstream workers, older ones)' }),
+  },
+  { title: 'ImagePullAnswer' },
+);
+export type ImagePullAnswer = Static<typeof ImagePullAnswer>;
+
+// ---- Registry credentials (Orchard addition) ----------------------------------------------------
+
+/** A registry host as image references name it: a DNS name or IPv4 address, optionally with a port (no scheme, no path). */
+export const REGISTRY_HOST_PATTERN = '^(?=[^:]{1,253}(:[0-9]{1,5})?$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*(:[0-9]{1,5})?$';
+export const RegistryHost = Type.String({ pattern: REGISTRY_HOST_PATTERN, minLength: 1, maxLength: 259, description: 'registry host[:port], e.g. ghcr.io or registry.local:5000' });
+
+const RegistryFields = {
+  username: Type.Optional(Type.String({ minLength: 1, maxLength: 255 })),
+  insecure: Type.Optional(Type.Boolean({ description: 'plain HTTP instead of HTTPS' })),
+  ca: Type.Optional(Type.String({ minLength: 1, maxLength: 64 * 1024, description: 'PEM certificate(s) the registry\'s TLS certificate must chain to (instead of the system\'s)' })),
+};
+
+/** What an admin sends (POST /v1/registries, PUT /v1/registries/{host}). */
+export const RegistryInput = Type.Object(
+  {
+    host: RegistryHost,
+    ...RegistryFields,
+    password: Type.Optional(
+      Type.Union([Type.String({ minLength: 1, maxLength: 8192 }), Type.Null()], {
+        description: 'write-only: never answered. On PUT, left out keeps the stored one, null removes it',
+      }),
+    ),
+  },
+  { additionalProperties: false, title: 'RegistryInput' },
+);
+export type RegistryInput = Static<typeof RegistryInput>;
+
+/** Registry credentials as the API answers them: never the password, only whether one is set. */
+export const Registry = Type.Object(
+  { host: Type.String(), ...RegistryFields, passwordSet: Type.Boolean(), createdAt: Type.Optional(Timestamp), updatedAt: Type.Optional(Timestamp) },
+  { additionalProperties: false, title: 'Registry' },
+);
+export type Registry = Static<typeof Registry>;
+
+/** Registry credentials as the store keeps them (named by host) and as workers get them. */
+export interface StoredRegistry {
+  /** The host: the store keys objects by name. */
+  name: string;
+  username?: string;
+  password?: string;
+  insecure?: boolean;
+  ca?: string;
+  createdAt?: string;
+  updatedAt?: string;
+}
 
 // ---- Service account, cluster settings, events, info ---------------------------------------------
 

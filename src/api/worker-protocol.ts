@@ -1,8 +1,13 @@
 // What the controller sends a worker down its watch WebSocket (`/v1/rpc/watch`), one JSON object per
 // frame, as upstream's v2 protocol has them; binary frames (upstream's workers read only those).
 // Ours adds `vms` to `syncVMsAction` (the worker's VMs as committed; capability-free: upstream's
-// workers ignore unknown fields and list the VMs themselves).
+// workers ignore unknown fields and list the VMs themselves), and two instructions of its own, sent
+// only to a worker whose record lists them in `capabilities` (upstream's workers list none).
 import type { VM } from './schemas.ts';
+
+/** The instructions of ours a worker may declare it understands (in its record's `capabilities`). */
+export const REGISTRIES_ACTION = 'registriesAction';
+export const PULL_IMAGE_ACTION = 'pullImageAction';
 
 /** The worker's VMs changed: sync them (with ours: here they are). */
 export interface SyncVMsAction {
@@ -22,7 +27,30 @@ export interface ResolveIPAction {
   vmUID: string;
 }
 
-export type WorkerInstruction = { syncVMsAction: SyncVMsAction } | { portForwardAction: PortForwardAction } | { resolveIPAction: ResolveIPAction };
+/** Credentials of one registry, in clear: only ever sent down a worker's watch. */
+export interface RegistryCredentials {
+  host: string;
+  username?: string;
+  password?: string;
+  /** Plain HTTP. */
+  insecure?: boolean;
+  /** PEM certificate(s) the registry's certificate must chain to. */
+  ca?: string;
+}
+
+/** The registry credentials, all of them (it replaces what the worker had): on connect and on every change. */
+export interface RegistriesAction {
+  registries: RegistryCredentials[];
+}
+
+/** Pull `image` now (orchard image pull); report progress with POST /v1/workers/{name}/images. */
+export interface PullImageAction {
+  image: string;
+}
+
+/** What every worker understands (upstream's too). */
+export type BaseInstruction = { syncVMsAction: SyncVMsAction } | { portForwardAction: PortForwardAction } | { resolveIPAction: ResolveIPAction };
+export type WorkerInstruction = BaseInstruction | { registriesAction: RegistriesAction } | { pullImageAction: PullImageAction };
 
 /** A sync frame around the VMs' JSON as the controller keeps it made (no parse and stringify per send). */
 export const syncVMsFrame = (vmsJSON: string) => `{"syncVMsAction":{"vms":${vmsJSON}}}`;
@@ -33,7 +61,15 @@ const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'obj
  * A frame as a worker reads it: the instruction, or undefined for what it does not understand (not
  * JSON, another shape, a future instruction), which a worker ignores rather than trusting.
  */
-export function parseInstruction(frame: string): WorkerInstruction | undefined {
+export function parseInstruction(frame: string): BaseInstruction | undefined {
+  return parseInstructionWith(frame, []) as BaseInstruction | undefined;
+}
+
+/**
+ * As parseInstruction, for a worker that declared `capabilities` in its record: of our own
+ * instructions it gets those it declared (any other is undefined, as a future one).
+ */
+export function parseInstructionWith(frame: string, capabilities: readonly string[]): WorkerInstruction | undefined {
   let msg: unknown;
   try {
     msg = JSON.parse(frame);
@@ -53,5 +89,27 @@ export function parseInstruction(frame: string): WorkerInstruction | undefined {
   }
   const r = msg.resolveIPAction;
   if (isObject(r) && typeof r.session === 'string' && typeof r.vmUID === 'string') return { resolveIPAction: { session: r.session, vmUID: r.vmUID } };
+  const g = msg.registriesAction;
+  if (isObject(g) && Array.isArray(g.registries) && capabilities.includes(REGISTRIES_ACTION)) {
+    const registries = g.registries.map(parseRegistry);
+    // One malformed entry makes the whole list suspect: ignored rather than half-applied.
+    if (registries.every((x) => x !== undefined)) return { registriesAction: { registries } };
+    return undefined;
+  }
+  const pull = msg.pullImageAction;
+  if (isObject(pull) && typeof pull.image === 'string' && pull.image !== '' && capabilities.includes(PULL_IMAGE_ACTION)) return { pullImageAction: { image: pull.image } };
   return undefined;
+}
+
+const optional = (v: unknown, type: 'string' | 'boolean') => v === undefined || typeof v === type;
+
+function parseRegistry(r: unknown): RegistryCredentials | undefined {
+  if (!isObject(r) || typeof r.host !== 'string' || r.host === '') return undefined;
+  if (!optional(r.username, 'string') || !optional(r.password, 'string') || !optional(r.insecure, 'boolean') || !optional(r.ca, 'string')) return undefined;
+  const out: RegistryCredentials = { host: r.host };
+  if (r.username !== undefined) out.username = r.username as string;
+  if (r.password !== undefined) out.password = r.password as string;
+  if (r.insecure !== undefined) out.insecure = r.insecure as boolean;
+  if (r.ca !== undefined) out.ca = r.ca as string;
+  return out;
 }

@@ -6,10 +6,10 @@ import { loadConfig } from '../client/config.ts';
 import { clientFor } from './common.ts';
 
 /**
- * What a word is completed with: names asked of `orchard __complete` (vms, workers, service-accounts,
+ * What a word is completed with: names asked of `orchard __complete` (vms, workers, service-accounts, registries,
  * contexts), files, directories, `@a,b,c` (one of these), or `-` (nothing to offer).
  */
-export type Kind = 'vms' | 'workers' | 'service-accounts' | 'contexts' | 'files' | 'dirs' | `@${string}` | '-';
+export type Kind = 'vms' | 'workers' | 'service-accounts' | 'registries' | 'contexts' | 'files' | 'dirs' | `@${string}` | '-';
 
 /** One command of the tree, as the scripts see it. */
 export interface Spec {
@@ -56,6 +56,7 @@ function argKind(path: string[], arg: Argument, index: number): Kind {
     if (noun === 'vm') return 'vms';
     if (noun === 'worker') return 'workers';
     if (noun === 'service-account') return 'service-accounts';
+    if (noun === 'registry') return 'registries';
     if (verb === 'context' && (noun === 'default' || noun === 'delete')) return 'contexts';
   }
   return '-';
@@ -190,7 +191,7 @@ _orchard() {
         fi
     fi
     case $kind in
-        vms | workers | service-accounts | contexts)
+        vms | workers | service-accounts | registries | contexts)
             local -a ctx=()
             [[ -n $context ]] && ctx=(--context "$context")
             local IFS=$'\\n'
@@ -279,7 +280,7 @@ end
 
 function __orchard_values --argument-names kind cmd context
     switch $kind
-        case vms workers service-accounts contexts
+        case vms workers service-accounts registries contexts
             if test -n "$context"
                 $cmd __complete $kind --context $context 2>/dev/null
             else
@@ -368,6 +369,7 @@ async function namesOf(kind: string, opts: { context?: string }) {
   if (kind === 'contexts') return Object.keys((await loadConfig()).contexts);
   const client = await clientFor(opts);
   try {
+    if (kind === 'registries') return (await client.listRegistries()).map((r) => r.host);
     const list = kind === 'vms' ? await client.listVMs() : kind === 'workers' ? await client.listWorkers() : kind === 'service-accounts' ? await client.listServiceAccounts() : [];
     return list.map((x) => x.name);
   } finally {
@@ -385,7 +387,7 @@ export function registerCompletionCommands(program: Command) {
     });
   program
     .command('__complete', { hidden: true })
-    .description('names for shell completion: vms, workers, service-accounts or contexts (prints nothing on any error)')
+    .description('names for shell completion: vms, workers, service-accounts, registries or contexts (prints nothing on any error)')
     .argument('<kind>')
     .option('--context <name>')
     .action(async (kind: string, opts: { context?: string }) => {

@@ -6,7 +6,23 @@ import tls from 'node:tls';
 import { X509Certificate } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { createWebSocketStream, WebSocket } from 'ws';
-import type { ClusterSettings, ControllerInfo, Event, Orphan, ServiceAccount, VM, VMStateUpdate, WatchEvent, Worker } from '../api/schemas.ts';
+import type {
+  ClusterSettings,
+  ControllerInfo,
+  Event,
+  ImagePull,
+  ImagePullAnswer,
+  ImagePullRequest,
+  Orphan,
+  Registry,
+  RegistryInput,
+  ServiceAccount,
+  VM,
+  VMStateUpdate,
+  WatchEvent,
+  Worker,
+  WorkerImagesReport,
+} from '../api/schemas.ts';
 
 export interface ClientOptions {
   url: string;
@@ -361,6 +377,15 @@ export class OrchardClient {
   createServiceAccount = (sa: ServiceAccount) => this.call<ServiceAccount>('POST', '/v1/service-accounts', sa);
   updateServiceAccount = (sa: ServiceAccount) => this.call<ServiceAccount>('PUT', `/v1/service-accounts/${encodeURIComponent(sa.name)}`, sa);
   deleteServiceAccount = (name: string) => this.call<ServiceAccount>('DELETE', `/v1/service-accounts/${encodeURIComponent(name)}`);
+  /** The worker's held images and/or one pull's progress (Orchard addition, capability "worker-images"). */
+  reportImages = (worker: string, report: WorkerImagesReport) =>
+    this.call<{ images: string[]; imagePulls: ImagePull[] }>('POST', `/v1/workers/${encodeURIComponent(worker)}/images`, report);
+  pullImage = (request: ImagePullRequest) => this.call<ImagePullAnswer>('POST', '/v1/images/pull', request);
+  listRegistries = () => this.call<Registry[]>('GET', '/v1/registries');
+  getRegistry = (host: string) => this.call<Registry>('GET', `/v1/registries/${encodeURIComponent(host)}`);
+  createRegistry = (r: RegistryInput) => this.call<Registry>('POST', '/v1/registries', r);
+  updateRegistry = (r: RegistryInput) => this.call<Registry>('PUT', `/v1/registries/${encodeURIComponent(r.host)}`, r);
+  deleteRegistry = (host: string) => this.call<Registry>('DELETE', `/v1/registries/${encodeURIComponent(host)}`);
   getClusterSettings = () => this.call<ClusterSettings>('GET', '/v1/cluster-settings');
   setClusterSettings = (s: ClusterSettings) => this.call<ClusterSettings>('PUT', '/v1/cluster-settings', s);
 

@@ -23,6 +23,9 @@ import { Scheduler } from './scheduler.ts';
 import { ClusterView } from './view.ts';
 import { Tunnels } from './connect/tunnels.ts';
 import { registerConnectRoutes } from './routes/connect.ts';
+import { registerRegistryRoutes } from './routes/registries.ts';
+import { registerImageRoutes } from './routes/images.ts';
+import { RegistryDelivery } from './registry-delivery.ts';
 import { badRequest, notFound } from './errors.ts';
 import { NAME_PATTERN } from '../api/schemas.ts';
 import { limitsOf, type Limits } from './limits.ts';
@@ -183,8 +186,9 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     backoffBaseMs: opts.restartBackoffMs,
   });
   const tunnels = new Tunnels(channels, view);
+  const registries = new RegistryDelivery(opts.store, view, channels, opts.logger);
   const access = new Access(opts.store, opts.logger, opts.authBackoff);
-  const ctx: AppContext = { store: opts.store, clusterID: opts.clusterID, view, metrics, access, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, limits, shutdown: abort.signal };
+  const ctx: AppContext = { store: opts.store, clusterID: opts.clusterID, view, metrics, access, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, registries, limits, shutdown: abort.signal };
 
   // Push, not poll: a change a worker must act on (a VM assigned to it or taken away, a new spec, a
   // restart, a deletion) reaches it at once. State reports (status, messages, conditions: mostly
@@ -193,6 +197,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   const unsubscribe = view.subscribe((change) => {
     if (change.kind === 'workers') {
       if (change.type === 'DELETED') channels.disconnect(change.object.name);
+      else registries.workerChanged(change.object.name, change.before?.capabilities, change.object.capabilities);
       return;
     }
     const { object: vm, before } = change;
@@ -230,7 +235,8 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
       await opts.store.update('workers', worker, (w) => (w.serviceAccount ? w : { ...w, serviceAccount: account.name }));
       checkActsAs(view.workers.get(worker) ?? record, account);
     }
-    return (ws) => channels.accept(worker, ws);
+    await registries.loaded;
+    return (ws) => channels.accept(worker, ws, registries.greeting(worker));
   });
   sockets.attach(app.server);
   // Before anything else watches connections: they then see every one, from its first byte on.
@@ -299,6 +305,8 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   registerAdminRoutes(app, ctx);
   registerWorkerRoutes(app, ctx);
   registerVMRoutes(app, ctx);
+  registerRegistryRoutes(app, ctx);
+  registerImageRoutes(app, ctx);
   registerConnectRoutes(app, ctx, sockets, tunnels);
 
   scheduler.start();
@@ -313,6 +321,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
       await scheduler.stop();
       view.close();
       tunnels.close();
+      registries.close();
       sockets.close();
       access.close();
       await app.close();

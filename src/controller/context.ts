@@ -7,6 +7,7 @@ import type { Scheduler } from './scheduler.ts';
 import type { Tunnels } from './connect/tunnels.ts';
 import type { Access } from './access.ts';
 import type { Limits } from './limits.ts';
+import type { RegistryDelivery } from './registry-delivery.ts';
 
 export interface AppContext {
   store: Store;
@@ -18,6 +19,7 @@ export interface AppContext {
   channels: WorkerChannels;
   scheduler: Scheduler;
   tunnels: Tunnels;
+  registries: RegistryDelivery;
   limits: Limits;
   /** Closed when the controller shuts down: long-lived streams end on it. */
   shutdown: AbortSignal;

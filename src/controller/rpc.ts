@@ -211,7 +211,8 @@ export class WorkerChannels {
     this.maxBuffered = limits.workerBufferBytes;
   }
 
-  accept(worker: string, ws: WebSocket) {
+  /** `greeting`: frames for this connection before anything else (the registry credentials of a worker that takes them). */
+  accept(worker: string, ws: WebSocket, greeting: readonly string[] = []) {
     let set = this.sockets.get(worker);
     if (!set) this.sockets.set(worker, (set = new Set()));
     // One live watch per worker: a new one (a reconnect) replaces any older one.
@@ -224,6 +225,7 @@ export class WorkerChannels {
       this.logger.info({ worker }, 'worker disconnected');
       this.onChange(worker, false);
     });
+    for (const frame of greeting) this.deliver(worker, ws, frame);
     // A (re)connected worker converges to the full desired state at once.
     this.sync(worker);
     this.onChange(worker, true);
@@ -248,17 +250,19 @@ export class WorkerChannels {
     const set = this.sockets.get(worker);
     if (!set) return false;
     const text = typeof message === 'string' ? message : JSON.stringify(message);
-    for (const ws of set) {
-      // Binary frames: upstream's workers read the watch as a binary JSON stream (ours take either).
-      ws.send(Buffer.from(text), { binary: true });
-      // A worker that does not read is dropped (it reconnects and gets the full state) rather than buffered for.
-      if (ws.bufferedAmount > this.maxBuffered) {
-        this.logger.warn({ worker, buffered: ws.bufferedAmount }, 'worker does not read its watch connection: disconnecting it');
-        ws.close(1008, `too slow: ${ws.bufferedAmount} bytes unread`);
-        setTimeout(() => ws.terminate(), 5_000).unref();
-      }
-    }
+    for (const ws of set) this.deliver(worker, ws, text);
     return true;
+  }
+
+  private deliver(worker: string, ws: WebSocket, text: string) {
+    // Binary frames: upstream's workers read the watch as a binary JSON stream (ours take either).
+    ws.send(Buffer.from(text), { binary: true });
+    // A worker that does not read is dropped (it reconnects and gets the full state) rather than buffered for.
+    if (ws.bufferedAmount > this.maxBuffered) {
+      this.logger.warn({ worker, buffered: ws.bufferedAmount }, 'worker does not read its watch connection: disconnecting it');
+      ws.close(1008, `too slow: ${ws.bufferedAmount} bytes unread`);
+      setTimeout(() => ws.terminate(), 5_000).unref();
+    }
   }
 
   /** `syncVMsAction` with the worker's VMs as they are committed now. */

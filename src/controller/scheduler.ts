@@ -7,6 +7,7 @@ import { localNameOf, RESOURCE_TART_VMS, type VM, type Worker } from '../api/sch
 import type { Store } from './store/store.ts';
 import { VM_DEFAULTS } from '../api/defaults.ts';
 import { requirements, type ClusterView } from './view.ts';
+import { holds } from './domain/images.ts';
 
 export const MAX_RESTARTS = 10;
 const BACKOFF_BASE_MS = 1000;
@@ -297,6 +298,17 @@ export class Scheduler {
       if (message === undefined) {
         at = candidates.findIndex((w) => this.fits(vm, need, w, usedOf(w.name)));
         best = candidates[at];
+        // Locality breaks ties: of the workers the profile ranks equal (the same load; they follow
+        // one another in the list), one that holds the VM's image. It never overrides the profile.
+        if (best && !holds(best, vm.image)) {
+          for (let i = at + 1; i < candidates.length && load(candidates[i]) === load(best); i++) {
+            if (holds(candidates[i], vm.image) && this.fits(vm, need, candidates[i], usedOf(candidates[i].name))) {
+              at = i;
+              best = candidates[i];
+              break;
+            }
+          }
+        }
       }
       if (!best) {
         message ??= this.whyNoFit(vm, need, workers, online, usedOf);
@@ -320,7 +332,7 @@ export class Scheduler {
       update(vm, (cur) => cur.status === 'pending' && !cur.worker, () => ({
         worker: w.name,
         scheduled_at: new Date(now).toISOString(),
-        status_message: `scheduled on worker ${w.name}`,
+        status_message: holds(w, vm.image) ? `scheduled on worker ${w.name} (image ${vm.image} already there)` : `scheduled on worker ${w.name}`,
         // A VM that asks for no cpu or memory gets the worker's defaults (upstream's --default-cpu/--default-memory).
         assignedCPU: vm.cpu || w.defaultCPU || VM_DEFAULTS.cpu,
         assignedMemory: vm.memory || w.defaultMemory || VM_DEFAULTS.memory,

@@ -34,7 +34,7 @@ export class ClusterView {
     let snapshotRevision = -1;
     const early: Change[] = [];
     this.unsubscribe = store.subscribe((change) => {
-      if (change.kind === 'serviceAccounts') return;
+      if (change.kind !== 'vms' && change.kind !== 'workers') return;
       if (snapshotRevision < 0) early.push(change);
       else this.apply(change);
     });

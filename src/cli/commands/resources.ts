@@ -1,8 +1,8 @@
-// create|list|get|delete of VMs, workers and service accounts; pause|resume worker; list|delete|adopt orphans;
+// create|list|get|delete of VMs, workers, service accounts and registry credentials; pause|resume worker; list|delete|adopt orphans;
 // get|set cluster-settings; get bootstrap-token; logs vm.
 import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
-import type { ClusterSettings, Event, ServiceAccount, VM, Worker } from '../../api/schemas.ts';
+import type { ClusterSettings, Event, Registry, ServiceAccount, VM, Worker } from '../../api/schemas.ts';
 import { ROLES, SCHEDULER_PROFILES, type Role } from '../../api/enums.ts';
 import { encodeBootstrapToken } from '../../api/bootstrap-token.ts';
 import { VM_DEFAULTS } from '../../api/defaults.ts';
@@ -409,6 +409,46 @@ export function registerResourceCommands(program: Command) {
     const sa = await withClient(opts, (c) => c.getServiceAccount(name));
     if (!sa.token) throw new Error(`service account "${name}" has no token`);
     process.stdout.write(encodeBootstrapToken({ serviceAccountName: sa.name, serviceAccountToken: sa.token, certificate: context.certificate }) + '\n');
+  });
+
+  // ---- registry credentials (the password goes in, never comes back) ----
+  const registryRow = (r: Registry) => [r.host, r.username, r.passwordSet ? 'yes' : 'no', r.insecure ? 'yes' : 'no', r.ca ? 'yes' : 'no', age(r.createdAt)];
+  const REGISTRY_HEADERS = ['HOST', 'USERNAME', 'PASSWORD', 'INSECURE', 'CA', 'AGE'];
+  withCommon(
+    create
+      .command('registry')
+      .description('set the credentials workers pull images of a registry with (needs admin:write; every worker gets them in clear)')
+      .argument('<host>', 'registry host[:port], as image references name it (ghcr.io, registry.local:5000)')
+      .option('--username <user>', 'user name to sign in with')
+      .option('--password-stdin', 'read the password (or token) from standard input')
+      .option('--insecure', 'plain HTTP instead of HTTPS')
+      .option('--ca-file <file>', "PEM certificate(s) the registry's certificate must chain to"),
+  ).action(async (host: string, opts: CommonOptions & { username?: string; passwordStdin?: boolean; insecure?: boolean; caFile?: string }) => {
+    let password: string | undefined;
+    if (opts.passwordStdin) {
+      const chunks: Buffer[] = [];
+      for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+      password = Buffer.concat(chunks).toString('utf8').replace(/\r?\n$/, '');
+      if (!password) throw new UsageError('--password-stdin: standard input was empty');
+      if (!opts.username) throw new UsageError('--password-stdin needs --username');
+    }
+    const ca = opts.caFile !== undefined ? readFileSync(opts.caFile, 'utf8') : undefined;
+    const r = await withClient(opts, (c) => c.createRegistry({ host, username: opts.username, password, insecure: opts.insecure, ca }));
+    await print(opts.output, r, () => `registry ${r.host} created${r.passwordSet ? ' (with a password)' : ''}\n`);
+  });
+  withCommon(list.command('registries').description('list registry credentials (never their passwords)').option('-q, --quiet', 'only the hosts')).action(async (opts: CommonOptions & { quiet?: boolean }) => {
+    const rs = await withClient(opts, (c) => c.listRegistries());
+    await print(opts.output, rs, () => (quiet(opts) ? rs.map((r) => r.host + '\n').join('') : table(REGISTRY_HEADERS, rs.map(registryRow))));
+  });
+  withCommon(get.command('registry').description("show a registry's credentials (never the password), or one field (HOST/FIELD)").argument('<host>', 'HOST or HOST/FIELD')).action(async (arg: string, opts: CommonOptions) => {
+    const { name, path } = splitFieldPath(arg);
+    const r = await withClient(opts, (c) => c.getRegistry(name));
+    if (path.length) return void process.stdout.write(lookupField(r, path) + '\n');
+    await print(opts.output, r, () => table(REGISTRY_HEADERS, [registryRow(r)]));
+  });
+  withCommon(del.command('registry').description("delete a registry's credentials").argument('<host>'), false).action(async (host: string, opts: CommonOptions) => {
+    await withClient(opts, (c) => c.deleteRegistry(host));
+    process.stderr.write(`registry ${host} deleted\n`);
   });
 
   // ---- cluster settings ----

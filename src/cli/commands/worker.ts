@@ -10,6 +10,7 @@ import { parseDuration, print, table, type OutputFormat } from '../output.ts';
 import { parseOutput } from '../output.ts';
 import * as lazy from '../../build/lazy.ts';
 import type { LogFormat } from '../../logging.ts';
+import { registerImagePullCommand } from './image-pull.ts';
 
 export const defaultWorkerDataDir = () => join(homedir(), '.orchard', 'worker');
 
@@ -189,6 +190,7 @@ export function registerWorkerCommands(program: Command) {
     );
 
   const image = program.command('image').description('manage the QEMU guest images of this host');
+  registerImagePullCommand(image);
   image
     .command('build')
     .description('build a guest image from Debian packages (debian-dev: SSH server, user admin/admin)')

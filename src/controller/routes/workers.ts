@@ -1,13 +1,15 @@
 // /v1/workers: workers register (POST) and heartbeat (PUT); operators list, pause/resume, delete.
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
-import { ErrorBody, Name, Orphan, parseLocalName, Worker } from '../../api/schemas.ts';
+import { ErrorBody, ImagePull, MAX_HELD_IMAGES, Name, Orphan, parseLocalName, Worker, WorkerImagesReport } from '../../api/schemas.ts';
 import type { AppContext } from '../context.ts';
 import type { Transaction } from '../store/store.ts';
 import { badRequest, conflict, notFound } from '../errors.ts';
 import { accountOf } from '../access.ts';
 import { checkActsAs, registration, sortUnassigned, uidOf, update } from '../domain/workers.ts';
 import { newVM } from '../domain/vms.ts';
+import { withPull } from '../domain/images.ts';
+import { streamWatch } from '../watch.ts';
 
 const NameParams = Type.Object({ name: Name });
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
@@ -28,8 +30,18 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
       store.transaction((tx) => tx.put('workers', registration(request.body, tx.get('workers', request.body.name), accountOf(request), new Date().toISOString()))),
   );
 
-  app.get('/v1/workers', { config: { roles: READ }, schema: { tags: ['workers'], summary: 'List workers', response: { 200: Type.Array(Worker), ...errors } } }, async () =>
-    store.list('workers'),
+  app.get<{ Querystring: { watch?: boolean } }>(
+    '/v1/workers',
+    {
+      config: { roles: READ },
+      schema: {
+        tags: ['workers'],
+        summary: 'List workers, or watch them (NDJSON of ADDED/MODIFIED/DELETED; Orchard addition)',
+        querystring: Type.Object({ watch: Type.Optional(Type.Boolean()) }),
+        response: { 200: Type.Array(Worker), ...errors },
+      },
+    },
+    async (request, reply) => (request.query.watch ? streamWatch(ctx, reply, 'workers', () => true) : store.list('workers')),
   );
 
   app.get<{ Params: { name: string } }>(
@@ -60,6 +72,35 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
     '/v1/workers/:name',
     { config: { roles: WRITE }, schema: { tags: ['workers'], summary: 'Delete a worker', params: NameParams, response: { 200: Worker, ...errors } } },
     async (request) => store.delete('workers', request.params.name),
+  );
+
+  // What the worker holds and how its pulls go: from the worker's own account only.
+  app.post<{ Params: { name: string }; Body: WorkerImagesReport }>(
+    '/v1/workers/:name/images',
+    {
+      config: { roles: WRITE },
+      schema: {
+        tags: ['workers'],
+        summary: `The images the worker holds (replaces the list; at most ${MAX_HELD_IMAGES}), and/or the progress of one pull (Orchard addition, capability "worker-images")`,
+        params: NameParams,
+        body: WorkerImagesReport,
+        response: { 200: Type.Object({ images: Type.Array(Type.String()), imagePulls: Type.Array(ImagePull) }), ...errors },
+      },
+    },
+    async (request) => {
+      const { name } = request.params;
+      const { images, pull } = request.body;
+      const account = accountOf(request);
+      const updatedAt = new Date().toISOString();
+      const w = await store.update('workers', name, (current) => {
+        checkActsAs(current, account);
+        const next = { ...current };
+        if (images !== undefined) next.images = [...new Set(images)];
+        if (pull) next.imagePulls = withPull(current.imagePulls, { ...pull, updatedAt });
+        return next;
+      });
+      return { images: w.images ?? [], imagePulls: w.imagePulls ?? [] };
+    },
   );
 
   // Orphans: VMs a worker runs that the controller does not know (it lost or swapped its records).

@@ -454,5 +454,5 @@ export class SQLiteStore implements Store {
 }
 
 function singular(kind: Kind): string {
-  return kind === 'vms' ? 'VM' : kind === 'workers' ? 'worker' : 'service account';
+  return { vms: 'VM', workers: 'worker', serviceAccounts: 'service account', registries: 'registry' }[kind];
 }

@@ -16,12 +16,14 @@
 //   the revision of the last change it reflects, so subscribing first, then taking a snapshot, then
 //   adding the published changes with a greater revision gives every change once (no gap, no
 //   duplicate). Events (appendEvents), releases and cluster settings are not in the feed.
-import type { ClusterSettings, Event, ServiceAccount, VM, Worker, WatchEventType } from '../../api/schemas.ts';
+import type { ClusterSettings, Event, ServiceAccount, StoredRegistry, VM, Worker, WatchEventType } from '../../api/schemas.ts';
 
 export interface Kinds {
   vms: VM;
   workers: Worker;
   serviceAccounts: ServiceAccount;
+  /** Registry credentials, named by host (passwords in clear: never answered by the API). */
+  registries: StoredRegistry;
 }
 export type Kind = keyof Kinds;
 
