@@ -8,7 +8,7 @@ import { WebSocket } from 'ws';
 import type { Logger } from 'pino';
 import type { Worker } from '../api/schemas.ts';
 import { ApiError, CertificateMismatchError, probeCertificate, type OrchardClient } from '../client/client.ts';
-import { parseInstruction, type WorkerInstruction } from '../api/worker-protocol.ts';
+import { parseInstructionWith, type WorkerInstruction } from '../api/worker-protocol.ts';
 
 export interface LinkOptions {
   client: OrchardClient;
@@ -19,6 +19,10 @@ export interface LinkOptions {
   dataDir: string;
   /** The worker's record, as registered. */
   record(): Worker;
+  /** The instructions of ours the worker understands (declared in its record); others are ignored. */
+  capabilities: readonly string[];
+  /** A registration (the first or a later one) was accepted. */
+  onRegistered?(): void;
   heartbeatMs?: number;
   /** Aborts when the worker stops. */
   stopped: AbortSignal;
@@ -41,6 +45,8 @@ export class ControllerLink {
     watchLiveness: false,
     /** It sorts a worker's unassigned VMs into removable ones and orphans ("orphans"). */
     orphans: false,
+    /** It takes the images a worker holds and its pulls' progress, and sends pre-pulls ("worker-images"). */
+    workerImages: false,
   };
 
   private readonly o: LinkOptions;
@@ -57,14 +63,20 @@ export class ControllerLink {
     this.can.stateWithEvents = caps.includes('vm-state-events');
     this.can.watchLiveness = caps.includes('watch-liveness');
     this.can.orphans = caps.includes('orphans');
+    this.can.workerImages = caps.includes('worker-images');
     this.checkCluster(info?.clusterID);
     try {
-      await client.registerWorker(this.o.record());
+      await this.register();
     } catch (err) {
       throw await this.joinError(err as Error);
     }
     this.heartbeat = setInterval(() => void this.beat(), this.o.heartbeatMs ?? 10_000);
     this.connect();
+  }
+
+  private async register() {
+    await this.o.client.registerWorker(this.o.record());
+    this.o.onRegistered?.();
   }
 
   stop() {
@@ -120,7 +132,7 @@ export class ControllerLink {
     } catch (err) {
       if (err instanceof ApiError && err.status === 404) {
         this.o.log.warn('worker record is gone; registering again');
-        await client.registerWorker(this.o.record()).catch(() => {});
+        await this.register().catch(() => {});
       } else this.o.log.warn({ err: (await this.joinError(err as Error)).message }, 'heartbeat failed');
     }
   }
@@ -139,7 +151,7 @@ export class ControllerLink {
       void client.info().then((i) => this.checkCluster(i.clusterID), () => {});
     });
     ws.on('message', (data) => {
-      const msg = parseInstruction(data.toString());
+      const msg = parseInstructionWith(data.toString(), this.o.capabilities);
       if (msg) this.o.onInstruction(msg);
     });
     ws.on('unexpected-response', (_req, res) => {
@@ -159,7 +171,7 @@ export class ControllerLink {
       setTimeout(() => {
         if (!this.unregistered) return this.connect();
         log.warn('the controller does not know this worker (deleted?); registering again');
-        client.registerWorker(this.o.record()).then(
+        this.register().then(
           () => {
             this.unregistered = false;
             this.connect();

@@ -27,6 +27,10 @@ export interface RunContext {
   workerName: string;
   log: Logger;
   outbox: OutboxContext;
+  /** Does this host hold `image` already (as far as the worker knows)? */
+  holds?(image: string): boolean;
+  /** A VM's disk was made (its image may have just come to this host). */
+  onPrepared?(): void;
   /** CPUs and MiB of a VM that asks for none and was assigned none. */
   defaultCPU?: number;
   defaultMemory?: number;
@@ -83,7 +87,8 @@ async function run(ctx: RunContext, vm: VM, task: Task, alreadyRunning: boolean,
       log.info({ vm: vm.name }, 'adopting a running VM');
       out.event('lifecycle', `adopted by worker ${ctx.workerName} after a restart`);
     } else {
-      out.event('lifecycle', `scheduled on worker ${ctx.workerName}; cloning image ${vm.image}`);
+      const here = vm.image && ctx.holds?.(vm.image) ? ' (already on this worker)' : '';
+      out.event('lifecycle', `scheduled on worker ${ctx.workerName}; cloning image ${vm.image}${here}`);
       report(task, { status: 'pending', status_message: `cloning image ${vm.image}`, conditions: [{ type: 'scheduled', state: 'true' }, { type: 'cloning', state: 'true' }] });
       await prepare(ctx, vm, task);
       signal.throwIfAborted();
@@ -186,6 +191,7 @@ async function prepare(ctx: RunContext, vm: VM, task: Task) {
   for (let attempt = 0; ; attempt++) {
     try {
       await ctx.driver.prepare(toDriverVM(ctx, vm, task.localName), progress).finally(flush);
+      ctx.onPrepared?.();
       if (attempt > 0) task.out.event('lifecycle', `image ${vm.image} is here now (after ${attempt + 1} attempts); cloning it`);
       return;
     } catch (err) {

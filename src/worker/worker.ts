@@ -14,6 +14,7 @@ import type { Driver } from './drivers/driver.ts';
 import { portForward, resolveIP, type DialBackContext } from './dial-back.ts';
 import { ControllerLink } from './link.ts';
 import { Reconciler } from './reconciler.ts';
+import { WorkerImages } from './images-report.ts';
 
 export interface WorkerOptions {
   client: OrchardClient;
@@ -46,6 +47,8 @@ export class OrchardWorker {
   private readonly link: ControllerLink;
   private readonly reconciler: Reconciler;
   private readonly dialBack: DialBackContext;
+  /** For a driver that pulls images from registries: credentials, pre-pulls, the images held. */
+  private readonly images?: WorkerImages;
   readonly machineId: string;
 
   constructor(opts: WorkerOptions) {
@@ -57,9 +60,17 @@ export class OrchardWorker {
     this.machineId = readFileSync(idFile, 'utf8').trim();
     const { client, driver, name: workerName } = opts;
     const stopped = this.stopSignal.signal;
+    if (driver.images) {
+      this.images = new WorkerImages({
+        client, workerName, log, images: driver.images, watchImages: driver.watchImages?.bind(driver),
+        controllerTakesReports: () => this.link.can.workerImages,
+      });
+    }
     this.link = new ControllerLink({
       client, log, workerName, machineId: this.machineId, dataDir: opts.dataDir, heartbeatMs: opts.heartbeatMs, stopped,
+      capabilities: this.images ? WorkerImages.capabilities : [],
       record: () => this.workerRecord(),
+      onRegistered: () => this.images?.registered(),
       onInstruction: (msg) => this.instruction(msg),
       onConnected: () => this.reconciler.reconnected(),
     });
@@ -69,6 +80,8 @@ export class OrchardWorker {
       orphansCapable: () => this.link.can.orphans,
       run: {
         driver, workerName, log, defaultCPU: opts.defaultCPU, defaultMemory: opts.defaultMemory,
+        onPrepared: () => this.images?.changed(),
+        holds: (image) => this.images?.held.includes(image) ?? false,
         outbox: { client, log, stopped, stateWithEvents: () => this.link.can.stateWithEvents },
       },
     });
@@ -76,7 +89,10 @@ export class OrchardWorker {
   }
 
   private workerRecord(): Worker {
+    // Our additions only for a controller that takes them (an upstream one knows none).
+    const images = this.images && this.link.can.workerImages ? { capabilities: WorkerImages.capabilities, images: this.images.held } : {};
     return {
+      ...images,
       name: this.o.name,
       machine_id: this.machineId,
       labels: this.o.labels ?? {},
@@ -94,6 +110,7 @@ export class OrchardWorker {
   }
 
   async start() {
+    await this.images?.start();
     await this.link.start();
     this.log.info({ runtime: this.o.driver.runtime, slots: this.o.slots }, 'worker registered');
     this.reconciler.requestSync();
@@ -103,6 +120,7 @@ export class OrchardWorker {
   async stop() {
     this.stopSignal.abort();
     this.link.stop();
+    this.images?.stop();
     this.reconciler.stop();
     this.o.client.close();
   }
@@ -115,6 +133,8 @@ export class OrchardWorker {
   private instruction(msg: WorkerInstruction) {
     if ('syncVMsAction' in msg) this.reconciler.syncPushed(msg.syncVMsAction.vms);
     else if ('portForwardAction' in msg) void portForward(this.dialBack, msg.portForwardAction);
-    else void resolveIP(this.dialBack, msg.resolveIPAction);
+    else if ('resolveIPAction' in msg) void resolveIP(this.dialBack, msg.resolveIPAction);
+    else if ('registriesAction' in msg) this.images?.setRegistries(msg.registriesAction.registries);
+    else void this.images?.pull(msg.pullImageAction.image);
   }
 }

@@ -1,6 +1,7 @@
 // The one small interface every VM runtime (qemu, tart, synthetic) implements. The worker owns the
 // desired state and the controller protocol; a driver only knows how to make one VM exist on this host.
 import type { Duplex } from 'node:stream';
+import type { RegistryCredentials } from '../../api/worker-protocol.ts';
 
 /** What the worker asks a driver to run: the VM spec, reduced to what a hypervisor needs. */
 export interface DriverVM {
@@ -39,6 +40,16 @@ export interface LocalVM {
 
 export type Progress = (message: string) => void;
 
+/** What a driver that pulls images from registries (qemu with an image cache) offers the worker. */
+export interface DriverImages {
+  /** The registries' credentials and settings as the controller sends them (replacing earlier ones). */
+  setRegistries(registries: RegistryCredentials[]): void;
+  /** Pull `image` now (a pre-pull), or confirm it is current; progress as for prepare. */
+  pull(image: string, progress: Progress, signal?: AbortSignal): Promise<void>;
+  /** The images held here: references as VMs name them, and their sha256: digests. */
+  held(): Promise<string[]>;
+}
+
 export interface Driver {
   readonly runtime: string;
   /** Every VM on this host that this driver created (name prefix `orchard-`), running or not. */
@@ -50,6 +61,8 @@ export interface Driver {
    * another process); returns what stops it. VMs waiting for a missing image are retried then.
    */
   watchImages?(onChange: () => void): () => void;
+  /** Optional: pulling images from registries (pre-pulls, credentials, what is held for placement). */
+  readonly images?: DriverImages;
   /** Start the hypervisor; resolves once the process runs (not yet when the guest is ready). */
   start(vm: DriverVM): Promise<void>;
   /** Resolves when the guest accepts SSH (the `SSH-` banner answers); rejects if the VM dies or on abort. */

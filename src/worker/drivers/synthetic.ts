@@ -1,7 +1,9 @@
 // In-memory VMs for load tests (upstream's --synthetic): they "boot" after an optional delay and
-// every port answers as an echo server. Nothing survives the worker process.
+// every port answers as an echo server; images "pull" (progress included) in an optional time and
+// are then held. Nothing survives the worker process.
 import { Duplex } from 'node:stream';
-import type { Driver, DriverVM, LocalVM } from './driver.ts';
+import type { RegistryCredentials } from '../../api/worker-protocol.ts';
+import type { Driver, DriverImages, DriverVM, LocalVM, Progress } from './driver.ts';
 
 interface SyntheticVM {
   vm: DriverVM;
@@ -31,9 +33,34 @@ export class SyntheticDriver implements Driver {
   readonly runtime = 'synthetic';
   private readonly vms = new Map<string, SyntheticVM>();
   private readonly bootDelayMs: number;
+  private readonly pullMs: number;
+  private readonly heldImages = new Set<string>();
+  /** The registry settings the controller sent last (tests read them). */
+  registries: RegistryCredentials[] = [];
+  readonly images: DriverImages = {
+    setRegistries: (registries) => (this.registries = registries),
+    pull: (image, progress) => this.pull(image, progress),
+    held: async () => [...this.heldImages].sort(),
+  };
 
-  constructor(opts: { bootDelayMs?: number } = {}) {
+  constructor(opts: { bootDelayMs?: number; pullMs?: number } = {}) {
     this.bootDelayMs = opts.bootDelayMs ?? 0;
+    this.pullMs = opts.pullMs ?? 0;
+  }
+
+  /** A pull of a made-up 100 MiB image that takes pullMs, with progress every 100 ms. */
+  private async pull(image: string, progress: Progress) {
+    const total = 100;
+    const t0 = Date.now();
+    for (let done = 0; ; ) {
+      const seconds = (Date.now() - t0) / 1000;
+      const rate = seconds > 0 ? done / seconds : 0;
+      progress(`pulling ${image}: ${done} % of ${total} MiB, ${rate.toFixed(0)} MiB/s${rate > 0 ? `, about ${Math.ceil((total - done) / rate)} s left` : ''}`);
+      if (done >= total || this.pullMs === 0) break;
+      await new Promise((r) => setTimeout(r, 100));
+      done = Math.min(total, Math.round(((Date.now() - t0) / this.pullMs) * total));
+    }
+    this.heldImages.add(image);
   }
 
   private get(localName: string): SyntheticVM {
@@ -55,6 +82,7 @@ export class SyntheticDriver implements Driver {
     let stopped!: (reason: string) => void;
     const exit = new Promise<{ reason: string }>((resolve) => (stopped = (reason) => resolve({ reason })));
     this.vms.set(vm.localName, { vm, running: false, starts: 0, exit, stopped });
+    this.heldImages.add(vm.image);
   }
 
   async start(vm: DriverVM): Promise<void> {
