@@ -54,6 +54,8 @@ export interface CachedImage {
   size: number;
   created: string;
   lastUsed: string;
+  /** the reference it was pulled as */
+  source: string;
   /** a VM holds its disk */
   inUse: boolean;
   dir: string;
@@ -199,6 +201,19 @@ export class ImageCache {
     }
     const entry = await this.share(this.byReference, key, emit, (send) => this.pull(ref, key, opts.policy, send, opts.signal).then((e) => this.handOut(e, image)));
     return { ...entry, name: image };
+  }
+
+  /** The cached image `image` names, without asking any registry; undefined when there is none. */
+  async cached(image: string): Promise<ResolvedImage | undefined> {
+    let key: string;
+    try {
+      key = formatReference(parseReference(image));
+    } catch {
+      return undefined;
+    }
+    await this.init();
+    const hit = await this.cachedEntry(key);
+    return hit ? { ...(await resolveImage(this.path('entries'), `sha256-${hit.entry}`)), name: image } : undefined;
   }
 
   /** Runs `start` once per key; later callers wait for the same run and get its progress too. */
@@ -396,6 +411,7 @@ export class ImageCache {
         out.push({
           references: (refs.get(m[1]) ?? []).sort(),
           digest: oci.digest,
+          source: oci.reference,
           kind: meta.kind,
           size: await allocated(dir),
           created: meta.created,

@@ -16,6 +16,8 @@ export interface PullProgress {
   seconds?: number;
   /** the registry host (resolving) or the manifest digest (done, cached) */
   detail?: string;
+  /** `pulling` unless said (a push's upload says `pushing`) */
+  verb?: string;
 }
 
 export type PullProgressFn = (p: PullProgress) => void;
@@ -45,7 +47,7 @@ export function formatPullProgress(p: PullProgress): string {
       return `pulling ${p.image}: asking ${p.detail ?? 'the registry'}`;
     case 'downloading': {
       const pct = p.total > 0 ? Math.floor((p.done / p.total) * 100) : 0;
-      let line = `pulling ${p.image}: ${pct} % of ${formatBytes(p.total)}`;
+      let line = `${p.verb ?? 'pulling'} ${p.image}: ${pct} % of ${formatBytes(p.total)}`;
       if (p.bytesPerSecond && p.bytesPerSecond > 0) {
         line += `, ${formatRate(p.bytesPerSecond)}`;
         if (p.done < p.total) line += `, about ${formatSeconds((p.total - p.done) / p.bytesPerSecond)} left`;
