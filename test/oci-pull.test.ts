@@ -7,14 +7,13 @@ import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, linkSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { createServer, connect, type Server } from 'node:net';
 import { join } from 'node:path';
 import { ImageCache } from '../src/worker/oci/cache.ts';
 import { PullError } from '../src/worker/oci/errors.ts';
 import { isImageReference, parseReference } from '../src/worker/oci/reference.ts';
 import { formatPullProgress, type PullProgress } from '../src/worker/oci/progress.ts';
 import { ROOT, tempDir, waitFor } from './helpers.ts';
-import { ociLayout, qcow2WithData, skopeoPush, startRegistry, type TestRegistry } from './registry.ts';
+import { ociLayout, qcow2WithData, skopeoPush, startRegistry, throttledProxy, type TestRegistry } from './registry.ts';
 
 let registry: TestRegistry;
 let work: string;
@@ -224,26 +223,6 @@ test('LRU eviction to the size bound never removes an image a VM uses', async ()
   rmSync(vmDisk);
   cache.close();
 });
-
-/** A TCP forwarder to the registry that lets `bytesPerSecond` through each way. */
-function throttledProxy(target: string, bytesPerSecond: number): Promise<{ server: Server; host: string }> {
-  const [host, port] = target.split(':');
-  const server = createServer((client) => {
-    const upstream = connect(Number(port), host);
-    client.pipe(upstream);
-    upstream.on('data', (chunk: Buffer) => {
-      upstream.pause();
-      client.write(chunk);
-      setTimeout(() => upstream.resume(), (chunk.length / bytesPerSecond) * 1000);
-    });
-    upstream.on('end', () => client.end());
-    const close = () => (client.destroy(), upstream.destroy());
-    client.on('error', close);
-    upstream.on('error', close);
-    client.on('close', close);
-  });
-  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ server, host: `127.0.0.1:${(server.address() as { port: number }).port}` })));
-}
 
 test('a pull killed with kill -9 half way leaves no entry; the next pull resumes the download and gets the right image', async () => {
   const disk = pushDisk('team/big', 'v1', 24, false);

@@ -6,6 +6,7 @@ import { webcrypto } from 'node:crypto';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
+import { createServer, connect, type Server } from 'node:net';
 import { join } from 'node:path';
 import { freePort, tempDir, waitFor } from './helpers.ts';
 
@@ -174,6 +175,26 @@ export function qcow2WithData(dir: string, name: string, mib: number): string {
   execFileSync('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, out]);
   rmSync(raw);
   return out;
+}
+
+/** A TCP forwarder to `target` that passes at most `bytesPerSecond` from it (a slow link to the registry). */
+export function throttledProxy(target: string, bytesPerSecond: number): Promise<{ server: Server; host: string }> {
+  const [host, port] = target.split(':');
+  const server = createServer((client) => {
+    const upstream = connect(Number(port), host);
+    client.pipe(upstream);
+    upstream.on('data', (chunk: Buffer) => {
+      upstream.pause();
+      client.write(chunk);
+      setTimeout(() => upstream.resume(), (chunk.length / bytesPerSecond) * 1000);
+    });
+    upstream.on('end', () => client.end());
+    const close = () => (client.destroy(), upstream.destroy());
+    client.on('error', close);
+    upstream.on('error', close);
+    client.on('close', close);
+  });
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ server, host: `127.0.0.1:${(server.address() as { port: number }).port}` })));
 }
 
 export const fileText = (path: string) => readFileSync(path, 'utf8');
