@@ -82,12 +82,16 @@ export async function downloadBlob(d: BlobDownload): Promise<void> {
   let received = have;
   let batch: Buffer[] = [];
   let batched = 0;
+  // One write in flight while the next batch arrives: reading, hashing and writing overlap, and at
+  // most two batches are held.
+  let writing: Promise<unknown> = Promise.resolve();
   const flush = async () => {
+    await writing;
     if (batched === 0) return;
     const out = batch;
     batch = [];
     batched = 0;
-    await fh.writev(out);
+    writing = fh.writev(out);
   };
   try {
     for await (const chunk of res as AsyncIterable<Buffer>) {
@@ -103,7 +107,9 @@ export async function downloadBlob(d: BlobDownload): Promise<void> {
       d.onBytes?.(chunk.length);
     }
     await flush();
+    await writing;
   } catch (err) {
+    await writing.catch(() => {});
     await fh.close().catch(() => {});
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOSPC' || code === 'EDQUOT') {
