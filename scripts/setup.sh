@@ -11,8 +11,10 @@ PKGS=(qemu-system-x86 qemu-utils busybox-static dropbear-bin openssh-sftp-server
 if [ "${1:-}" = --test ]; then
   # systemd-analyze, systemd-sysusers: test/deploy.test.ts checks deploy/ with them; vncsnapshot and
   # tesseract: test/connect-cli.test.ts reads the VM's screen through `orchard vnc`; zsh and fish:
-  # test/completion.test.ts loads `orchard completion zsh|fish` into them (bash and script(1) are essential).
-  PKGS+=(systemd vncsnapshot tesseract-ocr tesseract-ocr-eng zsh fish)
+  # test/completion.test.ts loads `orchard completion zsh|fish` into them (bash and script(1) are essential);
+  # docker-registry, skopeo and apache2-utils (htpasswd): test/oci-*.test.ts pull from and push to a
+  # real registry on loopback, with images skopeo copies in and inspects.
+  PKGS+=(systemd vncsnapshot tesseract-ocr tesseract-ocr-eng zsh fish docker-registry skopeo apache2-utils)
 fi
 command -v npm >/dev/null 2>&1 || PKGS+=(nodejs npm)
 missing=()

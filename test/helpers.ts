@@ -201,10 +201,10 @@ export async function qemuWorker(
   c: Awaited<ReturnType<typeof inProcessController>>,
   name: string,
   workerDir: string,
-  opts: { imagesDir?: string; slots?: number; buildMissingDebianDev?: boolean } = {},
+  opts: { imagesDir?: string; slots?: number; buildMissingDebianDev?: boolean; imageCache?: import('../src/worker/oci/cache.ts').ImageCache } = {},
 ) {
   const [{ QemuDriver }, { startWorker }] = await Promise.all([import('../src/worker/drivers/qemu.ts'), import('../src/worker/run.ts')]);
-  const driver = new QemuDriver({ dataDir: workerDir, imagesDir: opts.imagesDir ?? join(workerDir, 'images'), buildMissingDebianDev: opts.buildMissingDebianDev });
+  const driver = new QemuDriver({ dataDir: workerDir, imagesDir: opts.imagesDir ?? join(workerDir, 'images'), buildMissingDebianDev: opts.buildMissingDebianDev, imageCache: opts.imageCache });
   const worker = await startWorker({
     url: c.ctl.url,
     token: { serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate: c.ctl.certificate },

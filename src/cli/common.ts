@@ -85,3 +85,13 @@ export function parseInteger(name: string) {
     return Number(value);
   };
 }
+
+/** A size in bytes: a number with an optional binary unit, `500M`, `50G`, `1.5T` (K, M, G, T; `GiB`, `GB` alike). */
+export function parseSize(name: string) {
+  return (value: string) => {
+    const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$/i.exec(value.trim());
+    if (!m) throw new InvalidArgumentError(`${name} must be a size such as 500M or 50G, got "${value}"`);
+    const unit = m[2].toUpperCase();
+    return Math.round(Number(m[1]) * 1024 ** (unit ? 'KMGT'.indexOf(unit) + 1 : 0));
+  };
+}

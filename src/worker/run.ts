@@ -8,6 +8,7 @@ import { createLogger } from '../logging.ts';
 import type { BootstrapToken } from '../api/bootstrap-token.ts';
 import { OrchardClient } from '../client/client.ts';
 import type { Driver } from './drivers/driver.ts';
+import type { RegistryLookup } from './oci/registry.ts';
 import { OrchardWorker } from './worker.ts';
 
 // For `orchard worker run`, which loads this module when it runs (src/build/lazy.ts), not at start-up.
@@ -30,6 +31,26 @@ export interface StartWorkerOptions {
   logger?: Logger;
   /** Use this driver instead of making one for `runtime` (tests, dev mode). */
   driver?: Driver;
+  /** Images pulled from registries (qemu runtime). */
+  registries?: WorkerRegistryOptions;
+}
+
+export interface WorkerRegistryOptions {
+  /** bytes the cache of pulled images may take (least recently used ones not in use go); none: no bound */
+  cacheBytes?: number;
+  /** registries reached over plain HTTP (HOST[:PORT]) */
+  insecure?: string[];
+  /** a CA (PEM) trusted for every registry, on top of the host's */
+  ca?: string;
+}
+
+/**
+ * The settings of each registry, from the worker's flags: the one place a pull learns how to reach
+ * a registry (controller-managed credentials join here).
+ */
+export function registryLookup(opts: WorkerRegistryOptions = {}): RegistryLookup {
+  const insecure = new Set(opts.insecure ?? []);
+  return (host) => ({ insecure: insecure.has(host) || undefined, ca: opts.ca });
 }
 
 function hasCommand(cmd: string): boolean {
@@ -41,14 +62,16 @@ function hasCommand(cmd: string): boolean {
   }
 }
 
-export async function makeDriver(runtime: string, dataDir: string, logger: Logger): Promise<Driver> {
+export async function makeDriver(runtime: string, dataDir: string, logger: Logger, registries: WorkerRegistryOptions = {}): Promise<Driver> {
   switch (runtime) {
     case 'qemu': {
       if (!hasCommand('qemu-system-x86_64') || !hasCommand('qemu-img')) {
         throw new Error('the qemu runtime needs QEMU: install it with "sudo apt-get install qemu-system-x86 qemu-utils" (or run scripts/setup.sh)');
       }
-      const { QemuDriver } = await import('./drivers/qemu.ts');
-      const driver = new QemuDriver({ dataDir, imagesDir: join(dataDir, 'images'), log: logger, buildMissingDebianDev: true });
+      const [{ QemuDriver }, { ImageCache }] = await Promise.all([import('./drivers/qemu.ts'), import('./oci/cache.ts')]);
+      const imagesDir = join(dataDir, 'images');
+      const imageCache = new ImageCache({ storeDir: imagesDir, maxBytes: registries.cacheBytes, registries: registryLookup(registries), logger });
+      const driver = new QemuDriver({ dataDir, imagesDir, log: logger, buildMissingDebianDev: true, imageCache });
       if (driver.accel === 'tcg') logger.warn({ reason: driver.accelReason }, 'no usable hardware virtualisation: VMs run under TCG (software emulation), slower');
       return driver;
     }
@@ -80,7 +103,7 @@ export const WORKER_HTTP_CONNECTIONS = 1;
 
 export async function startWorker(opts: StartWorkerOptions): Promise<OrchardWorker> {
   const logger = opts.logger ?? createLogger();
-  const driver = opts.driver ?? (await makeDriver(opts.runtime, opts.dataDir, logger));
+  const driver = opts.driver ?? (await makeDriver(opts.runtime, opts.dataDir, logger, opts.registries));
   const client = new OrchardClient({
     url: opts.url,
     certificate: opts.token.certificate,

@@ -1,11 +1,12 @@
-// orchard worker run; orchard image build|import|list
+// orchard worker run; orchard image build|import|push|list
 import { Option, type Command } from 'commander';
 import type { Logger } from 'pino';
 import { VM_DEFAULTS } from '../../api/defaults.ts';
+import { readFileSync } from 'node:fs';
 import { hostname, homedir } from 'node:os';
 import { join } from 'node:path';
 import { decodeBootstrapToken } from '../../api/bootstrap-token.ts';
-import { collectKeyValue, parseInteger, UsageError } from '../common.ts';
+import { collect, collectKeyValue, parseInteger, parseSize, UsageError } from '../common.ts';
 import { parseDuration, print, table, type OutputFormat } from '../output.ts';
 import { parseOutput } from '../output.ts';
 import * as lazy from '../../build/lazy.ts';
@@ -83,6 +84,9 @@ export function registerWorkerCommands(program: Command) {
     .option('--debug', 'debug log level (same as ORCHARD_LOG_LEVEL=debug)')
     .option('--user <name>', 'started as root: run as this user (its groups and HOME) from the start on; VMs, their files and startup scripts belong to it')
     .option('--no-pki', "trust only the certificate in the bootstrap token (refuse to start if it has none), never the host's CAs")
+    .option('--image-cache-size <size>', 'bound on the images pulled from registries (e.g. 50G, 500M): the least recently used ones no VM uses are removed to make room (default: no bound)', parseSize('--image-cache-size'))
+    .option('--insecure-registry <host[:port]>', 'pull from this registry over plain HTTP (repeatable)', collect)
+    .option('--registry-ca-file <file>', "a CA certificate (PEM) to trust for registries, on top of the host's")
     .option('--listen-pprof <address>', "accepted for upstream's command lines and ignored (Go's pprof)")
     .addOption(new Option('--workers <n>', 'run this many workers in this process, named NAME-1…NAME-N (load tests)').argParser(parseInteger('--workers')).default(1).hideHelp())
     .addHelpText('after', `\nThe bootstrap token comes from exactly one of --bootstrap-token-stdin, $${BOOTSTRAP_TOKEN_ENV} or --bootstrap-token.`)
@@ -108,6 +112,9 @@ export function registerWorkerCommands(program: Command) {
           debug?: boolean;
           user?: string;
           pki: boolean;
+          imageCacheSize?: number;
+          insecureRegistry?: string[];
+          registryCaFile?: string;
           listenPprof?: string;
           workers: number;
         },
@@ -143,6 +150,7 @@ export function registerWorkerCommands(program: Command) {
           logger = pino({ level }, file);
         } else logger = createLogger({ level, format: opts.logFormat });
         const runtime = opts.synthetic ? 'synthetic' : opts.runtime;
+        const registries = { cacheBytes: opts.imageCacheSize, insecure: opts.insecureRegistry, ca: opts.registryCaFile ? readFileSync(opts.registryCaFile, 'utf8') : undefined };
         const running: { stop(): Promise<void> }[] = [];
         try {
           for (let i = 1; i <= opts.workers; i++) {
@@ -162,6 +170,7 @@ export function registerWorkerCommands(program: Command) {
                 defaultCPU: opts.defaultCpu,
                 defaultMemory: opts.defaultMemory,
                 logger,
+                registries,
               }),
             );
           }
@@ -216,13 +225,57 @@ export function registerWorkerCommands(program: Command) {
       process.stderr.write(`imported ${info.name} (${(info.size / 1024 / 1024).toFixed(1)} MiB)\n`);
     });
   image
+    .command('push')
+    .description('publish an image to a registry as a containerDisk (a qcow2 under /disk/; kernel images also /boot/), for workers to pull')
+    .argument('<name>', 'a local image (or one pulled before)')
+    .argument('<reference>', 'HOST[:PORT]/REPOSITORY[:TAG]')
+    .option('--username <user>', 'registry user (the password comes from --password-stdin)')
+    .option('--password-stdin', 'read the registry password from standard input')
+    .option('--insecure', 'plain HTTP (no TLS)')
+    .option('--ca-file <file>', "a CA certificate (PEM) to trust, on top of the host's")
+    .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
+    .action(async (name: string, reference: string, opts: { username?: string; passwordStdin?: boolean; insecure?: boolean; caFile?: string; dataDir: string }) => {
+      const [{ resolveImage, ImageNotFoundError }, { ImageCache }, { pushImage }, { isImageReference }] = await Promise.all([lazy.images(), lazy.ociCache(), lazy.ociPush(), lazy.ociReference()]);
+      if (!isImageReference(reference)) throw new UsageError(`"${reference}" is not a registry reference: HOST[:PORT]/REPOSITORY[:TAG]`);
+      if (opts.passwordStdin && opts.username === undefined) throw new UsageError('--password-stdin needs --username');
+      let password: string | undefined;
+      if (opts.passwordStdin) {
+        const chunks: Buffer[] = [];
+        for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+        password = Buffer.concat(chunks).toString('utf8').replace(/\r?\n$/, '');
+      }
+      const store = join(opts.dataDir, 'images');
+      let local;
+      try {
+        local = await resolveImage(store, name);
+      } catch (err) {
+        if (!(err instanceof ImageNotFoundError)) throw err;
+        local = await new ImageCache({ storeDir: store }).cached(name);
+        if (!local) throw err;
+      }
+      const result = await pushImage(local, reference, {
+        username: opts.username, password, insecure: opts.insecure, ca: opts.caFile ? readFileSync(opts.caFile, 'utf8') : undefined,
+      }, (line) => process.stderr.write(`${line}\n`));
+      process.stdout.write(`${result.digest}\n`);
+    });
+  image
     .command('list')
-    .description('list images')
+    .description('list images: local ones and those pulled from registries')
     .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
     .option('-o, --output <format>', 'table, json or yaml', parseOutput, 'table' as OutputFormat)
     .action(async (opts: { dataDir: string; output: OutputFormat }) => {
-      const { listImages } = await lazy.images();
-      const images = await listImages(join(opts.dataDir, 'images'));
-      await print(opts.output, images, () => table(['NAME', 'KIND', 'SIZE', 'CREATED'], images.map((i) => [i.name, i.kind, `${(i.size / 1024 / 1024).toFixed(1)} MiB`, i.created])));
+      const [{ listImages }, { ImageCache }] = await Promise.all([lazy.images(), lazy.ociCache()]);
+      const store = join(opts.dataDir, 'images');
+      const local = await listImages(store);
+      const cache = new ImageCache({ storeDir: store });
+      const pulled = await cache.list();
+      const rows: { name: string; kind: string; size: number; created: string; dir: string; digest?: string; lastUsed?: string; inUse?: boolean }[] = [
+        ...local.map((i) => ({ name: i.name, kind: i.kind, size: i.size, created: i.created, dir: i.dir })),
+        ...pulled.flatMap((p) => (p.references.length ? p.references : [`${p.source} (untagged)`]).map((name) => ({
+          name, kind: p.kind, size: p.size, created: p.created, dir: p.dir, digest: p.digest, lastUsed: p.lastUsed, inUse: p.inUse,
+        }))),
+      ];
+      const mib = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MiB`;
+      await print(opts.output, rows, () => table(['NAME', 'KIND', 'SIZE', 'CREATED', 'DIGEST'], rows.map((i) => [i.name, i.kind, mib(i.size), i.created, i.digest ?? ''])));
     });
 }

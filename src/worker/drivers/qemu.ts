@@ -25,6 +25,9 @@ import { pino, type Logger } from 'pino';
 import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
 import { checkLocalName, isLocalName, VMRecords } from './vm-records.ts';
 import { detectAccel, type Accel } from './accel.ts';
+import type { ImageCache } from '../oci/cache.ts';
+import { formatPullProgress } from '../oci/progress.ts';
+import { isImageReference } from '../oci/reference.ts';
 import { forward, QmpClient } from './qmp.ts';
 // dial(name, VNC_PORT) reaches QEMU's VNC server for the VM's display (a unix socket, no guest port).
 import { VNC_PORT } from '../../api/defaults.ts';
@@ -50,6 +53,8 @@ export interface QemuDriverOptions {
    * with the Debian packages already on the host: a VM's request never installs packages.
    */
   buildMissingDebianDev?: boolean;
+  /** Pulls images named by a registry reference (HOST/REPO:TAG) that are not local images. */
+  imageCache?: ImageCache;
 }
 
 
@@ -108,6 +113,7 @@ export class QemuDriver implements Driver {
   private readonly log: Logger;
   private readonly state = new Map<string, VmState>();
   private readonly buildMissingDebianDev: boolean;
+  private readonly imageCache?: ImageCache;
   /** The on-demand build of debian-dev under way: VMs that ask meanwhile wait for the same one. */
   private building?: Promise<unknown>;
   private readonly buildListeners = new Set<Progress>();
@@ -119,6 +125,7 @@ export class QemuDriver implements Driver {
     this.qemuBinary = opts.qemuBinary ?? 'qemu-system-x86_64';
     this.readyTimeoutMs = opts.readyTimeoutMs ?? 600_000;
     this.buildMissingDebianDev = opts.buildMissingDebianDev ?? false;
+    this.imageCache = opts.imageCache;
     const want = opts.accel ?? 'auto';
     if (want === 'auto') {
       const d = detectAccel();
@@ -245,7 +252,7 @@ export class QemuDriver implements Driver {
     const dir = this.vmDir(vm.localName);
     if (this.isRunning(vm.localName)) throw new Error(`VM ${vm.localName} is running; stop it before preparing it again`);
     progress(`resolving image ${vm.image}`);
-    const image = await this.resolveOrBuild(vm.image, progress);
+    const image = await this.resolveOrBuild(vm.image, progress, vm.imagePullPolicy);
     const old = await this.records.read(vm.localName);
     await privateDir(join(this.dataDir, 'vms'));
     await privateDir(dir);
@@ -294,12 +301,15 @@ export class QemuDriver implements Driver {
   }
 
   /** The image; `debian-dev`, when missing, built first (buildMissingDebianDev), once for all the VMs that wait for it. */
-  private async resolveOrBuild(name: string, progress: Progress): Promise<ResolvedImage> {
+  private async resolveOrBuild(name: string, progress: Progress, policy: DriverVM['imagePullPolicy'] = 'IfNotPresent'): Promise<ResolvedImage> {
+    // A registry reference is pulled, unless a local image of that exact name stands in for it.
+    const pull = this.imageCache && isImageReference(name) ? this.imageCache : undefined;
     try {
-      return await resolveImage(this.imagesDir, name);
+      if (!pull || policy === 'IfNotPresent') return await resolveImage(this.imagesDir, name);
     } catch (err) {
-      if (!(err instanceof ImageNotFoundError) || name !== DEBIAN_DEV || !this.buildMissingDebianDev) throw err;
+      if (!(err instanceof ImageNotFoundError) || (!pull && (name !== DEBIAN_DEV || !this.buildMissingDebianDev))) throw err;
     }
+    if (pull) return pull.ensure(name, { policy, progress: (p) => progress(formatPullProgress(p)) });
     this.buildListeners.add(progress);
     try {
       if (!this.building) {
