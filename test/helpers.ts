@@ -33,7 +33,7 @@ export function printingLogger(prefix: string): Logger {
 }
 
 export async function inProcessController(
-  opts: { dataDir?: string; workerOfflineTimeoutMs?: number; restartBackoffMs?: number; listenSSH?: string; authBackoff?: BackoffOptions | false; limits?: Partial<Limits> } = {},
+  opts: { dataDir?: string; workerOfflineTimeoutMs?: number; restartBackoffMs?: number; listenSSH?: string; authBackoff?: BackoffOptions | false; limits?: Partial<Limits>; logger?: Logger } = {},
 ) {
   const dataDir = opts.dataDir ?? tempDir();
   const ctl = await startController({
@@ -45,7 +45,7 @@ export async function inProcessController(
     listenSSH: opts.listenSSH,
     authBackoff: opts.authBackoff,
     limits: opts.limits,
-    logger: pino({ level: process.env.ORCHARD_TEST_LOG ?? 'silent' }),
+    logger: opts.logger ?? pino({ level: process.env.ORCHARD_TEST_LOG ?? 'silent' }),
   });
   const admin = clientOf(ctl, 'bootstrap-admin', ADMIN_TOKEN);
   return {
@@ -201,10 +201,14 @@ export async function qemuWorker(
   c: Awaited<ReturnType<typeof inProcessController>>,
   name: string,
   workerDir: string,
-  opts: { imagesDir?: string; slots?: number; buildMissingDebianDev?: boolean; imageCache?: import('../src/worker/oci/cache.ts').ImageCache } = {},
+  opts: {
+    imagesDir?: string; slots?: number; buildMissingDebianDev?: boolean;
+    imageCache?: import('../src/worker/oci/cache.ts').ImageCache; registries?: import('../src/worker/oci/registries.ts').Registries; logger?: Logger;
+  } = {},
 ) {
   const [{ QemuDriver }, { startWorker }] = await Promise.all([import('../src/worker/drivers/qemu.ts'), import('../src/worker/run.ts')]);
-  const driver = new QemuDriver({ dataDir: workerDir, imagesDir: opts.imagesDir ?? join(workerDir, 'images'), buildMissingDebianDev: opts.buildMissingDebianDev, imageCache: opts.imageCache });
+  const { imageCache, registries, buildMissingDebianDev } = opts;
+  const driver = new QemuDriver({ dataDir: workerDir, imagesDir: opts.imagesDir ?? join(workerDir, 'images'), buildMissingDebianDev, imageCache, registries, log: opts.logger });
   const worker = await startWorker({
     url: c.ctl.url,
     token: { serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate: c.ctl.certificate },
@@ -214,7 +218,7 @@ export async function qemuWorker(
     slots: opts.slots ?? 4,
     dataDir: workerDir,
     driver,
-    logger: pino({ level: process.env.ORCHARD_TEST_LOG ?? 'silent' }),
+    logger: opts.logger ?? pino({ level: process.env.ORCHARD_TEST_LOG ?? 'silent' }),
   });
   return {
     worker,

@@ -8,7 +8,7 @@ import { createLogger } from '../logging.ts';
 import type { BootstrapToken } from '../api/bootstrap-token.ts';
 import { OrchardClient } from '../client/client.ts';
 import type { Driver } from './drivers/driver.ts';
-import type { RegistryLookup } from './oci/registry.ts';
+import { Registries, type RegistryFlags } from './oci/registries.ts';
 import { OrchardWorker } from './worker.ts';
 
 // For `orchard worker run`, which loads this module when it runs (src/build/lazy.ts), not at start-up.
@@ -35,22 +35,9 @@ export interface StartWorkerOptions {
   registries?: WorkerRegistryOptions;
 }
 
-export interface WorkerRegistryOptions {
+export interface WorkerRegistryOptions extends RegistryFlags {
   /** bytes the cache of pulled images may take (least recently used ones not in use go); none: no bound */
   cacheBytes?: number;
-  /** registries reached over plain HTTP (HOST[:PORT]) */
-  insecure?: string[];
-  /** a CA (PEM) trusted for every registry, on top of the host's */
-  ca?: string;
-}
-
-/**
- * The settings of each registry, from the worker's flags: the one place a pull learns how to reach
- * a registry (controller-managed credentials join here).
- */
-export function registryLookup(opts: WorkerRegistryOptions = {}): RegistryLookup {
-  const insecure = new Set(opts.insecure ?? []);
-  return (host) => ({ insecure: insecure.has(host) || undefined, ca: opts.ca });
 }
 
 function hasCommand(cmd: string): boolean {
@@ -70,8 +57,9 @@ export async function makeDriver(runtime: string, dataDir: string, logger: Logge
       }
       const [{ QemuDriver }, { ImageCache }] = await Promise.all([import('./drivers/qemu.ts'), import('./oci/cache.ts')]);
       const imagesDir = join(dataDir, 'images');
-      const imageCache = new ImageCache({ storeDir: imagesDir, maxBytes: registries.cacheBytes, registries: registryLookup(registries), logger });
-      const driver = new QemuDriver({ dataDir, imagesDir, log: logger, buildMissingDebianDev: true, imageCache });
+      const settings = new Registries(registries);
+      const imageCache = new ImageCache({ storeDir: imagesDir, maxBytes: registries.cacheBytes, registries: settings.lookup, logger });
+      const driver = new QemuDriver({ dataDir, imagesDir, log: logger, buildMissingDebianDev: true, imageCache, registries: settings });
       if (driver.accel === 'tcg') logger.warn({ reason: driver.accelReason }, 'no usable hardware virtualisation: VMs run under TCG (software emulation), slower');
       return driver;
     }

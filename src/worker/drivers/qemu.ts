@@ -17,15 +17,16 @@ import { join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
-import { buildDebianDev, DEBIAN_DEV, diskImageProblem, imageHowTo, ImageNotFoundError, resolveImage, type ResolvedImage } from '../images.ts';
+import { buildDebianDev, DEBIAN_DEV, diskImageProblem, imageHowTo, ImageNotFoundError, listImages, resolveImage, type ResolvedImage } from '../images.ts';
 import { privateDir, privateFiles } from '../private-files.ts';
 import { connectTCP, connectUnix, sshBannerOn } from './net.ts';
 import { connectInNetns, inNewNetns, startPasta } from './netns.ts';
 import { pino, type Logger } from 'pino';
-import type { Driver, DriverVM, LocalVM, Progress } from './driver.ts';
+import type { Driver, DriverImages, DriverVM, LocalVM, Progress } from './driver.ts';
 import { checkLocalName, isLocalName, VMRecords } from './vm-records.ts';
 import { detectAccel, type Accel } from './accel.ts';
 import type { ImageCache } from '../oci/cache.ts';
+import type { Registries } from '../oci/registries.ts';
 import { formatPullProgress } from '../oci/progress.ts';
 import { isImageReference } from '../oci/reference.ts';
 import { forward, QmpClient } from './qmp.ts';
@@ -55,6 +56,8 @@ export interface QemuDriverOptions {
   buildMissingDebianDev?: boolean;
   /** Pulls images named by a registry reference (HOST/REPO:TAG) that are not local images. */
   imageCache?: ImageCache;
+  /** The registry settings the image cache reads; the controller's credentials are set here. */
+  registries?: Registries;
 }
 
 
@@ -114,6 +117,8 @@ export class QemuDriver implements Driver {
   private readonly state = new Map<string, VmState>();
   private readonly buildMissingDebianDev: boolean;
   private readonly imageCache?: ImageCache;
+  /** With an image cache: pre-pulls, registry credentials, the images held. */
+  readonly images?: DriverImages;
   /** The on-demand build of debian-dev under way: VMs that ask meanwhile wait for the same one. */
   private building?: Promise<unknown>;
   private readonly buildListeners = new Set<Progress>();
@@ -126,6 +131,23 @@ export class QemuDriver implements Driver {
     this.readyTimeoutMs = opts.readyTimeoutMs ?? 600_000;
     this.buildMissingDebianDev = opts.buildMissingDebianDev ?? false;
     this.imageCache = opts.imageCache;
+    const cache = opts.imageCache;
+    if (cache) {
+      this.images = {
+        setRegistries: (list) => opts.registries?.set(list),
+        // A pre-pull asks the registry whether the tag moved (downloading only what changed).
+        pull: async (image, progress) => {
+          if (!isImageReference(image)) throw new Error(`${image} is not a registry reference (HOST/REPOSITORY:TAG): only those can be pulled`);
+          await cache.ensure(image, { policy: 'Always', progress: (p) => progress(formatPullProgress(p)) });
+        },
+        // Local images by name, pulled ones by reference and digest: what VMs name.
+        held: async () => {
+          const local = (await listImages(this.imagesDir)).map((i) => i.name);
+          const pulled = (await cache.held()).flatMap((h) => [...h.references, h.digest]);
+          return [...new Set([...local, ...pulled])].sort();
+        },
+      };
+    }
     const want = opts.accel ?? 'auto';
     if (want === 'auto') {
       const d = detectAccel();
