@@ -585,6 +585,7 @@ export class OrchardWorker {
   private toDriverVM(vm: VM, localName: string): DriverVM {
     return {
       localName,
+      name: vm.name,
       uid: vm.uid!,
       image: vm.image!,
       imagePullPolicy: vm.imagePullPolicy ?? 'IfNotPresent',

@@ -6,6 +6,8 @@ import type { Duplex } from 'node:stream';
 export interface DriverVM {
   /** Name of the VM on this host; unique per host and recognisable as ours (prefix `orchard-`). */
   localName: string;
+  /** The VM's name on the controller (the guest's hostname, for drivers that set it). */
+  name?: string;
   /** Controller-side identity, kept with the VM so a restarted worker can match it again. */
   uid: string;
   image: string;
