@@ -1,12 +1,13 @@
 // The cloud-init NoCloud seed every qemu VM gets: what it says (unit), and that a stock cloud-init
 // guest (built in the test from Debian packages) boots with it into the VM's user, password and name.
-import { test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { parse } from 'yaml';
 import { hostnameOf, seedFiles, writeSeed, yamlOf } from '../src/worker/drivers/cloud-init.ts';
-import { tempDir } from './helpers.ts';
+import { ADMIN_TOKEN, buildCloudInitTestImage, qemuCluster, runCLI, tempDir, waitFor } from './helpers.ts';
 
 // What YAML 1.1 (PyYAML, cloud-init's parser) would make of it: `yes`, `on`, `0755`, `1:20` resolve.
 const asCloudInitReads = (text: string) => parse(text, { version: '1.1' }) as Record<string, unknown>;
@@ -50,4 +51,56 @@ test('the seed is written with private permissions, and a second write replaces 
   assert.match(readFileSync(join(seed, 'user-data'), 'utf8'), /"second"/);
   assert.doesNotMatch(readFileSync(join(seed, 'user-data'), 'utf8'), /first/);
   rmSync(dir, { recursive: true, force: true });
+});
+
+describe('a stock cloud-init guest boots with the VM\'s credentials', { timeout: 420_000 }, () => {
+  const VM = 'ci-vm-1';
+  // Chosen after the image is built (it is cached across runs): only the seed can carry them.
+  const username = `ci-${randomBytes(3).toString('hex')}`;
+  const password = `${randomBytes(9).toString('base64url')} "q": #c 'x' - yes & *a {b} \\`;
+  let q: Awaited<ReturnType<typeof qemuCluster>>;
+  let home: string;
+  let env: Record<string, string>;
+
+  before(async () => {
+    q = await qemuCluster();
+    let t0 = Date.now();
+    const built = await buildCloudInitTestImage();
+    console.log(`# cloud-init-test image: ${built} in ${Date.now() - t0} ms`);
+    home = tempDir('orchard-home-');
+    env = { ORCHARD_HOME: home };
+    const ctx = await runCLI(['context', 'create', q.ctl.url, '--name', 't', '--service-account-name', 'bootstrap-admin', '--service-account-token', ADMIN_TOKEN, '--yes'], env);
+    assert.equal(ctx.code, 0, ctx.stderr);
+    t0 = Date.now();
+    const vm = await q.runningVM(VM, {
+      image: 'cloud-init-test', username, password, memory: 512,
+      startup_script: { script_content: 'echo "startup script as $(id -un) on $(hostname)"' },
+    });
+    assert.equal(vm.status, 'running');
+    console.log(`# cloud-init-test: create to running ${Date.now() - t0} ms`);
+  });
+
+  after(async () => {
+    await q?.close();
+    if (home) rmSync(home, { recursive: true, force: true });
+  });
+
+  test('orchard ssh logs in with the VM\'s (hostile) password as its user; hostname = VM name; sudo needs no password', async () => {
+    const r = await runCLI(['ssh', 'vm', VM, '--', 'id -un; hostname; sudo -n id -u'], env);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, `${username}\n${VM}\n0\n`);
+    // The guest does not take just any password: the seed's is the one.
+    const wrong = await runCLI(['ssh', 'vm', VM, '-p', password + 'x', '--', 'true'], env);
+    assert.notEqual(wrong.code, 0);
+    assert.match(wrong.stderr, /authentication .*failed/i);
+  });
+
+  test('the startup script ran over SSH with those credentials: its output is in the VM\'s events', async () => {
+    const line = `startup script as ${username} on ${VM}`;
+    await waitFor('the startup script\'s output', async () => {
+      const { events } = await q.admin.listEvents(VM, { limit: 200 });
+      return events.some((e) => e.kind === 'log_line' && e.payload === line)
+        && events.some((e) => e.kind === 'startup-script' && e.payload === 'startup script exited with code 0');
+    }, 30_000, 250);
+  });
 });
