@@ -190,9 +190,18 @@ export async function waitFor<T>(what: string, fn: () => Promise<T> | T, timeout
 export const TEST_IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
 
 /**
- * An in-process controller and an in-process worker with the real QEMU driver, the debian-dev image
- * built (or cached), and a helper that creates a VM and waits until its guest answers SSH.
+ * Builds (once per machine; later calls take well under a second) `cloud-init-test` in TEST_IMAGES:
+ * a guest with Debian's stock cloud-init and no login until a NoCloud seed makes one
+ * (fixtures/build-cloud-init-image.sh). Needs debian-dev built there first, and root.
  */
+export async function buildCloudInitTestImage(): Promise<string> {
+  const { execFile } = await import('node:child_process');
+  const script = join(ROOT, 'test', 'fixtures', 'build-cloud-init-image.sh');
+  return new Promise((resolvePromise, reject) =>
+    execFile('bash', [script, TEST_IMAGES], { maxBuffer: 16 << 20 }, (err, stdout, stderr) =>
+      err ? reject(new Error(`${script} failed: ${err.message}\n${stderr.slice(-3000)}`)) : resolvePromise(stdout.trim().split('\n').pop() ?? '')));
+}
+
 /**
  * A real qemu worker of `c` (the bootstrap admin's account) with its data in `workerDir`; its images
  * in `imagesDir` (default: `workerDir`/images). `close` stops it and removes its VMs.
@@ -230,6 +239,10 @@ export async function qemuWorker(
   };
 }
 
+/**
+ * An in-process controller and an in-process worker with the real QEMU driver, the debian-dev image
+ * built (or cached), and a helper that creates a VM and waits until its guest answers SSH.
+ */
 export async function qemuCluster(opts: { workerName?: string; listenSSH?: string; limits?: Partial<Limits> } = {}) {
   const [{ buildDebianDev }, fs] = await Promise.all([import('../src/worker/images.ts'), import('node:fs')]);
   await buildDebianDev(TEST_IMAGES);

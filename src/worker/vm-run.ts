@@ -130,6 +130,7 @@ async function run(ctx: RunContext, vm: VM, task: Task, alreadyRunning: boolean,
 function toDriverVM(ctx: RunContext, vm: VM, localName: string): DriverVM {
   return {
     localName,
+    name: vm.name,
     uid: vm.uid!,
     image: vm.image!,
     imagePullPolicy: vm.imagePullPolicy ?? 'IfNotPresent',

@@ -7,6 +7,8 @@ import type { RegistryCredentials } from '../../api/worker-protocol.ts';
 export interface DriverVM {
   /** Name of the VM on this host; unique per host and recognisable as ours (prefix `orchard-`). */
   localName: string;
+  /** The VM's name on the controller (the guest's hostname, for drivers that set it). */
+  name?: string;
   /** Controller-side identity, kept with the VM so a restarted worker can match it again. */
   uid: string;
   image: string;

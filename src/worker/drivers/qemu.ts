@@ -5,6 +5,7 @@
 //   disk.qcow2    copy-on-write overlay on base.qcow2 (grown to diskSize)
 //   console.log   serial console;  qemu.log: QEMU's stdout/stderr;  qmp.sock;  qemu.pid
 //   vnc.sock      QEMU's VNC server (the VM's display);  net.log: pasta's messages
+//   cidata/       cloud-init NoCloud seed, rewritten on each start (cloud-init.ts)
 // QEMU runs in its own session (setsid), so it outlives the worker process; a new QemuDriver on
 // the same directories adopts it (list() checks that the pid really is the VM's QEMU).
 // Networking is QEMU user-mode (slirp), guest 10.0.2.15, in a network namespace of the VM's own
@@ -30,6 +31,8 @@ import type { Registries } from '../oci/registries.ts';
 import { formatPullProgress } from '../oci/progress.ts';
 import { isImageReference } from '../oci/reference.ts';
 import { forward, QmpClient } from './qmp.ts';
+import { publicKeyOf, SEED_LABEL, writeSeed } from './cloud-init.ts';
+import { parseLocalName } from '../../api/schemas.ts';
 // dial(name, VNC_PORT) reaches QEMU's VNC server for the VM's display (a unix socket, no guest port).
 import { VNC_PORT } from '../../api/defaults.ts';
 
@@ -399,6 +402,15 @@ export class QemuDriver implements Driver {
     file.memory = vm.memory || file.memory;
     if (vm.hostDirs) file.hostDirs = vm.hostDirs.length ? vm.hostDirs : undefined;
     for (const f of ['qmp.sock', 'vnc.sock', 'qemu.pid']) await unlink(join(dir, f)).catch(() => {});
+    // Every guest gets a cloud-init NoCloud seed with this start's credentials (cloud-init.ts); a
+    // guest without cloud-init never reads it. The VM's own key, if its image has one, is authorized.
+    const seed = await writeSeed(dir, {
+      name: vm.name ?? parseLocalName(vm.localName)?.name ?? vm.localName,
+      instanceId: vm.uid,
+      username: vm.username,
+      password: vm.password,
+      authorizedKey: await publicKeyOf(join(dir, 'id_ed25519')),
+    });
 
     const args = [
       '-name', `guest=${vm.localName},debug-threads=on`,
@@ -408,6 +420,8 @@ export class QemuDriver implements Driver {
       '-m', String(Math.max(32, Math.floor(file.memory))),
       '-nodefaults', '-no-user-config', '-msg', 'timestamp=on',
       '-drive', `file=${join(dir, 'disk.qcow2')},if=virtio,format=qcow2,discard=unmap,cache=writeback`,
+      // After the root disk (it stays /dev/vda): the seed directory as a read-only FAT drive (vvfat).
+      '-drive', `file.driver=vvfat,file.dir=${seed.replace(/,/g, ',,')},file.label=${SEED_LABEL},if=virtio,format=raw,readonly=on`,
       // No hostfwd yet: the namespace's loopback is down until pasta has configured it.
       '-netdev', 'user,id=net0', '-device', 'virtio-net-pci,netdev=net0',
       '-device', 'virtio-rng-pci',
