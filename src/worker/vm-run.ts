@@ -1,6 +1,7 @@
 // One run of one VM on this host: prepare its disk (waiting for a missing image), boot it or adopt
 // it, report it running, run its startup script, and report how it ended. The reconciler starts
 // and aborts runs; a run only carries out the spec it was given.
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import type { VM, VMStateUpdate } from '../api/schemas.ts';
 import { sshCredentials, VM_DEFAULTS } from '../api/defaults.ts';
@@ -17,6 +18,13 @@ export const RESPEC = 'new spec';
 /** A VM whose image this host lacks is tried again: at once when the images change, else after 5 s doubling to 5 min. */
 const IMAGE_RETRY_BASE_MS = 5_000;
 const IMAGE_RETRY_MAX_MS = 300_000;
+/**
+ * A guest that answers SSH but refuses the VM's credentials is asked again for this long, every 2 s,
+ * before the startup script gives up: a cloud image's sshd is up before cloud-init has made the VM's
+ * user (or allowed passwords).
+ */
+const SCRIPT_LOGIN_WAIT_MS = 120_000;
+const SCRIPT_LOGIN_EVERY_MS = 2_000;
 
 /** The spec fields the host acts on; a change to any other (labels, scripts...) needs no restart. */
 export const hostSpecOf = (vm: VM) =>
@@ -250,15 +258,31 @@ async function startupScript(ctx: RunContext, vm: VM, task: Task) {
     out.events(lines.map((payload) => ({ kind: 'log_line', timestamp: now, payload })));
   };
   const timer = setInterval(flush, 500);
-  try {
-    const result = await runScript({
+  const signal = task.abort.signal;
+  const run = async () =>
+    runScript({
       sock: await ctx.driver.dial(task.localName, 22),
       ...sshCredentials(vm),
       script: vm.startup_script!.script_content,
       env: vm.startup_script!.env,
       onOutput: (_stream, data) => (buffered += data.toString('utf8')),
-      signal: task.abort.signal,
+      signal,
     });
+  try {
+    let result;
+    const deadline = Date.now() + SCRIPT_LOGIN_WAIT_MS;
+    for (let attempt = 1; !result; attempt++) {
+      try {
+        result = await run();
+      } catch (err) {
+        const refused = (err as { level?: string }).level === 'client-authentication';
+        if (!refused || Date.now() + SCRIPT_LOGIN_EVERY_MS > deadline) throw err;
+        if (attempt === 1) {
+          out.event('startup-script', `the guest refuses the VM's credentials for now (cloud-init may still be making the user); trying again for up to ${SCRIPT_LOGIN_WAIT_MS / 1000} s`);
+        }
+        await sleep(SCRIPT_LOGIN_EVERY_MS, undefined, { signal });
+      }
+    }
     clearInterval(timer);
     flush(true);
     out.event('startup-script', result.signal ? `startup script killed by signal ${result.signal}` : `startup script exited with code ${result.exitCode}`);
