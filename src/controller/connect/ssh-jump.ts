@@ -13,6 +13,7 @@ import ssh2 from 'ssh2';
 import type { AuthContext, Connection, ParsedKey, ServerChannel, TcpipRequestInfo } from 'ssh2';
 import { NAME_PATTERN, type ServiceAccount } from '../../api/schemas.ts';
 import type { Tunnel, Tunnels } from './tunnels.ts';
+import { relay, streamSide, wsSide } from './relay.ts';
 import { CONNECT_ROLES, hasAnyRole, type Access } from '../access.ts';
 import { HttpError } from '../errors.ts';
 
@@ -333,13 +334,13 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
 }
 
 /**
- * Splices an SSH channel and a tunnel to the VM, both ways, with flow control on each side (SSH
- * windows and WebSocket backpressure, through pipe). Closing either end closes the other: the
- * tunnel cannot carry a half-close, so the client's EOF closes the tunnel (as a WebSocket
- * client's close does), and the VM's close sends EOF and CLOSE on the channel.
+ * Splices an SSH channel and a tunnel to the VM, both ways, through the relay every tunnel's bytes
+ * take (relay.ts: flow control on each side — SSH windows, WebSocket backpressure — and the per-turn
+ * budget shared with the port-forwards). Closing either end closes the other: the tunnel cannot
+ * carry a half-close, so the client's EOF closes the tunnel (as a WebSocket client's close does),
+ * and the VM's close sends EOF and CLOSE on the channel after what it sent before.
  */
 function splice(channel: ServerChannel, tunnel: Tunnel, onEnd: (stats: { bytesToVM: number; bytesFromVM: number; closedBy: string }) => void) {
-  const vmSide = tunnel.stream;
   let bytesToVM = 0;
   let bytesFromVM = 0;
   let ended = false;
@@ -348,19 +349,26 @@ function splice(channel: ServerChannel, tunnel: Tunnel, onEnd: (stats: { bytesTo
     ended = true;
     onEnd({ bytesToVM, bytesFromVM, closedBy });
   };
-  channel.on('data', (c: Buffer) => (bytesToVM += c.length));
-  vmSide.on('data', (c: Buffer) => (bytesFromVM += c.length));
-  channel.pipe(vmSide);
-  vmSide.pipe(channel);
-  vmSide.on('error', () => channel.close());
-  channel.on('error', () => tunnel.ws.close(1000, 'SSH channel error'));
+  const closeTunnel = (why: string) => {
+    if (tunnel.ws.readyState === tunnel.ws.OPEN || tunnel.ws.readyState === tunnel.ws.CONNECTING) tunnel.ws.close(1000, why);
+  };
+  const vm = wsSide(tunnel.ws);
+  const client = streamSide(channel);
+  vm.onData((data) => (bytesFromVM += Buffer.isBuffer(data) ? data.length : 0));
+  client.onData((data) => (bytesToVM += Buffer.isBuffer(data) ? data.length : 0));
+  relay(client, vm);
+  relay(vm, client);
+  tunnel.ws.on('error', () => channel.close());
+  channel.on('error', () => closeTunnel('SSH channel error'));
+  channel.on('end', () => closeTunnel('SSH client sent EOF'));
   channel.on('close', () => {
-    if (tunnel.ws.readyState === tunnel.ws.OPEN || tunnel.ws.readyState === tunnel.ws.CONNECTING) tunnel.ws.close(1000, 'SSH channel closed');
+    closeTunnel('SSH channel closed');
     end('client');
   });
   tunnel.ws.on('close', (code: number) => {
-    // A normal close flows through the pipe (EOF then CLOSE); a lost worker cuts the channel.
-    if (code !== 1000 && code !== 1005) channel.close();
+    // A normal close ends the channel after what the VM sent (EOF, then CLOSE); a lost worker cuts it.
+    if (code === 1000 || code === 1005) channel.end();
+    else channel.close();
     end(code === 1000 || code === 1005 ? 'vm' : `worker connection lost (${code})`);
   });
 }

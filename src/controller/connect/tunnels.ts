@@ -9,7 +9,7 @@ import type { WorkerChannels } from '../rpc.ts';
 import { HttpError } from '../errors.ts';
 import type { ClusterView } from '../view.ts';
 import { checkActsAs } from '../domain/workers.ts';
-import { relay } from './relay.ts';
+import { relay, wsSide } from './relay.ts';
 import type { WorkerInstruction } from '../../api/worker-protocol.ts';
 
 /** How long the worker has to dial back. */
@@ -231,8 +231,8 @@ export function splice(client: WebSocket, tunnel: Tunnel, onEnd?: () => void) {
   };
   client.on('error', () => end(1000, 'client gone', true));
   tunnel.ws.on('error', () => {});
-  relay(client, tunnel.ws);
-  relay(tunnel.ws, client);
+  relay(wsSide(client), wsSide(tunnel.ws));
+  relay(wsSide(tunnel.ws), wsSide(client));
   client.on('close', (code) => end(1000, 'client closed', code === 1006));
   tunnel.ws.on('close', (code, reason) => {
     if (code === 1000 || code === 1005) end(1000, 'the VM closed the connection');
