@@ -15,7 +15,7 @@ import { NAME_PATTERN, type ServiceAccount } from '../../api/schemas.ts';
 import type { Tunnel, Tunnels } from './tunnels.ts';
 import { relay, streamSide, wsSide } from './relay.ts';
 import { CONNECT_ROLES, hasAnyRole, type Access } from '../access.ts';
-import { HttpError } from '../errors.ts';
+import { HttpError, OPEN_FAILURE, sshOpenFailure } from '../errors.ts';
 
 export const HOST_KEY_FILE = 'ssh_host_ed25519_key';
 const AUTH_METHODS: ('password' | 'keyboard-interactive')[] = ['password', 'keyboard-interactive'];
@@ -27,8 +27,6 @@ const MAX_AUTH_TRIES = 3;
 const LOGIN_GRACE_MS = 60_000;
 /** Dead clients are found by keepalives: every 15 s, dropped after 4 unanswered. */
 const KEEPALIVE = { keepaliveInterval: 15_000, keepaliveCountMax: 4 };
-/** SSH_MSG_CHANNEL_OPEN_FAILURE reason codes (RFC 4254 §5.1). */
-const OPEN_FAILURE = { ADMINISTRATIVELY_PROHIBITED: 1, CONNECT_FAILED: 2, RESOURCE_SHORTAGE: 4 } as const;
 
 export interface HostKey {
   /** OpenSSH private key (PEM-like text). */
@@ -269,7 +267,8 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
       untake = access.take(authenticated.name, 'tunnels', opts.tunnelsPerAccount);
     } catch (err) {
       if (!(err instanceof HttpError)) throw err;
-      return refuse(OPEN_FAILURE.RESOURCE_SHORTAGE, err.message);
+      const failure = sshOpenFailure(err);
+      return refuse(failure.code, failure.description);
     }
     let vm;
     let tunnel: Tunnel;
@@ -280,9 +279,9 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
       untake();
       if (!(err instanceof HttpError)) throw err;
       if (signal.aborted) return;
-      const why = err.statusCode === 404 ? `VM "${vmName}" not found`
-        : vm ? `cannot connect to port ${port} of VM "${vmName}": ${err.message}` : err.message.replace(/; wait longer with .*$/, '');
-      return refuse(OPEN_FAILURE.CONNECT_FAILED, why);
+      const failure = sshOpenFailure(err);
+      const why = err.statusCode === 404 ? `VM "${vmName}" not found` : vm ? `cannot connect to port ${port} of VM "${vmName}": ${failure.description}` : failure.description;
+      return refuse(failure.code, why);
     }
     const channel = clients.has(client) ? accept() : undefined;
     if (!channel) {

@@ -96,7 +96,7 @@ export class Tunnels {
       if (vm.status === 'running' && vm.worker) return vm;
       if (vm.status === 'failed') throw new HttpError(503, `VM "${name}" has failed: ${vm.status_message ?? ''}`);
       if (timedOut) {
-        throw new HttpError(503, `VM "${name}" is not running (${vm.status}: ${vm.status_message ?? ''})${waitSeconds ? ` after waiting ${waitSeconds}s` : ''}; wait longer with the query parameter wait=SECONDS (the CLI's --wait SECONDS)`);
+        throw new HttpError(503, `VM "${name}" is not running (${vm.status}: ${vm.status_message ?? ''})${waitSeconds ? ` after waiting ${waitSeconds}s` : ''}`, {}, 'wait longer with the query parameter wait=SECONDS (the CLI\'s --wait SECONDS)');
       }
       return undefined;
     };
