@@ -8,7 +8,7 @@ import http, { type IncomingMessage } from 'node:http';
 import https from 'node:https';
 import type { Readable } from 'node:stream';
 import tls from 'node:tls';
-import { PullError, registryErrorText } from './errors.ts';
+import { PullError, registryErrorText, tokenServiceErrorText } from './errors.ts';
 import { registryEndpoint } from './reference.ts';
 
 /** How to reach one registry; the worker's lookup is the single source of these. */
@@ -306,7 +306,7 @@ export class RegistryClient {
     const res = await this.send('GET', realm, headers, undefined);
     const text = (await readBody(res, 1024 * 1024)).toString('utf8');
     if (res.statusCode !== 200) {
-      const detail = registryErrorText(text) ?? (text.length < 200 ? text.trim() : '');
+      const detail = tokenServiceErrorText(text) ?? (text.length < 200 ? text.trim() : '');
       throw new PullError('UNAUTHORIZED', `the token service of ${this.registry} (${realm.origin}) refused ${basic ? `user ${this.settings.username}` : 'an anonymous request'}: ${res.statusCode} ${res.statusMessage}${detail ? `: ${detail}` : ''}`);
     }
     let token: unknown;
