@@ -40,11 +40,14 @@ export async function freeBytes(dir: string): Promise<number | undefined> {
   }
 }
 
-/** A full-disk PullError that says what, where, and how much was needed and free. */
-export async function noSpace(what: string, dir: string, needed: number): Promise<PullError> {
+/**
+ * A full-disk PullError that says what, where, and how much was needed (in all, not the shortfall:
+ * `for` says for what) and is free now.
+ */
+export async function noSpace(what: string, dir: string, needed: number, forWhat = ''): Promise<PullError> {
   const free = await freeBytes(dir);
   const mib = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MiB`;
-  return new PullError('NO_SPACE', `no space left on the device of ${dir} while ${what}: it needs about ${mib(needed)} more${free !== undefined ? `, ${mib(free)} free` : ''}`);
+  return new PullError('NO_SPACE', `no space left on the device of ${dir} while ${what}: it needs about ${mib(needed)}${forWhat ? ` ${forWhat}` : ''}${free !== undefined ? `, ${mib(free)} free` : ''}`);
 }
 
 export async function downloadBlob(d: BlobDownload): Promise<void> {
@@ -92,6 +95,9 @@ export async function downloadBlob(d: BlobDownload): Promise<void> {
     batch = [];
     batched = 0;
     writing = fh.writev(out);
+    // Awaited at the next flush or in the catch below; until then a failed write (ENOSPC) must not
+    // count as an unhandled rejection, which would end the worker's process.
+    writing.catch(() => {});
   };
   try {
     for await (const chunk of res as AsyncIterable<Buffer>) {
