@@ -10,16 +10,19 @@
 //                      when their process is gone
 // Any two references to one digest share one entry, and a VM shares it by hard links (its nlink then
 // tells that a VM uses it). Everything is renamed into place only when complete, so a kill -9 at any
-// moment leaves no entry half made.
+// moment leaves no entry half made; and its files and directory are fsynced before that rename (and
+// the parent after it), so a power loss does not either: without it the rename can reach the disk
+// before the data, and an entry with a zero-filled disk would count as complete. The cost is small
+// next to the pull, whose bytes have to be written anyway.
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { open, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import type { Logger } from 'pino';
 import { diskImageProblem, imageDirName, resolveImage, type ImageKind, type ResolvedImage } from '../images.ts';
 import { privateDir, privateFiles } from '../private-files.ts';
-import { downloadBlob, freeBytes, noSpace } from './download.ts';
+import { downloadBlob, freeBytes, fsyncPath, noSpace } from './download.ts';
 import { PullError } from './errors.ts';
 import { isIndex, isManifest, parseManifest, pickPlatform, type ImageManifest } from './manifest.ts';
 import { ProgressMeter, type PullProgress, type PullProgressFn } from './progress.ts';
@@ -115,11 +118,13 @@ async function writeAtomic(file: string, text: string): Promise<void> {
   const tmp = `${file}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
   try {
     await writeFile(tmp, text, { mode: 0o600 });
+    await fsyncPath(tmp);
     await rename(tmp, file);
   } catch (err) {
     await rm(tmp, { force: true });
     throw err;
   }
+  await fsyncPath(dirname(file));
 }
 
 export class ImageCache {
@@ -393,8 +398,12 @@ export class ImageCache {
       const dest = this.path('entries', `sha256-${hexOf(digest)}`);
       if (await exists(join(dest, 'image.json'))) await rm(tmp, { recursive: true, force: true });
       else {
+        // Durable before it is published (see the top of this file).
+        for (const f of await readdir(tmp)) await fsyncPath(join(tmp, f));
+        await fsyncPath(tmp);
         await rm(dest, { recursive: true, force: true });
         await rename(tmp, dest);
+        await fsyncPath(this.path('entries'));
       }
       for (const b of blobs) await rm(b, { force: true });
       const seconds = (Date.now() - started) / 1000;

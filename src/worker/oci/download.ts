@@ -30,6 +30,16 @@ async function hashFile(file: string, hash: Hash): Promise<void> {
   for await (const chunk of createReadStream(file, { highWaterMark: WRITE_BATCH })) hash.update(chunk as Buffer);
 }
 
+/** Flushes a file's or a directory's data and metadata to the disk (a directory: the names in it). */
+export async function fsyncPath(path: string): Promise<void> {
+  const fh = await open(path, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
 /** How much room the file system of `dir` has left, in bytes (undefined when unknown). */
 export async function freeBytes(dir: string): Promise<number | undefined> {
   try {
@@ -67,6 +77,7 @@ export async function downloadBlob(d: BlobDownload): Promise<void> {
     // Complete but not yet renamed (the process ended in between): check it as it is.
     if (`sha256:${hash.digest('hex')}` === d.digest) {
       d.onResume?.(have);
+      await fsyncPath(d.partial);
       await rename(d.partial, d.final);
       return;
     }
@@ -130,6 +141,8 @@ export async function downloadBlob(d: BlobDownload): Promise<void> {
     // A dropped connection: what arrived stays for the next attempt.
     throw new PullError('UNREACHABLE', `the download of blob ${d.digest} of ${d.repo} from ${d.client.registry} broke off after ${received} of ${d.size} bytes: ${(err as Error).message}`, { cause: err });
   }
+  // A checked blob is unpacked later without checking it again: its bytes reach the disk before its name does.
+  await fh.sync();
   await fh.close();
   if (received < d.size) {
     throw new PullError('UNREACHABLE', `${d.client.registry} ended blob ${d.digest} of ${d.repo} after ${received} of ${d.size} bytes`);
