@@ -2,16 +2,19 @@
 // Mounting needs root; CI runs the suite as root, so a test run without root fails here (loudly, in
 // `before`) rather than skipping. A pull that cannot fit fails with NO_SPACE and a message that
 // names the image, the directory, what it needs and what is free; it leaves nothing behind, an image
-// already cached on that store stays usable, and once there is room the pull succeeds.
+// already cached on that store stays usable, and once there is room the pull succeeds. End to end, a
+// real qemu worker fails only the VM whose image does not fit, with that message as its reason.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { buildDebianDev } from '../src/worker/images.ts';
 import { ImageCache } from '../src/worker/oci/cache.ts';
 import { PullError } from '../src/worker/oci/errors.ts';
-import { tempDir, waitFor } from './helpers.ts';
+import { Registries } from '../src/worker/oci/registries.ts';
+import { inProcessController, qemuWorker, TEST_IMAGES, tempDir, waitFor } from './helpers.ts';
 import { ociLayout, qcow2WithData, skopeoPush, startRegistry, throttledProxy, type TestRegistry } from './registry.ts';
 
 const MIB = 1024 * 1024;
@@ -137,4 +140,44 @@ test('a layer that unpacks to more than the store holds (a sparse raw disk, gzip
   assert.equal(hashOf((await cache.ensure(small.ref, { policy: 'IfNotPresent' })).disk), small.hash);
   cache.close();
   rmSync(dir, { recursive: true, force: true });
+});
+
+test('a qemu worker whose image cache is full fails that VM with the NO_SPACE message as its reason; a VM of a local image runs', async (t) => {
+  await buildDebianDev(TEST_IMAGES);
+  const workerDir = tempDir('orchard-worker-');
+  const images = join(workerDir, 'images');
+  mkdirSync(join(images, '.oci'), { recursive: true });
+  symlinkSync(join(TEST_IMAGES, 'debian-dev'), join(images, 'debian-dev'));
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=40m,mode=0700', 'orchard-test-full', join(images, '.oci')]);
+  const c = await inProcessController();
+  const cache = new ImageCache({ storeDir: images, registries: new Registries({ insecure: [registry.host] }).lookup });
+  const running: { worker?: Awaited<ReturnType<typeof qemuWorker>> } = {};
+  t.after(async () => {
+    for (const vm of ['too-big', 'fine']) await c.admin.deleteVM(vm).catch(() => {});
+    await running.worker?.close();
+    cache.close();
+    await c.close();
+    c.cleanup();
+    execFileSync('umount', ['-l', join(images, '.oci')], { stdio: 'ignore' });
+    rmSync(workerDir, { recursive: true, force: true });
+  });
+  // team/big:v1 (a 48 MiB disk) was pushed by the first test.
+  const ref = `${registry.host}/team/big:v1`;
+  running.worker = await qemuWorker(c, 'full-1', workerDir, { imageCache: cache, registries: new Registries({ insecure: [registry.host] }) });
+  await c.admin.createVM({ name: 'too-big', image: ref, cpu: 1, memory: 512 });
+  await c.admin.createVM({ name: 'fine', image: 'debian-dev', cpu: 1, memory: 512 });
+  const failed = await waitFor('too-big to fail', async () => {
+    const vm = await c.admin.getVM('too-big');
+    return vm.status === 'failed' ? vm : undefined;
+  }, 60_000, 100);
+  const oci = join(images, '.oci');
+  assert.match(failed.status_message ?? '', new RegExp(`^no space left on the device of ${oci} while pulling ${ref}: it needs about \\d+\\.\\d MiB \\(48\\.\\d MiB to download and at least 48\\.\\d MiB unpacked\\), \\d+\\.\\d MiB free$`));
+  const events = (await c.admin.listEvents('too-big')).events.map((e) => e.payload);
+  assert.ok(events.includes(`failed: ${failed.status_message}`), events.join('\n'));
+  await waitFor('fine to run', async () => {
+    const vm = await c.admin.getVM('fine');
+    assert.notEqual(vm.status, 'failed', vm.status_message);
+    return vm.status === 'running';
+  }, 120_000, 200);
+  for (const d of ['entries', 'blobs', 'partial', 'tmp']) assert.deepEqual(readdirSync(join(oci, d)), [], `${d} is empty`);
 });
