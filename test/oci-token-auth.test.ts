@@ -155,12 +155,19 @@ test('a token that expired is refreshed: the registry\'s 401 gets a new token an
   cache.close();
 });
 
-/** An HTTP forwarder to `target` that records the Authorization header of every request it passes. */
-async function recordingProxy(target: string): Promise<{ host: string; seen: { method: string; url: string; authorization?: string }[]; server: Server }> {
+/**
+ * An HTTP forwarder to `target` that records the Authorization header of every request it passes;
+ * with `blobsTo`, it redirects blob downloads there instead (as registries do to a storage host).
+ */
+async function recordingProxy(target: string, blobsTo?: string): Promise<{ host: string; seen: { method: string; url: string; authorization?: string }[]; server: Server }> {
   const seen: { method: string; url: string; authorization?: string }[] = [];
   const [host, port] = target.split(':');
   const server = createServer((req, res) => {
     seen.push({ method: req.method ?? '', url: req.url ?? '', authorization: req.headers.authorization });
+    if (blobsTo && req.method === 'GET' && /\/blobs\/sha256:/.test(req.url ?? '') && req.headers.authorization) {
+      res.writeHead(307, { location: `${blobsTo}${req.url}` }).end();
+      return;
+    }
     const upstream = request({ host, port: Number(port), method: req.method, path: req.url, headers: req.headers }, (up) => {
       res.writeHead(up.statusCode ?? 502, up.headers);
       up.pipe(res);
@@ -202,6 +209,38 @@ test('credentials go only to the token service the registry names, and over plai
   } finally {
     proxy.server.close();
     await Promise.all([plain.stop(), downgrade.stop(), plainTokens.stop()]);
+  }
+});
+
+test('a host the registry redirects to cannot name a token service: nothing is sent to it and the pull fails saying why', async () => {
+  const plainTokens = await startTokenServer({ service: SERVICE, users: { [USER]: PASSWORD }, ...grants });
+  const plain = await startRegistry({ token: { realm: plainTokens.realm, service: SERVICE, issuer: plainTokens.issuer, rootCertBundle: plainTokens.certificate } });
+  // The "storage host" answers 401 with a challenge naming a token service of its own.
+  const evil = await startTokenServer({ service: 'evil', users: {} });
+  const storageSaw: (string | undefined)[] = [];
+  const storage = createServer((req, res) => {
+    storageSaw.push(req.headers.authorization);
+    res.writeHead(401, { 'www-authenticate': `Bearer realm="${evil.realm}",service="evil",scope="repository:private/disk:pull"`, 'content-type': 'application/json' });
+    res.end(JSON.stringify({ errors: [{ code: 'UNAUTHORIZED', message: 'authentication required' }] }));
+  });
+  await new Promise<void>((r) => storage.listen(0, '127.0.0.1', r));
+  const storageOrigin = `http://127.0.0.1:${(storage.address() as { port: number }).port}`;
+  const proxy = await recordingProxy(plain.host, storageOrigin);
+  try {
+    await pushDisk('private/disk', 'v1', 1, 0, plain, ['--dest-tls-verify=false', '--dest-creds', `${USER}:${PASSWORD}`]);
+    const cache = new ImageCache({ storeDir: join(work, 'redirected'), registries: (h) => (h === proxy.host ? { insecure: true, username: USER, password: PASSWORD } : undefined), logger });
+    await assert.rejects(cache.ensure(`${proxy.host}/private/disk:v1`, { policy: 'IfNotPresent' }), (err: PullError) => {
+      assert.equal(err.code, 'UNAUTHORIZED');
+      assert.match(err.message, new RegExp(`^${proxy.host} redirected blob sha256:[a-f0-9]{64} of private/disk to ${storageOrigin}, which answered 401 Unauthorized: authentication required \\(UNAUTHORIZED\\); credentials go only to the registry and the token service it names$`));
+      return true;
+    });
+    cache.close();
+    assert.equal(evil.requests.length, 0, 'the storage host\'s token service got nothing');
+    assert.deepEqual(storageSaw, [undefined], 'the storage host was asked once, without the registry\'s token');
+  } finally {
+    proxy.server.close();
+    storage.close();
+    await Promise.all([plain.stop(), plainTokens.stop(), evil.stop()]);
   }
 });
 
