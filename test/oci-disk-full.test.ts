@@ -101,7 +101,7 @@ test('a disk that fills while a layer downloads: NO_SPACE, no partial file left;
   const pull = cache.ensure(ref, { policy: 'IfNotPresent' });
   const failed = assert.rejects(pull, (err: PullError) => {
     assert.equal(err.code, 'NO_SPACE', err.message);
-    assert.match(err.message, new RegExp(`^no space left on the device of ${store}/\\.oci/partial while downloading blob sha256:[a-f0-9]{64} of team/medium: it needs about \\d+\\.\\d MiB, \\d+\\.\\d MiB free$`));
+    assert.match(err.message, new RegExp(`^no space left on the device of ${store}/\\.oci/partial while downloading ${ref} \\(blob sha256:[a-f0-9]{64}\\): it needs about \\d+\\.\\d MiB, \\d+\\.\\d MiB free$`));
     return true;
   });
   const partial = join(store, '.oci', 'partial');

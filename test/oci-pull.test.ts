@@ -255,9 +255,10 @@ test('a pull killed with kill -9 half way leaves no entry; the next pull resumes
   cache.close();
 });
 
-test('crash safety beyond kill -9: a pull fsyncs the blob, the entry\'s files and dir, and the ref before each rename that publishes them, and the parent after (strace)', async () => {
+test('crash safety beyond kill -9: a pull fsyncs the blob, the entry\'s files and dir, and the ref before each rename that publishes them, and the parent after (strace)', async (t) => {
   pushDisk('team/durable', 'v1', 1);
   const dir = tempDir('orchard-fsync-');
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
   const store = join(dir, 'store');
   const script = `
     import { ImageCache } from ${JSON.stringify(join(ROOT, 'src/worker/oci/cache.ts'))};
@@ -289,5 +290,4 @@ test('crash safety beyond kill -9: a pull fsyncs the blob, the entry\'s files an
   const ref = at('rename', (p, to) => p.endsWith('.tmp') && to!.startsWith(`${oci}/refs/`));
   assert.ok(at('fsync', (p) => p === calls[ref].path) < ref, 'the ref is synced before its rename');
   assert.ok(calls.slice(ref).some((c) => c.op === 'fsync' && c.path === `${oci}/refs`), 'refs/ is synced after it');
-  rmSync(dir, { recursive: true, force: true });
 });

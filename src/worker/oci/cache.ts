@@ -343,7 +343,7 @@ export class ImageCache {
         seen.add(hex);
         this.downloads++;
         await downloadBlob({
-          client, repo: ref.repository, digest: layer.digest, size: layer.size,
+          client, repo: ref.repository, image: reference, digest: layer.digest, size: layer.size,
           partial: this.path('partial', hex), final, signal,
           onResume: (n) => {
             this.resumedBytes += n;

@@ -17,6 +17,8 @@ export interface BlobDownload {
   size: number;
   partial: string;
   final: string;
+  /** the image it is a layer of (HOST/REPO:TAG), for messages */
+  image?: string;
   /** bytes already on disk from an earlier attempt (called once, before any `onBytes`) */
   onResume?: (bytes: number) => void;
   onBytes?: (bytes: number) => void;
@@ -131,7 +133,7 @@ export async function downloadBlob(d: BlobDownload): Promise<void> {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOSPC' || code === 'EDQUOT') {
       await rm(d.partial, { force: true });
-      throw await noSpace(`downloading blob ${d.digest} of ${d.repo}`, dirname(d.partial), d.size - have);
+      throw await noSpace(`downloading ${d.image ?? d.repo} (blob ${d.digest})`, dirname(d.partial), d.size - have);
     }
     if (err instanceof PullError) {
       if (err.code === 'DIGEST_MISMATCH') await rm(d.partial, { force: true });
