@@ -105,6 +105,8 @@ interface VmState {
   netns?: boolean;
   /** serialises QMP sessions: QEMU serves one QMP client at a time */
   qmpChain: Promise<unknown>;
+  /** the poll that sees an adopted QEMU (not our child) exit, shared by every waitExit */
+  adoptedExit?: { pid: number; gone: Promise<void> };
 }
 
 export class QemuDriver implements Driver {
@@ -596,7 +598,15 @@ export class QemuDriver implements Driver {
       return { reason: `QEMU exited with code ${code}${log ? `: ${log}` : ''}` };
     }
     if (pid === undefined) return { reason: 'not running' };
-    while (this.livePid(localName) === pid) await sleep(250);
+    // An adopted QEMU is not our child: its exit is polled, once for every caller (runs come and go
+    // with suspends and resumes; their waits share the one poll).
+    if (s.adoptedExit?.pid !== pid) {
+      const gone = (async () => {
+        while (this.livePid(localName) === pid) await sleep(250);
+      })();
+      s.adoptedExit = { pid, gone };
+    }
+    await s.adoptedExit.gone;
     return { reason: s.stopping ? 'stopped' : 'QEMU exited' };
   }
 
