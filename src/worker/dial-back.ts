@@ -8,6 +8,7 @@ import type { Logger } from 'pino';
 import { wsMasking, type OrchardClient } from '../client/client.ts';
 import type { PortForwardAction, ResolveIPAction } from '../api/worker-protocol.ts';
 import type { Driver } from './drivers/driver.ts';
+import { traceTunnel } from '../tunnel-trace.ts';
 
 export interface DialBackContext {
   client: OrchardClient;
@@ -21,6 +22,7 @@ export interface DialBackContext {
 /** portForwardAction: dial the VM's port (or this host's, without a VM), then dial back and splice. */
 export async function portForward(ctx: DialBackContext, action: PortForwardAction) {
   const { client } = ctx;
+  traceTunnel('wrk-recv', action.session);
   const query: Record<string, string> = { session: action.session, workerName: ctx.workerName };
   let target: Duplex | undefined;
   try {
@@ -34,6 +36,7 @@ export async function portForward(ctx: DialBackContext, action: PortForwardActio
     // `errorMessage`, as upstream's worker sends it (our controller reads it too).
     query.errorMessage = (err as Error).message.slice(0, 500);
   }
+  traceTunnel('wrk-dialed', action.session);
   const url = client.urlOf('/v1/rpc/port-forward', true);
   for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
   const ws = new WebSocket(url, {
@@ -49,6 +52,7 @@ export async function portForward(ctx: DialBackContext, action: PortForwardActio
   if (!target) return;
   const t = target;
   t.on('error', () => ws.terminate());
+  ws.on('upgrade', () => traceTunnel('wrk-upgraded', action.session));
   ws.on('open', () => {
     const stream = createWebSocketStream(ws);
     stream.on('error', () => t.destroy());

@@ -11,6 +11,7 @@ import type { ClusterView } from '../view.ts';
 import { checkActsAs } from '../domain/workers.ts';
 import { relay, wsSide } from './relay.ts';
 import type { WorkerInstruction } from '../../api/worker-protocol.ts';
+import { traceTunnel } from '../../tunnel-trace.ts';
 
 /** How long the worker has to dial back. */
 const RENDEZVOUS_TIMEOUT_MS = 30_000;
@@ -79,6 +80,7 @@ export class Tunnels {
       if (signal?.aborted) return onAbort();
       signal?.addEventListener('abort', onAbort, { once: true });
       map.set(session, pending);
+      traceTunnel('ctl-send', session);
       if (!this.channels.send(worker, action(session))) pending.reject(new HttpError(503, `worker ${worker} is not connected to the controller`));
     });
   }
@@ -152,6 +154,7 @@ export class Tunnels {
     const pending = this.forwards.get(session);
     if (!pending) throw new HttpError(404, 'no port-forward session with this id is waiting (it may have timed out)');
     this.checkWorker(pending.worker, account, worker);
+    traceTunnel('ctl-claim', session);
     // Claimed: the worker's WebSocket completes it (or, if the client leaves meanwhile, is closed).
     this.forwards.delete(session);
     clearTimeout(pending.timer);
@@ -160,6 +163,7 @@ export class Tunnels {
 
   /** Completes a claimed session with the worker's WebSocket, or with the worker's error. */
   completeForward(pending: Pending<Tunnel>, ws: WebSocket, error: string | null) {
+    traceTunnel('ctl-paired');
     if (pending.cancelled) {
       ws.close(1000, 'the client went away');
       return;
