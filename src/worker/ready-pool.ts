@@ -51,9 +51,11 @@ export class ReadyPool {
     this.fill();
   }
 
-  /** Connections opening or idle now. */
+  /** Connections open and idle now (the controller holds them as ready by the time they count). */
   get count() {
-    return this.idle.size;
+    let open = 0;
+    for (const ws of this.idle) if (ws.readyState === ws.OPEN) open++;
+    return open;
   }
 
   private fill() {

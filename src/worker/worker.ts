@@ -107,7 +107,7 @@ export class OrchardWorker {
     return [...(this.images && this.link.can.workerImages ? WorkerImages.capabilities : []), ...(this.readyPool && this.link.can.tunnelPool ? [PORT_FORWARD_POOL] : [])];
   }
 
-  /** Ready tunnel connections open or opening (tests). */
+  /** Ready tunnel connections open and idle (tests). */
   get readyTunnels(): number {
     return this.readyPool?.count ?? 0;
   }
