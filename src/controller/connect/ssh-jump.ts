@@ -357,6 +357,7 @@ function splice(channel: ServerChannel, tunnel: Tunnel, onEnd: (stats: { bytesTo
   client.onData((data) => (bytesToVM += Buffer.isBuffer(data) ? data.length : 0));
   relay(client, vm);
   relay(vm, client);
+  tunnel.start();
   tunnel.ws.on('error', () => channel.close());
   channel.on('error', () => closeTunnel('SSH channel error'));
   channel.on('end', () => closeTunnel('SSH client sent EOF'));
