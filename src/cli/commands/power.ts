@@ -15,9 +15,17 @@ type PowerState = NonNullable<VM['powerState']>;
 export function statusOf(vm: VM): string {
   const power = vm.powerState ?? 'running';
   if (power === 'running' || vm.status === 'failed') return vm.status ?? 'pending';
-  const carriedOut = (vm.observedGeneration ?? -1) >= (vm.generation ?? 0) && vm.status !== 'running';
-  if (carriedOut) return power;
+  if (poweredDown(vm, vm.generation ?? 0)) return power;
   return power === 'stopped' ? 'stopping' : 'suspending';
+}
+
+/**
+ * Has the worker carried out generation `generation`'s stop or suspend? It has seen it, the VM does
+ * not run, and it is not still on the way (a worker reports `suspending` while it suspends).
+ */
+function poweredDown(vm: VM, generation: number): boolean {
+  const underWay = vm.conditions?.some((c) => c.state === 'true' && (c.type === 'suspending' || c.type === 'stopping')) ?? false;
+  return (vm.observedGeneration ?? -1) >= generation && vm.status !== 'running' && vm.status !== 'failed' && !underWay;
 }
 
 /** The status with, for a VM that does not run, the short form of why (`pending (no worker fits)`): for `list vms`. */
@@ -52,7 +60,7 @@ export function registerPowerCommands(program: Command) {
         else generation = (await c.updateVM({ ...vm, powerState: to })).generation ?? generation + 1;
         if (opts.wait > 0) {
           // Carried out: the worker has seen this generation, and the VM runs (start) or no longer does.
-          const carriedOut = (v: VM) => (v.observedGeneration ?? -1) >= generation && (to === 'running' ? v.status === 'running' : v.status !== 'running' && v.status !== 'failed');
+          const carriedOut = (v: VM) => (to === 'running' ? (v.observedGeneration ?? -1) >= generation && v.status === 'running' : poweredDown(v, generation));
           await waitForVM(c, name, { what: to, done: carriedOut, seconds: opts.wait, flag: '--wait' });
         }
         process.stderr.write(`VM ${name} ${to === 'running' ? 'running' : to}\n`);
