@@ -90,57 +90,80 @@ export function newIdentity(vm: { name: string; username: string; password: stri
   return { ...vm, mac, machineId: randomUUID().replaceAll('-', ''), hostKeys: newHostKeys() };
 }
 
+/** `bytes` as a printf format of octal escapes: binary data written by the shell's builtin printf. */
+const octal = (bytes: Buffer) => [...bytes].map((b) => '\\' + b.toString(8).padStart(3, '0')).join('');
+
 /**
- * The shell script (busybox sh and applets, as root) that gives a guest `id`. Idempotent: a worker
- * that restarted during it runs it again. It ends by restarting dropbear, whose listener holds the
- * host keys it read at start; this session's own process is not the listener and carries on.
+ * The shell script (busybox ash, as root) that gives a guest `id`; it prints the guest's hostname and
+ * MAC last. Idempotent: a worker that restarted during it runs it again. Under TCG every process
+ * the guest starts costs 15-30 ms, so files are written with the shell's builtins (printf with
+ * octal escapes for the binary keys, read loops rather than grep/awk/sed): 9 processes in all.
+ * It ends by restarting dropbear, whose listener holds the host keys it read at start; this
+ * session's own process is not the listener and carries on. `guestIp`: the guest's address, for
+ * the gratuitous ARP that tells QEMU's user-mode network the new MAC.
  */
-export function identityScript(id: Identity, nowSeconds: number): string {
+export function identityScript(id: Identity, nowSeconds: number, guestIp = '10.0.2.15'): string {
   const host = hostnameOf(id.name);
   const user = id.username;
-  const keys = id.hostKeys.map((k) => {
-    const f = `/etc/dropbear/dropbear_${k.type}_host_key`;
-    return `printf %s ${q(k.dropbear.toString('base64'))} | base64 -d > ${f}.new && chmod 600 ${f}.new && mv ${f}.new ${f}`;
-  });
   const home = user === 'root' ? '/root' : `/home/${user}`;
   return [
     'set -e',
+    'umask 022',
     // the template's time, frozen at its save: the host's now
     `date -u -s @${Math.round(nowSeconds)} >/dev/null`,
     // mixed into the kernel's input pool (vmgenid has made it reseed already; this costs nothing)
-    `printf %s ${q(randomBytes(64).toString('base64'))} | base64 -d > /dev/urandom`,
+    `printf '${octal(randomBytes(64))}' > /dev/urandom`,
     `printf '%s\\n' ${q(host)} > /etc/hostname`,
     `hostname ${q(host)}`,
-    `{ grep -v '^127\\.0\\.1\\.1[[:space:]]' /etc/hosts || true; printf '127.0.1.1 %s\\n' ${q(host)}; } > /etc/hosts.new && mv /etc/hosts.new /etc/hosts`,
+    // /etc/hosts: the image's lines, but the 127.0.1.1 one names this VM
+    'hosts=""',
+    'while IFS= read -r l || [ -n "$l" ]; do case $l in 127.0.1.1[[:space:]]*) ;; *) hosts="$hosts$l\\n";; esac; done < /etc/hosts',
+    `printf "%b127.0.1.1 %s\\n" "$hosts" ${q(host)} > /etc/hosts`,
     `printf '%s\\n' ${q(id.machineId)} > /etc/machine-id`,
-    // the NIC the default route uses; a gratuitous ARP tells QEMU's user-mode network the new MAC
-    `dev=$(ip route show default | awk '{ print $5; exit }')`,
+    // the NIC: the first one that is not the loopback (QEMU gives the guest one)
+    'for d in /sys/class/net/*; do if [ "${d##*/}" != lo ]; then dev=${d##*/}; break; fi; done',
     `ip link set dev "$dev" address ${q(id.mac)}`,
-    `arping -U -c 1 -w 1 -I "$dev" "$(ip -4 -o addr show dev "$dev" | awk '{ sub(/\\/.*/, "", $4); print $4; exit }')" >/dev/null 2>&1 || true`,
-    ...keys,
+    `arping -U -c 1 -w 1 -I "$dev" ${q(guestIp)} >/dev/null 2>&1 || true`,
+    // private from here on: the host keys, the new shadow file, the user's .ssh
+    'umask 077',
+    ...id.hostKeys.map((k) => `printf '${octal(k.dropbear)}' > /etc/dropbear/dropbear_${k.type}_host_key`),
     'rm -f /etc/dropbear/dropbear_rsa_host_key /etc/dropbear/dropbear_dss_host_key',
     // The VM's user and password, as the cloud-init seed makes them. Busybox here has no adduser or
     // chpasswd: the files are written directly, the hash made by mkpasswd (the password on stdin).
     `u=${q(user)}`,
+    'known=""',
+    'while IFS=: read -r n _; do if [ "$n" = "$u" ]; then known=1; fi; done < /etc/passwd',
     ...(user === 'root' ? [] : [
-      `if ! grep -q "^$u:" /etc/passwd; then`,
-      `  n=$(awk -F: '$3 >= 1000 && $3 < 60000 && $3 > m { m = $3 } END { print (m ? m + 1 : 1000) }' /etc/passwd)`,
+      'if [ -z "$known" ]; then',
+      '  n=999; while IFS=: read -r _ _ i _; do if [ "$i" -ge 1000 ] && [ "$i" -lt 60000 ] && [ "$i" -gt "$n" ]; then n=$i; fi; done < /etc/passwd; n=$((n + 1))',
       `  printf '%s:x:%s:%s::%s:/bin/bash\\n' "$u" "$n" "$n" ${q(home)} >> /etc/passwd`,
-      `  grep -q "^$u:" /etc/group || printf '%s:x:%s:\\n' "$u" "$n" >> /etc/group`,
+      `  printf '%s:x:%s:\\n' "$u" "$n" >> /etc/group`,
       `  printf '%s:!:19000::::::\\n' "$u" >> /etc/shadow`,
-      `  mkdir -p ${q(home)} && chown "$n:$n" ${q(home)}`,
+      `  mkdir -p ${q(home)}/.ssh && chown -R "$n:$n" ${q(home)} && chmod 755 ${q(home)}`,
       'fi',
     ]),
     `h=$(printf '%s' ${q(id.password)} | mkpasswd -m sha512 -P 0)`,
-    `awk -F: -v OFS=: -v u="$u" -v h="$h" '$1 == u { $2 = h } { print }' /etc/shadow > /etc/shadow.new && chmod 600 /etc/shadow.new && mv /etc/shadow.new /etc/shadow`,
+    'shadow=""',
+    'while IFS= read -r l || [ -n "$l" ]; do case $l in "$u":*) r=${l#*:}; r=${r#*:}; shadow="$shadow$u:$h:$r\\n";; *) shadow="$shadow$l\\n";; esac; done < /etc/shadow',
+    'printf "%b" "$shadow" > /etc/shadow.new',
+    'mv /etc/shadow.new /etc/shadow',
     ...(id.authorizedKey ? [
-      `mkdir -p ${q(home)}/.ssh && touch ${q(home)}/.ssh/authorized_keys`,
-      `grep -qxF ${q(id.authorizedKey)} ${q(home)}/.ssh/authorized_keys || printf '%s\\n' ${q(id.authorizedKey)} >> ${q(home)}/.ssh/authorized_keys`,
-      `chown -R "$u:$(id -g "$u")" ${q(home)}/.ssh && chmod 700 ${q(home)}/.ssh && chmod 600 ${q(home)}/.ssh/authorized_keys`,
+      // the image's key for the VM's user too (as the seed's ssh_authorized_keys)
+      `k=${q(id.authorizedKey)}`,
+      `f=${q(home)}/.ssh/authorized_keys`,
+      'has=""',
+      'if [ -f "$f" ]; then while IFS= read -r l; do if [ "$l" = "$k" ]; then has=1; fi; done < "$f"; fi',
+      `if [ -z "$has" ]; then mkdir -p ${q(home)}/.ssh; printf '%s\\n' "$k" >> "$f"; chown -R "$u" ${q(home)}/.ssh; fi`,
     ] : []),
-    'kill "$(cat /run/dropbear.pid)" 2>/dev/null || true',
+    'old=""; read -r old < /run/dropbear.pid || true',
+    // The old listener's socket is gone once no socket listens on port 22 (0x16, state 0A); its
+    // process may stay a zombie for a while, so /proc/PID says nothing.
+    'listening() { for t in /proc/net/tcp /proc/net/tcp6; do [ -r "$t" ] || continue; while read -r _ a _ _ st _; do case "$a:$st" in *:0016:0A) return 0;; esac; done < "$t"; done; return 1; }',
+    'if [ -n "$old" ]; then kill "$old" 2>/dev/null || true; i=0; while listening && [ $i -lt 2000 ]; do i=$((i + 1)); done; fi',
     'dropbear -p 22 -P /run/dropbear.pid',
-    'echo identity-done',
+    // what the worker checks: the name and MAC the guest now has
+    'read -r hn < /proc/sys/kernel/hostname; echo "$hn"',
+    'read -r mac < "/sys/class/net/$dev/address"; echo "$mac"',
   ].join('\n') + '\n';
 }
 
@@ -183,6 +206,35 @@ export function runAsRoot(sock: Duplex, privateKey: Buffer, script: string, opts
       hostVerifier: (key: Buffer) => {
         opts.onHostKey?.(key);
         return true;
+      },
+    });
+  });
+}
+
+/**
+ * The host key an SSH server offers on `sock`: the key exchange only, no login (the connection is
+ * dropped once the key is seen). Under TCG that is most of an SSH session's cost, but not all.
+ */
+export function offeredHostKey(sock: Duplex, timeoutMs = 10_000): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const conn = new ssh2.Client();
+    let key: Buffer | undefined;
+    const timer = setTimeout(() => done(new Error(`no host key within ${timeoutMs / 1000} s`)), timeoutMs);
+    const done = (err?: Error) => {
+      clearTimeout(timer);
+      conn.end();
+      sock.destroy();
+      if (key) resolve(key);
+      else reject(err ?? new Error('the connection closed before the key exchange'));
+    };
+    conn.on('error', (e) => done(e));
+    conn.on('close', () => done());
+    conn.connect({
+      sock, username: 'nobody', readyTimeout: timeoutMs,
+      hostVerifier: (k: Buffer) => {
+        key = k;
+        setImmediate(() => done());
+        return false;
       },
     });
   });

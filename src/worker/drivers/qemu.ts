@@ -33,7 +33,7 @@ import { formatPullProgress } from '../oci/progress.ts';
 import { isImageReference } from '../oci/reference.ts';
 import { forward, QmpClient } from './qmp.ts';
 import { hostnameOf, publicKeyOf, SEED_LABEL, writeSeed } from './cloud-init.ts';
-import { identityScript, keyBlob, newIdentity, newMac, runAsRoot } from './guest-identity.ts';
+import { identityScript, keyBlob, newIdentity, newMac, offeredHostKey, runAsRoot } from './guest-identity.ts';
 import { binaryId, fileId, readSnapshotMeta, SNAPSHOT_FILE, staleReason, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
 import { parseLocalName } from '../../api/schemas.ts';
 // dial(name, VNC_PORT) reaches QEMU's VNC server for the VM's display (a unix socket, no guest port).
@@ -838,26 +838,23 @@ export class QemuDriver implements Driver {
     const pending = file.warm!.pending!;
     const key = await readFile(join(dir, 'id_ed25519'));
     const id = newIdentity({ name: pending.name, username: pending.username, password: pending.password, authorizedKey: await publicKeyOf(join(dir, 'id_ed25519')) }, file.mac);
-    await runAsRoot(await this.dial(localName, 22), key, identityScript(id, Date.now() / 1000));
+    const said = (await runAsRoot(await this.dial(localName, 22), key, identityScript(id, Date.now() / 1000))).trim().split('\n');
     const identified = performance.now();
-    // Checked from outside: a new connection gets one of the new host keys, the guest says its new
-    // name and MAC (dropbear was restarted by the script: its listener may take a moment).
-    let offered: Buffer | undefined;
-    let answer = '';
-    for (let attempt = 0; ; attempt++) {
-      try {
-        answer = await runAsRoot(await this.dial(localName, 22), key,
-          'hostname; cat "/sys/class/net/$(ip route show default | awk \'{ print $5; exit }\')/address"\n', { onHostKey: (k) => (offered = k), timeoutMs: 10_000 });
-        break;
-      } catch (err) {
-        if (attempt >= 20) throw err;
-        await sleep(50);
-      }
-    }
-    const [hostname, mac] = answer.trim().split('\n');
-    if (!offered || !id.hostKeys.some((k) => keyBlob(k.publicLine).equals(offered!))) throw new Error('the guest still offers a host key that is not its new one');
+    const [hostname, mac] = said.slice(-2);
     if (hostname !== hostnameOf(pending.name)) throw new Error(`the guest calls itself ${hostname}, not ${hostnameOf(pending.name)}`);
     if (mac !== id.mac) throw new Error(`the guest's MAC is ${mac}, not ${id.mac}`);
+    // Checked from outside: a new connection gets one of the new host keys (the script restarted
+    // dropbear: its new listener may take a moment).
+    let offered: Buffer | undefined;
+    for (let attempt = 0; !offered; attempt++) {
+      try {
+        offered = await offeredHostKey(await this.dial(localName, 22));
+      } catch (err) {
+        if (attempt >= 40) throw err;
+        await sleep(25);
+      }
+    }
+    if (!id.hostKeys.some((k) => keyBlob(k.publicLine).equals(offered))) throw new Error('the guest still offers a host key that is not its new one');
     const done = performance.now();
     await writeFile(join(dir, 'known_hosts'), id.hostKeys.map((k) => `* ${k.publicLine}\n`).join(''), { mode: 0o600 });
     await this.records.write({ ...file, mac: id.mac, warm: { snapshotCreated: file.warm!.snapshotCreated }, hostKeys: id.hostKeys.map((k) => k.publicLine) });
