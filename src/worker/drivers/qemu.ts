@@ -442,6 +442,7 @@ export class QemuDriver implements Driver {
       const stale = meta && await staleReason(meta, this.imageFiles(image), this.accel, qemu);
       if (meta && !stale) return meta;
       progress(stale ? `the snapshot of image ${name} is out of date (${stale}): making a new one` : `making a snapshot of image ${name} for warm starts (once per image on this worker)`);
+      await this.removeAbandonedTemplates(name);
       const p = this.makeSnapshot(image, shape, qemu, progress);
       this.snapshotting.set(name, p);
       try {
@@ -449,6 +450,34 @@ export class QemuDriver implements Driver {
       } finally {
         this.snapshotting.delete(name);
       }
+    }
+  }
+
+  /**
+   * A template whose maker is gone (a worker killed or stopped while it made a snapshot) keeps its
+   * QEMU running, detached like every VM's: it is killed and its directory removed.
+   */
+  private async removeAbandonedTemplates(name: string): Promise<void> {
+    const root = dirname(this.snapshotDir(name));
+    const prefix = `.make-${imageDirName(name)}-`;
+    const entries = await readdir(root).catch(() => [] as string[]);
+    for (const e of entries) {
+      if (!e.startsWith(prefix)) continue;
+      const dir = join(root, e);
+      if ([...this.templateDirs.values()].includes(dir)) continue;
+      const maker = Number(e.slice(prefix.length).split('-')[0]);
+      if (maker !== process.pid && existsSync(`/proc/${maker}`) && maker > 0) {
+        // another process (orchard image snapshot, another worker on this data dir) may still be at it
+        continue;
+      }
+      try {
+        const pid = Number(readFileSync(join(dir, 'qemu.pid'), 'utf8').trim());
+        if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(join(dir, 'qemu.pid'))) process.kill(pid, 'SIGKILL');
+      } catch {
+        // no QEMU left
+      }
+      await rm(dir, { recursive: true, force: true });
+      this.log.info({ image: name, dir }, 'removed an abandoned snapshot template');
     }
   }
 
