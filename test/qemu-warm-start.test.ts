@@ -6,12 +6,13 @@
 //    key (as `orchard ssh -v` sees it), MAC and machine-id; the guest clock is the host's;
 //  - a VM with another CPU count cold-boots, saying why in its events; its create→running time is the
 //    cold boot the warm starts are compared with (printed; asserted only warm < cold);
+//  - a warm start that fails (a state file cut in half) cold-boots the VM, with the reason in its events;
 //  - a rebuilt image (its files replaced) makes the next VM make a new snapshot instead of resuming
 //    the old one; a deleted image leaves no usable snapshot.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { copyFileSync, linkSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { copyFileSync, linkSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { localNameOf, type VM } from '../src/api/schemas.ts';
 import { removeImage, buildDebianDev } from '../src/worker/images.ts';
@@ -95,6 +96,17 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
       console.log(`cold boot ${cold.seconds.toFixed(2)} s vs warm start ${second.seconds.toFixed(2)} s (${(cold.seconds / second.seconds).toFixed(1)}×)`);
       assert.ok(second.seconds < cold.seconds, `warm ${second.seconds} s < cold ${cold.seconds} s`);
       await c.admin.deleteVM('cold-c');
+    });
+
+    await t.test('a warm start that fails (a state QEMU cannot load) kills that QEMU and cold-boots the VM, saying why', async () => {
+      const state = join(w.driver.snapshotDir('debian-dev'), 'snapshot.state');
+      const bytes = readFileSync(state);
+      writeFileSync(`${state}.cut`, bytes.subarray(0, bytes.length >> 1));
+      renameSync(`${state}.cut`, state);
+      const broken = await created('warm-broken');
+      assert.ok(broken.events.some((e) => /^warm start failed \(QEMU exited while loading the snapshot.*\): cold boot instead$/s.test(e)), broken.events.join('\n'));
+      assert.equal((await ssh('warm-broken', 'hostname')).out, 'orchard-vm', 'booted from the image');
+      await c.admin.deleteVM('warm-broken');
     });
 
     await t.test('a rebuilt image gets a new snapshot; a deleted one leaves none usable', async () => {

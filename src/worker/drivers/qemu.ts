@@ -846,13 +846,22 @@ export class QemuDriver implements Driver {
     const t0 = s.spawnedAt ?? performance.now();
     // The template was stopped when saved, so the loaded VM stays paused: continue it once loaded.
     const deadline = Date.now() + 120_000;
+    let qmpErrors = 0;
     for (;;) {
       signal?.throwIfAborted();
       if (!this.isRunning(localName)) {
         const log = (await this.tail(localName, 'qemu.log', 4)).split('\n').filter((l) => l && !l.startsWith('VNC server running')).join('; ');
         throw new Error(`QEMU exited while loading the snapshot${log ? `: ${log}` : ''}`);
       }
-      const status = ((await this.qmp(localName, (q) => q.execute('query-status'))) as { status: string }).status;
+      let status: string;
+      try {
+        status = ((await this.qmp(localName, (q) => q.execute('query-status'))) as { status: string }).status;
+      } catch (err) {
+        // QEMU closes its QMP socket as it exits on a state it cannot load: the check above says so
+        if (++qmpErrors > 40) throw err;
+        await sleep(25);
+        continue;
+      }
       if (status === 'running') break;
       if (status === 'paused' || status === 'postmigrate' || status === 'prelaunch') await this.qmp(localName, (q) => q.execute('cont'));
       else if (status !== 'inmigrate') throw new Error(`QEMU is ${status} after loading the snapshot`);
