@@ -212,12 +212,14 @@ export async function qemuWorker(
   workerDir: string,
   opts: {
     imagesDir?: string; slots?: number; buildMissingDebianDev?: boolean;
+    /** Warm starts from image snapshots (off by default here: each test's fresh worker would first boot a template). */
+    warmStart?: boolean;
     imageCache?: import('../src/worker/oci/cache.ts').ImageCache; registries?: import('../src/worker/oci/registries.ts').Registries; logger?: Logger;
   } = {},
 ) {
   const [{ QemuDriver }, { startWorker }] = await Promise.all([import('../src/worker/drivers/qemu.ts'), import('../src/worker/run.ts')]);
   const { imageCache, registries, buildMissingDebianDev } = opts;
-  const driver = new QemuDriver({ dataDir: workerDir, imagesDir: opts.imagesDir ?? join(workerDir, 'images'), buildMissingDebianDev, imageCache, registries, log: opts.logger });
+  const driver = new QemuDriver({ dataDir: workerDir, imagesDir: opts.imagesDir ?? join(workerDir, 'images'), buildMissingDebianDev, imageCache, registries, log: opts.logger, warmStart: opts.warmStart ?? false });
   const worker = await startWorker({
     url: c.ctl.url,
     token: { serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate: c.ctl.certificate },

@@ -36,13 +36,13 @@ before(async () => {
   const built = await buildDebianDev(STORE, (msg) => console.log(`# image: ${msg}`));
   console.log(`# debian-dev ${built.cached ? 'cached' : 'built'} in ${Date.now() - t0} ms`);
   image = built;
-  driver = new QemuDriver({ dataDir, imagesDir: STORE, log: printingLogger('driver') });
+  driver = new QemuDriver({ dataDir, imagesDir: STORE, warmStart: false, log: printingLogger('driver') });
   console.log(`# accel: ${driver.accel} (${driver.accelReason})`);
 }, { timeout: 15 * 60_000 });
 
 after(async () => {
   // Never leave a QEMU behind, whatever failed.
-  for (const d of [driver, new QemuDriver({ dataDir, imagesDir: STORE })]) {
+  for (const d of [driver, new QemuDriver({ dataDir, imagesDir: STORE, warmStart: false })]) {
     if (!d) continue;
     for (const vm of await d.list().catch(() => [])) await d.remove(vm.localName).catch(() => {});
   }
@@ -265,7 +265,7 @@ test('VM lifecycle: boot, SSH, VNC, forwarded port, adoption, stop, restart, rem
   assert.equal(await echo(driver), 'ping 8080\n');
 
   // a restarted worker: a new driver on the same directories adopts the running VM
-  const driver2 = new QemuDriver({ dataDir, imagesDir: STORE });
+  const driver2 = new QemuDriver({ dataDir, imagesDir: STORE, warmStart: false });
   assert.deepEqual(await driver2.list(), [{ localName: name, uid: `uid-${name}`, running: true, image: 'debian-dev', cpu: 1, memory: 256 }]);
   assert.equal((await ssh(driver2, name, 'cat ~/marker')).out, 'persisted\n');
   assert.equal(await echo(driver2), 'ping 8080\n');
@@ -317,7 +317,7 @@ test('stop falls back to quit when the guest ignores the power button', { timeou
   const name = 'orchard-test-stop';
   // A driver of its own, whose log says which way the VM was stopped.
   const stops: string[] = [];
-  const d = new QemuDriver({ dataDir, imagesDir: STORE, log: entriesLogger((e) => e.msg.startsWith('VM stopped') && stops.push(e.msg)) });
+  const d = new QemuDriver({ dataDir, imagesDir: STORE, warmStart: false, log: entriesLogger((e) => e.msg.startsWith('VM stopped') && stops.push(e.msg)) });
   await d.prepare(vmSpec(name));
   await d.start(vmSpec(name));
   // right after start the guest kernel is still booting: no ACPI handler yet

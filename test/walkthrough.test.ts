@@ -119,7 +119,8 @@ test('README "A real cluster": a controller, two workers with their own data dir
     assert.match(vms, /^web-a\s+debian-dev\s+1\s+512\s+running\s+host-1\s+rack=a/m, vms);
     assert.match(vms, /^web-b\s+debian-dev\s+1\s+512\s+running\s+host-2\s+rack=b/m, vms);
     const ssh = await ok(fromReadme(`orchard ssh vm web-b -- 'echo hello from $(hostname) on $(uname -m)'`));
-    assert.equal(ssh.stdout.trim(), 'hello from orchard-vm on x86_64');
+    // a warm start gives the guest the VM's name as its hostname (README, "Warm starts")
+    assert.equal(ssh.stdout.trim(), 'hello from web-b on x86_64');
     // Each VM's disk is in its own worker's data dir.
     const localA = JSON.parse((await ok('orchard get vm web-a --output json')).stdout) as { localName: string };
     assert.ok(processesWith(join(work, 'host-1', 'vms', localA.localName)).length > 0, "web-a's qemu runs from host-1's data dir");

@@ -33,6 +33,7 @@ export const accounts: typeof Parts.accounts = () => load().accounts();
 export const backup: typeof Parts.backup = () => load().backup();
 export const worker: typeof Parts.worker = () => load().worker();
 export const images: typeof Parts.images = () => load().images();
+export const qemu: typeof Parts.qemu = () => load().qemu();
 export const ociCache: typeof Parts.ociCache = () => load().ociCache();
 export const ociPush: typeof Parts.ociPush = () => load().ociPush();
 export const ociReference: typeof Parts.ociReference = () => load().ociReference();

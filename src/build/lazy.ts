@@ -9,6 +9,7 @@ export const accounts = () => import('../controller/domain/accounts.ts');
 export const backup = () => import('../controller/store/backup.ts');
 export const worker = () => import('../worker/run.ts');
 export const images = () => import('../worker/images.ts');
+export const qemu = () => import('../worker/drivers/qemu.ts');
 export const ociCache = () => import('../worker/oci/cache.ts');
 export const ociPush = () => import('../worker/oci/push.ts');
 export const ociReference = () => import('../worker/oci/reference.ts');

@@ -124,9 +124,9 @@ async function run(ctx: RunContext, vm: VM, task: Task, found: LocalVM | undefin
       signal.throwIfAborted();
       out.event('lifecycle', 'booting');
       report(task, { status: 'pending', status_message: 'booting', conditions: [{ type: 'scheduled', state: 'true' }] });
-      await driver.start(toDriverVM(ctx, vm, localName));
+      await driver.start(toDriverVM(ctx, vm, localName), (msg) => out.event('lifecycle', msg));
     }
-    await driver.waitReady(localName, signal);
+    await driver.waitReady(localName, signal, (msg) => out.event('lifecycle', msg));
     signal.throwIfAborted();
     report(task, { status: 'running', status_message: 'running', conditions: [{ type: 'scheduled', state: 'true' }, { type: 'running', state: 'true' }] });
     if (!alreadyRunning) {

@@ -75,7 +75,7 @@ test('qemu driver: vms/, each VM directory and its disks are private, also where
     for (const disk of ['disk.qcow2', 'base.qcow2']) assert.equal(mode(join(dir, disk)), '600', `${name} ${disk}`);
   }
   // The kernel image: its files are linked into the VM's directory.
-  const kernelDriver = new QemuDriver({ dataDir, imagesDir: TEST_IMAGES, accel: 'tcg' });
+  const kernelDriver = new QemuDriver({ dataDir, imagesDir: TEST_IMAGES, accel: 'tcg', warmStart: false });
   await kernelDriver.prepare(spec('orchard-kernel', 'debian-dev'));
   assert.deepEqual(notPrivate(join(dataDir, 'vms', 'orchard-kernel')), []);
   assert.deepEqual(notPrivate(imageDir(TEST_IMAGES, 'debian-dev')), []);

@@ -213,6 +213,24 @@ export function registerWorkerCommands(program: Command) {
       process.stderr.write(result.cached ? `debian-dev is up to date (${result.dir})\n` : `built debian-dev in ${((Date.now() - t0) / 1000).toFixed(1)}s (${result.dir})\n`);
     });
   image
+    .command('snapshot')
+    .description('make (or confirm up to date) the snapshot VMs of this image warm-start from on this worker: the image booted once, its state saved')
+    .argument('<name>', 'a local image with an SSH key (debian-dev)')
+    .option('--cpu <n>', 'the CPU count of the VMs that will resume it (others cold-boot)', '1')
+    .option('--memory <MiB>', 'their memory', '512')
+    .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
+    .action(async (name: string, opts: { cpu: string; memory: string; dataDir: string }) => {
+      const cpu = Number(opts.cpu);
+      const memory = Number(opts.memory);
+      if (!Number.isInteger(cpu) || cpu < 1 || !Number.isInteger(memory) || memory < 32) throw new UsageError('--cpu takes a whole number ≥ 1, --memory a number of MiB ≥ 32');
+      const { QemuDriver } = await lazy.qemu();
+      const driver = new QemuDriver({ dataDir: opts.dataDir, imagesDir: join(opts.dataDir, 'images') });
+      const t0 = Date.now();
+      const meta = await driver.snapshot(name, { cpu, memory }, (msg) => process.stderr.write(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${msg}\n`));
+      if (meta.unusable) throw new Error(meta.unusable);
+      process.stderr.write(`snapshot of ${name}: ${meta.cpu} CPU, ${meta.memory} MiB, made ${meta.created} (${driver.snapshotDir(name)})\n`);
+    });
+  image
     .command('import')
     .description('add a qcow2 disk as an image')
     .argument('<name>')

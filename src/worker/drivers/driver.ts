@@ -72,10 +72,16 @@ export interface Driver {
   watchImages?(onChange: () => void): () => void;
   /** Optional: pulling images from registries (pre-pulls, credentials, what is held for placement). */
   readonly images?: DriverImages;
-  /** Start the hypervisor; resolves once the process runs (not yet when the guest is ready). */
-  start(vm: DriverVM): Promise<void>;
-  /** Resolves when the guest accepts SSH (the `SSH-` banner answers); rejects if the VM dies or on abort. */
-  waitReady(localName: string, signal?: AbortSignal): Promise<void>;
+  /**
+   * Start the hypervisor; resolves once the process runs (not yet when the guest is ready).
+   * `progress`: what the VM's events should say (qemu: a warm start from an image's snapshot).
+   */
+  start(vm: DriverVM, progress?: Progress): Promise<void>;
+  /**
+   * Resolves when the guest accepts SSH (the `SSH-` banner answers) and is the VM's own (qemu: a
+   * guest resumed from a snapshot has its own identity by then); rejects if the VM dies or on abort.
+   */
+  waitReady(localName: string, signal?: AbortSignal, progress?: Progress): Promise<void>;
   /** Resolves when the VM's hypervisor process exits (for restart policies); reason in the value. */
   waitExit(localName: string): Promise<{ reason: string }>;
   /** The guest's IP as the guest sees it. */

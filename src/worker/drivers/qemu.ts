@@ -13,12 +13,13 @@
 // which accelerator: accel.ts.
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import { closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, readFileSync, watch, type FSWatcher } from 'node:fs';
-import { copyFile, link, readdir, readFile, rm, stat, unlink, writeFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { copyFile, link, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import { randomUUID } from 'node:crypto';
+import { dirname, join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
-import { buildDebianDev, DEBIAN_DEV, diskImageProblem, imageHowTo, ImageNotFoundError, listImages, resolveImage, type ResolvedImage } from '../images.ts';
+import { buildDebianDev, DEBIAN_DEV, diskImageProblem, imageDirName, imageHowTo, ImageNotFoundError, listImages, resolveImage, type ResolvedImage } from '../images.ts';
 import { privateDir, privateFiles } from '../private-files.ts';
 import { connectTCP, connectUnix, sshBannerOn } from './net.ts';
 import { connectInNetns, inNewNetns, startPasta } from './netns.ts';
@@ -31,7 +32,9 @@ import type { Registries } from '../oci/registries.ts';
 import { formatPullProgress } from '../oci/progress.ts';
 import { isImageReference } from '../oci/reference.ts';
 import { forward, QmpClient } from './qmp.ts';
-import { publicKeyOf, SEED_LABEL, writeSeed } from './cloud-init.ts';
+import { hostnameOf, publicKeyOf, SEED_LABEL, writeSeed } from './cloud-init.ts';
+import { identityScript, keyBlob, newIdentity, newMac, offeredHostKey, runAsRoot } from './guest-identity.ts';
+import { binaryId, fileId, readSnapshotMeta, SNAPSHOT_FILE, staleReason, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
 import { parseLocalName } from '../../api/schemas.ts';
 // dial(name, VNC_PORT) reaches QEMU's VNC server for the VM's display (a unix socket, no guest port).
 import { VNC_PORT } from '../../api/defaults.ts';
@@ -61,6 +64,11 @@ export interface QemuDriverOptions {
   imageCache?: ImageCache;
   /** The registry settings the image cache reads; the controller's credentials are set here. */
   registries?: Registries;
+  /**
+   * Start VMs from their image's snapshot when it can (default true): see snapshots.ts. Off, every
+   * VM cold-boots.
+   */
+  warmStart?: boolean;
 }
 
 
@@ -91,6 +99,18 @@ interface VmFile {
   netPid?: number;
   /** The pid of the QEMU whose vCPUs suspend() paused (a suspended VM, while that QEMU lives). */
   paused?: number;
+  /** The NIC's MAC (VMs prepared by an earlier version have none: QEMU's default). */
+  mac?: string;
+  /**
+   * Warm start (snapshots.ts): the VM's disk is backed by the snapshot's template.qcow2 and its first
+   * start resumes snapshot.state. While `pending`, the guest still has the template's identity: it
+   * gets its own (name, user, password: what it needs for that) before it is reported running.
+   */
+  warm?: { snapshotCreated: string; pending?: { name: string; username: string; password: string } };
+  /** The SSH host keys the guest was given (known_hosts lines), once it has its own identity. */
+  hostKeys?: string[];
+  /** Why a fresh VM cold-boots rather than resume its image's snapshot (said by its first start). */
+  coldReason?: string;
 }
 
 interface VmState {
@@ -107,6 +127,9 @@ interface VmState {
   qmpChain: Promise<unknown>;
   /** the poll that sees an adopted QEMU (not our child) exit, shared by every waitExit */
   adoptedExit?: { pid: number; gone: Promise<void> };
+  /** performance.now() when start() spawned QEMU, and when it returned (for a warm start's stage timings) */
+  spawnedAt?: number;
+  upAt?: number;
 }
 
 export class QemuDriver implements Driver {
@@ -129,6 +152,14 @@ export class QemuDriver implements Driver {
   /** The on-demand build of debian-dev under way: VMs that ask meanwhile wait for the same one. */
   private building?: Promise<unknown>;
   private readonly buildListeners = new Set<Progress>();
+  /** Templates being booted for a snapshot: their local name -> their directory (not under vms/, so list() never sees them). */
+  private readonly templateDirs = new Map<string, string>();
+  /** Snapshots being made, by image name: VMs that need one meanwhile wait for the same. */
+  private readonly snapshotting = new Map<string, Promise<SnapshotMeta>>();
+  /** Warm starts off (QemuDriverOptions.warmStart false). */
+  private readonly warmStart: boolean;
+  /** The DriverVM each VM was last started with (a warm start that falls back to a cold boot starts it again). */
+  private readonly started = new Map<string, DriverVM>();
 
   constructor(opts: QemuDriverOptions) {
     this.dataDir = resolve(opts.dataDir);
@@ -137,6 +168,7 @@ export class QemuDriver implements Driver {
     this.qemuBinary = opts.qemuBinary ?? 'qemu-system-x86_64';
     this.readyTimeoutMs = opts.readyTimeoutMs ?? 600_000;
     this.buildMissingDebianDev = opts.buildMissingDebianDev ?? false;
+    this.warmStart = opts.warmStart ?? true;
     this.imageCache = opts.imageCache;
     const cache = opts.imageCache;
     if (cache) {
@@ -170,7 +202,12 @@ export class QemuDriver implements Driver {
   // --- paths and small helpers -----------------------------------------------------------------
 
   vmDir(localName: string): string {
-    return join(this.dataDir, 'vms', checkLocalName(localName));
+    return this.templateDirs.get(localName) ?? join(this.dataDir, 'vms', checkLocalName(localName));
+  }
+
+  /** Where the warm-start snapshot of image `name` is kept (snapshots.ts). */
+  snapshotDir(name: string): string {
+    return join(this.dataDir, 'snapshots', imageDirName(name));
   }
 
   private st(localName: string): VmState {
@@ -279,13 +316,13 @@ export class QemuDriver implements Driver {
     return out.sort((a, b) => a.localName.localeCompare(b.localName));
   }
 
-  async prepare(vm: DriverVM, progress: Progress = () => {}): Promise<void> {
+  async prepare(vm: DriverVM, progress: Progress = () => {}, opts: { cold?: boolean } = {}): Promise<void> {
     const dir = this.vmDir(vm.localName);
     if (this.isRunning(vm.localName)) throw new Error(`VM ${vm.localName} is running; stop it before preparing it again`);
     progress(`resolving image ${vm.image}`);
     const image = await this.resolveOrBuild(vm.image, progress, vm.imagePullPolicy);
     const old = await this.records.read(vm.localName);
-    await privateDir(join(this.dataDir, 'vms'));
+    await privateDir(dirname(dir));
     await privateDir(dir);
     const file: VmFile = {
       uid: vm.uid,
@@ -298,10 +335,11 @@ export class QemuDriver implements Driver {
       hostDirs: vm.hostDirs?.length ? vm.hostDirs : undefined,
       created: new Date().toISOString(),
       accel: this.accel,
+      mac: newMac(),
     };
     if (old && old.uid === vm.uid && old.image === vm.image && existsSync(join(dir, 'disk.qcow2'))) {
       // Same VM prepared again (e.g. a restart): keep its disk and files.
-      Object.assign(file, { kernel: old.kernel, initrd: old.initrd, cmdline: old.cmdline, created: old.created });
+      Object.assign(file, { kernel: old.kernel, initrd: old.initrd, cmdline: old.cmdline, created: old.created, mac: old.mac, warm: old.warm, hostKeys: old.hostKeys });
       await this.growDisk(vm.localName, vm.diskSize, progress);
       await this.records.write(file);
       await privateFiles(dir);
@@ -312,23 +350,213 @@ export class QemuDriver implements Driver {
     // The image is checked again here: one put in the store by an older version may name host files.
     const problem = await diskImageProblem(image.disk);
     if (problem) throw new Error(`image ${vm.image}: ${problem}`);
+    const chosen = opts.cold ? undefined : this.warmStart ? await this.snapshotFor(vm, image, progress) : { cold: 'warm starts are off on this worker' };
+    const snapshot = chosen && !('cold' in chosen) ? chosen : undefined;
+    if (chosen && 'cold' in chosen) file.coldReason = chosen.cold;
     for (const f of await readdir(dir)) await rm(join(dir, f), { recursive: true, force: true });
-    progress('creating copy-on-write disk');
-    await linkOrCopy(image.disk, join(dir, 'base.qcow2'));
+    const from = snapshot ? this.snapshotDir(vm.image) : undefined;
+    progress(snapshot ? `creating copy-on-write disk on the snapshot of image ${vm.image}` : 'creating copy-on-write disk');
+    await linkOrCopy(from ? join(from, 'base.qcow2') : image.disk, join(dir, 'base.qcow2'));
     if (image.kind === 'kernel') {
       file.kernel = image.kernel!.endsWith('vmlinux') ? 'vmlinux' : 'vmlinuz';
       file.initrd = 'initrd.img';
       file.cmdline = image.cmdline;
-      await linkOrCopy(image.kernel!, join(dir, file.kernel));
-      await linkOrCopy(image.initrd!, join(dir, file.initrd));
-      await this.copyImageKeys(image, dir);
+      if (snapshot) Object.assign(file, { kernel: snapshot.kernel, initrd: snapshot.initrd, cmdline: snapshot.cmdline });
+      await linkOrCopy(from ? join(from, file.kernel!) : image.kernel!, join(dir, file.kernel!));
+      await linkOrCopy(from ? join(from, file.initrd) : image.initrd!, join(dir, file.initrd));
     }
-    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', join(dir, 'disk.qcow2')]);
-    await this.growDisk(vm.localName, vm.diskSize, progress);
+    await this.copyImageKeys(image, dir);
+    if (snapshot && from) {
+      // base.qcow2 <- template.qcow2 (the template's frozen overlay, which names base.qcow2 relative
+      // to itself) <- disk.qcow2; the state file is linked too, and unlinked once loaded.
+      await linkOrCopy(join(from, 'disk.qcow2'), join(dir, 'template.qcow2'));
+      await linkOrCopy(join(from, STATE_FILE), join(dir, STATE_FILE));
+      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'template.qcow2', '-F', 'qcow2', join(dir, 'disk.qcow2')]);
+      file.warm = {
+        snapshotCreated: snapshot.created,
+        pending: { name: vm.name ?? parseLocalName(vm.localName)?.name ?? vm.localName, username: vm.username, password: vm.password },
+      };
+    } else {
+      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', join(dir, 'disk.qcow2')]);
+      await this.growDisk(vm.localName, vm.diskSize, progress);
+    }
     await this.records.write(file);
     // base.qcow2 and the kernel files are hard links: this makes the image's own files 0600 too.
     await privateFiles(dir);
-    this.log.info({ vm: vm.localName, image: vm.image }, 'VM prepared');
+    this.log.info({ vm: vm.localName, image: vm.image, warm: !!snapshot }, 'VM prepared');
+  }
+
+  /**
+   * The snapshot a fresh VM starts from, made first when this worker has none for the image yet (or
+   * an out-of-date one); or why the VM cold-boots.
+   */
+  private async snapshotFor(vm: DriverVM, image: ResolvedImage, progress: Progress): Promise<SnapshotMeta | { cold: string }> {
+    const cold = (why: string) => ({ cold: why });
+    if (!image.sshKey) return cold(`image ${vm.image} has no SSH key for the worker to give a VM resumed from a snapshot its own identity`);
+    if (vm.hostDirs?.length) return cold('host directories (9p) cannot be part of a saved state');
+    if (vm.diskSize && vm.diskSize > 0) {
+      const { stdout } = await qemuImg(['info', '--output=json', '-U', image.disk]);
+      const size = (JSON.parse(stdout) as { 'virtual-size': number })['virtual-size'];
+      if (Math.round(vm.diskSize * 1024 ** 3) > size) return cold(`diskSize ${vm.diskSize} GB is larger than the image's disk, and a resumed guest would not grow its file system`);
+    }
+    let meta: SnapshotMeta;
+    try {
+      meta = await this.snapshot(vm.image, { cpu: vm.cpu, memory: vm.memory }, progress, image);
+    } catch (err) {
+      this.log.warn({ image: vm.image, err: (err as Error).message }, 'cannot make a snapshot');
+      return cold(`the snapshot of image ${vm.image} could not be made: ${(err as Error).message}`);
+    }
+    if (meta.unusable) return cold(meta.unusable);
+    if (meta.cpu !== vm.cpu || meta.memory !== vm.memory) {
+      return cold(`the snapshot of image ${vm.image} on this worker has ${meta.cpu} CPU and ${meta.memory} MiB; this VM asks for ${vm.cpu} CPU and ${vm.memory} MiB`);
+    }
+    return meta;
+  }
+
+  /** Snapshot file name -> the image file it is a link to. */
+  private imageFiles(image: ResolvedImage): Record<string, string> {
+    const files: Record<string, string> = { 'base.qcow2': image.disk };
+    if (image.kind === 'kernel') {
+      files[image.kernel!.endsWith('vmlinux') ? 'vmlinux' : 'vmlinuz'] = image.kernel!;
+      files['initrd.img'] = image.initrd!;
+    }
+    return files;
+  }
+
+  /**
+   * The warm-start snapshot of image `name` on this worker (snapshots.ts): the one there when it is
+   * up to date, else a new one, made once however many VMs ask meanwhile. A new one is made with
+   * `shape`'s CPU count and memory (VMs of another shape cold-boot).
+   */
+  async snapshot(name: string, shape: { cpu: number; memory: number }, progress: Progress = () => {}, resolved?: ResolvedImage): Promise<SnapshotMeta> {
+    const image = resolved ?? await resolveImage(this.imagesDir, name);
+    const dir = this.snapshotDir(name);
+    const qemu = await binaryId(this.qemuBinary);
+    for (;;) {
+      const making = this.snapshotting.get(name);
+      if (making) {
+        progress(`waiting for the snapshot of image ${name} being made on this worker`);
+        await making.catch(() => {});
+        if (this.snapshotting.get(name) === making) this.snapshotting.delete(name);
+        continue;
+      }
+      const meta = await readSnapshotMeta(dir);
+      const stale = meta && await staleReason(meta, this.imageFiles(image), this.accel, qemu);
+      if (meta && !stale) return meta;
+      progress(stale ? `the snapshot of image ${name} is out of date (${stale}): making a new one` : `making a snapshot of image ${name} for warm starts (once per image on this worker)`);
+      await this.removeAbandonedTemplates(name);
+      const p = this.makeSnapshot(image, shape, qemu, progress);
+      this.snapshotting.set(name, p);
+      try {
+        return await p;
+      } finally {
+        this.snapshotting.delete(name);
+      }
+    }
+  }
+
+  /**
+   * A template whose maker is gone (a worker killed or stopped while it made a snapshot) keeps its
+   * QEMU running, detached like every VM's: it is killed and its directory removed.
+   */
+  private async removeAbandonedTemplates(name: string): Promise<void> {
+    const root = dirname(this.snapshotDir(name));
+    const prefix = `.make-${imageDirName(name)}-`;
+    const entries = await readdir(root).catch(() => [] as string[]);
+    for (const e of entries) {
+      if (!e.startsWith(prefix)) continue;
+      const dir = join(root, e);
+      if ([...this.templateDirs.values()].includes(dir)) continue;
+      const maker = Number(e.slice(prefix.length).split('-')[0]);
+      if (maker !== process.pid && existsSync(`/proc/${maker}`) && maker > 0) {
+        // another process (orchard image snapshot, another worker on this data dir) may still be at it
+        continue;
+      }
+      try {
+        const pid = Number(readFileSync(join(dir, 'qemu.pid'), 'utf8').trim());
+        if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(join(dir, 'qemu.pid'))) process.kill(pid, 'SIGKILL');
+      } catch {
+        // no QEMU left
+      }
+      await rm(dir, { recursive: true, force: true });
+      this.log.info({ image: name, dir }, 'removed an abandoned snapshot template');
+    }
+  }
+
+  /**
+   * Boots the image once (a template with a fixed identity), waits for SSH, checks over SSH that the
+   * guest has what re-identification uses, saves its state (QMP `migrate` to a file, the vCPUs
+   * stopped first so the memory and the disk overlay are one consistent moment) and keeps its disk
+   * overlay frozen next to it. Made in a temporary directory, renamed into place when complete.
+   */
+  private async makeSnapshot(image: ResolvedImage, shape: { cpu: number; memory: number }, qemu: string, progress: Progress): Promise<SnapshotMeta> {
+    const final = this.snapshotDir(image.name);
+    const tmp = join(dirname(final), `.make-${imageDirName(image.name)}-${process.pid}-${Date.now()}`);
+    const localName = `orchard-snapshot-${randomUUID()}-0`;
+    this.templateDirs.set(localName, tmp);
+    const vm: DriverVM = {
+      localName, uid: 'snapshot-template', name: 'orchard-template', image: image.name, imagePullPolicy: 'IfNotPresent',
+      cpu: shape.cpu, memory: shape.memory, username: 'admin', password: 'admin',
+    };
+    const t0 = Date.now();
+    try {
+      await this.prepare(vm, () => {}, { cold: true });
+      const file = (await this.records.read(localName))!;
+      const files: Record<string, string> = {};
+      for (const f of Object.keys(this.imageFiles(image))) files[f] = await fileId(join(tmp, f));
+      progress(`snapshot of image ${image.name}: booting the template`);
+      await this.start(vm);
+      await this.waitReady(localName);
+      const bootSeconds = (Date.now() - t0) / 1000;
+      const meta: SnapshotMeta = {
+        image: image.name, files, kind: image.kind, kernel: file.kernel, initrd: file.initrd, cmdline: file.cmdline,
+        cpu: shape.cpu, memory: shape.memory, accel: this.accel, qemu, mac: file.mac!, knownHosts: image.knownHosts,
+        created: new Date().toISOString(), bootSeconds,
+      };
+      // What identityScript uses; then the page cache goes (less to load into each VM).
+      const probe = 'set -e; for c in dropbear ip arping base64 mkpasswd awk hostname; do command -v $c >/dev/null || { echo "no $c" >&2; exit 1; }; done; ' +
+        'test -s /run/dropbear.pid; test -d /etc/dropbear; sync; echo 3 > /proc/sys/vm/drop_caches';
+      try {
+        await runAsRoot(await this.dial(localName, 22), await readFile(join(tmp, 'id_ed25519')), probe + '\n', { timeoutMs: 60_000 });
+      } catch (err) {
+        meta.unusable = `the guest of image ${image.name} cannot be given its own identity after a resume (it needs dropbear and busybox's ip, arping, base64, mkpasswd, awk): ${(err as Error).message}`;
+      }
+      if (!meta.unusable) {
+        progress(`snapshot of image ${image.name}: saving the template's state`);
+        const t1 = Date.now();
+        await this.qmp(localName, async (q) => {
+          await q.execute('stop');
+          // QEMU 7.2 has no file: migration URI; its cwd is the directory, so the path is relative.
+          await q.execute('migrate', { uri: `exec:cat > ${STATE_FILE}` });
+        });
+        for (;;) {
+          const m = (await this.qmp(localName, (q) => q.execute('query-migrate'))) as { status?: string; 'error-desc'?: string };
+          if (m.status === 'completed') break;
+          if (m.status === 'failed' || m.status === 'cancelled') throw new Error(`saving the template's state failed: ${m['error-desc'] ?? m.status}`);
+          if (Date.now() - t1 > 300_000) throw new Error('saving the template\'s state took more than 5 minutes');
+          await sleep(20);
+        }
+        meta.saveSeconds = (Date.now() - t1) / 1000;
+        meta.stateBytes = (await stat(join(tmp, STATE_FILE))).size;
+      }
+      await this.stop(localName, 0);
+      for (const f of ['cidata', 'qmp.sock', 'vnc.sock', 'qemu.pid', 'vm.json']) await rm(join(tmp, f), { recursive: true, force: true });
+      await writeFile(join(tmp, SNAPSHOT_FILE), JSON.stringify(meta, null, 2) + '\n', { mode: 0o600 });
+      // QEMU's `cat` made the state file with the worker's umask: 0600 like every VM file.
+      await privateFiles(tmp);
+      await rm(final, { recursive: true, force: true });
+      await rename(tmp, final);
+      this.log.info({ image: image.name, bootSeconds, saveSeconds: meta.saveSeconds, stateBytes: meta.stateBytes, unusable: meta.unusable }, 'image snapshot made');
+      progress(meta.unusable ? `snapshot of image ${image.name}: not usable: ${meta.unusable}`
+        : `snapshot of image ${image.name} made in ${((Date.now() - t0) / 1000).toFixed(1)}s (template booted in ${bootSeconds.toFixed(1)}s, state saved in ${meta.saveSeconds!.toFixed(2)}s, ${Math.round(meta.stateBytes! / 2 ** 20)} MiB)`);
+      return meta;
+    } finally {
+      await this.stop(localName, 0).catch(() => {});
+      this.templateDirs.delete(localName);
+      this.state.delete(localName);
+      this.started.delete(localName);
+      await rm(tmp, { recursive: true, force: true });
+    }
   }
 
   /** The image; `debian-dev`, when missing, built first (buildMissingDebianDev), once for all the VMs that wait for it. */
@@ -399,9 +627,10 @@ export class QemuDriver implements Driver {
     }
   }
 
-  async start(vm: DriverVM): Promise<void> {
+  async start(vm: DriverVM, progress: Progress = () => {}): Promise<void> {
     const dir = this.vmDir(vm.localName);
     if (this.isRunning(vm.localName)) return;
+    this.started.set(vm.localName, vm);
     const file = await this.records.read(vm.localName);
     if (!file || !existsSync(join(dir, 'disk.qcow2'))) throw new Error(`VM ${vm.localName} is not prepared`);
     file.cpu = vm.cpu || file.cpu;
@@ -429,8 +658,11 @@ export class QemuDriver implements Driver {
       // After the root disk (it stays /dev/vda): the seed directory as a read-only FAT drive (vvfat).
       '-drive', `file.driver=vvfat,file.dir=${seed.replace(/,/g, ',,')},file.label=${SEED_LABEL},if=virtio,format=raw,readonly=on`,
       // No hostfwd yet: the namespace's loopback is down until pasta has configured it.
-      '-netdev', 'user,id=net0', '-device', 'virtio-net-pci,netdev=net0',
+      '-netdev', 'user,id=net0', '-device', `virtio-net-pci,netdev=net0${file.mac ? `,mac=${file.mac}` : ''}`,
       '-device', 'virtio-rng-pci',
+      // A new generation id on each start: a guest resumed from a snapshot reseeds its random
+      // number generator at once (Linux's vmgenid driver), rather than go on from the template's state.
+      '-device', `vmgenid,guid=${randomUUID()}`,
       // No password: only the worker's user can open the socket (the VM dir is 0700).
       '-vga', 'std', '-vnc', 'unix:vnc.sock',
       '-serial', `file:${join(dir, 'console.log')}`,
@@ -445,6 +677,15 @@ export class QemuDriver implements Driver {
     (file.hostDirs ?? []).forEach((d, i) => {
       args.push('-virtfs', `local,path=${resolve(d.path).replace(/,/g, ',,')},mount_tag=${d.name.replace(/,/g, ',,')},security_model=none,id=share${i}${d.ro ? ',readonly=on' : ''}`);
     });
+    // Warm start: the template's state, loaded from the file (the devices above are the template's).
+    const incoming = !!file.warm?.pending && existsSync(join(dir, STATE_FILE));
+    if (incoming) {
+      args.push('-incoming', `exec:cat ${STATE_FILE}`);
+      progress(`resuming the snapshot of image ${file.image} (made ${file.warm!.snapshotCreated})`);
+    } else if (file.coldReason) {
+      progress(`cold boot: ${file.coldReason}`);
+      file.coldReason = undefined;
+    }
     for (const unsupported of ['netBridged', 'netSoftnet', 'nested'] as const) {
       if (vm[unsupported]) this.log.warn({ vm: vm.localName }, `${unsupported} is not supported by the qemu driver; ignored`);
     }
@@ -459,6 +700,8 @@ export class QemuDriver implements Driver {
       closeSync(out);
     }
     const s = this.st(vm.localName);
+    s.spawnedAt = performance.now();
+    s.upAt = undefined;
     s.child = child;
     s.stopping = false;
     s.fwd = new Map();
@@ -526,6 +769,7 @@ export class QemuDriver implements Driver {
     s.fwd.set(22, ssh);
     s.fwdPid = child.pid;
     s.netns = true;
+    s.upAt = performance.now();
     this.log.info({ vm: vm.localName, pid: child.pid, netPid: pasta?.pid, accel: this.accel }, 'QEMU started');
   }
 
@@ -561,7 +805,106 @@ export class QemuDriver implements Driver {
     return { port: found, pid, netns };
   }
 
-  async waitReady(localName: string, signal?: AbortSignal): Promise<void> {
+  /**
+   * Resolves once the guest answers SSH; a warm-started VM (vm.json's `warm.pending`) first resumes
+   * and gets its own identity, and anything that goes wrong there turns it into a cold boot (the
+   * reason in `progress`): it is never ready with the template's identity.
+   */
+  async waitReady(localName: string, signal?: AbortSignal, progress: Progress = () => {}): Promise<void> {
+    const file = await this.records.read(localName);
+    if (!file?.warm?.pending) return this.waitBanner(localName, signal);
+    try {
+      await this.resumeWarm(localName, file, progress, signal);
+    } catch (err) {
+      if (signal?.aborted) throw err;
+      const why = (err as Error).message;
+      this.log.warn({ vm: localName, err: why }, 'warm start failed; cold boot instead');
+      progress(`warm start failed (${why}): cold boot instead`);
+      await this.coldAgain(localName, file, progress);
+      await this.waitBanner(localName, signal);
+    }
+  }
+
+  /** After a failed warm start: QEMU killed, the disk made anew on the image, and a cold boot. */
+  private async coldAgain(localName: string, file: VmFile, progress: Progress): Promise<void> {
+    const dir = this.vmDir(localName);
+    const pending = file.warm!.pending!;
+    await this.stop(localName, 0);
+    for (const f of ['disk.qcow2', 'template.qcow2', STATE_FILE]) await rm(join(dir, f), { force: true });
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', join(dir, 'disk.qcow2')]);
+    await this.growDisk(localName, file.diskSize, progress);
+    await this.records.write({ ...file, warm: undefined });
+    const vm: DriverVM = this.started.get(localName) ?? {
+      localName, uid: file.uid, name: pending.name, image: file.image, imagePullPolicy: 'IfNotPresent',
+      cpu: file.cpu, memory: file.memory, username: pending.username, password: pending.password,
+    };
+    await this.start(vm, progress);
+  }
+
+  /** The resume of a warm start, then the VM's own identity (guest-identity.ts), checked. */
+  private async resumeWarm(localName: string, file: VmFile, progress: Progress, signal?: AbortSignal): Promise<void> {
+    const dir = this.vmDir(localName);
+    const s = this.st(localName);
+    const t0 = s.spawnedAt ?? performance.now();
+    // The template was stopped when saved, so the loaded VM stays paused: continue it once loaded.
+    const deadline = Date.now() + 120_000;
+    let qmpErrors = 0;
+    for (;;) {
+      signal?.throwIfAborted();
+      if (!this.isRunning(localName)) {
+        const log = (await this.tail(localName, 'qemu.log', 4)).split('\n').filter((l) => l && !l.startsWith('VNC server running')).join('; ');
+        throw new Error(`QEMU exited while loading the snapshot${log ? `: ${log}` : ''}`);
+      }
+      let status: string;
+      try {
+        status = ((await this.qmp(localName, (q) => q.execute('query-status'))) as { status: string }).status;
+      } catch (err) {
+        // QEMU closes its QMP socket as it exits on a state it cannot load: the check above says so
+        if (++qmpErrors > 40) throw err;
+        await sleep(25);
+        continue;
+      }
+      if (status === 'running') break;
+      if (status === 'paused' || status === 'postmigrate' || status === 'prelaunch') await this.qmp(localName, (q) => q.execute('cont'));
+      else if (status !== 'inmigrate') throw new Error(`QEMU is ${status} after loading the snapshot`);
+      if (Date.now() > deadline) throw new Error('the snapshot did not load within 120 s');
+      await sleep(10);
+    }
+    const loaded = performance.now();
+    await unlink(join(dir, STATE_FILE)).catch(() => {});
+    await this.waitBanner(localName, signal);
+    const sshUp = performance.now();
+
+    const pending = file.warm!.pending!;
+    const key = await readFile(join(dir, 'id_ed25519'));
+    const id = newIdentity({ name: pending.name, username: pending.username, password: pending.password, authorizedKey: await publicKeyOf(join(dir, 'id_ed25519')) }, file.mac);
+    const said = (await runAsRoot(await this.dial(localName, 22), key, identityScript(id, Date.now() / 1000))).trim().split('\n');
+    const identified = performance.now();
+    const [hostname, mac] = said.slice(-2);
+    if (hostname !== hostnameOf(pending.name)) throw new Error(`the guest calls itself ${hostname}, not ${hostnameOf(pending.name)}`);
+    if (mac !== id.mac) throw new Error(`the guest's MAC is ${mac}, not ${id.mac}`);
+    // Checked from outside: a new connection gets one of the new host keys (the script restarted
+    // dropbear: its new listener may take a moment).
+    let offered: Buffer | undefined;
+    for (let attempt = 0; !offered; attempt++) {
+      try {
+        offered = await offeredHostKey(await this.dial(localName, 22));
+      } catch (err) {
+        if (attempt >= 40) throw err;
+        await sleep(25);
+      }
+    }
+    if (!id.hostKeys.some((k) => keyBlob(k.publicLine).equals(offered))) throw new Error('the guest still offers a host key that is not its new one');
+    const done = performance.now();
+    await writeFile(join(dir, 'known_hosts'), id.hostKeys.map((k) => `* ${k.publicLine}\n`).join(''), { mode: 0o600 });
+    await this.records.write({ ...file, mac: id.mac, warm: { snapshotCreated: file.warm!.snapshotCreated }, hostKeys: id.hostKeys.map((k) => k.publicLine) });
+    const sec = (a: number, b: number) => ((b - a) / 1000).toFixed(2);
+    const stages = { qemuStart: sec(t0, s.upAt ?? t0), stateLoaded: sec(t0, loaded), sshUp: sec(t0, sshUp), identity: sec(sshUp, identified), checked: sec(identified, done), total: sec(t0, done) };
+    this.log.info({ vm: localName, ...stages }, 'warm start: resumed with its own identity');
+    progress(`warm start: resumed the snapshot of image ${file.image} in ${stages.total}s (QEMU up ${stages.qemuStart}s, state loaded ${stages.stateLoaded}s, SSH ${stages.sshUp}s, own identity ${stages.identity}s: hostname, SSH host keys, machine-id, MAC, clock, user; checked ${stages.checked}s)`);
+  }
+
+  private async waitBanner(localName: string, signal?: AbortSignal): Promise<void> {
     const deadline = Date.now() + this.readyTimeoutMs;
     for (;;) {
       signal?.throwIfAborted();

@@ -1,0 +1,89 @@
+// An image's warm-start snapshot on a qemu worker, `<dataDir>/snapshots/<image dir name>/`:
+//   snapshot.json   what it was made from and with (below); `unusable` when the guest cannot be re-identified
+//   snapshot.state  the template's device and memory state (QMP `migrate` to `exec:cat > FILE`)
+//   disk.qcow2      the template's disk overlay, frozen at the save; a VM's overlay is backed by it
+//   base.qcow2, vmlinux, initrd.img: hard links to the image files the template booted
+// The template is the image booted once on this worker with a fixed identity (hostname
+// orchard-template, the image's host keys); a VM started from the snapshot resumes it and is given
+// its own identity (guest-identity.ts) before it is reported running.
+//
+// Kept with the worker's data, not in the image's directory: a build or an import replaces that
+// directory as a whole (maybe from another process while a snapshot is being made), and the image
+// stays the same content for `orchard image push`/`list`. A snapshot names the image files it was
+// made from by device, inode, size and mtime, so a rebuilt, replaced or deleted image no longer
+// matches it and the next VM makes a new one.
+import { stat } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
+import { delimiter, isAbsolute, join } from 'node:path';
+import type { Accel } from './accel.ts';
+
+export const SNAPSHOT_FILE = 'snapshot.json';
+export const STATE_FILE = 'snapshot.state';
+
+export interface SnapshotMeta {
+  image: string;
+  /** file name in the snapshot dir -> fileId() of the image file it links to */
+  files: Record<string, string>;
+  kind: 'kernel' | 'disk';
+  kernel?: string;
+  initrd?: string;
+  cmdline?: string;
+  cpu: number;
+  memory: number;
+  accel: Accel;
+  /** fileId() of the QEMU binary that saved the state (a QEMU update may not load it) */
+  qemu: string;
+  /** The template's MAC and SSH host keys (known_hosts lines): what no VM may keep. */
+  mac: string;
+  knownHosts?: string;
+  created: string;
+  /** seconds: the template's boot to SSH, and the save */
+  bootSeconds?: number;
+  saveSeconds?: number;
+  stateBytes?: number;
+  /** Set when this image's guest cannot be given a new identity: VMs cold-boot, with this reason. */
+  unusable?: string;
+}
+
+/** What identifies a file's content without reading it: a rebuild or replacement changes it. */
+export async function fileId(path: string): Promise<string> {
+  const st = await stat(path);
+  return `${st.dev}:${st.ino}:${st.size}:${Math.round(st.mtimeMs)}`;
+}
+
+/** The file that `binary` (a path, or a name looked up in PATH) runs. */
+export async function binaryId(binary: string): Promise<string> {
+  const candidates = isAbsolute(binary) || binary.includes('/') ? [binary]
+    : (process.env.PATH ?? '').split(delimiter).filter(Boolean).map((d) => join(d, binary));
+  for (const c of candidates) {
+    try {
+      return await fileId(c);
+    } catch {
+      // not here
+    }
+  }
+  return `unknown ${binary}`;
+}
+
+export async function readSnapshotMeta(dir: string): Promise<SnapshotMeta | undefined> {
+  try {
+    return JSON.parse(await readFile(join(dir, SNAPSHOT_FILE), 'utf8')) as SnapshotMeta;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Why the snapshot in `dir` cannot serve `image` now (the image files changed, another accelerator
+ * or QEMU), or undefined when it can. `imageFiles`: snapshot file name -> the image's file now.
+ */
+export async function staleReason(meta: SnapshotMeta, imageFiles: Record<string, string>, accel: Accel, qemu: string): Promise<string | undefined> {
+  for (const [name, path] of Object.entries(imageFiles)) {
+    const id = await fileId(path).catch(() => 'missing');
+    if (meta.files[name] !== id) return `image ${meta.image} changed since (${name})`;
+  }
+  if (Object.keys(meta.files).length !== Object.keys(imageFiles).length) return `image ${meta.image} changed since`;
+  if (meta.accel !== accel) return `it was made with ${meta.accel}, this worker runs ${accel}`;
+  if (meta.qemu !== qemu) return 'QEMU changed since';
+  return undefined;
+}

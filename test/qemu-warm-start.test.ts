@@ -1,0 +1,132 @@
+// Warm starts on a real qemu worker (debian-dev, TCG): VMs resume from the image's snapshot and come
+// up with their own identity. One worker, one image store of its own (links to the shared debian-dev
+// files, so the "rebuild" below changes nothing other tests use) and one snapshot serve every case:
+//  - two VMs from the same snapshot both answer `orchard ssh` as their own user with their own
+//    password, and differ from each other and from the template in hostname (= their name), SSH host
+//    key (as `orchard ssh -v` sees it), MAC and machine-id; the guest clock is the host's;
+//  - a VM with another CPU count cold-boots, saying why in its events; its create→running time is the
+//    cold boot the warm starts are compared with (printed; asserted only warm < cold);
+//  - a warm start that fails (a state file cut in half) cold-boots the VM, with the reason in its events;
+//  - a rebuilt image (its files replaced) makes the next VM make a new snapshot instead of resuming
+//    the old one; a deleted image leaves no usable snapshot.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { copyFileSync, linkSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { localNameOf, type VM } from '../src/api/schemas.ts';
+import { removeImage, buildDebianDev } from '../src/worker/images.ts';
+import { readSnapshotMeta } from '../src/worker/drivers/snapshots.ts';
+import { ADMIN_TOKEN, inProcessController, qemuWorker, runCLI, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
+
+const fingerprint = (blob: Buffer) => 'SHA256:' + createHash('sha256').update(blob).digest('base64').replace(/=+$/, '');
+
+test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with their own identity, faster than a cold boot; other shapes cold-boot; a rebuilt image gets a new snapshot', async (t) => {
+  await buildDebianDev(TEST_IMAGES);
+  // The worker's own store: hard links to the shared image's files (read, never changed in place).
+  const store = tempDir('orchard-warm-images-');
+  mkdirSync(join(store, 'debian-dev'));
+  for (const f of readdirSync(join(TEST_IMAGES, 'debian-dev'))) {
+    if (!f.endsWith('.deb')) linkSync(join(TEST_IMAGES, 'debian-dev', f), join(store, 'debian-dev', f));
+  }
+  const c = await inProcessController();
+  const workerDir = tempDir('orchard-warm-worker-');
+  const w = await qemuWorker(c, 'warm-1', workerDir, { imagesDir: store, warmStart: true });
+  const env = { ORCHARD_HOME: tempDir('orchard-home-') };
+  const cli = (...args: string[]) => runCLI(args, env);
+  const created = async (name: string, extra: Partial<VM> = {}) => {
+    const t0 = Date.now();
+    await c.admin.createVM({ name, image: 'debian-dev', cpu: 1, memory: 512, ...extra });
+    const vm = await waitFor(`${name} to run`, async () => {
+      const vm = await c.admin.getVM(name);
+      if (vm.status === 'failed') throw new Error(`${name} failed: ${vm.status_message}`);
+      return vm.status === 'running' ? vm : undefined;
+    }, 180_000, 20);
+    const seconds = (Date.now() - t0) / 1000;
+    const events = (await c.admin.listEvents(name, { limit: 100 })).events.map((e) => e.payload ?? '');
+    return { vm, seconds, events };
+  };
+  const ssh = async (name: string, command: string) => {
+    const r = await cli('ssh', 'vm', name, '-v', '--wait', '10', '--', command);
+    assert.equal(r.code, 0, `${name}: ${command}: ${r.stderr}`);
+    const key = /host key (\S+) (SHA256:\S+)/.exec(r.stderr);
+    return { out: r.stdout.trim(), hostKey: key?.[2], user: /authenticated to .* as (\S+)/.exec(r.stderr)?.[1] };
+  };
+  try {
+    const ctx = await cli('context', 'create', c.ctl.url, '--name', 't', '--service-account-name', 'bootstrap-admin', '--service-account-token', ADMIN_TOKEN, '--trust-fingerprint', c.ctl.fingerprint!);
+    assert.equal(ctx.code, 0, ctx.stderr);
+
+    // The first VM makes the snapshot (the template boots once), then resumes it.
+    const started = new Date().toISOString();
+    const first = await created('warm-a', { username: 'alice', password: 'a-secret-1' });
+    const meta = (await readSnapshotMeta(w.driver.snapshotDir('debian-dev')))!;
+    assert.ok(meta && !meta.unusable && meta.created > started, `a usable snapshot, made for this VM: ${JSON.stringify(meta)}`);
+    const second = await created('warm-b', { username: 'bob', password: 'b-secret-2' });
+    for (const { events } of [first, second]) {
+      assert.ok(events.some((e) => /^warm start: resumed the snapshot of image debian-dev in /.test(e)), events.join('\n'));
+      assert.ok(!events.some((e) => e.startsWith('cold boot') || e.startsWith('warm start failed')), events.join('\n'));
+    }
+    console.log(`warm start (create→running through the cluster): ${second.seconds.toFixed(2)} s; ${second.events.find((e) => e.startsWith('warm start:'))}`);
+
+    await t.test('two VMs from one snapshot: both answer orchard ssh as their own user; hostname, host key, MAC, machine-id differ from each other and from the template', async () => {
+      const template = new Set((meta.knownHosts ?? '').trim().split('\n').map((l) => fingerprint(Buffer.from(l.trim().split(/\s+/).at(-1)!, 'base64'))));
+      assert.ok(template.size >= 2, 'the template\'s host keys are known');
+      const seen: Record<string, string>[] = [];
+      for (const [name, user] of [['warm-a', 'alice'], ['warm-b', 'bob']]) {
+        const r = await ssh(name, 'hostname; cat /sys/class/net/eth0/address; cat /etc/machine-id; id -un; date +%s');
+        const [hostname, mac, machineId, whoami, clock] = r.out.split('\n');
+        assert.equal(r.user, user, 'orchard ssh logged in with the VM\'s own username and password');
+        assert.equal(whoami, user);
+        assert.equal(hostname, name, 'the hostname is the VM\'s name');
+        assert.ok(r.hostKey && !template.has(r.hostKey), `${name} offers a new host key (${r.hostKey}), not the template's`);
+        assert.notEqual(mac, meta.mac, 'not the template\'s MAC');
+        assert.match(machineId, /^[0-9a-f]{32}$/);
+        assert.ok(Math.abs(Number(clock) - Date.now() / 1000) < 30, `the guest's clock is the host's (guest ${clock})`);
+        const file = JSON.parse(readFileSync(join(w.driver.vmDir(localNameOf((await c.admin.getVM(name)))), 'vm.json'), 'utf8')) as { mac: string };
+        assert.equal(mac, file.mac, 'the MAC QEMU gives the NIC on a reboot too');
+        seen.push({ hostname, mac, machineId, hostKey: r.hostKey });
+      }
+      for (const k of ['hostname', 'mac', 'machineId', 'hostKey']) assert.notEqual(seen[0][k], seen[1][k], `the two VMs differ in ${k}`);
+    });
+
+    await t.test('a VM with another CPU count cold-boots, with the reason in its events; a warm start beats that cold boot', async () => {
+      const cold = await created('cold-c', { cpu: 2 });
+      assert.ok(cold.events.some((e) => e.startsWith('cold boot: the snapshot of image debian-dev on this worker has 1 CPU and 512 MiB; this VM asks for 2 CPU and 512 MiB')), cold.events.join('\n'));
+      assert.equal((await ssh('cold-c', 'hostname')).out, 'orchard-vm', 'booted from the image as it is (no cloud-init in debian-dev)');
+      console.log(`cold boot ${cold.seconds.toFixed(2)} s vs warm start ${second.seconds.toFixed(2)} s (${(cold.seconds / second.seconds).toFixed(1)}×)`);
+      assert.ok(second.seconds < cold.seconds, `warm ${second.seconds} s < cold ${cold.seconds} s`);
+      await c.admin.deleteVM('cold-c');
+    });
+
+    await t.test('a warm start that fails (a state QEMU cannot load) kills that QEMU and cold-boots the VM, saying why', async () => {
+      const state = join(w.driver.snapshotDir('debian-dev'), 'snapshot.state');
+      const bytes = readFileSync(state);
+      writeFileSync(`${state}.cut`, bytes.subarray(0, bytes.length >> 1));
+      renameSync(`${state}.cut`, state);
+      const broken = await created('warm-broken');
+      assert.ok(broken.events.some((e) => /^warm start failed \(QEMU exited while loading the snapshot.*\): cold boot instead$/s.test(e)), broken.events.join('\n'));
+      assert.equal((await ssh('warm-broken', 'hostname')).out, 'orchard-vm', 'booted from the image');
+      await c.admin.deleteVM('warm-broken');
+    });
+
+    await t.test('a rebuilt image gets a new snapshot; a deleted one leaves none usable', async () => {
+      // What a rebuild does to the store: new files in place of the old (VMs keep their links).
+      const base = join(store, 'debian-dev', 'base.qcow2');
+      copyFileSync(base, `${base}.new`);
+      renameSync(`${base}.new`, base);
+      const after = await created('warm-d');
+      assert.ok(after.events.some((e) => e.startsWith('warm start: resumed')), after.events.join('\n'));
+      const remade = (await readSnapshotMeta(w.driver.snapshotDir('debian-dev')))!;
+      assert.notEqual(remade.created, meta.created);
+      assert.equal((await ssh('warm-d', 'hostname')).out, 'warm-d');
+      await removeImage(store, 'debian-dev');
+      await assert.rejects(w.driver.snapshot('debian-dev', { cpu: 1, memory: 512 }), /image "debian-dev" is not on this worker/);
+    });
+  } finally {
+    for (const vm of await c.admin.listVMs().catch(() => [])) await c.admin.deleteVM(vm.name).catch(() => {});
+    await w.close();
+    await c.close();
+    c.cleanup();
+    for (const d of [store, workerDir, env.ORCHARD_HOME]) rmSync(d, { recursive: true, force: true });
+  }
+});
