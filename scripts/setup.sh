@@ -13,8 +13,9 @@ if [ "${1:-}" = --test ]; then
   # tesseract: test/connect-cli.test.ts reads the VM's screen through `orchard vnc`; zsh and fish:
   # test/completion.test.ts loads `orchard completion zsh|fish` into them (bash and script(1) are essential);
   # docker-registry, skopeo and apache2-utils (htpasswd): test/oci-*.test.ts pull from and push to a
-  # real registry on loopback, with images skopeo copies in and inspects.
-  PKGS+=(systemd vncsnapshot tesseract-ocr tesseract-ocr-eng zsh fish docker-registry skopeo apache2-utils)
+  # real registry on loopback, with images skopeo copies in and inspects; strace: test/oci-pull.test.ts
+  # checks that a pull fsyncs before each rename that publishes an image.
+  PKGS+=(systemd vncsnapshot tesseract-ocr tesseract-ocr-eng zsh fish docker-registry skopeo apache2-utils strace)
 fi
 command -v npm >/dev/null 2>&1 || PKGS+=(nodejs npm)
 missing=()

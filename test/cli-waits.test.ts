@@ -30,6 +30,9 @@ test('create --wait, ssh and port-forward to a VM that does not run, logs --foll
     assert.equal(ssh.code, 1);
     assert.match(ssh.stderr, /waiting up to 1s for VM stuck to be running \(pending: no worker fits/);
     assert.match(ssh.stderr, /wait longer with --wait SECONDS/);
+    // The API's own answer names its query parameter (the SSH jump host leaves that advice out: test/ssh-jump).
+    await assert.rejects(c.admin.vmIP('stuck', 1), (err: Error & { status?: number }) =>
+      err.status === 503 && /VM "stuck" is not running \(pending: .*\) after waiting 1s; wait longer with the query parameter wait=SECONDS/.test(err.message));
 
     // A stopped VM is not waited for: how to start it, at once.
     assert.equal((await cli('stop', 'vm', 'quick')).code, 0);

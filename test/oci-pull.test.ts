@@ -254,3 +254,40 @@ test('a pull killed with kill -9 half way leaves no entry; the next pull resumes
   assert.deepEqual(readdirSync(join(store, '.oci', 'tmp')), [], 'the killed pull\'s temp files are gone');
   cache.close();
 });
+
+test('crash safety beyond kill -9: a pull fsyncs the blob, the entry\'s files and dir, and the ref before each rename that publishes them, and the parent after (strace)', async (t) => {
+  pushDisk('team/durable', 'v1', 1);
+  const dir = tempDir('orchard-fsync-');
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const store = join(dir, 'store');
+  const script = `
+    import { ImageCache } from ${JSON.stringify(join(ROOT, 'src/worker/oci/cache.ts'))};
+    const cache = new ImageCache({ storeDir: process.argv[1], registries: () => ({ insecure: true }) });
+    await cache.ensure(process.argv[2], { policy: 'IfNotPresent' });
+    cache.close();`;
+  const trace = join(dir, 'trace');
+  // -y prints the path of each fsync's file descriptor; -f follows libuv's threads, which do the I/O.
+  execFileSync('strace', ['-f', '-qq', '-y', '-e', 'trace=fsync,fdatasync,rename,renameat,renameat2', '-o', trace, process.execPath, '--input-type=module', '-e', script, store, `${registry.host}/team/durable:v1`]);
+  const calls = readFileSync(trace, 'utf8').split('\n').flatMap((line) => {
+    const sync = /(?:fsync|fdatasync)\(\d+<([^>]+)>\) = 0/.exec(line);
+    if (sync) return [{ op: 'fsync', path: sync[1] }];
+    const ren = /rename(?:at2?)?\((?:[^"]*)"([^"]+)", (?:[^"]*)"([^"]+)"/.exec(line);
+    return ren && / = 0$/.test(line) ? [{ op: 'rename', path: ren[1], to: ren[2] }] : [];
+  });
+  const at = (op: string, test: (p: string, to?: string) => boolean) => {
+    const i = calls.findIndex((c) => c.op === op && test(c.path, (c as { to?: string }).to));
+    assert.ok(i >= 0, `no ${op} matching ${test.toString()} in:\n${calls.map((c) => JSON.stringify(c)).join('\n')}`);
+    return i;
+  };
+  const oci = join(store, '.oci');
+  const blob = at('rename', (p, to) => p.startsWith(`${oci}/partial/`) && to!.startsWith(`${oci}/blobs/`));
+  assert.ok(at('fsync', (p) => p === calls[blob].path) < blob, 'the blob\'s bytes are synced before it gets its name');
+  const publish = at('rename', (p, to) => p.startsWith(`${oci}/tmp/`) && to!.startsWith(`${oci}/entries/sha256-`));
+  const tmp = calls[publish].path;
+  for (const f of ['base.qcow2', 'image.json', 'oci.json', 'last-used']) assert.ok(at('fsync', (p) => p === join(tmp, f)) < publish, `${f} is synced before the entry is published`);
+  assert.ok(at('fsync', (p) => p === tmp) < publish, 'the entry dir is synced before it is published');
+  assert.ok(calls.slice(publish).some((c) => c.op === 'fsync' && c.path === `${oci}/entries`), 'entries/ is synced after the rename');
+  const ref = at('rename', (p, to) => p.endsWith('.tmp') && to!.startsWith(`${oci}/refs/`));
+  assert.ok(at('fsync', (p) => p === calls[ref].path) < ref, 'the ref is synced before its rename');
+  assert.ok(calls.slice(ref).some((c) => c.op === 'fsync' && c.path === `${oci}/refs`), 'refs/ is synced after it');
+});

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { pino } from 'pino';
 import type { WebSocket } from 'ws';
 import { startController } from '../src/controller/controller.ts';
+import { MAX_REGISTRIES } from '../src/controller/domain/registries.ts';
 import { ADMIN_TOKEN, clientOf, inProcessController, rawRequest, runCLI, tempDir, waitFor } from './helpers.ts';
 import { upgrade } from './security/attack.ts';
 
@@ -163,6 +164,21 @@ test('a worker that declares registriesAction while connected (it registered aga
   } finally {
     await ctl.close();
     rmSync(dataDir, { recursive: true, force: true });
+  }
+});
+
+test('the registries a cluster keeps are bounded (every worker gets them all in one frame)', async () => {
+  const c = await inProcessController();
+  try {
+    for (let i = 0; i < MAX_REGISTRIES; i++) await c.admin.createRegistry({ host: `r${i}.example`, username: 'u', password: 'p' });
+    const over = await rawRequest(c.ctl, 'POST', '/v1/registries', { auth: ADMIN, body: JSON.stringify({ host: 'one-more.example' }) });
+    assert.equal(over.status, 409, over.body);
+    assert.match(over.body, /there are 64 registries already .*delete one first/);
+    await c.admin.deleteRegistry('r0.example');
+    await c.admin.createRegistry({ host: 'one-more.example' });
+  } finally {
+    await c.close();
+    c.cleanup();
   }
 });
 

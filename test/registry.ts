@@ -55,8 +55,21 @@ export async function testCertificates(): Promise<{ ca: string; cert: string; ke
   return { ca: ca.toString('pem') + '\n', cert: cert.toString('pem') + '\n', key: pem('PRIVATE KEY', await webcrypto.subtle.exportKey('pkcs8', keys.privateKey)) };
 }
 
-/** `docker-registry` on 127.0.0.1; `tls` adds a test CA's certificate, `users` htpasswd basic auth (needs tls). */
-export async function startRegistry(opts: { tls?: boolean; users?: Record<string, string> } = {}): Promise<TestRegistry> {
+/** The registry's `auth: token:` settings: the token service (realm) it sends clients to and whose tokens it accepts. */
+export interface RegistryTokenAuth {
+  realm: string;
+  service: string;
+  issuer: string;
+  /** PEM of the certificate(s) whose keys sign the tokens */
+  rootCertBundle: string;
+}
+
+/**
+ * `docker-registry` on 127.0.0.1; `tls` adds a test CA's certificate (`certs` to give one made by
+ * testCertificates, shared with a token server), `users` htpasswd basic auth (needs tls), `token`
+ * bearer tokens from a token service.
+ */
+export async function startRegistry(opts: { tls?: boolean; certs?: { ca: string; cert: string; key: string }; users?: Record<string, string>; token?: RegistryTokenAuth } = {}): Promise<TestRegistry> {
   const dir = tempDir('orchard-registry-');
   const storage = join(dir, 'storage');
   mkdirSync(storage);
@@ -64,8 +77,8 @@ export async function startRegistry(opts: { tls?: boolean; users?: Record<string
   let config = `version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: ${storage}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:${port}\n  secret: orchard-test\n`;
   let ca: string | undefined;
   let certDir: string | undefined;
-  if (opts.tls || opts.users) {
-    const certs = await testCertificates();
+  if (opts.tls || opts.certs || opts.users) {
+    const certs = opts.certs ?? (await testCertificates());
     ca = certs.ca;
     writeFileSync(join(dir, 'server.crt'), certs.cert);
     writeFileSync(join(dir, 'server.key'), certs.key);
@@ -79,6 +92,11 @@ export async function startRegistry(opts: { tls?: boolean; users?: Record<string
     writeFileSync(file, '');
     for (const [user, password] of Object.entries(opts.users)) execFileSync('htpasswd', ['-B', '-b', file, user, password], { stdio: 'ignore' });
     config += `auth:\n  htpasswd:\n    realm: orchard-test\n    path: ${file}\n`;
+  }
+  if (opts.token) {
+    writeFileSync(join(dir, 'token-signers.pem'), opts.token.rootCertBundle);
+    const { realm, service, issuer } = opts.token;
+    config += `auth:\n  token:\n    realm: ${realm}\n    service: ${service}\n    issuer: ${issuer}\n    rootcertbundle: ${join(dir, 'token-signers.pem')}\n`;
   }
   writeFileSync(join(dir, 'config.yml'), config);
   const proc: ChildProcess = spawn('docker-registry', ['serve', join(dir, 'config.yml')], { stdio: ['ignore', 'ignore', 'pipe'] });

@@ -150,6 +150,7 @@ test('jump host: host key kept across restarts; tokens, roles, sessions, remote 
     assert.match(jumpToUnknown.stderr, /open failed: connect failed: VM "no-such-vm" not found/, show(jumpToUnknown));
     assert.equal(pending.code, 255, show(pending));
     assert.match(pending.stderr, /open failed: connect failed: VM "pending-vm" is not running \(pending.*after waiting 5s/, show(pending));
+    assert.doesNotMatch(pending.stderr, /wait=|--wait/, 'advice for API and CLI users does not reach an SSH user');
     assert.ok(pending.ms >= 4500, show(pending));
 
     // An account deleted after logging in loses its connection at once (and with it any channel).

@@ -328,3 +328,42 @@ test('errors from tart reject with tart\'s message', async () => {
   const missing = new TartDriver({ stateDir, tartBinary: join(work, 'no-tart') });
   await assert.rejects(missing.list(), /no-tart not found/);
 });
+
+test('suspend: tart run --suspendable, tart suspend; list says suspended (also to a new driver); resume restores the same boot with tart run', async () => {
+  await prepared('orchard-s-1');
+  const vm = spec('orchard-s-1', { suspendable: true });
+  assert.deepEqual((await callsDuring(() => driver.start(vm))).filter(notList)[0], ['run', 'orchard-s-1', '--no-graphics', '--suspendable']);
+  await driver.waitReady('orchard-s-1');
+  const bootId = (fakeVm('orchard-s-1') as { bootId?: string }).bootId;
+  assert.ok(bootId);
+
+  const c = await callsDuring(() => driver.suspend('orchard-s-1'));
+  assert.deepEqual(c.filter(notList), [['suspend', 'orchard-s-1']]);
+  assert.deepEqual((await newDriver().list()).find((v) => v.localName === 'orchard-s-1'),
+    { localName: 'orchard-s-1', uid: 'uid-orchard-s-1', running: false, suspended: true, image: UBUNTU }, 'a restarted worker sees it suspended');
+  assert.equal(fakeVm('orchard-s-1')?.pid, undefined, 'tart run exited: the VM holds no CPU');
+  // idempotent: no second tart suspend of a suspended VM
+  assert.deepEqual((await callsDuring(() => driver.suspend('orchard-s-1'))).filter(notList), []);
+
+  const second = newDriver();
+  let resumed = false;
+  const r = await callsDuring(async () => (resumed = await second.resume(vm)));
+  assert.equal(resumed, true);
+  assert.deepEqual(r.filter(notList), [['run', 'orchard-s-1', '--no-graphics', '--suspendable']]);
+  await second.waitReady('orchard-s-1');
+  assert.equal((fakeVm('orchard-s-1') as { bootId?: string }).bootId, bootId, 'restored, not booted again');
+  assert.match(readFileSync(second.logPath('orchard-s-1'), 'utf8'), /restoring VM state from a snapshot/);
+  assert.deepEqual((await second.list()).find((v) => v.localName === 'orchard-s-1')?.running, true);
+  // A running VM is not suspended: resume does nothing.
+  assert.deepEqual((await callsDuring(async () => assert.equal(await second.resume(vm), false))).filter(notList), []);
+});
+
+test('suspend of a VM not run --suspendable fails with tart\'s reason and leaves it stopped, not suspended', async () => {
+  await prepared('orchard-s-2');
+  await driver.start(spec('orchard-s-2'));
+  await driver.waitReady('orchard-s-2');
+  await assert.rejects(driver.suspend('orchard-s-2'), /did not suspend it \(it stopped instead\).*not configured to support save\/restore/s);
+  const listed = (await driver.list()).find((v) => v.localName === 'orchard-s-2');
+  assert.deepEqual([listed?.running, listed?.suspended], [false, undefined]);
+  await assert.rejects(driver.suspend('orchard-s-2'), /tart suspend failed \(exit code 2\): VM "orchard-s-2" is not running/);
+});

@@ -8,6 +8,8 @@ import type { VM } from './schemas.ts';
 /** The instructions of ours a worker may declare it understands (in its record's `capabilities`). */
 export const REGISTRIES_ACTION = 'registriesAction';
 export const PULL_IMAGE_ACTION = 'pullImageAction';
+/** The worker keeps ready tunnel connections on /v1/rpc/port-forward-pool (docs/tunnel-pool-protocol.md). */
+export const PORT_FORWARD_POOL = 'portForwardPool';
 
 /** The worker's VMs changed: sync them (with ours: here they are). */
 export interface SyncVMsAction {

@@ -196,7 +196,10 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   // (A deleted worker is disconnected: it registers again when it reconnects.)
   const unsubscribe = view.subscribe((change) => {
     if (change.kind === 'workers') {
-      if (change.type === 'DELETED') channels.disconnect(change.object.name);
+      if (change.type === 'DELETED') {
+        channels.disconnect(change.object.name);
+        tunnels.ready.disconnect(change.object.name);
+      }
       else registries.workerChanged(change.object.name, change.before?.capabilities, change.object.capabilities);
       return;
     }

@@ -5,15 +5,34 @@ import type { ErrorObject } from 'ajv';
 import { ConflictError, NotFoundError } from './store/store.ts';
 import { NAME_PATTERN } from '../api/schemas.ts';
 
+/**
+ * What went wrong, for any access path: HTTP answers `statusCode` with the message (and `httpHint`,
+ * advice that only makes sense to an API or CLI user); the SSH jump host maps it to a channel-open
+ * failure with the message alone (sshOpenFailure).
+ */
 export class HttpError extends Error {
   readonly statusCode: number;
   /** Extra response headers (Retry-After of a 429, say). */
   readonly headers: Record<string, string>;
-  constructor(statusCode: number, message: string, headers: Record<string, string> = {}) {
+  /** Appended to the message in an HTTP answer only (e.g. which query parameter to change). */
+  readonly httpHint?: string;
+  constructor(statusCode: number, message: string, headers: Record<string, string> = {}, httpHint?: string) {
     super(message);
     this.statusCode = statusCode;
     this.headers = headers;
+    this.httpHint = httpHint;
   }
+}
+
+/** SSH_MSG_CHANNEL_OPEN_FAILURE reason codes (RFC 4254 §5.1). */
+export const OPEN_FAILURE = { ADMINISTRATIVELY_PROHIBITED: 1, CONNECT_FAILED: 2, RESOURCE_SHORTAGE: 4 } as const;
+
+/** The channel-open failure an SSH client gets for `err`: a refusal, a shortage (too many, try later), or a failed connect. */
+export function sshOpenFailure(err: HttpError): { code: number; description: string } {
+  const code = err.statusCode === 401 || err.statusCode === 403 ? OPEN_FAILURE.ADMINISTRATIVELY_PROHIBITED
+    : err.statusCode === 429 ? OPEN_FAILURE.RESOURCE_SHORTAGE
+      : OPEN_FAILURE.CONNECT_FAILED;
+  return { code, description: err.message };
 }
 
 export const badRequest = (message: string) => new HttpError(400, message);
@@ -72,7 +91,9 @@ export function errorHandler(this: unknown, error: FastifyError & { validationCo
   if (error.validation) {
     return reply.code(400).send({ message: formatValidationError(error.validation as ErrorObject[], error.validationContext ?? 'body') });
   }
-  if (error instanceof HttpError) return reply.code(error.statusCode).headers(error.headers).send({ message: error.message });
+  if (error instanceof HttpError) {
+    return reply.code(error.statusCode).headers(error.headers).send({ message: error.httpHint ? `${error.message}; ${error.httpHint}` : error.message });
+  }
   if (error instanceof NotFoundError) return reply.code(404).send({ message: error.message });
   if (error instanceof ConflictError) return reply.code(409).send({ message: error.message });
   const status = error.statusCode ?? 500;

@@ -10,6 +10,7 @@ import { HttpError } from './errors.ts';
 import type { Logger } from 'pino';
 import type { Limits } from './limits.ts';
 import { syncVMsFrame, type WorkerInstruction } from '../api/worker-protocol.ts';
+import { traceTunnel } from '../tunnel-trace.ts';
 
 const PING_INTERVAL_MS = 20_000;
 /** An account whose WebSocket broke the protocol (a frame over the limit, bad framing) opens none for this long, doubling per offence. */
@@ -123,6 +124,7 @@ export class WebSocketRoutes {
 
   private async upgrade(request: IncomingMessage, socket: Duplex, head: Buffer) {
     const url = new URL(request.url ?? '/', 'http://controller');
+    traceTunnel(`ctl-upgrade:${url.pathname.includes('/rpc/') ? 'worker' : 'client'}`);
     let onOpen: (ws: WebSocket) => void;
     let account: ServiceAccount;
     let roles: readonly Role[];
@@ -178,6 +180,7 @@ export class WebSocketRoutes {
       // Revoking the account (deleted, new token, role removed) closes the connection at once.
       const release = this.access.hold(account, roles, (why) => ws.close(1008, why.slice(0, 120)));
       ws.on('close', release);
+      traceTunnel(`ctl-opened:${url.pathname.includes('/rpc/') ? 'worker' : 'client'}`);
       onOpen(ws);
     });
   }

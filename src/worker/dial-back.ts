@@ -8,6 +8,7 @@ import type { Logger } from 'pino';
 import { wsMasking, type OrchardClient } from '../client/client.ts';
 import type { PortForwardAction, ResolveIPAction } from '../api/worker-protocol.ts';
 import type { Driver } from './drivers/driver.ts';
+import { traceTunnel } from '../tunnel-trace.ts';
 
 export interface DialBackContext {
   client: OrchardClient;
@@ -18,22 +19,38 @@ export interface DialBackContext {
   localNameOfUID(uid: string): string;
 }
 
+/** The target of a port-forward: the VM's port, or this host's without a VM. */
+export function dialTarget(ctx: DialBackContext, action: PortForwardAction): Promise<Duplex> {
+  if (action.vmUID) return ctx.driver.dial(ctx.localNameOfUID(action.vmUID), action.port);
+  return new Promise<Duplex>((resolve, reject) => {
+    const sock = net.connect({ host: '127.0.0.1', port: action.port, noDelay: true }, () => resolve(sock));
+    sock.once('error', reject);
+  });
+}
+
+/** Splices an open tunnel WebSocket and its target; the target closing ends the tunnel cleanly (1000). */
+export function joinTarget(ws: WebSocket, target: Duplex) {
+  const stream = createWebSocketStream(ws);
+  stream.on('error', () => target.destroy());
+  target.pipe(stream);
+  stream.pipe(target);
+  target.on('close', () => ws.close(1000));
+  ws.on('close', () => target.destroy());
+}
+
 /** portForwardAction: dial the VM's port (or this host's, without a VM), then dial back and splice. */
 export async function portForward(ctx: DialBackContext, action: PortForwardAction) {
   const { client } = ctx;
+  traceTunnel('wrk-recv', action.session);
   const query: Record<string, string> = { session: action.session, workerName: ctx.workerName };
   let target: Duplex | undefined;
   try {
-    target = action.vmUID
-      ? await ctx.driver.dial(ctx.localNameOfUID(action.vmUID), action.port)
-      : await new Promise<Duplex>((resolve, reject) => {
-          const sock = net.connect({ host: '127.0.0.1', port: action.port, noDelay: true }, () => resolve(sock));
-          sock.once('error', reject);
-        });
+    target = await dialTarget(ctx, action);
   } catch (err) {
     // `errorMessage`, as upstream's worker sends it (our controller reads it too).
     query.errorMessage = (err as Error).message.slice(0, 500);
   }
+  traceTunnel('wrk-dialed', action.session);
   const url = client.urlOf('/v1/rpc/port-forward', true);
   for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
   const ws = new WebSocket(url, {
@@ -49,15 +66,8 @@ export async function portForward(ctx: DialBackContext, action: PortForwardActio
   if (!target) return;
   const t = target;
   t.on('error', () => ws.terminate());
-  ws.on('open', () => {
-    const stream = createWebSocketStream(ws);
-    stream.on('error', () => t.destroy());
-    t.pipe(stream);
-    stream.pipe(t);
-    // The VM side closing ends the tunnel cleanly (code 1000).
-    t.on('close', () => ws.close(1000));
-    ws.on('close', () => t.destroy());
-  });
+  ws.on('upgrade', () => traceTunnel('wrk-upgraded', action.session));
+  ws.on('open', () => joinTarget(ws, t));
 }
 
 /** resolveIPAction: find the VM's IP and POST it back, in the query (`ip` or `errorMessage`) as upstream's worker does. */

@@ -47,6 +47,8 @@ export class ControllerLink {
     orphans: false,
     /** It takes the images a worker holds and its pulls' progress, and sends pre-pulls ("worker-images"). */
     workerImages: false,
+    /** It pairs port-forwards with ready connections on /v1/rpc/port-forward-pool ("tunnel-pool"). */
+    tunnelPool: false,
   };
 
   private readonly o: LinkOptions;
@@ -64,6 +66,7 @@ export class ControllerLink {
     this.can.watchLiveness = caps.includes('watch-liveness');
     this.can.orphans = caps.includes('orphans');
     this.can.workerImages = caps.includes('worker-images');
+    this.can.tunnelPool = caps.includes('tunnel-pool');
     this.checkCluster(info?.clusterID);
     try {
       await this.register();

@@ -5,7 +5,7 @@ import type { Orphan, VM } from '../api/schemas.ts';
 import { localNameOf } from '../api/schemas.ts';
 import type { OrchardClient } from '../client/client.ts';
 import type { LocalVM } from './drivers/driver.ts';
-import { hostSpecOf, ORPHANED, report, RESPEC, SHUTDOWN, startRun, type RunContext, type Task } from './vm-run.ts';
+import { hostSpecOf, ORPHANED, POWER, report, RESPEC, SHUTDOWN, startRun, type RunContext, type Task } from './vm-run.ts';
 
 export interface ReconcilerOptions {
   client: OrchardClient;
@@ -90,8 +90,8 @@ export class Reconciler {
     })();
   }
 
-  private start(vm: VM, localName: string, alreadyRunning: boolean, after?: Promise<void>) {
-    this.tasks.set(localName, startRun(this.o.run, vm, localName, alreadyRunning, after));
+  private start(vm: VM, localName: string, found: LocalVM | undefined, after?: Promise<void>) {
+    this.tasks.set(localName, startRun(this.o.run, vm, localName, found, after));
   }
 
   /** Converge: start what is assigned and missing, adopt what already runs, remove what is not ours any more. */
@@ -112,10 +112,14 @@ export class Reconciler {
       const task = this.tasks.get(localName);
       if (task && task.generation !== vm.generation && vm.status !== 'failed') {
         if (task.hostSpec !== hostSpecOf(vm)) {
-          // A new spec the host must carry out (cpu, memory, disk, powerState...): stop, boot again.
-          task.abort.abort(RESPEC);
+          // Suspended or resumed, nothing else changed: the next run does it to the VM as it is.
+          // Any other new spec the host must carry out (cpu, memory, disk, stopped...): stop, boot again.
+          const to = vm.powerState ?? 'running';
+          const power = to !== task.powerState && [to, task.powerState].includes('suspended') && [to, task.powerState].includes('running') &&
+            hostSpecOf({ ...vm, powerState: task.powerState }) === task.hostSpec;
+          task.abort.abort(power ? POWER : RESPEC);
           this.tasks.delete(localName);
-          this.start(vm, localName, false, task.finished);
+          this.start(vm, localName, undefined, task.finished);
         } else {
           task.generation = vm.generation; // nothing to do here: acknowledge the generation
           if (task.out.reported) report(task, task.out.reported);
@@ -137,7 +141,7 @@ export class Reconciler {
       }
       if (vm.status === 'failed') continue;
       const existing = localByName.get(localName);
-      this.start(vm, localName, existing?.running ?? false);
+      this.start(vm, localName, existing);
     }
     const desiredUIDs = new Set(desired.map((vm) => vm.uid));
     await this.settleUnassigned(

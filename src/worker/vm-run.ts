@@ -1,10 +1,11 @@
 // One run of one VM on this host: prepare its disk (waiting for a missing image), boot it or adopt
 // it, report it running, run its startup script, and report how it ended. The reconciler starts
 // and aborts runs; a run only carries out the spec it was given.
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import type { VM, VMStateUpdate } from '../api/schemas.ts';
 import { sshCredentials, VM_DEFAULTS } from '../api/defaults.ts';
-import type { Driver, DriverVM } from './drivers/driver.ts';
+import type { Driver, DriverVM, LocalVM } from './drivers/driver.ts';
 import { Outbox, type OutboxContext } from './outbox.ts';
 import { runScript } from './startup-script.ts';
 
@@ -14,9 +15,18 @@ export const SHUTDOWN = 'worker shutdown';
 export const ORPHANED = 'orphaned';
 /** Abort reason of a run whose VM gets a new spec: it is stopped, then booted again with the new one. */
 export const RESPEC = 'new spec';
+/** Abort reason of a run whose VM is suspended or resumed (nothing else changed): the VM stays as it is for the next run. */
+export const POWER = 'suspend or resume';
 /** A VM whose image this host lacks is tried again: at once when the images change, else after 5 s doubling to 5 min. */
 const IMAGE_RETRY_BASE_MS = 5_000;
 const IMAGE_RETRY_MAX_MS = 300_000;
+/**
+ * A guest that answers SSH but refuses the VM's credentials is asked again for this long, every 2 s,
+ * before the startup script gives up: a cloud image's sshd is up before cloud-init has made the VM's
+ * user (or allowed passwords).
+ */
+const SCRIPT_LOGIN_WAIT_MS = 120_000;
+const SCRIPT_LOGIN_EVERY_MS = 2_000;
 
 /** The spec fields the host acts on; a change to any other (labels, scripts...) needs no restart. */
 export const hostSpecOf = (vm: VM) =>
@@ -46,6 +56,7 @@ export interface Task {
   /** The spec generation this run carries out, and the host-relevant part of that spec. */
   generation?: number;
   hostSpec: string;
+  powerState: NonNullable<VM['powerState']>;
   /** Settles when the run is over (a new run of the same VM waits for it). */
   finished: Promise<void>;
 }
@@ -55,35 +66,54 @@ export function report(task: Task, state: VMStateUpdate) {
   task.out.report(state, task.generation);
 }
 
-/** Brings one VM up (or adopts it, when `alreadyRunning`) after `after` settles, and watches it until it exits or the run is aborted. */
-export function startRun(ctx: RunContext, vm: VM, localName: string, alreadyRunning: boolean, after?: Promise<void>): Task {
+/**
+ * Brings one VM up (or adopts it as `found` on this host, or resumes it) after `after` settles, and
+ * watches it until it exits or the run is aborted. A run that follows an earlier one (`after`) looks
+ * at the host again once that one is over.
+ */
+export function startRun(ctx: RunContext, vm: VM, localName: string, found: LocalVM | undefined, after?: Promise<void>): Task {
   let finish!: () => void;
   const finished = new Promise<void>((resolve) => (finish = resolve));
   const abort = new AbortController();
-  const task: Task = { uid: vm.uid!, name: vm.name, localName, abort, out: new Outbox(ctx.outbox, vm.name, localName, abort.signal), generation: vm.generation, hostSpec: hostSpecOf(vm), finished };
-  void run(ctx, vm, task, alreadyRunning, after).finally(finish);
+  const task: Task = {
+    uid: vm.uid!, name: vm.name, localName, abort, out: new Outbox(ctx.outbox, vm.name, localName, abort.signal), generation: vm.generation,
+    hostSpec: hostSpecOf(vm), powerState: vm.powerState ?? 'running', finished,
+  };
+  void run(ctx, vm, task, found, after).finally(finish);
   // The finished task stays with the reconciler, so a sync does not restart a failed VM in place:
   // the controller decides (restart policy) and unassigns it, which removes it here.
   return task;
 }
 
-async function run(ctx: RunContext, vm: VM, task: Task, alreadyRunning: boolean, after?: Promise<void>) {
+async function run(ctx: RunContext, vm: VM, task: Task, found: LocalVM | undefined, after?: Promise<void>) {
   const { driver, log } = ctx;
   const { localName, out } = task;
   const signal = task.abort.signal;
   const aborted = () => new Promise<never>((_, reject) => signal.addEventListener('abort', () => reject(signal.reason), { once: true }));
   const t0 = Date.now();
   try {
-    await after;
+    if (after) {
+      await after;
+      found = (await driver.list()).find((l) => l.localName === localName);
+    }
+    if (vm.powerState === 'suspended' && driver.suspend && driver.resume) {
+      await suspend(ctx, vm, task, found);
+      await aborted();
+    }
     if (vm.powerState === 'stopped' || vm.powerState === 'suspended') {
       // Powered off on request: the disk stays; a powerState of running boots it again.
-      // (Suspending to memory is not in the driver interface: suspended stops the VM too.)
+      // (A driver that cannot suspend stops a suspended VM too.)
       await driver.stop(localName);
       out.event('lifecycle', `stopped (powerState ${vm.powerState})`);
       report(task, { status: 'pending', status_message: `stopped (powerState ${vm.powerState})`, conditions: [{ type: 'scheduled', state: 'true' }] });
       await aborted();
     }
-    if (alreadyRunning) {
+    // Resumed: the same guest continues (its processes, its memory); no boot, no startup script.
+    const resumed = found?.suspended && driver.resume ? await driver.resume(toDriverVM(ctx, vm, localName)) : false;
+    const alreadyRunning = resumed || (found?.running ?? false);
+    if (resumed) {
+      out.event('lifecycle', 'resumed: the VM continues where it was suspended');
+    } else if (alreadyRunning) {
       log.info({ vm: vm.name }, 'adopting a running VM');
       out.event('lifecycle', `adopted by worker ${ctx.workerName} after a restart`);
     } else {
@@ -110,6 +140,7 @@ async function run(ctx: RunContext, vm: VM, task: Task, alreadyRunning: boolean,
     if (signal.aborted) {
       if (signal.reason === SHUTDOWN) return; // the worker stops; the VM keeps running for the next one
       if (signal.reason === ORPHANED) return; // the controller does not know it: kept as it is
+      if (signal.reason === POWER) return; // the next run suspends or resumes it
       if (signal.reason === RESPEC) {
         out.event('lifecycle', 'stopping to apply a new spec');
         await driver.stop(localName).catch((e: Error) => log.warn({ vm: vm.name, err: e.message }, 'stop failed'));
@@ -125,6 +156,30 @@ async function run(ctx: RunContext, vm: VM, task: Task, alreadyRunning: boolean,
     report(task, { status: 'failed', status_message: message, conditions: [] });
     await driver.stop(localName, 5000).catch(() => {});
   }
+}
+
+/**
+ * powerState suspended: a running VM is suspended (its memory and disk kept, its CPU freed; it keeps
+ * its slot); one suspended already (adopted after a worker restart) stays so; one that does not run
+ * has nothing to keep, and boots when started. The API's status is `pending` as for a stopped VM.
+ */
+async function suspend(ctx: RunContext, vm: VM, task: Task, found: LocalVM | undefined) {
+  const { out } = task;
+  const conditions = [{ type: 'scheduled', state: 'true' }, { type: 'running', state: 'false' }] as const;
+  if (found?.suspended) {
+    report(task, { status: 'pending', status_message: 'suspended (powerState suspended): its memory and disk are kept; powerState running resumes it', conditions: [...conditions] });
+    return;
+  }
+  if (!found?.running) {
+    out.event('lifecycle', 'suspended (powerState suspended): the VM was not running, so there was nothing to keep; it boots when started');
+    report(task, { status: 'pending', status_message: 'suspended (powerState suspended): not running; powerState running boots it', conditions: [...conditions] });
+    return;
+  }
+  report(task, { status: 'pending', status_message: 'suspending', conditions: [{ type: 'scheduled', state: 'true' }, { type: 'suspending', state: 'true' }] });
+  const t0 = Date.now();
+  await ctx.driver.suspend!(task.localName);
+  out.event('lifecycle', `suspended (powerState suspended) in ${((Date.now() - t0) / 1000).toFixed(1)}s: its memory and disk are kept, it uses no CPU; powerState running resumes it`);
+  report(task, { status: 'pending', status_message: 'suspended (powerState suspended): its memory and disk are kept; powerState running resumes it', conditions: [...conditions] });
 }
 
 function toDriverVM(ctx: RunContext, vm: VM, localName: string): DriverVM {
@@ -147,6 +202,7 @@ function toDriverVM(ctx: RunContext, vm: VM, localName: string): DriverVM {
     netSoftnetBlock: vm.netSoftnetBlock,
     netBridged: vm['net-bridged'],
     hostDirs: vm.hostDirs,
+    suspendable: vm.suspendable,
   };
 }
 
@@ -250,15 +306,31 @@ async function startupScript(ctx: RunContext, vm: VM, task: Task) {
     out.events(lines.map((payload) => ({ kind: 'log_line', timestamp: now, payload })));
   };
   const timer = setInterval(flush, 500);
-  try {
-    const result = await runScript({
+  const signal = task.abort.signal;
+  const run = async () =>
+    runScript({
       sock: await ctx.driver.dial(task.localName, 22),
       ...sshCredentials(vm),
       script: vm.startup_script!.script_content,
       env: vm.startup_script!.env,
       onOutput: (_stream, data) => (buffered += data.toString('utf8')),
-      signal: task.abort.signal,
+      signal,
     });
+  try {
+    let result;
+    const deadline = Date.now() + SCRIPT_LOGIN_WAIT_MS;
+    for (let attempt = 1; !result; attempt++) {
+      try {
+        result = await run();
+      } catch (err) {
+        const refused = (err as { level?: string }).level === 'client-authentication';
+        if (!refused || Date.now() + SCRIPT_LOGIN_EVERY_MS > deadline) throw err;
+        if (attempt === 1) {
+          out.event('startup-script', `the guest refuses the VM's credentials for now (cloud-init may still be making the user); trying again for up to ${SCRIPT_LOGIN_WAIT_MS / 1000} s`);
+        }
+        await sleep(SCRIPT_LOGIN_EVERY_MS, undefined, { signal });
+      }
+    }
     clearInterval(timer);
     flush(true);
     out.event('startup-script', result.signal ? `startup script killed by signal ${result.signal}` : `startup script exited with code ${result.exitCode}`);

@@ -15,6 +15,8 @@ import { portForward, resolveIP, type DialBackContext } from './dial-back.ts';
 import { ControllerLink } from './link.ts';
 import { Reconciler } from './reconciler.ts';
 import { WorkerImages } from './images-report.ts';
+import { READY_POOL_SIZE, ReadyPool } from './ready-pool.ts';
+import { PORT_FORWARD_POOL } from '../api/worker-protocol.ts';
 
 export interface WorkerOptions {
   client: OrchardClient;
@@ -36,6 +38,11 @@ export interface WorkerOptions {
   /** CPUs and MiB of memory of a VM that asks for none (upstream's --default-cpu, --default-memory: 4 and 8192). */
   defaultCPU?: number;
   defaultMemory?: number;
+  /**
+   * Ready tunnel connections kept open to a controller that takes them (default 4, or
+   * ORCHARD_WORKER_READY_TUNNELS; 0: none, every port-forward dials back as upstream's worker does).
+   */
+  readyTunnels?: number;
   logger: Logger;
 }
 
@@ -47,6 +54,7 @@ export class OrchardWorker {
   private readonly link: ControllerLink;
   private readonly reconciler: Reconciler;
   private readonly dialBack: DialBackContext;
+  private readonly readyPool?: ReadyPool;
   /** For a driver that pulls images from registries: credentials, pre-pulls, the images held. */
   private readonly images?: WorkerImages;
   readonly machineId: string;
@@ -72,7 +80,10 @@ export class OrchardWorker {
       record: () => this.workerRecord(),
       onRegistered: () => this.images?.registered(),
       onInstruction: (msg) => this.instruction(msg),
-      onConnected: () => this.reconciler.reconnected(),
+      onConnected: () => {
+        this.reconciler.reconnected();
+        if (this.link.can.tunnelPool) this.readyPool?.kick();
+      },
     });
     this.reconciler = new Reconciler({
       client,
@@ -86,12 +97,27 @@ export class OrchardWorker {
       },
     });
     this.dialBack = { client, driver, workerName, log, localNameOfUID: (uid) => this.reconciler.localNameOfUID(uid) };
+    const envReady = process.env.ORCHARD_WORKER_READY_TUNNELS;
+    const ready = opts.readyTunnels ?? (envReady !== undefined && /^\d+$/.test(envReady) ? Number(envReady) : READY_POOL_SIZE);
+    if (ready > 0) this.readyPool = new ReadyPool(this.dialBack, ready);
+  }
+
+  /** What this worker declares in its record's `capabilities`: only what the controller takes. */
+  private capabilities(): string[] {
+    return [...(this.images && this.link.can.workerImages ? WorkerImages.capabilities : []), ...(this.readyPool && this.link.can.tunnelPool ? [PORT_FORWARD_POOL] : [])];
+  }
+
+  /** Ready tunnel connections open and idle (tests). */
+  get readyTunnels(): number {
+    return this.readyPool?.count ?? 0;
   }
 
   private workerRecord(): Worker {
     // Our additions only for a controller that takes them (an upstream one knows none).
-    const images = this.images && this.link.can.workerImages ? { capabilities: WorkerImages.capabilities, images: this.images.held } : {};
+    const capabilities = this.capabilities();
+    const images = this.images && this.link.can.workerImages ? { images: this.images.held } : {};
     return {
+      ...(capabilities.length ? { capabilities } : {}),
       ...images,
       name: this.o.name,
       machine_id: this.machineId,
@@ -112,6 +138,7 @@ export class OrchardWorker {
   async start() {
     await this.images?.start();
     await this.link.start();
+    if (this.link.can.tunnelPool) this.readyPool?.start();
     this.log.info({ runtime: this.o.driver.runtime, slots: this.o.slots }, 'worker registered');
     this.reconciler.requestSync();
   }
@@ -120,6 +147,7 @@ export class OrchardWorker {
   async stop() {
     this.stopSignal.abort();
     this.link.stop();
+    this.readyPool?.stop();
     this.images?.stop();
     this.reconciler.stop();
     this.o.client.close();

@@ -92,13 +92,18 @@ describe('powerState and suspendable (upstream rules)', () => {
     refused(await change('doomed', { cpu: 8 }), 409, /has failed/);
   });
 
-  test("fields a runtime cannot carry out are refused, naming the field (upstream's vetu rules; qemu cannot suspend)", async () => {
+  test("fields a runtime cannot carry out are refused, naming the field (upstream's vetu rules); qemu VMs may be suspendable, under the same rules", async () => {
     refused(await go('POST', '/v1/vms', { name: 'vetu-dirs', image: 'img', os: 'linux', runtime: 'vetu', hostDirs: [{ name: 'src', path: '/tmp' }] }), 400, /field "hostDirs": runtime "vetu" does not support it/);
     refused(await go('POST', '/v1/vms', { name: 'vetu-softnet', image: 'img', os: 'linux', runtime: 'vetu', netSoftnet: true }), 400, /field "netSoftnet": runtime "vetu"/);
     refused(await go('POST', '/v1/vms', { name: 'vetu-susp', image: 'img', os: 'linux', runtime: 'vetu', suspendable: true }), 400, /field "suspendable": runtime "vetu"/);
-    refused(await go('POST', '/v1/vms', { name: 'qemu-susp', image: 'img', os: 'linux', runtime: 'qemu', suspendable: true }), 400, /field "suspendable": runtime "qemu"/);
+    const susp = await go('POST', '/v1/vms', { name: 'qemu-susp', image: 'img', os: 'linux', runtime: 'qemu', suspendable: true });
+    assert.equal(susp.status, 200, susp.body);
+    assert.equal((susp.json as VM).suspendable, true);
+    refused(await change('qemu-susp', { suspendable: false }), 409, /field "suspendable": cannot be turned off/);
     const q = await go('POST', '/v1/vms', { name: 'qemu-ok', image: 'img', os: 'linux', runtime: 'qemu' });
     assert.equal(q.status, 200, q.body);
-    refused(await change('qemu-ok', { suspendable: true }), 400, /field "suspendable": runtime "qemu"/);
+    refused(await change('qemu-ok', { powerState: 'suspended' }), 409, /only suspendable VMs can be suspended/);
+    const on = await change('qemu-ok', { suspendable: true });
+    assert.equal(on.status, 200, on.body);
   });
 });

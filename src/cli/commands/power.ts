@@ -32,7 +32,7 @@ export function statusWithReason(vm: VM): string {
 const VERBS: { verb: string; to: PowerState; description: string }[] = [
   { verb: 'start', to: 'running', description: 'start a stopped or suspended VM (powerState running)' },
   { verb: 'stop', to: 'stopped', description: 'power a VM off, keeping its disk (powerState stopped)' },
-  { verb: 'suspend', to: 'suspended', description: 'suspend a VM created with --suspendable (powerState suspended; the qemu runtime stops it)' },
+  { verb: 'suspend', to: 'suspended', description: 'suspend a VM created with --suspendable: its memory and disk are kept, start resumes it (powerState suspended)' },
 ];
 
 export function registerPowerCommands(program: Command) {

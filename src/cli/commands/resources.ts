@@ -121,7 +121,7 @@ export function registerResourceCommands(program: Command) {
       .option('--net-bridged <interface>', 'bridge the VM to this host interface (Tart)')
       .option('--nested', 'enable nested virtualisation')
       .option('--headless', 'no graphics')
-      .option('--suspendable', 'the VM may be suspended (Tart)')
+      .option('--suspendable', 'the VM may be suspended (orchard suspend vm keeps its memory; start resumes it)')
       .option('--random-serial', 'a random serial number (Tart)')
       .option('--host-dir, --host-dirs <name:path[:ro][,...]>', 'share host directories (repeatable)', collectList)
       .option('--wait [seconds]', 'then wait until it runs, showing its progress (default 600 s)', parseInteger('--wait')),

@@ -198,7 +198,7 @@ export function registerWorkerCommands(program: Command) {
       },
     );
 
-  const image = program.command('image').description('manage the QEMU guest images of this host');
+  const image = program.command('image').description("QEMU guest images: build, import, list and push those of this host (--data-dir); pull one on the cluster's workers");
   registerImagePullCommand(image);
   image
     .command('build')

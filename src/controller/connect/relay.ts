@@ -1,11 +1,13 @@
-// Relays WebSocket messages between a client and a worker (a port-forward tunnel), both ways, with
-// flow control on each side and a byte budget per event-loop turn shared by every relay.
+// Relays the bytes of a tunnel between a client (a WebSocket, or an SSH channel of the jump host) and
+// a worker's WebSocket, both ways, with flow control on each side and a byte budget per event-loop
+// turn shared by every relay: the one path every tunnel's bytes take through the controller.
 //
 // Without the budget, 40 tunnels pushing large frames as fast as they could kept the controller's one
 // thread busy relaying for 50–100 ms a turn, and a fresh request, which needs several turns (accept,
 // TLS handshake, request), waited 0.3–2 s behind them. With it, a turn relays about TURN_BUDGET bytes
 // and the rest of the tunnels wait, paused, for the next turns in arrival order: bulk transfers share
 // the thread and everything else still gets a turn.
+import type { Duplex } from 'node:stream';
 import type { RawData, WebSocket } from 'ws';
 
 /** Bytes relayed per event-loop turn before the tunnels that want more are paused until a later one. */
@@ -38,9 +40,46 @@ function schedule() {
 }
 
 const sizeOf = (data: RawData) => (Array.isArray(data) ? data.reduce((n, b) => n + b.length, 0) : data instanceof ArrayBuffer ? data.byteLength : data.length);
+const asBuffer = (data: RawData) => (Array.isArray(data) ? Buffer.concat(data) : data instanceof ArrayBuffer ? Buffer.from(data) : data);
 
-/** Forwards `from`'s messages to `to`, pausing `from` while `to` is backed up or the turn's budget is spent. */
-export function relay(from: WebSocket, to: WebSocket) {
+/** One end of a relay: what arrives from it, how to hold it back, and how to send it bytes. */
+export interface RelaySide {
+  onData(listener: (data: RawData, isBinary: boolean) => void): void;
+  pause(): void;
+  resume(): void;
+  readonly open: boolean;
+  /** Sends `data`; `sent` runs once it has left (or failed). */
+  send(data: RawData, isBinary: boolean, sent: () => void): void;
+}
+
+/** A WebSocket as a relay side: message for message. */
+export function wsSide(ws: WebSocket): RelaySide {
+  return {
+    onData: (listener) => ws.on('message', listener),
+    pause: () => ws.pause(),
+    resume: () => ws.resume(),
+    get open() {
+      return ws.readyState === ws.OPEN;
+    },
+    send: (data, isBinary, sent) => ws.send(data, { binary: isBinary }, () => sent()),
+  };
+}
+
+/** A byte stream (an SSH channel) as a relay side: chunk for chunk, sent as binary messages. */
+export function streamSide(stream: Duplex): RelaySide {
+  return {
+    onData: (listener) => stream.on('data', (chunk: Buffer) => listener(chunk, true)),
+    pause: () => stream.pause(),
+    resume: () => stream.resume(),
+    get open() {
+      return stream.writable && !stream.destroyed;
+    },
+    send: (data, _isBinary, sent) => void stream.write(asBuffer(data), () => sent()),
+  };
+}
+
+/** Forwards what arrives from `from` to `to`, pausing `from` while `to` is backed up or the turn's budget is spent. */
+export function relay(from: RelaySide, to: RelaySide) {
   let queued = 0;
   /** Why `from` is paused: its peer is backed up, and/or it waits for a turn. */
   let backedUp = false;
@@ -49,11 +88,11 @@ export function relay(from: WebSocket, to: WebSocket) {
     if (backedUp || waitingTurn) from.pause();
     else from.resume();
   };
-  from.on('message', (data, isBinary) => {
-    if (to.readyState !== to.OPEN) return;
+  from.onData((data, isBinary) => {
+    if (!to.open) return;
     const bytes = sizeOf(data);
     queued += bytes;
-    to.send(data, { binary: isBinary }, () => {
+    to.send(data, isBinary, () => {
       queued -= bytes;
       if (backedUp && queued <= HIGH_WATER / 2) {
         backedUp = false;

@@ -13,8 +13,9 @@ import ssh2 from 'ssh2';
 import type { AuthContext, Connection, ParsedKey, ServerChannel, TcpipRequestInfo } from 'ssh2';
 import { NAME_PATTERN, type ServiceAccount } from '../../api/schemas.ts';
 import type { Tunnel, Tunnels } from './tunnels.ts';
+import { relay, streamSide, wsSide } from './relay.ts';
 import { CONNECT_ROLES, hasAnyRole, type Access } from '../access.ts';
-import { HttpError } from '../errors.ts';
+import { HttpError, OPEN_FAILURE, sshOpenFailure } from '../errors.ts';
 
 export const HOST_KEY_FILE = 'ssh_host_ed25519_key';
 const AUTH_METHODS: ('password' | 'keyboard-interactive')[] = ['password', 'keyboard-interactive'];
@@ -26,8 +27,6 @@ const MAX_AUTH_TRIES = 3;
 const LOGIN_GRACE_MS = 60_000;
 /** Dead clients are found by keepalives: every 15 s, dropped after 4 unanswered. */
 const KEEPALIVE = { keepaliveInterval: 15_000, keepaliveCountMax: 4 };
-/** SSH_MSG_CHANNEL_OPEN_FAILURE reason codes (RFC 4254 §5.1). */
-const OPEN_FAILURE = { ADMINISTRATIVELY_PROHIBITED: 1, CONNECT_FAILED: 2, RESOURCE_SHORTAGE: 4 } as const;
 
 export interface HostKey {
   /** OpenSSH private key (PEM-like text). */
@@ -268,7 +267,8 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
       untake = access.take(authenticated.name, 'tunnels', opts.tunnelsPerAccount);
     } catch (err) {
       if (!(err instanceof HttpError)) throw err;
-      return refuse(OPEN_FAILURE.RESOURCE_SHORTAGE, err.message);
+      const failure = sshOpenFailure(err);
+      return refuse(failure.code, failure.description);
     }
     let vm;
     let tunnel: Tunnel;
@@ -279,9 +279,9 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
       untake();
       if (!(err instanceof HttpError)) throw err;
       if (signal.aborted) return;
-      const why = err.statusCode === 404 ? `VM "${vmName}" not found`
-        : vm ? `cannot connect to port ${port} of VM "${vmName}": ${err.message}` : err.message.replace(/; wait longer with .*$/, '');
-      return refuse(OPEN_FAILURE.CONNECT_FAILED, why);
+      const failure = sshOpenFailure(err);
+      const why = err.statusCode === 404 ? `VM "${vmName}" not found` : vm ? `cannot connect to port ${port} of VM "${vmName}": ${failure.description}` : failure.description;
+      return refuse(failure.code, why);
     }
     const channel = clients.has(client) ? accept() : undefined;
     if (!channel) {
@@ -333,13 +333,13 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
 }
 
 /**
- * Splices an SSH channel and a tunnel to the VM, both ways, with flow control on each side (SSH
- * windows and WebSocket backpressure, through pipe). Closing either end closes the other: the
- * tunnel cannot carry a half-close, so the client's EOF closes the tunnel (as a WebSocket
- * client's close does), and the VM's close sends EOF and CLOSE on the channel.
+ * Splices an SSH channel and a tunnel to the VM, both ways, through the relay every tunnel's bytes
+ * take (relay.ts: flow control on each side — SSH windows, WebSocket backpressure — and the per-turn
+ * budget shared with the port-forwards). Closing either end closes the other: the tunnel cannot
+ * carry a half-close, so the client's EOF closes the tunnel (as a WebSocket client's close does),
+ * and the VM's close sends EOF and CLOSE on the channel after what it sent before.
  */
 function splice(channel: ServerChannel, tunnel: Tunnel, onEnd: (stats: { bytesToVM: number; bytesFromVM: number; closedBy: string }) => void) {
-  const vmSide = tunnel.stream;
   let bytesToVM = 0;
   let bytesFromVM = 0;
   let ended = false;
@@ -348,19 +348,27 @@ function splice(channel: ServerChannel, tunnel: Tunnel, onEnd: (stats: { bytesTo
     ended = true;
     onEnd({ bytesToVM, bytesFromVM, closedBy });
   };
-  channel.on('data', (c: Buffer) => (bytesToVM += c.length));
-  vmSide.on('data', (c: Buffer) => (bytesFromVM += c.length));
-  channel.pipe(vmSide);
-  vmSide.pipe(channel);
-  vmSide.on('error', () => channel.close());
-  channel.on('error', () => tunnel.ws.close(1000, 'SSH channel error'));
+  const closeTunnel = (why: string) => {
+    if (tunnel.ws.readyState === tunnel.ws.OPEN || tunnel.ws.readyState === tunnel.ws.CONNECTING) tunnel.ws.close(1000, why);
+  };
+  const vm = wsSide(tunnel.ws);
+  const client = streamSide(channel);
+  vm.onData((data) => (bytesFromVM += Buffer.isBuffer(data) ? data.length : 0));
+  client.onData((data) => (bytesToVM += Buffer.isBuffer(data) ? data.length : 0));
+  relay(client, vm);
+  relay(vm, client);
+  tunnel.start();
+  tunnel.ws.on('error', () => channel.close());
+  channel.on('error', () => closeTunnel('SSH channel error'));
+  channel.on('end', () => closeTunnel('SSH client sent EOF'));
   channel.on('close', () => {
-    if (tunnel.ws.readyState === tunnel.ws.OPEN || tunnel.ws.readyState === tunnel.ws.CONNECTING) tunnel.ws.close(1000, 'SSH channel closed');
+    closeTunnel('SSH channel closed');
     end('client');
   });
   tunnel.ws.on('close', (code: number) => {
-    // A normal close flows through the pipe (EOF then CLOSE); a lost worker cuts the channel.
-    if (code !== 1000 && code !== 1005) channel.close();
+    // A normal close ends the channel after what the VM sent (EOF, then CLOSE); a lost worker cuts it.
+    if (code === 1000 || code === 1005) channel.end();
+    else channel.close();
     end(code === 1000 || code === 1005 ? 'vm' : `worker connection lost (${code})`);
   });
 }

@@ -3,14 +3,16 @@
 // paired by session id (a rendezvous). The same for IP resolution via /v1/rpc/resolve-ip.
 import { randomBytes } from 'node:crypto';
 import type { Duplex } from 'node:stream';
-import { createWebSocketStream, type WebSocket } from 'ws';
+import { createWebSocketStream, type RawData, type WebSocket } from 'ws';
 import type { ServiceAccount, VM } from '../../api/schemas.ts';
 import type { WorkerChannels } from '../rpc.ts';
 import { HttpError } from '../errors.ts';
 import type { ClusterView } from '../view.ts';
 import { checkActsAs } from '../domain/workers.ts';
-import { relay } from './relay.ts';
-import type { WorkerInstruction } from '../../api/worker-protocol.ts';
+import { relay, wsSide } from './relay.ts';
+import { PORT_FORWARD_POOL, type PortForwardAction, type WorkerInstruction } from '../../api/worker-protocol.ts';
+import { parseReadyAnswer, ReadyTunnels, readyRequest } from './ready-tunnels.ts';
+import { traceTunnel } from '../../tunnel-trace.ts';
 
 /** How long the worker has to dial back. */
 const RENDEZVOUS_TIMEOUT_MS = 30_000;
@@ -20,6 +22,35 @@ export interface Tunnel {
   readonly stream: Duplex;
   /** The worker's WebSocket: its close code, and its messages for a relay that does not use `stream`. */
   ws: WebSocket;
+  /**
+   * Called once the relay listens to `ws`: delivers what arrived before (on a ready connection the
+   * worker's first bytes can come in the same read as its answer). `stream` calls it itself.
+   */
+  start(): void;
+}
+
+/** A tunnel over the worker's WebSocket `ws`; `early`: messages that arrived before anyone listened. */
+function tunnelOf(ws: WebSocket, early?: { messages: [RawData, boolean][]; stop: () => void }): Tunnel {
+  let stream: Duplex | undefined;
+  let started = !early;
+  const start = () => {
+    if (started) return;
+    started = true;
+    early!.stop();
+    ws.resume();
+    for (const [data, isBinary] of early!.messages) ws.emit('message', data, isBinary);
+  };
+  return {
+    ws,
+    start,
+    get stream() {
+      if (!stream) {
+        stream = createWebSocketStream(ws);
+        start();
+      }
+      return stream;
+    },
+  };
 }
 
 interface Pending<T> {
@@ -34,6 +65,8 @@ interface Pending<T> {
 /** The answer to a waiter whose client went away: nobody reads it, but it ends the wait. */
 export const clientGone = () => new HttpError(499, 'the client went away');
 const shuttingDown = () => new HttpError(503, 'the controller is shutting down');
+const newSession = () => randomBytes(32).toString('base64url');
+const asBuffer = (data: RawData) => (Array.isArray(data) ? Buffer.concat(data) : data instanceof ArrayBuffer ? Buffer.from(data) : data);
 
 export class Tunnels {
   private readonly forwards = new Map<string, Pending<Tunnel>>();
@@ -43,6 +76,8 @@ export class Tunnels {
   private readonly channels: WorkerChannels;
   private readonly view: ClusterView;
   private readonly unsubscribe: () => void;
+  /** Our workers' idle connections, ready to become tunnels (capability "tunnel-pool"). */
+  readonly ready = new ReadyTunnels();
   private closed = false;
 
   constructor(channels: WorkerChannels, view: ClusterView) {
@@ -58,7 +93,7 @@ export class Tunnels {
   private rendezvous<T>(map: Map<string, Pending<T>>, worker: string, action: (session: string) => WorkerInstruction, what: string, signal?: AbortSignal): Promise<T> {
     if (this.closed) return Promise.reject(shuttingDown());
     // Unguessable and single-use: whoever could guess one could claim someone else's tunnel.
-    const session = randomBytes(32).toString('base64url');
+    const session = newSession();
     return new Promise<T>((resolve, reject) => {
       const done = () => {
         clearTimeout(pending.timer);
@@ -79,6 +114,7 @@ export class Tunnels {
       if (signal?.aborted) return onAbort();
       signal?.addEventListener('abort', onAbort, { once: true });
       map.set(session, pending);
+      traceTunnel('ctl-send', session);
       if (!this.channels.send(worker, action(session))) pending.reject(new HttpError(503, `worker ${worker} is not connected to the controller`));
     });
   }
@@ -96,7 +132,7 @@ export class Tunnels {
       if (vm.status === 'running' && vm.worker) return vm;
       if (vm.status === 'failed') throw new HttpError(503, `VM "${name}" has failed: ${vm.status_message ?? ''}`);
       if (timedOut) {
-        throw new HttpError(503, `VM "${name}" is not running (${vm.status}: ${vm.status_message ?? ''})${waitSeconds ? ` after waiting ${waitSeconds}s` : ''}; wait longer with the query parameter wait=SECONDS (the CLI's --wait SECONDS)`);
+        throw new HttpError(503, `VM "${name}" is not running (${vm.status}: ${vm.status_message ?? ''})${waitSeconds ? ` after waiting ${waitSeconds}s` : ''}`, {}, 'wait longer with the query parameter wait=SECONDS (the CLI\'s --wait SECONDS)');
       }
       return undefined;
     };
@@ -131,8 +167,74 @@ export class Tunnels {
   }
 
   /** A connection to TCP `port` of the VM (or, without a VM, of the worker host itself); `signal`: the client went away. */
-  open(worker: string, port: number, vm?: VM, signal?: AbortSignal): Promise<Tunnel> {
-    return this.rendezvous(this.forwards, worker, (session) => ({ portForwardAction: { session, vmUID: vm?.uid ?? '', port } }), 'port-forward', signal);
+  async open(worker: string, port: number, vm?: VM, signal?: AbortSignal): Promise<Tunnel> {
+    const action = (session: string) => ({ session, vmUID: vm?.uid ?? '', port });
+    // A ready connection of the worker's own if it has one; the dial-back (upstream's way) if not, or if it was lost meanwhile.
+    const ready = this.closed ? undefined : this.ready.take(worker);
+    const tunnel = ready && (await this.viaReady(ready, worker, action(newSession()), signal));
+    return tunnel ?? this.rendezvous(this.forwards, worker, (session) => ({ portForwardAction: action(session) }), 'port-forward', signal);
+  }
+
+  /**
+   * Hands `action` to an idle ready connection of `worker` and waits for its answer: the tunnel, or
+   * undefined if the connection closed before answering (the caller falls back to a dial-back).
+   */
+  private viaReady(ws: WebSocket, worker: string, action: PortForwardAction, signal?: AbortSignal): Promise<Tunnel | undefined> {
+    return new Promise<Tunnel | undefined>((resolve, reject) => {
+      const early: [RawData, boolean][] = [];
+      let answered = false;
+      const done = () => {
+        clearTimeout(timer);
+        signal?.removeEventListener('abort', onAbort);
+        ws.off('close', onClose);
+      };
+      const fail = (err: HttpError, close: () => void) => {
+        done();
+        ws.off('message', onMessage);
+        close();
+        reject(err);
+      };
+      const onAbort = () => fail(clientGone(), () => ws.close(1000, 'the client went away'));
+      const onClose = () => {
+        done();
+        ws.off('message', onMessage);
+        resolve(undefined);
+      };
+      const timer = setTimeout(
+        () => fail(new HttpError(503, `worker ${worker} did not answer the port-forward request within ${RENDEZVOUS_TIMEOUT_MS / 1000}s`), () => ws.terminate()),
+        RENDEZVOUS_TIMEOUT_MS,
+      );
+      const onMessage = (data: RawData, isBinary: boolean) => {
+        if (answered) return void early.push([data, isBinary]);
+        answered = true;
+        const answer = parseReadyAnswer(asBuffer(data), isBinary);
+        if (!answer) return fail(new HttpError(503, `worker ${worker} broke the ready-tunnel protocol`), () => ws.close(1008, 'expected the answer to a port-forward request'));
+        if ('error' in answer) return fail(new HttpError(503, `worker ${worker} could not connect: ${answer.error}`), () => ws.close(1000));
+        done();
+        traceTunnel('ctl-paired', action.session);
+        // Held until the relay listens (start()); what came with the answer waits in `early`.
+        ws.pause();
+        resolve(tunnelOf(ws, { messages: early, stop: () => ws.off('message', onMessage) }));
+      };
+      ws.on('message', onMessage);
+      ws.on('close', onClose);
+      if (signal?.aborted) return onAbort();
+      signal?.addEventListener('abort', onAbort, { once: true });
+      traceTunnel('ctl-send', action.session);
+      ws.send(readyRequest(action));
+    });
+  }
+
+  /** Before a worker's ready connection is upgraded: only its own account, only if it declared the capability, only its share. */
+  checkReady(worker: string | null, account: ServiceAccount) {
+    if (this.closed) throw shuttingDown();
+    if (!worker) throw new HttpError(400, 'query parameter "workerName" is required');
+    this.checkWorker(worker, account, null);
+    if (!this.view.workers.get(worker)?.capabilities?.includes(PORT_FORWARD_POOL)) {
+      throw new HttpError(403, `worker "${worker}" did not declare "${PORT_FORWARD_POOL}" in its record's capabilities`);
+    }
+    this.ready.check(worker);
+    return worker;
   }
 
   resolveIP(vm: VM, signal?: AbortSignal): Promise<string> {
@@ -152,6 +254,7 @@ export class Tunnels {
     const pending = this.forwards.get(session);
     if (!pending) throw new HttpError(404, 'no port-forward session with this id is waiting (it may have timed out)');
     this.checkWorker(pending.worker, account, worker);
+    traceTunnel('ctl-claim', session);
     // Claimed: the worker's WebSocket completes it (or, if the client leaves meanwhile, is closed).
     this.forwards.delete(session);
     clearTimeout(pending.timer);
@@ -160,6 +263,7 @@ export class Tunnels {
 
   /** Completes a claimed session with the worker's WebSocket, or with the worker's error. */
   completeForward(pending: Pending<Tunnel>, ws: WebSocket, error: string | null) {
+    traceTunnel('ctl-paired');
     if (pending.cancelled) {
       ws.close(1000, 'the client went away');
       return;
@@ -169,13 +273,7 @@ export class Tunnels {
       ws.close(1000);
       return;
     }
-    let stream: Duplex | undefined;
-    pending.resolve({
-      ws,
-      get stream() {
-        return (stream ??= createWebSocketStream(ws));
-      },
-    });
+    pending.resolve(tunnelOf(ws));
   }
 
   answerIP(session: string, body: { ip?: string; error?: string }, account: ServiceAccount) {
@@ -231,8 +329,9 @@ export function splice(client: WebSocket, tunnel: Tunnel, onEnd?: () => void) {
   };
   client.on('error', () => end(1000, 'client gone', true));
   tunnel.ws.on('error', () => {});
-  relay(client, tunnel.ws);
-  relay(tunnel.ws, client);
+  relay(wsSide(client), wsSide(tunnel.ws));
+  relay(wsSide(tunnel.ws), wsSide(client));
+  tunnel.start();
   client.on('close', (code) => end(1000, 'client closed', code === 1006));
   tunnel.ws.on('close', (code, reason) => {
     if (code === 1000 || code === 1005) end(1000, 'the VM closed the connection');

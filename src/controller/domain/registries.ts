@@ -5,6 +5,9 @@ import type { Registry, RegistryInput, StoredRegistry } from '../../api/schemas.
 import type { RegistryCredentials } from '../../api/worker-protocol.ts';
 import { badRequest } from '../errors.ts';
 
+/** Registries a cluster keeps at most (each worker gets all of them in one registriesAction frame). */
+export const MAX_REGISTRIES = 64;
+
 /** Host names are case-insensitive: kept in lower case, so `GHCR.io` and `ghcr.io` are one registry. */
 export const normalizeHost = (host: string) => host.toLowerCase();
 

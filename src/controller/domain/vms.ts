@@ -35,8 +35,7 @@ const softnet = (vm: VM) => !!(vm.netSoftnet || vm['net-softnet'] || vm.netSoftn
 
 /**
  * Fields a runtime cannot carry out, refused as upstream refuses them for its Linux runtime (vetu:
- * no Softnet, no host directories, no suspending); our qemu workers cannot suspend either (they
- * would only stop the VM).
+ * no Softnet, no host directories, no suspending). Our qemu workers suspend (vCPUs paused, memory kept).
  */
 export function checkRuntimeFields(vm: VM): void {
   const unsupported = (field: string) => badRequest(`field "${field}": runtime "${vm.runtime}" does not support it`);
@@ -46,7 +45,7 @@ export function checkRuntimeFields(vm: VM): void {
     if (vm.netSoftnetBlock?.length) throw unsupported('netSoftnetBlock');
     if (vm.hostDirs?.length) throw unsupported('hostDirs');
   }
-  if ((vm.runtime === 'vetu' || vm.runtime === 'qemu') && vm.suspendable) throw unsupported('suspendable');
+  if (vm.runtime === 'vetu' && vm.suspendable) throw unsupported('suspendable');
 }
 
 /**

@@ -72,6 +72,12 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
     return (ws) => tunnels.completeForward(pending, ws, url.searchParams.get('errorMessage') || url.searchParams.get('error'));
   });
 
+  // Our workers' ready connections (capability "tunnel-pool"), idle until a port-forward takes one.
+  sockets.route('/v1/rpc/port-forward-pool', ['compute:write'], { maxPayload: limits.tunnelFrameBytes }, ({ url, account }) => {
+    const worker = tunnels.checkReady(url.searchParams.get('workerName'), account);
+    return (ws) => tunnels.ready.add(worker, ws);
+  });
+
   app.get<{ Params: { name: string }; Querystring: { wait?: number } }>(
     '/v1/vms/:name/ip',
     {

@@ -4,8 +4,8 @@ import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import { ErrorBody, Registry, RegistryHost, RegistryInput } from '../../api/schemas.ts';
 import type { AppContext } from '../context.ts';
-import { badRequest, notFound } from '../errors.ts';
-import { normalizeHost, presentRegistry, registryRecord } from '../domain/registries.ts';
+import { badRequest, conflict, notFound } from '../errors.ts';
+import { MAX_REGISTRIES, normalizeHost, presentRegistry, registryRecord } from '../domain/registries.ts';
 
 const HostParams = Type.Object({ host: RegistryHost });
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody };
@@ -28,7 +28,11 @@ export function registerRegistryRoutes(app: FastifyInstance, ctx: AppContext) {
         response: { 200: Registry, 409: ErrorBody, ...errors },
       },
     },
-    async (request) => presentRegistry(await store.create('registries', registryRecord(request.body, undefined, now()))),
+    async (request) => {
+      // Every worker gets the whole list in one frame: the list is bounded.
+      if ((await store.list('registries')).length >= MAX_REGISTRIES) throw conflict(`there are ${MAX_REGISTRIES} registries already (the most a cluster keeps); delete one first`);
+      return presentRegistry(await store.create('registries', registryRecord(request.body, undefined, now())));
+    },
   );
 
   app.get('/v1/registries', { config: { roles: READ }, schema: { tags, summary: 'List registry credentials (without passwords)', response: { 200: Type.Array(Registry), ...errors } } }, async () =>

@@ -27,6 +27,8 @@ export interface DriverVM {
   netSoftnetBlock?: string[];
   netBridged?: string;
   hostDirs?: { name: string; path: string; ro?: boolean }[];
+  /** The VM may be suspended (tart: `tart run --suspendable`, which leaves out devices that cannot be saved). */
+  suspendable?: boolean;
 }
 
 /** A VM this driver finds on the host (for adoption after a worker restart, or clean-up). */
@@ -34,6 +36,11 @@ export interface LocalVM {
   localName: string;
   uid?: string;
   running: boolean;
+  /**
+   * Suspended: its memory is kept for a resume. (qemu: its vCPUs are paused in a QEMU that still
+   * runs, so `running` is true too; tart: saved to its state file by `tart suspend`, not running.)
+   */
+  suspended?: boolean;
   /** What the driver knows of its spec (for an admin adopting it when the controller lost its record). */
   image?: string;
   cpu?: number;
@@ -75,6 +82,14 @@ export interface Driver {
   ip(localName: string): Promise<string>;
   /** A TCP connection to `port` inside the guest, reachable from this host. */
   dial(localName: string, port: number): Promise<Duplex>;
+  /**
+   * Optional: suspend a running VM, keeping its memory and disk so that `resume` continues it where
+   * it stopped (same processes, same memory, no boot). Idempotent. A suspended VM is `suspended` in
+   * list(), and waitExit does not report it as exited.
+   */
+  suspend?(localName: string): Promise<void>;
+  /** Optional, with suspend: continue a suspended VM; resolves false (and does nothing) when it is not suspended. */
+  resume?(vm: DriverVM): Promise<boolean>;
   /** Graceful power-off, then kill after `graceMs`. Idempotent. */
   stop(localName: string, graceMs?: number): Promise<void>;
   /** Stop if needed and remove every file of the VM. Idempotent. */

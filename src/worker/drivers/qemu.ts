@@ -89,6 +89,8 @@ interface VmFile {
   netns?: boolean;
   /** pasta's pid (outbound network of the namespace) */
   netPid?: number;
+  /** The pid of the QEMU whose vCPUs suspend() paused (a suspended VM, while that QEMU lives). */
+  paused?: number;
 }
 
 interface VmState {
@@ -103,6 +105,8 @@ interface VmState {
   netns?: boolean;
   /** serialises QMP sessions: QEMU serves one QMP client at a time */
   qmpChain: Promise<unknown>;
+  /** the poll that sees an adopted QEMU (not our child) exit, shared by every waitExit */
+  adoptedExit?: { pid: number; gone: Promise<void> };
 }
 
 export class QemuDriver implements Driver {
@@ -268,7 +272,9 @@ export class QemuDriver implements Driver {
     for (const e of entries) {
       if (!e.isDirectory() || !isLocalName(e.name)) continue;
       const vm = await this.records.read(e.name);
-      out.push({ localName: e.name, uid: vm?.uid, running: this.isRunning(e.name), image: vm?.image, cpu: vm?.cpu, memory: vm?.memory });
+      const pid = this.livePid(e.name);
+      const suspended = pid !== undefined && vm?.paused === pid ? { suspended: true } : {};
+      out.push({ localName: e.name, uid: vm?.uid, running: pid !== undefined, ...suspended, image: vm?.image, cpu: vm?.cpu, memory: vm?.memory });
     }
     return out.sort((a, b) => a.localName.localeCompare(b.localName));
   }
@@ -511,6 +517,7 @@ export class QemuDriver implements Driver {
         (log ? `:\n${log}` : ''));
     }
     file.pid = child.pid;
+    file.paused = undefined;
     file.ports = { ssh };
     file.netns = true;
     file.netPid = pasta?.pid;
@@ -591,7 +598,15 @@ export class QemuDriver implements Driver {
       return { reason: `QEMU exited with code ${code}${log ? `: ${log}` : ''}` };
     }
     if (pid === undefined) return { reason: 'not running' };
-    while (this.livePid(localName) === pid) await sleep(250);
+    // An adopted QEMU is not our child: its exit is polled, once for every caller (runs come and go
+    // with suspends and resumes; their waits share the one poll).
+    if (s.adoptedExit?.pid !== pid) {
+      const gone = (async () => {
+        while (this.livePid(localName) === pid) await sleep(250);
+      })();
+      s.adoptedExit = { pid, gone };
+    }
+    await s.adoptedExit.gone;
     return { reason: s.stopping ? 'stopped' : 'QEMU exited' };
   }
 
@@ -609,6 +624,43 @@ export class QemuDriver implements Driver {
     return connectInNetns(fwd.pid, fwd.port, what);
   }
 
+  /**
+   * Suspends by pausing the vCPUs (QMP `stop`); resume is QMP `cont`. The memory stays in the QEMU
+   * process, which outlives the worker, so a restarted worker finds the VM suspended (vm.json's
+   * `paused` names that QEMU's pid). Measured against saving the state to a file and exiting (QMP
+   * `migrate` to a file, then `-incoming` to resume) with a 512 MiB debian-dev guest under TCG on a
+   * 2-core host: pausing took 2 ms and resuming 1 ms (SSH answered 14 ms later), and the paused
+   * QEMU used 0.00 s of CPU in 5 s while holding its 325 MiB RSS; saving took 0.63 s (95 MiB
+   * written: the memory the guest had touched) and resuming 0.17 s plus a new QEMU, freeing that
+   * memory meanwhile. Pausing wins: the suspended VM keeps its slot anyway, it is instant whatever
+   * the guest's size (a save grows with the memory used), and it keeps what a save loses or refuses
+   * to save: the user-mode network's connections and forwards, and host directories (9p exports
+   * block migration). What it does not survive is a host reboot: the VM then boots afresh.
+   */
+  async suspend(localName: string): Promise<void> {
+    const pid = this.requirePid(localName);
+    const status = await this.qmp(localName, async (q) => {
+      await q.execute('stop');
+      return (await q.execute('query-status')) as { status: string };
+    });
+    if (status.status !== 'paused') throw new Error(`VM ${localName}: QEMU did not pause (status ${status.status})`);
+    const file = await this.records.read(localName);
+    if (file) await this.records.write({ ...file, paused: pid });
+    this.log.info({ vm: localName, pid }, 'VM suspended (vCPUs paused)');
+  }
+
+  async resume(vm: DriverVM): Promise<boolean> {
+    const pid = this.livePid(vm.localName);
+    if (pid === undefined) return false;
+    const file = await this.records.read(vm.localName);
+    const status = (await this.qmp(vm.localName, (q) => q.execute('query-status'))) as { status: string };
+    if (status.status === 'paused') await this.qmp(vm.localName, (q) => q.execute('cont'));
+    if (file?.paused !== undefined) await this.records.write({ ...file, paused: undefined });
+    if (status.status !== 'paused') return false;
+    this.log.info({ vm: vm.localName, pid }, 'VM resumed');
+    return true;
+  }
+
   async stop(localName: string, graceMs = 10_000): Promise<void> {
     const pid = this.livePid(localName);
     if (pid === undefined) return;
@@ -617,7 +669,11 @@ export class QemuDriver implements Driver {
     const gone = (ms: number) => this.waitGone(localName, pid, ms);
     if (graceMs > 0) {
       try {
-        await this.qmp(localName, (q) => q.execute('system_powerdown'), 3000);
+        // A suspended guest cannot power off: it continues first, to shut down cleanly (its disk writes).
+        await this.qmp(localName, async (q) => {
+          if (((await q.execute('query-status')) as { status: string }).status === 'paused') await q.execute('cont');
+          await q.execute('system_powerdown');
+        }, 3000);
         if (await gone(graceMs)) return this.stopped(localName, 'powered off');
       } catch (err) {
         this.log.warn({ vm: localName, err: String(err) }, 'system_powerdown failed');

@@ -8,6 +8,8 @@ import type { Driver, DriverImages, DriverVM, LocalVM, Progress } from './driver
 interface SyntheticVM {
   vm: DriverVM;
   running: boolean;
+  /** paused, its memory kept (running stays true, as a qemu VM's) */
+  suspended?: boolean;
   starts: number;
   exit: Promise<{ reason: string }>;
   stopped: (reason: string) => void;
@@ -70,7 +72,7 @@ export class SyntheticDriver implements Driver {
   }
 
   async list(): Promise<LocalVM[]> {
-    return [...this.vms.values()].map((v) => ({ localName: v.vm.localName, uid: v.vm.uid, running: v.running, image: v.vm.image, cpu: v.vm.cpu, memory: v.vm.memory }));
+    return [...this.vms.values()].map((v) => ({ localName: v.vm.localName, uid: v.vm.uid, running: v.running, ...(v.suspended ? { suspended: true } : {}), image: v.vm.image, cpu: v.vm.cpu, memory: v.vm.memory }));
   }
 
   async prepare(vm: DriverVM): Promise<void> {
@@ -122,10 +124,24 @@ export class SyntheticDriver implements Driver {
     return echoStream();
   }
 
+  async suspend(localName: string): Promise<void> {
+    const v = this.get(localName);
+    if (!v.running) throw new Error(`synthetic VM ${localName} is not running`);
+    v.suspended = true;
+  }
+
+  async resume(vm: DriverVM): Promise<boolean> {
+    const v = this.get(vm.localName);
+    if (!v.suspended) return false;
+    v.suspended = false;
+    return true;
+  }
+
   async stop(localName: string): Promise<void> {
     const vm = this.vms.get(localName);
     if (!vm || !vm.running) return;
     vm.running = false;
+    vm.suspended = false;
     vm.stopped('stopped');
   }
 

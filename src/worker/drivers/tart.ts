@@ -9,6 +9,8 @@
 //            worker; a new TartDriver adopts it through `tart list`
 //   waitReady `tart ip NAME --wait N`, then the guest's TCP port 22 (`sshPort`) must send `SSH-`
 //   stop     `tart stop NAME --timeout S`;  remove: stop, then `tart delete NAME`
+//   suspend  `tart suspend NAME` (the VM runs `--suspendable`: tart run saves its state and exits;
+//            `tart list` shows it suspended); resume: `tart run` again, which restores it (as upstream)
 // Besides the log, <stateDir>/<name>.json keeps the controller's uid and the image of each VM, so
 // list() can report the uid of adopted VMs and a repeated prepare() of the same VM keeps its disk.
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -191,6 +193,10 @@ export class TartDriver implements Driver {
     return e.State !== undefined ? e.State === 'running' : e.Running === true;
   }
 
+  private static isSuspended(e: TartListEntry): boolean {
+    return e.State === 'suspended';
+  }
+
   private async localEntry(localName: string): Promise<TartListEntry | undefined> {
     return (await this.tartList()).find((e) => TartDriver.isLocal(e) && e.Name === localName);
   }
@@ -234,7 +240,7 @@ export class TartDriver implements Driver {
     for (const e of await this.tartList()) {
       if (!TartDriver.isLocal(e) || !e.Name.startsWith(PREFIX) || !isLocalName(e.Name)) continue;
       const file = await this.records.read(e.Name);
-      out.push({ localName: e.Name, uid: file?.uid, running: TartDriver.isRunning(e), image: file?.image });
+      out.push({ localName: e.Name, uid: file?.uid, running: TartDriver.isRunning(e), ...(TartDriver.isSuspended(e) ? { suspended: true } : {}), image: file?.image });
     }
     return out.sort((a, b) => a.localName.localeCompare(b.localName));
   }
@@ -302,6 +308,7 @@ export class TartDriver implements Driver {
     if (block.length) args.push(`--net-softnet-block=${block.join(',')}`);
     if (vm.netBridged) args.push(`--net-bridged=${vm.netBridged}`);
     if (vm.nested) args.push('--nested');
+    if (vm.suspendable) args.push('--suspendable');
     for (const d of vm.hostDirs ?? []) args.push(`--dir=${d.name}:${resolve(d.path)}${d.ro ? ':ro' : ''}`);
     return args;
   }
@@ -458,6 +465,37 @@ export class TartDriver implements Driver {
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw new Error(`invalid port ${port}`);
     const ip = await this.ip(localName);
     return connectTCP(ip, port, `VM ${localName} port ${port} (${ip})`);
+  }
+
+  /** `tart suspend`, then waits (up to 5 min: a large guest's memory is written) until tart list says suspended. */
+  async suspend(localName: string): Promise<void> {
+    const name = checkLocalName(localName);
+    const e = await this.localEntry(name);
+    if (e && TartDriver.isSuspended(e)) return;
+    const s = this.st(name);
+    s.stopping = true; // the `tart run` exits: that is no failure
+    await this.tart(['suspend', name]);
+    const deadline = Date.now() + 300_000;
+    for (;;) {
+      const now = await this.localEntry(name).catch(() => undefined);
+      if (now && TartDriver.isSuspended(now)) break;
+      if (now && !TartDriver.isRunning(now)) {
+        const log = await this.logTail(name, 3);
+        throw new Error(`VM ${name}: tart suspend did not suspend it (it stopped instead)${log ? `: ${log}` : ''}`);
+      }
+      if (Date.now() > deadline) throw new Error(`VM ${name}: not suspended 5 min after tart suspend`);
+      await sleep(Math.min(this.pollIntervalMs, 200));
+    }
+    if (s.child && s.childExit && !s.exited) await Promise.race([s.childExit, sleep(5000)]);
+    this.log.info({ vm: name }, 'VM suspended');
+  }
+
+  /** A suspended VM runs again: `tart run` restores its saved state. */
+  async resume(vm: DriverVM): Promise<boolean> {
+    const e = await this.localEntry(checkLocalName(vm.localName));
+    if (!e || !TartDriver.isSuspended(e)) return false;
+    await this.start(vm);
+    return true;
   }
 
   async stop(localName: string, graceMs = 10_000): Promise<void> {

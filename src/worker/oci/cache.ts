@@ -10,16 +10,19 @@
 //                      when their process is gone
 // Any two references to one digest share one entry, and a VM shares it by hard links (its nlink then
 // tells that a VM uses it). Everything is renamed into place only when complete, so a kill -9 at any
-// moment leaves no entry half made.
+// moment leaves no entry half made; and its files and directory are fsynced before that rename (and
+// the parent after it), so a power loss does not either: without it the rename can reach the disk
+// before the data, and an entry with a zero-filled disk would count as complete. The cost is small
+// next to the pull, whose bytes have to be written anyway.
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { open, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import type { Logger } from 'pino';
 import { diskImageProblem, imageDirName, resolveImage, type ImageKind, type ResolvedImage } from '../images.ts';
 import { privateDir, privateFiles } from '../private-files.ts';
-import { downloadBlob, freeBytes, noSpace } from './download.ts';
+import { downloadBlob, freeBytes, fsyncPath, noSpace } from './download.ts';
 import { PullError } from './errors.ts';
 import { isIndex, isManifest, parseManifest, pickPlatform, type ImageManifest } from './manifest.ts';
 import { ProgressMeter, type PullProgress, type PullProgressFn } from './progress.ts';
@@ -113,8 +116,15 @@ function pidAlive(pid: number): boolean {
 
 async function writeAtomic(file: string, text: string): Promise<void> {
   const tmp = `${file}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
-  await writeFile(tmp, text, { mode: 0o600 });
-  await rename(tmp, file);
+  try {
+    await writeFile(tmp, text, { mode: 0o600 });
+    await fsyncPath(tmp);
+    await rename(tmp, file);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
+  }
+  await fsyncPath(dirname(file));
 }
 
 export class ImageCache {
@@ -301,13 +311,25 @@ export class ImageCache {
     const total = manifest.layers.reduce((n, l) => n + l.size, 0);
     const started = Date.now();
     await this.evict(total);
+    // Room for the layers still to download and for what they unpack to, at least as much again
+    // (compressed layers unpack larger; a sparse disk much larger, which the unpacking checks file by file).
+    let toDownload = 0;
+    for (const [digest, size] of new Map(manifest.layers.map((l) => [l.digest, l.size]))) {
+      if (await exists(this.path('blobs', hexOf(digest)))) continue;
+      const partial = (await stat(this.path('partial', hexOf(digest))).catch(() => undefined))?.size ?? 0;
+      toDownload += Math.max(0, size - partial);
+    }
     const free = await freeBytes(this.dir);
-    if (free !== undefined && free < total) throw await noSpace(`pulling ${reference}`, this.dir, total - free);
+    if (free !== undefined && free < toDownload + total) {
+      throw await noSpace(`pulling ${reference}`, this.dir, toDownload + total, `(${(toDownload / 1024 / 1024).toFixed(1)} MiB to download and at least ${(total / 1024 / 1024).toFixed(1)} MiB unpacked)`);
+    }
     const meter = new ProgressMeter(label, total, send);
     const blobs: string[] = [];
     const seen = new Set<string>();
     let downloaded = 0;
     const tmp = this.path('tmp', `${process.pid}-${randomBytes(6).toString('hex')}`);
+    /** what unpacking was writing, for the message of a disk that fills under it */
+    let writing: { what: string; size: number } | undefined;
     try {
       for (const layer of manifest.layers) {
         const hex = hexOf(layer.digest);
@@ -321,7 +343,7 @@ export class ImageCache {
         seen.add(hex);
         this.downloads++;
         await downloadBlob({
-          client, repo: ref.repository, digest: layer.digest, size: layer.size,
+          client, repo: ref.repository, image: reference, digest: layer.digest, size: layer.size,
           partial: this.path('partial', hex), final, signal,
           onResume: (n) => {
             this.resumedBytes += n;
@@ -335,11 +357,17 @@ export class ImageCache {
       }
       send({ image: label, phase: 'unpacking', done: total, total });
       await privateDir(tmp);
-      const unpacked = await unpackLayers(blobs, tmp, label);
+      const unpacked = await unpackLayers(blobs, tmp, label, undefined, async (path, size) => {
+        writing = { what: `for /${path}`, size };
+        const free = await freeBytes(tmp);
+        if (free !== undefined && free < size) throw await noSpace(`unpacking ${reference}`, this.dir, size, writing.what);
+      });
       const disk = join(tmp, 'base.qcow2');
       if (await isQcow2(unpacked.disk)) await rename(unpacked.disk, disk);
       else {
         send({ image: label, phase: 'converting', done: total, total });
+        // qcow2 of a raw disk: at most the raw disk's allocated size again.
+        writing = { what: `to convert /disk/${unpacked.diskName} to qcow2`, size: ((await stat(unpacked.disk)).blocks ?? 0) * 512 };
         try {
           await execFileP('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', '--', unpacked.disk, disk]);
         } catch (err) {
@@ -370,8 +398,12 @@ export class ImageCache {
       const dest = this.path('entries', `sha256-${hexOf(digest)}`);
       if (await exists(join(dest, 'image.json'))) await rm(tmp, { recursive: true, force: true });
       else {
+        // Durable before it is published (see the top of this file).
+        for (const f of await readdir(tmp)) await fsyncPath(join(tmp, f));
+        await fsyncPath(tmp);
         await rm(dest, { recursive: true, force: true });
         await rename(tmp, dest);
+        await fsyncPath(this.path('entries'));
       }
       for (const b of blobs) await rm(b, { force: true });
       const seconds = (Date.now() - started) / 1000;
@@ -382,7 +414,7 @@ export class ImageCache {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'ENOSPC' || code === 'EDQUOT') {
         for (const b of blobs) await rm(b, { force: true });
-        throw await noSpace(`unpacking ${reference}`, this.dir, total);
+        throw await noSpace(`unpacking ${reference}`, this.dir, writing?.size ?? total, writing?.what);
       }
       if (err instanceof PullError && (err.code === 'NO_SPACE' || err.code === 'DIGEST_MISMATCH' || err.code === 'BAD_IMAGE')) {
         for (const b of blobs) await rm(b, { force: true });

@@ -18,6 +18,8 @@ export interface BlobDownload {
   size: number;
   partial: string;
   final: string;
+  /** the image it is a layer of (HOST/REPO:TAG), for messages */
+  image?: string;
   /** bytes already on disk from an earlier attempt (called once, before any `onBytes`) */
   onResume?: (bytes: number) => void;
   onBytes?: (bytes: number) => void;
@@ -58,6 +60,15 @@ async function writeAll(fh: FileHandle, data: Buffer, position: number): Promise
   }
 }
 
+/** Flushes a file's or a directory's data and metadata to the disk (a directory: the names in it). */
+export async function fsyncPath(path: string): Promise<void> {
+  const fh = await open(path, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
 
 /** How much room the file system of `dir` has left, in bytes (undefined when unknown). */
 export async function freeBytes(dir: string): Promise<number | undefined> {
@@ -69,11 +80,14 @@ export async function freeBytes(dir: string): Promise<number | undefined> {
   }
 }
 
-/** A full-disk PullError that says what, where, and how much was needed and free. */
-export async function noSpace(what: string, dir: string, needed: number): Promise<PullError> {
+/**
+ * A full-disk PullError that says what, where, and how much was needed (in all, not the shortfall:
+ * `for` says for what) and is free now.
+ */
+export async function noSpace(what: string, dir: string, needed: number, forWhat = ''): Promise<PullError> {
   const free = await freeBytes(dir);
   const mib = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MiB`;
-  return new PullError('NO_SPACE', `no space left on the device of ${dir} while ${what}: it needs about ${mib(needed)} more${free !== undefined ? `, ${mib(free)} free` : ''}`);
+  return new PullError('NO_SPACE', `no space left on the device of ${dir} while ${what}: it needs about ${mib(needed)}${forWhat ? ` ${forWhat}` : ''}${free !== undefined ? `, ${mib(free)} free` : ''}`);
 }
 
 export async function downloadBlob(d: BlobDownload): Promise<void> {
@@ -101,6 +115,7 @@ async function download(d: BlobDownload, hasher: Hasher): Promise<void> {
     // Complete but not yet renamed (the process ended in between): check it as it is.
     if ((await hasher.digest()) === d.digest) {
       d.onResume?.(have);
+      await fsyncPath(d.partial);
       await rename(d.partial, d.final);
       return;
     }
@@ -146,7 +161,7 @@ async function download(d: BlobDownload, hasher: Hasher): Promise<void> {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOSPC' || code === 'EDQUOT') {
       await rm(d.partial, { force: true });
-      throw await noSpace(`downloading blob ${d.digest} of ${d.repo}`, dirname(d.partial), d.size - have);
+      throw await noSpace(`downloading ${d.image ?? d.repo} (blob ${d.digest})`, dirname(d.partial), d.size - have);
     }
     if (err instanceof PullError) {
       if (err.code === 'DIGEST_MISMATCH') await rm(d.partial, { force: true });
@@ -156,6 +171,8 @@ async function download(d: BlobDownload, hasher: Hasher): Promise<void> {
     // A dropped connection: what arrived stays for the next attempt.
     throw new PullError('UNREACHABLE', `the download of blob ${d.digest} of ${d.repo} from ${d.client.registry} broke off after ${received} of ${d.size} bytes: ${(err as Error).message}`, { cause: err });
   }
+  // A checked blob is unpacked later without checking it again: its bytes reach the disk before its name does.
+  await fh.sync();
   await fh.close();
   if (received < d.size) {
     throw new PullError('UNREACHABLE', `${d.client.registry} ended blob ${d.digest} of ${d.repo} after ${received} of ${d.size} bytes`);

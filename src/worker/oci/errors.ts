@@ -23,3 +23,21 @@ export function registryErrorText(body: string): string | undefined {
     return undefined;
   }
 }
+
+/**
+ * What a token service says when it refuses: the registry's JSON errors, or the fields token
+ * services use instead (`details` on Docker Hub, OAuth2's `error_description` and `error`, `message`).
+ */
+export function tokenServiceErrorText(body: string): string | undefined {
+  const registry = registryErrorText(body);
+  if (registry) return registry;
+  try {
+    const parsed = JSON.parse(body) as Record<string, unknown>;
+    for (const key of ['details', 'error_description', 'error', 'message']) {
+      if (typeof parsed[key] === 'string' && parsed[key]) return parsed[key].slice(0, 300);
+    }
+    return undefined;
+  } catch {
+    return undefined;
+  }
+}

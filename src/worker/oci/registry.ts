@@ -9,7 +9,7 @@ import https from 'node:https';
 import type { Readable } from 'node:stream';
 import tls from 'node:tls';
 import { BlobResponse, UnsupportedFraming } from './blob-http.ts';
-import { PullError, registryErrorText } from './errors.ts';
+import { PullError, registryErrorText, tokenServiceErrorText } from './errors.ts';
 import { registryEndpoint } from './reference.ts';
 
 /** How to reach one registry; the worker's lookup is the single source of these. */
@@ -220,7 +220,14 @@ export class RegistryClient {
     const scope = this.scope(o.repo, o.push);
     for (let attempt = 0; ; attempt++) {
       const auth = this.auth.get(scope);
-      const res = await this.follow(o, auth);
+      const { res, url } = await this.follow(o, auth);
+      if (res.statusCode === 401 && url.origin !== this.base.origin) {
+        // Only the registry's own challenge names where credentials go: a host it redirected to
+        // (a storage host) could otherwise send them to a token service of its choosing.
+        const text = (await readBody(res, 65536).catch(() => Buffer.alloc(0))).toString('utf8');
+        const detail = registryErrorText(text);
+        throw new PullError('UNAUTHORIZED', `${this.registry} redirected ${o.what} to ${url.origin}, which answered 401 Unauthorized${detail ? `: ${detail}` : ''}; credentials go only to the registry and the token service it names`);
+      }
       if (res.statusCode === 401 && attempt === 0) {
         const text = (await readBody(res, 65536).catch(() => Buffer.alloc(0))).toString('utf8');
         await this.authenticate(parseChallenge(res.headers['www-authenticate'] as string | undefined), scope, o.what, text);
@@ -234,7 +241,7 @@ export class RegistryClient {
   }
 
   /** Sends the request, following redirects (a blob is often served by a storage host: no credentials go there). */
-  private async follow(o: CallOptions, auth: string | undefined): Promise<Answer> {
+  private async follow(o: CallOptions, auth: string | undefined): Promise<{ res: Answer; url: URL }> {
     let url = new URL(o.url, this.base);
     for (let hops = 0; ; hops++) {
       const sameOrigin = url.origin === this.base.origin;
@@ -248,7 +255,7 @@ export class RegistryClient {
         if (url.protocol !== 'https:' && url.protocol !== 'http:') throw new PullError('UNREACHABLE', `${this.registry} redirected ${o.what} to ${url.protocol}`);
         continue;
       }
-      return res;
+      return { res, url };
     }
   }
 
@@ -324,7 +331,7 @@ export class RegistryClient {
     const res = await this.send('GET', realm, headers, undefined);
     const text = (await readBody(res, 1024 * 1024)).toString('utf8');
     if (res.statusCode !== 200) {
-      const detail = registryErrorText(text) ?? (text.length < 200 ? text.trim() : '');
+      const detail = tokenServiceErrorText(text) ?? (text.length < 200 ? text.trim() : '');
       throw new PullError('UNAUTHORIZED', `the token service of ${this.registry} (${realm.origin}) refused ${basic ? `user ${this.settings.username}` : 'an anonymous request'}: ${res.statusCode} ${res.statusMessage}${detail ? `: ${detail}` : ''}`);
     }
     let token: unknown;

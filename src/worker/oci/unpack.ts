@@ -81,9 +81,13 @@ function classify(path: string): { dir: 'disk' | 'boot'; name: string } | undefi
 
 /**
  * Applies `layers` (files, in manifest order) into `outDir` (existing, empty). `label` names the
- * image in messages.
+ * image in messages. `beforeFile` hears of each file (`disk/NAME`, its size) before it is written:
+ * a caller can refuse one that will not fit.
  */
-export async function unpackLayers(layers: string[], outDir: string, label: string, onBytes: (n: number) => void = () => {}): Promise<Unpacked> {
+export async function unpackLayers(
+  layers: string[], outDir: string, label: string, onBytes: (n: number) => void = () => {},
+  beforeFile?: (path: string, size: number) => Promise<void>,
+): Promise<Unpacked> {
   /** `disk/NAME` or `boot/NAME` → the file in outDir holding it */
   const files = new Map<string, string>();
   let counter = 0;
@@ -118,6 +122,7 @@ export async function unpackLayers(layers: string[], outDir: string, label: stri
         }
         if (which.name === 'cmdline' && e.size > 4096) throw bad('/boot/cmdline is longer than 4096 bytes');
         await drop(e.path);
+        await beforeFile?.(e.path, e.size);
         const out = join(outDir, `f${counter++}`);
         files.set(e.path, out);
         thisLayer.add(e.path);
