@@ -1,9 +1,10 @@
 // One GET for a blob over its own connection (`Connection: close`), its body read straight into a
 // few reused 1 MiB buffers. node:http hands a download its bytes as a fresh 64 KiB Buffer per socket
 // read, through a parser callback and a stream each; for a large blob that costs about four times the
-// CPU of the reads themselves (BENCHMARKS.md, image pulls). Only what a blob needs is spoken: a status
-// line, headers, and a body framed by Content-Length or by the end of the connection; an answer in
-// another framing (Transfer-Encoding) says so, and the caller asks again through node:http.
+// CPU of the reads themselves (BENCHMARKS.md, image pulls; undici measured no better). Only what a
+// blob needs is spoken: a status line, headers, and a body framed by Content-Length or by the end of
+// the connection; an error answer sent chunked is read whole (it is small); a blob sent chunked says
+// so, and the caller asks again through node:http. Anything else odd in the framing is an error.
 import net from 'node:net';
 import tls from 'node:tls';
 
@@ -11,7 +12,11 @@ import tls from 'node:tls';
 export const BODY_BUFFER = 1024 * 1024;
 /** Buffers per response besides the one filling and a spare: in the consumer's hands (hashing, writes in flight). */
 const BUFFERS = 3;
+/** Status lines and headers, 1xx answers included, at most: bytes, and header fields. */
 const MAX_HEAD = 64 * 1024;
+const MAX_FIELDS = 256;
+/** A chunked error answer's body, at most (what registry.ts reads of one). */
+const MAX_CHUNKED = 64 * 1024;
 
 export interface BlobRequest {
   url: URL;
@@ -46,6 +51,11 @@ export class BlobResponse {
   private spare: Buffer;
   private paused = false;
   private inHead = true;
+  /** head bytes parsed so far (1xx answers count) */
+  private headBytes = 0;
+  /** an error answer sent chunked: its body is gathered in `cur` and decoded once whole */
+  private chunked = false;
+  private readonly headTimer: NodeJS.Timeout;
   /** body bytes still to come (Infinity: until the connection ends) */
   private left = Infinity;
   private readonly ready: BodyChunk[] = [];
@@ -68,6 +78,8 @@ export class BlobResponse {
     this.cur = buffers.pop()!;
     this.spare = buffers.pop()!;
     this.free.push(...buffers);
+    // Any read resets the socket's idle timeout: a head trickled a byte at a time must still end in time.
+    this.headTimer = setTimeout(() => this.fail(new Error(`the registry did not answer within ${r.idleTimeoutMs / 1000} s`)), r.idleTimeoutMs).unref();
     const port = Number(r.url.port) || (r.url.protocol === 'https:' ? 443 : 80);
     const host = r.url.hostname.replace(/^\[|\]$/g, '');
     const onread = { buffer: () => (this.paused ? this.spare : this.cur.subarray(this.fill)), callback: (n: number) => this.onRead(n) };
@@ -99,6 +111,7 @@ export class BlobResponse {
     this.fill += n;
     if (this.inHead && !this.parseHead()) return true;
     if (this.inHead) return true;
+    if (this.chunked) return this.gatherChunked();
     return this.afterBody();
   }
 
@@ -107,10 +120,11 @@ export class BlobResponse {
     for (;;) {
       const buf = this.cur;
       const end = buf.subarray(0, this.fill).indexOf('\r\n\r\n');
-      if (end < 0) {
-        if (this.fill > MAX_HEAD) this.fail(new Error(`the answer's headers are longer than ${MAX_HEAD} bytes`));
+      if (end < 0 || this.headBytes + end > MAX_HEAD) {
+        if (this.headBytes + Math.max(end, this.fill) > MAX_HEAD) this.fail(new Error(`the answer's headers are longer than ${MAX_HEAD} bytes`));
         return false;
       }
+      this.headBytes += end + 4;
       const [status, ...fields] = buf.toString('latin1', 0, end).split('\r\n');
       buf.copyWithin(0, end + 4, this.fill);
       this.fill -= end + 4;
@@ -120,7 +134,15 @@ export class BlobResponse {
         return false;
       }
       const code = Number(m[1]);
+      if (code === 101) {
+        this.fail(new Error('the answer switches protocols, which was not asked for'));
+        return false;
+      }
       if (code >= 100 && code < 200) continue;
+      if (fields.length > MAX_FIELDS) {
+        this.fail(new Error(`the answer has more than ${MAX_FIELDS} header fields`));
+        return false;
+      }
       this.statusCode = code;
       this.statusMessage = m[2] ?? '';
       for (const f of fields) {
@@ -132,24 +154,69 @@ export class BlobResponse {
       }
       this.inHead = false;
       const te = this.headers['transfer-encoding'];
-      if (te !== undefined && te.toLowerCase() !== 'identity') {
-        this.fail(new UnsupportedFraming(`the answer is sent with Transfer-Encoding ${te}`));
+      const length = this.headers['content-length'];
+      if (te !== undefined && length !== undefined) {
+        // Two framings: which one the sender meant is a guess, and a guess is how answers get smuggled.
+        this.fail(new Error('the answer gives both a Transfer-Encoding and a Content-Length'));
         return false;
       }
-      const length = this.headers['content-length'];
+      if (te !== undefined && te.toLowerCase() !== 'identity') {
+        if (te.toLowerCase() !== 'chunked' || (code >= 200 && code < 300)) {
+          this.fail(new UnsupportedFraming(`the answer is sent with Transfer-Encoding ${te}`));
+          return false;
+        }
+        this.chunked = true;
+      }
       if (code === 204 || code === 304) this.left = 0;
       else if (length !== undefined) {
-        if (!/^\d+$/.test(length)) {
-          this.fail(new Error(`the answer's Content-Length is not a number (${length})`));
+        // One decimal number (a repeated field arrives joined with a comma, and is refused).
+        if (!/^\d{1,15}$/.test(length)) {
+          this.fail(new Error(`the answer's Content-Length is not one number below 10^15 (${length.slice(0, 60)})`));
           return false;
         }
         this.left = Number(length);
       }
+      clearTimeout(this.headTimer);
       const head = this.headWaiter;
       this.headWaiter = undefined;
       head?.resolve();
       return true;
     }
+  }
+
+  /** An error answer's chunked body: gathered whole (at most MAX_CHUNKED bytes), then decoded and handed out. */
+  private gatherChunked(): boolean {
+    if (this.fill > MAX_CHUNKED) return this.failChunked(`more than ${MAX_CHUNKED} bytes`);
+    const raw = this.cur.subarray(0, this.fill);
+    const body: Buffer[] = [];
+    let at = 0;
+    for (;;) {
+      const eol = raw.indexOf('\r\n', at);
+      if (eol < 0) break;
+      const size = /^([0-9a-fA-F]{1,8})(?:;.*)?$/.exec(raw.toString('latin1', at, eol));
+      if (!size) return this.failChunked('a chunk size that is not a hexadecimal number');
+      const n = parseInt(size[1], 16);
+      if (n === 0) {
+        // Trailers, if any, end with an empty line; none are used.
+        if (raw.indexOf('\r\n\r\n', eol) < 0) break;
+        const data = Buffer.concat(body);
+        data.copy(this.cur);
+        this.fill = data.length;
+        this.left = data.length;
+        this.chunked = false;
+        return this.afterBody();
+      }
+      if (eol + 2 + n + 2 > raw.length) break;
+      if (raw[eol + 2 + n] !== 0x0d || raw[eol + 3 + n] !== 0x0a) return this.failChunked('a chunk longer than its size');
+      body.push(raw.subarray(eol + 2, eol + 2 + n));
+      at = eol + 2 + n + 2;
+    }
+    return true;
+  }
+
+  private failChunked(what: string): boolean {
+    this.fail(new Error(`the chunked ${this.statusCode} answer has ${what}`));
+    return false;
   }
 
   /** Hands out full buffers (and the last one); pauses the socket when no buffer is free to read into. */
@@ -205,6 +272,7 @@ export class BlobResponse {
   private finish(): void {
     if (this.ended) return;
     this.ended = true;
+    clearTimeout(this.headTimer);
     this.socket.destroy();
     const w = this.waiter;
     this.waiter = undefined;
@@ -214,6 +282,7 @@ export class BlobResponse {
   private onEnd(): void {
     if (this.ended || this.error) return;
     if (this.headWaiter) return this.fail(new Error('the connection closed before an answer came'));
+    if (this.chunked) return this.fail(new Error(`the connection closed before the end of the chunked ${this.statusCode} answer`));
     if (this.left !== Infinity) return this.fail(new Error(`the connection closed ${this.left - this.fill} bytes before the end of the answer`));
     if (this.fill > 0) this.handOut();
     this.finish();
@@ -222,6 +291,7 @@ export class BlobResponse {
   private fail(err: Error): void {
     if (this.ended || this.error) return;
     this.error = err;
+    clearTimeout(this.headTimer);
     this.socket.destroy();
     const head = this.headWaiter;
     this.headWaiter = undefined;
