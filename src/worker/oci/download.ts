@@ -2,11 +2,12 @@
 // The bytes go to `<partial>` first; a download cut short (a crash, kill -9, a dropped connection)
 // leaves them there and the next attempt asks for the rest with an HTTP Range (or starts over when
 // the registry ignores ranges). A digest mismatch or a full disk removes the partial file.
-import { createHash, type Hash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
-import { open, rename, rm, stat, statfs, truncate } from 'node:fs/promises';
+import { open, rename, rm, stat, statfs, truncate, type FileHandle } from 'node:fs/promises';
+import type { IncomingMessage } from 'node:http';
 import { dirname } from 'node:path';
+import { BlobResponse, BODY_BUFFER, type BodyChunk } from './blob-http.ts';
 import { PullError } from './errors.ts';
+import { MainHasher, ThreadHasher, type Hasher } from './hasher.ts';
 import type { RegistryClient } from './registry.ts';
 
 export interface BlobDownload {
@@ -26,10 +27,37 @@ export interface BlobDownload {
 }
 
 /** Gathers writes of up to this many bytes: fewer system calls, bounded memory. */
-const WRITE_BATCH = 1024 * 1024;
+const WRITE_BATCH = BODY_BUFFER;
+/** Chunks handed to the disk and the hasher and not yet done, at most. */
+const WRITES_AHEAD = 2;
+/** Blobs from this size on are hashed in a thread of their own (starting one costs a few ms). */
+const THREAD_HASH_MIN = 16 * 1024 * 1024;
 
-async function hashFile(file: string, hash: Hash): Promise<void> {
-  for await (const chunk of createReadStream(file, { highWaterMark: WRITE_BATCH })) hash.update(chunk as Buffer);
+/** The body as chunks to release once written: blob-http.ts's buffers, or node:http's chunks gathered into batches. */
+function bodyChunks(res: IncomingMessage | BlobResponse): AsyncIterable<BodyChunk> {
+  if (res instanceof BlobResponse) return res.chunks();
+  return (async function* () {
+    let batch: Buffer[] = [];
+    let batched = 0;
+    const release = () => {};
+    for await (const chunk of res as AsyncIterable<Buffer>) {
+      batch.push(chunk);
+      batched += chunk.length;
+      if (batched >= WRITE_BATCH) {
+        yield { data: Buffer.concat(batch, batched), release };
+        batch = [];
+        batched = 0;
+      }
+    }
+    if (batched > 0) yield { data: Buffer.concat(batch, batched), release };
+  })();
+}
+
+async function writeAll(fh: FileHandle, data: Buffer, position: number): Promise<void> {
+  for (let off = 0; off < data.length;) {
+    const { bytesWritten } = await fh.write(data, off, data.length - off, position + off);
+    off += bytesWritten;
+  }
 }
 
 /** Flushes a file's or a directory's data and metadata to the disk (a directory: the names in it). */
@@ -63,6 +91,15 @@ export async function noSpace(what: string, dir: string, needed: number, forWhat
 }
 
 export async function downloadBlob(d: BlobDownload): Promise<void> {
+  const hasher: Hasher = d.size >= THREAD_HASH_MIN ? new ThreadHasher() : new MainHasher();
+  try {
+    await download(d, hasher);
+  } finally {
+    hasher.close();
+  }
+}
+
+async function download(d: BlobDownload, hasher: Hasher): Promise<void> {
   let have = 0;
   try {
     have = (await stat(d.partial)).size;
@@ -73,62 +110,53 @@ export async function downloadBlob(d: BlobDownload): Promise<void> {
     await truncate(d.partial, 0);
     have = 0;
   }
-  let hash = createHash('sha256');
-  if (have > 0) await hashFile(d.partial, hash);
+  if (have > 0) await hasher.file(d.partial);
   if (have === d.size && have > 0) {
     // Complete but not yet renamed (the process ended in between): check it as it is.
-    if (`sha256:${hash.digest('hex')}` === d.digest) {
+    if ((await hasher.digest()) === d.digest) {
       d.onResume?.(have);
       await fsyncPath(d.partial);
       await rename(d.partial, d.final);
       return;
     }
     await truncate(d.partial, 0);
-    hash = createHash('sha256');
     have = 0;
   }
   const { res, partial } = await d.client.getBlob(d.repo, d.digest, have, d.signal);
   if (!partial && have > 0) {
     // The registry sends the whole blob again: start over.
-    hash = createHash('sha256');
+    hasher.reset();
     have = 0;
   }
   d.onResume?.(have);
-  const fh = await open(d.partial, have > 0 ? 'a' : 'w', 0o600);
+  const fh = await open(d.partial, have > 0 ? 'r+' : 'w', 0o600);
   let received = have;
-  let batch: Buffer[] = [];
-  let batched = 0;
-  // One write in flight while the next batch arrives: reading, hashing and writing overlap, and at
-  // most two batches are held.
-  let writing: Promise<unknown> = Promise.resolve();
-  const flush = async () => {
-    await writing;
-    if (batched === 0) return;
-    const out = batch;
-    batch = [];
-    batched = 0;
-    writing = fh.writev(out);
-    // Awaited at the next flush or in the catch below; until then a failed write (ENOSPC) must not
-    // count as an unhandled rejection, which would end the worker's process.
-    writing.catch(() => {});
-  };
+  // Each chunk is hashed (in order) and written at its place once the one before it is on disk (in
+  // order: a kill -9 leaves a prefix of the blob, never a hole), while the next ones are read; at
+  // most WRITES_AHEAD chunks wait, so memory stays bounded. A chunk's buffer goes back when both are done.
+  let writing: Promise<void> = Promise.resolve();
+  const queued: Promise<unknown>[] = [];
+  let last: Promise<unknown> = Promise.resolve();
   try {
-    for await (const chunk of res as AsyncIterable<Buffer>) {
-      received += chunk.length;
-      if (received > d.size) {
+    for await (const { data, release } of bodyChunks(res)) {
+      if (received + data.length > d.size) {
+        release();
         res.destroy();
         throw new PullError('DIGEST_MISMATCH', `${d.client.registry} sent more than the ${d.size} bytes the manifest gives for blob ${d.digest} of ${d.repo}`);
       }
-      hash.update(chunk);
-      batch.push(chunk);
-      batched += chunk.length;
-      if (batched >= WRITE_BATCH) await flush();
-      d.onBytes?.(chunk.length);
+      const at = received;
+      received += data.length;
+      const hashed = hasher.update(data);
+      writing = writing.then(() => writeAll(fh, data, at));
+      last = Promise.all([hashed, writing]).finally(release);
+      last.catch(() => {});
+      queued.push(last);
+      if (queued.length > WRITES_AHEAD) await queued.shift();
+      d.onBytes?.(data.length);
     }
-    await flush();
-    await writing;
+    await Promise.all(queued);
   } catch (err) {
-    await writing.catch(() => {});
+    await Promise.allSettled(queued);
     await fh.close().catch(() => {});
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOSPC' || code === 'EDQUOT') {
@@ -149,7 +177,7 @@ export async function downloadBlob(d: BlobDownload): Promise<void> {
   if (received < d.size) {
     throw new PullError('UNREACHABLE', `${d.client.registry} ended blob ${d.digest} of ${d.repo} after ${received} of ${d.size} bytes`);
   }
-  const digest = `sha256:${hash.digest('hex')}`;
+  const digest = await hasher.digest();
   if (digest !== d.digest) {
     await rm(d.partial, { force: true });
     throw new PullError('DIGEST_MISMATCH', `blob ${d.digest} of ${d.repo} from ${d.client.registry} has the wrong content: its digest is ${digest}`);

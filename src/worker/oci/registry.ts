@@ -8,6 +8,7 @@ import http, { type IncomingMessage } from 'node:http';
 import https from 'node:https';
 import type { Readable } from 'node:stream';
 import tls from 'node:tls';
+import { BlobResponse, UnsupportedFraming } from './blob-http.ts';
 import { PullError, registryErrorText, tokenServiceErrorText } from './errors.ts';
 import { registryEndpoint } from './reference.ts';
 
@@ -68,7 +69,10 @@ function trustedCAs(extra?: string): string[] {
   return extra ? [...hostCAs, extra] : hostCAs;
 }
 
-async function readBody(res: IncomingMessage, limit: number): Promise<Buffer> {
+/** An answer: node:http's, or a blob's read by blob-http.ts. */
+type Answer = IncomingMessage | BlobResponse;
+
+async function readBody(res: Answer, limit: number): Promise<Buffer> {
   const chunks: Buffer[] = [];
   let n = 0;
   for await (const chunk of res as AsyncIterable<Buffer>) {
@@ -96,6 +100,8 @@ interface CallOptions {
   what: string;
   expect: number[];
   signal?: AbortSignal;
+  /** a blob's GET: read by blob-http.ts when the answer's framing allows */
+  blob?: boolean;
 }
 
 export class RegistryClient {
@@ -157,9 +163,9 @@ export class RegistryClient {
    * The blob's bytes from `start` on: `partial` says whether the registry honoured the range (206);
    * when it did not (200) the stream starts at byte 0.
    */
-  async getBlob(repo: string, digest: string, start: number, signal?: AbortSignal): Promise<{ res: IncomingMessage; partial: boolean }> {
+  async getBlob(repo: string, digest: string, start: number, signal?: AbortSignal): Promise<{ res: Answer; partial: boolean }> {
     const headers: Record<string, string> = start > 0 ? { range: `bytes=${start}-` } : {};
-    const res = await this.call({ method: 'GET', url: `/v2/${repo}/blobs/${digest}`, repo, headers, what: `blob ${digest} of ${repo}`, expect: [200, 206], signal });
+    const res = await this.call({ method: 'GET', url: `/v2/${repo}/blobs/${digest}`, repo, headers, what: `blob ${digest} of ${repo}`, expect: [200, 206], signal, blob: true });
     if (res.statusCode === 206) {
       const m = /^bytes (\d+)-/.exec(String(res.headers['content-range'] ?? ''));
       if (!m || Number(m[1]) !== start) {
@@ -210,7 +216,7 @@ export class RegistryClient {
     return `repository:${repo}:${push ? 'pull,push' : 'pull'}`;
   }
 
-  private async call(o: CallOptions): Promise<IncomingMessage> {
+  private async call(o: CallOptions): Promise<Answer> {
     const scope = this.scope(o.repo, o.push);
     for (let attempt = 0; ; attempt++) {
       const auth = this.auth.get(scope);
@@ -235,13 +241,13 @@ export class RegistryClient {
   }
 
   /** Sends the request, following redirects (a blob is often served by a storage host: no credentials go there). */
-  private async follow(o: CallOptions, auth: string | undefined): Promise<{ res: IncomingMessage; url: URL }> {
+  private async follow(o: CallOptions, auth: string | undefined): Promise<{ res: Answer; url: URL }> {
     let url = new URL(o.url, this.base);
     for (let hops = 0; ; hops++) {
       const sameOrigin = url.origin === this.base.origin;
       const headers: Record<string, string> = { ...o.headers };
       if (auth && sameOrigin) headers.authorization = auth;
-      const res = await this.send(o.method, url, headers, o.body, o.signal);
+      const res = o.blob && o.method === 'GET' ? await this.sendBlob(url, headers, o.signal) : await this.send(o.method, url, headers, o.body, o.signal);
       const location = res.headers.location;
       if ((o.method === 'GET' || o.method === 'HEAD') && [301, 302, 303, 307, 308].includes(res.statusCode ?? 0) && location && hops < 5) {
         res.resume();
@@ -267,12 +273,7 @@ export class RegistryClient {
         res.setTimeout(IDLE_TIMEOUT_MS, () => res.destroy(new Error(`the registry sent nothing for ${IDLE_TIMEOUT_MS / 1000} s`)));
         resolve(res);
       });
-      req.on('error', (err: NodeJS.ErrnoException) => {
-        if (err.name === 'AbortError') return reject(err);
-        const tlsHint = /certificate|self.signed|CERT_|unable to verify/i.test(`${err.code} ${err.message}`)
-          ? ' (a private CA? trust it with --registry-ca-file; plain HTTP needs --insecure-registry)' : '';
-        reject(new PullError('UNREACHABLE', `cannot reach registry ${this.registry} (${url.protocol.slice(0, -1)}): ${err.message}${tlsHint}`, { cause: err }));
-      });
+      req.on('error', (err: NodeJS.ErrnoException) => reject(this.requestError(url, err)));
       if (body === undefined) req.end();
       else if (Buffer.isBuffer(body)) req.end(body);
       else {
@@ -281,6 +282,23 @@ export class RegistryClient {
         stream.pipe(req);
       }
     });
+  }
+
+  private requestError(url: URL, err: NodeJS.ErrnoException): Error {
+    if (err.name === 'AbortError') return err;
+    const tlsHint = /certificate|self.signed|CERT_|unable to verify/i.test(`${err.code} ${err.message}`)
+      ? ' (a private CA? trust it with --registry-ca-file; plain HTTP needs --insecure-registry)' : '';
+    return new PullError('UNREACHABLE', `cannot reach registry ${this.registry} (${url.protocol.slice(0, -1)}): ${err.message}${tlsHint}`, { cause: err });
+  }
+
+  /** A blob's GET through blob-http.ts; node:http when the answer comes in a framing it does not read. */
+  private async sendBlob(url: URL, headers: Record<string, string>, signal?: AbortSignal): Promise<Answer> {
+    try {
+      return await BlobResponse.get({ url, headers, signal, idleTimeoutMs: IDLE_TIMEOUT_MS, ca: url.protocol === 'https:' ? trustedCAs(this.settings.ca) : undefined });
+    } catch (err) {
+      if (err instanceof UnsupportedFraming) return this.send('GET', url, headers, undefined, signal);
+      throw this.requestError(url, err as NodeJS.ErrnoException);
+    }
   }
 
   private credentials(): string | undefined {
@@ -332,7 +350,7 @@ export class RegistryClient {
     return new PullError('UNAUTHORIZED', `${this.registry} refused ${what}: 401 Unauthorized${detail ? `: ${detail}` : ''}; ${why}`);
   }
 
-  private statusError(res: IncomingMessage, what: string, body: string): PullError {
+  private statusError(res: Answer, what: string, body: string): PullError {
     const status = `${res.statusCode} ${res.statusMessage ?? ''}`.trim();
     const detail = registryErrorText(body);
     const answer = `${status}${detail ? `: ${detail}` : ''}`;
