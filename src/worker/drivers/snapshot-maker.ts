@@ -1,0 +1,228 @@
+// Makes and finds the warm-start snapshots of a qemu worker's images (the files: snapshots.ts): boots
+// an image once as a template with a fixed identity, saves its state and freezes its disk, once per
+// image however many VMs ask meanwhile; says why a VM must cold-boot instead. It runs the template
+// through the driver like any VM (TemplateHost), in a directory of its own outside `vms/`.
+import { existsSync, readFileSync } from 'node:fs';
+import { readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { randomUUID } from 'node:crypto';
+import { dirname, join } from 'node:path';
+import type { Duplex } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Logger } from 'pino';
+import { imageDirName, resolveImage, type ResolvedImage } from '../images.ts';
+import { privateFiles } from '../private-files.ts';
+import type { DriverVM, Progress } from './driver.ts';
+import type { Accel } from './accel.ts';
+import type { QmpClient } from './qmp.ts';
+import { runAsRoot } from './guest-identity.ts';
+import { virtualSize } from './qemu-img.ts';
+import { binaryId, fileId, readSnapshotMeta, SNAPSHOT_FILE, staleReason, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
+
+/** What the maker needs of the driver: its settings, and running a template like any VM. */
+export interface TemplateHost {
+  readonly accel: Accel;
+  readonly qemuBinary: string;
+  readonly imagesDir: string;
+  readonly dataDir: string;
+  readonly log: Logger;
+  prepare(vm: DriverVM, progress: Progress, opts: { cold: true }): Promise<void>;
+  start(vm: DriverVM): Promise<void>;
+  waitReady(localName: string): Promise<void>;
+  dial(localName: string, port: number): Promise<Duplex>;
+  stop(localName: string, graceMs: number): Promise<void>;
+  qmp<T>(localName: string, fn: (q: QmpClient) => Promise<T>): Promise<T>;
+  /** The template's record (vm.json): its kernel files, command line and MAC. */
+  record(localName: string): Promise<{ kernel?: string; initrd?: string; cmdline?: string; mac?: string } | undefined>;
+  /** Drops what the driver keeps in memory of a template that is gone. */
+  forget(localName: string): void;
+}
+
+export class SnapshotMaker {
+  private readonly host: TemplateHost;
+  /** Templates being booted for a snapshot: their local name -> their directory (not under vms/, so list() never sees them). */
+  private readonly templateDirs = new Map<string, string>();
+  /** Snapshots being made, by image name: VMs that need one meanwhile wait for the same. */
+  private readonly snapshotting = new Map<string, Promise<SnapshotMeta>>();
+
+  constructor(host: TemplateHost) {
+    this.host = host;
+  }
+
+  /** The directory of a template being booted (undefined for any other VM). */
+  templateDir(localName: string): string | undefined {
+    return this.templateDirs.get(localName);
+  }
+
+  /** Where the warm-start snapshot of image `name` is kept (snapshots.ts). */
+  snapshotDir(name: string): string {
+    return join(this.host.dataDir, 'snapshots', imageDirName(name));
+  }
+
+  /** The snapshot a VM resumes, or why it cold-boots. */
+  async snapshotFor(vm: DriverVM, image: ResolvedImage, progress: Progress): Promise<SnapshotMeta | { cold: string }> {
+    const cold = (why: string) => ({ cold: why });
+    if (!image.sshKey) return cold(`image ${vm.image} has no SSH key for the worker to give a VM resumed from a snapshot its own identity`);
+    if (vm.hostDirs?.length) return cold('host directories (9p) cannot be part of a saved state');
+    if (vm.diskSize && vm.diskSize > 0) {
+      const size = await virtualSize(image.disk);
+      if (Math.round(vm.diskSize * 1024 ** 3) > size) return cold(`diskSize ${vm.diskSize} GB is larger than the image's disk, and a resumed guest would not grow its file system`);
+    }
+    let meta: SnapshotMeta;
+    try {
+      meta = await this.snapshot(vm.image, { cpu: vm.cpu, memory: vm.memory }, progress, image);
+    } catch (err) {
+      this.host.log.warn({ image: vm.image, err: (err as Error).message }, 'cannot make a snapshot');
+      return cold(`the snapshot of image ${vm.image} could not be made: ${(err as Error).message}`);
+    }
+    if (meta.unusable) return cold(meta.unusable);
+    if (meta.cpu !== vm.cpu || meta.memory !== vm.memory) {
+      return cold(`the snapshot of image ${vm.image} on this worker has ${meta.cpu} CPU and ${meta.memory} MiB; this VM asks for ${vm.cpu} CPU and ${vm.memory} MiB`);
+    }
+    return meta;
+  }
+
+  /** Snapshot file name -> the image file it is a link to. */
+  private imageFiles(image: ResolvedImage): Record<string, string> {
+    const files: Record<string, string> = { 'base.qcow2': image.disk };
+    if (image.kind === 'kernel') {
+      files[image.kernel!.endsWith('vmlinux') ? 'vmlinux' : 'vmlinuz'] = image.kernel!;
+      files['initrd.img'] = image.initrd!;
+    }
+    return files;
+  }
+
+  /**
+   * The warm-start snapshot of image `name` on this worker (snapshots.ts): the one there when it is
+   * up to date, else a new one, made once however many VMs ask meanwhile. A new one is made with
+   * `shape`'s CPU count and memory (VMs of another shape cold-boot).
+   */
+  async snapshot(name: string, shape: { cpu: number; memory: number }, progress: Progress = () => {}, resolved?: ResolvedImage): Promise<SnapshotMeta> {
+    const image = resolved ?? await resolveImage(this.host.imagesDir, name);
+    const dir = this.snapshotDir(name);
+    const qemu = await binaryId(this.host.qemuBinary);
+    for (;;) {
+      const making = this.snapshotting.get(name);
+      if (making) {
+        progress(`waiting for the snapshot of image ${name} being made on this worker`);
+        await making.catch(() => {});
+        if (this.snapshotting.get(name) === making) this.snapshotting.delete(name);
+        continue;
+      }
+      const meta = await readSnapshotMeta(dir);
+      const stale = meta && await staleReason(meta, this.imageFiles(image), this.host.accel, qemu);
+      if (meta && !stale) return meta;
+      progress(stale ? `the snapshot of image ${name} is out of date (${stale}): making a new one` : `making a snapshot of image ${name} for warm starts (once per image on this worker)`);
+      await this.removeAbandonedTemplates(name);
+      const p = this.makeSnapshot(image, shape, qemu, progress);
+      this.snapshotting.set(name, p);
+      try {
+        return await p;
+      } finally {
+        this.snapshotting.delete(name);
+      }
+    }
+  }
+
+  /**
+   * A template whose maker is gone (a worker killed or stopped while it made a snapshot) keeps its
+   * QEMU running, detached like every VM's: it is killed and its directory removed.
+   */
+  private async removeAbandonedTemplates(name: string): Promise<void> {
+    const root = dirname(this.snapshotDir(name));
+    const prefix = `.make-${imageDirName(name)}-`;
+    const entries = await readdir(root).catch(() => [] as string[]);
+    for (const e of entries) {
+      if (!e.startsWith(prefix)) continue;
+      const dir = join(root, e);
+      if ([...this.templateDirs.values()].includes(dir)) continue;
+      const maker = Number(e.slice(prefix.length).split('-')[0]);
+      if (maker !== process.pid && existsSync(`/proc/${maker}`) && maker > 0) {
+        // another process (orchard image snapshot, another worker on this data dir) may still be at it
+        continue;
+      }
+      try {
+        const pid = Number(readFileSync(join(dir, 'qemu.pid'), 'utf8').trim());
+        if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(join(dir, 'qemu.pid'))) process.kill(pid, 'SIGKILL');
+      } catch {
+        // no QEMU left
+      }
+      await rm(dir, { recursive: true, force: true });
+      this.host.log.info({ image: name, dir }, 'removed an abandoned snapshot template');
+    }
+  }
+
+  /**
+   * Boots the image once (a template with a fixed identity), waits for SSH, checks over SSH that the
+   * guest has what re-identification uses, saves its state (QMP `migrate` to a file, the vCPUs
+   * stopped first so the memory and the disk overlay are one consistent moment) and keeps its disk
+   * overlay frozen next to it. Made in a temporary directory, renamed into place when complete.
+   */
+  private async makeSnapshot(image: ResolvedImage, shape: { cpu: number; memory: number }, qemu: string, progress: Progress): Promise<SnapshotMeta> {
+    const final = this.snapshotDir(image.name);
+    const tmp = join(dirname(final), `.make-${imageDirName(image.name)}-${process.pid}-${Date.now()}`);
+    const localName = `orchard-snapshot-${randomUUID()}-0`;
+    this.templateDirs.set(localName, tmp);
+    const vm: DriverVM = {
+      localName, uid: 'snapshot-template', name: 'orchard-template', image: image.name, imagePullPolicy: 'IfNotPresent',
+      cpu: shape.cpu, memory: shape.memory, username: 'admin', password: 'admin',
+    };
+    const t0 = Date.now();
+    try {
+      await this.host.prepare(vm, () => {}, { cold: true });
+      const file = (await this.host.record(localName))!;
+      const files: Record<string, string> = {};
+      for (const f of Object.keys(this.imageFiles(image))) files[f] = await fileId(join(tmp, f));
+      progress(`snapshot of image ${image.name}: booting the template`);
+      await this.host.start(vm);
+      await this.host.waitReady(localName);
+      const bootSeconds = (Date.now() - t0) / 1000;
+      const meta: SnapshotMeta = {
+        image: image.name, files, kind: image.kind, kernel: file.kernel, initrd: file.initrd, cmdline: file.cmdline,
+        cpu: shape.cpu, memory: shape.memory, accel: this.host.accel, qemu, mac: file.mac!, knownHosts: image.knownHosts,
+        created: new Date().toISOString(), bootSeconds,
+      };
+      // What identityScript uses; then the page cache goes (less to load into each VM).
+      const probe = 'set -e; for c in dropbear ip arping base64 mkpasswd awk hostname; do command -v $c >/dev/null || { echo "no $c" >&2; exit 1; }; done; ' +
+        'test -s /run/dropbear.pid; test -d /etc/dropbear; sync; echo 3 > /proc/sys/vm/drop_caches';
+      try {
+        await runAsRoot(await this.host.dial(localName, 22), await readFile(join(tmp, 'id_ed25519')), probe + '\n', { timeoutMs: 60_000 });
+      } catch (err) {
+        meta.unusable = `the guest of image ${image.name} cannot be given its own identity after a resume (it needs dropbear and busybox's ip, arping, base64, mkpasswd, awk): ${(err as Error).message}`;
+      }
+      if (!meta.unusable) {
+        progress(`snapshot of image ${image.name}: saving the template's state`);
+        const t1 = Date.now();
+        await this.host.qmp(localName, async (q) => {
+          await q.execute('stop');
+          // QEMU 7.2 has no file: migration URI; its cwd is the directory, so the path is relative.
+          await q.execute('migrate', { uri: `exec:cat > ${STATE_FILE}` });
+        });
+        for (;;) {
+          const m = (await this.host.qmp(localName, (q) => q.execute('query-migrate'))) as { status?: string; 'error-desc'?: string };
+          if (m.status === 'completed') break;
+          if (m.status === 'failed' || m.status === 'cancelled') throw new Error(`saving the template's state failed: ${m['error-desc'] ?? m.status}`);
+          if (Date.now() - t1 > 300_000) throw new Error('saving the template\'s state took more than 5 minutes');
+          await sleep(20);
+        }
+        meta.saveSeconds = (Date.now() - t1) / 1000;
+        meta.stateBytes = (await stat(join(tmp, STATE_FILE))).size;
+      }
+      await this.host.stop(localName, 0);
+      for (const f of ['cidata', 'qmp.sock', 'vnc.sock', 'qemu.pid', 'vm.json']) await rm(join(tmp, f), { recursive: true, force: true });
+      await writeFile(join(tmp, SNAPSHOT_FILE), JSON.stringify(meta, null, 2) + '\n', { mode: 0o600 });
+      // QEMU's `cat` made the state file with the worker's umask: 0600 like every VM file.
+      await privateFiles(tmp);
+      await rm(final, { recursive: true, force: true });
+      await rename(tmp, final);
+      this.host.log.info({ image: image.name, bootSeconds, saveSeconds: meta.saveSeconds, stateBytes: meta.stateBytes, unusable: meta.unusable }, 'image snapshot made');
+      progress(meta.unusable ? `snapshot of image ${image.name}: not usable: ${meta.unusable}`
+        : `snapshot of image ${image.name} made in ${((Date.now() - t0) / 1000).toFixed(1)}s (template booted in ${bootSeconds.toFixed(1)}s, state saved in ${meta.saveSeconds!.toFixed(2)}s, ${Math.round(meta.stateBytes! / 2 ** 20)} MiB)`);
+      return meta;
+    } finally {
+      await this.host.stop(localName, 0).catch(() => {});
+      this.templateDirs.delete(localName);
+      this.host.forget(localName);
+      await rm(tmp, { recursive: true, force: true });
+    }
+  }
+}
