@@ -19,7 +19,7 @@ import {
 import { QemuDriver } from '../src/worker/drivers/qemu.ts';
 import { parseHostForwards } from '../src/worker/drivers/qmp.ts';
 import type { DriverVM } from '../src/worker/drivers/driver.ts';
-import { entriesLogger, printingLogger } from './helpers.ts';
+import { entriesLogger, printingLogger, waitFor } from './helpers.ts';
 
 const execFileP = promisify(execFile);
 const STORE = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
@@ -310,8 +310,21 @@ test('waitReady rejects early when QEMU dies; waitExit tells why', { timeout: 60
   assert.ok(Date.now() - t0 < 5000, 'rejected soon after QEMU died');
   assert.match((await exited).reason, /SIGKILL/);
   assert.equal((await driver.list()).find((v) => v.localName === name)?.running, false);
+  const netPid = netPidOf(name);
+  await waitFor("the dead QEMU's pasta (its network) to end too", () => !alive(netPid), 3000, 20);
   await driver.remove(name);
 });
+
+/** The pid of the VM's pasta, from its record. */
+const netPidOf = (name: string) => (JSON.parse(readFileSync(join(dataDir, 'vms', name, 'vm.json'), 'utf8')) as { netPid: number }).netPid;
+/** Is `pid` a live process (a killed child not yet reaped is a zombie: not alive)? */
+const alive = (pid: number) => {
+  try {
+    return !/^\d+ \(.*\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+};
 
 test('stop falls back to quit when the guest ignores the power button', { timeout: 60_000 }, async () => {
   const name = 'orchard-test-stop';
@@ -320,9 +333,12 @@ test('stop falls back to quit when the guest ignores the power button', { timeou
   const d = new QemuDriver({ dataDir, imagesDir: STORE, warmStart: false, log: entriesLogger((e) => e.msg.startsWith('VM stopped') && stops.push(e.msg)) });
   await d.prepare(vmSpec(name));
   await d.start(vmSpec(name));
+  const netPid = netPidOf(name);
+  assert.equal(alive(netPid), true, 'pasta runs');
   // right after start the guest kernel is still booting: no ACPI handler yet
   const t0 = Date.now();
   await d.stop(name, 500);
+  await waitFor("a stopped VM's pasta (its network) to end too", () => !alive(netPid), 3000, 20);
   assert.ok(Date.now() - t0 < 5000);
   assert.deepEqual(pidsUsing(join(dataDir, 'vms', name)), []);
   assert.equal((await d.waitExit(name)).reason, 'stopped');

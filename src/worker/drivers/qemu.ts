@@ -484,6 +484,7 @@ export class QemuDriver implements Driver {
     this.started.set(vm.localName, vm);
     const file = await this.records.read(vm.localName);
     if (!file || !existsSync(join(dir, 'disk.qcow2'))) throw new Error(`VM ${vm.localName} is not prepared`);
+    await this.reapNetwork(vm.localName); // the pasta of the QEMU before, if it outlived it
     file.cpu = vm.cpu || file.cpu;
     file.memory = vm.memory || file.memory;
     if (vm.hostDirs) file.hostDirs = vm.hostDirs.length ? vm.hostDirs : undefined;
@@ -785,6 +786,7 @@ export class QemuDriver implements Driver {
     const pid = this.livePid(localName);
     if (s.child && s.childExit && (pid === undefined || pid === s.child.pid)) {
       const { code, signal } = await s.childExit;
+      await this.reapNetwork(localName);
       if (s.stopping) return { reason: 'stopped' };
       if (signal) return { reason: `QEMU was killed by ${signal}` };
       if (code === 0) return { reason: 'the guest powered off' };
@@ -801,6 +803,7 @@ export class QemuDriver implements Driver {
       s.adoptedExit = { pid, gone };
     }
     await s.adoptedExit.gone;
+    await this.reapNetwork(localName);
     return { reason: s.stopping ? 'stopped' : 'QEMU exited' };
   }
 
@@ -868,7 +871,7 @@ export class QemuDriver implements Driver {
           if (((await q.execute('query-status')) as { status: string }).status === 'paused') await q.execute('cont');
           await q.execute('system_powerdown');
         }, 3000);
-        if (await gone(graceMs)) return this.stopped(localName, 'powered off');
+        if (await gone(graceMs)) return await this.stopped(localName, 'powered off');
       } catch (err) {
         this.log.warn({ vm: localName, err: String(err) }, 'system_powerdown failed');
       }
@@ -878,18 +881,35 @@ export class QemuDriver implements Driver {
     } catch {
       // the connection may close before the reply arrives; checked below
     }
-    if (await gone(3000)) return this.stopped(localName, 'quit');
+    if (await gone(3000)) return await this.stopped(localName, 'quit');
     try {
       process.kill(pid, 'SIGKILL');
     } catch {
       // already gone
     }
-    if (await gone(5000)) return this.stopped(localName, 'killed');
+    if (await gone(5000)) return await this.stopped(localName, 'killed');
     throw new Error(`VM ${localName}: QEMU (pid ${pid}) did not exit`);
   }
 
-  private stopped(localName: string, how: string): void {
+  private async stopped(localName: string, how: string): Promise<void> {
+    await this.reapNetwork(localName);
     this.log.info({ vm: localName }, `VM stopped (${how})`);
+  }
+
+  /**
+   * Ends the pasta of a VM whose QEMU is gone. pasta does not notice on its own: it holds the
+   * namespace open itself, so without this every stopped, crashed or restarted VM left one behind.
+   * Only a process that is that VM's pasta (its command line names the QEMU pid it served) is killed.
+   */
+  private async reapNetwork(localName: string): Promise<void> {
+    const file = await this.records.read(localName);
+    if (!file?.netPid || !file.pid || this.livePid(localName) === file.pid) return;
+    try {
+      const cmdline = readFileSync(`/proc/${file.netPid}/cmdline`, 'utf8').split('\0');
+      if (cmdline[0]?.endsWith('pasta') && cmdline.at(-2) === String(file.pid)) process.kill(file.netPid, 'SIGKILL');
+    } catch {
+      // gone already
+    }
   }
 
   private async waitGone(localName: string, pid: number, ms: number): Promise<boolean> {
@@ -904,16 +924,7 @@ export class QemuDriver implements Driver {
   async remove(localName: string): Promise<void> {
     const dir = this.vmDir(localName);
     await this.stop(localName, 0); // the disk goes too: no point in a graceful guest shutdown
-    // pasta quits when QEMU's namespace goes; this covers a pasta that outlived it anyway.
-    const file = await this.records.read(localName);
-    if (file?.netPid && file.pid) {
-      try {
-        const cmdline = readFileSync(`/proc/${file.netPid}/cmdline`, 'utf8').split('\0');
-        if (cmdline[0]?.endsWith('pasta') && cmdline.includes(String(file.pid))) process.kill(file.netPid, 'SIGKILL');
-      } catch {
-        // gone
-      }
-    }
+    await this.reapNetwork(localName); // (a QEMU that had exited on its own left its pasta)
     await rm(dir, { recursive: true, force: true });
     this.state.delete(localName);
     this.log.info({ vm: localName }, 'VM removed');
