@@ -31,26 +31,13 @@ const warmDriver = new QemuDriver({ dataDir: join(dir, 'warm'), imagesDir: IMAGE
 mkdirSync(join(dir, 'warm'));
 symlinkSync(IMAGES, join(dir, 'warm', 'images'));
 const c = await inProcessController({ dataDir: join(dir, 'controller') });
-const worker = await startWorker({
+const qemuWorkerOf = (name: string, labels: Record<string, string>, dataDir: string, driver: QemuDriver) => startWorker({
   url: c.ctl.url,
   token: { serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate: c.ctl.certificate },
-  name: 'bench',
-  runtime: 'qemu',
-  labels: { cold: 'yes' },
-  dataDir: join(dir, 'worker'),
-  driver: workerDriver,
-  logger,
+  name, runtime: 'qemu', labels, dataDir, driver, logger,
 });
-const warmWorker = await startWorker({
-  url: c.ctl.url,
-  token: { serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate: c.ctl.certificate },
-  name: 'bench-warm',
-  runtime: 'qemu',
-  labels: { warm: 'yes' },
-  dataDir: join(dir, 'warm'),
-  driver: warmDriver,
-  logger,
-});
+const worker = await qemuWorkerOf('bench', { cold: 'yes' }, join(dir, 'worker'), workerDriver);
+const warmWorker = await qemuWorkerOf('bench-warm', { warm: 'yes' }, join(dir, 'warm'), warmDriver);
 // The snapshot is made once per image on a worker, before the runs (as `orchard image build` would).
 const snapT0 = performance.now();
 const snap = await warmDriver.snapshot('debian-dev', { cpu: 1, memory: 512 });

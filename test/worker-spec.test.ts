@@ -9,16 +9,22 @@ import { OrchardWorker } from '../src/worker/worker.ts';
 import { localNameOf } from '../src/api/schemas.ts';
 import { ADMIN_TOKEN, clientOf, inProcessController, tempDir, waitFor } from './helpers.ts';
 
+type Cluster = Awaited<ReturnType<typeof inProcessController>>;
+type VM = Awaited<ReturnType<Cluster['admin']['getVM']>>;
+
+/** Waits until VM `name` has carried out its latest generation and `want` holds; resolves with it. */
+const settledOn = (c: Cluster, name: string) => (want: (vm: VM) => boolean, what: string) =>
+  waitFor(what, async () => {
+    const vm = await c.admin.getVM(name);
+    return vm.observedGeneration === vm.generation && want(vm) ? vm : undefined;
+  }, 10_000, 20);
+
 test('generation, observedGeneration and powerState are honoured on a running VM', async () => {
   const c = await inProcessController();
   const driver = new SyntheticDriver();
   const worker = new OrchardWorker({ client: clientOf(c.ctl, 'bootstrap-admin', ADMIN_TOKEN), name: 'w', driver, dataDir: tempDir(), slots: 2, logger: pino({ level: 'silent' }) });
   await worker.start();
-  const settled = (want: (vm: Awaited<ReturnType<typeof c.admin.getVM>>) => boolean, what: string) =>
-    waitFor(what, async () => {
-      const vm = await c.admin.getVM('s');
-      return vm.observedGeneration === vm.generation && want(vm) ? vm : undefined;
-    }, 10_000, 20);
+  const settled = settledOn(c, 's');
   try {
     const created = await c.admin.createVM({ name: 's', image: 'synthetic', cpu: 1, memory: 512 });
     await settled((vm) => vm.status === 'running', 'running');
@@ -66,11 +72,7 @@ test('powerState suspended suspends through the driver, keeps the slot; running 
   const newWorker = () => new OrchardWorker({ client: clientOf(c.ctl, 'bootstrap-admin', ADMIN_TOKEN), name: 'w', driver, dataDir, slots: 1, logger: pino({ level: 'silent' }) });
   let worker = newWorker();
   await worker.start();
-  const settled = (want: (vm: Awaited<ReturnType<typeof c.admin.getVM>>) => boolean, what: string) =>
-    waitFor(what, async () => {
-      const vm = await c.admin.getVM('s');
-      return vm.observedGeneration === vm.generation && want(vm) ? vm : undefined;
-    }, 10_000, 20);
+  const settled = settledOn(c, 's');
   try {
     const created = await c.admin.createVM({ name: 's', image: 'synthetic', cpu: 1, memory: 512, suspendable: true });
     await settled((vm) => vm.status === 'running', 'running');
