@@ -2,7 +2,8 @@
 // --host-only`), copied alone into an empty directory and run with a PATH in which there is no
 // `node`, a fresh HOME and no other environment, drives a whole cluster: `controller run`, a `worker
 // run` (qemu) joined with a bootstrap token, a real debian-dev VM (create, list, logs, ssh,
-// port-forward with the real OpenSSH client, delete), `image build` from the embedded script, the
+// port-forward with the real OpenSSH client, delete), `image push` to a registry and a pre-pull on
+// the worker (its hashing thread's code is inside the executable), `image build` from the embedded script, the
 // OpenAPI document, and `orchard dev --synthetic`.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -11,6 +12,7 @@ import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync,
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { buildDebianDev, resolveImage } from '../src/worker/images.ts';
+import { startRegistry } from './registry.ts';
 import { freePort, processesWith, rawRequest, ROOT, spawnOrchard, TEST_IMAGES, tempDir, waitFor, type OrchardProcess } from './helpers.ts';
 
 const execFileP = promisify(execFile);
@@ -158,6 +160,22 @@ test('the single executable runs a whole cluster with no node on the PATH', { ti
     await ok(['delete', 'vm', 'one']);
     await waitFor('the qemu process to go', () => processesWith(localName).length === 0, 30_000, 100);
     await waitFor('the VM directory to go', () => !existsSync(join(workerDir, 'vms', localName)), 10_000, 100);
+
+    // Registries from the executable: push debian-dev (this host's image) to a registry on loopback,
+    // then pre-pull it on the worker (the blob's digest checked in a worker thread, code inside the executable).
+    const registry = await startRegistry();
+    try {
+      const ref = `${registry.host}/sea/debian-dev:v1`;
+      const push = await run(['image', 'push', 'debian-dev', ref, '--insecure', '--data-dir', workerDir]);
+      assert.equal(push.code, 0, push.stderr);
+      await ok(['create', 'registry', registry.host, '--insecure']);
+      const pull = await run(['image', 'pull', ref]);
+      assert.equal(pull.code, 0, pull.stderr);
+      assert.match(pull.stdout, /^sea-worker: done: /m, pull.stdout);
+      assert.ok(JSON.parse(await ok(['get', 'worker', 'sea-worker', '--output', 'json'])).images.includes(ref), 'the worker holds the pulled image');
+    } finally {
+      await registry.stop();
+    }
 
     // The image script inside the executable is the checkout's, byte for byte: same stamp, cached.
     const imageBuild = await run(['image', 'build', 'debian-dev', '--data-dir', workerDir]);
