@@ -479,6 +479,24 @@ export class QemuDriver implements Driver {
   }
 
   async start(vm: DriverVM, progress: Progress = () => {}): Promise<void> {
+    try {
+      await this.startQemu(vm, progress);
+    } catch (err) {
+      // A state QEMU cannot load may end it at once (or only once the guest resumes: waitReady).
+      const file = await this.records.read(vm.localName);
+      if (!file?.warm?.pending) throw err;
+      const log = (await this.tail(vm.localName, 'qemu.log', 4)).split('\n').filter((l) => l && !l.startsWith('VNC server running')).join('; ');
+      this.warmFailed(vm.localName, new Error(`QEMU exited while loading the snapshot${log ? `: ${log}` : ''}`), progress);
+      await this.coldAgain(vm.localName, file, progress);
+    }
+  }
+
+  private warmFailed(localName: string, err: Error, progress: Progress) {
+    this.log.warn({ vm: localName, err: err.message }, 'warm start failed; cold boot instead');
+    progress(`warm start failed (${err.message}): cold boot instead`);
+  }
+
+  private async startQemu(vm: DriverVM, progress: Progress): Promise<void> {
     const dir = this.vmDir(vm.localName);
     if (this.isRunning(vm.localName)) return;
     this.started.set(vm.localName, vm);
@@ -669,9 +687,7 @@ export class QemuDriver implements Driver {
       await this.resumeWarm(localName, file, progress, signal);
     } catch (err) {
       if (signal?.aborted) throw err;
-      const why = (err as Error).message;
-      this.log.warn({ vm: localName, err: why }, 'warm start failed; cold boot instead');
-      progress(`warm start failed (${why}): cold boot instead`);
+      this.warmFailed(localName, err as Error, progress);
       await this.coldAgain(localName, file, progress);
       await this.waitBanner(localName, signal);
     }
