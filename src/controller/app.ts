@@ -186,6 +186,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     backoffBaseMs: opts.restartBackoffMs,
   });
   const tunnels = new Tunnels(channels, view);
+  metrics.gauge('orchard_vm_waits', 'Requests (port-forward, exec, SSH jump channels, IP) waiting for their VM to run', () => tunnels.waiting);
   const registries = new RegistryDelivery(opts.store, view, channels, opts.logger);
   const access = new Access(opts.store, opts.logger, opts.authBackoff);
   const ctx: AppContext = { store: opts.store, clusterID: opts.clusterID, view, metrics, access, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, registries, limits, shutdown: abort.signal };

@@ -49,6 +49,11 @@ export class Metrics {
     });
   }
 
+  /** A gauge read when scraped: what a service holds right now. */
+  gauge(name: string, help: string, read: () => number) {
+    new Gauge({ name, help, registers: [this.registry], collect() { this.set(read()); } });
+  }
+
   get contentType() {
     return this.registry.contentType;
   }

@@ -9,7 +9,7 @@ import { pino } from 'pino';
 import { WebSocket } from 'ws';
 import { SyntheticDriver } from '../../src/worker/drivers/synthetic.ts';
 import { startWorker } from '../../src/worker/run.ts';
-import { ADMIN_TOKEN, inProcessController, tempDir, waitFor } from '../helpers.ts';
+import { ADMIN_TOKEN, inProcessController, metric, tempDir, waitFor } from '../helpers.ts';
 
 /** A synthetic driver that counts the connections dialled to its VMs and those still open; dials can be slowed down. */
 class CountingDriver extends SyntheticDriver {
@@ -42,7 +42,7 @@ test('abandoned port-forwards: waits are cancelled, tunnels close on both sides'
       ws.on('error', () => {});
       return ws;
     });
-    await new Promise((r) => setTimeout(r, 500));
+    await waitFor('the 50 clients to wait for late', async () => (await metric(c.ctl, 'orchard_vm_waits')) === 50, 10_000, 20);
     for (const ws of clients) ws.terminate();
 
     // The VM starts later, on a worker that has the label.

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { pino } from 'pino';
 import { OrchardClient } from '../../src/client/client.ts';
 import { startWorker } from '../../src/worker/run.ts';
-import { ADMIN_TOKEN, spawnController, tempDir, waitFor } from '../helpers.ts';
+import { ADMIN_TOKEN, metric, spawnController, tempDir, waitFor } from '../helpers.ts';
 
 test('SIGTERM with idle connections, streams and a tunnel open: exits 0 within 5 s', async () => {
   const dataDir = tempDir();
@@ -79,7 +79,7 @@ test('SIGTERM with idle connections, streams and a tunnel open: exits 0 within 5
       () => 'answered 200',
       (err: Error & { status?: number }) => `${err.status ?? 'no status'}: ${err.message}`,
     );
-    await new Promise((r) => setTimeout(r, 300));
+    await waitFor('the request to wait for its VM', async () => (await metric({ url: ctl.url, certificate }, 'orchard_vm_waits')) === 1, 5000, 20);
 
     const t0 = Date.now();
     const exited = new Promise<number | null>((r) => ctl.proc.once('exit', (code) => r(code)));

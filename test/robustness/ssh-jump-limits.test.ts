@@ -8,7 +8,7 @@ import { pino } from 'pino';
 import ssh2 from 'ssh2';
 import { SyntheticDriver } from '../../src/worker/drivers/synthetic.ts';
 import { OrchardWorker } from '../../src/worker/worker.ts';
-import { tempDir, waitFor } from '../helpers.ts';
+import { metric, tempDir, waitFor } from '../helpers.ts';
 import { account, clusterWithVM, upgrade, type Account } from '../security/attack.ts';
 
 class CountingDriver extends SyntheticDriver {
@@ -53,7 +53,7 @@ test('SSH jump: channels count against the tunnel limit; a client that leaves ca
     await c.admin.createVM({ name: 'vm2', image: 'synthetic', labels: { rack: 'b' } });
     const leaver = await connect(port, user);
     const waiting = forward(leaver, 'vm2').catch(() => undefined);
-    await new Promise((r) => setTimeout(r, 300));
+    await waitFor('the channel to wait for vm2', async () => (await metric(c.ctl, 'orchard_vm_waits')) === 1, 5000, 20);
     leaver.end();
     await waiting;
     await late.start();

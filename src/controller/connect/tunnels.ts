@@ -73,6 +73,13 @@ export class Tunnels {
   private readonly ipRequests = new Map<string, Pending<string>>();
   /** Callers waiting for a VM to change (runningVM), by VM name: woken by the view, not by polling. */
   private readonly waiters = new Map<string, Set<() => void>>();
+
+  /** How many requests wait for their VM to run. */
+  get waiting(): number {
+    let n = 0;
+    for (const set of this.waiters.values()) n += set.size;
+    return n;
+  }
   private readonly channels: WorkerChannels;
   private readonly view: ClusterView;
   private readonly unsubscribe: () => void;
