@@ -31,6 +31,7 @@ export class WorkerImages {
   held: string[] = [];
   private reported?: string;
   private readonly pulls = new Map<string, Promise<void>>();
+  private reporting: Promise<void> = Promise.resolve();
   private unwatch?: () => void;
   private settle?: NodeJS.Timeout;
   private readonly o: ImagesReportOptions;
@@ -121,10 +122,17 @@ export class WorkerImages {
     }
   }
 
-  private async report(body: WorkerImagesReport) {
-    if (!this.o.controllerTakesReports()) return;
-    await this.o.client.reportImages(this.o.workerName, body).catch((err: Error) => {
-      this.o.log.warn({ err: err.message }, 'image report failed');
-    });
+  /**
+   * One report at a time, in order: a pull's last progress line still on its way must not land
+   * after its `done` (the record would say it is pulling again).
+   */
+  private report(body: WorkerImagesReport): Promise<void> {
+    if (!this.o.controllerTakesReports()) return Promise.resolve();
+    this.reporting = this.reporting.then(() =>
+      this.o.client.reportImages(this.o.workerName, body).then(
+        () => {},
+        (err: Error) => this.o.log.warn({ err: err.message }, 'image report failed'),
+      ));
+    return this.reporting;
   }
 }
