@@ -166,8 +166,10 @@ async function run(ctx: RunContext, vm: VM, task: Task, found: LocalVM | undefin
 async function suspend(ctx: RunContext, vm: VM, task: Task, found: LocalVM | undefined) {
   const { out } = task;
   const conditions = [{ type: 'scheduled', state: 'true' }, { type: 'running', state: 'false' }] as const;
-  if (found?.suspended) {
+  const suspended = () =>
     report(task, { status: 'pending', status_message: 'suspended (powerState suspended): its memory and disk are kept; powerState running resumes it', conditions: [...conditions] });
+  if (found?.suspended) {
+    suspended();
     return;
   }
   if (!found?.running) {
@@ -179,7 +181,7 @@ async function suspend(ctx: RunContext, vm: VM, task: Task, found: LocalVM | und
   const t0 = Date.now();
   await ctx.driver.suspend!(task.localName);
   out.event('lifecycle', `suspended (powerState suspended) in ${((Date.now() - t0) / 1000).toFixed(1)}s: its memory and disk are kept, it uses no CPU; powerState running resumes it`);
-  report(task, { status: 'pending', status_message: 'suspended (powerState suspended): its memory and disk are kept; powerState running resumes it', conditions: [...conditions] });
+  suspended();
 }
 
 function toDriverVM(ctx: RunContext, vm: VM, localName: string): DriverVM {
