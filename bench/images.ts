@@ -8,7 +8,7 @@
 //     the registry and pulled once), next to the locally built debian-dev, alternating, RUNS each;
 //  4. four VMs of one new image created at once on that worker → how many downloads (must be 1).
 //
-//   node bench/images.ts [--size 512] [--runs 3]
+//   node bench/images.ts [--size 512] [--runs 3] [--download-only]   (--download-only: part 1 alone)
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -19,7 +19,7 @@ import { buildDebianDev, resolveImage } from '../src/worker/images.ts';
 import { inProcessController, qemuWorker, TEST_IMAGES, tempDir } from '../test/helpers.ts';
 import { ociLayout, qcow2WithData, skopeoPush, startRegistry } from '../test/registry.ts';
 
-const { values } = parseArgs({ options: { size: { type: 'string', default: '512' }, runs: { type: 'string', default: '3' } } });
+const { values } = parseArgs({ options: { size: { type: 'string', default: '512' }, runs: { type: 'string', default: '3' }, 'download-only': { type: 'boolean' } } });
 const SIZE = Number(values.size);
 const RUNS = Number(values.runs);
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
@@ -70,83 +70,85 @@ try {
   console.log(`  ImageCache unpack + check ${median(unpack).toFixed(0)} MiB/s  (${spread(unpack)})`);
   console.log(`  ImageCache whole pull     ${median(whole).toFixed(0)} MiB/s  (${spread(whole)}; download, unpack, qemu-img check)`);
 
-  const small = qcow2WithData(dir, 'small', 64);
-  ociLayout(join(dir, 'layout2'), [{ files: { 'disk/disk.qcow2': { copy: small } }, gzip: true }], 'v1');
-  skopeoPush(join(dir, 'layout2'), 'v1', registry, 'bench/crowd');
-  const cache = new ImageCache({ storeDir: join(dir, 'crowd'), registries: lookup });
-  const t = performance.now();
-  const images = await Promise.all([1, 2, 3, 4].map(() => cache.ensure(`${registry.host}/bench/crowd:v1`, { policy: 'IfNotPresent' })));
-  console.log(`four concurrent ensures of one new image: ${cache.downloads} download(s), ${new Set(images.map((i) => i.dir)).size} entry, ${((performance.now() - t) / 1000).toFixed(2)} s`);
-  cache.close();
+  if (!values['download-only']) {
+    const small = qcow2WithData(dir, 'small', 64);
+    ociLayout(join(dir, 'layout2'), [{ files: { 'disk/disk.qcow2': { copy: small } }, gzip: true }], 'v1');
+    skopeoPush(join(dir, 'layout2'), 'v1', registry, 'bench/crowd');
+    const cache = new ImageCache({ storeDir: join(dir, 'crowd'), registries: lookup });
+    const t = performance.now();
+    const images = await Promise.all([1, 2, 3, 4].map(() => cache.ensure(`${registry.host}/bench/crowd:v1`, { policy: 'IfNotPresent' })));
+    console.log(`four concurrent ensures of one new image: ${cache.downloads} download(s), ${new Set(images.map((i) => i.dir)).size} entry, ${((performance.now() - t) / 1000).toFixed(2)} s`);
+    cache.close();
 
-  // 3 and 4: through the cluster.
-  await buildDebianDev(TEST_IMAGES);
-  const ref = `${registry.host}/orchard/debian-dev:bench`;
-  await pushImage(await resolveImage(TEST_IMAGES, 'debian-dev'), ref, { insecure: true });
-  const cl = await inProcessController();
-  const workerDir = join(dir, 'worker');
-  const workerCache = new ImageCache({ storeDir: join(workerDir, 'images'), registries: lookup });
-  // The worker's store has the local debian-dev (hard links to the built one) and pulls into its cache.
-  mkdirSync(join(workerDir, 'images'), { recursive: true });
-  execFileSync('cp', ['-al', join(TEST_IMAGES, 'debian-dev'), join(workerDir, 'images', 'debian-dev')]);
-  const w = await qemuWorker(cl, 'bench-images', workerDir, { imageCache: workerCache, slots: 4 });
-  try {
-    let n = 0;
-    const createToRunning = async (image: string) => {
-      const name = `b-${n++}`;
-      const t0 = performance.now();
-      await cl.admin.createVM({ name, image, cpu: 1, memory: 512 });
-      for (;;) {
-        const vm = await cl.admin.getVM(name);
-        if (vm.status === 'running') break;
-        if (vm.status === 'failed') throw new Error(`${name} failed: ${vm.status_message}`);
-        await new Promise((r) => setTimeout(r, 20));
+    // 3 and 4: through the cluster.
+    await buildDebianDev(TEST_IMAGES);
+    const ref = `${registry.host}/orchard/debian-dev:bench`;
+    await pushImage(await resolveImage(TEST_IMAGES, 'debian-dev'), ref, { insecure: true });
+    const cl = await inProcessController();
+    const workerDir = join(dir, 'worker');
+    const workerCache = new ImageCache({ storeDir: join(workerDir, 'images'), registries: lookup });
+    // The worker's store has the local debian-dev (hard links to the built one) and pulls into its cache.
+    mkdirSync(join(workerDir, 'images'), { recursive: true });
+    execFileSync('cp', ['-al', join(TEST_IMAGES, 'debian-dev'), join(workerDir, 'images', 'debian-dev')]);
+    const w = await qemuWorker(cl, 'bench-images', workerDir, { imageCache: workerCache, slots: 4 });
+    try {
+      let n = 0;
+      const createToRunning = async (image: string) => {
+        const name = `b-${n++}`;
+        const t0 = performance.now();
+        await cl.admin.createVM({ name, image, cpu: 1, memory: 512 });
+        for (;;) {
+          const vm = await cl.admin.getVM(name);
+          if (vm.status === 'running') break;
+          if (vm.status === 'failed') throw new Error(`${name} failed: ${vm.status_message}`);
+          await new Promise((r) => setTimeout(r, 20));
+        }
+        const ms = performance.now() - t0;
+        await cl.admin.deleteVM(name);
+        return ms;
+      };
+      await createToRunning(ref); // the pull: the cache holds the image from now on
+      const downloadsAfterPull = workerCache.downloads;
+      const cached: number[] = [];
+      const local: number[] = [];
+      for (let i = 0; i < RUNS; i++) {
+        cached.push(await createToRunning(ref));
+        local.push(await createToRunning('debian-dev'));
       }
-      const ms = performance.now() - t0;
-      await cl.admin.deleteVM(name);
-      return ms;
-    };
-    await createToRunning(ref); // the pull: the cache holds the image from now on
-    const downloadsAfterPull = workerCache.downloads;
-    const cached: number[] = [];
-    const local: number[] = [];
-    for (let i = 0; i < RUNS; i++) {
-      cached.push(await createToRunning(ref));
-      local.push(await createToRunning('debian-dev'));
-    }
-    const cm = median(cached);
-    const lm = median(local);
-    console.log(`create → running through a qemu worker (warm starts off), ${RUNS} runs each, medians:`);
-    console.log(`  local debian-dev                  ${(lm / 1000).toFixed(2)} s  (${spread(local.map((x) => x / 1000), 2)} s)`);
-    console.log(`  pulled debian-dev, already cached ${(cm / 1000).toFixed(2)} s  (${spread(cached.map((x) => x / 1000), 2)} s; ${(cm / lm).toFixed(2)}× local; goal ≤ 1.05×; ${workerCache.downloads - downloadsAfterPull} downloads meanwhile)`);
+      const cm = median(cached);
+      const lm = median(local);
+      console.log(`create → running through a qemu worker (warm starts off), ${RUNS} runs each, medians:`);
+      console.log(`  local debian-dev                  ${(lm / 1000).toFixed(2)} s  (${spread(local.map((x) => x / 1000), 2)} s)`);
+      console.log(`  pulled debian-dev, already cached ${(cm / 1000).toFixed(2)} s  (${spread(cached.map((x) => x / 1000), 2)} s; ${(cm / lm).toFixed(2)}× local; goal ≤ 1.05×; ${workerCache.downloads - downloadsAfterPull} downloads meanwhile)`);
 
-    // Four VMs of one image the worker does not have yet, created at once.
-    // (debian-dev with another kernel command line: other bytes, so another digest the cache lacks)
-    const variant = join(dir, 'variant');
-    mkdirSync(variant);
-    execFileSync('cp', ['-al', join(TEST_IMAGES, 'debian-dev'), join(variant, 'debian-dev')]);
-    const cmdline = join(variant, 'debian-dev', 'cmdline');
-    const text = readFileSync(cmdline, 'utf8').trim();
-    rmSync(cmdline);
-    writeFileSync(cmdline, `${text} orchard.bench=crowd\n`);
-    const crowd = `${registry.host}/orchard/debian-dev:crowd`;
-    await pushImage(await resolveImage(variant, 'debian-dev'), crowd, { insecure: true });
-    const before = workerCache.downloads;
-    const names = ['c-1', 'c-2', 'c-3', 'c-4'];
-    await Promise.all(names.map((name) => cl.admin.createVM({ name, image: crowd, cpu: 1, memory: 256 })));
-    for (;;) {
-      const vms = await Promise.all(names.map((name) => cl.admin.getVM(name)));
-      if (vms.some((vm) => vm.status === 'failed')) throw new Error(vms.map((vm) => `${vm.name}: ${vm.status_message}`).join('; '));
-      if (vms.every((vm) => vm.status === 'running' || vm.status_message === 'booting')) break;
-      await new Promise((r) => setTimeout(r, 50));
+      // Four VMs of one image the worker does not have yet, created at once.
+      // (debian-dev with another kernel command line: other bytes, so another digest the cache lacks)
+      const variant = join(dir, 'variant');
+      mkdirSync(variant);
+      execFileSync('cp', ['-al', join(TEST_IMAGES, 'debian-dev'), join(variant, 'debian-dev')]);
+      const cmdline = join(variant, 'debian-dev', 'cmdline');
+      const text = readFileSync(cmdline, 'utf8').trim();
+      rmSync(cmdline);
+      writeFileSync(cmdline, `${text} orchard.bench=crowd\n`);
+      const crowd = `${registry.host}/orchard/debian-dev:crowd`;
+      await pushImage(await resolveImage(variant, 'debian-dev'), crowd, { insecure: true });
+      const before = workerCache.downloads;
+      const names = ['c-1', 'c-2', 'c-3', 'c-4'];
+      await Promise.all(names.map((name) => cl.admin.createVM({ name, image: crowd, cpu: 1, memory: 256 })));
+      for (;;) {
+        const vms = await Promise.all(names.map((name) => cl.admin.getVM(name)));
+        if (vms.some((vm) => vm.status === 'failed')) throw new Error(vms.map((vm) => `${vm.name}: ${vm.status_message}`).join('; '));
+        if (vms.every((vm) => vm.status === 'running' || vm.status_message === 'booting')) break;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      console.log(`four VMs of one new image created at once on one worker: ${workerCache.downloads - before} download(s)`);
+      for (const name of names) await cl.admin.deleteVM(name);
+    } finally {
+      await w.close();
+      workerCache.close();
+      await cl.close();
+      cl.cleanup();
     }
-    console.log(`four VMs of one new image created at once on one worker: ${workerCache.downloads - before} download(s)`);
-    for (const name of names) await cl.admin.deleteVM(name);
-  } finally {
-    await w.close();
-    workerCache.close();
-    await cl.close();
-    cl.cleanup();
   }
 } finally {
   await registry.stop();

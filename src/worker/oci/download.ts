@@ -30,6 +30,8 @@ export interface BlobDownload {
 const WRITE_BATCH = BODY_BUFFER;
 /** Chunks handed to the disk and the hasher and not yet done, at most. */
 const WRITES_AHEAD = 2;
+/** Written bytes are flushed to the disk in the background every this many, so the fsync before the rename has little left to do. */
+const SYNC_EVERY = 64 * 1024 * 1024;
 /** Blobs from this size on are hashed in a thread of their own (starting one costs a few ms). */
 const THREAD_HASH_MIN = 16 * 1024 * 1024;
 
@@ -135,6 +137,21 @@ async function download(d: BlobDownload, hasher: Hasher): Promise<void> {
   // order: a kill -9 leaves a prefix of the blob, never a hole), while the next ones are read; at
   // most WRITES_AHEAD chunks wait, so memory stays bounded. A chunk's buffer goes back when both are done.
   let writing: Promise<void> = Promise.resolve();
+  // The flush of what is written so far, while the rest arrives (one at a time; it only moves work
+  // earlier: the fsync below is what the rename waits for).
+  let flushing: Promise<void> | undefined;
+  let flushFailed: unknown;
+  let unflushed = 0;
+  const written = (n: number) => {
+    unflushed += n;
+    if (unflushed >= SYNC_EVERY && !flushing) {
+      unflushed = 0;
+      flushing = fh
+        .datasync()
+        .catch((err: unknown) => (flushFailed ??= err))
+        .then(() => (flushing = undefined));
+    }
+  };
   const queued: Promise<unknown>[] = [];
   let last: Promise<unknown> = Promise.resolve();
   try {
@@ -147,7 +164,7 @@ async function download(d: BlobDownload, hasher: Hasher): Promise<void> {
       const at = received;
       received += data.length;
       const hashed = hasher.update(data);
-      writing = writing.then(() => writeAll(fh, data, at));
+      writing = writing.then(() => writeAll(fh, data, at)).then(() => written(data.length));
       last = Promise.all([hashed, writing]).finally(release);
       last.catch(() => {});
       queued.push(last);
@@ -155,8 +172,11 @@ async function download(d: BlobDownload, hasher: Hasher): Promise<void> {
       d.onBytes?.(data.length);
     }
     await Promise.all(queued);
+    await flushing;
+    // (a write-back error is reported once: the fsync below would not see it again)
+    if (flushFailed) throw flushFailed;
   } catch (err) {
-    await Promise.allSettled(queued);
+    await Promise.allSettled([...queued, flushing]);
     await fh.close().catch(() => {});
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOSPC' || code === 'EDQUOT') {
