@@ -174,7 +174,6 @@ export async function rawRequest(
   });
 }
 
-/** Polls `fn` until it returns a truthy value (or throws after `timeoutMs`, with the last value). */
 /** The value of metric `name` (summed over its labels) that the controller at `ctl` exports. */
 export async function metric(ctl: { url: string; certificate?: string }, name: string): Promise<number> {
   const res = await rawRequest(ctl, 'GET', '/metrics', { auth: ['bootstrap-admin', ADMIN_TOKEN] });
@@ -183,6 +182,7 @@ export async function metric(ctl: { url: string; certificate?: string }, name: s
   return n;
 }
 
+/** Polls `fn` until it returns a truthy value (or throws after `timeoutMs`, with the last value). */
 export async function waitFor<T>(what: string, fn: () => Promise<T> | T, timeoutMs = 30_000, everyMs = 50): Promise<NonNullable<T>> {
   const deadline = Date.now() + timeoutMs;
   let last: T | undefined;

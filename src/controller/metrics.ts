@@ -6,6 +6,8 @@ export class Metrics {
   readonly registry = new Registry();
   private readonly requests: Counter<'method' | 'route' | 'status'>;
   private readonly latency: Histogram<'method' | 'route'>;
+  /** API watch streams established (snapshot under way or sent) and not yet ended. */
+  readonly watchStreams: Gauge;
 
   constructor(store: Store, workerOfflineTimeoutMs: number) {
     collectDefaultMetrics({ register: this.registry, prefix: 'orchard_controller_' });
@@ -20,6 +22,11 @@ export class Metrics {
       help: 'HTTP request latency, by method and route',
       labelNames: ['method', 'route'],
       buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+      registers: [this.registry],
+    });
+    this.watchStreams = new Gauge({
+      name: 'orchard_watch_streams',
+      help: 'API watch streams open (from the answer\'s headers to the end of the stream)',
       registers: [this.registry],
     });
     new Gauge({

@@ -52,6 +52,7 @@ export async function streamWatch<K extends Kind>(
   const untake = account ? ctx.access.take(account.name, 'watch streams', ctx.limits.watchesPerAccount) : () => {};
   let ready = false;
   let ended = false;
+  let counted = false;
   let snapshotRevision = 0;
   const pending: { revision: number; line: Buffer }[] = [];
   let pendingBytes = 0;
@@ -91,6 +92,7 @@ export async function streamWatch<K extends Kind>(
     unsubscribe();
     release();
     untake();
+    if (counted) ctx.metrics.watchStreams.dec();
     ctx.shutdown.removeEventListener('abort', end);
   };
   const end = () => raw.end();
@@ -102,6 +104,10 @@ export async function streamWatch<K extends Kind>(
     reply.hijack();
     raw.writeHead(200, { 'content-type': 'application/x-ndjson', 'cache-control': 'no-store', 'x-request-id': String(reply.request.id) });
     raw.flushHeaders(); // the client learns the watch is established even before the first event
+    if (!stopped) {
+      counted = true;
+      ctx.metrics.watchStreams.inc();
+    }
     if (pendingBytes > limit) endWith(behind(pendingBytes));
     // The snapshot goes out as fast as the reader takes it (it may be larger than the limit).
     for (const object of snapshot.items) {

@@ -6,7 +6,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { WebSocket } from 'ws';
-import { inProcessController, rawRequest, waitFor } from '../helpers.ts';
+import { inProcessController, metric, rawRequest, waitFor } from '../helpers.ts';
 import { account, upgrade, type Account, type Cluster } from '../security/attack.ts';
 
 const UA = { 'user-agent': 'Orchard/0.55.0' };
@@ -191,8 +191,9 @@ describe('an upstream 0.55 worker (replayed)', () => {
   test('watching a VM that does not exist yet waits for it and gets its ADDED', async () => {
     const ac = new AbortController();
     const events = c.admin.watch<{ name: string }>('/v1/vms/later-vm?watch=true', ac.signal);
+    const before = await metric(c.ctl, 'orchard_watch_streams');
     const first = events.next();
-    await new Promise((r) => setTimeout(r, 200));
+    await waitFor('the watch to be established', async () => (await metric(c.ctl, 'orchard_watch_streams')) > before);
     await c.admin.createVM({ name: 'later-vm', image: 'img' });
     const got = await first;
     assert.deepEqual([got.value?.type, got.value?.object.name], ['ADDED', 'later-vm']);
@@ -226,10 +227,11 @@ test('an upstream Linux (Vetu) worker, which counts no VM slots, gets a VM that 
     assert.equal(vm.worker, 'linux-1');
     // A VM that asks for a slot explicitly still needs a worker that has one.
     await c.admin.createVM({ name: 'slotted', image: 'i', runtime: 'vetu', resources: { 'org.cirruslabs.tart-vms': 1 } });
-    await new Promise((r) => setTimeout(r, 300));
-    const slotted = await c.admin.getVM('slotted');
+    const slotted = await waitFor('the scheduler to say why slotted waits', async () => {
+      const v = await c.admin.getVM('slotted');
+      return /has 0 of 1 VM slots free/.test(v.status_message ?? '') ? v : undefined;
+    });
     assert.equal(slotted.worker, undefined);
-    assert.match(slotted.status_message ?? '', /has 0 of 1 VM slots free/);
   } finally {
     await c.close();
     c.cleanup();

@@ -33,7 +33,11 @@ test('orchard dev stopped by EPIPE + SIGINT, SIGHUP or SIGTERM leaves no VM runn
           assert.equal(r.code, 0, r.stderr);
         }
         await waitFor(`qemu to run (${how})`, () => qemus().length > 0, 60_000, 100);
-        await new Promise((r) => setTimeout(r, 1000));
+        // Stopped once the worker has reported the VM running: its QEMU is fully the worker's then.
+        await waitFor(`demo to be reported running (${how})`, async () => {
+          const r = await runCLI(['get', 'vm', 'demo', '--output', 'json'], env);
+          return r.code === 0 && (JSON.parse(r.stdout) as { status?: string }).status === 'running';
+        }, 60_000, 200);
         if (how === 'pipe closed, then SIGINT') {
           // Ctrl-C on `orchard dev 2>&1 | tee log`: the reader dies with it.
           proc.stdout.destroy();
