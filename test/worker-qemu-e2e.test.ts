@@ -29,7 +29,7 @@ function processesWith(needle: string): number[] {
 }
 
 function startWorkerProcess(url: string, token: string, dataDir: string) {
-  const proc = spawn(ORCHARD_BIN, ['worker', 'run', url, '--bootstrap-token', token, '--name', 'host-1', '--label', 'rack=a', '--runtime', 'qemu', '--data-dir', dataDir, '--slots', '2'], {
+  const proc = spawn(ORCHARD_BIN, ['worker', 'run', url, '--bootstrap-token', token, '--name', 'host-1', '--label', 'rack=a', '--runtime', 'qemu', '--data-dir', dataDir, '--slots', '2', '--no-warm-start'], {
     env: { ...process.env, ORCHARD_LOG_LEVEL: 'warn' },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
@@ -96,7 +96,7 @@ test('qemu worker: create → running → startup script → worker kill -9 and 
     // The script's output in upstream's kind, one event per line (upstream's `orchard logs vm` shows only log_line events).
     const output = events.filter((e) => e.kind === 'log_line').map((e) => e.payload).join('\n');
     assert.match(output, /hello from \S+ as admin with hi there/);
-    for (const step of ['scheduled on worker host-1', 'booting', 'running: the guest answers SSH']) {
+    for (const step of ['scheduled on worker host-1', 'cold boot: warm starts are off on this worker', 'booting', 'running: the guest answers SSH']) {
       assert.ok(events.some((e) => e.payload.includes(step)), `event "${step}"`);
     }
     // The same through the CLI.

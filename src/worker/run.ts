@@ -33,6 +33,8 @@ export interface StartWorkerOptions {
   driver?: Driver;
   /** Images pulled from registries (qemu runtime). */
   registries?: WorkerRegistryOptions;
+  /** Resume VMs from a snapshot of their booted image (qemu runtime; default on). */
+  warmStart?: boolean;
 }
 
 export interface WorkerRegistryOptions extends RegistryFlags {
@@ -49,7 +51,7 @@ function hasCommand(cmd: string): boolean {
   }
 }
 
-export async function makeDriver(runtime: string, dataDir: string, logger: Logger, registries: WorkerRegistryOptions = {}): Promise<Driver> {
+export async function makeDriver(runtime: string, dataDir: string, logger: Logger, registries: WorkerRegistryOptions = {}, warmStart = true): Promise<Driver> {
   switch (runtime) {
     case 'qemu': {
       if (!hasCommand('qemu-system-x86_64') || !hasCommand('qemu-img')) {
@@ -59,7 +61,7 @@ export async function makeDriver(runtime: string, dataDir: string, logger: Logge
       const imagesDir = join(dataDir, 'images');
       const settings = new Registries(registries);
       const imageCache = new ImageCache({ storeDir: imagesDir, maxBytes: registries.cacheBytes, registries: settings.lookup, logger });
-      const driver = new QemuDriver({ dataDir, imagesDir, log: logger, buildMissingDebianDev: true, imageCache, registries: settings });
+      const driver = new QemuDriver({ dataDir, imagesDir, log: logger, buildMissingDebianDev: true, imageCache, registries: settings, warmStart });
       if (driver.accel === 'tcg') logger.warn({ reason: driver.accelReason }, 'no usable hardware virtualisation: VMs run under TCG (software emulation), slower');
       return driver;
     }
@@ -91,7 +93,7 @@ export const WORKER_HTTP_CONNECTIONS = 1;
 
 export async function startWorker(opts: StartWorkerOptions): Promise<OrchardWorker> {
   const logger = opts.logger ?? createLogger();
-  const driver = opts.driver ?? (await makeDriver(opts.runtime, opts.dataDir, logger, opts.registries));
+  const driver = opts.driver ?? (await makeDriver(opts.runtime, opts.dataDir, logger, opts.registries, opts.warmStart));
   const client = new OrchardClient({
     url: opts.url,
     certificate: opts.token.certificate,

@@ -87,6 +87,7 @@ export function registerWorkerCommands(program: Command) {
     .option('--image-cache-size <size>', 'bound on the images pulled from registries (e.g. 50G, 500M): the least recently used ones no VM uses are removed to make room (default: no bound)', parseSize('--image-cache-size'))
     .option('--insecure-registry <host[:port]>', 'pull from this registry over plain HTTP (repeatable)', collect)
     .option('--registry-ca-file <file>', "a CA certificate (PEM) to trust for registries, on top of the host's")
+    .option('--no-warm-start', 'boot every VM cold: no snapshot of a booted image is made or resumed (qemu)')
     .option('--listen-pprof <address>', "accepted for upstream's command lines and ignored (Go's pprof)")
     .addOption(new Option('--workers <n>', 'run this many workers in this process, named NAME-1…NAME-N (load tests)').argParser(parseInteger('--workers')).default(1).hideHelp())
     .addHelpText('after', `\nThe bootstrap token comes from exactly one of --bootstrap-token-stdin, $${BOOTSTRAP_TOKEN_ENV} or --bootstrap-token.`)
@@ -115,6 +116,7 @@ export function registerWorkerCommands(program: Command) {
           imageCacheSize?: number;
           insecureRegistry?: string[];
           registryCaFile?: string;
+          warmStart: boolean;
           listenPprof?: string;
           workers: number;
         },
@@ -171,6 +173,7 @@ export function registerWorkerCommands(program: Command) {
                 defaultMemory: opts.defaultMemory,
                 logger,
                 registries,
+                warmStart: opts.warmStart,
               }),
             );
           }
