@@ -16,11 +16,28 @@ export const ROOT = resolve(import.meta.dirname, '..');
 export const ORCHARD_BIN = join(ROOT, 'bin', 'orchard');
 export const ADMIN_TOKEN = 'test-admin-token';
 
+const tempDirs: string[] = [];
+
+/**
+ * A new directory under the system's temporary dir, removed when the test file's process exits
+ * (ORCHARD_KEEP_TEMP=1 keeps them, to look at after a failure).
+ */
 export function tempDir(prefix = 'orchard-test-'): string {
-  return mkdtempSync(join(tmpdir(), prefix));
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  if (tempDirs.push(dir) === 1 && !process.env.ORCHARD_KEEP_TEMP) {
+    process.once('exit', () => {
+      for (const d of tempDirs) {
+        try {
+          rmSync(d, { recursive: true, force: true });
+        } catch {
+          // still in use by a process that outlived the test (it is reported by the test itself)
+        }
+      }
+    });
+  }
+  return dir;
 }
 
-/** A controller in this process on a free loopback port, with a bootstrap admin. */
 /** A logger that hands each entry (pino's JSON, parsed) to `onEntry`: for tests that read what was logged. */
 export function entriesLogger(onEntry: (entry: { msg: string; [field: string]: unknown }) => void, level = 'debug'): Logger {
   return pino({ level }, { write: (line: string) => onEntry(JSON.parse(line) as { msg: string }) });
@@ -32,6 +49,7 @@ export function printingLogger(prefix: string): Logger {
     console.log(`# ${prefix}: ${msg}${Object.keys(fields).length ? ' ' + JSON.stringify(fields) : ''}`), 'info');
 }
 
+/** A controller in this process on a free loopback port, with a bootstrap admin. */
 export async function inProcessController(
   opts: { dataDir?: string; workerOfflineTimeoutMs?: number; restartBackoffMs?: number; listenSSH?: string; authBackoff?: BackoffOptions | false; limits?: Partial<Limits>; logger?: Logger } = {},
 ) {
