@@ -1,0 +1,103 @@
+// The store's durability promise with its fsync off the event loop (src/controller/store/sqlite.ts,
+// `flush`): a write is acknowledged only after an fsync of the WAL that ran in another thread and
+// finished first; acknowledged writes survive kill -9; a read never shows a change before it is
+// durable. (A power cut cannot be tested here: the order of the system calls is what can be.)
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { rmSync } from 'node:fs';
+import { join } from 'node:path';
+import type { VM } from '../src/api/schemas.ts';
+import { SQLiteStore } from '../src/controller/store/sqlite.ts';
+import { tempDir } from './helpers.ts';
+
+const WRITER = join(import.meta.dirname, 'fixtures', 'store-writer.ts');
+const vm = (name: string) => ({ name, uid: `uid-${name}`, image: 'debian', status: 'pending' }) as VM;
+
+test('a write is answered only after an fsync of the WAL, made by another thread than the event loop, has returned', () => {
+  const dir = tempDir();
+  try {
+    const log = join(dir, 'strace.log');
+    const db = join(dir, 'orchard.db');
+    const run = spawnSync('strace', ['-f', '-qq', '-o', log, '-e', 'trace=fsync,fdatasync,pwrite64,write', process.execPath, WRITER, db, '5'], { encoding: 'utf8' });
+    assert.equal(run.status, 0, run.stderr);
+    const lines = spawnSync('cat', [log], { encoding: 'utf8' }).stdout.split('\n');
+    const start = lines.findIndex((l) => l.includes('write(1, "START'));
+    const [, pid, wal] = /START pid=(\d+) wal=([\d,]+)/.exec(lines[start])!;
+    const walFds = new Set(wal.split(','));
+    const tid = (l: string) => l.split(/\s+/)[0];
+    const fdOf = (l: string) => /(?:fsync|fdatasync|pwrite64)\((\d+)/.exec(l)?.[1];
+    let acks = 0;
+    let lastAck = start;
+    for (let i = start + 1; i < lines.length; i++) {
+      if (!lines[i].includes('write(1, "ACK')) continue;
+      acks++;
+      const between = lines.slice(lastAck + 1, i);
+      // No fsync on the event loop's thread between two answers.
+      assert.deepEqual(between.filter((l) => tid(l) === pid && /fsync|fdatasync/.test(l)), [], 'the event loop never waits for an fsync');
+      // The batch's frames are written to the WAL (by the event loop), then a thread fsyncs the WAL,
+      // and the fsync has returned (its complete or resumed line) before the answer is written.
+      const frames = between.findIndex((l) => tid(l) === pid && l.includes('pwrite64(') && walFds.has(fdOf(l)!));
+      assert.ok(frames >= 0, `ACK ${acks}: its commit wrote WAL frames before the answer:\n${between.join('\n')}`);
+      const synced = between.slice(frames).find((l) => tid(l) !== pid && /^\d+\s+(fsync\(\d+\)\s+=\s+0|<\.\.\. fsync resumed>.*=\s+0)/.test(l));
+      assert.ok(synced, `ACK ${acks}: an fsync by another thread returned between the WAL write and the answer:\n${between.join('\n')}`);
+      if (/^\d+\s+fsync\(/.test(synced)) assert.ok(walFds.has(fdOf(synced)!), `the fsync is of the WAL: ${synced}`);
+      lastAck = i;
+    }
+    assert.equal(acks, 5);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('kill -9 of a writing process: every acknowledged write is in the database afterwards', async () => {
+  const dir = tempDir();
+  try {
+    const db = join(dir, 'orchard.db');
+    const child = spawn(process.execPath, [WRITER, db, '100000'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const acked: string[] = [];
+    let buffered = '';
+    await new Promise<void>((resolve) => {
+      child.stdout.on('data', (chunk: Buffer) => {
+        buffered += chunk.toString();
+        const lines = buffered.split('\n');
+        buffered = lines.pop()!;
+        for (const l of lines) if (l.startsWith('ACK ')) acked.push(...l.slice(4).split(' '));
+        if (acked.length >= 600 && child.exitCode === null) {
+          child.kill('SIGKILL');
+          resolve();
+        }
+      });
+    });
+    await new Promise((r) => child.once('exit', r));
+    const store = new SQLiteStore(db);
+    try {
+      const names = new Set((await store.list('vms')).map((v) => v.name));
+      const lost = acked.filter((n) => !names.has(n));
+      assert.deepEqual(lost, [], 'no acknowledged write is lost');
+      assert.ok(acked.length >= 600);
+    } finally {
+      store.close();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a read that sees a commit is answered only after that commit is durable (after its write is answered)', async () => {
+  const dir = tempDir();
+  const store = new SQLiteStore(join(dir, 'orchard.db'));
+  try {
+    const order: string[] = [];
+    const created = store.create('vms', vm('a')).then(() => order.push('create answered'));
+    // Two turns later the batch is committed (setImmediate), its fsync possibly still running.
+    const read = new Promise<void>((resolve) =>
+      setImmediate(() => setImmediate(() => void store.get('vms', 'a').then((v) => (order.push(v ? 'read found it' : 'read missed it'), resolve())))),
+    );
+    await Promise.all([created, read]);
+    assert.deepEqual(order, ['create answered', 'read found it']);
+  } finally {
+    store.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
