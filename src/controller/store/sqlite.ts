@@ -7,12 +7,13 @@
 // through `reader`, which in WAL mode sees the last commit and never the open batch. The revision of
 // the last committed change is kept in the settings table (key "revision"), in each batch's commit.
 import { DatabaseSync, type StatementSync } from 'node:sqlite';
-import { chmodSync, closeSync, existsSync, fsync, fsyncSync, mkdirSync, openSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, fstatSync, fsync, fsyncSync, mkdirSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { ClusterSettings, Event, WatchEventType } from '../../api/schemas.ts';
 import { ConflictError, NotFoundError, type Change, type EventPage, type Kind, type Kinds, type Store, type Transaction } from './store.ts';
 import { DEFAULT_LIMITS, type Limits } from '../limits.ts';
 import { fileSchemaVersion, migrate, newerError, SCHEMA_VERSION } from './schema.ts';
+import { Checkpointer, CHECKPOINT_WAL_BYTES } from './checkpointer.ts';
 
 export type EventLimits = Pick<Limits, 'eventsPerVM' | 'eventBytesPerVM' | 'eventPageBytes'>;
 
@@ -52,6 +53,10 @@ export class SQLiteStore implements Store {
   /** Set when an fsync of the WAL failed: nothing after it can be promised durable, so the store refuses everything. */
   private failed?: Error;
   private closed = false;
+  /** Runs the WAL checkpoints in a thread (checkpointer.ts); the writing connection's own are off. */
+  private readonly checkpointer: Checkpointer;
+  /** `commits` when the last checkpoint started: a checkpoint is started only when there is something new to copy. */
+  private checkpointedAt = 0;
   /** True while a mutation runs (inside its savepoint): the store's own write methods are refused then. */
   private mutating = false;
   /** The error of a store write refused during the running mutation. */
@@ -92,7 +97,10 @@ export class SQLiteStore implements Store {
     // checkpoint truncates it, a restart rewrites it from the start) until the last connection closes,
     // which is `close` here (sqlite.org/wal.html "Persistence of WAL mode", "Avoiding Excessively Large WAL Files").
     this.walFd = openSync(`${path}-wal`, 'r');
-    this.db.exec('PRAGMA synchronous = NORMAL;');
+    // journal_size_limit: a WAL started over is truncated to this at its first commit, so its size
+    // says how much of it is in use (sqlite.org/pragma.html#pragma_journal_size_limit).
+    this.db.exec(`PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = ${CHECKPOINT_WAL_BYTES};`);
+    this.checkpointer = new Checkpointer(path);
     this.reader = new DatabaseSync(path, { readOnly: true });
     this.reader.exec('PRAGMA busy_timeout = 5000;');
     const r = (sql: string) => this.reader.prepare(sql);
@@ -268,6 +276,26 @@ export class SQLiteStore implements Store {
       for (const w of batch.waiters) w.resolve();
     }
     while (this.heldReads.length && this.heldReads[0].commit <= upTo) this.heldReads.shift()!.resolve();
+    this.checkpoint();
+  }
+
+  /**
+   * Starts a checkpoint in the thread when the WAL in use has grown past CHECKPOINT_WAL_BYTES and
+   * something was committed since the last one. The writer starts the WAL over at its next commit
+   * once a checkpoint has copied all of it (sqlite.org/wal.html#ckpt); when commits came in during
+   * the checkpoint, the next one copies those. If the thread is gone, SQLite's automatic checkpoints
+   * (in the commit, on the event loop) take over.
+   */
+  private checkpoint() {
+    if (this.closed || this.checkpointer.busy || this.commits === this.checkpointedAt) return;
+    if (fstatSync(this.walFd).size <= CHECKPOINT_WAL_BYTES) return;
+    this.checkpointedAt = this.commits;
+    this.checkpointer.checkpoint().then(
+      () => this.checkpoint(),
+      () => {
+        if (!this.closed && this.db.isOpen) this.db.exec('PRAGMA wal_autocheckpoint = 1000');
+      },
+    );
   }
 
   /**
@@ -549,6 +577,7 @@ export class SQLiteStore implements Store {
     }
     this.closed = true;
     if (!this.fsyncInFlight) closeSync(this.walFd); // else its callback closes it
+    this.checkpointer.close();
     this.listeners.clear();
     if (this.reader.isOpen) this.reader.close();
     // Everything into orchard.db, the WAL emptied: a clean stop leaves one self-contained file.
