@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { readFileSync, rmSync } from 'node:fs';
+import { readFileSync, rmSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import type { VM } from '../src/api/schemas.ts';
 import { SQLiteStore } from '../src/controller/store/sqlite.ts';
@@ -60,8 +60,9 @@ test('WAL checkpoints run in another thread: the event loop never fsyncs the dat
     assert.equal(run.status, 0, run.stderr);
     const lines = readFileSync(log, 'utf8').split('\n');
     const start = lines.findIndex((l) => l.includes('write(1, "START'));
-    const end = lines.findIndex((l) => l.includes('write(1, "DONE'));
-    const [, pid, wal, dbFds] = /START pid=(\d+) wal=([\d,]+) db=([\d,]+)/.exec(lines[start])!;
+    const end = lines.findIndex((l) => l.includes('write(1, "FDS'));
+    const pid = /START pid=(\d+)/.exec(lines[start])![1];
+    const [, wal, dbFds] = /FDS wal=([\d,]+) db=([\d,]+)/.exec(lines.find((l) => l.includes('write(1, "FDS'))!)!;
     const syncs = lines
       .slice(start + 1, end)
       .map((l) => /^(\d+)\s+(?:fsync|fdatasync)\((\d+)/.exec(l))
@@ -135,6 +136,28 @@ test('a read that sees a commit is answered only after that commit is durable (a
     assert.deepEqual(order, ['create answered', 'read found it']);
   } finally {
     store.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a commit that cannot be made durable fails, and so does every later call, instead of being answered as if it were on disk', async () => {
+  const dir = tempDir();
+  const db = join(dir, 'orchard.db');
+  const store = new SQLiteStore(db);
+  try {
+    await store.create('vms', vm('a'));
+    // The WAL removed behind SQLite's back: the commit's frames still go to the open (now nameless)
+    // file, and fsyncing it makes nothing durable.
+    unlinkSync(`${db}-wal`);
+    await assert.rejects(store.create('vms', vm('b')), /cannot make its writes durable.*WAL file was removed/);
+    await assert.rejects(store.create('vms', vm('c')), /cannot make its writes durable/);
+    await assert.rejects(store.get('vms', 'a'), /cannot make its writes durable/);
+  } finally {
+    try {
+      store.close();
+    } catch {
+      // closing a store without its WAL may fail too: not what this test is about
+    }
     rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -246,12 +246,15 @@ export class SQLiteStore implements Store {
     if (this.fsyncInFlight || this.failed || this.closed || this.durableCommits === this.commits) return;
     const upTo = this.commits;
     this.fsyncInFlight = true;
-    fsync(this.walFd, (err) => {
+    fsync(this.walFd, (fsyncErr) => {
       this.fsyncInFlight = false;
       if (this.closed) {
         closeSync(this.walFd); // left open for this fsync by `close`
         return;
       }
+      // Written to a WAL that is no longer the database's (it cannot happen while this connection is
+      // open, see the constructor): not durable, and said so.
+      const err = fsyncErr ?? (fstatSync(this.walFd).nlink === 0 ? new Error('the WAL file was removed while the store had it open') : undefined);
       if (err) this.fail(err);
       else this.durable(upTo);
       this.sync();
@@ -565,6 +568,7 @@ export class SQLiteStore implements Store {
 
   close() {
     if (this.closed) return;
+    this.closed = true; // no more fsyncs nor checkpoints started
     this.flush();
     // What is committed is made durable here, on this thread, and answered.
     if (!this.failed && this.durableCommits < this.commits) {
@@ -575,7 +579,6 @@ export class SQLiteStore implements Store {
         this.fail(err as Error);
       }
     }
-    this.closed = true;
     if (!this.fsyncInFlight) closeSync(this.walFd); // else its callback closes it
     this.checkpointer.close();
     this.listeners.clear();
