@@ -1,7 +1,8 @@
 // API benchmark: creates N VMs (default 10,000) against a real controller process (TLS, SQLite
-// with synchronous=FULL) and prints creates/s with p50/p99 latency, next to a baseline of the same
-// number of authenticated no-op requests (GET /v1/controller/info) in the same run; then the
-// cold-restart time to the first served request with all of it stored, next to an empty controller.
+// WAL, every 2xx on disk) and prints creates/s with p50/p99 latency and the controller's event-loop
+// delay during the creates, next to a baseline of the same number of authenticated no-op requests
+// (GET /v1/controller/info) in the same run; then the cold-restart time to the first served request
+// with all of it stored, next to an empty controller.
 //
 //   node bench/api.ts [--vms 10000] [--concurrency 32]
 import { parseArgs } from 'node:util';
@@ -16,6 +17,14 @@ import { join } from 'node:path';
 const { values } = parseArgs({ options: { vms: { type: 'string', default: '10000' }, concurrency: { type: 'string', default: '32' } } });
 const N = Number(values.vms);
 const CONCURRENCY = Number(values.concurrency);
+
+/** The controller's event-loop delay (prom-client's monitorEventLoopDelay, reset at each scrape) since the last call. */
+async function loopDelay(client: OrchardClient) {
+  const { body } = await client.request<string>('GET', '/metrics', undefined, { raw: true });
+  const text = String(body);
+  const ms = (name: string) => 1000 * Number(new RegExp(`^orchard_controller_nodejs_eventloop_lag_${name}_seconds (\\S+)$`, 'm').exec(text)?.[1] ?? NaN);
+  return { p50: ms('p50'), p99: ms('p99'), max: ms('max') };
+}
 
 async function run(label: string, n: number, op: (i: number) => Promise<unknown>) {
   const { latencies, seconds } = await closedLoop(n, CONCURRENCY, op);
@@ -38,13 +47,16 @@ async function restartTime(dataDir: string): Promise<{ ms: number; ctl: ChildCon
 const dataDir = tempDir('orchard-bench-');
 const emptyDir = tempDir('orchard-bench-empty-');
 try {
-  console.log(`orchard API benchmark: ${N} VMs, ${CONCURRENCY} concurrent requests, one controller process (TLS, SQLite WAL synchronous=FULL)\n`);
+  console.log(`orchard API benchmark: ${N} VMs, ${CONCURRENCY} concurrent requests, one controller process (TLS, SQLite WAL, every 2xx on disk)\n`);
   // Warm-up restart so the certificate exists and file caches are comparable for both restart runs.
   const first = await restartTime(dataDir);
   const ctl = first.ctl;
   const client = new OrchardClient({ url: ctl.url, certificate: readFileSync(join(dataDir, 'controller.crt'), 'utf8'), serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN });
   const baseline = await run('baseline: GET /v1/controller/info', N, () => client.info());
+  await loopDelay(client);
   const creates = await run('POST /v1/vms', N, (i) => client.createVM({ name: `bench-${i}`, image: 'debian-dev', cpu: 1, memory: 512, labels: { pool: `p${i % 10}` } }));
+  const delay = await loopDelay(client);
+  console.log(`${'  event-loop delay during creates'.padEnd(34)} p50 ${delay.p50.toFixed(2)} ms   p99 ${delay.p99.toFixed(2)} ms   max ${delay.max.toFixed(2)} ms`);
   const t0 = performance.now();
   const all = await client.listVMs();
   const listMs = performance.now() - t0;

@@ -1,18 +1,19 @@
 // The embedded store: one SQLite file (node:sqlite, no native addon) in the controller's data dir.
-// WAL with synchronous=FULL: when a call returns, its transaction is on disk. Changes are published
-// to subscribers right after their own commit, from the objects that commit wrote.
+// WAL mode; a write's promise resolves, and its changes are published to subscribers (from the objects
+// it wrote), only once its commit is on disk. The commit's fsync runs off the event loop (see `flush`).
 //
 // Two connections to the file: writes (and the reads inside a write) go through `db`, whose
 // transaction stays open for a batch of writes (group commit, see `tx`); every other read goes
 // through `reader`, which in WAL mode sees the last commit and never the open batch. The revision of
 // the last committed change is kept in the settings table (key "revision"), in each batch's commit.
 import { DatabaseSync, type StatementSync } from 'node:sqlite';
-import { chmodSync, closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, fstatSync, fsync, fsyncSync, mkdirSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { ClusterSettings, Event, WatchEventType } from '../../api/schemas.ts';
 import { ConflictError, NotFoundError, type Change, type EventPage, type Kind, type Kinds, type Store, type Transaction } from './store.ts';
 import { DEFAULT_LIMITS, type Limits } from '../limits.ts';
 import { fileSchemaVersion, migrate, newerError, SCHEMA_VERSION } from './schema.ts';
+import { Checkpointer, CHECKPOINT_WAL_BYTES } from './checkpointer.ts';
 
 export type EventLimits = Pick<Limits, 'eventsPerVM' | 'eventBytesPerVM' | 'eventPageBytes'>;
 
@@ -22,6 +23,11 @@ interface Row {
 
 /** Releases older than this are forgotten (a worker away for longer keeps such VMs as orphans). */
 const RELEASE_RETENTION_MS = 30 * 24 * 3600_000;
+
+interface Batch {
+  changes: Change[];
+  waiters: { resolve: () => void; reject: (err: Error) => void }[];
+}
 
 export class SQLiteStore implements Store {
   /** The writing connection: its transaction, when open, is the batch not yet committed. */
@@ -33,7 +39,24 @@ export class SQLiteStore implements Store {
   private revision = 0;
   /** The revision of the last committed change (as stored in settings). */
   private committed = 0;
-  private batch?: { changes: Change[]; waiters: { resolve: () => void; reject: (err: Error) => void }[] };
+  private batch?: Batch;
+  /** The WAL, open for the fsync that makes commits durable (see `flush`). */
+  private readonly walFd: number;
+  /** Commits made (COMMIT returned: written to the OS, visible to the reading connection), and made durable (fsynced). */
+  private commits = 0;
+  private durableCommits = 0;
+  /** Committed batches waiting for their fsync, oldest first: their changes are published and their promises resolved after it. */
+  private readonly syncing: (Batch & { commit: number })[] = [];
+  /** Reads whose answer may show a commit not yet durable: answered once commit `commit` is. */
+  private readonly heldReads: { commit: number; resolve: () => void; reject: (err: Error) => void }[] = [];
+  private fsyncInFlight = false;
+  /** Set when an fsync of the WAL failed: nothing after it can be promised durable, so the store refuses everything. */
+  private failed?: Error;
+  private closed = false;
+  /** Runs the WAL checkpoints in a thread (checkpointer.ts); the writing connection's own are off. */
+  private readonly checkpointer: Checkpointer;
+  /** `commits` when the last checkpoint started: a checkpoint is started only when there is something new to copy. */
+  private checkpointedAt = 0;
   /** True while a mutation runs (inside its savepoint): the store's own write methods are refused then. */
   private mutating = false;
   /** The error of a store write refused during the running mutation. */
@@ -61,6 +84,7 @@ export class SQLiteStore implements Store {
     closeSync(openSync(path, 'a', 0o600));
     for (const f of [path, `${path}-wal`, `${path}-shm`]) if (existsSync(f)) chmodSync(f, 0o600);
     this.db = new DatabaseSync(path);
+    // Opening (migrations, the clean-up below) commits with synchronous=FULL; the batches, see `flush`.
     this.db.exec('PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;');
     try {
       this.migration = migrate(this.db);
@@ -69,6 +93,14 @@ export class SQLiteStore implements Store {
       throw err;
     }
     this.db.prepare('DELETE FROM releases WHERE at < ?').run(Date.now() - RELEASE_RETENTION_MS);
+    // The WAL exists from the first read of a WAL database on, and lives (the same file: a TRUNCATE
+    // checkpoint truncates it, a restart rewrites it from the start) until the last connection closes,
+    // which is `close` here (sqlite.org/wal.html "Persistence of WAL mode", "Avoiding Excessively Large WAL Files").
+    this.walFd = openSync(`${path}-wal`, 'r');
+    // journal_size_limit: a WAL started over is truncated to this at its first commit, so its size
+    // says how much of it is in use (sqlite.org/pragma.html#pragma_journal_size_limit).
+    this.db.exec(`PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = ${CHECKPOINT_WAL_BYTES};`);
+    this.checkpointer = new Checkpointer(path);
     this.reader = new DatabaseSync(path, { readOnly: true });
     this.reader.exec('PRAGMA busy_timeout = 5000;');
     const r = (sql: string) => this.reader.prepare(sql);
@@ -141,6 +173,7 @@ export class SQLiteStore implements Store {
       this.misuse ??= new Error('a store write was called inside a transaction: use the transaction\'s own methods');
       return Promise.reject(this.misuse);
     }
+    if (this.failed) return Promise.reject(this.failed);
     if (!this.batch) {
       this.db.exec('BEGIN IMMEDIATE');
       this.batch = { changes: [], waiters: [] };
@@ -177,6 +210,18 @@ export class SQLiteStore implements Store {
     return new Promise<T>((resolve, reject) => batch.waiters.push({ resolve: () => resolve(result), reject }));
   }
 
+  /**
+   * Commits the open batch. The writing connection runs with synchronous=NORMAL: in WAL mode its
+   * COMMIT appends the batch's frames to the WAL with write() and does not fsync
+   * (sqlite.org/pragma.html#pragma_synchronous); `sync` then fsyncs the WAL from libuv's thread pool,
+   * and only after that are the batch's changes published and its promises resolved. WAL frames are
+   * appended in commit order and recovery replays only an unbroken prefix of them (each frame's
+   * checksum covers all frames before it: sqlite.org/fileformat.html#wal), so one fsync makes every
+   * earlier commit durable too: batches committed while an fsync is in flight share the next one.
+   * NORMAL, not OFF: with NORMAL SQLite still fsyncs the WAL header when it starts reusing the WAL
+   * after a checkpoint, and both the WAL and the database around each checkpoint (same page); without
+   * the header sync a power cut could mix old and new frames (sqlite.org/src/info/ff5be73dee).
+   */
   private flush() {
     const batch = this.batch;
     if (!batch) return;
@@ -192,16 +237,92 @@ export class SQLiteStore implements Store {
       return;
     }
     this.committed = this.revision;
-    for (const change of batch.changes) {
-      for (const listener of this.listeners) {
-        try {
-          listener(change);
-        } catch {
-          // a failing watcher must not affect the writer or other watchers
+    this.syncing.push({ ...batch, commit: ++this.commits });
+    this.sync();
+  }
+
+  /** Starts an fsync of the WAL for the commits not yet durable, unless one is in flight (it starts the next when done). */
+  private sync() {
+    if (this.fsyncInFlight || this.failed || this.closed || this.durableCommits === this.commits) return;
+    const upTo = this.commits;
+    this.fsyncInFlight = true;
+    fsync(this.walFd, (fsyncErr) => {
+      this.fsyncInFlight = false;
+      if (this.closed) {
+        closeSync(this.walFd); // left open for this fsync by `close`
+        return;
+      }
+      // Written to a WAL that is no longer the database's (it cannot happen while this connection is
+      // open, see the constructor): not durable, and said so.
+      const err = fsyncErr ?? (fstatSync(this.walFd).nlink === 0 ? new Error('the WAL file was removed while the store had it open') : undefined);
+      if (err) this.fail(err);
+      else this.durable(upTo);
+      this.sync();
+    });
+  }
+
+  /** Commits up to `upTo` are on disk: their changes are published (in commit order), then their writes and the reads that saw them are answered. */
+  private durable(upTo: number) {
+    if (upTo <= this.durableCommits) return;
+    this.durableCommits = upTo;
+    while (this.syncing.length && this.syncing[0].commit <= upTo) {
+      const batch = this.syncing.shift()!;
+      for (const change of batch.changes) {
+        for (const listener of this.listeners) {
+          try {
+            listener(change);
+          } catch {
+            // a failing watcher must not affect the writer or other watchers
+          }
         }
       }
+      for (const w of batch.waiters) w.resolve();
     }
-    for (const w of batch.waiters) w.resolve();
+    while (this.heldReads.length && this.heldReads[0].commit <= upTo) this.heldReads.shift()!.resolve();
+    this.checkpoint();
+  }
+
+  /**
+   * Starts a checkpoint in the thread when the WAL in use has grown past CHECKPOINT_WAL_BYTES and
+   * something was committed since the last one. The writer starts the WAL over at its next commit
+   * once a checkpoint has copied all of it (sqlite.org/wal.html#ckpt); when commits came in during
+   * the checkpoint, the next one copies those. If the thread is gone, SQLite's automatic checkpoints
+   * (in the commit, on the event loop) take over.
+   */
+  private checkpoint() {
+    if (this.closed || this.checkpointer.busy || this.commits === this.checkpointedAt) return;
+    if (fstatSync(this.walFd).size <= CHECKPOINT_WAL_BYTES) return;
+    this.checkpointedAt = this.commits;
+    this.checkpointer.checkpoint().then(
+      () => this.checkpoint(),
+      () => {
+        if (!this.closed && this.db.isOpen) this.db.exec('PRAGMA wal_autocheckpoint = 1000');
+      },
+    );
+  }
+
+  /**
+   * An fsync failed: what it was to make durable may or may not be on disk, and after a failed fsync
+   * the kernel may have dropped the dirty pages, so a later fsync that succeeds proves nothing. Every
+   * waiting and later call fails; a restart reads what is really on disk.
+   */
+  private fail(err: Error) {
+    this.failed = new Error(`the store cannot make its writes durable (fsync of the WAL failed: ${err.message}); restart the controller`, { cause: err });
+    for (const batch of this.syncing.splice(0)) for (const w of batch.waiters) w.reject(this.failed);
+    for (const r of this.heldReads.splice(0)) r.reject(this.failed);
+  }
+
+  /**
+   * The reading connection sees a commit as soon as COMMIT returns, before its fsync. A read that may
+   * show such a commit is answered only once it is durable: no client, watcher or worker ever acts on
+   * a change that a power cut could still undo (its writer has not been answered either).
+   */
+  private async settled<T>(value: T): Promise<T> {
+    if (this.failed) throw this.failed;
+    if (this.durableCommits === this.commits) return value;
+    const commit = this.commits;
+    await new Promise<void>((resolve, reject) => this.heldReads.push({ commit, resolve, reject }));
+    return value;
   }
 
   private static columns(kind: Kind, object: object): [string | null, string | null] {
@@ -215,27 +336,29 @@ export class SQLiteStore implements Store {
   }
 
   async get<K extends Kind>(kind: K, name: string) {
-    return this.read(kind, name);
+    return this.settled(this.read(kind, name));
   }
 
   async list<K extends Kind>(kind: K, filter?: { worker?: string }) {
-    return this.listSync(kind, filter);
+    return this.settled(this.listSync(kind, filter));
   }
 
   /** The objects and the revision in one read transaction: the revision of the last commit the objects reflect. */
   async snapshot<K extends Kind>(kind: K, filter?: { worker?: string }) {
     this.reader.exec('BEGIN');
+    let snapshot: { items: Kinds[K][]; revision: number };
     try {
-      return { items: this.listSync(kind, filter), revision: this.storedRevision() };
+      snapshot = { items: this.listSync(kind, filter), revision: this.storedRevision() };
     } finally {
       this.reader.exec('COMMIT');
     }
+    return this.settled(snapshot);
   }
 
   async countVMsByStatus() {
     const out: Record<string, number> = {};
     for (const r of this.rstmt.countByStatus.all() as { status: string | null; n: number }[]) out[r.status ?? 'unknown'] = r.n;
-    return out;
+    return this.settled(out);
   }
 
   async create<K extends Kind>(kind: K, object: Kinds[K]) {
@@ -339,7 +462,7 @@ export class SQLiteStore implements Store {
   }
 
   async releasedFrom(worker: string, uids: string[]) {
-    return new Set(uids.filter((uid) => this.rstmt.released.get(worker, uid) !== undefined));
+    return this.settled(new Set(uids.filter((uid) => this.rstmt.released.get(worker, uid) !== undefined)));
   }
 
   async appendEvents(vmUID: string, events: Event[]) {
@@ -407,12 +530,12 @@ export class SQLiteStore implements Store {
       newestID = Math.max(newestID, row.id);
     }
     const cut = this.rstmt.cut.get(vmUID) as { dropped: number; at: number } | undefined;
-    return { events, nextCursor: more ? String(lastID) : undefined, newestCursor: newestID ? String(newestID) : undefined, dropped: cut?.dropped ?? 0, droppedAt: cut?.at };
+    return this.settled({ events, nextCursor: more ? String(lastID) : undefined, newestCursor: newestID ? String(newestID) : undefined, dropped: cut?.dropped ?? 0, droppedAt: cut?.at });
   }
 
   async getClusterSettings(): Promise<ClusterSettings> {
     const row = this.rstmt.getSetting.get('cluster') as Row | undefined;
-    return row ? (JSON.parse(row.body) as ClusterSettings) : {};
+    return this.settled(row ? (JSON.parse(row.body) as ClusterSettings) : {});
   }
 
   async putClusterSettings(settings: ClusterSettings) {
@@ -444,7 +567,20 @@ export class SQLiteStore implements Store {
   }
 
   close() {
+    if (this.closed) return;
+    this.closed = true; // no more fsyncs nor checkpoints started
     this.flush();
+    // What is committed is made durable here, on this thread, and answered.
+    if (!this.failed && this.durableCommits < this.commits) {
+      try {
+        fsyncSync(this.walFd);
+        this.durable(this.commits);
+      } catch (err) {
+        this.fail(err as Error);
+      }
+    }
+    if (!this.fsyncInFlight) closeSync(this.walFd); // else its callback closes it
+    this.checkpointer.close();
     this.listeners.clear();
     if (this.reader.isOpen) this.reader.close();
     // Everything into orchard.db, the WAL emptied: a clean stop leaves one self-contained file.

@@ -6,7 +6,7 @@
 // - Durability: a write's promise resolves only once its commit is durable (a rejected one changed
 //   nothing). Several writes may share one commit (group commit); each is still all or nothing.
 // - Reads see committed data only: never a write whose commit is still to come (nor one that may yet
-//   fail), so what a read returns has been, or is being, published.
+//   fail), and a read is answered only once what it returns is durable and published.
 // - Multi-object writes go through `transaction`: its writes commit together or not at all.
 // - The change feed: every committed change of an object (ADDED, MODIFIED, DELETED) is published
 //   once to every subscriber, in commit order, before the promise of the write that made it
