@@ -9,7 +9,7 @@ import { readFileSync, rmSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import type { VM } from '../src/api/schemas.ts';
 import { SQLiteStore } from '../src/controller/store/sqlite.ts';
-import { tempDir } from './helpers.ts';
+import { ADMIN_TOKEN, inProcessController, rawRequest, tempDir } from './helpers.ts';
 
 const WRITER = join(import.meta.dirname, 'fixtures', 'store-writer.ts');
 const vm = (name: string) => ({ name, uid: `uid-${name}`, image: 'debian', status: 'pending' }) as VM;
@@ -159,5 +159,21 @@ test('a commit that cannot be made durable fails, and so does every later call, 
       // closing a store without its WAL may fail too: not what this test is about
     }
     rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('through the API, a store that cannot make writes durable answers 503 saying so (not a 500), and nothing more is acknowledged', async () => {
+  const c = await inProcessController();
+  try {
+    await c.admin.createVM({ name: 'kept', image: 'img' });
+    unlinkSync(join(c.dataDir, 'orchard.db-wal'));
+    for (const [method, path, body] of [['POST', '/v1/vms', { name: 'lost', image: 'img' }], ['GET', '/v1/vms/kept', undefined]] as const) {
+      const r = await rawRequest(c.ctl, method, path, { auth: ['bootstrap-admin', ADMIN_TOKEN], body: body && JSON.stringify(body) });
+      assert.equal(r.status, 503, `${method} ${path}: ${r.body}`);
+      assert.match((r.json as { message: string }).message, /cannot make its writes durable.*restart the controller/);
+    }
+  } finally {
+    await c.close().catch(() => {});
+    c.cleanup();
   }
 });

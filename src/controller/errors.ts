@@ -2,7 +2,7 @@
 // 500 only for real bugs (logged, with no details sent to the client).
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import type { ErrorObject } from 'ajv';
-import { ConflictError, NotFoundError } from './store/store.ts';
+import { ConflictError, NotFoundError, StoreFailedError } from './store/store.ts';
 import { NAME_PATTERN } from '../api/schemas.ts';
 
 /**
@@ -96,6 +96,11 @@ export function errorHandler(this: unknown, error: FastifyError & { validationCo
   }
   if (error instanceof NotFoundError) return reply.code(404).send({ message: error.message });
   if (error instanceof ConflictError) return reply.code(409).send({ message: error.message });
+  // Not a bug either: the disk failed under the store. Nothing more is saved until a restart, which reads what is really on disk.
+  if (error instanceof StoreFailedError) {
+    request.log.fatal({ err: error }, 'the store failed: the controller must be restarted');
+    return reply.code(503).send({ message: error.message });
+  }
   const status = error.statusCode ?? 500;
   if (status >= 400 && status < 500) {
     const message =

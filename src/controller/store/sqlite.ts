@@ -10,7 +10,7 @@ import { DatabaseSync, type StatementSync } from 'node:sqlite';
 import { chmodSync, closeSync, existsSync, fstatSync, fsync, fsyncSync, mkdirSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { ClusterSettings, Event, WatchEventType } from '../../api/schemas.ts';
-import { ConflictError, NotFoundError, type Change, type EventPage, type Kind, type Kinds, type Store, type Transaction } from './store.ts';
+import { ConflictError, NotFoundError, StoreFailedError, type Change, type EventPage, type Kind, type Kinds, type Store, type Transaction } from './store.ts';
 import { DEFAULT_LIMITS, type Limits } from '../limits.ts';
 import { fileSchemaVersion, migrate, newerError, SCHEMA_VERSION } from './schema.ts';
 import { Checkpointer, CHECKPOINT_WAL_BYTES } from './checkpointer.ts';
@@ -307,7 +307,7 @@ export class SQLiteStore implements Store {
    * waiting and later call fails; a restart reads what is really on disk.
    */
   private fail(err: Error) {
-    this.failed = new Error(`the store cannot make its writes durable (fsync of the WAL failed: ${err.message}); restart the controller`, { cause: err });
+    this.failed = new StoreFailedError(`the store cannot make its writes durable (fsync of the WAL failed: ${err.message}); restart the controller`, { cause: err });
     for (const batch of this.syncing.splice(0)) for (const w of batch.waiters) w.reject(this.failed);
     for (const r of this.heldReads.splice(0)) r.reject(this.failed);
   }

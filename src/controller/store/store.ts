@@ -37,6 +37,8 @@ export interface Change<K extends Kind = Kind> {
 
 export class NotFoundError extends Error {}
 export class ConflictError extends Error {}
+/** The store can no longer promise that a write is on disk (an fsync failed): every call fails with it until a restart. */
+export class StoreFailedError extends Error {}
 
 export interface EventPage {
   events: Event[];
