@@ -5,6 +5,7 @@
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import type { AssetName } from './assets.ts';
+import type { ConsoleFile } from '../console/files.ts';
 
 const ROOT = new URL('../../', import.meta.url);
 
@@ -27,6 +28,13 @@ export function buildCommit(): string {
 /** The text of an asset file. */
 export function assetText(name: AssetName): string {
   return readFileSync(new URL(`src/${name}`, ROOT), 'utf8');
+}
+
+let consoleBuild: Promise<ConsoleFile[]> | undefined;
+/** The web console's files, bundled by esbuild (a dev dependency) when first asked for. */
+export function consoleFiles(): Promise<ConsoleFile[]> {
+  consoleBuild ??= import('../console/build.ts').then((m) => m.buildConsole());
+  return consoleBuild;
 }
 
 /** true in the single executable. */

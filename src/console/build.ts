@@ -1,0 +1,50 @@
+// The web console's browser bundle, made by esbuild: one script and one style sheet named by their
+// content hash (so they can be cached for good) and the page that loads them. Used by the single
+// executable's build (scripts/build.ts embeds the files) and, in a checkout, by the controller when
+// the console is first asked for (source-tree.ts); nothing is fetched at run time.
+import { basename, join } from 'node:path';
+import * as esbuild from 'esbuild';
+import type { ConsoleFile } from './files.ts';
+
+const APP = join(import.meta.dirname, 'app');
+
+const TYPES: Record<string, string> = { '.js': 'text/javascript; charset=utf-8', '.css': 'text/css; charset=utf-8', '.html': 'text/html; charset=utf-8' };
+const typeOf = (name: string) => TYPES[name.slice(name.lastIndexOf('.'))] ?? 'application/octet-stream';
+
+export async function buildConsole(): Promise<ConsoleFile[]> {
+  const result = await esbuild.build({
+    entryPoints: [join(APP, 'main.tsx')],
+    bundle: true,
+    write: false,
+    outdir: '/console-out',
+    entryNames: 'app-[hash]',
+    format: 'esm',
+    target: ['chrome120', 'firefox120', 'safari17'],
+    platform: 'browser',
+    jsx: 'automatic',
+    jsxImportSource: 'preact',
+    minify: true,
+    legalComments: 'none',
+    sourcemap: false,
+    logLevel: 'silent',
+  });
+  const files: ConsoleFile[] = result.outputFiles.map((f) => ({ name: basename(f.path), type: typeOf(f.path), body: Buffer.from(f.contents) }));
+  const script = files.find((f) => f.name.endsWith('.js'));
+  const style = files.find((f) => f.name.endsWith('.css'));
+  if (!script || !style) throw new Error(`the console's bundle lacks its ${script ? 'style sheet' : 'script'}`);
+  // %BASE% is the API prefix, filled in when the page is served.
+  const page = `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Orchard</title>
+<link rel="stylesheet" href="%BASE%/console/assets/${style.name}">
+<script type="module" src="%BASE%/console/assets/${script.name}"></script>
+</head>
+<body><div id="app"></div></body>
+</html>
+`;
+  files.push({ name: 'index.html', type: typeOf('index.html'), body: Buffer.from(page) });
+  return files;
+}
