@@ -18,6 +18,8 @@ import { join, relative, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import * as esbuild from 'esbuild';
 import { ASSETS, LAZY_SCRIPT, LAZY_WRAPPER } from '../src/build/assets.ts';
+import { buildConsole } from '../src/console/build.ts';
+import { CONSOLE_MANIFEST } from '../src/console/files.ts';
 
 const ROOT = resolve(import.meta.dirname, '..');
 const DIST = join(ROOT, 'dist');
@@ -187,6 +189,20 @@ execFileSync(
   { stdio: 'pipe' },
 );
 
+// The web console's browser bundle (src/console/build.ts), embedded as assets `console/NAME` with a
+// manifest that lists them (single-executable.ts reads it).
+const consoleDir = join(WORK, 'console');
+rmSync(consoleDir, { recursive: true, force: true });
+mkdirSync(consoleDir, { recursive: true });
+const consoleFiles = await buildConsole();
+for (const f of consoleFiles) writeFileSync(join(consoleDir, f.name), f.body);
+writeFileSync(join(consoleDir, 'manifest.json'), JSON.stringify(consoleFiles.map(({ name, type }) => ({ name, type }))));
+const consoleAssets = {
+  [CONSOLE_MANIFEST]: join(consoleDir, 'manifest.json'),
+  ...Object.fromEntries(consoleFiles.map((f) => [`console/${f.name}`, join(consoleDir, f.name)])),
+};
+say(`web console bundled: ${consoleFiles.map((f) => `${f.name} ${(f.body.length / 1024).toFixed(1)} KiB`).join(', ')}`);
+
 // 2. The preparation blobs: with code cache for this host (when asked for), without for the others.
 function makeBlob(name: string, useCodeCache: boolean): string {
   const blob = join(WORK, `${name}.blob`);
@@ -202,6 +218,7 @@ function makeBlob(name: string, useCodeCache: boolean): string {
         useCodeCache,
         assets: {
           ...Object.fromEntries(ASSETS.map((a) => [a, join(ROOT, 'src', a)])),
+          ...consoleAssets,
           [LAZY_SCRIPT.source]: lazyBundle,
           ...(useCodeCache ? { [LAZY_SCRIPT.cache]: lazyCache } : {}),
         },
