@@ -1,8 +1,92 @@
+// The web console: sign-in, then the pages (hash routes: #/vms, #/vms/NAME).
 import { render } from 'preact';
+import { useEffect, useState } from 'preact/hooks';
+import type { ConsoleSession } from '../../api/console.ts';
+import { ApiError, currentSession, setCsrf, signIn, signOut } from './api.ts';
+import { VMList } from './vms.tsx';
+import { VMPage } from './vm.tsx';
 import './style.css';
 
+function useRoute(): string {
+  const [hash, setHash] = useState(location.hash);
+  useEffect(() => {
+    const on = () => setHash(location.hash);
+    addEventListener('hashchange', on);
+    return () => removeEventListener('hashchange', on);
+  }, []);
+  return hash.replace(/^#/, '') || '/vms';
+}
+
+function SignIn({ onSignedIn }: { onSignedIn: (s: ConsoleSession) => void }) {
+  const [name, setName] = useState('');
+  const [token, setToken] = useState('');
+  const [error, setError] = useState('');
+  const [busy, setBusy] = useState(false);
+  const submit = async (e: Event) => {
+    e.preventDefault();
+    setBusy(true);
+    setError('');
+    try {
+      onSignedIn(await signIn(name, token));
+    } catch (err) {
+      setError(err instanceof Error ? err.message : String(err));
+    } finally {
+      setBusy(false);
+    }
+  };
+  return (
+    <form class="signin" onSubmit={submit}>
+      <h1>Orchard</h1>
+      <label>
+        Service account
+        <input name="name" autocomplete="username" value={name} onInput={(e) => setName(e.currentTarget.value)} required />
+      </label>
+      <label>
+        Token
+        <input name="token" type="password" autocomplete="current-password" value={token} onInput={(e) => setToken(e.currentTarget.value)} required />
+      </label>
+      <button type="submit" disabled={busy}>Sign in</button>
+      {error && <p class="error" role="alert">{error}</p>}
+    </form>
+  );
+}
+
 function App() {
-  return <main><h1>Orchard</h1></main>;
+  const [session, setSession] = useState<ConsoleSession | null | undefined>(undefined);
+  const route = useRoute();
+  useEffect(() => {
+    currentSession().then(
+      (s) => {
+        setCsrf(s.csrf);
+        setSession(s);
+      },
+      (err: unknown) => setSession(err instanceof ApiError && err.status === 401 ? null : null),
+    );
+  }, []);
+  if (session === undefined) return <p class="loading">Loading…</p>;
+  if (session === null)
+    return (
+      <SignIn
+        onSignedIn={(s) => {
+          setCsrf(s.csrf);
+          setSession(s);
+        }}
+      />
+    );
+  const vm = /^\/vms\/([^/]+)$/.exec(route);
+  return (
+    <div class="shell">
+      <header>
+        <a class="brand" href="#/vms">Orchard</a>
+        <nav>
+          <a href="#/vms" class={route.startsWith('/vms') ? 'active' : ''}>VMs</a>
+        </nav>
+        <span class="who" title={session.roles.join(', ')}>{session.account}</span>
+        <button class="signout" onClick={() => void signOut().finally(() => setSession(null))}>Sign out</button>
+      </header>
+      <main>{vm ? <VMPage name={decodeURIComponent(vm[1])} session={session} /> : <VMList session={session} />}</main>
+    </div>
+  );
 }
 
 render(<App />, document.getElementById('app')!);
