@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { chromium, type Browser, type Page } from 'playwright-core';
 import { ADMIN_TOKEN, inProcessController, ROOT, waitFor } from './helpers.ts';
 import { syntheticWorker } from './security/attack.ts';
+import { RESOURCE_TART_VMS } from '../src/api/schemas.ts';
 
 const CHROMIUM = ['/usr/lib/chromium/chromium', '/usr/bin/chromium'].find((p) => existsSync(p));
 const HOSTILE = '<img src=x onerror=alert(1)>';
@@ -129,5 +130,36 @@ describe('web console in chromium', () => {
     assert.deepEqual(dialogs, [], 'no script ran');
     assert.deepEqual(problems, []);
     await page.context().close();
+  });
+
+  test('workers: capacity used and free per resource, labels, pause and resume; a compute:read account cannot pause', async () => {
+    const { page, problems } = await signedIn('bootstrap-admin', ADMIN_TOKEN);
+    await page.click('nav >> text=Workers');
+    const row = page.locator('[data-worker="syn-1"]');
+    await row.waitFor();
+    const placed = (await h.admin.listVMs()).filter((v) => v.worker === 'syn-1' && v.status !== 'failed').length;
+    assert.ok(placed > 0);
+    const slots = row.locator(`[data-resource="${RESOURCE_TART_VMS}"]`);
+    await slots.locator(`text=${placed} / 10, ${10 - placed} free`).waitFor();
+    assert.match((await row.textContent()) ?? '', /team=web/);
+    // A VM placed now shows at once.
+    await h.admin.createVM({ name: 'one-more', image: 'synthetic' });
+    await slots.locator(`text=${placed + 1} / 10, ${10 - placed - 1} free`).waitFor();
+    await page.screenshot({ path: join(ROOT, 'docs', 'console-workers.png') });
+    await row.locator('button:has-text("Pause")').click();
+    await row.locator('[data-testid=scheduling]:has-text("paused")').waitFor();
+    assert.equal((await h.admin.getWorker('syn-1')).scheduling_paused, true);
+    await row.locator('button:has-text("Resume")').click();
+    await row.locator('[data-testid=scheduling]:has-text("active")').waitFor();
+    assert.equal((await h.admin.getWorker('syn-1')).scheduling_paused, false);
+    assert.deepEqual(problems, []);
+    await page.context().close();
+
+    const viewer = await signedIn('viewer', 'viewer-token');
+    await viewer.page.click('nav >> text=Workers');
+    await viewer.page.locator('[data-worker="syn-1"]').waitFor();
+    assert.equal(await viewer.page.locator('[data-worker="syn-1"] button').count(), 0);
+    assert.deepEqual(viewer.problems, []);
+    await viewer.page.context().close();
   });
 });

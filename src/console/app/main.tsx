@@ -5,6 +5,7 @@ import type { ConsoleSession } from '../../api/console.ts';
 import { ApiError, currentSession, setCsrf, signIn, signOut } from './api.ts';
 import { VMList } from './vms.tsx';
 import { VMPage } from './vm.tsx';
+import { WorkersPage } from './workers.tsx';
 import './style.css';
 
 function useRoute(): string {
@@ -80,11 +81,12 @@ function App() {
         <a class="brand" href="#/vms">Orchard</a>
         <nav>
           <a href="#/vms" class={route.startsWith('/vms') ? 'active' : ''}>VMs</a>
+          <a href="#/workers" class={route.startsWith('/workers') ? 'active' : ''}>Workers</a>
         </nav>
         <span class="who" title={session.roles.join(', ')}>{session.account}</span>
         <button class="signout" onClick={() => void signOut().finally(() => setSession(null))}>Sign out</button>
       </header>
-      <main>{vm ? <VMPage name={decodeURIComponent(vm[1])} session={session} /> : <VMList session={session} />}</main>
+      <main>{vm ? <VMPage name={decodeURIComponent(vm[1])} session={session} /> : route === '/workers' ? <WorkersPage session={session} /> : <VMList session={session} />}</main>
     </div>
   );
 }

@@ -4,48 +4,11 @@
 import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import type { ConsoleSession } from '../../api/console.ts';
 import type { VM } from '../../api/schemas.ts';
-import { age, api, watch, type WatchEvent } from './api.ts';
+import { age, api } from './api.ts';
+import { useWatched } from './watched.ts';
 
 const ROW_HEIGHT = 34;
 const OVERSCAN = 8;
-
-/** The VMs of a watch, kept as the stream says, with a version that changes once per batch. */
-function useVMs(): { vms: Map<string, VM>; version: number; error: string | undefined; loaded: boolean } {
-  const vms = useRef(new Map<string, VM>()).current;
-  const [version, setVersion] = useState(0);
-  const [error, setError] = useState<string | undefined>();
-  const [loaded, setLoaded] = useState(false);
-  useEffect(() => {
-    // One render per frame, however many events came in it.
-    let scheduled = false;
-    const flush = () => {
-      scheduled = false;
-      setLoaded(true);
-      setVersion((v) => v + 1);
-    };
-    const schedule = () => {
-      if (scheduled) return;
-      scheduled = true;
-      requestAnimationFrame(flush);
-    };
-    return watch<VM>('/v1/vms?watch=true', {
-      // The watch is established (its snapshot follows at once): an empty cluster is loaded now.
-      onReset: () => {
-        vms.clear();
-        schedule();
-      },
-      onEvents: (events: WatchEvent<VM>[]) => {
-        for (const e of events) {
-          if (e.type === 'DELETED') vms.delete(e.object.name);
-          else vms.set(e.object.name, e.object);
-        }
-        schedule();
-      },
-      onError: setError,
-    });
-  }, []);
-  return { vms, version, error, loaded };
-}
 
 const labelsText = (labels: Record<string, string> | undefined) =>
   Object.entries(labels ?? {})
@@ -60,7 +23,7 @@ function matches(vm: VM, query: string, status: string): boolean {
 }
 
 export function VMList({ session }: { session: ConsoleSession }) {
-  const { vms, version, error, loaded } = useVMs();
+  const { items: vms, version, error, loaded } = useWatched<VM>('/v1/vms?watch=true');
   const [query, setQuery] = useState('');
   const [status, setStatus] = useState('');
   const [creating, setCreating] = useState(false);
