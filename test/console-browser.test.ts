@@ -5,14 +5,13 @@
 // error and no CSP violation anywhere. Takes the README's screenshots (docs/console-*.png).
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { chromium, type Browser, type Page } from 'playwright-core';
+import type { Browser } from 'playwright-core';
 import { ADMIN_TOKEN, inProcessController, ROOT, waitFor } from './helpers.ts';
 import { syntheticWorker } from './security/attack.ts';
+import { launchChromium, signedIn as signedInAs } from './console-page.ts';
 import { RESOURCE_TART_VMS } from '../src/api/schemas.ts';
 
-const CHROMIUM = ['/usr/lib/chromium/chromium', '/usr/bin/chromium'].find((p) => existsSync(p));
 const HOSTILE = '<img src=x onerror=alert(1)>';
 
 describe('web console in chromium', () => {
@@ -21,12 +20,11 @@ describe('web console in chromium', () => {
   let browser: Browser;
 
   before(async () => {
-    assert.ok(CHROMIUM, 'chromium is installed (scripts/setup.sh --test)');
     h = await inProcessController();
     // VM labels are placement constraints: this worker has the one the test's VM asks for.
     worker = syntheticWorker(h.admin, 'syn-1', { team: 'web' });
     await worker.start();
-    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--no-sandbox'] });
+    browser = await launchChromium();
   });
   after(async () => {
     await browser?.close();
@@ -35,28 +33,7 @@ describe('web console in chromium', () => {
     h?.cleanup();
   });
 
-  /** A fresh browser context signed in as `name`; collects page errors and console errors (CSP violations among them). */
-  async function signedIn(name: string, token: string): Promise<{ page: Page; problems: string[]; dialogs: string[] }> {
-    const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 720 } });
-    const page = await context.newPage();
-    const problems: string[] = [];
-    const dialogs: string[] = [];
-    page.on('pageerror', (err) => problems.push(`page error: ${err.message}`));
-    // Refused requests show as console errors too (the 401 before sign-in, a test's forged 403): those
-    // are counted by status instead, where only a 5xx is a problem.
-    page.on('console', (msg) => void (msg.type() === 'error' && !msg.text().startsWith('Failed to load resource') && problems.push(`console error: ${msg.text()}`)));
-    page.on('response', (res) => void (res.status() >= 500 && problems.push(`${res.status()} for ${res.url()}`)));
-    page.on('dialog', (d) => {
-      dialogs.push(d.message());
-      void (d.type() === 'confirm' ? d.accept() : d.dismiss());
-    });
-    await page.goto(h.ctl.url + '/');
-    await page.fill('input[name=name]', name);
-    await page.fill('input[name=token]', token);
-    await page.click('button[type=submit]');
-    await page.waitForSelector('[data-testid=vm-count]:not(:has-text("loading"))');
-    return { page, problems, dialogs };
-  }
+  const signedIn = (name: string, token: string) => signedInAs(browser, h.ctl.url, name, token);
 
   test('sign in, create a synthetic VM, see it run without a reload, open it, delete it', async () => {
     const { page, problems } = await signedIn('bootstrap-admin', ADMIN_TOKEN);

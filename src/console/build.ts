@@ -18,6 +18,10 @@ export async function buildConsole(): Promise<ConsoleFile[]> {
     write: false,
     outdir: '/console-out',
     entryNames: 'app-[hash]',
+    chunkNames: 'chunk-[hash]',
+    // The terminal (xterm.js, most of the bytes) is a chunk loaded when a terminal is opened.
+    splitting: true,
+    metafile: true,
     format: 'esm',
     target: ['chrome120', 'firefox120', 'safari17'],
     platform: 'browser',
@@ -29,16 +33,19 @@ export async function buildConsole(): Promise<ConsoleFile[]> {
     logLevel: 'silent',
   });
   const files: ConsoleFile[] = result.outputFiles.map((f) => ({ name: basename(f.path), type: typeOf(f.path), body: Buffer.from(f.contents) }));
-  const script = files.find((f) => f.name.endsWith('.js'));
-  const style = files.find((f) => f.name.endsWith('.css'));
+  const entry = Object.entries(result.metafile.outputs).find(([, o]) => o.entryPoint !== undefined);
+  const script = files.find((f) => entry && f.name === basename(entry[0]));
+  const style = files.find((f) => entry && f.name === basename(entry[1].cssBundle ?? ''));
   if (!script || !style) throw new Error(`the console's bundle lacks its ${script ? 'style sheet' : 'script'}`);
-  // %BASE% is the API prefix, filled in when the page is served.
+  // %BASE% is the API prefix and %NONCE% the response's CSP nonce for styles, filled in when the page
+  // is served (the terminal emulator makes <style> elements; nonce.ts gives them the nonce).
   const page = `<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Orchard</title>
+<meta name="orchard-style-nonce" content="%NONCE%">
 <link rel="stylesheet" href="%BASE%/console/assets/${style.name}">
 <script type="module" src="%BASE%/console/assets/${script.name}"></script>
 </head>

@@ -1,5 +1,7 @@
 // The web console: sign-in, then the pages (hash routes: #/vms, #/vms/NAME).
+import './nonce.ts';
 import { render } from 'preact';
+import { lazy, Suspense } from 'preact/compat';
 import { useEffect, useState } from 'preact/hooks';
 import type { ConsoleSession } from '../../api/console.ts';
 import { ApiError, currentSession, setCsrf, signIn, signOut } from './api.ts';
@@ -7,6 +9,9 @@ import { VMList } from './vms.tsx';
 import { VMPage } from './vm.tsx';
 import { WorkersPage } from './workers.tsx';
 import './style.css';
+
+// Loaded when a terminal is first opened: most of the bundle's bytes are the terminal emulator's.
+const TerminalPage = lazy(() => import('./terminal.tsx').then((m) => m.TerminalPage));
 
 function useRoute(): string {
   const [hash, setHash] = useState(location.hash);
@@ -75,6 +80,7 @@ function App() {
       />
     );
   const vm = /^\/vms\/([^/]+)$/.exec(route);
+  const terminal = /^\/vms\/([^/]+)\/terminal$/.exec(route);
   return (
     <div class="shell">
       <header>
@@ -86,7 +92,7 @@ function App() {
         <span class="who" title={session.roles.join(', ')}>{session.account}</span>
         <button class="signout" onClick={() => void signOut().finally(() => setSession(null))}>Sign out</button>
       </header>
-      <main>{vm ? <VMPage name={decodeURIComponent(vm[1])} session={session} /> : route === '/workers' ? <WorkersPage session={session} /> : <VMList session={session} />}</main>
+      <main>{terminal ? <Suspense fallback={<p class="loading">Loading the terminal…</p>}><TerminalPage name={decodeURIComponent(terminal[1])} /></Suspense> : vm ? <VMPage name={decodeURIComponent(vm[1])} session={session} /> : route === '/workers' ? <WorkersPage session={session} /> : <VMList session={session} />}</main>
     </div>
   );
 }

@@ -91,6 +91,7 @@ export function VMPage({ name, session }: { name: string; session: ConsoleSessio
   const { vm, error } = useVM(name);
   const events = useEvents(name, vm?.uid);
   const canWrite = session.roles.includes('compute:write');
+  const canConnect = canWrite || session.roles.includes('compute:connect');
   const [actionError, setActionError] = useState('');
   if (vm === undefined) return <p class="loading">Loading VM {name}…{error && <span class="error"> {error}</span>}</p>;
   if (vm === null)
@@ -115,6 +116,11 @@ export function VMPage({ name, session }: { name: string; session: ConsoleSessio
       <div class="toolbar">
         <h2>{vm.name}</h2>
         <span class={`status ${vm.status ?? ''}`} data-testid="status">{vm.status}</span>
+        {canConnect && vm.status === 'running' && (
+          <a class="button" href={`#/vms/${encodeURIComponent(vm.name)}/terminal`}>
+            Terminal
+          </a>
+        )}
         {canWrite && <button class="danger" onClick={remove}>Delete</button>}
       </div>
       {error && <p class="error" role="alert">{error}</p>}

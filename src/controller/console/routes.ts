@@ -1,7 +1,7 @@
 // The web console's routes: its page at `/`, its bundled assets, sign-in, the session and sign-out.
 // The console reads and changes things through the v1 API like any client, authenticated by the
 // session cookie instead of Basic auth (app.ts), so the same role checks apply to it.
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import type { FastifyInstance, FastifyReply } from 'fastify';
 import { Type } from '@sinclair/typebox';
 import { ErrorBody } from '../../api/schemas.ts';
@@ -12,11 +12,15 @@ import type { AppContext } from '../context.ts';
 import { HttpError } from '../errors.ts';
 import type { Sessions } from './sessions.ts';
 
-/** What the console's page may load and talk to: its own origin only, no inline script or style. */
-export const CONTENT_SECURITY_POLICY = [
+/**
+ * What the console's page may load and talk to: its own origin only, no inline script; styles from
+ * its own origin or <style> elements carrying this response's nonce (the terminal emulator makes
+ * some: the page gives them the nonce, which a markup injection cannot know).
+ */
+export const contentSecurityPolicy = (styleNonce: string) => [
   "default-src 'none'",
   "script-src 'self'",
-  "style-src 'self'",
+  `style-src 'self' 'nonce-${styleNonce}'`,
   "img-src 'self' data:",
   "font-src 'self'",
   "connect-src 'self'",
@@ -26,7 +30,7 @@ export const CONTENT_SECURITY_POLICY = [
 ].join('; ');
 
 const SECURITY_HEADERS: Record<string, string> = {
-  'content-security-policy': CONTENT_SECURITY_POLICY,
+  'content-security-policy': contentSecurityPolicy('none'),
   'x-content-type-options': 'nosniff',
   'x-frame-options': 'DENY',
   'referrer-policy': 'no-referrer',
@@ -45,7 +49,7 @@ export function registerConsoleRoutes(app: FastifyInstance, ctx: AppContext, ses
   let files: Promise<Map<string, Served>> | undefined;
   const load = () =>
     (files ??= consoleFiles().then(
-      (list) => new Map(list.map((f) => [f.name, { ...f, etag: `"${createHash('sha256').update(f.body).digest('base64url').slice(0, 22)}"`, body: f.name === 'index.html' ? Buffer.from(f.body.toString('utf8').replaceAll('%BASE%', apiPrefix)) : f.body }])),
+      (list) => new Map(list.map((f) => [f.name, { ...f, etag: `"${createHash('sha256').update(f.body).digest('base64url').slice(0, 22)}"` }])),
       (err: unknown) => {
         files = undefined;
         app.log.error({ err }, 'the web console could not be built');
@@ -66,10 +70,14 @@ export function registerConsoleRoutes(app: FastifyInstance, ctx: AppContext, ses
     return reply.type(file.type).send(file.body);
   };
 
-  // The page revalidates (a new build names new assets); the assets, named by their hash, never change.
-  app.get('/', { config: { roles: undefined }, schema: { hide: true } }, async (request, reply) =>
-    serve('index.html', request.headers['if-none-match'], reply, 'no-cache'),
-  );
+  // The page is made for each response (its nonce) and never stored; the assets, named by their
+  // hash, never change.
+  app.get('/', { config: { roles: undefined }, schema: { hide: true } }, async (_request, reply) => {
+    const page = (await load()).get('index.html')!;
+    const nonce = randomBytes(18).toString('base64url');
+    secure(reply).header('content-security-policy', contentSecurityPolicy(nonce)).header('cache-control', 'no-store');
+    return reply.type(page.type).send(page.body.toString('utf8').replaceAll('%BASE%', apiPrefix).replaceAll('%NONCE%', nonce));
+  });
   app.get(`${CONSOLE_PATH}/assets/:file`, { config: { roles: undefined }, schema: { hide: true, params: Type.Object({ file: Type.String({ maxLength: 200 }) }) } }, async (request, reply) =>
     serve((request.params as { file: string }).file, request.headers['if-none-match'], reply, 'public, max-age=31536000, immutable'),
   );
