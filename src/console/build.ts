@@ -36,6 +36,8 @@ export async function buildConsole(): Promise<ConsoleFile[]> {
   const entry = Object.entries(result.metafile.outputs).find(([, o]) => o.entryPoint !== undefined);
   const script = files.find((f) => entry && f.name === basename(entry[0]));
   const style = files.find((f) => entry && f.name === basename(entry[1].cssBundle ?? ''));
+  // The chunks the script imports statically are fetched with it, not after it was parsed.
+  const preload = (entry?.[1].imports ?? []).filter((i) => i.kind === 'import-statement').map((i) => basename(i.path));
   if (!script || !style) throw new Error(`the console's bundle lacks its ${script ? 'style sheet' : 'script'}`);
   // %BASE% is the API prefix and %NONCE% the response's CSP nonce for styles, filled in when the page
   // is served (the terminal emulator makes <style> elements; nonce.ts gives them the nonce).
@@ -48,6 +50,7 @@ export async function buildConsole(): Promise<ConsoleFile[]> {
 <meta name="orchard-style-nonce" content="%NONCE%">
 <link rel="stylesheet" href="%BASE%/console/assets/${style.name}">
 <script type="module" src="%BASE%/console/assets/${script.name}"></script>
+${preload.map((name) => `<link rel="modulepreload" href="%BASE%/console/assets/${name}">\n`).join('')}
 </head>
 <body><div id="app"></div></body>
 </html>

@@ -41,6 +41,25 @@ export const signIn = (name: string, token: string) => api<ConsoleSession>('POST
 export const currentSession = () => api<ConsoleSession>('GET', '/console/session');
 export const signOut = () => api<void>('DELETE', '/console/session');
 
+/** Watches started before the page knew it was signed in (prefetchWatch), each used once by watch(). */
+const early = new Map<string, Promise<Response>>();
+
+/**
+ * Starts a watch's request now, before the session is checked, so that the list's data and the
+ * session come in one round trip instead of two; watch() takes it up. (Signed out, it is a 401 left unread.)
+ */
+export function prefetchWatch(path: string) {
+  const request = fetch(BASE + path, { credentials: 'same-origin', cache: 'no-store' });
+  request.catch(() => {});
+  early.set(path, request);
+  // Not taken up soon (another page, a sign-in first): it would only hold a watch open.
+  setTimeout(() => {
+    if (early.get(path) !== request) return;
+    early.delete(path);
+    void request.then((res) => res.body?.cancel()).catch(() => {});
+  }, 5000);
+}
+
 export interface WatchEvent<T> {
   type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'ERROR';
   object: T;
@@ -57,7 +76,13 @@ export function watch<T>(path: string, handlers: { onReset: () => void; onEvents
   const run = async () => {
     while (!abort.signal.aborted) {
       try {
-        const res = await fetch(BASE + path, { credentials: 'same-origin', cache: 'no-store', signal: abort.signal });
+        const prefetched = early.get(path);
+        early.delete(path);
+        let res = await prefetched?.catch(() => undefined);
+        if (res?.ok) {
+          const body = res.body;
+          abort.signal.addEventListener('abort', () => void body?.cancel().catch(() => {}), { once: true });
+        } else res = await fetch(BASE + path, { credentials: 'same-origin', cache: 'no-store', signal: abort.signal });
         if (!res.ok || !res.body) {
           const message = ((await res.json().catch(() => undefined)) as { message?: string } | undefined)?.message ?? `${res.status}`;
           throw new ApiError(res.status, message);

@@ -4,7 +4,7 @@ import { render } from 'preact';
 import { lazy, Suspense } from 'preact/compat';
 import { useEffect, useState } from 'preact/hooks';
 import type { ConsoleSession } from '../../api/console.ts';
-import { ApiError, currentSession, setCsrf, signIn, signOut } from './api.ts';
+import { ApiError, currentSession, prefetchWatch, setCsrf, signIn, signOut } from './api.ts';
 import { VMList } from './vms.tsx';
 import { VMPage } from './vm.tsx';
 import { WorkersPage } from './workers.tsx';
@@ -97,4 +97,6 @@ function App() {
   );
 }
 
+// The VM list (the page most loads open on) asks for its data alongside the session check.
+if (/^#?(\/vms)?$/.test(location.hash)) prefetchWatch('/v1/vms?watch=true');
 render(<App />, document.getElementById('app')!);
