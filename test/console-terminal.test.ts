@@ -1,7 +1,7 @@
 // The web console's terminal on a real QEMU VM (debian-dev), in Debian's chromium: xterm.js over the
 // exec WebSocket with a PTY; `uname -a` answers; resizing the page resizes the PTY (stty size); a
 // connection that breaks while a command still prints is made again and the missed output is
-// replayed, once.
+// replayed, once. The screen: noVNC over the port-forward to the VM's VNC server draws its console.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
@@ -82,3 +82,30 @@ test('a terminal in the browser: uname -a, resize, and reconnection with replay'
   assert.deepEqual(problems, []);
   await page.context().close();
 });
+
+test("a VM's screen in the browser: noVNC over the port-forward shows the guest's console", { timeout: 300_000 }, async () => {
+  await c.runningVM('screen-1');
+  const { page, problems } = await signedIn(browser, c.ctl.url, 'bootstrap-admin', ADMIN_TOKEN);
+  await page.goto(c.ctl.url + '/#/vms/screen-1');
+  await page.click('a:has-text("Screen")');
+  await page.locator('[data-testid=screen-state]:text-is("connected")').waitFor({ timeout: 60_000 });
+  // Not blank: the guest's text console draws more than one colour.
+  await page.waitForFunction(() => {
+    const canvas = (globalThis as unknown as { document: { querySelector(s: string): CanvasLike | null } }).document.querySelector('[data-testid=screen] canvas');
+    if (!canvas || canvas.width < 100 || canvas.height < 100) return false;
+    const data = canvas.getContext('2d')!.getImageData(0, 0, canvas.width, canvas.height).data;
+    const colours = new Set<number>();
+    for (let i = 0; i < data.length && colours.size < 2; i += 4) colours.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
+    return colours.size >= 2;
+  }, undefined, { timeout: 60_000 });
+  await page.screenshot({ path: join(ROOT, 'docs', 'console-screen.png') });
+  assert.deepEqual(problems, []);
+  await page.context().close();
+});
+
+/** The canvas calls the screen test makes in the page. */
+interface CanvasLike {
+  width: number;
+  height: number;
+  getContext(kind: '2d'): { getImageData(x: number, y: number, w: number, h: number): { data: Uint8ClampedArray } } | null;
+}

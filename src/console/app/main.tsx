@@ -12,6 +12,7 @@ import './style.css';
 
 // Loaded when a terminal is first opened: most of the bundle's bytes are the terminal emulator's.
 const TerminalPage = lazy(() => import('./terminal.tsx').then((m) => m.TerminalPage));
+const ScreenPage = lazy(() => import('./screen.tsx').then((m) => m.ScreenPage));
 
 function useRoute(): string {
   const [hash, setHash] = useState(location.hash);
@@ -81,6 +82,7 @@ function App() {
     );
   const vm = /^\/vms\/([^/]+)$/.exec(route);
   const terminal = /^\/vms\/([^/]+)\/terminal$/.exec(route);
+  const screen = /^\/vms\/([^/]+)\/screen$/.exec(route);
   return (
     <div class="shell">
       <header>
@@ -92,7 +94,7 @@ function App() {
         <span class="who" title={session.roles.join(', ')}>{session.account}</span>
         <button class="signout" onClick={() => void signOut().finally(() => setSession(null))}>Sign out</button>
       </header>
-      <main>{terminal ? <Suspense fallback={<p class="loading">Loading the terminal…</p>}><TerminalPage name={decodeURIComponent(terminal[1])} /></Suspense> : vm ? <VMPage name={decodeURIComponent(vm[1])} session={session} /> : route === '/workers' ? <WorkersPage session={session} /> : <VMList session={session} />}</main>
+      <main>{screen ? <Suspense fallback={<p class="loading">Loading the screen…</p>}><ScreenPage name={decodeURIComponent(screen[1])} /></Suspense> : terminal ? <Suspense fallback={<p class="loading">Loading the terminal…</p>}><TerminalPage name={decodeURIComponent(terminal[1])} /></Suspense> : vm ? <VMPage name={decodeURIComponent(vm[1])} session={session} /> : route === '/workers' ? <WorkersPage session={session} /> : <VMList session={session} />}</main>
     </div>
   );
 }

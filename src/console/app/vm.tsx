@@ -121,6 +121,11 @@ export function VMPage({ name, session }: { name: string; session: ConsoleSessio
             Terminal
           </a>
         )}
+        {canConnect && vm.status === 'running' && (
+          <a class="button" href={`#/vms/${encodeURIComponent(vm.name)}/screen`}>
+            Screen
+          </a>
+        )}
         {canWrite && <button class="danger" onClick={remove}>Delete</button>}
       </div>
       {error && <p class="error" role="alert">{error}</p>}
