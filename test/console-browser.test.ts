@@ -91,6 +91,28 @@ describe('web console in chromium', () => {
     await page.context().close();
   });
 
+  test('a compute:connect account may open terminals and screens but change nothing', async () => {
+    await h.admin.createServiceAccount({ name: 'operator', token: 'operator-token', roles: ['compute:read', 'compute:connect'] });
+    await h.admin.createVM({ name: 'ops-1', image: 'synthetic', labels: { team: 'web' } });
+    await waitFor('ops-1 running', async () => (await h.admin.getVM('ops-1')).status === 'running', 15_000);
+    const { page, problems } = await signedIn('operator', 'operator-token');
+    await page.locator('[data-vm="ops-1"]').waitFor();
+    assert.equal(await page.locator('text=Create VM').count(), 0);
+    await page.locator('[data-vm="ops-1"] a').click();
+    await page.locator('section.vm a:has-text("Terminal")').waitFor();
+    assert.equal(await page.locator('section.vm a:has-text("Screen")').count(), 1);
+    assert.equal(await page.locator('section.vm button.danger').count(), 0);
+    const forged = await page.evaluate(async () => {
+      const { csrf } = (await (await fetch('/console/session')).json()) as { csrf: string };
+      const res = await fetch('/v1/vms/ops-1', { method: 'DELETE', headers: { 'x-orchard-csrf': csrf } });
+      return res.status;
+    });
+    assert.equal(forged, 403);
+    assert.equal((await h.admin.getVM('ops-1')).name, 'ops-1');
+    assert.deepEqual(problems, []);
+    await page.context().close();
+  });
+
   test('hostile script and event text shows as characters, never as markup', async () => {
     await h.admin.createVM({ name: 'hostile-1', image: 'synthetic', startup_script: { script_content: `echo '${HOSTILE}'` } });
     await waitFor('hostile-1 running', async () => (await h.admin.getVM('hostile-1')).status === 'running', 15_000);
