@@ -161,4 +161,40 @@ describe('web console in chromium', () => {
     assert.deepEqual(viewer.problems, []);
     await viewer.page.context().close();
   });
+
+  test('service accounts and cluster settings: an admin creates, changes and deletes; others see no page and are refused', async () => {
+    const { page, problems } = await signedIn('bootstrap-admin', ADMIN_TOKEN);
+    await page.click('nav >> text=Accounts & settings');
+    await page.locator('[data-account="bootstrap-admin"]').waitFor();
+    await page.fill('input[name=account-name]', 'made-here');
+    await page.check('form.create-account input[name="compute:connect"]');
+    await page.click('form.create-account button[type=submit]');
+    const token = (await page.locator('[data-testid=created-token] code').textContent()) ?? '';
+    assert.match(token, /^\S{16,}$/);
+    assert.deepEqual((await h.admin.getServiceAccount('made-here')).roles.sort(), ['compute:connect', 'compute:read']);
+    assert.equal((await h.client('made-here', token).listVMs()).length > 0, true, 'the token shown works');
+    const row = page.locator('[data-account="made-here"]');
+    await row.locator('input[name="compute:write"]').check();
+    await row.locator('button:has-text("Save")').click();
+    await row.locator('button:has-text("Save")').waitFor({ state: 'detached' });
+    assert.ok((await h.admin.getServiceAccount('made-here')).roles.includes('compute:write'));
+    await page.selectOption('select[name=schedulerProfile]', 'distribute-load');
+    await page.fill('textarea[name=hostDirPolicies]', '/srv/data ro\n/scratch');
+    await page.click('text=Save settings');
+    await page.locator('[data-testid=settings-saved]').waitFor();
+    assert.deepEqual(await h.admin.getClusterSettings(), { schedulerProfile: 'distribute-load', hostDirPolicies: [{ pathPrefix: '/srv/data', ro: true }, { pathPrefix: '/scratch' }] });
+    await page.screenshot({ path: join(ROOT, 'docs', 'console-admin.png') });
+    await row.locator('button.danger').click();
+    await row.waitFor({ state: 'detached' });
+    await assert.rejects(h.admin.getServiceAccount('made-here'), /not found/);
+    assert.equal(await page.locator('[data-account="bootstrap-admin"] button.danger').count(), 0, 'no deleting oneself');
+    assert.deepEqual(problems, []);
+    await page.context().close();
+
+    const viewer = await signedIn('viewer', 'viewer-token');
+    assert.equal(await viewer.page.locator('nav >> text=Accounts & settings').count(), 0);
+    const listed = await viewer.page.evaluate(async () => (await fetch('/v1/service-accounts')).status);
+    assert.equal(listed, 403);
+    await viewer.page.context().close();
+  });
 });

@@ -8,6 +8,7 @@ import { ApiError, currentSession, prefetchWatch, setCsrf, signIn, signOut } fro
 import { VMList } from './vms.tsx';
 import { VMPage } from './vm.tsx';
 import { WorkersPage } from './workers.tsx';
+import { AdminPage } from './admin.tsx';
 import './style.css';
 
 // Loaded when a terminal is first opened: most of the bundle's bytes are the terminal emulator's.
@@ -90,11 +91,14 @@ function App() {
         <nav>
           <a href="#/vms" class={route.startsWith('/vms') ? 'active' : ''}>VMs</a>
           <a href="#/workers" class={route.startsWith('/workers') ? 'active' : ''}>Workers</a>
+          {session.roles.includes('admin:read') && (
+            <a href="#/admin" class={route === '/admin' ? 'active' : ''}>Accounts & settings</a>
+          )}
         </nav>
         <span class="who" title={session.roles.join(', ')}>{session.account}</span>
         <button class="signout" onClick={() => void signOut().finally(() => setSession(null))}>Sign out</button>
       </header>
-      <main>{screen ? <Suspense fallback={<p class="loading">Loading the screen…</p>}><ScreenPage name={decodeURIComponent(screen[1])} /></Suspense> : terminal ? <Suspense fallback={<p class="loading">Loading the terminal…</p>}><TerminalPage name={decodeURIComponent(terminal[1])} /></Suspense> : vm ? <VMPage name={decodeURIComponent(vm[1])} session={session} /> : route === '/workers' ? <WorkersPage session={session} /> : <VMList session={session} />}</main>
+      <main>{screen ? <Suspense fallback={<p class="loading">Loading the screen…</p>}><ScreenPage name={decodeURIComponent(screen[1])} /></Suspense> : terminal ? <Suspense fallback={<p class="loading">Loading the terminal…</p>}><TerminalPage name={decodeURIComponent(terminal[1])} /></Suspense> : vm ? <VMPage name={decodeURIComponent(vm[1])} session={session} /> : route === '/workers' ? <WorkersPage session={session} /> : route === '/admin' ? <AdminPage session={session} /> : <VMList session={session} />}</main>
     </div>
   );
 }
