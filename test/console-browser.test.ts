@@ -197,4 +197,21 @@ describe('web console in chromium', () => {
     assert.equal(listed, 403);
     await viewer.page.context().close();
   });
+
+  test('sign-out, and a session ended by the controller, bring the sign-in back without a reload', async () => {
+    await h.admin.createServiceAccount({ name: 'leaver', token: 'leaver-token', roles: ['compute:read'] });
+    const { page, problems } = await signedIn('leaver', 'leaver-token');
+    await h.admin.updateServiceAccount({ name: 'leaver', token: 'leaver-new-token', roles: ['compute:read'] });
+    // The controller ends the session's watch; the page's next request learns the session is gone.
+    await page.locator('input[name=token]').waitFor({ timeout: 15_000 });
+    await page.fill('input[name=name]', 'leaver');
+    await page.fill('input[name=token]', 'leaver-new-token');
+    await page.click('button[type=submit]');
+    await page.locator('[data-testid=vm-count]:not(:has-text("loading"))').waitFor();
+    await page.click('button.signout');
+    await page.locator('input[name=token]').waitFor();
+    assert.equal(await page.evaluate(async () => (await fetch('/console/session')).status), 401);
+    assert.deepEqual(problems, []);
+    await page.context().close();
+  });
 });

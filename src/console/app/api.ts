@@ -8,6 +8,10 @@ export const BASE = location.pathname.replace(/\/+$/, '');
 let csrf = '';
 export const setCsrf = (token: string) => (csrf = token);
 
+/** Fired on `window` when the controller says the session has ended (401): the page shows the sign-in. */
+export const SIGNED_OUT_EVENT = 'orchard-signed-out';
+const signedOut = () => dispatchEvent(new Event(SIGNED_OUT_EVENT));
+
 export class ApiError extends Error {
   readonly status: number;
   constructor(status: number, message: string) {
@@ -33,6 +37,8 @@ export async function apiWithHeaders<T>(method: string, path: string, body?: unk
   } catch {
     json = undefined;
   }
+  // (Not for the sign-in and session check themselves: the page handles those.)
+  if (res.status === 401 && !path.startsWith('/console/session')) signedOut();
   if (!res.ok) throw new ApiError(res.status, (json as { message?: string } | undefined)?.message ?? `${res.status} ${res.statusText}`);
   return { body: json as T, headers: res.headers };
 }
@@ -105,7 +111,10 @@ export function watch<T>(path: string, handlers: { onReset: () => void; onEvents
         }
       } catch (err) {
         if (abort.signal.aborted) return;
-        if (err instanceof ApiError && err.status === 401) return handlers.onError('signed out: ' + err.message);
+        if (err instanceof ApiError && err.status === 401) {
+          signedOut();
+          return handlers.onError('signed out: ' + err.message);
+        }
         handlers.onError(err instanceof Error ? err.message : String(err));
       }
       await new Promise((r) => setTimeout(r, pause));

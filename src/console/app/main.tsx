@@ -4,7 +4,7 @@ import { render } from 'preact';
 import { lazy, Suspense } from 'preact/compat';
 import { useEffect, useState } from 'preact/hooks';
 import type { ConsoleSession } from '../../api/console.ts';
-import { ApiError, currentSession, prefetchWatch, setCsrf, signIn, signOut } from './api.ts';
+import { currentSession, prefetchWatch, setCsrf, SIGNED_OUT_EVENT, signIn, signOut } from './api.ts';
 import { VMList } from './vms.tsx';
 import { VMPage } from './vm.tsx';
 import { WorkersPage } from './workers.tsx';
@@ -68,8 +68,12 @@ function App() {
         setCsrf(s.csrf);
         setSession(s);
       },
-      (err: unknown) => setSession(err instanceof ApiError && err.status === 401 ? null : null),
+      () => setSession(null),
     );
+    // A session that ended (expired, signed out elsewhere, token changed) brings the sign-in back.
+    const ended = () => setSession(null);
+    addEventListener(SIGNED_OUT_EVENT, ended);
+    return () => removeEventListener(SIGNED_OUT_EVENT, ended);
   }, []);
   if (session === undefined) return <p class="loading">Loading…</p>;
   if (session === null)
