@@ -6,7 +6,10 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { request as httpsRequest } from 'node:https';
 import { WebSocket } from 'ws';
-import { ADMIN_TOKEN, inProcessController, rawRequest, waitFor } from './helpers.ts';
+import { rmSync } from 'node:fs';
+import { pino } from 'pino';
+import { startController } from '../src/controller/controller.ts';
+import { ADMIN_TOKEN, inProcessController, rawRequest, tempDir, waitFor } from './helpers.ts';
 
 
 type H = Awaited<ReturnType<typeof inProcessController>>;
@@ -255,6 +258,31 @@ describe('console sessions: expiry', () => {
     } finally {
       await h.close();
       h.cleanup();
+    }
+  });
+});
+
+describe('console sessions: under an API prefix', () => {
+  test('the console is at PREFIX/, its assets and cookie under the prefix only', async () => {
+    const dataDir = tempDir();
+    const ctl = await startController({ dataDir, listen: '127.0.0.1:0', apiPrefix: '/orchard', bootstrapAdminToken: ADMIN_TOKEN, logger: pino({ level: 'silent' }) });
+    try {
+      const at = { url: new URL(ctl.url).origin, certificate: ctl.certificate };
+      const page = await rawRequest(at, 'GET', '/orchard/');
+      assert.equal(page.status, 200);
+      const assets = [...page.body.matchAll(/(?:src|href)="([^"]+)"/g)].map((m) => m[1]);
+      assert.ok(assets.length >= 2 && assets.every((a) => a.startsWith('/orchard/console/assets/')), assets.join(' '));
+      for (const a of assets) assert.equal((await rawRequest(at, 'GET', a)).status, 200, a);
+      assert.equal((await rawRequest(at, 'GET', '/')).status, 404, 'nothing outside the prefix');
+      const res = await rawRequest(at, 'POST', '/orchard/console/session', { body: JSON.stringify({ name: 'bootstrap-admin', token: ADMIN_TOKEN }) });
+      assert.equal(res.status, 200, res.body);
+      const setCookie = String(res.headers['set-cookie']);
+      assert.match(setCookie, /^orchard-session=[A-Za-z0-9_-]{43}; Path=\/orchard\/;/);
+      for (const flag of ['HttpOnly', 'Secure', 'SameSite=Strict']) assert.ok(setCookie.split('; ').includes(flag));
+      assert.equal((await rawRequest(at, 'GET', '/orchard/v1/vms', { headers: { cookie: setCookie.split(';')[0] } })).status, 200);
+    } finally {
+      await ctl.close();
+      rmSync(dataDir, { recursive: true, force: true });
     }
   });
 });
