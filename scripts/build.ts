@@ -14,11 +14,11 @@
 import { execFileSync } from 'node:child_process';
 import { chmodSync, copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { join, relative, resolve } from 'node:path';
+import { basename, join, relative, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import * as esbuild from 'esbuild';
 import { ASSETS, LAZY_SCRIPT, LAZY_WRAPPER } from '../src/build/assets.ts';
-import { buildConsole } from '../src/console/build.ts';
+import { writeConsole } from '../src/console/build.ts';
 import { CONSOLE_MANIFEST } from '../src/console/files.ts';
 
 const ROOT = resolve(import.meta.dirname, '..');
@@ -192,13 +192,9 @@ execFileSync(
 // The web console's browser bundle (src/console/build.ts), embedded as assets `console/NAME` with a
 // manifest that lists them (single-executable.ts reads it).
 const consoleDir = join(WORK, 'console');
-rmSync(consoleDir, { recursive: true, force: true });
-mkdirSync(consoleDir, { recursive: true });
-const consoleFiles = await buildConsole();
-for (const f of consoleFiles) writeFileSync(join(consoleDir, f.name), f.body);
-writeFileSync(join(consoleDir, 'manifest.json'), JSON.stringify(consoleFiles.map(({ name, type }) => ({ name, type }))));
+const consoleFiles = await writeConsole(consoleDir);
 const consoleAssets = {
-  [CONSOLE_MANIFEST]: join(consoleDir, 'manifest.json'),
+  [CONSOLE_MANIFEST]: join(consoleDir, basename(CONSOLE_MANIFEST)),
   ...Object.fromEntries(consoleFiles.map((f) => [`console/${f.name}`, join(consoleDir, f.name)])),
 };
 say(`web console bundled: ${consoleFiles.map((f) => `${f.name} ${(f.body.length / 1024).toFixed(1)} KiB`).join(', ')}`);

@@ -2,9 +2,10 @@
 // content hash (so they can be cached for good) and the page that loads them. Used by the single
 // executable's build (scripts/build.ts embeds the files) and, in a checkout, by the controller when
 // the console is first asked for (source-tree.ts); nothing is fetched at run time.
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import * as esbuild from 'esbuild';
-import type { ConsoleFile } from './files.ts';
+import { CONSOLE_MANIFEST, type ConsoleFile } from './files.ts';
 
 const APP = join(import.meta.dirname, 'app');
 
@@ -56,5 +57,18 @@ ${preload.map((name) => `<link rel="modulepreload" href="%BASE%/console/assets/$
 </html>
 `;
   files.push({ name: 'index.html', type: typeOf('index.html'), body: Buffer.from(page) });
+  return files;
+}
+
+/**
+ * Builds the console into `dir` (emptied first): its files and the manifest that lists them (the
+ * names are the SEA assets' `console/NAME`, and an installed package's dist/console/NAME).
+ */
+export async function writeConsole(dir: string): Promise<ConsoleFile[]> {
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  const files = await buildConsole();
+  for (const f of files) writeFileSync(join(dir, f.name), f.body);
+  writeFileSync(join(dir, basename(CONSOLE_MANIFEST)), JSON.stringify(files.map(({ name, type }) => ({ name, type }))));
   return files;
 }
