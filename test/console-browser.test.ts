@@ -2,14 +2,14 @@
 // in, create a synthetic VM and see it turn running without a reload, its page, delete it; an
 // account with compute:read only finds no create or delete buttons and the controller refuses its
 // forged request; a VM's hostile script and events show as characters, never as markup. No page
-// error and no CSP violation anywhere. Takes the README's screenshots (docs/console-*.png).
+// error and no CSP violation anywhere. Takes the README's screenshots
+// (docs/console-*.png) when ORCHARD_SCREENSHOTS is set.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { join } from 'node:path';
 import type { Browser } from 'playwright-core';
-import { ADMIN_TOKEN, inProcessController, ROOT, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, inProcessController, waitFor } from './helpers.ts';
 import { syntheticWorker } from './security/attack.ts';
-import { launchChromium, signedIn as signedInAs } from './console-page.ts';
+import { launchChromium, screenshot, signedIn as signedInAs } from './console-page.ts';
 import { RESOURCE_TART_VMS } from '../src/api/schemas.ts';
 
 const HOSTILE = '<img src=x onerror=alert(1)>';
@@ -49,7 +49,7 @@ describe('web console in chromium', () => {
     assert.equal(await row.locator('span').nth(2).textContent(), 'syn-1');
     assert.match((await row.textContent()) ?? '', /team=web/);
     assert.equal(await page.evaluate(() => (globalThis as unknown as { marker?: number }).marker), 42, 'the page was not reloaded');
-    await page.screenshot({ path: join(ROOT, 'docs', 'console-vms.png') });
+    await screenshot(page, 'console-vms.png');
 
     // Search narrows the list; the count says so.
     await h.admin.createVM({ name: 'other-1', image: 'synthetic' });
@@ -63,7 +63,7 @@ describe('web console in chromium', () => {
     await page.locator('section.vm h2:has-text("web-1")').waitFor();
     await page.locator('section.vm [data-testid=status]:has-text("running")').waitFor();
     assert.match((await page.textContent('section.vm')) ?? '', /cpu2/);
-    await page.screenshot({ path: join(ROOT, 'docs', 'console-vm.png') });
+    await screenshot(page, 'console-vm.png');
     await page.click('section.vm button.danger');
     await page.locator('[data-vm="web-1"]').waitFor({ state: 'detached', timeout: 15_000 });
     await waitFor('web-1 deleted', async () => !(await h.admin.listVMs()).some((v) => v.name === 'web-1'));
@@ -144,7 +144,7 @@ describe('web console in chromium', () => {
     // A VM placed now shows at once.
     await h.admin.createVM({ name: 'one-more', image: 'synthetic' });
     await slots.locator(`text=${placed + 1} / 10, ${10 - placed - 1} free`).waitFor();
-    await page.screenshot({ path: join(ROOT, 'docs', 'console-workers.png') });
+    await screenshot(page, 'console-workers.png');
     await row.locator('button:has-text("Pause")').click();
     await row.locator('[data-testid=scheduling]:has-text("paused")').waitFor();
     assert.equal((await h.admin.getWorker('syn-1')).scheduling_paused, true);
@@ -183,7 +183,7 @@ describe('web console in chromium', () => {
     await page.click('text=Save settings');
     await page.locator('[data-testid=settings-saved]').waitFor();
     assert.deepEqual(await h.admin.getClusterSettings(), { schedulerProfile: 'distribute-load', hostDirPolicies: [{ pathPrefix: '/srv/data', ro: true }, { pathPrefix: '/scratch' }] });
-    await page.screenshot({ path: join(ROOT, 'docs', 'console-admin.png') });
+    await screenshot(page, 'console-admin.png');
     await row.locator('button.danger').click();
     await row.waitFor({ state: 'detached' });
     await assert.rejects(h.admin.getServiceAccount('made-here'), /not found/);

@@ -3,7 +3,9 @@
 // violations, 5xx answers).
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
+import { join } from 'node:path';
 import { chromium, type Browser, type Page } from 'playwright-core';
+import { ROOT } from './helpers.ts';
 
 const CHROMIUM = ['/usr/lib/chromium/chromium', '/usr/bin/chromium'].find((p) => existsSync(p));
 
@@ -34,4 +36,12 @@ export async function signedIn(browser: Browser, url: string, name: string, toke
   await page.click('button[type=submit]');
   await page.waitForSelector('[data-testid=vm-count]:not(:has-text("loading"))');
   return { page, problems, dialogs };
+}
+
+/**
+ * The README's screenshot docs/NAME of the page, refreshed when ORCHARD_SCREENSHOTS is set (each run
+ * would otherwise change the checkout: ages and tokens differ every time).
+ */
+export async function screenshot(page: Page, name: string) {
+  if (process.env.ORCHARD_SCREENSHOTS) await page.screenshot({ path: join(ROOT, 'docs', name) });
 }

@@ -4,10 +4,9 @@
 // replayed, once. The screen: noVNC over the port-forward to the VM's VNC server draws its console.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { join } from 'node:path';
 import type { Browser, Page } from 'playwright-core';
-import { ADMIN_TOKEN, qemuCluster, ROOT } from './helpers.ts';
-import { launchChromium, signedIn } from './console-page.ts';
+import { ADMIN_TOKEN, qemuCluster } from './helpers.ts';
+import { launchChromium, screenshot, signedIn } from './console-page.ts';
 
 /** What the page functions below use of the browser's globals (this file is type-checked without the DOM's types). */
 interface Browserish {
@@ -52,7 +51,7 @@ test('a terminal in the browser: uname -a, resize, and reconnection with replay'
   await page.click('[data-testid=terminal]');
   await page.keyboard.type('uname -a\n');
   await waitForScreen(page, /Linux \S+ \d\S* .*GNU\/Linux/);
-  await page.screenshot({ path: join(ROOT, 'docs', 'console-terminal.png') });
+  await screenshot(page, 'console-terminal.png');
 
   // The PTY follows the page's size.
   await page.keyboard.type('clear; stty size\n');
@@ -98,7 +97,7 @@ test("a VM's screen in the browser: noVNC over the port-forward shows the guest'
     for (let i = 0; i < data.length && colours.size < 2; i += 4) colours.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
     return colours.size >= 2;
   }, undefined, { timeout: 60_000 });
-  await page.screenshot({ path: join(ROOT, 'docs', 'console-screen.png') });
+  await screenshot(page, 'console-screen.png');
   assert.deepEqual(problems, []);
   await page.context().close();
 });
