@@ -9,6 +9,8 @@ import { WebSocket } from 'ws';
 import { rmSync } from 'node:fs';
 import { pino } from 'pino';
 import { startController } from '../src/controller/controller.ts';
+import { Sessions } from '../src/controller/console/sessions.ts';
+import type { Access } from '../src/controller/access.ts';
 import { ADMIN_TOKEN, inProcessController, rawRequest, tempDir, waitFor } from './helpers.ts';
 
 
@@ -285,5 +287,29 @@ describe('console sessions: under an API prefix', () => {
       await ctl.close();
       rmSync(dataDir, { recursive: true, force: true });
     }
+  });
+});
+
+describe('console sessions: idle expiry (a clock of the test)', () => {
+  test('a session unused for the idle time ends; one in use lives on, until its maximum age', async () => {
+    let now = 1_000_000;
+    const account = { name: 'a', token: 't', roles: ['compute:read' as const] };
+    const ended: string[] = [];
+    const access = { current: async (name: string) => (name === 'a' ? account : undefined), endSession: (key: string) => ended.push(key) } as unknown as Access;
+    const sessions = new Sessions(access, { limits: { consoleSessions: 10, consoleSessionsPerAccount: 10, consoleSessionIdleMs: 1000, consoleSessionMaxAgeMs: 5000 }, tls: true, now: () => now });
+    const cookieOf = (c: { cookie: string }) => ({ cookie: c.cookie.split(';')[0] });
+    const idle = sessions.create(account);
+    const busy = sessions.create(account);
+    for (let i = 0; i < 4; i++) {
+      now += 900;
+      await sessions.authenticate(cookieOf(busy), 'GET');
+    }
+    await assert.rejects(sessions.authenticate(cookieOf(idle), 'GET'), /session has ended/);
+    assert.equal(ended.length, 1, 'what the idle session held was closed');
+    now += 900; // 4,500 ms old, used 900 ms ago
+    await sessions.authenticate(cookieOf(busy), 'GET');
+    now += 600; // 5,100 ms: past its maximum age
+    await assert.rejects(sessions.authenticate(cookieOf(busy), 'GET'), /session has ended/);
+    assert.equal(sessions.size, 0);
   });
 });
