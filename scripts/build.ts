@@ -14,10 +14,12 @@
 import { execFileSync } from 'node:child_process';
 import { chmodSync, copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { join, relative, resolve } from 'node:path';
+import { basename, join, relative, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import * as esbuild from 'esbuild';
 import { ASSETS, LAZY_SCRIPT, LAZY_WRAPPER } from '../src/build/assets.ts';
+import { writeConsole } from '../src/console/build.ts';
+import { CONSOLE_MANIFEST } from '../src/console/files.ts';
 
 const ROOT = resolve(import.meta.dirname, '..');
 const DIST = join(ROOT, 'dist');
@@ -187,6 +189,16 @@ execFileSync(
   { stdio: 'pipe' },
 );
 
+// The web console's browser bundle (src/console/build.ts), embedded as assets `console/NAME` with a
+// manifest that lists them (single-executable.ts reads it).
+const consoleDir = join(WORK, 'console');
+const consoleFiles = await writeConsole(consoleDir);
+const consoleAssets = {
+  [CONSOLE_MANIFEST]: join(consoleDir, basename(CONSOLE_MANIFEST)),
+  ...Object.fromEntries(consoleFiles.map((f) => [`console/${f.name}`, join(consoleDir, f.name)])),
+};
+say(`web console bundled: ${consoleFiles.map((f) => `${f.name} ${(f.body.length / 1024).toFixed(1)} KiB`).join(', ')}`);
+
 // 2. The preparation blobs: with code cache for this host (when asked for), without for the others.
 function makeBlob(name: string, useCodeCache: boolean): string {
   const blob = join(WORK, `${name}.blob`);
@@ -202,6 +214,7 @@ function makeBlob(name: string, useCodeCache: boolean): string {
         useCodeCache,
         assets: {
           ...Object.fromEntries(ASSETS.map((a) => [a, join(ROOT, 'src', a)])),
+          ...consoleAssets,
           [LAZY_SCRIPT.source]: lazyBundle,
           ...(useCodeCache ? { [LAZY_SCRIPT.cache]: lazyCache } : {}),
         },

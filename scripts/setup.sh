@@ -14,8 +14,10 @@ if [ "${1:-}" = --test ]; then
   # test/completion.test.ts loads `orchard completion zsh|fish` into them (bash and script(1) are essential);
   # docker-registry, skopeo and apache2-utils (htpasswd): test/oci-*.test.ts pull from and push to a
   # real registry on loopback, with images skopeo copies in and inspects; strace: test/oci-pull.test.ts
-  # checks that a pull fsyncs before each rename that publishes an image.
-  PKGS+=(systemd vncsnapshot tesseract-ocr tesseract-ocr-eng zsh fish docker-registry skopeo apache2-utils strace)
+  # checks that a pull fsyncs before each rename that publishes an image; chromium and fonts-liberation
+  # (its text, which --no-install-recommends would leave out): test/console-*.test.ts drive the web
+  # console in it through playwright-core.
+  PKGS+=(systemd vncsnapshot tesseract-ocr tesseract-ocr-eng zsh fish docker-registry skopeo apache2-utils strace chromium fonts-liberation)
 fi
 command -v npm >/dev/null 2>&1 || PKGS+=(nodejs npm)
 missing=()

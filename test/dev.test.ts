@@ -1,6 +1,7 @@
 // `orchard dev` as a newcomer runs it: one command starts a secure cluster with a qemu worker and
 // writes the `dev` context; a VM from debian-dev runs its startup script; Ctrl-C (SIGINT) leaves no
-// child process and no listening port behind; the next `orchard dev` finds the VM's record again.
+// child process and no listening port behind; the next `orchard dev` finds the VM's record again. It
+// names the web console, which the checkout serves.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -9,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import YAML from 'yaml';
 import { buildDebianDev } from '../src/worker/images.ts';
-import { freePort, ORCHARD_BIN, processesWith, runCLI, tempDir, waitFor } from './helpers.ts';
+import { freePort, ORCHARD_BIN, processesWith, rawRequest, runCLI, tempDir, waitFor } from './helpers.ts';
 
 const IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
 
@@ -42,6 +43,12 @@ test('orchard dev: a working cluster in one command; Ctrl-C leaves nothing runni
     // (Kept as upstream's CLI keeps it: base64 of the PEM.)
     assert.match(Buffer.from(config.contexts.dev.certificate ?? '', 'base64').toString(), /BEGIN CERTIFICATE/, 'the dev context pins the certificate');
     assert.ok((config.contexts.dev.serviceAccountToken ?? '').length >= 40, 'a generated admin token');
+    // The web console, served from the checkout (bundled when first asked for).
+    const consoleURL = /web console: (https:\/\/\S+\/) /.exec(dev.stderr())?.[1];
+    assert.ok(consoleURL, dev.stderr());
+    const page = await rawRequest({ url: consoleURL, certificate: Buffer.from(config.contexts.dev.certificate ?? '', 'base64').toString() }, 'GET', new URL(consoleURL).pathname);
+    assert.equal(page.status, 200);
+    assert.match(page.body, /<div id="app"><\/div>/);
 
     // The quick start, literally: defaults (4 vCPUs, 8 GiB) and all.
     let r = await runCLI(['create', 'vm', 'demo', '--image', 'debian-dev'], env);

@@ -127,6 +127,15 @@ test('the single executable runs a whole cluster with no node on the PATH', { ti
     assert.equal(openapi.status, 200);
     assert.match(openapi.body, /^openapi: 3\.0\.3\n/);
     assert.match(openapi.body, /\/v1\/vms\/\{name\}:/);
+    // The web console: its page and bundle are inside the executable (nothing to build or fetch).
+    const page = await rawRequest({ url, certificate }, 'GET', '/');
+    assert.equal(page.status, 200);
+    const bundle = /src="(\/console\/assets\/app-[^"]+\.js)"/.exec(page.body);
+    assert.ok(bundle, page.body);
+    const script = await rawRequest({ url, certificate }, 'GET', bundle[1]);
+    assert.equal(script.status, 200);
+    assert.match(String(script.headers['content-type']), /^text\/javascript/);
+    assert.ok(script.body.length > 1000, 'the bundle is there');
     const info = await rawRequest({ url, certificate }, 'GET', '/v1/controller/info', { auth: ['bootstrap-admin', TOKEN] });
     assert.equal((info.json as { commit: string }).commit, expectedCommit());
 

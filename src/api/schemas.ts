@@ -23,7 +23,7 @@ const Counters = Type.Record(Type.String({ maxLength: 253 }), Type.Integer({ min
   maxProperties: 256,
 });
 
-export const RESOURCE_TART_VMS = 'org.cirruslabs.tart-vms';
+export { RESOURCE_TART_VMS } from './resources.ts';
 export const RESOURCE_LOGICAL_CORES = 'org.cirruslabs.logical-cores';
 export const RESOURCE_MEMORY_MIB = 'org.cirruslabs.memory-mib';
 

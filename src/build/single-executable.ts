@@ -3,6 +3,7 @@
 // SEA assets.
 import { getAsset } from 'node:sea';
 import type { AssetName } from './assets.ts';
+import { CONSOLE_MANIFEST, type ConsoleFile } from '../console/files.ts';
 
 // Replaced by the build (esbuild's `define`).
 declare const ORCHARD_BUILD_VERSION: string;
@@ -16,6 +17,12 @@ export function buildCommit(): string {
 
 export function assetText(name: AssetName): string {
   return getAsset(name, 'utf8');
+}
+
+/** The web console's files, built with the executable (scripts/build.ts). */
+export function consoleFiles(): Promise<ConsoleFile[]> {
+  const manifest = JSON.parse(getAsset(CONSOLE_MANIFEST, 'utf8')) as { name: string; type: string }[];
+  return Promise.resolve(manifest.map((f) => ({ ...f, body: Buffer.from(getAsset(`console/${f.name}`)) })));
 }
 
 export const SINGLE_EXECUTABLE = true;

@@ -5,6 +5,8 @@
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import type { AssetName } from './assets.ts';
+import { CONSOLE_MANIFEST, type ConsoleFile } from '../console/files.ts';
+import { basename } from 'node:path';
 
 const ROOT = new URL('../../', import.meta.url);
 
@@ -27,6 +29,29 @@ export function buildCommit(): string {
 /** The text of an asset file. */
 export function assetText(name: AssetName): string {
   return readFileSync(new URL(`src/${name}`, ROOT), 'utf8');
+}
+
+let consoleBuild: Promise<ConsoleFile[]> | undefined;
+/**
+ * The web console's files: in a checkout bundled by esbuild (a dev dependency) when first asked for;
+ * in an installed npm package, which has no dev dependencies, the ones `npm pack` built into
+ * dist/console (scripts/console-dist.ts).
+ */
+export function consoleFiles(): Promise<ConsoleFile[]> {
+  consoleBuild ??= import('../console/build.ts').then(
+    (m) => m.buildConsole(),
+    (err: NodeJS.ErrnoException) => {
+      if (err.code !== 'ERR_MODULE_NOT_FOUND') throw err;
+      return prebuiltConsoleFiles(new URL('dist/console/', ROOT));
+    },
+  );
+  return consoleBuild;
+}
+
+/** The console's files as scripts/console-dist.ts wrote them into `dir`. */
+export function prebuiltConsoleFiles(dir: URL): ConsoleFile[] {
+  const manifest = JSON.parse(readFileSync(new URL(basename(CONSOLE_MANIFEST), dir), 'utf8')) as { name: string; type: string }[];
+  return manifest.map((f) => ({ ...f, body: readFileSync(new URL(f.name, dir)) }));
 }
 
 /** true in the single executable. */

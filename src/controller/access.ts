@@ -51,6 +51,8 @@ interface Hold {
   token: string | undefined;
   roles: readonly Role[];
   close: (reason: string) => void;
+  /** The console session it was opened with (signing out closes it). */
+  session?: string;
 }
 
 export class Access {
@@ -84,6 +86,10 @@ export class Access {
   }
 
   /** The committed account `name` (undefined when there is none). */
+  current(name: string): Promise<ServiceAccount | undefined> {
+    return this.account(name);
+  }
+
   private async account(name: string): Promise<ServiceAccount | undefined> {
     const cached = this.accounts.get(name);
     if (cached) return cached;
@@ -122,10 +128,10 @@ export class Access {
    * Registers something `account` keeps open because it has one of `roles`; `close` is called (once)
    * when that stops being true. Returns the function to call when it ends by itself.
    */
-  hold(account: ServiceAccount, roles: readonly Role[], close: (reason: string) => void): () => void {
+  hold(account: ServiceAccount, roles: readonly Role[], close: (reason: string) => void, session?: string): () => void {
     let set = this.holds.get(account.name);
     if (!set) this.holds.set(account.name, (set = new Set()));
-    const hold: Hold = { token: account.token, roles, close };
+    const hold: Hold = { token: account.token, roles, close, session };
     set.add(hold);
     return () => {
       set.delete(hold);
@@ -165,6 +171,22 @@ export class Access {
     return this.holds.get(name)?.size ?? 0;
   }
 
+  /** Closes what was opened with console session `session` (it was signed out or ended). */
+  endSession(session: string, reason: string) {
+    for (const [name, set] of this.holds) {
+      for (const hold of [...set]) {
+        if (hold.session !== session) continue;
+        set.delete(hold);
+        try {
+          hold.close(reason);
+        } catch (err) {
+          this.log.error({ err, account: name }, 'closing what a session held failed');
+        }
+      }
+      if (set.size === 0) this.holds.delete(name);
+    }
+  }
+
   private revoke(name: string, now: ServiceAccount | undefined) {
     const set = this.holds.get(name);
     if (!set) return;
@@ -198,6 +220,8 @@ export class Access {
 declare module 'fastify' {
   interface FastifyRequest {
     account?: ServiceAccount;
+    /** The console session the request was authenticated by (none with Basic auth). */
+    session?: string;
   }
   interface FastifyContextConfig {
     /** Roles of which the caller needs one; [] = any authenticated account; undefined = public. */

@@ -8,7 +8,9 @@ import { randomUUID } from 'node:crypto';
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import type { Store } from './store/store.ts';
-import { Access, authorize, parseBasicAuth } from './access.ts';
+import { Access, authorize } from './access.ts';
+import { authenticateCaller, Sessions } from './console/sessions.ts';
+import { registerConsoleRoutes } from './console/routes.ts';
 import type { BackoffOptions } from './auth-backoff.ts';
 import type { AppContext } from './context.ts';
 import { checkActsAs } from './domain/workers.ts';
@@ -225,7 +227,9 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     scheduler.kick();
   };
 
+  const sessions = new Sessions(access, { limits, tls: opts.https !== undefined, pathPrefix: apiPrefix });
   const sockets = new WebSocketRoutes(access, opts.logger, (path) => stripAPIPrefix(path, apiPrefix), opts.pingIntervalMs);
+  sockets.sessions = sessions;
   sockets.route('/v1/rpc/watch', ['compute:read'], { maxPayload: limits.controlFrameBytes }, async ({ url, account }) => {
     const worker = url.searchParams.get('workerName') ?? url.searchParams.get('worker') ?? '';
     if (!new RegExp(NAME_PATTERN).test(worker)) throw badRequest('query parameter "workerName" must be the worker\'s name (letters, digits, \'-\', \'_\', \'.\', \':\')');
@@ -260,7 +264,10 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     if (hasBody && request.headers['content-type'] === undefined) request.headers['content-type'] = 'application/json';
     const roles = request.routeOptions.config.roles;
     if (roles === undefined) return;
-    request.account = await access.authenticate(parseBasicAuth(request.headers.authorization), request.ip);
+    // Basic auth, or the web console's session cookie (with its CSRF checks): the same roles either way.
+    const caller = await authenticateCaller(access, sessions, { headers: request.headers, method: request.method, remoteAddress: request.ip });
+    request.account = caller.account;
+    request.session = caller.session;
     authorize(request.account, roles);
   });
   app.addHook('onResponse', async (request, reply) => {
@@ -312,6 +319,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   registerRegistryRoutes(app, ctx);
   registerImageRoutes(app, ctx);
   registerConnectRoutes(app, ctx, sockets, tunnels);
+  registerConsoleRoutes(app, ctx, sessions, apiPrefix);
 
   scheduler.start();
   return {
@@ -327,6 +335,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
       tunnels.close();
       registries.close();
       sockets.close();
+      sessions.close();
       access.close();
       await app.close();
     },

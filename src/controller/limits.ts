@@ -34,6 +34,14 @@ export interface Limits {
   requestTimeoutMs: number;
   /** An idle keep-alive connection is closed after this. */
   keepAliveTimeoutMs: number;
+  /** Web console sessions held in all; sign-in answers 429 past it. */
+  consoleSessions: number;
+  /** Web console sessions per service account; one more signs the account's oldest out. */
+  consoleSessionsPerAccount: number;
+  /** A console session not used for this long ends. */
+  consoleSessionIdleMs: number;
+  /** A console session ends this long after its sign-in. */
+  consoleSessionMaxAgeMs: number;
 }
 
 const MiB = 1024 * 1024;
@@ -53,6 +61,10 @@ export const DEFAULT_LIMITS: Readonly<Limits> = {
   firstRequestTimeoutMs: 30_000,
   requestTimeoutMs: 60_000,
   keepAliveTimeoutMs: 72_000,
+  consoleSessions: 10_000,
+  consoleSessionsPerAccount: 32,
+  consoleSessionIdleMs: 8 * 3600_000,
+  consoleSessionMaxAgeMs: 24 * 3600_000,
 };
 
 export function limitsOf(overrides: Partial<Limits> = {}): Limits {

@@ -5,7 +5,8 @@ import type { IncomingMessage, Server } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { Role, ServiceAccount } from '../api/schemas.ts';
-import { authorize, parseBasicAuth, type Access } from './access.ts';
+import { authorize, type Access } from './access.ts';
+import { authenticateCaller, type Sessions } from './console/sessions.ts';
 import { HttpError } from './errors.ts';
 import type { Logger } from 'pino';
 import type { Limits } from './limits.ts';
@@ -86,6 +87,8 @@ export class WebSocketRoutes {
   private readonly logger: Logger;
   /** The route's path of a request's path (the API prefix taken off), or undefined outside the API. */
   private readonly routePath: (path: string) => string | undefined;
+  /** The console's sessions: a WebSocket may be opened with a session cookie instead of Basic auth. */
+  sessions: Sessions | undefined;
 
   constructor(access: Access, logger: Logger, routePath: (path: string) => string | undefined = (path) => path, pingIntervalMs = PING_INTERVAL_MS) {
     this.access = access;
@@ -127,6 +130,7 @@ export class WebSocketRoutes {
     traceTunnel(`ctl-upgrade:${url.pathname.includes('/rpc/') ? 'worker' : 'client'}`);
     let onOpen: (ws: WebSocket) => void;
     let account: ServiceAccount;
+    let session: string | undefined;
     let roles: readonly Role[];
     let wss: WebSocketServer;
     let untake = () => {};
@@ -142,7 +146,7 @@ export class WebSocketRoutes {
       const route = path === undefined ? undefined : this.routes.find((r) => (match = r.pattern.exec(path)) !== null);
       if (!route || !match) throw new HttpError(404, `no WebSocket route for ${url.pathname}`);
       const m: RegExpExecArray = match;
-      account = await this.access.authenticate(parseBasicAuth(request.headers.authorization), request.socket.remoteAddress);
+      ({ account, session } = await authenticateCaller(this.access, this.sessions, { headers: request.headers, method: 'GET', remoteAddress: request.socket.remoteAddress, websocket: true }));
       authorize(account, route.roles);
       this.offences.check(account.name);
       const params = Object.fromEntries(route.keys.map((k, i) => [k, decodePathSegment(m[i + 1])]));
@@ -178,7 +182,7 @@ export class WebSocketRoutes {
         this.logger.warn({ account: account.name, path: url.pathname, err: err.message, offences: count }, 'a WebSocket broke the protocol: its account is held off for a while');
       });
       // Revoking the account (deleted, new token, role removed) closes the connection at once.
-      const release = this.access.hold(account, roles, (why) => ws.close(1008, why.slice(0, 120)));
+      const release = this.access.hold(account, roles, (why) => ws.close(1008, why.slice(0, 120)), session);
       ws.on('close', release);
       traceTunnel(`ctl-opened:${url.pathname.includes('/rpc/') ? 'worker' : 'client'}`);
       onOpen(ws);

@@ -1,14 +1,12 @@
 // The controller's in-memory view of the committed VMs and workers: loaded once from the store, then
 // kept current from the store's commit feed (never re-read). The scheduler places from it, workers'
 // sync pushes carry their VMs from it, and `GET /v1/vms` is answered from it without touching SQLite.
-import { RESOURCE_TART_VMS, type VM, type Worker } from '../api/schemas.ts';
+import type { VM, Worker } from '../api/schemas.ts';
+import { requirements } from '../api/resources.ts';
 import type { Change, Store } from './store/store.ts';
 import { redactVM, type VMSecrets } from './domain/vms.ts';
 
-/** What a VM takes from its worker: one VM slot, plus the resources it asks for. */
-export function requirements(vm: VM): Record<string, number> {
-  return { [RESOURCE_TART_VMS]: 1, ...(vm.resources ?? {}) };
-}
+export { requirements };
 
 export type ViewChange = { kind: 'vms'; type: Change['type']; object: VM; before?: VM } | { kind: 'workers'; type: Change['type']; object: Worker; before?: Worker };
 

@@ -84,7 +84,7 @@ export async function streamWatch<K extends Kind>(
     if (pendingBytes > limit && reply.sent) endWith(behind(pendingBytes + raw.writableLength));
   });
   // Revoking the account (deleted, new token, role removed) ends the stream at once.
-  const release = account ? ctx.access.hold(account, reply.request.routeOptions.config.roles ?? [], () => raw.destroy()) : () => {};
+  const release = account ? ctx.access.hold(account, reply.request.routeOptions.config.roles ?? [], () => raw.destroy(), reply.request.session) : () => {};
   let stopped = false;
   const stop = () => {
     if (stopped) return;

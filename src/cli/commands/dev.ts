@@ -4,7 +4,7 @@
 import { Option, type Command } from 'commander';
 import { existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { loadConfig, saveConfig } from '../../client/config.ts';
+import { configPath, loadConfig, saveConfig } from '../../client/config.ts';
 import { collectKeyValue, parseInteger, UsageError } from '../common.ts';
 import type { Driver } from '../../worker/drivers/driver.ts';
 import type { OrchardWorker } from '../../worker/worker.ts';
@@ -96,6 +96,7 @@ export function registerDevCommand(program: Command) {
           '    orchard list vms',
           '    orchard logs vm demo',
           '    orchard delete vm demo',
+          `  web console: ${ctl.url}/ (sign in as bootstrap-admin with the token of context "dev" in ${configPath()})`,
           '  more workers: orchard worker run URL --bootstrap-token "$(orchard get bootstrap-token bootstrap-admin)"',
           '  Ctrl-C stops everything.\n',
         ].join('\n'),
