@@ -3,7 +3,7 @@
 // sync pushes carry their VMs from it, and `GET /v1/vms` is answered from it without touching SQLite.
 import type { VM, Worker } from '../api/schemas.ts';
 import { requirements } from '../api/resources.ts';
-import type { Change, Store } from './store/store.ts';
+import type { Change, Kinds, Store } from './store/store.ts';
 import { redactVM, type VMSecrets } from './domain/vms.ts';
 
 export { requirements };
@@ -27,6 +27,8 @@ export class ClusterView {
   private readonly unsubscribe: () => void;
   /** Settles when the initial snapshot is in; nothing should be read before. */
   readonly loaded: Promise<void>;
+  /** The revision of the last change the view reflects (-1 until it is loaded). */
+  private revision = -1;
 
   constructor(store: Store) {
     let snapshotRevision = -1;
@@ -41,6 +43,7 @@ export class ClusterView {
       for (const vm of vms.items) this.record(vm.name, vm);
       for (const w of workers.items) this.workers.set(w.name, w);
       snapshotRevision = Math.min(vms.revision, workers.revision);
+      this.revision = snapshotRevision;
       for (const change of early) if (change.revision > snapshotRevision) this.apply(change);
       early.length = 0;
     })();
@@ -93,6 +96,7 @@ export class ClusterView {
   }
 
   private apply(change: Change) {
+    this.revision = Math.max(this.revision, change.revision);
     let event: ViewChange;
     if (change.kind === 'vms') {
       const vm = change.object as VM;
@@ -112,6 +116,19 @@ export class ClusterView {
     let s = this.json[secrets].get(name);
     if (s === undefined) this.json[secrets].set(name, (s = JSON.stringify(redactVM(this.vms.get(name)!, secrets))));
     return s;
+  }
+
+  /**
+   * What the store's `snapshot` gives for VMs or workers, from memory (no read of every row), once the
+   * view is loaded (else undefined): the view applies each change as the store publishes it, in order.
+   */
+  snapshot<K extends 'vms' | 'workers'>(kind: K, filter?: { worker?: string }): { items: Kinds[K][]; revision: number } | undefined {
+    if (this.revision < 0) return undefined;
+    let items: (VM | Worker)[];
+    if (kind === 'workers') items = [...this.workers.values()];
+    else if (filter?.worker !== undefined) items = Array.from(this.byWorker.get(filter.worker) ?? [], (n) => this.vms.get(n)!);
+    else items = [...this.vms.values()];
+    return { items: items as Kinds[K][], revision: this.revision };
   }
 
   /** The names of the VMs placed on each worker (workers that were deleted included). */

@@ -10,6 +10,8 @@ import type { AppContext } from './context.ts';
 
 /** A reader that leaves the end line unread this long after it was written loses the connection. */
 const END_GRACE_MS = 10_000;
+/** Snapshot lines written in one event-loop turn. */
+const SNAPSHOT_SLICE = 500;
 
 /**
  * Each change's line, made once for every stream that shows it the same way (`as` names the way: which
@@ -99,7 +101,9 @@ export async function streamWatch<K extends Kind>(
   raw.on('close', stop);
   ctx.shutdown.addEventListener('abort', end);
   try {
-    const snapshot = await ctx.store.snapshot(kind, filter);
+    // VMs and workers from the in-memory view (10,000 VMs: no 7 MB read and parse on the event loop).
+    const fromView = kind === 'vms' || kind === 'workers' ? ctx.view.snapshot(kind as 'vms' | 'workers', filter) : undefined;
+    const snapshot = (fromView as { items: Kinds[K][]; revision: number } | undefined) ?? (await ctx.store.snapshot(kind, filter));
     snapshotRevision = snapshot.revision;
     reply.hijack();
     raw.writeHead(200, { 'content-type': 'application/x-ndjson', 'cache-control': 'no-store', 'x-request-id': String(reply.request.id) });
@@ -110,10 +114,13 @@ export async function streamWatch<K extends Kind>(
     }
     if (pendingBytes > limit) endWith(behind(pendingBytes));
     // The snapshot goes out as fast as the reader takes it (it may be larger than the limit).
+    // In slices, so that a big snapshot (10,000 VMs: tens of ms) does not hold up other requests.
+    let sliced = 0;
     for (const object of snapshot.items) {
       if (ended || raw.destroyed) return;
       if (!matches(object)) continue;
       if (!raw.write(lineOf({ type: 'ADDED', object })) && raw.writableLength >= limit) await drained(raw);
+      else if (++sliced % SNAPSHOT_SLICE === 0) await new Promise((r) => setImmediate(r));
     }
     for (const change of pending) if (change.revision > snapshotRevision) write(change.line);
     pending.length = 0;
