@@ -94,6 +94,16 @@ export class Access {
   }
 
   /**
+   * `account` as committed now, for what a connection authenticated earlier does later (a report up a
+   * worker's watch): 401 when it was deleted or given a new token since.
+   */
+  async current(account: ServiceAccount): Promise<ServiceAccount> {
+    const now = await this.account(account.name);
+    if (!now || !tokensEqual(now.token ?? '', account.token ?? '')) throw new HttpError(401, 'invalid service account name or token');
+    return now;
+  }
+
+  /**
    * The account these credentials sign in as. 401 without credentials or with wrong ones (logged
    * with the account name and source), 429 while the source or the account name is backed off.
    */

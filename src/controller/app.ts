@@ -18,6 +18,7 @@ import { VERSION } from '../api/version.ts';
 import { registerVMRoutes } from './routes/vms.ts';
 import { registerWorkerRoutes } from './routes/workers.ts';
 import { registerAdminRoutes } from './routes/admin.ts';
+import { takeReports } from './worker-reports.ts';
 import { WebSocketRoutes, WorkerChannels } from './rpc.ts';
 import { Scheduler } from './scheduler.ts';
 import { ClusterView } from './view.ts';
@@ -225,6 +226,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     scheduler.kick();
   };
 
+  const reportsContext = { store: opts.store, view, access, logger: opts.logger, metrics };
   const sockets = new WebSocketRoutes(access, opts.logger, (path) => stripAPIPrefix(path, apiPrefix), opts.pingIntervalMs);
   sockets.route('/v1/rpc/watch', ['compute:read'], { maxPayload: limits.controlFrameBytes }, async ({ url, account }) => {
     const worker = url.searchParams.get('workerName') ?? url.searchParams.get('worker') ?? '';
@@ -240,7 +242,10 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
       checkActsAs(view.workers.get(worker) ?? record, account);
     }
     await registries.loaded;
-    return (ws) => channels.accept(worker, ws, registries.greeting(worker));
+    return (ws) => {
+      takeReports(reportsContext, ws, worker, account);
+      channels.accept(worker, ws, registries.greeting(worker));
+    };
   });
   sockets.attach(app.server);
   // Before anything else watches connections: they then see every one, from its first byte on.

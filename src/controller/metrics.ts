@@ -6,6 +6,7 @@ export class Metrics {
   readonly registry = new Registry();
   private readonly requests: Counter<'method' | 'route' | 'status'>;
   private readonly latency: Histogram<'method' | 'route'>;
+  private readonly reports: Counter<'kind' | 'status'>;
 
   constructor(store: Store, workerOfflineTimeoutMs: number) {
     collectDefaultMetrics({ register: this.registry, prefix: 'orchard_controller_' });
@@ -20,6 +21,12 @@ export class Metrics {
       help: 'HTTP request latency, by method and route',
       labelNames: ['method', 'route'],
       buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+      registers: [this.registry],
+    });
+    this.reports = new Counter({
+      name: 'orchard_worker_reports_total',
+      help: 'Worker reports taken over the watch WebSocket (not HTTP), by kind (vmState, vmEvents, workerImages) and status code',
+      labelNames: ['kind', 'status'],
       registers: [this.registry],
     });
     new Gauge({
@@ -61,6 +68,10 @@ export class Metrics {
   observeRequest(method: string, route: string, status: number, seconds: number) {
     this.requests.inc({ method, route, status: String(status) });
     this.latency.observe({ method, route }, seconds);
+  }
+
+  observeReport(kind: string, status: number) {
+    this.reports.inc({ kind, status: String(status) });
   }
 
   render() {

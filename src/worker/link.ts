@@ -8,7 +8,8 @@ import { WebSocket } from 'ws';
 import type { Logger } from 'pino';
 import type { Worker } from '../api/schemas.ts';
 import { ApiError, CertificateMismatchError, probeCertificate, type OrchardClient } from '../client/client.ts';
-import { parseInstructionWith, type WorkerInstruction } from '../api/worker-protocol.ts';
+import { parseInstructionWith, WATCH_REPORTS, type WorkerInstruction } from '../api/worker-protocol.ts';
+import type { WatchReports } from './reports.ts';
 
 export interface LinkOptions {
   client: OrchardClient;
@@ -21,6 +22,8 @@ export interface LinkOptions {
   record(): Worker;
   /** The instructions of ours the worker understands (declared in its record); others are ignored. */
   capabilities: readonly string[];
+  /** Reports up the watch (used when the controller can take them): handed each connection and its acknowledgements. */
+  reports: WatchReports;
   /** A registration (the first or a later one) was accepted. */
   onRegistered?(): void;
   heartbeatMs?: number;
@@ -49,6 +52,8 @@ export class ControllerLink {
     workerImages: false,
     /** It pairs port-forwards with ready connections on /v1/rpc/port-forward-pool ("tunnel-pool"). */
     tunnelPool: false,
+    /** It takes reports up the watch WebSocket ("watch-reports"): then the worker needs no HTTPS connection meanwhile. */
+    watchReports: false,
   };
 
   private readonly o: LinkOptions;
@@ -67,6 +72,7 @@ export class ControllerLink {
     this.can.orphans = caps.includes('orphans');
     this.can.workerImages = caps.includes('worker-images');
     this.can.tunnelPool = caps.includes('tunnel-pool');
+    this.can.watchReports = caps.includes(WATCH_REPORTS);
     this.checkCluster(info?.clusterID);
     try {
       await this.register();
@@ -85,6 +91,7 @@ export class ControllerLink {
   stop() {
     clearInterval(this.heartbeat);
     this.ws?.terminate();
+    this.o.reports.close();
   }
 
   /** Is the instruction channel to the controller open? */
@@ -149,12 +156,15 @@ export class ControllerLink {
     this.ws = ws;
     ws.on('open', () => {
       this.reconnectDelay = 500;
+      this.o.reports.attach(ws);
       this.o.onConnected();
       log.info('connected to the controller');
       void client.info().then((i) => this.checkCluster(i.clusterID), () => {});
     });
     ws.on('message', (data) => {
-      const msg = parseInstructionWith(data.toString(), this.o.capabilities);
+      const text = data.toString();
+      if (this.o.reports.handle(text)) return;
+      const msg = parseInstructionWith(text, this.o.capabilities);
       if (msg) this.o.onInstruction(msg);
     });
     ws.on('unexpected-response', (_req, res) => {
@@ -164,6 +174,7 @@ export class ControllerLink {
     });
     ws.on('error', (err) => log.debug({ err: err.message }, 'watch connection error'));
     ws.on('close', () => {
+      this.o.reports.detach(ws);
       if (this.o.stopped.aborted) return;
       // Exponential backoff with full jitter: after a controller restart, hundreds of workers spread
       // their reconnects over the window instead of arriving together. The controller keeps the
