@@ -7,7 +7,7 @@
 //   --paced-rate 200    creates/s of the paced phase after it (M/10 more VMs, one at a time)
 import { parseArgs } from 'node:util';
 import { spawn } from 'node:child_process';
-import { rmSync } from 'node:fs';
+import { readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { performance } from 'node:perf_hooks';
@@ -37,6 +37,9 @@ async function probe(cluster: Cluster, args: string[]): Promise<() => Promise<st
     return lines;
   };
 }
+
+/** The open descriptors of a process (the controller's: mostly its TLS connections). */
+const descriptors = (pid: number) => readdirSync(`/proc/${pid}/fd`).length;
 
 interface Row {
   [figure: string]: string;
@@ -71,6 +74,7 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     const idle = await usageOf(pid, 10_000);
     row['controller RSS, workers idle'] = `${idle.rssMB.toFixed(0)} MB`;
     row['controller CPU, workers idle'] = `${idle.cpuPercent.toFixed(1)} %`;
+    row['controller descriptors, workers idle'] = String(descriptors(pid));
 
     const watcher = new Watcher(cluster.admin);
     await new Promise((r) => setTimeout(r, 200));
@@ -125,6 +129,7 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     row[`  + the client's JSON.parse`] = `${pct(lists.map(([, ms]) => ms).sort((a, b) => a - b), 50).toFixed(1)} ms`;
     const loaded = await usageOf(pid, 3000);
     row['controller RSS, all running'] = `${loaded.rssMB.toFixed(0)} MB`;
+    row['controller descriptors, all running'] = String(descriptors(pid));
 
     if (values['no-restart']) return row;
     // Cold restart with everything stored, while the workers reconnect; the first served request is
