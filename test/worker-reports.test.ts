@@ -2,7 +2,7 @@
 // send them: a report on another worker's VM is refused with the HTTP route's status and message, bad
 // frames get a clear error and the connection carries on, a connection past its in-flight bound gets
 // 429s; and a report the controller was killed (-9) before acknowledging is sent again after the
-// restart, not lost.
+// restart, not lost, by a worker that makes no HTTPS request to reconnect.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, rmSync } from 'node:fs';
@@ -141,6 +141,7 @@ test('kill -9 of the controller between a report and its acknowledgement loses n
     const metrics = await again.call<string>('GET', '/metrics');
     assert.match(metrics, /orchard_worker_reports_total\{kind="vmState",status="200"\} [1-9]/, 'the report came again up the watch');
     assert.doesNotMatch(metrics, /route="\/v1\/vms\/:name\/state"/, 'not by HTTP');
+    assert.doesNotMatch(metrics, /route="\/v1\/controller\/info"/, 'the reconnected worker learnt the cluster id from the hello frame, not by HTTPS');
     const events = (await again.listEvents('k')).events.map((e) => e.payload);
     assert.ok(events.some((p) => p.startsWith('running')), `the report's events came with it: ${events.join(' | ')}`);
     again.close();

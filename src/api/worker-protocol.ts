@@ -164,3 +164,21 @@ export function parseReportAck(frame: string): ReportAck | undefined {
   if (typeof a.message === 'string') ack.message = a.message;
   return ack;
 }
+
+/**
+ * The first frame of a watch opened with `hello=1` (by our worker, against a controller with
+ * WATCH_REPORTS): the controller's cluster id, which the worker would otherwise ask for with an HTTPS
+ * request on every reconnect.
+ */
+export const controllerHelloFrame = (clusterID: string | undefined) => JSON.stringify({ controllerHello: { clusterID: clusterID ?? '' } });
+
+/** The cluster id of a hello frame, or undefined for any other frame. */
+export function parseControllerHello(frame: string): { clusterID: string } | undefined {
+  if (!frame.startsWith('{"controllerHello"')) return undefined;
+  try {
+    const h = (JSON.parse(frame) as { controllerHello?: { clusterID?: unknown } }).controllerHello;
+    return typeof h?.clusterID === 'string' ? { clusterID: h.clusterID } : undefined;
+  } catch {
+    return undefined;
+  }
+}

@@ -19,6 +19,7 @@ import { registerVMRoutes } from './routes/vms.ts';
 import { registerWorkerRoutes } from './routes/workers.ts';
 import { registerAdminRoutes } from './routes/admin.ts';
 import { takeReports } from './worker-reports.ts';
+import { controllerHelloFrame } from '../api/worker-protocol.ts';
 import { WebSocketRoutes, WorkerChannels } from './rpc.ts';
 import { Scheduler } from './scheduler.ts';
 import { ClusterView } from './view.ts';
@@ -242,9 +243,11 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
       checkActsAs(view.workers.get(worker) ?? record, account);
     }
     await registries.loaded;
+    // Our worker asks for a hello (the cluster id) instead of an HTTPS request per reconnect.
+    const hello = url.searchParams.get('hello') === '1' ? [controllerHelloFrame(opts.clusterID)] : [];
     return (ws) => {
       takeReports(reportsContext, ws, worker, account);
-      channels.accept(worker, ws, registries.greeting(worker));
+      channels.accept(worker, ws, [...hello, ...registries.greeting(worker)]);
     };
   });
   sockets.attach(app.server);

@@ -8,8 +8,11 @@ import { WebSocket } from 'ws';
 import type { Logger } from 'pino';
 import type { Worker } from '../api/schemas.ts';
 import { ApiError, CertificateMismatchError, probeCertificate, type OrchardClient } from '../client/client.ts';
-import { parseInstructionWith, WATCH_REPORTS, type WorkerInstruction } from '../api/worker-protocol.ts';
+import { parseControllerHello, parseInstructionWith, WATCH_REPORTS, type WorkerInstruction } from '../api/worker-protocol.ts';
 import type { WatchReports } from './reports.ts';
+
+/** How long after the watch opens the controller's hello may take before the worker asks by HTTPS. */
+const HELLO_WAIT_MS = 5000;
 
 export interface LinkOptions {
   client: OrchardClient;
@@ -152,6 +155,10 @@ export class ControllerLink {
     const { client, log } = this.o;
     const url = client.urlOf('/v1/rpc/watch', true);
     url.searchParams.set('workerName', this.o.workerName);
+    // A controller that takes reports up the watch says hello with its cluster id: no HTTPS request per reconnect.
+    const hello = this.can.watchReports;
+    if (hello) url.searchParams.set('hello', '1');
+    let helloTimer: NodeJS.Timeout | undefined;
     const ws = new WebSocket(url, { headers: { authorization: client.authorization ?? '' }, ...client.tlsOptions(), handshakeTimeout: 15_000 });
     this.ws = ws;
     ws.on('open', () => {
@@ -159,11 +166,18 @@ export class ControllerLink {
       this.o.reports.attach(ws);
       this.o.onConnected();
       log.info('connected to the controller');
-      void client.info().then((i) => this.checkCluster(i.clusterID), () => {});
+      // No hello soon: not the controller it was (an older one took its place); ask, and learn what this one can do.
+      if (hello) helloTimer = setTimeout(() => void this.refresh(), HELLO_WAIT_MS);
+      else void this.refresh();
     });
     ws.on('message', (data) => {
       const text = data.toString();
       if (this.o.reports.handle(text)) return;
+      const hi = parseControllerHello(text);
+      if (hi) {
+        clearTimeout(helloTimer);
+        return this.checkCluster(hi.clusterID);
+      }
       const msg = parseInstructionWith(text, this.o.capabilities);
       if (msg) this.o.onInstruction(msg);
     });
@@ -174,6 +188,7 @@ export class ControllerLink {
     });
     ws.on('error', (err) => log.debug({ err: err.message }, 'watch connection error'));
     ws.on('close', () => {
+      clearTimeout(helloTimer);
       this.o.reports.detach(ws);
       if (this.o.stopped.aborted) return;
       // Exponential backoff with full jitter: after a controller restart, hundreds of workers spread
@@ -194,6 +209,14 @@ export class ControllerLink {
         );
       }, delay);
     });
+  }
+
+  /** The controller's cluster id, and whether it (still) takes reports up the watch. */
+  private async refresh() {
+    const info = await this.o.client.info().catch(() => undefined);
+    if (!info) return;
+    this.checkCluster(info.clusterID);
+    this.can.watchReports = (info.capabilities ?? []).includes(WATCH_REPORTS);
   }
 
   /**
