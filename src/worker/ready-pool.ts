@@ -42,13 +42,22 @@ export class ReadyPool {
     this.idle.clear();
   }
 
-  /** Refills now, without waiting out a back-off (the watch reconnected: the controller is back). */
-  kick() {
+  /**
+   * Refills without waiting out a back-off (the watch reconnected: the controller is back), at a
+   * random moment within `spreadMs`: after a controller restart a thousand workers' ready connections
+   * would otherwise be as many TLS handshakes at once, in front of its API requests and the other
+   * workers' watches.
+   */
+  kick(spreadMs = 0) {
     if (!this.running) return;
     clearTimeout(this.retry);
     this.retry = undefined;
     this.retryDelay = 500;
-    this.fill();
+    if (spreadMs <= 0) return this.fill();
+    this.retry = setTimeout(() => {
+      this.retry = undefined;
+      this.fill();
+    }, Math.random() * spreadMs);
   }
 
   /** Connections open and idle now (the controller holds them as ready by the time they count). */

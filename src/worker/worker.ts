@@ -47,6 +47,9 @@ export interface WorkerOptions {
   logger: Logger;
 }
 
+/** After the watch reconnects, the ready tunnel connections are opened again within this long (spread). */
+const READY_REFILL_SPREAD_MS = 3000;
+
 export class OrchardWorker {
   private readonly o: WorkerOptions;
   private readonly log: Logger;
@@ -87,7 +90,7 @@ export class OrchardWorker {
       onInstruction: (msg) => this.instruction(msg),
       onConnected: () => {
         this.reconciler.reconnected();
-        if (this.link.can.tunnelPool) this.readyPool?.kick();
+        if (this.link.can.tunnelPool) this.readyPool?.kick(READY_REFILL_SPREAD_MS);
       },
     });
     this.reconciler = new Reconciler({
