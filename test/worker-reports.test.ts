@@ -11,7 +11,7 @@ import type { TLSSocket } from 'node:tls';
 import { pino } from 'pino';
 import { WebSocket } from 'ws';
 import { localNameOf } from '../src/api/schemas.ts';
-import { MAX_REPORTS_IN_FLIGHT, parseReportAck, type ReportAck } from '../src/api/worker-protocol.ts';
+import { MAX_REPORTS_IN_FLIGHT, parseControllerHello, parseReportAck, type ReportAck } from '../src/api/worker-protocol.ts';
 import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
 import { OrchardWorker } from '../src/worker/worker.ts';
 import { OrchardClient } from '../src/client/client.ts';
@@ -20,19 +20,22 @@ import { ADMIN_TOKEN, freePort, inProcessController, placeOn, rawRequest, spawnC
 type Controller = Awaited<ReturnType<typeof inProcessController>>;
 
 /** A raw watch connection of worker `worker` as `account`, collecting the acknowledgements it gets. */
-async function rawWatch(c: Controller, worker: string, account: [string, string]) {
+async function rawWatch(c: Controller, worker: string, account: [string, string], query: Record<string, string> = {}) {
   const client = c.client(...account);
   const url = client.urlOf('/v1/rpc/watch', true);
   url.searchParams.set('workerName', worker);
+  for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
   const ws = new WebSocket(url, { headers: { authorization: client.authorization ?? '' }, ...client.tlsOptions() });
   const acks: ReportAck[] = [];
+  const frames: string[] = [];
   ws.on('message', (data) => {
     const ack = parseReportAck(data.toString());
     if (ack) acks.push(ack);
+    else frames.push(data.toString());
   });
   await new Promise((resolve, reject) => ws.once('open', resolve).once('error', reject));
   const ackOf = (id: number | null) => waitFor(`the acknowledgement of ${id}`, () => acks.find((a) => a.id === id), 10_000, 10);
-  return { ws, acks, ackOf };
+  return { ws, acks, frames, ackOf };
 }
 
 test("a report on another worker's VM up the watch is refused as over HTTP; bad frames get a clear error and the connection carries on", async () => {
@@ -151,5 +154,25 @@ test('kill -9 of the controller between a report and its acknowledgement loses n
     await ctl.kill('SIGKILL');
     rmSync(dataDir, { recursive: true, force: true });
     rmSync(workerDir, { recursive: true, force: true });
+  }
+});
+
+test('a watch opened with hello=1 starts with the hello: the cluster id and the reconnect window (2 ms per registered worker, 0.25 to 2.5 s); without it, no hello', async () => {
+  const c = await inProcessController();
+  try {
+    for (let i = 0; i < 200; i++) await c.admin.registerWorker({ name: `w${i}`, resources: { 'org.cirruslabs.tart-vms': 1 } });
+    const info = await c.admin.info();
+    const ours = await rawWatch(c, 'w0', ['bootstrap-admin', ADMIN_TOKEN], { hello: '1' });
+    await waitFor('the first frames', () => (ours.frames.length >= 2 ? true : undefined), 10_000, 10);
+    assert.deepEqual(parseControllerHello(ours.frames[0]), { clusterID: info.clusterID, reconnectWindowMs: 400 });
+    const upstreamLike = await rawWatch(c, 'w1', ['bootstrap-admin', ADMIN_TOKEN]);
+    await waitFor('the first frame', () => (upstreamLike.frames.length >= 1 ? true : undefined), 10_000, 10);
+    assert.ok(upstreamLike.frames.every((f) => !parseControllerHello(f)), 'no hello for a worker that did not ask (upstream\'s)');
+    assert.match(upstreamLike.frames[0], /^\{"syncVMsAction"/);
+    ours.ws.close();
+    upstreamLike.ws.close();
+  } finally {
+    await c.close();
+    c.cleanup();
   }
 });

@@ -168,16 +168,25 @@ export function parseReportAck(frame: string): ReportAck | undefined {
 /**
  * The first frame of a watch opened with `hello=1` (by our worker, against a controller with
  * WATCH_REPORTS): the controller's cluster id, which the worker would otherwise ask for with an HTTPS
- * request on every reconnect.
+ * request on every reconnect, and the window over which its workers should spread their reconnects
+ * when the watch drops (the controller restarts): wider the more workers it has.
  */
-export const controllerHelloFrame = (clusterID: string | undefined) => JSON.stringify({ controllerHello: { clusterID: clusterID ?? '' } });
+export interface ControllerHello {
+  clusterID: string;
+  reconnectWindowMs?: number;
+}
 
-/** The cluster id of a hello frame, or undefined for any other frame. */
-export function parseControllerHello(frame: string): { clusterID: string } | undefined {
+export const controllerHelloFrame = (hello: ControllerHello) => JSON.stringify({ controllerHello: hello });
+
+/** A hello frame, or undefined for any other frame. */
+export function parseControllerHello(frame: string): ControllerHello | undefined {
   if (!frame.startsWith('{"controllerHello"')) return undefined;
   try {
-    const h = (JSON.parse(frame) as { controllerHello?: { clusterID?: unknown } }).controllerHello;
-    return typeof h?.clusterID === 'string' ? { clusterID: h.clusterID } : undefined;
+    const h = (JSON.parse(frame) as { controllerHello?: { clusterID?: unknown; reconnectWindowMs?: unknown } }).controllerHello;
+    if (typeof h?.clusterID !== 'string') return undefined;
+    const w = h.reconnectWindowMs;
+    // Bounded here too: a wrong value must not keep a worker away for long, nor make it hammer.
+    return { clusterID: h.clusterID, reconnectWindowMs: typeof w === 'number' && Number.isFinite(w) ? Math.min(Math.max(w, 100), 10_000) : undefined };
   } catch {
     return undefined;
   }

@@ -243,8 +243,11 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
       checkActsAs(view.workers.get(worker) ?? record, account);
     }
     await registries.loaded;
-    // Our worker asks for a hello (the cluster id) instead of an HTTPS request per reconnect.
-    const hello = url.searchParams.get('hello') === '1' ? [controllerHelloFrame(opts.clusterID)] : [];
+    // Our worker asks for a hello (the cluster id) instead of an HTTPS request per reconnect, and
+    // learns how widely to spread its reconnects: 2 ms per registered worker, 0.25 to 2.5 s (1,000
+    // workers arrive at ≈ 500/s, a pace at which the controller still answers its API at once).
+    const reconnectWindowMs = Math.min(2500, Math.max(250, view.workers.size * 2));
+    const hello = url.searchParams.get('hello') === '1' ? [controllerHelloFrame({ clusterID: opts.clusterID ?? '', reconnectWindowMs })] : [];
     return (ws) => {
       takeReports(reportsContext, ws, worker, account);
       channels.accept(worker, ws, [...hello, ...registries.greeting(worker)]);

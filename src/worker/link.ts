@@ -41,6 +41,10 @@ export class ControllerLink {
   private ws?: WebSocket;
   private heartbeat?: NodeJS.Timeout;
   private reconnectDelay = 500;
+  /** From the controller's hello: the window over which to spread reconnects after the watch drops. */
+  private reconnectWindowMs?: number;
+  /** This worker's moment within that window, while it reconnects. */
+  private phase?: number;
   /** The controller does not know this worker (it was deleted): register before watching again. */
   private unregistered = false;
   /** What the controller can do, from its capabilities (an upstream controller has none of ours). */
@@ -176,6 +180,7 @@ export class ControllerLink {
       const hi = parseControllerHello(text);
       if (hi) {
         clearTimeout(helloTimer);
+        this.reconnectWindowMs = hi.reconnectWindowMs;
         return this.checkCluster(hi.clusterID);
       }
       const msg = parseInstructionWith(text, this.o.capabilities);
@@ -186,16 +191,33 @@ export class ControllerLink {
       log.warn({ status: res.statusCode }, 'controller refused the watch connection');
       ws.terminate();
     });
-    ws.on('error', (err) => log.debug({ err: err.message }, 'watch connection error'));
+    let opened = false;
+    let refused = false;
+    ws.once('open', () => (opened = true));
+    ws.on('error', (err: Error & { code?: string }) => {
+      refused = err.code === 'ECONNREFUSED';
+      log.debug({ err: err.message }, 'watch connection error');
+    });
     ws.on('close', () => {
       clearTimeout(helloTimer);
       this.o.reports.detach(ws);
       if (this.o.stopped.aborted) return;
-      // Exponential backoff with full jitter: after a controller restart, hundreds of workers spread
-      // their reconnects over the window instead of arriving together. The controller keeps the
-      // worker's record; only when it was deleted does the worker register again.
-      const delay = Math.random() * this.reconnectDelay;
-      this.reconnectDelay = Math.min(this.reconnectDelay * 2, 15_000);
+      // The controller keeps the worker's record; only when it was deleted does the worker register again.
+      let delay: number;
+      const window = this.reconnectWindowMs;
+      if (window !== undefined && (opened || (refused && this.phase !== undefined))) {
+        // The watch dropped (the controller restarts, most likely): back at a moment of this worker's
+        // own within the window the controller gave, and while refused (nothing listens yet) again
+        // one window later, at the same moment of it: when the controller listens again, its
+        // workers arrive spread evenly over one window, all of them within it.
+        delay = opened ? (this.phase = Math.random() * window) : window;
+      } else {
+        // Exponential backoff with full jitter: other failures (refused upgrades, timeouts), and
+        // controllers that gave no window, spread reconnects wider and wider.
+        this.phase = undefined;
+        delay = Math.random() * this.reconnectDelay;
+        this.reconnectDelay = Math.min(this.reconnectDelay * 2, 15_000);
+      }
       log.info({ inMs: Math.round(delay) }, 'watch connection lost; reconnecting');
       setTimeout(() => {
         if (!this.unregistered) return this.connect();
