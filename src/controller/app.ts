@@ -37,6 +37,7 @@ import type { Server as TLSServer } from 'node:tls';
 
 /** How often the controller refreshes last_seen of the workers whose watch is connected (at most a third of the offline timeout). */
 const LIVENESS_REFRESH_MS = 10_000;
+const CONNECT_TOUCH_BATCH_MS = 100;
 /** How long a stopping controller lets requests in flight finish (systemd's stop timeout is 90 s; we aim at 5 s in all). */
 const DRAIN_MS = 3000;
 
@@ -222,8 +223,19 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   };
   const liveness = setInterval(() => touch(channels.connected()), Math.min(LIVENESS_REFRESH_MS, opts.workerOfflineTimeoutMs / 3));
   liveness.unref();
+  // Workers (re)connecting are touched together, in one commit per 100 ms: after a restart a thousand
+  // of them would otherwise be as many commits (each an fsync) while they come back.
+  const connecting = new Set<string>();
+  let touchSoon: NodeJS.Timeout | undefined;
   channels.onChange = (worker, connected) => {
-    if (connected) touch([worker]);
+    if (connected) {
+      connecting.add(worker);
+      touchSoon ??= setTimeout(() => {
+        touchSoon = undefined;
+        touch([...connecting]);
+        connecting.clear();
+      }, CONNECT_TOUCH_BATCH_MS);
+    }
     scheduler.kick();
   };
 
@@ -332,6 +344,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     close: async () => {
       abort.abort();
       clearInterval(liveness);
+      clearTimeout(touchSoon);
       unsubscribe();
       await scheduler.stop();
       view.close();
