@@ -15,6 +15,8 @@ import { appendVMEvents, reportVMState, reportWorkerImages, type ReportContext }
 import type { Metrics } from './metrics.ts';
 
 const WRITE = ['compute:write'] as const;
+/** What one connection's reports under way may hold (their frames' text), besides their count. */
+const MAX_REPORT_BYTES_IN_FLIGHT = 8 * 1024 * 1024;
 
 // The HTTP routes' body validation: the same schemas and options (no type coercion).
 const ajv = new Ajv({ strict: false, strictNumbers: true, allErrors: false, removeAdditional: false, useDefaults: false, coerceTypes: false });
@@ -55,6 +57,7 @@ function answerOf(err: unknown, logger: Logger, worker: string): { status: numbe
  */
 export function takeReports(ctx: ReportsContext, ws: WebSocket, worker: string, opener: ServiceAccount) {
   let inFlight = 0;
+  let bytesInFlight = 0;
   const answer = (ack: ReportAck) => {
     if (ws.readyState === ws.OPEN) ws.send(reportAckFrame(ack));
   };
@@ -70,10 +73,11 @@ export function takeReports(ctx: ReportsContext, ws: WebSocket, worker: string, 
     }
     const id = isObject(msg) && Number.isSafeInteger(msg.id) && (msg.id as number) >= 0 ? (msg.id as number) : null;
     if (id === null) return answer({ id: null, status: 400, message: 'a report frame must be a JSON object with "id", a non-negative integer' });
-    if (inFlight >= MAX_REPORTS_IN_FLIGHT) {
-      return answer({ id, status: 429, message: `too many reports in flight on this connection (at most ${MAX_REPORTS_IN_FLIGHT} unacknowledged): wait for acknowledgements` });
+    if (inFlight >= MAX_REPORTS_IN_FLIGHT || bytesInFlight + text.length > MAX_REPORT_BYTES_IN_FLIGHT) {
+      return answer({ id, status: 429, message: `too many reports in flight on this connection (at most ${MAX_REPORTS_IN_FLIGHT} unacknowledged, ${MAX_REPORT_BYTES_IN_FLIGHT / 1024 / 1024} MiB): wait for acknowledgements` });
     }
     inFlight++;
+    bytesInFlight += text.length;
     let kind = 'unknown';
     void (async () => {
       const m = msg as Record<string, unknown>;
@@ -99,6 +103,7 @@ export function takeReports(ctx: ReportsContext, ws: WebSocket, worker: string, 
       },
     ).then((status) => {
       inFlight--;
+      bytesInFlight -= text.length;
       ctx.metrics.observeReport(kind, typeof status === 'number' ? status : 200);
     });
   });
