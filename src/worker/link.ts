@@ -187,17 +187,18 @@ export class ControllerLink {
       if (msg) this.o.onInstruction(msg);
     });
     ws.on('unexpected-response', (_req, res) => {
+      unanswered = false;
       if (res.statusCode === 404) this.unregistered = true;
       log.warn({ status: res.statusCode }, 'controller refused the watch connection');
       ws.terminate();
     });
     let opened = false;
-    let refused = false;
+    // Not answered at all (refused, reset, timed out): the controller is not back, or swamped by the
+    // others coming back; an HTTP answer (a refused upgrade) is a reason to back off further.
+    let unanswered = true;
     ws.once('open', () => (opened = true));
-    ws.on('error', (err: Error & { code?: string }) => {
-      refused = err.code === 'ECONNREFUSED';
-      log.debug({ err: err.message }, 'watch connection error');
-    });
+    ws.once('upgrade', () => (unanswered = false));
+    ws.on('error', (err) => log.debug({ err: err.message }, 'watch connection error'));
     ws.on('close', () => {
       clearTimeout(helloTimer);
       this.o.reports.detach(ws);
@@ -205,9 +206,9 @@ export class ControllerLink {
       // The controller keeps the worker's record; only when it was deleted does the worker register again.
       let delay: number;
       const window = this.reconnectWindowMs;
-      if (window !== undefined && (opened || (refused && this.phase !== undefined))) {
+      if (window !== undefined && (opened || (unanswered && this.phase !== undefined))) {
         // The watch dropped (the controller restarts, most likely): back at a moment of this worker's
-        // own within the window the controller gave, and while refused (nothing listens yet) again
+        // own within the window the controller gave, and while unanswered (nothing listens yet) again
         // one window later, at the same moment of it: when the controller listens again, its
         // workers arrive spread evenly over one window, all of them within it.
         delay = opened ? (this.phase = Math.random() * window) : window;
