@@ -46,7 +46,9 @@ export class Cluster {
   private readonly logger = pino({ level: 'silent' });
 
   async startController(port = 0) {
-    this.ctl = await spawnController(this.dataDir, port ? ['--listen', `127.0.0.1:${port}`] : []);
+    // LOAD_CONTROLLER_NODE_OPTIONS: e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof" (a profile is written when the controller exits on SIGTERM, not on the bench's kill -9).
+    const nodeOptions = process.env.LOAD_CONTROLLER_NODE_OPTIONS;
+    this.ctl = await spawnController(this.dataDir, port ? ['--listen', `127.0.0.1:${port}`] : [], nodeOptions ? { NODE_OPTIONS: nodeOptions } : {});
     this.certificate = readFileSync(join(this.dataDir, 'controller.crt'), 'utf8');
     this.admin?.close();
     this.admin = this.client();

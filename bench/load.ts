@@ -7,7 +7,7 @@
 //   --paced-rate 200    creates/s of the paced phase after it (M/10 more VMs, one at a time)
 import { parseArgs } from 'node:util';
 import { spawn } from 'node:child_process';
-import { rmSync } from 'node:fs';
+import { readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { performance } from 'node:perf_hooks';
@@ -37,6 +37,9 @@ async function probe(cluster: Cluster, args: string[]): Promise<() => Promise<st
     return lines;
   };
 }
+
+/** The open descriptors of a process (the controller's: mostly its TLS connections). */
+const descriptors = (pid: number) => readdirSync(`/proc/${pid}/fd`).length;
 
 interface Row {
   [figure: string]: string;
@@ -71,6 +74,7 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     const idle = await usageOf(pid, 10_000);
     row['controller RSS, workers idle'] = `${idle.rssMB.toFixed(0)} MB`;
     row['controller CPU, workers idle'] = `${idle.cpuPercent.toFixed(1)} %`;
+    row['controller descriptors, workers idle'] = String(descriptors(pid));
 
     const watcher = new Watcher(cluster.admin);
     await new Promise((r) => setTimeout(r, 200));
@@ -125,6 +129,7 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     row[`  + the client's JSON.parse`] = `${pct(lists.map(([, ms]) => ms).sort((a, b) => a - b), 50).toFixed(1)} ms`;
     const loaded = await usageOf(pid, 3000);
     row['controller RSS, all running'] = `${loaded.rssMB.toFixed(0)} MB`;
+    row['controller descriptors, all running'] = String(descriptors(pid));
 
     if (values['no-restart']) return row;
     // Cold restart with everything stored, while the workers reconnect; the first served request is
@@ -135,7 +140,18 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     const served = firstServed();
     await cluster.startController(Number(new URL(cluster.ctl.url).port));
     row['cold restart to first served request'] = `${(await served)[0]} ms`;
-    while (cluster.workers.some((w) => !w.connected)) await new Promise((r) => setTimeout(r, 50));
+    const back: number[] = [];
+    const waiting = new Set(cluster.workers);
+    while (waiting.size) {
+      await new Promise((r) => setTimeout(r, 50));
+      for (const w of waiting) {
+        if (!w.connected) continue;
+        waiting.delete(w);
+        back.push(performance.now() - t0);
+      }
+    }
+    back.sort((a, b) => a - b);
+    row['workers back after restart: half / 90 %'] = `${(pct(back, 50) / 1000).toFixed(1)} / ${(pct(back, 90) / 1000).toFixed(1)} s`;
     row['all workers back after restart'] = `${((performance.now() - t0) / 1000).toFixed(1)} s`;
     return row;
   } finally {

@@ -14,7 +14,7 @@ import { ADMIN_TOKEN, clientOf, tempDir, waitFor } from './helpers.ts';
 import { upgrade, type Upgrade } from './security/attack.ts';
 
 /** A synthetic worker (dial: an echo stream) whose client counts the dial-backs it opens. */
-function countingWorker(ctl: RunningController, name: string, readyTunnels?: number, labels: Record<string, string> = {}) {
+function countingWorker(ctl: RunningController, name: string, readyTunnels: number | undefined = 4, labels: Record<string, string> = {}) {
   const client = clientOf(ctl, 'bootstrap-admin', ADMIN_TOKEN);
   const counts = { dialBacks: 0 };
   const urlOf = client.urlOf.bind(client);

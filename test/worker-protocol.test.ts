@@ -21,11 +21,18 @@ async function served(c: Awaited<ReturnType<typeof inProcessController>>, method
   return n;
 }
 
+/** Reports taken over the workers' watch WebSockets so far, of one kind and status. */
+async function reportFrames(c: Awaited<ReturnType<typeof inProcessController>>, kind: string, status = 200): Promise<number> {
+  const res = await rawRequest(c.ctl, 'GET', '/metrics', { auth: ['bootstrap-admin', ADMIN_TOKEN] });
+  const line = res.body.split('\n').find((l) => l.startsWith(`orchard_worker_reports_total{kind="${kind}",status="${status}"}`));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
+
 /** A synthetic worker with `slots` slots, heartbeating every 100 ms when it heartbeats over HTTP at all. */
 const syntheticWorker = (client: OrchardClient, name: string, slots: number) =>
   new OrchardWorker({ client, name, driver: new SyntheticDriver(), dataDir: tempDir(), slots, heartbeatMs: 100, logger: pino({ level: 'silent' }) });
 
-test('a worker gets its VMs in the sync push and reports a quick start in one request with its events', async () => {
+test('a worker gets its VMs in the sync push and reports a quick start in one report with its events, over its watch: no HTTP request', async () => {
   const c = await inProcessController();
   const worker = syntheticWorker(clientOf(c.ctl, 'bootstrap-admin', ADMIN_TOKEN), 'w', 10);
   try {
@@ -37,7 +44,9 @@ test('a worker gets its VMs in the sync push and reports a quick start in one re
 
     assert.equal(await served(c, 'GET', '/v1/vms'), listsBefore, 'the worker did not list its VMs: the pushes carried them');
     assert.equal(await served(c, 'POST', '/v1/vms/:name/events'), 0, 'events travel with the state reports');
-    assert.equal(await served(c, 'PUT', '/v1/vms/:name/state'), 8, 'one state report per VM');
+    assert.equal(await served(c, 'PUT', '/v1/vms/:name/state'), 0, 'no state report over HTTP: they go up the watch');
+    assert.equal(await reportFrames(c, 'vmState'), 8, 'one state report per VM, over the watch');
+    assert.equal(await reportFrames(c, 'vmEvents'), 0, 'events travel with the state reports');
     const { events } = await c.admin.listEvents('p3');
     assert.deepEqual(
       events.map((e) => e.payload.replace(/ [\d.]+s after/, ' Ns after')),
@@ -115,6 +124,8 @@ test('against a controller without our capabilities the worker speaks the upstre
     await waitFor('running', async () => (await c.admin.getVM('u')).status === 'running' || undefined, 10_000, 20);
     await waitFor('the events', async () => ((await c.admin.listEvents('u')).events.length >= 3 ? true : undefined), 5000);
     assert.ok((await served(c, 'POST', '/v1/vms/:name/events')) >= 1, 'events are posted on their own');
+    assert.ok((await served(c, 'PUT', '/v1/vms/:name/state')) >= 1, 'state reports go by HTTP');
+    assert.equal(await reportFrames(c, 'vmState'), 0, 'nothing up the watch');
     const beats = await served(c, 'PUT', '/v1/workers/:name');
     await waitFor('the worker to heartbeat over HTTP', async () => (await served(c, 'PUT', '/v1/workers/:name')) > beats || undefined, 5000, 50);
   } finally {

@@ -3,7 +3,7 @@
 // Ours adds `vms` to `syncVMsAction` (the worker's VMs as committed; capability-free: upstream's
 // workers ignore unknown fields and list the VMs themselves), and two instructions of its own, sent
 // only to a worker whose record lists them in `capabilities` (upstream's workers list none).
-import type { VM } from './schemas.ts';
+import type { Event, VM, VMStateUpdate, WorkerImagesReport } from './schemas.ts';
 
 /** The instructions of ours a worker may declare it understands (in its record's `capabilities`). */
 export const REGISTRIES_ACTION = 'registriesAction';
@@ -114,4 +114,80 @@ function parseRegistry(r: unknown): RegistryCredentials | undefined {
   if (r.insecure !== undefined) out.insecure = r.insecure as boolean;
   if (r.ca !== undefined) out.ca = r.ca as string;
   return out;
+}
+
+// Reports from the worker up the same WebSocket (docs/worker-reports-protocol.md): a controller that
+// lists WATCH_REPORTS in its capabilities takes them; each gets a `reportAck` once committed (or
+// refused, with the status and message its HTTP route would answer). Upstream's workers send none,
+// so they never see an acknowledgement.
+
+/** The controller's capability: worker reports over /v1/rpc/watch. */
+export const WATCH_REPORTS = 'watch-reports';
+/** Reports one watch connection may have unacknowledged; past it the controller answers 429. */
+export const MAX_REPORTS_IN_FLIGHT = 64;
+/**
+ * The largest report frame a worker sends (UTF-8 bytes). The controller takes frames up to its
+ * `controlFrameBytes` limit (1 MiB by default); a larger report goes by HTTP instead.
+ */
+export const MAX_REPORT_FRAME_BYTES = 512 * 1024;
+
+/** What a worker reports: one of them per frame, with an id of its choosing. */
+export type WorkerReport =
+  | { vmState: { vm: string; state: VMStateUpdate } }
+  | { vmEvents: { vm: string; events: Event[] } }
+  | { workerImages: WorkerImagesReport };
+export type WorkerReportFrame = { id: number } & WorkerReport;
+
+/** The controller's answer to report `id`: status 200 when committed, else the HTTP route's status and message. */
+export interface ReportAck {
+  /** null answers a frame whose id could not be read. */
+  id: number | null;
+  status: number;
+  message?: string;
+}
+
+export const reportAckFrame = (ack: ReportAck) => JSON.stringify({ reportAck: ack });
+
+/** A frame as our worker reads it: an acknowledgement, or undefined for anything else (an instruction). */
+export function parseReportAck(frame: string): ReportAck | undefined {
+  // Instructions are far more frequent: only a frame that starts like an acknowledgement is parsed here.
+  if (!frame.startsWith('{"reportAck"')) return undefined;
+  let msg: unknown;
+  try {
+    msg = JSON.parse(frame);
+  } catch {
+    return undefined;
+  }
+  const a = isObject(msg) ? msg.reportAck : undefined;
+  if (!isObject(a) || (a.id !== null && !Number.isSafeInteger(a.id)) || !Number.isInteger(a.status)) return undefined;
+  const ack: ReportAck = { id: a.id as number | null, status: a.status as number };
+  if (typeof a.message === 'string') ack.message = a.message;
+  return ack;
+}
+
+/**
+ * The first frame of a watch opened with `hello=1` (by our worker, against a controller with
+ * WATCH_REPORTS): the controller's cluster id, which the worker would otherwise ask for with an HTTPS
+ * request on every reconnect, and the window over which its workers should spread their reconnects
+ * when the watch drops (the controller restarts): wider the more workers it has.
+ */
+export interface ControllerHello {
+  clusterID: string;
+  reconnectWindowMs?: number;
+}
+
+export const controllerHelloFrame = (hello: ControllerHello) => JSON.stringify({ controllerHello: hello });
+
+/** A hello frame, or undefined for any other frame. */
+export function parseControllerHello(frame: string): ControllerHello | undefined {
+  if (!frame.startsWith('{"controllerHello"')) return undefined;
+  try {
+    const h = (JSON.parse(frame) as { controllerHello?: { clusterID?: unknown; reconnectWindowMs?: unknown } }).controllerHello;
+    if (typeof h?.clusterID !== 'string') return undefined;
+    const w = h.reconnectWindowMs;
+    // Bounded here too: a wrong value must not keep a worker away for long, nor make it hammer.
+    return { clusterID: h.clusterID, reconnectWindowMs: typeof w === 'number' && Number.isFinite(w) ? Math.min(Math.max(w, 100), 10_000) : undefined };
+  } catch {
+    return undefined;
+  }
 }

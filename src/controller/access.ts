@@ -86,7 +86,7 @@ export class Access {
   }
 
   /** The committed account `name` (undefined when there is none). */
-  current(name: string): Promise<ServiceAccount | undefined> {
+  named(name: string): Promise<ServiceAccount | undefined> {
     return this.account(name);
   }
 
@@ -97,6 +97,16 @@ export class Access {
     const account = await this.store.get('serviceAccounts', name);
     if (account && changes === this.changes) this.accounts.set(name, account);
     return account;
+  }
+
+  /**
+   * `account` as committed now, for what a connection authenticated earlier does later (a report up a
+   * worker's watch): 401 when it was deleted or given a new token since.
+   */
+  async current(account: ServiceAccount): Promise<ServiceAccount> {
+    const now = await this.account(account.name);
+    if (!now || !tokensEqual(now.token ?? '', account.token ?? '')) throw new HttpError(401, 'invalid service account name or token');
+    return now;
   }
 
   /**

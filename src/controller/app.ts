@@ -20,6 +20,8 @@ import { VERSION } from '../api/version.ts';
 import { registerVMRoutes } from './routes/vms.ts';
 import { registerWorkerRoutes } from './routes/workers.ts';
 import { registerAdminRoutes } from './routes/admin.ts';
+import { takeReports } from './worker-reports.ts';
+import { controllerHelloFrame } from '../api/worker-protocol.ts';
 import { WebSocketRoutes, WorkerChannels } from './rpc.ts';
 import { Scheduler } from './scheduler.ts';
 import { ClusterView } from './view.ts';
@@ -37,6 +39,7 @@ import type { Server as TLSServer } from 'node:tls';
 
 /** How often the controller refreshes last_seen of the workers whose watch is connected (at most a third of the offline timeout). */
 const LIVENESS_REFRESH_MS = 10_000;
+const CONNECT_TOUCH_BATCH_MS = 100;
 /** How long a stopping controller lets requests in flight finish (systemd's stop timeout is 90 s; we aim at 5 s in all). */
 const DRAIN_MS = 3000;
 
@@ -222,12 +225,24 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   };
   const liveness = setInterval(() => touch(channels.connected()), Math.min(LIVENESS_REFRESH_MS, opts.workerOfflineTimeoutMs / 3));
   liveness.unref();
+  // Workers (re)connecting are touched together, in one commit per 100 ms: after a restart a thousand
+  // of them would otherwise be as many commits (each an fsync) while they come back.
+  const connecting = new Set<string>();
+  let touchSoon: NodeJS.Timeout | undefined;
   channels.onChange = (worker, connected) => {
-    if (connected) touch([worker]);
+    if (connected) {
+      connecting.add(worker);
+      touchSoon ??= setTimeout(() => {
+        touchSoon = undefined;
+        touch([...connecting]);
+        connecting.clear();
+      }, CONNECT_TOUCH_BATCH_MS);
+    }
     scheduler.kick();
   };
 
   const sessions = new Sessions(access, { limits, tls: opts.https !== undefined, pathPrefix: apiPrefix });
+  const reportsContext = { store: opts.store, view, access, logger: opts.logger, metrics };
   const sockets = new WebSocketRoutes(access, opts.logger, (path) => stripAPIPrefix(path, apiPrefix), opts.pingIntervalMs);
   sockets.sessions = sessions;
   sockets.route('/v1/rpc/watch', ['compute:read'], { maxPayload: limits.controlFrameBytes }, async ({ url, account }) => {
@@ -244,7 +259,15 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
       checkActsAs(view.workers.get(worker) ?? record, account);
     }
     await registries.loaded;
-    return (ws) => channels.accept(worker, ws, registries.greeting(worker));
+    // Our worker asks for a hello (the cluster id) instead of an HTTPS request per reconnect, and
+    // learns how widely to spread its reconnects: 2 ms per registered worker, 0.25 to 2.5 s (1,000
+    // workers arrive at ≈ 500/s, a pace at which the controller still answers its API at once).
+    const reconnectWindowMs = Math.min(2500, Math.max(250, view.workers.size * 2));
+    const hello = url.searchParams.get('hello') === '1' ? [controllerHelloFrame({ clusterID: opts.clusterID ?? '', reconnectWindowMs })] : [];
+    return (ws) => {
+      takeReports(reportsContext, ws, worker, account);
+      channels.accept(worker, ws, [...hello, ...registries.greeting(worker)]);
+    };
   });
   sockets.attach(app.server);
   // Before anything else watches connections: they then see every one, from its first byte on.
@@ -329,6 +352,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     close: async () => {
       abort.abort();
       clearInterval(liveness);
+      clearTimeout(touchSoon);
       unsubscribe();
       await scheduler.stop();
       view.close();

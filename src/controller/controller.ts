@@ -144,7 +144,9 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     });
     let ssh: SSHJumpServer | undefined;
     try {
-      await app.listen({ host, port });
+      // A deep accept queue: after a restart a thousand workers reconnect within a few seconds, and
+      // a SYN dropped from a full queue (Node's default is 511) costs its worker a 1 s retransmit.
+      await app.listen({ host, port, backlog: 4096 });
       // ssh2 only for a controller with a jump host.
       if (sshListen) ssh = await (await import('./connect/ssh-jump.ts')).startSSHJump({ ...sshListen, dataDir: opts.dataDir, hostKeyFile: opts.sshHostKeyFile, access: ctx.access, tunnels: ctx.tunnels, logger, tunnelsPerAccount: limits.tunnelsPerAccount });
     } catch (err) {

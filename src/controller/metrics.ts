@@ -8,6 +8,7 @@ export class Metrics {
   private readonly latency: Histogram<'method' | 'route'>;
   /** API watch streams established (snapshot under way or sent) and not yet ended. */
   readonly watchStreams: Gauge;
+  private readonly reports: Counter<'kind' | 'status'>;
 
   constructor(store: Store, workerOfflineTimeoutMs: number) {
     collectDefaultMetrics({ register: this.registry, prefix: 'orchard_controller_' });
@@ -27,6 +28,12 @@ export class Metrics {
     this.watchStreams = new Gauge({
       name: 'orchard_watch_streams',
       help: 'API watch streams open (from the answer\'s headers to the end of the stream)',
+      registers: [this.registry],
+    });
+    this.reports = new Counter({
+      name: 'orchard_worker_reports_total',
+      help: 'Worker reports taken over the watch WebSocket (not HTTP), by kind (vmState, vmEvents, workerImages) and status code',
+      labelNames: ['kind', 'status'],
       registers: [this.registry],
     });
     new Gauge({
@@ -68,6 +75,10 @@ export class Metrics {
   observeRequest(method: string, route: string, status: number, seconds: number) {
     this.requests.inc({ method, route, status: String(status) });
     this.latency.observe({ method, route }, seconds);
+  }
+
+  observeReport(kind: string, status: number) {
+    this.reports.inc({ kind, status: String(status) });
   }
 
   render() {

@@ -5,7 +5,7 @@
 import type { Logger } from 'pino';
 import type { WorkerImagesReport } from '../api/schemas.ts';
 import { PULL_IMAGE_ACTION, REGISTRIES_ACTION, type RegistryCredentials } from '../api/worker-protocol.ts';
-import type { OrchardClient } from '../client/client.ts';
+import type { Reports } from './reports.ts';
 import type { Driver, DriverImages } from './drivers/driver.ts';
 
 /** Pull progress goes to the controller at most this often (the last message of a pull always does). */
@@ -14,8 +14,7 @@ const PROGRESS_EVERY_MS = 1000;
 const SETTLE_MS = 1000;
 
 export interface ImagesReportOptions {
-  client: OrchardClient;
-  workerName: string;
+  reports: Reports;
   images: DriverImages;
   /** The driver's watch on its image store (Driver.watchImages), if it has one. */
   watchImages?: Driver['watchImages'];
@@ -129,7 +128,7 @@ export class WorkerImages {
   private report(body: WorkerImagesReport): Promise<void> {
     if (!this.o.controllerTakesReports()) return Promise.resolve();
     this.reporting = this.reporting.then(() =>
-      this.o.client.reportImages(this.o.workerName, body).then(
+      this.o.reports.workerImages(body).then(
         () => {},
         (err: Error) => this.o.log.warn({ err: err.message }, 'image report failed'),
       ));

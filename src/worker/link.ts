@@ -8,7 +8,11 @@ import { WebSocket } from 'ws';
 import type { Logger } from 'pino';
 import type { Worker } from '../api/schemas.ts';
 import { ApiError, CertificateMismatchError, probeCertificate, type OrchardClient } from '../client/client.ts';
-import { parseInstructionWith, type WorkerInstruction } from '../api/worker-protocol.ts';
+import { parseControllerHello, parseInstructionWith, WATCH_REPORTS, type WorkerInstruction } from '../api/worker-protocol.ts';
+import type { WatchReports } from './reports.ts';
+
+/** How long after the watch opens the controller's hello may take before the worker asks by HTTPS. */
+const HELLO_WAIT_MS = 5000;
 
 export interface LinkOptions {
   client: OrchardClient;
@@ -21,6 +25,8 @@ export interface LinkOptions {
   record(): Worker;
   /** The instructions of ours the worker understands (declared in its record); others are ignored. */
   capabilities: readonly string[];
+  /** Reports up the watch (used when the controller can take them): handed each connection and its acknowledgements. */
+  reports: WatchReports;
   /** A registration (the first or a later one) was accepted. */
   onRegistered?(): void;
   heartbeatMs?: number;
@@ -35,6 +41,10 @@ export class ControllerLink {
   private ws?: WebSocket;
   private heartbeat?: NodeJS.Timeout;
   private reconnectDelay = 500;
+  /** From the controller's hello: the window over which to spread reconnects after the watch drops. */
+  private reconnectWindowMs?: number;
+  /** This worker's moment within that window, while it reconnects. */
+  private phase?: number;
   /** The controller does not know this worker (it was deleted): register before watching again. */
   private unregistered = false;
   /** What the controller can do, from its capabilities (an upstream controller has none of ours). */
@@ -49,6 +59,8 @@ export class ControllerLink {
     workerImages: false,
     /** It pairs port-forwards with ready connections on /v1/rpc/port-forward-pool ("tunnel-pool"). */
     tunnelPool: false,
+    /** It takes reports up the watch WebSocket ("watch-reports"): then the worker needs no HTTPS connection meanwhile. */
+    watchReports: false,
   };
 
   private readonly o: LinkOptions;
@@ -67,6 +79,7 @@ export class ControllerLink {
     this.can.orphans = caps.includes('orphans');
     this.can.workerImages = caps.includes('worker-images');
     this.can.tunnelPool = caps.includes('tunnel-pool');
+    this.can.watchReports = caps.includes(WATCH_REPORTS);
     this.checkCluster(info?.clusterID);
     try {
       await this.register();
@@ -85,6 +98,7 @@ export class ControllerLink {
   stop() {
     clearInterval(this.heartbeat);
     this.ws?.terminate();
+    this.o.reports.close();
   }
 
   /** Is the instruction channel to the controller open? */
@@ -145,31 +159,66 @@ export class ControllerLink {
     const { client, log } = this.o;
     const url = client.urlOf('/v1/rpc/watch', true);
     url.searchParams.set('workerName', this.o.workerName);
+    // A controller that takes reports up the watch says hello with its cluster id: no HTTPS request per reconnect.
+    const hello = this.can.watchReports;
+    if (hello) url.searchParams.set('hello', '1');
+    let helloTimer: NodeJS.Timeout | undefined;
     const ws = new WebSocket(url, { headers: { authorization: client.authorization ?? '' }, ...client.tlsOptions(), handshakeTimeout: 15_000 });
     this.ws = ws;
     ws.on('open', () => {
       this.reconnectDelay = 500;
+      this.o.reports.attach(ws);
       this.o.onConnected();
       log.info('connected to the controller');
-      void client.info().then((i) => this.checkCluster(i.clusterID), () => {});
+      // No hello soon: not the controller it was (an older one took its place); ask, and learn what this one can do.
+      if (hello) helloTimer = setTimeout(() => void this.refresh(), HELLO_WAIT_MS);
+      else void this.refresh();
     });
     ws.on('message', (data) => {
-      const msg = parseInstructionWith(data.toString(), this.o.capabilities);
+      const text = data.toString();
+      if (this.o.reports.handle(text)) return;
+      const hi = parseControllerHello(text);
+      if (hi) {
+        clearTimeout(helloTimer);
+        this.reconnectWindowMs = hi.reconnectWindowMs;
+        return this.checkCluster(hi.clusterID);
+      }
+      const msg = parseInstructionWith(text, this.o.capabilities);
       if (msg) this.o.onInstruction(msg);
     });
     ws.on('unexpected-response', (_req, res) => {
+      unanswered = false;
       if (res.statusCode === 404) this.unregistered = true;
       log.warn({ status: res.statusCode }, 'controller refused the watch connection');
       ws.terminate();
     });
+    let opened = false;
+    // Not answered at all (refused, reset, timed out): the controller is not back, or swamped by the
+    // others coming back; an HTTP answer (a refused upgrade) is a reason to back off further.
+    let unanswered = true;
+    ws.once('open', () => (opened = true));
+    ws.once('upgrade', () => (unanswered = false));
     ws.on('error', (err) => log.debug({ err: err.message }, 'watch connection error'));
     ws.on('close', () => {
+      clearTimeout(helloTimer);
+      this.o.reports.detach(ws);
       if (this.o.stopped.aborted) return;
-      // Exponential backoff with full jitter: after a controller restart, hundreds of workers spread
-      // their reconnects over the window instead of arriving together. The controller keeps the
-      // worker's record; only when it was deleted does the worker register again.
-      const delay = Math.random() * this.reconnectDelay;
-      this.reconnectDelay = Math.min(this.reconnectDelay * 2, 15_000);
+      // The controller keeps the worker's record; only when it was deleted does the worker register again.
+      let delay: number;
+      const window = this.reconnectWindowMs;
+      if (window !== undefined && (opened || (unanswered && this.phase !== undefined))) {
+        // The watch dropped (the controller restarts, most likely): back at a moment of this worker's
+        // own within the window the controller gave, and while unanswered (nothing listens yet) again
+        // one window later, at the same moment of it: when the controller listens again, its
+        // workers arrive spread evenly over one window, all of them within it.
+        delay = opened ? (this.phase = Math.random() * window) : window;
+      } else {
+        // Exponential backoff with full jitter: other failures (refused upgrades, timeouts), and
+        // controllers that gave no window, spread reconnects wider and wider.
+        this.phase = undefined;
+        delay = Math.random() * this.reconnectDelay;
+        this.reconnectDelay = Math.min(this.reconnectDelay * 2, 15_000);
+      }
       log.info({ inMs: Math.round(delay) }, 'watch connection lost; reconnecting');
       setTimeout(() => {
         if (!this.unregistered) return this.connect();
@@ -183,6 +232,14 @@ export class ControllerLink {
         );
       }, delay);
     });
+  }
+
+  /** The controller's cluster id, and whether it (still) takes reports up the watch. */
+  private async refresh() {
+    const info = await this.o.client.info().catch(() => undefined);
+    if (!info) return;
+    this.checkCluster(info.clusterID);
+    this.can.watchReports = (info.capabilities ?? []).includes(WATCH_REPORTS);
   }
 
   /**

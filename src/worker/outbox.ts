@@ -3,7 +3,8 @@
 // controller takes them.
 import type { Logger } from 'pino';
 import type { Event, VMStateUpdate } from '../api/schemas.ts';
-import { ApiError, type OrchardClient } from '../client/client.ts';
+import { ApiError } from '../client/client.ts';
+import type { Reports } from './reports.ts';
 
 /** Back-off of state reports and event batches the controller did not take: 0.5 s doubling to 30 s. */
 const RETRY_BASE_MS = 500;
@@ -15,7 +16,8 @@ const MAX_QUEUED_EVENTS = 10_000;
 type Item = { events: Event[] } | { state: VMStateUpdate };
 
 export interface OutboxContext {
-  client: OrchardClient;
+  /** Where reports go (the watch WebSocket or HTTP). */
+  reports: Reports;
   log: Logger;
   /** Does the controller take events with a state report (capability "vm-state-events")? */
   stateWithEvents(): boolean;
@@ -126,10 +128,10 @@ export class Outbox {
    */
   private async deliver(state: VMStateUpdate | undefined, events: Event[] | undefined, attempt: number): Promise<'sent' | 'dropped' | 'retry'> {
     const what = state ? 'state report' : 'event batch';
-    const { client, log } = this.ctx;
+    const { reports, log } = this.ctx;
     try {
-      if (state) await client.updateVMState(this.vmName, events?.length ? { ...state, events } : state);
-      else if (events?.length) await client.appendEvents(this.vmName, events);
+      if (state) await reports.vmState(this.vmName, events?.length ? { ...state, events } : state);
+      else if (events?.length) await reports.vmEvents(this.vmName, events);
       if (attempt > 0) log.info({ vm: this.vmName, attempts: attempt + 1 }, `${what} delivered after retrying`);
       return 'sent';
     } catch (err) {

@@ -13,6 +13,7 @@ import type { WorkerInstruction } from '../api/worker-protocol.ts';
 import type { Driver } from './drivers/driver.ts';
 import { portForward, resolveIP, type DialBackContext } from './dial-back.ts';
 import { ControllerLink } from './link.ts';
+import { ControllerReports, WatchReports } from './reports.ts';
 import { Reconciler } from './reconciler.ts';
 import { WorkerImages } from './images-report.ts';
 import { READY_POOL_SIZE, ReadyPool } from './ready-pool.ts';
@@ -46,6 +47,9 @@ export interface WorkerOptions {
   logger: Logger;
 }
 
+/** After the watch reconnects, the ready tunnel connections are opened again within this long (spread). */
+const READY_REFILL_SPREAD_MS = 3000;
+
 export class OrchardWorker {
   private readonly o: WorkerOptions;
   private readonly log: Logger;
@@ -57,6 +61,7 @@ export class OrchardWorker {
   private readonly readyPool?: ReadyPool;
   /** For a driver that pulls images from registries: credentials, pre-pulls, the images held. */
   private readonly images?: WorkerImages;
+  private readonly watchReports = new WatchReports();
   readonly machineId: string;
 
   constructor(opts: WorkerOptions) {
@@ -68,21 +73,24 @@ export class OrchardWorker {
     this.machineId = readFileSync(idFile, 'utf8').trim();
     const { client, driver, name: workerName } = opts;
     const stopped = this.stopSignal.signal;
+    const watchReports = this.watchReports;
+    const reports = new ControllerReports(client, workerName, watchReports, () => this.link.can.watchReports);
     if (driver.images) {
       this.images = new WorkerImages({
-        client, workerName, log, images: driver.images, watchImages: driver.watchImages?.bind(driver),
+        reports, log, images: driver.images, watchImages: driver.watchImages?.bind(driver),
         controllerTakesReports: () => this.link.can.workerImages,
       });
     }
     this.link = new ControllerLink({
       client, log, workerName, machineId: this.machineId, dataDir: opts.dataDir, heartbeatMs: opts.heartbeatMs, stopped,
       capabilities: this.images ? WorkerImages.capabilities : [],
+      reports: watchReports,
       record: () => this.workerRecord(),
       onRegistered: () => this.images?.registered(),
       onInstruction: (msg) => this.instruction(msg),
       onConnected: () => {
         this.reconciler.reconnected();
-        if (this.link.can.tunnelPool) this.readyPool?.kick();
+        if (this.link.can.tunnelPool) this.readyPool?.kick(READY_REFILL_SPREAD_MS);
       },
     });
     this.reconciler = new Reconciler({
@@ -93,7 +101,7 @@ export class OrchardWorker {
         driver, workerName, log, defaultCPU: opts.defaultCPU, defaultMemory: opts.defaultMemory,
         onPrepared: () => this.images?.changed(),
         holds: (image) => this.images?.held.includes(image) ?? false,
-        outbox: { client, log, stopped, stateWithEvents: () => this.link.can.stateWithEvents },
+        outbox: { reports, log, stopped, stateWithEvents: () => this.link.can.stateWithEvents },
       },
     });
     this.dialBack = { client, driver, workerName, log, localNameOfUID: (uid) => this.reconciler.localNameOfUID(uid) };
@@ -105,6 +113,11 @@ export class OrchardWorker {
   /** What this worker declares in its record's `capabilities`: only what the controller takes. */
   private capabilities(): string[] {
     return [...(this.images && this.link.can.workerImages ? WorkerImages.capabilities : []), ...(this.readyPool && this.link.can.tunnelPool ? [PORT_FORWARD_POOL] : [])];
+  }
+
+  /** Reports sent up the watch and not acknowledged yet (tests). */
+  get unacknowledgedReports(): number {
+    return this.watchReports.unacknowledged;
   }
 
   /** Ready tunnel connections open and idle (tests). */

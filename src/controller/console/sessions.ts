@@ -118,7 +118,7 @@ export class Sessions {
       if (session) this.end(session.key);
       throw new HttpError(401, 'the console session has ended (signed out or expired): sign in again');
     }
-    const account = await this.access.current(session.account);
+    const account = await this.access.named(session.account);
     if (!account || !timingSafeEqual(digest(account.token ?? ''), session.token)) {
       this.end(session.key);
       throw new HttpError(401, `service account "${session.account}" was deleted or its token changed: sign in again`);

@@ -6,10 +6,8 @@ import {
   Event,
   EventInputList,
   EventList,
-  eventOf,
   type EventInput,
   IMMUTABLE_VM_FIELDS,
-  localNameOf,
   Name,
   VM,
   VM_SPEC_KEYS,
@@ -19,11 +17,11 @@ import {
   type ServiceAccount,
 } from '../../api/schemas.ts';
 import type { AppContext } from '../context.ts';
-import { badRequest, conflict, notFound } from '../errors.ts';
+import { badRequest, notFound } from '../errors.ts';
 import { streamWatch } from '../watch.ts';
 import { accountOf } from '../access.ts';
-import { checkActsAs } from '../domain/workers.ts';
-import { applyStateReport, checkRuntimeFields, checkSpecChange, newVM, redactVM, secretsFor, type VMSecrets } from '../domain/vms.ts';
+import { appendVMEvents, reportVMState } from '../domain/reports.ts';
+import { checkRuntimeFields, checkSpecChange, newVM, redactVM, secretsFor, type VMSecrets } from '../domain/vms.ts';
 
 const NameParams = Type.Object({ name: Name });
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody, 409: ErrorBody };
@@ -46,13 +44,6 @@ export function checkHostDirs(vm: VM, settings: ClusterSettings): void {
   });
 }
 
-/**
- * JSON numbers like 1e400 parse to Infinity, which the integer schemas accept (and storing it
- * turns it into null): refuse integers that are not exactly representable.
- */
-function checkSafeInteger(field: string, value: number | undefined): void {
-  if (value !== undefined && !Number.isSafeInteger(value)) throw badRequest(`field "${field}" must be an integer below 2^53`);
-}
 
 /**
  * The body of POST and PUT /v1/vms: a VM. Upstream Go clients send state fields with their zero
@@ -77,13 +68,6 @@ function droppedEvent(dropped: number, at: number | undefined): Event {
 
 export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
   const { store } = ctx;
-
-  /** State and events of a VM come only from the worker it is assigned to, through that worker's account. */
-  const checkReporter = (vm: VM, account: ServiceAccount) => {
-    const worker = vm.worker ? ctx.view.workers.get(vm.worker) : undefined;
-    if (!worker) throw conflict(`VM "${vm.name}" is not assigned to a worker: only its worker reports its state and events`);
-    checkActsAs(worker, account);
-  };
 
   app.post<{ Body: VM }>(
     '/v1/vms',
@@ -148,33 +132,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
     },
   );
 
-  /** A worker's report of a VM's state (and events, in the same commit). */
-  async function reportState(name: string, report: VMStateUpdate, account: ServiceAccount): Promise<VM> {
-    const { events, ...b } = report;
-    checkSafeInteger('observedGeneration', b.observedGeneration);
-    events?.forEach((e, i) => checkSafeInteger(`events[${i}].timestamp`, e.timestamp));
-    // A report about an earlier run of the VM (a late one from the worker it left, or from before
-    // an OnFailure restart) must not overwrite the current run's state.
-    const checkRun = (vm: VM) => {
-      if (b.localName?.startsWith('orchard-') && vm.uid && b.localName !== localNameOf(vm)) {
-        throw conflict(`field "localName": ${b.localName} is an earlier run of VM "${name}" (now ${localNameOf(vm)}); report ignored`);
-      }
-    };
-    const current = await store.get('vms', name);
-    if (!current) throw notFound(`VM "${name}" not found`);
-    checkReporter(current, account);
-    checkRun(current);
-    // The state and its events: one transaction (a report refused leaves no events either).
-    return store.transaction((tx) => {
-      const vm = tx.update('vms', name, (latest) => {
-        if (latest.worker !== current.worker) throw conflict(`VM "${name}" moved to another worker; report ignored`);
-        checkRun(latest);
-        return applyStateReport(latest, b, new Date().toISOString());
-      });
-      if (events?.length && current.uid) tx.appendEvents(current.uid, events.map(eventOf));
-      return vm;
-    });
-  }
+  const reportState = (name: string, report: VMStateUpdate, account: ServiceAccount) => reportVMState(ctx, name, report, account);
 
   app.put<{ Params: { name: string }; Body: VM }>(
     '/v1/vms/:name',
@@ -286,11 +244,7 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
       schema: { tags: ['vms'], summary: 'Append events to a VM (workers)', params: NameParams, body: EventInputList, response: { 200: Type.Object({}), ...errors } },
     },
     async (request) => {
-      request.body.forEach((e, i) => checkSafeInteger(`[${i}].timestamp`, e.timestamp));
-      const vm = await store.get('vms', request.params.name);
-      if (!vm?.uid) throw notFound(`VM "${request.params.name}" not found`);
-      checkReporter(vm, accountOf(request));
-      await store.appendEvents(vm.uid, request.body.map(eventOf));
+      await appendVMEvents(ctx, request.params.name, request.body, accountOf(request));
       return {};
     },
   );

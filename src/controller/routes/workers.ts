@@ -8,7 +8,7 @@ import { badRequest, conflict, notFound } from '../errors.ts';
 import { accountOf } from '../access.ts';
 import { checkActsAs, registration, sortUnassigned, uidOf, update } from '../domain/workers.ts';
 import { newVM } from '../domain/vms.ts';
-import { withPull } from '../domain/images.ts';
+import { reportWorkerImages } from '../domain/reports.ts';
 import { streamWatch } from '../watch.ts';
 
 const NameParams = Type.Object({ name: Name });
@@ -88,17 +88,7 @@ export function registerWorkerRoutes(app: FastifyInstance, ctx: AppContext) {
       },
     },
     async (request) => {
-      const { name } = request.params;
-      const { images, pull } = request.body;
-      const account = accountOf(request);
-      const updatedAt = new Date().toISOString();
-      const w = await store.update('workers', name, (current) => {
-        checkActsAs(current, account);
-        const next = { ...current };
-        if (images !== undefined) next.images = [...new Set(images)];
-        if (pull) next.imagePulls = withPull(current.imagePulls, { ...pull, updatedAt });
-        return next;
-      });
+      const w = await reportWorkerImages(ctx, request.params.name, request.body, accountOf(request));
       return { images: w.images ?? [], imagePulls: w.imagePulls ?? [] };
     },
   );
