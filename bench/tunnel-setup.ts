@@ -17,7 +17,9 @@ import { encodeBootstrapToken } from '../src/api/bootstrap-token.ts';
 import { OrchardClient, wsMasking } from '../src/client/client.ts';
 import { ADMIN_TOKEN, ORCHARD_BIN, spawnController, tempDir } from '../test/helpers.ts';
 
-const { values } = parseArgs({ options: { n: { type: 'string', default: '200' } } });
+const { values } = parseArgs({ options: { n: { type: 'string', default: '200' }, resume: { type: 'boolean', default: false } } });
+/** --resume: each tunnel resumes the TLS session of the one before (a ticket from the controller). */
+let session: Buffer | undefined;
 const N = Number(values.n);
 const now = () => performance.timeOrigin + performance.now();
 
@@ -56,7 +58,8 @@ function tunnel(): Promise<Record<string, number>> {
     ...client.tlsOptions(),
     ...wsMasking(url),
     createConnection: ((opts: tls.ConnectionOptions) => {
-      const s = tls.connect(opts);
+      const s = tls.connect(values.resume ? { ...opts, session } : opts);
+      if (values.resume) s.once('session', (b: Buffer) => (session = b));
       s.once('connect', () => (t['cli-tcp'] = now()));
       s.once('secureConnect', () => (t['cli-tls'] = now()));
       return s;
