@@ -81,7 +81,9 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
     const port = parsePort(url.searchParams.get('port'));
     return (ws) =>
       awaitOpenRequest(ws, async (signal) => {
-        if (!(await store.get('workers', params.name))) throw notFound(`worker "${params.name}" not found`);
+        // The view, not the store: a read of the database per tunnel was ≈ 1 ms of its set-up under load.
+        await ctx.view.loaded;
+        if (!ctx.view.workers.has(params.name)) throw notFound(`worker "${params.name}" not found`);
         return tunnels.open(params.name, port, undefined, signal);
       });
   });
