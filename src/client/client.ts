@@ -101,11 +101,16 @@ export function wsMasking(url: URL): { generateMask?: (mask: Buffer) => void } {
 
 const isIP = (host: string) => /^[\d.]+$/.test(host) || host.startsWith('[');
 
-/** Frames this client sends on a tunnel: as big as a socket read, far below the controller's limit. */
-const TUNNEL_FRAME_BYTES = 64 * 1024;
+/**
+ * Largest frame sent on a tunnel: with its header (≤ 14 bytes) it fits one TLS record (16 KiB of
+ * plaintext), so the receiving side gets each frame in one read and `ws` hands it on without copying
+ * it together from several. With 64 KiB frames the controller spent ≈ 25 % more CPU per byte
+ * relayed (copies and the garbage they make; BENCHMARKS.md).
+ */
+const TUNNEL_FRAME_BYTES = 16 * 1024 - 14;
 
-/** A tunnel's byte stream; a big write goes out as several frames, so any write size works. */
-function tunnelStream(ws: WebSocket): Duplex {
+/** A tunnel's byte stream (client and worker side); a big write goes out as several frames, so any write size works. */
+export function tunnelStream(ws: WebSocket): Duplex {
   const stream = createWebSocketStream(ws);
   const writeFrame = stream._write.bind(stream);
   stream._write = (chunk: Buffer, encoding, callback) => {
