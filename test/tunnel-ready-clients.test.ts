@@ -1,7 +1,7 @@
 // A client's ready port-forward connections (controller capability "port-forward-ready"): tunnels of
 // client.portForwarder take a connection opened ahead of time (no per-tunnel upgrade), errors come back
 // as the controller's status, roles are checked as for the per-tunnel path, a client that breaks the
-// protocol is closed, bytes pipelined after the open request are not lost, one that leaves while its VM is awaited ends the wait, and against a controller
+// protocol is closed, bytes pipelined after the open request are not lost, one that leaves while its VM is awaited ends the wait, TLS sessions are resumed, and against a controller
 // without the capability the per-tunnel WebSocket is used, as before.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -113,6 +113,17 @@ describe('client ready port-forward connections', () => {
     c.ws!.terminate();
     await waitFor('no request waiting', async () => (await metric(cluster.c.ctl, 'orchard_vm_waits')) === 0, 5000, 20);
     await cluster.c.admin.deleteVM('later2');
+  });
+
+  test("the client's WebSockets resume the controller's TLS session: the second tunnel skips the certificate exchange", async () => {
+    const { admin } = cluster.c;
+    const reused: boolean[] = [];
+    for (let i = 0; i < 2; i++) {
+      const t = await admin.portForwardVM('v1', 22);
+      reused.push((t.ws as unknown as { _socket: import('node:tls').TLSSocket })._socket.isSessionReused());
+      await echo(t, `resumed ${i}`);
+    }
+    assert.equal(reused[1], true);
   });
 
   test('against a controller without the capability (upstream), each tunnel opens its own WebSocket on /port-forward', async () => {
