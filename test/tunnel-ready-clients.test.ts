@@ -40,7 +40,11 @@ describe('client ready port-forward connections', () => {
     try {
       for (let i = 0; i < 20; i++) {
         await waitFor('a ready connection', () => forwarder.ready > 0 || undefined, 10_000, 5);
-        await echo(await forwarder.open(), `hello ${i}`);
+        const before = paths.length;
+        const tunnel = await forwarder.open();
+        // The used connection is replaced later, not while this tunnel is being set up.
+        assert.equal(paths.length, before, 'WebSockets opened during the set-up of a tunnel');
+        await echo(tunnel, `hello ${i}`);
       }
       assert.deepEqual(new Set(paths), new Set(['/v1/vms/v1/port-forward/ready']));
       assert.ok(paths.length >= 20, `${paths.length} ready connections for 20 tunnels (used ones are replaced)`);

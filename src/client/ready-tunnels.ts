@@ -49,7 +49,9 @@ export class ReadyTunnels {
 
   /** Starts filling the pool (also done by the first open). */
   async start(): Promise<void> {
-    this.supported ??= this.options.supported().catch(() => false);
+    // Once: afterwards a taken connection is replaced REFILL_DELAY_MS later, not on the tunnel's own path.
+    if (this.supported) return;
+    this.supported = this.options.supported().catch(() => false);
     if (await this.supported) this.fill();
   }
 
