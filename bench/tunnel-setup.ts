@@ -109,6 +109,12 @@ for (let i = 0; i < 20; i++) await open();
 await new Promise((r) => setTimeout(r, 300));
 const ctlMark = ctl.stderr().length;
 const wrkMark = workerErr.length;
+/** CPU seconds (user + system) a child has used so far, from /proc. */
+const cpuOf = (pid: number) => {
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100;
+};
+const cpuBefore = { client: process.cpuUsage(), controller: cpuOf(ctl.proc.pid!), worker: cpuOf(worker.pid!) };
 const runs: Record<string, number>[] = [];
 for (let i = 0; i < N; i++) {
   // With ready connections: all 4 ready again (a used one is replaced 10 ms later), so no replacement's TLS handshake overlaps the tunnel measured.
@@ -116,6 +122,12 @@ for (let i = 0; i < N; i++) {
   runs.push(await open());
   await new Promise((r) => setTimeout(r, 5));
 }
+const clientCPU = process.cpuUsage(cpuBefore.client);
+const cpuPerTunnel = {
+  client: (clientCPU.user + clientCPU.system) / 1000 / N,
+  controller: ((cpuOf(ctl.proc.pid!) - cpuBefore.controller) * 1000) / N,
+  worker: ((cpuOf(worker.pid!) - cpuBefore.worker) * 1000) / N,
+};
 await new Promise((r) => setTimeout(r, 300));
 
 // Server-side stamps, matched to the client's by time: each lies within its tunnel's [start, first byte].
@@ -134,6 +146,7 @@ for (let i = 1; i < order.length; i++) {
 }
 const total = runs.map((r) => r['cli-first'] - r['cli-start']);
 console.log(`${'total: start → first byte'.padEnd(44)} ${pct(total, 50).toFixed(2).padStart(6)} / ${pct(total, 90).toFixed(2)} (p99 ${pct(total, 99).toFixed(2)})`);
+console.log(`CPU per tunnel (ms; with --ready the replacement of the used connection included): ${Object.entries(cpuPerTunnel).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(', ')}`);
 forwarder?.close();
 client.close();
 process.exit(0);
