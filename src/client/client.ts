@@ -314,14 +314,21 @@ export class OrchardClient {
     return socket;
   };
 
+  /** Options for a WebSocket to `url` of this controller: credentials, pinned TLS resuming the last session, masking. */
+  wsOptions(url: URL) {
+    return {
+      headers: this.auth ? { authorization: this.auth } : {},
+      ...this.tlsOptions(),
+      ...wsMasking(url),
+      ...(url.protocol === 'wss:' ? { createConnection: this.resumingConnect as unknown as http.ClientRequestArgs['createConnection'] } : {}),
+    };
+  }
+
   /** Opens a WebSocket to an API path; HTTP errors reject as ApiError with the server's message. */
   async openWebSocket(path: string, handshakeTimeoutMs = 60_000): Promise<WebSocket> {
     const u = this.urlOf(path, true);
     const ws = new WebSocket(u, {
-      headers: this.auth ? { authorization: this.auth } : {},
-      ...this.tlsOptions(),
-      ...wsMasking(u),
-      ...(u.protocol === 'wss:' ? { createConnection: this.resumingConnect as unknown as http.ClientRequestArgs['createConnection'] } : {}),
+      ...this.wsOptions(u),
       handshakeTimeout: handshakeTimeoutMs,
       maxPayload: 64 * 1024 * 1024,
     });
