@@ -41,10 +41,12 @@ describe('client ready port-forward connections', () => {
       for (let i = 0; i < 20; i++) {
         await waitFor('a ready connection', () => forwarder.ready > 0 || undefined, 10_000, 5);
         const before = paths.length;
-        const tunnel = await forwarder.open();
-        // The used connection is replaced later, not while this tunnel is being set up.
-        assert.equal(paths.length, before, 'WebSockets opened during the set-up of a tunnel');
-        await echo(tunnel, `hello ${i}`);
+        const opening = forwarder.open();
+        // The used connection is replaced later (a timer), not at once on the tunnel's own path: by the
+        // end of this event-loop turn no WebSocket has been opened.
+        await new Promise((r) => setImmediate(r));
+        assert.equal(paths.length, before, 'WebSockets opened at once when a tunnel was asked for');
+        await echo(await opening, `hello ${i}`);
       }
       assert.deepEqual(new Set(paths), new Set(['/v1/vms/v1/port-forward/ready']));
       assert.ok(paths.length >= 20, `${paths.length} ready connections for 20 tunnels (used ones are replaced)`);
@@ -84,6 +86,20 @@ describe('client ready port-forward connections', () => {
     } finally {
       reader.client.close();
       connector.client.close();
+    }
+  });
+
+  test('revoking the role closes idle ready connections, and no tunnel opens on them afterwards', async () => {
+    const temp = await account(cluster.c, 'temp', ['compute:connect']);
+    const f = temp.client.portForwarder({ vm: 'v1', port: 22 }, 2);
+    try {
+      await waitFor('2 ready connections', () => f.ready === 2 || undefined, 10_000, 5);
+      await cluster.c.admin.updateServiceAccount({ name: 'temp', token: temp.token, roles: ['compute:read'] });
+      await waitFor('the idle connections closed', () => f.ready === 0 || undefined, 10_000, 5);
+      await assert.rejects(f.open(), (err: unknown) => err instanceof ApiError && err.status === 403);
+    } finally {
+      f.close();
+      temp.client.close();
     }
   });
 
@@ -143,6 +159,23 @@ describe('client ready port-forward connections', () => {
     } finally {
       forwarder.close();
       admin.info = info;
+    }
+  });
+});
+
+describe('client ready port-forward connections: bounded per account', () => {
+  test('idle ready connections count against the account\'s tunnels: past the limit the upgrade is 429', async () => {
+    const cluster = await clusterWithVM('v1', { limits: { tunnelsPerAccount: 3 } });
+    const f = cluster.c.admin.portForwarder({ vm: 'v1', port: 22 }, 3);
+    try {
+      await waitFor('3 ready connections', () => f.ready === 3 || undefined, 10_000, 5);
+      const more = await upgrade(cluster.c.ctl, '/v1/vms/v1/port-forward/ready?port=22', { auth: ['bootstrap-admin', ADMIN_TOKEN] });
+      assert.equal(more.status, 429, more.body);
+      // A tunnel on one of them works; its replacement is refused while the tunnel holds its place.
+      await echo(await f.open(), 'within the limit');
+    } finally {
+      f.close();
+      await cluster.close();
     }
   });
 });
