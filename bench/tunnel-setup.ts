@@ -17,7 +17,9 @@ import { encodeBootstrapToken } from '../src/api/bootstrap-token.ts';
 import { OrchardClient, wsMasking } from '../src/client/client.ts';
 import { ADMIN_TOKEN, ORCHARD_BIN, spawnController, tempDir } from '../test/helpers.ts';
 
-const { values } = parseArgs({ options: { n: { type: 'string', default: '200' } } });
+const { values } = parseArgs({ options: { n: { type: 'string', default: '200' }, resume: { type: 'boolean', default: false }, ready: { type: 'boolean', default: false } } });
+/** --resume: each tunnel resumes the TLS session of the one before (a ticket from the controller). */
+let session: Buffer | undefined;
 const N = Number(values.n);
 const now = () => performance.timeOrigin + performance.now();
 
@@ -56,7 +58,8 @@ function tunnel(): Promise<Record<string, number>> {
     ...client.tlsOptions(),
     ...wsMasking(url),
     createConnection: ((opts: tls.ConnectionOptions) => {
-      const s = tls.connect(opts);
+      const s = tls.connect(values.resume ? { ...opts, session } : opts);
+      if (values.resume) s.once('session', (b: Buffer) => (session = b));
       s.once('connect', () => (t['cli-tcp'] = now()));
       s.once('secureConnect', () => (t['cli-tls'] = now()));
       return s;
@@ -78,24 +81,53 @@ function tunnel(): Promise<Record<string, number>> {
 }
 
 // Warm up (and wait for the worker to connect).
+/** --ready: tunnels of client.portForwarder, on ready connections (cli-open: the controller's answer). */
+const forwarder = values.ready ? client.portForwarder({ worker: 'bench', port: target }) : undefined;
+async function readyTunnel(): Promise<Record<string, number>> {
+  const t: Record<string, number> = { 'cli-start': now() };
+  const { ws, stream } = await forwarder!.open();
+  t['cli-open'] = now();
+  const first = new Promise<void>((resolve) => stream.once('data', () => resolve()));
+  stream.write('D');
+  await first;
+  t['cli-first'] = now();
+  ws.close();
+  return t;
+}
+const open = values.ready ? readyTunnel : tunnel;
+
 for (let i = 0; ; i++) {
   try {
-    await tunnel();
+    await open();
     break;
   } catch {
     if (i > 100) throw new Error(`the worker does not take tunnels:\n${workerErr}`);
     await new Promise((r) => setTimeout(r, 200));
   }
 }
-for (let i = 0; i < 20; i++) await tunnel();
+for (let i = 0; i < 20; i++) await open();
 await new Promise((r) => setTimeout(r, 300));
 const ctlMark = ctl.stderr().length;
 const wrkMark = workerErr.length;
+/** CPU seconds (user + system) a child has used so far, from /proc. */
+const cpuOf = (pid: number) => {
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100;
+};
+const cpuBefore = { client: process.cpuUsage(), controller: cpuOf(ctl.proc.pid!), worker: cpuOf(worker.pid!) };
 const runs: Record<string, number>[] = [];
 for (let i = 0; i < N; i++) {
-  runs.push(await tunnel());
+  // With ready connections: all 4 ready again (a used one is replaced 10 ms later), so no replacement's TLS handshake overlaps the tunnel measured.
+  if (forwarder) while (forwarder.ready < 4) await new Promise((r) => setTimeout(r, 1));
+  runs.push(await open());
   await new Promise((r) => setTimeout(r, 5));
 }
+const clientCPU = process.cpuUsage(cpuBefore.client);
+const cpuPerTunnel = {
+  client: (clientCPU.user + clientCPU.system) / 1000 / N,
+  controller: ((cpuOf(ctl.proc.pid!) - cpuBefore.controller) * 1000) / N,
+  worker: ((cpuOf(worker.pid!) - cpuBefore.worker) * 1000) / N,
+};
 await new Promise((r) => setTimeout(r, 300));
 
 // Server-side stamps, matched to the client's by time: each lies within its tunnel's [start, first byte].
@@ -114,5 +146,7 @@ for (let i = 1; i < order.length; i++) {
 }
 const total = runs.map((r) => r['cli-first'] - r['cli-start']);
 console.log(`${'total: start → first byte'.padEnd(44)} ${pct(total, 50).toFixed(2).padStart(6)} / ${pct(total, 90).toFixed(2)} (p99 ${pct(total, 99).toFixed(2)})`);
+console.log(`CPU per tunnel (ms; with --ready the replacement of the used connection included): ${Object.entries(cpuPerTunnel).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(', ')}`);
+forwarder?.close();
 client.close();
 process.exit(0);

@@ -359,7 +359,9 @@ async function main() {
   const dir = tempDir('orchard-bench-tunnel-');
   let ctl: ChildController | undefined;
   let client: OrchardClient | undefined;
+  let closeForwarder = () => {};
   const cleanup = async () => {
+    closeForwarder();
     client?.close();
     for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
     await ctl?.kill();
@@ -394,6 +396,10 @@ async function main() {
     children.push(worker);
     const c = client;
     const apiDial: Dial = async () => (await c.portForwardWorker('bench', target)).stream;
+    // The same with ready connections (controller capability port-forward-ready), as `orchard port-forward` uses them.
+    const forwarder = c.portForwarder({ worker: 'bench', port: target });
+    closeForwarder = () => forwarder.close();
+    const readyDial: Dial = async () => (await forwarder.open()).stream;
     await until('the worker to take port-forwards', async () => ((await download(apiDial, 16)) ? true : undefined));
 
     // `orchard port-forward worker` as a user runs it.
@@ -407,6 +413,7 @@ async function main() {
     const paths: Path[] = [
       { name: 'direct loopback TCP', dial: tcpDial(target), pids: { client: process.pid, server: server.proc.pid } },
       { name: 'orchard tunnel (client API)', dial: apiDial, pids: { client: process.pid, ...tunnelPids } },
+      { name: 'orchard tunnel (client API, ready conns)', dial: readyDial, pids: { client: process.pid, ...tunnelPids } },
       { name: 'orchard port-forward (CLI)', dial: tcpDial(cliPort), pids: { client: process.pid, cli: pf.proc.pid, ...tunnelPids } },
     ];
     const sshPaths: Path[] = [];

@@ -4,6 +4,7 @@
 // worker's tunnels, and the pool comes back after the controller restarts.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import type { TLSSocket } from 'node:tls';
 import { pino } from 'pino';
 import type { OrchardClient } from '../src/client/client.ts';
 import { RESOURCE_TART_VMS } from '../src/api/schemas.ts';
@@ -22,8 +23,21 @@ function countingWorker(ctl: RunningController, name: string, readyTunnels: numb
     if (path === '/v1/rpc/port-forward') counts.dialBacks++;
     return urlOf(path, ws);
   }) as OrchardClient['urlOf'];
+  // Whether each TLS handshake of its tunnel WebSockets (ready connections, dial-backs) resumed a session, in order.
+  const resumed: boolean[] = [];
+  const wsOptions = client.wsOptions.bind(client);
+  client.wsOptions = ((url: URL) => {
+    const o = wsOptions(url);
+    const connect = o.createConnection as unknown as (opts: object) => TLSSocket;
+    const counted = (opts: object) => {
+      const socket = connect(opts);
+      socket.once('secureConnect', () => resumed.push(socket.isSessionReused()));
+      return socket;
+    };
+    return { ...o, createConnection: counted as unknown as typeof o.createConnection };
+  }) as OrchardClient['wsOptions'];
   const worker = new OrchardWorker({ client, name, driver: new SyntheticDriver(), dataDir: tempDir(), slots: 10, heartbeatMs: 1000, readyTunnels, labels, logger: pino({ level: 'silent' }) });
-  return { worker, counts };
+  return { worker, counts, resumed };
 }
 
 /** One tunnel to the VM's port 22: what is sent comes back (the synthetic VM echoes). */
@@ -72,6 +86,13 @@ describe('ready tunnel connections', () => {
       await echoThrough(admin, 'v1', `hello ${i}`);
     }
     assert.equal(w.counts.dialBacks - before, 0, 'dial-backs during the 20 tunnels');
+  });
+
+  test("the worker's replacement ready connections resume the controller's TLS session", async () => {
+    // The first ones open together, before any session ticket came; those opened after tunnels resume it.
+    const later = w.resumed.slice(4);
+    assert.ok(later.length >= 10, `${later.length} replacement connections`);
+    assert.deepEqual(later.filter((r) => !r).length, 0, 'full handshakes after the first 4');
   });
 
   test('the counter counts: a worker without ready connections dials back once per tunnel', async () => {

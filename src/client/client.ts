@@ -2,10 +2,12 @@
 // exceptions. Used by the CLI, the worker and the tests.
 import http from 'node:http';
 import https from 'node:https';
+import net from 'node:net';
 import tls from 'node:tls';
 import { X509Certificate } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { createWebSocketStream, WebSocket } from 'ws';
+import { PORT_FORWARD_READY, ReadyTunnels } from './ready-tunnels.ts';
 import type {
   ClusterSettings,
   ControllerInfo,
@@ -99,11 +101,16 @@ export function wsMasking(url: URL): { generateMask?: (mask: Buffer) => void } {
 
 const isIP = (host: string) => /^[\d.]+$/.test(host) || host.startsWith('[');
 
-/** Frames this client sends on a tunnel: as big as a socket read, far below the controller's limit. */
-const TUNNEL_FRAME_BYTES = 64 * 1024;
+/**
+ * Largest frame sent on a tunnel: with its header (≤ 14 bytes) it fits one TLS record (16 KiB of
+ * plaintext), so the receiving side gets each frame in one read and `ws` hands it on without copying
+ * it together from several. With 64 KiB frames the controller spent ≈ 25 % more CPU per byte
+ * relayed (copies and the garbage they make; BENCHMARKS.md).
+ */
+const TUNNEL_FRAME_BYTES = 16 * 1024 - 14;
 
-/** A tunnel's byte stream; a big write goes out as several frames, so any write size works. */
-function tunnelStream(ws: WebSocket): Duplex {
+/** A tunnel's byte stream (client and worker side); a big write goes out as several frames, so any write size works. */
+export function tunnelStream(ws: WebSocket): Duplex {
   const stream = createWebSocketStream(ws);
   const writeFrame = stream._write.bind(stream);
   stream._write = (chunk: Buffer, encoding, callback) => {
@@ -124,6 +131,8 @@ export class OrchardClient {
   readonly options: ClientOptions;
   private readonly fingerprint?: string;
   private secureContext?: tls.SecureContext;
+  /** The controller's last TLS session ticket: the next WebSocket resumes it (no certificate exchange). */
+  private tlsSession?: Buffer;
 
   constructor(options: ClientOptions) {
     this.options = options;
@@ -296,13 +305,30 @@ export class OrchardClient {
     }
   }
 
+  /** As ws's own TLS connect, resuming the previous connection's session (the pinned fingerprint is checked all the same). */
+  private readonly resumingConnect = (options: tls.ConnectionOptions & { path?: string; host?: string }) => {
+    options.path = undefined;
+    options.servername ??= net.isIP(options.host ?? '') ? '' : options.host;
+    const socket = tls.connect({ ...options, session: this.tlsSession });
+    socket.on('session', (session: Buffer) => (this.tlsSession = session));
+    return socket;
+  };
+
+  /** Options for a WebSocket to `url` of this controller: credentials, pinned TLS resuming the last session, masking. */
+  wsOptions(url: URL) {
+    return {
+      headers: this.auth ? { authorization: this.auth } : {},
+      ...this.tlsOptions(),
+      ...wsMasking(url),
+      ...(url.protocol === 'wss:' ? { createConnection: this.resumingConnect as unknown as http.ClientRequestArgs['createConnection'] } : {}),
+    };
+  }
+
   /** Opens a WebSocket to an API path; HTTP errors reject as ApiError with the server's message. */
   async openWebSocket(path: string, handshakeTimeoutMs = 60_000): Promise<WebSocket> {
     const u = this.urlOf(path, true);
     const ws = new WebSocket(u, {
-      headers: this.auth ? { authorization: this.auth } : {},
-      ...this.tlsOptions(),
-      ...wsMasking(u),
+      ...this.wsOptions(u),
       handshakeTimeout: handshakeTimeoutMs,
       maxPayload: 64 * 1024 * 1024,
     });
@@ -342,6 +368,27 @@ export class OrchardClient {
   async portForwardWorker(name: string, port: number): Promise<{ ws: WebSocket; stream: Duplex }> {
     const ws = await this.openWebSocket(`/v1/workers/${encodeURIComponent(name)}/port-forward?port=${port}`);
     return { ws, stream: tunnelStream(ws) };
+  }
+
+  /**
+   * Tunnels to one target, each opened on an idle connection kept ready ahead of time (`ready` of
+   * them) when the controller supports it: see ./ready-tunnels.ts. close() it when done.
+   */
+  portForwarder(target: { vm: string; port: number; waitSeconds?: number } | { worker: string; port: number }, ready = 4): ReadyTunnels {
+    const direct = 'vm' in target ? () => this.portForwardVM(target.vm, target.port, target.waitSeconds) : () => this.portForwardWorker(target.worker, target.port);
+    const path =
+      'vm' in target
+        ? `/v1/vms/${encodeURIComponent(target.vm)}/port-forward/ready?port=${target.port}&wait=${target.waitSeconds ?? 10}`
+        : `/v1/workers/${encodeURIComponent(target.worker)}/port-forward/ready?port=${target.port}`;
+    const pool = new ReadyTunnels({
+      size: ready,
+      connect: () => this.openWebSocket(path),
+      direct,
+      streamOf: tunnelStream,
+      supported: async () => ready > 0 && (await this.info()).capabilities.includes(PORT_FORWARD_READY),
+    });
+    void pool.start();
+    return pool;
   }
 
   vmIP = async (name: string, waitSeconds = 10) => (await this.call<{ ip: string }>('GET', `/v1/vms/${encodeURIComponent(name)}/ip?wait=${waitSeconds}`)).ip;

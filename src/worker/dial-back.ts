@@ -3,9 +3,9 @@
 // request is answered with one POST.
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
-import { createWebSocketStream, WebSocket } from 'ws';
+import { WebSocket } from 'ws';
 import type { Logger } from 'pino';
-import { wsMasking, type OrchardClient } from '../client/client.ts';
+import { tunnelStream, type OrchardClient } from '../client/client.ts';
 import type { PortForwardAction, ResolveIPAction } from '../api/worker-protocol.ts';
 import type { Driver } from './drivers/driver.ts';
 import { traceTunnel } from '../tunnel-trace.ts';
@@ -30,7 +30,7 @@ export function dialTarget(ctx: DialBackContext, action: PortForwardAction): Pro
 
 /** Splices an open tunnel WebSocket and its target; the target closing ends the tunnel cleanly (1000). */
 export function joinTarget(ws: WebSocket, target: Duplex) {
-  const stream = createWebSocketStream(ws);
+  const stream = tunnelStream(ws);
   stream.on('error', () => target.destroy());
   target.pipe(stream);
   stream.pipe(target);
@@ -53,12 +53,7 @@ export async function portForward(ctx: DialBackContext, action: PortForwardActio
   traceTunnel('wrk-dialed', action.session);
   const url = client.urlOf('/v1/rpc/port-forward', true);
   for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
-  const ws = new WebSocket(url, {
-    headers: { authorization: client.authorization ?? '' },
-    ...client.tlsOptions(),
-    ...wsMasking(url),
-    handshakeTimeout: 15_000,
-  });
+  const ws = new WebSocket(url, { ...client.wsOptions(url), handshakeTimeout: 15_000 });
   ws.on('error', (err) => {
     ctx.log.debug({ err: err.message }, 'port-forward dial-back failed');
     target?.destroy();

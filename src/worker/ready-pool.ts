@@ -4,7 +4,6 @@
 // one used is replaced at once; lost ones are reopened with back-off. Protocol:
 // docs/tunnel-pool-protocol.md.
 import { WebSocket, type RawData } from 'ws';
-import { wsMasking } from '../client/client.ts';
 import type { PortForwardAction } from '../api/worker-protocol.ts';
 import { traceTunnel } from '../tunnel-trace.ts';
 import { dialTarget, joinTarget, type DialBackContext } from './dial-back.ts';
@@ -90,7 +89,7 @@ export class ReadyPool {
     const { client, workerName, log } = this.ctx;
     const url = client.urlOf('/v1/rpc/port-forward-pool', true);
     url.searchParams.set('workerName', workerName);
-    const ws = new WebSocket(url, { headers: { authorization: client.authorization ?? '' }, ...client.tlsOptions(), ...wsMasking(url), handshakeTimeout: 15_000 });
+    const ws = new WebSocket(url, { ...client.wsOptions(url), handshakeTimeout: 15_000 });
     this.idle.add(ws);
     let silence: NodeJS.Timeout | undefined;
     const alive = () => {

@@ -178,10 +178,22 @@ async function serveUntilInterrupted(client: OrchardClient, forwards: Forward[],
   }
 }
 
-async function openForwards(specs: PortSpec[], target: (spec: PortSpec) => string, open: (spec: PortSpec) => () => Promise<Tunnel>): Promise<Forward[]> {
+/** How a forward gets its tunnels: one WebSocket each (`open`), or a client's ready connections too (`close` when done). */
+type Tunnels = { open: () => Promise<Tunnel>; close?: () => void };
+
+async function openForwards(specs: PortSpec[], target: (spec: PortSpec) => string, tunnels: (spec: PortSpec) => Tunnels): Promise<Forward[]> {
   const forwards: Forward[] = [];
   try {
-    for (const spec of specs) forwards.push(await listenForward(spec.local, target(spec), open(spec)));
+    for (const spec of specs) {
+      const t = tunnels(spec);
+      try {
+        const f = await listenForward(spec.local, target(spec), () => t.open());
+        forwards.push({ ...f, close: () => (f.close(), t.close?.()) });
+      } catch (err) {
+        t.close?.();
+        throw err;
+      }
+    }
   } catch (err) {
     for (const f of forwards) f.close();
     throw err;
@@ -388,7 +400,7 @@ export function registerConnectCommands(program: Command) {
     let forwards: Forward[];
     try {
       noticeNotRunning(await mustExist(() => client.getVM(name)), opts.wait);
-      forwards = await openForwards(specs, (s) => `${name}:${s.remote}`, (s) => () => client.portForwardVM(name, s.remote, opts.wait));
+      forwards = await openForwards(specs, (s) => `${name}:${s.remote}`, (s) => client.portForwarder({ vm: name, port: s.remote, waitSeconds: opts.wait }));
     } catch (err) {
       client.close();
       throw err;
@@ -408,7 +420,7 @@ export function registerConnectCommands(program: Command) {
     let forwards: Forward[];
     try {
       await mustExist(() => client.getWorker(name));
-      forwards = await openForwards(specs, (s) => `worker ${name}:${s.remote}`, (s) => () => client.portForwardWorker(name, s.remote));
+      forwards = await openForwards(specs, (s) => `worker ${name}:${s.remote}`, (s) => client.portForwarder({ worker: name, port: s.remote }));
     } catch (err) {
       client.close();
       throw err;
@@ -465,7 +477,7 @@ export function registerConnectCommands(program: Command) {
     try {
       creds = await credentials(client, name, opts.username, opts.password);
       noticeNotRunning(await mustExist(() => client.getVM(name)), opts.wait);
-      forwards = await openForwards([{ local: 0, remote: VNC_PORT }], () => `${name}:${VNC_PORT}`, () => () => client.portForwardVM(name, VNC_PORT, opts.wait));
+      forwards = await openForwards([{ local: 0, remote: VNC_PORT }], () => `${name}:${VNC_PORT}`, () => ({ open: () => client.portForwardVM(name, VNC_PORT, opts.wait) }));
     } catch (err) {
       client.close();
       throw err;
@@ -487,7 +499,7 @@ export function registerConnectCommands(program: Command) {
     let forwards: Forward[];
     try {
       await mustExist(() => client.getWorker(name));
-      forwards = await openForwards([{ local: 0, remote: VNC_PORT }], () => `worker ${name}:${VNC_PORT}`, () => () => client.portForwardWorker(name, VNC_PORT));
+      forwards = await openForwards([{ local: 0, remote: VNC_PORT }], () => `worker ${name}:${VNC_PORT}`, () => ({ open: () => client.portForwardWorker(name, VNC_PORT) }));
     } catch (err) {
       client.close();
       throw err;

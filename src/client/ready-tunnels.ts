@@ -1,0 +1,163 @@
+// Ready port-forward connections on the client's side (controller capability "port-forward-ready"):
+// WebSockets to one target opened ahead of time, so that a new tunnel costs one message each way
+// instead of a TCP connect, a TLS handshake and an upgrade. A controller without the capability (upstream's)
+// gets the per-tunnel WebSocket, as before. Protocol: docs/tunnel-pool-protocol.md ("Client ↔ controller").
+import type { Duplex } from 'node:stream';
+import type { RawData, WebSocket } from 'ws';
+import { ApiError } from './errors.ts';
+
+/** The controller's capability (GET /v1/controller/info). */
+export const PORT_FORWARD_READY = 'port-forward-ready';
+
+export type TunnelConnection = { ws: WebSocket; stream: Duplex };
+
+export interface ReadyTunnelsOptions {
+  /** Opens an idle ready connection (the upgrade of `…/port-forward/ready`). */
+  connect: () => Promise<WebSocket>;
+  /** A tunnel the old way: its own WebSocket, opened now. */
+  direct: () => Promise<TunnelConnection>;
+  /** The byte stream of an open tunnel. */
+  streamOf: (ws: WebSocket) => Duplex;
+  /** Whether the controller has the capability. */
+  supported: () => Promise<boolean>;
+  /** Idle connections kept. */
+  size: number;
+}
+
+/** A replacement for a taken connection is opened this long after (not on the thread during the tunnel's own set-up). */
+const REFILL_DELAY_MS = 10;
+const BACKOFF_MIN_MS = 500;
+const BACKOFF_MAX_MS = 15_000;
+
+export class ReadyTunnels {
+  private readonly idle = new Set<WebSocket>();
+  private opening = 0;
+  private supported?: Promise<boolean>;
+  private failures = 0;
+  private timer?: NodeJS.Timeout;
+  private closed = false;
+  private readonly options: ReadyTunnelsOptions;
+
+  constructor(options: ReadyTunnelsOptions) {
+    this.options = options;
+  }
+
+  /** Idle connections ready now. */
+  get ready(): number {
+    return this.idle.size;
+  }
+
+  /** Starts filling the pool (also done by the first open). */
+  async start(): Promise<void> {
+    // Once: afterwards a taken connection is replaced REFILL_DELAY_MS later, not on the tunnel's own path.
+    if (this.supported) return;
+    this.supported = this.options.supported().catch(() => false);
+    if (await this.supported) this.fill();
+  }
+
+  /** A tunnel: on an idle ready connection when there is one, else on a WebSocket of its own. */
+  async open(): Promise<TunnelConnection> {
+    void this.start();
+    for (;;) {
+      const ws = this.take();
+      if (!ws) return this.options.direct();
+      const tunnel = await this.request(ws);
+      if (tunnel) return tunnel;
+      // Lost before it answered (the controller restarted, an idle timeout): try the next one.
+    }
+  }
+
+  close() {
+    this.closed = true;
+    clearTimeout(this.timer);
+    for (const ws of this.idle) ws.close(1000);
+    this.idle.clear();
+  }
+
+  private take(): WebSocket | undefined {
+    for (const ws of this.idle) {
+      this.idle.delete(ws);
+      this.schedule(REFILL_DELAY_MS);
+      if (ws.readyState === ws.OPEN) return ws;
+    }
+    return undefined;
+  }
+
+  /** Asks for the tunnel on `ws`: the tunnel, an ApiError with the controller's answer, or undefined if `ws` closed first. */
+  private request(ws: WebSocket): Promise<TunnelConnection | undefined> {
+    return new Promise((resolve, reject) => {
+      const onClose = () => {
+        ws.off('message', onMessage);
+        resolve(undefined);
+      };
+      const onMessage = (data: RawData, isBinary: boolean) => {
+        ws.off('message', onMessage);
+        ws.off('close', onClose);
+        const answer = parseAnswer(data, isBinary);
+        if (answer && 'ready' in answer) {
+          this.failures = 0;
+          // Made in this handler: what the controller sent after the answer is emitted right after it.
+          return resolve({ ws, stream: this.options.streamOf(ws) });
+        }
+        ws.close(answer ? 1000 : 1008);
+        reject(new ApiError(answer?.status ?? 502, answer?.error ?? 'the controller broke the ready-connection protocol'));
+      };
+      ws.on('message', onMessage);
+      ws.once('close', onClose);
+      ws.send('{"open":true}');
+    });
+  }
+
+  private schedule(delayMs: number) {
+    if (this.closed || this.timer) return;
+    this.timer = setTimeout(() => {
+      this.timer = undefined;
+      this.fill();
+    }, delayMs);
+    this.timer.unref();
+  }
+
+  private fill() {
+    while (!this.closed && this.idle.size + this.opening < this.options.size) {
+      this.opening++;
+      this.options.connect().then(
+        (ws) => {
+          this.opening--;
+          if (this.closed) return void ws.close(1000);
+          this.idle.add(ws);
+          // An idle connection the controller closes (restart, revoked account) is replaced.
+          ws.once('close', () => {
+            if (!this.idle.delete(ws)) return;
+            this.failures++;
+            this.schedule(this.backoff());
+          });
+        },
+        () => {
+          this.opening--;
+          this.failures++;
+          this.schedule(this.backoff());
+        },
+      );
+    }
+  }
+
+  /** Full jitter, exponential in the failures in a row. */
+  private backoff(): number {
+    if (this.failures === 0) return REFILL_DELAY_MS;
+    return Math.random() * Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** (this.failures - 1));
+  }
+}
+
+type Answer = { ready: true } | { error: string; status: number };
+
+function parseAnswer(data: RawData, isBinary: boolean): Answer | undefined {
+  if (isBinary || !Buffer.isBuffer(data)) return undefined;
+  try {
+    const msg = JSON.parse(data.toString()) as { ready?: unknown; error?: unknown; status?: unknown } | null;
+    if (msg?.ready === true) return { ready: true };
+    if (typeof msg?.error === 'string') return { error: msg.error.slice(0, 500), status: typeof msg.status === 'number' ? msg.status : 503 };
+  } catch {
+    // not JSON
+  }
+  return undefined;
+}

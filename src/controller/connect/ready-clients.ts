@@ -1,0 +1,70 @@
+// A client's ready connections (capability "port-forward-ready"): the client opens the WebSocket ahead
+// of time, naming the target in the URL, and it stays idle until the client asks for the tunnel with
+// one text frame; the controller answers with one text frame and from then on relays it as any
+// tunnel. The client's TLS handshake and upgrade are then off the critical path of a new tunnel.
+// Protocol: docs/tunnel-pool-protocol.md ("Client ↔ controller").
+import type { RawData, WebSocket } from 'ws';
+import { HttpError } from '../errors.ts';
+import { splice, type Tunnel } from './tunnels.ts';
+
+/** The client's request for its tunnel (a text frame). */
+export const OPEN_REQUEST = { open: true } as const;
+
+const isOpenRequest = (data: RawData, isBinary: boolean) => {
+  if (isBinary || !Buffer.isBuffer(data) || data.length > 64) return false;
+  try {
+    return (JSON.parse(data.toString()) as { open?: unknown } | null)?.open === true;
+  } catch {
+    return false;
+  }
+};
+
+/** Bytes a client may send after its open request that arrive (already read) before the tunnel is open. */
+const EARLY_BYTES = 1024 * 1024;
+
+/**
+ * Holds an authenticated client WebSocket until it asks for its tunnel, then opens it with `open`
+ * (aborted if the client leaves meanwhile) and answers `{"ready":true}` (then relays) or
+ * `{"error":…,"status":…}` (then closes). Anything but the request first breaks the protocol (1008).
+ * What the client sends after the request waits, unread, in its socket until the tunnel is open.
+ */
+export function awaitOpenRequest(ws: WebSocket, open: (signal: AbortSignal) => Promise<Tunnel>) {
+  const gone = new AbortController();
+  const leave = () => gone.abort();
+  ws.once('close', leave);
+  let requested = false;
+  // Frames read with the request (the same socket read) before the pause took effect.
+  const early: [RawData, boolean][] = [];
+  let earlyBytes = 0;
+  const onMessage = (data: RawData, isBinary: boolean) => {
+    if (requested) {
+      early.push([data, isBinary]);
+      earlyBytes += Buffer.isBuffer(data) ? data.length : EARLY_BYTES;
+      if (earlyBytes > EARLY_BYTES) ws.close(1008, 'too much sent before the answer to the open request');
+      return;
+    }
+    requested = true;
+    if (!isOpenRequest(data, isBinary)) return ws.close(1008, 'expected {"open":true}');
+    ws.pause();
+    open(gone.signal).then(
+      (tunnel) => {
+        ws.off('close', leave);
+        ws.off('message', onMessage);
+        if (ws.readyState !== ws.OPEN) return void tunnel.ws.close(1000, 'the client went away');
+        ws.send('{"ready":true}');
+        splice(ws, tunnel);
+        for (const [data, isBinary] of early) ws.emit('message', data, isBinary);
+        ws.resume();
+      },
+      (err: unknown) => {
+        ws.off('close', leave);
+        ws.off('message', onMessage);
+        if (ws.readyState !== ws.OPEN) return;
+        const status = err instanceof HttpError ? err.statusCode : 500;
+        ws.send(JSON.stringify({ error: err instanceof HttpError ? err.message : 'internal error', status }));
+        ws.close(1000);
+      },
+    );
+  };
+  ws.on('message', onMessage);
+}
