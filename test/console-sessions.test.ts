@@ -295,7 +295,7 @@ describe('console sessions: idle expiry (a clock of the test)', () => {
     let now = 1_000_000;
     const account = { name: 'a', token: 't', roles: ['compute:read' as const] };
     const ended: string[] = [];
-    const access = { current: async (name: string) => (name === 'a' ? account : undefined), endSession: (key: string) => ended.push(key) } as unknown as Access;
+    const access = { named: async (name: string) => (name === 'a' ? account : undefined), endSession: (key: string) => ended.push(key) } as unknown as Access;
     const sessions = new Sessions(access, { limits: { consoleSessions: 10, consoleSessionsPerAccount: 10, consoleSessionIdleMs: 1000, consoleSessionMaxAgeMs: 5000 }, tls: true, now: () => now });
     const cookieOf = (c: { cookie: string }) => ({ cookie: c.cookie.split(';')[0] });
     const idle = sessions.create(account);
