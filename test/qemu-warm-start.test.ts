@@ -1,7 +1,8 @@
 // Warm starts on a real qemu worker (debian-dev, TCG): VMs resume from the image's snapshot and come
 // up with their own identity. One worker, one image store of its own (links to the shared debian-dev
 // files, so the "rebuild" below changes nothing other tests use) and one snapshot serve every case:
-//  - two VMs from the same snapshot both answer `orchard ssh` as their own user with their own
+//  - two VMs from the same snapshot, given their identity through the template's agent (no SSH
+//    login), both answer `orchard ssh` as their own user with their own
 //    password, and differ from each other and from the template in hostname (= their name), SSH host
 //    key (as `orchard ssh -v` sees it), MAC and machine-id; the guest clock is the host's;
 //  - a VM with another CPU count cold-boots, saying why in its events; its create→running time is the
@@ -61,9 +62,10 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
     const first = await created('warm-a', { username: 'alice', password: 'a-secret-1' });
     const meta = (await readSnapshotMeta(w.driver.snapshotDir('debian-dev')))!;
     assert.ok(meta && !meta.unusable && meta.created > started, `a usable snapshot, made for this VM: ${JSON.stringify(meta)}`);
+    assert.equal(meta.agent, true, 'the template\'s identity agent was started before the save');
     const second = await created('warm-b', { username: 'bob', password: 'b-secret-2' });
     for (const { events } of [first, second]) {
-      assert.ok(events.some((e) => /^warm start: resumed the snapshot of image debian-dev in /.test(e)), events.join('\n'));
+      assert.ok(events.some((e) => /^warm start: resumed the snapshot of image debian-dev in .* through the agent/.test(e)), `given its identity through the agent, with no SSH login:\n${events.join('\n')}`);
       assert.ok(!events.some((e) => e.startsWith('cold boot') || e.startsWith('warm start failed')), events.join('\n'));
     }
     console.log(`warm start (create→running through the cluster): ${second.seconds.toFixed(2)} s; ${second.events.find((e) => e.startsWith('warm start:'))}`);

@@ -14,6 +14,7 @@ import { generateKeyPairSync, randomBytes, randomUUID } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import ssh2 from 'ssh2';
 import { hostnameOf } from './cloud-init.ts';
+import { sha512Crypt } from './sha512-crypt.ts';
 
 /** One SSH host key: the private key as dropbear stores it, the public key as a known_hosts line. */
 export interface HostKey {
@@ -70,6 +71,78 @@ export function newMac(): string {
   return ['52', '54', '00', ...[...randomBytes(3)].map((b) => b.toString(16).padStart(2, '0'))].join(':');
 }
 
+/** The line identityScript prints once the guest's dropbear listens with the new host keys. */
+export const DROPBEAR_RESTARTED = 'orchard: dropbear restarted';
+
+/** The line that ends a script sent to the agent, and the prefix of the line with its exit code. */
+const AGENT_END = 'orchard-identity-end';
+const AGENT_EXIT = 'orchard-identity-exit ';
+
+/** The name of the virtio-serial port of the agent (QEMU's `agent.sock`). */
+export const AGENT_PORT = 'org.orchard.agent';
+
+/**
+ * Started in the template before its state is saved (as root, over SSH): a shell that waits on the
+ * virtio-serial port AGENT_PORT for one script, runs it, prints its exit code and ends. A VM resumed
+ * from the snapshot is given its identity through it, with no SSH login (under TCG the guest's side
+ * of a login, a dropbear process and its key exchange, is 0.15-0.3 s). Only the worker can reach the
+ * socket, and it is connected before the state loads (the guest then never sees the host side
+ * close: a read would return end-of-file). The guest's answers are checked like those over SSH.
+ */
+export const AGENT_START = [
+  'set -e',
+  'command -v setsid >/dev/null',
+  'dev=""',
+  `for p in /sys/class/virtio-ports/*; do n=""; read -r n < "$p/name" || true; if [ "$n" = ${AGENT_PORT} ]; then dev=/dev/\${p##*/}; fi; done`,
+  '[ -c "$dev" ]',
+  "cat > /run/orchard-agent <<'AGENT'",
+  's=""',
+  `while IFS= read -r l; do [ "$l" = ${AGENT_END} ] && break; s="$s$l`,
+  '"; done',
+  `trap 'echo "${AGENT_EXIT}$?"' EXIT`,
+  'eval "$s"',
+  'AGENT',
+  // one open (a port takes one), read and write
+  'setsid sh /run/orchard-agent <>"$dev" >&0 2>&0 &',
+].join('\n') + '\n';
+
+/**
+ * Runs `script` through the agent (AGENT_START) on `sock` (QEMU's agent.sock) and resolves with its
+ * output; rejects on a non-zero exit, a timeout, or more output than an identity script makes (the
+ * guest writes what it likes). `onLine`: each line as it comes.
+ */
+export function runOverAgent(sock: Duplex, script: string, opts: { timeoutMs?: number; onLine?: (line: string) => void } = {}): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let out = '';
+    let seen = 0;
+    const lines: string[] = [];
+    const timer = setTimeout(() => done(new Error(`the agent did not answer within ${(opts.timeoutMs ?? 30_000) / 1000} s`)), opts.timeoutMs ?? 30_000);
+    let settled = false;
+    const done = (err?: Error, code?: number) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      sock.destroy();
+      if (err) reject(err);
+      else if (code === 0) resolve(lines.join('\n') + '\n');
+      else reject(new Error(`exit code ${code}${lines.length ? `: ${lines.slice(-3).join('; ')}` : ''}`));
+    };
+    sock.on('data', (d: Buffer) => {
+      out += d.toString('latin1');
+      if (out.length > 65_536) return done(new Error('the agent said more than an identity script does'));
+      for (let nl; (nl = out.indexOf('\n', seen)) >= 0; seen = nl + 1) {
+        const line = out.slice(seen, nl).replace(/\r$/, '');
+        if (line.startsWith(AGENT_EXIT)) return done(undefined, Number(line.slice(AGENT_EXIT.length)));
+        lines.push(line);
+        opts.onLine?.(line);
+      }
+    });
+    sock.on('error', (e) => done(e));
+    for (const ev of ['end', 'close']) sock.on(ev, () => done(new Error('the agent\'s socket closed')));
+    sock.write(`${script}\n${AGENT_END}\n`);
+  });
+}
+
 /** `s` single-quoted for a POSIX shell. */
 const q = (s: string) => `'${s.replaceAll("'", `'\\''`)}'`;
 
@@ -81,13 +154,15 @@ export interface Identity {
   hostKeys: HostKey[];
   username: string;
   password: string;
+  /** `password` hashed for /etc/shadow (made here: the guest's mkpasswd costs it tens of ms under TCG) */
+  passwordHash: string;
   /** The public key (OpenSSH line) authorized for the VM's user, as the cloud-init seed does. */
   authorizedKey?: string;
 }
 
 /** A new identity for `vm`; `mac`: the one QEMU gives the NIC on the VM's command line (a reboot then keeps it). */
 export function newIdentity(vm: { name: string; username: string; password: string; authorizedKey?: string }, mac = newMac()): Identity {
-  return { ...vm, mac, machineId: randomUUID().replaceAll('-', ''), hostKeys: newHostKeys() };
+  return { ...vm, mac, machineId: randomUUID().replaceAll('-', ''), hostKeys: newHostKeys(), passwordHash: sha512Crypt(vm.password) };
 }
 
 /** `bytes` as a printf format of octal escapes: binary data written by the shell's builtin printf. */
@@ -97,9 +172,11 @@ const octal = (bytes: Buffer) => [...bytes].map((b) => '\\' + b.toString(8).padS
  * The shell script (busybox ash, as root) that gives a guest `id`; it prints the guest's hostname and
  * MAC last. Idempotent: a worker that restarted during it runs it again. Under TCG every process
  * the guest starts costs 15-30 ms, so files are written with the shell's builtins (printf with
- * octal escapes for the binary keys, read loops rather than grep/awk/sed): 9 processes in all.
- * It ends by restarting dropbear, whose listener holds the host keys it read at start; this
- * session's own process is not the listener and carries on. `guestIp`: the guest's address, for
+ * octal escapes for the binary keys, read loops rather than grep/awk/sed, the hostname written to
+ * /proc, the password hash made on the worker): 5 processes in all.
+ * Once the host keys are written it restarts dropbear, whose listener holds the keys it read at
+ * start (this session's own process is not the listener and carries on), and says so with a line
+ * DROPBEAR_RESTARTED, so that the worker can check the new listener while the script goes on. `guestIp`: the guest's address, for
  * the gratuitous ARP that tells QEMU's user-mode network the new MAC.
  */
 export function identityScript(id: Identity, nowSeconds: number, guestIp = '10.0.2.15'): string {
@@ -114,7 +191,7 @@ export function identityScript(id: Identity, nowSeconds: number, guestIp = '10.0
     // mixed into the kernel's input pool (vmgenid has made it reseed already; this costs nothing)
     `printf '${octal(randomBytes(64))}' > /dev/urandom`,
     `printf '%s\\n' ${q(host)} > /etc/hostname`,
-    `hostname ${q(host)}`,
+    `printf '%s' ${q(host)} > /proc/sys/kernel/hostname`,
     // /etc/hosts: the image's lines, but the 127.0.1.1 one names this VM
     'hosts=""',
     'while IFS= read -r l || [ -n "$l" ]; do case $l in 127.0.1.1[[:space:]]*) ;; *) hosts="$hosts$l\\n";; esac; done < /etc/hosts',
@@ -127,9 +204,18 @@ export function identityScript(id: Identity, nowSeconds: number, guestIp = '10.0
     // private from here on: the host keys, the new shadow file, the user's .ssh
     'umask 077',
     ...id.hostKeys.map((k) => `printf '${octal(k.dropbear)}' > /etc/dropbear/dropbear_${k.type}_host_key`),
-    'rm -f /etc/dropbear/dropbear_rsa_host_key /etc/dropbear/dropbear_dss_host_key',
+    // and the agent's script, if it came that way (it is read already)
+    'rm -f /etc/dropbear/dropbear_rsa_host_key /etc/dropbear/dropbear_dss_host_key /run/orchard-agent',
+    'old=""; read -r old < /run/dropbear.pid || true',
+    // The old listener's socket is gone once no socket listens on port 22 (0x16, state 0A); its
+    // process may stay a zombie for a while, so /proc/PID says nothing.
+    'listening() { for t in /proc/net/tcp /proc/net/tcp6; do [ -r "$t" ] || continue; while read -r _ a _ _ st _; do case "$a:$st" in *:0016:0A) return 0;; esac; done < "$t"; done; return 1; }',
+    'if [ -n "$old" ]; then kill "$old" 2>/dev/null || true; i=0; while listening && [ $i -lt 2000 ]; do i=$((i + 1)); done; fi',
+    'dropbear -p 22 -P /run/dropbear.pid',
+    // the worker checks the new listener from outside meanwhile
+    `echo ${q(DROPBEAR_RESTARTED)}`,
     // The VM's user and password, as the cloud-init seed makes them. Busybox here has no adduser or
-    // chpasswd: the files are written directly, the hash made by mkpasswd (the password on stdin).
+    // chpasswd: the files are written directly.
     `u=${q(user)}`,
     'known=""',
     'while IFS=: read -r n _; do if [ "$n" = "$u" ]; then known=1; fi; done < /etc/passwd',
@@ -142,11 +228,11 @@ export function identityScript(id: Identity, nowSeconds: number, guestIp = '10.0
       `  mkdir -p ${q(home)}/.ssh && chown -R "$n:$n" ${q(home)} && chmod 755 ${q(home)}`,
       'fi',
     ]),
-    `h=$(printf '%s' ${q(id.password)} | mkpasswd -m sha512 -P 0)`,
+    `h=${q(id.passwordHash)}`,
     'shadow=""',
     'while IFS= read -r l || [ -n "$l" ]; do case $l in "$u":*) r=${l#*:}; r=${r#*:}; shadow="$shadow$u:$h:$r\\n";; *) shadow="$shadow$l\\n";; esac; done < /etc/shadow',
-    'printf "%b" "$shadow" > /etc/shadow.new',
-    'mv /etc/shadow.new /etc/shadow',
+    // in place (one write of a few hundred bytes) rather than a new file and mv: mv is a process
+    'printf "%b" "$shadow" > /etc/shadow',
     ...(id.authorizedKey ? [
       // the image's key for the VM's user too (as the seed's ssh_authorized_keys)
       `k=${q(id.authorizedKey)}`,
@@ -155,12 +241,6 @@ export function identityScript(id: Identity, nowSeconds: number, guestIp = '10.0
       'if [ -f "$f" ]; then while IFS= read -r l; do if [ "$l" = "$k" ]; then has=1; fi; done < "$f"; fi',
       `if [ -z "$has" ]; then mkdir -p ${q(home)}/.ssh; printf '%s\\n' "$k" >> "$f"; chown -R "$u" ${q(home)}/.ssh; fi`,
     ] : []),
-    'old=""; read -r old < /run/dropbear.pid || true',
-    // The old listener's socket is gone once no socket listens on port 22 (0x16, state 0A); its
-    // process may stay a zombie for a while, so /proc/PID says nothing.
-    'listening() { for t in /proc/net/tcp /proc/net/tcp6; do [ -r "$t" ] || continue; while read -r _ a _ _ st _; do case "$a:$st" in *:0016:0A) return 0;; esac; done < "$t"; done; return 1; }',
-    'if [ -n "$old" ]; then kill "$old" 2>/dev/null || true; i=0; while listening && [ $i -lt 2000 ]; do i=$((i + 1)); done; fi',
-    'dropbear -p 22 -P /run/dropbear.pid',
     // what the worker checks: the name and MAC the guest now has
     'read -r hn < /proc/sys/kernel/hostname; echo "$hn"',
     'read -r mac < "/sys/class/net/$dev/address"; echo "$mac"',
@@ -170,9 +250,9 @@ export function identityScript(id: Identity, nowSeconds: number, guestIp = '10.0
 /**
  * Logs in as root with `privateKey` over `sock` (the guest's port 22), runs `script` (on stdin, so
  * the password never shows on a command line) and resolves with its output; rejects with what failed.
- * `onHostKey` sees the host key the guest offered.
+ * `onHostKey` sees the host key the guest offered; `onLine` each line of output as it comes.
  */
-export function runAsRoot(sock: Duplex, privateKey: Buffer, script: string, opts: { timeoutMs?: number; onHostKey?: (key: Buffer) => void } = {}): Promise<string> {
+export function runAsRoot(sock: Duplex, privateKey: Buffer, script: string, opts: { timeoutMs?: number; onHostKey?: (key: Buffer) => void; onLine?: (line: string) => void } = {}): Promise<string> {
   return new Promise((resolve, reject) => {
     const conn = new ssh2.Client();
     let out = '';
@@ -188,7 +268,11 @@ export function runAsRoot(sock: Duplex, privateKey: Buffer, script: string, opts
     conn.on('ready', () => {
       conn.exec('sh -s', (e, ch) => {
         if (e) return fail(e);
-        ch.on('data', (d: Buffer) => (out += d.toString()));
+        let seen = 0;
+        ch.on('data', (d: Buffer) => {
+          out += d.toString();
+          for (let nl; opts.onLine && (nl = out.indexOf('\n', seen)) >= 0; seen = nl + 1) opts.onLine(out.slice(seen, nl));
+        });
         ch.stderr.on('data', (d: Buffer) => (err += d.toString()));
         let code: number | null = null;
         ch.on('exit', (c: number | null) => (code = c));

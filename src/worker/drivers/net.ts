@@ -48,21 +48,40 @@ export async function sshBanner(host: string, port: number, ms: number): Promise
   return sshBannerOn(sock, ms);
 }
 
-/** true when `sock` starts with an SSH banner (`SSH-`) within `ms`; `sock` is closed afterwards. */
-export function sshBannerOn(sock: Duplex, ms: number): Promise<boolean> {
+/**
+ * true when `sock` starts with an SSH banner (`SSH-`) within `ms`. `sock` is closed afterwards,
+ * unless `keep` and the banner came: then it is left paused with what it read put back, for an SSH
+ * client to go on with (one connection rather than a second dial and login).
+ */
+export function sshBannerOn(sock: Duplex, ms: number, keep = false): Promise<boolean> {
   return new Promise((resolve) => {
-    let got = '';
+    const chunks: Buffer[] = [];
+    let got = 0;
+    let settled = false;
     const done = (ok: boolean) => {
+      if (settled) return;
+      settled = true;
       clearTimeout(timer);
-      sock.destroy();
+      sock.off('data', onData).off('error', onEnd).off('close', onEnd);
+      if (ok && keep) {
+        // until the SSH client takes it over (and listens for errors itself)
+        sock.on('error', () => {});
+        sock.pause();
+        sock.unshift(Buffer.concat(chunks));
+      } else {
+        sock.destroy();
+      }
       resolve(ok);
     };
     const timer = setTimeout(() => done(false), ms);
-    sock.on('data', (d: Buffer) => {
-      got += d.toString('latin1');
-      if (got.length >= 4) done(got.startsWith('SSH-'));
-    });
-    sock.on('error', () => done(false));
-    sock.on('close', () => done(false));
+    const onData = (d: Buffer) => {
+      chunks.push(d);
+      got += d.length;
+      if (got >= 4) done(Buffer.concat(chunks).subarray(0, 4).toString('latin1') === 'SSH-');
+    };
+    const onEnd = () => done(false);
+    sock.on('data', onData);
+    sock.on('error', onEnd);
+    sock.on('close', onEnd);
   });
 }

@@ -32,7 +32,7 @@ import { formatPullProgress } from '../oci/progress.ts';
 import { isImageReference } from '../oci/reference.ts';
 import { forward, QmpClient } from './qmp.ts';
 import { hostnameOf, publicKeyOf, SEED_LABEL, writeSeed } from './cloud-init.ts';
-import { identityScript, keyBlob, newIdentity, newMac, offeredHostKey, runAsRoot } from './guest-identity.ts';
+import { AGENT_PORT, DROPBEAR_RESTARTED, type Identity, identityScript, keyBlob, newIdentity, newMac, offeredHostKey, runAsRoot, runOverAgent } from './guest-identity.ts';
 import { STATE_FILE, type SnapshotMeta } from './snapshots.ts';
 import { SnapshotMaker } from './snapshot-maker.ts';
 import { qemuImg } from './qemu-img.ts';
@@ -106,7 +106,7 @@ interface VmFile {
    * start resumes snapshot.state. While `pending`, the guest still has the template's identity: it
    * gets its own (name, user, password: what it needs for that) before it is reported running.
    */
-  warm?: { snapshotCreated: string; pending?: { name: string; username: string; password: string } };
+  warm?: { snapshotCreated: string; pending?: { name: string; username: string; password: string }; agent?: boolean };
   /** The SSH host keys the guest was given (known_hosts lines), once it has its own identity. */
   hostKeys?: string[];
   /** Why a fresh VM cold-boots rather than resume its image's snapshot (said by its first start). */
@@ -201,6 +201,7 @@ export class QemuDriver implements Driver {
       start: (vm) => this.start(vm),
       waitReady: (localName) => this.waitReady(localName),
       dial: (localName, port) => this.dial(localName, port),
+      agent: (localName) => this.connectAgent(localName),
       stop: (localName, graceMs) => this.stop(localName, graceMs),
       qmp: (localName, fn) => this.qmp(localName, fn),
       record: (localName) => this.records.read(localName),
@@ -274,7 +275,7 @@ export class QemuDriver implements Driver {
     return pid;
   }
 
-  private socketPath(localName: string, pid: number, name: 'qmp.sock' | 'vnc.sock'): string {
+  private socketPath(localName: string, pid: number, name: 'qmp.sock' | 'vnc.sock' | 'agent.sock'): string {
     const path = join(this.vmDir(localName), name);
     // unix socket paths are limited to 107 bytes; QEMU's cwd is the VM dir, reachable via /proc.
     return Buffer.byteLength(path) < 100 ? path : `/proc/${pid}/cwd/${name}`;
@@ -395,6 +396,7 @@ export class QemuDriver implements Driver {
       file.warm = {
         snapshotCreated: snapshot.created,
         pending: { name: vm.name ?? parseLocalName(vm.localName)?.name ?? vm.localName, username: vm.username, password: vm.password },
+        agent: snapshot.agent,
       };
     } else {
       await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', join(dir, 'disk.qcow2')]);
@@ -506,7 +508,7 @@ export class QemuDriver implements Driver {
     file.cpu = vm.cpu || file.cpu;
     file.memory = vm.memory || file.memory;
     if (vm.hostDirs) file.hostDirs = vm.hostDirs.length ? vm.hostDirs : undefined;
-    for (const f of ['qmp.sock', 'vnc.sock', 'qemu.pid']) await unlink(join(dir, f)).catch(() => {});
+    for (const f of ['qmp.sock', 'vnc.sock', 'agent.sock', 'qemu.pid']) await unlink(join(dir, f)).catch(() => {});
     // Every guest gets a cloud-init NoCloud seed with this start's credentials (cloud-init.ts); a
     // guest without cloud-init never reads it. The VM's own key, if its image has one, is authorized.
     const seed = await writeSeed(dir, {
@@ -536,6 +538,9 @@ export class QemuDriver implements Driver {
       // No password: only the worker's user can open the socket (the VM dir is 0700).
       '-vga', 'std', '-vnc', 'unix:vnc.sock',
       '-serial', `file:${join(dir, 'console.log')}`,
+      // the channel of a warm start's identity agent (guest-identity.ts); unused otherwise
+      '-device', 'virtio-serial-pci,id=agent0', '-chardev', 'socket,id=agent,path=agent.sock,server=on,wait=off',
+      '-device', `virtserialport,bus=agent0.0,chardev=agent,name=${AGENT_PORT}`,
       // relative: unix socket paths are short (QEMU runs in the VM dir)
       '-qmp', 'unix:qmp.sock,server=on,wait=off',
       '-pidfile', join(dir, 'qemu.pid'),
@@ -550,7 +555,8 @@ export class QemuDriver implements Driver {
     // Warm start: the template's state, loaded from the file (the devices above are the template's).
     const incoming = !!file.warm?.pending && existsSync(join(dir, STATE_FILE));
     if (incoming) {
-      args.push('-incoming', `exec:cat ${STATE_FILE}`);
+      // loaded by resumeWarm (migrate-incoming), once it holds the agent's socket
+      args.push('-incoming', 'defer');
       progress(`resuming the snapshot of image ${file.image} (made ${file.warm!.snapshotCreated})`);
     } else if (file.coldReason) {
       progress(`cold boot: ${file.coldReason}`);
@@ -714,6 +720,38 @@ export class QemuDriver implements Driver {
     const dir = this.vmDir(localName);
     const s = this.st(localName);
     const t0 = s.spawnedAt ?? performance.now();
+    const pending = file.warm!.pending!;
+    // The agent's socket is connected before the state loads: the template's was, so the guest sees
+    // no change (else a read of its agent would end); then the load (QMP, the file through cat).
+    const agent = file.warm!.agent ? await this.connectAgent(localName) : undefined;
+    try {
+      await this.qmp(localName, async (q) => {
+        // a worker that restarted during a warm start finds the load begun (or done) already
+        const m = (await q.execute('query-migrate')) as { status?: string };
+        if (!m.status) await q.execute('migrate-incoming', { uri: `exec:cat ${STATE_FILE}` });
+      });
+      // made while the state loads (host keys, password hash: a few ms of the worker's CPU)
+      const key = await readFile(join(dir, 'id_ed25519'));
+      const id = newIdentity({ name: pending.name, username: pending.username, password: pending.password, authorizedKey: await publicKeyOf(join(dir, 'id_ed25519')) }, file.mac);
+      await this.identifyWarm(localName, file, { t0, key, id, agent }, progress, signal);
+    } finally {
+      agent?.destroy();
+    }
+  }
+
+  /** The socket of the VM's agent channel (guest-identity.ts AGENT_START). */
+  private async connectAgent(localName: string): Promise<Duplex> {
+    const sock = await connectUnix(this.socketPath(localName, this.requirePid(localName), 'agent.sock'), `VM ${localName}'s agent`);
+    sock.on('error', () => {}); // its reader (runOverAgent) says what failed
+    return sock;
+  }
+
+  /** resumeWarm, once the state is loading: the VM's own identity, checked. */
+  private async identifyWarm(localName: string, file: VmFile, w: { t0: number; key: Buffer; id: Identity; agent?: Duplex }, progress: Progress, signal?: AbortSignal): Promise<void> {
+    const { t0, key, id, agent } = w;
+    const dir = this.vmDir(localName);
+    const s = this.st(localName);
+    const pending = file.warm!.pending!;
     // The template was stopped when saved, so the loaded VM stays paused: continue it once loaded.
     const deadline = Date.now() + 120_000;
     let qmpErrors = 0;
@@ -740,39 +778,57 @@ export class QemuDriver implements Driver {
     }
     const loaded = performance.now();
     await unlink(join(dir, STATE_FILE)).catch(() => {});
-    await this.waitBanner(localName, signal);
-    const sshUp = performance.now();
-
-    const pending = file.warm!.pending!;
-    const key = await readFile(join(dir, 'id_ed25519'));
-    const id = newIdentity({ name: pending.name, username: pending.username, password: pending.password, authorizedKey: await publicKeyOf(join(dir, 'id_ed25519')) }, file.mac);
-    const said = (await runAsRoot(await this.dial(localName, 22), key, identityScript(id, Date.now() / 1000))).trim().split('\n');
+    // Checked from outside: a new connection gets one of the new host keys. The check starts as
+    // soon as the script says its new dropbear listens, while the script goes on (it may take a
+    // moment to listen: retried); both must be done before the VM is running.
+    const check = async () => {
+      for (let attempt = 0; ; attempt++) {
+        try {
+          return await offeredHostKey(await this.dial(localName, 22));
+        } catch (err) {
+          if (attempt >= 40) throw err;
+          await sleep(25);
+        }
+      }
+    };
+    let checking: Promise<Buffer> | undefined;
+    const onLine = (l: string) => {
+      if (l !== DROPBEAR_RESTARTED || checking) return;
+      checking = check();
+      checking.catch(() => {}); // awaited below; the script may fail first
+    };
+    let sshUp: number | undefined;
+    let said: string[];
+    if (agent) {
+      // The template's agent waits on its port: no SSH login.
+      said = (await runOverAgent(agent, identityScript(id, Date.now() / 1000), { onLine })).trim().split('\n');
+    } else {
+      // The connection that first gets dropbear's banner is the one the identity is given over:
+      // under TCG each new connection costs the guest a dropbear process, and the worker an nsenter + socat.
+      const sock = await this.waitBanner(localName, signal, true);
+      sshUp = performance.now();
+      said = (await runAsRoot(sock, key, identityScript(id, Date.now() / 1000), { onLine })).trim().split('\n');
+    }
     const identified = performance.now();
     const [hostname, mac] = said.slice(-2);
     if (hostname !== hostnameOf(pending.name)) throw new Error(`the guest calls itself ${hostname}, not ${hostnameOf(pending.name)}`);
     if (mac !== id.mac) throw new Error(`the guest's MAC is ${mac}, not ${id.mac}`);
-    // Checked from outside: a new connection gets one of the new host keys (the script restarted
-    // dropbear: its new listener may take a moment).
-    let offered: Buffer | undefined;
-    for (let attempt = 0; !offered; attempt++) {
-      try {
-        offered = await offeredHostKey(await this.dial(localName, 22));
-      } catch (err) {
-        if (attempt >= 40) throw err;
-        await sleep(25);
-      }
-    }
+    const offered = await (checking ?? check());
     if (!id.hostKeys.some((k) => keyBlob(k.publicLine).equals(offered))) throw new Error('the guest still offers a host key that is not its new one');
     const done = performance.now();
     await writeFile(join(dir, 'known_hosts'), id.hostKeys.map((k) => `* ${k.publicLine}\n`).join(''), { mode: 0o600 });
     await this.records.write({ ...file, mac: id.mac, warm: { snapshotCreated: file.warm!.snapshotCreated }, hostKeys: id.hostKeys.map((k) => k.publicLine) });
     const sec = (a: number, b: number) => ((b - a) / 1000).toFixed(2);
-    const stages = { qemuStart: sec(t0, s.upAt ?? t0), stateLoaded: sec(t0, loaded), sshUp: sec(t0, sshUp), identity: sec(sshUp, identified), checked: sec(identified, done), total: sec(t0, done) };
+    const stages = { qemuStart: sec(t0, s.upAt ?? t0), stateLoaded: sec(t0, loaded), sshUp: sshUp && sec(t0, sshUp), identity: sec(sshUp ?? loaded, identified), checked: sec(identified, done), total: sec(t0, done) };
     this.log.info({ vm: localName, ...stages }, 'warm start: resumed with its own identity');
-    progress(`warm start: resumed the snapshot of image ${file.image} in ${stages.total}s (QEMU up ${stages.qemuStart}s, state loaded ${stages.stateLoaded}s, SSH ${stages.sshUp}s, own identity ${stages.identity}s: hostname, SSH host keys, machine-id, MAC, clock, user; checked ${stages.checked}s)`);
+    progress(`warm start: resumed the snapshot of image ${file.image} in ${stages.total}s (QEMU up ${stages.qemuStart}s, state loaded ${stages.stateLoaded}s, ` +
+      `${stages.sshUp ? `SSH ${stages.sshUp}s, own identity ${stages.identity}s` : `own identity ${stages.identity}s through the agent`}: hostname, SSH host keys, machine-id, MAC, clock, user; checked ${stages.checked}s)`);
   }
 
-  private async waitBanner(localName: string, signal?: AbortSignal): Promise<void> {
+  /** Resolves once the guest answers SSH; with `keep`, with the connection that got the banner. */
+  private async waitBanner(localName: string, signal?: AbortSignal): Promise<void>;
+  private async waitBanner(localName: string, signal: AbortSignal | undefined, keep: true): Promise<Duplex>;
+  private async waitBanner(localName: string, signal?: AbortSignal, keep = false): Promise<Duplex | void> {
     const deadline = Date.now() + this.readyTimeoutMs;
     for (;;) {
       signal?.throwIfAborted();
@@ -792,7 +848,7 @@ export class QemuDriver implements Driver {
       // User-mode networking accepts the TCP connection before the guest is up, and a SYN it
       // forwards too early is only retried seconds later: wait for the banner, short attempts.
       const sock = await this.dial(localName, 22).catch(() => undefined);
-      if (sock && (await sshBannerOn(sock, 500))) return;
+      if (sock && (await sshBannerOn(sock, 500, keep))) return keep ? sock : undefined;
       await sleep(100, undefined, { signal }).catch(() => signal?.throwIfAborted());
     }
   }

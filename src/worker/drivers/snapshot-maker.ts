@@ -14,7 +14,7 @@ import { privateFiles } from '../private-files.ts';
 import type { DriverVM, Progress } from './driver.ts';
 import type { Accel } from './accel.ts';
 import type { QmpClient } from './qmp.ts';
-import { runAsRoot } from './guest-identity.ts';
+import { AGENT_START, runAsRoot } from './guest-identity.ts';
 import { virtualSize } from './qemu-img.ts';
 import { binaryId, fileId, readSnapshotMeta, SNAPSHOT_FILE, staleReason, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
 
@@ -29,6 +29,8 @@ export interface TemplateHost {
   start(vm: DriverVM): Promise<void>;
   waitReady(localName: string): Promise<void>;
   dial(localName: string, port: number): Promise<Duplex>;
+  /** The socket of a VM's agent channel (guest-identity.ts AGENT_START). */
+  agent(localName: string): Promise<Duplex>;
   stop(localName: string, graceMs: number): Promise<void>;
   qmp<T>(localName: string, fn: (q: QmpClient) => Promise<T>): Promise<T>;
   /** The template's record (vm.json): its kernel files, command line and MAC. */
@@ -167,6 +169,7 @@ export class SnapshotMaker {
       cpu: shape.cpu, memory: shape.memory, username: 'admin', password: 'admin',
     };
     const t0 = Date.now();
+    let agentSock: Duplex | undefined;
     try {
       await this.host.prepare(vm, () => {}, { cold: true });
       const file = (await this.host.record(localName))!;
@@ -181,13 +184,35 @@ export class SnapshotMaker {
         cpu: shape.cpu, memory: shape.memory, accel: this.host.accel, qemu, mac: file.mac!, knownHosts: image.knownHosts,
         created: new Date().toISOString(), bootSeconds,
       };
-      // What identityScript uses; then the page cache goes (less to load into each VM).
-      const probe = 'set -e; for c in dropbear ip arping base64 mkpasswd awk hostname; do command -v $c >/dev/null || { echo "no $c" >&2; exit 1; }; done; ' +
-        'test -s /run/dropbear.pid; test -d /etc/dropbear; sync; echo 3 > /proc/sys/vm/drop_caches';
+      // What identityScript uses.
+      const probe = 'set -e; for c in dropbear ip arping date rm; do command -v $c >/dev/null || { echo "no $c" >&2; exit 1; }; done; ' +
+        'test -s /run/dropbear.pid; test -d /etc/dropbear';
       try {
         await runAsRoot(await this.host.dial(localName, 22), await readFile(join(tmp, 'id_ed25519')), probe + '\n', { timeoutMs: 60_000 });
       } catch (err) {
-        meta.unusable = `the guest of image ${image.name} cannot be given its own identity after a resume (it needs dropbear and busybox's ip, arping, base64, mkpasswd, awk): ${(err as Error).message}`;
+        meta.unusable = `the guest of image ${image.name} cannot be given its own identity after a resume (it needs dropbear and busybox's ip, arping, date, rm): ${(err as Error).message}`;
+      }
+      if (!meta.unusable) {
+        // Less state to save, and to load into each VM: the page cache goes, and the memory the
+        // guest has freed (its initramfs, that cache), which still holds what it held, is filled
+        // with zeros (a tmpfs file, then unmounted): QEMU saves a zero page as a flag. A guest
+        // where this fails is saved as it is.
+        const zero = 'sync; echo 3 > /proc/sys/vm/drop_caches; free=0; ' +
+          'while read -r k v _; do if [ "$k" = MemFree: ]; then free=$v; fi; done < /proc/meminfo; n=$((free / 1024 - 32)); ' +
+          'if [ "$n" -gt 0 ] && mkdir -p /run/orchard-zero && mount -t tmpfs -o size=${n}m orchard-zero /run/orchard-zero; then ' +
+          'dd if=/dev/zero of=/run/orchard-zero/z bs=1M count=$n 2>/dev/null; umount /run/orchard-zero; rmdir /run/orchard-zero; fi; true';
+        await runAsRoot(await this.host.dial(localName, 22), await readFile(join(tmp, 'id_ed25519')), zero + '\n', { timeoutMs: 60_000 })
+          .catch((err: Error) => this.host.log.warn({ image: image.name, err: err.message }, 'cannot zero the template\'s free memory'));
+        // Last before the save: the agent that gives VMs their identity without an SSH login (else
+        // over SSH). Its port is saved connected (each VM's is connected before the load).
+        meta.agent = await (async () => {
+          agentSock = await this.host.agent(localName);
+          await runAsRoot(await this.host.dial(localName, 22), await readFile(join(tmp, 'id_ed25519')), AGENT_START, { timeoutMs: 60_000 });
+          return true;
+        })().catch((err: Error) => {
+          this.host.log.warn({ image: image.name, err: err.message }, 'cannot start the identity agent in the template: VMs get their identity over SSH');
+          return false;
+        });
       }
       if (!meta.unusable) {
         progress(`snapshot of image ${image.name}: saving the template's state`);
@@ -208,7 +233,7 @@ export class SnapshotMaker {
         meta.stateBytes = (await stat(join(tmp, STATE_FILE))).size;
       }
       await this.host.stop(localName, 0);
-      for (const f of ['cidata', 'qmp.sock', 'vnc.sock', 'qemu.pid', 'vm.json']) await rm(join(tmp, f), { recursive: true, force: true });
+      for (const f of ['cidata', 'qmp.sock', 'vnc.sock', 'agent.sock', 'qemu.pid', 'vm.json']) await rm(join(tmp, f), { recursive: true, force: true });
       await writeFile(join(tmp, SNAPSHOT_FILE), JSON.stringify(meta, null, 2) + '\n', { mode: 0o600 });
       // QEMU's `cat` made the state file with the worker's umask: 0600 like every VM file.
       await privateFiles(tmp);
@@ -219,6 +244,7 @@ export class SnapshotMaker {
         : `snapshot of image ${image.name} made in ${((Date.now() - t0) / 1000).toFixed(1)}s (template booted in ${bootSeconds.toFixed(1)}s, state saved in ${meta.saveSeconds!.toFixed(2)}s, ${Math.round(meta.stateBytes! / 2 ** 20)} MiB)`);
       return meta;
     } finally {
+      agentSock?.destroy();
       await this.host.stop(localName, 0).catch(() => {});
       this.templateDirs.delete(localName);
       this.host.forget(localName);

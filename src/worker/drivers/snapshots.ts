@@ -41,6 +41,11 @@ export interface SnapshotMeta {
   bootSeconds?: number;
   saveSeconds?: number;
   stateBytes?: number;
+  /**
+   * The template's identity agent waits on its virtio-serial port (guest-identity.ts AGENT_START):
+   * VMs get their identity through it (false: over SSH). Absent: made before VMs had that port.
+   */
+  agent?: boolean;
   /** Set when this image's guest cannot be given a new identity: VMs cold-boot, with this reason. */
   unusable?: string;
 }
@@ -85,5 +90,6 @@ export async function staleReason(meta: SnapshotMeta, imageFiles: Record<string,
   if (Object.keys(meta.files).length !== Object.keys(imageFiles).length) return `image ${meta.image} changed since`;
   if (meta.accel !== accel) return `it was made with ${meta.accel}, this worker runs ${accel}`;
   if (meta.qemu !== qemu) return 'QEMU changed since';
+  if (meta.agent === undefined) return 'it was made by an older version, for VMs without the identity agent\'s port';
   return undefined;
 }
