@@ -2,7 +2,7 @@
 // account's name and token, with back-off on failures), role checks, and revocation — whatever an
 // account holds open (watch streams, tunnels, exec sessions, SSH connections, a worker's watch) is
 // closed the moment the account is deleted, its token changes or it loses the roles it was opened with.
-import { createHash, timingSafeEqual } from 'node:crypto';
+import { hash, timingSafeEqual } from 'node:crypto';
 import type { FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import type { Role, ServiceAccount } from '../api/schemas.ts';
@@ -10,12 +10,15 @@ import type { Store } from './store/store.ts';
 import { HttpError } from './errors.ts';
 import { AuthBackoff, DEFAULT_BACKOFF, sourceKey, type BackoffOptions } from './auth-backoff.ts';
 
-const digest = (s: string) => createHash('sha256').update(s).digest();
+const digest = (s: string) => hash('sha256', s, 'buffer');
 
 /** Constant-time token comparison (hashing first makes lengths equal and hides them). */
 export function tokensEqual(a: string, b: string): boolean {
   return timingSafeEqual(digest(a), digest(b));
 }
+
+/** What a missing account's token is compared with, so that timing does not tell which names exist. */
+const NO_ACCOUNT_DIGEST = digest('\0no-such-account');
 
 export interface Credentials {
   name: string;
@@ -70,6 +73,8 @@ export class Access {
    */
   private readonly accounts = new Map<string, ServiceAccount>();
   private changes = 0;
+  /** The digest of each cached account's token, made once: a request then hashes only the token it presents. */
+  private readonly tokenDigests = new WeakMap<ServiceAccount, Buffer>();
 
   /** `backoff: false` turns the back-off off (tests of many refused requests). */
   constructor(store: Store, logger: Logger, backoff: BackoffOptions | false = DEFAULT_BACKOFF) {
@@ -105,8 +110,16 @@ export class Access {
    */
   async current(account: ServiceAccount): Promise<ServiceAccount> {
     const now = await this.account(account.name);
-    if (!now || !tokensEqual(now.token ?? '', account.token ?? '')) throw new HttpError(401, 'invalid service account name or token');
+    // The same committed object (the cache keeps it until the account changes): the same token.
+    if (now === account) return now;
+    if (!now || !timingSafeEqual(this.tokenDigest(now), this.tokenDigest(account))) throw new HttpError(401, 'invalid service account name or token');
     return now;
+  }
+
+  private tokenDigest(account: ServiceAccount): Buffer {
+    let d = this.tokenDigests.get(account);
+    if (!d) this.tokenDigests.set(account, (d = digest(account.token ?? '')));
+    return d;
   }
 
   /**
@@ -124,7 +137,7 @@ export class Access {
     }
     const account = await this.account(creds.name);
     // Compare even when the account is missing, so timing does not tell which names exist.
-    const ok = tokensEqual(account?.token ?? '\0no-such-account', creds.token) && account !== undefined;
+    const ok = timingSafeEqual(account?.token !== undefined ? this.tokenDigest(account) : NO_ACCOUNT_DIGEST, digest(creds.token)) && account !== undefined;
     if (!ok) {
       this.backoff?.failed(source, creds.name);
       this.log.warn({ account: creds.name, source }, 'authentication failed: no such service account or wrong token');

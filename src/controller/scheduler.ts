@@ -13,6 +13,7 @@ export const MAX_RESTARTS = 10;
 const BACKOFF_BASE_MS = 1000;
 const BACKOFF_CAP_MS = 5 * 60_000;
 const MIN_PASS_INTERVAL_MS = 20;
+const NOTHING_USED: Readonly<Record<string, number>> = Object.freeze({});
 
 export interface SchedulerOptions {
   offlineTimeoutMs: number;
@@ -33,7 +34,12 @@ function placementInputsDiffer(kind: 'vms' | 'workers', before: VM | Worker, aft
       : (['worker', 'resources', 'labels', 'runtime', 'restart_count', 'restart_policy'] as const);
   // Of a VM's status only failing (or recovering) matters: pending → running on its worker does not.
   if (kind === 'vms' && ((before as VM).status === 'failed') !== ((after as VM).status === 'failed')) return true;
-  return keys.some((k) => JSON.stringify((before as Record<string, unknown>)[k]) !== JSON.stringify((after as Record<string, unknown>)[k]));
+  // A change keeps the unchanged fields' values (the same objects): only a new value needs comparing.
+  return keys.some((k) => {
+    const b = (before as Record<string, unknown>)[k];
+    const a = (after as Record<string, unknown>)[k];
+    return b !== a && JSON.stringify(b) !== JSON.stringify(a);
+  });
 }
 
 /** A resource as the pending reason names it: the VM slot resource (upstream's tart-vms, counted by every runtime) as "VM slots". */
@@ -44,7 +50,7 @@ const shortName = (resource: string) => (resource === RESOURCE_TART_VMS ? 'VM sl
  * that count slots (ours, upstream's Tart workers); a worker that counts none (upstream's Linux Vetu
  * workers) runs VMs that are not macOS Tart VMs without one, as upstream charges the slot only to those.
  */
-function shortOf(vm: VM, need: Record<string, number>, w: Worker, used: Record<string, number>): [string, number] | undefined {
+function shortOf(vm: VM, need: Record<string, number>, w: Worker, used: Readonly<Record<string, number>>): [string, number] | undefined {
   const macOSTart = (vm.os ?? 'darwin') === 'darwin' && (vm.runtime ?? 'tart') === 'tart';
   for (const [k, v] of Object.entries(need)) {
     if (k === RESOURCE_TART_VMS && w.resources?.[k] === undefined && !macOSTart && vm.resources?.[k] === undefined) continue;
@@ -149,14 +155,14 @@ export class Scheduler {
     return Math.min((this.opts.backoffBaseMs ?? BACKOFF_BASE_MS) * 2 ** restartCount, BACKOFF_CAP_MS);
   }
 
-  private fits(vm: VM, need: Record<string, number>, w: Worker, u: Record<string, number>): boolean {
+  private fits(vm: VM, need: Record<string, number>, w: Worker, u: Readonly<Record<string, number>>): boolean {
     if (vm.runtime && vm.runtime !== (w.runtime ?? 'tart')) return false;
     if (vm.labels) for (const k in vm.labels) if (w.labels?.[k] !== vm.labels[k]) return false;
     return shortOf(vm, need, w, u) === undefined;
   }
 
   /** Why a VM fits on no worker, per reason: "no worker fits: 2 workers: 1 lacks label rack=a, 1 is paused". */
-  private whyNoFit(vm: VM, need: Record<string, number>, workers: Worker[], online: Map<string, boolean>, usedOf: (worker: string) => Record<string, number>): string {
+  private whyNoFit(vm: VM, need: Record<string, number>, workers: Worker[], online: Map<string, boolean>, usedOf: (worker: string) => Readonly<Record<string, number>>): string {
     if (workers.length === 0) return 'waiting for a worker: none is registered';
     // Each reason in its singular and plural form: "1 is paused", "2 are paused".
     const reasons = new Map<string, { n: number; plural: string }>();
@@ -269,22 +275,29 @@ export class Scheduler {
 
     // 3. Placement, from an ordered list of the workers with room (no full scan per VM); VMs that ask
     // for the same things share one verdict once they stop fitting (usage only grows in a pass).
+    // A worker's usage is copied only when this pass places something on it (not 1,000 copies a pass).
     const used = new Map<string, Record<string, number>>();
+    const usageOf = (worker: string): Readonly<Record<string, number>> => used.get(worker) ?? view.usage.get(worker) ?? NOTHING_USED;
     const usedOf = (worker: string) => {
       let u = used.get(worker);
       if (!u) used.set(worker, (u = { ...view.usage.get(worker) }));
       return u;
     };
     const distribute = (settings.schedulerProfile ?? 'optimize-utilization') === 'distribute-load';
-    const load = (w: Worker) => usedOf(w.name)[RESOURCE_TART_VMS] ?? 0;
+    const load = (w: Worker) => usageOf(w.name)[RESOURCE_TART_VMS] ?? 0;
     // (A worker that counts no slots, as upstream's Vetu workers, is never full by count.)
     const free = (w: Worker) => (w.resources?.[RESOURCE_TART_VMS] === undefined ? Infinity : w.resources[RESOURCE_TART_VMS] - load(w));
     // Workers that could take a VM, in the profile's order (busiest or least busy first, then by
     // name): the first that fits is the one to use. Full workers leave the list.
     const before = (a: Worker, b: Worker) => (load(a) !== load(b) ? (distribute ? load(a) < load(b) : load(a) > load(b)) : a.name < b.name);
     const waiting = [...view.unplaced, ...restarted];
+    // Sorted by a key read once per worker (a comparator reading the loads cost 4 lookups a comparison).
     const candidates = waiting.length
-      ? workers.filter((w) => online.get(w.name) && !w.scheduling_paused && free(w) > 0).sort((a, b) => (before(a, b) ? -1 : before(b, a) ? 1 : 0))
+      ? workers
+          .filter((w) => online.get(w.name) && !w.scheduling_paused && free(w) > 0)
+          .map((w) => ({ w, load: load(w) }))
+          .sort((a, b) => (a.load !== b.load ? (distribute ? a.load - b.load : b.load - a.load) : a.w.name < b.w.name ? -1 : a.w.name > b.w.name ? 1 : 0))
+          .map(({ w }) => w)
       : [];
     const noFit = new Map<string, string>();
     for (const name of waiting) {
@@ -296,13 +309,13 @@ export class Scheduler {
       let best: Worker | undefined;
       let at = -1;
       if (message === undefined) {
-        at = candidates.findIndex((w) => this.fits(vm, need, w, usedOf(w.name)));
+        at = candidates.findIndex((w) => this.fits(vm, need, w, usageOf(w.name)));
         best = candidates[at];
         // Locality breaks ties: of the workers the profile ranks equal (the same load; they follow
         // one another in the list), one that holds the VM's image. It never overrides the profile.
         if (best && !holds(best, vm.image)) {
           for (let i = at + 1; i < candidates.length && load(candidates[i]) === load(best); i++) {
-            if (holds(candidates[i], vm.image) && this.fits(vm, need, candidates[i], usedOf(candidates[i].name))) {
+            if (holds(candidates[i], vm.image) && this.fits(vm, need, candidates[i], usageOf(candidates[i].name))) {
               at = i;
               best = candidates[i];
               break;
@@ -311,7 +324,7 @@ export class Scheduler {
         }
       }
       if (!best) {
-        message ??= this.whyNoFit(vm, need, workers, online, usedOf);
+        message ??= this.whyNoFit(vm, need, workers, online, usageOf);
         noFit.set(signature, message);
         if (vm.status_message !== message) {
           const m = message;

@@ -13,17 +13,20 @@ const END_GRACE_MS = 10_000;
 /** Snapshot lines written in one event-loop turn. */
 const SNAPSHOT_SLICE = 500;
 
+const lineOf = (type: Change['type'], object: object, present: (object: never) => object) => Buffer.from(JSON.stringify({ type, object: present(object as never) }) + '\n');
+
 /**
  * Each change's line, made once for every stream that shows it the same way (`as` names the way: which
  * secrets are hidden) and shared by them: 50 streams of a 200 kB VM serialise it once, not 50 times.
+ * Kept with the change, not with the object: the view keeps every VM's object, and lines kept with
+ * them were one more copy of every VM for as long as it did not change.
  */
-const lines = new WeakMap<object, Map<string, Buffer>>();
-function lineFor(type: Change['type'], object: object, as: string, present: (object: never) => object): Buffer {
-  let made = lines.get(object);
-  if (!made) lines.set(object, (made = new Map()));
-  const key = `${type} ${as}`;
-  let line = made.get(key);
-  if (!line) made.set(key, (line = Buffer.from(JSON.stringify({ type, object: present(object as never) }) + '\n')));
+const lines = new WeakMap<Change, Map<string, Buffer>>();
+function lineFor(change: Change, as: string, present: (object: never) => object): Buffer {
+  let made = lines.get(change);
+  if (!made) lines.set(change, (made = new Map()));
+  let line = made.get(as);
+  if (!line) made.set(as, (line = lineOf(change.type, change.object, present)));
   return line;
 }
 
@@ -58,7 +61,6 @@ export async function streamWatch<K extends Kind>(
   let snapshotRevision = 0;
   const pending: { revision: number; line: Buffer }[] = [];
   let pendingBytes = 0;
-  const lineOf = (change: Pick<Change, 'type' | 'object'>) => lineFor(change.type, change.object, shown.as, shown.present);
   const endWith = (message: string) => {
     if (ended) return;
     ended = true;
@@ -79,7 +81,7 @@ export async function streamWatch<K extends Kind>(
   // Subscribe before taking the snapshot, so nothing between the two is lost.
   const unsubscribe = ctx.store.subscribe((change) => {
     if (change.kind !== kind || !matches(change.object as Kinds[K])) return;
-    const line = lineOf(change);
+    const line = lineFor(change, shown.as, shown.present);
     if (ready) return write(line);
     pending.push({ revision: change.revision, line });
     pendingBytes += line.length;
@@ -119,7 +121,7 @@ export async function streamWatch<K extends Kind>(
     for (const object of snapshot.items) {
       if (ended || raw.destroyed) return;
       if (!matches(object)) continue;
-      if (!raw.write(lineOf({ type: 'ADDED', object })) && raw.writableLength >= limit) await drained(raw);
+      if (!raw.write(lineOf('ADDED', object, shown.present)) && raw.writableLength >= limit) await drained(raw);
       else if (++sliced % SNAPSHOT_SLICE === 0) await new Promise((r) => setImmediate(r));
     }
     for (const change of pending) if (change.revision > snapshotRevision) write(change.line);

@@ -48,7 +48,10 @@ export async function reportVMState(ctx: ReportContext, name: string, report: VM
       throw conflict(`field "localName": ${b.localName} is an earlier run of VM "${name}" (now ${localNameOf(vm)}); report ignored`);
     }
   };
-  const current = await store.get('vms', name);
+  // From the view (what is durably committed; no read and parse of the row): the transaction
+  // below checks again against the VM as it is then.
+  await ctx.view.loaded;
+  const current = ctx.view.vms.get(name);
   if (!current) throw notFound(`VM "${name}" not found`);
   checkReporter(ctx, current, account, asWorker);
   checkRun(current);
@@ -67,7 +70,8 @@ export async function reportVMState(ctx: ReportContext, name: string, report: VM
 /** A worker's events of a VM. */
 export async function appendVMEvents(ctx: ReportContext, name: string, events: EventInput[], account: ServiceAccount, asWorker?: string): Promise<void> {
   events.forEach((e, i) => checkSafeInteger(`[${i}].timestamp`, e.timestamp));
-  const vm = await ctx.store.get('vms', name);
+  await ctx.view.loaded;
+  const vm = ctx.view.vms.get(name);
   if (!vm?.uid) throw notFound(`VM "${name}" not found`);
   checkReporter(ctx, vm, account, asWorker);
   await ctx.store.appendEvents(vm.uid, events.map(eventOf));

@@ -116,13 +116,22 @@ export function newVM(body: VM): VM {
  */
 export function applyStateReport(vm: VM, report: Omit<VMStateUpdate, 'events'>, now: string): VM {
   const next: VM = { ...vm };
-  if (report.status) next.status = report.status;
-  if (report.status_message !== undefined) next.status_message = report.status_message;
-  if (report.observedGeneration !== undefined) next.observedGeneration = report.observedGeneration;
-  if (report.conditions !== undefined) next.conditions = report.conditions;
-  if (report.localName !== undefined) next.localName = report.localName;
-  if (report.tartName !== undefined) next.tartName = report.tartName;
-  if (report.image_fqn !== undefined) next.image_fqn = report.image_fqn;
-  if (report.status === 'running' && vm.status !== 'running') next.started_at = now;
-  return JSON.stringify(next) === JSON.stringify(vm) ? vm : next;
+  // Unchanged (a repeated report): the same object, so nothing is written.
+  let changed = false;
+  const set = <K extends 'status' | 'status_message' | 'observedGeneration' | 'localName' | 'tartName' | 'image_fqn' | 'started_at'>(k: K, v: VM[K]) => {
+    if (vm[k] !== v) changed = true;
+    next[k] = v;
+  };
+  if (report.status) set('status', report.status);
+  if (report.status_message !== undefined) set('status_message', report.status_message);
+  if (report.observedGeneration !== undefined) set('observedGeneration', report.observedGeneration);
+  if (report.conditions !== undefined) {
+    if (JSON.stringify(report.conditions) !== JSON.stringify(vm.conditions)) changed = true;
+    next.conditions = report.conditions;
+  }
+  if (report.localName !== undefined) set('localName', report.localName);
+  if (report.tartName !== undefined) set('tartName', report.tartName);
+  if (report.image_fqn !== undefined) set('image_fqn', report.image_fqn);
+  if (report.status === 'running' && vm.status !== 'running') set('started_at', now);
+  return changed ? next : vm;
 }

@@ -70,6 +70,11 @@ export class SQLiteStore implements Store {
   private readonly eventStats = new Map<string, { count: number; bytes: number }>();
   /** While a mutation runs: the event stats it changed, as they were before (undefined: not known), to put back if it fails. */
   private statsBefore?: Map<string, { count: number; bytes: number } | undefined>;
+  /**
+   * The cluster settings as durably committed: read on every create and scheduler pass, so from
+   * memory (this connection is their only writer), and replaced only once a new version is on disk.
+   */
+  private settings: ClusterSettings;
   /** What opening did to the schema (schema.ts): `from` < `to` when it migrated. */
   readonly migration: { from: number; to: number; unmarked: boolean };
 
@@ -133,6 +138,8 @@ export class SQLiteStore implements Store {
       putSetting: p('INSERT INTO settings (key, body) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET body = excluded.body'),
     };
     this.revision = this.committed = this.storedRevision();
+    const settings = this.rstmt.getSetting.get('cluster') as Row | undefined;
+    this.settings = settings ? (JSON.parse(settings.body) as ClusterSettings) : {};
   }
 
   /** The revision of the last committed change, as stored (0 in a database that has none yet). */
@@ -534,12 +541,14 @@ export class SQLiteStore implements Store {
   }
 
   async getClusterSettings(): Promise<ClusterSettings> {
-    const row = this.rstmt.getSetting.get('cluster') as Row | undefined;
-    return this.settled(row ? (JSON.parse(row.body) as ClusterSettings) : {});
+    if (this.failed) throw this.failed;
+    return this.settings;
   }
 
   async putClusterSettings(settings: ClusterSettings) {
-    await this.tx(() => this.stmt.putSetting.run('cluster', JSON.stringify(settings)));
+    const body = JSON.stringify(settings);
+    await this.tx(() => this.stmt.putSetting.run('cluster', body));
+    this.settings = JSON.parse(body) as ClusterSettings;
     return settings;
   }
 
