@@ -9,7 +9,7 @@ import type { Change, Kind, Kinds } from './store/store.ts';
 import type { AppContext } from './context.ts';
 
 /** A reader that leaves the end line unread this long after it was written loses the connection. */
-const END_GRACE_MS = 10_000;
+export const END_GRACE_MS = 10_000;
 /** Snapshot lines written in one event-loop turn. */
 const SNAPSHOT_SLICE = 500;
 
@@ -27,7 +27,7 @@ function lineFor(type: Change['type'], object: object, as: string, present: (obj
   return line;
 }
 
-const drained = (raw: ServerResponse) =>
+export const drained = (raw: ServerResponse) =>
   new Promise<void>((resolve) => {
     const done = () => {
       raw.off('drain', done);
