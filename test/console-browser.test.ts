@@ -246,6 +246,7 @@ describe('web console in chromium', () => {
     await page.click('button.signout');
     await page.locator('input[name=token]').waitFor();
     assert.equal(await page.evaluate(async () => (await fetch('/console/session')).status), 401);
+    await screenshot(page, 'console-sign-in.png');
     assert.deepEqual(problems, []);
     await page.context().close();
   });
