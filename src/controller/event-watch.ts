@@ -7,7 +7,7 @@ import type { FastifyReply } from 'fastify';
 import type { Event, EventWatchLine, VM } from '../api/schemas.ts';
 import type { AppContext } from './context.ts';
 import type { EventAppend } from './store/store.ts';
-import { END_GRACE_MS, drained } from './watch.ts';
+import { drained, openStream } from './ndjson-stream.ts';
 import { notFound } from './errors.ts';
 
 const lineOf = (line: EventWatchLine) => Buffer.from(JSON.stringify(line) + '\n');
@@ -18,103 +18,66 @@ export async function streamEvents(
   name: string,
   opts: { cursor?: string; dropped: (count: number, at: number | undefined) => Event },
 ): Promise<void> {
-  const raw = reply.raw;
-  const limit = ctx.limits.watchBufferBytes;
-  const account = reply.request.account;
-  const untake = account ? ctx.access.take(account.name, 'watch streams', ctx.limits.watchesPerAccount) : () => {};
+  const behind = (bytes: number) =>
+    lineOf({ type: 'ERROR', object: { message: `the watch was ended because its reader fell ${bytes} bytes behind (the limit is ${ctx.limits.watchBufferBytes}); watch again from the last cursor` } });
+  const stream = openStream(ctx, reply, behind);
+  const { raw, limit } = stream;
   let uid: string | undefined;
   let ready = false;
-  let ended = false;
-  let counted = false;
   let lastID = opts.cursor !== undefined ? Number(opts.cursor) : 0;
   /** Appends published while the kept events are read; those past the last one read go out after them. */
   const pending: { id: number; line: Buffer }[] = [];
   let pendingBytes = 0;
   /** The VM's deletion, when seen before the stream is ready (its uid may not be known yet). */
   const deletedUIDs = new Set<string>();
-
-  const endWith = (line: EventWatchLine) => {
-    if (ended) return;
-    ended = true;
-    stop();
-    if (raw.destroyed || !reply.sent) return;
-    raw.end(lineOf(line));
-    const timer = setTimeout(() => raw.destroy(), END_GRACE_MS);
-    timer.unref();
-    raw.once('close', () => clearTimeout(timer));
-  };
-  const behind = (bytes: number) =>
-    endWith({ type: 'ERROR', object: { message: `the watch was ended because its reader fell ${bytes} bytes behind (the limit is ${limit}); watch again from the last cursor` } });
-  const deleted = () => endWith({ type: 'DELETED', object: { kind: 'vm-deleted', timestamp: Math.floor(Date.now() / 1000), payload: `VM "${name}" was deleted` } });
-  const write = (line: Buffer) => {
-    if (ended || raw.destroyed) return;
-    raw.write(line);
-    if (raw.writableLength > limit) behind(raw.writableLength);
-  };
+  const deleted = () => stream.endWith(lineOf({ type: 'DELETED', object: { kind: 'vm-deleted', timestamp: Math.floor(Date.now() / 1000), payload: `VM "${name}" was deleted` } }));
 
   // Subscribed before the VM and its events are read, so nothing committed in between is missed.
   // (Appends published before the VM's uid is known are committed before the first page is read: it has them.)
-  const unsubscribeEvents = ctx.store.subscribeEvents((append: EventAppend) => {
-    if (!ended && uid !== undefined && append.vmUID === uid) take(append);
-  });
+  stream.onStop(
+    ctx.store.subscribeEvents((append: EventAppend) => {
+      if (!stream.done() && uid !== undefined && append.vmUID === uid) take(append);
+    }),
+  );
   const take = (append: EventAppend) => {
     for (const { id, event } of append.events) {
       const line = lineOf({ type: 'ADDED', object: event, cursor: String(id) });
       if (ready) {
         if (id > lastID) {
           lastID = id;
-          write(line);
+          stream.write(line);
         }
         continue;
       }
       pending.push({ id, line });
       pendingBytes += line.length;
     }
-    if (!ready && pendingBytes > limit && reply.sent) behind(pendingBytes + raw.writableLength);
+    if (!ready && pendingBytes > limit && reply.sent) stream.endWith(behind(pendingBytes + raw.writableLength));
   };
-  const unsubscribeChanges = ctx.store.subscribe((change) => {
-    if (change.kind !== 'vms' || change.type !== 'DELETED') return;
-    const gone = (change.object as VM).uid;
-    if (!gone) return;
-    if (uid === undefined) deletedUIDs.add(gone);
-    else if (gone === uid) {
-      if (ready) deleted();
-      else deletedUIDs.add(gone);
-    }
-  });
-  const release = account ? ctx.access.hold(account, reply.request.routeOptions.config.roles ?? [], () => raw.destroy(), reply.request.session) : () => {};
-  let stopped = false;
-  const stop = () => {
-    if (stopped) return;
-    stopped = true;
-    unsubscribeEvents();
-    unsubscribeChanges();
-    release();
-    untake();
-    if (counted) ctx.metrics.watchStreams.dec();
-    ctx.shutdown.removeEventListener('abort', end);
-  };
-  const end = () => raw.end();
-  raw.on('close', stop);
-  ctx.shutdown.addEventListener('abort', end);
+  stream.onStop(
+    ctx.store.subscribe((change) => {
+      if (change.kind !== 'vms' || change.type !== 'DELETED') return;
+      const gone = (change.object as VM).uid;
+      if (!gone) return;
+      if (uid === undefined) deletedUIDs.add(gone);
+      else if (gone === uid) {
+        if (ready) deleted();
+        else deletedUIDs.add(gone);
+      }
+    }),
+  );
   try {
     const vm = await ctx.store.get('vms', name);
     if (!vm?.uid || deletedUIDs.has(vm.uid)) throw notFound(`VM "${name}" not found`);
     uid = vm.uid;
-    reply.hijack();
-    raw.writeHead(200, { 'content-type': 'application/x-ndjson', 'cache-control': 'no-store', 'x-request-id': String(reply.request.id) });
-    raw.flushHeaders();
-    if (!stopped) {
-      counted = true;
-      ctx.metrics.watchStreams.inc();
-    }
-    if (pendingBytes > limit) return behind(pendingBytes);
+    stream.start();
+    if (pendingBytes > limit) return stream.endWith(behind(pendingBytes));
     // The kept events, page by page, as fast as the reader takes them (they may be more than the limit).
     let cursor = opts.cursor;
     let first = true;
     for (;;) {
       const page = await ctx.store.listEvents(uid, { limit: 1000, order: 'asc', cursor });
-      if (ended || raw.destroyed) return;
+      if (stream.done()) return;
       if (first && cursor === undefined && page.dropped > 0) raw.write(lineOf({ type: 'ADDED', object: opts.dropped(page.dropped, page.droppedAt) }));
       first = false;
       page.events.forEach((event, i) => {
@@ -122,8 +85,8 @@ export async function streamEvents(
         lastID = Math.max(lastID, page.ids[i]);
       });
       if (raw.writableLength >= limit) await drained(raw);
-      if (ended || raw.destroyed) return;
-      if (pendingBytes > limit) return behind(pendingBytes + raw.writableLength);
+      if (stream.done()) return;
+      if (pendingBytes > limit) return stream.endWith(behind(pendingBytes + raw.writableLength));
       if (!page.nextCursor) break;
       cursor = page.nextCursor;
     }
@@ -131,12 +94,12 @@ export async function streamEvents(
     for (const p of pending) {
       if (p.id <= lastID) continue;
       lastID = p.id;
-      write(p.line);
+      stream.write(p.line);
     }
     pending.length = 0;
     if (deletedUIDs.has(uid)) deleted();
   } catch (err) {
-    stop();
+    stream.stop();
     throw err;
   }
 }
