@@ -164,3 +164,26 @@ test('a reader that does not read is ended with the reason as its last line', as
     c.cleanup();
   }
 });
+
+test('events retention dropped are stood in for by one events-dropped line, without a cursor, before the kept ones', async () => {
+  const c = await inProcessController({ limits: { eventsPerVM: 5 } });
+  try {
+    await c.admin.createVM({ name: 'old', image: 'img' });
+    await placeOn(c.admin, 'w', 'old');
+    await c.admin.appendEvents('old', Array.from({ length: 8 }, (_, i) => ev(`e${i}`)));
+    const lines: EventWatchLine[] = [];
+    const abort = new AbortController();
+    const watching = (async () => {
+      for await (const line of c.admin.watchEvents('old', { signal: abort.signal })) lines.push(line);
+    })();
+    await waitFor('the kept events', () => lines.length >= 6 || undefined, 10_000);
+    abort.abort();
+    await watching;
+    assert.deepEqual(lines.map((l) => [(l.object as Event).kind, l.cursor === undefined]), [['events-dropped', true], ...Array.from({ length: 5 }, () => ['log_line', false])]);
+    assert.match((lines[0].object as Event).payload, /^3 earlier events were dropped/);
+    assert.deepEqual(lines.slice(1).map((l) => (l.object as Event).payload), ['e3', 'e4', 'e5', 'e6', 'e7']);
+  } finally {
+    await c.close();
+    c.cleanup();
+  }
+});
