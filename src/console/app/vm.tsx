@@ -38,20 +38,29 @@ function useEvents(name: string, uid: string | undefined) {
     if (!uid) return;
     let all: VMEvent[] = [];
     let cursor: string | undefined;
+    let frame: number | undefined;
     setEvents(all);
-    return watch<VMEvent>(() => `/v1/vms/${encodeURIComponent(name)}/events?watch=true${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ''}`, {
+    const stop = watch<VMEvent>(() => `/v1/vms/${encodeURIComponent(name)}/events?watch=true${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ''}`, {
       onReset: () => {},
       onEvents: (lines) => {
         const added = lines.filter((l) => l.type === 'ADDED');
         if (!added.length) return;
         cursor = added.findLast((l) => l.cursor !== undefined)?.cursor ?? cursor;
         all = all.concat(added.map((l) => l.object)).slice(-MAX_EVENTS);
-        setEvents(all);
+        // Rendered once per frame, however many chunks came in it (the kept events arrive in many).
+        frame ??= requestAnimationFrame(() => {
+          frame = undefined;
+          setEvents(all);
+        });
       },
       onError: () => {
         /* the VM's watch says what is wrong */
       },
     });
+    return () => {
+      stop();
+      if (frame !== undefined) cancelAnimationFrame(frame);
+    };
   }, [name, uid]);
   return events;
 }
