@@ -2,13 +2,13 @@
 // controller process: first paint of the VM list (navigation start → first row on screen, and →
 // all N counted), the rows that exist in the page (windowed rendering), how long a committed change
 // takes to reach the screen (POST /v1/vms sent → its row on screen: an upper bound of commit →
-// screen), and the bytes the browser loads (none compressed: the controller sends them as built).
+// screen), and the bytes the browser loads (on the wire: scripts and style sheets compressed as
+// built, brotli for chromium; and as decoded).
 //
 //   node bench/console.ts [--vms 10000] [--runs 5] [--changes 20]
 import { parseArgs } from 'node:util';
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { gzipSync } from 'node:zlib';
 import { OrchardClient } from '../src/client/client.ts';
 import { buildConsole } from '../src/console/build.ts';
 import { closedLoop, pct } from './load-harness.ts';
@@ -76,22 +76,36 @@ try {
   }
   console.log(`change → screen (POST sent → row shown)    median ${median(latencies).toFixed(0)} ms, p95 ${pct(sorted(latencies), 95).toFixed(0)} ms, max ${Math.max(...latencies).toFixed(0)} ms (${CHANGES} changes)`);
 
-  // What the browser loads: the list's page in a fresh context (nothing cached), then a terminal's chunk.
-  const loaded = new Map<string, number>();
-  const fresh = await signedIn(browser, ctl.url, 'bootstrap-admin', ADMIN_TOKEN);
-  fresh.page.on('response', (res) => void res.body().then((b) => loaded.set(new URL(res.url()).pathname, b.length), () => {}));
-  await fresh.page.context().clearCookies();
-  await fresh.page.reload();
+  // What the browser loads for the console's page in a fresh context (nothing cached), then a terminal's chunk.
+  const loaded = new Map<string, { decoded: number; wire: number; encoding: string }>();
+  const fresh = { page: await (await browser.newContext({ ignoreHTTPSErrors: true })).newPage() };
+  const noted: Promise<void>[] = [];
+  fresh.page.on('requestfinished', (req) => {
+    noted.push(Promise.all([req.response(), req.sizes()]).then(async ([res, sizes]) => {
+      if (!res) return;
+      loaded.set(new URL(req.url()).pathname, { decoded: (await res.body()).length, wire: sizes.responseBodySize, encoding: (await res.allHeaders())['content-encoding'] ?? 'identity' });
+    }, () => {}));
+  });
+  await fresh.page.goto(ctl.url + '/');
   await fresh.page.waitForSelector('input[name=token]');
-  const assets = () => [...loaded].filter(([path]) => path === '/' || path.startsWith('/console/assets/'));
-  const listBytes = assets();
+  await Promise.all(noted);
+  const listBytes = [...loaded].filter(([path]) => path === '/' || path.startsWith('/console/assets/'));
+  const nameOf = (path: string) => path.split('/').pop() || 'index.html';
+  const kib = (n: number) => (n / 1024).toFixed(1);
+  const sum = (f: (x: { decoded: number; wire: number }) => number) => listBytes.reduce((n, [, x]) => n + f(x), 0);
+  console.log(
+    `bytes for the console's first page: ${kib(sum((x) => x.wire))} KiB on the wire (${listBytes.map(([p, x]) => `${nameOf(p)} ${kib(x.wire)} ${x.encoding}`).join(', ')}), ${kib(sum((x) => x.decoded))} KiB decoded`,
+  );
+  // A checkout's controller compresses with a quicker brotli when it builds the console; the single
+  // executable and the npm package carry the build's best.
   const files = await buildConsole();
-  const byName = new Map(files.map((f) => [f.name, f.body]));
-  const gz = (paths: [string, number][]) => paths.reduce((n, [p]) => n + gzipSync(byName.get(p === '/' ? 'index.html' : p.split('/').pop()!) ?? Buffer.alloc(0)).length, 0);
-  const kib = (paths: [string, number][]) => (paths.reduce((n, [, b]) => n + b, 0) / 1024).toFixed(1);
-  console.log(`bytes loaded for the console's first page: ${kib(listBytes)} KiB (${listBytes.map(([p, b]) => `${p.split('/').pop() || 'index.html'} ${(b / 1024).toFixed(1)}`).join(', ')}); gzip would make it ${(gz(listBytes) / 1024).toFixed(1)} KiB`);
+  const byName = new Map(files.map((f) => [f.name, f]));
+  const built = (name: string) => byName.get(name)?.encoded?.br?.length ?? byName.get(name)?.body.length ?? 0;
+  console.log(`the same from the single executable (brotli at its best): ${kib(listBytes.reduce((n, [p, x]) => n + (p === '/' ? x.wire : built(nameOf(p))), 0))} KiB`);
   const chunks = files.filter((f) => f.name.endsWith('.js') && !listBytes.some(([p]) => p.endsWith(f.name)));
-  console.log(`loaded when a terminal is first opened: ${(chunks.reduce((n, f) => n + f.body.length, 0) / 1024).toFixed(1)} KiB (${chunks.map((f) => f.name).join(', ')})`);
+  console.log(
+    `loaded when a terminal or a screen is first opened: ${kib(chunks.reduce((n, f) => n + f.body.length, 0))} KiB decoded, ${kib(chunks.reduce((n, f) => n + (f.encoded?.br?.length ?? f.body.length), 0))} KiB brotli (${chunks.map((f) => f.name).join(', ')})`,
+  );
   await fresh.page.context().close();
   client.close();
 } finally {

@@ -19,7 +19,7 @@ import { parseArgs } from 'node:util';
 import * as esbuild from 'esbuild';
 import { ASSETS, LAZY_SCRIPT, LAZY_WRAPPER } from '../src/build/assets.ts';
 import { writeConsole } from '../src/console/build.ts';
-import { CONSOLE_MANIFEST } from '../src/console/files.ts';
+import { CONSOLE_MANIFEST, ENCODED_SUFFIX, type ConsoleEncoding } from '../src/console/files.ts';
 
 const ROOT = resolve(import.meta.dirname, '..');
 const DIST = join(ROOT, 'dist');
@@ -196,8 +196,12 @@ const consoleFiles = await writeConsole(consoleDir);
 const consoleAssets = {
   [CONSOLE_MANIFEST]: join(consoleDir, basename(CONSOLE_MANIFEST)),
   ...Object.fromEntries(consoleFiles.map((f) => [`console/${f.name}`, join(consoleDir, f.name)])),
+  // Their compressed copies, served by Accept-Encoding.
+  ...Object.fromEntries(
+    consoleFiles.flatMap((f) => (Object.keys(f.encoded ?? {}) as ConsoleEncoding[]).map((e) => [`console/${f.name}${ENCODED_SUFFIX[e]}`, join(consoleDir, f.name + ENCODED_SUFFIX[e])])),
+  ),
 };
-say(`web console bundled: ${consoleFiles.map((f) => `${f.name} ${(f.body.length / 1024).toFixed(1)} KiB`).join(', ')}`);
+say(`web console bundled: ${consoleFiles.map((f) => `${f.name} ${(f.body.length / 1024).toFixed(1)} KiB${f.encoded?.br ? ` (br ${(f.encoded.br.length / 1024).toFixed(1)})` : ''}`).join(', ')}`);
 
 // 2. The preparation blobs: with code cache for this host (when asked for), without for the others.
 function makeBlob(name: string, useCodeCache: boolean): string {

@@ -4,7 +4,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { ADMIN_TOKEN, ORCHARD_BIN, runCLI, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, ORCHARD_BIN, metric, runCLI, tempDir, waitFor } from './helpers.ts';
 import { clusterWithVM } from './security/attack.ts';
 
 test('create --wait, ssh and port-forward to a VM that does not run, logs --follow: every wait is said', async () => {
@@ -53,7 +53,9 @@ test('create --wait, ssh and port-forward to a VM that does not run, logs --foll
       pf.kill('SIGINT');
     }
 
-    // logs --follow: what is there, then what is appended, until the VM is deleted.
+    // logs --follow: what is there, then what is appended (from the events' watch: one stream held,
+    // no asking each second), until the VM is deleted.
+    const streams = await metric(c.ctl, 'orchard_watch_streams');
     const follow = spawn(ORCHARD_BIN, ['logs', 'vm', 'box', '--follow'], { env: { ...process.env, ...env } });
     let out = '';
     let err = '';
@@ -61,6 +63,7 @@ test('create --wait, ssh and port-forward to a VM that does not run, logs --foll
     follow.stderr.on('data', (d: Buffer) => (err += d.toString()));
     const exited = new Promise<number | null>((r) => follow.once('exit', (code) => r(code)));
     await waitFor('the existing events', () => /lifecycle: /.test(out), 20_000, 50);
+    await waitFor('the events\' watch held by logs --follow', async () => (await metric(c.ctl, 'orchard_watch_streams')) === streams + 1, 10_000, 50);
     await c.admin.appendEvents('box', [{ kind: 'log_line', timestamp: Math.floor(Date.now() / 1000), payload: 'appended while following' }]);
     await waitFor('the appended event', () => /log_line: appended while following\n/.test(out), 10_000, 50);
     assert.equal(out.match(/appended while following/g)!.length, 1, 'printed once');

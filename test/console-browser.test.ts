@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import type { Browser } from 'playwright-core';
 import { ADMIN_TOKEN, inProcessController, waitFor } from './helpers.ts';
 import { syntheticWorker } from './security/attack.ts';
-import { launchChromium, screenshot, signedIn as signedInAs } from './console-page.ts';
+import { cuttableRelay, launchChromium, screenshot, signedIn as signedInAs } from './console-page.ts';
 import { RESOURCE_TART_VMS } from '../src/api/schemas.ts';
 
 const HOSTILE = '<img src=x onerror=alert(1)>';
@@ -131,6 +131,41 @@ describe('web console in chromium', () => {
     await page.context().close();
   });
 
+  test("a VM's page follows its events from the controller's watch: no polling, no duplicate after the watch breaks", async () => {
+    await h.admin.createVM({ name: 'chatty-1', image: 'synthetic', labels: { team: 'web' } });
+    await waitFor('chatty-1 running', async () => (await h.admin.getVM('chatty-1')).status === 'running', 15_000);
+    const at = () => Math.floor(Date.now() / 1000);
+    await h.admin.appendEvents('chatty-1', [{ kind: 'script', timestamp: at(), payload: 'before the page' }]);
+    // Through a relay that can break the connections, as a network does.
+    const relay = await cuttableRelay(h.ctl.url);
+    const { page, problems } = await signedInAs(browser, relay.url, 'bootstrap-admin', ADMIN_TOKEN);
+    try {
+      const eventRequests: string[] = [];
+      page.on('request', (r) => {
+        if (/\/v1\/vms\/chatty-1\/events/.test(r.url())) eventRequests.push(r.url().replace(/^.*\/v1\//, '/v1/'));
+      });
+      await page.goto(relay.url + '/#/vms/chatty-1');
+      await page.locator('[data-testid=events] pre:has-text("before the page")').waitFor();
+      await h.admin.appendEvents('chatty-1', [{ kind: 'script', timestamp: at(), payload: 'while watching' }]);
+      await page.locator('[data-testid=events] pre:has-text("while watching")').waitFor({ timeout: 10_000 });
+      assert.deepEqual(eventRequests, ['/v1/vms/chatty-1/events?watch=true'], 'one watch, no page of events asked for');
+
+      // The connection breaks; the page watches again from the last event it shows.
+      const shown = () => page.locator('[data-testid=events] pre').allTextContents();
+      const before = await shown();
+      assert.ok(relay.cut() > 0);
+      await h.admin.appendEvents('chatty-1', [{ kind: 'script', timestamp: at(), payload: 'after the break' }]);
+      await page.locator('[data-testid=events] pre:has-text("after the break")').waitFor({ timeout: 15_000 });
+      assert.deepEqual(await shown(), [...before, 'after the break'], 'every event once, in order');
+      assert.equal(eventRequests.length, 2);
+      assert.match(eventRequests[1], /^\/v1\/vms\/chatty-1\/events\?watch=true&cursor=\d+$/);
+      assert.deepEqual(problems, []);
+    } finally {
+      await page.context().close();
+      await relay.close();
+    }
+  });
+
   test('workers: capacity used and free per resource, labels, pause and resume; a compute:read account cannot pause', async () => {
     const { page, problems } = await signedIn('bootstrap-admin', ADMIN_TOKEN);
     await page.click('nav >> text=Workers');
@@ -211,6 +246,7 @@ describe('web console in chromium', () => {
     await page.click('button.signout');
     await page.locator('input[name=token]').waitFor();
     assert.equal(await page.evaluate(async () => (await fetch('/console/session')).status), 401);
+    await screenshot(page, 'console-sign-in.png');
     assert.deepEqual(problems, []);
     await page.context().close();
   });

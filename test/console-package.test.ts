@@ -27,6 +27,10 @@ test('an installed package reads back the files the build wrote', async () => {
     const written = await writeConsole(dir);
     const read = prebuiltConsoleFiles(pathToFileURL(dir + '/'));
     assert.deepEqual(read.map((f) => [f.name, f.type, f.body.length]), written.map((f) => [f.name, f.type, f.body.length]));
+    // With their compressed copies, made at build time (scripts and style sheets; not the page).
+    const encodings = (files: typeof read) => files.map((f) => [f.name, Object.fromEntries(Object.entries(f.encoded ?? {}).map(([e, b]) => [e, b.length]))]);
+    assert.deepEqual(encodings(read), encodings(written));
+    for (const f of read) assert.deepEqual(Object.keys(f.encoded ?? {}).sort(), f.name === 'index.html' ? [] : ['br', 'gzip'], f.name);
     assert.deepEqual(read.map((f) => f.name).sort(), (await buildConsole()).map((f) => f.name).sort(), 'the build is reproducible: same hashed names');
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -3,6 +3,7 @@
 // violations, 5xx answers).
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
+import { createServer, connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { chromium, type Browser, type Page } from 'playwright-core';
 import { ROOT } from './helpers.ts';
@@ -44,4 +45,36 @@ export async function signedIn(browser: Browser, url: string, name: string, toke
  */
 export async function screenshot(page: Page, name: string) {
   if (process.env.ORCHARD_SCREENSHOTS) await page.screenshot({ path: join(ROOT, 'docs', name) });
+}
+
+/**
+ * A TCP relay to the controller at `url` (TLS passes through): the browser uses `proxy.url`, and
+ * `cut()` breaks every connection through it, as a network that drops does. New connections work.
+ */
+export async function cuttableRelay(url: string): Promise<{ url: string; cut: () => number; close: () => Promise<void> }> {
+  const target = new URL(url);
+  const sockets = new Set<Socket>();
+  const server = createServer((client) => {
+    const upstream = connect(Number(target.port), target.hostname);
+    for (const [a, b] of [[client, upstream], [upstream, client]] as const) {
+      sockets.add(a);
+      a.on('close', () => (sockets.delete(a), b.destroy()));
+      a.on('error', () => b.destroy());
+      a.pipe(b);
+    }
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as { port: number };
+  return {
+    url: `${target.protocol}//127.0.0.1:${port}`,
+    cut: () => {
+      const n = sockets.size;
+      for (const s of sockets) s.destroy();
+      return n;
+    },
+    close: async () => {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
 }

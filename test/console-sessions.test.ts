@@ -10,6 +10,8 @@ import { rmSync } from 'node:fs';
 import { pino } from 'pino';
 import { startController } from '../src/controller/controller.ts';
 import { Sessions } from '../src/controller/console/sessions.ts';
+import { chooseEncoding } from '../src/controller/console/routes.ts';
+import { brotliDecompressSync, gunzipSync } from 'node:zlib';
 import type { Access } from '../src/controller/access.ts';
 import { ADMIN_TOKEN, inProcessController, rawRequest, tempDir, waitFor } from './helpers.ts';
 
@@ -18,6 +20,19 @@ type H = Awaited<ReturnType<typeof inProcessController>>;
 const IMAGE = 'ghcr.io/cirruslabs/macos:latest';
 let seq = 0;
 const uniq = (p: string) => `${p}-${++seq}`;
+
+/** GET `path` with these headers; the body as bytes (compressed ones are not text). */
+function getBytes(h: H, path: string, headers: Record<string, string>): Promise<{ status: number; headers: Record<string, string | string[] | undefined>; body: Buffer }> {
+  return new Promise((resolve, reject) => {
+    const req = httpsRequest(new URL(path, h.ctl.url), { headers, ca: h.ctl.certificate, checkServerIdentity: () => undefined }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
 
 /** Signs in; the cookie (name=value) and the CSRF token. */
 async function signIn(h: H, name: string, token: string) {
@@ -247,6 +262,52 @@ describe('console sessions', () => {
     }
     assert.equal((await rawRequest(h.ctl, 'GET', '/console/assets/..%2f..%2fpackage.json')).status, 404);
   });
+
+  test('scripts and style sheets go brotli- or gzip-compressed as built, by Accept-Encoding (Vary, an ETag per encoding); the same bytes once decoded', async () => {
+    const page = await rawRequest(h.ctl, 'GET', '/');
+    const assets = [...page.body.matchAll(/(?:src|href)="(\/console\/assets\/[^"]+)"/g)].map((m) => m[1]);
+    assert.ok(assets.length >= 3, page.body);
+    for (const path of assets) {
+      const plain = await getBytes(h, path, {});
+      const br = await getBytes(h, path, { 'accept-encoding': 'gzip, deflate, br' });
+      const gz = await getBytes(h, path, { 'accept-encoding': 'gzip' });
+      const refused = await getBytes(h, path, { 'accept-encoding': 'br;q=0, gzip;q=0' });
+      assert.equal(plain.headers['content-encoding'], undefined, path);
+      assert.equal(refused.headers['content-encoding'], undefined, path);
+      assert.equal(br.headers['content-encoding'], 'br', path);
+      assert.equal(gz.headers['content-encoding'], 'gzip', path);
+      for (const res of [plain, br, gz, refused]) {
+        assert.equal(res.status, 200);
+        assert.equal(res.headers.vary, 'accept-encoding', path);
+        assert.equal(res.headers['content-security-policy'], plain.headers['content-security-policy']);
+        assert.equal(res.headers['cache-control'], 'public, max-age=31536000, immutable');
+      }
+      assert.deepEqual(brotliDecompressSync(br.body), plain.body, `${path}: brotli decodes to the file`);
+      assert.deepEqual(gunzipSync(gz.body), plain.body, `${path}: gzip decodes to the file`);
+      assert.ok(br.body.length < plain.body.length / 2 && gz.body.length < plain.body.length / 2, `${path}: ${plain.body.length} → br ${br.body.length}, gzip ${gz.body.length}`);
+      assert.equal(Number(br.headers['content-length']), br.body.length);
+      // Each encoding is its own representation: a cache must not answer one with another's.
+      const etags = new Set([plain, br, gz].map((r) => String(r.headers.etag)));
+      assert.equal(etags.size, 3, [...etags].join(' '));
+      assert.equal((await getBytes(h, path, { 'accept-encoding': 'br', 'if-none-match': String(br.headers.etag) })).status, 304);
+      assert.equal((await getBytes(h, path, { 'accept-encoding': 'gzip', 'if-none-match': String(br.headers.etag) })).status, 200);
+    }
+    // The page itself is made per response (its nonce): not stored compressed.
+    assert.equal((await getBytes(h, '/', { 'accept-encoding': 'br' })).headers['content-encoding'], undefined);
+  });
+});
+
+test('Accept-Encoding: the most compact stored encoding the request takes, none for q=0', () => {
+  const both = ['br', 'gzip'] as const;
+  assert.equal(chooseEncoding('gzip, deflate, br, zstd', both), 'br');
+  assert.equal(chooseEncoding('gzip', both), 'gzip');
+  assert.equal(chooseEncoding('br;q=0, gzip;q=0.5', both), 'gzip');
+  assert.equal(chooseEncoding('*', both), 'br');
+  assert.equal(chooseEncoding('*;q=0', both), undefined);
+  assert.equal(chooseEncoding('br;q=0, *', both), 'gzip');
+  assert.equal(chooseEncoding('identity', both), undefined);
+  assert.equal(chooseEncoding(undefined, both), undefined);
+  assert.equal(chooseEncoding('gzip, br', []), undefined);
 });
 
 describe('console sessions: expiry', () => {

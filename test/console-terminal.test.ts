@@ -1,12 +1,13 @@
 // The web console's terminal on a real QEMU VM (debian-dev), in Debian's chromium: xterm.js over the
 // exec WebSocket with a PTY; `uname -a` answers; resizing the page resizes the PTY (stty size); a
 // connection that breaks while a command still prints is made again and the missed output is
-// replayed, once. The screen: noVNC over the port-forward to the VM's VNC server draws its console.
+// replayed, once. The screen: noVNC over the port-forward to the VM's VNC server draws its console,
+// and draws it again after the network drops its WebSocket.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { Browser, Page } from 'playwright-core';
 import { ADMIN_TOKEN, qemuCluster } from './helpers.ts';
-import { launchChromium, screenshot, signedIn } from './console-page.ts';
+import { cuttableRelay, launchChromium, screenshot, signedIn } from './console-page.ts';
 
 /** What the page functions below use of the browser's globals (this file is type-checked without the DOM's types). */
 interface Browserish {
@@ -82,24 +83,44 @@ test('a terminal in the browser: uname -a, resize, and reconnection with replay'
   await page.context().close();
 });
 
-test("a VM's screen in the browser: noVNC over the port-forward shows the guest's console", { timeout: 300_000 }, async () => {
+test("a VM's screen in the browser: noVNC over the port-forward shows the guest's console, and again after its connection breaks", { timeout: 300_000 }, async () => {
   await c.runningVM('screen-1');
-  const { page, problems } = await signedIn(browser, c.ctl.url, 'bootstrap-admin', ADMIN_TOKEN);
-  await page.goto(c.ctl.url + '/#/vms/screen-1');
-  await page.click('a:has-text("Screen")');
-  await page.locator('[data-testid=screen-state]:text-is("connected")').waitFor({ timeout: 60_000 });
-  // Not blank: the guest's text console draws more than one colour.
-  await page.waitForFunction(() => {
-    const canvas = (globalThis as unknown as { document: { querySelector(s: string): CanvasLike | null } }).document.querySelector('[data-testid=screen] canvas');
-    if (!canvas || canvas.width < 100 || canvas.height < 100) return false;
-    const data = canvas.getContext('2d')!.getImageData(0, 0, canvas.width, canvas.height).data;
-    const colours = new Set<number>();
-    for (let i = 0; i < data.length && colours.size < 2; i += 4) colours.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
-    return colours.size >= 2;
-  }, undefined, { timeout: 60_000 });
-  await screenshot(page, 'console-screen.png');
-  assert.deepEqual(problems, []);
-  await page.context().close();
+  // Through a relay that can break every connection, as a network does.
+  const relay = await cuttableRelay(c.ctl.url);
+  const { page, problems } = await signedIn(browser, relay.url, 'bootstrap-admin', ADMIN_TOKEN);
+  try {
+    await page.goto(relay.url + '/#/vms/screen-1');
+    await page.click('a:has-text("Screen")');
+    const state = page.locator('[data-testid=screen-state]');
+    await page.locator('[data-testid=screen-state]:text-is("connected")').waitFor({ timeout: 60_000 });
+    // Not blank: the guest's text console draws more than one colour.
+    const drawn = () =>
+      page.waitForFunction(() => {
+        const canvas = (globalThis as unknown as { document: { querySelector(s: string): CanvasLike | null } }).document.querySelector('[data-testid=screen] canvas');
+        if (!canvas || canvas.width < 100 || canvas.height < 100) return false;
+        const data = canvas.getContext('2d')!.getImageData(0, 0, canvas.width, canvas.height).data;
+        const colours = new Set<number>();
+        for (let i = 0; i < data.length && colours.size < 2; i += 4) colours.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
+        return colours.size >= 2;
+      }, undefined, { timeout: 60_000 });
+    await drawn();
+    await screenshot(page, 'console-screen.png');
+
+    // The network drops the WebSocket: the page says so, connects again by itself and draws the console.
+    // (It waits a second before connecting again, so the state is there to be seen.)
+    assert.ok(relay.cut() > 0);
+    await page.locator('[data-testid=screen-state]:has-text("reconnecting")').waitFor({ timeout: 30_000 });
+    // (noVNC counts a connection closed under it as a clean end, so the page says no more than this.)
+    assert.match((await state.textContent()) ?? '', /^disconnected( \(connection lost\))?; reconnecting…$/);
+    await page.locator('[data-testid=screen-state]:text-is("connected")').waitFor({ timeout: 60_000 });
+    await drawn();
+    assert.equal(await state.textContent(), 'connected');
+    assert.equal(await page.locator('[data-testid=screen] canvas').count(), 1, 'one screen drawn, not one per connection');
+    assert.deepEqual(problems, []);
+  } finally {
+    await page.context().close();
+    await relay.close();
+  }
 });
 
 /** The canvas calls the screen test makes in the page. */

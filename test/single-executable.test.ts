@@ -136,6 +136,12 @@ test('the single executable runs a whole cluster with no node on the PATH', { ti
     assert.equal(script.status, 200);
     assert.match(String(script.headers['content-type']), /^text\/javascript/);
     assert.ok(script.body.length > 1000, 'the bundle is there');
+    // Its compressed copies too, made by the build: served to a browser that takes them.
+    const compressed = await rawRequest({ url, certificate }, 'GET', bundle[1], { headers: { 'accept-encoding': 'gzip, deflate, br' } });
+    assert.equal(compressed.status, 200);
+    assert.equal(compressed.headers['content-encoding'], 'br');
+    assert.equal(compressed.headers.vary, 'accept-encoding');
+    assert.ok(Number(compressed.headers['content-length']) < Buffer.byteLength(script.body) / 2, `br ${String(compressed.headers['content-length'])} of ${Buffer.byteLength(script.body)} bytes`);
     const info = await rawRequest({ url, certificate }, 'GET', '/v1/controller/info', { auth: ['bootstrap-admin', TOKEN] });
     assert.equal((info.json as { commit: string }).commit, expectedCommit());
 

@@ -5,7 +5,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import type { Event, ServiceAccount, StoredRegistry, VM, Worker } from '../src/api/schemas.ts';
-import { ConflictError, NotFoundError, type Change, type Store } from '../src/controller/store/store.ts';
+import { ConflictError, NotFoundError, type Change, type EventAppend, type Store } from '../src/controller/store/store.ts';
 import { SQLiteStore } from '../src/controller/store/sqlite.ts';
 import { DEFAULT_LIMITS } from '../src/controller/limits.ts';
 import { tempDir } from './helpers.ts';
@@ -379,6 +379,35 @@ export function storeContract(name: string, factory: () => Promise<Store>, opts:
       const page = await store.listEvents('uid-a', { limit: keep + 10, order: 'asc' });
       assert.deepEqual(page.events, Array.from({ length: keep }, (_, i) => event(i)));
       assert.equal(page.dropped, 0);
+    });
+
+    withStore('event feed: each committed append once, in commit order, with the ids listEvents gives, before the writer’s promise; none from a failed transaction', async (store) => {
+      const appends: EventAppend[] = [];
+      const stop = store.subscribeEvents((a) => appends.push(a));
+      // Appends in one turn share a commit; one of them, in a transaction that throws, is not published.
+      const writes = [
+        store.appendEvents('uid-a', [event(1), event(2)]),
+        store.transaction((tx) => {
+          tx.appendEvents('uid-a', [event(99)]);
+          throw new Error('abort');
+        }).catch(() => 'aborted'),
+        store.appendEvents('uid-b', [event(10)]),
+        store.transaction((tx) => tx.appendEvents('uid-a', [event(3)])),
+      ];
+      const seenWhenAnswered = await writes[0].then(() => appends.length);
+      assert.equal(seenWhenAnswered, 3, 'the commit’s appends are published before its writers are answered');
+      assert.equal(await writes[1], 'aborted');
+      await Promise.all(writes);
+      await store.appendEvents('uid-a', [event(4)]);
+      stop();
+      await store.appendEvents('uid-a', [event(5)]);
+      assert.deepEqual(appends.map((a) => [a.vmUID, a.events.map((e) => e.event.timestamp)]), [['uid-a', [1, 2]], ['uid-b', [10]], ['uid-a', [3]], ['uid-a', [4]]]);
+      const page = await store.listEvents('uid-a', { limit: 10, order: 'asc' });
+      assert.deepEqual(page.events.map((e) => e.timestamp), [1, 2, 3, 4, 5]);
+      assert.deepEqual(appends.filter((a) => a.vmUID === 'uid-a').flatMap((a) => a.events.map((e) => e.id)), page.ids.slice(0, 4));
+      assert.ok(page.ids.every((id, i) => i === 0 || id > page.ids[i - 1]), 'ids ascend');
+      // An id is a cursor: from it, the events after that one.
+      assert.deepEqual((await store.listEvents('uid-a', { limit: 10, order: 'asc', cursor: String(page.ids[2]) })).events.map((e) => e.timestamp), [4, 5]);
     });
 
     withStore('releases: a VM that leaves its worker is released from it; release by hand', async (store) => {

@@ -156,6 +156,22 @@ export const Event = Type.Object(
 export type Event = Static<typeof Event>;
 export const EventList = Type.Array(Event, { maxItems: 10000 });
 
+/**
+ * A line of GET /v1/vms/{name}/events?watch=true (NDJSON): ADDED for each event, oldest first, with its
+ * cursor (watching again from it resumes after that event; the stand-in for events retention dropped
+ * has none); DELETED (an Event saying so) when the VM is deleted, the stream's last line; ERROR
+ * ({message}) when the controller ended the stream, its last line.
+ */
+export const EventWatchLine = Type.Object(
+  {
+    type: Type.Union([Type.Literal('ADDED'), Type.Literal('DELETED'), Type.Literal('ERROR')]),
+    object: Type.Union([Event, Type.Object({ message: Type.String() })]),
+    cursor: Type.Optional(Type.String({ pattern: '^[0-9]{1,15}$' })),
+  },
+  { title: 'EventWatchLine' },
+);
+export type EventWatchLine = Static<typeof EventWatchLine>;
+
 /** An event as clients send it: each field may be left out (upstream's Go structs leave empty ones out), meaning "" or 0. */
 export const EventInput = Type.Object(
   { kind: Type.Optional(Event.properties.kind), timestamp: Type.Optional(Event.properties.timestamp), payload: Type.Optional(Event.properties.payload) },

@@ -3,7 +3,7 @@
 // SEA assets.
 import { getAsset } from 'node:sea';
 import type { AssetName } from './assets.ts';
-import { CONSOLE_MANIFEST, type ConsoleFile } from '../console/files.ts';
+import { CONSOLE_MANIFEST, ENCODED_SUFFIX, type ConsoleFile, type ConsoleManifestEntry } from '../console/files.ts';
 
 // Replaced by the build (esbuild's `define`).
 declare const ORCHARD_BUILD_VERSION: string;
@@ -21,8 +21,11 @@ export function assetText(name: AssetName): string {
 
 /** The web console's files, built with the executable (scripts/build.ts). */
 export function consoleFiles(): Promise<ConsoleFile[]> {
-  const manifest = JSON.parse(getAsset(CONSOLE_MANIFEST, 'utf8')) as { name: string; type: string }[];
-  return Promise.resolve(manifest.map((f) => ({ ...f, body: Buffer.from(getAsset(`console/${f.name}`)) })));
+  const manifest = JSON.parse(getAsset(CONSOLE_MANIFEST, 'utf8')) as ConsoleManifestEntry[];
+  const read = (name: string) => Buffer.from(getAsset(`console/${name}`));
+  return Promise.resolve(
+    manifest.map(({ name, type, encodings = [] }) => ({ name, type, body: read(name), encoded: Object.fromEntries(encodings.map((e) => [e, read(name + ENCODED_SUFFIX[e])])) })),
+  );
 }
 
 export const SINGLE_EXECUTABLE = true;

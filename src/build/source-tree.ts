@@ -5,7 +5,7 @@
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import type { AssetName } from './assets.ts';
-import { CONSOLE_MANIFEST, type ConsoleFile } from '../console/files.ts';
+import { CONSOLE_MANIFEST, ENCODED_SUFFIX, type ConsoleFile, type ConsoleManifestEntry } from '../console/files.ts';
 import { basename } from 'node:path';
 
 const ROOT = new URL('../../', import.meta.url);
@@ -39,7 +39,8 @@ let consoleBuild: Promise<ConsoleFile[]> | undefined;
  */
 export function consoleFiles(): Promise<ConsoleFile[]> {
   consoleBuild ??= import('../console/build.ts').then(
-    (m) => m.buildConsole(),
+    // (A quicker brotli than a release's: this build runs when the console is first asked for.)
+    (m) => m.buildConsole({ brotliQuality: 5 }),
     (err: NodeJS.ErrnoException) => {
       if (err.code !== 'ERR_MODULE_NOT_FOUND') throw err;
       return prebuiltConsoleFiles(new URL('dist/console/', ROOT));
@@ -50,8 +51,9 @@ export function consoleFiles(): Promise<ConsoleFile[]> {
 
 /** The console's files as scripts/console-dist.ts wrote them into `dir`. */
 export function prebuiltConsoleFiles(dir: URL): ConsoleFile[] {
-  const manifest = JSON.parse(readFileSync(new URL(basename(CONSOLE_MANIFEST), dir), 'utf8')) as { name: string; type: string }[];
-  return manifest.map((f) => ({ ...f, body: readFileSync(new URL(f.name, dir)) }));
+  const manifest = JSON.parse(readFileSync(new URL(basename(CONSOLE_MANIFEST), dir), 'utf8')) as ConsoleManifestEntry[];
+  const read = (name: string) => readFileSync(new URL(name, dir));
+  return manifest.map(({ name, type, encodings = [] }) => ({ name, type, body: read(name), encoded: Object.fromEntries(encodings.map((e) => [e, read(name + ENCODED_SUFFIX[e])])) }));
 }
 
 /** true in the single executable. */

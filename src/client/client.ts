@@ -24,6 +24,7 @@ import type {
   WatchEvent,
   Worker,
   WorkerImagesReport,
+  EventWatchLine,
 } from '../api/schemas.ts';
 
 export interface ClientOptions {
@@ -409,6 +410,11 @@ export class OrchardClient {
     if (opts.cursor) q.set('cursor', opts.cursor);
     const res = await this.request<Event[]>('GET', `/v1/vms/${encodeURIComponent(name)}/events${q.size ? '?' + q : ''}`);
     return { events: res.body, nextCursor: res.headers['x-next-cursor'] as string | undefined, newestCursor: res.headers['x-newest-cursor'] as string | undefined };
+  }
+  /** GET /v1/vms/{name}/events?watch=true (capability `vm-events-watch`): the kept events after `cursor`, then each new one, until the VM is deleted. */
+  watchEvents(name: string, opts: { cursor?: string; signal?: AbortSignal } = {}) {
+    const q = opts.cursor ? `&cursor=${encodeURIComponent(opts.cursor)}` : '';
+    return this.watch<Event>(`/v1/vms/${encodeURIComponent(name)}/events?watch=true${q}`, opts.signal) as AsyncGenerator<EventWatchLine>;
   }
   listWorkers = () => this.call<Worker[]>('GET', '/v1/workers');
   getWorker = (name: string) => this.call<Worker>('GET', `/v1/workers/${encodeURIComponent(name)}`);

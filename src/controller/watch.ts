@@ -4,12 +4,10 @@
 // a reader that falls limits.watchBufferBytes behind is ended with the reason as the last line
 // ({"type":"ERROR","object":{"message":...}}, as Kubernetes does); it can watch again.
 import type { FastifyReply } from 'fastify';
-import type { ServerResponse } from 'node:http';
 import type { Change, Kind, Kinds } from './store/store.ts';
 import type { AppContext } from './context.ts';
+import { drained, openStream } from './ndjson-stream.ts';
 
-/** A reader that leaves the end line unread this long after it was written loses the connection. */
-const END_GRACE_MS = 10_000;
 /** Snapshot lines written in one event-loop turn. */
 const SNAPSHOT_SLICE = 500;
 
@@ -19,7 +17,8 @@ const lineOf = (type: Change['type'], object: object, present: (object: never) =
  * Each change's line, made once for every stream that shows it the same way (`as` names the way: which
  * secrets are hidden) and shared by them: 50 streams of a 200 kB VM serialise it once, not 50 times.
  * Kept with the change, not with the object: the view keeps every VM's object, and lines kept with
- * them were one more copy of every VM for as long as it did not change.
+ * them were one more copy of every VM for as long as it did not change. (Snapshot lines are made per
+ * stream and not kept.)
  */
 const lines = new WeakMap<Change, Map<string, Buffer>>();
 function lineFor(change: Change, as: string, present: (object: never) => object): Buffer {
@@ -30,17 +29,6 @@ function lineFor(change: Change, as: string, present: (object: never) => object)
   return line;
 }
 
-const drained = (raw: ServerResponse) =>
-  new Promise<void>((resolve) => {
-    const done = () => {
-      raw.off('drain', done);
-      raw.off('close', done);
-      resolve();
-    };
-    raw.on('drain', done);
-    raw.on('close', done);
-  });
-
 export async function streamWatch<K extends Kind>(
   ctx: AppContext,
   reply: FastifyReply,
@@ -50,85 +38,48 @@ export async function streamWatch<K extends Kind>(
   /** What the caller may see of an object (secrets hidden); `as` names that view, the same for every caller who sees the same. */
   shown: { as: string; present: (object: Kinds[K]) => Kinds[K] } = { as: 'all', present: (o) => o },
 ): Promise<void> {
-  const raw = reply.raw;
-  const limit = ctx.limits.watchBufferBytes;
-  const account = reply.request.account;
-  // Counted from the request on, so that waiting for the snapshot counts too.
-  const untake = account ? ctx.access.take(account.name, 'watch streams', ctx.limits.watchesPerAccount) : () => {};
+  const behind = (bytes: number) =>
+    Buffer.from(
+      JSON.stringify({ type: 'ERROR', object: { message: `the watch was ended because its reader fell ${bytes} bytes behind (the limit is ${ctx.limits.watchBufferBytes}); watch again to get the current state` } }) + '\n',
+    );
+  const stream = openStream(ctx, reply, behind);
+  const { raw, limit } = stream;
   let ready = false;
-  let ended = false;
-  let counted = false;
   let snapshotRevision = 0;
   const pending: { revision: number; line: Buffer }[] = [];
   let pendingBytes = 0;
-  const endWith = (message: string) => {
-    if (ended) return;
-    ended = true;
-    stop();
-    if (raw.destroyed) return;
-    raw.end(JSON.stringify({ type: 'ERROR', object: { message } }) + '\n');
-    const timer = setTimeout(() => raw.destroy(), END_GRACE_MS);
-    timer.unref();
-    raw.once('close', () => clearTimeout(timer));
-  };
-  const behind = (bytes: number) =>
-    `the watch was ended because its reader fell ${bytes} bytes behind (the limit is ${limit}); watch again to get the current state`;
-  const write = (line: Buffer) => {
-    if (ended || raw.destroyed) return;
-    raw.write(line);
-    if (raw.writableLength > limit) endWith(behind(raw.writableLength));
-  };
   // Subscribe before taking the snapshot, so nothing between the two is lost.
-  const unsubscribe = ctx.store.subscribe((change) => {
-    if (change.kind !== kind || !matches(change.object as Kinds[K])) return;
-    const line = lineFor(change, shown.as, shown.present);
-    if (ready) return write(line);
-    pending.push({ revision: change.revision, line });
-    pendingBytes += line.length;
-    if (pendingBytes > limit && reply.sent) endWith(behind(pendingBytes + raw.writableLength));
-  });
-  // Revoking the account (deleted, new token, role removed) ends the stream at once.
-  const release = account ? ctx.access.hold(account, reply.request.routeOptions.config.roles ?? [], () => raw.destroy(), reply.request.session) : () => {};
-  let stopped = false;
-  const stop = () => {
-    if (stopped) return;
-    stopped = true;
-    unsubscribe();
-    release();
-    untake();
-    if (counted) ctx.metrics.watchStreams.dec();
-    ctx.shutdown.removeEventListener('abort', end);
-  };
-  const end = () => raw.end();
-  raw.on('close', stop);
-  ctx.shutdown.addEventListener('abort', end);
+  stream.onStop(
+    ctx.store.subscribe((change) => {
+      if (change.kind !== kind || !matches(change.object as Kinds[K])) return;
+      const line = lineFor(change, shown.as, shown.present);
+      if (ready) return stream.write(line);
+      pending.push({ revision: change.revision, line });
+      pendingBytes += line.length;
+      if (pendingBytes > limit && reply.sent) stream.endWith(behind(pendingBytes + raw.writableLength));
+    }),
+  );
   try {
     // VMs and workers from the in-memory view (10,000 VMs: no 7 MB read and parse on the event loop).
     const fromView = kind === 'vms' || kind === 'workers' ? ctx.view.snapshot(kind as 'vms' | 'workers', filter) : undefined;
     const snapshot = (fromView as { items: Kinds[K][]; revision: number } | undefined) ?? (await ctx.store.snapshot(kind, filter));
     snapshotRevision = snapshot.revision;
-    reply.hijack();
-    raw.writeHead(200, { 'content-type': 'application/x-ndjson', 'cache-control': 'no-store', 'x-request-id': String(reply.request.id) });
-    raw.flushHeaders(); // the client learns the watch is established even before the first event
-    if (!stopped) {
-      counted = true;
-      ctx.metrics.watchStreams.inc();
-    }
-    if (pendingBytes > limit) endWith(behind(pendingBytes));
+    stream.start();
+    if (pendingBytes > limit) stream.endWith(behind(pendingBytes));
     // The snapshot goes out as fast as the reader takes it (it may be larger than the limit).
     // In slices, so that a big snapshot (10,000 VMs: tens of ms) does not hold up other requests.
     let sliced = 0;
     for (const object of snapshot.items) {
-      if (ended || raw.destroyed) return;
+      if (stream.done()) return;
       if (!matches(object)) continue;
       if (!raw.write(lineOf('ADDED', object, shown.present)) && raw.writableLength >= limit) await drained(raw);
       else if (++sliced % SNAPSHOT_SLICE === 0) await new Promise((r) => setImmediate(r));
     }
-    for (const change of pending) if (change.revision > snapshotRevision) write(change.line);
+    for (const change of pending) if (change.revision > snapshotRevision) stream.write(change.line);
     pending.length = 0;
     ready = true;
   } catch (err) {
-    stop();
+    stream.stop();
     throw err;
   }
 }

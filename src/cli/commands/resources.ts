@@ -281,13 +281,38 @@ export function registerResourceCommands(program: Command) {
       (opts.order === 'desc' ? events.reverse() : events).forEach(show);
       const stop = new AbortController();
       process.once('SIGINT', () => stop.abort());
+      const gone = () => void process.stderr.write(`VM ${name} was deleted\n`);
+      if ((await c.info()).capabilities.includes('vm-events-watch')) {
+        // Our controller pushes each event as it is committed (a watch, no polling); when the watch
+        // ends otherwise (the controller restarted, this reader fell behind) it resumes from the last cursor.
+        let pause = 250;
+        while (!stop.signal.aborted) {
+          try {
+            for await (const line of c.watchEvents(name, { cursor: newest, signal: stop.signal })) {
+              if (line.type === 'DELETED') return gone();
+              if (line.type !== 'ADDED') continue;
+              show(line.object as Event);
+              newest = line.cursor ?? newest;
+              pause = 250;
+            }
+          } catch (err) {
+            if (err instanceof ApiError && err.status === 404) return gone();
+            if (stop.signal.aborted) return;
+            process.stderr.write(`following ${name}'s events again: ${(err as Error).message}\n`);
+          }
+          await new Promise((r) => setTimeout(r, pause));
+          pause = Math.min(pause * 2, 5000);
+        }
+        return;
+      }
+      // A controller without event watches (upstream's): asked each second for what came after the newest cursor.
       while (!stop.signal.aborted) {
         await new Promise((r) => setTimeout(r, 1000));
         let page;
         try {
           page = await c.listEvents(name, { limit: 1000, order: 'asc', cursor: newest });
         } catch (err) {
-          if (err instanceof ApiError && err.status === 404) return void process.stderr.write(`VM ${name} was deleted\n`);
+          if (err instanceof ApiError && err.status === 404) return gone();
           throw err;
         }
         page.events.forEach(show);

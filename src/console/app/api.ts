@@ -69,18 +69,22 @@ export function prefetchWatch(path: string) {
 export interface WatchEvent<T> {
   type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'ERROR';
   object: T;
+  /** A VM's events' watch: where to resume after this event. */
+  cursor?: string;
 }
 
 /**
  * Follows an NDJSON watch: `onReset` when a (re)connection starts (a watch begins with every object
  * as ADDED), `onEvents` with each chunk's events. Reconnects when the stream ends, after a growing
- * pause; `onError` says why. Returns the function that stops it.
+ * pause; `onError` says why. `path` may be a function, asked again at each (re)connection (a cursor
+ * to resume from). Returns the function that stops it.
  */
-export function watch<T>(path: string, handlers: { onReset: () => void; onEvents: (events: WatchEvent<T>[]) => void; onError: (message: string | undefined) => void }): () => void {
+export function watch<T>(pathOf: string | (() => string), handlers: { onReset: () => void; onEvents: (events: WatchEvent<T>[]) => void; onError: (message: string | undefined) => void }): () => void {
   const abort = new AbortController();
   let pause = 500;
   const run = async () => {
     while (!abort.signal.aborted) {
+      const path = typeof pathOf === 'string' ? pathOf : pathOf();
       try {
         const prefetched = early.get(path);
         early.delete(path);

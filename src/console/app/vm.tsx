@@ -3,11 +3,10 @@
 import { useEffect, useState } from 'preact/hooks';
 import type { ConsoleSession } from '../../api/console.ts';
 import type { Event as VMEvent, VM } from '../../api/schemas.ts';
-import { age, api, apiWithHeaders, watch } from './api.ts';
+import { age, api, watch } from './api.ts';
 
 /** Events kept on the page (the newest). */
 const MAX_EVENTS = 2000;
-const FOLLOW_MS = 1000;
 
 function useVM(name: string) {
   const [vm, setVM] = useState<VM | null | undefined>(undefined);
@@ -29,52 +28,38 @@ function useVM(name: string) {
   return { vm, error };
 }
 
-/** The VM's events: all that are kept, then those appended later (asked for each second with the newest cursor). */
+/**
+ * The VM's events: all that are kept, then each one as it is committed (the controller's watch of
+ * them, no polling); a broken watch resumes after the last event shown.
+ */
 function useEvents(name: string, uid: string | undefined) {
   const [events, setEvents] = useState<VMEvent[]>([]);
   useEffect(() => {
     if (!uid) return;
-    let stopped = false;
-    let timer: ReturnType<typeof setTimeout> | undefined;
     let all: VMEvent[] = [];
-    const path = (q: string) => `/v1/vms/${encodeURIComponent(name)}/events?order=asc&limit=1000${q}`;
-    const add = (more: VMEvent[]) => {
-      if (!more.length) return;
-      all = all.concat(more).slice(-MAX_EVENTS);
-      setEvents(all);
-    };
-    const run = async () => {
-      let cursor: string | undefined;
-      let newest: string | undefined;
-      try {
-        for (;;) {
-          const page = await apiWithHeaders<VMEvent[]>('GET', path(cursor ? `&cursor=${encodeURIComponent(cursor)}` : ''));
-          add(page.body);
-          newest = page.headers.get('x-newest-cursor') ?? newest;
-          cursor = page.headers.get('x-next-cursor') ?? undefined;
-          if (!cursor || stopped) break;
-        }
-      } catch {
+    let cursor: string | undefined;
+    let frame: number | undefined;
+    setEvents(all);
+    const stop = watch<VMEvent>(() => `/v1/vms/${encodeURIComponent(name)}/events?watch=true${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ''}`, {
+      onReset: () => {},
+      onEvents: (lines) => {
+        const added = lines.filter((l) => l.type === 'ADDED');
+        if (!added.length) return;
+        cursor = added.findLast((l) => l.cursor !== undefined)?.cursor ?? cursor;
+        all = all.concat(added.map((l) => l.object)).slice(-MAX_EVENTS);
+        // Rendered once per frame, however many chunks came in it (the kept events arrive in many).
+        frame ??= requestAnimationFrame(() => {
+          frame = undefined;
+          setEvents(all);
+        });
+      },
+      onError: () => {
         /* the VM's watch says what is wrong */
-      }
-      const follow = async () => {
-        if (stopped) return;
-        try {
-          const page = await apiWithHeaders<VMEvent[]>('GET', path(newest ? `&cursor=${encodeURIComponent(newest)}` : ''));
-          if (newest) add(page.body);
-          else add(page.body.slice(all.length));
-          newest = page.headers.get('x-newest-cursor') ?? newest;
-        } catch {
-          /* tried again next time */
-        }
-        if (!stopped) timer = setTimeout(follow, FOLLOW_MS);
-      };
-      timer = setTimeout(follow, FOLLOW_MS);
-    };
-    void run();
+      },
+    });
     return () => {
-      stopped = true;
-      clearTimeout(timer);
+      stop();
+      if (frame !== undefined) cancelAnimationFrame(frame);
     };
   }, [name, uid]);
   return events;

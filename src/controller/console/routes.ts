@@ -7,7 +7,7 @@ import { Type } from '@sinclair/typebox';
 import { ErrorBody } from '../../api/schemas.ts';
 import { CONSOLE_PATH, ConsoleSession, ConsoleSignIn } from '../../api/console.ts';
 import { consoleFiles } from '../../build/source-tree.ts';
-import type { ConsoleFile } from '../../console/files.ts';
+import { CONSOLE_ENCODINGS, type ConsoleEncoding, type ConsoleFile } from '../../console/files.ts';
 import type { AppContext } from '../context.ts';
 import { HttpError } from '../errors.ts';
 import type { Sessions } from './sessions.ts';
@@ -43,6 +43,23 @@ interface Served extends ConsoleFile {
   etag: string;
 }
 
+/**
+ * The most compact of the file's stored encodings that the request's Accept-Encoding takes (a
+ * coding, or `*`, with q > 0; one named with q=0 is refused even if `*` takes others).
+ */
+export function chooseEncoding(acceptEncoding: string | undefined, stored: readonly ConsoleEncoding[]): ConsoleEncoding | undefined {
+  if (!acceptEncoding || !stored.length) return undefined;
+  const q = new Map<string, number>();
+  for (const part of acceptEncoding.split(',')) {
+    const [coding, ...params] = part.trim().toLowerCase().split(';');
+    if (!coding) continue;
+    const qParam = params.map((p) => p.trim()).find((p) => p.startsWith('q='));
+    const value = qParam ? Number(qParam.slice(2)) : 1;
+    q.set(coding.trim(), Number.isFinite(value) ? value : 0);
+  }
+  return CONSOLE_ENCODINGS.filter((e) => stored.includes(e)).find((e) => (q.get(e) ?? q.get('*') ?? 0) > 0);
+}
+
 const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 429: ErrorBody };
 
 export function registerConsoleRoutes(app: FastifyInstance, ctx: AppContext, sessions: Sessions, apiPrefix: string) {
@@ -62,12 +79,19 @@ export function registerConsoleRoutes(app: FastifyInstance, ctx: AppContext, ses
     return reply;
   };
 
-  const serve = async (name: string, ifNoneMatch: string | undefined, reply: FastifyReply, cacheControl: string) => {
+  // Scripts and style sheets go compressed as built (brotli, else gzip) to a browser that takes it;
+  // each encoding is its own representation (Vary, and its own ETag).
+  const serve = async (name: string, headers: { 'if-none-match'?: string; 'accept-encoding'?: string }, reply: FastifyReply, cacheControl: string) => {
     const file = (await load()).get(name);
     if (!file) throw new HttpError(404, `the console has no file ${JSON.stringify(name.slice(0, 200))}`);
-    secure(reply).header('cache-control', cacheControl).header('etag', file.etag);
-    if (ifNoneMatch === file.etag) return reply.code(304).send();
-    return reply.type(file.type).send(file.body);
+    const stored = Object.keys(file.encoded ?? {}) as ConsoleEncoding[];
+    const encoding = chooseEncoding(headers['accept-encoding'], stored);
+    const etag = encoding ? `${file.etag.slice(0, -1)}-${encoding}"` : file.etag;
+    secure(reply).header('cache-control', cacheControl).header('etag', etag);
+    if (stored.length) reply.header('vary', 'accept-encoding');
+    if (headers['if-none-match'] === etag) return reply.code(304).send();
+    if (encoding) reply.header('content-encoding', encoding);
+    return reply.type(file.type).send(encoding ? file.encoded![encoding] : file.body);
   };
 
   // The page is made for each response (its nonce) and never stored; the assets, named by their
@@ -79,7 +103,7 @@ export function registerConsoleRoutes(app: FastifyInstance, ctx: AppContext, ses
     return reply.type(page.type).send(page.body.toString('utf8').replaceAll('%BASE%', apiPrefix).replaceAll('%NONCE%', nonce));
   });
   app.get(`${CONSOLE_PATH}/assets/:file`, { config: { roles: undefined }, schema: { hide: true, params: Type.Object({ file: Type.String({ maxLength: 200 }) }) } }, async (request, reply) =>
-    serve((request.params as { file: string }).file, request.headers['if-none-match'], reply, 'public, max-age=31536000, immutable'),
+    serve((request.params as { file: string }).file, request.headers, reply, 'public, max-age=31536000, immutable'),
   );
 
   const sessionOf = (request: { session?: string }) => {

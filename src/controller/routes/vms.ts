@@ -6,6 +6,7 @@ import {
   Event,
   EventInputList,
   EventList,
+  EventWatchLine,
   type EventInput,
   IMMUTABLE_VM_FIELDS,
   Name,
@@ -19,6 +20,7 @@ import {
 import type { AppContext } from '../context.ts';
 import { badRequest, notFound } from '../errors.ts';
 import { streamWatch } from '../watch.ts';
+import { streamEvents } from '../event-watch.ts';
 import { accountOf } from '../access.ts';
 import { appendVMEvents, reportVMState } from '../domain/reports.ts';
 import { checkRuntimeFields, checkSpecChange, newVM, redactVM, secretsFor, type VMSecrets } from '../domain/vms.ts';
@@ -188,24 +190,33 @@ export function registerVMRoutes(app: FastifyInstance, ctx: AppContext) {
     async (request) => store.delete('vms', request.params.name),
   );
 
-  app.get<{ Params: { name: string }; Querystring: { limit?: number; order?: 'asc' | 'desc'; cursor?: string } }>(
+  app.get<{ Params: { name: string }; Querystring: { limit?: number; order?: 'asc' | 'desc'; cursor?: string; watch?: boolean } }>(
     '/v1/vms/:name/events',
     {
       config: { roles: READ },
       schema: {
         tags: ['vms'],
         summary:
-          "A VM's events: without `limit` all of them (as upstream's); with `limit` a page (X-Next-Cursor header gives the next page's cursor; a page also ends at about 2 MiB). Only the newest events are kept: X-Events-Dropped says how many older ones were dropped, and an `events-dropped` event stands in for them at the oldest end. X-Newest-Cursor: with order=asc and this cursor, only the events appended later",
+          "A VM's events: without `limit` all of them (as upstream's); with `limit` a page (X-Next-Cursor header gives the next page's cursor; a page also ends at about 2 MiB). Only the newest events are kept: X-Events-Dropped says how many older ones were dropped, and an `events-dropped` event stands in for them at the oldest end. X-Newest-Cursor: with order=asc and this cursor, only the events appended later. With watch=true: NDJSON (EventWatchLine) of the kept events after `cursor`, then each new one as it is committed, until the VM is deleted",
         params: NameParams,
         querystring: Type.Object({
           limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 10000 })),
           order: Type.Optional(Type.Union([Type.Literal('asc'), Type.Literal('desc')])),
           cursor: Type.Optional(Type.String({ pattern: '^[0-9]{1,15}$' })),
+          watch: Type.Optional(Type.Boolean({ description: 'follow: NDJSON lines (EventWatchLine), oldest first; `limit` and `order` do not apply' })),
         }),
-        response: { 200: EventList, ...errors },
+        response: {
+          200: { content: { 'application/json': { schema: EventList }, 'application/x-ndjson': { schema: EventWatchLine } } },
+          ...errors,
+        },
       },
     },
     async (request, reply) => {
+      if (request.query.watch) {
+        if (request.query.order === 'desc') throw badRequest('query parameter "order": a watch gives events oldest first (asc)');
+        if (request.query.limit !== undefined) throw badRequest('query parameter "limit": a watch gives every event after the cursor; leave limit out');
+        return streamEvents(ctx, reply, request.params.name, { cursor: request.query.cursor, dropped: droppedEvent });
+      }
       const vm = await store.get('vms', request.params.name);
       if (!vm?.uid) throw notFound(`VM "${request.params.name}" not found`);
       const order = request.query.order ?? 'asc';

@@ -10,7 +10,7 @@ import { DatabaseSync, type StatementSync } from 'node:sqlite';
 import { chmodSync, closeSync, existsSync, fstatSync, fsync, fsyncSync, mkdirSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { ClusterSettings, Event, WatchEventType } from '../../api/schemas.ts';
-import { ConflictError, NotFoundError, StoreFailedError, type Change, type EventPage, type Kind, type Kinds, type Store, type Transaction } from './store.ts';
+import { ConflictError, NotFoundError, StoreFailedError, type Change, type EventAppend, type EventPage, type Kind, type Kinds, type Store, type Transaction } from './store.ts';
 import { DEFAULT_LIMITS, type Limits } from '../limits.ts';
 import { fileSchemaVersion, migrate, newerError, SCHEMA_VERSION } from './schema.ts';
 import { Checkpointer, CHECKPOINT_WAL_BYTES } from './checkpointer.ts';
@@ -26,6 +26,7 @@ const RELEASE_RETENTION_MS = 30 * 24 * 3600_000;
 
 interface Batch {
   changes: Change[];
+  appends: EventAppend[];
   waiters: { resolve: () => void; reject: (err: Error) => void }[];
 }
 
@@ -35,6 +36,9 @@ export class SQLiteStore implements Store {
   /** The reading connection: sees committed data only (WAL), never the open batch. */
   private readonly reader: DatabaseSync;
   private readonly listeners = new Set<(change: Change) => void>();
+  private readonly eventListeners = new Set<(append: EventAppend) => void>();
+  /** While a mutation runs: its event appends, published with its changes once durable (dropped if it fails). */
+  private appends?: EventAppend[];
   /** The revision of the last change made: committed, or in the open batch (then more than `committed`). */
   private revision = 0;
   /** The revision of the last committed change (as stored in settings). */
@@ -183,7 +187,7 @@ export class SQLiteStore implements Store {
     if (this.failed) return Promise.reject(this.failed);
     if (!this.batch) {
       this.db.exec('BEGIN IMMEDIATE');
-      this.batch = { changes: [], waiters: [] };
+      this.batch = { changes: [], appends: [], waiters: [] };
       setImmediate(() => this.flush());
     }
     const changes: Change[] = [];
@@ -192,6 +196,7 @@ export class SQLiteStore implements Store {
     this.db.exec('SAVEPOINT mutation');
     this.mutating = true;
     this.statsBefore = new Map();
+    const appends: EventAppend[] = (this.appends = []);
     try {
       result = fn(changes);
       if (result instanceof Promise) result.catch(() => {}); // its outcome is not awaited: the mutation fails instead
@@ -211,9 +216,11 @@ export class SQLiteStore implements Store {
       this.mutating = false;
       this.misuse = undefined;
       this.statsBefore = undefined;
+      this.appends = undefined;
     }
     const batch = this.batch;
     batch.changes.push(...changes);
+    batch.appends.push(...appends);
     return new Promise<T>((resolve, reject) => batch.waiters.push({ resolve: () => resolve(result), reject }));
   }
 
@@ -280,6 +287,15 @@ export class SQLiteStore implements Store {
             listener(change);
           } catch {
             // a failing watcher must not affect the writer or other watchers
+          }
+        }
+      }
+      for (const append of batch.appends) {
+        for (const listener of this.eventListeners) {
+          try {
+            listener(append);
+          } catch {
+            // as above
           }
         }
       }
@@ -488,14 +504,16 @@ export class SQLiteStore implements Store {
     this.keepStats(vmUID);
     let stats = this.eventStats.get(vmUID);
     if (!stats) stats = { ...(this.stmt.eventStats.get(vmUID) as { count: number; bytes: number }) };
+    const appended: EventAppend['events'] = [];
     for (const e of events) {
       const body = JSON.stringify(e);
-      this.stmt.insertEvent.run(vmUID, body);
+      appended.push({ id: Number(this.stmt.insertEvent.run(vmUID, body).lastInsertRowid), event: e });
       stats.count++;
       stats.bytes += Buffer.byteLength(body);
     }
     this.retain(vmUID, stats);
     this.eventStats.set(vmUID, stats);
+    if (appended.length) this.appends?.push({ vmUID, events: appended });
   }
 
   /** Drops a VM's oldest events beyond the retention limits (its newest event always stays), and records the cut. */
@@ -522,6 +540,7 @@ export class SQLiteStore implements Store {
     // Rows are read one at a time, and the page ends at its byte budget (at least one event), so a
     // page never holds more than about eventPageBytes however many events were asked for.
     const events: Event[] = [];
+    const ids: number[] = [];
     let bytes = 0;
     let lastID = 0;
     let newestID = 0;
@@ -532,12 +551,13 @@ export class SQLiteStore implements Store {
         break;
       }
       events.push(JSON.parse(row.body) as Event);
+      ids.push(row.id);
       bytes += row.body.length;
       lastID = row.id;
       newestID = Math.max(newestID, row.id);
     }
     const cut = this.rstmt.cut.get(vmUID) as { dropped: number; at: number } | undefined;
-    return this.settled({ events, nextCursor: more ? String(lastID) : undefined, newestCursor: newestID ? String(newestID) : undefined, dropped: cut?.dropped ?? 0, droppedAt: cut?.at });
+    return this.settled({ events, ids, nextCursor: more ? String(lastID) : undefined, newestCursor: newestID ? String(newestID) : undefined, dropped: cut?.dropped ?? 0, droppedAt: cut?.at });
   }
 
   async getClusterSettings(): Promise<ClusterSettings> {
@@ -573,6 +593,11 @@ export class SQLiteStore implements Store {
   subscribe(listener: (change: Change) => void) {
     this.listeners.add(listener);
     return () => void this.listeners.delete(listener);
+  }
+
+  subscribeEvents(listener: (append: EventAppend) => void) {
+    this.eventListeners.add(listener);
+    return () => void this.eventListeners.delete(listener);
   }
 
   close() {

@@ -16,6 +16,10 @@
 //   the revision of the last change it reflects, so subscribing first, then taking a snapshot, then
 //   adding the published changes with a greater revision gives every change once (no gap, no
 //   duplicate). Events (appendEvents), releases and cluster settings are not in the feed.
+// - The event feed: every committed append of a VM's events is published once to every event
+//   subscriber, with each event's id (its cursor: ascending per VM), in commit order, under the same
+//   durability rule. Subscribing, then listing events, then adding the published ones with a greater
+//   id gives every event once.
 import type { ClusterSettings, Event, ServiceAccount, StoredRegistry, VM, Worker, WatchEventType } from '../../api/schemas.ts';
 
 export interface Kinds {
@@ -40,8 +44,16 @@ export class ConflictError extends Error {}
 /** The store can no longer promise that a write is on disk (an fsync failed): every call fails with it until a restart. */
 export class StoreFailedError extends Error {}
 
+/** Events appended to one VM in one write, with their ids (`listEvents` cursors), oldest first. */
+export interface EventAppend {
+  vmUID: string;
+  events: { id: number; event: Event }[];
+}
+
 export interface EventPage {
   events: Event[];
+  /** Each event's id, as `events` (a cursor: asking in ascending order from it gives the events after that one). */
+  ids: number[];
   nextCursor?: string;
   /** The cursor just past the newest event of this page (to ask, in ascending order, for what comes after). */
   newestCursor?: string;
@@ -99,6 +111,8 @@ export interface Store {
 
   /** Subscribe to committed changes (see above); returns the unsubscribe function. */
   subscribe(listener: (change: Change) => void): () => void;
+  /** Subscribe to committed event appends (see above); returns the unsubscribe function. */
+  subscribeEvents(listener: (append: EventAppend) => void): () => void;
   close(): void;
 }
 
