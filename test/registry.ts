@@ -22,6 +22,8 @@ export interface TestRegistry {
   skopeoArgs(side: 'dest' | 'src'): string[];
   /** the registry's own file of blob `digest` (to corrupt it) */
   blobFile(digest: string): string;
+  /** CPU seconds the registry's process has used so far (user + system) */
+  cpuSeconds(): number;
   stop(): Promise<void>;
 }
 
@@ -123,6 +125,11 @@ export async function startRegistry(opts: { tls?: boolean; certs?: { ca: string;
       ...(user ? [`--${side}-creds`, `${user}:${password}`] : []),
     ],
     blobFile: (digest) => join(storage, 'docker/registry/v2/blobs/sha256', digest.slice(7, 9), digest.slice(7), 'data'),
+    cpuSeconds: () => {
+      // /proc/PID/stat: utime and stime are fields 14 and 15, in clock ticks (100 per second here)
+      const fields = readFileSync(`/proc/${proc.pid}/stat`, 'utf8').split(') ')[1].split(' ');
+      return (Number(fields[11]) + Number(fields[12])) / 100;
+    },
     async stop() {
       if (proc.exitCode === null) proc.kill('SIGTERM');
       await exited;
