@@ -25,9 +25,6 @@ export function isEndFrame(data: RawData, isBinary: boolean): boolean {
   }
 }
 
-/** Bytes sent but not yet on the wire before a write waits (bounded memory per tunnel). */
-const HIGH_WATER = 512 * 1024;
-
 /**
  * The byte stream of one tunnel on `ws`: binary frames of at most one TLS record, `end()` sends the
  * end frame, the peer's end frame ends the readable side (half-close, as TCP's FIN). Once both end
@@ -39,8 +36,6 @@ export function reusableStream(ws: WebSocket, onReusable: () => void): Duplex {
   let sentEnd = false;
   let gotEnd = false;
   let detached = false;
-  let inFlight = 0;
-  let waitingWrite: (() => void) | undefined;
   const detach = () => {
     detached = true;
     ws.off('message', onMessage);
@@ -58,21 +53,19 @@ export function reusableStream(ws: WebSocket, onReusable: () => void): Duplex {
       if (!detached) ws.resume();
     },
     write(chunk: Buffer, _encoding, callback) {
-      if (detached || ws.readyState !== ws.OPEN) return callback(new Error('the tunnel connection is closed'));
-      for (let offset = 0; offset < chunk.length; offset += TUNNEL_FRAME_BYTES) {
+      // One frame at a time, each handed to the socket on its own: a frame then travels in a TLS
+      // record of its own, and the receiver takes it as read. Frames sent together were packed
+      // across record boundaries, and the controller copied them together (≈ 20 % more CPU per byte).
+      let offset = 0;
+      const next = (err?: Error | null) => {
+        if (err) return callback(err);
+        if (offset >= chunk.length) return callback();
+        if (detached || ws.readyState !== ws.OPEN) return callback(new Error('the tunnel connection is closed'));
         const frame = chunk.subarray(offset, offset + TUNNEL_FRAME_BYTES);
-        inFlight += frame.length;
-        ws.send(frame, { binary: true }, () => {
-          inFlight -= frame.length;
-          if (waitingWrite && inFlight <= HIGH_WATER / 2) {
-            const next = waitingWrite;
-            waitingWrite = undefined;
-            next();
-          }
-        });
-      }
-      if (inFlight > HIGH_WATER) waitingWrite = callback;
-      else callback();
+        offset += TUNNEL_FRAME_BYTES;
+        ws.send(frame, { binary: true }, next);
+      };
+      next();
     },
     final(callback) {
       if (detached || ws.readyState !== ws.OPEN) return callback(new Error('the tunnel connection is closed'));
@@ -108,7 +101,6 @@ export function reusableStream(ws: WebSocket, onReusable: () => void): Duplex {
   const onClose = () => {
     detach();
     if (!gotEnd) stream.push(null);
-    waitingWrite?.();
   };
   ws.on('message', onMessage);
   ws.on('close', onClose);
