@@ -95,6 +95,36 @@ describe('reused tunnel connections', () => {
     }
   });
 
+  test("a reader that stops holds back only its own tunnel: the other's 16 MiB pass, then its own arrive intact, on connections reused", async () => {
+    const SIZE = 16 * 1024 * 1024;
+    const payload = Buffer.alloc(SIZE, 0x61);
+    // Sends SIZE bytes to whoever connects, then closes.
+    const server = net.createServer((sock) => (sock.on('error', () => {}), sock.end(payload)));
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+    const forwarder = cluster.c.admin.portForwarder({ worker: 'syn-1', port: (server.address() as net.AddressInfo).port }, 2);
+    /** Reads to the target's end, then ends this side (the tunnel's end frames: the connection comes back). */
+    const drain = async (stream: Duplex) => {
+      let n = 0;
+      for await (const c of stream) n += (c as Buffer).length;
+      stream.end();
+      return n;
+    };
+    try {
+      await waitFor('2 ready connections', () => forwarder.ready === 2 || undefined, 10_000, 5);
+      for (let round = 0; round < 2; round++) {
+        const [slow, fast] = await Promise.all([forwarder.open(), forwarder.open()]);
+        slow.stream.pause();
+        assert.equal(await drain(fast.stream), SIZE);
+        assert.ok(slow.stream.readableLength < SIZE, `the stopped reader had all ${slow.stream.readableLength} bytes buffered on its side`);
+        assert.equal(await drain(slow.stream), SIZE);
+        await waitFor('both connections back', () => forwarder.ready >= 2 || undefined, 10_000, 5);
+      }
+    } finally {
+      forwarder.close();
+      server.close();
+    }
+  });
+
   test('a tunnel cut before its end closes its connection, and the next tunnel still opens', async () => {
     const forwarder = cluster.c.admin.portForwarder({ vm: 'v1', port: 22 }, 1);
     try {
