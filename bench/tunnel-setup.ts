@@ -4,7 +4,10 @@
 // host, stamps its own stages (TCP connect, TLS, WebSocket open, first byte) and prints, per stage,
 // the median and p90 of the time since the previous stage.
 //
-//   node bench/tunnel-setup.ts [--n 200] [--pool] (--pool: nothing; the worker's pool is on unless ORCHARD_TUNNEL_POOL=0)
+//   node bench/tunnel-setup.ts [--n 200] [--ready] [--back-to-back]
+// --ready: tunnels of client.portForwarder, ended as a program ends a connection (its end, then the
+// other side's), so a connection that can be reused is; --back-to-back: the next tunnel at once, not
+// after the pool is full again and 5 ms.
 import { spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
@@ -17,7 +20,7 @@ import { encodeBootstrapToken } from '../src/api/bootstrap-token.ts';
 import { OrchardClient, wsMasking } from '../src/client/client.ts';
 import { ADMIN_TOKEN, ORCHARD_BIN, spawnController, tempDir } from '../test/helpers.ts';
 
-const { values } = parseArgs({ options: { n: { type: 'string', default: '200' }, resume: { type: 'boolean', default: false }, ready: { type: 'boolean', default: false } } });
+const { values } = parseArgs({ options: { n: { type: 'string', default: '200' }, resume: { type: 'boolean', default: false }, ready: { type: 'boolean', default: false }, 'back-to-back': { type: 'boolean', default: false } } });
 /** --resume: each tunnel resumes the TLS session of the one before (a ticket from the controller). */
 let session: Buffer | undefined;
 const N = Number(values.n);
@@ -85,13 +88,17 @@ function tunnel(): Promise<Record<string, number>> {
 const forwarder = values.ready ? client.portForwarder({ worker: 'bench', port: target }) : undefined;
 async function readyTunnel(): Promise<Record<string, number>> {
   const t: Record<string, number> = { 'cli-start': now() };
-  const { ws, stream } = await forwarder!.open();
+  const { stream } = await forwarder!.open();
   t['cli-open'] = now();
   const first = new Promise<void>((resolve) => stream.once('data', () => resolve()));
   stream.write('D');
   await first;
   t['cli-first'] = now();
-  ws.close();
+  // Ended as a program ends a connection: its end, then the server's (a reused connection comes back).
+  const closed = new Promise((resolve) => stream.once('close', resolve));
+  stream.resume();
+  stream.end();
+  await closed;
   return t;
 }
 const open = values.ready ? readyTunnel : tunnel;
@@ -118,9 +125,9 @@ const cpuBefore = { client: process.cpuUsage(), controller: cpuOf(ctl.proc.pid!)
 const runs: Record<string, number>[] = [];
 for (let i = 0; i < N; i++) {
   // With ready connections: all 4 ready again (a used one is replaced 10 ms later), so no replacement's TLS handshake overlaps the tunnel measured.
-  if (forwarder) while (forwarder.ready < 4) await new Promise((r) => setTimeout(r, 1));
+  if (!values['back-to-back'] && forwarder) while (forwarder.ready < 4) await new Promise((r) => setTimeout(r, 1));
   runs.push(await open());
-  await new Promise((r) => setTimeout(r, 5));
+  if (!values['back-to-back']) await new Promise((r) => setTimeout(r, 5));
 }
 const clientCPU = process.cpuUsage(cpuBefore.client);
 const cpuPerTunnel = {

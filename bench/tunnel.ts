@@ -10,7 +10,8 @@
 //   (e) CONNS concurrent tunnels, each downloading SIZE/CONNS: aggregate throughput, time to first byte
 //
 // The controller (TLS) and the worker (synthetic runtime) are separate processes, like in production;
-// CPU seconds per GiB of each process show where the tunnel's cost goes.
+// CPU seconds per GiB of each process show where the tunnel's cost goes. A measurement ends its
+// connection with end(), as a program does (a tunnel that can reuse its connection then does).
 //
 //   node bench/tunnel.ts [--size 256] [--runs 3] [--pings 2000] [--conns 100]
 // (`--serve` is the sink/source server's own mode.)
@@ -143,7 +144,7 @@ async function upload(dial: Dial, bytes: number): Promise<number> {
   await writeAll(s, bytes);
   await acked;
   const seconds = (performance.now() - t0) / 1000;
-  s.destroy();
+  s.end();
   return seconds;
 }
 
@@ -159,7 +160,7 @@ async function download(dial: Dial, bytes: number): Promise<{ seconds: number; t
       got += c.length;
       if (got >= bytes) {
         resolve({ seconds: (performance.now() - t0) / 1000, ttfb: first });
-        s.destroy();
+        s.end();
       }
     });
     s.once('close', () => reject(new Error(`closed after ${got} of ${bytes} bytes`)));
@@ -189,7 +190,7 @@ async function pingpong(dial: Dial, n: number, size = 64): Promise<number[]> {
     if (got < want) await done;
     if (i >= 100) out.push((performance.now() - t0) * 1000);
   }
-  s.destroy();
+  s.end();
   return out.sort((a, b) => a - b);
 }
 

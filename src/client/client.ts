@@ -8,6 +8,7 @@ import { X509Certificate } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { createWebSocketStream, WebSocket } from 'ws';
 import { PORT_FORWARD_READY, ReadyTunnels } from './ready-tunnels.ts';
+import { TUNNEL_FRAME_BYTES } from './tunnel-ends.ts';
 import type {
   ClusterSettings,
   ControllerInfo,
@@ -102,13 +103,6 @@ export function wsMasking(url: URL): { generateMask?: (mask: Buffer) => void } {
 
 const isIP = (host: string) => /^[\d.]+$/.test(host) || host.startsWith('[');
 
-/**
- * Largest frame sent on a tunnel: with its header (≤ 14 bytes) it fits one TLS record (16 KiB of
- * plaintext), so the receiving side gets each frame in one read and `ws` hands it on without copying
- * it together from several. With 64 KiB frames the controller spent ≈ 25 % more CPU per byte
- * relayed (copies and the garbage they make; BENCHMARKS.md).
- */
-const TUNNEL_FRAME_BYTES = 16 * 1024 - 14;
 
 /** A tunnel's byte stream (client and worker side); a big write goes out as several frames, so any write size works. */
 export function tunnelStream(ws: WebSocket): Duplex {

@@ -5,6 +5,7 @@
 import type { Duplex } from 'node:stream';
 import type { RawData, WebSocket } from 'ws';
 import { ApiError } from './errors.ts';
+import { reusableStream } from './tunnel-ends.ts';
 
 /** The controller's capability (GET /v1/controller/info). */
 export const PORT_FORWARD_READY = 'port-forward-ready';
@@ -24,13 +25,16 @@ export interface ReadyTunnelsOptions {
   size: number;
 }
 
+/** Idle connections kept at most, counting those back from a tunnel that ended (beyond: closed), as a multiple of `size`. */
+const MAX_IDLE_FACTOR = 2;
 /** A replacement for a taken connection is opened this long after (not on the thread during the tunnel's own set-up). */
 const REFILL_DELAY_MS = 10;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 15_000;
 
 export class ReadyTunnels {
-  private readonly idle = new Set<WebSocket>();
+  /** Idle connections, each with its close listener (removed when taken: a connection is reused many times). */
+  private readonly idle = new Map<WebSocket, () => void>();
   private opening = 0;
   private supported?: Promise<boolean>;
   private failures = 0;
@@ -70,13 +74,14 @@ export class ReadyTunnels {
   close() {
     this.closed = true;
     clearTimeout(this.timer);
-    for (const ws of this.idle) ws.close(1000);
+    for (const ws of this.idle.keys()) ws.close(1000);
     this.idle.clear();
   }
 
   private take(): WebSocket | undefined {
-    for (const ws of this.idle) {
+    for (const [ws, onClose] of this.idle) {
       this.idle.delete(ws);
+      ws.off('close', onClose);
       this.schedule(REFILL_DELAY_MS);
       if (ws.readyState === ws.OPEN) return ws;
     }
@@ -97,15 +102,34 @@ export class ReadyTunnels {
         if (answer && 'ready' in answer) {
           this.failures = 0;
           // Made in this handler: what the controller sent after the answer is emitted right after it.
-          return resolve({ ws, stream: this.options.streamOf(ws) });
+          // A controller that agreed to reuse ends the tunnel with end frames, and the connection comes back.
+          const stream = answer.reuse ? reusableStream(ws, () => this.giveBack(ws)) : this.options.streamOf(ws);
+          return resolve({ ws, stream });
         }
         ws.close(answer ? 1000 : 1008);
         reject(new ApiError(answer?.status ?? 502, answer?.error ?? 'the controller broke the ready-connection protocol'));
       };
       ws.on('message', onMessage);
       ws.once('close', onClose);
-      ws.send('{"open":true}');
+      ws.send('{"open":true,"reuse":true}');
     });
+  }
+
+  /** A connection whose tunnel ended with end frames both ways: idle again (the next tunnel pays no handshake). */
+  private giveBack(ws: WebSocket) {
+    if (this.closed || this.idle.size + this.opening >= this.options.size * MAX_IDLE_FACTOR) return void ws.close(1000);
+    this.keepIdle(ws);
+  }
+
+  private keepIdle(ws: WebSocket) {
+    // An idle connection the controller closes (restart, revoked account) is replaced.
+    const onClose = () => {
+      if (!this.idle.delete(ws)) return;
+      this.failures++;
+      this.schedule(this.backoff());
+    };
+    this.idle.set(ws, onClose);
+    ws.once('close', onClose);
   }
 
   private schedule(delayMs: number) {
@@ -124,13 +148,7 @@ export class ReadyTunnels {
         (ws) => {
           this.opening--;
           if (this.closed) return void ws.close(1000);
-          this.idle.add(ws);
-          // An idle connection the controller closes (restart, revoked account) is replaced.
-          ws.once('close', () => {
-            if (!this.idle.delete(ws)) return;
-            this.failures++;
-            this.schedule(this.backoff());
-          });
+          this.keepIdle(ws);
         },
         () => {
           this.opening--;
@@ -148,13 +166,13 @@ export class ReadyTunnels {
   }
 }
 
-type Answer = { ready: true } | { error: string; status: number };
+type Answer = { ready: true; reuse: boolean } | { error: string; status: number };
 
 function parseAnswer(data: RawData, isBinary: boolean): Answer | undefined {
   if (isBinary || !Buffer.isBuffer(data)) return undefined;
   try {
-    const msg = JSON.parse(data.toString()) as { ready?: unknown; error?: unknown; status?: unknown } | null;
-    if (msg?.ready === true) return { ready: true };
+    const msg = JSON.parse(data.toString()) as { ready?: unknown; reuse?: unknown; error?: unknown; status?: unknown } | null;
+    if (msg?.ready === true) return { ready: true, reuse: msg.reuse === true };
     if (typeof msg?.error === 'string') return { error: msg.error.slice(0, 500), status: typeof msg.status === 'number' ? msg.status : 503 };
   } catch {
     // not JSON

@@ -7,6 +7,7 @@ import { WebSocket, type RawData } from 'ws';
 import type { PortForwardAction } from '../api/worker-protocol.ts';
 import { traceTunnel } from '../tunnel-trace.ts';
 import { dialTarget, joinTarget, type DialBackContext } from './dial-back.ts';
+import { reusableStream } from '../client/tunnel-ends.ts';
 
 /**
  * Ready connections a worker keeps by default (the controller takes at most 8 per worker): one, replaced
@@ -18,6 +19,8 @@ export const READY_POOL_SIZE = 1;
 const SILENCE_MS = 65_000;
 /** How long after a connection is taken its replacement is opened. */
 const REFILL_DELAY_MS = 10;
+/** Idle connections kept at most, counting those back from a tunnel that ended (beyond: closed; the controller takes 8). */
+const MAX_IDLE = 4;
 
 export class ReadyPool {
   /** Connections opening or open, not yet used. */
@@ -90,6 +93,13 @@ export class ReadyPool {
     const url = client.urlOf('/v1/rpc/port-forward-pool', true);
     url.searchParams.set('workerName', workerName);
     const ws = new WebSocket(url, { ...client.wsOptions(url), handshakeTimeout: 15_000 });
+    ws.on('open', () => (this.retryDelay = 500));
+    ws.on('error', (err) => log.debug({ err: err.message }, 'ready tunnel connection failed'));
+    this.keepIdle(ws);
+  }
+
+  /** `ws` (opening, or back from a tunnel that ended with end frames) waits for the controller's next request. */
+  private keepIdle(ws: WebSocket) {
     this.idle.add(ws);
     let silence: NodeJS.Timeout | undefined;
     const alive = () => {
@@ -100,38 +110,65 @@ export class ReadyPool {
     const retire = () => {
       clearTimeout(silence);
       ws.off('ping', alive);
+      ws.off('open', alive);
+      ws.off('message', onRequest);
+      ws.off('close', onClose);
       return this.idle.delete(ws);
     };
-    ws.on('open', () => {
-      this.retryDelay = 500;
-      alive();
-    });
-    ws.on('ping', alive);
-    ws.on('error', (err) => log.debug({ err: err.message }, 'ready tunnel connection failed'));
-    ws.once('message', (data, isBinary) => {
+    const onRequest = (data: RawData, isBinary: boolean) => {
       if (!retire()) return;
       // Replaced once this tunnel's first bytes are on their way: the replacement's TLS handshake
       // would otherwise take the thread (≈ 1.5 ms) while this tunnel is set up.
       void this.serve(ws, data, isBinary).finally(() => setTimeout(() => this.fill(), REFILL_DELAY_MS));
-    });
-    ws.on('close', () => {
-      // An idle one lost (the controller restarted, or refused it): replaced after a while.
+    };
+    // An idle one lost (the controller restarted, or refused it): replaced after a while.
+    const onClose = () => {
       if (retire()) this.backOff();
-    });
+    };
+    if (ws.readyState === ws.OPEN) alive();
+    else ws.on('open', alive);
+    ws.on('ping', alive);
+    ws.once('message', onRequest);
+    ws.once('close', onClose);
+  }
+
+  /** A connection whose tunnel ended with end frames both ways: idle again, up to MAX_IDLE. */
+  private giveBack(ws: WebSocket) {
+    if (!this.running || this.idle.size >= MAX_IDLE) return void ws.close(1000);
+    this.keepIdle(ws);
   }
 
   /** The controller's request on a ready connection: dial the target, answer, splice. */
   private async serve(ws: WebSocket, data: RawData, isBinary: boolean) {
-    const action = parseRequest(data, isBinary);
-    if (!action) return ws.close(1008, 'expected a port-forward request');
+    const request = parseRequest(data, isBinary);
+    if (!request) return ws.close(1008, 'expected a port-forward request');
+    const { action, reuse } = request;
     traceTunnel('wrk-recv', action.session);
     try {
       const target = await dialTarget(this.ctx, action);
-      target.on('error', () => ws.terminate());
+      const cut = () => ws.terminate();
+      target.on('error', cut);
       if (ws.readyState !== ws.OPEN) return void target.destroy();
       traceTunnel('wrk-dialed', action.session);
-      ws.send('{"ready":true}');
-      joinTarget(ws, target);
+      if (!reuse) {
+        ws.send('{"ready":true}');
+        return joinTarget(ws, target);
+      }
+      ws.send('{"ready":true,"reuse":true}');
+      // Ended by end frames both ways (the target's FIN, the client's): the connection waits for the next request.
+      const stream = reusableStream(ws, () => {
+        target.off('error', cut);
+        target.on('error', () => {});
+        target.unpipe(stream);
+        target.destroy();
+        this.giveBack(ws);
+      });
+      stream.on('error', () => target.destroy());
+      stream.on('close', () => {
+        if (!stream.readableEnded || !stream.writableFinished) target.destroy();
+      });
+      target.pipe(stream);
+      stream.pipe(target);
     } catch (err) {
       ws.send(JSON.stringify({ error: (err as Error).message.slice(0, 500) }));
       ws.close(1000);
@@ -139,12 +176,13 @@ export class ReadyPool {
   }
 }
 
-function parseRequest(data: RawData, isBinary: boolean): PortForwardAction | undefined {
+function parseRequest(data: RawData, isBinary: boolean): { action: PortForwardAction; reuse: boolean } | undefined {
   if (isBinary) return undefined;
   try {
-    const p = (JSON.parse(data.toString()) as { portForwardAction?: Partial<PortForwardAction> }).portForwardAction;
+    const msg = JSON.parse(data.toString()) as { portForwardAction?: Partial<PortForwardAction>; reuse?: unknown };
+    const p = msg.portForwardAction;
     if (typeof p?.session !== 'string' || !Number.isInteger(p.port)) return undefined;
-    return { session: p.session, vmUID: typeof p.vmUID === 'string' ? p.vmUID : '', port: p.port! };
+    return { action: { session: p.session, vmUID: typeof p.vmUID === 'string' ? p.vmUID : '', port: p.port! }, reuse: msg.reuse === true };
   } catch {
     return undefined;
   }

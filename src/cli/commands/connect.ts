@@ -61,11 +61,14 @@ export function splice(sock: net.Socket, tunnel: Tunnel, label: string, report: 
   const { ws, stream } = tunnel;
   sock.on('error', () => stream.destroy());
   stream.on('error', () => sock.destroy());
-  ws.on('close', (code, reason) => {
+  const onClose = (code: number, reason: Buffer) => {
     if (normalClose(code)) return; // the stream ends, and with it the local connection
     report(`${label}: ${closeText(code, reason)}`);
     if (!sock.destroyed) sock.resetAndDestroy();
-  });
+  };
+  ws.on('close', onClose);
+  // A tunnel that ended with end frames leaves its WebSocket open for the next one: not ours to watch.
+  stream.once('close', () => ws.off('close', onClose));
   // Local side gone without an orderly end (reset, error): drop the tunnel. An orderly end has
   // already closed the WebSocket through the stream's end.
   sock.on('close', () => {

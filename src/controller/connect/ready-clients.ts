@@ -7,15 +7,16 @@ import type { RawData, WebSocket } from 'ws';
 import { HttpError } from '../errors.ts';
 import { splice, type Tunnel } from './tunnels.ts';
 
-/** The client's request for its tunnel (a text frame). */
+/** The client's request for its tunnel (a text frame); `reuse`: it ends the tunnel with end frames and keeps the connection. */
 export const OPEN_REQUEST = { open: true } as const;
 
-const isOpenRequest = (data: RawData, isBinary: boolean) => {
-  if (isBinary || !Buffer.isBuffer(data) || data.length > 64) return false;
+const parseOpenRequest = (data: RawData, isBinary: boolean): { reuse: boolean } | undefined => {
+  if (isBinary || !Buffer.isBuffer(data) || data.length > 64) return undefined;
   try {
-    return (JSON.parse(data.toString()) as { open?: unknown } | null)?.open === true;
+    const msg = JSON.parse(data.toString()) as { open?: unknown; reuse?: unknown } | null;
+    return msg?.open === true ? { reuse: msg.reuse === true } : undefined;
   } catch {
-    return false;
+    return undefined;
   }
 };
 
@@ -44,15 +45,17 @@ export function awaitOpenRequest(ws: WebSocket, open: (signal: AbortSignal) => P
       return;
     }
     requested = true;
-    if (!isOpenRequest(data, isBinary)) return ws.close(1008, 'expected {"open":true}');
+    const request = parseOpenRequest(data, isBinary);
+    if (!request) return ws.close(1008, 'expected {"open":true}');
     ws.pause();
     open(gone.signal).then(
       (tunnel) => {
         ws.off('close', leave);
         ws.off('message', onMessage);
         if (ws.readyState !== ws.OPEN) return void tunnel.ws.close(1000, 'the client went away');
-        ws.send('{"ready":true}');
-        splice(ws, tunnel);
+        // Reused: once the tunnel has ended with end frames both ways, the connection waits for the next request.
+        ws.send(request.reuse ? '{"ready":true,"reuse":true}' : '{"ready":true}');
+        splice(ws, tunnel, request.reuse ? () => awaitOpenRequest(ws, open) : undefined);
         for (const [data, isBinary] of early) ws.emit('message', data, isBinary);
         ws.resume();
       },

@@ -63,17 +63,18 @@ export class ReadyTunnels {
 }
 
 /** The controller's message that turns an idle connection into a tunnel (a text frame). */
-export const readyRequest = (action: PortForwardAction) => JSON.stringify({ portForwardAction: action });
+/** `reuse`: the tunnel may end with end frames, leaving the connection idle (docs/tunnel-pool-protocol.md). */
+export const readyRequest = (action: PortForwardAction, reuse: boolean) => JSON.stringify(reuse ? { portForwardAction: action, reuse } : { portForwardAction: action });
 
 /** The worker's answer (a text frame): the target is connected, or why not. */
-export type ReadyAnswer = { ready: true } | { error: string };
+export type ReadyAnswer = { ready: true; reuse: boolean } | { error: string };
 
 export function parseReadyAnswer(data: Buffer, isBinary: boolean): ReadyAnswer | undefined {
   if (isBinary) return undefined;
   try {
     const msg = JSON.parse(data.toString()) as unknown;
     if (typeof msg !== 'object' || msg === null) return undefined;
-    if ((msg as { ready?: unknown }).ready === true) return { ready: true };
+    if ((msg as { ready?: unknown }).ready === true) return { ready: true, reuse: (msg as { reuse?: unknown }).reuse === true };
     const error = (msg as { error?: unknown }).error;
     if (typeof error === 'string') return { error: error.slice(0, 500) };
   } catch {

@@ -45,6 +45,7 @@ const asBuffer = (data: RawData) => (Array.isArray(data) ? Buffer.concat(data) :
 /** One end of a relay: what arrives from it, how to hold it back, and how to send it bytes. */
 export interface RelaySide {
   onData(listener: (data: RawData, isBinary: boolean) => void): void;
+  offData(listener: (data: RawData, isBinary: boolean) => void): void;
   pause(): void;
   resume(): void;
   readonly open: boolean;
@@ -56,6 +57,7 @@ export interface RelaySide {
 export function wsSide(ws: WebSocket): RelaySide {
   return {
     onData: (listener) => ws.on('message', listener),
+    offData: (listener) => ws.off('message', listener),
     pause: () => ws.pause(),
     resume: () => ws.resume(),
     get open() {
@@ -69,6 +71,7 @@ export function wsSide(ws: WebSocket): RelaySide {
 export function streamSide(stream: Duplex): RelaySide {
   return {
     onData: (listener) => stream.on('data', (chunk: Buffer) => listener(chunk, true)),
+    offData: () => {},
     pause: () => stream.pause(),
     resume: () => stream.resume(),
     get open() {
@@ -78,18 +81,24 @@ export function streamSide(stream: Duplex): RelaySide {
   };
 }
 
-/** Forwards what arrives from `from` to `to`, pausing `from` while `to` is backed up or the turn's budget is spent. */
-export function relay(from: RelaySide, to: RelaySide) {
+/**
+ * Forwards what arrives from `from` to `to`, pausing `from` while `to` is backed up or the turn's
+ * budget is spent. `accept` (default: everything) picks the messages that are the tunnel's bytes.
+ * Returns the stop: nothing more is forwarded and `from` is left running (a connection reused).
+ */
+export function relay(from: RelaySide, to: RelaySide, accept?: (isBinary: boolean) => boolean): () => void {
   let queued = 0;
   /** Why `from` is paused: its peer is backed up, and/or it waits for a turn. */
   let backedUp = false;
   let waitingTurn = false;
+  let stopped = false;
   const update = () => {
+    if (stopped) return;
     if (backedUp || waitingTurn) from.pause();
     else from.resume();
   };
-  from.onData((data, isBinary) => {
-    if (!to.open) return;
+  const onData = (data: RawData, isBinary: boolean) => {
+    if (stopped || !to.open || (accept && !accept(isBinary))) return;
     const bytes = sizeOf(data);
     queued += bytes;
     to.send(data, isBinary, () => {
@@ -113,5 +122,12 @@ export function relay(from: RelaySide, to: RelaySide) {
       schedule();
     }
     update();
-  });
+  };
+  from.onData(onData);
+  return () => {
+    if (stopped) return;
+    stopped = true;
+    from.offData(onData);
+    from.resume();
+  };
 }

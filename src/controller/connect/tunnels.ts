@@ -13,6 +13,7 @@ import { relay, wsSide } from './relay.ts';
 import { PORT_FORWARD_POOL, type PortForwardAction, type WorkerInstruction } from '../../api/worker-protocol.ts';
 import { parseReadyAnswer, ReadyTunnels, readyRequest } from './ready-tunnels.ts';
 import { traceTunnel } from '../../tunnel-trace.ts';
+import { spliceEnds } from './tunnel-ends.ts';
 
 /** How long the worker has to dial back. */
 const RENDEZVOUS_TIMEOUT_MS = 30_000;
@@ -27,6 +28,8 @@ export interface Tunnel {
    * worker's first bytes can come in the same read as its answer). `stream` calls it itself.
    */
   start(): void;
+  /** Set when the worker agreed to end this tunnel with end frames: puts `ws` back among its idle ready connections. */
+  recycle?: () => void;
 }
 
 /** A tunnel over the worker's WebSocket `ws`; `early`: messages that arrived before anyone listened. */
@@ -173,12 +176,15 @@ export class Tunnels {
     });
   }
 
-  /** A connection to TCP `port` of the VM (or, without a VM, of the worker host itself); `signal`: the client went away. */
-  async open(worker: string, port: number, vm?: VM, signal?: AbortSignal): Promise<Tunnel> {
+  /**
+   * A connection to TCP `port` of the VM (or, without a VM, of the worker host itself); `signal`: the
+   * client went away. `reuse`: the caller's splice handles end frames (a tunnel's `recycle`).
+   */
+  async open(worker: string, port: number, vm?: VM, signal?: AbortSignal, reuse = false): Promise<Tunnel> {
     const action = (session: string) => ({ session, vmUID: vm?.uid ?? '', port });
     // A ready connection of the worker's own if it has one; the dial-back (upstream's way) if not, or if it was lost meanwhile.
     const ready = this.closed ? undefined : this.ready.take(worker);
-    const tunnel = ready && (await this.viaReady(ready, worker, action(newSession()), signal));
+    const tunnel = ready && (await this.viaReady(ready, worker, action(newSession()), signal, reuse));
     return tunnel ?? this.rendezvous(this.forwards, worker, (session) => ({ portForwardAction: action(session) }), 'port-forward', signal);
   }
 
@@ -186,7 +192,7 @@ export class Tunnels {
    * Hands `action` to an idle ready connection of `worker` and waits for its answer: the tunnel, or
    * undefined if the connection closed before answering (the caller falls back to a dial-back).
    */
-  private viaReady(ws: WebSocket, worker: string, action: PortForwardAction, signal?: AbortSignal): Promise<Tunnel | undefined> {
+  private viaReady(ws: WebSocket, worker: string, action: PortForwardAction, signal: AbortSignal | undefined, reuse: boolean): Promise<Tunnel | undefined> {
     return new Promise<Tunnel | undefined>((resolve, reject) => {
       const early: [RawData, boolean][] = [];
       let answered = false;
@@ -221,15 +227,23 @@ export class Tunnels {
         traceTunnel('ctl-paired', action.session);
         // Held until the relay listens (start()); what came with the answer waits in `early`.
         ws.pause();
-        resolve(tunnelOf(ws, { messages: early, stop: () => ws.off('message', onMessage) }));
+        const tunnel = tunnelOf(ws, { messages: early, stop: () => ws.off('message', onMessage) });
+        if (reuse && answer.reuse) tunnel.recycle = () => this.recycle(worker, ws);
+        resolve(tunnel);
       };
       ws.on('message', onMessage);
       ws.on('close', onClose);
       if (signal?.aborted) return onAbort();
       signal?.addEventListener('abort', onAbort, { once: true });
       traceTunnel('ctl-send', action.session);
-      ws.send(readyRequest(action));
+      ws.send(readyRequest(action, reuse));
     });
+  }
+
+  /** A ready connection back from a tunnel that ended with end frames: idle again (closed if the controller is closing). */
+  private recycle(worker: string, ws: WebSocket) {
+    if (this.closed || ws.readyState !== ws.OPEN || !this.view.workers.has(worker)) return void ws.close(1000);
+    this.ready.add(worker, ws);
   }
 
   /** Before a worker's ready connection is upgraded: only its own account, only if it declared the capability, only its share. */
@@ -313,7 +327,9 @@ const CLOSE_GRACE_MS = 5_000;
  * for it; a side that does not finish closing within CLOSE_GRACE_MS is cut too, so nothing a tunnel
  * buffered outlives it for long.
  */
-export function splice(client: WebSocket, tunnel: Tunnel, onEnd?: () => void) {
+export function splice(client: WebSocket, tunnel: Tunnel, clientRecycle?: () => void) {
+  // Either side ends with end frames (its connection is reused): tunnel-ends.ts.
+  if (clientRecycle || tunnel.recycle) return spliceEnds(client, clientRecycle, tunnel);
   let ended = false;
   const end = (code: number, reason: string, clientVanished = false) => {
     if (ended) return;
@@ -332,7 +348,6 @@ export function splice(client: WebSocket, tunnel: Tunnel, onEnd?: () => void) {
       if (ws.readyState === ws.CLOSED) closed();
       else ws.once('close', closed);
     }
-    onEnd?.();
   };
   client.on('error', () => end(1000, 'client gone', true));
   tunnel.ws.on('error', () => {});

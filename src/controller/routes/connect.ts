@@ -48,7 +48,7 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
   sockets.route('/v1/vms/{name}/port-forward', CONNECT, tunnel, async ({ url, params, signal }) => {
     const port = parsePort(url.searchParams.get('port'));
     const vm = await tunnels.runningVM(params.name, parseWait(url.searchParams.get('wait'), 10), signal);
-    return spliceWhenOpen(await tunnels.open(vm.worker!, port, vm, signal), signal);
+    return spliceWhenOpen(await tunnels.open(vm.worker!, port, vm, signal, true), signal);
   });
 
   // A client's ready connection (capability "port-forward-ready"): the same tunnel, opened when the client asks.
@@ -58,7 +58,7 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
     return (ws) =>
       awaitOpenRequest(ws, async (signal) => {
         const vm = await tunnels.runningVM(params.name, wait, signal);
-        return tunnels.open(vm.worker!, port, vm, signal);
+        return tunnels.open(vm.worker!, port, vm, signal, true);
       });
   });
 
@@ -74,7 +74,7 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
   sockets.route('/v1/workers/{name}/port-forward', ['admin:write'], tunnel, async ({ url, params, signal }) => {
     const port = parsePort(url.searchParams.get('port'));
     if (!(await store.get('workers', params.name))) throw notFound(`worker "${params.name}" not found`);
-    return spliceWhenOpen(await tunnels.open(params.name, port, undefined, signal), signal);
+    return spliceWhenOpen(await tunnels.open(params.name, port, undefined, signal, true), signal);
   });
 
   sockets.route('/v1/workers/{name}/port-forward/ready', ['admin:write'], tunnel, ({ url, params }) => {
@@ -84,7 +84,7 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
         // The view, not the store: a read of the database per tunnel was ≈ 1 ms of its set-up under load.
         await ctx.view.loaded;
         if (!ctx.view.workers.has(params.name)) throw notFound(`worker "${params.name}" not found`);
-        return tunnels.open(params.name, port, undefined, signal);
+        return tunnels.open(params.name, port, undefined, signal, true);
       });
   });
 
