@@ -4,39 +4,9 @@
 // a reader that does not read is ended with the reason.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import https from 'node:https';
-import type { IncomingMessage } from 'node:http';
 import type { Event, EventWatchLine } from '../src/api/schemas.ts';
-import { inProcessController, placeOn, rawRequest, waitFor } from './helpers.ts';
+import { inProcessController, pausedWatch, placeOn, rawRequest, readAll, waitFor } from './helpers.ts';
 import { account } from './security/attack.ts';
-
-type Controller = Awaited<ReturnType<typeof inProcessController>>;
-
-/** Opens a watch as `auth` without reading it yet (paused). */
-function openWatch(c: Controller, auth: [string, string], path: string): Promise<IncomingMessage> {
-  return new Promise((resolve, reject) => {
-    const req = https.request(new URL(path, c.ctl.url), {
-      headers: { authorization: 'Basic ' + Buffer.from(auth.join(':')).toString('base64') },
-      ca: c.ctl.certificate,
-      checkServerIdentity: () => undefined,
-      agent: false,
-    }, (res) => {
-      res.pause();
-      resolve(res);
-    });
-    req.on('error', reject);
-    req.end();
-  });
-}
-
-const readAll = (res: IncomingMessage) =>
-  new Promise<string>((resolve) => {
-    let text = '';
-    res.on('data', (chunk: Buffer) => (text += chunk.toString()));
-    res.on('end', () => resolve(text));
-    res.on('close', () => resolve(text));
-    res.resume();
-  });
 
 const ev = (payload: string): Event => ({ kind: 'log_line', timestamp: 1_700_000_000, payload });
 
@@ -108,7 +78,7 @@ test('roles as listing events: compute:read watches, no role is 403 naming it, n
     const reader = await account(c, 'reader', ['compute:read']);
     const nobody = await account(c, 'nobody', []);
 
-    const res = await openWatch(c, reader.auth, '/v1/vms/v/events?watch=true');
+    const res = await pausedWatch(c.ctl, reader.auth, '/v1/vms/v/events?watch=true');
     assert.equal(res.statusCode, 200);
     assert.match(String(res.headers['content-type']), /^application\/x-ndjson/);
     const text = readAll(res);
@@ -133,7 +103,7 @@ test('roles as listing events: compute:read watches, no role is 403 naming it, n
     assert.match((limited.json as { message: string }).message, /"limit"/);
 
     // Losing the role ends the stream.
-    const held = await openWatch(c, reader.auth, '/v1/vms/v/events?watch=true');
+    const held = await pausedWatch(c.ctl, reader.auth, '/v1/vms/v/events?watch=true');
     assert.equal(held.statusCode, 200);
     const ended = readAll(held);
     await c.admin.updateServiceAccount({ name: 'reader', roles: [] });
@@ -149,7 +119,7 @@ test('a reader that does not read is ended with the reason as its last line', as
   try {
     await c.admin.createVM({ name: 'chatty', image: 'img' });
     await placeOn(c.admin, 'w', 'chatty');
-    const slow = await openWatch(c, ['bootstrap-admin', 'test-admin-token'], '/v1/vms/chatty/events?watch=true');
+    const slow = await pausedWatch(c.ctl, ['bootstrap-admin', 'test-admin-token'], '/v1/vms/chatty/events?watch=true');
     assert.equal(slow.statusCode, 200);
     // ~25 MB of events: more than the socket buffers and the 64 KiB limit hold.
     const big = 'x'.repeat(250 * 1024);

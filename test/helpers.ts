@@ -2,6 +2,8 @@
 // temporary data dirs, and clients that pin the controller's certificate.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import type { IncomingMessage } from 'node:http';
+import https from 'node:https';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -167,7 +169,6 @@ export async function rawRequest(
   /** `contentType: null` sends a body without a Content-Type (as upstream's Go client does). */
   opts: { auth?: [string, string]; authorization?: string; body?: string | Buffer; contentType?: string | null; localAddress?: string; headers?: Record<string, string> } = {},
 ): Promise<{ status: number; body: string; json: unknown; headers: Record<string, string | string[] | undefined> }> {
-  const https = await import('node:https');
   const headers: Record<string, string> = { ...opts.headers };
   // `auth` makes a Basic header; `authorization` sends exactly the header given (malformed ones too).
   if (opts.auth) headers.authorization = 'Basic ' + Buffer.from(`${opts.auth[0]}:${opts.auth[1]}`).toString('base64');
@@ -199,6 +200,34 @@ export async function metric(ctl: { url: string; certificate?: string }, name: s
   for (const line of res.body.split('\n')) if (line.startsWith(`${name} `) || line.startsWith(`${name}{`)) n += Number(line.split(' ').pop());
   return n;
 }
+
+/** Opens a watch (GET `path`) as `auth` and does not read it: the answer is paused at once. */
+export function pausedWatch(ctl: { url: string; certificate?: string }, auth: [string, string], path: string): Promise<IncomingMessage> {
+  return new Promise((resolve, reject) => {
+    const req = https.request(new URL(path, ctl.url), {
+      headers: { authorization: 'Basic ' + Buffer.from(auth.join(':')).toString('base64') },
+      ca: ctl.certificate,
+      checkServerIdentity: () => undefined,
+      agent: false,
+    }, (res) => {
+      res.pause();
+      resolve(res);
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+/** Everything a (paused) answer still has to say, until it ends or breaks off. */
+export const readAll = (res: IncomingMessage) =>
+  new Promise<string>((resolve) => {
+    let text = '';
+    res.on('data', (chunk: Buffer) => (text += chunk.toString()));
+    res.on('end', () => resolve(text));
+    res.on('error', () => resolve(text));
+    res.on('close', () => resolve(text));
+    res.resume();
+  });
 
 /** Polls `fn` until it returns a truthy value (or throws after `timeoutMs`, with the last value). */
 export async function waitFor<T>(what: string, fn: () => Promise<T> | T, timeoutMs = 30_000, everyMs = 50): Promise<NonNullable<T>> {

@@ -2,38 +2,11 @@
 // with the reason as the stream's last line, and an account may hold only so many watch streams.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import https from 'node:https';
-import type { IncomingMessage } from 'node:http';
 import { DEFAULT_LIMITS } from '../../src/controller/limits.ts';
-import { inProcessController, rawRequest, waitFor } from '../helpers.ts';
+import { inProcessController, pausedWatch, rawRequest, readAll, waitFor } from '../helpers.ts';
 import { account, type Account, type Cluster } from '../security/attack.ts';
 
-/** Opens a watch and does not read it (the response is paused at once). */
-function openWatch(c: Cluster, who: Account, path = '/v1/vms?watch=true'): Promise<IncomingMessage> {
-  return new Promise((resolve, reject) => {
-    const req = https.request(new URL(path, c.ctl.url), {
-      headers: { authorization: 'Basic ' + Buffer.from(who.auth.join(':')).toString('base64') },
-      ca: c.ctl.certificate,
-      checkServerIdentity: () => undefined,
-      agent: false,
-    }, (res) => {
-      res.pause();
-      resolve(res);
-    });
-    req.on('error', reject);
-    req.end();
-  });
-}
-
-const readAll = (res: IncomingMessage) =>
-  new Promise<string>((resolve) => {
-    let text = '';
-    res.on('data', (chunk: Buffer) => (text += chunk.toString()));
-    res.on('end', () => resolve(text));
-    res.on('error', () => resolve(text));
-    res.on('close', () => resolve(text));
-    res.resume();
-  });
+const openWatch = (c: Cluster, who: Account, path = '/v1/vms?watch=true') => pausedWatch(c.ctl, who.auth, path);
 
 describe('slow watchers', () => {
   let c: Cluster;
