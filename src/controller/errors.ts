@@ -1,6 +1,6 @@
 // Errors the API answers with: always JSON `{"message": ...}`, a 4xx naming what was wrong, and a
 // 500 only for real bugs (logged, with no details sent to the client).
-import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyBaseLogger, FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import type { ErrorObject } from 'ajv';
 import { ConflictError, NotFoundError, StoreFailedError } from './store/store.ts';
 import { NAME_PATTERN } from '../api/schemas.ts';
@@ -87,6 +87,28 @@ export function diskFullCause(error: unknown): string | undefined {
   return undefined;
 }
 
+/**
+ * The answer to an error of the store (not found, conflict) or of its disk (full, failed), the same
+ * for an HTTP request and a worker's report up its watch; logged when it is the disk. Undefined for
+ * anything else.
+ */
+export function storeErrorAnswer(error: unknown, log: Pick<FastifyBaseLogger, 'error' | 'fatal'>): { status: number; message: string } | undefined {
+  if (error instanceof NotFoundError) return { status: 404, message: error.message };
+  if (error instanceof ConflictError) return { status: 409, message: error.message };
+  // Not a bug either: the disk failed under the store. Nothing more is saved until a restart, which reads what is really on disk.
+  if (error instanceof StoreFailedError) {
+    log.fatal({ err: error }, 'the store failed: the controller must be restarted');
+    return { status: 503, message: error.message };
+  }
+  // Not a bug: the controller's disk is full. Nothing was saved; it works again once there is space.
+  const full = diskFullCause(error);
+  if (full) {
+    log.error({ err: error }, 'the disk is full: a change was not saved');
+    return { status: 507, message: `the controller's disk is full (${full}): the change was not saved; free space on the controller's data volume and retry` };
+  }
+  return undefined;
+}
+
 export function errorHandler(this: unknown, error: FastifyError & { validationContext?: string }, request: FastifyRequest, reply: FastifyReply) {
   if (error.validation) {
     return reply.code(400).send({ message: formatValidationError(error.validation as ErrorObject[], error.validationContext ?? 'body') });
@@ -94,13 +116,8 @@ export function errorHandler(this: unknown, error: FastifyError & { validationCo
   if (error instanceof HttpError) {
     return reply.code(error.statusCode).headers(error.headers).send({ message: error.httpHint ? `${error.message}; ${error.httpHint}` : error.message });
   }
-  if (error instanceof NotFoundError) return reply.code(404).send({ message: error.message });
-  if (error instanceof ConflictError) return reply.code(409).send({ message: error.message });
-  // Not a bug either: the disk failed under the store. Nothing more is saved until a restart, which reads what is really on disk.
-  if (error instanceof StoreFailedError) {
-    request.log.fatal({ err: error }, 'the store failed: the controller must be restarted');
-    return reply.code(503).send({ message: error.message });
-  }
+  const known = storeErrorAnswer(error, request.log);
+  if (known) return reply.code(known.status).send({ message: known.message });
   const status = error.statusCode ?? 500;
   if (status >= 400 && status < 500) {
     const message =
@@ -112,12 +129,6 @@ export function errorHandler(this: unknown, error: FastifyError & { validationCo
             ? `request body is too large (the limit is ${request.routeOptions.bodyLimit} bytes)`
             : error.message;
     return reply.code(status).send({ message });
-  }
-  // Not a bug: the controller's disk is full. Nothing was saved; it works again once there is space.
-  const full = diskFullCause(error);
-  if (full) {
-    request.log.error({ err: error }, 'the disk is full: a change was not saved');
-    return reply.code(507).send({ message: `the controller's disk is full (${full}): the change was not saved; free space on the controller's data volume and retry` });
   }
   request.log.error({ err: error }, 'internal error');
   return reply.code(500).send({ message: 'internal error; see the controller log for request ' + request.id });

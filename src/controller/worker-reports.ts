@@ -9,8 +9,7 @@ import type { Logger } from 'pino';
 import { EventInputList, Name, VMStateUpdate, WorkerImagesReport, type ServiceAccount } from '../api/schemas.ts';
 import { MAX_REPORTS_IN_FLIGHT, reportAckFrame, type ReportAck } from '../api/worker-protocol.ts';
 import { authorize, type Access } from './access.ts';
-import { HttpError, diskFullCause, formatValidationError, badRequest } from './errors.ts';
-import { ConflictError, NotFoundError } from './store/store.ts';
+import { HttpError, formatValidationError, badRequest, storeErrorAnswer } from './errors.ts';
 import { appendVMEvents, reportVMState, reportWorkerImages, type ReportContext } from './domain/reports.ts';
 import type { Metrics } from './metrics.ts';
 
@@ -39,13 +38,8 @@ export interface ReportsContext extends ReportContext {
 /** The status and message an HTTP route would answer for `err` (a 500 is logged, its details kept here). */
 function answerOf(err: unknown, logger: Logger, worker: string): { status: number; message: string } {
   if (err instanceof HttpError) return { status: err.statusCode, message: err.message };
-  if (err instanceof NotFoundError) return { status: 404, message: err.message };
-  if (err instanceof ConflictError) return { status: 409, message: err.message };
-  const full = diskFullCause(err);
-  if (full) {
-    logger.error({ err, worker }, 'the disk is full: a report was not saved');
-    return { status: 507, message: `the controller's disk is full (${full}): the change was not saved; free space on the controller's data volume and retry` };
-  }
+  const known = storeErrorAnswer(err, logger.child({ worker }));
+  if (known) return known;
   logger.error({ err, worker }, 'internal error in a worker report');
   return { status: 500, message: 'internal error; see the controller log' };
 }
