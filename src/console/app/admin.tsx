@@ -4,9 +4,7 @@ import { useEffect, useState } from 'preact/hooks';
 import type { ConsoleSession } from '../../api/console.ts';
 import type { ClusterSettings, ServiceAccount } from '../../api/schemas.ts';
 import { ROLES, SCHEDULER_PROFILES, type Role } from '../../api/enums.ts';
-import { api } from './api.ts';
-
-const message = (err: unknown) => (err instanceof Error ? err.message : String(err));
+import { api, errorText } from './api.ts';
 
 export function AdminPage({ session }: { session: ConsoleSession }) {
   const canWrite = session.roles.includes('admin:write');
@@ -40,7 +38,7 @@ function ServiceAccounts({ canWrite, self }: { canWrite: boolean; self: string }
   const load = () =>
     api<ServiceAccount[]>('GET', '/v1/service-accounts').then(
       (list) => setAccounts(list.sort((a, b) => (a.name < b.name ? -1 : 1))),
-      (err: unknown) => setError(message(err)),
+      (err: unknown) => setError(errorText(err)),
     );
   useEffect(() => void load(), []);
   const act = async (what: () => Promise<unknown>) => {
@@ -49,7 +47,7 @@ function ServiceAccounts({ canWrite, self }: { canWrite: boolean; self: string }
       await what();
       await load();
     } catch (err) {
-      setError(message(err));
+      setError(errorText(err));
     }
   };
   const create = (e: Event) => {
@@ -142,7 +140,7 @@ function Settings({ canWrite }: { canWrite: boolean }) {
     setProfile(s.schedulerProfile ?? SCHEDULER_PROFILES[0]);
     setPolicies(policiesText(s));
   };
-  useEffect(() => void api<ClusterSettings>('GET', '/v1/cluster-settings').then(show, (err: unknown) => setError(message(err))), []);
+  useEffect(() => void api<ClusterSettings>('GET', '/v1/cluster-settings').then(show, (err: unknown) => setError(errorText(err))), []);
   const save = async (e: Event) => {
     e.preventDefault();
     setError('');
@@ -151,7 +149,7 @@ function Settings({ canWrite }: { canWrite: boolean }) {
       show(await api<ClusterSettings>('PUT', '/v1/cluster-settings', { ...settings, schedulerProfile: profile, hostDirPolicies: parsePolicies(policies) }));
       setSaved(true);
     } catch (err) {
-      setError(message(err));
+      setError(errorText(err));
     }
   };
   return (

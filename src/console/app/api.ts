@@ -9,6 +9,9 @@ let csrf = '';
 export const setCsrf = (token: string) => (csrf = token);
 
 /** Fired on `window` when the controller says the session has ended (401): the page shows the sign-in. */
+/** What to show of an error: its message (a thrown non-Error as text). */
+export const errorText = (err: unknown) => (err instanceof Error ? err.message : String(err));
+
 export const SIGNED_OUT_EVENT = 'orchard-signed-out';
 const signedOut = () => dispatchEvent(new Event(SIGNED_OUT_EVENT));
 
@@ -119,7 +122,7 @@ export function watch<T>(pathOf: string | (() => string), handlers: { onReset: (
           signedOut();
           return handlers.onError('signed out: ' + err.message);
         }
-        handlers.onError(err instanceof Error ? err.message : String(err));
+        handlers.onError(errorText(err));
       }
       await new Promise((r) => setTimeout(r, pause));
       pause = Math.min(pause * 2, 10_000);

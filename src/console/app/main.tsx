@@ -4,7 +4,7 @@ import { render } from 'preact';
 import { lazy, Suspense } from 'preact/compat';
 import { useEffect, useState } from 'preact/hooks';
 import type { ConsoleSession } from '../../api/console.ts';
-import { currentSession, prefetchWatch, setCsrf, SIGNED_OUT_EVENT, signIn, signOut } from './api.ts';
+import { currentSession, prefetchWatch, setCsrf, SIGNED_OUT_EVENT, signIn, signOut, errorText } from './api.ts';
 import { VMList } from './vms.tsx';
 import { VMPage } from './vm.tsx';
 import { WorkersPage } from './workers.tsx';
@@ -37,7 +37,7 @@ function SignIn({ onSignedIn }: { onSignedIn: (s: ConsoleSession) => void }) {
     try {
       onSignedIn(await signIn(name, token));
     } catch (err) {
-      setError(err instanceof Error ? err.message : String(err));
+      setError(errorText(err));
     } finally {
       setBusy(false);
     }

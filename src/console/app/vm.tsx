@@ -3,7 +3,7 @@
 import { useEffect, useState } from 'preact/hooks';
 import type { ConsoleSession } from '../../api/console.ts';
 import type { Event as VMEvent, VM } from '../../api/schemas.ts';
-import { age, api, watch } from './api.ts';
+import { age, api, watch, errorText } from './api.ts';
 
 /** Events kept on the page (the newest). */
 const MAX_EVENTS = 2000;
@@ -93,7 +93,7 @@ export function VMPage({ name, session }: { name: string; session: ConsoleSessio
       await api('DELETE', `/v1/vms/${encodeURIComponent(name)}`);
       location.hash = '#/vms';
     } catch (err) {
-      setActionError(err instanceof Error ? err.message : String(err));
+      setActionError(errorText(err));
     }
   };
   return (

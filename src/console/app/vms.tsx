@@ -4,7 +4,7 @@
 import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import type { ConsoleSession } from '../../api/console.ts';
 import type { VM } from '../../api/schemas.ts';
-import { age, api } from './api.ts';
+import { age, api, errorText } from './api.ts';
 import { useWatched } from './watched.ts';
 
 const ROW_HEIGHT = 34;
@@ -38,7 +38,7 @@ export function VMList({ session }: { session: ConsoleSession }) {
     try {
       await api('DELETE', `/v1/vms/${encodeURIComponent(name)}`);
     } catch (err) {
-      setActionError(err instanceof Error ? err.message : String(err));
+      setActionError(errorText(err));
     }
   };
 
@@ -145,7 +145,7 @@ function CreateVM({ onDone }: { onDone: () => void }) {
       await api('POST', '/v1/vms', body);
       onDone();
     } catch (err) {
-      setError(err instanceof Error ? err.message : String(err));
+      setError(errorText(err));
     } finally {
       setBusy(false);
     }

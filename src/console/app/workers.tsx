@@ -5,7 +5,7 @@ import { useMemo, useState } from 'preact/hooks';
 import type { ConsoleSession } from '../../api/console.ts';
 import type { VM, Worker } from '../../api/schemas.ts';
 import { requirements, RESOURCE_TART_VMS } from '../../api/resources.ts';
-import { age, api } from './api.ts';
+import { age, api, errorText } from './api.ts';
 import { useWatched } from './watched.ts';
 
 const resourceName = (r: string) => (r === RESOURCE_TART_VMS ? 'VM slots' : r.replace(/^org\.cirruslabs\./, ''));
@@ -32,7 +32,7 @@ export function WorkersPage({ session }: { session: ConsoleSession }) {
     try {
       await api('PUT', `/v1/workers/${encodeURIComponent(name)}`, { name, scheduling_paused: paused });
     } catch (err) {
-      setActionError(err instanceof Error ? err.message : String(err));
+      setActionError(errorText(err));
     }
   };
   const now = Date.now();
