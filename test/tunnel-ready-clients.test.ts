@@ -5,18 +5,9 @@
 // without the capability the per-tunnel WebSocket is used, as before.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import type { OrchardClient } from '../src/client/client.ts';
 import { ApiError } from '../src/client/errors.ts';
 import { ADMIN_TOKEN, metric, waitFor } from './helpers.ts';
-import { account, closed, clusterWithVM, upgrade } from './security/attack.ts';
-
-/** Records the paths of the WebSockets `client` opens. */
-function recordUpgrades(client: OrchardClient): string[] {
-  const paths: string[] = [];
-  const open = client.openWebSocket.bind(client);
-  client.openWebSocket = (path: string, timeout?: number) => (paths.push(path.split('?')[0]), open(path, timeout));
-  return paths;
-}
+import { account, closed, clusterWithVM, countWebSockets, upgrade } from './security/attack.ts';
 
 async function echo(tunnel: { ws: { close(): void }; stream: NodeJS.ReadWriteStream }, text: string) {
   const back = new Promise<string>((resolve) => tunnel.stream.once('data', (c: Buffer) => resolve(c.toString())));
@@ -35,7 +26,7 @@ describe('client ready port-forward connections', () => {
   test('the controller lists port-forward-ready; 20 tunnels in a row each take a ready connection, none opens its own WebSocket', async () => {
     const { admin } = cluster.c;
     assert.ok((await admin.info()).capabilities.includes('port-forward-ready'));
-    const paths = recordUpgrades(admin);
+    const paths = countWebSockets(admin).client;
     const forwarder = admin.portForwarder({ vm: 'v1', port: 22, waitSeconds: 5 }, 2);
     try {
       for (let i = 0; i < 20; i++) {
@@ -150,7 +141,7 @@ describe('client ready port-forward connections', () => {
     const { admin } = cluster.c;
     const info = admin.info;
     admin.info = async () => ({ ...(await info()), capabilities: [] });
-    const paths = recordUpgrades(admin);
+    const paths = countWebSockets(admin).client;
     const forwarder = admin.portForwarder({ vm: 'v1', port: 22 }, 2);
     try {
       for (let i = 0; i < 3; i++) await echo(await forwarder.open(), `old way ${i}`);

@@ -8,19 +8,8 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
-import type { OrchardClient } from '../src/client/client.ts';
 import { ADMIN_TOKEN, waitFor } from './helpers.ts';
-import { account, closed, clusterWithVM, upgrade } from './security/attack.ts';
-
-/** Counts the WebSockets `client` opens, for itself (openWebSocket) and for a worker using it (wsOptions). */
-function countWebSockets(client: OrchardClient): { client: string[]; worker: string[] } {
-  const seen = { client: [] as string[], worker: [] as string[] };
-  const open = client.openWebSocket.bind(client);
-  client.openWebSocket = (path: string, timeout?: number) => (seen.client.push(path.split('?')[0]), open(path, timeout));
-  const options = client.wsOptions.bind(client);
-  client.wsOptions = (url: URL) => (url.pathname.startsWith('/v1/rpc/port-forward') && seen.worker.push(url.pathname), options(url));
-  return seen;
-}
+import { account, closed, clusterWithVM, countWebSockets, upgrade } from './security/attack.ts';
 
 /** Sends `text` through an echo, reads it back, ends its side and waits for the tunnel's end (both ends passed). */
 async function echoAndEnd(stream: Duplex, text: string) {

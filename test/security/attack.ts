@@ -53,6 +53,16 @@ export function upgrade(ctl: { url: string; certificate?: string }, path: string
 export const closed = (ws: WebSocket) =>
   new Promise<{ code: number; reason: string; at: number }>((resolve) => ws.once('close', (code, reason) => resolve({ code, reason: reason.toString(), at: Date.now() })));
 
+/** Counts the WebSockets `client` opens, for itself (openWebSocket) and for a worker using it (wsOptions). */
+export function countWebSockets(client: OrchardClient): { client: string[]; worker: string[] } {
+  const seen = { client: [] as string[], worker: [] as string[] };
+  const open = client.openWebSocket.bind(client);
+  client.openWebSocket = (path: string, timeout?: number) => (seen.client.push(path.split('?')[0]), open(path, timeout));
+  const options = client.wsOptions.bind(client);
+  client.wsOptions = (url: URL) => (url.pathname.startsWith('/v1/rpc/port-forward') && seen.worker.push(url.pathname), options(url));
+  return seen;
+}
+
 /** A real worker (synthetic VMs: dial gives an echo stream) acting through `client`'s account. */
 export function syntheticWorker(client: OrchardClient, name: string, labels: Record<string, string> = {}) {
   return new OrchardWorker({ client, name, labels, driver: new SyntheticDriver(), dataDir: tempDir(), slots: 10, heartbeatMs: 1000, logger: pino({ level: 'silent' }) });
