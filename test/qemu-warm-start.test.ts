@@ -5,6 +5,7 @@
 //    login), both answer `orchard ssh` as their own user with their own
 //    password, and differ from each other and from the template in hostname (= their name), SSH host
 //    key (as `orchard ssh -v` sees it), MAC and machine-id; the guest clock is the host's;
+//  - a snapshot whose template agent did not start gives the VM its identity over an SSH login;
 //  - a VM with another CPU count cold-boots, saying why in its events; its create→running time is the
 //    cold boot the warm starts are compared with (printed; asserted only warm < cold);
 //  - a warm start that fails (a state file cut in half) cold-boots the VM, with the reason in its events;
@@ -64,6 +65,7 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
     assert.ok(meta && !meta.unusable && meta.created > started, `a usable snapshot, made for this VM: ${JSON.stringify(meta)}`);
     assert.equal(meta.agent, true, 'the template\'s identity agent was started before the save');
     const second = await created('warm-b', { username: 'bob', password: 'b-secret-2' });
+    const template = new Set((meta.knownHosts ?? '').trim().split('\n').map((l) => fingerprint(Buffer.from(l.trim().split(/\s+/).at(-1)!, 'base64'))));
     for (const { events } of [first, second]) {
       assert.ok(events.some((e) => /^warm start: resumed the snapshot of image debian-dev in .* through the agent/.test(e)), `given its identity through the agent, with no SSH login:\n${events.join('\n')}`);
       assert.ok(!events.some((e) => e.startsWith('cold boot') || e.startsWith('warm start failed')), events.join('\n'));
@@ -71,7 +73,6 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
     console.log(`warm start (create→running through the cluster): ${second.seconds.toFixed(2)} s; ${second.events.find((e) => e.startsWith('warm start:'))}`);
 
     await t.test('two VMs from one snapshot: both answer orchard ssh as their own user; hostname, host key, MAC, machine-id differ from each other and from the template', async () => {
-      const template = new Set((meta.knownHosts ?? '').trim().split('\n').map((l) => fingerprint(Buffer.from(l.trim().split(/\s+/).at(-1)!, 'base64'))));
       assert.ok(template.size >= 2, 'the template\'s host keys are known');
       const seen: Record<string, string>[] = [];
       for (const [name, user] of [['warm-a', 'alice'], ['warm-b', 'bob']]) {
@@ -89,6 +90,24 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
         seen.push({ hostname, mac, machineId, hostKey: r.hostKey });
       }
       for (const k of ['hostname', 'mac', 'machineId', 'hostKey']) assert.notEqual(seen[0][k], seen[1][k], `the two VMs differ in ${k}`);
+    });
+
+    await t.test('a snapshot whose template agent did not start: the VM gets its identity over an SSH login instead, and answers orchard ssh as its own user', async () => {
+      // What the snapshot maker writes when the agent cannot be started in the template (agent: false).
+      const metaFile = join(w.driver.snapshotDir('debian-dev'), 'snapshot.json');
+      const saved = readFileSync(metaFile, 'utf8');
+      writeFileSync(metaFile, JSON.stringify({ ...meta, agent: false }));
+      try {
+        const fallback = await created('warm-ssh', { username: 'carol', password: 'c-secret-3' });
+        assert.ok(fallback.events.some((e) => /^warm start: resumed the snapshot of image debian-dev in .*, SSH [\d.]+s, own identity/.test(e)), `given its identity over SSH:\n${fallback.events.join('\n')}`);
+        const r = await ssh('warm-ssh', 'hostname; id -un');
+        assert.equal(r.user, 'carol');
+        assert.deepEqual(r.out.split('\n'), ['warm-ssh', 'carol']);
+        assert.ok(r.hostKey && !template.has(r.hostKey), `a new host key (${r.hostKey}), not the template's`);
+      } finally {
+        writeFileSync(metaFile, saved);
+        await c.admin.deleteVM('warm-ssh').catch(() => {});
+      }
     });
 
     await t.test('a VM with another CPU count cold-boots, with the reason in its events; a warm start beats that cold boot', async () => {
