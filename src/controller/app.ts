@@ -238,7 +238,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
         connecting.clear();
       }, CONNECT_TOUCH_BATCH_MS);
     }
-    scheduler.kick();
+    scheduler.workerConnection(worker);
   };
 
   const sessions = new Sessions(access, { limits, tls: opts.https !== undefined, pathPrefix: apiPrefix });
