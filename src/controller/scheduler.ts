@@ -318,14 +318,17 @@ export class Scheduler {
         at = candidates.findIndex((w) => this.fits(vm, need, w, usageOf(w.name)));
         best = candidates[at];
         // Locality breaks ties: of the workers the profile ranks equal (the same load; they follow
-        // one another in the list), one that holds the VM's image. It never overrides the profile.
+        // one another in the list, by name, those before `best` not fitting), the first that holds
+        // the VM's image. It never overrides the profile. Looked for among the image's holders that
+        // are still candidates (listed, not full), not among all the equally loaded workers.
         if (best && !holds(best, vm.image)) {
-          for (let i = at + 1; i < candidates.length && load(candidates[i]) === load(best); i++) {
-            if (holds(candidates[i], vm.image) && this.fits(vm, need, candidates[i], usageOf(candidates[i].name))) {
-              at = i;
-              best = candidates[i];
-              break;
-            }
+          let local: Worker | undefined;
+          for (const h of this.order.holding(vm.image)) {
+            if (load(h) === load(best) && free(h) > 0 && h.name > best.name && (!local || h.name < local.name) && this.fits(vm, need, h, usageOf(h.name))) local = h;
+          }
+          if (local) {
+            at = candidates.indexOf(local);
+            best = local;
           }
         }
       }

@@ -18,6 +18,8 @@ export class WorkerOrder {
   private readonly list: Worker[] = [];
   /** Each listed worker's load when it was put in the list (its place in the order). */
   private readonly listedLoad = new Map<string, number>();
+  /** The listed workers holding each image (locality: a pass looks among these few, not among all the workers as loaded as its pick). */
+  private readonly holders = new Map<string, Set<Worker>>();
   /** Workers to place again in the list at the next refresh. */
   private readonly dirty = new Set<string>();
   /** Registered workers whose watch is not connected: whether they are online depends on the time. */
@@ -83,6 +85,7 @@ export class WorkerOrder {
       this.distribute = distribute;
       this.list.length = 0;
       this.listedLoad.clear();
+      this.holders.clear();
       this.down.clear();
       for (const name of view.workers.keys()) {
         this.dirty.add(name);
@@ -95,14 +98,24 @@ export class WorkerOrder {
     for (const name of this.dirty) {
       const listed = this.listedLoad.get(name);
       if (listed !== undefined) {
-        this.list.splice(this.indexOf(listed, name), 1);
+        const [old] = this.list.splice(this.indexOf(listed, name), 1);
         this.listedLoad.delete(name);
+        for (const image of old.images ?? []) {
+          const set = this.holders.get(image)!;
+          set.delete(old);
+          if (set.size === 0) this.holders.delete(image);
+        }
       }
       const w = view.workers.get(name);
       const load = loadOf(view, name);
       if (!w || w.scheduling_paused || freeSlots(w, load) <= 0 || (this.down.has(name) && !online(w))) continue;
       this.list.splice(this.indexOf(load, name), 0, w);
       this.listedLoad.set(name, load);
+      for (const image of w.images ?? []) {
+        let set = this.holders.get(image);
+        if (!set) this.holders.set(image, (set = new Set()));
+        set.add(w);
+      }
     }
     this.dirty.clear();
   }
@@ -110,6 +123,11 @@ export class WorkerOrder {
   /** The workers that can take a VM, in order (a copy the pass may reorder as it places). */
   candidates(): Worker[] {
     return this.list.slice();
+  }
+
+  /** The listed workers that hold `image`. */
+  holding(image: string | undefined): Iterable<Worker> {
+    return (image !== undefined && this.holders.get(image)) || [];
   }
 
   /** Where a worker of this load and name is, or goes, in the list (binary search). */
