@@ -4,8 +4,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
+import { pino } from 'pino';
 import { OrchardClient } from '../src/client/client.ts';
-import { ADMIN_TOKEN, placeOn, runCLI, spawnController, tempDir } from './helpers.ts';
+import { OrchardWorker } from '../src/worker/worker.ts';
+import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
+import { ADMIN_TOKEN, placeOn, rawRequest, runCLI, spawnController, tempDir, waitFor } from './helpers.ts';
 
 const adminOf = (url: string, certificate: string) => new OrchardClient({ url, certificate, serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN });
 
@@ -42,6 +45,34 @@ test('kill -9 after acknowledged writes, restart: everything is there, with the 
     assert.deepEqual((await admin.listEvents('vm-3')).events, [{ kind: 'test', timestamp: 1, payload: 'hello' }]);
     admin.close();
   } finally {
+    await ctl.kill('SIGTERM');
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+});
+
+test('a worker coming back to its restarted controller resumes its TLS session: no full handshake', async () => {
+  const dataDir = tempDir();
+  let ctl = await spawnController(dataDir);
+  const certificate = readFileSync(join(dataDir, 'controller.crt'), 'utf8');
+  const port = new URL(ctl.url).port;
+  const worker = new OrchardWorker({ client: adminOf(ctl.url, certificate), name: 'w', driver: new SyntheticDriver(), dataDir: tempDir(), slots: 1, logger: pino({ level: 'silent' }) });
+  const handshakes = async (resumed: boolean) => {
+    const metrics = await rawRequest({ url: ctl.url, certificate }, 'GET', '/metrics', { auth: ['bootstrap-admin', ADMIN_TOKEN] });
+    return Number(new RegExp(`^orchard_tls_handshakes_total\\{resumed="${resumed}"\\} (\\d+)$`, 'm').exec(metrics.body)?.[1] ?? 0);
+  };
+  try {
+    await worker.start();
+    await waitFor('the worker to connect', () => worker.connected, 10_000, 20);
+    await ctl.kill('SIGKILL');
+    await waitFor('the worker to see its watch drop', () => !worker.connected, 10_000, 20);
+    ctl = await spawnController(dataDir, ['--listen', `127.0.0.1:${port}`]);
+    await waitFor('the worker to reconnect', () => worker.connected, 15_000, 20);
+    // Its watch came back on a resumed session (the tickets' keys come from the controller's key);
+    // this test's own requests, each on a new connection, make full ones.
+    assert.ok((await handshakes(true)) >= 1, 'a resumed handshake');
+    assert.ok((await handshakes(false)) >= 1, 'full handshakes are counted apart');
+  } finally {
+    await worker.stop();
     await ctl.kill('SIGTERM');
     rmSync(dataDir, { recursive: true, force: true });
   }

@@ -35,7 +35,8 @@ import { NAME_PATTERN } from '../api/schemas.ts';
 import { limitsOf, type Limits } from './limits.ts';
 import { closeSilentConnections } from './connections.ts';
 import { answerPlainHTTP } from './plain-http.ts';
-import type { Server as TLSServer } from 'node:tls';
+import type { Server as TLSServer, TLSSocket } from 'node:tls';
+import type { sessionResumption } from './tls.ts';
 
 /** How often the controller refreshes last_seen of the workers whose watch is connected (at most a third of the offline timeout). */
 const LIVENESS_REFRESH_MS = 10_000;
@@ -48,7 +49,7 @@ export interface AppOptions {
   logger: Logger;
   /** A worker not seen for this long is offline. */
   workerOfflineTimeoutMs: number;
-  https?: { cert: string; key: string };
+  https?: { cert: string; key: string } & Partial<ReturnType<typeof sessionResumption>>;
   bodyLimit?: number;
   /** Backoff base of OnFailure restarts (tests shorten it). */
   restartBackoffMs?: number;
@@ -156,7 +157,7 @@ export interface Activity {
 export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance; ctx: AppContext; close: () => Promise<void>; activity: () => Activity }> {
   const limits = limitsOf(opts.limits);
   const apiPrefix = normalizeAPIPrefix(opts.apiPrefix);
-  const serverOptions: FastifyServerOptions & { https?: { cert: string; key: string } } = {
+  const serverOptions: FastifyServerOptions & { https?: AppOptions['https'] } = {
     loggerInstance: opts.logger,
     logController: new RequestLog(),
     bodyLimit: opts.bodyLimit ?? 1024 * 1024,
@@ -238,7 +239,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
         connecting.clear();
       }, CONNECT_TOUCH_BATCH_MS);
     }
-    scheduler.kick();
+    scheduler.workerConnection(worker);
   };
 
   const sessions = new Sessions(access, { limits, tls: opts.https !== undefined, pathPrefix: apiPrefix });
@@ -273,6 +274,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   // Before anything else watches connections: they then see every one, from its first byte on.
   if (opts.https) answerPlainHTTP(app.server as unknown as TLSServer, limits.firstRequestTimeoutMs);
   closeSilentConnections(app.server, opts.https !== undefined, limits.firstRequestTimeoutMs);
+  if (opts.https) app.server.on('secureConnection', (socket: TLSSocket) => metrics.observeHandshake(socket.isSessionReused()));
 
   app.setValidatorCompiler(validatorCompiler());
   // JSON only: a text/plain body is an unsupported media type, not a string to validate.

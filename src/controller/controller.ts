@@ -7,7 +7,7 @@ import { ROLES } from '../api/schemas.ts';
 import { SQLiteStore } from './store/sqlite.ts';
 import type { Store } from './store/store.ts';
 import { buildApp, normalizeAPIPrefix, type Activity } from './app.ts';
-import { loadTLS } from './tls.ts';
+import { loadTLS, sessionResumption } from './tls.ts';
 import type { BackoffOptions } from './auth-backoff.ts';
 import { randomUUID } from 'node:crypto';
 import { checkBeforeOpen, checkIdentity, checkSchemaVersion, writeClusterFile } from './store/integrity.ts';
@@ -134,7 +134,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       store,
       logger,
       workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs ?? 3 * 60_000,
-      https: tls ? { cert: tls.cert, key: tls.key } : undefined,
+      https: tls ? { cert: tls.cert, key: tls.key, ...sessionResumption(tls.key) } : undefined,
       restartBackoffMs: opts.restartBackoffMs,
       authBackoff: opts.authBackoff,
       clusterID,

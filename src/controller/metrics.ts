@@ -9,6 +9,7 @@ export class Metrics {
   /** API watch streams established (snapshot under way or sent) and not yet ended. */
   readonly watchStreams: Gauge;
   private readonly reports: Counter<'kind' | 'status'>;
+  private readonly handshakes: Counter<'resumed'>;
 
   constructor(store: Store, workerOfflineTimeoutMs: number) {
     collectDefaultMetrics({ register: this.registry, prefix: 'orchard_controller_' });
@@ -34,6 +35,12 @@ export class Metrics {
       name: 'orchard_worker_reports_total',
       help: 'Worker reports taken over the watch WebSocket (not HTTP), by kind (vmState, vmEvents, workerImages) and status code',
       labelNames: ['kind', 'status'],
+      registers: [this.registry],
+    });
+    this.handshakes = new Counter({
+      name: 'orchard_tls_handshakes_total',
+      help: 'TLS handshakes completed, by whether they resumed a session (no certificate sent, nothing signed)',
+      labelNames: ['resumed'],
       registers: [this.registry],
     });
     new Gauge({
@@ -79,6 +86,10 @@ export class Metrics {
 
   observeReport(kind: string, status: number) {
     this.reports.inc({ kind, status: String(status) });
+  }
+
+  observeHandshake(resumed: boolean) {
+    this.handshakes.inc({ resumed: String(resumed) });
   }
 
   render() {

@@ -8,6 +8,7 @@ import type { Store } from './store/store.ts';
 import { VM_DEFAULTS } from '../api/defaults.ts';
 import { requirements, type ClusterView } from './view.ts';
 import { holds } from './domain/images.ts';
+import { freeSlots, WorkerOrder } from './worker-order.ts';
 
 export const MAX_RESTARTS = 10;
 const BACKOFF_BASE_MS = 1000;
@@ -88,12 +89,21 @@ export class Scheduler {
   private idle: Promise<void> = Promise.resolve();
   /** The committed VMs and workers (no re-reading per pass). */
   private readonly view: ClusterView;
+  /** The workers a pass needs to look at, kept as they change. */
+  private readonly order: WorkerOrder;
 
   constructor(store: Store, view: ClusterView, logger: Logger, opts: SchedulerOptions) {
     this.store = store;
     this.view = view;
     this.logger = logger;
     this.opts = opts;
+    this.order = new WorkerOrder(view, opts.isConnected);
+  }
+
+  /** A worker's watch connected or disconnected (a pass follows). */
+  workerConnection(worker: string) {
+    this.order.connection(worker);
+    this.kick();
   }
 
   start() {
@@ -109,6 +119,7 @@ export class Scheduler {
     // No pass after this: workers disconnecting during shutdown would otherwise look offline (and the store may be closed).
     this.stopped = true;
     this.unsubscribe?.();
+    this.order.close();
     clearInterval(this.timer);
     this.timer = undefined;
     clearTimeout(this.dueTimer);
@@ -162,7 +173,7 @@ export class Scheduler {
   }
 
   /** Why a VM fits on no worker, per reason: "no worker fits: 2 workers: 1 lacks label rack=a, 1 is paused". */
-  private whyNoFit(vm: VM, need: Record<string, number>, workers: Worker[], online: Map<string, boolean>, usedOf: (worker: string) => Readonly<Record<string, number>>): string {
+  private whyNoFit(vm: VM, need: Record<string, number>, workers: Worker[], online: (w: Worker) => boolean, usedOf: (worker: string) => Readonly<Record<string, number>>): string {
     if (workers.length === 0) return 'waiting for a worker: none is registered';
     // Each reason in its singular and plural form: "1 is paused", "2 are paused".
     const reasons = new Map<string, { n: number; plural: string }>();
@@ -176,7 +187,7 @@ export class Scheduler {
       const missing = Object.entries(vm.labels ?? {}).find(([k, v]) => w.labels?.[k] !== v);
       const u = usedOf(w.name);
       const short = shortOf(vm, need, w, u);
-      if (!online.get(w.name)) why('is offline', 'are offline');
+      if (!online(w)) why('is offline', 'are offline');
       else if (w.scheduling_paused) why('is paused', 'are paused');
       else if (vm.runtime && vm.runtime !== runtime) why(`runs ${runtime}, not ${vm.runtime}`, `run ${runtime}, not ${vm.runtime}`);
       else if (missing) why(`lacks label ${missing[0]}=${missing[1]}`, `lack label ${missing[0]}=${missing[1]}`);
@@ -192,15 +203,18 @@ export class Scheduler {
 
   /**
    * One pass: fails the VMs of offline or deleted workers, restarts failed OnFailure VMs, places the
-   * waiting ones. Its cost follows the workers and the VMs that need something (failed, waiting),
-   * not all VMs: usage per worker and the waiting and failed VMs are indexes the view keeps.
+   * waiting ones. Its cost follows what changed and the VMs that need something (failed, waiting),
+   * not all VMs nor all workers: usage per worker and the waiting and failed VMs are indexes the
+   * view keeps; the workers that can take a VM, in order, and those that may be offline or gone,
+   * are `WorkerOrder`'s.
    */
   async pass() {
     const now = Date.now();
     const settings = await this.store.getClusterSettings();
     const view = this.view;
-    const workers = [...view.workers.values()];
-    const online = new Map(workers.map((w) => [w.name, this.online(w, now)]));
+    const online = (w: Worker) => this.online(w, now);
+    const distribute = (settings.schedulerProfile ?? 'optimize-utilization') === 'distribute-load';
+    this.order.refresh(distribute, online);
     // The pass's own decisions, by VM name (the committed objects are never changed).
     const decided = new Map<string, VM>();
     const current = (name: string) => decided.get(name) ?? view.vms.get(name);
@@ -214,9 +228,10 @@ export class Scheduler {
 
     // 1. VMs whose worker is gone or offline fail (and may be restarted elsewhere below).
     const failed = [...view.failed];
-    for (const [name, placed] of view.placements()) {
+    for (const name of this.order.suspects()) {
       const w = view.workers.get(name);
-      if (placed.size === 0 || (w && online.get(name))) continue;
+      const placed = view.placedOn(name);
+      if (placed.size === 0 || (w && online(w))) continue;
       const reason = w ? `worker ${w.name} is offline (not seen since ${w.last_seen ?? 'ever'})` : `worker ${name} was deleted`;
       for (const vmName of placed) {
         const vm = view.vms.get(vmName)!;
@@ -283,22 +298,13 @@ export class Scheduler {
       if (!u) used.set(worker, (u = { ...view.usage.get(worker) }));
       return u;
     };
-    const distribute = (settings.schedulerProfile ?? 'optimize-utilization') === 'distribute-load';
     const load = (w: Worker) => usageOf(w.name)[RESOURCE_TART_VMS] ?? 0;
-    // (A worker that counts no slots, as upstream's Vetu workers, is never full by count.)
-    const free = (w: Worker) => (w.resources?.[RESOURCE_TART_VMS] === undefined ? Infinity : w.resources[RESOURCE_TART_VMS] - load(w));
+    const free = (w: Worker) => freeSlots(w, load(w));
     // Workers that could take a VM, in the profile's order (busiest or least busy first, then by
     // name): the first that fits is the one to use. Full workers leave the list.
     const before = (a: Worker, b: Worker) => (load(a) !== load(b) ? (distribute ? load(a) < load(b) : load(a) > load(b)) : a.name < b.name);
     const waiting = [...view.unplaced, ...restarted];
-    // Sorted by a key read once per worker (a comparator reading the loads cost 4 lookups a comparison).
-    const candidates = waiting.length
-      ? workers
-          .filter((w) => online.get(w.name) && !w.scheduling_paused && free(w) > 0)
-          .map((w) => ({ w, load: load(w) }))
-          .sort((a, b) => (a.load !== b.load ? (distribute ? a.load - b.load : b.load - a.load) : a.w.name < b.w.name ? -1 : a.w.name > b.w.name ? 1 : 0))
-          .map(({ w }) => w)
-      : [];
+    const candidates = waiting.length ? this.order.candidates() : [];
     const noFit = new Map<string, string>();
     for (const name of waiting) {
       const vm = current(name)!;
@@ -312,19 +318,22 @@ export class Scheduler {
         at = candidates.findIndex((w) => this.fits(vm, need, w, usageOf(w.name)));
         best = candidates[at];
         // Locality breaks ties: of the workers the profile ranks equal (the same load; they follow
-        // one another in the list), one that holds the VM's image. It never overrides the profile.
+        // one another in the list, by name, those before `best` not fitting), the first that holds
+        // the VM's image. It never overrides the profile. Looked for among the image's holders that
+        // are still candidates (listed, not full), not among all the equally loaded workers.
         if (best && !holds(best, vm.image)) {
-          for (let i = at + 1; i < candidates.length && load(candidates[i]) === load(best); i++) {
-            if (holds(candidates[i], vm.image) && this.fits(vm, need, candidates[i], usageOf(candidates[i].name))) {
-              at = i;
-              best = candidates[i];
-              break;
-            }
+          let local: Worker | undefined;
+          for (const h of this.order.holding(vm.image)) {
+            if (load(h) === load(best) && free(h) > 0 && h.name > best.name && (!local || h.name < local.name) && this.fits(vm, need, h, usageOf(h.name))) local = h;
+          }
+          if (local) {
+            at = candidates.indexOf(local);
+            best = local;
           }
         }
       }
       if (!best) {
-        message ??= this.whyNoFit(vm, need, workers, online, usageOf);
+        message ??= this.whyNoFit(vm, need, [...view.workers.values()], online, usageOf);
         noFit.set(signature, message);
         if (vm.status_message !== message) {
           const m = message;

@@ -1,6 +1,6 @@
 // The controller's TLS identity: a self-signed certificate made on first start and kept in the data
 // dir (key mode 0600), or the operator's own certificate and key.
-import { webcrypto, X509Certificate } from 'node:crypto';
+import { hkdfSync, webcrypto, X509Certificate } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync, chmodSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
@@ -19,6 +19,26 @@ export function fingerprintOf(certPEM: string): string {
 function pem(label: string, der: ArrayBuffer): string {
   const b64 = Buffer.from(der).toString('base64').replace(/.{64}/g, '$&\n');
   return `-----BEGIN ${label}-----\n${b64}${b64.endsWith('\n') ? '' : '\n'}-----END ${label}-----\n`;
+}
+
+/**
+ * TLS server options that let sessions resume across the controller's restarts, so the workers
+ * reconnecting after one resume theirs (no certificate, no signature) instead of making a thousand
+ * full handshakes:
+ * - the keys that encrypt session tickets are derived from the controller's private key (Node makes
+ *   random ones per process). Only the key's holder can read a ticket; TLS 1.3 resumption still
+ *   makes a fresh (EC)DHE exchange, so a ticket key gives no past traffic away;
+ * - the session id context is fixed (Node's default is a hash of the command line, which may differ
+ *   from one start to the next, and a ticket from another context is refused);
+ * - tickets last TLS 1.3's longest, 7 days (RFC 8446, 4.6.1): a worker's watch stays open for days,
+ *   and its session must still resume when the controller restarts.
+ */
+export function sessionResumption(keyPEM: string): { ticketKeys: Buffer; sessionIdContext: string; sessionTimeout: number } {
+  return {
+    ticketKeys: Buffer.from(hkdfSync('sha256', keyPEM, 'orchard', 'controller TLS session ticket keys', 48)),
+    sessionIdContext: 'orchard-controller',
+    sessionTimeout: 7 * 24 * 3600,
+  };
 }
 
 export async function createSelfSigned(extraNames: string[] = []): Promise<{ cert: string; key: string }> {

@@ -8,6 +8,8 @@ import { redactVM, type VMSecrets } from './domain/vms.ts';
 
 export { requirements };
 
+const NO_VMS: ReadonlySet<string> = new Set();
+
 export type ViewChange = { kind: 'vms'; type: Change['type']; object: VM; before?: VM } | { kind: 'workers'; type: Change['type']; object: Worker; before?: Worker };
 
 export class ClusterView {
@@ -134,6 +136,11 @@ export class ClusterView {
   /** The names of the VMs placed on each worker (workers that were deleted included). */
   placements(): Iterable<[string, ReadonlySet<string>]> {
     return this.byWorker;
+  }
+
+  /** The names of the VMs placed on one worker. */
+  placedOn(worker: string): ReadonlySet<string> {
+    return this.byWorker.get(worker) ?? NO_VMS;
   }
 
   /** The JSON array of one worker's VMs, in the order they were placed there. */

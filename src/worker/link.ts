@@ -163,7 +163,8 @@ export class ControllerLink {
     const hello = this.can.watchReports;
     if (hello) url.searchParams.set('hello', '1');
     let helloTimer: NodeJS.Timeout | undefined;
-    const ws = new WebSocket(url, { headers: { authorization: client.authorization ?? '' }, ...client.tlsOptions(), handshakeTimeout: 15_000 });
+    // (Resuming the TLS session of the last connection: after a controller restart, no full handshake.)
+    const ws = new WebSocket(url, { ...client.wsOptions(url), handshakeTimeout: 15_000 });
     this.ws = ws;
     ws.on('open', () => {
       this.reconnectDelay = 500;
