@@ -28,13 +28,17 @@ function pem(label: string, der: ArrayBuffer): string {
  * - the keys that encrypt session tickets are derived from the controller's private key (Node makes
  *   random ones per process). Only the key's holder can read a ticket; TLS 1.3 resumption still
  *   makes a fresh (EC)DHE exchange, so a ticket key gives no past traffic away;
+ * - hence TLS 1.3 only: a TLS 1.2 ticket carries the session's master secret, so whoever got the
+ *   key one day could read every recorded 1.2 session that was given a ticket. Every client the
+ *   controller has (ours, upstream's Go CLI and workers, browsers, curl) speaks 1.3;
  * - the session id context is fixed (Node's default is a hash of the command line, which may differ
  *   from one start to the next, and a ticket from another context is refused);
  * - tickets last TLS 1.3's longest, 7 days (RFC 8446, 4.6.1): a worker's watch stays open for days,
  *   and its session must still resume when the controller restarts.
  */
-export function sessionResumption(keyPEM: string): { ticketKeys: Buffer; sessionIdContext: string; sessionTimeout: number } {
+export function sessionResumption(keyPEM: string): { minVersion: 'TLSv1.3'; ticketKeys: Buffer; sessionIdContext: string; sessionTimeout: number } {
   return {
+    minVersion: 'TLSv1.3',
     ticketKeys: Buffer.from(hkdfSync('sha256', keyPEM, 'orchard', 'controller TLS session ticket keys', 48)),
     sessionIdContext: 'orchard-controller',
     sessionTimeout: 7 * 24 * 3600,
