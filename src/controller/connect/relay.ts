@@ -131,3 +131,22 @@ export function relay(from: RelaySide, to: RelaySide, accept?: (isBinary: boolea
     from.resume();
   };
 }
+
+/**
+ * Splices two tunnel streams (multiplexed tunnels, or one and a worker's WebSocket as a stream), both
+ * ways, with the relay's flow control and turn budget. An end (half-close) passes to the other side;
+ * one side destroyed (reset, lost) destroys the other, with its error.
+ */
+export function spliceStreams(a: Duplex, b: Duplex) {
+  for (const [from, to] of [
+    [a, b],
+    [b, a],
+  ]) {
+    relay(streamSide(from), streamSide(to));
+    from.on('end', () => to.end());
+    from.on('error', (err) => to.destroy(err));
+    from.on('close', () => {
+      if (!from.readableEnded || !from.writableFinished) to.destroy();
+    });
+  }
+}
