@@ -381,9 +381,9 @@ export class OrchardClient {
       direct,
       streamOf: tunnelStream,
       capabilities: async () => (await this.info()).capabilities,
-      // Many tunnels on one connection when the controller takes it (unless opts.mux is false).
+      // Many tunnels on one connection when the controller takes it (unless opts.mux is false, or ORCHARD_TUNNEL_MUX=0).
       mux:
-        opts.mux === false
+        (opts.mux ?? process.env.ORCHARD_TUNNEL_MUX !== '0') === false
           ? undefined
           : {
               connect: () => this.openWebSocket('/v1/port-forward-mux'),

@@ -20,8 +20,11 @@ export const END = 5;
 export const RESET = 6;
 const HEADER = 5;
 
-/** Bytes each side may send on a tunnel before the other grants more (both directions start with it). */
-export const INITIAL_WINDOW = 256 * 1024;
+/**
+ * Bytes each side may send on a tunnel before the other grants more (both directions start with it).
+ * With 256 KiB one tunnel moved half as much per second, stalled waiting for grants (BENCHMARKS.md).
+ */
+export const INITIAL_WINDOW = 1024 * 1024;
 /** Largest payload of a DATA frame accepted; ours send at most DATA_BYTES (one frame per TLS record). */
 export const MAX_DATA = 64 * 1024;
 const DATA_BYTES = TUNNEL_FRAME_BYTES - HEADER;
@@ -39,8 +42,13 @@ export function frame(type: number, id: number, payload?: Buffer | string): Buff
   return buf;
 }
 
-/** Payloads of DATA frames received: the HEADER bytes before each are ours to overwrite (a relay forwards it without copying). */
-const received = new WeakSet<Buffer>();
+/**
+ * Marks the payload of a DATA frame received: the HEADER bytes before it are ours to overwrite (a relay
+ * forwards it without copying). A property, not a WeakSet: one entry per frame made the garbage
+ * collector's work grow by half.
+ */
+const RECEIVED = Symbol('mux payload');
+type Marked = Buffer & { [RECEIVED]?: true };
 
 export class MuxProtocolError extends Error {}
 
@@ -86,7 +94,7 @@ export class MuxTunnel extends Duplex {
   /** Called by the connection for a DATA frame within the window. */
   deliver(payload: Buffer) {
     this.receivedBytes += payload.length;
-    received.add(payload);
+    (payload as Marked)[RECEIVED] = true;
     this.push(payload);
     this.grant();
   }
@@ -114,7 +122,7 @@ export class MuxTunnel extends Duplex {
   // Every way of consuming a Readable (data events, pipe, read()) goes through read(): what it takes is granted back, a batch at a time.
   override read(size?: number) {
     const chunk: unknown = super.read(size);
-    if (chunk !== null && !this.granting) {
+    if (chunk !== null && !this.granting && this.receivedBytes - this.grantedBytes >= GRANT_STEP) {
       this.granting = true;
       process.nextTick(() => {
         this.granting = false;
@@ -132,7 +140,7 @@ export class MuxTunnel extends Duplex {
         if (this.sendCredit <= 0) return void (this.waiting = next);
         const n = Math.min(chunk.length - offset, DATA_BYTES, this.sendCredit);
         this.sendCredit -= n;
-        if (offset === 0 && n === chunk.length && received.has(chunk) && chunk.byteOffset >= HEADER) {
+        if (offset === 0 && n === chunk.length && (chunk as Marked)[RECEIVED] && chunk.byteOffset >= HEADER) {
           // A payload received on another tunnel: our header goes into the bytes its own had.
           const whole = Buffer.from(chunk.buffer, chunk.byteOffset - HEADER, HEADER + n);
           whole[0] = DATA;

@@ -176,7 +176,7 @@ describe('multiplexed tunnels: a hostile side', () => {
           stream.pause();
           const reset = new Promise<Error>((resolve) => stream.once('error', resolve));
           // Far more than it was granted, without waiting for window updates.
-          for (let i = 0; i < 128; i++) ws.send(frame(DATA, request.id, Buffer.alloc(16 * 1024)));
+          for (let i = 0; i < 512; i++) ws.send(frame(DATA, request.id, Buffer.alloc(16 * 1024)));
           assert.match((await gone).reason, /beyond the window/);
           assert.match((await reset).message, /beyond the window/);
         }
