@@ -33,9 +33,25 @@ const MAX_CONTROL = 4096;
 /** A window update is sent once this much was consumed (not per frame). */
 const GRANT_STEP = INITIAL_WINDOW / 4;
 
+/** Frames are cut from slabs: a fresh 16 KiB buffer per DATA frame cost more (allocation, GC) than the copy into it. */
+const SLAB_BYTES = 1024 * 1024;
+let slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
+let slabUsed = 0;
+
+function allocFrame(bytes: number): Buffer {
+  if (bytes > SLAB_BYTES / 8) return Buffer.allocUnsafeSlow(bytes);
+  if (slabUsed + bytes > SLAB_BYTES) {
+    slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
+    slabUsed = 0;
+  }
+  const buf = slab.subarray(slabUsed, slabUsed + bytes);
+  slabUsed += bytes;
+  return buf;
+}
+
 export function frame(type: number, id: number, payload?: Buffer | string): Buffer {
   const body = typeof payload === 'string' ? Buffer.from(payload) : payload;
-  const buf = Buffer.allocUnsafe(HEADER + (body?.length ?? 0));
+  const buf = allocFrame(HEADER + (body?.length ?? 0));
   buf[0] = type;
   buf.writeUInt32BE(id, 1);
   body?.copy(buf, HEADER);
