@@ -33,38 +33,15 @@ const MAX_CONTROL = 4096;
 /** A window update is sent once this much was consumed (not per frame). */
 const GRANT_STEP = INITIAL_WINDOW / 4;
 
-/** Frames are cut from slabs: a fresh 16 KiB buffer per DATA frame cost more (allocation, GC) than the copy into it. */
-const SLAB_BYTES = 1024 * 1024;
-let slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
-let slabUsed = 0;
-
-function allocFrame(bytes: number): Buffer {
-  if (bytes > SLAB_BYTES / 8) return Buffer.allocUnsafeSlow(bytes);
-  if (slabUsed + bytes > SLAB_BYTES) {
-    slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
-    slabUsed = 0;
-  }
-  const buf = slab.subarray(slabUsed, slabUsed + bytes);
-  slabUsed += bytes;
-  return buf;
-}
-
 export function frame(type: number, id: number, payload?: Buffer | string): Buffer {
   const body = typeof payload === 'string' ? Buffer.from(payload) : payload;
-  const buf = allocFrame(HEADER + (body?.length ?? 0));
+  const buf = Buffer.allocUnsafe(HEADER + (body?.length ?? 0));
   buf[0] = type;
   buf.writeUInt32BE(id, 1);
   body?.copy(buf, HEADER);
   return buf;
 }
 
-/**
- * Marks the payload of a DATA frame received: the HEADER bytes before it are ours to overwrite (a relay
- * forwards it without copying). A property, not a WeakSet: one entry per frame made the garbage
- * collector's work grow by half.
- */
-const RECEIVED = Symbol('mux payload');
-type Marked = Buffer & { [RECEIVED]?: true };
 
 export class MuxProtocolError extends Error {}
 
@@ -96,8 +73,10 @@ export class MuxTunnel extends Duplex {
   gotEnd = false;
   sentEnd = false;
   private granting = false;
-  /** A write waiting for the peer's window. */
-  private waiting?: () => void;
+  /** Bytes to send, in order, each piece as the window allows; an item without `chunk` is the END. */
+  private readonly out: { chunk?: Buffer; offset: number; done: () => void }[] = [];
+  /** Relay mode (tap): payloads go straight to `data`, not through the Readable; `held` while paused. */
+  private tapped?: { data: (payload: Buffer) => void; end: () => void; held: Buffer[]; heldBytes: number; paused: boolean; endPending: boolean };
 
   constructor(mux: MuxConnection, id: number) {
     super({ allowHalfOpen: true, readableHighWaterMark: INITIAL_WINDOW, writableHighWaterMark: INITIAL_WINDOW });
@@ -110,23 +89,72 @@ export class MuxTunnel extends Duplex {
   /** Called by the connection for a DATA frame within the window. */
   deliver(payload: Buffer) {
     this.receivedBytes += payload.length;
-    (payload as Marked)[RECEIVED] = true;
-    this.push(payload);
+    const t = this.tapped;
+    if (!t) this.push(payload);
+    else if (t.paused || t.held.length) {
+      t.held.push(payload);
+      t.heldBytes += payload.length;
+    } else t.data(payload);
+    this.grant();
+  }
+
+  /** Called by the connection for the peer's END. */
+  peerEnded() {
+    const t = this.tapped;
+    if (!t) this.push(null);
+    else if (t.held.length) t.endPending = true;
+    else t.end();
+  }
+
+  /**
+   * Relay mode (the controller): what arrives, already or from now on, goes to `data` and the peer's
+   * END to `end`, without the Readable's buffering; hold()/release() pause it (the window does the rest).
+   * The tunnel is destroyed (closed) once both ends have passed.
+   */
+  tap(data: (payload: Buffer) => void, end: () => void) {
+    const t = (this.tapped = { data, end, held: [] as Buffer[], heldBytes: 0, paused: true, endPending: this.gotEnd });
+    for (let c = super.read() as Buffer | null; c !== null; c = super.read() as Buffer | null) {
+      t.held.push(c);
+      t.heldBytes += c.length;
+    }
+    this.release();
+  }
+
+  hold() {
+    if (this.tapped) this.tapped.paused = true;
+  }
+
+  release() {
+    const t = this.tapped;
+    if (!t) return;
+    t.paused = false;
+    while (!t.paused && t.held.length) {
+      const c = t.held.shift()!;
+      t.heldBytes -= c.length;
+      t.data(c);
+    }
+    if (!t.held.length && t.endPending) {
+      t.endPending = false;
+      t.end();
+    }
     this.grant();
   }
 
   /** The peer granted `n` more bytes. */
   credit(n: number) {
     this.sendCredit += n;
-    const next = this.waiting;
-    this.waiting = undefined;
-    next?.();
+    if (this.out.length) this.flush();
+  }
+
+  /** Both ends passed: a tapped tunnel has nobody to end its stream, so it closes here. */
+  settled() {
+    if (this.tapped) this.destroy();
   }
 
   /** Grants the peer what was consumed, once there is enough of it. */
   private grant() {
     if (this.gotEnd || this.state === 'reset') return;
-    const consumed = this.receivedBytes - this.readableLength - this.grantedBytes;
+    const consumed = this.receivedBytes - this.readableLength - (this.tapped?.heldBytes ?? 0) - this.grantedBytes;
     if (consumed < GRANT_STEP) return;
     this.grantedBytes += consumed;
     this.peerCredit += consumed;
@@ -148,41 +176,49 @@ export class MuxTunnel extends Duplex {
     return chunk;
   }
 
-  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (err?: Error | null) => void) {
-    let offset = 0;
-    const next = () => {
-      while (offset < chunk.length) {
-        if (this.state === 'reset' || !this.mux.open) return callback(new Error('the tunnel was reset'));
-        if (this.sendCredit <= 0) return void (this.waiting = next);
-        const n = Math.min(chunk.length - offset, DATA_BYTES, this.sendCredit);
-        this.sendCredit -= n;
-        if (offset === 0 && n === chunk.length && (chunk as Marked)[RECEIVED] && chunk.byteOffset >= HEADER) {
-          // A payload received on another tunnel: our header goes into the bytes its own had.
-          const whole = Buffer.from(chunk.buffer, chunk.byteOffset - HEADER, HEADER + n);
-          whole[0] = DATA;
-          whole.writeUInt32BE(this.id, 1);
-          this.mux.send(whole);
-        } else {
-          this.mux.send(frame(DATA, this.id, chunk.subarray(offset, offset + n)));
-        }
-        offset += n;
+  /** Sends `chunk` (undefined: the END) after what is queued, as the window allows; `done` once all of it is handed to the connection. */
+  sendBytes(chunk: Buffer | undefined, done: () => void) {
+    this.out.push({ chunk, offset: 0, done });
+    if (this.out.length === 1) this.flush();
+  }
+
+  private flush() {
+    while (this.out.length) {
+      if (this.state === 'reset' || !this.mux.open) return void (this.out.length = 0);
+      const item = this.out[0];
+      const chunk = item.chunk;
+      if (!chunk) {
+        this.out.shift();
+        this.sentEnd = true;
+        this.mux.send(frame(END, this.id));
+        this.mux.settle(this);
+        item.done();
+        continue;
       }
-      callback();
-    };
-    next();
+      while (item.offset < chunk.length) {
+        if (this.sendCredit <= 0) return; // credit() goes on
+        const n = Math.min(chunk.length - item.offset, DATA_BYTES, this.sendCredit);
+        this.sendCredit -= n;
+        this.mux.send(this.id, item.offset === 0 && n === chunk.length ? chunk : chunk.subarray(item.offset, item.offset + n));
+        item.offset += n;
+      }
+      this.out.shift();
+      item.done();
+    }
+  }
+
+  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (err?: Error | null) => void) {
+    if (this.state === 'reset' || !this.mux.open) return callback(new Error('the tunnel was reset'));
+    this.sendBytes(chunk, callback);
   }
 
   override _final(callback: (err?: Error | null) => void) {
-    if (this.state !== 'reset' && this.mux.open) {
-      this.sentEnd = true;
-      this.mux.send(frame(END, this.id));
-      this.mux.settle(this);
-    }
-    callback();
+    if (this.state === 'reset' || !this.mux.open) return callback();
+    this.sendBytes(undefined, callback);
   }
 
   override _destroy(err: Error | null, callback: (err: Error | null) => void) {
-    this.waiting = undefined;
+    this.out.length = 0;
     this.mux.abandon(this, err);
     callback(err);
   }
@@ -232,8 +268,66 @@ export class MuxConnection {
     return this.tunnels.size;
   }
 
-  send(buf: Buffer) {
-    if (this.open) this.ws.send(buf);
+  /**
+   * Sends one frame (a whole one, or DATA as its tunnel id and payload). One at a time, each handed to
+   * the socket once the one before has left: frames written together are packed across TLS records,
+   * and the receiver copies them together again (as with the ready connections' frames; BENCHMARKS.md).
+   */
+  send(buf: Buffer): void;
+  send(id: number, payload: Buffer): void;
+  send(a: Buffer | number, payload?: Buffer) {
+    if (!this.open) return;
+    const item: Buffer | [number, Buffer] = typeof a === 'number' ? [a, payload!] : a;
+    if (this.sending) return void this.queue.push(item);
+    this.sending = true;
+    this.write(item);
+  }
+
+  private readonly queue: (Buffer | [number, Buffer])[] = [];
+  private sending = false;
+  private readonly sent = () => {
+    const next = this.queue.shift();
+    if (!next || !this.open) {
+      this.sending = false;
+      this.queue.length = 0;
+      return;
+    }
+    this.write(next);
+  };
+
+  /**
+   * A DATA frame is written as its WebSocket and mux headers, then the payload as it is: no copy of the
+   * payload into a frame (that copy was ≈ 9 % of a worker's CPU). ws frames a message the same way; its
+   * socket carries only our frames and its pings and pongs, each written whole. Where `ws` would mask
+   * with a random key (ws://, not wss://: src/client/client.ts wsMasking), the frame goes through ws.
+   */
+  private write(item: Buffer | [number, Buffer]) {
+    if (Buffer.isBuffer(item)) return void this.ws.send(item, this.sent);
+    const [id, payload] = item;
+    const internals = this.ws as unknown as { _socket?: Duplex; _isServer?: boolean };
+    const socket = internals._socket;
+    const masked = !internals._isServer;
+    if (!socket || (masked && !this.ws.url?.startsWith('wss:'))) return void this.ws.send(frame(DATA, id, payload), this.sent);
+    const length = HEADER + payload.length;
+    const ext = length < 126 ? 0 : length < 65536 ? 2 : 8;
+    const head = Buffer.allocUnsafe(2 + ext + (masked ? 4 : 0) + HEADER);
+    head[0] = 0x82; // FIN, binary
+    head[1] = (masked ? 0x80 : 0) | (ext === 0 ? length : ext === 2 ? 126 : 127);
+    let o = 2;
+    if (ext === 2) head.writeUInt16BE(length, o);
+    else if (ext === 8) head.writeBigUInt64BE(BigInt(length), o);
+    o += ext;
+    if (masked) {
+      // The all-zero mask, as our wss:// clients' (the payload goes as it is).
+      head.writeUInt32BE(0, o);
+      o += 4;
+    }
+    head[o] = DATA;
+    head.writeUInt32BE(id, o + 1);
+    socket.cork();
+    socket.write(head);
+    socket.write(payload, this.sent);
+    socket.uncork();
   }
 
   /** Opens a tunnel with `request` (the OPEN's JSON); rejects with the peer's refusal, or after `timeoutMs` without an answer. */
@@ -280,7 +374,9 @@ export class MuxConnection {
 
   /** Both ends passed: nothing more on this id but late window updates. */
   settle(tunnel: MuxTunnel) {
-    if (tunnel.gotEnd && tunnel.sentEnd && tunnel.state === 'open') this.tunnels.delete(tunnel.id);
+    if (!tunnel.gotEnd || !tunnel.sentEnd || tunnel.state !== 'open') return;
+    this.tunnels.delete(tunnel.id);
+    tunnel.settled();
   }
 
   /** A tunnel destroyed: reset it unless it ended (or was reset) already. */
@@ -335,7 +431,7 @@ export class MuxConnection {
         if (tunnel.gotEnd) throw new MuxProtocolError('a second END');
         tunnel.gotEnd = true;
         if (tunnel.state === 'reset') return;
-        tunnel.push(null);
+        tunnel.peerEnded();
         this.settle(tunnel);
         return;
       case OPEN_OK: {

@@ -7,12 +7,12 @@
 import type { Duplex } from 'node:stream';
 import type { WebSocket } from 'ws';
 import type { Role, ServiceAccount } from '../../api/schemas.ts';
-import { MuxConnection, type MuxTunnel } from '../../client/mux.ts';
+import { MuxConnection, MuxTunnel } from '../../client/mux.ts';
 import { reusableStream } from '../../client/tunnel-ends.ts';
 import { authorize, CONNECT_ROLES, type Access } from '../access.ts';
 import { HttpError } from '../errors.ts';
 import type { ClusterView } from '../view.ts';
-import { spliceStreams } from './relay.ts';
+import { spliceEnds, streamEnd, type SpliceEnd } from './relay.ts';
 import type { Tunnels } from './tunnels.ts';
 
 /** Mux connections a worker may hold at once (429 beyond): one in use, one replacing it. */
@@ -37,6 +37,27 @@ function parseTarget(request: unknown): Target {
   }
   if (typeof r.worker === 'string' && r.worker) return { worker: r.worker, port };
   throw new HttpError(400, 'the tunnel request names neither "vm" nor "worker"');
+}
+
+/** A multiplexed tunnel as a splice end, tapped: its bytes skip the stream's buffering (relay.ts pauses it, its window bounds it). */
+function muxEnd(tunnel: MuxTunnel): SpliceEnd {
+  let ended = () => {};
+  return {
+    side: {
+      onData: (listener) => tunnel.tap((payload) => listener(payload, true), () => ended()),
+      offData: () => {},
+      pause: () => tunnel.hold(),
+      resume: () => tunnel.release(),
+      get open() {
+        return !tunnel.destroyed && !tunnel.sentEnd;
+      },
+      send: (data, _isBinary, sent) => tunnel.sendBytes(data as Buffer, sent),
+    },
+    end: () => tunnel.sendBytes(undefined, () => {}),
+    onEnd: (fn) => (ended = fn),
+    destroy: (err) => tunnel.destroy(err),
+    onClose: (fn) => tunnel.on('close', () => fn(tunnel.gotEnd && tunnel.sentEnd, tunnel.errored ?? undefined)),
+  };
 }
 
 export class MuxTunnels {
@@ -92,7 +113,7 @@ export class MuxTunnels {
           (side) => {
             if (tunnel.destroyed) return void side.destroy();
             mux.accept(tunnel);
-            spliceStreams(tunnel, side);
+            spliceEnds(muxEnd(tunnel), side instanceof MuxTunnel ? muxEnd(side) : streamEnd(side));
           },
           (err: unknown) => mux.refuse(tunnel, err instanceof HttpError ? err.statusCode : 500, err instanceof HttpError ? err.message : 'internal error'),
         );

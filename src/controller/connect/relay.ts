@@ -132,21 +132,46 @@ export function relay(from: RelaySide, to: RelaySide, accept?: (isBinary: boolea
   };
 }
 
+/** One end of a spliced tunnel: its relay side, how to end it (half-close) or destroy it, and what it tells. */
+export interface SpliceEnd {
+  side: RelaySide;
+  /** No more bytes for it (after those relayed). */
+  end(): void;
+  /** Registers what to do when it sends no more bytes (its end). */
+  onEnd(fn: () => void): void;
+  destroy(err?: Error): void;
+  /** Registers what to do when it closes: `clean` when it ended both ways. */
+  onClose(fn: (clean: boolean, err?: Error) => void): void;
+}
+
+/** A tunnel's byte stream (a worker's WebSocket as a stream) as a splice end. */
+export function streamEnd(stream: Duplex): SpliceEnd {
+  return {
+    side: streamSide(stream),
+    end: () => stream.end(),
+    onEnd: (fn) => stream.on('end', fn),
+    destroy: (err) => stream.destroy(err),
+    onClose: (fn) => {
+      let error: Error | undefined;
+      stream.on('error', (err) => (error = err));
+      stream.on('close', () => fn(stream.readableEnded && stream.writableFinished, error));
+    },
+  };
+}
+
 /**
- * Splices two tunnel streams (multiplexed tunnels, or one and a worker's WebSocket as a stream), both
+ * Splices two tunnel ends (multiplexed tunnels, or one and a worker's WebSocket as a stream), both
  * ways, with the relay's flow control and turn budget. An end (half-close) passes to the other side;
- * one side destroyed (reset, lost) destroys the other, with its error.
+ * one side closed without ending both ways (reset, lost) destroys the other, with its error.
  */
-export function spliceStreams(a: Duplex, b: Duplex) {
+export function spliceEnds(a: SpliceEnd, b: SpliceEnd) {
   for (const [from, to] of [
     [a, b],
     [b, a],
   ]) {
-    relay(streamSide(from), streamSide(to));
-    from.on('end', () => to.end());
-    from.on('error', (err) => to.destroy(err));
-    from.on('close', () => {
-      if (!from.readableEnded || !from.writableFinished) to.destroy();
-    });
+    from.onEnd(() => to.end());
+    from.onClose((clean, err) => clean || to.destroy(err));
   }
+  relay(a.side, b.side);
+  relay(b.side, a.side);
 }
