@@ -150,10 +150,25 @@ describe('multiplexed tunnels: a hostile side', () => {
     await closed(second.ws!);
   });
 
-  test('a hostile worker: an OPEN from it, or bytes beyond its window, close its connection (1008) and reset the tunnels on it', async () => {
+  test("a hostile worker: it sees no other worker's tunnels; an OPEN from it, or bytes beyond its window, close its connection (1008) and reset the tunnels on it", async () => {
     const { token } = await account(cluster.c, 'evil', ['compute:write']);
     const evil = cluster.c.client('evil', token);
     await evil.registerWorker({ name: 'evil-1', machine_id: 'machine-evil', resources: { [RESOURCE_TART_VMS]: 1 }, capabilities: ['portForwardMux'] });
+    {
+      // Another worker's VM: nothing of its tunnel reaches this worker's connection.
+      const u = await upgrade(cluster.c.ctl, '/v1/rpc/port-forward-mux?workerName=evil-1', { auth: ['evil', token] });
+      assert.equal(u.status, 101, u.body);
+      const seen = frames(u.ws!);
+      const f = cluster.c.admin.portForwarder({ vm: 'v1', port: 22 });
+      const { stream } = await f.open();
+      const back = new Promise<string>((resolve) => stream.once('data', (c: Buffer) => resolve(c.toString())));
+      stream.write('for syn-1');
+      assert.equal(await back, 'for syn-1');
+      f.close();
+      assert.deepEqual(seen.got, []);
+      u.ws!.close();
+      await closed(u.ws!);
+    }
     for (const breach of ['open', 'window'] as const) {
       const u = await upgrade(cluster.c.ctl, '/v1/rpc/port-forward-mux?workerName=evil-1', { auth: ['evil', token] });
       assert.equal(u.status, 101, u.body);
