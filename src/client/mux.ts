@@ -52,6 +52,12 @@ export interface MuxOptions {
   maxTunnels: number;
   /** The accepting side's handler of an OPEN: calls `accept` or `refuse` (the request is the OPEN's JSON). */
   onOpen?: (request: unknown, tunnel: MuxTunnel) => void;
+  /**
+   * Hand frames to the socket one at a time (the client's and the worker's side): the controller then
+   * reads each in a TLS record of its own instead of copying frames together. The controller's relay
+   * writes as frames come (more per event-loop turn), as it does on the other tunnels.
+   */
+  oneAtATime?: boolean;
   /** What the connection is called in errors ("the worker connection"). */
   name?: string;
   /** The error an open refused by the peer rejects with. */
@@ -224,6 +230,8 @@ export class MuxTunnel extends Duplex {
   }
 }
 
+const noop = () => {};
+
 const u32 = (n: number) => {
   const b = Buffer.allocUnsafe(4);
   b.writeUInt32BE(n);
@@ -269,18 +277,19 @@ export class MuxConnection {
   }
 
   /**
-   * Sends one frame (a whole one, or DATA as its tunnel id and payload). One at a time, each handed to
-   * the socket once the one before has left: frames written together are packed across TLS records,
-   * and the receiver copies them together again (as with the ready connections' frames; BENCHMARKS.md).
+   * Sends one frame (a whole one, or DATA as its tunnel id and payload); with `oneAtATime`, each is
+   * handed to the socket once the one before has left: frames written together are packed across TLS
+   * records, and the receiver copies them together again (as with the ready connections' frames).
    */
   send(buf: Buffer): void;
   send(id: number, payload: Buffer): void;
   send(a: Buffer | number, payload?: Buffer) {
     if (!this.open) return;
     const item: Buffer | [number, Buffer] = typeof a === 'number' ? [a, payload!] : a;
+    if (!this.options.oneAtATime) return this.write(item, noop);
     if (this.sending) return void this.queue.push(item);
     this.sending = true;
-    this.write(item);
+    this.write(item, this.sent);
   }
 
   private readonly queue: (Buffer | [number, Buffer])[] = [];
@@ -292,7 +301,7 @@ export class MuxConnection {
       this.queue.length = 0;
       return;
     }
-    this.write(next);
+    this.write(next, this.sent);
   };
 
   /**
@@ -301,13 +310,13 @@ export class MuxConnection {
    * socket carries only our frames and its pings and pongs, each written whole. Where `ws` would mask
    * with a random key (ws://, not wss://: src/client/client.ts wsMasking), the frame goes through ws.
    */
-  private write(item: Buffer | [number, Buffer]) {
-    if (Buffer.isBuffer(item)) return void this.ws.send(item, this.sent);
+  private write(item: Buffer | [number, Buffer], sent: () => void) {
+    if (Buffer.isBuffer(item)) return void this.ws.send(item, sent);
     const [id, payload] = item;
     const internals = this.ws as unknown as { _socket?: Duplex; _isServer?: boolean };
     const socket = internals._socket;
     const masked = !internals._isServer;
-    if (!socket || (masked && !this.ws.url?.startsWith('wss:'))) return void this.ws.send(frame(DATA, id, payload), this.sent);
+    if (!socket || (masked && !this.ws.url?.startsWith('wss:'))) return void this.ws.send(frame(DATA, id, payload), sent);
     const length = HEADER + payload.length;
     const ext = length < 126 ? 0 : length < 65536 ? 2 : 8;
     const head = Buffer.allocUnsafe(2 + ext + (masked ? 4 : 0) + HEADER);
@@ -326,7 +335,7 @@ export class MuxConnection {
     head.writeUInt32BE(id, o + 1);
     socket.cork();
     socket.write(head);
-    socket.write(payload, this.sent);
+    socket.write(payload, sent);
     socket.uncork();
   }
 

@@ -106,7 +106,7 @@ export class ReadyTunnels {
     if (mux?.open) return mux;
     if (this.closed) throw new ApiError(503, 'the port forwarder is closed');
     if (this.mux === current) {
-      this.mux = this.options.mux!.connect().then((ws) => new MuxConnection(ws, { opener: true, maxTunnels: MUX_TUNNELS, refused: (status, message) => new ApiError(status, message) }));
+      this.mux = this.options.mux!.connect().then((ws) => new MuxConnection(ws, { opener: true, oneAtATime: true, maxTunnels: MUX_TUNNELS, refused: (status, message) => new ApiError(status, message) }));
     }
     return this.mux!;
   }

@@ -54,7 +54,7 @@ export class WorkerMux {
     const url = client.urlOf('/v1/rpc/port-forward-mux', true);
     url.searchParams.set('workerName', workerName);
     const ws = new WebSocket(url, { ...client.wsOptions(url), handshakeTimeout: 15_000, maxPayload: 1024 * 1024 });
-    const mux = (this.mux = new MuxConnection(ws, { opener: false, maxTunnels: MAX_TUNNELS, onOpen: (request, tunnel) => void this.serve(mux, request, tunnel) }));
+    const mux = (this.mux = new MuxConnection(ws, { opener: false, oneAtATime: true, maxTunnels: MAX_TUNNELS, onOpen: (request, tunnel) => void this.serve(mux, request, tunnel) }));
     let silence: NodeJS.Timeout | undefined;
     const alive = () => {
       clearTimeout(silence);
