@@ -22,10 +22,10 @@ const HEADER = 5;
 
 /**
  * Bytes each side may send on a tunnel before the other grants more (both directions start with it).
- * With 256 KiB one tunnel moved half as much per second, stalled waiting for grants; with 1 MiB, 40
- * saturating tunnels of one client took the controller to 489 MB (512 KiB: 321 MB; BENCHMARKS.md).
+ * With 256 KiB, and with 512 KiB under load, one tunnel moved less per second, stalled waiting for
+ * grants. What the controller holds per tunnel is bounded by it (BENCHMARKS.md, bench/abuse.ts).
  */
-export const INITIAL_WINDOW = 512 * 1024;
+export const INITIAL_WINDOW = 1024 * 1024;
 /** Largest payload of a DATA frame accepted; ours send at most DATA_BYTES (one frame per TLS record). */
 export const MAX_DATA = 64 * 1024;
 const DATA_BYTES = TUNNEL_FRAME_BYTES - HEADER;

@@ -51,6 +51,8 @@ function muxEnd(tunnel: MuxTunnel): SpliceEnd {
       get open() {
         return !tunnel.destroyed && !tunnel.sentEnd;
       },
+      // Little queued here: the tunnel's window already keeps its peer's bytes in flight (and in this process's memory).
+      highWater: 64 * 1024,
       send: (data, _isBinary, sent) => tunnel.sendBytes(data as Buffer, sent),
     },
     end: () => tunnel.sendBytes(undefined, () => {}),

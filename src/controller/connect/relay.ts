@@ -49,6 +49,8 @@ export interface RelaySide {
   pause(): void;
   resume(): void;
   readonly open: boolean;
+  /** Bytes queued for it before the side sending them is paused (default HIGH_WATER). */
+  readonly highWater?: number;
   /** Sends `data`; `sent` runs once it has left (or failed). */
   send(data: RawData, isBinary: boolean, sent: () => void): void;
 }
@@ -88,6 +90,7 @@ export function streamSide(stream: Duplex): RelaySide {
  */
 export function relay(from: RelaySide, to: RelaySide, accept?: (isBinary: boolean) => boolean): () => void {
   let queued = 0;
+  const high = to.highWater ?? HIGH_WATER;
   /** Why `from` is paused: its peer is backed up, and/or it waits for a turn. */
   let backedUp = false;
   let waitingTurn = false;
@@ -103,12 +106,12 @@ export function relay(from: RelaySide, to: RelaySide, accept?: (isBinary: boolea
     queued += bytes;
     to.send(data, isBinary, () => {
       queued -= bytes;
-      if (backedUp && queued <= HIGH_WATER / 2) {
+      if (backedUp && queued <= high / 2) {
         backedUp = false;
         update();
       }
     });
-    if (queued > HIGH_WATER) backedUp = true;
+    if (queued > high) backedUp = true;
     spentThisTurn += bytes;
     if (spentThisTurn > TURN_BUDGET && !waitingTurn) {
       waitingTurn = true;
