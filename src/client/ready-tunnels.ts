@@ -77,6 +77,8 @@ export class ReadyTunnels {
     );
     const mode = await this.supported;
     if (mode === 'ready') this.fill();
+    // Opened ahead, as the ready connections are: the first tunnel pays no handshake either (a failure is the first open's to tell).
+    if (mode === 'mux') this.muxConnection().catch(() => {});
   }
 
   /** A tunnel: on the mux connection, or on an idle ready connection when there is one, else on a WebSocket of its own. */
