@@ -9,8 +9,10 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { ApiError } from '../src/client/client.ts';
 import { INITIAL_WINDOW, type MuxTunnel } from '../src/client/mux.ts';
-import { waitFor } from './helpers.ts';
-import { account, clusterWithVM, countWebSockets } from './security/attack.ts';
+import { pino } from 'pino';
+import { startController } from '../src/controller/controller.ts';
+import { ADMIN_TOKEN, clientOf, tempDir, waitFor } from './helpers.ts';
+import { account, clusterWithVM, countWebSockets, syntheticWorker } from './security/attack.ts';
 
 /** Writes `bytes` and reads them back through an echo; ends its side and waits for the tunnel's end. */
 async function echo(stream: Duplex, bytes: Buffer) {
@@ -106,6 +108,28 @@ describe('multiplexed tunnels', () => {
       slow.close();
       fast.close();
       firehose.close();
+    }
+  });
+
+  test('over plain ws:// (--insecure-no-tls, where DATA frames go through ws and its masking) tunnels work too: 1 MiB each way intact', async () => {
+    const ctl = await startController({ dataDir: tempDir(), listen: '127.0.0.1:0', insecureNoTLS: true, bootstrapAdminToken: ADMIN_TOKEN, logger: pino({ level: 'silent' }) });
+    const admin = clientOf(ctl, 'bootstrap-admin', ADMIN_TOKEN);
+    const worker = syntheticWorker(admin, 'plain-1');
+    try {
+      await worker.start();
+      await waitFor('the worker mux connection', () => worker.tunnelMuxOpen || undefined, 10_000, 5);
+      await admin.createVM({ name: 'p1', image: 'synthetic' });
+      await waitFor('p1 running', async () => (await admin.getVM('p1')).status === 'running' || undefined, 10_000);
+      const f = admin.portForwarder({ vm: 'p1', port: 22 });
+      try {
+        await echo((await f.open()).stream, Buffer.alloc(1024 * 1024, 9));
+      } finally {
+        f.close();
+      }
+    } finally {
+      await worker.stop();
+      admin.close();
+      await ctl.close();
     }
   });
 });
