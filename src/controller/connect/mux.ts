@@ -12,7 +12,7 @@ import { reusableStream } from '../../client/tunnel-ends.ts';
 import { authorize, CONNECT_ROLES, type Access } from '../access.ts';
 import { HttpError } from '../errors.ts';
 import type { ClusterView } from '../view.ts';
-import { spliceEnds, streamEnd, type SpliceEnd } from './relay.ts';
+import { spliceTunnelEnds, streamEnd, type SpliceEnd } from './relay.ts';
 import type { Tunnels } from './tunnels.ts';
 
 /** Mux connections a worker may hold at once (429 beyond): one in use, one replacing it. */
@@ -115,7 +115,7 @@ export class MuxTunnels {
           (side) => {
             if (tunnel.destroyed) return void side.destroy();
             mux.accept(tunnel);
-            spliceEnds(muxEnd(tunnel), side instanceof MuxTunnel ? muxEnd(side) : streamEnd(side));
+            spliceTunnelEnds(muxEnd(tunnel), side instanceof MuxTunnel ? muxEnd(side) : streamEnd(side));
           },
           (err: unknown) => mux.refuse(tunnel, err instanceof HttpError ? err.statusCode : 500, err instanceof HttpError ? err.message : 'internal error'),
         );

@@ -167,7 +167,7 @@ export function streamEnd(stream: Duplex): SpliceEnd {
  * ways, with the relay's flow control and turn budget. An end (half-close) passes to the other side;
  * one side closed without ending both ways (reset, lost) destroys the other, with its error.
  */
-export function spliceEnds(a: SpliceEnd, b: SpliceEnd) {
+export function spliceTunnelEnds(a: SpliceEnd, b: SpliceEnd) {
   for (const [from, to] of [
     [a, b],
     [b, a],
