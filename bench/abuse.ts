@@ -6,6 +6,7 @@
 //   50 non-reading watchers under changes         a VM with a 200 kB startup script changed 20×/s
 //   40 port-forwards pushing 15 MiB frames        each reconnects when refused and tries again
 //   40 port-forwards pushing 256 KiB frames       the largest allowed, as fast as flow control lets
+//   40 multiplexed tunnels on one connection      tunnel-mux: each as fast as its window lets
 //
 // For each: peak controller RSS during the load, its RSS 5 s after the clients left, and p50/p99 of
 // GET /v1/vms on a new TLS connection (bench/probe.ts, a process of its own) during the load.
@@ -23,6 +24,7 @@ import { WebSocket } from 'ws';
 import { ADMIN_TOKEN } from '../test/helpers.ts';
 import { Cluster, pct } from './load-harness.ts';
 import { DEFAULT_LIMITS } from '../src/controller/limits.ts';
+import { OrchardClient } from '../src/client/client.ts';
 
 const { values } = parseArgs({ options: { seconds: { type: 'string', default: '8' }, only: { type: 'string' } } });
 const SECONDS = Number(values.seconds);
@@ -203,6 +205,36 @@ const pushers = (bytes: number, zeroMask = false) => async () => {
 };
 await phase('40 port-forwards pushing 15 MiB frames', pushers(15 * MiB, true));
 await phase(`40 port-forwards pushing ${DEFAULT_LIMITS.tunnelFrameBytes / 1024} KiB frames (the largest allowed)`, pushers(DEFAULT_LIMITS.tunnelFrameBytes));
+
+/** 40 tunnels multiplexed on one connection (capability tunnel-mux), each writing as fast as its window lets and reading the echo. */
+await phase('40 multiplexed tunnels on one connection, as fast as their windows let', async () => {
+  await cluster.admin.createServiceAccount({ name: 'muxer', token: 'muxer-token-0123456789', roles: ['compute:connect'] });
+  const client = new OrchardClient({ url: cluster.ctl.url, certificate: cluster.certificate, serviceAccountName: 'muxer', serviceAccountToken: 'muxer-token-0123456789' });
+  const forwarder = client.portForwarder({ vm: 'echo', port: 22 });
+  const chunk = Buffer.alloc(256 * 1024, 0x5a);
+  let stopped = false;
+  let moved = 0;
+  const one = async () => {
+    const { stream } = await forwarder.open();
+    stream.on('data', (c: Buffer) => (moved += c.length));
+    stream.on('error', () => {});
+    const pump = () => {
+      while (!stopped && !stream.destroyed && stream.write(chunk));
+    };
+    stream.on('drain', pump);
+    pump();
+    return stream;
+  };
+  const streams = await Promise.all(Array.from({ length: 40 }, one));
+  const t0 = Date.now();
+  return () => {
+    stopped = true;
+    for (const s of streams) s.destroy();
+    forwarder.close();
+    client.close();
+    console.error(`40 multiplexed tunnels: ${(moved / MiB / ((Date.now() - t0) / 1000)).toFixed(0)} MiB/s echoed in all`);
+  };
+});
 
 await cluster.stop();
 rmSync(cluster.dataDir, { recursive: true, force: true });

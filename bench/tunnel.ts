@@ -3,8 +3,10 @@
 // through a local dropbear, all in one run, against the same sink/source server (a child process).
 //
 //   (a) throughput of one SIZE MiB upload and download (median of RUNS) through the tunnel, both with
-//       the client API (OrchardClient.portForwardWorker: the controller↔worker tunnel itself) and
-//       through `orchard port-forward worker` (a local listener, as a user runs it)
+//       the client API (OrchardClient.portForwardWorker: the controller↔worker tunnel itself; portForwarder
+//       on ready connections; portForwarder multiplexed, capability tunnel-mux) and through
+//       `orchard port-forward worker` (a local listener, as a user runs it: ready connections with
+//       ORCHARD_TUNNEL_MUX=0, as before the mux, and multiplexed); the goals of issue #17 are printed last
 //   (b) the same over direct loopback TCP        (c) the same through `ssh -L` (OpenSSH → dropbear)
 //   (d) round-trip latency of small messages, p50/p99, and what the tunnel adds to direct
 //   (e) CONNS concurrent tunnels, each downloading SIZE/CONNS: aggregate throughput, time to first byte
@@ -397,25 +399,32 @@ async function main() {
     children.push(worker);
     const c = client;
     const apiDial: Dial = async () => (await c.portForwardWorker('bench', target)).stream;
-    // The same with ready connections (controller capability port-forward-ready), as `orchard port-forward` uses them.
-    const forwarder = c.portForwarder({ worker: 'bench', port: target });
-    closeForwarder = () => forwarder.close();
+    // The same with ready connections (capability port-forward-ready), as `orchard port-forward` used them before the mux,
+    // and multiplexed on one connection (capability tunnel-mux), as it uses them now.
+    const forwarder = c.portForwarder({ worker: 'bench', port: target }, 4, { mux: false });
+    const muxForwarder = c.portForwarder({ worker: 'bench', port: target });
+    closeForwarder = () => (forwarder.close(), muxForwarder.close());
     const readyDial: Dial = async () => (await forwarder.open()).stream;
+    const muxDial: Dial = async () => (await muxForwarder.open()).stream;
     await until('the worker to take port-forwards', async () => ((await download(apiDial, 16)) ? true : undefined));
 
     // `orchard port-forward worker` as a user runs it.
     const env = { ORCHARD_HOME: join(dir, 'home') };
     const ctx = await runCLI(['context', 'create', ctl.url, '--name', 'bench', '--service-account-name', 'bootstrap-admin', '--service-account-token', ADMIN_TOKEN, '--yes'], env);
     if (ctx.code !== 0) throw new Error(`context create: ${ctx.stderr}`);
-    const pf = await startChild(ORCHARD_BIN, ['port-forward', 'worker', 'bench', `0:${target}`], /forwarding 127\.0\.0\.1:(\d+)/, env);
+    const pf = await startChild(ORCHARD_BIN, ['port-forward', 'worker', 'bench', `0:${target}`], /forwarding 127\.0\.0\.1:(\d+)/, { ...env, ORCHARD_TUNNEL_MUX: '0' });
     const cliPort = Number(pf.match[1]);
+    const pfMux = await startChild(ORCHARD_BIN, ['port-forward', 'worker', 'bench', `0:${target}`], /forwarding 127\.0\.0\.1:(\d+)/, env);
+    const cliMuxPort = Number(pfMux.match[1]);
 
     const tunnelPids = { controller: ctl.proc.pid, worker: worker.pid, server: server.proc.pid };
     const paths: Path[] = [
       { name: 'direct loopback TCP', dial: tcpDial(target), pids: { client: process.pid, server: server.proc.pid } },
       { name: 'orchard tunnel (client API)', dial: apiDial, pids: { client: process.pid, ...tunnelPids } },
       { name: 'orchard tunnel (client API, ready conns)', dial: readyDial, pids: { client: process.pid, ...tunnelPids } },
-      { name: 'orchard port-forward (CLI)', dial: tcpDial(cliPort), pids: { client: process.pid, cli: pf.proc.pid, ...tunnelPids } },
+      { name: 'orchard tunnel (client API, mux)', dial: muxDial, pids: { client: process.pid, ...tunnelPids } },
+      { name: 'orchard port-forward (CLI, ready conns)', dial: tcpDial(cliPort), pids: { client: process.pid, cli: pf.proc.pid, ...tunnelPids } },
+      { name: 'orchard port-forward (CLI, mux)', dial: tcpDial(cliMuxPort), pids: { client: process.pid, cli: pfMux.proc.pid, ...tunnelPids } },
     ];
     const sshPaths: Path[] = [];
     const dropbear = await startDropbear(dir).catch((err: Error) => ({ skipped: err.message }));
@@ -464,10 +473,12 @@ async function main() {
 
     // Setting up one tunnel: open → first byte, one at a time.
     console.log(`\n${'setting up one connection (50 in a row)'.padEnd(W)} open → first byte p50 / p99`);
+    const setup = new Map<string, number>();
     for (const p of [...paths, ...sshPaths]) {
       const xs: number[] = [];
       for (let i = 0; i < 50; i++) xs.push((await download(p.dial, 16)).seconds * 1000);
       xs.sort((a, b) => a - b);
+      setup.set(p.name, pct(xs, 50));
       console.log(`${p.name.padEnd(W)} ${pct(xs, 50).toFixed(1)} / ${pct(xs, 99).toFixed(1)} ms`);
     }
 
@@ -484,6 +495,22 @@ async function main() {
           (vsSSH !== undefined ? `; slower direction ${vsSSH.toFixed(2)}× the best ssh -L (target ≥ 1: ${vsSSH >= 1 ? 'met' : 'MISSED'})` : ''),
       );
     }
+
+    // Issue #17's goals for the multiplexed paths (the ones `orchard port-forward` and portForwarder use).
+    const bestSSHConc = sshPaths.length ? Math.max(...sshPaths.map((p) => conc.get(p.name)!)) : undefined;
+    const goal = (what: string, value: string, met: boolean) => console.log(`goal: ${what}: ${value} (${met ? 'met' : 'MISSED'})`);
+    console.log(`load average ${loadavg().map((x) => x.toFixed(2)).join(' ')} at the end`);
+    for (const name of ['orchard tunnel (client API, mux)', 'orchard port-forward (CLI, mux)']) {
+      if (bestSSHConc) goal(`${name}, ${CONNS} concurrent ≥ 1.2× ssh -L`, `${(conc.get(name)! / bestSSHConc).toFixed(2)}×`, conc.get(name)! >= 1.2 * bestSSHConc);
+      const added = pct(lat.get(name)!, 50) - pct(direct, 50);
+      const cap = name.includes('CLI') ? 300 : 150;
+      goal(`${name}, round trip added to direct p50 ≤ ${cap} µs`, `${added.toFixed(0)} µs`, added <= cap);
+      goal(`${name}, set-up ≤ 2 ms`, `${setup.get(name)!.toFixed(1)} ms`, setup.get(name)! <= 2);
+    }
+    const cli = tp.get('orchard port-forward (CLI, mux)')!;
+    if (bestSSH) goal('one tunnel through the CLI (mux) ≥ 1.3× the best ssh -L', `${(Math.min(cli.up, cli.down) / bestSSH).toFixed(2)}×`, Math.min(cli.up, cli.down) >= 1.3 * bestSSH);
+    const cpu = Object.values(cli.cpu).reduce((a, b) => a + b, 0);
+    goal('one tunnel through the CLI (mux) ≤ 7 CPU s per GiB, all processes', cpu.toFixed(2), cpu <= 7);
   } finally {
     await cleanup();
   }

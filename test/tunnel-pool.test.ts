@@ -36,7 +36,8 @@ function countingWorker(ctl: RunningController, name: string, readyTunnels: numb
     };
     return { ...o, createConnection: counted as unknown as typeof o.createConnection };
   }) as OrchardClient['wsOptions'];
-  const worker = new OrchardWorker({ client, name, driver: new SyntheticDriver(), dataDir: tempDir(), slots: 10, heartbeatMs: 1000, readyTunnels, labels, logger: pino({ level: 'silent' }) });
+  // Ready connections only: no mux connection (tunnel-mux.test.ts has those).
+  const worker = new OrchardWorker({ client, name, driver: new SyntheticDriver(), dataDir: tempDir(), slots: 10, heartbeatMs: 1000, readyTunnels, labels, tunnelMux: false, logger: pino({ level: 'silent' }) });
   return { worker, counts, resumed };
 }
 

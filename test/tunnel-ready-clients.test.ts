@@ -27,7 +27,7 @@ describe('client ready port-forward connections', () => {
     const { admin } = cluster.c;
     assert.ok((await admin.info()).capabilities.includes('port-forward-ready'));
     const paths = countWebSockets(admin).client;
-    const forwarder = admin.portForwarder({ vm: 'v1', port: 22, waitSeconds: 5 }, 2);
+    const forwarder = admin.portForwarder({ vm: 'v1', port: 22, waitSeconds: 5 }, 2, { mux: false });
     try {
       for (let i = 0; i < 20; i++) {
         await waitFor('a ready connection', () => forwarder.ready > 0 || undefined, 10_000, 5);
@@ -48,7 +48,7 @@ describe('client ready port-forward connections', () => {
 
   test("the controller's refusal comes back as its status: an unknown VM is 404, and the forwarder keeps working", async () => {
     const { admin } = cluster.c;
-    const missing = admin.portForwarder({ vm: 'nope', port: 22, waitSeconds: 0 }, 1);
+    const missing = admin.portForwarder({ vm: 'nope', port: 22, waitSeconds: 0 }, 1, { mux: false });
     try {
       await waitFor('a ready connection', () => missing.ready > 0 || undefined, 10_000, 5);
       await assert.rejects(missing.open(), (err: unknown) => err instanceof ApiError && err.status === 404 && /VM "nope" not found/.test(err.message));
@@ -67,10 +67,10 @@ describe('client ready port-forward connections', () => {
       const w = await upgrade(cluster.c.ctl, '/v1/workers/syn-1/port-forward/ready?port=22', { auth: connector.auth });
       assert.equal(w.status, 403, w.body);
       // Through the forwarder: the refusal of the upgrade, then of the per-tunnel path, reaches the caller.
-      const f = reader.client.portForwarder({ vm: 'v1', port: 22 }, 1);
+      const f = reader.client.portForwarder({ vm: 'v1', port: 22 }, 1, { mux: false });
       await assert.rejects(f.open(), (err: unknown) => err instanceof ApiError && err.status === 403);
       f.close();
-      const ok = connector.client.portForwarder({ vm: 'v1', port: 22 }, 1);
+      const ok = connector.client.portForwarder({ vm: 'v1', port: 22 }, 1, { mux: false });
       await waitFor('a ready connection', () => ok.ready > 0 || undefined, 10_000, 5);
       await echo(await ok.open(), 'connect role');
       ok.close();
@@ -82,7 +82,7 @@ describe('client ready port-forward connections', () => {
 
   test('revoking the role closes idle ready connections, and no tunnel opens on them afterwards', async () => {
     const temp = await account(cluster.c, 'temp', ['compute:connect']);
-    const f = temp.client.portForwarder({ vm: 'v1', port: 22 }, 2);
+    const f = temp.client.portForwarder({ vm: 'v1', port: 22 }, 2, { mux: false });
     try {
       await waitFor('2 ready connections', () => f.ready === 2 || undefined, 10_000, 5);
       await cluster.c.admin.updateServiceAccount({ name: 'temp', token: temp.token, roles: ['compute:read'] });
@@ -142,7 +142,7 @@ describe('client ready port-forward connections', () => {
     const info = admin.info;
     admin.info = async () => ({ ...(await info()), capabilities: [] });
     const paths = countWebSockets(admin).client;
-    const forwarder = admin.portForwarder({ vm: 'v1', port: 22 }, 2);
+    const forwarder = admin.portForwarder({ vm: 'v1', port: 22 }, 2, { mux: false });
     try {
       for (let i = 0; i < 3; i++) await echo(await forwarder.open(), `old way ${i}`);
       assert.deepEqual(paths, ['/v1/vms/v1/port-forward', '/v1/vms/v1/port-forward', '/v1/vms/v1/port-forward']);
@@ -157,7 +157,7 @@ describe('client ready port-forward connections', () => {
 describe('client ready port-forward connections: bounded per account', () => {
   test('idle ready connections count against the account\'s tunnels: past the limit the upgrade is 429', async () => {
     const cluster = await clusterWithVM('v1', { limits: { tunnelsPerAccount: 3 } });
-    const f = cluster.c.admin.portForwarder({ vm: 'v1', port: 22 }, 3);
+    const f = cluster.c.admin.portForwarder({ vm: 'v1', port: 22 }, 3, { mux: false });
     try {
       await waitFor('3 ready connections', () => f.ready === 3 || undefined, 10_000, 5);
       const more = await upgrade(cluster.c.ctl, '/v1/vms/v1/port-forward/ready?port=22', { auth: ['bootstrap-admin', ADMIN_TOKEN] });

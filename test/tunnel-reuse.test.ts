@@ -34,7 +34,7 @@ describe('reused tunnel connections', () => {
 
   test('20 tunnels in a row that end with end frames open no WebSocket, neither the client nor the worker', async () => {
     const { admin } = cluster.c;
-    const forwarder = admin.portForwarder({ vm: 'v1', port: 22, waitSeconds: 5 }, 2);
+    const forwarder = admin.portForwarder({ vm: 'v1', port: 22, waitSeconds: 5 }, 2, { mux: false });
     try {
       await waitFor('2 ready connections', () => forwarder.ready === 2 || undefined, 10_000, 5);
       // Warm-up: the first tunnels have their connections replaced before they come back.
@@ -66,7 +66,7 @@ describe('reused tunnel connections', () => {
       sock.on('end', () => sock.end(`got ${request.length} bytes`));
     });
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
-    const forwarder = cluster.c.admin.portForwarder({ worker: 'syn-1', port: (server.address() as net.AddressInfo).port }, 1);
+    const forwarder = cluster.c.admin.portForwarder({ worker: 'syn-1', port: (server.address() as net.AddressInfo).port }, 1, { mux: false });
     try {
       await waitFor('a ready connection', () => forwarder.ready === 1 || undefined, 10_000, 5);
       for (let i = 0; i < 3; i++) {
@@ -90,7 +90,7 @@ describe('reused tunnel connections', () => {
     // Sends SIZE bytes to whoever connects, then closes.
     const server = net.createServer((sock) => (sock.on('error', () => {}), sock.end(payload)));
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
-    const forwarder = cluster.c.admin.portForwarder({ worker: 'syn-1', port: (server.address() as net.AddressInfo).port }, 2);
+    const forwarder = cluster.c.admin.portForwarder({ worker: 'syn-1', port: (server.address() as net.AddressInfo).port }, 2, { mux: false });
     /** Reads to the target's end, then ends this side (the tunnel's end frames: the connection comes back). */
     const drain = async (stream: Duplex) => {
       let n = 0;
@@ -115,7 +115,7 @@ describe('reused tunnel connections', () => {
   });
 
   test('a tunnel cut before its end closes its connection, and the next tunnel still opens', async () => {
-    const forwarder = cluster.c.admin.portForwarder({ vm: 'v1', port: 22 }, 1);
+    const forwarder = cluster.c.admin.portForwarder({ vm: 'v1', port: 22 }, 1, { mux: false });
     try {
       await waitFor('a ready connection', () => forwarder.ready === 1 || undefined, 10_000, 5);
       const { ws, stream } = await forwarder.open();
@@ -131,7 +131,7 @@ describe('reused tunnel connections', () => {
 
   test('a connection back from a tunnel is still held for its account: revoking the role closes it', async () => {
     const temp = await account(cluster.c, 'reuser', ['compute:connect']);
-    const f = temp.client.portForwarder({ vm: 'v1', port: 22 }, 1);
+    const f = temp.client.portForwarder({ vm: 'v1', port: 22 }, 1, { mux: false });
     try {
       await waitFor('a ready connection', () => f.ready === 1 || undefined, 10_000, 5);
       const { ws, stream } = await f.open();

@@ -10,6 +10,8 @@ export const REGISTRIES_ACTION = 'registriesAction';
 export const PULL_IMAGE_ACTION = 'pullImageAction';
 /** The worker keeps ready tunnel connections on /v1/rpc/port-forward-pool (docs/tunnel-pool-protocol.md). */
 export const PORT_FORWARD_POOL = 'portForwardPool';
+/** The worker keeps a tunnel mux connection on /v1/rpc/port-forward-mux (docs/tunnel-mux-protocol.md). */
+export const PORT_FORWARD_MUX = 'portForwardMux';
 
 /** The worker's VMs changed: sync them (with ours: here they are). */
 export interface SyncVMsAction {

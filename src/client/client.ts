@@ -7,7 +7,7 @@ import tls from 'node:tls';
 import { X509Certificate } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { createWebSocketStream, WebSocket } from 'ws';
-import { PORT_FORWARD_READY, ReadyTunnels } from './ready-tunnels.ts';
+import { ReadyTunnels } from './ready-tunnels.ts';
 import { TUNNEL_FRAME_BYTES } from './tunnel-ends.ts';
 import type {
   ClusterSettings,
@@ -369,7 +369,7 @@ export class OrchardClient {
    * Tunnels to one target, each opened on an idle connection kept ready ahead of time (`ready` of
    * them) when the controller supports it: see ./ready-tunnels.ts. close() it when done.
    */
-  portForwarder(target: { vm: string; port: number; waitSeconds?: number } | { worker: string; port: number }, ready = 4): ReadyTunnels {
+  portForwarder(target: { vm: string; port: number; waitSeconds?: number } | { worker: string; port: number }, ready = 4, opts: { mux?: boolean } = {}): ReadyTunnels {
     const direct = 'vm' in target ? () => this.portForwardVM(target.vm, target.port, target.waitSeconds) : () => this.portForwardWorker(target.worker, target.port);
     const path =
       'vm' in target
@@ -380,7 +380,16 @@ export class OrchardClient {
       connect: () => this.openWebSocket(path),
       direct,
       streamOf: tunnelStream,
-      supported: async () => ready > 0 && (await this.info()).capabilities.includes(PORT_FORWARD_READY),
+      capabilities: async () => (await this.info()).capabilities,
+      // Many tunnels on one connection when the controller takes it (unless opts.mux is false, or ORCHARD_TUNNEL_MUX=0).
+      mux:
+        (opts.mux ?? process.env.ORCHARD_TUNNEL_MUX !== '0') === false
+          ? undefined
+          : {
+              connect: () => this.openWebSocket('/v1/port-forward-mux'),
+              request: 'vm' in target ? { vm: target.vm, port: target.port, wait: target.waitSeconds ?? 10 } : { worker: target.worker, port: target.port },
+              timeoutMs: (('vm' in target ? target.waitSeconds ?? 10 : 0) + 35) * 1000,
+            },
     });
     void pool.start();
     return pool;

@@ -5,6 +5,7 @@
 import type { Duplex } from 'node:stream';
 import type { RawData, WebSocket } from 'ws';
 import { ApiError } from './errors.ts';
+import { MuxConnection, TUNNEL_MUX } from './mux.ts';
 import { reusableStream } from './tunnel-ends.ts';
 
 /** The controller's capability (GET /v1/controller/info). */
@@ -19,11 +20,23 @@ export interface ReadyTunnelsOptions {
   direct: () => Promise<TunnelConnection>;
   /** The byte stream of an open tunnel. */
   streamOf: (ws: WebSocket) => Duplex;
-  /** Whether the controller has the capability. */
-  supported: () => Promise<boolean>;
+  /** The controller's capabilities (read once). */
+  capabilities: () => Promise<string[]>;
   /** Idle connections kept. */
   size: number;
+  /** Tunnels multiplexed on one connection (capability "tunnel-mux"), used instead of ready connections when given. */
+  mux?: {
+    /** Opens the mux connection (the upgrade of /v1/port-forward-mux). */
+    connect: () => Promise<WebSocket>;
+    /** The OPEN request naming the target. */
+    request: object;
+    /** How long the controller may take to answer it. */
+    timeoutMs: number;
+  };
 }
+
+/** Tunnels at once on the client's mux connection (the controller's bound too). */
+const MUX_TUNNELS = 1024;
 
 /** Idle connections kept at most, counting those back from a tunnel that ended (beyond: closed), as a multiple of `size`. */
 const MAX_IDLE_FACTOR = 2;
@@ -36,7 +49,9 @@ export class ReadyTunnels {
   /** Idle connections, each with its close listener (removed when taken: a connection is reused many times). */
   private readonly idle = new Map<WebSocket, () => void>();
   private opening = 0;
-  private supported?: Promise<boolean>;
+  private supported?: Promise<'mux' | 'ready' | 'none'>;
+  /** The mux connection, open or opening. */
+  private mux?: Promise<MuxConnection>;
   private failures = 0;
   private timer?: NodeJS.Timeout;
   private closed = false;
@@ -51,17 +66,25 @@ export class ReadyTunnels {
     return this.idle.size;
   }
 
-  /** Starts filling the pool (also done by the first open). */
+  /** Reads the controller's capabilities and starts filling the pool (also done by the first open). */
   async start(): Promise<void> {
     // Once: afterwards a taken connection is replaced REFILL_DELAY_MS later, not on the tunnel's own path.
-    if (this.supported) return;
-    this.supported = this.options.supported().catch(() => false);
-    if (await this.supported) this.fill();
+    if (this.supported) return void (await this.supported);
+    const { mux, size } = this.options;
+    this.supported = this.options.capabilities().then(
+      (caps) => (mux && caps.includes(TUNNEL_MUX) ? 'mux' : size > 0 && caps.includes(PORT_FORWARD_READY) ? 'ready' : 'none'),
+      () => 'none' as const,
+    );
+    const mode = await this.supported;
+    if (mode === 'ready') this.fill();
+    // Opened ahead, as the ready connections are: the first tunnel pays no handshake either (a failure is the first open's to tell).
+    if (mode === 'mux') this.muxConnection().catch(() => {});
   }
 
-  /** A tunnel: on an idle ready connection when there is one, else on a WebSocket of its own. */
+  /** A tunnel: on the mux connection, or on an idle ready connection when there is one, else on a WebSocket of its own. */
   async open(): Promise<TunnelConnection> {
-    void this.start();
+    await this.start();
+    if ((await this.supported) === 'mux') return this.openMux();
     for (;;) {
       const ws = this.take();
       if (!ws) return this.options.direct();
@@ -71,8 +94,28 @@ export class ReadyTunnels {
     }
   }
 
+  /** A tunnel on the mux connection. */
+  private async openMux(): Promise<TunnelConnection> {
+    const mux = await this.muxConnection();
+    const stream = await mux.openTunnel(this.options.mux!.request, this.options.mux!.timeoutMs);
+    return { ws: mux.ws, stream };
+  }
+
+  /** The mux connection: opened on demand, and again after it was lost (once for all the tunnels waiting). */
+  private async muxConnection(): Promise<MuxConnection> {
+    const current = this.mux;
+    const mux = current && (await current.catch(() => undefined));
+    if (mux?.open) return mux;
+    if (this.closed) throw new ApiError(503, 'the port forwarder is closed');
+    if (this.mux === current) {
+      this.mux = this.options.mux!.connect().then((ws) => new MuxConnection(ws, { opener: true, oneAtATime: true, maxTunnels: MUX_TUNNELS, refused: (status, message) => new ApiError(status, message) }));
+    }
+    return this.mux!;
+  }
+
   close() {
     this.closed = true;
+    void this.mux?.then((m) => m.close(1000), () => {});
     clearTimeout(this.timer);
     for (const ws of this.idle.keys()) ws.close(1000);
     this.idle.clear();

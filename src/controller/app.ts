@@ -26,6 +26,7 @@ import { WebSocketRoutes, WorkerChannels } from './rpc.ts';
 import { Scheduler } from './scheduler.ts';
 import { ClusterView } from './view.ts';
 import { Tunnels } from './connect/tunnels.ts';
+import { MuxTunnels } from './connect/mux.ts';
 import { registerConnectRoutes } from './routes/connect.ts';
 import { registerRegistryRoutes } from './routes/registries.ts';
 import { registerImageRoutes } from './routes/images.ts';
@@ -195,6 +196,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   metrics.gauge('orchard_vm_waits', 'Requests (port-forward, exec, SSH jump channels, IP) waiting for their VM to run', () => tunnels.waiting);
   const registries = new RegistryDelivery(opts.store, view, channels, opts.logger);
   const access = new Access(opts.store, opts.logger, opts.authBackoff);
+  const muxes = new MuxTunnels(tunnels, view, access, limits.tunnelsPerAccount);
   const ctx: AppContext = { store: opts.store, clusterID: opts.clusterID, view, metrics, access, workerOfflineTimeoutMs: opts.workerOfflineTimeoutMs, channels, scheduler, tunnels, registries, limits, shutdown: abort.signal };
 
   // Push, not poll: a change a worker must act on (a VM assigned to it or taken away, a new spec, a
@@ -206,6 +208,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
       if (change.type === 'DELETED') {
         channels.disconnect(change.object.name);
         tunnels.ready.disconnect(change.object.name);
+        muxes.disconnect(change.object.name);
       }
       else registries.workerChanged(change.object.name, change.before?.capabilities, change.object.capabilities);
       return;
@@ -343,7 +346,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   registerVMRoutes(app, ctx);
   registerRegistryRoutes(app, ctx);
   registerImageRoutes(app, ctx);
-  registerConnectRoutes(app, ctx, sockets, tunnels);
+  registerConnectRoutes(app, ctx, sockets, tunnels, muxes);
   registerConsoleRoutes(app, ctx, sessions, apiPrefix);
 
   scheduler.start();

@@ -59,6 +59,8 @@ export class ControllerLink {
     workerImages: false,
     /** It pairs port-forwards with ready connections on /v1/rpc/port-forward-pool ("tunnel-pool"). */
     tunnelPool: false,
+    /** It opens tunnels on a mux connection on /v1/rpc/port-forward-mux ("tunnel-mux"). */
+    tunnelMux: false,
     /** It takes reports up the watch WebSocket ("watch-reports"): then the worker needs no HTTPS connection meanwhile. */
     watchReports: false,
   };
@@ -79,6 +81,7 @@ export class ControllerLink {
     this.can.orphans = caps.includes('orphans');
     this.can.workerImages = caps.includes('worker-images');
     this.can.tunnelPool = caps.includes('tunnel-pool');
+    this.can.tunnelMux = caps.includes('tunnel-mux');
     this.can.watchReports = caps.includes(WATCH_REPORTS);
     this.checkCluster(info?.clusterID);
     try {

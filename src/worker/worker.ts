@@ -17,7 +17,8 @@ import { ControllerReports, WatchReports } from './reports.ts';
 import { Reconciler } from './reconciler.ts';
 import { WorkerImages } from './images-report.ts';
 import { READY_POOL_SIZE, ReadyPool } from './ready-pool.ts';
-import { PORT_FORWARD_POOL } from '../api/worker-protocol.ts';
+import { PORT_FORWARD_MUX, PORT_FORWARD_POOL } from '../api/worker-protocol.ts';
+import { WorkerMux } from './mux.ts';
 
 export interface WorkerOptions {
   client: OrchardClient;
@@ -44,6 +45,8 @@ export interface WorkerOptions {
    * ORCHARD_WORKER_READY_TUNNELS; 0: none, every port-forward dials back as upstream's worker does).
    */
   readyTunnels?: number;
+  /** Keep a tunnel mux connection when the controller takes one (default: unless ORCHARD_WORKER_TUNNEL_MUX=0). */
+  tunnelMux?: boolean;
   logger: Logger;
 }
 
@@ -59,6 +62,7 @@ export class OrchardWorker {
   private readonly reconciler: Reconciler;
   private readonly dialBack: DialBackContext;
   private readonly readyPool?: ReadyPool;
+  private readonly mux?: WorkerMux;
   /** For a driver that pulls images from registries: credentials, pre-pulls, the images held. */
   private readonly images?: WorkerImages;
   private readonly watchReports = new WatchReports();
@@ -91,6 +95,7 @@ export class OrchardWorker {
       onConnected: () => {
         this.reconciler.reconnected();
         if (this.link.can.tunnelPool) this.readyPool?.kick(READY_REFILL_SPREAD_MS);
+        if (this.link.can.tunnelMux) this.mux?.kick(READY_REFILL_SPREAD_MS);
       },
     });
     this.reconciler = new Reconciler({
@@ -108,16 +113,23 @@ export class OrchardWorker {
     const envReady = process.env.ORCHARD_WORKER_READY_TUNNELS;
     const ready = opts.readyTunnels ?? (envReady !== undefined && /^\d+$/.test(envReady) ? Number(envReady) : READY_POOL_SIZE);
     if (ready > 0) this.readyPool = new ReadyPool(this.dialBack, ready);
+    // ORCHARD_WORKER_TUNNEL_MUX=0: no mux connection (every tunnel on a ready connection or a dial-back).
+    if (opts.tunnelMux ?? process.env.ORCHARD_WORKER_TUNNEL_MUX !== '0') this.mux = new WorkerMux(this.dialBack);
   }
 
   /** What this worker declares in its record's `capabilities`: only what the controller takes. */
   private capabilities(): string[] {
-    return [...(this.images && this.link.can.workerImages ? WorkerImages.capabilities : []), ...(this.readyPool && this.link.can.tunnelPool ? [PORT_FORWARD_POOL] : [])];
+    return [...(this.images && this.link.can.workerImages ? WorkerImages.capabilities : []), ...(this.readyPool && this.link.can.tunnelPool ? [PORT_FORWARD_POOL] : []), ...(this.mux && this.link.can.tunnelMux ? [PORT_FORWARD_MUX] : [])];
   }
 
   /** Reports sent up the watch and not acknowledged yet (tests). */
   get unacknowledgedReports(): number {
     return this.watchReports.unacknowledged;
+  }
+
+  /** Whether the tunnel mux connection is open (tests). */
+  get tunnelMuxOpen(): boolean {
+    return this.mux?.open ?? false;
   }
 
   /** Ready tunnel connections open and idle (tests). */
@@ -152,6 +164,7 @@ export class OrchardWorker {
     await this.images?.start();
     await this.link.start();
     if (this.link.can.tunnelPool) this.readyPool?.start();
+    if (this.link.can.tunnelMux) this.mux?.start();
     this.log.info({ runtime: this.o.driver.runtime, slots: this.o.slots }, 'worker registered');
     this.reconciler.requestSync();
   }
@@ -161,6 +174,7 @@ export class OrchardWorker {
     this.stopSignal.abort();
     this.link.stop();
     this.readyPool?.stop();
+    this.mux?.stop();
     this.images?.stop();
     this.reconciler.stop();
     this.o.client.close();

@@ -77,6 +77,7 @@ export async function clusterWithVM(vm: string, opts: Parameters<typeof inProces
   await waitFor(`${vm} running`, async () => (await c.admin.getVM(vm)).status === 'running', 10_000);
   return {
     c,
+    worker,
     async close() {
       await worker.stop();
       await c.close();

@@ -59,12 +59,20 @@ const normalClose = (code: number) => code === 1000 || code === 1005;
  */
 export function splice(sock: net.Socket, tunnel: Tunnel, label: string, report: (msg: string) => void) {
   const { ws, stream } = tunnel;
+  let aborted = false;
+  /** The tunnel was cut: the local connection is reset (not a clean EOF), and why is said once. */
+  const abort = (why: string) => {
+    if (aborted) return;
+    aborted = true;
+    report(`${label}: ${why}`);
+    if (!sock.destroyed) sock.resetAndDestroy();
+  };
   sock.on('error', () => stream.destroy());
-  stream.on('error', () => sock.destroy());
+  // A multiplexed tunnel reset (its worker lost, say) errors its stream; its connection stays open.
+  stream.on('error', (err) => (sock.destroyed ? undefined : abort(describe(err))));
   const onClose = (code: number, reason: Buffer) => {
     if (normalClose(code)) return; // the stream ends, and with it the local connection
-    report(`${label}: ${closeText(code, reason)}`);
-    if (!sock.destroyed) sock.resetAndDestroy();
+    abort(closeText(code, reason));
   };
   ws.on('close', onClose);
   // A tunnel that ended with end frames leaves its WebSocket open for the next one: not ours to watch.
@@ -96,7 +104,8 @@ export async function listenForward(localPort: number, target: string, open: () 
     open().then(
       (tunnel) => {
         if (sock.destroyed) {
-          tunnel.ws.close(1000);
+          // Not the WebSocket: on a mux connection it carries other tunnels.
+          tunnel.stream.destroy();
           return;
         }
         splice(sock, tunnel, label, report);

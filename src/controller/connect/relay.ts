@@ -49,6 +49,8 @@ export interface RelaySide {
   pause(): void;
   resume(): void;
   readonly open: boolean;
+  /** Bytes queued for it before the side sending them is paused (default HIGH_WATER). */
+  readonly highWater?: number;
   /** Sends `data`; `sent` runs once it has left (or failed). */
   send(data: RawData, isBinary: boolean, sent: () => void): void;
 }
@@ -88,6 +90,7 @@ export function streamSide(stream: Duplex): RelaySide {
  */
 export function relay(from: RelaySide, to: RelaySide, accept?: (isBinary: boolean) => boolean): () => void {
   let queued = 0;
+  const high = to.highWater ?? HIGH_WATER;
   /** Why `from` is paused: its peer is backed up, and/or it waits for a turn. */
   let backedUp = false;
   let waitingTurn = false;
@@ -103,12 +106,12 @@ export function relay(from: RelaySide, to: RelaySide, accept?: (isBinary: boolea
     queued += bytes;
     to.send(data, isBinary, () => {
       queued -= bytes;
-      if (backedUp && queued <= HIGH_WATER / 2) {
+      if (backedUp && queued <= high / 2) {
         backedUp = false;
         update();
       }
     });
-    if (queued > HIGH_WATER) backedUp = true;
+    if (queued > high) backedUp = true;
     spentThisTurn += bytes;
     if (spentThisTurn > TURN_BUDGET && !waitingTurn) {
       waitingTurn = true;
@@ -130,4 +133,48 @@ export function relay(from: RelaySide, to: RelaySide, accept?: (isBinary: boolea
     from.offData(onData);
     from.resume();
   };
+}
+
+/** One end of a spliced tunnel: its relay side, how to end it (half-close) or destroy it, and what it tells. */
+export interface SpliceEnd {
+  side: RelaySide;
+  /** No more bytes for it (after those relayed). */
+  end(): void;
+  /** Registers what to do when it sends no more bytes (its end). */
+  onEnd(fn: () => void): void;
+  destroy(err?: Error): void;
+  /** Registers what to do when it closes: `clean` when it ended both ways. */
+  onClose(fn: (clean: boolean, err?: Error) => void): void;
+}
+
+/** A tunnel's byte stream (a worker's WebSocket as a stream) as a splice end. */
+export function streamEnd(stream: Duplex): SpliceEnd {
+  return {
+    side: streamSide(stream),
+    end: () => stream.end(),
+    onEnd: (fn) => stream.on('end', fn),
+    destroy: (err) => stream.destroy(err),
+    onClose: (fn) => {
+      let error: Error | undefined;
+      stream.on('error', (err) => (error = err));
+      stream.on('close', () => fn(stream.readableEnded && stream.writableFinished, error));
+    },
+  };
+}
+
+/**
+ * Splices two tunnel ends (multiplexed tunnels, or one and a worker's WebSocket as a stream), both
+ * ways, with the relay's flow control and turn budget. An end (half-close) passes to the other side;
+ * one side closed without ending both ways (reset, lost) destroys the other, with its error.
+ */
+export function spliceTunnelEnds(a: SpliceEnd, b: SpliceEnd) {
+  for (const [from, to] of [
+    [a, b],
+    [b, a],
+  ]) {
+    from.onEnd(() => to.end());
+    from.onClose((clean, err) => clean || to.destroy(err));
+  }
+  relay(a.side, b.side);
+  relay(b.side, a.side);
 }

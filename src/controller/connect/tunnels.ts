@@ -248,13 +248,19 @@ export class Tunnels {
 
   /** Before a worker's ready connection is upgraded: only its own account, only if it declared the capability, only its share. */
   checkReady(worker: string | null, account: ServiceAccount) {
+    const name = this.checkWorkerConnection(worker, account, PORT_FORWARD_POOL);
+    this.ready.check(name);
+    return name;
+  }
+
+  /** Before a worker's own connection (ready, mux) is upgraded: only its own account, only if it declared `capability`. */
+  checkWorkerConnection(worker: string | null, account: ServiceAccount, capability: string): string {
     if (this.closed) throw shuttingDown();
     if (!worker) throw new HttpError(400, 'query parameter "workerName" is required');
     this.checkWorker(worker, account, null);
-    if (!this.view.workers.get(worker)?.capabilities?.includes(PORT_FORWARD_POOL)) {
-      throw new HttpError(403, `worker "${worker}" did not declare "${PORT_FORWARD_POOL}" in its record's capabilities`);
+    if (!this.view.workers.get(worker)?.capabilities?.includes(capability)) {
+      throw new HttpError(403, `worker "${worker}" did not declare "${capability}" in its record's capabilities`);
     }
-    this.ready.check(worker);
     return worker;
   }
 

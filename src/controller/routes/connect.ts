@@ -12,6 +12,8 @@ import { clientGone, splice, type Tunnel, type Tunnels } from '../connect/tunnel
 import type { WebSocket } from 'ws';
 import { accountOf, CONNECT_ROLES as CONNECT } from '../access.ts';
 import { awaitOpenRequest } from '../connect/ready-clients.ts';
+import type { MuxTunnels } from '../connect/mux.ts';
+import { PORT_FORWARD_MUX } from '../../api/worker-protocol.ts';
 
 
 export function parsePort(value: string | null): number {
@@ -41,7 +43,7 @@ function spliceWhenOpen(tunnel: Tunnel, signal: AbortSignal): (ws: WebSocket) =>
   };
 }
 
-export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, sockets: WebSocketRoutes, tunnels: Tunnels) {
+export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, sockets: WebSocketRoutes, tunnels: Tunnels, muxes: MuxTunnels) {
   const { store, limits } = ctx;
   const tunnel = { maxPayload: limits.tunnelFrameBytes, perAccount: { what: 'tunnels', max: limits.tunnelsPerAccount } };
 
@@ -61,6 +63,10 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
         return tunnels.open(vm.worker!, port, vm, signal, true);
       });
   });
+
+  // A client's mux connection (capability "tunnel-mux"): many tunnels, each checked as the routes above check theirs.
+  // The connection counts as one of the account's tunnels, and each tunnel on it as one more.
+  sockets.route('/v1/port-forward-mux', [...CONNECT, 'admin:write'], tunnel, ({ account }) => (ws) => muxes.addClient(account, ws));
 
   // Exec over SSH through the worker tunnel; frames, sessions and limits: see ../exec.ts.
   const exec = new ExecSessions({ store, tunnels, access: ctx.access, logger: app.log, limits: { historyBytes: limits.execHistoryBytes, retentionMs: limits.execRetentionMs } });
@@ -99,6 +105,13 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
   sockets.route('/v1/rpc/port-forward-pool', ['compute:write'], { maxPayload: limits.tunnelFrameBytes }, ({ url, account }) => {
     const worker = tunnels.checkReady(url.searchParams.get('workerName'), account);
     return (ws) => tunnels.ready.add(worker, ws);
+  });
+
+  // Our workers' mux connections (capability "tunnel-mux"): the controller opens tunnels on them.
+  sockets.route('/v1/rpc/port-forward-mux', ['compute:write'], { maxPayload: limits.tunnelFrameBytes }, ({ url, account }) => {
+    const worker = tunnels.checkWorkerConnection(url.searchParams.get('workerName'), account, PORT_FORWARD_MUX);
+    muxes.checkWorker(worker);
+    return (ws) => muxes.addWorker(worker, ws);
   });
 
   app.get<{ Params: { name: string }; Querystring: { wait?: number } }>(

@@ -1,0 +1,163 @@
+// Multiplexed tunnels (capability "tunnel-mux"): a client opens many tunnels on one WebSocket
+// (/v1/port-forward-mux), and a worker of ours carries many on one (/v1/rpc/port-forward-mux), each
+// with its own credit window (../../client/mux.ts). Each tunnel opened by a client is checked as the
+// per-tunnel route checks it (roles, the target, the port, the account's tunnel limit) and is spliced
+// to the worker's mux connection when it has one, else to a ready connection or a dial-back, as any
+// tunnel. Protocol: docs/tunnel-mux-protocol.md.
+import type { Duplex } from 'node:stream';
+import type { WebSocket } from 'ws';
+import type { Role, ServiceAccount } from '../../api/schemas.ts';
+import { MuxConnection, MuxTunnel } from '../../client/mux.ts';
+import { reusableStream } from '../../client/tunnel-ends.ts';
+import { authorize, CONNECT_ROLES, type Access } from '../access.ts';
+import { HttpError } from '../errors.ts';
+import type { ClusterView } from '../view.ts';
+import { spliceTunnelEnds, streamEnd, type SpliceEnd } from './relay.ts';
+import type { Tunnels } from './tunnels.ts';
+
+/** Mux connections a worker may hold at once (429 beyond): one in use, one replacing it. */
+export const MUX_PER_WORKER = 2;
+/** Tunnels at once on one connection (including those being closed): an OPEN beyond breaks the protocol. */
+export const MUX_TUNNELS_PER_CONNECTION = 1024;
+/** How long a worker has to answer a tunnel request. */
+const WORKER_ANSWER_MS = 30_000;
+
+/** What a client's OPEN asks for. */
+type Target = { vm: string; port: number; wait: number } | { worker: string; port: number };
+
+function parseTarget(request: unknown): Target {
+  const r = (typeof request === 'object' && request) as { vm?: unknown; worker?: unknown; port?: unknown; wait?: unknown };
+  if (!r) throw new HttpError(400, 'the tunnel request is not a JSON object');
+  const port = r.port;
+  if (typeof port !== 'number' || !Number.isInteger(port) || port < 1 || port > 65535) throw new HttpError(400, `"port" must be a TCP port (1-65535), got ${JSON.stringify(port)}`);
+  if (typeof r.vm === 'string' && r.vm) {
+    const wait = r.wait ?? 10;
+    if (typeof wait !== 'number' || !Number.isInteger(wait) || wait < 0) throw new HttpError(400, '"wait" must be a number of seconds');
+    return { vm: r.vm, port, wait: Math.min(wait, 3600) };
+  }
+  if (typeof r.worker === 'string' && r.worker) return { worker: r.worker, port };
+  throw new HttpError(400, 'the tunnel request names neither "vm" nor "worker"');
+}
+
+/** A multiplexed tunnel as a splice end, tapped: its bytes skip the stream's buffering (relay.ts pauses it, its window bounds it). */
+function muxEnd(tunnel: MuxTunnel): SpliceEnd {
+  let ended = () => {};
+  return {
+    side: {
+      onData: (listener) => tunnel.tap((payload) => listener(payload, true), () => ended()),
+      offData: () => {},
+      pause: () => tunnel.hold(),
+      resume: () => tunnel.release(),
+      get open() {
+        return !tunnel.destroyed && !tunnel.sentEnd;
+      },
+      // Little queued here: the tunnel's window already keeps its peer's bytes in flight (and in this process's memory).
+      highWater: 64 * 1024,
+      send: (data, _isBinary, sent) => tunnel.sendBytes(data as Buffer, sent),
+    },
+    end: () => tunnel.sendBytes(undefined, () => {}),
+    onEnd: (fn) => (ended = fn),
+    destroy: (err) => tunnel.destroy(err),
+    onClose: (fn) => tunnel.on('close', () => fn(tunnel.gotEnd && tunnel.sentEnd, tunnel.errored ?? undefined)),
+  };
+}
+
+export class MuxTunnels {
+  /** Workers' mux connections, by worker. */
+  private readonly workers = new Map<string, Set<MuxConnection>>();
+  private readonly tunnels: Tunnels;
+  private readonly view: ClusterView;
+  private readonly access: Access;
+  private readonly tunnelsPerAccount: number;
+
+  constructor(tunnels: Tunnels, view: ClusterView, access: Access, tunnelsPerAccount: number) {
+    this.tunnels = tunnels;
+    this.view = view;
+    this.access = access;
+    this.tunnelsPerAccount = tunnelsPerAccount;
+  }
+
+  /** Before a worker's mux connection is upgraded: 429 when it holds its share. */
+  checkWorker(worker: string) {
+    if ((this.workers.get(worker)?.size ?? 0) >= MUX_PER_WORKER) throw new HttpError(429, `worker ${worker} holds ${MUX_PER_WORKER} tunnel mux connections already`);
+  }
+
+  /** A worker's authenticated mux connection: the controller opens tunnels on it, the worker none. */
+  addWorker(worker: string, ws: WebSocket) {
+    let set = this.workers.get(worker);
+    if (!set) this.workers.set(worker, (set = new Set()));
+    if (set.size >= MUX_PER_WORKER) return ws.close(1008, 'too many tunnel mux connections');
+    const mux = new MuxConnection(ws, { opener: true, name: 'the worker connection', maxTunnels: MUX_TUNNELS_PER_CONNECTION, refused: (_status, message) => new HttpError(503, `worker ${worker} could not connect: ${message}`) });
+    set.add(mux);
+    ws.once('close', () => {
+      set.delete(mux);
+      if (set.size === 0 && this.workers.get(worker) === set) this.workers.delete(worker);
+    });
+  }
+
+  /** Closes a deleted worker's mux connections. */
+  disconnect(worker: string) {
+    for (const mux of [...(this.workers.get(worker) ?? [])]) mux.close(1000, 'worker deleted');
+  }
+
+  /** Mux connections of `worker` open now. */
+  count(worker: string): number {
+    return this.workers.get(worker)?.size ?? 0;
+  }
+
+  /** A client's mux connection: each tunnel it opens is checked, counted and opened as the per-tunnel route's. */
+  addClient(account: ServiceAccount, ws: WebSocket) {
+    const mux: MuxConnection = new MuxConnection(ws, {
+      opener: false,
+      maxTunnels: MUX_TUNNELS_PER_CONNECTION,
+      onOpen: (request, tunnel) => {
+        this.openForClient(account, request, tunnel).then(
+          (side) => {
+            if (tunnel.destroyed) return void side.destroy();
+            mux.accept(tunnel);
+            spliceTunnelEnds(muxEnd(tunnel), side instanceof MuxTunnel ? muxEnd(side) : streamEnd(side));
+          },
+          (err: unknown) => mux.refuse(tunnel, err instanceof HttpError ? err.statusCode : 500, err instanceof HttpError ? err.message : 'internal error'),
+        );
+      },
+    });
+  }
+
+  /** Checks a client's tunnel request and opens the worker's side of it (aborted if the tunnel is reset meanwhile). */
+  private async openForClient(account: ServiceAccount, request: unknown, tunnel: MuxTunnel): Promise<Duplex> {
+    const target = parseTarget(request);
+    const roles: readonly Role[] = 'vm' in target ? CONNECT_ROLES : ['admin:write'];
+    authorize(account, roles);
+    const release = this.access.take(account.name, 'tunnels', this.tunnelsPerAccount);
+    // Revoking the account or the role the tunnel needs resets it (the connection's own hold closes all of them).
+    const unhold = this.access.hold(account, roles, (why) => tunnel.destroy(new Error(why)));
+    const gone = new AbortController();
+    tunnel.once('close', () => {
+      release();
+      unhold();
+      gone.abort();
+    });
+    let worker: string;
+    let vmUID = '';
+    let vm;
+    if ('vm' in target) {
+      vm = await this.tunnels.runningVM(target.vm, target.wait, gone.signal);
+      worker = vm.worker!;
+      vmUID = vm.uid ?? '';
+    } else {
+      await this.view.loaded;
+      if (!this.view.workers.has(target.worker)) throw new HttpError(404, `worker "${target.worker}" not found`);
+      worker = target.worker;
+    }
+    const mux = [...(this.workers.get(worker) ?? [])].reverse().find((m) => m.open);
+    if (mux) return mux.openTunnel({ vmUID, port: target.port }, WORKER_ANSWER_MS);
+    // A worker without a mux connection (upstream's, or ours before it reconnected): a ready connection or the dial-back.
+    const legacy = await this.tunnels.open(worker, target.port, vm, gone.signal, true);
+    if (legacy.recycle) {
+      const stream = reusableStream(legacy.ws, legacy.recycle);
+      legacy.start();
+      return stream;
+    }
+    return legacy.stream;
+  }
+}

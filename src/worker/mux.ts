@@ -1,0 +1,100 @@
+// The worker's tunnel mux connection (capability "tunnel-mux" of the controller, "portForwardMux" of the
+// worker): one WebSocket on /v1/rpc/port-forward-mux on which the controller opens the worker's
+// tunnels, each dialled to its target here (a VM's port, or this host's). Lost, it is reopened with
+// back-off; meanwhile the controller uses the ready connections or the dial-back. Protocol:
+// docs/tunnel-mux-protocol.md.
+import { WebSocket } from 'ws';
+import { MuxConnection, type MuxTunnel } from '../client/mux.ts';
+import { dialTarget, type DialBackContext } from './dial-back.ts';
+
+/** Tunnels at once on the connection (the controller's bound too). */
+const MAX_TUNNELS = 1024;
+/** A connection that saw no ping from the controller (every 20 s) for this long is taken for dead. */
+const SILENCE_MS = 65_000;
+
+export class WorkerMux {
+  private readonly ctx: DialBackContext;
+  private mux?: MuxConnection;
+  private retryDelay = 500;
+  private retry?: NodeJS.Timeout;
+  private running = false;
+
+  constructor(ctx: DialBackContext) {
+    this.ctx = ctx;
+  }
+
+  start() {
+    this.running = true;
+    this.connect();
+  }
+
+  stop() {
+    this.running = false;
+    clearTimeout(this.retry);
+    this.mux?.ws.terminate();
+  }
+
+  /** Reconnects now (the watch reconnected: the controller is back), within `spreadMs`. */
+  kick(spreadMs = 0) {
+    if (!this.running || this.mux?.open) return;
+    clearTimeout(this.retry);
+    this.retryDelay = 500;
+    this.retry = setTimeout(() => this.connect(), Math.random() * spreadMs);
+  }
+
+  /** Whether the connection is open (tests). */
+  get open(): boolean {
+    return this.mux?.open ?? false;
+  }
+
+  private connect() {
+    this.retry = undefined;
+    if (!this.running || this.mux?.open) return;
+    const { client, workerName, log } = this.ctx;
+    const url = client.urlOf('/v1/rpc/port-forward-mux', true);
+    url.searchParams.set('workerName', workerName);
+    const ws = new WebSocket(url, { ...client.wsOptions(url), handshakeTimeout: 15_000, maxPayload: 1024 * 1024 });
+    const mux = (this.mux = new MuxConnection(ws, { opener: false, oneAtATime: true, maxTunnels: MAX_TUNNELS, onOpen: (request, tunnel) => void this.serve(mux, request, tunnel) }));
+    let silence: NodeJS.Timeout | undefined;
+    const alive = () => {
+      clearTimeout(silence);
+      silence = setTimeout(() => ws.terminate(), SILENCE_MS);
+      silence.unref();
+    };
+    ws.on('open', () => {
+      this.retryDelay = 500;
+      alive();
+    });
+    ws.on('ping', alive);
+    ws.on('error', (err) => log.debug({ err: err.message }, 'tunnel mux connection failed'));
+    ws.on('close', () => {
+      clearTimeout(silence);
+      if (!this.running || this.retry) return;
+      const delay = Math.random() * this.retryDelay;
+      this.retryDelay = Math.min(this.retryDelay * 2, 15_000);
+      this.retry = setTimeout(() => this.connect(), delay);
+    });
+  }
+
+  /** The controller's tunnel request: dial the target, answer, splice. */
+  private async serve(mux: MuxConnection, request: unknown, tunnel: MuxTunnel) {
+    const r = request as { vmUID?: unknown; port?: unknown } | undefined;
+    if (typeof r?.port !== 'number' || !Number.isInteger(r.port) || (r.vmUID !== undefined && typeof r.vmUID !== 'string')) {
+      return mux.refuse(tunnel, 400, 'expected {"vmUID":…,"port":…}');
+    }
+    try {
+      const target = await dialTarget(this.ctx, { session: '', vmUID: (r.vmUID as string | undefined) ?? '', port: r.port });
+      if (tunnel.destroyed) return void target.destroy();
+      mux.accept(tunnel);
+      target.on('error', (err) => tunnel.destroy(err));
+      tunnel.on('error', () => target.destroy());
+      tunnel.on('close', () => {
+        if (!tunnel.readableEnded || !tunnel.writableFinished) target.destroy();
+      });
+      target.pipe(tunnel);
+      tunnel.pipe(target);
+    } catch (err) {
+      mux.refuse(tunnel, 503, (err as Error).message);
+    }
+  }
+}

@@ -1,0 +1,135 @@
+// Multiplexed tunnels (docs/tunnel-mux-protocol.md): with the controller's "tunnel-mux" capability,
+// client.portForwarder opens every tunnel on one WebSocket and the controller opens the worker's side on
+// the worker's one mux connection: tunnels in numbers open no WebSocket at all. Half-close passes end to
+// end, refusals come back as the per-tunnel route's errors, and one tunnel whose reader is slow does not
+// stall another on the same connections (each has its own window).
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import { ApiError } from '../src/client/client.ts';
+import { INITIAL_WINDOW, type MuxTunnel } from '../src/client/mux.ts';
+import { pino } from 'pino';
+import { startController } from '../src/controller/controller.ts';
+import { ADMIN_TOKEN, clientOf, tempDir, waitFor } from './helpers.ts';
+import { account, clusterWithVM, countWebSockets, syntheticWorker } from './security/attack.ts';
+
+/** Writes `bytes` and reads them back through an echo; ends its side and waits for the tunnel's end. */
+async function echo(stream: Duplex, bytes: Buffer) {
+  const chunks: Buffer[] = [];
+  const ended = new Promise<void>((resolve, reject) => {
+    stream.on('data', (c: Buffer) => chunks.push(c));
+    stream.once('error', reject);
+    stream.once('end', () => resolve());
+  });
+  stream.end(bytes);
+  await ended;
+  assert.ok(Buffer.concat(chunks).equals(bytes), `echoed ${Buffer.concat(chunks).length} of ${bytes.length} bytes`);
+}
+
+describe('multiplexed tunnels', () => {
+  let cluster: Awaited<ReturnType<typeof clusterWithVM>>;
+  before(async () => {
+    cluster = await clusterWithVM('v1');
+    await waitFor('the worker mux connection', () => cluster.worker.tunnelMuxOpen || undefined, 10_000, 5);
+  });
+  after(() => cluster.close());
+
+  test('the controller lists tunnel-mux; 50 tunnels at once and 20 in a row open one WebSocket, and none on the worker', async () => {
+    const { admin } = cluster.c;
+    assert.ok((await admin.info()).capabilities.includes('tunnel-mux'));
+    const seen = countWebSockets(admin);
+    const forwarder = admin.portForwarder({ vm: 'v1', port: 22, waitSeconds: 5 });
+    try {
+      await Promise.all(
+        Array.from({ length: 50 }, async (_, i) => {
+          const { stream } = await forwarder.open();
+          await echo(stream, Buffer.alloc(100_000 + i, i));
+        }),
+      );
+      for (let i = 0; i < 20; i++) await echo((await forwarder.open()).stream, Buffer.from(`tunnel ${i}`));
+      assert.deepEqual(seen.client, ['/v1/port-forward-mux']);
+      assert.deepEqual(seen.worker, []);
+    } finally {
+      forwarder.close();
+    }
+  });
+
+  test('refusals are the per-tunnel route\'s: 404 for a missing VM, 403 for a role, and the connection carries on', async () => {
+    const missing = cluster.c.admin.portForwarder({ vm: 'nope', port: 22, waitSeconds: 0 });
+    try {
+      await assert.rejects(missing.open(), (err: unknown) => err instanceof ApiError && err.status === 404 && /VM "nope" not found/.test(err.message));
+    } finally {
+      missing.close();
+    }
+    const connector = await account(cluster.c, 'mux-connector', ['compute:connect']);
+    const toWorker = connector.client.portForwarder({ worker: 'syn-1', port: 22 });
+    const toVM = connector.client.portForwarder({ vm: 'v1', port: 22 });
+    try {
+      await assert.rejects(toWorker.open(), (err: unknown) => err instanceof ApiError && err.status === 403 && /admin:write/.test(err.message));
+      await echo((await toVM.open()).stream, Buffer.from('still fine'));
+    } finally {
+      toWorker.close();
+      toVM.close();
+    }
+  });
+
+  test('a reader that does not read stalls only its own tunnel: another on the same connections moves 8 MiB meanwhile', async () => {
+    // A worker-host port that sends without end to whoever connects.
+    const firehose = net.createServer((sock) => {
+      sock.on('error', () => {});
+      const chunk = Buffer.alloc(64 * 1024, 7);
+      const pump = () => {
+        while (sock.write(chunk));
+      };
+      sock.on('drain', pump);
+      pump();
+    });
+    await new Promise<void>((resolve) => firehose.listen(0, '127.0.0.1', resolve));
+    const admin = cluster.c.admin;
+    const slow = admin.portForwarder({ worker: 'syn-1', port: (firehose.address() as net.AddressInfo).port });
+    const fast = admin.portForwarder({ vm: 'v1', port: 22 });
+    try {
+      const stalled = (await slow.open()).stream as MuxTunnel;
+      stalled.pause();
+      // It gets its window's worth, then nothing more until it reads.
+      await waitFor('the slow tunnel\'s window filled', () => stalled.readableLength >= INITIAL_WINDOW - 64 * 1024 || undefined, 10_000, 5);
+      const { stream } = await fast.open();
+      await echo(stream, Buffer.alloc(8 * 1024 * 1024, 3));
+      assert.ok(stalled.readableLength <= INITIAL_WINDOW, `the slow tunnel holds ${stalled.readableLength} bytes, more than its window`);
+      // And it moves again once read.
+      let more = 0;
+      await new Promise<void>((resolve) => {
+        stalled.on('data', (c: Buffer) => (more += c.length) > 4 * INITIAL_WINDOW && resolve());
+        stalled.resume();
+      });
+      stalled.destroy();
+    } finally {
+      slow.close();
+      fast.close();
+      firehose.close();
+    }
+  });
+
+  test('over plain ws:// (--insecure-no-tls, where DATA frames go through ws and its masking) tunnels work too: 1 MiB each way intact', async () => {
+    const ctl = await startController({ dataDir: tempDir(), listen: '127.0.0.1:0', insecureNoTLS: true, bootstrapAdminToken: ADMIN_TOKEN, logger: pino({ level: 'silent' }) });
+    const admin = clientOf(ctl, 'bootstrap-admin', ADMIN_TOKEN);
+    const worker = syntheticWorker(admin, 'plain-1');
+    try {
+      await worker.start();
+      await waitFor('the worker mux connection', () => worker.tunnelMuxOpen || undefined, 10_000, 5);
+      await admin.createVM({ name: 'p1', image: 'synthetic' });
+      await waitFor('p1 running', async () => (await admin.getVM('p1')).status === 'running' || undefined, 10_000);
+      const f = admin.portForwarder({ vm: 'p1', port: 22 });
+      try {
+        await echo((await f.open()).stream, Buffer.alloc(1024 * 1024, 9));
+      } finally {
+        f.close();
+      }
+    } finally {
+      await worker.stop();
+      admin.close();
+      await ctl.close();
+    }
+  });
+});
