@@ -102,7 +102,11 @@ export class ClusterView {
     let event: ViewChange;
     if (change.kind === 'vms') {
       const vm = change.object as VM;
+      // The JSON the store made as it stored the VM is the one with nothing hidden: kept instead of made
+      // again, for a VM whose JSON was in use (kept for every VM, it would be one more copy of those never listed).
+      const inUse = this.json.all.has(vm.name) || change.type === 'ADDED';
       const before = this.record(vm.name, change.type === 'DELETED' ? undefined : vm);
+      if (inUse && change.type !== 'DELETED' && change.json !== undefined) this.json.all.set(vm.name, change.json);
       event = { kind: 'vms', type: change.type, object: vm, before };
     } else {
       const w = change.object as Worker;
