@@ -450,6 +450,18 @@ export function storeContract(name: string, factory: () => Promise<Store>, opts:
       assert.equal(await store.get('serviceAccounts', 'sa'), undefined);
     });
 
+    withStore("a change's JSON, when the store gives it, is its object's, as changed (readers show it instead of serialising again)", async (store) => {
+      const { changes } = record(store);
+      await store.create('vms', vm('a'));
+      await store.update('vms', 'a', (v) => ({ ...v, status: 'running' }));
+      await store.put('vms', vm('a', { status: 'failed' }));
+      await store.put('vms', vm('b'));
+      await store.transaction((tx) => tx.update('vms', 'b', (v) => ({ ...v, worker: 'w' })));
+      await store.delete('vms', 'a');
+      assert.equal(changes.length, 6);
+      for (const c of changes) if (c.json !== undefined) assert.equal(c.json, JSON.stringify(c.object), `${c.type} ${c.object.name}`);
+    });
+
     test('close: writes made before close are committed and published; later ones are refused', async () => {
       const store = await factory();
       const { changes } = record(store);
@@ -490,6 +502,7 @@ test('SQLite: data and revisions outlive the process (the revision is stored wit
     const { changes } = record(store);
     await store.update('vms', 'a', (v) => ({ ...v, status: 'running' }));
     assert.equal(changes[0].revision, revision + 1, 'revisions go on from where they were');
+    assert.equal(changes[0].json, JSON.stringify(changes[0].object), 'a change carries the JSON the store wrote');
     assert.deepEqual((await store.listEvents('uid-a', { limit: 10, order: 'asc' })).events, [event(1)]);
   } finally {
     store.close();

@@ -10,15 +10,26 @@ export { requirements };
 
 const NO_VMS: ReadonlySet<string> = new Set();
 
+function sameCounts(a: Record<string, number> | undefined, b: Record<string, number> | undefined): boolean {
+  if (a === b) return true;
+  const ka = Object.keys(a ?? {});
+  return ka.length === Object.keys(b ?? {}).length && ka.every((k) => a![k] === b?.[k]);
+}
+
 export type ViewChange = { kind: 'vms'; type: Change['type']; object: VM; before?: VM } | { kind: 'workers'; type: Change['type']; object: Worker; before?: Worker };
 
 export class ClusterView {
   /** In the store's order (creation order), as `Map` keeps insertion order and the store lists by row id. */
   readonly vms = new Map<string, VM>();
   readonly workers = new Map<string, Worker>();
-  /** The JSON of each VM as each kind of reader sees it, made when first needed and dropped when the VM changes; and of the whole list. */
+  /** The JSON of each VM as each kind of reader sees it, made when first needed and dropped when the VM changes. */
   private readonly json: Record<VMSecrets, Map<string, string>> = { all: new Map(), password: new Map(), none: new Map() };
-  private allJSON: Partial<Record<VMSecrets, Buffer>> = {};
+  /**
+   * The whole list's bytes (7 MB for 10,000 VMs), for lists that come before the next change; held
+   * weakly: the next full collection (memory.ts asks for one once the controller is quiet) frees it,
+   * rather than a list served once keeping its bytes for as long as no VM changes.
+   */
+  private allJSON: Partial<Record<VMSecrets, WeakRef<Buffer>>> = {};
   private readonly byWorker = new Map<string, Set<string>>();
   /** What the VMs placed on each worker take (a failed VM takes nothing), kept as the VMs change. */
   readonly usage = new Map<string, Record<string, number>>();
@@ -69,6 +80,8 @@ export class ClusterView {
     // Only a change of membership moves a VM: waiting VMs keep their place in line.
     if (waiting(before) !== waiting(after)) this.unplaced[waiting(after) ? 'add' : 'delete'](name);
     if (failed(before) !== failed(after)) this.failed[failed(after) ? 'add' : 'delete'](name);
+    // Most changes (a state report) leave what the VM takes, and where, as it was.
+    if (before && after && before.worker === after.worker && failed(before) === failed(after) && sameCounts(before.resources, after.resources)) return;
     for (const [vm, sign] of [[before, -1], [after, 1]] as const) {
       if (!vm?.worker || vm.status === 'failed') continue;
       let u = this.usage.get(vm.worker);
@@ -102,7 +115,11 @@ export class ClusterView {
     let event: ViewChange;
     if (change.kind === 'vms') {
       const vm = change.object as VM;
+      // The JSON the store made as it stored the VM is the one with nothing hidden: kept instead of made
+      // again, for a VM whose JSON was in use (kept for every VM, it would be one more copy of those never listed).
+      const inUse = this.json.all.has(vm.name) || change.type === 'ADDED';
       const before = this.record(vm.name, change.type === 'DELETED' ? undefined : vm);
+      if (inUse && change.type !== 'DELETED' && change.json !== undefined) this.json.all.set(vm.name, change.json);
       event = { kind: 'vms', type: change.type, object: vm, before };
     } else {
       const w = change.object as Worker;
@@ -148,8 +165,10 @@ export class ClusterView {
     return '[' + Array.from(this.byWorker.get(worker) ?? [], (n) => this.jsonOf(n, secrets)).join(',') + ']';
   }
 
-  /** The JSON array of all VMs, in the store's order, as bytes: made once per change, not per list. */
+  /** The JSON array of all VMs, in the store's order, as bytes: made at most once per change, not per list. */
   allVMsJSON(secrets: VMSecrets = 'all'): Buffer {
-    return (this.allJSON[secrets] ??= Buffer.from('[' + Array.from(this.vms.keys(), (n) => this.jsonOf(n, secrets)).join(',') + ']'));
+    let bytes = this.allJSON[secrets]?.deref();
+    if (!bytes) this.allJSON[secrets] = new WeakRef((bytes = Buffer.from('[' + Array.from(this.vms.keys(), (n) => this.jsonOf(n, secrets)).join(',') + ']')));
+    return bytes;
   }
 }

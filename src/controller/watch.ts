@@ -13,6 +13,9 @@ const SNAPSHOT_SLICE = 500;
 
 const lineOf = (type: Change['type'], object: object, present: (object: never) => object) => Buffer.from(JSON.stringify({ type, object: present(object as never) }) + '\n');
 
+/** How the object is shown when nothing is hidden: `present` is then the identity. */
+const AS_IS = 'all';
+
 /**
  * Each change's line, made once for every stream that shows it the same way (`as` names the way: which
  * secrets are hidden) and shared by them: 50 streams of a 200 kB VM serialise it once, not 50 times.
@@ -25,7 +28,8 @@ function lineFor(change: Change, as: string, present: (object: never) => object)
   let made = lines.get(change);
   if (!made) lines.set(change, (made = new Map()));
   let line = made.get(as);
-  if (!line) made.set(as, (line = lineOf(change.type, change.object, present)));
+  // Shown as is: the JSON the store made as it stored the object, not a second serialisation.
+  if (!line) made.set(as, (line = as === AS_IS && change.json !== undefined ? Buffer.from(`{"type":"${change.type}","object":${change.json}}\n`) : lineOf(change.type, change.object, present)));
   return line;
 }
 
@@ -35,8 +39,8 @@ export async function streamWatch<K extends Kind>(
   kind: K,
   matches: (object: Kinds[K]) => boolean,
   filter?: { worker?: string },
-  /** What the caller may see of an object (secrets hidden); `as` names that view, the same for every caller who sees the same. */
-  shown: { as: string; present: (object: Kinds[K]) => Kinds[K] } = { as: 'all', present: (o) => o },
+  /** What the caller may see of an object (secrets hidden); `as` names that view, the same for every caller who sees the same ('all': nothing hidden, `present` gives the object itself). */
+  shown: { as: string; present: (object: Kinds[K]) => Kinds[K] } = { as: AS_IS, present: (o) => o },
 ): Promise<void> {
   const behind = (bytes: number) =>
     Buffer.from(

@@ -140,6 +140,10 @@ export class SQLiteStore implements Store {
       release: p('INSERT INTO releases (worker, uid, at) VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET at = excluded.at'),
       released: p('SELECT 1 FROM releases WHERE worker = ? AND uid = ?'),
       putSetting: p('INSERT INTO settings (key, body) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET body = excluded.body'),
+      // Each mutation's savepoint, prepared once (exec compiles its SQL on every call).
+      savepoint: p('SAVEPOINT mutation'),
+      releaseSavepoint: p('RELEASE mutation'),
+      rollbackToSavepoint: p('ROLLBACK TO mutation'),
     };
     this.revision = this.committed = this.storedRevision();
     const settings = this.rstmt.getSetting.get('cluster') as Row | undefined;
@@ -193,7 +197,7 @@ export class SQLiteStore implements Store {
     const changes: Change[] = [];
     const revision = this.revision;
     let result: T;
-    this.db.exec('SAVEPOINT mutation');
+    this.stmt.savepoint.run();
     this.mutating = true;
     this.statsBefore = new Map();
     const appends: EventAppend[] = (this.appends = []);
@@ -202,10 +206,10 @@ export class SQLiteStore implements Store {
       if (result instanceof Promise) result.catch(() => {}); // its outcome is not awaited: the mutation fails instead
       if (this.misuse) throw this.misuse;
       if (result instanceof Promise) throw new TypeError('a transaction runs synchronously: its function must not be async');
-      this.db.exec('RELEASE mutation');
+      this.stmt.releaseSavepoint.run();
     } catch (err) {
-      this.db.exec('ROLLBACK TO mutation');
-      this.db.exec('RELEASE mutation');
+      this.stmt.rollbackToSavepoint.run();
+      this.stmt.releaseSavepoint.run();
       this.revision = revision;
       for (const [uid, stats] of this.statsBefore) {
         if (stats) this.eventStats.set(uid, stats);
@@ -354,8 +358,8 @@ export class SQLiteStore implements Store {
     return [vm.worker || null, vm.status ?? null];
   }
 
-  private change<K extends Kind>(changes: Change[], kind: K, type: WatchEventType, object: Kinds[K]) {
-    changes.push({ kind, type, object, revision: ++this.revision } as Change);
+  private change<K extends Kind>(changes: Change[], kind: K, type: WatchEventType, object: Kinds[K], json?: string) {
+    changes.push({ kind, type, object, revision: ++this.revision, json } as Change);
   }
 
   async get<K extends Kind>(kind: K, name: string) {
@@ -429,8 +433,9 @@ export class SQLiteStore implements Store {
 
   private createIn<K extends Kind>(changes: Change[], kind: K, object: Kinds[K]): Kinds[K] {
     if (this.stmt.get.get(kind, object.name)) throw new ConflictError(`${singular(kind)} "${object.name}" already exists`);
-    this.stmt.insert.run(kind, object.name, ...SQLiteStore.columns(kind, object), JSON.stringify(object));
-    this.change(changes, kind, 'ADDED', object);
+    const json = JSON.stringify(object);
+    this.stmt.insert.run(kind, object.name, ...SQLiteStore.columns(kind, object), json);
+    this.change(changes, kind, 'ADDED', object, json);
     return object;
   }
 
@@ -440,8 +445,9 @@ export class SQLiteStore implements Store {
     const next = mutate(current);
     if (next === current) return current;
     this.released(kind, current, next);
-    this.stmt.update.run(...SQLiteStore.columns(kind, next), JSON.stringify(next), kind, name);
-    this.change(changes, kind, 'MODIFIED', next);
+    const json = JSON.stringify(next);
+    this.stmt.update.run(...SQLiteStore.columns(kind, next), json, kind, name);
+    this.change(changes, kind, 'MODIFIED', next, json);
     return next;
   }
 
@@ -450,9 +456,10 @@ export class SQLiteStore implements Store {
     const exists = row !== undefined;
     if (row) this.released(kind, JSON.parse(row.body) as Kinds[K], object);
     const [worker, status] = SQLiteStore.columns(kind, object);
-    if (exists) this.stmt.update.run(worker, status, JSON.stringify(object), kind, object.name);
-    else this.stmt.insert.run(kind, object.name, worker, status, JSON.stringify(object));
-    this.change(changes, kind, exists ? 'MODIFIED' : 'ADDED', object);
+    const json = JSON.stringify(object);
+    if (exists) this.stmt.update.run(worker, status, json, kind, object.name);
+    else this.stmt.insert.run(kind, object.name, worker, status, json);
+    this.change(changes, kind, exists ? 'MODIFIED' : 'ADDED', object, json);
     return object;
   }
 

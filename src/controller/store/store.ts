@@ -37,6 +37,8 @@ export interface Change<K extends Kind = Kind> {
   object: Kinds[K];
   /** The change's place in the feed: one more than the change committed before it (see above). */
   revision: number;
+  /** `JSON.stringify(object)`, when the store made it (as it stored the object): readers that show the whole object reuse it. */
+  json?: string;
 }
 
 export class NotFoundError extends Error {}
