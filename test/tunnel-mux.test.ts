@@ -111,6 +111,40 @@ describe('multiplexed tunnels', () => {
     }
   });
 
+  test('the worker keeps no ready connection beside its mux one; upstream\'s per-tunnel WebSocket rides the worker\'s mux, and the target\'s end closes it (1000) after its last bytes', async () => {
+    const { admin } = cluster.c;
+    assert.equal(cluster.worker.readyTunnels, 0, 'no ready connection');
+    const record = (await admin.listWorkers()).find((w) => w.name === 'syn-1');
+    assert.deepEqual(record?.capabilities?.filter((c) => c.startsWith('portForward')), ['portForwardMux']);
+    const seen = countWebSockets(admin);
+    for (let i = 0; i < 3; i++) {
+      const { ws, stream } = await admin.portForwardVM('v1', 22, 5);
+      const back = new Promise<string>((resolve) => stream.once('data', (c: Buffer) => resolve(c.toString())));
+      stream.write(`hello ${i}`);
+      assert.equal(await back, `hello ${i}`);
+      const closed = new Promise((resolve) => ws.once('close', resolve));
+      ws.close();
+      await closed;
+    }
+    // A worker-host port that says goodbye and closes: everything it said, then a clean close.
+    const bye = net.createServer((sock) => sock.end(Buffer.alloc(300_000, 5)));
+    await new Promise<void>((resolve) => bye.listen(0, '127.0.0.1', resolve));
+    try {
+      const { ws, stream } = await admin.portForwardWorker('syn-1', (bye.address() as net.AddressInfo).port);
+      let got = 0;
+      stream.on('data', (c: Buffer) => (got += c.length));
+      const ended = new Promise((resolve) => stream.once('end', resolve));
+      const code = await new Promise<number>((resolve) => ws.once('close', (c: number) => resolve(c)));
+      assert.equal(code, 1000);
+      await ended;
+      assert.equal(got, 300_000);
+    } finally {
+      bye.close();
+    }
+    assert.deepEqual(seen.client, ['/v1/vms/v1/port-forward', '/v1/vms/v1/port-forward', '/v1/vms/v1/port-forward', '/v1/workers/syn-1/port-forward']);
+    assert.deepEqual(seen.worker, [], 'no dial-back, no ready connection: the worker\'s mux');
+  });
+
   test('over plain ws:// (--insecure-no-tls, where DATA frames go through ws and its masking) tunnels work too: 1 MiB each way intact', async () => {
     const ctl = await startController({ dataDir: tempDir(), listen: '127.0.0.1:0', insecureNoTLS: true, bootstrapAdminToken: ADMIN_TOKEN, logger: pino({ level: 'silent' }) });
     const admin = clientOf(ctl, 'bootstrap-admin', ADMIN_TOKEN);

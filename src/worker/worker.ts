@@ -94,8 +94,8 @@ export class OrchardWorker {
       onInstruction: (msg) => this.instruction(msg),
       onConnected: () => {
         this.reconciler.reconnected();
-        if (this.link.can.tunnelPool) this.readyPool?.kick(READY_REFILL_SPREAD_MS);
-        if (this.link.can.tunnelMux) this.mux?.kick(READY_REFILL_SPREAD_MS);
+        if (this.poolInUse) this.readyPool?.kick(READY_REFILL_SPREAD_MS);
+        if (this.muxInUse) this.mux?.kick(READY_REFILL_SPREAD_MS);
       },
     });
     this.reconciler = new Reconciler({
@@ -119,7 +119,21 @@ export class OrchardWorker {
 
   /** What this worker declares in its record's `capabilities`: only what the controller takes. */
   private capabilities(): string[] {
-    return [...(this.images && this.link.can.workerImages ? WorkerImages.capabilities : []), ...(this.readyPool && this.link.can.tunnelPool ? [PORT_FORWARD_POOL] : []), ...(this.mux && this.link.can.tunnelMux ? [PORT_FORWARD_MUX] : [])];
+    return [...(this.images && this.link.can.workerImages ? WorkerImages.capabilities : []), ...(this.poolInUse ? [PORT_FORWARD_POOL] : []), ...(this.muxInUse ? [PORT_FORWARD_MUX] : [])];
+  }
+
+  /** Tunnels on the mux connection: the controller takes one and this worker keeps one. */
+  private get muxInUse(): boolean {
+    return !!this.mux && this.link.can.tunnelMux;
+  }
+
+  /**
+   * Ready connections only where there is no mux connection: the controller puts every tunnel it can
+   * on the mux, and each idle connection is one more TLS connection the controller holds (≈ 30 kB)
+   * and takes back after a restart (BENCHMARKS.md, the load harness).
+   */
+  private get poolInUse(): boolean {
+    return !!this.readyPool && this.link.can.tunnelPool && !this.muxInUse;
   }
 
   /** Reports sent up the watch and not acknowledged yet (tests). */
@@ -163,8 +177,8 @@ export class OrchardWorker {
   async start() {
     await this.images?.start();
     await this.link.start();
-    if (this.link.can.tunnelPool) this.readyPool?.start();
-    if (this.link.can.tunnelMux) this.mux?.start();
+    if (this.poolInUse) this.readyPool?.start();
+    if (this.muxInUse) this.mux?.start();
     this.log.info({ runtime: this.o.driver.runtime, slots: this.o.slots }, 'worker registered');
     this.reconciler.requestSync();
   }

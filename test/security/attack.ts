@@ -64,14 +64,17 @@ export function countWebSockets(client: OrchardClient): { client: string[]; work
 }
 
 /** A real worker (synthetic VMs: dial gives an echo stream) acting through `client`'s account. */
-export function syntheticWorker(client: OrchardClient, name: string, labels: Record<string, string> = {}) {
-  return new OrchardWorker({ client, name, labels, driver: new SyntheticDriver(), dataDir: tempDir(), slots: 10, heartbeatMs: 1000, logger: pino({ level: 'silent' }) });
+export function syntheticWorker(client: OrchardClient, name: string, labels: Record<string, string> = {}, tunnelMux?: boolean) {
+  return new OrchardWorker({ client, name, labels, driver: new SyntheticDriver(), dataDir: tempDir(), slots: 10, heartbeatMs: 1000, tunnelMux, logger: pino({ level: 'silent' }) });
 }
 
-/** A controller with a synthetic worker (acting as the admin) running the synthetic VM `vm`. */
-export async function clusterWithVM(vm: string, opts: Parameters<typeof inProcessController>[0] = {}) {
+/**
+ * A controller with a synthetic worker (acting as the admin) running the synthetic VM `vm`; with
+ * `tunnelMux: false`, the worker keeps ready connections instead of a mux connection.
+ */
+export async function clusterWithVM(vm: string, opts: Parameters<typeof inProcessController>[0] & { tunnelMux?: boolean } = {}) {
   const c = await inProcessController(opts);
-  const worker = syntheticWorker(c.admin, 'syn-1');
+  const worker = syntheticWorker(c.admin, 'syn-1', {}, opts.tunnelMux);
   await worker.start();
   await c.admin.createVM({ name: vm, image: 'synthetic' });
   await waitFor(`${vm} running`, async () => (await c.admin.getVM(vm)).status === 'running', 10_000);

@@ -8,11 +8,10 @@ import type { Duplex } from 'node:stream';
 import type { WebSocket } from 'ws';
 import type { Role, ServiceAccount } from '../../api/schemas.ts';
 import { MuxConnection, MuxTunnel } from '../../client/mux.ts';
-import { reusableStream } from '../../client/tunnel-ends.ts';
 import { authorize, CONNECT_ROLES, type Access } from '../access.ts';
 import { HttpError } from '../errors.ts';
 import type { ClusterView } from '../view.ts';
-import { spliceTunnelEnds, streamEnd, type SpliceEnd } from './relay.ts';
+import { spliceTunnelEnds, streamEnd, wsSide, type SpliceEnd } from './relay.ts';
 import type { Tunnels } from './tunnels.ts';
 
 /** Mux connections a worker may hold at once (429 beyond): one in use, one replacing it. */
@@ -21,6 +20,8 @@ export const MUX_PER_WORKER = 2;
 export const MUX_TUNNELS_PER_CONNECTION = 1024;
 /** How long a worker has to answer a tunnel request. */
 const WORKER_ANSWER_MS = 30_000;
+/** How long a client's WebSocket may take to finish its close handshake before it is cut. */
+const CLOSE_GRACE_MS = 5_000;
 
 /** What a client's OPEN asks for. */
 type Target = { vm: string; port: number; wait: number } | { worker: string; port: number };
@@ -75,6 +76,7 @@ export class MuxTunnels {
     this.view = view;
     this.access = access;
     this.tunnelsPerAccount = tunnelsPerAccount;
+    tunnels.viaMux = (worker, vmUID, port) => this.onWorker(worker, vmUID, port);
   }
 
   /** Before a worker's mux connection is upgraded: 429 when it holds its share. */
@@ -137,27 +139,40 @@ export class MuxTunnels {
       unhold();
       gone.abort();
     });
-    let worker: string;
-    let vmUID = '';
-    let vm;
     if ('vm' in target) {
-      vm = await this.tunnels.runningVM(target.vm, target.wait, gone.signal);
-      worker = vm.worker!;
-      vmUID = vm.uid ?? '';
-    } else {
-      await this.view.loaded;
-      if (!this.view.workers.has(target.worker)) throw new HttpError(404, `worker "${target.worker}" not found`);
-      worker = target.worker;
+      const vm = await this.tunnels.runningVM(target.vm, target.wait, gone.signal);
+      return this.tunnels.openStream(vm.worker!, target.port, vm, gone.signal, true);
     }
+    await this.view.loaded;
+    if (!this.view.workers.has(target.worker)) throw new HttpError(404, `worker "${target.worker}" not found`);
+    return this.tunnels.openStream(target.worker, target.port, undefined, gone.signal, true);
+  }
+
+  /** A tunnel on `worker`'s own mux connection, if it has one open (the newest). */
+  onWorker(worker: string, vmUID: string, port: number): Promise<MuxTunnel> | undefined {
     const mux = [...(this.workers.get(worker) ?? [])].reverse().find((m) => m.open);
-    if (mux) return mux.openTunnel({ vmUID, port: target.port }, WORKER_ANSWER_MS);
-    // A worker without a mux connection (upstream's, or ours before it reconnected): a ready connection or the dial-back.
-    const legacy = await this.tunnels.open(worker, target.port, vm, gone.signal, true);
-    if (legacy.recycle) {
-      const stream = reusableStream(legacy.ws, legacy.recycle);
-      legacy.start();
-      return stream;
-    }
-    return legacy.stream;
+    return mux?.openTunnel({ vmUID, port }, WORKER_ANSWER_MS);
+  }
+
+  /**
+   * Splices a client's per-tunnel WebSocket (upstream's CLI, and ours without the mux) and a tunnel on
+   * the worker's mux connection. That WebSocket has no half-close: the VM's end closes it (1000), as
+   * the dial-back's close did, and its close resets the tunnel.
+   */
+  spliceClient(ws: WebSocket, tunnel: MuxTunnel) {
+    ws.on('error', () => {});
+    const closeClient = (code: number, reason: string) => {
+      if (ws.readyState !== ws.OPEN) return;
+      ws.close(code, reason.slice(0, 120));
+      setTimeout(() => ws.terminate(), CLOSE_GRACE_MS).unref();
+    };
+    const client: SpliceEnd = {
+      side: wsSide(ws),
+      end: () => closeClient(1000, 'the VM closed the connection'),
+      onEnd: () => {},
+      destroy: (err) => closeClient(1011, `the worker connection was lost (${err?.message ?? 'reset'})`),
+      onClose: (fn) => ws.once('close', () => fn(false)),
+    };
+    spliceTunnelEnds(client, muxEnd(tunnel));
   }
 }

@@ -8,12 +8,13 @@
 import { createHash } from 'node:crypto';
 import { chmodSync, existsSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import ssh2 from 'ssh2';
 import type { AuthContext, Connection, ParsedKey, ServerChannel, TcpipRequestInfo } from 'ssh2';
 import { NAME_PATTERN, type ServiceAccount } from '../../api/schemas.ts';
-import type { Tunnel, Tunnels } from './tunnels.ts';
-import { relay, streamSide, wsSide } from './relay.ts';
+import type { Tunnels } from './tunnels.ts';
+import { relay, streamSide } from './relay.ts';
 import { CONNECT_ROLES, hasAnyRole, type Access } from '../access.ts';
 import { HttpError, OPEN_FAILURE, sshOpenFailure } from '../errors.ts';
 
@@ -150,7 +151,7 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
     let account: ServiceAccount | undefined;
     let failures = 0;
     let release = () => {};
-    const open = new Set<Tunnel>();
+    const open = new Set<Duplex>();
     // The client leaving cancels what its channel opens are waiting for (a VM to run, a worker to dial back).
     const gone = new AbortController();
     clients.add(client);
@@ -167,7 +168,7 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
       release();
       clients.delete(client);
       gone.abort();
-      for (const t of open) t.ws.close(1000, 'SSH client gone');
+      for (const t of open) t.destroy();
     });
 
     client.on('authentication', (ctx: AuthContext) => {
@@ -250,7 +251,7 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
     accept: () => ServerChannel | undefined,
     reject: () => void,
     dest: TcpipRequestInfo,
-    open: Set<Tunnel>,
+    open: Set<Duplex>,
     signal: AbortSignal,
   ) {
     const vmName = dest.destIP;
@@ -271,10 +272,10 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
       return refuse(failure.code, failure.description);
     }
     let vm;
-    let tunnel: Tunnel;
+    let tunnel: Duplex;
     try {
       vm = await tunnels.runningVM(vmName, waitSeconds, signal);
-      tunnel = await tunnels.open(vm.worker!, port, vm, signal);
+      tunnel = await tunnels.openStream(vm.worker!, port, vm, signal);
     } catch (err) {
       untake();
       if (!(err instanceof HttpError)) throw err;
@@ -286,7 +287,7 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
     const channel = clients.has(client) ? accept() : undefined;
     if (!channel) {
       untake();
-      tunnel.ws.close(1000, 'SSH client gone');
+      tunnel.destroy();
       return;
     }
     open.add(tunnel);
@@ -334,12 +335,12 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
 
 /**
  * Splices an SSH channel and a tunnel to the VM, both ways, through the relay every tunnel's bytes
- * take (relay.ts: flow control on each side — SSH windows, WebSocket backpressure — and the per-turn
- * budget shared with the port-forwards). Closing either end closes the other: the tunnel cannot
- * carry a half-close, so the client's EOF closes the tunnel (as a WebSocket client's close does),
- * and the VM's close sends EOF and CLOSE on the channel after what it sent before.
+ * take (relay.ts: flow control on each side and the per-turn budget shared with the port-forwards).
+ * The client's EOF ends the tunnel's way to the VM (a half-close on the worker's mux connection; a
+ * dial-back's WebSocket closes instead), the VM's end sends EOF and CLOSE on the channel after what
+ * it sent before, and either side closing or failing closes the other.
  */
-function splice(channel: ServerChannel, tunnel: Tunnel, onEnd: (stats: { bytesToVM: number; bytesFromVM: number; closedBy: string }) => void) {
+function splice(channel: ServerChannel, tunnel: Duplex, onEnd: (stats: { bytesToVM: number; bytesFromVM: number; closedBy: string }) => void) {
   let bytesToVM = 0;
   let bytesFromVM = 0;
   let ended = false;
@@ -348,27 +349,23 @@ function splice(channel: ServerChannel, tunnel: Tunnel, onEnd: (stats: { bytesTo
     ended = true;
     onEnd({ bytesToVM, bytesFromVM, closedBy });
   };
-  const closeTunnel = (why: string) => {
-    if (tunnel.ws.readyState === tunnel.ws.OPEN || tunnel.ws.readyState === tunnel.ws.CONNECTING) tunnel.ws.close(1000, why);
-  };
-  const vm = wsSide(tunnel.ws);
+  const vm = streamSide(tunnel);
   const client = streamSide(channel);
   vm.onData((data) => (bytesFromVM += Buffer.isBuffer(data) ? data.length : 0));
   client.onData((data) => (bytesToVM += Buffer.isBuffer(data) ? data.length : 0));
   relay(client, vm);
   relay(vm, client);
-  tunnel.start();
-  tunnel.ws.on('error', () => channel.close());
-  channel.on('error', () => closeTunnel('SSH channel error'));
-  channel.on('end', () => closeTunnel('SSH client sent EOF'));
-  channel.on('close', () => {
-    closeTunnel('SSH channel closed');
-    end('client');
+  let lost: Error | undefined;
+  tunnel.on('error', (err: Error) => {
+    lost = err;
+    channel.close();
   });
-  tunnel.ws.on('close', (code: number) => {
-    // A normal close ends the channel after what the VM sent (EOF, then CLOSE); a lost worker cuts it.
-    if (code === 1000 || code === 1005) channel.end();
-    else channel.close();
-    end(code === 1000 || code === 1005 ? 'vm' : `worker connection lost (${code})`);
+  tunnel.on('end', () => channel.end());
+  tunnel.on('close', () => end(lost ? `worker connection lost (${lost.message})` : 'vm'));
+  channel.on('error', () => tunnel.destroy());
+  channel.on('end', () => tunnel.end());
+  channel.on('close', () => {
+    tunnel.destroy();
+    end('client');
   });
 }

@@ -14,6 +14,7 @@ import { PORT_FORWARD_POOL, type PortForwardAction, type WorkerInstruction } fro
 import { parseReadyAnswer, ReadyTunnels, readyRequest } from './ready-tunnels.ts';
 import { traceTunnel } from '../../tunnel-trace.ts';
 import { spliceEnds } from './tunnel-ends.ts';
+import { reusableStream } from '../../client/tunnel-ends.ts';
 
 /** How long the worker has to dial back. */
 const RENDEZVOUS_TIMEOUT_MS = 30_000;
@@ -180,6 +181,23 @@ export class Tunnels {
    * A connection to TCP `port` of the VM (or, without a VM, of the worker host itself); `signal`: the
    * client went away. `reuse`: the caller's splice handles end frames (a tunnel's `recycle`).
    */
+  /**
+   * A tunnel on the worker's own mux connection, when it has one open (set by MuxTunnels): every path
+   * that can take a byte stream uses it first, so a worker of ours needs no other tunnel connection.
+   */
+  viaMux?: (worker: string, vmUID: string, port: number) => Promise<Duplex> | undefined;
+
+  /** The worker's side of a tunnel as a byte stream: on its mux connection if it has one, else as open() makes it. */
+  async openStream(worker: string, port: number, vm?: VM, signal?: AbortSignal, reuse = false): Promise<Duplex> {
+    const onMux = this.closed ? undefined : this.viaMux?.(worker, vm?.uid ?? '', port);
+    if (onMux) return onMux;
+    const tunnel = await this.open(worker, port, vm, signal, reuse);
+    if (!tunnel.recycle) return tunnel.stream;
+    const stream = reusableStream(tunnel.ws, tunnel.recycle);
+    tunnel.start();
+    return stream;
+  }
+
   async open(worker: string, port: number, vm?: VM, signal?: AbortSignal, reuse = false): Promise<Tunnel> {
     const action = (session: string) => ({ session, vmUID: vm?.uid ?? '', port });
     // A ready connection of the worker's own if it has one; the dial-back (upstream's way) if not, or if it was lost meanwhile.

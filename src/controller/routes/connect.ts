@@ -2,7 +2,7 @@
 // workers' side of both (/v1/rpc/port-forward, /v1/rpc/resolve-ip).
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
-import { ErrorBody, Name } from '../../api/schemas.ts';
+import { ErrorBody, Name, type VM } from '../../api/schemas.ts';
 import type { AppContext } from '../context.ts';
 import { badRequest, notFound } from '../errors.ts';
 import type { WebSocketRoutes } from '../rpc.ts';
@@ -47,10 +47,27 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
   const { store, limits } = ctx;
   const tunnel = { maxPayload: limits.tunnelFrameBytes, perAccount: { what: 'tunnels', max: limits.tunnelsPerAccount } };
 
+  /** The worker's side of a per-tunnel WebSocket: on its mux connection if it has one, else a ready connection or the dial-back. */
+  const workerSide = async (worker: string, port: number, vm: VM | undefined, signal: AbortSignal) => {
+    const onMux = muxes.onWorker(worker, vm?.uid ?? '', port);
+    if (!onMux) return spliceWhenOpen(await tunnels.open(worker, port, vm, signal, true), signal);
+    const tunnel = await onMux;
+    const release = () => tunnel.destroy();
+    if (signal.aborted) {
+      release();
+      throw clientGone();
+    }
+    signal.addEventListener('abort', release, { once: true });
+    return (ws: WebSocket) => {
+      signal.removeEventListener('abort', release);
+      muxes.spliceClient(ws, tunnel);
+    };
+  };
+
   sockets.route('/v1/vms/{name}/port-forward', CONNECT, tunnel, async ({ url, params, signal }) => {
     const port = parsePort(url.searchParams.get('port'));
     const vm = await tunnels.runningVM(params.name, parseWait(url.searchParams.get('wait'), 10), signal);
-    return spliceWhenOpen(await tunnels.open(vm.worker!, port, vm, signal, true), signal);
+    return workerSide(vm.worker!, port, vm, signal);
   });
 
   // A client's ready connection (capability "port-forward-ready"): the same tunnel, opened when the client asks.
@@ -80,7 +97,7 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
   sockets.route('/v1/workers/{name}/port-forward', ['admin:write'], tunnel, async ({ url, params, signal }) => {
     const port = parsePort(url.searchParams.get('port'));
     if (!(await store.get('workers', params.name))) throw notFound(`worker "${params.name}" not found`);
-    return spliceWhenOpen(await tunnels.open(params.name, port, undefined, signal, true), signal);
+    return workerSide(params.name, port, undefined, signal);
   });
 
   sockets.route('/v1/workers/{name}/port-forward/ready', ['admin:write'], tunnel, ({ url, params }) => {

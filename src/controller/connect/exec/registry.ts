@@ -9,7 +9,7 @@ import { sshCredentials } from '../../../api/defaults.ts';
 import { CONNECT_ROLES, type Access } from '../../access.ts';
 import type { Store } from '../../store/store.ts';
 import { badRequest, HttpError, notFound } from '../../errors.ts';
-import type { Tunnel, Tunnels } from '../tunnels.ts';
+import type { Tunnels } from '../tunnels.ts';
 import { killScript, remoteCommand, sameSpec, type ExecQuery, type ExecSpec } from './query.ts';
 import { DEFAULT_EXEC_LIMITS, ExecSession, type CommandChannel, type ExecLimits } from './session.ts';
 
@@ -162,15 +162,15 @@ export class ExecSessions {
   private async startOnce(vm: VM, account: ServiceAccount, spec: ExecSpec, id?: string): Promise<ExecSession> {
     // ssh2 is loaded with the first exec, not with every controller.
     const { Client } = await import('ssh2');
-    const tunnel: Tunnel = await this.tunnels.open(vm.worker!, 22, vm);
+    const stream = await this.tunnels.openStream(vm.worker!, 22, vm);
     const conn = new Client();
     const marker = randomUUID();
     let connError: string | undefined;
     conn.on('error', (err) => (connError ??= err.message));
-    tunnel.stream.on('error', () => {});
+    stream.on('error', () => {});
     const disconnect = () => {
       conn.end();
-      tunnel.stream.destroy();
+      stream.destroy();
     };
     try {
       await new Promise<void>((resolve, reject) => {
@@ -178,7 +178,7 @@ export class ExecSessions {
         conn.once('error', reject);
         conn.once('close', () => reject(new Error(connError ?? 'the connection closed during the SSH handshake')));
         conn.connect({
-          sock: tunnel.stream,
+          sock: stream,
           ...sshCredentials(vm),
           readyTimeout: 20_000,
           keepaliveInterval: 30_000,
