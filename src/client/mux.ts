@@ -22,10 +22,13 @@ const HEADER = 5;
 
 /**
  * Bytes each side may send on a tunnel before the other grants more (both directions start with it).
- * With 256 KiB, and with 512 KiB under load, one tunnel moved less per second, stalled waiting for
- * grants. What the controller holds per tunnel is bounded by it (BENCHMARKS.md, bench/abuse.ts).
+ * What the controller holds per tunnel is bounded by it: a multiplexed connection cannot be paused
+ * for one tunnel, so the bytes wait in its memory, not in the kernel's socket buffers. With 1 MiB, 40
+ * tunnels of one client pushing as fast as they could took the controller to 424 MB (bench/abuse.ts,
+ * goal 321); with 512 KiB to 293 MB, and one tunnel, quiet, was as fast (BENCHMARKS.md). With
+ * 256 KiB one tunnel stalled waiting for grants.
  */
-export const INITIAL_WINDOW = 1024 * 1024;
+export const INITIAL_WINDOW = 512 * 1024;
 /** Largest payload of a DATA frame accepted; ours send at most DATA_BYTES (one frame per TLS record). */
 export const MAX_DATA = 64 * 1024;
 const DATA_BYTES = TUNNEL_FRAME_BYTES - HEADER;
