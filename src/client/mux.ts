@@ -34,6 +34,11 @@ export const MAX_DATA = 64 * 1024;
 const DATA_BYTES = TUNNEL_FRAME_BYTES - HEADER;
 /** Largest OPEN or RESET payload (JSON). */
 const MAX_CONTROL = 4096;
+/**
+ * Bytes the controller lets wait, unread, in a connection's socket before closing it: above what its
+ * relays queue for all the tunnels an account may hold (256 × 64 KiB) and their control frames.
+ */
+const MAX_BACKLOG = 32 * 1024 * 1024;
 /** A window update is sent once this much was consumed (not per frame). */
 const GRANT_STEP = INITIAL_WINDOW / 4;
 
@@ -205,15 +210,17 @@ export class MuxTunnel extends Duplex {
         item.done();
         continue;
       }
+      const whenWritten = this.mux.answersWhenWritten;
       while (item.offset < chunk.length) {
         if (this.sendCredit <= 0) return; // credit() goes on
         const n = Math.min(chunk.length - item.offset, DATA_BYTES, this.sendCredit);
         this.sendCredit -= n;
-        this.mux.send(this.id, item.offset === 0 && n === chunk.length ? chunk : chunk.subarray(item.offset, item.offset + n));
+        const last = item.offset + n === chunk.length;
+        this.mux.send(this.id, item.offset === 0 && last ? chunk : chunk.subarray(item.offset, item.offset + n), last && whenWritten ? item.done : undefined);
         item.offset += n;
       }
       this.out.shift();
-      item.done();
+      if (!whenWritten) item.done();
     }
   }
 
@@ -281,16 +288,35 @@ export class MuxConnection {
   }
 
   /**
+   * Whether a tunnel's bytes count as sent only once written to the socket (the controller's side).
+   * A window is the peer's to grant: a client that grants itself gigabytes and reads nothing would
+   * otherwise have the controller queue all it relays in the socket's buffer. So the relay's flow
+   * control (relay.ts) sees what waits in the socket, and pauses the tunnel's other side.
+   */
+  get answersWhenWritten(): boolean {
+    return !this.options.oneAtATime;
+  }
+
+  /**
    * Sends one frame (a whole one, or DATA as its tunnel id and payload); with `oneAtATime`, each is
    * handed to the socket once the one before has left: frames written together are packed across TLS
    * records, and the receiver copies them together again (as with the ready connections' frames).
+   * Without it, `written` runs once the frame is in the kernel, and a peer that lets more than
+   * MAX_BACKLOG wait in the socket (it reads nothing while its tunnels' replies pile up) is closed.
    */
   send(buf: Buffer): void;
-  send(id: number, payload: Buffer): void;
-  send(a: Buffer | number, payload?: Buffer) {
+  send(id: number, payload: Buffer, written?: () => void): void;
+  send(a: Buffer | number, payload?: Buffer, written?: () => void) {
     if (!this.open) return;
     const item: Buffer | [number, Buffer] = typeof a === 'number' ? [a, payload!] : a;
-    if (!this.options.oneAtATime) return this.write(item, noop);
+    if (!this.options.oneAtATime) {
+      if (this.ws.bufferedAmount > MAX_BACKLOG) {
+        // Cut, not closed: a close frame would wait behind what it does not read.
+        this.ws.terminate();
+        return this.lost(`${this.options.name ?? 'the tunnel connection'} was cut: ${MAX_BACKLOG / 1024 / 1024} MiB unread`);
+      }
+      return this.write(item, written ?? noop);
+    }
     if (this.sending) return void this.queue.push(item);
     this.sending = true;
     this.write(item, this.sent);

@@ -6,9 +6,10 @@
 // controller carries on.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import type { WebSocket } from 'ws';
 import { ApiError } from '../../src/client/client.ts';
-import { DATA, END, frame, INITIAL_WINDOW, OPEN, OPEN_OK, RESET } from '../../src/client/mux.ts';
+import { DATA, END, frame, INITIAL_WINDOW, OPEN, OPEN_OK, RESET, WINDOW } from '../../src/client/mux.ts';
 import { RESOURCE_TART_VMS } from '../../src/api/schemas.ts';
 import { ADMIN_TOKEN, metric, waitFor } from '../helpers.ts';
 import { account, closed, clusterWithVM, upgrade } from './attack.ts';
@@ -209,6 +210,45 @@ describe('multiplexed tunnels: a hostile side', () => {
       stream.destroy();
     } finally {
       ok.close();
+    }
+  });
+
+  test('a client that grants itself a 1 GiB window and reads nothing: the controller relays only what its queues hold, and the worker side stops', async () => {
+    // A worker-host port that sends as fast as it is let, counting what it handed over.
+    let sent = 0;
+    const chunk = Buffer.alloc(64 * 1024, 1);
+    const firehose = net.createServer((sock) => {
+      sock.on('error', () => {});
+      const pump = () => {
+        do sent += chunk.length;
+        while (sock.write(chunk));
+      };
+      sock.on('drain', pump);
+      pump();
+    });
+    await new Promise<void>((resolve) => firehose.listen(0, '127.0.0.1', resolve));
+    const ws = await client();
+    try {
+      const f = frames(ws);
+      ws.send(frame(OPEN, 1, JSON.stringify({ worker: 'syn-1', port: (firehose.address() as net.AddressInfo).port })));
+      await f.next((x) => x.type === OPEN_OK && x.id === 1);
+      const grant = Buffer.alloc(4);
+      grant.writeUInt32BE(1024 ** 3);
+      ws.send(frame(WINDOW, 1, grant));
+      ws.pause(); // from now on it reads nothing
+      // The flow stops once the kernel's buffers, the relay's queue and the worker's window are full:
+      // a few MiB. Queued in the controller without bound, it would pass 256 MiB in about a second.
+      let last = -1;
+      let still = 0;
+      await waitFor('the firehose to be held back', () => {
+        still = sent === last ? still + 1 : 0;
+        last = sent;
+        return still >= 5 || sent > 256 * 1024 * 1024 || undefined;
+      }, 30_000, 100);
+      assert.ok(sent < 64 * 1024 * 1024, `${(sent / 1024 / 1024).toFixed(0)} MiB left the worker host's port for a client that reads nothing`);
+    } finally {
+      ws.terminate();
+      firehose.close();
     }
   });
 
