@@ -265,6 +265,8 @@ export class MuxConnection {
   constructor(ws: WebSocket, options: MuxOptions) {
     this.ws = ws;
     this.options = options;
+    // Each tunnel's user may watch the connection's close (the CLI's splice does): one per tunnel, not a leak.
+    ws.setMaxListeners(0);
     ws.on('message', (data: RawData, isBinary: boolean) => {
       if (this.closed) return;
       try {
