@@ -178,10 +178,6 @@ export class Tunnels {
   }
 
   /**
-   * A connection to TCP `port` of the VM (or, without a VM, of the worker host itself); `signal`: the
-   * client went away. `reuse`: the caller's splice handles end frames (a tunnel's `recycle`).
-   */
-  /**
    * A tunnel on the worker's own mux connection, when it has one open (set by MuxTunnels): every path
    * that can take a byte stream uses it first, so a worker of ours needs no other tunnel connection.
    */
@@ -198,6 +194,11 @@ export class Tunnels {
     return stream;
   }
 
+  /**
+   * A connection to TCP `port` of the VM (or, without a VM, of the worker host itself) on a ready
+   * connection or the dial-back; `signal`: the client went away. `reuse`: the caller's splice handles
+   * end frames (a tunnel's `recycle`).
+   */
   async open(worker: string, port: number, vm?: VM, signal?: AbortSignal, reuse = false): Promise<Tunnel> {
     const action = (session: string) => ({ session, vmUID: vm?.uid ?? '', port });
     // A ready connection of the worker's own if it has one; the dial-back (upstream's way) if not, or if it was lost meanwhile.

@@ -8,7 +8,7 @@ import { badRequest, notFound } from '../errors.ts';
 import type { WebSocketRoutes } from '../rpc.ts';
 import { ExecSessions } from '../connect/exec/registry.ts';
 import { parseExecQuery } from '../connect/exec/query.ts';
-import { clientGone, splice, type Tunnel, type Tunnels } from '../connect/tunnels.ts';
+import { clientGone, splice, type Tunnels } from '../connect/tunnels.ts';
 import type { WebSocket } from 'ws';
 import { accountOf, CONNECT_ROLES as CONNECT } from '../access.ts';
 import { awaitOpenRequest } from '../connect/ready-clients.ts';
@@ -29,9 +29,11 @@ export function parseWait(value: string | null, fallback: number): number {
   return Math.min(Number(value), 3600);
 }
 
-/** A tunnel for a client whose WebSocket is about to open; if the client has left meanwhile, the tunnel closes on both sides. */
-function spliceWhenOpen(tunnel: Tunnel, signal: AbortSignal): (ws: WebSocket) => void {
-  const release = () => tunnel.ws.close(1000, 'the client went away');
+/**
+ * What joins a client's WebSocket, about to open, to a tunnel (`join`); if the client has left
+ * meanwhile, or leaves before its WebSocket opens, the tunnel is let go (`release`) on both sides.
+ */
+function whenClientOpens(signal: AbortSignal, release: () => void, join: (ws: WebSocket) => void): (ws: WebSocket) => void {
   if (signal.aborted) {
     release();
     throw clientGone();
@@ -39,7 +41,7 @@ function spliceWhenOpen(tunnel: Tunnel, signal: AbortSignal): (ws: WebSocket) =>
   signal.addEventListener('abort', release, { once: true });
   return (ws) => {
     signal.removeEventListener('abort', release);
-    splice(ws, tunnel);
+    join(ws);
   };
 }
 
@@ -50,18 +52,12 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
   /** The worker's side of a per-tunnel WebSocket: on its mux connection if it has one, else a ready connection or the dial-back. */
   const workerSide = async (worker: string, port: number, vm: VM | undefined, signal: AbortSignal) => {
     const onMux = muxes.onWorker(worker, vm?.uid ?? '', port);
-    if (!onMux) return spliceWhenOpen(await tunnels.open(worker, port, vm, signal, true), signal);
-    const tunnel = await onMux;
-    const release = () => tunnel.destroy();
-    if (signal.aborted) {
-      release();
-      throw clientGone();
+    if (onMux) {
+      const tunnel = await onMux;
+      return whenClientOpens(signal, () => tunnel.destroy(), (ws) => muxes.spliceClient(ws, tunnel));
     }
-    signal.addEventListener('abort', release, { once: true });
-    return (ws: WebSocket) => {
-      signal.removeEventListener('abort', release);
-      muxes.spliceClient(ws, tunnel);
-    };
+    const tunnel = await tunnels.open(worker, port, vm, signal, true);
+    return whenClientOpens(signal, () => tunnel.ws.close(1000, 'the client went away'), (ws) => splice(ws, tunnel));
   };
 
   sockets.route('/v1/vms/{name}/port-forward', CONNECT, tunnel, async ({ url, params, signal }) => {
