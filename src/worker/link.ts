@@ -10,6 +10,7 @@ import type { Worker } from '../api/schemas.ts';
 import { ApiError, CertificateMismatchError, probeCertificate, type OrchardClient } from '../client/client.ts';
 import { parseControllerHello, parseInstructionWith, WATCH_REPORTS, type WorkerInstruction } from '../api/worker-protocol.ts';
 import type { WatchReports } from './reports.ts';
+import { Backoff } from './reconnect.ts';
 
 /** How long after the watch opens the controller's hello may take before the worker asks by HTTPS. */
 const HELLO_WAIT_MS = 5000;
@@ -40,7 +41,7 @@ export interface LinkOptions {
 export class ControllerLink {
   private ws?: WebSocket;
   private heartbeat?: NodeJS.Timeout;
-  private reconnectDelay = 500;
+  private readonly backoff = new Backoff();
   /** From the controller's hello: the window over which to spread reconnects after the watch drops. */
   private reconnectWindowMs?: number;
   /** This worker's moment within that window, while it reconnects. */
@@ -170,7 +171,7 @@ export class ControllerLink {
     const ws = new WebSocket(url, { ...client.wsOptions(url), handshakeTimeout: 15_000 });
     this.ws = ws;
     ws.on('open', () => {
-      this.reconnectDelay = 500;
+      this.backoff.reset();
       this.o.reports.attach(ws);
       this.o.onConnected();
       log.info('connected to the controller');
@@ -220,8 +221,7 @@ export class ControllerLink {
         // Exponential backoff with full jitter: other failures (refused upgrades, timeouts), and
         // controllers that gave no window, spread reconnects wider and wider.
         this.phase = undefined;
-        delay = Math.random() * this.reconnectDelay;
-        this.reconnectDelay = Math.min(this.reconnectDelay * 2, 15_000);
+        delay = this.backoff.next();
       }
       log.info({ inMs: Math.round(delay) }, 'watch connection lost; reconnecting');
       setTimeout(() => {

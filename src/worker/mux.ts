@@ -6,16 +6,15 @@
 import { WebSocket } from 'ws';
 import { MuxConnection, type MuxTunnel } from '../client/mux.ts';
 import { dialTarget, type DialBackContext } from './dial-back.ts';
+import { Backoff, dropWhenSilent } from './reconnect.ts';
 
 /** Tunnels at once on the connection (the controller's bound too). */
 const MAX_TUNNELS = 1024;
-/** A connection that saw no ping from the controller (every 20 s) for this long is taken for dead. */
-const SILENCE_MS = 65_000;
 
 export class WorkerMux {
   private readonly ctx: DialBackContext;
   private mux?: MuxConnection;
-  private retryDelay = 500;
+  private readonly backoff = new Backoff();
   private retry?: NodeJS.Timeout;
   private running = false;
 
@@ -38,7 +37,7 @@ export class WorkerMux {
   kick(spreadMs = 0) {
     if (!this.running || this.mux?.open) return;
     clearTimeout(this.retry);
-    this.retryDelay = 500;
+    this.backoff.reset();
     this.retry = setTimeout(() => this.connect(), Math.random() * spreadMs);
   }
 
@@ -55,24 +54,13 @@ export class WorkerMux {
     url.searchParams.set('workerName', workerName);
     const ws = new WebSocket(url, { ...client.wsOptions(url), handshakeTimeout: 15_000, maxPayload: 1024 * 1024 });
     const mux = (this.mux = new MuxConnection(ws, { opener: false, oneAtATime: true, maxTunnels: MAX_TUNNELS, onOpen: (request, tunnel) => void this.serve(mux, request, tunnel) }));
-    let silence: NodeJS.Timeout | undefined;
-    const alive = () => {
-      clearTimeout(silence);
-      silence = setTimeout(() => ws.terminate(), SILENCE_MS);
-      silence.unref();
-    };
-    ws.on('open', () => {
-      this.retryDelay = 500;
-      alive();
-    });
-    ws.on('ping', alive);
+    const stopWatch = dropWhenSilent(ws);
+    ws.on('open', () => this.backoff.reset());
     ws.on('error', (err) => log.debug({ err: err.message }, 'tunnel mux connection failed'));
     ws.on('close', () => {
-      clearTimeout(silence);
+      stopWatch();
       if (!this.running || this.retry) return;
-      const delay = Math.random() * this.retryDelay;
-      this.retryDelay = Math.min(this.retryDelay * 2, 15_000);
-      this.retry = setTimeout(() => this.connect(), delay);
+      this.retry = setTimeout(() => this.connect(), this.backoff.next());
     });
   }
 

@@ -8,6 +8,7 @@ import type { PortForwardAction } from '../api/worker-protocol.ts';
 import { traceTunnel } from '../tunnel-trace.ts';
 import { dialTarget, joinTarget, type DialBackContext } from './dial-back.ts';
 import { reusableStream } from '../client/tunnel-ends.ts';
+import { Backoff, dropWhenSilent } from './reconnect.ts';
 
 /**
  * Ready connections a worker keeps by default (the controller takes at most 8 per worker): one, replaced
@@ -15,8 +16,6 @@ import { reusableStream } from '../client/tunnel-ends.ts';
  * handshake: at 4 a thousand workers held 5,000 connections (≈ 390 MB idle) instead of 2,000.
  */
 export const READY_POOL_SIZE = 1;
-/** An idle connection that saw no ping from the controller (every 20 s) for this long is taken for dead. */
-const SILENCE_MS = 65_000;
 /** How long after a connection is taken its replacement is opened. */
 const REFILL_DELAY_MS = 10;
 /** Idle connections kept at most, counting those back from a tunnel that ended (beyond: closed; the controller takes 8). */
@@ -27,7 +26,7 @@ export class ReadyPool {
   private readonly idle = new Set<WebSocket>();
   private readonly ctx: DialBackContext;
   private readonly size: number;
-  private retryDelay = 500;
+  private readonly backoff = new Backoff();
   private retry?: NodeJS.Timeout;
   private running = false;
 
@@ -58,7 +57,7 @@ export class ReadyPool {
     if (!this.running) return;
     clearTimeout(this.retry);
     this.retry = undefined;
-    this.retryDelay = 500;
+    this.backoff.reset();
     if (spreadMs <= 0) return this.fill();
     this.retry = setTimeout(() => {
       this.retry = undefined;
@@ -80,8 +79,7 @@ export class ReadyPool {
   /** Refills later: exponential back-off with full jitter, so workers do not all come back at once. */
   private backOff() {
     if (!this.running || this.retry) return;
-    const delay = Math.random() * this.retryDelay;
-    this.retryDelay = Math.min(this.retryDelay * 2, 15_000);
+    const delay = this.backoff.next();
     this.retry = setTimeout(() => {
       this.retry = undefined;
       this.fill();
@@ -93,7 +91,7 @@ export class ReadyPool {
     const url = client.urlOf('/v1/rpc/port-forward-pool', true);
     url.searchParams.set('workerName', workerName);
     const ws = new WebSocket(url, { ...client.wsOptions(url), handshakeTimeout: 15_000 });
-    ws.on('open', () => (this.retryDelay = 500));
+    ws.on('open', () => this.backoff.reset());
     ws.on('error', (err) => log.debug({ err: err.message }, 'ready tunnel connection failed'));
     this.keepIdle(ws);
   }
@@ -101,16 +99,9 @@ export class ReadyPool {
   /** `ws` (opening, or back from a tunnel that ended with end frames) waits for the controller's next request. */
   private keepIdle(ws: WebSocket) {
     this.idle.add(ws);
-    let silence: NodeJS.Timeout | undefined;
-    const alive = () => {
-      clearTimeout(silence);
-      silence = setTimeout(() => ws.terminate(), SILENCE_MS);
-      silence.unref();
-    };
+    const stopWatch = dropWhenSilent(ws);
     const retire = () => {
-      clearTimeout(silence);
-      ws.off('ping', alive);
-      ws.off('open', alive);
+      stopWatch();
       ws.off('message', onRequest);
       ws.off('close', onClose);
       return this.idle.delete(ws);
@@ -125,9 +116,6 @@ export class ReadyPool {
     const onClose = () => {
       if (retire()) this.backOff();
     };
-    if (ws.readyState === ws.OPEN) alive();
-    else ws.on('open', alive);
-    ws.on('ping', alive);
     ws.once('message', onRequest);
     ws.once('close', onClose);
   }
