@@ -2,6 +2,7 @@
 // with the synthetic driver, each a real OrchardWorker with its own HTTPS client and WebSocket, all
 // in this process. Creates M VMs and measures what an operator cares about. Used by bench/load.ts
 // (figures) and by test/load.test.ts (correctness at a smaller scale).
+import { fork, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -42,6 +43,7 @@ export class Cluster {
   certificate!: string;
   readonly dataDir = tempDir('orchard-load-');
   workers: OrchardWorker[] = [];
+  fleet?: Fleet;
   drivers: SyntheticDriver[] = [];
   private readonly logger = pino({ level: 'silent' });
 
@@ -75,10 +77,60 @@ export class Cluster {
     );
   }
 
+  /**
+   * Starts `n` synthetic workers as `startWorkers` does, but in a child process of their own
+   * (bench/load-fleet.ts): the bench's timing client keeps its event loop to itself.
+   */
+  async startFleet(n: number, slots: number): Promise<Fleet> {
+    const proc = fork(join(import.meta.dirname, 'load-fleet.ts'), [this.ctl.url, join(this.dataDir, 'controller.crt'), join(this.dataDir, 'workers'), String(n), String(slots)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    this.fleet = new Fleet(proc);
+    await this.fleet.ask((m) => m.ready === true);
+    return this.fleet;
+  }
+
   async stop() {
+    await this.fleet?.stop();
     await Promise.all(this.workers.map((w) => w.stop()));
     this.admin?.close();
     await this.ctl?.kill('SIGTERM');
+  }
+}
+
+/** Synthetic workers in a child process (Cluster.startFleet). */
+export class Fleet {
+  readonly proc: ChildProcess;
+  private readonly exited: Promise<void>;
+
+  constructor(proc: ChildProcess) {
+    this.proc = proc;
+    this.exited = new Promise((resolve) => proc.once('exit', () => resolve()));
+  }
+
+  /** The next message from the fleet that `accept` takes (after sending `request`, if any). */
+  ask(accept: (m: Record<string, unknown>) => boolean, request?: string): Promise<Record<string, unknown>> {
+    return new Promise((resolve, reject) => {
+      const onMessage = (m: Record<string, unknown>) => {
+        if (!accept(m)) return;
+        this.proc.off('message', onMessage);
+        this.proc.off('exit', onExit);
+        resolve(m);
+      };
+      const onExit = (code: number | null) => reject(new Error(`the fleet process exited (${code})`));
+      this.proc.on('message', onMessage);
+      this.proc.once('exit', onExit);
+      if (request) this.proc.send(request);
+    });
+  }
+
+  /** Which workers are connected now (their watch open), by index. */
+  async connected(): Promise<boolean[]> {
+    const m = await this.ask((r) => Array.isArray(r.connected), 'connected');
+    return (m.connected as number[]).map((c) => c === 1);
+  }
+
+  async stop() {
+    if (this.proc.exitCode === null && this.proc.signalCode === null) this.proc.send('stop');
+    await this.exited;
   }
 }
 

@@ -1,5 +1,6 @@
 // Load benchmark: N synthetic workers × M VMs against one controller process, at several scales,
-// printed as one table (see bench/load-harness.ts for what is real: everything but the VMs).
+// printed as one table (see bench/load-harness.ts for what is real: everything but the VMs). The
+// workers run in a process of their own (bench/load-fleet.ts), the timing client and the watch here.
 //
 //   node bench/load.ts                       # 10×100, 100×1,000, 1,000×10,000
 //   node bench/load.ts --scales 50x500       # workers x VMs, comma-separated
@@ -69,7 +70,9 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     // Slots for the VMs of the burst, plus room for the paced VMs created after it.
     const paced = Math.max(10, Math.round(nVMs / 10));
     const slots = Math.ceil(nVMs / nWorkers) + Math.ceil(paced / nWorkers);
-    await cluster.startWorkers(nWorkers, slots);
+    const fleet = await cluster.startFleet(nWorkers, slots);
+    /** CPU seconds of the harness: this process (the timing client, the watch) and the fleet's (the workers). */
+    const harnessCPU = () => cpuSeconds(process.pid) + cpuSeconds(fleet.proc.pid!);
     row['workers connected in'] = `${((performance.now() - t0) / 1000).toFixed(1)} s`;
     const idle = await usageOf(pid, 10_000);
     row['controller RSS, workers idle'] = `${idle.rssMB.toFixed(0)} MB`;
@@ -80,7 +83,7 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     await new Promise((r) => setTimeout(r, 200));
     const created = new Map<string, number>();
     const acknowledged = new Map<string, number>();
-    const cpu0 = [cpuSeconds(pid), cpuSeconds(process.pid)];
+    const cpu0 = [cpuSeconds(pid), harnessCPU()];
     const creates = await closedLoop(nVMs, CONCURRENCY, async (i) => {
       const name = `vm-${i}`;
       created.set(name, performance.now());
@@ -88,7 +91,7 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
       acknowledged.set(name, performance.now());
     });
     const lastCreate = performance.now();
-    const [ctlCPU, benchCPU] = [cpuSeconds(pid) - cpu0[0], cpuSeconds(process.pid) - cpu0[1]].map((s) => `${((s / creates.seconds) * 100).toFixed(0)} %`);
+    const [ctlCPU, benchCPU] = [cpuSeconds(pid) - cpu0[0], harnessCPU() - cpu0[1]].map((s) => `${((s / creates.seconds) * 100).toFixed(0)} %`);
     row['creates/s, controller alone (baseline)'] = alone.toFixed(0);
     row['creates/s'] = `${(nVMs / creates.seconds).toFixed(0)} (${(nVMs / creates.seconds / alone).toFixed(2)}× baseline)`;
     row['create p50 / p99'] = `${pct(creates.latencies, 50).toFixed(1)} / ${pct(creates.latencies, 99).toFixed(1)} ms`;
@@ -137,17 +140,18 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     const firstServed = await probe(cluster, ['first-served']);
     await cluster.ctl.kill('SIGKILL');
     t0 = performance.now();
-    const harnessCPU = cpuSeconds(process.pid);
+    const harnessCPU0 = harnessCPU();
     const served = firstServed();
     await cluster.startController(Number(new URL(cluster.ctl.url).port));
     row['cold restart to first served request'] = `${(await served)[0]} ms`;
     const back: number[] = [];
-    const waiting = new Set(cluster.workers);
+    const waiting = new Set(Array.from({ length: nWorkers }, (_, i) => i));
     while (waiting.size) {
       await new Promise((r) => setTimeout(r, 50));
-      for (const w of waiting) {
-        if (!w.connected) continue;
-        waiting.delete(w);
+      const connected = await fleet.connected();
+      for (const i of waiting) {
+        if (!connected[i]) continue;
+        waiting.delete(i);
         back.push(performance.now() - t0);
       }
     }
@@ -156,7 +160,7 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     row['all workers back after restart'] = `${((performance.now() - t0) / 1000).toFixed(1)} s`;
     // What taking them back cost the restarted controller (its CPU from its start until then: the
     // store's opening, then mostly their TLS handshakes and watches), and the harness (their side).
-    row['CPU until all back: controller / harness'] = `${cpuSeconds(cluster.ctl.proc.pid!).toFixed(2)} / ${(cpuSeconds(process.pid) - harnessCPU).toFixed(2)} s`;
+    row['CPU until all back: controller / harness'] = `${cpuSeconds(cluster.ctl.proc.pid!).toFixed(2)} / ${(harnessCPU() - harnessCPU0).toFixed(2)} s`;
     return row;
   } finally {
     await cluster.stop();
