@@ -20,12 +20,19 @@ const MAX_REPORT_BYTES_IN_FLIGHT = 8 * 1024 * 1024;
 // The HTTP routes' body validation: the same schemas and options (no type coercion).
 const ajv = new Ajv({ strict: false, strictNumbers: true, allErrors: false, removeAdditional: false, useDefaults: false, coerceTypes: false });
 const compiled = new Map<TSchema, ValidateFunction>();
-function check<T>(schema: TSchema, value: unknown, part: string): T {
+function validatorOf(schema: TSchema): ValidateFunction {
   let validate = compiled.get(schema);
   if (!validate) compiled.set(schema, (validate = ajv.compile(schema)));
+  return validate;
+}
+function check<T>(schema: TSchema, value: unknown, part: string): T {
+  const validate = validatorOf(schema);
   if (!validate(value)) throw badRequest(formatValidationError(validate.errors ?? [], part));
   return value as T;
 }
+
+/** Compiles the reports' validators now (the warm-up's, src/controller/warm-up.ts) rather than on the first report. */
+export const compileReportChecks = () => void [Name, VMStateUpdate, EventInputList, WorkerImagesReport].forEach(validatorOf);
 
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
 
