@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { performance } from 'node:perf_hooks';
 import { ADMIN_TOKEN } from '../test/helpers.ts';
-import { Cluster, closedLoop, cpuSeconds, pct, usageOf, Watcher } from './load-harness.ts';
+import { Cluster, cpuSeconds, pct, usageOf, Watcher } from './load-harness.ts';
 
 const { values } = parseArgs({
   options: { scales: { type: 'string', default: '10x100,100x1000,1000x10000' }, concurrency: { type: 'string', default: '32' }, 'paced-rate': { type: 'string', default: '200' }, 'no-restart': { type: 'boolean', default: false } },
@@ -46,13 +46,42 @@ interface Row {
   [figure: string]: string;
 }
 
+interface Burst {
+  seconds: number;
+  /** CPU seconds of the creating client's process. */
+  cpu: number;
+  /** Per-create latency (ms), sorted. */
+  latencies: number[];
+  /** When each create was sent and acknowledged, on this process's performance.now() clock. */
+  sent: Map<string, number>;
+  acknowledged: Map<string, number>;
+}
+
+/**
+ * N creates, CONCURRENCY in flight, from a client in a process of its own (bench/probe.ts): its
+ * event loop serves nothing else, so what it times is the controller's answer.
+ */
+async function burst(cluster: Cluster, n: number, prefix: string): Promise<Burst> {
+  const lines = await (await probe(cluster, ['creates', `${n}:${CONCURRENCY}:${prefix}`]))();
+  const [, seconds, , cpu] = lines[0].split(' ');
+  const b: Burst = { seconds: Number(seconds), cpu: Number(cpu), latencies: [], sent: new Map(), acknowledged: new Map() };
+  for (const line of lines.slice(1)) {
+    const [name, sent, acked] = line.split(' ');
+    b.sent.set(name, Number(sent) - performance.timeOrigin);
+    b.acknowledged.set(name, Number(acked) - performance.timeOrigin);
+    b.latencies.push(Number(acked) - Number(sent));
+  }
+  if (b.latencies.length !== n) throw new Error(`the creating client reported ${b.latencies.length} creates of ${n}`);
+  b.latencies.sort((a, c) => a - c);
+  return b;
+}
+
 /** Baseline, in the same run: creates/s of a controller with no workers (the machine's speed drifts between runs). */
 async function baseline(nVMs: number): Promise<number> {
   const alone = new Cluster();
   try {
     await alone.startController();
-    const creates = await closedLoop(nVMs, CONCURRENCY, (i) => alone.admin.createVM({ name: `vm-${i}`, image: 'synthetic', cpu: 1, memory: 512 }));
-    return nVMs / creates.seconds;
+    return nVMs / (await burst(alone, nVMs, 'vm-')).seconds;
   } finally {
     await alone.stop();
     rmSync(alone.dataDir, { recursive: true, force: true });
@@ -71,7 +100,7 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     const paced = Math.max(10, Math.round(nVMs / 10));
     const slots = Math.ceil(nVMs / nWorkers) + Math.ceil(paced / nWorkers);
     const fleet = await cluster.startFleet(nWorkers, slots);
-    /** CPU seconds of the harness: this process (the timing client, the watch) and the fleet's (the workers). */
+    /** CPU seconds of the harness: this process (the watch) and the fleet's (the workers); the creating client's is added. */
     const harnessCPU = () => cpuSeconds(process.pid) + cpuSeconds(fleet.proc.pid!);
     row['workers connected in'] = `${((performance.now() - t0) / 1000).toFixed(1)} s`;
     const idle = await usageOf(pid, 10_000);
@@ -81,17 +110,10 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
 
     const watcher = new Watcher(cluster.admin);
     await new Promise((r) => setTimeout(r, 200));
-    const created = new Map<string, number>();
-    const acknowledged = new Map<string, number>();
     const cpu0 = [cpuSeconds(pid), harnessCPU()];
-    const creates = await closedLoop(nVMs, CONCURRENCY, async (i) => {
-      const name = `vm-${i}`;
-      created.set(name, performance.now());
-      await cluster.admin.createVM({ name, image: 'synthetic', cpu: 1, memory: 512 });
-      acknowledged.set(name, performance.now());
-    });
-    const lastCreate = performance.now();
-    const [ctlCPU, benchCPU] = [cpuSeconds(pid) - cpu0[0], harnessCPU() - cpu0[1]].map((s) => `${((s / creates.seconds) * 100).toFixed(0)} %`);
+    const creates = await burst(cluster, nVMs, 'vm-');
+    const lastCreate = Math.max(...creates.acknowledged.values());
+    const [ctlCPU, benchCPU] = [cpuSeconds(pid) - cpu0[0], harnessCPU() - cpu0[1] + creates.cpu].map((s) => `${((s / creates.seconds) * 100).toFixed(0)} %`);
     row['creates/s, controller alone (baseline)'] = alone.toFixed(0);
     row['creates/s'] = `${(nVMs / creates.seconds).toFixed(0)} (${(nVMs / creates.seconds / alone).toFixed(2)}× baseline)`;
     row['create p50 / p99'] = `${pct(creates.latencies, 50).toFixed(1)} / ${pct(creates.latencies, 99).toFixed(1)} ms`;
@@ -99,10 +121,10 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     row['all placed after last create'] = `${((performance.now() - lastCreate) / 1000).toFixed(2)} s`;
     await watcher.until(() => watcher.runningAt.size >= nVMs, 600_000, 'all running');
     row['all running after last create'] = `${((performance.now() - lastCreate) / 1000).toFixed(2)} s`;
-    const c2r = [...created].map(([name, t]) => watcher.runningAt.get(name)! - t).sort((a, b) => a - b);
+    const c2r = [...creates.sent].map(([name, t]) => watcher.runningAt.get(name)! - t).sort((a, b) => a - b);
     row['create→running p50 / p99'] = `${pct(c2r, 50).toFixed(0)} / ${pct(c2r, 99).toFixed(0)} ms`;
     // Watch lag: from the create's 2xx to its ADDED event on the watch (0 when the event came first).
-    const lags = [...acknowledged].map(([name, t]) => Math.max(0, (watcher.addedAt.get(name) ?? Infinity) - t)).sort((a, b) => a - b);
+    const lags = [...creates.acknowledged].map(([name, t]) => Math.max(0, (watcher.addedAt.get(name) ?? Infinity) - t)).sort((a, b) => a - b);
     row['watch lag p50 / p99'] = `${pct(lags, 50).toFixed(1)} / ${pct(lags, 99).toFixed(1)} ms`;
     row['CPU during creates: controller / harness'] = `${ctlCPU} / ${benchCPU}`;
 

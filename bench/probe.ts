@@ -7,13 +7,19 @@
 //       N timings of GET /v1/vms, as "response_ms parse_ms count" lines
 //   node bench/probe.ts fresh N URL CERT_FILE ACCOUNT TOKEN
 //       N timings (ms, one a line) of GET /v1/vms, each on a new TLS connection, one every 50 ms
+//   node bench/probe.ts creates N:CONCURRENCY:PREFIX URL CERT_FILE ACCOUNT TOKEN
+//       N creates of VMs PREFIX0… (image "synthetic"), CONCURRENCY in flight, with the client API:
+//       "seconds S cpu C" (the closed loop's wall time, this process's CPU seconds), then one
+//       "NAME SENT ACKNOWLEDGED" line per create (wall-clock ms, comparable between processes)
 import { readFileSync } from 'node:fs';
 import https from 'node:https';
 import { performance } from 'node:perf_hooks';
+import { OrchardClient } from '../src/client/client.ts';
+import { closedLoop } from './load-harness.ts';
 
 const mode = process.argv[2];
-const counted = mode === 'list' || mode === 'fresh';
-const times = counted ? Number(process.argv[3]) : 1;
+const counted = mode === 'list' || mode === 'fresh' || mode === 'creates';
+const times = counted ? Number(process.argv[3].split(':')[0]) : 1;
 const [url, certFile, account, token] = process.argv.slice(counted ? 4 : 3);
 const ca = readFileSync(certFile, 'utf8');
 const authorization = 'Basic ' + Buffer.from(`${account}:${token}`).toString('base64');
@@ -37,6 +43,23 @@ process.stdin.once('data', async () => {
     const t0 = performance.now();
     while ((await list(true)) === undefined) await new Promise((r) => setTimeout(r, 10));
     console.log((performance.now() - t0).toFixed(0));
+  } else if (mode === 'creates') {
+    const [, concurrency, prefix] = process.argv[3].split(':');
+    const client = new OrchardClient({ url, certificate: ca, serviceAccountName: account, serviceAccountToken: token });
+    const sent: number[] = [];
+    const acknowledged: number[] = [];
+    const now = () => performance.timeOrigin + performance.now();
+    const cpu0 = process.cpuUsage();
+    const loop = await closedLoop(times, Number(concurrency), async (i) => {
+      sent[i] = now();
+      await client.createVM({ name: `${prefix}${i}`, image: 'synthetic', cpu: 1, memory: 512 });
+      acknowledged[i] = now();
+    });
+    const cpu = process.cpuUsage(cpu0);
+    const lines = [`seconds ${loop.seconds} cpu ${(cpu.user + cpu.system) / 1e6}`];
+    for (let i = 0; i < times; i++) lines.push(`${prefix}${i} ${sent[i].toFixed(3)} ${acknowledged[i].toFixed(3)}`);
+    process.stdout.write(lines.join('\n') + '\n', () => process.exit(0));
+    return;
   } else if (mode === 'fresh') {
     for (let i = 0; i < times; i++) {
       const t0 = performance.now();
