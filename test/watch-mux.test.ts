@@ -127,6 +127,37 @@ describe('the tunnel mux on the watch', () => {
     }
   });
 
+  test('a worker that asked for the mux and got a plain watch (an older controller took the place) keeps a mux connection of its own', async () => {
+    const c = await inProcessController();
+    // The controller never sees mux=1: it answers as one without "watch-mux" would (binary instructions, no header).
+    const emit = https.Server.prototype.emit as (this: https.Server, event: string | symbol, ...args: unknown[]) => boolean;
+    https.Server.prototype.emit = function (this: https.Server, event: string | symbol, ...args: unknown[]) {
+      const req = args[0] as IncomingMessage;
+      if (event === 'upgrade' && req.url?.startsWith('/v1/rpc/watch')) req.url = req.url.replace('&mux=1', '');
+      return emit.call(this, event, ...args);
+    };
+    const worker = syntheticWorker(c.admin, 'old-1');
+    const seen = countWebSockets(c.admin);
+    try {
+      await worker.start();
+      await waitFor('its own mux connection', () => worker.tunnelMuxOpen || undefined, 10_000, 5);
+      assert.deepEqual(seen.worker, ['/v1/rpc/port-forward-mux']);
+      await c.admin.createVM({ name: 'o1', image: 'synthetic' });
+      await waitFor('o1 running (binary instructions read)', async () => (await c.admin.getVM('o1')).status === 'running' || undefined, 10_000);
+      const forwarder = c.admin.portForwarder({ vm: 'o1', port: 22 });
+      try {
+        await echo((await forwarder.open()).stream, Buffer.alloc(100_000, 4));
+      } finally {
+        forwarder.close();
+      }
+    } finally {
+      https.Server.prototype.emit = emit;
+      await worker.stop();
+      await c.close();
+      c.cleanup();
+    }
+  });
+
   describe('the controller side', () => {
     let c: Awaited<ReturnType<typeof inProcessController>>;
     before(async () => {

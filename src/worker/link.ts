@@ -74,8 +74,6 @@ export class ControllerLink {
   };
   /** The controller refused the mux on the watch (403: the account lacks compute:write): the watch goes without it. */
   private muxRefused = false;
-  /** Whether the open watch carries the tunnel mux. */
-  private carriesMux = false;
 
   private readonly o: LinkOptions;
 
@@ -186,12 +184,13 @@ export class ControllerLink {
     // (Resuming the TLS session of the last connection: after a controller restart, no full handshake.)
     const ws = new WebSocket(url, { ...client.wsOptions(url), handshakeTimeout: 15_000 });
     this.ws = ws;
-    this.carriesMux = false;
+    /** Whether this watch carries the tunnel mux (its binary frames are the mux's). */
+    let carriesMux = false;
     ws.once('upgrade', (res) => {
       if (!askMux) return;
       if (res.headers[WATCH_MUX_HEADER] === '1') {
         // Before the first frame: the binary ones are the mux's from the start.
-        this.carriesMux = true;
+        carriesMux = true;
         this.o.carryMux!(ws);
         // Tunnels keep the socket busy while the controller's pings may be all there is of the watch: a dead one is noticed.
         stopSilenceWatch = dropWhenSilent(ws);
@@ -212,7 +211,7 @@ export class ControllerLink {
     });
     ws.on('message', (data, isBinary) => {
       // On a watch that carries the mux, binary frames are the mux's (the watch's are text).
-      if (isBinary && this.carriesMux) return;
+      if (isBinary && carriesMux) return;
       const text = data.toString();
       if (this.o.reports.handle(text)) return;
       const hi = parseControllerHello(text);
