@@ -95,7 +95,8 @@ export class MuxTunnels {
     if (set.size >= MUX_PER_WORKER) return ws.close(1008, 'too many tunnel mux connections');
     const mux = new MuxConnection(ws, {
       opener: true,
-      name: watch ? "the worker's watch connection" : 'the worker connection',
+      // The same words on the watch: what a client is told when its tunnel's worker is lost.
+      name: 'the worker connection',
       maxTunnels: MUX_TUNNELS_PER_CONNECTION,
       refused: (_status, message) => new HttpError(503, `worker ${worker} could not connect: ${message}`),
       ...(watch ? { sharesText: true, othersBuffered: watch.othersBuffered } : {}),
