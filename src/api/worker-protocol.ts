@@ -12,6 +12,13 @@ export const PULL_IMAGE_ACTION = 'pullImageAction';
 export const PORT_FORWARD_POOL = 'portForwardPool';
 /** The worker keeps a tunnel mux connection on /v1/rpc/port-forward-mux (docs/tunnel-mux-protocol.md). */
 export const PORT_FORWARD_MUX = 'portForwardMux';
+/**
+ * The controller's capability: a worker's tunnel mux may ride its watch WebSocket (the worker opens the
+ * watch with `mux=1`; docs/tunnel-mux-protocol.md, "On the watch"), so the worker holds one connection.
+ */
+export const WATCH_MUX = 'watch-mux';
+/** The watch's upgrade answer carries this header (value "1") when the mux rides it. */
+export const WATCH_MUX_HEADER = 'x-orchard-watch-mux';
 
 /** The worker's VMs changed: sync them (with ours: here they are). */
 export interface SyncVMsAction {

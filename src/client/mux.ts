@@ -71,6 +71,16 @@ export interface MuxOptions {
   name?: string;
   /** The error an open refused by the peer rejects with. */
   refused?: (status: number, message: string) => Error;
+  /**
+   * The connection is shared with another protocol that speaks in text frames (a worker's watch
+   * carrying its mux): text frames are that protocol's, left to it rather than taken for a breach.
+   */
+  sharesText?: boolean;
+  /**
+   * Bytes waiting in the socket that are not this mux's (the watch's, on a watch that carries it): the
+   * MAX_BACKLOG cut counts only the mux's own.
+   */
+  othersBuffered?: () => number;
 }
 
 type State = 'opening' | 'open' | 'reset';
@@ -270,7 +280,10 @@ export class MuxConnection {
     ws.on('message', (data: RawData, isBinary: boolean) => {
       if (this.closed) return;
       try {
-        if (!isBinary) throw new MuxProtocolError('a text frame');
+        if (!isBinary) {
+          if (this.options.sharesText) return;
+          throw new MuxProtocolError('a text frame');
+        }
         this.receive(asBuffer(data));
       } catch (err) {
         if (!(err instanceof MuxProtocolError)) throw err;
@@ -312,7 +325,7 @@ export class MuxConnection {
     if (!this.open) return;
     const item: Buffer | [number, Buffer] = typeof a === 'number' ? [a, payload!] : a;
     if (!this.options.oneAtATime) {
-      if (this.ws.bufferedAmount > MAX_BACKLOG) {
+      if (this.ws.bufferedAmount - (this.options.othersBuffered?.() ?? 0) > MAX_BACKLOG) {
         // Cut, not closed: a close frame would wait behind what it does not read.
         this.ws.terminate();
         return this.lost(`${this.options.name ?? 'the tunnel connection'} was cut: ${MAX_BACKLOG / 1024 / 1024} MiB unread`);
@@ -339,7 +352,8 @@ export class MuxConnection {
   /**
    * A DATA frame is written as its WebSocket and mux headers, then the payload as it is: no copy of the
    * payload into a frame (that copy was ≈ 9 % of a worker's CPU). ws frames a message the same way; its
-   * socket carries only our frames and its pings and pongs, each written whole. Where `ws` would mask
+   * socket carries only our frames, its pings and pongs and (on a worker's watch that carries the mux)
+   * the watch's text frames, each written whole and at once (no compression is negotiated). Where `ws` would mask
    * with a random key (ws://, not wss://: src/client/client.ts wsMasking), the frame goes through ws.
    */
   private write(item: Buffer | [number, Buffer], sent: () => void) {

@@ -8,7 +8,7 @@ import { randomUUID } from 'node:crypto';
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import type { Store } from './store/store.ts';
-import { Access, authorize } from './access.ts';
+import { Access, authorize, hasAnyRole } from './access.ts';
 import { authenticateCaller, Sessions } from './console/sessions.ts';
 import { registerConsoleRoutes } from './console/routes.ts';
 import type { BackoffOptions } from './auth-backoff.ts';
@@ -21,8 +21,8 @@ import { registerVMRoutes } from './routes/vms.ts';
 import { registerWorkerRoutes } from './routes/workers.ts';
 import { registerAdminRoutes } from './routes/admin.ts';
 import { compileReportChecks, takeReports } from './worker-reports.ts';
-import { controllerHelloFrame } from '../api/worker-protocol.ts';
-import { WebSocketRoutes, WorkerChannels } from './rpc.ts';
+import { controllerHelloFrame, WATCH_MUX_HEADER } from '../api/worker-protocol.ts';
+import { carryMux, WebSocketRoutes, WorkerChannels } from './rpc.ts';
 import { Scheduler } from './scheduler.ts';
 import { ClusterView } from './view.ts';
 import { Tunnels } from './connect/tunnels.ts';
@@ -31,7 +31,7 @@ import { registerConnectRoutes } from './routes/connect.ts';
 import { registerRegistryRoutes } from './routes/registries.ts';
 import { registerImageRoutes } from './routes/images.ts';
 import { RegistryDelivery } from './registry-delivery.ts';
-import { badRequest, notFound } from './errors.ts';
+import { badRequest, HttpError, notFound } from './errors.ts';
 import { NAME_PATTERN } from '../api/schemas.ts';
 import { limitsOf, type Limits } from './limits.ts';
 import { closeSilentConnections } from './connections.ts';
@@ -265,7 +265,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   const reportsContext = { store: opts.store, view, access, logger: opts.logger, metrics };
   const sockets = new WebSocketRoutes(access, opts.logger, (path) => stripAPIPrefix(path, apiPrefix), opts.pingIntervalMs);
   sockets.sessions = sessions;
-  sockets.route('/v1/rpc/watch', ['compute:read'], { maxPayload: limits.controlFrameBytes }, async ({ url, account }) => {
+  sockets.route('/v1/rpc/watch', ['compute:read'], { maxPayload: limits.controlFrameBytes }, async ({ url, account, responseHeaders }) => {
     const worker = url.searchParams.get('workerName') ?? url.searchParams.get('worker') ?? '';
     if (!new RegExp(NAME_PATTERN).test(worker)) throw badRequest('query parameter "workerName" must be the worker\'s name (letters, digits, \'-\', \'_\', \'.\', \':\')');
     await view.loaded; // the first push carries the worker's VMs: never a partial list
@@ -284,8 +284,26 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     // workers arrive at ≈ 500/s, a pace at which the controller still answers its API at once).
     const reconnectWindowMs = Math.min(2500, Math.max(250, view.workers.size * 2));
     const hello = url.searchParams.get('hello') === '1' ? [controllerHelloFrame({ clusterID: opts.clusterID ?? '', reconnectWindowMs })] : [];
+    // Capability "watch-mux": our worker's tunnel mux rides its watch (one connection per worker).
+    // Tunnels need what the mux's own route needs, compute:write, and count against its bound.
+    const mux = url.searchParams.get('mux') === '1';
+    if (mux) {
+      if (!hasAnyRole(account, ['compute:write'])) {
+        throw new HttpError(403, `service account "${account.name}" lacks the role "compute:write", which the tunnel mux on the watch (mux=1) needs; without mux=1 the watch needs "compute:read" only`);
+      }
+      muxes.checkWorker(worker);
+      responseHeaders.push(`${WATCH_MUX_HEADER}: 1`);
+    }
     return (ws) => {
-      takeReports(reportsContext, ws, worker, account);
+      // Before anything is sent: the watch's messages then go as text frames, the mux's as binary ones.
+      const shared = mux ? carryMux(ws) : undefined;
+      takeReports(reportsContext, ws, worker, account, mux);
+      if (shared) {
+        muxes.addWorker(worker, ws, shared);
+        // Losing compute:write ends the tunnels: the watch closes (1008), and the worker comes back without the mux.
+        const release = access.hold(account, ['compute:write'], (why) => ws.close(1008, why.slice(0, 120)));
+        ws.once('close', release);
+      }
       channels.accept(worker, ws, [...hello, ...registries.greeting(worker)]);
     };
   });

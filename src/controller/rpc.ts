@@ -59,6 +59,8 @@ export interface UpgradeRequest {
   account: ServiceAccount;
   /** Aborts when the client goes away before its WebSocket opens: waits end, and what they got is released. */
   signal: AbortSignal;
+  /** Header lines ("name: value") the handler adds to the 101 answer. */
+  responseHeaders: string[];
 }
 /**
  * Runs before the upgrade (so it can still answer with an HTTP error: throw an HttpError) and
@@ -83,6 +85,8 @@ export class WebSocketRoutes {
   private readonly pinger: NodeJS.Timeout;
   private readonly alive = new WeakSet<WebSocket>();
   private readonly offences = new Offences();
+  /** What handlers add to their upgrades' 101 answers. */
+  private readonly responseHeaders = new WeakMap<IncomingMessage, string[]>();
   private readonly access: Access;
   private readonly logger: Logger;
   /** The route's path of a request's path (the API prefix taken off), or undefined outside the API. */
@@ -115,7 +119,11 @@ export class WebSocketRoutes {
   route(path: string, roles: readonly Role[], options: RouteOptions, handler: UpgradeHandler) {
     const keys: string[] = [];
     const pattern = new RegExp('^' + path.replace(/\{(\w+)\}/g, (_m, k: string) => (keys.push(k), '([^/]+)')) + '$');
-    if (!this.servers.has(options.maxPayload)) this.servers.set(options.maxPayload, new WebSocketServer({ noServer: true, maxPayload: options.maxPayload }));
+    if (!this.servers.has(options.maxPayload)) {
+      const wss = new WebSocketServer({ noServer: true, maxPayload: options.maxPayload });
+      wss.on('headers', (headers: string[], request: IncomingMessage) => headers.push(...(this.responseHeaders.get(request) ?? [])));
+      this.servers.set(options.maxPayload, wss);
+    }
     this.routes.push({ pattern, keys, roles, handler, options });
   }
 
@@ -152,7 +160,9 @@ export class WebSocketRoutes {
       const params = Object.fromEntries(route.keys.map((k, i) => [k, decodePathSegment(m[i + 1])]));
       const limit = route.options.perAccount;
       if (limit) untake = this.access.take(account.name, limit.what, limit.max);
-      onOpen = await route.handler({ request, url, params, account, signal: gone.signal });
+      const responseHeaders: string[] = [];
+      this.responseHeaders.set(request, responseHeaders);
+      onOpen = await route.handler({ request, url, params, account, signal: gone.signal, responseHeaders });
       roles = route.roles;
       wss = this.servers.get(route.options.maxPayload)!;
     } catch (err) {
@@ -199,6 +209,41 @@ export class WebSocketRoutes {
     cut.unref();
     for (const wss of this.servers.values()) wss.close();
   }
+}
+
+/**
+ * Watches that carry their worker's tunnel mux (capability "watch-mux"), with the bytes of their own
+ * frames handed to the socket and not yet in the kernel. On such a watch the watch's messages go as
+ * text frames (the mux's are binary), and its unread bytes are told apart from the tunnels'.
+ */
+const muxWatches = new WeakMap<WebSocket, { unsent: number }>();
+
+/** `ws` is a watch that carries its worker's mux (before anything is sent on it). */
+export function carryMux(ws: WebSocket): { othersBuffered: () => number } {
+  const counts = { unsent: 0 };
+  muxWatches.set(ws, counts);
+  return { othersBuffered: () => counts.unsent };
+}
+
+/**
+ * Sends a watch message (an instruction, a hello, a report's acknowledgement): a binary frame, as
+ * upstream's workers read the watch (ours take either), or a text frame on a watch that carries the mux.
+ */
+export function sendWatchFrame(ws: WebSocket, text: string) {
+  const counts = muxWatches.get(ws);
+  if (!counts) return ws.send(Buffer.from(text), { binary: true });
+  const n = Buffer.byteLength(text);
+  counts.unsent += n;
+  ws.send(text, { binary: false }, () => (counts.unsent -= n));
+}
+
+/**
+ * What the worker has not read of its watch's own frames: the socket's whole backlog on a plain watch;
+ * on one that carries the mux, only the watch's frames (the tunnels' bytes there are bounded apart, by
+ * their windows, the relay's queues and the mux's MAX_BACKLOG cut).
+ */
+function watchBacklog(ws: WebSocket): number {
+  return muxWatches.get(ws)?.unsent ?? ws.bufferedAmount;
 }
 
 /** The workers' instruction channels. */
@@ -262,12 +307,17 @@ export class WorkerChannels {
   }
 
   private deliver(worker: string, ws: WebSocket, text: string) {
-    // Binary frames: upstream's workers read the watch as a binary JSON stream (ours take either).
-    ws.send(Buffer.from(text), { binary: true });
+    sendWatchFrame(ws, text);
     // A worker that does not read is dropped (it reconnects and gets the full state) rather than buffered for.
-    if (ws.bufferedAmount > this.maxBuffered) {
-      this.logger.warn({ worker, buffered: ws.bufferedAmount }, 'worker does not read its watch connection: disconnecting it');
-      ws.close(1008, `too slow: ${ws.bufferedAmount} bytes unread`);
+    // On a watch that carries the mux only the watch's own frames count: a busy tunnel does not cut the
+    // watch, and one that stops reading altogether is cut all the same once its syncs pile up (the
+    // tunnels' bytes it leaves unread are bounded apart, and the pinger cuts a worker that answers no
+    // ping). The cost of sharing the socket: a sync waits behind the tunnel bytes already in it, at
+    // most what the tunnels' windows and the relay's queues let in (≈ 64 KiB per busy tunnel).
+    const unread = watchBacklog(ws);
+    if (unread > this.maxBuffered) {
+      this.logger.warn({ worker, buffered: unread }, 'worker does not read its watch connection: disconnecting it');
+      ws.close(1008, `too slow: ${unread} bytes unread`);
       setTimeout(() => ws.terminate(), 5_000).unref();
     }
   }

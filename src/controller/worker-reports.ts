@@ -52,18 +52,21 @@ function answerOf(err: unknown, logger: Logger, worker: string): { status: numbe
 }
 
 /**
- * Takes the reports `worker` sends up `ws` (its watch, opened with `account`). A report may only
+ * Takes the reports `worker` sends up `ws` (its watch, opened with `account`; `carriesMux`: the watch
+ * carries the worker's tunnel mux too, whose frames are the binary ones). A report may only
  * concern this worker: its own images, VMs assigned to it (and, as over HTTP, only through the
  * worker's own account, holding compute:write). `opener` is the account that opened the watch.
  */
-export function takeReports(ctx: ReportsContext, ws: WebSocket, worker: string, opener: ServiceAccount) {
+export function takeReports(ctx: ReportsContext, ws: WebSocket, worker: string, opener: ServiceAccount, carriesMux = false) {
   let inFlight = 0;
   let bytesInFlight = 0;
   const answer = (ack: ReportAck) => {
     if (ws.readyState === ws.OPEN) ws.send(reportAckFrame(ack));
   };
 
-  ws.on('message', (data: Buffer | Buffer[] | ArrayBuffer) => {
+  ws.on('message', (data: Buffer | Buffer[] | ArrayBuffer, isBinary: boolean) => {
+    // A watch that carries the worker's tunnel mux: its binary frames are the mux's (reports are text).
+    if (carriesMux && isBinary) return;
     // Upstream's workers send nothing up the watch; a frame from one would be answered like any other.
     const text = Array.isArray(data) ? Buffer.concat(data).toString('utf8') : Buffer.from(data as ArrayBuffer).toString('utf8');
     let msg: unknown;

@@ -8,9 +8,9 @@ import { WebSocket } from 'ws';
 import type { Logger } from 'pino';
 import type { Worker } from '../api/schemas.ts';
 import { ApiError, CertificateMismatchError, probeCertificate, type OrchardClient } from '../client/client.ts';
-import { parseControllerHello, parseInstructionWith, WATCH_REPORTS, type WorkerInstruction } from '../api/worker-protocol.ts';
+import { parseControllerHello, parseInstructionWith, WATCH_MUX, WATCH_MUX_HEADER, WATCH_REPORTS, type WorkerInstruction } from '../api/worker-protocol.ts';
 import type { WatchReports } from './reports.ts';
-import { Backoff } from './reconnect.ts';
+import { Backoff, dropWhenSilent } from './reconnect.ts';
 
 /** How long after the watch opens the controller's hello may take before the worker asks by HTTPS. */
 const HELLO_WAIT_MS = 5000;
@@ -36,6 +36,11 @@ export interface LinkOptions {
   onInstruction(instruction: WorkerInstruction): void;
   /** The watch is (re)connected. */
   onConnected(): void;
+  /**
+   * The worker's tunnel mux, to carry on the watch when the controller can ("watch-mux"): called with
+   * each watch that the controller confirmed carries it, before the watch opens. Absent: no mux asked for.
+   */
+  carryMux?(ws: WebSocket): void;
 }
 
 export class ControllerLink {
@@ -64,7 +69,11 @@ export class ControllerLink {
     tunnelMux: false,
     /** It takes reports up the watch WebSocket ("watch-reports"): then the worker needs no HTTPS connection meanwhile. */
     watchReports: false,
+    /** It carries the tunnel mux on the watch WebSocket ("watch-mux"): then the worker holds one connection. */
+    watchMux: false,
   };
+  /** The controller refused the mux on the watch (403: the account lacks compute:write): the watch goes without it. */
+  private muxRefused = false;
 
   private readonly o: LinkOptions;
 
@@ -84,6 +93,7 @@ export class ControllerLink {
     this.can.tunnelPool = caps.includes('tunnel-pool');
     this.can.tunnelMux = caps.includes('tunnel-mux');
     this.can.watchReports = caps.includes(WATCH_REPORTS);
+    this.can.watchMux = caps.includes(WATCH_MUX);
     this.checkCluster(info?.clusterID);
     try {
       await this.register();
@@ -166,10 +176,30 @@ export class ControllerLink {
     // A controller that takes reports up the watch says hello with its cluster id: no HTTPS request per reconnect.
     const hello = this.can.watchReports;
     if (hello) url.searchParams.set('hello', '1');
+    // The tunnel mux on the watch: one connection to the controller, not two.
+    const askMux = this.can.watchMux && !!this.o.carryMux && !this.muxRefused;
+    if (askMux) url.searchParams.set('mux', '1');
     let helloTimer: NodeJS.Timeout | undefined;
+    let stopSilenceWatch = () => {};
     // (Resuming the TLS session of the last connection: after a controller restart, no full handshake.)
     const ws = new WebSocket(url, { ...client.wsOptions(url), handshakeTimeout: 15_000 });
     this.ws = ws;
+    /** Whether this watch carries the tunnel mux (its binary frames are the mux's). */
+    let carriesMux = false;
+    ws.once('upgrade', (res) => {
+      if (!askMux) return;
+      if (res.headers[WATCH_MUX_HEADER] === '1') {
+        // Before the first frame: the binary ones are the mux's from the start.
+        carriesMux = true;
+        this.o.carryMux!(ws);
+        // Tunnels keep the socket busy while the controller's pings may be all there is of the watch: a dead one is noticed.
+        stopSilenceWatch = dropWhenSilent(ws);
+      } else {
+        // Not the controller it was (an older one took its place): its watch has no mux; the worker keeps a connection of its own for it.
+        log.info('the controller does not carry the tunnel mux on the watch');
+        this.can.watchMux = false;
+      }
+    });
     ws.on('open', () => {
       this.backoff.reset();
       this.o.reports.attach(ws);
@@ -179,7 +209,9 @@ export class ControllerLink {
       if (hello) helloTimer = setTimeout(() => void this.refresh(), HELLO_WAIT_MS);
       else void this.refresh();
     });
-    ws.on('message', (data) => {
+    ws.on('message', (data, isBinary) => {
+      // On a watch that carries the mux, binary frames are the mux's (the watch's are text).
+      if (isBinary && carriesMux) return;
       const text = data.toString();
       if (this.o.reports.handle(text)) return;
       const hi = parseControllerHello(text);
@@ -194,6 +226,11 @@ export class ControllerLink {
     ws.on('unexpected-response', (_req, res) => {
       unanswered = false;
       if (res.statusCode === 404) this.unregistered = true;
+      if (res.statusCode === 403 && askMux) {
+        // The mux needs compute:write, the watch compute:read only: watch without it (tunnels would be refused anyway).
+        log.warn('the controller refused the tunnel mux on the watch (the account lacks compute:write?); watching without it');
+        this.muxRefused = true;
+      }
       log.warn({ status: res.statusCode }, 'controller refused the watch connection');
       ws.terminate();
     });
@@ -206,6 +243,7 @@ export class ControllerLink {
     ws.on('error', (err) => log.debug({ err: err.message }, 'watch connection error'));
     ws.on('close', () => {
       clearTimeout(helloTimer);
+      stopSilenceWatch();
       this.o.reports.detach(ws);
       if (this.o.stopped.aborted) return;
       // The controller keeps the worker's record; only when it was deleted does the worker register again.

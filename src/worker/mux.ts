@@ -1,8 +1,9 @@
-// The worker's tunnel mux connection (capability "tunnel-mux" of the controller, "portForwardMux" of the
-// worker): one WebSocket on /v1/rpc/port-forward-mux on which the controller opens the worker's
-// tunnels, each dialled to its target here (a VM's port, or this host's). Lost, it is reopened with
-// back-off; meanwhile the controller uses the ready connections or the dial-back. Protocol:
-// docs/tunnel-mux-protocol.md.
+// The worker's tunnel mux (capability "tunnel-mux" of the controller, "portForwardMux" of the worker):
+// the controller opens the worker's tunnels on it, each dialled to its target here (a VM's port, or
+// this host's). It rides the worker's watch WebSocket when the controller lists "watch-mux" (`carry`:
+// one connection per worker, coming back with the watch), else it is a WebSocket of its own on
+// /v1/rpc/port-forward-mux, reopened with back-off when lost; meanwhile the controller uses the ready
+// connections or the dial-back. Protocol: docs/tunnel-mux-protocol.md.
 import { WebSocket } from 'ws';
 import { MuxConnection, type MuxTunnel } from '../client/mux.ts';
 import { dialTarget, type DialBackContext } from './dial-back.ts';
@@ -14,6 +15,8 @@ const MAX_TUNNELS = 1024;
 export class WorkerMux {
   private readonly ctx: DialBackContext;
   private mux?: MuxConnection;
+  /** The mux on the watch, while the watch carries it. */
+  private carried?: MuxConnection;
   private readonly backoff = new Backoff();
   private retry?: NodeJS.Timeout;
   private running = false;
@@ -33,17 +36,38 @@ export class WorkerMux {
     this.mux?.ws.terminate();
   }
 
-  /** Reconnects now (the watch reconnected: the controller is back), within `spreadMs`. */
+  /** Reconnects now (the watch reconnected: the controller is back), within `spreadMs`; starts the connection if it was not kept. */
   kick(spreadMs = 0) {
-    if (!this.running || this.mux?.open) return;
+    this.running = true;
+    if (this.mux?.open) return;
     clearTimeout(this.retry);
     this.backoff.reset();
     this.retry = setTimeout(() => this.connect(), Math.random() * spreadMs);
   }
 
-  /** Whether the connection is open (tests). */
+  /** Whether the mux is open, on the watch or on its own connection (tests). */
   get open(): boolean {
-    return this.mux?.open ?? false;
+    return (this.carried?.open ?? false) || (this.mux?.open ?? false);
+  }
+
+  /**
+   * The watch `ws` carries the mux (the controller said so in its upgrade answer): binary frames on it
+   * are the mux's, text frames the watch's. No connection of its own meanwhile; when the watch closes,
+   * its tunnels are reset and the mux comes back with the watch.
+   */
+  carry(ws: WebSocket) {
+    this.stop();
+    const mux: MuxConnection = new MuxConnection(ws, {
+      opener: false,
+      oneAtATime: true,
+      maxTunnels: MAX_TUNNELS,
+      sharesText: true,
+      onOpen: (request, tunnel) => void this.serve(mux, request, tunnel),
+    });
+    this.carried = mux;
+    ws.once('close', () => {
+      if (this.carried === mux) this.carried = undefined;
+    });
   }
 
   private connect() {

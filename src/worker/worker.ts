@@ -78,6 +78,8 @@ export class OrchardWorker {
     const { client, driver, name: workerName } = opts;
     const stopped = this.stopSignal.signal;
     const watchReports = this.watchReports;
+    // ORCHARD_WORKER_TUNNEL_MUX=0: no mux (every tunnel on a ready connection or a dial-back).
+    const muxWanted = opts.tunnelMux ?? process.env.ORCHARD_WORKER_TUNNEL_MUX !== '0';
     const reports = new ControllerReports(client, workerName, watchReports, () => this.link.can.watchReports);
     if (driver.images) {
       this.images = new WorkerImages({
@@ -95,8 +97,9 @@ export class OrchardWorker {
       onConnected: () => {
         this.reconciler.reconnected();
         if (this.poolInUse) this.readyPool?.kick(READY_REFILL_SPREAD_MS);
-        if (this.muxInUse) this.mux?.kick(READY_REFILL_SPREAD_MS);
+        if (this.muxConnectionInUse) this.mux?.kick(READY_REFILL_SPREAD_MS);
       },
+      carryMux: muxWanted ? (ws) => this.mux?.carry(ws) : undefined,
     });
     this.reconciler = new Reconciler({
       client,
@@ -113,8 +116,7 @@ export class OrchardWorker {
     const envReady = process.env.ORCHARD_WORKER_READY_TUNNELS;
     const ready = opts.readyTunnels ?? (envReady !== undefined && /^\d+$/.test(envReady) ? Number(envReady) : READY_POOL_SIZE);
     if (ready > 0) this.readyPool = new ReadyPool(this.dialBack, ready);
-    // ORCHARD_WORKER_TUNNEL_MUX=0: no mux connection (every tunnel on a ready connection or a dial-back).
-    if (opts.tunnelMux ?? process.env.ORCHARD_WORKER_TUNNEL_MUX !== '0') this.mux = new WorkerMux(this.dialBack);
+    if (muxWanted) this.mux = new WorkerMux(this.dialBack);
   }
 
   /** What this worker declares in its record's `capabilities`: only what the controller takes. */
@@ -122,13 +124,18 @@ export class OrchardWorker {
     return [...(this.images && this.link.can.workerImages ? WorkerImages.capabilities : []), ...(this.poolInUse ? [PORT_FORWARD_POOL] : []), ...(this.muxInUse ? [PORT_FORWARD_MUX] : [])];
   }
 
-  /** Tunnels on the mux connection: the controller takes one and this worker keeps one. */
+  /** Tunnels on a mux (on the watch or a connection of its own): the controller takes one and this worker keeps one. */
   private get muxInUse(): boolean {
-    return !!this.mux && this.link.can.tunnelMux;
+    return !!this.mux && (this.link.can.tunnelMux || this.link.can.watchMux);
+  }
+
+  /** The mux on a connection of its own: a controller that does not carry it on the watch ("watch-mux"). */
+  private get muxConnectionInUse(): boolean {
+    return this.muxInUse && !this.link.can.watchMux;
   }
 
   /**
-   * Ready connections only where there is no mux connection: the controller puts every tunnel it can
+   * Ready connections only where there is no mux (on the watch or of its own): the controller puts every tunnel it can
    * on the mux, and each idle connection is one more TLS connection the controller holds (≈ 30 kB)
    * and takes back after a restart (BENCHMARKS.md, the load harness).
    */
@@ -141,7 +148,7 @@ export class OrchardWorker {
     return this.watchReports.unacknowledged;
   }
 
-  /** Whether the tunnel mux connection is open (tests). */
+  /** Whether the tunnel mux is open, on the watch or on a connection of its own (tests). */
   get tunnelMuxOpen(): boolean {
     return this.mux?.open ?? false;
   }
@@ -178,7 +185,7 @@ export class OrchardWorker {
     await this.images?.start();
     await this.link.start();
     if (this.poolInUse) this.readyPool?.start();
-    if (this.muxInUse) this.mux?.start();
+    if (this.muxConnectionInUse) this.mux?.start();
     this.log.info({ runtime: this.o.driver.runtime, slots: this.o.slots }, 'worker registered');
     this.reconciler.requestSync();
   }

@@ -84,12 +84,23 @@ export class MuxTunnels {
     if ((this.workers.get(worker)?.size ?? 0) >= MUX_PER_WORKER) throw new HttpError(429, `worker ${worker} holds ${MUX_PER_WORKER} tunnel mux connections already`);
   }
 
-  /** A worker's authenticated mux connection: the controller opens tunnels on it, the worker none. */
-  addWorker(worker: string, ws: WebSocket) {
+  /**
+   * A worker's authenticated mux connection: the controller opens tunnels on it, the worker none.
+   * `watch`: the connection is the worker's watch (capability "watch-mux"), whose text frames are its
+   * own and whose bytes waiting in the socket `othersBuffered` tells apart from the tunnels'.
+   */
+  addWorker(worker: string, ws: WebSocket, watch?: { othersBuffered: () => number }) {
     let set = this.workers.get(worker);
     if (!set) this.workers.set(worker, (set = new Set()));
     if (set.size >= MUX_PER_WORKER) return ws.close(1008, 'too many tunnel mux connections');
-    const mux = new MuxConnection(ws, { opener: true, name: 'the worker connection', maxTunnels: MUX_TUNNELS_PER_CONNECTION, refused: (_status, message) => new HttpError(503, `worker ${worker} could not connect: ${message}`) });
+    const mux = new MuxConnection(ws, {
+      opener: true,
+      // The same words on the watch: what a client is told when its tunnel's worker is lost.
+      name: 'the worker connection',
+      maxTunnels: MUX_TUNNELS_PER_CONNECTION,
+      refused: (_status, message) => new HttpError(503, `worker ${worker} could not connect: ${message}`),
+      ...(watch ? { sharesText: true, othersBuffered: watch.othersBuffered } : {}),
+    });
     set.add(mux);
     ws.once('close', () => {
       set.delete(mux);

@@ -18,7 +18,7 @@ const errors = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody 
 // are what upstream's workers look for; the rest are Orchard additions.
 // registries: a worker whose record declares registriesAction gets the registry credentials over its
 // watch; worker-images: POST /v1/workers/{name}/images (held images, pull progress), pullImageAction.
-export const CAPABILITIES = ['rpc-v2', 'vm-state-endpoint', 'vm-events', 'watch', 'openapi', 'metrics', 'vm-state-events', 'watch-liveness', 'orphans', 'registries', 'worker-images', 'tunnel-pool', 'watch-reports', 'port-forward-ready', 'vm-events-watch', 'tunnel-mux'];
+export const CAPABILITIES = ['rpc-v2', 'vm-state-endpoint', 'vm-events', 'watch', 'openapi', 'metrics', 'vm-state-events', 'watch-liveness', 'orphans', 'registries', 'worker-images', 'tunnel-pool', 'watch-reports', 'port-forward-ready', 'vm-events-watch', 'tunnel-mux', 'watch-mux'];
 
 
 export function registerAdminRoutes(app: FastifyInstance, ctx: AppContext) {
