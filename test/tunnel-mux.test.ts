@@ -55,6 +55,37 @@ describe('multiplexed tunnels', () => {
     }
   });
 
+  test('tunnels ended and destroyed at once, with bytes still in flight, never break the shared connections', async () => {
+    // A RESET that crosses the END ending a tunnel both ways (the client resets while the worker's END
+    // is on its way) reached a side that had already forgotten the id: it took it for a breach and
+    // closed the worker's connection (its watch too), failing every tunnel of the worker.
+    const { admin } = cluster.c;
+    const seen = countWebSockets(admin);
+    const forwarder = admin.portForwarder({ vm: 'v1', port: 22, waitSeconds: 5 });
+    try {
+      for (let i = 0; i < 60; i++) {
+        const { stream } = await forwarder.open();
+        const n = 64 * 1024 * (1 + (i % 5));
+        await new Promise<void>((resolve, reject) => {
+          let got = 0;
+          stream.once('error', reject);
+          stream.on('data', (c: Buffer) => {
+            got += c.length;
+            if (got >= n) resolve();
+          });
+          stream.write(Buffer.alloc(n + 4096, i)); // the last 4 KiB are still on their way back
+        });
+        if (i % 2) stream.end();
+        stream.destroy();
+      }
+      await echo((await forwarder.open()).stream, Buffer.from('still here'));
+      assert.deepEqual(seen.client, ['/v1/port-forward-mux'], 'the client kept its one connection');
+      assert.deepEqual(seen.worker, [], 'the worker kept its connection');
+    } finally {
+      forwarder.close();
+    }
+  });
+
   test('refusals are the per-tunnel route\'s: 404 for a missing VM, 403 for a role, and the connection carries on', async () => {
     const missing = cluster.c.admin.portForwarder({ vm: 'nope', port: 22, waitSeconds: 0 });
     try {

@@ -463,8 +463,9 @@ export class MuxConnection {
     if (type === OPEN) return this.receiveOpen(id, payload);
     const tunnel = this.tunnels.get(id);
     if (!tunnel) {
-      // A window update may come after a tunnel ended both ways; anything else names no open tunnel.
-      if (type === WINDOW && id <= this.lastId) return;
+      // A window update, or a RESET that crossed our END (the peer reset before our END reached it), may
+      // come after a tunnel ended both ways here: ignored. Anything else names no open tunnel.
+      if ((type === WINDOW || type === RESET) && id <= this.lastId) return;
       throw new MuxProtocolError(`a frame for tunnel ${id}, which is not open`);
     }
     switch (type) {
