@@ -6,26 +6,12 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import type { Duplex } from 'node:stream';
 import { ApiError } from '../src/client/client.ts';
 import { INITIAL_WINDOW, type MuxTunnel } from '../src/client/mux.ts';
 import { pino } from 'pino';
 import { startController } from '../src/controller/controller.ts';
 import { ADMIN_TOKEN, clientOf, tempDir, waitFor } from './helpers.ts';
-import { account, clusterWithVM, countWebSockets, syntheticWorker } from './security/attack.ts';
-
-/** Writes `bytes` and reads them back through an echo; ends its side and waits for the tunnel's end. */
-async function echo(stream: Duplex, bytes: Buffer) {
-  const chunks: Buffer[] = [];
-  const ended = new Promise<void>((resolve, reject) => {
-    stream.on('data', (c: Buffer) => chunks.push(c));
-    stream.once('error', reject);
-    stream.once('end', () => resolve());
-  });
-  stream.end(bytes);
-  await ended;
-  assert.ok(Buffer.concat(chunks).equals(bytes), `echoed ${Buffer.concat(chunks).length} of ${bytes.length} bytes`);
-}
+import { account, clusterWithVM, countWebSockets, echo, syntheticWorker } from './security/attack.ts';
 
 describe('multiplexed tunnels', () => {
   let cluster: Awaited<ReturnType<typeof clusterWithVM>>;

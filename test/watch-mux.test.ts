@@ -8,7 +8,6 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import https from 'node:https';
 import net from 'node:net';
-import type { Duplex } from 'node:stream';
 import type { IncomingMessage } from 'node:http';
 import type { WebSocket } from 'ws';
 import { pino } from 'pino';
@@ -16,7 +15,7 @@ import { RESOURCE_TART_VMS } from '../src/api/schemas.ts';
 import { DATA, frame, INITIAL_WINDOW, OPEN, OPEN_OK } from '../src/client/mux.ts';
 import { startController } from '../src/controller/controller.ts';
 import { ADMIN_TOKEN, clientOf, inProcessController, tempDir, waitFor } from './helpers.ts';
-import { account, closed, countWebSockets, syntheticWorker, upgrade } from './security/attack.ts';
+import { account, closed, countWebSockets, echo, syntheticWorker, upgrade } from './security/attack.ts';
 
 const ADMIN: [string, string] = ['bootstrap-admin', ADMIN_TOKEN];
 
@@ -30,19 +29,6 @@ function controllerUpgrades(): { paths: string[]; restore(): void } {
     return emit.call(this, event, ...args);
   };
   return { paths, restore: () => void (https.Server.prototype.emit = emit) };
-}
-
-/** Writes `bytes` and reads them back through an echo; ends its side and waits for the tunnel's end. */
-async function echo(stream: Duplex, bytes: Buffer) {
-  const chunks: Buffer[] = [];
-  const ended = new Promise<void>((resolve, reject) => {
-    stream.on('data', (c: Buffer) => chunks.push(c));
-    stream.once('error', reject);
-    stream.once('end', () => resolve());
-  });
-  stream.end(bytes);
-  await ended;
-  assert.ok(Buffer.concat(chunks).equals(bytes), `echoed ${Buffer.concat(chunks).length} of ${bytes.length} bytes`);
 }
 
 /** The text frames (parsed) and binary frames `ws` receives. */

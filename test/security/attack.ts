@@ -1,5 +1,7 @@
 // What the hostile-client tests share: accounts with chosen roles, raw WebSocket upgrades with exactly
 // the credentials (and source address) an attacker would use, and a synthetic worker.
+import assert from 'node:assert/strict';
+import type { Duplex } from 'node:stream';
 import { WebSocket } from 'ws';
 import { pino } from 'pino';
 import type { Role } from '../../src/api/schemas.ts';
@@ -87,4 +89,17 @@ export async function clusterWithVM(vm: string, opts: Parameters<typeof inProces
       c.cleanup();
     },
   };
+}
+
+/** Writes `bytes` and reads them back through an echo; ends its side and waits for the tunnel's end. */
+export async function echo(stream: Duplex, bytes: Buffer) {
+  const chunks: Buffer[] = [];
+  const ended = new Promise<void>((resolve, reject) => {
+    stream.on('data', (c: Buffer) => chunks.push(c));
+    stream.once('error', reject);
+    stream.once('end', () => resolve());
+  });
+  stream.end(bytes);
+  await ended;
+  assert.ok(Buffer.concat(chunks).equals(bytes), `echoed ${Buffer.concat(chunks).length} of ${bytes.length} bytes`);
 }
