@@ -6,32 +6,23 @@
 //   node bench/load-fleet.ts URL CERT_FILE DATA_DIR N SLOTS   (forked with an IPC channel)
 // Says {ready: true} once all N have started; answers "connected" with one 0/1 per worker.
 import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { pino } from 'pino';
 import { OrchardClient } from '../src/client/client.ts';
-import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
-import { OrchardWorker } from '../src/worker/worker.ts';
+import type { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
+import type { OrchardWorker } from '../src/worker/worker.ts';
 import { WORKER_HTTP_CONNECTIONS } from '../src/worker/run.ts';
 import { ADMIN_TOKEN } from '../test/helpers.ts';
+import { startSyntheticWorkers } from './load-harness.ts';
 
 const [url, certFile, dataDir, n, slots] = process.argv.slice(2);
 const certificate = readFileSync(certFile, 'utf8');
-const logger = pino({ level: 'silent' });
-const workers: OrchardWorker[] = [];
-const CONCURRENCY = 50;
-
-let next = 0;
-await Promise.all(
-  Array.from({ length: CONCURRENCY }, async () => {
-    while (next < Number(n)) {
-      const i = next++;
-      const client = new OrchardClient({ url, certificate, serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, maxSockets: WORKER_HTTP_CONNECTIONS });
-      const worker = new OrchardWorker({ client, name: `load-${i}`, driver: new SyntheticDriver(), dataDir: join(dataDir, String(i)), slots: Number(slots), heartbeatMs: 10_000, logger });
-      workers[i] = worker;
-      await worker.start();
-    }
-  }),
-);
+const fleet = { workers: [] as OrchardWorker[], drivers: [] as SyntheticDriver[] };
+await startSyntheticWorkers(fleet, Number(n), Number(slots), {
+  client: () => new OrchardClient({ url, certificate, serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, maxSockets: WORKER_HTTP_CONNECTIONS }),
+  dataDir,
+  logger: pino({ level: 'silent' }),
+});
+const { workers } = fleet;
 process.send!({ ready: true });
 process.on('message', (m: string) => {
   if (m === 'connected') process.send!({ connected: workers.map((w) => (w.connected ? 1 : 0)) });

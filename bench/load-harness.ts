@@ -6,7 +6,7 @@ import { fork, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { pino } from 'pino';
+import { pino, type Logger } from 'pino';
 import type { VM, WatchEvent } from '../src/api/schemas.ts';
 import { OrchardClient } from '../src/client/client.ts';
 import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
@@ -62,19 +62,7 @@ export class Cluster {
 
   /** Starts `n` synthetic workers with `slots` VM slots each, `concurrency` at a time. */
   async startWorkers(n: number, slots: number, concurrency = 50, heartbeatMs = 10_000) {
-    let next = 0;
-    await Promise.all(
-      Array.from({ length: concurrency }, async () => {
-        while (next < n) {
-          const i = next++;
-          const driver = new SyntheticDriver();
-          const worker = new OrchardWorker({ client: this.client(WORKER_HTTP_CONNECTIONS), name: `load-${i}`, driver, dataDir: join(this.dataDir, 'workers', String(i)), slots, heartbeatMs, logger: this.logger });
-          this.drivers[i] = driver;
-          this.workers[i] = worker;
-          await worker.start();
-        }
-      }),
-    );
+    await startSyntheticWorkers(this, n, slots, { client: () => this.client(WORKER_HTTP_CONNECTIONS), dataDir: join(this.dataDir, 'workers'), logger: this.logger, concurrency, heartbeatMs });
   }
 
   /**
@@ -94,6 +82,31 @@ export class Cluster {
     this.admin?.close();
     await this.ctl?.kill('SIGTERM');
   }
+}
+
+/**
+ * Starts `n` synthetic workers (load-0, load-1, …: real OrchardWorkers, each with its own HTTPS
+ * client from `client`), `concurrency` at a time, into `into` by index: the harness's and the fleet's.
+ */
+export async function startSyntheticWorkers(
+  into: { workers: OrchardWorker[]; drivers: SyntheticDriver[] },
+  n: number,
+  slots: number,
+  o: { client: () => OrchardClient; dataDir: string; logger: Logger; concurrency?: number; heartbeatMs?: number },
+) {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: o.concurrency ?? 50 }, async () => {
+      while (next < n) {
+        const i = next++;
+        const driver = new SyntheticDriver();
+        const worker = new OrchardWorker({ client: o.client(), name: `load-${i}`, driver, dataDir: join(o.dataDir, String(i)), slots, heartbeatMs: o.heartbeatMs ?? 10_000, logger: o.logger });
+        into.drivers[i] = driver;
+        into.workers[i] = worker;
+        await worker.start();
+      }
+    }),
+  );
 }
 
 /** Synthetic workers in a child process (Cluster.startFleet). */
