@@ -226,8 +226,9 @@ export function carryMux(ws: WebSocket): { othersBuffered: () => number } {
 }
 
 /**
- * Sends a watch message (an instruction, a hello, a report's acknowledgement): a binary frame, as
- * upstream's workers read the watch (ours take either), or a text frame on a watch that carries the mux.
+ * Sends a watch message (an instruction, a hello; not a report's acknowledgement, sent as text by
+ * takeReports and bounded by the reports in flight): a binary frame, as upstream's workers read the
+ * watch (ours take either), or a text frame on a watch that carries the mux.
  */
 export function sendWatchFrame(ws: WebSocket, text: string) {
   const counts = muxWatches.get(ws);
