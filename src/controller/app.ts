@@ -92,19 +92,19 @@ export function stripAPIPrefix(url: string, prefix: string): string | undefined 
 }
 
 /**
+ * The routes whose compiles are warmed (paths as registered, without an API prefix): a VM's life
+ * cycle (the workers' report checks are warmed apart: compileReportChecks). Warming every route held
+ * 20 MB more of the idle controller's RSS, for routes an operator may never call.
+ */
+const WARM_ROUTES = new Set(['POST /v1/vms', 'GET /v1/vms', 'GET /v1/vms/:name', 'PUT /v1/vms/:name', 'DELETE /v1/vms/:name']);
+const warmed = (method: string | undefined, url: string | undefined) => WARM_ROUTES.has(`${method} ${url}`);
+
+/**
  * Bodies are validated strictly (no coercion: "4" is not a cpu count); query strings are coerced.
  * A route's validator is compiled when the controller is first quiet, or when the route is first
  * used if that comes first, not when it starts: compiling them all took most of a controller's
  * start (bench/executable.ts).
  */
-/**
- * The routes whose compiles are warmed (paths as registered, without an API prefix): a VM's life
- * cycle and the workers' reports. Warming every route held 20 MB more of the idle controller's RSS,
- * for routes an operator may never call.
- */
-const WARM_ROUTES = new Set(['POST /v1/vms', 'GET /v1/vms', 'GET /v1/vms/:name', 'PUT /v1/vms/:name', 'DELETE /v1/vms/:name']);
-const warmed = (method: string | undefined, url: string | undefined) => WARM_ROUTES.has(`${method} ${url}`);
-
 function validatorCompiler(warmUp: WarmUp) {
   const common = { strict: false, strictNumbers: true, allErrors: false, removeAdditional: false, useDefaults: false } as const;
   const body = new Ajv({ ...common, coerceTypes: false });
