@@ -101,9 +101,9 @@ const warmed = (method: string | undefined, url: string | undefined) => WARM_ROU
 
 /**
  * Bodies are validated strictly (no coercion: "4" is not a cpu count); query strings are coerced.
- * A route's validator is compiled when the controller is first quiet, or when the route is first
- * used if that comes first, not when it starts: compiling them all took most of a controller's
- * start (bench/executable.ts).
+ * A route's validator is compiled when the route is first used (a WARM_ROUTES one when the
+ * controller is first quiet, if that comes first), not when it starts: compiling them all took most
+ * of a controller's start (bench/executable.ts).
  */
 function validatorCompiler(warmUp: WarmUp) {
   const common = { strict: false, strictNumbers: true, allErrors: false, removeAdditional: false, useDefaults: false } as const;
@@ -125,7 +125,7 @@ function validatorCompiler(warmUp: WarmUp) {
   };
 }
 
-/** Fastify's own response serializers (fast-json-stringify), each compiled when quiet or first used, as validators are. */
+/** Fastify's own response serializers (fast-json-stringify), each compiled when first used (or warmed), as validators are. */
 function serializerCompilers(warmUp: WarmUp): NonNullable<FastifyServerOptions['schemaController']>['compilersFactory'] {
   const buildSerializer = SerializerSelector();
   return {
