@@ -54,8 +54,11 @@ export function startPasta(pid: number, logFile: string): ChildProcess {
 export function connectInNetns(pid: number, port: number, what: string, timeoutMs = 10_000): Promise<Duplex> {
   return new Promise((resolve, reject) => {
     // -t 60: after one side ends, the other may still send for a while (a half-closed connection).
+    // shut-close: the guest's end closes socat's stdout at once, so ours ends then too (socat's
+    // default for a pipe leaves it open until socat exits: a connection the guest closed first,
+    // as dropbear closes those over its limit, would end for the client only 60 s later).
     const child = spawn('nsenter', ['--target', String(pid), '--user', '--net', '--preserve-credentials', '--',
-      'socat', '-d', '-d', '-t', '60', 'STDIO', `TCP4:127.0.0.1:${port},nodelay`], { stdio: ['pipe', 'pipe', 'pipe'] });
+      'socat', '-d', '-d', '-t', '60', 'STDIO,shut-close', `TCP4:127.0.0.1:${port},nodelay`], { stdio: ['pipe', 'pipe', 'pipe'] });
     let log = '';
     let connected = false;
     const fail = (err: Error) => {
