@@ -1,6 +1,6 @@
 // The connect commands of the real CLI (bin/orchard) against one real debian-dev guest:
 // `ssh vm -- CMD` (output, exit code), `port-forward vm` with the real OpenSSH client and scp
-// (100 MB both ways, same sha256), `vnc vm --no-open` (an RFB handshake through the forward, and
+// (32 MiB both ways, same sha256), `vnc vm --no-open` (an RFB handshake through the forward, and
 // a screenshot by a real VNC client that shows the guest's login prompt),
 // `get vm --ip`; unknown VM, missing role, and a worker killed (kill -9) in the middle of a transfer.
 import { after, before, describe, test } from 'node:test';
@@ -85,7 +85,7 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
     assert.match(wrong.stderr, /authentication as "admin" .* failed/);
   });
 
-  test('port-forward vm NAME 0:22: the real OpenSSH client logs in; scp copies 100 MB in and out intact; rsync works', async () => {
+  test('port-forward vm NAME 0:22: the real OpenSSH client logs in; connections the guest closes end at once; scp copies 32 MiB in and out intact; rsync works', async () => {
     const pf = spawnCLI(['port-forward', 'vm', VM, '0:22'], env);
     const dir = mkdtempSync(join(home, 'scp-'));
     try {
@@ -95,7 +95,9 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
       const login = await ssh('echo "$(whoami)@$(hostname)"; uname -s');
       assert.match(login.stdout, /^admin@\S+\nLinux\n$/);
       // A dozen connections at once, all on the forward's one mux connection (dropbear answers 5 unauthenticated
-      // ones per address at a time with its banner and closes the others).
+      // ones per address at a time with its banner and closes the others). Each ends at once, those the guest
+      // closes too: its close reaches the client then, not when the worker's socat times out (-t 60).
+      const settled = Date.now();
       const banners = await Promise.all(Array.from({ length: 12 }, () => new Promise<string>((resolve, reject) => {
         const s = net.connect(port, '127.0.0.1');
         let got = '';
@@ -107,10 +109,25 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
         s.once('error', reject);
       })));
       assert.ok(banners.filter((b) => b.startsWith('SSH-2.0-')).length >= 5, banners.join('|'));
+      assert.ok(Date.now() - settled < 15_000, `the 12 connections ended after ${Date.now() - settled} ms`);
+      // One the guest closes first, whatever the others did: dropbear hangs up on an SSH-1 client.
+      const refused = net.connect(port, '127.0.0.1');
+      refused.on('error', () => {});
+      let answer = '';
+      refused.on('data', (d: Buffer) => (answer += d.toString()));
+      refused.write('SSH-1.5-orchard-test\r\n');
+      const closedAfter = await new Promise<number>((resolve) => {
+        const t = Date.now();
+        refused.once('close', () => resolve(Date.now() - t));
+      });
+      // (Its banner first, unless dropbear still counts the dozen above and refuses it outright.)
+      assert.match(answer, /^(SSH-2\.0-dropbear.*)?$/s);
+      assert.ok(closedAfter < 15_000, `the guest's close reached the client ${closedAfter} ms later`);
 
       const src = join(dir, 'random.bin');
       const out = createWriteStream(src);
-      for (let i = 0; i < 100; i++) if (!out.write(randomBytes(1024 * 1024))) await new Promise<void>((r) => out.once('drain', () => r()));
+      // 32 MiB: more than the tunnel's 1 MiB window (and every buffer on the way) many times over, each way.
+      for (let i = 0; i < 32; i++) if (!out.write(randomBytes(1024 * 1024))) await new Promise<void>((r) => out.once('drain', () => r()));
       await new Promise<void>((r) => out.end(() => r()));
       const want = await sha256(src);
 
@@ -132,7 +149,7 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
       await rsync();
       assert.equal((await ssh('cat /home/admin/tree/a.txt /home/admin/tree/sub/b.txt')).stdout, 'changed\nsecond\n');
       await ssh('rm -rf /home/admin/random.bin /home/admin/tree');
-      console.log(`scp 100 MB through the tunnel: in ${((t1 - t0) / 1000).toFixed(1)} s, out ${((t2 - t1) / 1000).toFixed(1)} s (the guest's sshd under TCG is the bottleneck)`);
+      console.log(`scp 32 MiB through the tunnel: in ${((t1 - t0) / 1000).toFixed(1)} s, out ${((t2 - t1) / 1000).toFixed(1)} s (the guest's sshd under TCG is the bottleneck)`);
       assert.doesNotMatch(pf.stderr(), /orchard:|Warning/, 'no tunnel errors, no warnings (as a listener leak\'s)');
     } finally {
       assert.equal(await pf.stop('SIGINT'), 0);
