@@ -39,6 +39,13 @@ export interface TemplateHost {
   forget(localName: string): void;
 }
 
+/**
+ * How long the template's free memory is filled with zeros at most (makeSnapshot): a 512 MiB guest
+ * takes about 4 s under TCG, 8 GiB well under that with KVM; a bigger one under TCG is saved partly
+ * filled.
+ */
+const ZERO_SECONDS = 10;
+
 export class SnapshotMaker {
   private readonly host: TemplateHost;
   /** Templates being booted for a snapshot: their local name -> their directory (not under vms/, so list() never sees them). */
@@ -196,11 +203,14 @@ export class SnapshotMaker {
         // Less state to save, and to load into each VM: the page cache goes, and the memory the
         // guest has freed (its initramfs, that cache), which still holds what it held, is filled
         // with zeros (a tmpfs file, then unmounted): QEMU saves a zero page as a flag. A guest
-        // where this fails is saved as it is.
+        // where this fails is saved as it is. The filling stops after ZERO_SECONDS (`timeout`;
+        // without it nothing is filled) and the tmpfs goes in any case: a big guest under TCG
+        // (8 GiB: over a minute) would otherwise outlast the login's timeout and be saved with
+        // the tmpfs still holding most of its memory, in every VM resumed from it.
         const zero = 'sync; echo 3 > /proc/sys/vm/drop_caches; free=0; ' +
           'while read -r k v _; do if [ "$k" = MemFree: ]; then free=$v; fi; done < /proc/meminfo; n=$((free / 1024 - 32)); ' +
           'if [ "$n" -gt 0 ] && mkdir -p /run/orchard-zero && mount -t tmpfs -o size=${n}m orchard-zero /run/orchard-zero; then ' +
-          'dd if=/dev/zero of=/run/orchard-zero/z bs=1M count=$n 2>/dev/null; umount /run/orchard-zero; rmdir /run/orchard-zero; fi; true';
+          `timeout ${ZERO_SECONDS} dd if=/dev/zero of=/run/orchard-zero/z bs=1M count=$n 2>/dev/null; umount /run/orchard-zero; rmdir /run/orchard-zero; fi; true`;
         await runAsRoot(await this.host.dial(localName, 22), await readFile(join(tmp, 'id_ed25519')), zero + '\n', { timeoutMs: 60_000 })
           .catch((err: Error) => this.host.log.warn({ image: image.name, err: err.message }, 'cannot zero the template\'s free memory'));
         // Last before the save: the agent that gives VMs their identity without an SSH login (else
