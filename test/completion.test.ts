@@ -122,8 +122,8 @@ describe('shell completion', { timeout: 180_000 }, () => {
       await waitFor('the VMs listed', () => /web-1\s+web-2/.test(out) || undefined, 20_000).catch((e: Error) => assert.fail(`${e.message}: ${JSON.stringify(out)}`));
       assert.doesNotMatch(out, /db-1/, 'only the names that start with w');
     } finally {
-      // The end of input ends script(1), and the shell with the terminal it had.
-      proc.stdin.end();
+      // Ctrl-U, `exit`: the shell ends, and script(1) with it (the end of its input alone does not end it).
+      proc.stdin.end('\x15exit\n');
       await Promise.race([exited, new Promise((r) => setTimeout(r, 3000))]);
       if (proc.exitCode === null && proc.signalCode === null) {
         proc.kill('SIGKILL');
@@ -133,12 +133,13 @@ describe('shell completion', { timeout: 180_000 }, () => {
   });
 
   test('a controller that does not answer: nothing is offered, within the 2 s the completion waits', async () => {
-    for (const shell of SHELLS) {
+    // The three shells at once: each one's own time is measured.
+    await Promise.all(SHELLS.map(async (shell) => {
       const t0 = Date.now();
       assert.deepEqual(await complete(shell, 'orchard get vm --context silent '), [], shell);
       const ms = Date.now() - t0;
       assert.ok(ms >= 1900 && ms < 8000, `${shell}: ${ms} ms`);
-    }
+    }));
     // No context at all: nothing, quietly, at once.
     const none = await runCLI(['__complete', 'vms'], { ORCHARD_HOME: tempDir('orchard-home-') });
     assert.deepEqual([none.code, none.stdout, none.stderr], [0, '', '']);
