@@ -96,7 +96,10 @@ class ProcessStream extends Duplex {
     child.stdout.on('data', (d: Buffer) => {
       if (!this.push(d)) child.stdout.pause();
     });
-    child.stdout.on('end', () => this.push(null));
+    // The guest may have closed already (socat closes its stdout at once, shut-close): a socket at
+    // its end with nothing unread emits 'end' even with no reader, so it may be over by now.
+    if (child.stdout.readableEnded) this.push(null);
+    else child.stdout.on('end', () => this.push(null));
     child.stdin.on('error', (err) => this.destroy(err));
   }
 
