@@ -98,23 +98,28 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
       // ones per address at a time with its banner and closes the others). Each ends at once, those the guest
       // closes too: its close reaches the client then, not when the worker's socat times out (-t 60).
       // (A connection still open after 15 s is given up on, and named.)
+      /** Whether `s` closes within 15 s; one still open then is destroyed. */
+      const closesWithin15s = (s: net.Socket) =>
+        new Promise<boolean>((resolve) => {
+          const timer = setTimeout(() => {
+            resolve(false);
+            s.destroy();
+          }, 15_000);
+          s.once('close', () => {
+            clearTimeout(timer);
+            resolve(true);
+          });
+        });
       const STILL_OPEN = 'still open after 15 s';
       const banners = await Promise.all(Array.from({ length: 12 }, () => new Promise<string>((resolve, reject) => {
         const s = net.connect(port, '127.0.0.1');
         let got = '';
-        const timer = setTimeout(() => {
-          resolve(STILL_OPEN);
-          s.destroy();
-        }, 15_000);
         s.on('data', (d: Buffer) => {
           got += d.toString();
           s.destroy();
         });
-        s.once('close', () => {
-          clearTimeout(timer);
-          resolve(got);
-        });
         s.once('error', reject);
+        void closesWithin15s(s).then((closed) => resolve(closed ? got : STILL_OPEN));
       })));
       assert.ok(!banners.includes(STILL_OPEN) && banners.filter((b) => b.startsWith('SSH-2.0-')).length >= 5, banners.map((b) => JSON.stringify(b.split('\r\n')[0])).join(' '));
       // One the guest closes first, whatever the others did: dropbear hangs up on an SSH-1 client.
@@ -123,14 +128,7 @@ describe('connect commands against a real guest', { timeout: 240_000 }, () => {
       let answer = '';
       refused.on('data', (d: Buffer) => (answer += d.toString()));
       refused.write('SSH-1.5-orchard-test\r\n');
-      const closed = await new Promise<boolean>((resolve) => {
-        const timer = setTimeout(() => resolve(false), 15_000);
-        refused.once('close', () => {
-          clearTimeout(timer);
-          resolve(true);
-        });
-      });
-      refused.destroy();
+      const closed = await closesWithin15s(refused);
       assert.ok(closed, `the guest's close did not reach the client in 15 s (it got ${JSON.stringify(answer)})`);
       // (Its banner first, unless dropbear still counts the dozen above and refuses it outright.)
       assert.match(answer, /^(SSH-2\.0-dropbear.*)?$/s);
