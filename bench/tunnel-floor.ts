@@ -15,47 +15,41 @@ import { performance } from 'node:perf_hooks';
 import tls from 'node:tls';
 import { parseArgs } from 'node:util';
 import { tempDir } from '../test/helpers.ts';
+import { cpuSeconds } from './load-harness.ts';
 
 const { values, positionals } = parseArgs({ options: { size: { type: 'string', default: '1024' }, runs: { type: 'string', default: '3' } }, allowPositionals: true });
 const [role, next, certDir] = positionals;
 
-/** CPU seconds this process has used. */
+/** CPU seconds this process (the client) has used; the relays' come from /proc. */
 const cpu = () => {
   const u = process.cpuUsage();
   return (u.user + u.system) / 1e6;
 };
 
-/** Each child answers the parent's messages: `reset` starts its CPU count, `report` sends it, `exit` ends it. */
-function serve(server: net.Server, onReset: () => void = () => {}) {
-  let c0 = cpu();
-  process.on('message', (m: { reset?: boolean; report?: boolean; exit?: boolean }) => {
+/** Each child says its port once it listens, and ends when the parent says `exit`. */
+function serve(server: net.Server) {
+  process.on('message', (m: { exit?: boolean }) => {
     if (m.exit) process.exit(0);
-    if (m.reset) {
-      c0 = cpu();
-      onReset();
-    }
-    if (m.report) process.send!({ cpu: cpu() - c0 });
   });
   server.listen(0, '127.0.0.1', () => process.send!({ port: (server.address() as net.AddressInfo).port }));
 }
 
 if (role === 'sink') {
-  let got = 0;
   serve(
     net.createServer({ noDelay: true }, (s) => {
+      let got = 0;
       s.on('data', (d: Buffer) => {
         got += d.length;
         if (got === Number(next)) process.send!({ done: true });
       });
       s.on('error', () => {});
     }),
-    () => (got = 0),
   );
 } else if (role) {
   const tlsOptions = { key: readFileSync(join(certDir, 'key.pem')), cert: readFileSync(join(certDir, 'cert.pem')), noDelay: true };
   const relay = (inc: net.Socket) => {
     const port = Number(next);
-    const out = role === 'worker' ? net.connect({ port, host: '127.0.0.1', noDelay: true }) : tls.connect({ port, host: '127.0.0.1', rejectUnauthorized: false });
+    const out = role === 'worker' ? net.connect({ port, host: '127.0.0.1' }) : tls.connect({ port, host: '127.0.0.1', rejectUnauthorized: false });
     out.setNoDelay(true);
     inc.pipe(out).on('error', () => inc.destroy());
     out.pipe(inc).on('error', () => out.destroy());
@@ -71,11 +65,6 @@ if (role === 'sink') {
       const p = fork(import.meta.filename, [name, String(to), certs]);
       p.once('message', (m: { port: number }) => resolve([p, m.port]));
     });
-  const ask = (p: ChildProcess) =>
-    new Promise<number>((resolve) => {
-      p.once('message', (m: { cpu: number }) => resolve(m.cpu));
-      p.send({ report: true });
-    });
   const [sink, sinkPort] = await start('sink', bytes);
   const [worker, workerPort] = await start('worker', sinkPort);
   const [controller, controllerPort] = await start('controller', workerPort);
@@ -85,7 +74,7 @@ if (role === 'sink') {
   console.log('MiB/s   CPU s per GiB moved, by process');
   const chunk = Buffer.alloc(1 << 20, 7);
   for (let run = 0; run < Number(values.runs); run++) {
-    for (const p of Object.values(chain)) p.send({ reset: true });
+    const before = Object.values(chain).map((p) => cpuSeconds(p.pid!));
     const done = new Promise((resolve) => sink.once('message', resolve));
     const c0 = cpu();
     const t0 = performance.now();
@@ -95,7 +84,7 @@ if (role === 'sink') {
     const seconds = (performance.now() - t0) / 1000;
     const gib = bytes / 2 ** 30;
     const per: Record<string, number> = { client: (cpu() - c0) / gib };
-    for (const [name, p] of Object.entries(chain)) per[name] = (await ask(p)) / gib;
+    Object.entries(chain).forEach(([name, p], i) => (per[name] = (cpuSeconds(p.pid!) - before[i]) / gib));
     s.destroy();
     const sum = Object.values(per).reduce((a, b) => a + b, 0);
     console.log(`${(bytes / 2 ** 20 / seconds).toFixed(0).padStart(5)}   ${Object.entries(per).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(', ')} (sum ${sum.toFixed(2)})`);
