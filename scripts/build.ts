@@ -216,6 +216,8 @@ function makeBlob(name: string, useCodeCache: boolean): string {
         disableExperimentalSEAWarning: true,
         useSnapshot: false,
         useCodeCache,
+        // The V8 flags bin/orchard runs Node with (why: there).
+        execArgv: ['--max-semi-space-size=4'],
         assets: {
           ...Object.fromEntries(ASSETS.map((a) => [a, join(ROOT, 'src', a)])),
           ...consoleAssets,
