@@ -204,7 +204,7 @@ const consoleAssets = {
 say(`web console bundled: ${consoleFiles.map((f) => `${f.name} ${(f.body.length / 1024).toFixed(1)} KiB${f.encoded?.br ? ` (br ${(f.encoded.br.length / 1024).toFixed(1)})` : ''}`).join(', ')}`);
 
 // The Node flags bin/orchard runs with (why: there), read from its exec line so that the two cannot drift.
-const NODE_FLAGS = /^exec "\$root\/node_modules\/node\/bin\/node" ((?:--\S+ )*)"\$root\/src\/cli\/main\.ts" "\$@"$/m.exec(readFileSync(join(ROOT, 'bin', 'orchard'), 'utf8'))?.[1].trim().split(' ');
+const NODE_FLAGS = /^exec "\$root\/node_modules\/node\/bin\/node" ((?:--\S+ )*)"\$root\/src\/cli\/main\.ts" "\$@"$/m.exec(readFileSync(join(ROOT, 'bin', 'orchard'), 'utf8'))?.[1].split(' ').filter(Boolean);
 if (!NODE_FLAGS) throw new Error("bin/orchard's exec line was not found: the executable would run without its Node flags");
 
 // 2. The preparation blobs: with code cache for this host (when asked for), without for the others.
