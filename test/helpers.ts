@@ -241,6 +241,15 @@ export async function waitFor<T>(what: string, fn: () => Promise<T> | T, timeout
   }
 }
 
+/** Is `pid` a live process (a killed child not yet reaped is a zombie: not alive)? */
+export function alive(pid: number): boolean {
+  try {
+    return !/^\d+ \(.*\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
 /** The test suite's cache of built guest images (built once, reused by every test and run). */
 export const TEST_IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
 

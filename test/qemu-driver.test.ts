@@ -19,7 +19,7 @@ import {
 import { QemuDriver } from '../src/worker/drivers/qemu.ts';
 import { parseHostForwards } from '../src/worker/drivers/qmp.ts';
 import type { DriverVM } from '../src/worker/drivers/driver.ts';
-import { entriesLogger, printingLogger, waitFor } from './helpers.ts';
+import { alive, entriesLogger, printingLogger, waitFor } from './helpers.ts';
 
 const execFileP = promisify(execFile);
 const STORE = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
@@ -317,14 +317,6 @@ test('waitReady rejects early when QEMU dies; waitExit tells why', { timeout: 60
 
 /** The pid of the VM's pasta, from its record. */
 const netPidOf = (name: string) => (JSON.parse(readFileSync(join(dataDir, 'vms', name, 'vm.json'), 'utf8')) as { netPid: number }).netPid;
-/** Is `pid` a live process (a killed child not yet reaped is a zombie: not alive)? */
-const alive = (pid: number) => {
-  try {
-    return !/^\d+ \(.*\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
-  } catch {
-    return false;
-  }
-};
 
 test('stop falls back to quit when the guest ignores the power button', { timeout: 60_000 }, async () => {
   const name = 'orchard-test-stop';

@@ -10,16 +10,30 @@
 //    cold boot the warm starts are compared with (printed; asserted only warm < cold);
 //  - a warm start that fails (a state file cut in half) cold-boots the VM, with the reason in its events;
 //  - a rebuilt image (its files replaced) makes the next VM make a new snapshot instead of resuming
-//    the old one; a deleted image leaves no usable snapshot.
+//    the old one, after ending the template a killed maker left running (its QEMU and its pasta);
+//    a deleted image leaves no usable snapshot.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { copyFileSync, linkSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { once } from 'node:events';
+import { copyFileSync, existsSync, linkSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { localNameOf, type VM } from '../src/api/schemas.ts';
 import { removeImage, buildDebianDev } from '../src/worker/images.ts';
 import { readSnapshotMeta } from '../src/worker/drivers/snapshots.ts';
-import { ADMIN_TOKEN, inProcessController, qemuWorker, runCLI, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, alive, inProcessController, ORCHARD_BIN, qemuWorker, runCLI, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
+
+/** The pasta process serving the network namespace of process `pid` (its command line names `pid`). */
+const pastaServing = (pid: number) =>
+  readdirSync('/proc').filter((d) => /^\d+$/.test(d)).map(Number).find((p) => {
+    try {
+      const argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
+      return argv[0].endsWith('pasta') && argv.includes(String(pid));
+    } catch {
+      return false;
+    }
+  });
 
 const fingerprint = (blob: Buffer) => 'SHA256:' + createHash('sha256').update(blob).digest('base64').replace(/=+$/, '');
 
@@ -130,12 +144,33 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
       await c.admin.deleteVM('warm-broken');
     });
 
-    await t.test('a rebuilt image gets a new snapshot; a deleted one leaves none usable', async () => {
+    await t.test('a rebuilt image gets a new snapshot, and a template abandoned by a killed maker is ended first, its pasta too; a deleted image leaves none usable', async () => {
+      // A maker killed while its template boots: `orchard image snapshot` on the worker's data dir,
+      // from copies of the image's files (so it has no snapshot yet), killed once the template runs
+      // with its network. Its QEMU and its pasta outlive it, detached like every VM's.
+      mkdirSync(join(workerDir, 'images', 'debian-dev'), { recursive: true });
+      for (const f of readdirSync(join(store, 'debian-dev'))) copyFileSync(join(store, 'debian-dev', f), join(workerDir, 'images', 'debian-dev', f));
+      const maker = spawn(ORCHARD_BIN, ['image', 'snapshot', 'debian-dev', '--data-dir', workerDir], { stdio: 'ignore' });
+      const snapshots = join(workerDir, 'snapshots');
+      const abandoned = await waitFor("the killed maker's template to run with its network", () => {
+        const dir = readdirSync(snapshots).find((e) => e.startsWith(`.make-debian-dev-${maker.pid}-`));
+        if (!dir || !existsSync(join(snapshots, dir, 'qemu.pid'))) return undefined;
+        const qemu = Number(readFileSync(join(snapshots, dir, 'qemu.pid'), 'utf8'));
+        const pasta = qemu ? pastaServing(qemu) : undefined;
+        return pasta ? { dir: join(snapshots, dir), qemu, pasta } : undefined;
+      }, 60_000, 50);
+      maker.kill('SIGKILL');
+      await once(maker, 'exit');
+      assert.ok(alive(abandoned.qemu) && alive(abandoned.pasta), 'the template outlives its maker');
+
       // What a rebuild does to the store: new files in place of the old (VMs keep their links).
       const base = join(store, 'debian-dev', 'base.qcow2');
       copyFileSync(base, `${base}.new`);
       renameSync(`${base}.new`, base);
       const after = await created('warm-d');
+      assert.equal(alive(abandoned.qemu), false, "the abandoned template's QEMU was killed");
+      assert.equal(alive(abandoned.pasta), false, "the abandoned template's pasta was killed");
+      assert.equal(existsSync(abandoned.dir), false, "the abandoned template's directory was removed");
       assert.ok(after.events.some((e) => e.startsWith('warm start: resumed')), after.events.join('\n'));
       const remade = (await readSnapshotMeta(w.driver.snapshotDir('debian-dev')))!;
       assert.notEqual(remade.created, meta.created);

@@ -16,7 +16,7 @@
 // namespace for one connection (nsenter + socat to QEMU's forward on the namespace's 127.0.0.1), the
 // console and QMP are unix sockets in the VM's directory (mode 0700).
 import { spawn, type ChildProcess, type ChildProcessByStdio } from 'node:child_process';
-import { openSync, closeSync } from 'node:fs';
+import { openSync, closeSync, readdirSync, readFileSync } from 'node:fs';
 import { Duplex, type Readable, type Writable } from 'node:stream';
 
 /** argv that runs `command` in a new user and network namespace (the caller's user is root in it). */
@@ -44,6 +44,34 @@ export function startPasta(pid: number, logFile: string): ChildProcess {
     ], { detached: true, stdio: ['ignore', out, out] });
   } finally {
     closeSync(out);
+  }
+}
+
+/** Whether process `procPid` is a pasta serving the network namespace of process `pid` (startPasta's command line). */
+function isPastaOf(procPid: number, pid: number): boolean {
+  try {
+    const cmdline = readFileSync(`/proc/${procPid}/cmdline`, 'utf8').split('\0');
+    return !!cmdline[0]?.endsWith('pasta') && cmdline.at(-2) === String(pid);
+  } catch {
+    return false; // gone
+  }
+}
+
+/**
+ * Ends the pasta of QEMU `pid`'s namespace. pasta holds that namespace open itself, so it does not
+ * notice when QEMU is gone. `netPid`, the pasta the VM's record names, is killed only if it is that
+ * pasta. Without a record (a template whose maker was killed before it wrote one), every process is
+ * looked at: then call this while QEMU `pid` still runs, so that the pid names no other process.
+ */
+export function killPastaOf(pid: number, netPid?: number): void {
+  const candidates = netPid !== undefined ? [netPid] : readdirSync('/proc').filter((d) => /^\d+$/.test(d)).map(Number);
+  for (const p of candidates) {
+    if (!isPastaOf(p, pid)) continue;
+    try {
+      process.kill(p, 'SIGKILL');
+    } catch {
+      // gone meanwhile
+    }
   }
 }
 

@@ -21,7 +21,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { buildDebianDev, DEBIAN_DEV, diskImageProblem, imageHowTo, ImageNotFoundError, listImages, resolveImage, type ResolvedImage } from '../images.ts';
 import { privateDir, privateFiles } from '../private-files.ts';
 import { connectTCP, connectUnix, sshBannerOn } from './net.ts';
-import { connectInNetns, inNewNetns, startPasta } from './netns.ts';
+import { connectInNetns, inNewNetns, killPastaOf, startPasta } from './netns.ts';
 import { pino, type Logger } from 'pino';
 import type { Driver, DriverImages, DriverVM, LocalVM, Progress } from './driver.ts';
 import { checkLocalName, isLocalName, VMRecords } from './vm-records.ts';
@@ -625,6 +625,8 @@ export class QemuDriver implements Driver {
       const r = await Promise.race([exited, sleep(500).then(() => undefined)]);
       if (spawnError) throw spawnError;
       if (!r && child.pid) process.kill(child.pid, 'SIGKILL');
+      // Not recorded yet, so no later reapNetwork would find it.
+      if (pasta && pasta.exitCode === null && pasta.signalCode === null) pasta.kill('SIGKILL');
       if (netError) {
         const log = await this.tail(vm.localName, 'net.log', 5);
         throw new Error(netError.message + (log ? `:\n${log}` : ''));
@@ -976,12 +978,7 @@ export class QemuDriver implements Driver {
   private async reapNetwork(localName: string): Promise<void> {
     const file = await this.records.read(localName);
     if (!file?.netPid || !file.pid || this.livePid(localName) === file.pid) return;
-    try {
-      const cmdline = readFileSync(`/proc/${file.netPid}/cmdline`, 'utf8').split('\0');
-      if (cmdline[0]?.endsWith('pasta') && cmdline.at(-2) === String(file.pid)) process.kill(file.netPid, 'SIGKILL');
-    } catch {
-      // gone already
-    }
+    killPastaOf(file.pid, file.netPid);
   }
 
   private async waitGone(localName: string, pid: number, ms: number): Promise<boolean> {

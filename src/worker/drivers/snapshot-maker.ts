@@ -16,6 +16,7 @@ import type { Accel } from './accel.ts';
 import type { QmpClient } from './qmp.ts';
 import { AGENT_START, runAsRoot } from './guest-identity.ts';
 import { virtualSize } from './qemu-img.ts';
+import { killPastaOf } from './netns.ts';
 import { binaryId, fileId, readSnapshotMeta, SNAPSHOT_FILE, staleReason, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
 
 /** What the maker needs of the driver: its settings, and running a template like any VM. */
@@ -134,7 +135,7 @@ export class SnapshotMaker {
 
   /**
    * A template whose maker is gone (a worker killed or stopped while it made a snapshot) keeps its
-   * QEMU running, detached like every VM's: it is killed and its directory removed.
+   * QEMU and its pasta running, detached like every VM's: both are killed and its directory removed.
    */
   private async removeAbandonedTemplates(name: string): Promise<void> {
     const root = dirname(this.snapshotDir(name));
@@ -151,7 +152,10 @@ export class SnapshotMaker {
       }
       try {
         const pid = Number(readFileSync(join(dir, 'qemu.pid'), 'utf8').trim());
-        if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(join(dir, 'qemu.pid'))) process.kill(pid, 'SIGKILL');
+        if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(join(dir, 'qemu.pid'))) {
+          killPastaOf(pid); // first, while the pid is still this QEMU's
+          process.kill(pid, 'SIGKILL');
+        }
       } catch {
         // no QEMU left
       }
