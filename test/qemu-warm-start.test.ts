@@ -158,9 +158,8 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
         const qemu = Number(readFileSync(join(snapshots, dir, 'qemu.pid'), 'utf8'));
         const pasta = qemu ? pastaServing(qemu) : undefined;
         return pasta ? { dir: join(snapshots, dir), qemu, pasta } : undefined;
-      }, 60_000, 50);
-      maker.kill('SIGKILL');
-      await once(maker, 'exit');
+      }, 60_000, 50).finally(() => maker.kill('SIGKILL'));
+      if (maker.exitCode === null && maker.signalCode === null) await once(maker, 'exit');
       assert.ok(alive(abandoned.qemu) && alive(abandoned.pasta), 'the template outlives its maker');
 
       // What a rebuild does to the store: new files in place of the old (VMs keep their links).
