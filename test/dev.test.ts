@@ -8,9 +8,8 @@ import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import YAML from 'yaml';
 import { buildDebianDev } from '../src/worker/images.ts';
-import { freePort, ORCHARD_BIN, processesWith, rawRequest, runCLI, tempDir, waitFor } from './helpers.ts';
+import { devContext, freePort, ORCHARD_BIN, processesWith, rawRequest, runCLI, tempDir, waitFor } from './helpers.ts';
 
 const IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
 
@@ -38,7 +37,7 @@ test('orchard dev: a working cluster in one command; Ctrl-C leaves nothing runni
   try {
     await waitFor('orchard dev to be ready', () => /Ctrl-C stops everything/.test(dev.stderr()), 60_000, 100);
     assert.match(dev.stderr(), /controller https:\/\/127\.0\.0\.1:\d+ \(certificate SHA-256 [0-9A-F:]+\)/);
-    const config = YAML.parse(readFileSync(join(env.ORCHARD_HOME, 'orchard.yml'), 'utf8')) as { 'default-context': string; contexts: Record<string, { url: string; certificate?: string; serviceAccountToken?: string }> };
+    const { config, api, vmRunning } = devContext(env.ORCHARD_HOME);
     assert.equal(config['default-context'], 'dev');
     // (Kept as upstream's CLI keeps it: base64 of the PEM.)
     assert.match(Buffer.from(config.contexts.dev.certificate ?? '', 'base64').toString(), /BEGIN CERTIFICATE/, 'the dev context pins the certificate');
@@ -46,15 +45,12 @@ test('orchard dev: a working cluster in one command; Ctrl-C leaves nothing runni
     // The web console, served from the checkout (bundled when first asked for).
     const consoleURL = /web console: (https:\/\/\S+\/) /.exec(dev.stderr())?.[1];
     assert.ok(consoleURL, dev.stderr());
-    const api = { url: config.contexts.dev.url, certificate: Buffer.from(config.contexts.dev.certificate ?? '', 'base64').toString() };
     const page = await rawRequest(api, 'GET', new URL(consoleURL).pathname);
     assert.equal(page.status, 200);
     assert.match(page.body, /<div id="app"><\/div>/);
 
-    // Waits ask the API from this process: a CLI process every half second would take the CPU the
-    // VM boots with (`orchard list vms` below shows the result as a user sees it).
-    const auth: [string, string] = ['bootstrap-admin', config.contexts.dev.serviceAccountToken ?? ''];
-    const demoRuns = async () => ((await rawRequest(api, 'GET', '/v1/vms/demo', { auth })).json as { status?: string } | undefined)?.status === 'running';
+    // Waits ask the API from this process (`orchard list vms` below shows the result as a user sees it).
+    const demoRuns = () => vmRunning('demo');
 
     // The quick start, literally: defaults (4 vCPUs, 8 GiB) and all.
     let r = await runCLI(['create', 'vm', 'demo', '--image', 'debian-dev'], env);

@@ -8,6 +8,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pino, type Logger } from 'pino';
+import YAML from 'yaml';
 import { startController } from '../src/controller/controller.ts';
 import { OrchardClient } from '../src/client/client.ts';
 import { RESOURCE_TART_VMS } from '../src/api/schemas.ts';
@@ -191,6 +192,24 @@ export async function rawRequest(
     req.on('error', reject);
     req.end(opts.body);
   });
+}
+
+/**
+ * The context `orchard dev` wrote to `orchardHome`: the whole config, the API as rawRequest takes it
+ * (pinned certificate), the admin's credentials, and whether VM `name` is reported running (asked of
+ * the API from the test's process: a CLI process every fraction of a second would take the CPU a VM
+ * boots with).
+ */
+export function devContext(orchardHome: string) {
+  const config = YAML.parse(readFileSync(join(orchardHome, 'orchard.yml'), 'utf8')) as {
+    'default-context': string;
+    contexts: Record<string, { url: string; certificate?: string; serviceAccountToken?: string }>;
+  };
+  const dev = config.contexts.dev;
+  const api = { url: dev.url, certificate: Buffer.from(dev.certificate ?? '', 'base64').toString() };
+  const auth: [string, string] = ['bootstrap-admin', dev.serviceAccountToken ?? ''];
+  const vmRunning = async (name: string) => ((await rawRequest(api, 'GET', `/v1/vms/${name}`, { auth })).json as { status?: string } | undefined)?.status === 'running';
+  return { config, api, auth, vmRunning };
 }
 
 /** The value of metric `name` (summed over its labels) that the controller at `ctl` exports. */

@@ -4,11 +4,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
+import { mkdirSync, rmSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
-import YAML from 'yaml';
 import { buildDebianDev } from '../../src/worker/images.ts';
-import { freePort, ORCHARD_BIN, processesWith, rawRequest, runCLI, tempDir, TEST_IMAGES, waitFor } from '../helpers.ts';
+import { devContext, freePort, ORCHARD_BIN, processesWith, runCLI, tempDir, TEST_IMAGES, waitFor } from '../helpers.ts';
 
 
 test('orchard dev stopped by EPIPE + SIGINT, SIGHUP or SIGTERM leaves no VM running', async () => {
@@ -35,12 +34,8 @@ test('orchard dev stopped by EPIPE + SIGINT, SIGHUP or SIGTERM leaves no VM runn
         }
         await waitFor(`qemu to run (${how})`, () => qemus().length > 0, 60_000, 100);
         // Stopped once the worker has reported the VM running: its QEMU is fully the worker's then.
-        // (Asked of the API from this process, as the dev context has it: a CLI process every 0.2 s
-        // would take the CPU the VM boots with.)
-        const ctx = (YAML.parse(readFileSync(join(env.ORCHARD_HOME, 'orchard.yml'), 'utf8')) as { contexts: Record<string, { url: string; certificate: string; serviceAccountToken: string }> }).contexts.dev;
-        const api = { url: ctx.url, certificate: Buffer.from(ctx.certificate, 'base64').toString() };
-        await waitFor(`demo to be reported running (${how})`, async () =>
-          ((await rawRequest(api, 'GET', '/v1/vms/demo', { auth: ['bootstrap-admin', ctx.serviceAccountToken] })).json as { status?: string } | undefined)?.status === 'running', 60_000, 200);
+        const { vmRunning } = devContext(env.ORCHARD_HOME);
+        await waitFor(`demo to be reported running (${how})`, () => vmRunning('demo'), 60_000, 200);
         if (how === 'pipe closed, then SIGINT') {
           // Ctrl-C on `orchard dev 2>&1 | tee log`: the reader dies with it.
           proc.stdout.destroy();
