@@ -6,8 +6,9 @@
 // Either side may be hostile: anything outside the protocol (a text frame, an unknown type or id, bytes
 // beyond the window granted, a frame too big, an OPEN from the side that may not open, too many
 // tunnels) closes the connection with 1008 and destroys all its tunnels.
-import { Duplex } from 'node:stream';
+import { Duplex, type Writable } from 'node:stream';
 import type { RawData, WebSocket } from 'ws';
+import { relayed } from './scavenge.ts';
 import { TUNNEL_FRAME_BYTES } from './tunnel-ends.ts';
 
 export const TUNNEL_MUX = 'tunnel-mux';
@@ -149,6 +150,24 @@ export class MuxTunnel extends Duplex {
     if (this.tapped) this.tapped.paused = true;
   }
 
+  /**
+   * What `pipe(dest)` does, without the Readable's buffering (a tap): each payload is written to `dest`
+   * as it comes, `dest`'s back-pressure holds the tunnel (and its window the peer), the peer's END ends
+   * `dest`. For a relay to a socket (the CLI's local connections, the worker's targets).
+   */
+  pipeInto(dest: Writable) {
+    const release = () => this.release();
+    this.tap(
+      (payload) => {
+        relayed(payload.length);
+        if (dest.write(payload)) return;
+        this.hold();
+        dest.once('drain', release);
+      },
+      () => dest.end(),
+    );
+  }
+
   release() {
     const t = this.tapped;
     if (!t) return;
@@ -236,6 +255,7 @@ export class MuxTunnel extends Duplex {
 
   override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (err?: Error | null) => void) {
     if (this.state === 'reset' || !this.mux.open) return callback(new Error('the tunnel was reset'));
+    relayed(chunk.length);
     this.sendBytes(chunk, callback);
   }
 

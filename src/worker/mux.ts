@@ -104,7 +104,7 @@ export class WorkerMux {
         if (!tunnel.readableEnded || !tunnel.writableFinished) target.destroy();
       });
       target.pipe(tunnel);
-      tunnel.pipe(target);
+      tunnel.pipeInto(target);
     } catch (err) {
       mux.refuse(tunnel, 503, (err as Error).message);
     }

@@ -10,6 +10,7 @@ import type { ClientChannel, Client as SSHClient } from 'ssh2';
 import type { WebSocket } from 'ws';
 import type { OrchardClient } from '../../client/client.ts';
 import { ApiError } from '../../client/errors.ts';
+import { MuxTunnel } from '../../client/mux.ts';
 import { sshCredentials, VM_DEFAULTS, VNC_PORT } from '../../api/defaults.ts';
 import type { VM } from '../../api/schemas.ts';
 import { clientFor, errorText, parseInteger, UsageError, withCommon } from '../common.ts';
@@ -82,7 +83,8 @@ export function splice(sock: net.Socket, tunnel: Tunnel, label: string, report: 
   sock.on('close', () => {
     if (!stream.writableEnded) stream.destroy();
   });
-  stream.pipe(sock);
+  if (stream instanceof MuxTunnel) stream.pipeInto(sock);
+  else stream.pipe(sock);
   sock.pipe(stream);
 }
 

@@ -9,6 +9,7 @@
 // the thread and everything else still gets a turn.
 import type { Duplex } from 'node:stream';
 import type { RawData, WebSocket } from 'ws';
+import { relayed } from '../../client/scavenge.ts';
 
 /** Bytes relayed per event-loop turn before the tunnels that want more are paused until a later one. */
 const TURN_BUDGET = 1024 * 1024;
@@ -103,6 +104,7 @@ export function relay(from: RelaySide, to: RelaySide, accept?: (isBinary: boolea
   const onData = (data: RawData, isBinary: boolean) => {
     if (stopped || !to.open || (accept && !accept(isBinary))) return;
     const bytes = sizeOf(data);
+    relayed(bytes);
     queued += bytes;
     to.send(data, isBinary, () => {
       queued -= bytes;
