@@ -601,6 +601,10 @@ export class QemuDriver implements Driver {
     let pasta: ChildProcess | undefined;
     let netError: Error | undefined;
     let lastErr: unknown;
+    // pasta is not in the VM's record until the record below is written: till then only this start can end it.
+    const endPasta = () => {
+      if (pasta && pasta.exitCode === null && pasta.signalCode === null) pasta.kill('SIGKILL');
+    };
     while (!ssh && !netError && Date.now() < deadline) {
       const done = await Promise.race([exited, sleep(50).then(() => undefined)]);
       if (done) break;
@@ -625,8 +629,7 @@ export class QemuDriver implements Driver {
       const r = await Promise.race([exited, sleep(500).then(() => undefined)]);
       if (spawnError) throw spawnError;
       if (!r && child.pid) process.kill(child.pid, 'SIGKILL');
-      // Not recorded yet, so no later reapNetwork would find it.
-      if (pasta && pasta.exitCode === null && pasta.signalCode === null) pasta.kill('SIGKILL');
+      endPasta();
       if (netError) {
         const log = await this.tail(vm.localName, 'net.log', 5);
         throw new Error(netError.message + (log ? `:\n${log}` : ''));
@@ -643,7 +646,17 @@ export class QemuDriver implements Driver {
     file.netns = true;
     file.netPid = pasta?.pid;
     file.accel = this.accel;
-    await this.records.write(file);
+    try {
+      await this.records.write(file);
+    } catch (err) {
+      // Unrecorded (a VM removed meanwhile, its directory gone; a full disk): no stop would find the pasta.
+      if (child.pid && this.livePid(vm.localName) === child.pid) process.kill(child.pid, 'SIGKILL');
+      endPasta();
+      throw err;
+    }
+    // A stop or remove while the record was being written read the record before it named this
+    // pasta: if it ended QEMU meanwhile, the pasta is this start's to end.
+    if (this.livePid(vm.localName) !== child.pid) endPasta();
     s.fwd.set(22, ssh);
     s.fwdPid = child.pid;
     s.netns = true;
