@@ -376,6 +376,29 @@ test('a VM removed while its start writes its record leaves no pasta, whether th
   }
 });
 
+test("a worker killed between pasta's start and the VM record's write: a later driver ends that pasta with the VM", { timeout: 90_000 }, async () => {
+  // The record that would name the pasta is never written: the killed worker's write is held forever.
+  const name = 'orchard-test-killed-starting';
+  const vmDir = join(dataDir, 'vms', name);
+  await runWorkerThenKill(`
+    const d = new QemuDriver({ dataDir: ${JSON.stringify(dataDir)}, imagesDir: ${JSON.stringify(STORE)}, warmStart: false });
+    const vm = ${JSON.stringify(vmSpec(name))};
+    await d.prepare(vm);
+    const atWrite = new Promise((reached) => {
+      d.records.write = () => { reached(); return new Promise(() => {}); };
+    });
+    void d.start(vm);
+    await atWrite;`);
+  const qemu = Number(readFileSync(join(vmDir, 'qemu.pid'), 'utf8').trim());
+  const pasta = pastaServing(qemu);
+  assert.ok(pasta && alive(pasta) && alive(qemu), 'QEMU and its pasta outlived the worker');
+  assert.equal(netPidOf(name), undefined, 'the record does not name the pasta');
+  assert.equal((await driver.list()).find((v) => v.localName === name)?.running, true);
+  await driver.stop(name, 0);
+  await waitFor("the unrecorded pasta of the stopped VM to end", () => !alive(pasta), 3000, 20);
+  await driver.remove(name);
+});
+
 /** The pasta process serving the network namespace of process `pid` (its command line names `pid`), if any. */
 function pastaServing(pid: number): number | undefined {
   for (const p of readdirSync('/proc')) {

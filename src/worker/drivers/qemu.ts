@@ -5,6 +5,7 @@
 //   disk.qcow2    copy-on-write overlay on base.qcow2 (grown to diskSize)
 //   console.log   serial console;  qemu.log: QEMU's stdout/stderr;  qmp.sock;  qemu.pid
 //   vnc.sock      QEMU's VNC server (the VM's display);  net.log: pasta's messages
+//   net.pid       pasta's pid and the pid of the QEMU it serves, written as pasta starts
 //   cidata/       cloud-init NoCloud seed, rewritten on each start (cloud-init.ts)
 // QEMU runs in its own session (setsid), so it outlives the worker process; a new QemuDriver on
 // the same directories adopts it (list() checks that the pid really is the VM's QEMU).
@@ -12,7 +13,7 @@
 // (see netns.ts): the guest reaches the outside but nothing on the host's loopback. QMP: qmp.ts;
 // which accelerator: accel.ts.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, readFileSync, watch, type FSWatcher } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, readFileSync, writeFileSync, watch, type FSWatcher } from 'node:fs';
 import { copyFile, link, readdir, readFile, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { randomUUID } from 'node:crypto';
 import { dirname, join, resolve } from 'node:path';
@@ -611,6 +612,13 @@ export class QemuDriver implements Driver {
       if (!child.pid || !existsSync(join(dir, 'qemu.pid'))) continue;
       if (!pasta) {
         pasta = startPasta(child.pid, join(dir, 'net.log'));
+        // At once (no await in between): a worker killed before the record below is written leaves
+        // this pasta named here, for reapNetwork. (The record names it too; this is the early copy.)
+        try {
+          if (pasta.pid) writeFileSync(join(dir, 'net.pid'), `${pasta.pid} ${child.pid}\n`, { mode: 0o600 });
+        } catch {
+          // the directory is gone (a remove meanwhile): this start ends the pasta itself
+        }
         pasta.once('error', (err: NodeJS.ErrnoException) => {
           netError = err.code === 'ENOENT' ? new Error('pasta not found: apt-get install passt') : err;
         });
@@ -987,8 +995,13 @@ export class QemuDriver implements Driver {
    * Ends the pasta of a VM whose QEMU is gone. pasta does not notice on its own: it holds the
    * namespace open itself, so without this every stopped, crashed or restarted VM left one behind.
    * Only a process that is that VM's pasta (its command line names the QEMU pid it served) is killed.
+   * net.pid names the last pasta started, which the record does not when the worker was killed
+   * between pasta's start and the record's write.
    */
   private async reapNetwork(localName: string): Promise<void> {
+    const started = await readFile(join(this.vmDir(localName), 'net.pid'), 'utf8').catch(() => '');
+    const [netPid, pid] = started.split(' ').map(Number);
+    if (netPid > 1 && pid > 1 && this.livePid(localName) !== pid) killPastaOf(pid, netPid);
     const file = await this.records.read(localName);
     if (!file?.netPid || !file.pid || this.livePid(localName) === file.pid) return;
     killPastaOf(file.pid, file.netPid);
