@@ -338,6 +338,81 @@ test('stop falls back to quit when the guest ignores the power button', { timeou
   await d.remove(name);
 });
 
+test('a VM removed while its start writes its record leaves no pasta, whether that write then goes through or fails', { timeout: 90_000 }, async () => {
+  // The window: QEMU runs with its pasta, but the record that names the pasta is not written yet, so
+  // a remove (a VM deleted while it boots, a worker closing) reads a record without it. The driver's
+  // record write is held there until the remove is over (no way to pause the real write on its own).
+  const name = 'orchard-test-remove-starting';
+  const vmDir = join(dataDir, 'vms', name);
+  for (const write of ['goes through', 'fails'] as const) {
+    const d = new QemuDriver({ dataDir, imagesDir: STORE, warmStart: false });
+    await d.prepare(vmSpec(name));
+    const records = (d as unknown as { records: { write(r: unknown): Promise<void> } }).records;
+    const realWrite = records.write.bind(records);
+    let reached!: () => void;
+    const atWrite = new Promise<void>((r) => (reached = r));
+    let release!: () => void;
+    const released = new Promise<void>((r) => (release = r));
+    records.write = async (r) => {
+      records.write = realWrite;
+      reached();
+      await released;
+      if (write === 'fails') throw new Error('no space left on device (the test)');
+      return realWrite(r);
+    };
+    const started = d.start(vmSpec(name)).then(() => undefined, (err: Error) => err);
+    await atWrite;
+    const qemu = Number(readFileSync(join(vmDir, 'qemu.pid'), 'utf8').trim());
+    const pasta = pastaServing(qemu);
+    assert.ok(pasta && alive(pasta), `${write}: pasta runs for QEMU ${qemu}`);
+    await d.remove(name);
+    assert.equal(alive(qemu), false, `${write}: QEMU is gone`);
+    release();
+    const err = await started;
+    if (write === 'fails') assert.match(String(err), /no space left/);
+    await waitFor(`the pasta of a VM removed while starting (its record write ${write}) to end`, () => !alive(pasta), 3000, 20);
+    await d.remove(name); // what the write put back into the removed VM's directory
+    assert.ok(!existsSync(vmDir));
+  }
+});
+
+test("a worker killed between pasta's start and the VM record's write: a later driver ends that pasta with the VM", { timeout: 90_000 }, async () => {
+  // The record that would name the pasta is never written: the killed worker's write is held forever.
+  const name = 'orchard-test-killed-starting';
+  const vmDir = join(dataDir, 'vms', name);
+  await runWorkerThenKill(`
+    const d = new QemuDriver({ dataDir: ${JSON.stringify(dataDir)}, imagesDir: ${JSON.stringify(STORE)}, warmStart: false });
+    const vm = ${JSON.stringify(vmSpec(name))};
+    await d.prepare(vm);
+    const atWrite = new Promise((reached) => {
+      d.records.write = () => { reached(); return new Promise(() => {}); };
+    });
+    void d.start(vm);
+    await atWrite;`);
+  const qemu = Number(readFileSync(join(vmDir, 'qemu.pid'), 'utf8').trim());
+  const pasta = pastaServing(qemu);
+  assert.ok(pasta && alive(pasta) && alive(qemu), 'QEMU and its pasta outlived the worker');
+  assert.equal(netPidOf(name), undefined, 'the record does not name the pasta');
+  assert.equal((await driver.list()).find((v) => v.localName === name)?.running, true);
+  await driver.stop(name, 0);
+  await waitFor("the unrecorded pasta of the stopped VM to end", () => !alive(pasta), 3000, 20);
+  await driver.remove(name);
+});
+
+/** The pasta process serving the network namespace of process `pid` (its command line names `pid`), if any. */
+function pastaServing(pid: number): number | undefined {
+  for (const p of readdirSync('/proc')) {
+    if (!/^\d+$/.test(p)) continue;
+    try {
+      const argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
+      if (argv[0].endsWith('pasta') && argv.includes(String(pid))) return Number(p);
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return undefined;
+}
+
 test("upstream's name characters ('.', '_', ':', capitals) in a VM's local name: it boots, answers SSH, and is removed", { timeout: 120_000 }, async () => {
   const name = 'orchard-Team:ci_build.1-0b4a7c2e-1d3f-4e5a-9b6c-7d8e9f0a1b2c-0';
   await driver.prepare(vmSpec(name));

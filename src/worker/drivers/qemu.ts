@@ -5,6 +5,7 @@
 //   disk.qcow2    copy-on-write overlay on base.qcow2 (grown to diskSize)
 //   console.log   serial console;  qemu.log: QEMU's stdout/stderr;  qmp.sock;  qemu.pid
 //   vnc.sock      QEMU's VNC server (the VM's display);  net.log: pasta's messages
+//   net.pid       pasta's pid and the pid of the QEMU it serves, written as pasta starts
 //   cidata/       cloud-init NoCloud seed, rewritten on each start (cloud-init.ts)
 // QEMU runs in its own session (setsid), so it outlives the worker process; a new QemuDriver on
 // the same directories adopts it (list() checks that the pid really is the VM's QEMU).
@@ -12,7 +13,7 @@
 // (see netns.ts): the guest reaches the outside but nothing on the host's loopback. QMP: qmp.ts;
 // which accelerator: accel.ts.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, readFileSync, watch, type FSWatcher } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, readFileSync, writeFileSync, watch, type FSWatcher } from 'node:fs';
 import { copyFile, link, readdir, readFile, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { randomUUID } from 'node:crypto';
 import { dirname, join, resolve } from 'node:path';
@@ -601,12 +602,23 @@ export class QemuDriver implements Driver {
     let pasta: ChildProcess | undefined;
     let netError: Error | undefined;
     let lastErr: unknown;
+    // pasta is not in the VM's record until the record below is written: till then only this start can end it.
+    const endPasta = () => {
+      if (pasta && pasta.exitCode === null && pasta.signalCode === null) pasta.kill('SIGKILL');
+    };
     while (!ssh && !netError && Date.now() < deadline) {
       const done = await Promise.race([exited, sleep(50).then(() => undefined)]);
       if (done) break;
       if (!child.pid || !existsSync(join(dir, 'qemu.pid'))) continue;
       if (!pasta) {
         pasta = startPasta(child.pid, join(dir, 'net.log'));
+        // At once (no await in between): a worker killed before the record below is written leaves
+        // this pasta named here, for reapNetwork. (The record names it too; this is the early copy.)
+        try {
+          if (pasta.pid) writeFileSync(join(dir, 'net.pid'), `${pasta.pid} ${child.pid}\n`, { mode: 0o600 });
+        } catch {
+          // the directory is gone (a remove meanwhile): this start ends the pasta itself
+        }
         pasta.once('error', (err: NodeJS.ErrnoException) => {
           netError = err.code === 'ENOENT' ? new Error('pasta not found: apt-get install passt') : err;
         });
@@ -625,8 +637,7 @@ export class QemuDriver implements Driver {
       const r = await Promise.race([exited, sleep(500).then(() => undefined)]);
       if (spawnError) throw spawnError;
       if (!r && child.pid) process.kill(child.pid, 'SIGKILL');
-      // Not recorded yet, so no later reapNetwork would find it.
-      if (pasta && pasta.exitCode === null && pasta.signalCode === null) pasta.kill('SIGKILL');
+      endPasta();
       if (netError) {
         const log = await this.tail(vm.localName, 'net.log', 5);
         throw new Error(netError.message + (log ? `:\n${log}` : ''));
@@ -643,7 +654,17 @@ export class QemuDriver implements Driver {
     file.netns = true;
     file.netPid = pasta?.pid;
     file.accel = this.accel;
-    await this.records.write(file);
+    try {
+      await this.records.write(file);
+    } catch (err) {
+      // Unrecorded (a VM removed meanwhile, its directory gone; a full disk): no stop would find the pasta.
+      if (child.pid && this.livePid(vm.localName) === child.pid) process.kill(child.pid, 'SIGKILL');
+      endPasta();
+      throw err;
+    }
+    // A stop or remove while the record was being written read the record before it named this
+    // pasta: if it ended QEMU meanwhile, the pasta is this start's to end.
+    if (this.livePid(vm.localName) !== child.pid) endPasta();
     s.fwd.set(22, ssh);
     s.fwdPid = child.pid;
     s.netns = true;
@@ -974,8 +995,13 @@ export class QemuDriver implements Driver {
    * Ends the pasta of a VM whose QEMU is gone. pasta does not notice on its own: it holds the
    * namespace open itself, so without this every stopped, crashed or restarted VM left one behind.
    * Only a process that is that VM's pasta (its command line names the QEMU pid it served) is killed.
+   * net.pid names the last pasta started, which the record does not when the worker was killed
+   * between pasta's start and the record's write.
    */
   private async reapNetwork(localName: string): Promise<void> {
+    const started = await readFile(join(this.vmDir(localName), 'net.pid'), 'utf8').catch(() => '');
+    const [netPid, pid] = started.split(' ').map(Number);
+    if (netPid > 1 && pid > 1 && this.livePid(localName) !== pid) killPastaOf(pid, netPid);
     const file = await this.records.read(localName);
     if (!file?.netPid || !file.pid || this.livePid(localName) === file.pid) return;
     killPastaOf(file.pid, file.netPid);

@@ -247,7 +247,7 @@ export class SnapshotMaker {
         meta.stateBytes = (await stat(join(tmp, STATE_FILE))).size;
       }
       await this.host.stop(localName, 0);
-      for (const f of ['cidata', 'qmp.sock', 'vnc.sock', 'agent.sock', 'qemu.pid', 'vm.json']) await rm(join(tmp, f), { recursive: true, force: true });
+      for (const f of ['cidata', 'qmp.sock', 'vnc.sock', 'agent.sock', 'qemu.pid', 'net.pid', 'vm.json']) await rm(join(tmp, f), { recursive: true, force: true });
       await writeFile(join(tmp, SNAPSHOT_FILE), JSON.stringify(meta, null, 2) + '\n', { mode: 0o600 });
       // QEMU's `cat` made the state file with the worker's umask: 0600 like every VM file.
       await privateFiles(tmp);
