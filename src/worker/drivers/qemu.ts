@@ -162,7 +162,7 @@ export class QemuDriver implements Driver {
 
   constructor(opts: QemuDriverOptions) {
     this.dataDir = resolve(opts.dataDir);
-    this.records = new VMRecords((localName) => join(this.vmDir(localName), 'vm.json'));
+    this.records = new VMRecords((localName) => join(this.vmDir(localName), 'vm.json'), { inVMDir: true });
     this.imagesDir = resolve(opts.imagesDir);
     this.qemuBinary = opts.qemuBinary ?? 'qemu-system-x86_64';
     this.readyTimeoutMs = opts.readyTimeoutMs ?? 600_000;

@@ -19,9 +19,16 @@ export function checkLocalName(name: string): string {
 /** The records of one driver's VMs, each in the file `pathOf(localName)` gives. */
 export class VMRecords<T extends { localName: string }> {
   private readonly pathOf: (localName: string) => string;
+  private readonly inVMDir: boolean;
 
-  constructor(pathOf: (localName: string) => string) {
+  /**
+   * `inVMDir`: each record is in its VM's own directory, which only preparing the VM makes. A write
+   * then never makes that directory again: a VM removed while something wrote its record (a start
+   * still booting) stays removed, and the write fails saying so.
+   */
+  constructor(pathOf: (localName: string) => string, options: { inVMDir?: boolean } = {}) {
     this.pathOf = (localName) => pathOf(checkLocalName(localName));
+    this.inVMDir = options.inVMDir ?? false;
   }
 
   /** The VM's record, or undefined when it has none (or none that can be read). */
@@ -39,16 +46,20 @@ export class VMRecords<T extends { localName: string }> {
    */
   async write(record: T): Promise<void> {
     const path = this.pathOf(record.localName);
-    await privateDir(dirname(path));
+    if (!this.inVMDir) await privateDir(dirname(path));
     const tmp = `${path}.tmp`;
-    const file = await open(tmp, 'w', 0o600);
+    // ENOENT in a VM's own directory: the VM was removed meanwhile (its directory with the temporary file).
+    const removed = (err: NodeJS.ErrnoException) => {
+      throw this.inVMDir && err.code === 'ENOENT' ? new Error(`VM ${record.localName} was removed while its record was being written`) : err;
+    };
+    const file = await open(tmp, 'w', 0o600).catch(removed);
     try {
       await file.writeFile(JSON.stringify(record, null, 2) + '\n');
       await file.sync();
     } finally {
       await file.close();
     }
-    await rename(tmp, path);
+    await rename(tmp, path).catch(removed);
   }
 
   async remove(localName: string): Promise<void> {
