@@ -100,8 +100,10 @@ export class WorkerMux {
       mux.accept(tunnel);
       target.on('error', (err) => tunnel.destroy(err));
       tunnel.on('error', () => target.destroy());
+      // Closed once both ends passed (a tapped tunnel closes then, with the target's last bytes perhaps
+      // still queued: its end() flushes them); closed before, the tunnel was cut.
       tunnel.on('close', () => {
-        if (!tunnel.readableEnded || !tunnel.writableFinished) target.destroy();
+        if (!tunnel.gotEnd || !tunnel.sentEnd) target.destroy();
       });
       target.pipe(tunnel);
       tunnel.pipeInto(target);
