@@ -128,6 +128,42 @@ describe('multiplexed tunnels', () => {
     }
   });
 
+  test('half-close from the target, as through ssh -L: a target that ends first still gets every byte the client sends after (8 MiB, beyond what the sockets buffer), and the client gets its last words', async () => {
+    // Before, the worker's socket to the target ended with the target's end, and what the client sent
+    // after it, beyond the kernel's buffers (≈ 4 MiB on loopback), was lost.
+    const n = 8 * 1024 * 1024;
+    for (const mux of [true, false]) {
+      let received!: (bytes: number) => void;
+      const got = new Promise<number>((resolve) => (received = resolve));
+      const server = net.createServer((sock) => {
+        sock.on('error', () => {});
+        sock.pause();
+        let bytes = 0;
+        sock.on('data', (c: Buffer) => (bytes += c.length));
+        sock.on('close', () => received(bytes));
+        setTimeout(() => {
+          sock.end('bye');
+          setTimeout(() => sock.resume(), 200);
+        }, 300);
+      });
+      await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+      const forwarder = cluster.c.admin.portForwarder({ worker: 'syn-1', port: (server.address() as net.AddressInfo).port }, 1, { mux });
+      try {
+        const { stream } = await forwarder.open();
+        let said = '';
+        stream.on('data', (c: Buffer) => (said += c.toString()));
+        const ended = new Promise((resolve) => stream.once('end', resolve));
+        stream.end(Buffer.alloc(n, 9));
+        assert.equal(await got, n, `${mux ? 'mux' : 'ready connection'}: the target read all the client sent after its end`);
+        await ended;
+        assert.equal(said, 'bye');
+      } finally {
+        forwarder.close();
+        server.close();
+      }
+    }
+  });
+
   test('the worker keeps no ready connection beside its mux one; upstream\'s per-tunnel WebSocket rides the worker\'s mux, and the target\'s end closes it (1000) after its last bytes', async () => {
     const { admin } = cluster.c;
     assert.equal(cluster.worker.readyTunnels, 0, 'no ready connection');

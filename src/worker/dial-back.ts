@@ -23,7 +23,9 @@ export interface DialBackContext {
 export function dialTarget(ctx: DialBackContext, action: PortForwardAction): Promise<Duplex> {
   if (action.vmUID) return ctx.driver.dial(ctx.localNameOfUID(action.vmUID), action.port);
   return new Promise<Duplex>((resolve, reject) => {
-    const sock = net.connect({ host: '127.0.0.1', port: action.port, noDelay: true }, () => resolve(sock));
+    // Half-open, as the VM targets (socat) and ssh -L: a target's end is passed on, and it still gets
+    // what the client sends after it.
+    const sock = net.connect({ host: '127.0.0.1', port: action.port, noDelay: true, allowHalfOpen: true }, () => resolve(sock));
     sock.once('error', reject);
   });
 }

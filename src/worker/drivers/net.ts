@@ -2,10 +2,14 @@
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 
-/** A TCP connection to host:port, or an error after `timeoutMs`; `what` names it in errors. */
+/**
+ * A TCP connection to host:port, or an error after `timeoutMs`; `what` names it in errors. Half-open:
+ * the peer's end leaves ours to the caller (a tunnel passes it on, and the peer still gets what the
+ * client sends after it, as through ssh -L).
+ */
 export function connectTCP(host: string, port: number, what: string, timeoutMs = 10_000): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
-    const sock = net.createConnection({ host, port });
+    const sock = net.createConnection({ host, port, allowHalfOpen: true });
     const timer = setTimeout(() => sock.destroy(new Error(`connect to ${what} timed out`)), timeoutMs);
     sock.once('connect', () => {
       clearTimeout(timer);
