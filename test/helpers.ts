@@ -370,17 +370,29 @@ export const freePort = () =>
     });
   });
 
-/** Processes (pids) whose command line mentions `needle`. */
-export const processesWith = (needle: string) =>
+/** Processes (pids) whose command line (its arguments, as a list) `matches`. */
+const processesWhose = (matches: (argv: string[]) => boolean) =>
   readdirSync('/proc')
     .filter((p) => /^\d+$/.test(p))
     .filter((p) => {
       try {
-        return readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(needle);
+        return matches(readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0'));
       } catch {
-        return false;
+        return false; // gone meanwhile
       }
     });
+
+/** Processes (pids) whose command line mentions `needle`. */
+export const processesWith = (needle: string) => processesWhose((argv) => argv.join('\0').includes(needle));
+
+/**
+ * The pasta process serving the network namespace of process `pid` (its command line names `pid`), if
+ * any. (Debian's pasta runs as `passt.avx2`: `pgrep pasta` does not find it, its command line does.)
+ */
+export function pastaServing(pid: number): number | undefined {
+  const found = processesWhose((argv) => argv[0].endsWith('pasta') && argv.includes(String(pid)))[0];
+  return found === undefined ? undefined : Number(found);
+}
 
 /** A long-running `orchard` (port-forward, vnc, controller or worker run) with its output. */
 export interface OrchardProcess {

@@ -19,7 +19,7 @@ import {
 import { QemuDriver } from '../src/worker/drivers/qemu.ts';
 import { parseHostForwards } from '../src/worker/drivers/qmp.ts';
 import type { DriverVM } from '../src/worker/drivers/driver.ts';
-import { alive, entriesLogger, printingLogger, waitFor } from './helpers.ts';
+import { alive, entriesLogger, pastaServing, printingLogger, waitFor } from './helpers.ts';
 
 const execFileP = promisify(execFile);
 const STORE = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
@@ -397,20 +397,6 @@ test("a worker killed between pasta's start and the VM record's write: a later d
   await waitFor("the unrecorded pasta of the stopped VM to end", () => !alive(pasta), 3000, 20);
   await driver.remove(name);
 });
-
-/** The pasta process serving the network namespace of process `pid` (its command line names `pid`), if any. */
-function pastaServing(pid: number): number | undefined {
-  for (const p of readdirSync('/proc')) {
-    if (!/^\d+$/.test(p)) continue;
-    try {
-      const argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
-      if (argv[0].endsWith('pasta') && argv.includes(String(pid))) return Number(p);
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return undefined;
-}
 
 test("upstream's name characters ('.', '_', ':', capitals) in a VM's local name: it boots, answers SSH, and is removed", { timeout: 120_000 }, async () => {
   const name = 'orchard-Team:ci_build.1-0b4a7c2e-1d3f-4e5a-9b6c-7d8e9f0a1b2c-0';

@@ -22,18 +22,7 @@ import { join } from 'node:path';
 import { localNameOf, type VM } from '../src/api/schemas.ts';
 import { removeImage, buildDebianDev } from '../src/worker/images.ts';
 import { readSnapshotMeta } from '../src/worker/drivers/snapshots.ts';
-import { ADMIN_TOKEN, alive, inProcessController, ORCHARD_BIN, qemuWorker, runCLI, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
-
-/** The pasta process serving the network namespace of process `pid` (its command line names `pid`). */
-const pastaServing = (pid: number) =>
-  readdirSync('/proc').filter((d) => /^\d+$/.test(d)).map(Number).find((p) => {
-    try {
-      const argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
-      return argv[0].endsWith('pasta') && argv.includes(String(pid));
-    } catch {
-      return false;
-    }
-  });
+import { ADMIN_TOKEN, alive, inProcessController, ORCHARD_BIN, pastaServing, qemuWorker, runCLI, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
 
 const fingerprint = (blob: Buffer) => 'SHA256:' + createHash('sha256').update(blob).digest('base64').replace(/=+$/, '');
 
