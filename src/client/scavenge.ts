@@ -5,7 +5,10 @@
 // moves, so scavenges come seldom, and the buffers pile up until they reach V8's global limit (heap
 // and external memory, --external-memory-accounted-in-global-limit in bin/orchard), where V8 runs a
 // full mark of the heap instead: dozens per GiB relayed (BENCHMARKS.md). A scavenge after every few
-// MiB relayed frees them for a fraction of a millisecond each.
+// MiB relayed frees them for a fraction of a millisecond each. Used by the CLI's and the worker's
+// relays, not the controller's: with many tunnels' buffers in flight at once, a forced scavenge
+// promotes those still in use to the old generation, which only a full collection frees, and the
+// controller held 60-90 MB more under bench/abuse.ts's 40 tunnels.
 import v8 from 'node:v8';
 import vm from 'node:vm';
 

@@ -9,7 +9,6 @@
 // the thread and everything else still gets a turn.
 import type { Duplex } from 'node:stream';
 import type { RawData, WebSocket } from 'ws';
-import { relayed } from '../../client/scavenge.ts';
 
 /** Bytes relayed per event-loop turn before the tunnels that want more are paused until a later one. */
 const TURN_BUDGET = 1024 * 1024;
@@ -103,8 +102,9 @@ export function relay(from: RelaySide, to: RelaySide, accept?: (isBinary: boolea
   };
   const onData = (data: RawData, isBinary: boolean) => {
     if (stopped || !to.open || (accept && !accept(isBinary))) return;
+    // No paced scavenges here (src/client/scavenge.ts): with many tunnels' buffers in flight they
+    // promoted them to the old generation, where only a full collection frees them (BENCHMARKS.md).
     const bytes = sizeOf(data);
-    relayed(bytes);
     queued += bytes;
     to.send(data, isBinary, () => {
       queued -= bytes;
