@@ -22,6 +22,8 @@ export const MUX_TUNNELS_PER_CONNECTION = 1024;
 const WORKER_ANSWER_MS = 30_000;
 /** How long a client's WebSocket may take to finish its close handshake before it is cut. */
 const CLOSE_GRACE_MS = 5_000;
+/** How long the VM's side of a tunnel whose per-tunnel WebSocket closed may take to end before it is reset. */
+const ORPHAN_GRACE_MS = 60_000;
 
 /** What a client's OPEN asks for. */
 type Target = { vm: string; port: number; wait: number } | { worker: string; port: number };
@@ -168,7 +170,10 @@ export class MuxTunnels {
   /**
    * Splices a client's per-tunnel WebSocket (upstream's CLI, and ours without the mux) and a tunnel on
    * the worker's mux connection. That WebSocket has no half-close: the VM's end closes it (1000), as
-   * the dial-back's close did, and its close resets the tunnel.
+   * the dial-back's close did. Its close handshake completed (1000, or no code) is the client's end:
+   * what it sent before still goes to the VM, then the end (a reset would drop what is still on its
+   * way, up to a window). A VM side that has not ended ORPHAN_GRACE_MS later is reset; any other
+   * close resets the tunnel at once.
    */
   spliceClient(ws: WebSocket, tunnel: MuxTunnel) {
     ws.on('error', () => {});
@@ -177,12 +182,20 @@ export class MuxTunnels {
       ws.close(code, reason.slice(0, 120));
       setTimeout(() => ws.terminate(), CLOSE_GRACE_MS).unref();
     };
+    // Orderly: a close frame came, with 1000 or no code (1005); not a cut (1006) or an error's code.
+    const closed = new Promise<boolean>((resolve) => ws.once('close', (code: number) => resolve(code === 1000 || code === 1005)));
+    void closed.then((orderly) => {
+      if (!orderly || tunnel.destroyed) return;
+      // What the VM's side still sends is dropped (the relay has nowhere to send it), as sshd drops a closed channel's.
+      const orphaned = setTimeout(() => tunnel.destroy(), ORPHAN_GRACE_MS).unref();
+      tunnel.once('close', () => clearTimeout(orphaned));
+    });
     const client: SpliceEnd = {
       side: wsSide(ws),
       end: () => closeClient(1000, 'the VM closed the connection'),
-      onEnd: () => {},
+      onEnd: (fn) => void closed.then((orderly) => orderly && fn()),
       destroy: (err) => closeClient(1011, `the worker connection was lost (${err?.message ?? 'reset'})`),
-      onClose: (fn) => ws.once('close', () => fn(false)),
+      onClose: (fn) => void closed.then(fn),
     };
     spliceTunnelEnds(client, muxEnd(tunnel));
   }
