@@ -10,12 +10,14 @@
 //   (b) the same over direct loopback TCP        (c) the same through `ssh -L` (OpenSSH → dropbear)
 //   (d) round-trip latency of small messages, p50/p99, and what the tunnel adds to direct
 //   (e) CONNS concurrent tunnels, each downloading SIZE/CONNS: aggregate throughput, time to first byte
+//   (f) one tunnel over a long link: `orchard port-forward` (mux) and `ssh -L` with RTT ms of delay between
+//       the user's side and the controller (the worker next to it), resp. between ssh and dropbear
 //
 // The controller (TLS) and the worker (synthetic runtime) are separate processes, like in production;
 // CPU seconds per GiB of each process show where the tunnel's cost goes. A measurement ends its
 // connection with end(), as a program does (a tunnel that can reuse its connection then does).
 //
-//   node bench/tunnel.ts [--size 256] [--runs 3] [--pings 2000] [--conns 100]
+//   node bench/tunnel.ts [--size 256] [--runs 3] [--pings 2000] [--conns 100] [--rtt 40]
 // (`--serve` is the sink/source server's own mode.)
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -27,7 +29,7 @@ import type { Duplex } from 'node:stream';
 import { parseArgs } from 'node:util';
 import { encodeBootstrapToken } from '../src/api/bootstrap-token.ts';
 import { OrchardClient } from '../src/client/client.ts';
-import { ADMIN_TOKEN, ORCHARD_BIN, runCLI, spawnController, tempDir, type ChildController } from '../test/helpers.ts';
+import { ADMIN_TOKEN, delayProxy, ORCHARD_BIN, runCLI, spawnController, tempDir, type ChildController } from '../test/helpers.ts';
 
 const { values } = parseArgs({
   options: {
@@ -35,6 +37,7 @@ const { values } = parseArgs({
     runs: { type: 'string', default: '3' },
     pings: { type: 'string', default: '2000' },
     conns: { type: 'string', default: '100' },
+    rtt: { type: 'string', default: '40' },
     serve: { type: 'boolean', default: false },
   },
 });
@@ -363,8 +366,10 @@ async function main() {
   let ctl: ChildController | undefined;
   let client: OrchardClient | undefined;
   let closeForwarder = () => {};
+  const closers: (() => void)[] = [];
   const cleanup = async () => {
     closeForwarder();
+    for (const close of closers) close();
     client?.close();
     for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
     await ctl?.kill();
@@ -480,6 +485,37 @@ async function main() {
       xs.sort((a, b) => a - b);
       setup.set(p.name, pct(xs, 50));
       console.log(`${p.name.padEnd(W)} ${pct(xs, 50).toFixed(1)} / ${pct(xs, 99).toFixed(1)} ms`);
+    }
+
+    // (f) One tunnel over a long link: RTT ms between the user's side and the controller (the worker
+    // next to it), and for ssh -L between ssh and dropbear; the transfers are latency-bound, so one each way.
+    const RTT = Number(values.rtt);
+    if (RTT > 0) {
+      const bytes = Math.min(SIZE, 64 * MiB);
+      console.log(`\n${`one connection, ${RTT} ms round trip (${bytes / MiB} MiB)`.padEnd(W)} upload MiB/s  download MiB/s`);
+      const far = await delayProxy(Number(new URL(ctl.url).port), RTT / 2);
+      closers.push(far.close);
+      const farEnv = { ORCHARD_HOME: join(dir, 'home-far') };
+      const farCtx = await runCLI(['context', 'create', `https://127.0.0.1:${far.port}`, '--name', 'far', '--service-account-name', 'bootstrap-admin', '--service-account-token', ADMIN_TOKEN, '--yes'], farEnv);
+      if (farCtx.code !== 0) throw new Error(`context create: ${farCtx.stderr}`);
+      const pfFar = await startChild(ORCHARD_BIN, ['port-forward', 'worker', 'bench', `0:${target}`], /forwarding 127\.0\.0\.1:(\d+)/, farEnv);
+      const farPaths: Path[] = [{ name: 'orchard port-forward (CLI, mux)', dial: tcpDial(Number(pfFar.match[1])), pids: {} }];
+      if (!('skipped' in dropbear)) {
+        const sshFar = await delayProxy(dropbear.port, RTT / 2);
+        closers.push(sshFar.close);
+        const f = await sshForward({ port: sshFar.port, key: dropbear.key }, target, 'chacha20-poly1305@openssh.com');
+        farPaths.push({ name: 'ssh -L via dropbear (chacha20-poly1305)', dial: tcpDial(f.port), pids: {} });
+      }
+      const farTp = new Map<string, number>();
+      for (const p of farPaths) {
+        const r = await throughput(p, bytes, 1);
+        farTp.set(p.name, Math.min(r.up, r.down));
+        console.log(`${p.name.padEnd(W)} ${r.up.toFixed(0).padStart(12)} ${r.down.toFixed(0).padStart(14)}`);
+      }
+      if (farTp.size === 2) {
+        const [cliFar, sshFarTp] = [...farTp.values()];
+        console.log(`${'the CLI ÷ ssh -L, slower direction'.padEnd(W)} ${(cliFar / sshFarTp).toFixed(2)}×`);
+      }
     }
 
     // Ratios and targets. The tunnel is judged by the user's path (the CLI) and by the API path.

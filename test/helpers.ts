@@ -4,7 +4,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import type { IncomingMessage } from 'node:http';
 import https from 'node:https';
-import { createServer } from 'node:net';
+import { connect, createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pino, type Logger } from 'pino';
@@ -447,4 +447,23 @@ export function spawnOrchard(
   };
   opts.live?.add(p);
   return p;
+}
+
+/**
+ * A long link on loopback: a TCP proxy to `target` that hands each chunk on `oneWayMs` after it came,
+ * in order, both ways (ends too). It buffers without limit: the link has latency, not a bandwidth cap.
+ */
+export function delayProxy(target: number, oneWayMs: number): Promise<{ port: number; close: () => void }> {
+  const server = createServer({ noDelay: true, allowHalfOpen: true }, (a) => {
+    const b = connect({ port: target, host: '127.0.0.1', noDelay: true, allowHalfOpen: true });
+    for (const [from, to] of [
+      [a, b],
+      [b, a],
+    ]) {
+      from.on('data', (c: Buffer) => setTimeout(() => to.write(c), oneWayMs));
+      from.on('end', () => setTimeout(() => to.end(), oneWayMs));
+      from.on('error', () => setTimeout(() => to.destroy(), oneWayMs));
+    }
+  });
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ port: (server.address() as AddressInfo).port, close: () => server.close() })));
 }

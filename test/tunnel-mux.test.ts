@@ -7,10 +7,10 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { ApiError } from '../src/client/client.ts';
-import { INITIAL_WINDOW, type MuxTunnel } from '../src/client/mux.ts';
+import { INITIAL_WINDOW, MAX_GROWTH_PER_CONNECTION, MAX_WINDOW, type MuxTunnel } from '../src/client/mux.ts';
 import { pino } from 'pino';
 import { startController } from '../src/controller/controller.ts';
-import { ADMIN_TOKEN, clientOf, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, clientOf, delayProxy, tempDir, waitFor } from './helpers.ts';
 import { account, clusterWithVM, countWebSockets, echo, syntheticWorker } from './security/attack.ts';
 
 describe('multiplexed tunnels', () => {
@@ -124,6 +124,63 @@ describe('multiplexed tunnels', () => {
     } finally {
       slow.close();
       fast.close();
+      firehose.close();
+    }
+  });
+
+  test('over a long link (40 ms round trip) windows grow while their readers keep up, within their bounds, and a reader that does not read keeps its window', async () => {
+    // At 512 KiB a tunnel over a 40 ms link carried at most 12.5 MiB/s, a quarter of ssh -L's.
+    const firehose = net.createServer((sock) => {
+      sock.on('error', () => {});
+      const chunk = Buffer.alloc(64 * 1024, 7);
+      const pump = () => {
+        while (sock.write(chunk));
+      };
+      sock.on('drain', pump);
+      pump();
+    });
+    await new Promise<void>((resolve) => firehose.listen(0, '127.0.0.1', resolve));
+    const port = (firehose.address() as net.AddressInfo).port;
+    const { ctl } = cluster.c;
+    const link = await delayProxy(Number(new URL(ctl.url).port), 20);
+    const far = clientOf({ url: `https://127.0.0.1:${link.port}`, certificate: ctl.certificate }, 'bootstrap-admin', ADMIN_TOKEN);
+    const forwarder = far.portForwarder({ worker: 'syn-1', port });
+    /** Reads `n` bytes from the tunnel, then stops reading. */
+    const drink = (tunnel: MuxTunnel, n: number) =>
+      new Promise<void>((resolve, reject) => {
+        let got = 0;
+        tunnel.once('error', reject);
+        tunnel.on('data', (c: Buffer) => {
+          if ((got += c.length) < n) return;
+          tunnel.pause();
+          resolve();
+        });
+      });
+    try {
+      const stalled = (await forwarder.open()).stream as MuxTunnel;
+      stalled.pause();
+      await waitFor("the stalled tunnel's window filled", () => stalled.readableLength >= INITIAL_WINDOW - 64 * 1024 || undefined, 10_000, 5);
+      // One tunnel alone grows to the largest window a tunnel may have.
+      const one = (await forwarder.open()).stream as MuxTunnel;
+      await drink(one, 48 * 1024 * 1024);
+      assert.equal(one.window, MAX_WINDOW, `one tunnel reading 48 MiB had a window of ${one.window} bytes`);
+      one.destroy();
+      // Four at once share what one connection's windows may grow by (a closed tunnel's growth is given back).
+      const tunnels = await Promise.all(Array.from({ length: 4 }, async () => (await forwarder.open()).stream as MuxTunnel));
+      await Promise.all(tunnels.map((t) => drink(t, 24 * 1024 * 1024)));
+      const windows = tunnels.map((t) => t.window);
+      tunnels.forEach((t) => t.destroy());
+      const growth = windows.reduce((sum, w) => sum + w - INITIAL_WINDOW, 0);
+      assert.ok(windows.every((w) => w > INITIAL_WINDOW), `windows ${windows.join(', ')}: each should have grown`);
+      assert.ok(growth <= MAX_GROWTH_PER_CONNECTION, `four tunnels grew by ${growth} bytes, beyond the connection's ${MAX_GROWTH_PER_CONNECTION}`);
+      // The tunnel nobody read kept its window and holds no more than it.
+      assert.equal(stalled.window, INITIAL_WINDOW);
+      assert.ok(stalled.readableLength <= INITIAL_WINDOW, `the stalled tunnel holds ${stalled.readableLength} bytes`);
+      stalled.destroy();
+    } finally {
+      forwarder.close();
+      far.close();
+      link.close();
       firehose.close();
     }
   });

@@ -42,6 +42,22 @@ const MAX_CONTROL = 4096;
 const MAX_BACKLOG = 32 * 1024 * 1024;
 /** A window update is sent once this much was consumed (not per frame). */
 const GRANT_STEP = INITIAL_WINDOW / 4;
+/**
+ * Windows grow on long links: a tunnel that took in a whole window within two round trips of its
+ * connection, its reader keeping up, is held back by its window rather than by its reader or the
+ * link, and its window doubles, up to MAX_WINDOW. (At 512 KiB a 40 ms link carried 10-11 MiB/s where
+ * `ssh -L` with 2 MiB windows carried 31-42: bench/tunnel.ts.) What the windows may grow by is
+ * bounded per connection (MuxOptions.maxGrowth) and per process, as it is memory the peer may fill.
+ */
+export const MAX_WINDOW = 8 * 1024 * 1024;
+export const MAX_GROWTH_PER_CONNECTION = 16 * 1024 * 1024;
+const MAX_GROWTH = 32 * 1024 * 1024;
+/** Windows grown beyond INITIAL_WINDOW in this process, all connections together. */
+let grown = 0;
+/** A connection's round trip is measured with a WebSocket ping when it opens, then every so often while its windows are checked. */
+const RTT_EVERY_MS = 10_000;
+/** The ping payload of a round-trip measurement (the rest is its number). */
+const RTT_PING = 0x6d;
 
 export function frame(type: number, id: number, payload?: Buffer | string): Buffer {
   const body = typeof payload === 'string' ? Buffer.from(payload) : payload;
@@ -82,6 +98,8 @@ export interface MuxOptions {
    * MAX_BACKLOG cut counts only the mux's own.
    */
   othersBuffered?: () => number;
+  /** What this connection's windows may grow by, all its tunnels together (default MAX_GROWTH_PER_CONNECTION). */
+  maxGrowth?: number;
 }
 
 type State = 'opening' | 'open' | 'reset';
@@ -96,6 +114,11 @@ export class MuxTunnel extends Duplex {
   peerCredit = INITIAL_WINDOW;
   private receivedBytes = 0;
   private grantedBytes = 0;
+  /** What the peer may have in flight: INITIAL_WINDOW, more once grown (see MAX_WINDOW). */
+  window = INITIAL_WINDOW;
+  /** When the bytes received since `epochBytes` started coming (0: none yet). */
+  private epochStart = 0;
+  private epochBytes = 0;
   gotEnd = false;
   sentEnd = false;
   private granting = false;
@@ -114,6 +137,7 @@ export class MuxTunnel extends Duplex {
 
   /** Called by the connection for a DATA frame within the window. */
   deliver(payload: Buffer) {
+    if (!this.epochStart) this.epochStart = performance.now();
     this.receivedBytes += payload.length;
     const t = this.tapped;
     if (!t) this.push(payload);
@@ -198,11 +222,23 @@ export class MuxTunnel extends Duplex {
   /** Grants the peer what was consumed, once there is enough of it. */
   private grant() {
     if (this.gotEnd || this.state === 'reset') return;
-    const consumed = this.receivedBytes - this.readableLength - (this.tapped?.heldBytes ?? 0) - this.grantedBytes;
+    const backlog = this.readableLength + (this.tapped?.heldBytes ?? 0);
+    const consumed = this.receivedBytes - backlog - this.grantedBytes;
     if (consumed < GRANT_STEP) return;
+    let grow = 0;
+    if (this.receivedBytes - this.epochBytes >= this.window) {
+      // A window's worth came since the epoch started: within two round trips, with nothing waiting
+      // for the reader, it is the window that holds the tunnel back.
+      const now = performance.now();
+      const rtt = this.mux.roundTrip();
+      if (!backlog && rtt !== undefined && now - this.epochStart < 2 * rtt) grow = this.mux.grow(Math.min(this.window, MAX_WINDOW - this.window));
+      this.window += grow;
+      this.epochStart = now;
+      this.epochBytes = this.receivedBytes;
+    }
     this.grantedBytes += consumed;
-    this.peerCredit += consumed;
-    this.mux.send(frame(WINDOW, this.id, u32(consumed)));
+    this.peerCredit += consumed + grow;
+    this.mux.send(frame(WINDOW, this.id, u32(consumed + grow)));
   }
 
   override _read() {}
@@ -266,6 +302,7 @@ export class MuxTunnel extends Duplex {
 
   override _destroy(err: Error | null, callback: (err: Error | null) => void) {
     this.out.length = 0;
+    this.mux.shrink(this.window - INITIAL_WINDOW);
     this.mux.abandon(this, err);
     callback(err);
   }
@@ -310,11 +347,57 @@ export class MuxConnection {
         this.fail(err.message);
       }
     });
+    ws.on('pong', (data: Buffer) => this.ponged(data));
+    if (this.open) this.roundTrip();
+    else ws.once('open', () => this.roundTrip());
     ws.on('close', (code: number, reason: Buffer) => this.lost(`${options.name ?? 'the tunnel connection'} was lost (${code}${reason.length ? ` ${reason.toString()}` : ''})`));
   }
 
   get open(): boolean {
     return !this.closed && this.ws.readyState === this.ws.OPEN;
+  }
+
+  /** Window growth of this connection's tunnels (see MAX_WINDOW). */
+  private grown = 0;
+  /** The last round trips measured (ms); the smallest is the link's, the others had bytes queued before them. */
+  private readonly roundTrips: number[] = [];
+  private ping?: { id: number; at: number };
+  private pings = 0;
+
+  /** The connection's round trip (ms) as measured so far, if it was; measures it again when it is time. */
+  roundTrip(): number | undefined {
+    const now = performance.now();
+    if (this.open && (!this.ping || now - this.ping.at > RTT_EVERY_MS)) {
+      const payload = Buffer.allocUnsafe(5);
+      payload[0] = RTT_PING;
+      this.ping = { id: ++this.pings, at: now };
+      payload.writeUInt32BE(this.ping.id, 1);
+      this.ws.ping(payload);
+    }
+    return this.roundTrips.length ? Math.min(...this.roundTrips) : undefined;
+  }
+
+  private ponged(data: Buffer) {
+    // Only our own ping's answer counts, and with the time we sent it (the payload is the peer's to forge).
+    const ping = this.ping;
+    if (!ping || data.length !== 5 || data[0] !== RTT_PING || data.readUInt32BE(1) !== ping.id) return;
+    this.roundTrips.push(performance.now() - ping.at);
+    if (this.roundTrips.length > 4) this.roundTrips.shift();
+    this.ping = { id: 0, at: ping.at };
+  }
+
+  /** Takes up to `wanted` bytes of window growth for a tunnel, as the connection's and the process's bounds allow. */
+  grow(wanted: number): number {
+    const n = Math.max(0, Math.min(wanted, (this.options.maxGrowth ?? MAX_GROWTH_PER_CONNECTION) - this.grown, MAX_GROWTH - grown));
+    this.grown += n;
+    grown += n;
+    return n;
+  }
+
+  /** Gives back a closed tunnel's window growth. */
+  shrink(n: number) {
+    this.grown -= n;
+    grown -= n;
   }
 
   /** Tunnels open or being opened (or closed by one side only). */

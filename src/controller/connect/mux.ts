@@ -20,6 +20,12 @@ export const MUX_PER_WORKER = 2;
 export const MUX_TUNNELS_PER_CONNECTION = 1024;
 /** How long a worker has to answer a tunnel request. */
 const WORKER_ANSWER_MS = 30_000;
+/**
+ * What the windows of one connection may grow by here (on long links, src/client/mux.ts): memory a
+ * client may fill, so a quarter of what a client lets its own grow by. With the client's 16 MiB, 40
+ * tunnels pushing as fast as they could took the controller's RSS from 253 to 340 MB (bench/abuse.ts).
+ */
+const MAX_GROWTH_HERE = 4 * 1024 * 1024;
 /** How long a client's WebSocket may take to finish its close handshake before it is cut. */
 const CLOSE_GRACE_MS = 5_000;
 /** How long the VM's side of a tunnel whose per-tunnel WebSocket closed may take to end before it is reset. */
@@ -100,6 +106,7 @@ export class MuxTunnels {
       // The same words on the watch: what a client is told when its tunnel's worker is lost.
       name: 'the worker connection',
       maxTunnels: MUX_TUNNELS_PER_CONNECTION,
+      maxGrowth: MAX_GROWTH_HERE,
       refused: (_status, message) => new HttpError(503, `worker ${worker} could not connect: ${message}`),
       ...(watch ? { sharesText: true, othersBuffered: watch.othersBuffered } : {}),
     });
@@ -125,6 +132,7 @@ export class MuxTunnels {
     const mux: MuxConnection = new MuxConnection(ws, {
       opener: false,
       maxTunnels: MUX_TUNNELS_PER_CONNECTION,
+      maxGrowth: MAX_GROWTH_HERE,
       onOpen: (request, tunnel) => {
         this.openForClient(account, request, tunnel).then(
           (side) => {
