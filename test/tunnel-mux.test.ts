@@ -13,6 +13,21 @@ import { startController } from '../src/controller/controller.ts';
 import { ADMIN_TOKEN, clientOf, delayProxy, tempDir, waitFor } from './helpers.ts';
 import { account, clusterWithVM, countWebSockets, echo, syntheticWorker } from './security/attack.ts';
 
+/** A worker-host port that sends without end to whoever connects. */
+async function startFirehose(): Promise<net.Server> {
+  const server = net.createServer((sock) => {
+    sock.on('error', () => {});
+    const chunk = Buffer.alloc(64 * 1024, 7);
+    const pump = () => {
+      while (sock.write(chunk));
+    };
+    sock.on('drain', pump);
+    pump();
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return server;
+}
+
 describe('multiplexed tunnels', () => {
   let cluster: Awaited<ReturnType<typeof clusterWithVM>>;
   before(async () => {
@@ -92,17 +107,7 @@ describe('multiplexed tunnels', () => {
   });
 
   test('a reader that does not read stalls only its own tunnel: another on the same connections moves 8 MiB meanwhile', async () => {
-    // A worker-host port that sends without end to whoever connects.
-    const firehose = net.createServer((sock) => {
-      sock.on('error', () => {});
-      const chunk = Buffer.alloc(64 * 1024, 7);
-      const pump = () => {
-        while (sock.write(chunk));
-      };
-      sock.on('drain', pump);
-      pump();
-    });
-    await new Promise<void>((resolve) => firehose.listen(0, '127.0.0.1', resolve));
+    const firehose = await startFirehose();
     const admin = cluster.c.admin;
     const slow = admin.portForwarder({ worker: 'syn-1', port: (firehose.address() as net.AddressInfo).port });
     const fast = admin.portForwarder({ vm: 'v1', port: 22 });
@@ -132,16 +137,7 @@ describe('multiplexed tunnels', () => {
     // At 512 KiB a tunnel over a 40 ms link carried at most 12.5 MiB/s, a quarter of ssh -L's. A long
     // round trip here: a window grows when it came within two, so growth needs only 20 MiB/s of this
     // process, which also runs the controller and the worker (and shares the machine with other tests).
-    const firehose = net.createServer((sock) => {
-      sock.on('error', () => {});
-      const chunk = Buffer.alloc(64 * 1024, 7);
-      const pump = () => {
-        while (sock.write(chunk));
-      };
-      sock.on('drain', pump);
-      pump();
-    });
-    await new Promise<void>((resolve) => firehose.listen(0, '127.0.0.1', resolve));
+    const firehose = await startFirehose();
     const port = (firehose.address() as net.AddressInfo).port;
     const { ctl } = cluster.c;
     const link = await delayProxy(Number(new URL(ctl.url).port), 50);
