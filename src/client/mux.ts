@@ -121,6 +121,10 @@ export class MuxTunnel extends Duplex {
   private epochBytes = 0;
   gotEnd = false;
   sentEnd = false;
+  /** Both ends passed (the peer's END came, ours went): it closed cleanly, not cut. */
+  get endedBothWays(): boolean {
+    return this.gotEnd && this.sentEnd;
+  }
   private granting = false;
   /** Bytes to send, in order, each piece as the window allows; an item without `chunk` is the END. */
   private readonly out: { chunk?: Buffer; offset: number; done: () => void }[] = [];
@@ -532,7 +536,7 @@ export class MuxConnection {
 
   /** Both ends passed: nothing more on this id but late window updates. */
   settle(tunnel: MuxTunnel) {
-    if (!tunnel.gotEnd || !tunnel.sentEnd || tunnel.state !== 'open') return;
+    if (!tunnel.endedBothWays || tunnel.state !== 'open') return;
     this.tunnels.delete(tunnel.id);
     tunnel.settled();
   }
@@ -546,7 +550,7 @@ export class MuxConnection {
       wait.reject(err ?? new Error('the tunnel was closed before it opened'));
     }
     if (this.tunnels.get(tunnel.id) !== tunnel || tunnel.state === 'reset') return;
-    if (tunnel.gotEnd && tunnel.sentEnd) return void this.tunnels.delete(tunnel.id);
+    if (tunnel.endedBothWays) return void this.tunnels.delete(tunnel.id);
     this.resetWith(tunnel, err ? { error: err.message.slice(0, 500) } : undefined);
   }
 

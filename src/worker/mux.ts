@@ -103,7 +103,7 @@ export class WorkerMux {
       // Closed once both ends passed (a tapped tunnel closes then, with the target's last bytes perhaps
       // still queued: its end() flushes them); closed before, the tunnel was cut.
       tunnel.on('close', () => {
-        if (!tunnel.gotEnd || !tunnel.sentEnd) target.destroy();
+        if (!tunnel.endedBothWays) target.destroy();
       });
       target.pipe(tunnel);
       tunnel.pipeInto(target);

@@ -67,7 +67,7 @@ function muxEnd(tunnel: MuxTunnel): SpliceEnd {
     end: () => tunnel.sendBytes(undefined, () => {}),
     onEnd: (fn) => (ended = fn),
     destroy: (err) => tunnel.destroy(err),
-    onClose: (fn) => tunnel.on('close', () => fn(tunnel.gotEnd && tunnel.sentEnd, tunnel.errored ?? undefined)),
+    onClose: (fn) => tunnel.on('close', () => fn(tunnel.endedBothWays, tunnel.errored ?? undefined)),
   };
 }
 
