@@ -180,11 +180,17 @@ say(
     `${relative(ROOT, lazyBundle)} (${(statSync(lazyBundle).size / 1e6).toFixed(1)} MB; ${shared.size} shared) in ${elapsed()}`,
 );
 
-// The second script's code cache, for this host: V8 compiles it exactly as lazy-single-executable.ts will.
+// The Node flags bin/orchard runs with (why: there), read from its exec line so that the two cannot drift.
+const execLine = /^exec "\$root\/node_modules\/node\/bin\/node" ((?:--\S+ )*)"\$root\/src\/cli\/main\.ts" "\$@"$/m.exec(readFileSync(join(ROOT, 'bin', 'orchard'), 'utf8'));
+if (!execLine) throw new Error("bin/orchard's exec line was not found: the executable would run without its Node flags");
+const NODE_FLAGS = execLine[1].split(' ').filter(Boolean);
+
+// The second script's code cache, for this host: V8 compiles it exactly as lazy-single-executable.ts will,
+// under the same flags: V8 rejects a code cache made under other flags (and Node then warns on stderr).
 const lazyCache = join(WORK, LAZY_SCRIPT.cache);
 execFileSync(
   NODE,
-  ['-e', 'const fs = require("node:fs"), vm = require("node:vm"); const [, src, out, filename, head, tail] = process.argv; fs.writeFileSync(out, new vm.Script(head + fs.readFileSync(src, "utf8") + tail, { filename }).createCachedData());',
+  [...NODE_FLAGS, '-e', 'const fs = require("node:fs"), vm = require("node:vm"); const [, src, out, filename, head, tail] = process.argv; fs.writeFileSync(out, new vm.Script(head + fs.readFileSync(src, "utf8") + tail, { filename }).createCachedData());',
     lazyBundle, lazyCache, LAZY_SCRIPT.filename, ...LAZY_WRAPPER],
   { stdio: 'pipe' },
 );
@@ -202,10 +208,6 @@ const consoleAssets = {
   ),
 };
 say(`web console bundled: ${consoleFiles.map((f) => `${f.name} ${(f.body.length / 1024).toFixed(1)} KiB${f.encoded?.br ? ` (br ${(f.encoded.br.length / 1024).toFixed(1)})` : ''}`).join(', ')}`);
-
-// The Node flags bin/orchard runs with (why: there), read from its exec line so that the two cannot drift.
-const NODE_FLAGS = /^exec "\$root\/node_modules\/node\/bin\/node" ((?:--\S+ )*)"\$root\/src\/cli\/main\.ts" "\$@"$/m.exec(readFileSync(join(ROOT, 'bin', 'orchard'), 'utf8'))?.[1].split(' ').filter(Boolean);
-if (!NODE_FLAGS) throw new Error("bin/orchard's exec line was not found: the executable would run without its Node flags");
 
 // 2. The preparation blobs: with code cache for this host (when asked for), without for the others.
 function makeBlob(name: string, useCodeCache: boolean): string {
@@ -232,7 +234,7 @@ function makeBlob(name: string, useCodeCache: boolean): string {
       2,
     ),
   );
-  execFileSync(NODE, ['--experimental-sea-config', config], { stdio: 'pipe' });
+  execFileSync(NODE, [...NODE_FLAGS, '--experimental-sea-config', config], { stdio: 'pipe' });
   return blob;
 }
 const useCodeCache = !args['no-code-cache'];
