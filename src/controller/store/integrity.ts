@@ -9,6 +9,7 @@
 //   was swapped. Workers read the id too (GET /v1/controller/info) and notice a controller that changed.
 import { randomUUID } from 'node:crypto';
 import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { endianness } from 'node:os';
 import { join } from 'node:path';
 import { fileSchemaVersion, newerError, SCHEMA_VERSION, SchemaError } from './schema.ts';
 
@@ -23,18 +24,23 @@ export function walDamage(path: string): string | undefined {
   if (wal.length < WAL_HEADER) return `the WAL is ${wal.length} bytes, shorter than its header`;
   const magic = wal.readUInt32BE(0);
   if (magic !== 0x377f0682 && magic !== 0x377f0683) return 'the WAL header is not a SQLite WAL header';
-  const bigEndian = (magic & 1) === 1;
-  const word = (b: Buffer, i: number) => (bigEndian ? b.readUInt32BE(i) : b.readUInt32LE(i));
-  // SQLite's checksum: over pairs of 32-bit words, s0 += x0 + s1; s1 += x1 + s0 (mod 2^32).
-  const checksum = (b: Buffer, start: number, end: number, s: [number, number]): [number, number] => {
+  // SQLite's checksum: over pairs of 32-bit words, in the byte order the magic names, s0 += x0 + s1;
+  // s1 += x1 + s0 (mod 2^32). Summed over a Uint32Array in this host's order (a copy, swapped, when
+  // the WAL's differs): ten times as fast as reading each word from the Buffer (a 5 MB WAL: 50 ms).
+  const walBigEndian = (magic & 1) === 1;
+  const whole = wal.length - (wal.length % 4);
+  const words = walBigEndian === (endianness() === 'BE') && wal.byteOffset % 4 === 0 ? wal : Buffer.from(wal.subarray(0, whole));
+  if (words !== wal && walBigEndian !== (endianness() === 'BE')) words.swap32();
+  const word = new Uint32Array(words.buffer, words.byteOffset, whole / 4);
+  const checksum = (start: number, end: number, s: [number, number]): [number, number] => {
     let [s0, s1] = s;
-    for (let i = start; i < end; i += 8) {
-      s0 = (s0 + word(b, i) + s1) >>> 0;
-      s1 = (s1 + word(b, i + 4) + s0) >>> 0;
+    for (let i = start / 4; i < end / 4; i += 2) {
+      s0 = (s0 + word[i] + s1) >>> 0;
+      s1 = (s1 + word[i + 1] + s0) >>> 0;
     }
     return [s0, s1];
   };
-  let sum = checksum(wal, 0, 24, [0, 0]);
+  let sum = checksum(0, 24, [0, 0]);
   if (sum[0] !== wal.readUInt32BE(24) || sum[1] !== wal.readUInt32BE(28)) return 'the WAL header checksum does not match (SQLite would ignore the whole WAL)';
   const pageSize = wal.readUInt32BE(8);
   const salt1 = wal.readUInt32BE(16);
@@ -45,7 +51,7 @@ export function walDamage(path: string): string | undefined {
   for (let i = 0; i < frames; i++) {
     const at = WAL_HEADER + i * frameSize;
     if (!ours(at)) return undefined; // an older generation's frames follow: the log ends here
-    const next = checksum(wal, at + FRAME_HEADER, at + frameSize, checksum(wal, at, at + 8, sum));
+    const next = checksum(at + FRAME_HEADER, at + frameSize, checksum(at, at + 8, sum));
     if (next[0] === wal.readUInt32BE(at + 16) && next[1] === wal.readUInt32BE(at + 20)) {
       sum = next;
       continue;
