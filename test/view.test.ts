@@ -45,3 +45,27 @@ test("the view's JSON follows the VMs' changes; the list's bytes are reused, and
     store.close();
   }
 });
+
+test('a view loaded from the store starts with each VM as stored, and redacts what its readers may not see', async () => {
+  const path = join(tempDir(), 'orchard.db');
+  const first = new SQLiteStore(path);
+  await first.create('vms', vm('plain', { worker: 'w', labels: { team: 'ünïcode' } }));
+  await first.create('vms', vm('secret', { worker: 'w', password: 'hunter2', startup_script: { script_content: 'echo', env: { TOKEN: 'x' } } }));
+  const stored = JSON.stringify(await first.list('vms'));
+  first.close();
+  const store = new SQLiteStore(path);
+  const view = new ClusterView(store);
+  try {
+    await view.loaded;
+    // The JSON the store read is kept (no JSON.stringify of every VM for the first list or sync).
+    assert.equal((view as unknown as { json: { all: Map<string, string> } }).json.all.size, 2);
+    assert.equal(view.allVMsJSON().toString(), stored);
+    assert.equal(view.vmsJSON('w'), stored);
+    const none = JSON.parse(view.allVMsJSON('none').toString()) as VM[];
+    assert.equal(none[1].password, undefined);
+    assert.notEqual(none[1].startup_script?.env?.TOKEN, 'x');
+  } finally {
+    view.close();
+    store.close();
+  }
+});

@@ -53,7 +53,12 @@ export class ClusterView {
     });
     this.loaded = (async () => {
       const [vms, workers] = await Promise.all([store.snapshot('vms'), store.snapshot('workers')]);
-      for (const vm of vms.items) this.record(vm.name, vm);
+      // With the JSON each VM was stored as: every VM's is soon in use (its worker's syncs, lists), and
+      // a restarted controller's first list of all VMs then needs no JSON.stringify of each (≈ 100 ms for 11,000).
+      vms.items.forEach((vm, i) => {
+        this.record(vm.name, vm);
+        if (vms.json) this.json.all.set(vm.name, vms.json[i]);
+      });
       for (const w of workers.items) this.workers.set(w.name, w);
       snapshotRevision = Math.min(vms.revision, workers.revision);
       this.revision = snapshotRevision;

@@ -168,9 +168,12 @@ export class SQLiteStore implements Store {
     return row ? (JSON.parse(row.body) as Kinds[K]) : undefined;
   }
 
+  private rowsSync(kind: Kind, filter?: { worker?: string }): Row[] {
+    return (filter?.worker !== undefined ? this.rstmt.listByWorker.all(kind, filter.worker) : this.rstmt.list.all(kind)) as unknown as Row[];
+  }
+
   private listSync<K extends Kind>(kind: K, filter?: { worker?: string }): Kinds[K][] {
-    const rows = (filter?.worker !== undefined ? this.rstmt.listByWorker.all(kind, filter.worker) : this.rstmt.list.all(kind)) as unknown as Row[];
-    return rows.map((r) => JSON.parse(r.body) as Kinds[K]);
+    return this.rowsSync(kind, filter).map((r) => JSON.parse(r.body) as Kinds[K]);
   }
 
   /**
@@ -373,9 +376,10 @@ export class SQLiteStore implements Store {
   /** The objects and the revision in one read transaction: the revision of the last commit the objects reflect. */
   async snapshot<K extends Kind>(kind: K, filter?: { worker?: string }) {
     this.reader.exec('BEGIN');
-    let snapshot: { items: Kinds[K][]; revision: number };
+    let snapshot: { items: Kinds[K][]; json: string[]; revision: number };
     try {
-      snapshot = { items: this.listSync(kind, filter), revision: this.storedRevision() };
+      const json = this.rowsSync(kind, filter).map((r) => r.body);
+      snapshot = { items: json.map((j) => JSON.parse(j) as Kinds[K]), json, revision: this.storedRevision() };
     } finally {
       this.reader.exec('COMMIT');
     }

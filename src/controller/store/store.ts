@@ -67,8 +67,11 @@ export interface EventPage {
 export interface Store {
   get<K extends Kind>(kind: K, name: string): Promise<Kinds[K] | undefined>;
   list<K extends Kind>(kind: K, filter?: { worker?: string }): Promise<Kinds[K][]>;
-  /** `list` plus the revision it reflects, so a watch can add exactly the changes after it. */
-  snapshot<K extends Kind>(kind: K, filter?: { worker?: string }): Promise<{ items: Kinds[K][]; revision: number }>;
+  /**
+   * `list` plus the revision it reflects, so a watch can add exactly the changes after it; `json`, where
+   * the store has it at hand: each item's JSON as stored (what JSON.stringify makes of it).
+   */
+  snapshot<K extends Kind>(kind: K, filter?: { worker?: string }): Promise<{ items: Kinds[K][]; json?: string[]; revision: number }>;
   /** Number of VMs per status (for metrics). */
   countVMsByStatus(): Promise<Record<string, number>>;
   /** Throws ConflictError when the name is taken. */
