@@ -54,7 +54,7 @@ export class ClusterView {
     this.loaded = (async () => {
       const [vms, workers] = await Promise.all([store.snapshot('vms'), store.snapshot('workers')]);
       // With the JSON each VM was stored as: every VM's is soon in use (its worker's syncs, lists), and
-      // a restarted controller's first list of all VMs then needs no JSON.stringify of each (≈ 100 ms for 11,000).
+      // a restarted controller's first list and its workers' first syncs then stringify no VM (11,000: ≈ 25 ms here).
       vms.items.forEach((vm, i) => {
         this.record(vm.name, vm);
         if (vms.json) this.json.all.set(vm.name, vms.json[i]);

@@ -25,12 +25,12 @@ export function walDamage(path: string): string | undefined {
   const magic = wal.readUInt32BE(0);
   if (magic !== 0x377f0682 && magic !== 0x377f0683) return 'the WAL header is not a SQLite WAL header';
   // SQLite's checksum: over pairs of 32-bit words, in the byte order the magic names, s0 += x0 + s1;
-  // s1 += x1 + s0 (mod 2^32). Summed over a Uint32Array in this host's order (a copy, swapped, when
-  // the WAL's differs): ten times as fast as reading each word from the Buffer (a 5 MB WAL: 50 ms).
-  const walBigEndian = (magic & 1) === 1;
+  // s1 += x1 + s0 (mod 2^32). Summed over a Uint32Array in this host's order (a copy, swapped, when the
+  // WAL's differs), not a Buffer read word by word: a 5 MB WAL in 35-39 ms instead of 52-56 at a start.
+  const swap = ((magic & 1) === 1) !== (endianness() === 'BE');
   const whole = wal.length - (wal.length % 4);
-  const words = walBigEndian === (endianness() === 'BE') && wal.byteOffset % 4 === 0 ? wal : Buffer.from(wal.subarray(0, whole));
-  if (words !== wal && walBigEndian !== (endianness() === 'BE')) words.swap32();
+  const words = swap || wal.byteOffset % 4 ? Buffer.from(wal.subarray(0, whole)) : wal;
+  if (swap) words.swap32();
   const word = new Uint32Array(words.buffer, words.byteOffset, whole / 4);
   const checksum = (start: number, end: number, s: [number, number]): [number, number] => {
     let [s0, s1] = s;
