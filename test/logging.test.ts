@@ -4,6 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { rmSync } from 'node:fs';
+import { createServer, type Socket } from 'node:net';
 import { encodeBootstrapToken } from '../src/api/bootstrap-token.ts';
 import { formatLine } from '../src/logging.ts';
 import { ADMIN_TOKEN, inProcessController, ORCHARD_BIN, runCLI, tempDir, waitFor } from './helpers.ts';
@@ -140,6 +141,45 @@ test('in a pipe: JSON lines, requests only at debug; --log-format text forces li
     assert.doesNotMatch(text.out(), /^\{/m);
   } finally {
     text.cleanup();
+  }
+});
+
+test('worker run: a SIGTERM while the worker starts (its controller not answering yet) stops it saying so, not by SIGTERM\'s default', async () => {
+  // A controller that takes the connection and never answers: the worker's start waits on it.
+  const sockets = new Set<Socket>();
+  let connected = () => {};
+  const reached = new Promise<void>((r) => (connected = r));
+  const silent = createServer((s) => {
+    sockets.add(s);
+    connected();
+  });
+  await new Promise<void>((r) => silent.listen(0, '127.0.0.1', r));
+  const c = await inProcessController(); // only for a certificate to put in the token
+  const dataDir = tempDir();
+  const token = encodeBootstrapToken({ serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate: c.ctl.certificate });
+  const url = `https://127.0.0.1:${(silent.address() as { port: number }).port}`;
+  const proc = spawn(ORCHARD_BIN, ['worker', 'run', url, '--synthetic', '--name', 'w-start', '--data-dir', dataDir], {
+    env: { ...process.env, ORCHARD_BOOTSTRAP_TOKEN: token, ORCHARD_LOG_LEVEL: 'info' },
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  let err = '';
+  proc.stderr.on('data', (b: Buffer) => (err += b.toString()));
+  const exited = new Promise<[number | null, NodeJS.Signals | null]>((r) => proc.once('exit', (code, signal) => r([code, signal])));
+  try {
+    await reached; // the start is under way
+    proc.kill('SIGTERM');
+    const [code, signal] = await exited;
+    assert.equal(signal, null, `ended by ${signal}, not by its own stop: ${err}`);
+    assert.equal(code, 0, err);
+    assert.match(err, /orchard worker: SIGTERM: stopping the worker…\n/);
+    assert.match(err, /orchard worker: stopped in \d+ ms\n/);
+  } finally {
+    if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+    for (const s of sockets) s.destroy();
+    silent.close();
+    await c.close();
+    c.cleanup();
+    rmSync(dataDir, { recursive: true, force: true });
   }
 });
 

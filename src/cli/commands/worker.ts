@@ -154,6 +154,28 @@ export function registerWorkerCommands(program: Command) {
         const runtime = opts.synthetic ? 'synthetic' : opts.runtime;
         const registries = { cacheBytes: opts.imageCacheSize, insecure: opts.insecureRegistry, ca: opts.registryCaFile ? readFileSync(opts.registryCaFile, 'utf8') : undefined };
         const running: { stop(): Promise<void> }[] = [];
+        // Signals are taken from before the start: with no handler yet, SIGTERM's default would kill
+        // the process at once, even right after "worker registered". One during the start stops the
+        // workers started so far and ends the process (one still starting ends with it, as it would
+        // have); one after it stops them all, and the command returns.
+        let starting = true;
+        let stopped = () => {};
+        const stop = (signal: NodeJS.Signals) => {
+          process.off('SIGINT', stop);
+          process.off('SIGTERM', stop);
+          const started = performance.now();
+          const duringStart = starting;
+          process.stderr.write(`orchard worker: ${signal}: stopping ${opts.workers === 1 ? 'the worker' : `${opts.workers} workers`}…\n`);
+          const done = (err?: unknown) => {
+            const ms = Math.round(performance.now() - started);
+            process.stderr.write(`orchard worker: stopped in ${ms} ms${err ? `, with an error: ${(err as Error).message}` : ''}\n`);
+            if (duringStart) process.exit(0);
+            stopped();
+          };
+          Promise.all(running.map((w) => w.stop())).then(() => done(), done);
+        };
+        process.on('SIGINT', stop);
+        process.on('SIGTERM', stop);
         try {
           for (let i = 1; i <= opts.workers; i++) {
             const many = opts.workers > 1;
@@ -178,24 +200,14 @@ export function registerWorkerCommands(program: Command) {
             );
           }
         } catch (err) {
+          process.off('SIGINT', stop);
+          process.off('SIGTERM', stop);
           await Promise.all(running.map((w) => w.stop()));
           throw err;
         }
         await new Promise<void>((resolve) => {
-          const stop = (signal: NodeJS.Signals) => {
-            process.off('SIGINT', stop);
-            process.off('SIGTERM', stop);
-            const started = performance.now();
-            process.stderr.write(`orchard worker: ${signal}: stopping ${running.length === 1 ? 'the worker' : `${running.length} workers`}…\n`);
-            const done = (err?: unknown) => {
-              const ms = Math.round(performance.now() - started);
-              process.stderr.write(`orchard worker: stopped in ${ms} ms${err ? `, with an error: ${(err as Error).message}` : ''}\n`);
-              resolve();
-            };
-            Promise.all(running.map((w) => w.stop())).then(() => done(), done);
-          };
-          process.on('SIGINT', stop);
-          process.on('SIGTERM', stop);
+          stopped = resolve;
+          starting = false;
         });
         logFile?.close();
       },
