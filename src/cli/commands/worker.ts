@@ -158,18 +158,18 @@ export function registerWorkerCommands(program: Command) {
         // the process at once, even right after "worker registered". One during the start stops the
         // workers started so far and ends the process (one still starting ends with it, as it would
         // have); one after it stops them all, and the command returns.
-        let starting = true;
-        let stopped = () => {};
+        /** Ends the command once the workers stopped; set when the start is over. */
+        let stopped: (() => void) | undefined;
         const stop = (signal: NodeJS.Signals) => {
           process.off('SIGINT', stop);
           process.off('SIGTERM', stop);
           const started = performance.now();
-          const duringStart = starting;
+          const duringStart = !stopped;
           process.stderr.write(`orchard worker: ${signal}: stopping ${opts.workers === 1 ? 'the worker' : `${opts.workers} workers`}…\n`);
           const done = (err?: unknown) => {
             const ms = Math.round(performance.now() - started);
             process.stderr.write(`orchard worker: stopped in ${ms} ms${err ? `, with an error: ${(err as Error).message}` : ''}\n`);
-            if (duringStart) process.exit(0);
+            if (duringStart || !stopped) process.exit(0);
             stopped();
           };
           Promise.all(running.map((w) => w.stop())).then(() => done(), done);
@@ -205,10 +205,7 @@ export function registerWorkerCommands(program: Command) {
           await Promise.all(running.map((w) => w.stop()));
           throw err;
         }
-        await new Promise<void>((resolve) => {
-          stopped = resolve;
-          starting = false;
-        });
+        await new Promise<void>((resolve) => (stopped = resolve));
         logFile?.close();
       },
     );
