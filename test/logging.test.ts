@@ -144,6 +144,29 @@ test('in a pipe: JSON lines, requests only at debug; --log-format text forces li
   }
 });
 
+test('controller run: a SIGTERM right after "listening on" (the bootstrap admin still being written) stops it cleanly, not by SIGTERM\'s default', async () => {
+  const dataDir = tempDir();
+  const home = tempDir('orchard-home-');
+  const env: Record<string, string | undefined> = { ...process.env, ORCHARD_HOME: home };
+  delete env.ORCHARD_BOOTSTRAP_ADMIN_TOKEN; // so the start creates an account and writes a context after listening
+  const proc = spawn(ORCHARD_BIN, ['controller', 'run', '--data-dir', dataDir, '--listen', '127.0.0.1:0'], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
+  proc.stderr.on('data', (b: Buffer) => {
+    err += b.toString();
+    if (/listening on /.test(err) && !proc.killed) proc.kill('SIGTERM');
+  });
+  const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((r) => proc.once('exit', (c, s) => r([c, s])));
+  try {
+    assert.equal(signal, null, `ended by ${signal}, not by its own stop: ${err}`);
+    assert.equal(code, 0, err);
+    assert.match(err, /created "bootstrap-admin"/, 'the start was finished');
+    assert.match(err, /orchard controller: stopped in \d+ ms \(the database closed cleanly\)\n/);
+  } finally {
+    rmSync(dataDir, { recursive: true, force: true });
+    rmSync(home, { recursive: true, force: true });
+  }
+});
+
 test('worker run: a SIGTERM while the worker starts (its controller not answering yet) stops it saying so, not by SIGTERM\'s default', async () => {
   // A controller that takes the connection and never answers: the worker's start waits on it.
   const sockets = new Set<Socket>();

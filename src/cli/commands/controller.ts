@@ -99,6 +99,26 @@ export function registerControllerCommands(program: Command) {
       if (opts.debug) process.env.ORCHARD_LOG_LEVEL = 'debug';
       // Loaded on demand: the other commands need none of the server's modules.
       const { startController, defaultLogger } = await lazy.controller();
+      // One handler from before the start to the end: with none yet, SIGTERM's default would kill the
+      // process at once (after "listening on", say, while the bootstrap admin is written); and one
+      // removed before the next is added loses a signal that arrived but was not yet dispatched.
+      // A signal during the start stops the controller once the start is over; a second one kills it.
+      let signalled: NodeJS.Signals | undefined;
+      let shutDown: ((signal: NodeJS.Signals) => void) | undefined;
+      const onSignal = (signal: NodeJS.Signals) => {
+        process.off('SIGINT', onSignal);
+        process.off('SIGTERM', onSignal);
+        signalled = signal;
+        // Requests in flight get a few seconds (see app.ts); should anything still hang, exit anyway before systemd's kill.
+        setTimeout(() => {
+          process.stderr.write('orchard controller: the shutdown did not finish in 10 s; exiting anyway\n');
+          process.exit(1);
+        }, 10_000).unref();
+        if (shutDown) shutDown(signal);
+        else process.stderr.write(`orchard controller: ${signal} during the start: stopping once it is over…\n`);
+      };
+      process.on('SIGINT', onSignal);
+      process.on('SIGTERM', onSignal);
       let ctl;
       try {
         ctl = await startController({
@@ -130,19 +150,11 @@ export function registerControllerCommands(program: Command) {
         process.stderr.write(`orchard controller: SSH jump host on ${address}, host key ${ctl.ssh.fingerprint} (ssh -J ACCOUNT@HOST:${ctl.ssh.port} USER@VM)\n`);
       }
       await new Promise<void>((resolve) => {
-        const stop = (signal: NodeJS.Signals) => {
-          process.off('SIGINT', stop);
-          process.off('SIGTERM', stop);
+        shutDown = (signal: NodeJS.Signals) => {
           const started = performance.now();
           const a = ctl.activity();
           ctl.logger.debug({ signal, ...a }, 'shutting down');
           process.stderr.write(`orchard controller: ${signal}: stopping: ${stoppingText(a)}\n`);
-          // Requests in flight get a few seconds (see app.ts); should anything still hang, exit anyway before systemd's kill.
-          setTimeout(() => {
-            ctl.logger.error('shutdown did not finish in 10 s; exiting anyway');
-            process.stderr.write('orchard controller: the shutdown did not finish in 10 s; exiting anyway\n');
-            process.exit(1);
-          }, 10_000).unref();
           const done = (err?: unknown) => {
             const ms = Math.round(performance.now() - started);
             if (err) process.stderr.write(`orchard controller: stopped in ${ms} ms, with an error: ${(err as Error).message}\n`);
@@ -151,8 +163,7 @@ export function registerControllerCommands(program: Command) {
           };
           ctl.close().then(() => done(), done);
         };
-        process.on('SIGINT', stop);
-        process.on('SIGTERM', stop);
+        if (signalled) shutDown(signalled);
       });
     });
   registerBackupCommands(controller);
