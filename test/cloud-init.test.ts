@@ -7,7 +7,9 @@ import { readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { parse } from 'yaml';
 import { hostnameOf, seedFiles, writeSeed, yamlOf } from '../src/worker/drivers/cloud-init.ts';
-import { ADMIN_TOKEN, buildCloudInitTestImage, qemuCluster, runCLI, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, buildCloudInitTestImage, heavyFile, qemuCluster, runCLI, tempDir, waitFor } from './helpers.ts';
+
+await heavyFile(); // boots VMs
 
 // What YAML 1.1 (PyYAML, cloud-init's parser) would make of it: `yes`, `on`, `0755`, `1:20` resolve.
 const asCloudInitReads = (text: string) => parse(text, { version: '1.1' }) as Record<string, unknown>;

@@ -14,7 +14,9 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { encodeBootstrapToken } from '../src/api/bootstrap-token.ts';
 import { resolveImage } from '../src/worker/images.ts';
-import { ADMIN_TOKEN, ORCHARD_BIN, qemuCluster, runCLI, spawnOrchard, TEST_IMAGES, tempDir, waitFor, type OrchardProcess } from './helpers.ts';
+import { ADMIN_TOKEN, heavyFile, ORCHARD_BIN, qemuCluster, runCLI, spawnOrchard, tempDir, TEST_IMAGES, waitFor, type OrchardProcess } from './helpers.ts';
+
+await heavyFile(); // boots VMs
 
 const execFileP = promisify(execFile);
 const VM = 'web-1';

@@ -6,8 +6,10 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { Browser, Page } from 'playwright-core';
-import { ADMIN_TOKEN, qemuCluster } from './helpers.ts';
+import { ADMIN_TOKEN, heavyFile, qemuCluster } from './helpers.ts';
 import { cuttableRelay, launchChromium, screenshot, signedIn } from './console-page.ts';
+
+await heavyFile(); // boots VMs
 
 /** What the page functions below use of the browser's globals (this file is type-checked without the DOM's types). */
 interface Browserish {

@@ -9,7 +9,9 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, symlinkSync }
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { buildDebianDev } from '../src/worker/images.ts';
-import { devContext, freePort, ORCHARD_BIN, processesWith, rawRequest, runCLI, tempDir, waitFor } from './helpers.ts';
+import { devContext, freePort, heavyFile, ORCHARD_BIN, processesWith, rawRequest, runCLI, tempDir, waitFor } from './helpers.ts';
+
+await heavyFile(); // boots VMs
 
 const IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
 

@@ -12,7 +12,9 @@ import { WebSocket, WebSocketServer } from 'ws';
 import { ApiError, type ExecOptions, type OrchardClient } from '../src/client/client.ts';
 import { ExecSession, type ExecLimits } from '../src/controller/connect/exec/session.ts';
 import type { ExecSpec } from '../src/controller/connect/exec/query.ts';
-import { clientOf, qemuCluster, waitFor } from './helpers.ts';
+import { clientOf, heavyFile, qemuCluster, waitFor } from './helpers.ts';
+
+await heavyFile(); // boots VMs
 
 interface Frame {
   type: string;

@@ -269,6 +269,26 @@ export function alive(pid: number): boolean {
   }
 }
 
+/**
+ * The suite runs two test files at once (scripts/run-tests.ts). A file that boots real VMs (QEMU under
+ * TCG takes a core each) or a browser awaits this first: it waits until no other such file runs, and
+ * holds the turn until its process ends. The turn is an abstract Unix socket, which the kernel frees
+ * with the process, even one killed. The runner orders files by finding this call in them.
+ */
+export async function heavyFile(): Promise<void> {
+  if (process.platform !== 'linux') return; // no abstract sockets: files run as the runner starts them
+  const name = `\0orchard-tests-heavy-${process.getuid?.() ?? 0}`;
+  for (;;) {
+    const server = createServer();
+    const mine = await new Promise<boolean>((resolveTurn, reject) => {
+      server.once('error', (err: NodeJS.ErrnoException) => (err.code === 'EADDRINUSE' ? resolveTurn(false) : reject(err)));
+      server.listen(name, () => resolveTurn(true));
+    });
+    if (mine) return void server.unref();
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
 /** The test suite's cache of built guest images (built once, reused by every test and run). */
 export const TEST_IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
 

@@ -14,8 +14,10 @@ import { buildDebianDev } from '../src/worker/images.ts';
 import { ImageCache } from '../src/worker/oci/cache.ts';
 import { PullError } from '../src/worker/oci/errors.ts';
 import { Registries } from '../src/worker/oci/registries.ts';
-import { inProcessController, qemuWorker, TEST_IMAGES, tempDir, waitFor } from './helpers.ts';
+import { heavyFile, inProcessController, qemuWorker, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
 import { ociLayout, qcow2WithData, skopeoPush, startRegistry, throttledProxy, type TestRegistry } from './registry.ts';
+
+await heavyFile(); // boots VMs
 
 const MIB = 1024 * 1024;
 let registry: TestRegistry;

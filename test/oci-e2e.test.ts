@@ -11,8 +11,10 @@ import { buildDebianDev, resolveImage } from '../src/worker/images.ts';
 import { ImageCache } from '../src/worker/oci/cache.ts';
 import { pushImage } from '../src/worker/oci/push.ts';
 import { Registries } from '../src/worker/oci/registries.ts';
-import { ADMIN_TOKEN, inProcessController, qemuWorker, runCLI, TEST_IMAGES, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, heavyFile, inProcessController, qemuWorker, runCLI, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
 import { startRegistry, throttledProxy } from './registry.ts';
+
+await heavyFile(); // boots VMs
 
 const PASSWORD = 'pull-secret-4f2b9c';
 

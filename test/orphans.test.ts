@@ -12,7 +12,9 @@ import { startController } from '../src/controller/controller.ts';
 import { DamagedDatabaseError } from '../src/controller/store/integrity.ts';
 import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
 import { OrchardWorker } from '../src/worker/worker.ts';
-import { ADMIN_TOKEN, clientOf, qemuCluster, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, clientOf, heavyFile, qemuCluster, tempDir, waitFor } from './helpers.ts';
+
+await heavyFile(); // boots VMs
 
 const silent = pino({ level: 'silent' });
 

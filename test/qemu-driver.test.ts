@@ -19,7 +19,9 @@ import {
 import { QemuDriver } from '../src/worker/drivers/qemu.ts';
 import { parseHostForwards } from '../src/worker/drivers/qmp.ts';
 import type { DriverVM } from '../src/worker/drivers/driver.ts';
-import { alive, entriesLogger, pastaServing, printingLogger, waitFor } from './helpers.ts';
+import { alive, entriesLogger, heavyFile, pastaServing, printingLogger, waitFor } from './helpers.ts';
+
+await heavyFile(); // boots VMs
 
 const execFileP = promisify(execFile);
 const STORE = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');

@@ -10,7 +10,9 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { localNameOf } from '../src/api/schemas.ts';
 import { QmpClient } from '../src/worker/drivers/qmp.ts';
-import { ADMIN_TOKEN, qemuCluster, qemuWorker, runCLI, tempDir, TEST_IMAGES } from './helpers.ts';
+import { ADMIN_TOKEN, heavyFile, qemuCluster, qemuWorker, runCLI, tempDir, TEST_IMAGES } from './helpers.ts';
+
+await heavyFile(); // boots VMs
 
 /** CPU seconds (user + system) a process has used. */
 function cpuSeconds(pid: number): number {

@@ -22,7 +22,9 @@ import { join } from 'node:path';
 import { localNameOf, type VM } from '../src/api/schemas.ts';
 import { removeImage, buildDebianDev } from '../src/worker/images.ts';
 import { readSnapshotMeta } from '../src/worker/drivers/snapshots.ts';
-import { ADMIN_TOKEN, alive, inProcessController, ORCHARD_BIN, pastaServing, qemuWorker, runCLI, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, alive, heavyFile, inProcessController, ORCHARD_BIN, pastaServing, qemuWorker, runCLI, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
+
+await heavyFile(); // boots VMs
 
 const fingerprint = (blob: Buffer) => 'SHA256:' + createHash('sha256').update(blob).digest('base64').replace(/=+$/, '');
 

@@ -13,7 +13,9 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { buildDebianDev, resolveImage } from '../src/worker/images.ts';
 import { startRegistry } from './registry.ts';
-import { freePort, processesWith, rawRequest, ROOT, spawnOrchard, TEST_IMAGES, tempDir, waitFor, type OrchardProcess } from './helpers.ts';
+import { freePort, heavyFile, processesWith, rawRequest, ROOT, spawnOrchard, tempDir, TEST_IMAGES, waitFor, type OrchardProcess } from './helpers.ts';
+
+await heavyFile(); // boots VMs
 
 const execFileP = promisify(execFile);
 const EXECUTABLE = join(ROOT, 'dist', `orchard-linux-${process.arch}`);

@@ -14,7 +14,9 @@ import { startController } from '../src/controller/controller.ts';
 import { HOST_KEY_FILE } from '../src/controller/connect/ssh-jump.ts';
 import { resolveImage } from '../src/worker/images.ts';
 import { createServer } from 'node:net';
-import { ADMIN_TOKEN, TEST_IMAGES, clientOf, qemuCluster, runCLI, spawnController, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, clientOf, heavyFile, qemuCluster, runCLI, spawnController, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
+
+await heavyFile(); // boots VMs
 
 interface Run {
   code: number | null;

@@ -14,7 +14,9 @@ import { randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { buildDebianDev } from '../src/worker/images.ts';
-import { freePort, processesWith, ROOT, spawnController, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
+import { freePort, heavyFile, processesWith, ROOT, spawnController, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
+
+await heavyFile(); // boots VMs
 
 const README = readFileSync(join(ROOT, 'README.md'), 'utf8');
 const README_URL = 'https://controller.example.com:6120';

@@ -7,7 +7,9 @@ import { execFileSync } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { buildDebianDev, importImage, resolveImage } from '../src/worker/images.ts';
-import { inProcessController, qemuWorker, TEST_IMAGES, tempDir, waitFor } from './helpers.ts';
+import { heavyFile, inProcessController, qemuWorker, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
+
+await heavyFile(); // boots VMs
 
 type Cluster = Awaited<ReturnType<typeof inProcessController>>;
 

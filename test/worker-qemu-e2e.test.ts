@@ -10,7 +10,9 @@ import { join } from 'node:path';
 import { encodeBootstrapToken } from '../src/api/bootstrap-token.ts';
 import { OrchardClient } from '../src/client/client.ts';
 import { buildDebianDev } from '../src/worker/images.ts';
-import { ADMIN_TOKEN, ORCHARD_BIN, runCLI, spawnController, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, heavyFile, ORCHARD_BIN, runCLI, spawnController, tempDir, waitFor } from './helpers.ts';
+
+await heavyFile(); // boots VMs
 
 const IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
 

@@ -7,7 +7,9 @@ import { spawn } from 'node:child_process';
 import { mkdirSync, rmSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { buildDebianDev } from '../../src/worker/images.ts';
-import { devContext, freePort, ORCHARD_BIN, processesWith, runCLI, tempDir, TEST_IMAGES, waitFor } from '../helpers.ts';
+import { devContext, freePort, heavyFile, ORCHARD_BIN, processesWith, runCLI, tempDir, TEST_IMAGES, waitFor } from '../helpers.ts';
+
+await heavyFile(); // boots VMs
 
 
 test('orchard dev stopped by EPIPE + SIGINT, SIGHUP or SIGTERM leaves no VM running', async () => {

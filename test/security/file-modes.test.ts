@@ -14,7 +14,9 @@ import { buildDebianDev, imageDir, importImage } from '../../src/worker/images.t
 import { QemuDriver } from '../../src/worker/drivers/qemu.ts';
 import { TartDriver } from '../../src/worker/drivers/tart.ts';
 import type { DriverVM } from '../../src/worker/drivers/driver.ts';
-import { TEST_IMAGES } from '../helpers.ts';
+import { heavyFile, TEST_IMAGES } from '../helpers.ts';
+
+await heavyFile(); // boots VMs
 
 const execFileP = promisify(execFile);
 let work: string;

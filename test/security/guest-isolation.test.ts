@@ -12,7 +12,9 @@ import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { promisify } from 'node:util';
 import ssh2 from 'ssh2';
-import { qemuCluster, waitFor } from '../helpers.ts';
+import { heavyFile, qemuCluster, waitFor } from '../helpers.ts';
+
+await heavyFile(); // boots VMs
 
 const execFileP = promisify(execFile);
 
