@@ -8,6 +8,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { pino } from 'pino';
 import ssh2 from 'ssh2';
+import { DEFAULT_BACKOFF } from '../../src/controller/auth-backoff.ts';
 import { startController, type RunningController } from '../../src/controller/controller.ts';
 import { ADMIN_TOKEN, clientOf, rawRequest, tempDir } from '../helpers.ts';
 import { upgrade } from './attack.ts';
@@ -19,7 +20,11 @@ describe('guessing tokens', () => {
 
   before(async () => {
     const logger = pino({ level: 'info' }, { write: (line: string) => void logs.push(line) });
-    ctl = await startController({ dataDir: tempDir(), listen: '127.0.0.1:0', listenSSH: '127.0.0.1:0', bootstrapAdminToken: ADMIN_TOKEN, logger });
+    // Blocks of 4 s, 8 s… rather than 1 s, 2 s…: the checks that a source is still blocked come after
+    // 3 s of guesses, or after SSH handshakes that take a few hundred ms on a busy machine, and must
+    // not find the block just over.
+    const authBackoff = { ...DEFAULT_BACKOFF, baseMs: 4000 };
+    ctl = await startController({ dataDir: tempDir(), listen: '127.0.0.1:0', listenSSH: '127.0.0.1:0', bootstrapAdminToken: ADMIN_TOKEN, logger, authBackoff });
     const admin = clientOf(ctl, 'bootstrap-admin', ADMIN_TOKEN);
     await admin.createServiceAccount({ name: 'victim', token: victimToken, roles: ['compute:read', 'compute:connect'] });
     admin.close();
@@ -28,7 +33,7 @@ describe('guessing tokens', () => {
     await ctl.close();
   });
 
-  test('REST from one source: about 10 guesses are checked, then 429 with Retry-After, doubling; the right token waits too', async () => {
+  test('REST from one source: about 10 guesses are checked, then 429 with Retry-After; the right token waits too', async () => {
     const source = '127.0.0.2';
     const counts: Record<number, number> = {};
     let retryAfter: string | undefined;
