@@ -1,5 +1,5 @@
 // Runs the test files (all of test/**/*.test.ts, or those named) with node:test, several at once:
-// those that boot VMs or a browser (they call heavyFile() from test/helpers.ts) one at a time, the
+// those that boot VMs (they call heavyFile() from test/helpers.ts) one at a time, the
 // others beside them. The order keeps both kinds busy: the longest files first, by the durations in
 // test/durations.json (`--record` rewrites it from this run). Output and exit code are node --test's.
 import { globSync, readFileSync, writeFileSync } from 'node:fs';

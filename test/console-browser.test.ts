@@ -7,12 +7,10 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { Browser } from 'playwright-core';
-import { ADMIN_TOKEN, heavyFile, inProcessController, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, inProcessController, waitFor } from './helpers.ts';
 import { syntheticWorker } from './security/attack.ts';
 import { cuttableRelay, launchChromium, screenshot, signedIn as signedInAs } from './console-page.ts';
 import { RESOURCE_TART_VMS } from '../src/api/schemas.ts';
-
-await heavyFile(); // runs a browser
 
 const HOSTILE = '<img src=x onerror=alert(1)>';
 

@@ -110,9 +110,9 @@ export interface ChildController {
   kill(signal?: NodeJS.Signals): Promise<void>;
 }
 
-/** `orchard controller run` as a real child process; resolves once it listens. */
-export function spawnController(dataDir: string, extraArgs: string[] = [], env: Record<string, string> = {}): Promise<ChildController> {
-  const proc = spawn(ORCHARD_BIN, ['controller', 'run', '--data-dir', dataDir, '--listen', '127.0.0.1:0', ...extraArgs], {
+/** `orchard controller run` (`bin`: bin/orchard unless another, the single executable say) as a real child process; resolves once it listens. */
+export function spawnController(dataDir: string, extraArgs: string[] = [], env: Record<string, string> = {}, bin = ORCHARD_BIN): Promise<ChildController> {
+  const proc = spawn(bin, ['controller', 'run', '--data-dir', dataDir, '--listen', '127.0.0.1:0', ...extraArgs], {
     // ORCHARD_HOME: the controller writes a bootstrap-context there (as upstream's), not in the user's ~/.orchard.
     env: { ...process.env, ORCHARD_BOOTSTRAP_ADMIN_TOKEN: ADMIN_TOKEN, ORCHARD_LOG_LEVEL: 'warn', ORCHARD_HOME: tempDir('orchard-home-'), ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -271,7 +271,7 @@ export function alive(pid: number): boolean {
 
 /**
  * The suite runs two test files at once (scripts/run-tests.ts). A file that boots real VMs (QEMU under
- * TCG takes a core each) or a browser awaits this first: it waits until no other such file runs, and
+ * TCG takes a core each) awaits this first: it waits until no other such file runs, and
  * holds the turn until its process ends. The turn is an abstract Unix socket, which the kernel frees
  * with the process, even one killed. The runner orders files by finding this call in them.
  */
@@ -345,17 +345,27 @@ export async function qemuWorker(
 }
 
 /**
- * An in-process controller and an in-process worker with the real QEMU driver, the debian-dev image
- * built (or cached), and a helper that creates a VM and waits until its guest answers SSH.
+ * The warm-start snapshots of TEST_IMAGES' images that qemuCluster's workers share: the first VM of
+ * an image (and shape) makes its snapshot, as a worker's first VM does, and the next ones resume it
+ * (README, "Warm starts") instead of booting: a cold boot under TCG costs several CPU seconds.
  */
-export async function qemuCluster(opts: { workerName?: string; listenSSH?: string; limits?: Partial<Limits> } = {}) {
+const TEST_SNAPSHOTS = join(TEST_IMAGES, '..', 'orchard-test-snapshots');
+
+/**
+ * An in-process controller and an in-process worker with the real QEMU driver, the debian-dev image
+ * built (or cached), warm starts from TEST_SNAPSHOTS (unless `warmStart: false`: every VM boots), and a
+ * helper that creates a VM and waits until it runs.
+ */
+export async function qemuCluster(opts: { workerName?: string; listenSSH?: string; limits?: Partial<Limits>; warmStart?: boolean } = {}) {
   const [{ buildDebianDev }, fs] = await Promise.all([import('../src/worker/images.ts'), import('node:fs')]);
   await buildDebianDev(TEST_IMAGES);
   const c = await inProcessController({ listenSSH: opts.listenSSH, limits: opts.limits });
   const workerDir = tempDir('orchard-worker-');
   fs.symlinkSync(TEST_IMAGES, join(workerDir, 'images'));
+  fs.mkdirSync(TEST_SNAPSHOTS, { recursive: true, mode: 0o700 });
+  fs.symlinkSync(TEST_SNAPSHOTS, join(workerDir, 'snapshots'));
   const name = opts.workerName ?? 'qemu-1';
-  const { worker, driver, close: stopWorker } = await qemuWorker(c, name, workerDir, { imagesDir: TEST_IMAGES });
+  const { worker, driver, close: stopWorker } = await qemuWorker(c, name, workerDir, { imagesDir: TEST_IMAGES, warmStart: opts.warmStart ?? true });
   return {
     ...c,
     worker,
