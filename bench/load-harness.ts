@@ -47,10 +47,16 @@ export class Cluster {
   drivers: SyntheticDriver[] = [];
   private readonly logger = pino({ level: 'silent' });
 
+  /** `bin`: the controller's program, bin/orchard unless another (the single executable). */
+  private readonly bin?: string;
+  constructor(bin?: string) {
+    this.bin = bin;
+  }
+
   async startController(port = 0) {
     // LOAD_CONTROLLER_NODE_OPTIONS: e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof" (a profile is written when the controller exits on SIGTERM, not on the bench's kill -9).
     const nodeOptions = process.env.LOAD_CONTROLLER_NODE_OPTIONS;
-    this.ctl = await spawnController(this.dataDir, port ? ['--listen', `127.0.0.1:${port}`] : [], nodeOptions ? { NODE_OPTIONS: nodeOptions } : {});
+    this.ctl = await spawnController(this.dataDir, port ? ['--listen', `127.0.0.1:${port}`] : [], nodeOptions ? { NODE_OPTIONS: nodeOptions } : {}, this.bin);
     this.certificate = readFileSync(join(this.dataDir, 'controller.crt'), 'utf8');
     this.admin?.close();
     this.admin = this.client();

@@ -6,18 +6,22 @@
 //   node bench/load.ts --scales 50x500       # workers x VMs, comma-separated
 //   --concurrency 32    creates in flight during the burst
 //   --paced-rate 200    creates/s of the paced phase after it (M/10 more VMs, one at a time)
+//   --executable        the controller is the single executable (dist/orchard-linux-ARCH, npm run
+//                       build -- --host-only), not bin/orchard: what a restart takes as shipped
 import { parseArgs } from 'node:util';
 import { spawn } from 'node:child_process';
-import { readdirSync, rmSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { performance } from 'node:perf_hooks';
-import { ADMIN_TOKEN } from '../test/helpers.ts';
+import { ADMIN_TOKEN, ROOT } from '../test/helpers.ts';
 import { Cluster, cpuSeconds, pct, usageOf, Watcher } from './load-harness.ts';
 
 const { values } = parseArgs({
-  options: { scales: { type: 'string', default: '10x100,100x1000,1000x10000' }, concurrency: { type: 'string', default: '32' }, 'paced-rate': { type: 'string', default: '200' }, 'no-restart': { type: 'boolean', default: false } },
+  options: { scales: { type: 'string', default: '10x100,100x1000,1000x10000' }, concurrency: { type: 'string', default: '32' }, 'paced-rate': { type: 'string', default: '200' }, 'no-restart': { type: 'boolean', default: false }, executable: { type: 'boolean', default: false } },
 });
+const BIN = values.executable ? join(ROOT, 'dist', `orchard-linux-${process.arch}`) : undefined;
+if (BIN && !existsSync(BIN)) throw new Error(`${BIN} is missing: npm run build -- --host-only makes it`);
 const scales = values.scales.split(',').map((s) => s.split('x').map(Number) as [number, number]);
 const CONCURRENCY = Number(values.concurrency);
 /** Creates per second of the paced phase (after the burst): a rate the controller keeps up with. */
@@ -84,7 +88,7 @@ async function burst(cluster: Cluster, n: number, prefix: string): Promise<Burst
 async function baseline(nVMs: number): Promise<number> {
   let best = 0;
   for (let i = 0; i < 2; i++) {
-    const alone = new Cluster();
+    const alone = new Cluster(BIN);
     try {
       await alone.startController();
       best = Math.max(best, nVMs / (await burst(alone, nVMs, 'vm-')).seconds);
@@ -98,7 +102,7 @@ async function baseline(nVMs: number): Promise<number> {
 
 async function measure(nWorkers: number, nVMs: number): Promise<Row> {
   const alone = await baseline(nVMs);
-  const cluster = new Cluster();
+  const cluster = new Cluster(BIN);
   const row: Row = {};
   try {
     await cluster.startController();
@@ -206,6 +210,6 @@ for (const [w, v] of scales) {
 const figures = Object.keys(results[0][1]);
 const widths = [Math.max(...figures.map((f) => f.length)), ...results.map(([h, r]) => Math.max(h.length, ...Object.values(r).map((x) => x.length)))];
 const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('   ');
-console.log(`orchard load: synthetic workers × VMs, one controller process, ${CONCURRENCY} concurrent creates\n`);
+console.log(`orchard load: synthetic workers × VMs, one controller process (${BIN ? 'the single executable' : 'bin/orchard'}), ${CONCURRENCY} concurrent creates\n`);
 console.log(line(['workers × VMs', ...results.map(([h]) => h)]));
 for (const f of figures) console.log(line([f, ...results.map(([, r]) => r[f])]));

@@ -59,10 +59,10 @@ function schedule(): string[] {
   return order;
 }
 
-const took = new Map<string, number>();
 const stream = run({ files: schedule().map((f) => join(ROOT, f)), concurrency, timeout: 600_000 });
 stream.on('test:fail', () => (process.exitCode = 1));
 if (record) {
+  const took = new Map<string, number>();
   for (const event of ['test:pass', 'test:fail'] as const) {
     stream.on(event, (data) => {
       if (data.nesting !== 0 || !data.file) return;
