@@ -7,29 +7,27 @@
 import { parseArgs } from 'node:util';
 import { rmSync, mkdirSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
-import { tmpdir } from 'node:os';
 import { pino } from 'pino';
 import { QemuDriver } from '../src/worker/drivers/qemu.ts';
 import { buildDebianDev } from '../src/worker/images.ts';
 import { startWorker } from '../src/worker/run.ts';
-import { inProcessController, tempDir, waitFor, ADMIN_TOKEN } from '../test/helpers.ts';
+import { ADMIN_TOKEN, inProcessController, tempDir, TEST_IMAGES, waitFor } from '../test/helpers.ts';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' } } });
 const RUNS = Number(values.runs);
-const IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const spread = (xs: number[]) => `${(Math.min(...xs) / 1000).toFixed(2)}–${(Math.max(...xs) / 1000).toFixed(2)} s`;
 
-await buildDebianDev(IMAGES);
+await buildDebianDev(TEST_IMAGES);
 const dir = tempDir('orchard-bench-boot-');
 mkdirSync(join(dir, 'worker'));
-symlinkSync(IMAGES, join(dir, 'worker', 'images'));
+symlinkSync(TEST_IMAGES, join(dir, 'worker', 'images'));
 const logger = pino({ level: 'error' });
-const driver = new QemuDriver({ dataDir: join(dir, 'byhand'), imagesDir: IMAGES, warmStart: false });
-const workerDriver = new QemuDriver({ dataDir: join(dir, 'worker'), imagesDir: IMAGES, warmStart: false });
-const warmDriver = new QemuDriver({ dataDir: join(dir, 'warm'), imagesDir: IMAGES });
+const driver = new QemuDriver({ dataDir: join(dir, 'byhand'), imagesDir: TEST_IMAGES, warmStart: false });
+const workerDriver = new QemuDriver({ dataDir: join(dir, 'worker'), imagesDir: TEST_IMAGES, warmStart: false });
+const warmDriver = new QemuDriver({ dataDir: join(dir, 'warm'), imagesDir: TEST_IMAGES });
 mkdirSync(join(dir, 'warm'));
-symlinkSync(IMAGES, join(dir, 'warm', 'images'));
+symlinkSync(TEST_IMAGES, join(dir, 'warm', 'images'));
 const c = await inProcessController({ dataDir: join(dir, 'controller') });
 const qemuWorkerOf = (name: string, labels: Record<string, string>, dataDir: string, driver: QemuDriver) => startWorker({
   url: c.ctl.url,

@@ -7,31 +7,29 @@
 import { parseArgs } from 'node:util';
 import { rmSync, mkdirSync, symlinkSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { tmpdir } from 'node:os';
 import { pino } from 'pino';
 import { QemuDriver } from '../src/worker/drivers/qemu.ts';
 import { buildDebianDev } from '../src/worker/images.ts';
 import { startWorker } from '../src/worker/run.ts';
-import { inProcessController, tempDir, waitFor, ADMIN_TOKEN } from '../test/helpers.ts';
+import { ADMIN_TOKEN, inProcessController, tempDir, TEST_IMAGES, waitFor } from '../test/helpers.ts';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '10' }, base: { type: 'string' } } });
 if (!values.base) throw new Error('--base DIR: the baseline tree');
 const RUNS = Number(values.runs);
-const IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const spread = (xs: number[]) => `${(Math.min(...xs) / 1000).toFixed(2)}–${(Math.max(...xs) / 1000).toFixed(2)} s`;
 const { QemuDriver: BaseDriver } = await import(resolve(values.base, 'src/worker/drivers/qemu.ts')) as { QemuDriver: typeof QemuDriver };
 
-await buildDebianDev(IMAGES);
+await buildDebianDev(TEST_IMAGES);
 const dir = tempDir('orchard-bench-warm-ab-');
 const logger = pino({ level: 'error' });
 const c = await inProcessController({ dataDir: join(dir, 'controller') });
 const sides = ['base', 'new'] as const;
-const drivers = { base: new BaseDriver({ dataDir: join(dir, 'base'), imagesDir: IMAGES }), new: new QemuDriver({ dataDir: join(dir, 'new'), imagesDir: IMAGES }) };
+const drivers = { base: new BaseDriver({ dataDir: join(dir, 'base'), imagesDir: TEST_IMAGES }), new: new QemuDriver({ dataDir: join(dir, 'new'), imagesDir: TEST_IMAGES }) };
 const workers = [];
 for (const side of sides) {
   mkdirSync(join(dir, side));
-  symlinkSync(IMAGES, join(dir, side, 'images'));
+  symlinkSync(TEST_IMAGES, join(dir, side, 'images'));
   const snap = await drivers[side].snapshot('debian-dev', { cpu: 1, memory: 512 });
   console.log(`${side}: snapshot made (template boot ${snap.bootSeconds?.toFixed(1)} s, save ${snap.saveSeconds?.toFixed(2)} s, ${(snap.stateBytes ?? 0) / 2 ** 20 | 0} MiB)`);
   workers.push(await startWorker({

@@ -6,14 +6,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { buildDebianDev } from '../src/worker/images.ts';
-import { devContext, freePort, heavyFile, ORCHARD_BIN, processesWith, rawRequest, runCLI, tempDir, waitFor } from './helpers.ts';
+import { devContext, freePort, heavyFile, ORCHARD_BIN, processesWith, rawRequest, runCLI, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
 
 await heavyFile(); // boots VMs
 
-const IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
 
 
 const listening = (port: number) => readFileSync('/proc/net/tcp', 'utf8').split('\n').some((l) => l.includes(`:${port.toString(16).toUpperCase().padStart(4, '0')} `) && l.split(/\s+/)[4] === '0A');
@@ -27,14 +25,14 @@ function startDev(dataDir: string, port: number, env: Record<string, string>) {
 }
 
 test('orchard dev: a working cluster in one command; Ctrl-C leaves nothing running', async () => {
-  await buildDebianDev(IMAGES);
+  await buildDebianDev(TEST_IMAGES);
   const work = tempDir('orchard-dev-');
   const dataDir = join(work, '.dev-data');
   const env = { ORCHARD_HOME: join(work, 'home') };
   const port = await freePort();
   // The image cache of the test suite stands in for the first run's image build.
   mkdirSync(dataDir, { recursive: true });
-  symlinkSync(IMAGES, join(dataDir, 'images'));
+  symlinkSync(TEST_IMAGES, join(dataDir, 'images'));
   let dev = startDev(dataDir, port, env);
   try {
     await waitFor('orchard dev to be ready', () => /Ctrl-C stops everything/.test(dev.stderr()), 60_000, 100);

@@ -19,12 +19,11 @@ import {
 import { QemuDriver } from '../src/worker/drivers/qemu.ts';
 import { parseHostForwards } from '../src/worker/drivers/qmp.ts';
 import type { DriverVM } from '../src/worker/drivers/driver.ts';
-import { alive, entriesLogger, heavyFile, pastaServing, printingLogger, waitFor } from './helpers.ts';
+import { alive, entriesLogger, heavyFile, pastaServing, printingLogger, TEST_IMAGES, waitFor } from './helpers.ts';
 
 await heavyFile(); // boots VMs
 
 const execFileP = promisify(execFile);
-const STORE = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
 
 let work: string;
 let dataDir: string;
@@ -35,16 +34,16 @@ before(async () => {
   work = await mkdtemp(join(tmpdir(), 'orchard-qemu-test-'));
   dataDir = join(work, 'data');
   const t0 = Date.now();
-  const built = await buildDebianDev(STORE, (msg) => console.log(`# image: ${msg}`));
+  const built = await buildDebianDev(TEST_IMAGES, (msg) => console.log(`# image: ${msg}`));
   console.log(`# debian-dev ${built.cached ? 'cached' : 'built'} in ${Date.now() - t0} ms`);
   image = built;
-  driver = new QemuDriver({ dataDir, imagesDir: STORE, warmStart: false, log: printingLogger('driver') });
+  driver = new QemuDriver({ dataDir, imagesDir: TEST_IMAGES, warmStart: false, log: printingLogger('driver') });
   console.log(`# accel: ${driver.accel} (${driver.accelReason})`);
 }, { timeout: 15 * 60_000 });
 
 after(async () => {
   // Never leave a QEMU behind, whatever failed.
-  for (const d of [driver, new QemuDriver({ dataDir, imagesDir: STORE, warmStart: false })]) {
+  for (const d of [driver, new QemuDriver({ dataDir, imagesDir: TEST_IMAGES, warmStart: false })]) {
     if (!d) continue;
     for (const vm of await d.list().catch(() => [])) await d.remove(vm.localName).catch(() => {});
   }
@@ -198,7 +197,7 @@ test('importImage adds a qcow2 disk image; listImages shows it', async () => {
 
 test('debian-dev: a second build with unchanged inputs does nothing, fast', async () => {
   const t0 = Date.now();
-  const again = await buildDebianDev(STORE, () => assert.fail('nothing should be rebuilt'));
+  const again = await buildDebianDev(TEST_IMAGES, () => assert.fail('nothing should be rebuilt'));
   const ms = Date.now() - t0;
   console.log(`# cached build check: ${ms} ms`);
   assert.equal(again.cached, true);
@@ -206,7 +205,7 @@ test('debian-dev: a second build with unchanged inputs does nothing, fast', asyn
   assert.equal(again.kind, 'kernel');
   for (const f of [again.kernel, again.initrd, again.disk, again.sshKey]) assert.ok(f && existsSync(f), `${f} exists`);
   assert.match(again.knownHosts ?? '', /^\* ssh-ed25519 /m);
-  assert.ok((await listImages(STORE)).some((i) => i.name === 'debian-dev' && i.kind === 'kernel'));
+  assert.ok((await listImages(TEST_IMAGES)).some((i) => i.name === 'debian-dev' && i.kind === 'kernel'));
 });
 
 test('parseHostForwards reads info usernet', () => {
@@ -228,7 +227,7 @@ test('VM lifecycle: boot, SSH, VNC, forwarded port, adoption, stop, restart, rem
   const spec = { ...vmSpec(name), diskSize: 3, hostDirs: [{ name: 'hostdir', path: share, ro: true }] };
   const t0 = Date.now();
   await runWorkerThenKill(`
-    const d = new QemuDriver({ dataDir: ${JSON.stringify(dataDir)}, imagesDir: ${JSON.stringify(STORE)} });
+    const d = new QemuDriver({ dataDir: ${JSON.stringify(dataDir)}, imagesDir: ${JSON.stringify(TEST_IMAGES)} });
     const vm = ${JSON.stringify(spec)};
     await d.prepare(vm);
     await d.start(vm);`);
@@ -267,7 +266,7 @@ test('VM lifecycle: boot, SSH, VNC, forwarded port, adoption, stop, restart, rem
   assert.equal(await echo(driver), 'ping 8080\n');
 
   // a restarted worker: a new driver on the same directories adopts the running VM
-  const driver2 = new QemuDriver({ dataDir, imagesDir: STORE, warmStart: false });
+  const driver2 = new QemuDriver({ dataDir, imagesDir: TEST_IMAGES, warmStart: false });
   assert.deepEqual(await driver2.list(), [{ localName: name, uid: `uid-${name}`, running: true, image: 'debian-dev', cpu: 1, memory: 256 }]);
   assert.equal((await ssh(driver2, name, 'cat ~/marker')).out, 'persisted\n');
   assert.equal(await echo(driver2), 'ping 8080\n');
@@ -324,7 +323,7 @@ test('stop falls back to quit when the guest ignores the power button', { timeou
   const name = 'orchard-test-stop';
   // A driver of its own, whose log says which way the VM was stopped.
   const stops: string[] = [];
-  const d = new QemuDriver({ dataDir, imagesDir: STORE, warmStart: false, log: entriesLogger((e) => e.msg.startsWith('VM stopped') && stops.push(e.msg)) });
+  const d = new QemuDriver({ dataDir, imagesDir: TEST_IMAGES, warmStart: false, log: entriesLogger((e) => e.msg.startsWith('VM stopped') && stops.push(e.msg)) });
   await d.prepare(vmSpec(name));
   await d.start(vmSpec(name));
   const netPid = netPidOf(name);
@@ -347,7 +346,7 @@ test('a VM removed while its start writes its record stays removed and leaves no
   const name = 'orchard-test-remove-starting';
   const vmDir = join(dataDir, 'vms', name);
   for (const write of ['goes through', 'fails'] as const) {
-    const d = new QemuDriver({ dataDir, imagesDir: STORE, warmStart: false });
+    const d = new QemuDriver({ dataDir, imagesDir: TEST_IMAGES, warmStart: false });
     await d.prepare(vmSpec(name));
     const records = (d as unknown as { records: { write(r: unknown): Promise<void> } }).records;
     const realWrite = records.write.bind(records);
@@ -382,7 +381,7 @@ test("a worker killed between pasta's start and the VM record's write: a later d
   const name = 'orchard-test-killed-starting';
   const vmDir = join(dataDir, 'vms', name);
   await runWorkerThenKill(`
-    const d = new QemuDriver({ dataDir: ${JSON.stringify(dataDir)}, imagesDir: ${JSON.stringify(STORE)}, warmStart: false });
+    const d = new QemuDriver({ dataDir: ${JSON.stringify(dataDir)}, imagesDir: ${JSON.stringify(TEST_IMAGES)}, warmStart: false });
     const vm = ${JSON.stringify(vmSpec(name))};
     await d.prepare(vm);
     const atWrite = new Promise((reached) => {

@@ -5,16 +5,14 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { encodeBootstrapToken } from '../src/api/bootstrap-token.ts';
 import { OrchardClient } from '../src/client/client.ts';
 import { buildDebianDev } from '../src/worker/images.ts';
-import { ADMIN_TOKEN, heavyFile, ORCHARD_BIN, runCLI, spawnController, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, heavyFile, ORCHARD_BIN, runCLI, spawnController, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
 
 await heavyFile(); // boots VMs
 
-const IMAGES = process.env.ORCHARD_TEST_IMAGES ?? join(tmpdir(), 'orchard-test-images');
 
 /** PIDs of processes whose command line mentions `needle`. */
 function processesWith(needle: string): number[] {
@@ -48,12 +46,12 @@ function startWorkerProcess(url: string, token: string, dataDir: string) {
 }
 
 test('qemu worker: create → running → startup script → worker kill -9 and adoption → delete leaves nothing', async () => {
-  await buildDebianDev(IMAGES);
+  await buildDebianDev(TEST_IMAGES);
   const ctlDir = tempDir();
   const workerDir = tempDir('orchard-worker-');
   const home = tempDir('orchard-home-');
   mkdirSync(workerDir, { recursive: true });
-  symlinkSync(IMAGES, join(workerDir, 'images'));
+  symlinkSync(TEST_IMAGES, join(workerDir, 'images'));
   const ctl = await spawnController(ctlDir);
   const certificate = readFileSync(join(ctlDir, 'controller.crt'), 'utf8');
   const admin = new OrchardClient({ url: ctl.url, certificate, serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN });
