@@ -16,6 +16,24 @@ const BACKOFF_CAP_MS = 5 * 60_000;
 const MIN_PASS_INTERVAL_MS = 20;
 const NOTHING_USED: Readonly<Record<string, number>> = Object.freeze({});
 
+/**
+ * What placing a VM depends on (what it needs; its runtime, labels and needs as one string, shared
+ * by the VMs that fit or do not fit alike), kept for as long as the view holds that version of the
+ * VM: a pass goes over every waiting VM, and with thousands waiting in a full cluster, working this
+ * out again each pass was most of the pass.
+ */
+const placementOf = (() => {
+  const known = new WeakMap<VM, { need: Record<string, number>; signature: string }>();
+  return (vm: VM) => {
+    let p = known.get(vm);
+    if (!p) {
+      const need = requirements(vm);
+      known.set(vm, (p = { need, signature: JSON.stringify([vm.runtime, vm.labels, need]) }));
+    }
+    return p;
+  };
+})();
+
 export interface SchedulerOptions {
   offlineTimeoutMs: number;
   /** Is this worker's WebSocket connected right now? (A connected worker is online.) */
@@ -309,8 +327,7 @@ export class Scheduler {
     for (const name of waiting) {
       const vm = current(name)!;
       if (vm.status !== 'pending' || vm.worker) continue;
-      const need = requirements(vm);
-      const signature = JSON.stringify([vm.runtime, vm.labels, need]);
+      const { need, signature } = placementOf(vm);
       let message = noFit.get(signature);
       let best: Worker | undefined;
       let at = -1;
