@@ -282,6 +282,12 @@ test('labels: a VM with labels lands only on workers that have all of them', asy
     await runningOn(c, 'both', 'lab-1');
     await pendingWith(c, 'nowhere', 'no worker fits: 3 workers: 3 lack label rack=c');
     await pendingWith(c, 'wrong-value', 'no worker fits: 3 workers: 3 lack label os=ventura');
+    // A waiting VM is placed by what it asks for now, not by what earlier passes worked out for it
+    // (lab-1 is full by now; lab-2 has a slot left).
+    await c.admin.createVM(vmSpec('gpu-wait', { labels: { rack: 'b' }, resources: { [GPU]: 1 } }));
+    await waitVM(c, 'gpu-wait', 'pending for lack of a GPU', (vm) => vm.status === 'pending' && !vm.worker && (vm.status_message ?? '').includes(GPU));
+    await c.admin.updateVM({ ...(await c.admin.getVM('gpu-wait')), resources: {} });
+    await runningOn(c, 'gpu-wait', 'lab-2');
     // Unlabelled VMs may go anywhere: with distribute-load they go to the empty lab-3.
     await c.admin.createVM(vmSpec('any-1'));
     await runningOn(c, 'any-1', 'lab-3');
