@@ -22,17 +22,15 @@ const NOTHING_USED: Readonly<Record<string, number>> = Object.freeze({});
  * VM: a pass goes over every waiting VM, and in a full cluster with 10,000 waiting, working it out
  * again on each pass was a fifth of the pass (bench/scheduler-pass.ts --workers 0).
  */
-const placementOf = (() => {
-  const known = new WeakMap<VM, { need: Record<string, number>; signature: string }>();
-  return (vm: VM) => {
-    let p = known.get(vm);
-    if (!p) {
-      const need = requirements(vm);
-      known.set(vm, (p = { need, signature: JSON.stringify([vm.runtime, vm.labels, need]) }));
-    }
-    return p;
-  };
-})();
+const placements = new WeakMap<VM, { need: Record<string, number>; signature: string }>();
+function placementOf(vm: VM) {
+  let p = placements.get(vm);
+  if (!p) {
+    const need = requirements(vm);
+    placements.set(vm, (p = { need, signature: JSON.stringify([vm.runtime, vm.labels, need]) }));
+  }
+  return p;
+}
 
 export interface SchedulerOptions {
   offlineTimeoutMs: number;
