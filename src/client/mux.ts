@@ -40,6 +40,11 @@ const MAX_CONTROL = 4096;
  * relays queue for all the tunnels an account may hold (256 × 64 KiB) and their control frames.
  */
 const MAX_BACKLOG = 32 * 1024 * 1024;
+/**
+ * What a tunnel's stream takes from its writer before write() says to wait, beside the chunk being
+ * sent: a socket read's worth. Its bytes count as sent once in the kernel (MuxConnection.send).
+ */
+const WRITE_BUFFER = 64 * 1024;
 /** A window update is sent once this much was consumed (not per frame). */
 const GRANT_STEP = INITIAL_WINDOW / 4;
 /**
@@ -132,7 +137,7 @@ export class MuxTunnel extends Duplex {
   private tapped?: { data: (payload: Buffer) => void; end: () => void; held: Buffer[]; heldBytes: number; paused: boolean; endPending: boolean };
 
   constructor(mux: MuxConnection, id: number) {
-    super({ allowHalfOpen: true, readableHighWaterMark: INITIAL_WINDOW, writableHighWaterMark: INITIAL_WINDOW });
+    super({ allowHalfOpen: true, readableHighWaterMark: INITIAL_WINDOW, writableHighWaterMark: WRITE_BUFFER });
     this.mux = mux;
     this.id = id;
     // A reset is an error of its stream; one nobody listens to yet (a tunnel being opened) must not end the process.
@@ -279,17 +284,15 @@ export class MuxTunnel extends Duplex {
         item.done();
         continue;
       }
-      const whenWritten = this.mux.answersWhenWritten;
       while (item.offset < chunk.length) {
         if (this.sendCredit <= 0) return; // credit() goes on
         const n = Math.min(chunk.length - item.offset, DATA_BYTES, this.sendCredit);
         this.sendCredit -= n;
         const last = item.offset + n === chunk.length;
-        this.mux.send(this.id, item.offset === 0 && last ? chunk : chunk.subarray(item.offset, item.offset + n), last && whenWritten ? item.done : undefined);
+        this.mux.send(this.id, item.offset === 0 && last ? chunk : chunk.subarray(item.offset, item.offset + n), last ? item.done : undefined);
         item.offset += n;
       }
       this.out.shift();
-      if (!whenWritten) item.done();
     }
   }
 
@@ -313,6 +316,12 @@ export class MuxTunnel extends Duplex {
 }
 
 const noop = () => {};
+
+/** A frame to send: whole, or a DATA frame's tunnel id and payload; `written` once it is in the kernel. */
+interface Outgoing {
+  item: Buffer | [number, Buffer];
+  written?: () => void;
+}
 
 const u32 = (n: number) => {
   const b = Buffer.allocUnsafe(4);
@@ -410,21 +419,17 @@ export class MuxConnection {
   }
 
   /**
-   * Whether a tunnel's bytes count as sent only once written to the socket (the controller's side).
-   * A window is the peer's to grant: a client that grants itself gigabytes and reads nothing would
-   * otherwise have the controller queue all it relays in the socket's buffer. So the relay's flow
-   * control (relay.ts) sees what waits in the socket, and pauses the tunnel's other side.
-   */
-  get answersWhenWritten(): boolean {
-    return !this.options.oneAtATime;
-  }
-
-  /**
-   * Sends one frame (a whole one, or DATA as its tunnel id and payload); with `oneAtATime`, each is
-   * handed to the socket once the one before has left: frames written together are packed across TLS
-   * records, and the receiver copies them together again (as with the ready connections' frames).
-   * Without it, `written` runs once the frame is in the kernel, and a peer that lets more than
-   * MAX_BACKLOG wait in the socket (it reads nothing while its tunnels' replies pile up) is closed.
+   * Sends one frame (a whole one, or DATA as its tunnel id and payload); `written` runs once the frame
+   * is in the kernel, and a tunnel's writer waits for it (MuxTunnel.flush). A window is the peer's to
+   * grant, and it is not what should wait here: a client granting itself gigabytes would have the
+   * controller queue all it relays, and with 100 tunnels at 512 KiB the worker queued 40-47 MB, which
+   * every new tunnel's first bytes waited behind (bench/tunnel.ts). So this process holds a chunk or
+   * so per tunnel (WRITE_BUFFER), and the rest waits in the kernel or at its source.
+   * With `oneAtATime`, each frame is handed to the socket once the one before has left: frames written
+   * together are packed across TLS records, and the receiver copies them together again (as with the
+   * ready connections' frames). Without it (the controller's side, which relays as frames come), a
+   * peer that lets more than MAX_BACKLOG wait in the socket (it reads nothing while its tunnels'
+   * replies pile up) is closed.
    */
   send(buf: Buffer): void;
   send(id: number, payload: Buffer, written?: () => void): void;
@@ -439,21 +444,24 @@ export class MuxConnection {
       }
       return this.write(item, written ?? noop);
     }
-    if (this.sending) return void this.queue.push(item);
-    this.sending = true;
+    if (this.sending) return void this.queue.push({ item, written });
+    this.sending = { item, written };
     this.write(item, this.sent);
   }
 
-  private readonly queue: (Buffer | [number, Buffer])[] = [];
-  private sending = false;
+  private readonly queue: Outgoing[] = [];
+  /** Bytes of frames waiting here for the socket (oneAtATime). */
+  get queuedBytes(): number {
+    return this.queue.reduce((n, { item }) => n + (Buffer.isBuffer(item) ? item.length : HEADER + item[1].length), 0);
+  }
+  /** The frame being written (oneAtATime). */
+  private sending?: Outgoing;
   private readonly sent = () => {
-    const next = this.queue.shift();
-    if (!next || !this.open) {
-      this.sending = false;
-      this.queue.length = 0;
-      return;
-    }
-    this.write(next, this.sent);
+    const done = this.sending?.written;
+    this.sending = this.open ? this.queue.shift() : undefined;
+    if (this.sending) this.write(this.sending.item, this.sent);
+    else this.queue.length = 0;
+    done?.();
   };
 
   /**
