@@ -1,10 +1,12 @@
 // What a multiplexed connection's sending side (the worker's, the client's) holds when its socket is
 // the bottleneck: a tunnel's writer waits until its frames are in the kernel, so the process holds a
 // chunk or so per tunnel, not each tunnel's whole window (with 100 tunnels the worker had queued
-// 40-47 MB, which every new tunnel's first bytes waited behind: BENCHMARKS.md).
+// 40-47 MB, which every new tunnel's first bytes waited behind: BENCHMARKS.md). And the receiving
+// side's relay hands what comes in one read to its target in one write (one system call for a socket).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import { Writable } from 'node:stream';
 import { WebSocket, WebSocketServer } from 'ws';
 import { INITIAL_WINDOW, MuxConnection, type MuxTunnel } from '../src/client/mux.ts';
 import { waitFor } from './helpers.ts';
@@ -68,5 +70,40 @@ test('a mux whose socket backs up holds about a chunk per tunnel, not its window
     ws.terminate();
     wss.close();
     firehose.close();
+  }
+});
+
+test('frames that come in one read reach the target in one write (a tapped tunnel corks its target for the turn)', async () => {
+  const wss = new WebSocketServer({ port: 0, host: '127.0.0.1' });
+  await new Promise((r) => wss.once('listening', r));
+  // The target: counts the writes it is handed (a socket makes a system call for each).
+  let writes = 0;
+  let bytes = 0;
+  const target = new Writable({
+    highWaterMark: 1024 * 1024,
+    writev(chunks, callback) {
+      writes++;
+      for (const { chunk } of chunks) bytes += (chunk as Buffer).length;
+      callback();
+    },
+  });
+  const ws = new WebSocket(`ws://127.0.0.1:${(wss.address() as net.AddressInfo).port}`);
+  const receiver = new MuxConnection(ws, { opener: false, oneAtATime: true, maxTunnels: 10, onOpen: (_request, tunnel) => (receiver.accept(tunnel), tunnel.pipeInto(target)) });
+  const [serverWs] = await Promise.all([new Promise<WebSocket>((r) => wss.once('connection', r)), new Promise((r) => ws.once('open', r))]);
+  const opener = new MuxConnection(serverWs, { opener: true, maxTunnels: 10 });
+  let frames = 0;
+  ws.on('message', (m: Buffer) => m[0] === 3 && frames++); // DATA
+  try {
+    const tunnel = await opener.openTunnel({}, 5000);
+    const total = 8 * 1024 * 1024;
+    const chunk = Buffer.alloc(256 * 1024, 1);
+    for (let sent = 0; sent < total; sent += chunk.length) if (!tunnel.write(chunk)) await new Promise((r) => tunnel.once('drain', r));
+    await waitFor('every byte at the target', () => bytes >= total || undefined, 20_000, 5);
+    console.log(`# ${frames} DATA frames reached the target in ${writes} writes`);
+    assert.ok(writes < frames / 2, `${writes} writes for ${frames} frames`);
+  } finally {
+    opener.close();
+    ws.terminate();
+    wss.close();
   }
 });

@@ -186,13 +186,25 @@ export class MuxTunnel extends Duplex {
   /**
    * What `pipe(dest)` does, without the Readable's buffering (a tap): each payload is written to `dest`
    * as it comes, `dest`'s back-pressure holds the tunnel (and its window the peer), the peer's END ends
-   * `dest`. For a relay to a socket (the CLI's local connections, the worker's targets).
+   * `dest`. For a relay to a socket (the CLI's local connections, the worker's targets). What comes in
+   * one turn of the event loop (the frames of one read) is written to `dest` in one system call: the CLI
+   * relaying 100 tunnels made 86 writes per MiB, one per frame, and 32 so.
    */
   pipeInto(dest: Writable) {
     const release = () => this.release();
+    let corked = false;
+    const uncork = () => {
+      corked = false;
+      dest.uncork();
+    };
     this.tap(
       (payload) => {
         relayed(payload.length);
+        if (!corked) {
+          corked = true;
+          dest.cork();
+          setImmediate(uncork);
+        }
         if (dest.write(payload)) return;
         this.hold();
         dest.once('drain', release);
