@@ -4,19 +4,17 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import type { Duplex } from 'node:stream';
 import ssh2 from 'ssh2';
 import { pino } from 'pino';
-import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
 import { startWorker } from '../src/worker/run.ts';
+import { driverWithGuest, standInHostKey } from './ssh-stand-in.ts';
 import { ADMIN_TOKEN, inProcessController, tempDir, waitFor } from './helpers.ts';
 
 /** An SSH server that refuses every password until `acceptAfterMs`, then takes admin/admin and answers a script with one line. */
 async function lateGuest(acceptAfterMs: number) {
   const opensAt = Date.now() + acceptAfterMs;
   let refused = 0;
-  const hostKey = ssh2.utils.generateKeyPairSync('ed25519').private;
-  const server = new ssh2.Server({ hostKeys: [hostKey] }, (client) => {
+  const server = new ssh2.Server({ hostKeys: [standInHostKey()] }, (client) => {
     client.on('authentication', (ctx) => {
       if (ctx.method === 'password' && Date.now() >= opensAt && ctx.username === 'admin' && ctx.password === 'admin') return ctx.accept();
       if (ctx.method === 'password') refused++;
@@ -44,15 +42,7 @@ async function lateGuest(acceptAfterMs: number) {
 
 test('a guest that refuses the VM\'s credentials at first still runs the startup script: the worker asks again', async () => {
   const guest = await lateGuest(3000);
-  const driver = new (class extends SyntheticDriver {
-    override async dial(localName: string, port: number): Promise<Duplex> {
-      if (port !== 22) return super.dial(localName, port);
-      return new Promise((resolve, reject) => {
-        const sock = net.connect(guest.port, '127.0.0.1', () => resolve(sock));
-        sock.once('error', reject);
-      });
-    }
-  })();
+  const driver = driverWithGuest(guest.port);
   const c = await inProcessController();
   const token = { serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate: c.ctl.certificate };
   const worker = await startWorker({ url: c.ctl.url, token, name: 'w', runtime: 'synthetic', labels: {}, dataDir: tempDir('orchard-worker-'), driver, logger: pino({ level: 'silent' }) });
