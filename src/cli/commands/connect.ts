@@ -278,31 +278,52 @@ function sshConnect(stream: Duplex, opts: { username: string; password?: string;
   );
 }
 
+/** A session channel, watched from the moment it opens. */
+interface Session {
+  ch: ClientChannel;
+  exit?: { code: number | null; signal?: string };
+  closed: boolean;
+}
+
+/**
+ * Watches `ch` for its exit status and its close at once, in the callback that opens it: a quick
+ * command's status can come in the same read as the channel's opening, and ssh2 emits it then,
+ * before anything awaiting the channel could listen (the CLI exited 255 instead of the command's code).
+ */
+function opened(ch: ClientChannel): Session {
+  const session: Session = { ch, closed: false };
+  ch.on('exit', (code: number | null, signal?: string) => (session.exit = { code, signal }));
+  ch.once('close', () => (session.closed = true));
+  return session;
+}
+
 /** Pipes our stdio and the channel; resolves with the remote exit code when the channel closes. */
-function attach(conn: SSHClient, ch: ClientChannel, lost: () => string | undefined): Promise<number> {
+function attach(conn: SSHClient, session: Session, lost: () => string | undefined): Promise<number> {
+  const { ch } = session;
   return new Promise((resolve) => {
-    let exit: { code: number | null; signal?: string } | undefined;
-    ch.on('exit', (code: number | null, signal?: string) => (exit = { code, signal }));
     ch.pipe(process.stdout, { end: false });
     ch.stderr.pipe(process.stderr, { end: false });
     process.stdin.pipe(ch);
     let done = false;
-    const finish = () => {
+    const finish = (what: 'session' | 'connection') => {
       if (done) return;
       done = true;
       process.stdin.unpipe(ch);
       process.stdin.pause();
+      const { exit } = session;
       if (exit?.code !== undefined && exit.code !== null) return resolve(exit.code);
       if (exit?.signal) {
         warn(`the remote command was killed by signal ${exit.signal}`);
         const signo = (osConstants.signals as Record<string, number | undefined>)[`SIG${exit.signal.replace(/^SIG/, '')}`];
         return resolve(signo ? 128 + signo : 255);
       }
-      warn(`the connection to the VM was lost${lost() ? `: ${lost()}` : ''}`);
+      if (what === 'session') warn('the VM ended the session without an exit status');
+      else warn(`the connection to the VM was lost${lost() ? `: ${lost()}` : ''}`);
       resolve(255);
     };
-    ch.on('close', finish);
-    conn.on('close', finish);
+    if (session.closed) finish('session');
+    ch.on('close', () => finish('session'));
+    conn.on('close', () => finish('connection'));
   });
 }
 
@@ -330,6 +351,9 @@ async function sshVM(name: string, command: string[], opts: SSHOptions): Promise
     tunnel.ws.on('close', (code, reason) => {
       if (!normalClose(code)) lostReason = closeText(code, reason);
     });
+    // A tunnel that the worker or the controller reset, or that the VM's side closed.
+    tunnel.stream.on('error', (err: Error) => (lostReason ??= err.message));
+    tunnel.stream.once('end', () => (lostReason ??= "the VM's side closed it"));
     try {
       conn = await sshConnect(tunnel.stream, { username, password, privateKey, verbose: opts.verbose, host: `VM ${name}` });
     } catch (err) {
@@ -339,21 +363,22 @@ async function sshVM(name: string, command: string[], opts: SSHOptions): Promise
     const c = conn;
     const ttyIn = process.stdin.isTTY === true;
     if (command.length) {
-      const ch = await new Promise<ClientChannel>((resolve, reject) => c.exec(command.join(' '), (err, ch) => (err ? reject(new SSHError(`the VM refused to run the command: ${err.message}`)) : resolve(ch))));
-      return await attach(c, ch, () => lostReason);
+      const session = await new Promise<Session>((resolve, reject) => c.exec(command.join(' '), (err, ch) => (err ? reject(new SSHError(`the VM refused to run the command: ${err.message}`)) : resolve(opened(ch)))));
+      return await attach(c, session, () => lostReason);
     }
     // Interactive: a PTY the size of our terminal when stdin is one (like ssh), else a plain shell.
     const pty = ttyIn && process.stdout.isTTY === true;
-    const ch = await new Promise<ClientChannel>((resolve, reject) =>
-      c.shell(pty ? { term: process.env.TERM || 'xterm-256color', rows: process.stdout.rows, cols: process.stdout.columns } : false, (err, ch) => (err ? reject(new SSHError(`the VM refused a shell: ${err.message}`)) : resolve(ch))),
+    const session = await new Promise<Session>((resolve, reject) =>
+      c.shell(pty ? { term: process.env.TERM || 'xterm-256color', rows: process.stdout.rows, cols: process.stdout.columns } : false, (err, ch) => (err ? reject(new SSHError(`the VM refused a shell: ${err.message}`)) : resolve(opened(ch)))),
     );
+    const { ch } = session;
     const onResize = () => ch.setWindow(process.stdout.rows, process.stdout.columns, 0, 0);
     if (pty) {
       process.stdin.setRawMode(true);
       process.stdout.on('resize', onResize);
     }
     try {
-      return await attach(c, ch, () => lostReason);
+      return await attach(c, session, () => lostReason);
     } finally {
       if (pty) {
         process.stdout.off('resize', onResize);
