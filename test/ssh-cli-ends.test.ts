@@ -1,7 +1,8 @@
 // How `orchard ssh vm NAME -- CMD` ends. A command's exit status that comes at once, in the same read
 // as the session's opening, is its exit code (the CLI took it for a lost connection, 255). Without an
 // exit status, because the guest closes the session without one or drops the connection, the CLI
-// exits 255 and says which. The guest is a stand-in SSH server (ssh2) behind a synthetic VM.
+// exits 255 and says which. The controller's exec keeps such a status too. The guest is a stand-in SSH
+// server (ssh2) behind a synthetic VM.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
@@ -23,7 +24,7 @@ async function standInGuest() {
         accept().on('exec', (acceptExec, _reject, info) => {
           const channel = acceptExec();
           channel.write(`ran ${info.command}\n`);
-          const exit = /^exit (\d+)$/.exec(info.command);
+          const exit = /\bexit (\d+)\b/.exec(info.command);
           if (exit) {
             channel.exit(Number(exit[1]));
             channel.end();
@@ -38,7 +39,7 @@ async function standInGuest() {
   return { port: (server.address() as net.AddressInfo).port, close: () => server.close() };
 }
 
-test("orchard ssh: an exit status that comes at once is the exit code; a session closed without one, or a connection the guest drops, exit 255 saying which", async () => {
+test("orchard ssh and exec: an exit status that comes at once is the exit code; a session closed without one, or a connection the guest drops, exit 255 saying which", async () => {
   const guest = await standInGuest();
   const driver = driverWithGuest(guest.port);
   const c = await inProcessController();
@@ -64,6 +65,14 @@ test("orchard ssh: an exit status that comes at once is the exit code; a session
     assert.equal(drop.code, 255, drop.stderr);
     assert.equal(drop.stdout, 'ran drop\n');
     assert.match(drop.stderr, /the connection to the VM was lost: the VM's side closed it/);
+
+    // The controller's exec (the API under `orchard exec`), whose wrapper around the command the
+    // stand-in answers at once too: the exit frame carries the status.
+    const ws = await c.admin.openExec('v', { command: 'exit 3' });
+    const frames: { type: string; exit?: { code: number } }[] = [];
+    ws.on('message', (d: Buffer) => frames.push(JSON.parse(d.toString()) as (typeof frames)[number]));
+    await new Promise((r) => ws.once('close', r));
+    assert.deepEqual(frames.at(-1), { ...frames.at(-1), type: 'exit', exit: { code: 3 } }, JSON.stringify(frames));
   } finally {
     await worker.stop();
     await c.close();

@@ -11,6 +11,7 @@ import type { WebSocket } from 'ws';
 import type { OrchardClient } from '../../client/client.ts';
 import { ApiError } from '../../client/errors.ts';
 import { MuxTunnel } from '../../client/mux.ts';
+import { keepExitStatus, type ExitStatus } from '../../client/ssh-exit.ts';
 import { sshCredentials, VM_DEFAULTS, VNC_PORT } from '../../api/defaults.ts';
 import type { VM } from '../../api/schemas.ts';
 import { clientFor, errorText, parseInteger, UsageError, withCommon } from '../common.ts';
@@ -281,18 +282,14 @@ function sshConnect(stream: Duplex, opts: { username: string; password?: string;
 /** A session channel, watched from the moment it opens. */
 interface Session {
   ch: ClientChannel;
-  exit?: { code: number | null; signal?: string };
+  exit: ExitStatus;
   closed: boolean;
 }
 
-/**
- * Watches `ch` for its exit status and its close at once, in the callback that opens it: a quick
- * command's status can come in the same read as the channel's opening, and ssh2 emits it then,
- * before anything awaiting the channel could listen (the CLI exited 255 instead of the command's code).
- */
+/** Watches `ch` for its exit status and its close from now: called in the callback that opens it (see keepExitStatus). */
 function opened(ch: ClientChannel): Session {
-  const session: Session = { ch, closed: false };
-  ch.on('exit', (code: number | null, signal?: string) => (session.exit = { code, signal }));
+  const session: Session = { ch, exit: {}, closed: false };
+  keepExitStatus(ch, session.exit);
   ch.once('close', () => (session.closed = true));
   return session;
 }
@@ -311,8 +308,8 @@ function attach(conn: SSHClient, session: Session, lost: () => string | undefine
       process.stdin.unpipe(ch);
       process.stdin.pause();
       const { exit } = session;
-      if (exit?.code !== undefined && exit.code !== null) return resolve(exit.code);
-      if (exit?.signal) {
+      if (exit.code !== undefined && exit.code !== null) return resolve(exit.code);
+      if (exit.signal) {
         warn(`the remote command was killed by signal ${exit.signal}`);
         const signo = (osConstants.signals as Record<string, number | undefined>)[`SIG${exit.signal.replace(/^SIG/, '')}`];
         return resolve(signo ? 128 + signo : 255);

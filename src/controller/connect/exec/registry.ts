@@ -11,6 +11,7 @@ import type { Store } from '../../store/store.ts';
 import { badRequest, HttpError, notFound } from '../../errors.ts';
 import type { Tunnels } from '../tunnels.ts';
 import { killScript, remoteCommand, sameSpec, type ExecQuery, type ExecSpec } from './query.ts';
+import { keepExitStatus, type ExitStatus } from '../../../client/ssh-exit.ts';
 import { DEFAULT_EXEC_LIMITS, ExecSession, type CommandChannel, type ExecLimits } from './session.ts';
 
 /** Reconnectable sessions per service account, and in all. */
@@ -187,11 +188,14 @@ export class ExecSessions {
           hostVerifier: () => true,
         });
       });
+      const exit: ExitStatus = {};
       const channel = await new Promise<CommandChannel>((resolve, reject) => {
         conn.once('close', () => reject(new Error(connError ?? 'the SSH connection closed')));
-        conn.exec(remoteCommand(spec, marker), spec.tty ? { pty: { rows: spec.rows, cols: spec.cols, term: 'xterm-256color' } } : {}, (err, ch) =>
-          err ? reject(err) : resolve(ch as CommandChannel),
-        );
+        conn.exec(remoteCommand(spec, marker), spec.tty ? { pty: { rows: spec.rows, cols: spec.cols, term: 'xterm-256color' } } : {}, (err, ch) => {
+          if (err) return reject(err);
+          keepExitStatus(ch, exit);
+          resolve(ch as CommandChannel);
+        });
       });
       let release = () => {};
       const session: ExecSession = new ExecSession({
@@ -201,6 +205,7 @@ export class ExecSessions {
         vmUID: vm.uid ?? '',
         spec,
         channel,
+        exit,
         disconnect,
         connectionError: () => connError,
         limits: this.limits,

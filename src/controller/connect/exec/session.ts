@@ -46,6 +46,7 @@
 import { constants as osConstants } from 'node:os';
 import type { Duplex, Readable } from 'node:stream';
 import type { RawData, WebSocket } from 'ws';
+import { keepExitStatus, type ExitStatus } from '../../../client/ssh-exit.ts';
 import { TERMINAL_MAX, type ExecSpec } from './query.ts';
 
 /** What a session may keep, and for how long with nobody attached (the controller's Limits set them). */
@@ -99,6 +100,8 @@ export interface ExecSessionOptions {
   vmUID: string;
   spec: ExecSpec;
   channel: CommandChannel;
+  /** Its exit status, kept since it opened (keepExitStatus); without it, kept from now. */
+  exit?: ExitStatus;
   /** Ends the SSH connection (and the tunnel under it). */
   disconnect: () => void;
   /** Kills the command's processes some other way than the channel's signal (see killScript). */
@@ -145,7 +148,7 @@ export class ExecSession {
   private ended = false;
   private ttlTimer?: NodeJS.Timeout;
   private killTimer?: NodeJS.Timeout;
-  private exit: { code?: number | null; signal?: string } = {};
+  private readonly exit: ExitStatus;
 
   constructor(opts: ExecSessionOptions) {
     this.id = opts.id;
@@ -167,7 +170,8 @@ export class ExecSession {
     ch.stderr.on('error', () => {});
     ch.on('data', (d: Buffer) => this.record({ type: 'stdout', data: d.toString('base64') }));
     ch.stderr.on('data', (d: Buffer) => this.record({ type: 'stderr', data: d.toString('base64') }));
-    ch.on('exit', (code: number | null, signal?: string) => (this.exit = { code, signal }));
+    if (opts.exit) this.exit = opts.exit;
+    else keepExitStatus(ch, (this.exit = {}));
     let open = 2;
     const closed = () => {
       if (--open === 0) this.commandEnded();
