@@ -85,8 +85,8 @@ async function burst(cluster: Cluster, n: number, prefix: string): Promise<Burst
  * between runs), the better of two fresh controllers: one alone varied by ±15 % from run to run, and
  * the ratio is taken against the faster.
  */
-async function baseline(nVMs: number): Promise<{ rate: number; cpuPerCreate: number }> {
-  let best = { rate: 0, cpuPerCreate: 0 };
+async function baseline(nVMs: number): Promise<{ rate: number; cpuPerCreate: number; p50: number; p99: number }> {
+  let best = { rate: 0, cpuPerCreate: 0, p50: 0, p99: 0 };
   for (let i = 0; i < 2; i++) {
     const alone = new Cluster(BIN);
     try {
@@ -94,7 +94,7 @@ async function baseline(nVMs: number): Promise<{ rate: number; cpuPerCreate: num
       const cpu0 = cpuSeconds(alone.ctl.proc.pid!);
       const b = await burst(alone, nVMs, 'vm-');
       const rate = nVMs / b.seconds;
-      if (rate > best.rate) best = { rate, cpuPerCreate: (cpuSeconds(alone.ctl.proc.pid!) - cpu0) / nVMs };
+      if (rate > best.rate) best = { rate, cpuPerCreate: (cpuSeconds(alone.ctl.proc.pid!) - cpu0) / nVMs, p50: pct(b.latencies, 50), p99: pct(b.latencies, 99) };
     } finally {
       await alone.stop();
       rmSync(alone.dataDir, { recursive: true, force: true });
@@ -104,7 +104,7 @@ async function baseline(nVMs: number): Promise<{ rate: number; cpuPerCreate: num
 }
 
 async function measure(nWorkers: number, nVMs: number): Promise<Row> {
-  const { rate: alone, cpuPerCreate: aloneCPU } = await baseline(nVMs);
+  const { rate: alone, cpuPerCreate: aloneCPU, p50: aloneP50, p99: aloneP99 } = await baseline(nVMs);
   const cluster = new Cluster(BIN);
   const row: Row = {};
   try {
@@ -132,7 +132,7 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     const [ctlCPU, benchCPU] = cpu.map((s) => `${((s / creates.seconds) * 100).toFixed(0)} %`);
     row['creates/s, controller alone (baseline, best of 2)'] = alone.toFixed(0);
     row['creates/s'] = `${(nVMs / creates.seconds).toFixed(0)} (${(nVMs / creates.seconds / alone).toFixed(2)}× baseline)`;
-    row['create p50 / p99'] = `${pct(creates.latencies, 50).toFixed(1)} / ${pct(creates.latencies, 99).toFixed(1)} ms`;
+    row['create p50 / p99 (alone)'] = `${pct(creates.latencies, 50).toFixed(1)} / ${pct(creates.latencies, 99).toFixed(1)} ms (${aloneP50.toFixed(1)} / ${aloneP99.toFixed(1)})`;
     await watcher.until(() => watcher.placedAt.size >= nVMs, 600_000, 'all placed');
     row['all placed after last create'] = `${((performance.now() - lastCreate) / 1000).toFixed(2)} s`;
     await watcher.until(() => watcher.runningAt.size >= nVMs, 600_000, 'all running');
