@@ -4,7 +4,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import type { IncomingMessage } from 'node:http';
 import https from 'node:https';
-import { connect, createServer, type AddressInfo } from 'node:net';
+import { connect, createServer, type AddressInfo, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pino, type Logger } from 'pino';
@@ -496,4 +496,19 @@ export function delayProxy(target: number, oneWayMs: number): Promise<{ port: nu
     }
   });
   return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ port: (server.address() as AddressInfo).port, close: () => server.close() })));
+}
+
+/** A port of this host that sends without end to whoever connects (a worker-host target for tunnels). */
+export async function startFirehose(): Promise<Server> {
+  const server = createServer((sock) => {
+    sock.on('error', () => {});
+    const chunk = Buffer.alloc(64 * 1024, 7);
+    const pump = () => {
+      while (sock.write(chunk));
+    };
+    sock.on('drain', pump);
+    pump();
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return server;
 }

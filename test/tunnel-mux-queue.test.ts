@@ -9,21 +9,11 @@ import net from 'node:net';
 import { Writable } from 'node:stream';
 import { WebSocket, WebSocketServer } from 'ws';
 import { INITIAL_WINDOW, MuxConnection, type MuxTunnel } from '../src/client/mux.ts';
-import { waitFor } from './helpers.ts';
+import { startFirehose, waitFor } from './helpers.ts';
 
 test('a mux whose socket backs up holds about a chunk per tunnel, not its window; every tunnel moves again once the socket drains', async () => {
   const TUNNELS = 50;
-  // The targets: each sends without end to whoever connects.
-  const firehose = net.createServer((sock) => {
-    sock.on('error', () => {});
-    const chunk = Buffer.alloc(64 * 1024, 7);
-    const pump = () => {
-      while (sock.write(chunk));
-    };
-    sock.on('drain', pump);
-    pump();
-  });
-  await new Promise<void>((resolve) => firehose.listen(0, '127.0.0.1', resolve));
+  const firehose = await startFirehose();
   const wss = new WebSocketServer({ port: 0, host: '127.0.0.1' });
   await new Promise((r) => wss.once('listening', r));
   // The accepting side (as the worker): each tunnel dialled to a firehose and piped, as WorkerMux.serve does.

@@ -10,23 +10,8 @@ import { ApiError } from '../src/client/client.ts';
 import { INITIAL_WINDOW, MAX_GROWTH_PER_CONNECTION, MAX_WINDOW, type MuxTunnel } from '../src/client/mux.ts';
 import { pino } from 'pino';
 import { startController } from '../src/controller/controller.ts';
-import { ADMIN_TOKEN, clientOf, delayProxy, tempDir, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, clientOf, delayProxy, startFirehose, tempDir, waitFor } from './helpers.ts';
 import { account, clusterWithVM, countWebSockets, echo, syntheticWorker } from './security/attack.ts';
-
-/** A worker-host port that sends without end to whoever connects. */
-async function startFirehose(): Promise<net.Server> {
-  const server = net.createServer((sock) => {
-    sock.on('error', () => {});
-    const chunk = Buffer.alloc(64 * 1024, 7);
-    const pump = () => {
-      while (sock.write(chunk));
-    };
-    sock.on('drain', pump);
-    pump();
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  return server;
-}
 
 describe('multiplexed tunnels', () => {
   let cluster: Awaited<ReturnType<typeof clusterWithVM>>;
