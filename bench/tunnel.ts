@@ -224,6 +224,15 @@ function cpuSeconds(pid: number | undefined): number {
   return total;
 }
 
+/** Starts counting the CPU of `pids`; the function returned gives each one's CPU seconds since, per GiB moved. */
+function cpuMeter(pids: Record<string, number | undefined>): (gib: number) => Record<string, number> {
+  const before = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpuSeconds(pid)]));
+  return (gib) => Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, (cpuSeconds(pid) - before[k]) / gib]));
+}
+
+/** "client 1.23, controller 2.34, …" */
+const cpuText = (cpu: Record<string, number>) => Object.entries(cpu).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(', ');
+
 function freePort(): Promise<number> {
   return new Promise((resolve) => {
     const s = net.createServer().listen(0, '127.0.0.1', () => {
@@ -288,7 +297,7 @@ interface Throughput {
 }
 
 async function throughput(path: Path, bytes: number, runs: number): Promise<Throughput> {
-  const before = Object.fromEntries(Object.entries(path.pids).map(([k, pid]) => [k, cpuSeconds(pid)]));
+  const cpuPerGiB = cpuMeter(path.pids);
   const ups: number[] = [];
   const downs: number[] = [];
   for (let i = 0; i < runs; i++) {
@@ -296,19 +305,17 @@ async function throughput(path: Path, bytes: number, runs: number): Promise<Thro
     downs.push(bytes / MiB / (await download(path.dial, bytes)).seconds);
   }
   const gib = (2 * runs * bytes) / (1024 * MiB);
-  const cpu = Object.fromEntries(Object.entries(path.pids).map(([k, pid]) => [k, (cpuSeconds(pid) - before[k]) / gib]));
-  return { up: median(ups), down: median(downs), cpu };
+  return { up: median(ups), down: median(downs), cpu: cpuPerGiB(gib) };
 }
 
-async function concurrent(path: Path, conns: number, bytesEach: number): Promise<{ mibps: number; ttfb50: number; ttfb99: number; failed: number; cpu: string }> {
-  const before = Object.fromEntries(Object.entries(path.pids).map(([k, pid]) => [k, cpuSeconds(pid)]));
+async function concurrent(path: Path, conns: number, bytesEach: number): Promise<{ mibps: number; ttfb50: number; ttfb99: number; failed: number; cpu: Record<string, number> }> {
+  const cpuPerGiB = cpuMeter(path.pids);
   const t0 = performance.now();
   const results = await Promise.allSettled(Array.from({ length: conns }, () => download(path.dial, bytesEach)));
   const seconds = (performance.now() - t0) / 1000;
   const ok = results.filter((r) => r.status === 'fulfilled').map((r) => r.value);
   const ttfb = ok.map((r) => r.ttfb).sort((a, b) => a - b);
-  const gib = (ok.length * bytesEach) / (1024 * MiB);
-  const cpu = Object.entries(path.pids).map(([k, pid]) => `${k} ${((cpuSeconds(pid) - before[k]) / gib).toFixed(2)}`).join(', ');
+  const cpu = cpuPerGiB((ok.length * bytesEach) / (1024 * MiB));
   return { mibps: (ok.length * bytesEach) / MiB / seconds, ttfb50: pct(ttfb, 50), ttfb99: pct(ttfb, 99), failed: conns - ok.length, cpu };
 }
 
@@ -454,8 +461,7 @@ async function main() {
     for (const p of [...paths, ...sshPaths]) {
       const r = await throughput(p, SIZE, RUNS);
       tp.set(p.name, r);
-      const cpu = Object.entries(r.cpu).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(', ');
-      console.log(`${p.name.padEnd(W)} ${r.up.toFixed(0).padStart(12)} ${r.down.toFixed(0).padStart(14)}   ${cpu}`);
+      console.log(`${p.name.padEnd(W)} ${r.up.toFixed(0).padStart(12)} ${r.down.toFixed(0).padStart(14)}   ${cpuText(r.cpu)}`);
     }
 
     // (d) latency
@@ -481,7 +487,7 @@ async function main() {
       const r = rs.sort((a, b) => a.mibps - b.mibps)[Math.floor(RUNS / 2)];
       conc.set(p.name, r.mibps);
       const ttfb = `${r.ttfb50.toFixed(1)} / ${r.ttfb99.toFixed(1)} ms`;
-      console.log(`${p.name.padEnd(W)} ${r.mibps.toFixed(0).padStart(15)}   ${ttfb.padEnd(22)}  ${r.cpu}${r.failed ? `   ${r.failed} FAILED` : ''}`);
+      console.log(`${p.name.padEnd(W)} ${r.mibps.toFixed(0).padStart(15)}   ${ttfb.padEnd(22)}  ${cpuText(r.cpu)}${r.failed ? `   ${r.failed} FAILED` : ''}`);
     }
 
     // Setting up one tunnel: open → first byte, one at a time.
