@@ -40,9 +40,9 @@ function newestSource(dir: string): number {
   return newest;
 }
 
-/** Builds this host's executable unless it is newer than every input and names the current commit. */
+/** Builds this host's executable unless it is newer than every input (bin/orchard too: its Node flags) and names the current commit. */
 function ensureBuilt(): { built: boolean; ms: number } {
-  const inputs = Math.max(newestSource(join(ROOT, 'src')), ...['package.json', 'package-lock.json', 'scripts/build.ts'].map((f) => statSync(join(ROOT, f)).mtimeMs));
+  const inputs = Math.max(newestSource(join(ROOT, 'src')), ...['package.json', 'package-lock.json', 'scripts/build.ts', 'bin/orchard'].map((f) => statSync(join(ROOT, f)).mtimeMs));
   if (existsSync(EXECUTABLE) && statSync(EXECUTABLE).mtimeMs > inputs) {
     const version = execFileSync(EXECUTABLE, ['--version'], { encoding: 'utf8', env: {} });
     if (version.includes(`(commit ${expectedCommit()})`)) return { built: false, ms: 0 };
