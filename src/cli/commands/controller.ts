@@ -17,22 +17,27 @@ import type { LogFormat } from '../../logging.ts';
  * "bootstrap-context" context on this host holds its credentials (the default if there is none).
  */
 async function bootstrapAdmin(ctl: RunningController, fromEnvironment: boolean) {
+  let created: string | undefined;
   if (!fromEnvironment && (await ctl.store.list('serviceAccounts')).length === 0) {
     const { newToken } = await lazy.accounts();
-    const token = newToken();
-    await ctl.store.create('serviceAccounts', { name: 'bootstrap-admin', token, roles: [...ROLES], createdAt: new Date().toISOString() });
+    created = newToken();
+    await ctl.store.create('serviceAccounts', { name: 'bootstrap-admin', token: created, roles: [...ROLES], createdAt: new Date().toISOString() });
+  }
+  const admin = await ctl.store.get('serviceAccounts', 'bootstrap-admin');
+  if (admin?.token) {
+    const config = await loadConfig();
+    config.contexts['bootstrap-context'] = { url: ctl.url, certificate: ctl.certificate, serviceAccountName: admin.name, serviceAccountToken: admin.token };
+    config['default-context'] ??= 'bootstrap-context';
+    await saveConfig(config);
+  }
+  // Said once the context is saved: whoever reads the token can use the context at once.
+  if (created) {
     process.stderr.write(
       'orchard controller: no service accounts found: created "bootstrap-admin" with every role and a random token:\n' +
-        `  service account name: bootstrap-admin\n  service account token: ${token}\n` +
+        `  service account name: bootstrap-admin\n  service account token: ${created}\n` +
         (ctl.fingerprint ? `  certificate SHA-256 fingerprint: ${ctl.fingerprint}\n` : ''),
     );
   }
-  const admin = await ctl.store.get('serviceAccounts', 'bootstrap-admin');
-  if (!admin?.token) return;
-  const config = await loadConfig();
-  config.contexts['bootstrap-context'] = { url: ctl.url, certificate: ctl.certificate, serviceAccountName: admin.name, serviceAccountToken: admin.token };
-  config['default-context'] ??= 'bootstrap-context';
-  await saveConfig(config);
 }
 
 export function registerControllerCommands(program: Command) {
