@@ -12,7 +12,8 @@
 //   (e) CONNS concurrent tunnels, each downloading SIZE/CONNS: aggregate throughput, time to first byte,
 //       CPU per GiB of each process (the median of RUNS bursts)
 //   (f) one tunnel over a long link: `orchard port-forward` (mux) and `ssh -L` with RTT ms of delay between
-//       the user's side and the controller (the worker next to it), resp. between ssh and dropbear
+//       the user's side and the controller (the worker next to it), resp. between ssh and dropbear: its
+//       throughput, and the set-up of a connection whose client speaks first
 //
 // The controller (TLS) and the worker (synthetic runtime) are separate processes, like in production;
 // CPU seconds per GiB of each process show where the tunnel's cost goes. A measurement ends its
@@ -529,6 +530,15 @@ async function main() {
       if (farTp.size === 2) {
         const [cliFar, sshFarTp] = [...farTp.values()];
         console.log(`${'the CLI ÷ ssh -L, slower direction'.padEnd(W)} ${(cliFar / sshFarTp).toFixed(2)}×`);
+      }
+      // A new connection whose client speaks first: the CLI sends its bytes with the tunnel's OPEN, ssh -L
+      // waits for its channel's confirmation.
+      console.log(`\n${`setting up one connection, ${RTT} ms round trip (20 in a row)`.padEnd(W)} open → first byte p50 / p99`);
+      for (const p of farPaths) {
+        const xs: number[] = [];
+        for (let i = 0; i < 20; i++) xs.push((await download(p.dial, 16)).seconds * 1000);
+        xs.sort((a, b) => a - b);
+        console.log(`${p.name.padEnd(W)} ${pct(xs, 50).toFixed(1)} / ${pct(xs, 99).toFixed(1)} ms`);
       }
     }
 

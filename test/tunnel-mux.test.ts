@@ -91,6 +91,44 @@ describe('multiplexed tunnels', () => {
     }
   });
 
+  test("a tunnel written to before the controller's answer (openEarly, as `orchard port-forward` does): its bytes leave at once, wait for a VM that is not yet running, and reach it; a refused one rejects `opened` and the connection carries on", async () => {
+    const { admin } = cluster.c;
+    // Pending until a worker with its label comes.
+    await admin.createVM({ name: 'early', image: 'synthetic', labels: { site: 'late' } });
+    const late = syntheticWorker(admin, 'syn-late', { site: 'late' });
+    const forwarder = admin.portForwarder({ vm: 'early', port: 22, waitSeconds: 10 });
+    try {
+      const { stream, opened } = await forwarder.openEarly();
+      let answered = false;
+      void opened.then(() => (answered = true));
+      const bytes = Buffer.alloc(100_000, 7);
+      const echoed = echo(stream, bytes);
+      // Sent, not queued in this process: the tunnel's window went down by them, with no answer yet (the VM does not exist).
+      await waitFor('the bytes sent', () => ((stream as MuxTunnel).sendCredit === INITIAL_WINDOW - bytes.length) || undefined, 5_000, 5);
+      assert.equal(answered, false, 'the controller answered before the VM ran');
+      await late.start();
+      await opened;
+      await echoed;
+    } finally {
+      forwarder.close();
+      await admin.deleteVM('early');
+      await late.stop();
+    }
+    const seen = countWebSockets(admin);
+    const missing = admin.portForwarder({ vm: 'nope', port: 22, waitSeconds: 0 });
+    try {
+      for (let i = 0; i < 2; i++) {
+        const { stream, opened } = await missing.openEarly();
+        stream.write(Buffer.alloc(1000));
+        await assert.rejects(opened, (err: unknown) => err instanceof ApiError && err.status === 404 && /VM "nope" not found/.test(err.message));
+        assert.ok(stream.destroyed, 'the refused tunnel is destroyed');
+      }
+      assert.deepEqual(seen.client, ['/v1/port-forward-mux'], 'both refusals came on the one connection');
+    } finally {
+      missing.close();
+    }
+  });
+
   test('a reader that does not read stalls only its own tunnel: another on the same connections moves 8 MiB meanwhile', async () => {
     const firehose = await startFirehose();
     const admin = cluster.c.admin;

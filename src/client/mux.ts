@@ -514,21 +514,36 @@ export class MuxConnection {
 
   /** Opens a tunnel with `request` (the OPEN's JSON); rejects with the peer's refusal, or after `timeoutMs` without an answer. */
   openTunnel(request: object, timeoutMs: number): Promise<MuxTunnel> {
+    try {
+      return this.startTunnel(request, timeoutMs).opened;
+    } catch (err) {
+      return Promise.reject(err as Error);
+    }
+  }
+
+  /**
+   * Sends the OPEN and gives the tunnel at once: what is written to it before the answer goes out
+   * within its window, and the peer holds it until the tunnel is open (the protocol allows it), so a
+   * client that speaks first saves a round trip. `opened` rejects as openTunnel does, and the tunnel
+   * is then destroyed. Throws if no tunnel can be opened on the connection now.
+   */
+  startTunnel(request: object, timeoutMs: number): { tunnel: MuxTunnel; opened: Promise<MuxTunnel> } {
     if (!this.options.opener) throw new Error('this side does not open tunnels');
-    if (!this.open) return Promise.reject(this.refusal(503, 'the tunnel connection is closed'));
-    if (this.tunnels.size >= this.options.maxTunnels) return Promise.reject(this.refusal(503, `${this.options.maxTunnels} tunnels are open on the connection already`));
+    if (!this.open) throw this.refusal(503, 'the tunnel connection is closed');
+    if (this.tunnels.size >= this.options.maxTunnels) throw this.refusal(503, `${this.options.maxTunnels} tunnels are open on the connection already`);
     const id = ++this.lastId;
     const tunnel = new MuxTunnel(this, id);
     this.tunnels.set(id, tunnel);
-    return new Promise((resolve, reject) => {
+    const opened = new Promise<MuxTunnel>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
         tunnel.destroy();
         reject(this.refusal(503, `no answer to the tunnel request within ${timeoutMs / 1000}s`));
       }, timeoutMs);
       this.pending.set(id, { resolve, reject, timer });
-      this.send(frame(OPEN, id, JSON.stringify(request)));
     });
+    this.send(frame(OPEN, id, JSON.stringify(request)));
+    return { tunnel, opened };
   }
 
   /** The accepting side: the tunnel is connected. */

@@ -94,6 +94,20 @@ export class ReadyTunnels {
     }
   }
 
+  /**
+   * A tunnel to write to at once, for a client that speaks first (a local connection relayed by
+   * `orchard port-forward`): on the mux connection it is given before the controller's answer, and
+   * `opened` rejects with its refusal (bench/tunnel.ts: open → first byte through the CLI). Any other
+   * way, as open().
+   */
+  async openEarly(): Promise<TunnelConnection & { opened: Promise<unknown> }> {
+    await this.start();
+    if ((await this.supported) !== 'mux') return { ...(await this.open()), opened: Promise.resolve() };
+    const mux = await this.muxConnection();
+    const { tunnel, opened } = mux.startTunnel(this.options.mux!.request, this.options.mux!.timeoutMs);
+    return { ws: mux.ws, stream: tunnel, opened };
+  }
+
   /** A tunnel on the mux connection. */
   private async openMux(): Promise<TunnelConnection> {
     const mux = await this.muxConnection();

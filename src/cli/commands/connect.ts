@@ -10,6 +10,7 @@ import type { ClientChannel, Client as SSHClient } from 'ssh2';
 import type { WebSocket } from 'ws';
 import type { OrchardClient } from '../../client/client.ts';
 import { ApiError } from '../../client/errors.ts';
+import type { ReadyTunnels } from '../../client/ready-tunnels.ts';
 import { MuxTunnel } from '../../client/mux.ts';
 import { keepExitStatus, type ExitStatus } from '../../client/ssh-exit.ts';
 import { sshCredentials, VM_DEFAULTS, VNC_PORT } from '../../api/defaults.ts';
@@ -39,7 +40,8 @@ export function parsePortSpec(spec: string): PortSpec {
   return { local, remote };
 }
 
-type Tunnel = { ws: WebSocket; stream: Duplex };
+/** `opened`, when given, rejects if the tunnel (written to already) was refused after all. */
+type Tunnel = { ws: WebSocket; stream: Duplex; opened?: Promise<unknown> };
 
 const warn = (msg: string) => process.stderr.write(`orchard: ${msg}\n`);
 
@@ -84,6 +86,7 @@ export function splice(sock: net.Socket, tunnel: Tunnel, label: string, report: 
   sock.on('close', () => {
     if (!stream.writableEnded) stream.destroy();
   });
+  tunnel.opened?.catch((err: unknown) => abort(describe(err)));
   if (stream instanceof MuxTunnel) stream.pipeInto(sock);
   else stream.pipe(sock);
   sock.pipe(stream);
@@ -195,6 +198,9 @@ async function serveUntilInterrupted(client: OrchardClient, forwards: Forward[],
 
 /** How a forward gets its tunnels: one WebSocket each (`open`), or a client's ready connections too (`close` when done). */
 type Tunnels = { open: () => Promise<Tunnel>; close?: () => void };
+
+/** A port forwarder's tunnels, written to before the controller's answer (the local side may speak first). */
+const early = (forwarder: ReadyTunnels): Tunnels => ({ open: () => forwarder.openEarly(), close: () => forwarder.close() });
 
 async function openForwards(specs: PortSpec[], target: (spec: PortSpec) => string, tunnels: (spec: PortSpec) => Tunnels): Promise<Forward[]> {
   const forwards: Forward[] = [];
@@ -436,7 +442,7 @@ export function registerConnectCommands(program: Command) {
     let forwards: Forward[];
     try {
       noticeNotRunning(await mustExist(() => client.getVM(name)), opts.wait);
-      forwards = await openForwards(specs, (s) => `${name}:${s.remote}`, (s) => client.portForwarder({ vm: name, port: s.remote, waitSeconds: opts.wait }));
+      forwards = await openForwards(specs, (s) => `${name}:${s.remote}`, (s) => early(client.portForwarder({ vm: name, port: s.remote, waitSeconds: opts.wait })));
     } catch (err) {
       client.close();
       throw err;
@@ -456,7 +462,7 @@ export function registerConnectCommands(program: Command) {
     let forwards: Forward[];
     try {
       await mustExist(() => client.getWorker(name));
-      forwards = await openForwards(specs, (s) => `worker ${name}:${s.remote}`, (s) => client.portForwarder({ worker: name, port: s.remote }));
+      forwards = await openForwards(specs, (s) => `worker ${name}:${s.remote}`, (s) => early(client.portForwarder({ worker: name, port: s.remote })));
     } catch (err) {
       client.close();
       throw err;
