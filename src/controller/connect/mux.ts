@@ -8,6 +8,7 @@ import type { Duplex } from 'node:stream';
 import type { WebSocket } from 'ws';
 import type { Role, ServiceAccount } from '../../api/schemas.ts';
 import { MuxConnection, MuxTunnel } from '../../client/mux.ts';
+import { reusableStream } from '../../client/tunnel-ends.ts';
 import { authorize, CONNECT_ROLES, type Access } from '../access.ts';
 import { HttpError } from '../errors.ts';
 import type { ClusterView } from '../view.ts';
@@ -175,36 +176,50 @@ export class MuxTunnels {
     return mux?.openTunnel({ vmUID, port }, WORKER_ANSWER_MS);
   }
 
-  /**
-   * Splices a client's per-tunnel WebSocket (upstream's CLI, and ours without the mux) and a tunnel on
-   * the worker's mux connection. That WebSocket has no half-close: the VM's end closes it (1000), as
-   * the dial-back's close did. Its close handshake completed (1000, or no code) is the client's end:
-   * what it sent before still goes to the VM, then the end (a reset would drop what is still on its
-   * way, up to a window). A VM side that has not ended ORPHAN_GRACE_MS later is reset; any other
-   * close resets the tunnel at once.
-   */
-  spliceClient(ws: WebSocket, tunnel: MuxTunnel) {
-    ws.on('error', () => {});
-    const closeClient = (code: number, reason: string) => {
-      if (ws.readyState !== ws.OPEN) return;
-      ws.close(code, reason.slice(0, 120));
-      setTimeout(() => ws.terminate(), CLOSE_GRACE_MS).unref();
-    };
-    // Orderly: a close frame came, with 1000 or no code (1005); not a cut (1006) or an error's code.
-    const closed = new Promise<boolean>((resolve) => ws.once('close', (code: number) => resolve(code === 1000 || code === 1005)));
-    void closed.then((orderly) => {
-      if (!orderly || tunnel.destroyed) return;
-      // What the VM's side still sends is dropped (the relay has nowhere to send it), as sshd drops a closed channel's.
-      const orphaned = setTimeout(() => tunnel.destroy(), ORPHAN_GRACE_MS).unref();
-      tunnel.once('close', () => clearTimeout(orphaned));
-    });
-    const client: SpliceEnd = {
-      side: wsSide(ws),
-      end: () => closeClient(1000, 'the VM closed the connection'),
-      onEnd: (fn) => void closed.then((orderly) => orderly && fn()),
-      destroy: (err) => closeClient(1011, `the worker connection was lost (${err?.message ?? 'reset'})`),
-      onClose: (fn) => void closed.then(fn),
-    };
-    spliceTunnelEnds(client, muxEnd(tunnel));
-  }
+}
+
+/**
+ * Splices a client's per-tunnel WebSocket (upstream's CLI, and ours without the mux) and a tunnel on
+ * the worker's mux connection. That WebSocket has no half-close: the VM's end closes it (1000), as
+ * the dial-back's close did. Its close handshake completed (1000, or no code) is the client's end:
+ * what it sent before still goes to the VM, then the end (a reset would drop what is still on its
+ * way, up to a window). A VM side that has not ended ORPHAN_GRACE_MS later is reset; any other
+ * close resets the tunnel at once.
+ */
+export function spliceClient(ws: WebSocket, tunnel: MuxTunnel) {
+  ws.on('error', () => {});
+  const closeClient = (code: number, reason: string) => {
+    if (ws.readyState !== ws.OPEN) return;
+    ws.close(code, reason.slice(0, 120));
+    setTimeout(() => ws.terminate(), CLOSE_GRACE_MS).unref();
+  };
+  // Orderly: a close frame came, with 1000 or no code (1005); not a cut (1006) or an error's code.
+  const closed = new Promise<boolean>((resolve) => ws.once('close', (code: number) => resolve(code === 1000 || code === 1005)));
+  void closed.then((orderly) => {
+    if (!orderly || tunnel.destroyed) return;
+    // What the VM's side still sends is dropped (the relay has nowhere to send it), as sshd drops a closed channel's.
+    const orphaned = setTimeout(() => tunnel.destroy(), ORPHAN_GRACE_MS).unref();
+    tunnel.once('close', () => clearTimeout(orphaned));
+  });
+  const client: SpliceEnd = {
+    side: wsSide(ws),
+    end: () => closeClient(1000, 'the VM closed the connection'),
+    onEnd: (fn) => void closed.then((orderly) => orderly && fn()),
+    destroy: (err) => closeClient(1011, `the worker connection was lost (${err?.message ?? 'reset'})`),
+    onClose: (fn) => void closed.then(fn),
+  };
+  spliceTunnelEnds(client, muxEnd(tunnel));
+}
+
+/**
+ * Splices a client's ready connection (docs/tunnel-pool-protocol.md) and a tunnel on the worker's mux
+ * connection. A client that ends its tunnels with end frames (`recycle`: our clients) gets the mux's
+ * half-close end to end (a target that ends first still gets what the client sends after), and its
+ * connection waits for the next request once both ends have passed; without, as upstream's per-tunnel
+ * WebSocket (spliceClient). Before, these tunnels took the worker's dial-back, whose WebSocket has no
+ * half-close: what the client sent after the target's end and beyond the buffers was lost.
+ */
+export function spliceReady(ws: WebSocket, tunnel: MuxTunnel, recycle: (() => void) | undefined) {
+  if (!recycle) return spliceClient(ws, tunnel);
+  spliceTunnelEnds(streamEnd(reusableStream(ws, recycle)), muxEnd(tunnel));
 }

@@ -5,6 +5,8 @@
 // Protocol: docs/tunnel-pool-protocol.md ("Client ↔ controller").
 import type { RawData, WebSocket } from 'ws';
 import { HttpError } from '../errors.ts';
+import { MuxTunnel } from '../../client/mux.ts';
+import { spliceReady } from './mux.ts';
 import { splice, type Tunnel } from './tunnels.ts';
 
 /** The client's request for its tunnel (a text frame); `reuse`: it ends the tunnel with end frames and keeps the connection. */
@@ -24,12 +26,12 @@ const parseOpenRequest = (data: RawData, isBinary: boolean): { reuse: boolean } 
 const EARLY_BYTES = 1024 * 1024;
 
 /**
- * Holds an authenticated client WebSocket until it asks for its tunnel, then opens it with `open`
- * (aborted if the client leaves meanwhile) and answers `{"ready":true}` (then relays) or
+ * Holds an authenticated client WebSocket until it asks for its tunnel, then opens it with `open` (on
+ * the worker's mux connection, or a worker's WebSocket; aborted if the client leaves meanwhile) and answers `{"ready":true}` (then relays) or
  * `{"error":…,"status":…}` (then closes). Anything but the request first breaks the protocol (1008).
  * What the client sends after the request waits, unread, in its socket until the tunnel is open.
  */
-export function awaitOpenRequest(ws: WebSocket, open: (signal: AbortSignal) => Promise<Tunnel>) {
+export function awaitOpenRequest(ws: WebSocket, open: (signal: AbortSignal) => Promise<Tunnel | MuxTunnel>) {
   const gone = new AbortController();
   const leave = () => gone.abort();
   ws.once('close', leave);
@@ -52,10 +54,12 @@ export function awaitOpenRequest(ws: WebSocket, open: (signal: AbortSignal) => P
       (tunnel) => {
         ws.off('close', leave);
         ws.off('message', onMessage);
-        if (ws.readyState !== ws.OPEN) return void tunnel.ws.close(1000, 'the client went away');
+        if (ws.readyState !== ws.OPEN) return void (tunnel instanceof MuxTunnel ? tunnel.destroy() : tunnel.ws.close(1000, 'the client went away'));
         // Reused: once the tunnel has ended with end frames both ways, the connection waits for the next request.
         ws.send(request.reuse ? '{"ready":true,"reuse":true}' : '{"ready":true}');
-        splice(ws, tunnel, request.reuse ? () => awaitOpenRequest(ws, open) : undefined);
+        const recycle = request.reuse ? () => awaitOpenRequest(ws, open) : undefined;
+        if (tunnel instanceof MuxTunnel) spliceReady(ws, tunnel, recycle);
+        else splice(ws, tunnel, recycle);
         for (const [data, isBinary] of early) ws.emit('message', data, isBinary);
         ws.resume();
       },

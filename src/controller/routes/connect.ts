@@ -8,11 +8,12 @@ import { badRequest, notFound } from '../errors.ts';
 import type { WebSocketRoutes } from '../rpc.ts';
 import { ExecSessions } from '../connect/exec/registry.ts';
 import { parseExecQuery } from '../connect/exec/query.ts';
-import { clientGone, splice, type Tunnels } from '../connect/tunnels.ts';
+import { clientGone, splice, type Tunnel, type Tunnels } from '../connect/tunnels.ts';
 import type { WebSocket } from 'ws';
 import { accountOf, CONNECT_ROLES as CONNECT } from '../access.ts';
 import { awaitOpenRequest } from '../connect/ready-clients.ts';
-import type { MuxTunnels } from '../connect/mux.ts';
+import { spliceClient, type MuxTunnels } from '../connect/mux.ts';
+import type { MuxTunnel } from '../../client/mux.ts';
 import { PORT_FORWARD_MUX } from '../../api/worker-protocol.ts';
 
 
@@ -54,11 +55,14 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
     const onMux = muxes.onWorker(worker, vm?.uid ?? '', port);
     if (onMux) {
       const tunnel = await onMux;
-      return whenClientOpens(signal, () => tunnel.destroy(), (ws) => muxes.spliceClient(ws, tunnel));
+      return whenClientOpens(signal, () => tunnel.destroy(), (ws) => spliceClient(ws, tunnel));
     }
     const tunnel = await tunnels.open(worker, port, vm, signal, true);
     return whenClientOpens(signal, () => tunnel.ws.close(1000, 'the client went away'), (ws) => splice(ws, tunnel));
   };
+  /** The worker's side of a client's ready connection: the same choice (ready-clients.ts splices either). */
+  const readySide = (worker: string, port: number, vm: VM | undefined, signal: AbortSignal): Promise<Tunnel | MuxTunnel> =>
+    muxes.onWorker(worker, vm?.uid ?? '', port) ?? tunnels.open(worker, port, vm, signal, true);
 
   sockets.route('/v1/vms/{name}/port-forward', CONNECT, tunnel, async ({ url, params, signal }) => {
     const port = parsePort(url.searchParams.get('port'));
@@ -73,7 +77,7 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
     return (ws) =>
       awaitOpenRequest(ws, async (signal) => {
         const vm = await tunnels.runningVM(params.name, wait, signal);
-        return tunnels.open(vm.worker!, port, vm, signal, true);
+        return readySide(vm.worker!, port, vm, signal);
       });
   });
 
@@ -103,7 +107,7 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
         // The view, not the store: a read of the database per tunnel was ≈ 1 ms of its set-up under load.
         await ctx.view.loaded;
         if (!ctx.view.workers.has(params.name)) throw notFound(`worker "${params.name}" not found`);
-        return tunnels.open(params.name, port, undefined, signal, true);
+        return readySide(params.name, port, undefined, signal);
       });
   });
 
