@@ -103,7 +103,7 @@ describe('multiplexed tunnels', () => {
       void opened.then(() => (answered = true));
       const bytes = Buffer.alloc(100_000, 7);
       const echoed = echo(stream, bytes);
-      // Sent, not queued in this process: the tunnel's window went down by them, with no answer yet (the VM does not exist).
+      // Sent, not queued in this process: the tunnel's window went down by them, with no answer yet (the VM is pending).
       await waitFor('the bytes sent', () => ((stream as MuxTunnel).sendCredit === INITIAL_WINDOW - bytes.length) || undefined, 5_000, 5);
       assert.equal(answered, false, 'the controller answered before the VM ran');
       await late.start();
