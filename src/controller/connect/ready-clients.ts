@@ -28,7 +28,8 @@ const EARLY_BYTES = 1024 * 1024;
 /**
  * Holds an authenticated client WebSocket until it asks for its tunnel, then opens it with `open` (on
  * the worker's mux connection, or a worker's WebSocket; aborted if the client leaves meanwhile) and
- * answers `{"ready":true}` (then relays) or `{"error":…,"status":…}` (then closes). Anything but the request first breaks the protocol (1008).
+ * answers `{"ready":true}` (then relays) or `{"error":…,"status":…}` (then closes). Anything but the
+ * request first breaks the protocol (1008).
  * What the client sends after the request waits, unread, in its socket until the tunnel is open.
  */
 export function awaitOpenRequest(ws: WebSocket, open: (signal: AbortSignal) => Promise<Tunnel | MuxTunnel>) {

@@ -13,7 +13,7 @@ import type { WebSocket } from 'ws';
 import { accountOf, CONNECT_ROLES as CONNECT } from '../access.ts';
 import { awaitOpenRequest } from '../connect/ready-clients.ts';
 import { spliceClient, type MuxTunnels } from '../connect/mux.ts';
-import type { MuxTunnel } from '../../client/mux.ts';
+import { MuxTunnel } from '../../client/mux.ts';
 import { PORT_FORWARD_MUX } from '../../api/worker-protocol.ts';
 
 
@@ -50,19 +50,16 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
   const { store, limits } = ctx;
   const tunnel = { maxPayload: limits.tunnelFrameBytes, perAccount: { what: 'tunnels', max: limits.tunnelsPerAccount } };
 
-  /** The worker's side of a per-tunnel WebSocket: on its mux connection if it has one, else a ready connection or the dial-back. */
+  /** The worker's side of a client's tunnel: on its mux connection if it has one, else a ready connection or the dial-back. */
+  const workerTunnel = (worker: string, port: number, vm: VM | undefined, signal: AbortSignal): Promise<Tunnel | MuxTunnel> =>
+    muxes.onWorker(worker, vm?.uid ?? '', port) ?? tunnels.open(worker, port, vm, signal, true);
+
+  /** The worker's side of a per-tunnel WebSocket, spliced to it once the client's WebSocket opens. */
   const workerSide = async (worker: string, port: number, vm: VM | undefined, signal: AbortSignal) => {
-    const onMux = muxes.onWorker(worker, vm?.uid ?? '', port);
-    if (onMux) {
-      const tunnel = await onMux;
-      return whenClientOpens(signal, () => tunnel.destroy(), (ws) => spliceClient(ws, tunnel));
-    }
-    const tunnel = await tunnels.open(worker, port, vm, signal, true);
+    const tunnel = await workerTunnel(worker, port, vm, signal);
+    if (tunnel instanceof MuxTunnel) return whenClientOpens(signal, () => tunnel.destroy(), (ws) => spliceClient(ws, tunnel));
     return whenClientOpens(signal, () => tunnel.ws.close(1000, 'the client went away'), (ws) => splice(ws, tunnel));
   };
-  /** The worker's side of a client's ready connection: the same choice (ready-clients.ts splices either). */
-  const readySide = (worker: string, port: number, vm: VM | undefined, signal: AbortSignal): Promise<Tunnel | MuxTunnel> =>
-    muxes.onWorker(worker, vm?.uid ?? '', port) ?? tunnels.open(worker, port, vm, signal, true);
 
   sockets.route('/v1/vms/{name}/port-forward', CONNECT, tunnel, async ({ url, params, signal }) => {
     const port = parsePort(url.searchParams.get('port'));
@@ -77,7 +74,7 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
     return (ws) =>
       awaitOpenRequest(ws, async (signal) => {
         const vm = await tunnels.runningVM(params.name, wait, signal);
-        return readySide(vm.worker!, port, vm, signal);
+        return workerTunnel(vm.worker!, port, vm, signal);
       });
   });
 
@@ -107,7 +104,7 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
         // The view, not the store: a read of the database per tunnel was ≈ 1 ms of its set-up under load.
         await ctx.view.loaded;
         if (!ctx.view.workers.has(params.name)) throw notFound(`worker "${params.name}" not found`);
-        return readySide(params.name, port, undefined, signal);
+        return workerTunnel(params.name, port, undefined, signal);
       });
   });
 
