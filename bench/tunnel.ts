@@ -309,6 +309,15 @@ async function throughput(path: Path, bytes: number, runs: number): Promise<Thro
   return { up: median(ups), down: median(downs), cpu: cpuPerGiB(gib) };
 }
 
+/** Sets up `n` connections through `path` one after another and prints open → first byte p50 / p99; returns the p50 (ms). */
+async function setupRow(path: Path, n: number): Promise<number> {
+  const xs: number[] = [];
+  for (let i = 0; i < n; i++) xs.push((await download(path.dial, 16)).seconds * 1000);
+  xs.sort((a, b) => a - b);
+  console.log(`${path.name.padEnd(W)} ${pct(xs, 50).toFixed(1)} / ${pct(xs, 99).toFixed(1)} ms`);
+  return pct(xs, 50);
+}
+
 async function concurrent(path: Path, conns: number, bytesEach: number): Promise<{ mibps: number; ttfb50: number; ttfb99: number; failed: number; cpu: Record<string, number> }> {
   const cpuPerGiB = cpuMeter(path.pids);
   const t0 = performance.now();
@@ -494,13 +503,7 @@ async function main() {
     // Setting up one tunnel: open → first byte, one at a time.
     console.log(`\n${'setting up one connection (50 in a row)'.padEnd(W)} open → first byte p50 / p99`);
     const setup = new Map<string, number>();
-    for (const p of [...paths, ...sshPaths]) {
-      const xs: number[] = [];
-      for (let i = 0; i < 50; i++) xs.push((await download(p.dial, 16)).seconds * 1000);
-      xs.sort((a, b) => a - b);
-      setup.set(p.name, pct(xs, 50));
-      console.log(`${p.name.padEnd(W)} ${pct(xs, 50).toFixed(1)} / ${pct(xs, 99).toFixed(1)} ms`);
-    }
+    for (const p of [...paths, ...sshPaths]) setup.set(p.name, await setupRow(p, 50));
 
     // (f) One tunnel over a long link: RTT ms between the user's side and the controller (the worker
     // next to it), and for ssh -L between ssh and dropbear; the transfers are latency-bound, so one each way.
@@ -534,12 +537,7 @@ async function main() {
       // A new connection whose client speaks first: the CLI sends its bytes with the tunnel's OPEN, ssh -L
       // waits for its channel's confirmation.
       console.log(`\n${`setting up one connection, ${RTT} ms round trip (20 in a row)`.padEnd(W)} open → first byte p50 / p99`);
-      for (const p of farPaths) {
-        const xs: number[] = [];
-        for (let i = 0; i < 20; i++) xs.push((await download(p.dial, 16)).seconds * 1000);
-        xs.sort((a, b) => a - b);
-        console.log(`${p.name.padEnd(W)} ${pct(xs, 50).toFixed(1)} / ${pct(xs, 99).toFixed(1)} ms`);
-      }
+      for (const p of farPaths) await setupRow(p, 20);
     }
 
     // Ratios and targets. The tunnel is judged by the user's path (the CLI) and by the API path.
