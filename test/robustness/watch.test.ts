@@ -3,7 +3,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { DEFAULT_LIMITS } from '../../src/controller/limits.ts';
-import { inProcessController, pausedWatch, rawRequest, readAll, waitFor } from '../helpers.ts';
+import { inProcessController, metric, pausedWatch, rawRequest, readAll, waitFor } from '../helpers.ts';
 import { account, type Account, type Cluster } from '../security/attack.ts';
 
 const openWatch = (c: Cluster, who: Account, path = '/v1/vms?watch=true') => pausedWatch(c.ctl, who.auth, path);
@@ -30,10 +30,18 @@ describe('slow watchers', () => {
       for await (const e of reader.client.watch<{ name: string }>('/v1/vms?watch=true', abort.signal)) events.push(e.type);
     })();
     await waitFor('the reading watcher to be established', () => events.length === 1);
-    // ~40 MB of changes: far more than the socket buffers and the 256 kB limit can hold
-    for (let i = 0; i < 200; i++) await c.admin.updateVM({ name: 'big', image: 'synthetic', cpu: 1 + (i % 2), startup_script: { script_content: script } });
+    // ~40 MB of changes: far more than the socket buffers and the 256 kB limit can hold. The slow
+    // watcher is read from the moment it was ended (the gauge of open watches drops): a reader that
+    // leaves the end line unread for 10 s loses the connection, and on a busy machine the changes
+    // can take longer than that.
+    let slowText: Promise<string> | undefined;
+    for (let i = 0; i < 200; i++) {
+      await c.admin.updateVM({ name: 'big', image: 'synthetic', cpu: 1 + (i % 2), startup_script: { script_content: script } });
+      if (!slowText && (await metric(c.ctl, 'orchard_watch_streams')) < 2) slowText = readAll(slow);
+    }
     await Promise.race([reading, waitFor('the reading watcher to see every change', () => events.length >= 201, 30_000)]);
-    const text = await readAll(slow);
+    assert.ok(slowText, 'the slow watcher was ended');
+    const text = await slowText;
     const lines = text.trim().split('\n');
     const last = JSON.parse(lines.at(-1)!) as { type: string; object: { message: string } };
     assert.equal(last.type, 'ERROR', `last line: ${lines.at(-1)!.slice(0, 200)}`);
