@@ -7,11 +7,13 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { ApiError } from '../src/client/client.ts';
-import { INITIAL_WINDOW, MAX_GROWTH_PER_CONNECTION, MAX_WINDOW, type MuxTunnel } from '../src/client/mux.ts';
+import { INITIAL_WINDOW, MAX_GROWTH_PER_CONNECTION, MAX_WINDOW, MuxConnection, type MuxTunnel } from '../src/client/mux.ts';
+import { RESOURCE_TART_VMS } from '../src/api/resources.ts';
+import { PORT_FORWARD_MUX } from '../src/api/worker-protocol.ts';
 import { pino } from 'pino';
 import { startController } from '../src/controller/controller.ts';
 import { ADMIN_TOKEN, clientOf, delayProxy, startFirehose, tempDir, waitFor } from './helpers.ts';
-import { account, clusterWithVM, countWebSockets, echo, syntheticWorker } from './security/attack.ts';
+import { account, clusterWithVM, countWebSockets, echo, syntheticWorker, upgrade } from './security/attack.ts';
 
 describe('multiplexed tunnels', () => {
   let cluster: Awaited<ReturnType<typeof clusterWithVM>>;
@@ -126,6 +128,45 @@ describe('multiplexed tunnels', () => {
       assert.deepEqual(seen.client, ['/v1/port-forward-mux'], 'both refusals came on the one connection');
     } finally {
       missing.close();
+    }
+  });
+
+  test("the controller passes a client's early bytes to the worker before the worker answers (a worker far away saves a round trip), and a refusal after them still reaches the client as the worker's", async () => {
+    const { admin } = cluster.c;
+    // A worker played by hand on its own mux connection: it sees what the controller sends, and answers when told.
+    await admin.registerWorker({ name: 'hand', resources: { [RESOURCE_TART_VMS]: 10 }, labels: { hand: '1' }, capabilities: [PORT_FORWARD_MUX] });
+    await admin.createVM({ name: 'hv', image: 'synthetic', labels: { hand: '1' } });
+    await waitFor('hv placed on hand', async () => (await admin.getVM('hv')).worker === 'hand', 10_000);
+    await admin.updateVMState('hv', { status: 'running' });
+    const up = await upgrade(cluster.c.ctl, '/v1/rpc/port-forward-mux?workerName=hand', { auth: ['bootstrap-admin', ADMIN_TOKEN] });
+    assert.equal(up.status, 101, up.body);
+    const opens: MuxTunnel[] = [];
+    const hand = new MuxConnection(up.ws!, { opener: false, maxTunnels: 10, onOpen: (_request, tunnel) => void opens.push(tunnel) });
+    const firstBytes = (tunnel: MuxTunnel) => new Promise<string>((resolve) => tunnel.once('data', (c: Buffer) => resolve(c.toString())));
+    const forwarder = admin.portForwarder({ vm: 'hv', port: 80 });
+    try {
+      const { stream, opened } = await forwarder.openEarly();
+      stream.write('GET / HTTP/1.0\r\n\r\n');
+      const atWorker = await waitFor('the OPEN at the worker', () => opens[0]);
+      assert.equal(await firstBytes(atWorker), 'GET / HTTP/1.0\r\n\r\n', 'the request reached the worker before its answer');
+      hand.accept(atWorker);
+      atWorker.end('HTTP/1.0 200 OK\r\n\r\n');
+      await opened;
+      const answer: Buffer[] = [];
+      for await (const c of stream) answer.push(c as Buffer);
+      assert.equal(Buffer.concat(answer).toString(), 'HTTP/1.0 200 OK\r\n\r\n');
+
+      const second = await forwarder.openEarly();
+      second.stream.write('hello');
+      const refused = await waitFor('the second OPEN at the worker', () => opens[1]);
+      assert.equal(await firstBytes(refused), 'hello');
+      hand.refuse(refused, 503, 'nothing listens on port 80');
+      await assert.rejects(second.opened, (err: unknown) => err instanceof ApiError && err.status === 503 && /worker hand could not connect: nothing listens on port 80/.test(err.message));
+    } finally {
+      forwarder.close();
+      up.ws!.close();
+      await admin.deleteVM('hv');
+      await admin.deleteWorker('hand');
     }
   });
 

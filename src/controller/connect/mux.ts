@@ -4,7 +4,6 @@
 // per-tunnel route checks it (roles, the target, the port, the account's tunnel limit) and is spliced
 // to the worker's mux connection when it has one, else to a ready connection or a dial-back, as any
 // tunnel. Protocol: docs/tunnel-mux-protocol.md.
-import type { Duplex } from 'node:stream';
 import type { WebSocket } from 'ws';
 import type { Role, ServiceAccount } from '../../api/schemas.ts';
 import { MuxConnection, MuxTunnel } from '../../client/mux.ts';
@@ -13,7 +12,7 @@ import { authorize, CONNECT_ROLES, type Access } from '../access.ts';
 import { HttpError } from '../errors.ts';
 import type { ClusterView } from '../view.ts';
 import { spliceTunnelEnds, streamEnd, wsSide, type SpliceEnd } from './relay.ts';
-import type { Tunnels } from './tunnels.ts';
+import type { StartedStream, Tunnels } from './tunnels.ts';
 
 /** Mux connections a worker may hold at once (429 beyond): one in use, one replacing it. */
 export const MUX_PER_WORKER = 2;
@@ -135,20 +134,28 @@ export class MuxTunnels {
       maxTunnels: MUX_TUNNELS_PER_CONNECTION,
       maxGrowth: MAX_GROWTH_HERE,
       onOpen: (request, tunnel) => {
-        this.openForClient(account, request, tunnel).then(
-          (side) => {
-            if (tunnel.destroyed) return void side.destroy();
-            mux.accept(tunnel);
-            spliceTunnelEnds(muxEnd(tunnel), side instanceof MuxTunnel ? muxEnd(side) : streamEnd(side));
-          },
-          (err: unknown) => mux.refuse(tunnel, err instanceof HttpError ? err.statusCode : 500, err instanceof HttpError ? err.message : 'internal error'),
-        );
+        const refuse = (err: unknown) => tunnel.destroyed || mux.refuse(tunnel, err instanceof HttpError ? err.statusCode : 500, err instanceof HttpError ? err.message : 'internal error');
+        this.openForClient(account, request, tunnel).then(({ tunnel: early, opened }) => {
+          if (!early) {
+            return opened.then((side) => {
+              if (tunnel.destroyed) return void side.destroy();
+              mux.accept(tunnel);
+              spliceTunnelEnds(muxEnd(tunnel), streamEnd(side));
+            }, refuse);
+          }
+          if (tunnel.destroyed) return void early.destroy();
+          // On the worker's mux connection: the client's bytes (those it sent with its OPEN, too) go
+          // to the worker before its answer, which saves a worker far away a round trip.
+          const accepted = opened.then(() => mux.accept(tunnel));
+          accepted.catch(refuse);
+          spliceTunnelEnds(muxEnd(tunnel), muxEnd(early), accepted);
+        }, refuse);
       },
     });
   }
 
-  /** Checks a client's tunnel request and opens the worker's side of it (aborted if the tunnel is reset meanwhile). */
-  private async openForClient(account: ServiceAccount, request: unknown, tunnel: MuxTunnel): Promise<Duplex> {
+  /** Checks a client's tunnel request and starts the worker's side of it (aborted if the tunnel is reset meanwhile). */
+  private async openForClient(account: ServiceAccount, request: unknown, tunnel: MuxTunnel): Promise<StartedStream> {
     const target = parseTarget(request);
     const roles: readonly Role[] = 'vm' in target ? CONNECT_ROLES : ['admin:write'];
     authorize(account, roles);
@@ -163,17 +170,22 @@ export class MuxTunnels {
     });
     if ('vm' in target) {
       const vm = await this.tunnels.runningVM(target.vm, target.wait, gone.signal);
-      return this.tunnels.openStream(vm.worker!, target.port, vm, gone.signal, true);
+      return this.tunnels.startStream(vm.worker!, target.port, vm, gone.signal, true);
     }
     await this.view.loaded;
     if (!this.view.workers.has(target.worker)) throw new HttpError(404, `worker "${target.worker}" not found`);
-    return this.tunnels.openStream(target.worker, target.port, undefined, gone.signal, true);
+    return this.tunnels.startStream(target.worker, target.port, undefined, gone.signal, true);
   }
 
-  /** A tunnel on `worker`'s own mux connection, if it has one open (the newest). */
-  onWorker(worker: string, vmUID: string, port: number): Promise<MuxTunnel> | undefined {
+  /** A tunnel started on `worker`'s own mux connection, if it has one open (the newest). */
+  onWorker(worker: string, vmUID: string, port: number): { tunnel?: MuxTunnel; opened: Promise<MuxTunnel> } | undefined {
     const mux = [...(this.workers.get(worker) ?? [])].reverse().find((m) => m.open);
-    return mux?.openTunnel({ vmUID, port }, WORKER_ANSWER_MS);
+    if (!mux) return undefined;
+    try {
+      return mux.startTunnel({ vmUID, port }, WORKER_ANSWER_MS);
+    } catch (err) {
+      return { opened: Promise.reject(err as Error) };
+    }
   }
 
 }

@@ -168,15 +168,19 @@ export function streamEnd(stream: Duplex): SpliceEnd {
  * Splices two tunnel ends (multiplexed tunnels, or one and a worker's WebSocket as a stream), both
  * ways, with the relay's flow control and turn budget. An end (half-close) passes to the other side;
  * one side closed without ending both ways (reset, lost) destroys the other, with its error.
+ * `opened`: `b` is still being opened. What `a` sends goes to it at once (its peer holds it until
+ * then), and `a`'s end or close passes on; `b`'s bytes, end and close only count once `opened`
+ * resolves. If it rejects, nothing more goes to `b` and `a` is left to the caller (to refuse it).
  */
-export function spliceTunnelEnds(a: SpliceEnd, b: SpliceEnd) {
-  for (const [from, to] of [
-    [a, b],
-    [b, a],
-  ]) {
-    from.onEnd(() => to.end());
-    from.onClose((clean, err) => clean || to.destroy(err));
-  }
-  relay(a.side, b.side);
-  relay(b.side, a.side);
+export function spliceTunnelEnds(a: SpliceEnd, b: SpliceEnd, opened?: Promise<unknown>) {
+  a.onEnd(() => b.end());
+  a.onClose((clean, err) => clean || b.destroy(err));
+  const stop = relay(a.side, b.side);
+  const back = () => {
+    b.onEnd(() => a.end());
+    b.onClose((clean, err) => clean || a.destroy(err));
+    relay(b.side, a.side);
+  };
+  if (opened) opened.then(back, stop);
+  else back();
 }

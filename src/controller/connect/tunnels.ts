@@ -15,6 +15,7 @@ import { parseReadyAnswer, ReadyTunnels, readyRequest } from './ready-tunnels.ts
 import { traceTunnel } from '../../tunnel-trace.ts';
 import { spliceEnds } from './tunnel-ends.ts';
 import { reusableStream } from '../../client/tunnel-ends.ts';
+import type { MuxTunnel } from '../../client/mux.ts';
 
 /** How long the worker has to dial back. */
 const RENDEZVOUS_TIMEOUT_MS = 30_000;
@@ -31,6 +32,12 @@ export interface Tunnel {
   start(): void;
   /** Set when the worker agreed to end this tunnel with end frames: puts `ws` back among its idle ready connections. */
   recycle?: () => void;
+}
+
+/** The worker's side of a tunnel being opened: `opened` once the worker connected; `tunnel`, on its mux connection, at once. */
+export interface StartedStream {
+  tunnel?: MuxTunnel;
+  opened: Promise<Duplex>;
 }
 
 /** A tunnel over the worker's WebSocket `ws`; `early`: messages that arrived before anyone listened. */
@@ -180,13 +187,25 @@ export class Tunnels {
   /**
    * A tunnel on the worker's own mux connection, when it has one open (set by MuxTunnels): every path
    * that can take a byte stream uses it first, so a worker of ours needs no other tunnel connection.
+   * `tunnel` is given as soon as its OPEN is sent (missing if none could be sent: `opened` rejects).
    */
-  viaMux?: (worker: string, vmUID: string, port: number) => Promise<Duplex> | undefined;
+  viaMux?: (worker: string, vmUID: string, port: number) => StartedStream | undefined;
 
   /** The worker's side of a tunnel as a byte stream: on its mux connection if it has one, else as open() makes it. */
-  async openStream(worker: string, port: number, vm?: VM, signal?: AbortSignal, reuse = false): Promise<Duplex> {
+  openStream(worker: string, port: number, vm?: VM, signal?: AbortSignal, reuse = false): Promise<Duplex> {
+    return this.startStream(worker, port, vm, signal, reuse).opened;
+  }
+
+  /**
+   * openStream's stream, and on the worker's mux connection also its tunnel before the worker's
+   * answer: what is written to it goes at once, and the worker holds it until it has connected.
+   */
+  startStream(worker: string, port: number, vm?: VM, signal?: AbortSignal, reuse = false): StartedStream {
     const onMux = this.closed ? undefined : this.viaMux?.(worker, vm?.uid ?? '', port);
-    if (onMux) return onMux;
+    return onMux ?? { opened: this.openElsewhere(worker, port, vm, signal, reuse) };
+  }
+
+  private async openElsewhere(worker: string, port: number, vm: VM | undefined, signal: AbortSignal | undefined, reuse: boolean): Promise<Duplex> {
     const tunnel = await this.open(worker, port, vm, signal, reuse);
     if (!tunnel.recycle) return tunnel.stream;
     const stream = reusableStream(tunnel.ws, tunnel.recycle);

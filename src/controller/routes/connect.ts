@@ -52,7 +52,7 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
 
   /** The worker's side of a client's tunnel: on its mux connection if it has one, else a ready connection or the dial-back. */
   const workerTunnel = (worker: string, port: number, vm: VM | undefined, signal: AbortSignal): Promise<Tunnel | MuxTunnel> =>
-    muxes.onWorker(worker, vm?.uid ?? '', port) ?? tunnels.open(worker, port, vm, signal, true);
+    muxes.onWorker(worker, vm?.uid ?? '', port)?.opened ?? tunnels.open(worker, port, vm, signal, true);
 
   /** The worker's side of a per-tunnel WebSocket, spliced to it once the client's WebSocket opens. */
   const workerSide = async (worker: string, port: number, vm: VM | undefined, signal: AbortSignal) => {
