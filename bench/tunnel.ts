@@ -13,7 +13,8 @@
 //       CPU per GiB of each process (the median of RUNS bursts)
 //   (f) one tunnel over a long link: `orchard port-forward` (mux) and `ssh -L` with RTT ms of delay between
 //       the user's side and the controller (the worker next to it), resp. between ssh and dropbear: its
-//       throughput, and the set-up of a connection whose client speaks first
+//       throughput, and the set-up of a connection whose client speaks first; that set-up also with
+//       the RTT between the controller and the worker instead
 //
 // The controller (TLS) and the worker (synthetic runtime) are separate processes, like in production;
 // CPU seconds per GiB of each process show where the tunnel's cost goes. A measurement ends its
@@ -418,11 +419,16 @@ async function main() {
     const certificate = readFileSync(join(dir, 'ctl', 'controller.crt'), 'utf8');
     client = new OrchardClient({ url: ctl.url, certificate, serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN });
     const token = encodeBootstrapToken({ serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate });
-    const worker = spawn(ORCHARD_BIN, ['worker', 'run', ctl.url, '--bootstrap-token', token, '--name', 'bench', '--runtime', 'synthetic', '--data-dir', join(dir, 'worker')], {
-      env: { ...process.env, ORCHARD_LOG_LEVEL: 'warn' },
-      stdio: ['ignore', 'ignore', 'inherit'],
-    });
-    children.push(worker);
+    /** A synthetic worker process named `name`, connected to the controller at `url`. */
+    const startWorker = (name: string, url: string) => {
+      const proc = spawn(ORCHARD_BIN, ['worker', 'run', url, '--bootstrap-token', token, '--name', name, '--runtime', 'synthetic', '--data-dir', join(dir, name)], {
+        env: { ...process.env, ORCHARD_LOG_LEVEL: 'warn' },
+        stdio: ['ignore', 'ignore', 'inherit'],
+      });
+      children.push(proc);
+      return proc;
+    };
+    const worker = startWorker('bench', ctl.url);
     const c = client;
     const apiDial: Dial = async () => (await c.portForwardWorker('bench', target)).stream;
     // The same with ready connections (capability port-forward-ready), as `orchard port-forward` used them before the mux,
@@ -538,6 +544,16 @@ async function main() {
       // waits for its channel's confirmation.
       console.log(`\n${`setting up one connection, ${RTT} ms round trip (20 in a row)`.padEnd(W)} open → first byte p50 / p99`);
       for (const p of farPaths) await setupRow(p, 20);
+
+      // The worker far from the controller (the user next to it): the controller relays the client's
+      // first bytes to the worker with its own OPEN, so the answer waits one round trip between them.
+      startWorker('bench-far', `https://127.0.0.1:${far.port}`);
+      await until('the far worker to register', () => c.getWorker('bench-far').catch(() => undefined));
+      const toFar = await startChild(ORCHARD_BIN, ['port-forward', 'worker', 'bench-far', `0:${target}`], /forwarding 127\.0\.0\.1:(\d+)/, env);
+      const farWorker: Path = { name: 'orchard port-forward (CLI, mux)', dial: tcpDial(Number(toFar.match[1])), pids: {} };
+      await until('the far worker to take port-forwards', async () => ((await download(farWorker.dial, 16).catch(() => undefined)) ? true : undefined));
+      console.log(`\n${`the same, the worker ${RTT} ms from the controller`.padEnd(W)} open → first byte p50 / p99`);
+      await setupRow(farWorker, 20);
     }
 
     // Ratios and targets. The tunnel is judged by the user's path (the CLI) and by the API path.
