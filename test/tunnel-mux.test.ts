@@ -131,7 +131,7 @@ describe('multiplexed tunnels', () => {
     }
   });
 
-  test("the controller passes a client's early bytes to the worker before the worker answers (a worker far away saves a round trip), and a refusal after them still reaches the client as the worker's", async () => {
+  test("the controller passes a client's early bytes and end to the worker before the worker answers (a worker far away saves a round trip), and a refusal after them still reaches the client as the worker's", async () => {
     const { admin } = cluster.c;
     // A worker played by hand on its own mux connection: it sees what the controller sends, and answers when told.
     await admin.registerWorker({ name: 'hand', resources: { [RESOURCE_TART_VMS]: 10 }, labels: { hand: '1' }, capabilities: [PORT_FORWARD_MUX] });
@@ -146,9 +146,11 @@ describe('multiplexed tunnels', () => {
     const forwarder = admin.portForwarder({ vm: 'hv', port: 80 });
     try {
       const { stream, opened } = await forwarder.openEarly();
-      stream.write('GET / HTTP/1.0\r\n\r\n');
+      stream.end('GET / HTTP/1.0\r\n\r\n');
       const atWorker = await waitFor('the OPEN at the worker', () => opens[0]);
+      const requestEnded = new Promise((resolve) => atWorker.once('end', resolve));
       assert.equal(await firstBytes(atWorker), 'GET / HTTP/1.0\r\n\r\n', 'the request reached the worker before its answer');
+      await requestEnded; // and so did the client's end (half-close)
       hand.accept(atWorker);
       atWorker.end('HTTP/1.0 200 OK\r\n\r\n');
       await opened;
