@@ -41,9 +41,10 @@ const known: Record<string, number> = (() => {
   }
 })();
 const isHeavy = (f: string) => /^await heavyFile\(\);/m.test(readFileSync(join(ROOT, f), 'utf8'));
-const longestFirst = (list: string[]) => [...list].sort((a, b) => Number(FIRST.includes(b)) - Number(FIRST.includes(a)) || (known[b] ?? GUESS) - (known[a] ?? GUESS));
-const heavy = longestFirst(files.filter(isHeavy));
-const light = longestFirst(files.filter((f) => !heavy.includes(f)));
+/** FIRST first, then the longest first. */
+const inOrder = (list: string[]) => [...list].sort((a, b) => Number(FIRST.includes(b)) - Number(FIRST.includes(a)) || (known[b] ?? GUESS) - (known[a] ?? GUESS));
+const heavy = inOrder(files.filter(isHeavy));
+const light = inOrder(files.filter((f) => !heavy.includes(f)));
 
 const started = performance.now();
 const runs = [
