@@ -270,11 +270,10 @@ export function alive(pid: number): boolean {
 }
 
 /**
- * A file that boots real VMs (QEMU under TCG takes a core each) awaits this first: it waits until no
- * other such file runs (another suite's, or one run by hand), and holds the turn until its process
- * ends. The turn is an abstract Unix socket, which the kernel frees with the process, even one killed.
- * The runner (scripts/run-tests.ts) finds this call in a file to run it with the other heavy ones,
- * one at a time.
+ * The suite runs two test files at once (scripts/run-tests.ts). A file that boots real VMs (QEMU under
+ * TCG takes a core each) awaits this first: it waits until no other such file runs, and
+ * holds the turn until its process ends. The turn is an abstract Unix socket, which the kernel frees
+ * with the process, even one killed. The runner orders files by finding this call in them.
  */
 export async function heavyFile(): Promise<void> {
   if (process.platform !== 'linux') return; // no abstract sockets: files run as the runner starts them
