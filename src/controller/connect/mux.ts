@@ -12,7 +12,7 @@ import { authorize, CONNECT_ROLES, type Access } from '../access.ts';
 import { HttpError } from '../errors.ts';
 import type { ClusterView } from '../view.ts';
 import { spliceTunnelEnds, streamEnd, wsSide, type SpliceEnd } from './relay.ts';
-import type { StartedStream, Tunnels } from './tunnels.ts';
+import type { MuxStart, StartedStream, Tunnels } from './tunnels.ts';
 
 /** Mux connections a worker may hold at once (429 beyond): one in use, one replacing it. */
 export const MUX_PER_WORKER = 2;
@@ -178,7 +178,7 @@ export class MuxTunnels {
   }
 
   /** A tunnel started on `worker`'s own mux connection, if it has one open (the newest). */
-  onWorker(worker: string, vmUID: string, port: number): { tunnel?: MuxTunnel; opened: Promise<MuxTunnel> } | undefined {
+  private onWorker(worker: string, vmUID: string, port: number): MuxStart | undefined {
     const mux = [...(this.workers.get(worker) ?? [])].reverse().find((m) => m.open);
     if (!mux) return undefined;
     try {

@@ -40,6 +40,11 @@ export interface StartedStream {
   opened: Promise<Duplex>;
 }
 
+/** A tunnel being opened on a worker's mux connection (`tunnel` missing if none could be opened: `opened` rejects). */
+export interface MuxStart extends StartedStream {
+  opened: Promise<MuxTunnel>;
+}
+
 /** A tunnel over the worker's WebSocket `ws`; `early`: messages that arrived before anyone listened. */
 function tunnelOf(ws: WebSocket, early?: { messages: [RawData, boolean][]; stop: () => void }): Tunnel {
   let stream: Duplex | undefined;
@@ -187,9 +192,18 @@ export class Tunnels {
   /**
    * A tunnel on the worker's own mux connection, when it has one open (set by MuxTunnels): every path
    * that can take a byte stream uses it first, so a worker of ours needs no other tunnel connection.
-   * `tunnel` is given as soon as its OPEN is sent (missing if none could be sent: `opened` rejects).
+   * `tunnel` is given as soon as its OPEN is sent.
    */
-  viaMux?: (worker: string, vmUID: string, port: number) => StartedStream | undefined;
+  viaMux?: (worker: string, vmUID: string, port: number) => MuxStart | undefined;
+
+  private onMux(worker: string, port: number, vm: VM | undefined): MuxStart | undefined {
+    return this.closed ? undefined : this.viaMux?.(worker, vm?.uid ?? '', port);
+  }
+
+  /** The worker's side of a client's tunnel: on its mux connection if it has one, else as open() makes it. */
+  openTunnel(worker: string, port: number, vm: VM | undefined, signal: AbortSignal, reuse = false): Promise<Tunnel | MuxTunnel> {
+    return this.onMux(worker, port, vm)?.opened ?? this.open(worker, port, vm, signal, reuse);
+  }
 
   /** The worker's side of a tunnel as a byte stream: on its mux connection if it has one, else as open() makes it. */
   openStream(worker: string, port: number, vm?: VM, signal?: AbortSignal, reuse = false): Promise<Duplex> {
@@ -201,8 +215,7 @@ export class Tunnels {
    * answer: what is written to it goes at once, and the worker holds it until it has connected.
    */
   startStream(worker: string, port: number, vm?: VM, signal?: AbortSignal, reuse = false): StartedStream {
-    const onMux = this.closed ? undefined : this.viaMux?.(worker, vm?.uid ?? '', port);
-    return onMux ?? { opened: this.openElsewhere(worker, port, vm, signal, reuse) };
+    return this.onMux(worker, port, vm) ?? { opened: this.openElsewhere(worker, port, vm, signal, reuse) };
   }
 
   private async openElsewhere(worker: string, port: number, vm: VM | undefined, signal: AbortSignal | undefined, reuse: boolean): Promise<Duplex> {

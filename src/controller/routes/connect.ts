@@ -8,7 +8,7 @@ import { badRequest, notFound } from '../errors.ts';
 import type { WebSocketRoutes } from '../rpc.ts';
 import { ExecSessions } from '../connect/exec/registry.ts';
 import { parseExecQuery } from '../connect/exec/query.ts';
-import { clientGone, splice, type Tunnel, type Tunnels } from '../connect/tunnels.ts';
+import { clientGone, splice, type Tunnels } from '../connect/tunnels.ts';
 import type { WebSocket } from 'ws';
 import { accountOf, CONNECT_ROLES as CONNECT } from '../access.ts';
 import { awaitOpenRequest } from '../connect/ready-clients.ts';
@@ -51,8 +51,7 @@ export function registerConnectRoutes(app: FastifyInstance, ctx: AppContext, soc
   const tunnel = { maxPayload: limits.tunnelFrameBytes, perAccount: { what: 'tunnels', max: limits.tunnelsPerAccount } };
 
   /** The worker's side of a client's tunnel: on its mux connection if it has one, else a ready connection or the dial-back. */
-  const workerTunnel = (worker: string, port: number, vm: VM | undefined, signal: AbortSignal): Promise<Tunnel | MuxTunnel> =>
-    muxes.onWorker(worker, vm?.uid ?? '', port)?.opened ?? tunnels.open(worker, port, vm, signal, true);
+  const workerTunnel = (worker: string, port: number, vm: VM | undefined, signal: AbortSignal) => tunnels.openTunnel(worker, port, vm, signal, true);
 
   /** The worker's side of a per-tunnel WebSocket, spliced to it once the client's WebSocket opens. */
   const workerSide = async (worker: string, port: number, vm: VM | undefined, signal: AbortSignal) => {
