@@ -39,7 +39,7 @@ const warmWorker = await qemuWorkerOf('bench-warm', { warm: 'yes' }, join(dir, '
 // The snapshot is made once per image on a worker, before the runs (as `orchard image build` would).
 const snapT0 = performance.now();
 const snap = await warmDriver.snapshot('debian-dev', { cpu: 1, memory: 512 });
-console.log(`snapshot of debian-dev made in ${((performance.now() - snapT0) / 1000).toFixed(1)} s (template boot ${snap.bootSeconds?.toFixed(1)} s, save ${snap.saveSeconds?.toFixed(2)} s, ${Math.round((snap.stateBytes ?? 0) / 2 ** 20)} MiB)`);
+console.log(`snapshot of debian-dev made in ${((performance.now() - snapT0) / 1000).toFixed(1)} s (template boot ${snap.bootSeconds?.toFixed(1)} s, save ${snap.saveSeconds?.toFixed(2)} s, state ${Math.round((snap.stateBytes ?? 0) / 2 ** 20)} MiB + memory file ${Math.round((snap.memoryBytes ?? 0) / 2 ** 20)} MiB)`);
 console.log(`boot benchmark: debian-dev, 1 vCPU, 512 MiB, accel ${driver.accel}, ${RUNS} runs each, alternating\n`);
 const byHand: number[] = [];
 const cluster: number[] = [];

@@ -1,9 +1,9 @@
 // Warm starts A/B: create→running through the cluster of a warm-started debian-dev VM (1 vCPU,
-// 512 MiB) on two qemu workers of one controller, one running this tree's QEMU driver and one
+// 512 MiB unless --memory says otherwise) on two qemu workers of one controller, one running this tree's QEMU driver and one
 // another tree's (a baseline checkout, e.g. `git worktree add --detach /tmp/base main`), alternating
 // in one process so both see the same machine load. Each worker makes its own snapshot first.
 //
-//   node bench/warm-ab.ts --base /tmp/base [--runs 10]
+//   node bench/warm-ab.ts --base /tmp/base [--runs 10] [--memory MiB]
 import { parseArgs } from 'node:util';
 import { rmSync, mkdirSync, symlinkSync } from 'node:fs';
 import { join, resolve } from 'node:path';
@@ -13,9 +13,10 @@ import { buildDebianDev } from '../src/worker/images.ts';
 import { startWorker } from '../src/worker/run.ts';
 import { ADMIN_TOKEN, inProcessController, tempDir, TEST_IMAGES, waitFor } from '../test/helpers.ts';
 
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '10' }, base: { type: 'string' } } });
+const { values } = parseArgs({ options: { runs: { type: 'string', default: '10' }, memory: { type: 'string', default: '512' }, base: { type: 'string' } } });
 if (!values.base) throw new Error('--base DIR: the baseline tree');
 const RUNS = Number(values.runs);
+const MEMORY = Number(values.memory);
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const spread = (xs: number[]) => `${(Math.min(...xs) / 1000).toFixed(2)}–${(Math.max(...xs) / 1000).toFixed(2)} s`;
 const { QemuDriver: BaseDriver } = await import(resolve(values.base, 'src/worker/drivers/qemu.ts')) as { QemuDriver: typeof QemuDriver };
@@ -30,8 +31,10 @@ const workers = [];
 for (const side of sides) {
   mkdirSync(join(dir, side));
   symlinkSync(TEST_IMAGES, join(dir, side, 'images'));
-  const snap = await drivers[side].snapshot('debian-dev', { cpu: 1, memory: 512 });
-  console.log(`${side}: snapshot made (template boot ${snap.bootSeconds?.toFixed(1)} s, save ${snap.saveSeconds?.toFixed(2)} s, ${(snap.stateBytes ?? 0) / 2 ** 20 | 0} MiB)`);
+  const t0 = performance.now();
+  const snap = await drivers[side].snapshot('debian-dev', { cpu: 1, memory: MEMORY });
+  const memoryFile = snap.memoryBytes === undefined ? '' : ` + a memory file of ${snap.memoryBytes / 2 ** 20 | 0} MiB`;
+  console.log(`${side}: snapshot made in ${((performance.now() - t0) / 1000).toFixed(1)} s (template boot ${snap.bootSeconds?.toFixed(1)} s, save ${snap.saveSeconds?.toFixed(2)} s, state ${(snap.stateBytes ?? 0) / 2 ** 20 | 0} MiB${memoryFile})`);
   workers.push(await startWorker({
     url: c.ctl.url,
     token: { serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate: c.ctl.certificate },
@@ -45,7 +48,7 @@ try {
     for (const side of i % 2 ? [...sides].reverse() : sides) {
       const name = `${side}-${i}`;
       const t0 = performance.now();
-      await c.admin.createVM({ name, image: 'debian-dev', cpu: 1, memory: 512, labels: { side } });
+      await c.admin.createVM({ name, image: 'debian-dev', cpu: 1, memory: MEMORY, labels: { side } });
       await waitFor('running', async () => (await c.admin.getVM(name)).status === 'running', 300_000, 20);
       times[side].push(performance.now() - t0);
       const events = (await c.admin.listEvents(name, { limit: 100 })).events.map((e) => e.payload ?? '');

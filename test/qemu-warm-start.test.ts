@@ -5,6 +5,7 @@
 //    login), both answer `orchard ssh` as their own user with their own
 //    password, and differ from each other and from the template in hostname (= their name), SSH host
 //    key (as `orchard ssh -v` sees it), MAC and machine-id; the guest clock is the host's;
+//  - their QEMUs map the snapshot's memory file private: what the guests write leaves it unchanged;
 //  - a snapshot whose template agent did not start gives the VM its identity over an SSH login;
 //  - a VM with another CPU count cold-boots, saying why in its events; its create→running time is the
 //    cold boot the warm starts are compared with (printed; asserted only warm < cold);
@@ -17,7 +18,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
-import { copyFileSync, existsSync, linkSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, linkSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { localNameOf, type VM } from '../src/api/schemas.ts';
 import { removeImage, buildDebianDev } from '../src/worker/images.ts';
@@ -95,6 +96,22 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
         seen.push({ hostname, mac, machineId, hostKey: r.hostKey });
       }
       for (const k of ['hostname', 'mac', 'machineId', 'hostKey']) assert.notEqual(seen[0][k], seen[1][k], `the two VMs differ in ${k}`);
+    });
+
+    await t.test("the VMs' memory is the snapshot's memory file mapped private: what they write never reaches it", async () => {
+      const memoryFile = join(w.driver.snapshotDir('debian-dev'), meta.memoryFile!);
+      // (its modification time: a write through a shared mapping sets it; reading 512 MiB of holes to
+      // compare contents takes seconds here)
+      const written = () => { const st = statSync(memoryFile); return { mtime: st.mtimeMs, blocks: st.blocks }; };
+      const before = written();
+      for (const name of ['warm-a', 'warm-b']) {
+        const { pid } = JSON.parse(readFileSync(join(w.driver.vmDir(localNameOf(await c.admin.getVM(name))), 'vm.json'), 'utf8')) as { pid: number };
+        const mapping = readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').find((l) => l.includes(`/${meta.memoryFile} (deleted)`));
+        assert.match(mapping ?? '', /^\S+ rw-p /, `${name}'s QEMU maps the memory file it was given (a link, unlinked once loaded) private:\n${mapping}`);
+        // 8 MiB of the guest's memory written (a tmpfs file), not with zeros (the file's holes read as zeros)
+        await ssh(name, 'head -c 8388608 /dev/urandom > /dev/shm/fill');
+      }
+      assert.deepEqual(written(), before, 'the snapshot\'s memory file is unchanged');
     });
 
     await t.test('a snapshot whose template agent did not start: the VM gets its identity over an SSH login instead, and answers orchard ssh as its own user', async () => {

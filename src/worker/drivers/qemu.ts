@@ -34,7 +34,7 @@ import { isImageReference } from '../oci/reference.ts';
 import { forward, QmpClient } from './qmp.ts';
 import { hostnameOf, publicKeyOf, SEED_LABEL, writeSeed } from './cloud-init.ts';
 import { AGENT_PORT, DROPBEAR_RESTARTED, type Identity, identityScript, keyBlob, newIdentity, newMac, offeredHostKey, runAsRoot, runOverAgent } from './guest-identity.ts';
-import { STATE_FILE, type SnapshotMeta } from './snapshots.ts';
+import { MEMORY_FILE, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
 import { SnapshotMaker } from './snapshot-maker.ts';
 import { qemuImg } from './qemu-img.ts';
 import { parseLocalName } from '../../api/schemas.ts';
@@ -112,6 +112,8 @@ interface VmFile {
   hostKeys?: string[];
   /** Why a fresh VM cold-boots rather than resume its image's snapshot (said by its first start). */
   coldReason?: string;
+  /** A snapshot's template (snapshot-maker.ts): its memory is the file MEMORY_FILE, mapped shared. */
+  template?: boolean;
 }
 
 interface VmState {
@@ -338,7 +340,7 @@ export class QemuDriver implements Driver {
     return out.sort((a, b) => a.localName.localeCompare(b.localName));
   }
 
-  async prepare(vm: DriverVM, progress: Progress = () => {}, opts: { cold?: boolean } = {}): Promise<void> {
+  async prepare(vm: DriverVM, progress: Progress = () => {}, opts: { cold?: boolean; template?: boolean } = {}): Promise<void> {
     const dir = this.vmDir(vm.localName);
     if (this.isRunning(vm.localName)) throw new Error(`VM ${vm.localName} is running; stop it before preparing it again`);
     progress(`resolving image ${vm.image}`);
@@ -358,6 +360,7 @@ export class QemuDriver implements Driver {
       created: new Date().toISOString(),
       accel: this.accel,
       mac: newMac(),
+      template: opts.template,
     };
     if (old && old.uid === vm.uid && old.image === vm.image && existsSync(join(dir, 'disk.qcow2'))) {
       // Same VM prepared again (e.g. a restart): keep its disk and files.
@@ -390,9 +393,9 @@ export class QemuDriver implements Driver {
     await this.copyImageKeys(image, dir);
     if (snapshot && from) {
       // base.qcow2 <- template.qcow2 (the template's frozen overlay, which names base.qcow2 relative
-      // to itself) <- disk.qcow2; the state file is linked too, and unlinked once loaded.
+      // to itself) <- disk.qcow2; the state and memory files are linked too, and unlinked once loaded.
       await linkOrCopy(join(from, 'disk.qcow2'), join(dir, 'template.qcow2'));
-      await linkOrCopy(join(from, STATE_FILE), join(dir, STATE_FILE));
+      for (const f of [STATE_FILE, MEMORY_FILE]) await linkOrCopy(join(from, f), join(dir, f));
       await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'template.qcow2', '-F', 'qcow2', join(dir, 'disk.qcow2')]);
       file.warm = {
         snapshotCreated: snapshot.created,
@@ -520,12 +523,19 @@ export class QemuDriver implements Driver {
       authorizedKey: await publicKeyOf(join(dir, 'id_ed25519')),
     });
 
+    // Warm start: the template's state, loaded from the file (the devices below are the template's).
+    const incoming = !!file.warm?.pending && existsSync(join(dir, STATE_FILE));
+    const memory = Math.max(32, Math.floor(file.memory));
+    // The memory of a snapshot's template is a file, shared: what the guest writes is in it (the
+    // save leaves it out of the state). A warm start maps that file private: the guest's pages are
+    // the template's until it writes them (copy on write), and nothing is read before it runs.
+    const memoryFile = file.template || (incoming && existsSync(join(dir, MEMORY_FILE)));
     const args = [
       '-name', `guest=${vm.localName},debug-threads=on`,
-      '-M', 'q35',
+      ...(memoryFile ? ['-M', 'q35,memory-backend=ram0', '-object', `memory-backend-file,id=ram0,size=${memory}M,mem-path=${MEMORY_FILE},share=${file.template ? 'on' : 'off'}`] : ['-M', 'q35']),
       ...(this.accel === 'kvm' ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg,thread=multi', '-cpu', 'max']),
       '-smp', String(Math.max(1, Math.floor(file.cpu))),
-      '-m', String(Math.max(32, Math.floor(file.memory))),
+      '-m', String(memory),
       '-nodefaults', '-no-user-config', '-msg', 'timestamp=on',
       '-drive', `file=${join(dir, 'disk.qcow2')},if=virtio,format=qcow2,discard=unmap,cache=writeback`,
       // After the root disk (it stays /dev/vda): the seed directory as a read-only FAT drive (vvfat).
@@ -553,8 +563,6 @@ export class QemuDriver implements Driver {
     (file.hostDirs ?? []).forEach((d, i) => {
       args.push('-virtfs', `local,path=${resolve(d.path).replace(/,/g, ',,')},mount_tag=${d.name.replace(/,/g, ',,')},security_model=none,id=share${i}${d.ro ? ',readonly=on' : ''}`);
     });
-    // Warm start: the template's state, loaded from the file (the devices above are the template's).
-    const incoming = !!file.warm?.pending && existsSync(join(dir, STATE_FILE));
     if (incoming) {
       // loaded by resumeWarm (migrate-incoming), once it holds the agent's socket
       args.push('-incoming', 'defer');
@@ -727,7 +735,7 @@ export class QemuDriver implements Driver {
     const dir = this.vmDir(localName);
     const pending = file.warm!.pending!;
     await this.stop(localName, 0);
-    for (const f of ['disk.qcow2', 'template.qcow2', STATE_FILE]) await rm(join(dir, f), { force: true });
+    for (const f of ['disk.qcow2', 'template.qcow2', STATE_FILE, MEMORY_FILE]) await rm(join(dir, f), { force: true });
     await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', join(dir, 'disk.qcow2')]);
     await this.growDisk(localName, file.diskSize, progress);
     await this.records.write({ ...file, warm: undefined });
@@ -751,7 +759,10 @@ export class QemuDriver implements Driver {
       await this.qmp(localName, async (q) => {
         // a worker that restarted during a warm start finds the load begun (or done) already
         const m = (await q.execute('query-migrate')) as { status?: string };
-        if (!m.status) await q.execute('migrate-incoming', { uri: `exec:cat ${STATE_FILE}` });
+        if (m.status) return;
+        // the memory is the template's file (startQemu), left out of the state as the save did
+        if (existsSync(join(dir, MEMORY_FILE))) await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+        await q.execute('migrate-incoming', { uri: `exec:cat ${STATE_FILE}` });
       });
       // made while the state loads (host keys, password hash: a few ms of the worker's CPU)
       const key = await readFile(join(dir, 'id_ed25519'));
@@ -800,7 +811,7 @@ export class QemuDriver implements Driver {
       await sleep(10);
     }
     const loaded = performance.now();
-    await unlink(join(dir, STATE_FILE)).catch(() => {});
+    for (const f of [STATE_FILE, MEMORY_FILE]) await unlink(join(dir, f)).catch(() => {}); // (QEMU keeps its mapping)
     // Checked from outside: a new connection gets one of the new host keys. The check starts as
     // soon as the script says its new dropbear listens, while the script goes on (it may take a
     // moment to listen: retried); both must be done before the VM is running.

@@ -3,7 +3,7 @@
 // image however many VMs ask meanwhile; says why a VM must cold-boot instead. It runs the template
 // through the driver like any VM (TemplateHost), in a directory of its own outside `vms/`.
 import { existsSync, readFileSync } from 'node:fs';
-import { readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { randomUUID } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import type { Duplex } from 'node:stream';
@@ -17,7 +17,7 @@ import type { QmpClient } from './qmp.ts';
 import { AGENT_START, runAsRoot } from './guest-identity.ts';
 import { virtualSize } from './qemu-img.ts';
 import { killPastaOf } from './netns.ts';
-import { binaryId, fileId, readSnapshotMeta, SNAPSHOT_FILE, staleReason, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
+import { binaryId, fileId, MEMORY_FILE, readSnapshotMeta, SNAPSHOT_FILE, staleReason, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
 
 /** What the maker needs of the driver: its settings, and running a template like any VM. */
 export interface TemplateHost {
@@ -26,7 +26,8 @@ export interface TemplateHost {
   readonly imagesDir: string;
   readonly dataDir: string;
   readonly log: Logger;
-  prepare(vm: DriverVM, progress: Progress, opts: { cold: true }): Promise<void>;
+  /** `template`: the VM's memory is the file MEMORY_FILE in its directory, mapped shared. */
+  prepare(vm: DriverVM, progress: Progress, opts: { cold: true; template: true }): Promise<void>;
   start(vm: DriverVM): Promise<void>;
   waitReady(localName: string): Promise<void>;
   dial(localName: string, port: number): Promise<Duplex>;
@@ -39,13 +40,6 @@ export interface TemplateHost {
   /** Drops what the driver keeps in memory of a template that is gone. */
   forget(localName: string): void;
 }
-
-/**
- * How long the template's free memory is filled with zeros at most (makeSnapshot): a 512 MiB guest
- * takes about 4 s under TCG, 8 GiB well under that with KVM; a bigger one under TCG is saved partly
- * filled.
- */
-const ZERO_SECONDS = 10;
 
 export class SnapshotMaker {
   private readonly host: TemplateHost;
@@ -180,9 +174,10 @@ export class SnapshotMaker {
       cpu: shape.cpu, memory: shape.memory, username: 'admin', password: 'admin',
     };
     const t0 = Date.now();
+    let t1 = 0;
     let agentSock: Duplex | undefined;
     try {
-      await this.host.prepare(vm, () => {}, { cold: true });
+      await this.host.prepare(vm, () => {}, { cold: true, template: true });
       const file = (await this.host.record(localName))!;
       const files: Record<string, string> = {};
       for (const f of Object.keys(this.imageFiles(image))) files[f] = await fileId(join(tmp, f));
@@ -193,7 +188,7 @@ export class SnapshotMaker {
       const meta: SnapshotMeta = {
         image: image.name, files, kind: image.kind, kernel: file.kernel, initrd: file.initrd, cmdline: file.cmdline,
         cpu: shape.cpu, memory: shape.memory, accel: this.host.accel, qemu, mac: file.mac!, knownHosts: image.knownHosts,
-        created: new Date().toISOString(), bootSeconds,
+        created: new Date().toISOString(), bootSeconds, memoryFile: MEMORY_FILE,
       };
       // What identityScript uses.
       const probe = 'set -e; for c in dropbear ip arping date rm; do command -v $c >/dev/null || { echo "no $c" >&2; exit 1; }; done; ' +
@@ -204,19 +199,6 @@ export class SnapshotMaker {
         meta.unusable = `the guest of image ${image.name} cannot be given its own identity after a resume (it needs dropbear and busybox's ip, arping, date, rm): ${(err as Error).message}`;
       }
       if (!meta.unusable) {
-        // Less state to save, and to load into each VM: the page cache goes, and the memory the
-        // guest has freed (its initramfs, that cache), which still holds what it held, is filled
-        // with zeros (a tmpfs file, then unmounted): QEMU saves a zero page as a flag. A guest
-        // where this fails is saved as it is. The filling stops after ZERO_SECONDS (`timeout`;
-        // without it nothing is filled) and the tmpfs goes in any case: a big guest under TCG
-        // (8 GiB: over a minute) would otherwise outlast the login's timeout and be saved with
-        // the tmpfs still holding most of its memory, in every VM resumed from it.
-        const zero = 'sync; echo 3 > /proc/sys/vm/drop_caches; free=0; ' +
-          'while read -r k v _; do if [ "$k" = MemFree: ]; then free=$v; fi; done < /proc/meminfo; n=$((free / 1024 - 32)); ' +
-          'if [ "$n" -gt 0 ] && mkdir -p /run/orchard-zero && mount -t tmpfs -o size=${n}m orchard-zero /run/orchard-zero; then ' +
-          `timeout ${ZERO_SECONDS} dd if=/dev/zero of=/run/orchard-zero/z bs=1M count=$n 2>/dev/null; umount /run/orchard-zero; rmdir /run/orchard-zero; fi; true`;
-        await runAsRoot(await this.host.dial(localName, 22), await readFile(join(tmp, 'id_ed25519')), zero + '\n', { timeoutMs: 60_000 })
-          .catch((err: Error) => this.host.log.warn({ image: image.name, err: err.message }, 'cannot zero the template\'s free memory'));
         // Last before the save: the agent that gives VMs their identity without an SSH login (else
         // over SSH). Its port is saved connected (each VM's is connected before the load).
         meta.agent = await (async () => {
@@ -230,9 +212,11 @@ export class SnapshotMaker {
       }
       if (!meta.unusable) {
         progress(`snapshot of image ${image.name}: saving the template's state`);
-        const t1 = Date.now();
+        t1 = Date.now();
         await this.host.qmp(localName, async (q) => {
           await q.execute('stop');
+          // The memory is in MEMORY_FILE already (mapped shared): the state is the devices'.
+          await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
           // QEMU 7.2 has no file: migration URI; its cwd is the directory, so the path is relative.
           await q.execute('migrate', { uri: `exec:cat > ${STATE_FILE}` });
         });
@@ -243,19 +227,22 @@ export class SnapshotMaker {
           if (Date.now() - t1 > 300_000) throw new Error('saving the template\'s state took more than 5 minutes');
           await sleep(20);
         }
-        meta.saveSeconds = (Date.now() - t1) / 1000;
         meta.stateBytes = (await stat(join(tmp, STATE_FILE))).size;
+        meta.memoryBytes = (await stat(join(tmp, MEMORY_FILE))).blocks * 512;
       }
       await this.host.stop(localName, 0);
+      // On disk before the snapshot is in place: the template wrote its memory through a mapping.
+      if (!meta.unusable) for (const f of [MEMORY_FILE, STATE_FILE, 'disk.qcow2']) await fsyncFile(join(tmp, f));
+      meta.saveSeconds = meta.unusable ? undefined : (Date.now() - t1) / 1000;
       for (const f of ['cidata', 'qmp.sock', 'vnc.sock', 'agent.sock', 'qemu.pid', 'net.pid', 'vm.json']) await rm(join(tmp, f), { recursive: true, force: true });
       await writeFile(join(tmp, SNAPSHOT_FILE), JSON.stringify(meta, null, 2) + '\n', { mode: 0o600 });
       // QEMU's `cat` made the state file with the worker's umask: 0600 like every VM file.
       await privateFiles(tmp);
       await rm(final, { recursive: true, force: true });
       await rename(tmp, final);
-      this.host.log.info({ image: image.name, bootSeconds, saveSeconds: meta.saveSeconds, stateBytes: meta.stateBytes, unusable: meta.unusable }, 'image snapshot made');
+      this.host.log.info({ image: image.name, bootSeconds, saveSeconds: meta.saveSeconds, stateBytes: meta.stateBytes, memoryBytes: meta.memoryBytes, unusable: meta.unusable }, 'image snapshot made');
       progress(meta.unusable ? `snapshot of image ${image.name}: not usable: ${meta.unusable}`
-        : `snapshot of image ${image.name} made in ${((Date.now() - t0) / 1000).toFixed(1)}s (template booted in ${bootSeconds.toFixed(1)}s, state saved in ${meta.saveSeconds!.toFixed(2)}s, ${Math.round(meta.stateBytes! / 2 ** 20)} MiB)`);
+        : `snapshot of image ${image.name} made in ${((Date.now() - t0) / 1000).toFixed(1)}s (template booted in ${bootSeconds.toFixed(1)}s, state saved in ${meta.saveSeconds!.toFixed(2)}s: ${Math.round(meta.stateBytes! / 2 ** 20)} MiB of devices, ${Math.round(meta.memoryBytes! / 2 ** 20)} MiB of memory)`);
       return meta;
     } finally {
       agentSock?.destroy();
@@ -264,5 +251,14 @@ export class SnapshotMaker {
       this.host.forget(localName);
       await rm(tmp, { recursive: true, force: true });
     }
+  }
+}
+
+async function fsyncFile(path: string): Promise<void> {
+  const h = await open(path, 'r');
+  try {
+    await h.sync();
+  } finally {
+    await h.close();
   }
 }

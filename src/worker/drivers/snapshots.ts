@@ -1,6 +1,10 @@
 // An image's warm-start snapshot on a qemu worker, `<dataDir>/snapshots/<image dir name>/`:
 //   snapshot.json   what it was made from and with (below); `unusable` when the guest cannot be re-identified
-//   snapshot.state  the template's device and memory state (QMP `migrate` to `exec:cat > FILE`)
+//   memory.ram      the template's memory: its RAM was this file, mapped shared, so the save wrote it
+//                   (sparse: what the guest touched); a VM resumed from the snapshot maps it private
+//                   (copy on write: the file never changes, VMs share its pages until they write them)
+//   snapshot.state  the template's device state (QMP `migrate` to `exec:cat > FILE`, with QEMU's
+//                   x-ignore-shared: the memory, in memory.ram already, is left out)
 //   disk.qcow2      the template's disk overlay, frozen at the save; a VM's overlay is backed by it
 //   base.qcow2, vmlinux, initrd.img: hard links to the image files the template booted
 // The template is the image booted once on this worker with a fixed identity (hostname
@@ -19,6 +23,7 @@ import type { Accel } from './accel.ts';
 
 export const SNAPSHOT_FILE = 'snapshot.json';
 export const STATE_FILE = 'snapshot.state';
+export const MEMORY_FILE = 'memory.ram';
 
 export interface SnapshotMeta {
   image: string;
@@ -41,6 +46,10 @@ export interface SnapshotMeta {
   bootSeconds?: number;
   saveSeconds?: number;
   stateBytes?: number;
+  /** The memory file (MEMORY_FILE): absent in snapshots of earlier versions, whose state held the memory. */
+  memoryFile?: string;
+  /** What the memory file takes on disk (it is sparse). */
+  memoryBytes?: number;
   /**
    * The template's identity agent waits on its virtio-serial port (guest-identity.ts AGENT_START):
    * VMs get their identity through it (false: over SSH). Absent: made before VMs had that port.
@@ -91,5 +100,6 @@ export async function staleReason(meta: SnapshotMeta, imageFiles: Record<string,
   if (meta.accel !== accel) return `it was made with ${meta.accel}, this worker runs ${accel}`;
   if (meta.qemu !== qemu) return 'QEMU changed since';
   if (meta.agent === undefined) return 'it was made by an older version, for VMs without the identity agent\'s port';
+  if (meta.memoryFile !== MEMORY_FILE) return 'it was made by an older version, with the memory in its state file';
   return undefined;
 }
