@@ -5,11 +5,12 @@
 //
 //   node bench/warm-ab.ts --base /tmp/base [--runs 10] [--memory MiB]
 import { parseArgs } from 'node:util';
-import { rmSync, mkdirSync, symlinkSync } from 'node:fs';
+import { readFileSync, rmSync, mkdirSync, symlinkSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { pino } from 'pino';
 import { QemuDriver } from '../src/worker/drivers/qemu.ts';
 import { buildDebianDev } from '../src/worker/images.ts';
+import { localNameOf, type VM } from '../src/api/schemas.ts';
 import { startWorker } from '../src/worker/run.ts';
 import { ADMIN_TOKEN, inProcessController, tempDir, TEST_IMAGES, waitFor } from '../test/helpers.ts';
 
@@ -42,6 +43,16 @@ for (const side of sides) {
   }));
 }
 const times = { base: [] as number[], new: [] as number[] };
+/**
+ * MiB of the VM's QEMU: resident, and of that its own (anonymous: what it wrote or loaded; the rest is
+ * file pages, the snapshot's memory file among them, which the VMs of one snapshot share).
+ */
+const privateMiB = { base: [] as number[], new: [] as number[] };
+function memoryOf(side: (typeof sides)[number], vm: VM): { rss: number; own: number } {
+  const { pid } = JSON.parse(readFileSync(join(drivers[side].vmDir(localNameOf(vm)), 'vm.json'), 'utf8')) as { pid: number };
+  const kB = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'))?.[1] ?? NaN);
+  return { rss: kB('Rss') / 1024, own: kB('Anonymous') / 1024 };
+}
 try {
   for (let i = 0; i < RUNS; i++) {
     // alternate which side goes first, too
@@ -51,14 +62,16 @@ try {
       await c.admin.createVM({ name, image: 'debian-dev', cpu: 1, memory: MEMORY, labels: { side } });
       await waitFor('running', async () => (await c.admin.getVM(name)).status === 'running', 300_000, 20);
       times[side].push(performance.now() - t0);
+      const memory = memoryOf(side, await c.admin.getVM(name));
+      privateMiB[side].push(memory.own);
       const events = (await c.admin.listEvents(name, { limit: 100 })).events.map((e) => e.payload ?? '');
       const stage = events.find((e) => e.startsWith('warm start:')) ?? `NOT WARM: ${events.join(' | ')}`;
-      console.log(`run ${i + 1} ${side}: ${(times[side].at(-1)! / 1000).toFixed(2)} s  ${stage.replace(/^warm start: resumed the snapshot of image debian-dev /, '').replace(/: hostname, SSH host keys, machine-id, MAC, clock, user/, '')}`);
+      console.log(`run ${i + 1} ${side}: ${(times[side].at(-1)! / 1000).toFixed(2)} s, QEMU RSS ${memory.rss | 0} MiB (own ${memory.own | 0})  ${stage.replace(/^warm start: resumed the snapshot of image debian-dev /, '').replace(/: hostname, SSH host keys, machine-id, MAC, clock, user/, '')}`);
       await c.admin.deleteVM(name);
       await waitFor('removed', async () => (await drivers[side].list()).length === 0, 60_000, 100);
     }
   }
-  for (const side of sides) console.log(`${side}: create→running, warm (median) ${(median(times[side]) / 1000).toFixed(2)} s (${spread(times[side])})`);
+  for (const side of sides) console.log(`${side}: create→running, warm (median) ${(median(times[side]) / 1000).toFixed(2)} s (${spread(times[side])}); QEMU's own memory once running (median) ${median(privateMiB[side]) | 0} MiB`);
 } finally {
   for (const w of workers) await w.stop();
   await c.close();

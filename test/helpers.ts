@@ -345,11 +345,28 @@ export async function qemuWorker(
 }
 
 /**
- * The warm-start snapshots of TEST_IMAGES' images that qemuCluster's workers share: the first VM of
- * an image (and shape) makes its snapshot, as a worker's first VM does, and the next ones resume it
- * (README, "Warm starts") instead of booting: a cold boot under TCG costs several CPU seconds.
+ * The warm-start snapshots of TEST_IMAGES' images that the suite's workers share (linkTestSnapshots):
+ * their VMs resume them (README, "Warm starts") instead of booting, and no worker makes its own: a
+ * cold boot under TCG costs several CPU seconds.
  */
 const TEST_SNAPSHOTS = join(TEST_IMAGES, '..', 'orchard-test-snapshots');
+
+/**
+ * Links `workerDataDir`/snapshots to TEST_SNAPSHOTS once its debian-dev snapshot (1 vCPU, 512 MiB) is
+ * there and up to date (made here if not): a worker run as `orchard worker run` or by `orchard dev`
+ * then resumes it like qemuCluster's. (Made before the worker starts: workers of two processes that
+ * both found none would make it at once, and one's rename could land while the other's VM links it.)
+ */
+export async function linkTestSnapshots(workerDataDir: string): Promise<void> {
+  const [{ QemuDriver }, fs] = await Promise.all([import('../src/worker/drivers/qemu.ts'), import('node:fs')]);
+  const home = join(TEST_IMAGES, '..', 'orchard-test-snapshot-maker');
+  fs.mkdirSync(home, { recursive: true, mode: 0o700 });
+  fs.mkdirSync(TEST_SNAPSHOTS, { recursive: true, mode: 0o700 });
+  if (!fs.existsSync(join(home, 'snapshots'))) fs.symlinkSync(TEST_SNAPSHOTS, join(home, 'snapshots'));
+  await new QemuDriver({ dataDir: home, imagesDir: TEST_IMAGES }).snapshot('debian-dev', { cpu: 1, memory: 512 });
+  fs.mkdirSync(workerDataDir, { recursive: true });
+  fs.symlinkSync(TEST_SNAPSHOTS, join(workerDataDir, 'snapshots'));
+}
 
 /**
  * An in-process controller and an in-process worker with the real QEMU driver, the debian-dev image
@@ -362,8 +379,7 @@ export async function qemuCluster(opts: { workerName?: string; listenSSH?: strin
   const c = await inProcessController({ listenSSH: opts.listenSSH, limits: opts.limits });
   const workerDir = tempDir('orchard-worker-');
   fs.symlinkSync(TEST_IMAGES, join(workerDir, 'images'));
-  fs.mkdirSync(TEST_SNAPSHOTS, { recursive: true, mode: 0o700 });
-  fs.symlinkSync(TEST_SNAPSHOTS, join(workerDir, 'snapshots'));
+  if (opts.warmStart !== false) await linkTestSnapshots(workerDir);
   const name = opts.workerName ?? 'qemu-1';
   const { worker, driver, close: stopWorker } = await qemuWorker(c, name, workerDir, { imagesDir: TEST_IMAGES, warmStart: opts.warmStart ?? true });
   return {

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { buildDebianDev, resolveImage } from '../src/worker/images.ts';
 import { startRegistry } from './registry.ts';
-import { freePort, heavyFile, processesWith, rawRequest, ROOT, spawnOrchard, tempDir, TEST_IMAGES, waitFor, type OrchardProcess } from './helpers.ts';
+import { freePort, heavyFile, linkTestSnapshots, processesWith, rawRequest, ROOT, spawnOrchard, tempDir, TEST_IMAGES, waitFor, type OrchardProcess } from './helpers.ts';
 
 await heavyFile(); // boots VMs
 
@@ -111,6 +111,7 @@ test('the single executable runs a whole cluster with no node on the PATH', { ti
   const workerDir = join(work, 'worker');
   mkdirSync(workerDir);
   symlinkSync(TEST_IMAGES, join(workerDir, 'images'));
+  await linkTestSnapshots(workerDir); // (the suite's warm-start snapshot, as the image is)
   try {
     const version = await run(['--version']);
     assert.match(version.stdout, new RegExp(`^orchard \\d+\\.\\d+\\.\\d+\\S* \\(commit ${expectedCommit()}\\)\\n$`));

@@ -5,8 +5,8 @@
 // (`orchard worker run … --bootstrap-token-stdin < bootstrap-token`), then "Using it": a VM on each
 // worker by its label, list, ssh, delete. Every command the test runs is checked to be in the
 // README word for word (with the test's URL, data dirs and fingerprint in place of the README's),
-// so the two cannot drift apart. The workers use the suite's cached debian-dev image (their images
-// dir links to it, as qemuCluster does), so nothing is rebuilt.
+// so the two cannot drift apart. The workers use the suite's cached debian-dev image and its warm-start
+// snapshot (their images and snapshots dirs link to them, as qemuCluster's do), so nothing is rebuilt.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -14,7 +14,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { buildDebianDev } from '../src/worker/images.ts';
-import { freePort, heavyFile, processesWith, ROOT, spawnController, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
+import { freePort, heavyFile, linkTestSnapshots, processesWith, ROOT, spawnController, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
 
 await heavyFile(); // boots VMs
 
@@ -89,6 +89,7 @@ test('README "A real cluster": a controller, two workers with their own data dir
       const dataDir = join(work, name);
       mkdirSync(dataDir);
       symlinkSync(TEST_IMAGES, join(dataDir, 'images'));
+      await linkTestSnapshots(dataDir); // (the suite's warm-start snapshot, as the image is)
       // The image: made on first use, or ahead of time as the README shows (here: up to date already).
       const built = await ok(fromReadme('orchard image build debian-dev --data-dir /var/lib/orchard/worker', { '/var/lib/orchard/worker': dataDir }));
       assert.match(built.stderr, /debian-dev is up to date/);

@@ -7,7 +7,7 @@ import { spawn } from 'node:child_process';
 import { mkdirSync, rmSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { buildDebianDev } from '../../src/worker/images.ts';
-import { devContext, freePort, heavyFile, ORCHARD_BIN, processesWith, runCLI, tempDir, TEST_IMAGES, waitFor } from '../helpers.ts';
+import { devContext, freePort, heavyFile, linkTestSnapshots, ORCHARD_BIN, processesWith, runCLI, tempDir, TEST_IMAGES, waitFor } from '../helpers.ts';
 
 await heavyFile(); // boots VMs
 
@@ -19,6 +19,7 @@ test('orchard dev stopped by EPIPE + SIGINT, SIGHUP or SIGTERM leaves no VM runn
   const env = { ORCHARD_HOME: join(work, 'home') };
   mkdirSync(dataDir, { recursive: true });
   symlinkSync(TEST_IMAGES, join(dataDir, 'images'));
+  await linkTestSnapshots(join(dataDir, 'worker-1')); // (the suite's warm-start snapshot, as the image is)
   const port = await freePort();
   const qemus = () => processesWith(join(dataDir, 'worker-1'));
   try {
