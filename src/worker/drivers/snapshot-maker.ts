@@ -234,7 +234,8 @@ export class SnapshotMaker {
       // On disk before the snapshot is in place: the template wrote its memory through a mapping.
       if (!meta.unusable) for (const f of [MEMORY_FILE, STATE_FILE, 'disk.qcow2']) await fsyncFile(join(tmp, f));
       meta.saveSeconds = meta.unusable ? undefined : (Date.now() - t1) / 1000;
-      for (const f of ['cidata', 'qmp.sock', 'vnc.sock', 'agent.sock', 'qemu.pid', 'net.pid', 'vm.json']) await rm(join(tmp, f), { recursive: true, force: true });
+      // (an unusable snapshot keeps no memory: no VM resumes it)
+      for (const f of ['cidata', 'qmp.sock', 'vnc.sock', 'agent.sock', 'qemu.pid', 'net.pid', 'vm.json', ...(meta.unusable ? [MEMORY_FILE] : [])]) await rm(join(tmp, f), { recursive: true, force: true });
       await writeFile(join(tmp, SNAPSHOT_FILE), JSON.stringify(meta, null, 2) + '\n', { mode: 0o600 });
       // QEMU's `cat` made the state file with the worker's umask: 0600 like every VM file.
       await privateFiles(tmp);
