@@ -355,7 +355,8 @@ const TEST_SNAPSHOTS = join(TEST_IMAGES, '..', 'orchard-test-snapshots');
  * Links `workerDataDir`/snapshots to TEST_SNAPSHOTS once its debian-dev snapshot (1 vCPU, 512 MiB) is
  * there and up to date (made here if not): a worker run as `orchard worker run` or by `orchard dev`
  * then resumes it like qemuCluster's. (Made before the worker starts: workers of two processes that
- * both found none would make it at once, and one's rename could land while the other's VM links it.)
+ * both found none would make it at once, and one's rename could land while the other's VM links it.
+ * Two callers at once could too: the runner runs the files that boot VMs one at a time.)
  */
 export async function linkTestSnapshots(workerDataDir: string): Promise<void> {
   const [{ QemuDriver }, fs] = await Promise.all([import('../src/worker/drivers/qemu.ts'), import('node:fs')]);
