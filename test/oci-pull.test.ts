@@ -224,6 +224,43 @@ test('LRU eviction to the size bound never removes an image a VM uses', async ()
   cache.close();
 });
 
+test('an image linked only by what follows it (a warm-start snapshot) is not in use: evicted, and the follower removed with it', async () => {
+  const store = join(work, 'store6b');
+  for (const n of ['a', 'b']) pushDisk(`team/follow-${n}`, 'v1', 3);
+  const cache = cacheIn(store, { maxBytes: 5 * 1024 * 1024 });
+  const a = await cache.ensure(`${registry.host}/team/follow-a:v1`, { policy: 'IfNotPresent' });
+  // What the qemu driver does: a snapshot of a links its disk; the cache asks for those links, and
+  // tells the driver when images went.
+  const snapshotDisk = join(work, 'snapshot-a-base.qcow2');
+  linkSync(a.disk, snapshotDisk);
+  let released = 0;
+  cache.followers = {
+    links: async () => {
+      const st = existsSync(snapshotDisk) ? statSync(snapshotDisk) : undefined;
+      return new Map(st ? [[`${st.dev}:${st.ino}`, 1]] : []);
+    },
+    released: async () => {
+      released++;
+      if (!existsSync(a.dir)) rmSync(snapshotDisk, { force: true });
+    },
+  };
+  assert.equal(statSync(a.disk).nlink, 2);
+  assert.deepEqual((await cache.list()).map((i) => i.inUse), [false], "the snapshot's link is not a use");
+  (cache as unknown as { handedOut: Map<string, number> }).handedOut.clear();
+  await new Promise((r) => setTimeout(r, 20));
+  await cache.ensure(`${registry.host}/team/follow-b:v1`, { policy: 'IfNotPresent' });
+  assert.ok(!existsSync(a.dir), 'a, linked only by its snapshot, was evicted to make room for b');
+  assert.equal(released, 1, 'the driver was told once');
+  assert.ok(!existsSync(snapshotDisk), 'and removed the snapshot');
+  // A VM's link still counts: b, in use, is not evicted however small the bound.
+  const vmDisk = join(work, 'vm-b-base.qcow2');
+  linkSync((await cache.list())[0].dir + '/base.qcow2', vmDisk);
+  (cache as unknown as { handedOut: Map<string, number> }).handedOut.clear();
+  assert.deepEqual(await cache.evict(10 * 1024 * 1024), []);
+  rmSync(vmDisk);
+  cache.close();
+});
+
 test('a pull killed with kill -9 half way leaves no entry; the next pull resumes the download and gets the right image', async () => {
   const disk = pushDisk('team/big', 'v1', 24, false);
   const store = join(work, 'store7');

@@ -39,7 +39,7 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
   }
   const c = await inProcessController();
   const workerDir = tempDir('orchard-warm-worker-');
-  const w = await qemuWorker(c, 'warm-1', workerDir, { imagesDir: store, warmStart: true });
+  let w = await qemuWorker(c, 'warm-1', workerDir, { imagesDir: store, warmStart: true });
   const env = { ORCHARD_HOME: tempDir('orchard-home-') };
   const cli = (...args: string[]) => runCLI(args, env);
   const created = async (name: string, extra: Partial<VM> = {}) => {
@@ -152,7 +152,7 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
       await c.admin.deleteVM('warm-broken');
     });
 
-    await t.test('a rebuilt image gets a new snapshot, and a template abandoned by a killed maker is ended first, its pasta too; a deleted image leaves none usable', async () => {
+    await t.test('a rebuilt image gets a new snapshot, and a template abandoned by a killed maker is ended first, its pasta too; the snapshot of a deleted image is removed when the worker starts again, and its VM runs on', async () => {
       // A maker killed while its template boots: `orchard image snapshot` on the worker's data dir,
       // from copies of the image's files (so it has no snapshot yet), killed once the template runs
       // with its network. Its QEMU and its pasta outlive it, detached like every VM's.
@@ -184,6 +184,13 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
       assert.equal((await ssh('warm-d', 'hostname')).out, 'warm-d');
       await removeImage(store, 'debian-dev');
       await assert.rejects(w.driver.snapshot('debian-dev', { cpu: 1, memory: 512 }), /image "debian-dev" is not on this worker/);
+      // The worker started again removes the snapshot of the deleted image (it held the image's
+      // disk); the VM resumed from it runs on, adopted: its files are links of its own.
+      await w.worker.stop();
+      w = await qemuWorker(c, 'warm-1', workerDir, { imagesDir: store, warmStart: true });
+      await waitFor('the snapshot of the deleted image to be removed', () => !existsSync(w.driver.snapshotDir('debian-dev')) || undefined, 10_000);
+      assert.deepEqual(readdirSync(join(workerDir, 'snapshots')), [], 'nothing left in snapshots/');
+      assert.equal((await ssh('warm-d', 'hostname')).out, 'warm-d');
     });
   } finally {
     for (const vm of await c.admin.listVMs().catch(() => [])) await c.admin.deleteVM(vm.name).catch(() => {});

@@ -182,6 +182,7 @@ export class OrchardWorker {
   }
 
   async start() {
+    void this.o.driver.tidyImages?.();
     await this.images?.start();
     await this.link.start();
     if (this.poolInUse) this.readyPool?.start();

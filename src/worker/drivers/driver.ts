@@ -70,6 +70,11 @@ export interface Driver {
    * another process); returns what stops it. VMs waiting for a missing image are retried then.
    */
   watchImages?(onChange: () => void): () => void;
+  /**
+   * Optional: removes what the driver keeps of images that are gone or changed (qemu: warm-start
+   * snapshots no VM will resume, which hold on to their image's disk). Never rejects. The worker runs it at its start.
+   */
+  tidyImages?(): Promise<void>;
   /** Optional: pulling images from registries (pre-pulls, credentials, what is held for placement). */
   readonly images?: DriverImages;
   /**

@@ -44,6 +44,8 @@ import { VNC_PORT } from '../../api/defaults.ts';
 
 /** The guest's address on QEMU's user-mode network (the first address its DHCP server hands out). */
 export const USER_NET_GUEST_IP = '10.0.2.15';
+/** After the image store changes, the snapshots no VM will resume are looked for once it has been quiet this long. */
+const TIDY_SETTLE_MS = 1000;
 
 /** pino-like logger (`log.info(obj, msg)`), or a plain function that takes a message. */
 export interface QemuDriverOptions {
@@ -159,6 +161,9 @@ export class QemuDriver implements Driver {
   private readonly snapshots: SnapshotMaker;
   /** Warm starts off (QemuDriverOptions.warmStart false). */
   private readonly warmStart: boolean;
+  /** tidyImages runs one after the other; the timer of the next, after the image store changed. */
+  private tidying: Promise<void> = Promise.resolve();
+  private tidyTimer?: NodeJS.Timeout;
   /** The DriverVM each VM was last started with (a warm start that falls back to a cold boot starts it again). */
   private readonly started = new Map<string, DriverVM>();
 
@@ -213,6 +218,7 @@ export class QemuDriver implements Driver {
         this.started.delete(localName);
       },
     });
+    if (cache) cache.followers = { links: () => this.snapshots.imageLinks(), released: () => this.tidyImages() };
   }
 
   // --- paths and small helpers -----------------------------------------------------------------
@@ -232,6 +238,30 @@ export class QemuDriver implements Driver {
    */
   snapshot(name: string, shape: { cpu: number; memory: number }, progress: Progress = () => {}): Promise<SnapshotMeta> {
     return this.snapshots.snapshot(name, shape, progress);
+  }
+
+  /**
+   * Removes the warm-start snapshots no VM will resume (SnapshotMaker.removeStale): of images gone
+   * (removed, evicted from the cache), changed (rebuilt, re-pulled) or made by another QEMU. Never
+   * rejects; one run at a time. The worker runs it at its start, and it runs when the store changes.
+   */
+  tidyImages(): Promise<void> {
+    const run = this.tidying.then(() => this.snapshots.removeStale((name) => this.imagesNamed(name)));
+    this.tidying = run.catch((err: Error) => this.log.warn({ err: err.message }, 'cannot remove the snapshots no VM will resume'));
+    return this.tidying;
+  }
+
+  /** The images named `name` this worker has now: its store's, and its cache's (a VM resumes the snapshot of either). */
+  private async imagesNamed(name: string): Promise<ResolvedImage[]> {
+    const found: ResolvedImage[] = [];
+    try {
+      found.push(await resolveImage(this.imagesDir, name));
+    } catch (err) {
+      if (!(err instanceof ImageNotFoundError)) throw err;
+    }
+    const cached = this.imageCache && isImageReference(name) ? await this.imageCache.cached(name) : undefined;
+    if (cached) found.push(cached);
+    return found;
   }
 
   private st(localName: string): VmState {
@@ -341,6 +371,16 @@ export class QemuDriver implements Driver {
   }
 
   async prepare(vm: DriverVM, progress: Progress = () => {}, opts: { cold?: boolean; template?: boolean } = {}): Promise<void> {
+    // The image's snapshot stays while this VM links its files (tidyImages).
+    const release = this.snapshots.hold(vm.image);
+    try {
+      await this.prepareHeld(vm, progress, opts);
+    } finally {
+      release();
+    }
+  }
+
+  private async prepareHeld(vm: DriverVM, progress: Progress, opts: { cold?: boolean; template?: boolean }): Promise<void> {
     const dir = this.vmDir(vm.localName);
     if (this.isRunning(vm.localName)) throw new Error(`VM ${vm.localName} is running; stop it before preparing it again`);
     progress(`resolving image ${vm.image}`);
@@ -456,7 +496,12 @@ export class QemuDriver implements Driver {
     let watcher: FSWatcher | undefined;
     try {
       mkdirSync(this.imagesDir, { recursive: true, mode: 0o700 });
-      watcher = watch(this.imagesDir, () => onChange());
+      watcher = watch(this.imagesDir, () => {
+        onChange();
+        // An image removed or replaced leaves its snapshot stale: removed once the store settles.
+        clearTimeout(this.tidyTimer);
+        this.tidyTimer = setTimeout(() => void this.tidyImages(), TIDY_SETTLE_MS).unref();
+      });
       watcher.on('error', () => watcher?.close());
     } catch (err) {
       this.log.warn({ store: this.imagesDir, err: (err as Error).message }, 'cannot watch the image store: VMs waiting for an image are retried on a timer only');

@@ -19,6 +19,9 @@ import { virtualSize } from './qemu-img.ts';
 import { killPastaOf } from './netns.ts';
 import { binaryId, fileId, MEMORY_FILE, readSnapshotMeta, SNAPSHOT_FILE, staleReason, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
 
+/** Snapshot directories being removed are first renamed to this prefix + their name + `-<pid>-<ms>`. */
+const GONE_PREFIX = '.gone-';
+
 /** What the maker needs of the driver: its settings, and running a template like any VM. */
 export interface TemplateHost {
   readonly accel: Accel;
@@ -47,6 +50,8 @@ export class SnapshotMaker {
   private readonly templateDirs = new Map<string, string>();
   /** Snapshots being made, by image name: VMs that need one meanwhile wait for the same. */
   private readonly snapshotting = new Map<string, Promise<SnapshotMeta>>();
+  /** Image names whose snapshot VMs are being prepared from (its files linked): removeStale leaves those. */
+  private readonly holds = new Map<string, number>();
 
   constructor(host: TemplateHost) {
     this.host = host;
@@ -60,6 +65,76 @@ export class SnapshotMaker {
   /** Where the warm-start snapshot of image `name` is kept (snapshots.ts). */
   snapshotDir(name: string): string {
     return join(this.host.dataDir, 'snapshots', imageDirName(name));
+  }
+
+  /** Keeps image `name`'s snapshot from removeStale until the function returned is called (a VM's prepare links its files). */
+  hold(name: string): () => void {
+    this.holds.set(name, (this.holds.get(name) ?? 0) + 1);
+    let held = true;
+    return () => {
+      if (!held) return;
+      held = false;
+      const n = this.holds.get(name)! - 1;
+      if (n) this.holds.set(name, n);
+      else this.holds.delete(name);
+    };
+  }
+
+  /**
+   * Removes the snapshots no VM will resume: of images this worker no longer has (`current` gives
+   * the images of that name it has now: none) or that changed since, and those made by another QEMU
+   * or accelerator or an older version (the next VM would make a new one anyway); and the templates
+   * of makers that died (removeAbandonedTemplates). A snapshot holds hard links to its image's files:
+   * left alone, a rebuilt, re-pulled or evicted image would keep its disk space. VMs made from a
+   * snapshot keep working: they hold links of their own to its files. Snapshots being made, or
+   * being linked by a VM's prepare (hold), stay.
+   */
+  async removeStale(current: (name: string) => Promise<ResolvedImage[]>): Promise<void> {
+    await this.removeAbandonedTemplates();
+    const root = join(this.host.dataDir, 'snapshots');
+    const qemu = await binaryId(this.host.qemuBinary);
+    for (const e of await readdir(root).catch(() => [] as string[])) {
+      const dir = join(root, e);
+      if (e.startsWith(GONE_PREFIX)) {
+        // One this process or a dead one began to remove (renamed away first, then removed).
+        const pid = Number(/-(\d+)-\d+$/.exec(e)?.[1]);
+        if (pid === process.pid || !existsSync(`/proc/${pid}`)) await rm(dir, { recursive: true, force: true });
+        continue;
+      }
+      if (e.startsWith('.')) continue;
+      const meta = await readSnapshotMeta(dir);
+      if (!meta || this.snapshotDir(meta.image) !== dir) continue; // not one of ours as we know them
+      try {
+        let why: string | undefined = `image ${meta.image} is no longer on this worker`;
+        for (const image of await current(meta.image)) {
+          why = await staleReason(meta, this.imageFiles(image), this.host.accel, qemu);
+          if (!why) break;
+        }
+        // Checked again after the awaits, and the rename issued in the same turn: a snapshot made
+        // meanwhile is renamed into place only once its making is over.
+        if (!why || this.snapshotting.has(meta.image) || this.holds.has(meta.image)) continue;
+        const gone = join(root, `${GONE_PREFIX}${e}-${process.pid}-${Date.now()}`);
+        await rename(dir, gone);
+        await rm(gone, { recursive: true, force: true });
+        this.host.log.info({ image: meta.image, why }, 'removed a snapshot no VM will resume');
+      } catch (err) {
+        this.host.log.warn({ image: meta.image, err: (err as Error).message }, 'cannot tell whether a snapshot is still of use: kept');
+      }
+    }
+  }
+
+  /** The image files the snapshots link, by `dev:ino`, with how many links of theirs each has: no VM's use of the image. */
+  async imageLinks(): Promise<Map<string, number>> {
+    const root = join(this.host.dataDir, 'snapshots');
+    const links = new Map<string, number>();
+    for (const e of await readdir(root).catch(() => [] as string[])) {
+      if (e.startsWith('.make-')) continue; // a template booting uses its image like any VM
+      const st = await stat(join(root, e, 'base.qcow2')).catch(() => undefined);
+      if (!st) continue;
+      const key = `${st.dev}:${st.ino}`;
+      links.set(key, (links.get(key) ?? 0) + 1);
+    }
+    return links;
   }
 
   /** The snapshot a VM resumes, or why it cold-boots. */
@@ -131,15 +206,16 @@ export class SnapshotMaker {
    * A template whose maker is gone (a worker killed or stopped while it made a snapshot) keeps its
    * QEMU and its pasta running, detached like every VM's: both are killed and its directory removed.
    */
-  private async removeAbandonedTemplates(name: string): Promise<void> {
-    const root = dirname(this.snapshotDir(name));
-    const prefix = `.make-${imageDirName(name)}-`;
+  private async removeAbandonedTemplates(name?: string): Promise<void> {
+    const root = join(this.host.dataDir, 'snapshots');
+    const prefix = name === undefined ? '.make-' : `.make-${imageDirName(name)}-`;
     const entries = await readdir(root).catch(() => [] as string[]);
     for (const e of entries) {
       if (!e.startsWith(prefix)) continue;
       const dir = join(root, e);
       if ([...this.templateDirs.values()].includes(dir)) continue;
-      const maker = Number(e.slice(prefix.length).split('-')[0]);
+      // .make-<image dir name>-<maker's pid>-<ms>
+      const maker = Number(/-(\d+)-\d+$/.exec(e)?.[1]);
       if (maker !== process.pid && existsSync(`/proc/${maker}`) && maker > 0) {
         // another process (orchard image snapshot, another worker on this data dir) may still be at it
         continue;
@@ -154,7 +230,7 @@ export class SnapshotMaker {
         // no QEMU left
       }
       await rm(dir, { recursive: true, force: true });
-      this.host.log.info({ image: name, dir }, 'removed an abandoned snapshot template');
+      this.host.log.info({ dir }, 'removed an abandoned snapshot template');
     }
   }
 

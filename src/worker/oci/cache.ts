@@ -43,6 +43,17 @@ export interface ImageCacheOptions {
   logger?: Logger;
 }
 
+/**
+ * Hard links to cached images that are not VMs' (the qemu driver's warm-start snapshots, which live
+ * and die with their image): `links` counts them by file (`dev:ino` -> links), `released` removes
+ * those of images gone from the cache. Without them every image a snapshot was made of would count
+ * as in use for ever, and the cache would outgrow its bound.
+ */
+export interface ImageFollowers {
+  links(): Promise<Map<string, number>>;
+  released(): Promise<void>;
+}
+
 export interface EnsureOptions {
   policy: PullPolicy;
   progress?: PullProgressFn;
@@ -59,7 +70,7 @@ export interface CachedImage {
   lastUsed: string;
   /** the reference it was pulled as */
   source: string;
-  /** a VM holds its disk */
+  /** a VM holds its disk (ImageFollowers' links do not count) */
   inUse: boolean;
   dir: string;
 }
@@ -141,6 +152,8 @@ export class ImageCache {
   private readonly byEntry = new Map<string, Shared<void>>();
   private readonly handedOut = new Map<string, number>();
   private ready?: Promise<void>;
+  /** Set by the driver that keeps snapshots of these images (ImageFollowers). */
+  followers?: ImageFollowers;
 
   constructor(opts: ImageCacheOptions) {
     this.dir = join(resolve(opts.storeDir), '.oci');
@@ -431,6 +444,7 @@ export class ImageCache {
       if (!file.derived) refs.set(file.entry, [...(refs.get(file.entry) ?? []), file.reference]);
     }
     const out: CachedImage[] = [];
+    const followed = (await this.followers?.links()) ?? new Map<string, number>();
     for (const name of await readdir(this.path('entries'))) {
       const m = /^sha256-([a-f0-9]{64})$/.exec(name);
       if (!m) continue;
@@ -448,7 +462,7 @@ export class ImageCache {
           size: await allocated(dir),
           created: meta.created,
           lastUsed: new Date(used?.mtimeMs ?? 0).toISOString(),
-          inUse: disk.nlink > 1,
+          inUse: disk.nlink - (followed.get(`${disk.dev}:${disk.ino}`) ?? 0) > 1,
           dir,
         });
       } catch {
@@ -498,6 +512,8 @@ export class ImageCache {
     }
     if (evicted.length) {
       for (const r of await this.refFiles()) if (evicted.includes(`sha256:${r.entry}`)) await rm(r.file, { force: true });
+      // Their snapshots linked the disks: the space is free once those are gone too.
+      await this.followers?.released().catch((err: Error) => this.log?.warn({ err: err.message }, 'cannot remove what followed the evicted images'));
     }
     if (total > this.maxBytes) this.log?.warn({ bytes: total, maxBytes: this.maxBytes }, 'the image cache is over its size: the images left are in use');
     return evicted;
