@@ -1,10 +1,13 @@
 // End to end: debian-dev pushed to a registry on loopback (TLS with a test CA, htpasswd) is pulled by a
 // real qemu worker for a VM that names it by reference, with the credentials an admin set on the
 // controller (sent to the worker, never logged by either), boots, and answers
-// `orchard ssh vm NAME -- uname -a`; the VM's reason and events tell of the pull.
+// `orchard ssh vm NAME -- uname -a`; the VM's reason and events tell of the pull. With no SSH key (a
+// push leaves it behind) the VM resumes the pulled image's warm-start snapshot all the same, made
+// through the image's own agent; once the VM is gone, the cache evicts the image (the snapshot's
+// link is no use of it) and the snapshot goes with it.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { rmSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { buildDebianDev, resolveImage } from '../src/worker/images.ts';
@@ -32,7 +35,8 @@ test('a qemu worker pulls debian-dev from a registry with the controller\'s cred
   const workerDir = tempDir('orchard-worker-');
   // The worker knows nothing of the registry: its settings come from the controller.
   const registries = new Registries();
-  const cache = new ImageCache({ storeDir: join(workerDir, 'images'), registries: registries.lookup });
+  // A bound of one byte: every image no VM uses goes at the next eviction (checked at the end).
+  const cache = new ImageCache({ storeDir: join(workerDir, 'images'), registries: registries.lookup, maxBytes: 1 });
   const home = tempDir('orchard-home-');
   const running: { worker?: Awaited<ReturnType<typeof qemuWorker>> } = {};
   t.after(async () => {
@@ -46,7 +50,7 @@ test('a qemu worker pulls debian-dev from a registry with the controller\'s cred
     for (const d of [workerDir, home]) rmSync(d, { recursive: true, force: true });
   });
   await c.admin.createRegistry({ host: proxy.host, username: 'ci', password: PASSWORD, ca: registry.ca });
-  running.worker = await qemuWorker(c, 'oci-1', workerDir, { imageCache: cache, registries, logger });
+  running.worker = await qemuWorker(c, 'oci-1', workerDir, { imageCache: cache, registries, logger, warmStart: true });
   await c.admin.createVM({ name: 'pulled', image: ref, cpu: 1, memory: 512 });
   const reasons = new Set<string>();
   await waitFor('pulled to run', async () => {
@@ -73,4 +77,28 @@ test('a qemu worker pulls debian-dev from a registry with the controller\'s cred
   // The credentials were used (the registry refuses anonymous pulls) and neither side logged them.
   assert.match(logs, /registry settings from the controller/, 'the run was logged');
   for (const secret of [PASSWORD, Buffer.from(`ci:${PASSWORD}`).toString('base64')]) assert.ok(!logs.includes(secret), 'a credential is in the logs');
+
+  // A pulled image has no SSH key (a push leaves the image's private key behind), yet the VM
+  // resumed a snapshot of it: the image's own agent, started at boot, gave it its identity.
+  const driver = running.worker.driver;
+  assert.equal((await cache.cached(ref))?.sshKey, undefined);
+  assert.ok(events.some((e) => /^warm start: resumed the snapshot of image .* own identity [\d.]+s through the agent/.test(e)), events.join('\n'));
+  assert.match((await runCLI(['ssh', 'vm', 'pulled', '--', 'hostname'], env)).stdout, /^pulled$/m);
+  // The snapshot links the cached image's disk. While the VM runs, the image is in use: not evicted.
+  const snapshot = driver.snapshotDir(ref);
+  const [held] = await cache.list();
+  assert.equal(statSync(join(snapshot, 'base.qcow2')).ino, statSync(join(held.dir, 'base.qcow2')).ino);
+  // (what was handed out is kept a few minutes for the VM that asked: pretend those are over)
+  (cache as unknown as { handedOut: Map<string, number> }).handedOut.clear();
+  assert.deepEqual(await cache.evict(), []);
+  assert.ok(existsSync(snapshot));
+  // Once the VM is deleted, the snapshot's link is no use of the image: the image is evicted, and
+  // its snapshot goes with it (else it would keep the disk's space).
+  await c.admin.deleteVM('pulled');
+  await waitFor('the VM\'s files to be removed', async () => (await driver.list()).length === 0 || undefined, 60_000);
+  assert.equal((await cache.list())[0].inUse, false, 'the snapshot\'s link is not a use');
+  assert.deepEqual(await cache.evict(), [held.digest]);
+  assert.equal(existsSync(held.dir), false, 'the image was evicted');
+  assert.equal(existsSync(snapshot), false, 'its snapshot was removed with it');
+  assert.deepEqual(readdirSync(join(workerDir, 'snapshots')), []);
 });

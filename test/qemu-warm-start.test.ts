@@ -188,8 +188,8 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
       // disk); the VM resumed from it runs on, adopted: its files are links of its own.
       await w.worker.stop();
       w = await qemuWorker(c, 'warm-1', workerDir, { imagesDir: store, warmStart: true });
-      await waitFor('the snapshot of the deleted image to be removed', () => !existsSync(w.driver.snapshotDir('debian-dev')) || undefined, 10_000);
-      assert.deepEqual(readdirSync(join(workerDir, 'snapshots')), [], 'nothing left in snapshots/');
+      // (renamed away, then removed)
+      await waitFor('the snapshot of the deleted image to be removed', () => readdirSync(join(workerDir, 'snapshots')).length === 0 || undefined, 10_000);
       assert.equal((await ssh('warm-d', 'hostname')).out, 'warm-d');
     });
   } finally {

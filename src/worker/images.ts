@@ -57,9 +57,17 @@ export interface ResolvedImage extends ImageInfo {
   cmdline?: string;
   /** An SSH private key the guest accepts for its users, when the image has one. */
   sshKey?: string;
+  /**
+   * The guest starts the worker's agent at boot (BOOT_AGENT_ARG on its command line, as debian-dev's
+   * does): a warm-start template is reached through it, with no SSH key.
+   */
+  bootAgent?: boolean;
   /** The guest's SSH host keys as known_hosts lines (`* TYPE BASE64`), when known. */
   knownHosts?: string;
 }
+
+/** On a kernel image's command line: its guest starts the worker's agent at boot (guest-identity.ts AGENT_PORT). */
+export const BOOT_AGENT_ARG = 'orchard.agent=1';
 
 export interface BuildResult extends ResolvedImage {
   /** true when nothing had to be done (the image was up to date). */
@@ -197,6 +205,7 @@ export async function resolveImage(storeDir: string, name: string): Promise<Reso
     image.initrd = join(dir, 'initrd.img');
     if (!(await exists(image.kernel)) || !(await exists(image.initrd))) throw notFound('is incomplete');
     image.cmdline = (await readFile(join(dir, 'cmdline'), 'utf8').catch(() => 'console=ttyS0')).trim();
+    image.bootAgent = image.cmdline.split(/\s+/).includes(BOOT_AGENT_ARG);
   }
   if (await exists(join(dir, 'id_ed25519'))) image.sshKey = join(dir, 'id_ed25519');
   if (await exists(join(dir, 'known_hosts'))) image.knownHosts = await readFile(join(dir, 'known_hosts'), 'utf8');

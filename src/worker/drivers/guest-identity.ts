@@ -82,7 +82,9 @@ const AGENT_EXIT = 'orchard-identity-exit ';
 export const AGENT_PORT = 'org.orchard.agent';
 
 /**
- * Started in the template before its state is saved (as root, over SSH): a shell that waits on the
+ * Started in the template before its state is saved (as root, over SSH), unless the image starts its
+ * own at boot (images.ts BOOT_AGENT_ARG: debian-dev's /etc/orchard-agent, which takes one script
+ * after another, in the same words, until the worker's side closes): a shell that waits on the
  * virtio-serial port AGENT_PORT for one script, runs it, prints its exit code and ends. A VM resumed
  * from the snapshot is given its identity through it, with no SSH login (under TCG the guest's side
  * of a login, a dropbear process and its key exchange, is 0.15-0.3 s). Only the worker can reach the
@@ -107,11 +109,12 @@ export const AGENT_START = [
 ].join('\n') + '\n';
 
 /**
- * Runs `script` through the agent (AGENT_START) on `sock` (QEMU's agent.sock) and resolves with its
+ * Runs `script` through the agent (AGENT_START, or the image's own: images.ts BOOT_AGENT_ARG) on
+ * `sock` (QEMU's agent.sock) and resolves with its
  * output; rejects on a non-zero exit, a timeout, or more output than an identity script makes (the
  * guest writes what it likes). `onLine`: each line as it comes.
  */
-export function runOverAgent(sock: Duplex, script: string, opts: { timeoutMs?: number; onLine?: (line: string) => void } = {}): Promise<string> {
+export function runOverAgent(sock: Duplex, script: string, opts: { timeoutMs?: number; onLine?: (line: string) => void; keepOpen?: boolean } = {}): Promise<string> {
   return new Promise((resolve, reject) => {
     let out = '';
     let seen = 0;
@@ -122,12 +125,14 @@ export function runOverAgent(sock: Duplex, script: string, opts: { timeoutMs?: n
       if (settled) return;
       settled = true;
       clearTimeout(timer);
-      sock.destroy();
+      // keepOpen: for a next script (an agent that takes several: the image's own, started at boot)
+      if (opts.keepOpen && !err) sock.off('data', onData).off('error', onError).off('end', onClosed).off('close', onClosed);
+      else sock.destroy();
       if (err) reject(err);
       else if (code === 0) resolve(lines.join('\n') + '\n');
       else reject(new Error(`exit code ${code}${lines.length ? `: ${lines.slice(-3).join('; ')}` : ''}`));
     };
-    sock.on('data', (d: Buffer) => {
+    const onData = (d: Buffer) => {
       out += d.toString('latin1');
       if (out.length > 65_536) return done(new Error('the agent said more than an identity script does'));
       for (let nl; (nl = out.indexOf('\n', seen)) >= 0; seen = nl + 1) {
@@ -136,9 +141,10 @@ export function runOverAgent(sock: Duplex, script: string, opts: { timeoutMs?: n
         lines.push(line);
         opts.onLine?.(line);
       }
-    });
-    sock.on('error', (e) => done(e));
-    for (const ev of ['end', 'close']) sock.on(ev, () => done(new Error('the agent\'s socket closed')));
+    };
+    const onError = (e: Error) => done(e);
+    const onClosed = () => done(new Error('the agent\'s socket closed'));
+    sock.on('data', onData).on('error', onError).on('end', onClosed).on('close', onClosed);
     sock.write(`${script}\n${AGENT_END}\n`);
   });
 }

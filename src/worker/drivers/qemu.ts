@@ -810,7 +810,8 @@ export class QemuDriver implements Driver {
         await q.execute('migrate-incoming', { uri: `exec:cat ${STATE_FILE}` });
       });
       // made while the state loads (host keys, password hash: a few ms of the worker's CPU)
-      const key = await readFile(join(dir, 'id_ed25519'));
+      // (an image reached through its own agent may have no key: pulled ones)
+      const key = await readFile(join(dir, 'id_ed25519')).catch(() => undefined);
       const id = newIdentity({ name: pending.name, username: pending.username, password: pending.password, authorizedKey: await publicKeyOf(join(dir, 'id_ed25519')) }, file.mac);
       await this.identifyWarm(localName, file, { t0, key, id, agent }, progress, signal);
     } finally {
@@ -826,7 +827,7 @@ export class QemuDriver implements Driver {
   }
 
   /** resumeWarm, once the state is loading: the VM's own identity, checked. */
-  private async identifyWarm(localName: string, file: VmFile, w: { t0: number; key: Buffer; id: Identity; agent?: Duplex }, progress: Progress, signal?: AbortSignal): Promise<void> {
+  private async identifyWarm(localName: string, file: VmFile, w: { t0: number; key?: Buffer; id: Identity; agent?: Duplex }, progress: Progress, signal?: AbortSignal): Promise<void> {
     const { t0, key, id, agent } = w;
     const dir = this.vmDir(localName);
     const s = this.st(localName);
@@ -882,6 +883,7 @@ export class QemuDriver implements Driver {
       // The template's agent waits on its port: no SSH login.
       said = (await runOverAgent(agent, identityScript(id, Date.now() / 1000), { onLine })).trim().split('\n');
     } else {
+      if (!key) throw new Error(`image ${file.image} has no SSH key, and the snapshot no agent`);
       // The connection that first gets dropbear's banner is the one the identity is given over:
       // under TCG each new connection costs the guest a dropbear process, and the worker an nsenter + socat.
       const sock = await this.waitBanner(localName, signal, true);

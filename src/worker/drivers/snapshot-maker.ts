@@ -14,7 +14,7 @@ import { privateFiles } from '../private-files.ts';
 import type { DriverVM, Progress } from './driver.ts';
 import type { Accel } from './accel.ts';
 import type { QmpClient } from './qmp.ts';
-import { AGENT_START, runAsRoot } from './guest-identity.ts';
+import { AGENT_START, runAsRoot, runOverAgent } from './guest-identity.ts';
 import { virtualSize } from './qemu-img.ts';
 import { killPastaOf } from './netns.ts';
 import { binaryId, fileId, MEMORY_FILE, readSnapshotMeta, SNAPSHOT_FILE, staleReason, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
@@ -140,7 +140,7 @@ export class SnapshotMaker {
   /** The snapshot a VM resumes, or why it cold-boots. */
   async snapshotFor(vm: DriverVM, image: ResolvedImage, progress: Progress): Promise<SnapshotMeta | { cold: string }> {
     const cold = (why: string) => ({ cold: why });
-    if (!image.sshKey) return cold(`image ${vm.image} has no SSH key for the worker to give a VM resumed from a snapshot its own identity`);
+    if (!image.sshKey && !image.bootAgent) return cold(`image ${vm.image} has no SSH key nor agent for the worker to give a VM resumed from a snapshot its own identity`);
     if (vm.hostDirs?.length) return cold('host directories (9p) cannot be part of a saved state');
     if (vm.diskSize && vm.diskSize > 0) {
       const size = await virtualSize(image.disk);
@@ -235,8 +235,9 @@ export class SnapshotMaker {
   }
 
   /**
-   * Boots the image once (a template with a fixed identity), waits for SSH, checks over SSH that the
-   * guest has what re-identification uses, saves its state (QMP `migrate` to a file, the vCPUs
+   * Boots the image once (a template with a fixed identity), waits for SSH, checks that the guest
+   * has what re-identification uses (through the image's own agent, else logged in over SSH with
+   * the image's key, and then starts the agent: AGENT_START), saves its state (QMP `migrate` to a file, the vCPUs
    * stopped first so the memory and the disk overlay are one consistent moment) and keeps its disk
    * overlay frozen next to it. Made in a temporary directory, renamed into place when complete.
    */
@@ -259,6 +260,9 @@ export class SnapshotMaker {
       for (const f of Object.keys(this.imageFiles(image))) files[f] = await fileId(join(tmp, f));
       progress(`snapshot of image ${image.name}: booting the template`);
       await this.host.start(vm);
+      // The image's own agent (bootAgent) keeps running only if its port's host side is connected
+      // when the guest starts it: now, before the guest boots.
+      if (image.bootAgent) agentSock = await this.host.agent(localName);
       await this.host.waitReady(localName);
       const bootSeconds = (Date.now() - t0) / 1000;
       const meta: SnapshotMeta = {
@@ -270,11 +274,14 @@ export class SnapshotMaker {
       const probe = 'set -e; for c in dropbear ip arping date rm; do command -v $c >/dev/null || { echo "no $c" >&2; exit 1; }; done; ' +
         'test -s /run/dropbear.pid; test -d /etc/dropbear';
       try {
-        await runAsRoot(await this.host.dial(localName, 22), await readFile(join(tmp, 'id_ed25519')), probe + '\n', { timeoutMs: 60_000 });
+        if (agentSock) await runOverAgent(agentSock, probe + '\n', { timeoutMs: 60_000, keepOpen: true });
+        else await runAsRoot(await this.host.dial(localName, 22), await readFile(join(tmp, 'id_ed25519')), probe + '\n', { timeoutMs: 60_000 });
       } catch (err) {
-        meta.unusable = `the guest of image ${image.name} cannot be given its own identity after a resume (it needs dropbear and busybox's ip, arping, date, rm): ${(err as Error).message}`;
+        meta.unusable = `the guest of image ${image.name} cannot be given its own identity after a resume (it needs dropbear and busybox's ip, arping, date, rm${agentSock ? ', and the agent its command line starts' : ''}): ${(err as Error).message}`;
       }
-      if (!meta.unusable) {
+      // Its own agent waits for the next script, the VM's identity, on its connected port.
+      if (agentSock && !meta.unusable) meta.agent = true;
+      if (!agentSock && !meta.unusable) {
         // Last before the save: the agent that gives VMs their identity without an SSH login (else
         // over SSH). Its port is saved connected (each VM's is connected before the load).
         meta.agent = await (async () => {

@@ -213,9 +213,31 @@ for t in /sys/bus/virtio/drivers/9pnet_virtio/virtio*/mount_tag; do [ -f "$t" ] 
 for t in /sys/fs/virtiofs/*/tag; do [ -f "$t" ] || continue
   tag=$(cat "$t"); mkdir -p "/mnt/shared/$tag"; mount -t virtiofs "$tag" "/mnt/shared/$tag"; done
 acpid
+# The worker's agent, before sshd (orchard.agent=1): on a port whose host side is not connected a
+# read ends at once, so it keeps running only in a warm-start template, whose port the worker
+# connects before the guest boots.
+case " $(cat /proc/cmdline) " in *" orchard.agent=1 "*)
+  for p in /sys/class/virtio-ports/*; do
+    [ "$(cat "$p/name" 2>/dev/null)" = org.orchard.agent ] && setsid sh /etc/orchard-agent <>"/dev/${p##*/}" >&0 2>&0 &
+  done;;
+esac
 dropbear -p 22 -P /run/dropbear.pid
 [ -x /etc/rc.local ] && /etc/rc.local
 echo "rcS: up in $(cut -d' ' -f1 /proc/uptime)s, $(ip -4 -o addr show eth0 | awk '{print $4}')" >/dev/console
+EOF
+cat >"$R/etc/orchard-agent" <<'EOF'
+#!/bin/sh
+# The worker's agent (see rcS and the worker's guest-identity.ts): scripts from the worker on the
+# virtio-serial port org.orchard.agent, one after another, each ended by a line
+# orchard-identity-end and answered by a line "orchard-identity-exit CODE"; it ends when the
+# worker's side of the port closes.
+while :; do
+  s=""; e=""
+  while IFS= read -r l; do [ "$l" = orchard-identity-end ] && { e=1; break; }; s="$s$l
+"; done
+  [ -n "$e" ] || exit 0
+  (eval "$s"); echo "orchard-identity-exit $?"
+done
 EOF
 cat >"$R/etc/rcK" <<'EOF'
 #!/bin/sh
@@ -253,7 +275,9 @@ step "writing base.qcow2 ($DISK_SIZE ext4)"
 rm -f "$BUILD/root.img"
 mke2fs -q -t ext4 -L orchard-root -d "$R" "$BUILD/root.img" "$DISK_SIZE"
 qemu-img convert -f raw -O qcow2 "$BUILD/root.img" "$STAGE/base.qcow2"
-echo "console=ttyS0 panic=-1 quiet" >"$STAGE/cmdline"
+# orchard.agent=1: the guest starts the worker's agent at boot (rcS), and the worker knows it can
+# give a VM resumed from this image's snapshot its own identity with no SSH key (pulled images have none).
+echo "console=ttyS0 panic=-1 quiet orchard.agent=1" >"$STAGE/cmdline"
 printf '{"name":"debian-dev","kind":"kernel","created":"%s","source":"Debian packages (%s %s)"}\n' \
   "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$KPKG" "$KDEBVER" >"$STAGE/image.json"
 
