@@ -85,7 +85,7 @@ test('a qemu worker pulls debian-dev from a registry with the controller\'s cred
   assert.ok(events.some((e) => /^warm start: resumed the snapshot of image .* own identity [\d.]+s through the agent/.test(e)), events.join('\n'));
   assert.match((await runCLI(['ssh', 'vm', 'pulled', '--', 'hostname'], env)).stdout, /^pulled$/m);
   // The snapshot links the cached image's disk. While the VM runs, the image is in use: not evicted.
-  const snapshot = driver.snapshotDir(ref);
+  const snapshot = driver.snapshotDir(ref, { cpu: 1, memory: 512 });
   const [held] = await cache.list();
   assert.equal(statSync(join(snapshot, 'base.qcow2')).ino, statSync(join(held.dir, 'base.qcow2')).ino);
   // (what was handed out is kept a few minutes for the VM that asked: pretend those are over)

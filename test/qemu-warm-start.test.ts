@@ -23,9 +23,13 @@ import { join } from 'node:path';
 import { localNameOf, type VM } from '../src/api/schemas.ts';
 import { removeImage, buildDebianDev } from '../src/worker/images.ts';
 import { readSnapshotMeta } from '../src/worker/drivers/snapshots.ts';
+import { SHAPES_PER_IMAGE } from '../src/worker/drivers/snapshot-maker.ts';
 import { ADMIN_TOKEN, alive, heavyFile, inProcessController, ORCHARD_BIN, pastaServing, qemuWorker, runCLI, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
 
 await heavyFile(); // boots VMs
+
+/** The shape of the test's VMs, and of the snapshot the first makes. */
+const SHAPE = { cpu: 1, memory: 512 };
 
 const fingerprint = (blob: Buffer) => 'SHA256:' + createHash('sha256').update(blob).digest('base64').replace(/=+$/, '');
 
@@ -67,7 +71,7 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
     // The first VM makes the snapshot (the template boots once), then resumes it.
     const started = new Date().toISOString();
     const first = await created('warm-a', { username: 'alice', password: 'a-secret-1' });
-    const meta = (await readSnapshotMeta(w.driver.snapshotDir('debian-dev')))!;
+    const meta = (await readSnapshotMeta(w.driver.snapshotDir('debian-dev', SHAPE)))!;
     assert.ok(meta && !meta.unusable && meta.created > started, `a usable snapshot, made for this VM: ${JSON.stringify(meta)}`);
     assert.equal(meta.agent, true, 'the template\'s identity agent was started before the save');
     const second = await created('warm-b', { username: 'bob', password: 'b-secret-2' });
@@ -99,7 +103,7 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
     });
 
     await t.test("the VMs' memory is the snapshot's memory file mapped private: what they write never reaches it", async () => {
-      const memoryFile = join(w.driver.snapshotDir('debian-dev'), meta.memoryFile!);
+      const memoryFile = join(w.driver.snapshotDir('debian-dev', SHAPE), meta.memoryFile!);
       // (its modification time: a write through a shared mapping sets it; reading 512 MiB of holes to
       // compare contents takes seconds here)
       const written = () => { const st = statSync(memoryFile); return { mtime: st.mtimeMs, blocks: st.blocks }; };
@@ -116,7 +120,7 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
 
     await t.test('a snapshot whose template agent did not start: the VM gets its identity over an SSH login instead, and answers orchard ssh as its own user', async () => {
       // What the snapshot maker writes when the agent cannot be started in the template (agent: false).
-      const metaFile = join(w.driver.snapshotDir('debian-dev'), 'snapshot.json');
+      const metaFile = join(w.driver.snapshotDir('debian-dev', SHAPE), 'snapshot.json');
       const saved = readFileSync(metaFile, 'utf8');
       writeFileSync(metaFile, JSON.stringify({ ...meta, agent: false }));
       try {
@@ -132,17 +136,34 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
       }
     });
 
-    await t.test('a VM with another CPU count cold-boots, with the reason in its events; a warm start beats that cold boot', async () => {
-      const cold = await created('cold-c', { cpu: 2 });
-      assert.ok(cold.events.some((e) => e.startsWith('cold boot: the snapshot of image debian-dev on this worker has 1 CPU and 512 MiB; this VM asks for 2 CPU and 512 MiB')), cold.events.join('\n'));
-      assert.equal((await ssh('cold-c', 'hostname')).out, 'orchard-vm', 'booted from the image as it is (no cloud-init in debian-dev)');
-      console.log(`cold boot ${cold.seconds.toFixed(2)} s vs warm start ${second.seconds.toFixed(2)} s (${(cold.seconds / second.seconds).toFixed(1)}×)`);
-      assert.ok(second.seconds < cold.seconds, `warm ${second.seconds} s < cold ${cold.seconds} s`);
-      await c.admin.deleteVM('cold-c');
+    await t.test(`a VM of another shape gets a snapshot of its own; past ${SHAPES_PER_IMAGE} shapes VMs cold-boot, with the reason in their events; a warm start beats that cold boot`, async () => {
+      const two = await created('shape-2', { cpu: 2 });
+      assert.ok(two.events.some((e) => e === 'snapshot of image debian-dev: booting the template'), two.events.join('\n'));
+      assert.ok(two.events.some((e) => e.startsWith('warm start: resumed')), two.events.join('\n'));
+      assert.equal((await ssh('shape-2', 'grep -c ^processor /proc/cpuinfo; hostname')).out, '2\nshape-2');
+      assert.equal((await readSnapshotMeta(w.driver.snapshotDir('debian-dev', { cpu: 2, memory: 512 })))?.cpu, 2);
+      assert.equal((await readSnapshotMeta(w.driver.snapshotDir('debian-dev', SHAPE)))?.created, meta.created, "the first shape's snapshot stays");
+      await c.admin.deleteVM('shape-2');
+      // Two more shapes' snapshots (their records, as if made): a fifth shape cold-boots.
+      const more = [640, 768].map((memory) => w.driver.snapshotDir('debian-dev', { cpu: 1, memory }));
+      for (const [i, dir] of more.entries()) {
+        mkdirSync(dir);
+        writeFileSync(join(dir, 'snapshot.json'), JSON.stringify({ ...meta, memory: 640 + i * 128 }));
+      }
+      try {
+        const cold = await created('cold-c', { memory: 896 });
+        assert.ok(cold.events.some((e) => e.startsWith('cold boot: image debian-dev has snapshots for 4 other shapes of VM on this worker, the most it keeps (1cpu-512mib, 1cpu-640mib, 1cpu-768mib, 2cpu-512mib); this VM asks for 1 CPU and 896 MiB')), cold.events.join('\n'));
+        assert.equal((await ssh('cold-c', 'hostname')).out, 'orchard-vm', 'booted from the image as it is (no cloud-init in debian-dev)');
+        console.log(`cold boot ${cold.seconds.toFixed(2)} s vs warm start ${second.seconds.toFixed(2)} s (${(cold.seconds / second.seconds).toFixed(1)}×)`);
+        assert.ok(second.seconds < cold.seconds, `warm ${second.seconds} s < cold ${cold.seconds} s`);
+        await c.admin.deleteVM('cold-c');
+      } finally {
+        for (const dir of more) rmSync(dir, { recursive: true, force: true });
+      }
     });
 
     await t.test('a warm start that fails (a state QEMU cannot load) kills that QEMU and cold-boots the VM, saying why', async () => {
-      const state = join(w.driver.snapshotDir('debian-dev'), 'snapshot.state');
+      const state = join(w.driver.snapshotDir('debian-dev', SHAPE), 'snapshot.state');
       const bytes = readFileSync(state);
       writeFileSync(`${state}.cut`, bytes.subarray(0, bytes.length >> 1));
       renameSync(`${state}.cut`, state);
@@ -161,7 +182,7 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
       const maker = spawn(ORCHARD_BIN, ['image', 'snapshot', 'debian-dev', '--data-dir', workerDir], { stdio: 'ignore' });
       const snapshots = join(workerDir, 'snapshots');
       const abandoned = await waitFor("the killed maker's template to run with its network", () => {
-        const dir = readdirSync(snapshots).find((e) => e.startsWith(`.make-debian-dev-${maker.pid}-`));
+        const dir = readdirSync(snapshots).find((e) => e.startsWith(`.make-debian-dev@1cpu-512mib-${maker.pid}-`));
         if (!dir || !existsSync(join(snapshots, dir, 'qemu.pid'))) return undefined;
         const qemu = Number(readFileSync(join(snapshots, dir, 'qemu.pid'), 'utf8'));
         const pasta = qemu ? pastaServing(qemu) : undefined;
@@ -179,11 +200,11 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
       assert.equal(alive(abandoned.pasta), false, "the abandoned template's pasta was killed");
       assert.equal(existsSync(abandoned.dir), false, "the abandoned template's directory was removed");
       assert.ok(after.events.some((e) => e.startsWith('warm start: resumed')), after.events.join('\n'));
-      const remade = (await readSnapshotMeta(w.driver.snapshotDir('debian-dev')))!;
+      const remade = (await readSnapshotMeta(w.driver.snapshotDir('debian-dev', SHAPE)))!;
       assert.notEqual(remade.created, meta.created);
       assert.equal((await ssh('warm-d', 'hostname')).out, 'warm-d');
       await removeImage(store, 'debian-dev');
-      await assert.rejects(w.driver.snapshot('debian-dev', { cpu: 1, memory: 512 }), /image "debian-dev" is not on this worker/);
+      await assert.rejects(w.driver.snapshot('debian-dev', SHAPE), /image "debian-dev" is not on this worker/);
       // The worker started again removes the snapshot of the deleted image (it held the image's
       // disk); the VM resumed from it runs on, adopted: its files are links of its own.
       await w.worker.stop();

@@ -228,7 +228,7 @@ export function registerWorkerCommands(program: Command) {
     .command('snapshot')
     .description('make (or confirm up to date) the snapshot VMs of this image warm-start from on this worker: the image booted once, its state saved')
     .argument('<name>', 'a local image with an SSH key (debian-dev)')
-    .option('--cpu <n>', 'the CPU count of the VMs that will resume it (others cold-boot)', '1')
+    .option('--cpu <n>', 'the CPU count of the VMs that will resume it (one snapshot per CPU count and memory)', '1')
     .option('--memory <MiB>', 'their memory', '512')
     .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
     .action(async (name: string, opts: { cpu: string; memory: string; dataDir: string }) => {
@@ -240,7 +240,7 @@ export function registerWorkerCommands(program: Command) {
       const t0 = Date.now();
       const meta = await driver.snapshot(name, { cpu, memory }, (msg) => process.stderr.write(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${msg}\n`));
       if (meta.unusable) throw new Error(meta.unusable);
-      process.stderr.write(`snapshot of ${name}: ${meta.cpu} CPU, ${meta.memory} MiB, made ${meta.created} (${driver.snapshotDir(name)})\n`);
+      process.stderr.write(`snapshot of ${name}: ${meta.cpu} CPU, ${meta.memory} MiB, made ${meta.created} (${driver.snapshotDir(name, meta)})\n`);
     });
   image
     .command('import')

@@ -35,7 +35,7 @@ import { forward, QmpClient } from './qmp.ts';
 import { hostnameOf, publicKeyOf, SEED_LABEL, writeSeed } from './cloud-init.ts';
 import { AGENT_PORT, DROPBEAR_RESTARTED, type Identity, identityScript, keyBlob, newIdentity, newMac, offeredHostKey, runAsRoot, runOverAgent } from './guest-identity.ts';
 import { MEMORY_FILE, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
-import { SnapshotMaker } from './snapshot-maker.ts';
+import { type Shape, SnapshotMaker } from './snapshot-maker.ts';
 import { qemuImg } from './qemu-img.ts';
 import { parseLocalName } from '../../api/schemas.ts';
 // dial(name, VNC_PORT) reaches QEMU's VNC server for the VM's display (a unix socket, no guest port).
@@ -227,16 +227,16 @@ export class QemuDriver implements Driver {
     return this.snapshots.templateDir(localName) ?? join(this.dataDir, 'vms', checkLocalName(localName));
   }
 
-  /** Where the warm-start snapshot of image `name` is kept (snapshots.ts). */
-  snapshotDir(name: string): string {
-    return this.snapshots.snapshotDir(name);
+  /** Where the warm-start snapshot of image `name` for VMs of `shape` is kept (snapshots.ts). */
+  snapshotDir(name: string, shape: Shape): string {
+    return this.snapshots.snapshotDir(name, shape);
   }
 
   /**
    * The warm-start snapshot of image `name` on this worker: the one there when it is up to date, else
    * a new one (made with `shape`'s CPU count and memory), made once however many VMs ask meanwhile.
    */
-  snapshot(name: string, shape: { cpu: number; memory: number }, progress: Progress = () => {}): Promise<SnapshotMeta> {
+  snapshot(name: string, shape: Shape, progress: Progress = () => {}): Promise<SnapshotMeta> {
     return this.snapshots.snapshot(name, shape, progress);
   }
 
@@ -419,7 +419,7 @@ export class QemuDriver implements Driver {
     const snapshot = chosen && !('cold' in chosen) ? chosen : undefined;
     if (chosen && 'cold' in chosen) file.coldReason = chosen.cold;
     for (const f of await readdir(dir)) await rm(join(dir, f), { recursive: true, force: true });
-    const from = snapshot ? this.snapshotDir(vm.image) : undefined;
+    const from = snapshot ? this.snapshotDir(vm.image, snapshot) : undefined;
     progress(snapshot ? `creating copy-on-write disk on the snapshot of image ${vm.image}` : 'creating copy-on-write disk');
     await linkOrCopy(from ? join(from, 'base.qcow2') : image.disk, join(dir, 'base.qcow2'));
     if (image.kind === 'kernel') {

@@ -5,7 +5,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { randomUUID } from 'node:crypto';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
@@ -21,6 +21,18 @@ import { binaryId, fileId, MEMORY_FILE, readSnapshotMeta, SNAPSHOT_FILE, staleRe
 
 /** Snapshot directories being removed are first renamed to this prefix + their name + `-<pid>-<ms>`. */
 const GONE_PREFIX = '.gone-';
+
+/** What a snapshot is made for: the CPU count and memory (MiB) of the VMs that resume it. */
+export interface Shape {
+  cpu: number;
+  memory: number;
+}
+
+/**
+ * Snapshots an image has on a worker, one per shape, made by the first VM of each: a VM of a further
+ * shape cold-boots (each snapshot costs a template boot and the disk the guest's memory takes).
+ */
+export const SHAPES_PER_IMAGE = 4;
 
 /** What the maker needs of the driver: its settings, and running a template like any VM. */
 export interface TemplateHost {
@@ -48,7 +60,7 @@ export class SnapshotMaker {
   private readonly host: TemplateHost;
   /** Templates being booted for a snapshot: their local name -> their directory (not under vms/, so list() never sees them). */
   private readonly templateDirs = new Map<string, string>();
-  /** Snapshots being made, by image name: VMs that need one meanwhile wait for the same. */
+  /** Snapshots being made, by their directory's name: VMs that need one meanwhile wait for the same. */
   private readonly snapshotting = new Map<string, Promise<SnapshotMeta>>();
   /** Image names whose snapshot VMs are being prepared from (its files linked): removeStale leaves those. */
   private readonly holds = new Map<string, number>();
@@ -62,9 +74,20 @@ export class SnapshotMaker {
     return this.templateDirs.get(localName);
   }
 
-  /** Where the warm-start snapshot of image `name` is kept (snapshots.ts). */
-  snapshotDir(name: string): string {
-    return join(this.host.dataDir, 'snapshots', imageDirName(name));
+  /** Where the warm-start snapshot of image `name` for VMs of `shape` is kept (snapshots.ts). */
+  snapshotDir(name: string, shape: Shape): string {
+    return join(this.root, `${imageDirName(name)}@${shape.cpu}cpu-${shape.memory}mib`);
+  }
+
+  private get root(): string {
+    return join(this.host.dataDir, 'snapshots');
+  }
+
+  /** The shapes image `name` has snapshots of, or being made, on this worker. */
+  private async shapesOf(name: string): Promise<string[]> {
+    const prefix = `${imageDirName(name)}@`;
+    const made = (await readdir(this.root).catch(() => [] as string[])).filter((e) => e.startsWith(prefix) && existsSync(join(this.root, e, SNAPSHOT_FILE)));
+    return [...new Set([...made, ...[...this.snapshotting.keys()].filter((e) => e.startsWith(prefix))])];
   }
 
   /** Keeps image `name`'s snapshot from removeStale until the function returned is called (a VM's prepare links its files). */
@@ -91,7 +114,7 @@ export class SnapshotMaker {
    */
   async removeStale(current: (name: string) => Promise<ResolvedImage[]>): Promise<void> {
     await this.removeAbandonedTemplates();
-    const root = join(this.host.dataDir, 'snapshots');
+    const root = this.root;
     const qemu = await binaryId(this.host.qemuBinary);
     for (const e of await readdir(root).catch(() => [] as string[])) {
       const dir = join(root, e);
@@ -103,16 +126,20 @@ export class SnapshotMaker {
       }
       if (e.startsWith('.')) continue;
       const meta = await readSnapshotMeta(dir);
-      if (!meta || this.snapshotDir(meta.image) !== dir) continue; // not one of ours as we know them
+      if (!meta) continue; // not one of ours as we know them
       try {
-        let why: string | undefined = `image ${meta.image} is no longer on this worker`;
-        for (const image of await current(meta.image)) {
-          why = await staleReason(meta, this.imageFiles(image), this.host.accel, qemu);
-          if (!why) break;
+        let why: string | undefined;
+        if (this.snapshotDir(meta.image, meta) !== dir) why = 'made by an older version (one snapshot per image, whatever the shape)';
+        else {
+          why = `image ${meta.image} is no longer on this worker`;
+          for (const image of await current(meta.image)) {
+            why = await staleReason(meta, this.imageFiles(image), this.host.accel, qemu);
+            if (!why) break;
+          }
         }
         // Checked again after the awaits, and the rename issued in the same turn: a snapshot made
         // meanwhile is renamed into place only once its making is over.
-        if (!why || this.snapshotting.has(meta.image) || this.holds.has(meta.image)) continue;
+        if (!why || this.snapshotting.has(e) || this.holds.has(meta.image)) continue;
         const gone = join(root, `${GONE_PREFIX}${e}-${process.pid}-${Date.now()}`);
         await rename(dir, gone);
         await rm(gone, { recursive: true, force: true });
@@ -125,7 +152,7 @@ export class SnapshotMaker {
 
   /** The image files the snapshots link, by `dev:ino`, with how many links of theirs each has: no VM's use of the image. */
   async imageLinks(): Promise<Map<string, number>> {
-    const root = join(this.host.dataDir, 'snapshots');
+    const root = this.root;
     const links = new Map<string, number>();
     for (const e of await readdir(root).catch(() => [] as string[])) {
       if (e.startsWith('.make-')) continue; // a template booting uses its image like any VM
@@ -146,9 +173,14 @@ export class SnapshotMaker {
       const size = await virtualSize(image.disk);
       if (Math.round(vm.diskSize * 1024 ** 3) > size) return cold(`diskSize ${vm.diskSize} GB is larger than the image's disk, and a resumed guest would not grow its file system`);
     }
+    const shape = { cpu: vm.cpu, memory: vm.memory };
+    const shapes = await this.shapesOf(vm.image);
+    if (shapes.length >= SHAPES_PER_IMAGE && !shapes.includes(basename(this.snapshotDir(vm.image, shape)))) {
+      return cold(`image ${vm.image} has snapshots for ${shapes.length} other shapes of VM on this worker, the most it keeps (${shapes.map((e) => e.slice(e.lastIndexOf('@') + 1)).sort().join(', ')}); this VM asks for ${vm.cpu} CPU and ${vm.memory} MiB`);
+    }
     let meta: SnapshotMeta;
     try {
-      meta = await this.snapshot(vm.image, { cpu: vm.cpu, memory: vm.memory }, progress, image);
+      meta = await this.snapshot(vm.image, shape, progress, image);
     } catch (err) {
       this.host.log.warn({ image: vm.image, err: (err as Error).message }, 'cannot make a snapshot');
       return cold(`the snapshot of image ${vm.image} could not be made: ${(err as Error).message}`);
@@ -171,33 +203,34 @@ export class SnapshotMaker {
   }
 
   /**
-   * The warm-start snapshot of image `name` on this worker (snapshots.ts): the one there when it is
-   * up to date, else a new one, made once however many VMs ask meanwhile. A new one is made with
-   * `shape`'s CPU count and memory (VMs of another shape cold-boot).
+   * The warm-start snapshot of image `name` for VMs of `shape` on this worker (snapshots.ts): the one
+   * there when it is up to date, else a new one, made once however many VMs ask meanwhile.
    */
-  async snapshot(name: string, shape: { cpu: number; memory: number }, progress: Progress = () => {}, resolved?: ResolvedImage): Promise<SnapshotMeta> {
+  async snapshot(name: string, shape: Shape, progress: Progress = () => {}, resolved?: ResolvedImage): Promise<SnapshotMeta> {
     const image = resolved ?? await resolveImage(this.host.imagesDir, name);
-    const dir = this.snapshotDir(name);
+    const dir = this.snapshotDir(name, shape);
+    const key = basename(dir);
     const qemu = await binaryId(this.host.qemuBinary);
     for (;;) {
-      const making = this.snapshotting.get(name);
+      const making = this.snapshotting.get(key);
       if (making) {
         progress(`waiting for the snapshot of image ${name} being made on this worker`);
         await making.catch(() => {});
-        if (this.snapshotting.get(name) === making) this.snapshotting.delete(name);
+        if (this.snapshotting.get(key) === making) this.snapshotting.delete(key);
         continue;
       }
       const meta = await readSnapshotMeta(dir);
       const stale = meta && await staleReason(meta, this.imageFiles(image), this.host.accel, qemu);
       if (meta && !stale) return meta;
-      progress(stale ? `the snapshot of image ${name} is out of date (${stale}): making a new one` : `making a snapshot of image ${name} for warm starts (once per image on this worker)`);
+      progress(stale ? `the snapshot of image ${name} is out of date (${stale}): making a new one`
+        : `making a snapshot of image ${name} for warm starts of VMs with ${shape.cpu} CPU and ${shape.memory} MiB (once on this worker)`);
       await this.removeAbandonedTemplates(name);
       const p = this.makeSnapshot(image, shape, qemu, progress);
-      this.snapshotting.set(name, p);
+      this.snapshotting.set(key, p);
       try {
         return await p;
       } finally {
-        this.snapshotting.delete(name);
+        this.snapshotting.delete(key);
       }
     }
   }
@@ -207,14 +240,14 @@ export class SnapshotMaker {
    * QEMU and its pasta running, detached like every VM's: both are killed and its directory removed.
    */
   private async removeAbandonedTemplates(name?: string): Promise<void> {
-    const root = join(this.host.dataDir, 'snapshots');
-    const prefix = name === undefined ? '.make-' : `.make-${imageDirName(name)}-`;
+    const root = this.root;
+    const prefix = name === undefined ? '.make-' : `.make-${imageDirName(name)}@`;
     const entries = await readdir(root).catch(() => [] as string[]);
     for (const e of entries) {
       if (!e.startsWith(prefix)) continue;
       const dir = join(root, e);
       if ([...this.templateDirs.values()].includes(dir)) continue;
-      // .make-<image dir name>-<maker's pid>-<ms>
+      // .make-<snapshot dir name>-<maker's pid>-<ms>
       const maker = Number(/-(\d+)-\d+$/.exec(e)?.[1]);
       if (maker !== process.pid && existsSync(`/proc/${maker}`) && maker > 0) {
         // another process (orchard image snapshot, another worker on this data dir) may still be at it
@@ -241,9 +274,9 @@ export class SnapshotMaker {
    * stopped first so the memory and the disk overlay are one consistent moment) and keeps its disk
    * overlay frozen next to it. Made in a temporary directory, renamed into place when complete.
    */
-  private async makeSnapshot(image: ResolvedImage, shape: { cpu: number; memory: number }, qemu: string, progress: Progress): Promise<SnapshotMeta> {
-    const final = this.snapshotDir(image.name);
-    const tmp = join(dirname(final), `.make-${imageDirName(image.name)}-${process.pid}-${Date.now()}`);
+  private async makeSnapshot(image: ResolvedImage, shape: Shape, qemu: string, progress: Progress): Promise<SnapshotMeta> {
+    const final = this.snapshotDir(image.name, shape);
+    const tmp = join(dirname(final), `.make-${basename(final)}-${process.pid}-${Date.now()}`);
     const localName = `orchard-snapshot-${randomUUID()}-0`;
     this.templateDirs.set(localName, tmp);
     const vm: DriverVM = {

@@ -1,4 +1,5 @@
-// An image's warm-start snapshot on a qemu worker, `<dataDir>/snapshots/<image dir name>/`:
+// An image's warm-start snapshot on a qemu worker for VMs of one shape (CPU count, memory),
+// `<dataDir>/snapshots/<image dir name>@<cpu>cpu-<memory>mib/`:
 //   snapshot.json   what it was made from and with (below); `unusable` when the guest cannot be re-identified
 //   memory.ram      the template's memory: its RAM was this file, mapped shared, so the save wrote it
 //                   (sparse: what the guest touched); a VM resumed from the snapshot maps it private
