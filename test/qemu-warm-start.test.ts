@@ -33,7 +33,7 @@ const SHAPE = { cpu: 1, memory: 512 };
 
 const fingerprint = (blob: Buffer) => 'SHA256:' + createHash('sha256').update(blob).digest('base64').replace(/=+$/, '');
 
-test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with their own identity, faster than a cold boot; other shapes cold-boot; a rebuilt image gets a new snapshot', async (t) => {
+test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with their own identity, faster than a cold boot; a VM of another shape gets a snapshot of its own; a rebuilt image gets a new snapshot', async (t) => {
   await buildDebianDev(TEST_IMAGES);
   // The worker's own store: hard links to the shared image's files (read, never changed in place).
   const store = tempDir('orchard-warm-images-');
