@@ -96,9 +96,13 @@ test('a qemu worker pulls debian-dev from a registry with the controller\'s cred
   // its snapshot goes with it (else it would keep the disk's space).
   await c.admin.deleteVM('pulled');
   await waitFor('the VM\'s files to be removed', async () => (await driver.list()).length === 0 || undefined, 60_000);
+  // `orchard image snapshot` makes one ahead of time for a pulled image too (for another shape here).
+  const made = await runCLI(['image', 'snapshot', ref, '--memory', '256', '--data-dir', workerDir], env);
+  assert.equal(made.code, 0, made.stderr);
+  assert.ok(existsSync(join(driver.snapshotDir(ref, { cpu: 1, memory: 256 }), 'snapshot.json')), made.stderr);
   assert.equal((await cache.list())[0].inUse, false, 'the snapshot\'s link is not a use');
   assert.deepEqual(await cache.evict(), [held.digest]);
   assert.equal(existsSync(held.dir), false, 'the image was evicted');
-  assert.equal(existsSync(snapshot), false, 'its snapshot was removed with it');
+  assert.equal(existsSync(snapshot), false, 'its snapshots were removed with it');
   assert.deepEqual(readdirSync(join(workerDir, 'snapshots')), []);
 });

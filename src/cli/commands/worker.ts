@@ -227,7 +227,7 @@ export function registerWorkerCommands(program: Command) {
   image
     .command('snapshot')
     .description('make (or confirm up to date) the snapshot VMs of this image warm-start from on this worker: the image booted once, its state saved')
-    .argument('<name>', 'a local image with an SSH key (debian-dev)')
+    .argument('<name>', "an image of this worker (local, or pulled before) that starts the worker's agent or has an SSH key (debian-dev)")
     .option('--cpu <n>', 'the CPU count of the VMs that will resume it (one snapshot per CPU count and memory)', '1')
     .option('--memory <MiB>', 'their memory', '512')
     .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
@@ -235,8 +235,10 @@ export function registerWorkerCommands(program: Command) {
       const cpu = Number(opts.cpu);
       const memory = Number(opts.memory);
       if (!Number.isInteger(cpu) || cpu < 1 || !Number.isInteger(memory) || memory < 32) throw new UsageError('--cpu takes a whole number ≥ 1, --memory a number of MiB ≥ 32');
-      const { QemuDriver } = await lazy.qemu();
-      const driver = new QemuDriver({ dataDir: opts.dataDir, imagesDir: join(opts.dataDir, 'images') });
+      const [{ QemuDriver }, { ImageCache }] = await Promise.all([lazy.qemu(), lazy.ociCache()]);
+      const imagesDir = join(opts.dataDir, 'images');
+      // (the cache for an image pulled before, by a VM or `orchard image pull`; nothing is pulled here)
+      const driver = new QemuDriver({ dataDir: opts.dataDir, imagesDir, imageCache: new ImageCache({ storeDir: imagesDir }) });
       const t0 = Date.now();
       const meta = await driver.snapshot(name, { cpu, memory }, (msg) => process.stderr.write(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${msg}\n`));
       if (meta.unusable) throw new Error(meta.unusable);

@@ -233,11 +233,18 @@ export class QemuDriver implements Driver {
   }
 
   /**
-   * The warm-start snapshot of image `name` on this worker: the one there when it is up to date, else
-   * a new one (made with `shape`'s CPU count and memory), made once however many VMs ask meanwhile.
+   * The warm-start snapshot of image `name` (a local image, else one in the cache: pulled before) for
+   * VMs of `shape` on this worker: the one there when it is up to date, else a new one, made once
+   * however many VMs ask meanwhile.
    */
-  snapshot(name: string, shape: Shape, progress: Progress = () => {}): Promise<SnapshotMeta> {
-    return this.snapshots.snapshot(name, shape, progress);
+  async snapshot(name: string, shape: Shape, progress: Progress = () => {}): Promise<SnapshotMeta> {
+    const [image] = await this.imagesNamed(name);
+    if (!image) {
+      throw new ImageNotFoundError(name, isImageReference(name) && this.imageCache
+        ? `image "${name}" is not on this worker: it is pulled by the first VM of it here, or by: orchard image pull ${name}`
+        : `image "${name}" is not on this worker (store ${this.imagesDir}); run: ${imageHowTo(name, this.imagesDir)}`);
+    }
+    return this.snapshots.snapshot(name, shape, progress, image);
   }
 
   /**
