@@ -100,6 +100,14 @@ test('a qemu worker pulls debian-dev from a registry with the controller\'s cred
   const made = await runCLI(['image', 'snapshot', ref, '--memory', '256', '--data-dir', workerDir], env);
   assert.equal(made.code, 0, made.stderr);
   assert.ok(existsSync(join(driver.snapshotDir(ref, { cpu: 1, memory: 256 }), 'snapshot.json')), made.stderr);
+  // `orchard image list` shows them, with what they take on disk; the image is not in use.
+  const listed = await runCLI(['image', 'list', '--data-dir', workerDir, '-o', 'json'], env);
+  assert.equal(listed.code, 0, listed.stderr);
+  const row = (JSON.parse(listed.stdout) as { name: string; inUse?: boolean; snapshots?: { cpu: number; memory: number; bytes: number }[] }[]).find((r) => r.name === ref);
+  assert.deepEqual(row?.snapshots?.map((s) => [s.cpu, s.memory]), [[1, 256], [1, 512]], listed.stdout);
+  assert.ok(row!.snapshots!.every((s) => s.bytes > 1024 * 1024), 'each holds at least its memory pages');
+  assert.equal(row!.inUse, false);
+  assert.match((await runCLI(['image', 'list', '--data-dir', workerDir], env)).stdout, /SNAPSHOTS\n.*1cpu-256mib 1cpu-512mib \([\d.]+ MiB\)/);
   assert.equal((await cache.list())[0].inUse, false, 'the snapshot\'s link is not a use');
   assert.deepEqual(await cache.evict(), [held.digest]);
   assert.equal(existsSync(held.dir), false, 'the image was evicted');

@@ -35,6 +35,7 @@ export const worker: typeof Parts.worker = () => load().worker();
 export const images: typeof Parts.images = () => load().images();
 export const qemu: typeof Parts.qemu = () => load().qemu();
 export const ociCache: typeof Parts.ociCache = () => load().ociCache();
+export const snapshots: typeof Parts.snapshots = () => load().snapshots();
 export const ociPush: typeof Parts.ociPush = () => load().ociPush();
 export const ociReference: typeof Parts.ociReference = () => load().ociReference();
 export const privdrop: typeof Parts.privdrop = () => load().privdrop();

@@ -11,6 +11,7 @@ export const worker = () => import('../worker/run.ts');
 export const images = () => import('../worker/images.ts');
 export const qemu = () => import('../worker/drivers/qemu.ts');
 export const ociCache = () => import('../worker/oci/cache.ts');
+export const snapshots = () => import('../worker/drivers/snapshots.ts');
 export const ociPush = () => import('../worker/oci/push.ts');
 export const ociReference = () => import('../worker/oci/reference.ts');
 export const privdrop = () => import('../worker/privdrop.ts');

@@ -292,22 +292,31 @@ export function registerWorkerCommands(program: Command) {
     });
   image
     .command('list')
-    .description('list images: local ones and those pulled from registries')
+    .description('list images: local ones and those pulled from registries, with their warm-start snapshots (one per shape of VM) and what those take on disk')
     .option('--data-dir <dir>', "the worker's data dir", defaultWorkerDataDir())
     .option('-o, --output <format>', 'table, json or yaml', parseOutput, 'table' as OutputFormat)
     .action(async (opts: { dataDir: string; output: OutputFormat }) => {
-      const [{ listImages }, { ImageCache }] = await Promise.all([lazy.images(), lazy.ociCache()]);
+      const [{ listImages }, { ImageCache }, { listSnapshots, snapshotLinks }] = await Promise.all([lazy.images(), lazy.ociCache(), lazy.snapshots()]);
       const store = join(opts.dataDir, 'images');
       const local = await listImages(store);
+      // The warm-start snapshots of each image (a snapshot per shape of VM), and what they take on disk.
+      const snapshots = await listSnapshots(join(opts.dataDir, 'snapshots'));
       const cache = new ImageCache({ storeDir: store });
+      cache.followers = { links: async () => snapshotLinks(snapshots), released: async () => {} };
       const pulled = await cache.list();
-      const rows: { name: string; kind: string; size: number; created: string; dir: string; digest?: string; lastUsed?: string; inUse?: boolean }[] = [
-        ...local.map((i) => ({ name: i.name, kind: i.kind, size: i.size, created: i.created, dir: i.dir })),
+      type Snapshot = { cpu: number; memory: number; bytes: number; created: string; unusable?: string };
+      const of = (name: string): { snapshots?: Snapshot[] } => {
+        const mine = snapshots.filter((s) => s.image === name).map(({ cpu, memory, bytes, created, unusable }) => ({ cpu, memory, bytes, created, unusable }));
+        return mine.length ? { snapshots: mine.sort((a, b) => a.cpu - b.cpu || a.memory - b.memory) } : {};
+      };
+      const rows: { name: string; kind: string; size: number; created: string; dir: string; digest?: string; lastUsed?: string; inUse?: boolean; snapshots?: Snapshot[] }[] = [
+        ...local.map((i) => ({ name: i.name, kind: i.kind, size: i.size, created: i.created, dir: i.dir, ...of(i.name) })),
         ...pulled.flatMap((p) => (p.references.length ? p.references : [`${p.source} (untagged)`]).map((name) => ({
-          name, kind: p.kind, size: p.size, created: p.created, dir: p.dir, digest: p.digest, lastUsed: p.lastUsed, inUse: p.inUse,
+          name, kind: p.kind, size: p.size, created: p.created, dir: p.dir, digest: p.digest, lastUsed: p.lastUsed, inUse: p.inUse, ...of(name),
         }))),
       ];
       const mib = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MiB`;
-      await print(opts.output, rows, () => table(['NAME', 'KIND', 'SIZE', 'CREATED', 'DIGEST'], rows.map((i) => [i.name, i.kind, mib(i.size), i.created, i.digest ?? ''])));
+      const shapes = (s: Snapshot[] = []) => s.length ? `${s.map((x) => `${x.cpu}cpu-${x.memory}mib`).join(' ')} (${mib(s.reduce((n, x) => n + x.bytes, 0))})` : '';
+      await print(opts.output, rows, () => table(['NAME', 'KIND', 'SIZE', 'CREATED', 'DIGEST', 'SNAPSHOTS'], rows.map((i) => [i.name, i.kind, mib(i.size), i.created, i.digest ?? '', shapes(i.snapshots)])));
     });
 }

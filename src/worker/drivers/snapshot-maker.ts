@@ -17,7 +17,7 @@ import type { QmpClient } from './qmp.ts';
 import { AGENT_START, runAsRoot, runOverAgent } from './guest-identity.ts';
 import { virtualSize } from './qemu-img.ts';
 import { killPastaOf } from './netns.ts';
-import { binaryId, fileId, MEMORY_FILE, readSnapshotMeta, SNAPSHOT_FILE, staleReason, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
+import { binaryId, fileId, listSnapshots, MEMORY_FILE, readSnapshotMeta, SNAPSHOT_FILE, snapshotLinks, staleReason, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
 
 /** Snapshot directories being removed are first renamed to this prefix + their name + `-<pid>-<ms>`. */
 const GONE_PREFIX = '.gone-';
@@ -152,16 +152,7 @@ export class SnapshotMaker {
 
   /** The image files the snapshots link, by `dev:ino`, with how many links of theirs each has: no VM's use of the image. */
   async imageLinks(): Promise<Map<string, number>> {
-    const root = this.root;
-    const links = new Map<string, number>();
-    for (const e of await readdir(root).catch(() => [] as string[])) {
-      if (e.startsWith('.make-')) continue; // a template booting uses its image like any VM
-      const st = await stat(join(root, e, 'base.qcow2')).catch(() => undefined);
-      if (!st) continue;
-      const key = `${st.dev}:${st.ino}`;
-      links.set(key, (links.get(key) ?? 0) + 1);
-    }
-    return links;
+    return snapshotLinks(await listSnapshots(this.root));
   }
 
   /** The snapshot a VM resumes, or why it cold-boots. */

@@ -17,8 +17,7 @@
 // stays the same content for `orchard image push`/`list`. A snapshot names the image files it was
 // made from by device, inode, size and mtime, so a rebuilt, replaced or deleted image no longer
 // matches it and the next VM makes a new one.
-import { stat } from 'node:fs/promises';
-import { readFile } from 'node:fs/promises';
+import { readdir, readFile, stat } from 'node:fs/promises';
 import { delimiter, isAbsolute, join } from 'node:path';
 import type { Accel } from './accel.ts';
 
@@ -86,6 +85,47 @@ export async function readSnapshotMeta(dir: string): Promise<SnapshotMeta | unde
   } catch {
     return undefined;
   }
+}
+
+/** A snapshot as `orchard image list` shows it, and what the image cache needs to know of it. */
+export interface SnapshotListing {
+  image: string;
+  cpu: number;
+  memory: number;
+  created: string;
+  unusable?: string;
+  /** what it takes on disk besides the links to its image's files (its memory, state and disk overlay) */
+  bytes: number;
+  /** its link to the image's disk, as `dev:ino` */
+  base?: string;
+}
+
+/** The snapshots in `root` (a worker's `snapshots/`; not those being made or removed). */
+export async function listSnapshots(root: string): Promise<SnapshotListing[]> {
+  const out: SnapshotListing[] = [];
+  for (const e of await readdir(root).catch(() => [] as string[])) {
+    if (e.startsWith('.')) continue;
+    const dir = join(root, e);
+    const meta = await readSnapshotMeta(dir);
+    if (!meta) continue;
+    let bytes = 0;
+    let base: string | undefined;
+    for (const f of await readdir(dir).catch(() => [] as string[])) {
+      const st = await stat(join(dir, f)).catch(() => undefined);
+      if (!st) continue;
+      if (f === 'base.qcow2') base = `${st.dev}:${st.ino}`;
+      if (!(f in meta.files)) bytes += st.blocks * 512;
+    }
+    out.push({ image: meta.image, cpu: meta.cpu, memory: meta.memory, created: meta.created, unusable: meta.unusable, bytes, base });
+  }
+  return out;
+}
+
+/** The image disks `snapshots` link, by `dev:ino`, with how many links of theirs each has: no VM's use of the image (the image cache's followers). */
+export function snapshotLinks(snapshots: SnapshotListing[]): Map<string, number> {
+  const links = new Map<string, number>();
+  for (const { base } of snapshots) if (base) links.set(base, (links.get(base) ?? 0) + 1);
+  return links;
 }
 
 /**
