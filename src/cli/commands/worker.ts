@@ -11,6 +11,7 @@ import { parseDuration, print, table, type OutputFormat } from '../output.ts';
 import { parseOutput } from '../output.ts';
 import * as lazy from '../../build/lazy.ts';
 import type { LogFormat } from '../../logging.ts';
+import type { SnapshotListing } from '../../worker/drivers/snapshots.ts';
 import { registerImagePullCommand } from './image-pull.ts';
 
 export const defaultWorkerDataDir = () => join(homedir(), '.orchard', 'worker');
@@ -304,9 +305,9 @@ export function registerWorkerCommands(program: Command) {
       const cache = new ImageCache({ storeDir: store });
       cache.followers = { links: async () => snapshotLinks(snapshots), released: async () => {} };
       const pulled = await cache.list();
-      type Snapshot = { cpu: number; memory: number; bytes: number; created: string; unusable?: string };
+      type Snapshot = Omit<SnapshotListing, 'image' | 'base'>;
       const of = (name: string): { snapshots?: Snapshot[] } => {
-        const mine = snapshots.filter((s) => s.image === name).map(({ cpu, memory, bytes, created, unusable }) => ({ cpu, memory, bytes, created, unusable }));
+        const mine: Snapshot[] = snapshots.filter((s) => s.image === name).map(({ image: _, base: __, ...rest }) => rest);
         return mine.length ? { snapshots: mine.sort((a, b) => a.cpu - b.cpu || a.memory - b.memory) } : {};
       };
       const rows: { name: string; kind: string; size: number; created: string; dir: string; digest?: string; lastUsed?: string; inUse?: boolean; snapshots?: Snapshot[] }[] = [
