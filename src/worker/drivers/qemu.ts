@@ -239,11 +239,10 @@ export class QemuDriver implements Driver {
    */
   async snapshot(name: string, shape: Shape, progress: Progress = () => {}): Promise<SnapshotMeta> {
     const [image] = await this.imagesNamed(name);
-    if (!image) {
-      throw new ImageNotFoundError(name, isImageReference(name) && this.imageCache
-        ? `image "${name}" is not on this worker: it is pulled by the first VM of it here, or by: orchard image pull ${name}`
-        : `image "${name}" is not on this worker (store ${this.imagesDir}); run: ${imageHowTo(name, this.imagesDir)}`);
+    if (!image && isImageReference(name) && this.imageCache) {
+      throw new ImageNotFoundError(name, `image "${name}" is not on this worker: it is pulled by the first VM of it here, or by: orchard image pull ${name}`);
     }
+    // (none: the maker's own lookup of a local image says how to get it)
     return this.snapshots.snapshot(name, shape, progress, image);
   }
 

@@ -3,7 +3,7 @@
 // image however many VMs ask meanwhile; says why a VM must cold-boot instead. It runs the template
 // through the driver like any VM (TemplateHost), in a directory of its own outside `vms/`.
 import { existsSync, readFileSync } from 'node:fs';
-import { open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { randomUUID } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
 import type { Duplex } from 'node:stream';
@@ -17,6 +17,7 @@ import type { QmpClient } from './qmp.ts';
 import { AGENT_START, runAsRoot, runOverAgent } from './guest-identity.ts';
 import { virtualSize } from './qemu-img.ts';
 import { killPastaOf } from './netns.ts';
+import { fsyncPath } from '../oci/download.ts';
 import { binaryId, fileId, listSnapshots, MEMORY_FILE, readSnapshotMeta, SNAPSHOT_FILE, snapshotLinks, staleReason, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
 
 /** Snapshot directories being removed are first renamed to this prefix + their name + `-<pid>-<ms>`. */
@@ -120,8 +121,7 @@ export class SnapshotMaker {
       const dir = join(root, e);
       if (e.startsWith(GONE_PREFIX)) {
         // One this process or a dead one began to remove (renamed away first, then removed).
-        const pid = Number(/-(\d+)-\d+$/.exec(e)?.[1]);
-        if (pid === process.pid || !existsSync(`/proc/${pid}`)) await rm(dir, { recursive: true, force: true });
+        if (leftBehind(e)) await rm(dir, { recursive: true, force: true });
         continue;
       }
       if (e.startsWith('.')) continue;
@@ -238,12 +238,9 @@ export class SnapshotMaker {
       if (!e.startsWith(prefix)) continue;
       const dir = join(root, e);
       if ([...this.templateDirs.values()].includes(dir)) continue;
-      // .make-<snapshot dir name>-<maker's pid>-<ms>
-      const maker = Number(/-(\d+)-\d+$/.exec(e)?.[1]);
-      if (maker !== process.pid && existsSync(`/proc/${maker}`) && maker > 0) {
-        // another process (orchard image snapshot, another worker on this data dir) may still be at it
-        continue;
-      }
+      // .make-<snapshot dir name>-<maker's pid>-<ms>: another process (orchard image snapshot,
+      // another worker on this data dir) may still be at it
+      if (!leftBehind(e)) continue;
       try {
         const pid = Number(readFileSync(join(dir, 'qemu.pid'), 'utf8').trim());
         if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(join(dir, 'qemu.pid'))) {
@@ -339,7 +336,7 @@ export class SnapshotMaker {
       }
       await this.host.stop(localName, 0);
       // On disk before the snapshot is in place: the template wrote its memory through a mapping.
-      if (!meta.unusable) for (const f of [MEMORY_FILE, STATE_FILE, 'disk.qcow2']) await fsyncFile(join(tmp, f));
+      if (!meta.unusable) for (const f of [MEMORY_FILE, STATE_FILE, 'disk.qcow2']) await fsyncPath(join(tmp, f));
       meta.saveSeconds = meta.unusable ? undefined : (Date.now() - t1) / 1000;
       // (an unusable snapshot keeps no memory: no VM resumes it)
       for (const f of ['cidata', 'qmp.sock', 'vnc.sock', 'agent.sock', 'qemu.pid', 'net.pid', 'vm.json', ...(meta.unusable ? [MEMORY_FILE] : [])]) await rm(join(tmp, f), { recursive: true, force: true });
@@ -362,11 +359,11 @@ export class SnapshotMaker {
   }
 }
 
-async function fsyncFile(path: string): Promise<void> {
-  const h = await open(path, 'r');
-  try {
-    await h.sync();
-  } finally {
-    await h.close();
-  }
+/**
+ * Whether what `entry` (`…-<pid>-<ms>`: a template being made, a snapshot being removed) was named for
+ * is left behind: its process is this one, or no longer runs.
+ */
+function leftBehind(entry: string): boolean {
+  const pid = Number(/-(\d+)-\d+$/.exec(entry)?.[1]);
+  return pid === process.pid || !(pid > 0 && existsSync(`/proc/${pid}`));
 }
