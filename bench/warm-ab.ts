@@ -27,7 +27,8 @@ const dir = tempDir('orchard-bench-warm-ab-');
 const logger = pino({ level: 'error' });
 const c = await inProcessController({ dataDir: join(dir, 'controller') });
 const sides = ['base', 'new'] as const;
-const drivers = { base: new BaseDriver({ dataDir: join(dir, 'base'), imagesDir: TEST_IMAGES }), new: new QemuDriver({ dataDir: join(dir, 'new'), imagesDir: TEST_IMAGES }) };
+// (no standbys: each VM resumes its snapshot on demand, the path being compared)
+const drivers = { base: new BaseDriver({ dataDir: join(dir, 'base'), imagesDir: TEST_IMAGES, standbys: 0 }), new: new QemuDriver({ dataDir: join(dir, 'new'), imagesDir: TEST_IMAGES, standbys: 0 }) };
 const workers = [];
 for (const side of sides) {
   mkdirSync(join(dir, side));

@@ -317,12 +317,14 @@ export async function qemuWorker(
     imagesDir?: string; slots?: number; buildMissingDebianDev?: boolean;
     /** Warm starts from image snapshots (off by default here: each test's fresh worker would first boot a template). */
     warmStart?: boolean;
+    /** Standbys (off by default here: each would keep a QEMU for the rest of the test). */
+    standbys?: number;
     imageCache?: import('../src/worker/oci/cache.ts').ImageCache; registries?: import('../src/worker/oci/registries.ts').Registries; logger?: Logger;
   } = {},
 ) {
   const [{ QemuDriver }, { startWorker }] = await Promise.all([import('../src/worker/drivers/qemu.ts'), import('../src/worker/run.ts')]);
   const { imageCache, registries, buildMissingDebianDev } = opts;
-  const driver = new QemuDriver({ dataDir: workerDir, imagesDir: opts.imagesDir ?? join(workerDir, 'images'), buildMissingDebianDev, imageCache, registries, log: opts.logger, warmStart: opts.warmStart ?? false });
+  const driver = new QemuDriver({ dataDir: workerDir, imagesDir: opts.imagesDir ?? join(workerDir, 'images'), buildMissingDebianDev, imageCache, registries, log: opts.logger, warmStart: opts.warmStart ?? false, standbys: opts.standbys ?? 0 });
   const worker = await startWorker({
     url: c.ctl.url,
     token: { serviceAccountName: 'bootstrap-admin', serviceAccountToken: ADMIN_TOKEN, certificate: c.ctl.certificate },
@@ -342,6 +344,22 @@ export async function qemuWorker(
       for (const vm of await driver.list()) await driver.remove(vm.localName).catch(() => {});
     },
   };
+}
+
+/**
+ * Creates a debian-dev VM (1 vCPU, 512 MiB unless `extra` says otherwise) and waits until it runs;
+ * with its create→running time and its events (what its warm or cold start said).
+ */
+export async function createdVM(admin: OrchardClient, name: string, extra: Partial<import('../src/api/schemas.ts').VM> = {}) {
+  const t0 = Date.now();
+  await admin.createVM({ name, image: 'debian-dev', cpu: 1, memory: 512, ...extra });
+  const vm = await waitFor(`${name} to run`, async () => {
+    const vm = await admin.getVM(name);
+    if (vm.status === 'failed') throw new Error(`${name} failed: ${vm.status_message}`);
+    return vm.status === 'running' ? vm : undefined;
+  }, 180_000, 20);
+  const events = (await admin.listEvents(name, { limit: 100 })).events.map((e) => e.payload ?? '');
+  return { vm, seconds: (Date.now() - t0) / 1000, events };
 }
 
 /**

@@ -24,7 +24,7 @@ import { localNameOf, type VM } from '../src/api/schemas.ts';
 import { removeImage, buildDebianDev } from '../src/worker/images.ts';
 import { readSnapshotMeta } from '../src/worker/drivers/snapshots.ts';
 import { SHAPES_PER_IMAGE } from '../src/worker/drivers/snapshot-maker.ts';
-import { ADMIN_TOKEN, alive, heavyFile, inProcessController, ORCHARD_BIN, pastaServing, qemuWorker, runCLI, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
+import { ADMIN_TOKEN, alive, createdVM, heavyFile, inProcessController, ORCHARD_BIN, pastaServing, qemuWorker, runCLI, tempDir, TEST_IMAGES, waitFor } from './helpers.ts';
 
 await heavyFile(); // boots VMs
 
@@ -46,18 +46,7 @@ test('qemu warm start: VMs resumed from one snapshot answer orchard ssh with the
   let w = await qemuWorker(c, 'warm-1', workerDir, { imagesDir: store, warmStart: true });
   const env = { ORCHARD_HOME: tempDir('orchard-home-') };
   const cli = (...args: string[]) => runCLI(args, env);
-  const created = async (name: string, extra: Partial<VM> = {}) => {
-    const t0 = Date.now();
-    await c.admin.createVM({ name, image: 'debian-dev', cpu: 1, memory: 512, ...extra });
-    const vm = await waitFor(`${name} to run`, async () => {
-      const vm = await c.admin.getVM(name);
-      if (vm.status === 'failed') throw new Error(`${name} failed: ${vm.status_message}`);
-      return vm.status === 'running' ? vm : undefined;
-    }, 180_000, 20);
-    const seconds = (Date.now() - t0) / 1000;
-    const events = (await c.admin.listEvents(name, { limit: 100 })).events.map((e) => e.payload ?? '');
-    return { vm, seconds, events };
-  };
+  const created = (name: string, extra: Partial<VM> = {}) => createdVM(c.admin, name, extra);
   const ssh = async (name: string, command: string) => {
     const r = await cli('ssh', 'vm', name, '-v', '--wait', '10', '--', command);
     assert.equal(r.code, 0, `${name}: ${command}: ${r.stderr}`);

@@ -35,6 +35,8 @@ export interface StartWorkerOptions {
   registries?: WorkerRegistryOptions;
   /** Resume VMs from a snapshot of their booted image (qemu runtime; default on). */
   warmStart?: boolean;
+  /** Standbys kept (qemu runtime, with warm starts; default 1): VMs resumed ahead of the VMs that take them. */
+  standbys?: number;
 }
 
 export interface WorkerRegistryOptions extends RegistryFlags {
@@ -51,7 +53,7 @@ function hasCommand(cmd: string): boolean {
   }
 }
 
-export async function makeDriver(runtime: string, dataDir: string, logger: Logger, registries: WorkerRegistryOptions = {}, warmStart = true): Promise<Driver> {
+export async function makeDriver(runtime: string, dataDir: string, logger: Logger, registries: WorkerRegistryOptions = {}, warm: { warmStart?: boolean; standbys?: number } = {}): Promise<Driver> {
   switch (runtime) {
     case 'qemu': {
       if (!hasCommand('qemu-system-x86_64') || !hasCommand('qemu-img')) {
@@ -61,7 +63,7 @@ export async function makeDriver(runtime: string, dataDir: string, logger: Logge
       const imagesDir = join(dataDir, 'images');
       const settings = new Registries(registries);
       const imageCache = new ImageCache({ storeDir: imagesDir, maxBytes: registries.cacheBytes, registries: settings.lookup, logger });
-      const driver = new QemuDriver({ dataDir, imagesDir, log: logger, buildMissingDebianDev: true, imageCache, registries: settings, warmStart });
+      const driver = new QemuDriver({ dataDir, imagesDir, log: logger, buildMissingDebianDev: true, imageCache, registries: settings, ...warm });
       if (driver.accel === 'tcg') logger.warn({ reason: driver.accelReason }, 'no usable hardware virtualisation: VMs run under TCG (software emulation), slower');
       return driver;
     }
@@ -93,7 +95,7 @@ export const WORKER_HTTP_CONNECTIONS = 1;
 
 export async function startWorker(opts: StartWorkerOptions): Promise<OrchardWorker> {
   const logger = opts.logger ?? createLogger();
-  const driver = opts.driver ?? (await makeDriver(opts.runtime, opts.dataDir, logger, opts.registries, opts.warmStart));
+  const driver = opts.driver ?? (await makeDriver(opts.runtime, opts.dataDir, logger, opts.registries, { warmStart: opts.warmStart, standbys: opts.standbys }));
   const client = new OrchardClient({
     url: opts.url,
     certificate: opts.token.certificate,

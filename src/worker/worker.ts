@@ -200,6 +200,7 @@ export class OrchardWorker {
     this.images?.stop();
     this.reconciler.stop();
     this.o.client.close();
+    await this.o.driver.close?.();
   }
 
   /** Is the instruction channel to the controller open? */

@@ -75,6 +75,8 @@ export interface Driver {
    * snapshots no VM will resume, which hold on to their image's disk). Never rejects. The worker runs it at its start.
    */
   tidyImages?(): Promise<void>;
+  /** Optional: ends what the driver runs besides VMs (qemu: standbys). The worker calls it as it stops; VMs run on. */
+  close?(): Promise<void>;
   /** Optional: pulling images from registries (pre-pulls, credentials, what is held for placement). */
   readonly images?: DriverImages;
   /**

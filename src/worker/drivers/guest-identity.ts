@@ -185,7 +185,7 @@ const octal = (bytes: Buffer) => [...bytes].map((b) => '\\' + b.toString(8).padS
  * DROPBEAR_RESTARTED, so that the worker can check the new listener while the script goes on. `guestIp`: the guest's address, for
  * the gratuitous ARP that tells QEMU's user-mode network the new MAC.
  */
-export function identityScript(id: Identity, nowSeconds: number, guestIp = '10.0.2.15'): string {
+export function identityScript(id: Identity, nowSeconds: number, guestIp = '10.0.2.15', opts: { keepPasswords?: boolean } = {}): string {
   const host = hostnameOf(id.name);
   const user = id.username;
   const home = user === 'root' ? '/root' : `/home/${user}`;
@@ -236,7 +236,8 @@ export function identityScript(id: Identity, nowSeconds: number, guestIp = '10.0
     ]),
     `h=${q(id.passwordHash)}`,
     'shadow=""',
-    'while IFS= read -r l || [ -n "$l" ]; do case $l in "$u":*) r=${l#*:}; r=${r#*:}; shadow="$shadow$u:$h:$r\\n";; *) shadow="$shadow$l\\n";; esac; done < /etc/shadow',
+    'while IFS= read -r l || [ -n "$l" ]; do case $l in "$u":*) r=${l#*:}; r=${r#*:}; ' +
+      `shadow="$shadow${opts.keepPasswords ? '$l' : '$u:$h:$r'}\\n";; *) shadow="$shadow$l\\n";; esac; done < /etc/shadow`,
     // in place (one write of a few hundred bytes) rather than a new file and mv: mv is a process
     'printf "%b" "$shadow" > /etc/shadow',
     ...(id.authorizedKey ? [
@@ -251,6 +252,19 @@ export function identityScript(id: Identity, nowSeconds: number, guestIp = '10.0
     'read -r hn < /proc/sys/kernel/hostname; echo "$hn"',
     'read -r mac < "/sys/class/net/$dev/address"; echo "$mac"',
   ].join('\n') + '\n';
+}
+
+/**
+ * What a standby (standby.ts) runs once resumed, before it waits for its VM: the identity script
+ * with an identity of its own, as root and leaving every password as it is. Under TCG a resumed
+ * guest runs each piece of code for the first time slowly (QEMU translates it), and a new QEMU has
+ * translated nothing: the VM's own identity, given later by the same code, then takes a third of
+ * the time (measured: 0.46-0.62 s first, 0.15-0.21 s after this).
+ */
+export function warmUpScript(mac: string, nowSeconds: number): string {
+  const script = identityScript(newIdentity({ name: 'orchard-standby', username: 'root', password: randomUUID() }, mac), nowSeconds, undefined, { keepPasswords: true });
+  // what the script runs for a user the image lacks (its home made)
+  return script + 'd=/run/orchard-warm-up; mkdir -p $d/.ssh && chown -R 0:0 $d && chmod 755 $d && rm -rf $d\n';
 }
 
 /**

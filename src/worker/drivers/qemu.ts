@@ -13,10 +13,10 @@
 // (see netns.ts): the guest reaches the outside but nothing on the host's loopback. QMP: qmp.ts;
 // which accelerator: accel.ts.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, readFileSync, writeFileSync, watch, type FSWatcher } from 'node:fs';
-import { copyFile, link, readdir, readFile, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import { closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, writeFileSync, watch, type FSWatcher } from 'node:fs';
+import { copyFile, link, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { randomUUID } from 'node:crypto';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { buildDebianDev, DEBIAN_DEV, diskImageProblem, imageHowTo, ImageNotFoundError, listImages, resolveImage, type ResolvedImage } from '../images.ts';
@@ -32,9 +32,11 @@ import type { Registries } from '../oci/registries.ts';
 import { formatPullProgress } from '../oci/progress.ts';
 import { isImageReference } from '../oci/reference.ts';
 import { forward, QmpClient } from './qmp.ts';
+import { killQemuIn, qemuIn, qemuPidIn } from './qemu-process.ts';
+import { type Standby, Standbys } from './standby.ts';
 import { hostnameOf, publicKeyOf, SEED_LABEL, writeSeed } from './cloud-init.ts';
-import { AGENT_PORT, DROPBEAR_RESTARTED, type Identity, identityScript, keyBlob, newIdentity, newMac, offeredHostKey, runAsRoot, runOverAgent } from './guest-identity.ts';
-import { MEMORY_FILE, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
+import { AGENT_PORT, DROPBEAR_RESTARTED, type Identity, identityScript, keyBlob, newIdentity, newMac, offeredHostKey, runAsRoot, runOverAgent, warmUpScript } from './guest-identity.ts';
+import { MEMORY_FILE, readSnapshotMeta, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
 import { type Shape, SnapshotMaker } from './snapshot-maker.ts';
 import { qemuImg } from './qemu-img.ts';
 import { parseLocalName } from '../../api/schemas.ts';
@@ -72,6 +74,11 @@ export interface QemuDriverOptions {
    * VM cold-boots.
    */
   warmStart?: boolean;
+  /**
+   * How many standbys the worker keeps (default 1; none with warm starts off): VMs resumed from a
+   * snapshot ahead of the VMs that take them (standby.ts).
+   */
+  standbys?: number;
 }
 
 
@@ -135,6 +142,10 @@ interface VmState {
   /** performance.now() when start() spawned QEMU, and when it returned (for a warm start's stage timings) */
   spawnedAt?: number;
   upAt?: number;
+  /** A standby this VM took (standby.ts): its agent's connected socket, until the VM's identity is given. */
+  standbyAgent?: Duplex;
+  /** Whether this VM's QEMU was a standby's. */
+  fromStandby?: boolean;
 }
 
 export class QemuDriver implements Driver {
@@ -161,6 +172,8 @@ export class QemuDriver implements Driver {
   private readonly snapshots: SnapshotMaker;
   /** Warm starts off (QemuDriverOptions.warmStart false). */
   private readonly warmStart: boolean;
+  /** VMs resumed from snapshots ahead of the VMs that take them. */
+  private readonly standbys: Standbys;
   /** tidyImages runs one after the other; the timer of the next, after the image store changed. */
   private tidying: Promise<void> = Promise.resolve();
   private tidyTimer?: NodeJS.Timeout;
@@ -218,13 +231,47 @@ export class QemuDriver implements Driver {
         this.started.delete(localName);
       },
     });
+    this.standbys = new Standbys({
+      vmsDir: join(this.dataDir, 'vms'), log: this.log,
+      prepare: async (vm) => {
+        await this.prepare(vm, () => {}, { standby: true });
+        const file = await this.records.read(vm.localName);
+        // (the warm-up and the VM's identity go through the agent)
+        return file?.warm?.agent ? { snapshot: this.snapshotKey(file), created: file.warm.snapshotCreated } : undefined;
+      },
+      start: (vm) => this.startQemu(vm, () => {}),
+      load: async (localName) => {
+        const agent = await this.connectAgent(localName);
+        try {
+          await this.continueWarm(localName);
+        } catch (err) {
+          agent.destroy();
+          throw err;
+        }
+        return agent;
+      },
+      warmUp: async (localName, agent) => {
+        const file = await this.records.read(localName);
+        await runOverAgent(agent, warmUpScript(file!.mac!, Date.now() / 1000), { keepOpen: true, timeoutMs: 60_000 });
+      },
+      pause: (localName) => this.qmp(localName, (q) => q.execute('stop')).then(() => {}),
+      forget: (localName) => {
+        this.state.delete(localName);
+        this.started.delete(localName);
+      },
+    }, this.warmStart ? opts.standbys ?? 1 : 0);
     if (cache) cache.followers = { links: () => this.snapshots.imageLinks(), released: () => this.tidyImages() };
   }
 
   // --- paths and small helpers -----------------------------------------------------------------
 
   vmDir(localName: string): string {
-    return this.snapshots.templateDir(localName) ?? join(this.dataDir, 'vms', checkLocalName(localName));
+    return this.snapshots.templateDir(localName) ?? this.standbys.dirOf(localName) ?? join(this.dataDir, 'vms', checkLocalName(localName));
+  }
+
+  /** The name of the snapshot (its directory's) a VM of this record resumes. */
+  private snapshotKey(file: Pick<VmFile, 'image' | 'cpu' | 'memory'>): string {
+    return basename(this.snapshotDir(file.image, { cpu: file.cpu, memory: file.memory }));
   }
 
   /** Where the warm-start snapshot of image `name` for VMs of `shape` is kept (snapshots.ts). */
@@ -252,7 +299,11 @@ export class QemuDriver implements Driver {
    * rejects; one run at a time. The worker runs it at its start, and it runs when the store changes.
    */
   tidyImages(): Promise<void> {
-    const run = this.tidying.then(() => this.snapshots.removeStale((name) => this.imagesNamed(name)));
+    const run = this.tidying.then(async () => {
+      await this.snapshots.removeStale((name) => this.imagesNamed(name));
+      await this.standbys.prune(async (snapshot) => (await readSnapshotMeta(join(this.dataDir, 'snapshots', snapshot)))?.created);
+      await this.standbys.removeLeftBehind();
+    });
     this.tidying = run.catch((err: Error) => this.log.warn({ err: err.message }, 'cannot remove the snapshots no VM will resume'));
     return this.tidying;
   }
@@ -283,25 +334,8 @@ export class QemuDriver implements Driver {
   private livePid(localName: string): number | undefined {
     const dir = this.vmDir(localName);
     const child = this.state.get(localName)?.child;
-    let pid = child && child.exitCode === null && child.signalCode === null ? child.pid : undefined;
-    if (!pid) {
-      try {
-        pid = Number(readFileSync(join(dir, 'qemu.pid'), 'utf8').trim());
-      } catch {
-        return undefined;
-      }
-    }
-    if (!Number.isInteger(pid) || pid <= 1) return undefined;
-    try {
-      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-      if (state === 'Z' || state === 'X') return undefined;
-      const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-      if (!cmdline.includes(join(dir, 'qemu.pid'))) return undefined;
-      return pid;
-    } catch {
-      return undefined;
-    }
+    if (child?.pid && child.exitCode === null && child.signalCode === null && qemuIn(child.pid, dir)) return child.pid;
+    return qemuPidIn(dir);
   }
 
   private isRunning(localName: string): boolean {
@@ -376,7 +410,18 @@ export class QemuDriver implements Driver {
     return out.sort((a, b) => a.localName.localeCompare(b.localName));
   }
 
-  async prepare(vm: DriverVM, progress: Progress = () => {}, opts: { cold?: boolean; template?: boolean } = {}): Promise<void> {
+  /** The standbys ready (standby.ts): the snapshot each is of, and its directory. */
+  standbysReady(): { snapshot: string; dir: string }[] {
+    return this.standbys.list();
+  }
+
+  /** Ends the standbys (the worker stops; VMs run on). */
+  close(): Promise<void> {
+    return this.standbys.close();
+  }
+
+  /** `standby`: a standby's own (standby.ts), which takes no other standby. */
+  async prepare(vm: DriverVM, progress: Progress = () => {}, opts: { cold?: boolean; template?: boolean; standby?: boolean } = {}): Promise<void> {
     // The image's snapshot stays while this VM links its files (tidyImages).
     const release = this.snapshots.hold(vm.image);
     try {
@@ -386,7 +431,7 @@ export class QemuDriver implements Driver {
     }
   }
 
-  private async prepareHeld(vm: DriverVM, progress: Progress, opts: { cold?: boolean; template?: boolean }): Promise<void> {
+  private async prepareHeld(vm: DriverVM, progress: Progress, opts: { cold?: boolean; template?: boolean; standby?: boolean }): Promise<void> {
     const dir = this.vmDir(vm.localName);
     if (this.isRunning(vm.localName)) throw new Error(`VM ${vm.localName} is running; stop it before preparing it again`);
     progress(`resolving image ${vm.image}`);
@@ -424,6 +469,10 @@ export class QemuDriver implements Driver {
     const chosen = opts.cold ? undefined : this.warmStart ? await this.snapshots.snapshotFor(vm, image, progress) : { cold: 'warm starts are off on this worker' };
     const snapshot = chosen && !('cold' in chosen) ? chosen : undefined;
     if (chosen && 'cold' in chosen) file.coldReason = chosen.cold;
+    if (snapshot && !opts.standby && !opts.template) {
+      const taken = this.standbys.take(this.snapshotKey(vm), snapshot.created);
+      if (taken && await this.takeStandby(vm, taken, file, progress)) return;
+    }
     for (const f of await readdir(dir)) await rm(join(dir, f), { recursive: true, force: true });
     const from = snapshot ? this.snapshotDir(vm.image, snapshot) : undefined;
     progress(snapshot ? `creating copy-on-write disk on the snapshot of image ${vm.image}` : 'creating copy-on-write disk');
@@ -456,6 +505,39 @@ export class QemuDriver implements Driver {
     // base.qcow2 and the kernel files are hard links: this makes the image's own files 0600 too.
     await privateFiles(dir);
     this.log.info({ vm: vm.localName, image: vm.image, warm: !!snapshot }, 'VM prepared');
+  }
+
+  /**
+   * A fresh VM takes standby `taken` (standby.ts): its directory becomes the VM's, and the VM gets its
+   * own identity when it starts (resumeWarm), from the standby's paused guest. False (the standby
+   * removed) when it cannot be taken: the VM is prepared as usual then.
+   */
+  private async takeStandby(vm: DriverVM, taken: Standby, file: VmFile, progress: Progress): Promise<boolean> {
+    const dir = this.vmDir(vm.localName);
+    const s = this.state.get(taken.localName);
+    this.state.delete(taken.localName);
+    this.started.delete(taken.localName);
+    try {
+      await rm(dir, { recursive: true, force: true });
+      await rename(taken.dir, dir);
+    } catch (err) {
+      this.log.warn({ vm: vm.localName, err: (err as Error).message }, 'cannot take the standby: removed');
+      taken.agent.destroy();
+      killQemuIn(taken.dir);
+      await rm(taken.dir, { recursive: true, force: true }).catch(() => {});
+      await privateDir(dir);
+      return false;
+    }
+    const was = (await this.records.read(vm.localName))!;
+    await this.records.write({
+      ...was, uid: vm.uid, localName: vm.localName, created: file.created, diskSize: file.diskSize,
+      warm: { snapshotCreated: was.warm!.snapshotCreated, pending: { name: vm.name ?? parseLocalName(vm.localName)?.name ?? vm.localName, username: vm.username, password: vm.password }, agent: true },
+    });
+    const now = performance.now();
+    this.state.set(vm.localName, { ...(s ?? { fwd: new Map(), qmpChain: Promise.resolve() }), standbyAgent: taken.agent, fromStandby: true, spawnedAt: now, upAt: now });
+    progress(`taking this worker's standby of image ${vm.image}: resumed from its snapshot (made ${was.warm!.snapshotCreated}) and paused`);
+    this.log.info({ vm: vm.localName, image: vm.image }, 'VM prepared: a standby taken');
+    return true;
   }
 
   /**
@@ -605,7 +687,8 @@ export class QemuDriver implements Driver {
       '-device', `virtserialport,bus=agent0.0,chardev=agent,name=${AGENT_PORT}`,
       // relative: unix socket paths are short (QEMU runs in the VM dir)
       '-qmp', 'unix:qmp.sock,server=on,wait=off',
-      '-pidfile', join(dir, 'qemu.pid'),
+      // relative (QEMU runs in the VM dir): the directory may be renamed under it (qemu-process.ts)
+      '-pidfile', 'qemu.pid',
     ];
     if (file.kind === 'kernel') {
       args.push('-kernel', join(dir, file.kernel!), '-initrd', join(dir, file.initrd!),
@@ -773,6 +856,8 @@ export class QemuDriver implements Driver {
     if (!file?.warm?.pending) return this.waitBanner(localName, signal);
     try {
       await this.resumeWarm(localName, file, progress, signal);
+      // the next VM of this snapshot takes a standby (made now: not while this one resumed)
+      this.standbys.fill({ image: file.image, imagePullPolicy: this.started.get(localName)?.imagePullPolicy ?? 'IfNotPresent', cpu: file.cpu, memory: file.memory }, this.snapshotKey(file));
     } catch (err) {
       if (signal?.aborted) throw err;
       this.warmFailed(localName, err as Error, progress);
@@ -797,28 +882,23 @@ export class QemuDriver implements Driver {
     await this.start(vm, progress);
   }
 
-  /** The resume of a warm start, then the VM's own identity (guest-identity.ts), checked. */
+  /** The resume of a warm start (or the standby taken), then the VM's own identity (guest-identity.ts), checked. */
   private async resumeWarm(localName: string, file: VmFile, progress: Progress, signal?: AbortSignal): Promise<void> {
     const dir = this.vmDir(localName);
     const s = this.st(localName);
     const t0 = s.spawnedAt ?? performance.now();
     const pending = file.warm!.pending!;
+    const taken = s.standbyAgent;
+    s.standbyAgent = undefined;
     // The agent's socket is connected before the state loads: the template's was, so the guest sees
-    // no change (else a read of its agent would end); then the load (QMP, the file through cat).
-    const agent = file.warm!.agent ? await this.connectAgent(localName) : undefined;
+    // no change (else a read of its agent would end). A standby's is, since its own load.
+    const agent = taken ?? (file.warm!.agent ? await this.connectAgent(localName) : undefined);
     try {
-      await this.qmp(localName, async (q) => {
-        // a worker that restarted during a warm start finds the load begun (or done) already
-        const m = (await q.execute('query-migrate')) as { status?: string };
-        if (m.status) return;
-        // the memory is the template's file (startQemu), left out of the state as the save did
-        if (existsSync(join(dir, MEMORY_FILE))) await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-        await q.execute('migrate-incoming', { uri: `exec:cat ${STATE_FILE}` });
-      });
-      // made while the state loads (host keys, password hash: a few ms of the worker's CPU)
+      // made before the load (host keys, password hash: a few ms of the worker's CPU)
       // (an image reached through its own agent may have no key: pulled ones)
       const key = await readFile(join(dir, 'id_ed25519')).catch(() => undefined);
       const id = newIdentity({ name: pending.name, username: pending.username, password: pending.password, authorizedKey: await publicKeyOf(join(dir, 'id_ed25519')) }, file.mac);
+      await this.continueWarm(localName, signal);
       await this.identifyWarm(localName, file, { t0, key, id, agent }, progress, signal);
     } finally {
       agent?.destroy();
@@ -832,16 +912,33 @@ export class QemuDriver implements Driver {
     return sock;
   }
 
-  /** resumeWarm, once the state is loading: the VM's own identity, checked. */
-  private async identifyWarm(localName: string, file: VmFile, w: { t0: number; key?: Buffer; id: Identity; agent?: Duplex }, progress: Progress, signal?: AbortSignal): Promise<void> {
-    const { t0, key, id, agent } = w;
+  /**
+   * A warm start's QEMU, started with `-incoming defer`: its snapshot's state loaded (unless the load
+   * began before: a worker restarted meanwhile, or a standby's), then the guest continued (the
+   * template was stopped when saved, so the loaded VM stays paused; a standby is paused too).
+   */
+  private async continueWarm(localName: string, signal?: AbortSignal): Promise<void> {
     const dir = this.vmDir(localName);
-    const s = this.st(localName);
-    const pending = file.warm!.pending!;
-    // The template was stopped when saved, so the loaded VM stays paused: continue it once loaded.
+    const continued = await this.qmp(localName, async (q) => {
+      if (((await q.execute('query-migrate')) as { status?: string }).status) {
+        // loaded before: continued here if paused (a standby), else by the loop below
+        if (((await q.execute('query-status')) as { status: string }).status !== 'paused') return false;
+      } else {
+        // the memory is the template's file (startQemu), left out of the state as the save did
+        const capabilities = [{ capability: 'events', state: true }];
+        if (existsSync(join(dir, MEMORY_FILE))) capabilities.push({ capability: 'x-ignore-shared', state: true });
+        await q.execute('migrate-set-capabilities', { capabilities });
+        const loaded = q.waitEvent<{ status: string }>('MIGRATION', (d) => d.status === 'completed' || d.status === 'failed', 60_000);
+        await q.execute('migrate-incoming', { uri: `exec:cat ${STATE_FILE}` });
+        // (anything else, QEMU's exit on a state it cannot load included, is the loop's to say)
+        if ((await loaded.catch(() => undefined))?.status !== 'completed') return false;
+      }
+      await q.execute('cont');
+      return ((await q.execute('query-status')) as { status: string }).status === 'running';
+    }, 65_000);
     const deadline = Date.now() + 120_000;
     let qmpErrors = 0;
-    for (;;) {
+    while (!continued) {
       signal?.throwIfAborted();
       if (!this.isRunning(localName)) {
         const log = (await this.tail(localName, 'qemu.log', 4)).split('\n').filter((l) => l && !l.startsWith('VNC server running')).join('; ');
@@ -862,8 +959,16 @@ export class QemuDriver implements Driver {
       if (Date.now() > deadline) throw new Error('the snapshot did not load within 120 s');
       await sleep(10);
     }
-    const loaded = performance.now();
     for (const f of [STATE_FILE, MEMORY_FILE]) await unlink(join(dir, f)).catch(() => {}); // (QEMU keeps its mapping)
+  }
+
+  /** resumeWarm, once the guest runs: the VM's own identity, checked. */
+  private async identifyWarm(localName: string, file: VmFile, w: { t0: number; key?: Buffer; id: Identity; agent?: Duplex }, progress: Progress, signal?: AbortSignal): Promise<void> {
+    const { t0, key, id, agent } = w;
+    const dir = this.vmDir(localName);
+    const s = this.st(localName);
+    const pending = file.warm!.pending!;
+    const loaded = performance.now();
     // Checked from outside: a new connection gets one of the new host keys. The check starts as
     // soon as the script says its new dropbear listens, while the script goes on (it may take a
     // moment to listen: retried); both must be done before the VM is running.
@@ -908,8 +1013,11 @@ export class QemuDriver implements Driver {
     const sec = (a: number, b: number) => ((b - a) / 1000).toFixed(2);
     const stages = { qemuStart: sec(t0, s.upAt ?? t0), stateLoaded: sec(t0, loaded), sshUp: sshUp && sec(t0, sshUp), identity: sec(sshUp ?? loaded, identified), checked: sec(identified, done), total: sec(t0, done) };
     this.log.info({ vm: localName, ...stages }, 'warm start: resumed with its own identity');
-    progress(`warm start: resumed the snapshot of image ${file.image} in ${stages.total}s (QEMU up ${stages.qemuStart}s, state loaded ${stages.stateLoaded}s, ` +
-      `${stages.sshUp ? `SSH ${stages.sshUp}s, own identity ${stages.identity}s` : `own identity ${stages.identity}s through the agent`}: hostname, SSH host keys, machine-id, MAC, clock, user; checked ${stages.checked}s)`);
+    const given = 'hostname, SSH host keys, machine-id, MAC, clock, user';
+    progress(s.fromStandby
+      ? `warm start: took a standby resumed from the snapshot of image ${file.image}, in ${stages.total}s (continued ${stages.stateLoaded}s, own identity ${stages.identity}s through the agent: ${given}; checked ${stages.checked}s)`
+      : `warm start: resumed the snapshot of image ${file.image} in ${stages.total}s (QEMU up ${stages.qemuStart}s, state loaded ${stages.stateLoaded}s, ` +
+        `${stages.sshUp ? `SSH ${stages.sshUp}s, own identity ${stages.identity}s` : `own identity ${stages.identity}s through the agent`}: ${given}; checked ${stages.checked}s)`);
   }
 
   /** Resolves once the guest answers SSH; with `keep`, with the connection that got the banner. */

@@ -18,6 +18,7 @@ export class QmpClient {
   private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
   private closedError: Error | undefined;
   private greeted: Promise<void>;
+  private readonly eventListeners = new Set<(event: string, data: unknown) => void>();
 
   private constructor(sock: net.Socket) {
     this.sock = sock;
@@ -45,7 +46,11 @@ export class QmpClient {
           onGreeting();
           continue;
         }
-        if (msg.event || msg.id === undefined) continue;
+        if (msg.event) {
+          for (const l of this.eventListeners) l(msg.event, (msg as { data?: unknown }).data);
+          continue;
+        }
+        if (msg.id === undefined) continue;
         const p = this.pending.get(msg.id);
         if (!p) continue;
         this.pending.delete(msg.id);
@@ -86,6 +91,30 @@ export class QmpClient {
     return new Promise((res, rej) => {
       this.pending.set(id, { resolve: res, reject: rej });
       this.sock.write(JSON.stringify(args ? { execute: command, arguments: args, id } : { execute: command, id }) + '\n');
+    });
+  }
+
+  /**
+   * Resolves with the data of the first event `name` for which `accept` holds; rejects when the
+   * connection closes first (QEMU exited) or after `timeoutMs`.
+   */
+  waitEvent<T>(name: string, accept: (data: T) => boolean, timeoutMs: number): Promise<T> {
+    if (this.closedError) return Promise.reject(this.closedError);
+    return new Promise((res, rej) => {
+      const timer = setTimeout(() => done(new Error(`QMP: no ${name} event within ${timeoutMs} ms`)), timeoutMs);
+      const listener = (event: string, data: unknown) => {
+        if (event === name && accept(data as T)) done(undefined, data as T);
+      };
+      const onClose = () => done(this.closedError ?? new Error('QMP connection closed'));
+      const done = (err?: Error, data?: T) => {
+        clearTimeout(timer);
+        this.eventListeners.delete(listener);
+        this.sock.off('close', onClose);
+        if (err) rej(err);
+        else res(data as T);
+      };
+      this.eventListeners.add(listener);
+      this.sock.once('close', onClose);
     });
   }
 

@@ -2,7 +2,7 @@
 // an image once as a template with a fixed identity, saves its state and freezes its disk, once per
 // image however many VMs ask meanwhile; says why a VM must cold-boot instead. It runs the template
 // through the driver like any VM (TemplateHost), in a directory of its own outside `vms/`.
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { randomUUID } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
@@ -16,7 +16,7 @@ import type { Accel } from './accel.ts';
 import type { QmpClient } from './qmp.ts';
 import { AGENT_START, runAsRoot, runOverAgent } from './guest-identity.ts';
 import { virtualSize } from './qemu-img.ts';
-import { killPastaOf } from './netns.ts';
+import { killQemuIn } from './qemu-process.ts';
 import { fsyncPath } from '../oci/download.ts';
 import { binaryId, fileId, listSnapshots, MEMORY_FILE, readSnapshotMeta, SNAPSHOT_FILE, snapshotLinks, staleReason, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
 
@@ -241,15 +241,7 @@ export class SnapshotMaker {
       // .make-<snapshot dir name>-<maker's pid>-<ms>: another process (orchard image snapshot,
       // another worker on this data dir) may still be at it
       if (!leftBehind(e)) continue;
-      try {
-        const pid = Number(readFileSync(join(dir, 'qemu.pid'), 'utf8').trim());
-        if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(join(dir, 'qemu.pid'))) {
-          killPastaOf(pid); // first, while the pid is still this QEMU's
-          process.kill(pid, 'SIGKILL');
-        }
-      } catch {
-        // no QEMU left
-      }
+      killQemuIn(dir);
       await rm(dir, { recursive: true, force: true });
       this.host.log.info({ dir }, 'removed an abandoned snapshot template');
     }
@@ -363,7 +355,7 @@ export class SnapshotMaker {
  * Whether what `entry` (`…-<pid>-<ms>`: a template being made, a snapshot being removed) was named for
  * is left behind: its process is this one, or no longer runs.
  */
-function leftBehind(entry: string): boolean {
+export function leftBehind(entry: string): boolean {
   const pid = Number(/-(\d+)-\d+$/.exec(entry)?.[1]);
   return pid === process.pid || !(pid > 0 && existsSync(`/proc/${pid}`));
 }

@@ -1,0 +1,197 @@
+// Standbys: a warm start done ahead of the VM that takes it. A standby is a VM of a snapshot's image
+// and shape that the worker has resumed from the snapshot (QEMU started, its state loaded), whose
+// guest has run the identity script once with an identity of its own (guest-identity.ts
+// warmUpScript) and then been paused. A fresh VM of that snapshot takes it (the driver renames the
+// standby's directory to the VM's, qemu-process.ts) and only gives it its own identity: no QEMU to
+// start, no state to load, and code the guest runs already translated by TCG (measured on 2 TCG
+// cores: QEMU's start and the load 0.4-0.5 s, the identity 0.46-0.62 s the first time in a QEMU and
+// 0.15-0.21 s after). The standby taken is then replaced, in the background.
+//
+// A standby holds its QEMU's own memory (70-130 MiB for debian-dev, besides the snapshot's memory
+// file it shares) and no CPU while paused. The worker keeps at most `max` of them, one per snapshot,
+// for the snapshots its VMs last resumed; none when warm starts are off. They are killed when the
+// worker stops, when their snapshot goes, and, left behind by a worker that died, at the next start.
+import { readdir, rm } from 'node:fs/promises';
+import { randomUUID } from 'node:crypto';
+import { join } from 'node:path';
+import type { Duplex } from 'node:stream';
+import type { Logger } from 'pino';
+import type { DriverVM } from './driver.ts';
+import { killQemuIn } from './qemu-process.ts';
+import { leftBehind } from './snapshot-maker.ts';
+
+const PREFIX = '.standby-';
+/** After a standby of a snapshot failed, none is made for it for this long. */
+const RETRY_MS = 60_000;
+
+/** A VM's resources of a standby: what a fresh VM of the same snapshot may take over. */
+export interface Standby {
+  localName: string;
+  dir: string;
+  /** The snapshot's directory name (image@shape) and its `created`. */
+  snapshot: string;
+  created: string;
+  /** The connected socket of the guest's agent: the VM's identity goes through it. */
+  agent: Duplex;
+}
+
+/** What the standbys need of the driver. */
+export interface StandbyHost {
+  readonly vmsDir: string;
+  readonly log: Logger;
+  /** Prepares the standby like a VM (never from another standby); resolves with its snapshot, or undefined when it would boot cold. */
+  prepare(vm: DriverVM): Promise<{ snapshot: string; created: string } | undefined>;
+  start(vm: DriverVM): Promise<void>;
+  /** Loads the snapshot's state into the started QEMU and continues the guest; resolves with its agent's socket. */
+  load(localName: string): Promise<Duplex>;
+  /** Runs `script` through the agent (guest-identity.ts runOverAgent, keeping it open). */
+  warmUp(localName: string, agent: Duplex): Promise<void>;
+  /** Pauses the guest (QMP stop). */
+  pause(localName: string): Promise<void>;
+  /** Drops what the driver keeps in memory of a standby gone or taken. */
+  forget(localName: string): void;
+}
+
+export class Standbys {
+  private readonly host: StandbyHost;
+  private readonly max: number;
+  /** Standbys being made or ready: their local name -> directory (not a VM's name: list() never sees them). */
+  private readonly dirs = new Map<string, string>();
+  /** Ready standbys by snapshot, the least recently wanted first. */
+  private readonly ready = new Map<string, Standby>();
+  /** Standbys being made, by snapshot. */
+  private readonly making = new Map<string, Promise<void>>();
+  /** When a standby of a snapshot last failed. */
+  private readonly failed = new Map<string, number>();
+  private closed = false;
+
+  constructor(host: StandbyHost, max: number) {
+    this.host = host;
+    this.max = max;
+  }
+
+  /** The directory of a standby (undefined for any other VM). */
+  dirOf(localName: string): string | undefined {
+    return this.dirs.get(localName);
+  }
+
+  /** The ready standbys: their snapshot and their QEMU's directory. */
+  list(): { snapshot: string; dir: string }[] {
+    return [...this.ready.values()].map((s) => ({ snapshot: s.snapshot, dir: s.dir }));
+  }
+
+  /** The ready standby of `snapshot` as it was `created`, now the caller's (who renames its directory); a stale one is removed. */
+  take(snapshot: string, created: string): Standby | undefined {
+    const s = this.ready.get(snapshot);
+    if (!s) return undefined;
+    this.ready.delete(snapshot);
+    this.dirs.delete(s.localName);
+    if (s.created === created) return s;
+    void this.remove(s);
+    return undefined;
+  }
+
+  /**
+   * Makes a standby for VMs like `vm` (image, shape) unless one is ready or being made; the least
+   * recently wanted other one makes room. In the background: never rejects.
+   */
+  fill(vm: Pick<DriverVM, 'image' | 'imagePullPolicy' | 'cpu' | 'memory'>, snapshot: string): void {
+    if (this.max < 1 || this.closed) return;
+    const ready = this.ready.get(snapshot);
+    if (ready) {
+      // most recently wanted: last in line for eviction
+      this.ready.delete(snapshot);
+      this.ready.set(snapshot, ready);
+      return;
+    }
+    if (this.making.has(snapshot) || Date.now() - (this.failed.get(snapshot) ?? -Infinity) < RETRY_MS) return;
+    const evict = [...this.ready.values()].slice(0, Math.max(0, this.ready.size + this.making.size + 1 - this.max));
+    if (this.ready.size + this.making.size + 1 - evict.length > this.max) return; // all being made
+    for (const s of evict) {
+      this.ready.delete(s.snapshot);
+      this.dirs.delete(s.localName);
+      this.remove(s);
+    }
+    const p = this.make(vm, snapshot).catch((err: Error) => {
+      if (this.closed) return;
+      this.failed.set(snapshot, Date.now());
+      this.host.log.warn({ image: vm.image, err: err.message }, 'cannot make a standby');
+    }).finally(() => this.making.delete(snapshot));
+    this.making.set(snapshot, p);
+  }
+
+  private async make(like: Pick<DriverVM, 'image' | 'imagePullPolicy' | 'cpu' | 'memory'>, snapshot: string): Promise<void> {
+    const localName = `orchard-standby-${randomUUID()}-0`;
+    const dir = join(this.host.vmsDir, `${PREFIX}${process.pid}-${Date.now()}`);
+    this.dirs.set(localName, dir);
+    const vm: DriverVM = {
+      localName, uid: 'standby', name: 'orchard-standby', image: like.image, imagePullPolicy: like.imagePullPolicy,
+      cpu: like.cpu, memory: like.memory, username: 'admin', password: randomUUID(),
+    };
+    let agent: Duplex | undefined;
+    const open = () => {
+      if (this.closed) throw new Error('the worker stops');
+    };
+    try {
+      const made = await this.host.prepare(vm);
+      if (!made) throw new Error(`VMs of image ${vm.image} with ${vm.cpu} CPU and ${vm.memory} MiB boot cold on this worker`);
+      if (made.snapshot !== snapshot) throw new Error(`prepared from snapshot ${made.snapshot}, not ${snapshot}`);
+      open();
+      await this.host.start(vm);
+      open();
+      agent = await this.host.load(localName);
+      open();
+      await this.host.warmUp(localName, agent);
+      await this.host.pause(localName);
+      open();
+      this.ready.set(snapshot, { localName, dir, snapshot, created: made.created, agent });
+      this.host.log.info({ image: vm.image, snapshot }, 'standby ready');
+    } catch (err) {
+      agent?.destroy();
+      this.dirs.delete(localName);
+      await this.removeDir(localName, dir);
+      throw err;
+    }
+  }
+
+  /** Removes the standbys whose snapshot is no longer `current` (gone or made again). */
+  async prune(current: (snapshot: string) => Promise<string | undefined>): Promise<void> {
+    for (const s of [...this.ready.values()]) {
+      if ((await current(s.snapshot)) === s.created || this.ready.get(s.snapshot) !== s) continue;
+      this.ready.delete(s.snapshot);
+      this.dirs.delete(s.localName);
+      await this.remove(s);
+    }
+  }
+
+  /** Removes the standbys of workers that died (their agent's connection went with them: useless now). */
+  async removeLeftBehind(): Promise<void> {
+    for (const e of await readdir(this.host.vmsDir).catch(() => [] as string[])) {
+      const dir = join(this.host.vmsDir, e);
+      if (!e.startsWith(PREFIX) || [...this.dirs.values()].includes(dir) || !leftBehind(e)) continue;
+      killQemuIn(dir);
+      await rm(dir, { recursive: true, force: true });
+      this.host.log.info({ dir }, 'removed a standby left behind');
+    }
+  }
+
+  /** Removes every standby; none is made after. */
+  async close(): Promise<void> {
+    this.closed = true;
+    const all = [...this.ready.values()];
+    this.ready.clear();
+    for (const s of all) this.dirs.delete(s.localName);
+    await Promise.all([...all.map((s) => this.remove(s)), ...this.making.values()]);
+  }
+
+  private async remove(s: Standby): Promise<void> {
+    s.agent.destroy();
+    await this.removeDir(s.localName, s.dir);
+  }
+
+  private async removeDir(localName: string, dir: string): Promise<void> {
+    killQemuIn(dir);
+    this.host.forget(localName);
+    await rm(dir, { recursive: true, force: true }).catch(() => {});
+  }
+}
