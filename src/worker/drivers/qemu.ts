@@ -527,6 +527,8 @@ export class QemuDriver implements Driver {
       await rm(taken.dir, { recursive: true, force: true }).catch(() => {});
       await privateDir(dir);
       return false;
+    } finally {
+      this.standbys.taken(taken.localName);
     }
     const was = (await this.records.read(vm.localName))!;
     await this.records.write({

@@ -80,15 +80,24 @@ export class Standbys {
     return [...this.ready.values()].map((s) => ({ snapshot: s.snapshot, dir: s.dir }));
   }
 
-  /** The ready standby of `snapshot` as it was `created`, now the caller's (who renames its directory); a stale one is removed. */
+  /**
+   * The ready standby of `snapshot` as it was `created`, now the caller's: it renames the directory,
+   * then calls `taken` (till then the directory is still a standby's, which no tidy removes). A stale
+   * one is removed.
+   */
   take(snapshot: string, created: string): Standby | undefined {
     const s = this.ready.get(snapshot);
     if (!s) return undefined;
     this.ready.delete(snapshot);
-    this.dirs.delete(s.localName);
     if (s.created === created) return s;
+    this.dirs.delete(s.localName);
     void this.remove(s);
     return undefined;
+  }
+
+  /** Standby `localName`, taken, is the caller's VM now (its directory renamed) or gone. */
+  taken(localName: string): void {
+    this.dirs.delete(localName);
   }
 
   /**
