@@ -1,6 +1,7 @@
 // Standbys on a real qemu worker (debian-dev, TCG; the suite's shared snapshot, so no template boots):
-//  - once a VM has resumed a snapshot, the worker makes a standby of it (resumed, warmed up, paused);
-//  - the next VM of that snapshot takes it: the same QEMU process, continued, with the VM's own
+//  - once a VM has resumed a snapshot, the worker makes standbys of it (resumed, warmed up, paused),
+//    here two (--warm-standby 2), one after the other;
+//  - the next VM of that snapshot takes one: the same QEMU process, continued, with the VM's own
 //    identity (hostname, host key, MAC, machine-id, user and password) before it is reported running;
 //    it answers `orchard ssh` as its own user, and differs from the VM before it;
 //  - the standby taken is replaced by a new one;
@@ -17,12 +18,12 @@ import { ADMIN_TOKEN, alive, createdVM, heavyFile, inProcessController, linkTest
 
 await heavyFile(); // boots VMs
 
-test('qemu standby: the next VM of a snapshot takes the worker standby (the same QEMU, continued) with its own identity, answers orchard ssh; the standby is replaced; ended with the worker, and when left behind', async () => {
+test('qemu standby: the next VM of a snapshot takes a standby of the worker (the same QEMU, continued) with its own identity, answers orchard ssh; the standby is replaced; ended with the worker, and when left behind', async () => {
   await buildDebianDev(TEST_IMAGES);
   const c = await inProcessController();
   const workerDir = tempDir('orchard-standby-worker-');
   await linkTestSnapshots(workerDir);
-  let w = await qemuWorker(c, 'standby-1', workerDir, { imagesDir: TEST_IMAGES, warmStart: true, standbys: 1 });
+  let w = await qemuWorker(c, 'standby-1', workerDir, { imagesDir: TEST_IMAGES, warmStart: true, standbys: 2 });
   const env = { ORCHARD_HOME: tempDir('orchard-home-') };
   const created = async (name: string, extra: Partial<VM> = {}) => {
     const r = await createdVM(c.admin, name, extra);
@@ -33,10 +34,10 @@ test('qemu standby: the next VM of a snapshot takes the worker standby (the same
     assert.equal(r.code, 0, `${name}: ${command}: ${r.stderr}`);
     return { out: r.stdout.trim(), hostKey: /host key (\S+) (SHA256:\S+)/.exec(r.stderr)?.[2], user: /authenticated to .* as (\S+)/.exec(r.stderr)?.[1] };
   };
-  const standby = (label: string) => waitFor(label, () => {
-    const [s] = w.driver.standbysReady();
-    const pid = s && qemuPidIn(s.dir);
-    return pid ? { ...s, pid } : undefined;
+  /** The ready standbys once there are `n`, with their QEMUs' pids. */
+  const standbys = (label: string, n: number) => waitFor(label, () => {
+    const ready = w.driver.standbysReady().map((s) => ({ ...s, pid: qemuPidIn(s.dir) }));
+    return ready.length === n && ready.every((s) => s.pid) ? ready as (typeof ready[number] & { pid: number })[] : undefined;
   }, 120_000, 50);
   try {
     const ctx = await runCLI(['context', 'create', c.ctl.url, '--name', 't', '--service-account-name', 'bootstrap-admin', '--service-account-token', ADMIN_TOKEN, '--trust-fingerprint', c.ctl.fingerprint!], env);
@@ -44,8 +45,9 @@ test('qemu standby: the next VM of a snapshot takes the worker standby (the same
 
     const a = await created('sb-a', { username: 'alice', password: 'a-secret' });
     assert.ok(a.events.some((e) => e.startsWith('warm start: resumed the snapshot')), a.events.join('\n'));
-    const first = await standby('a standby once a VM resumed the snapshot');
-    assert.equal(first.snapshot, 'debian-dev@1cpu-512mib');
+    const two = await standbys('two standbys once a VM resumed the snapshot', 2);
+    assert.deepEqual(two.map((s) => s.snapshot), ['debian-dev@1cpu-512mib', 'debian-dev@1cpu-512mib']);
+    const first = two[0]; // (the one the next VM takes: the oldest)
 
     const b = await created('sb-b', { username: 'bob', password: 'b-secret' });
     assert.ok(b.events.some((e) => /^warm start: took a standby resumed from the snapshot of image debian-dev, in .* own identity .* through the agent/.test(e)), b.events.join('\n'));
@@ -66,14 +68,16 @@ test('qemu standby: the next VM of a snapshot takes the worker standby (the same
     }
     for (const k of ['mac', 'machineId', 'hostKey'] as const) assert.notEqual(seen[0][k], seen[1][k], `the two VMs differ in ${k}`);
 
-    const next = await standby('the standby taken to be replaced');
-    assert.notEqual(next.pid, first.pid);
+    const next = await standbys('the standby taken to be replaced', 2);
+    assert.equal(next.filter((s) => s.pid !== two[1].pid && s.pid !== first.pid).length, 1, 'a new standby in place of the one taken');
 
-    // The worker's stop ends its standby; its VMs run on.
+    // The worker's stop ends its standbys; its VMs run on.
     const vmPids = [qemuPidIn(a.dir), qemuPidIn(b.dir)];
     await w.worker.stop();
-    assert.equal(alive(next.pid), false, "the worker's stop ended its standby");
-    assert.equal(existsSync(next.dir), false);
+    for (const s of next) {
+      assert.equal(alive(s.pid), false, "the worker's stop ended its standby");
+      assert.equal(existsSync(s.dir), false);
+    }
     assert.deepEqual([qemuPidIn(a.dir), qemuPidIn(b.dir)], vmPids, 'the VMs run on');
 
     // A standby whose worker did not end it (killed: here its driver's close skipped) is ended by the next start.
@@ -81,7 +85,7 @@ test('qemu standby: the next VM of a snapshot takes the worker standby (the same
     await c.admin.deleteVM('sb-a');
     const c2 = await created('sb-c');
     assert.ok(c2.events.some((e) => e.startsWith('warm start: took a standby') || e.startsWith('warm start: resumed')), c2.events.join('\n'));
-    const left = await standby('a standby on the restarted worker');
+    const [left] = await standbys('a standby on the restarted worker', 1);
     w.driver.close = async () => {};
     await w.worker.stop();
     assert.ok(alive(left.pid), 'left running');

@@ -89,7 +89,7 @@ export function registerWorkerCommands(program: Command) {
     .option('--insecure-registry <host[:port]>', 'pull from this registry over plain HTTP (repeatable)', collect)
     .option('--registry-ca-file <file>', "a CA certificate (PEM) to trust for registries, on top of the host's")
     .option('--no-warm-start', 'boot every VM cold: no snapshot of a booted image is made or resumed (qemu)')
-    .option('--warm-standby <n>', 'VMs kept resumed from the snapshots VMs last started from, paused, for the next VMs of those to take: they start faster still (qemu; each holds about 100 MiB)', parseInteger('--warm-standby'), 1)
+    .option('--warm-standby <n>', 'VMs kept resumed from the snapshots VMs last started from, paused, for the next VMs of those to take: they start faster still (qemu; at most n in all, each holding about 100 MiB; 0 for none)', parseInteger('--warm-standby'), 1)
     .option('--listen-pprof <address>', "accepted for upstream's command lines and ignored (Go's pprof)")
     .addOption(new Option('--workers <n>', 'run this many workers in this process, named NAME-1…NAME-N (load tests)').argParser(parseInteger('--workers')).default(1).hideHelp())
     .addHelpText('after', `\nThe bootstrap token comes from exactly one of --bootstrap-token-stdin, $${BOOTSTRAP_TOKEN_ENV} or --bootstrap-token.`)

@@ -75,8 +75,8 @@ export interface QemuDriverOptions {
    */
   warmStart?: boolean;
   /**
-   * How many standbys the worker keeps (default 1; none with warm starts off): VMs resumed from a
-   * snapshot ahead of the VMs that take them (standby.ts).
+   * How many standbys the worker keeps in all (default 1; none with warm starts off): VMs resumed
+   * from a snapshot ahead of the VMs that take them (standby.ts).
    */
   standbys?: number;
 }
@@ -859,7 +859,7 @@ export class QemuDriver implements Driver {
     try {
       await this.resumeWarm(localName, file, progress, signal);
       // the next VM of this snapshot takes a standby (made now: not while this one resumed)
-      this.standbys.fill({ image: file.image, imagePullPolicy: this.started.get(localName)?.imagePullPolicy ?? 'IfNotPresent', cpu: file.cpu, memory: file.memory }, this.snapshotKey(file));
+      this.standbys.fill(file, this.snapshotKey(file));
     } catch (err) {
       if (signal?.aborted) throw err;
       this.warmFailed(localName, err as Error, progress);

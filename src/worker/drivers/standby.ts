@@ -8,9 +8,11 @@
 // 0.15-0.21 s after). The standby taken is then replaced, in the background.
 //
 // A standby holds its QEMU's own memory (70-130 MiB for debian-dev, besides the snapshot's memory
-// file it shares) and no CPU while paused. The worker keeps at most `max` of them, one per snapshot,
-// for the snapshots its VMs last resumed; none when warm starts are off. They are killed when the
-// worker stops, when their snapshot goes, and, left behind by a worker that died, at the next start.
+// file it shares) and no CPU while paused. The worker keeps at most `max` of them (none when warm
+// starts are off): one at least of the snapshot a VM last resumed, the least recently wanted
+// snapshot's making room, and more of it while there is room (for VMs asked for together). They are
+// killed when the worker stops, when their snapshot goes, and, left behind by a worker that died, at
+// the next start.
 import { readdir, rm } from 'node:fs/promises';
 import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
@@ -57,10 +59,12 @@ export class Standbys {
   private readonly max: number;
   /** Standbys being made or ready: their local name -> directory (not a VM's name: list() never sees them). */
   private readonly dirs = new Map<string, string>();
-  /** Ready standbys by snapshot, the least recently wanted first. */
-  private readonly ready = new Map<string, Standby>();
-  /** Standbys being made, by snapshot. */
-  private readonly making = new Map<string, Promise<void>>();
+  /** Ready standbys, the least recently wanted snapshot's first. */
+  private ready: Standby[] = [];
+  /** The standby being made (one at a time: each is a QEMU's start and a guest's first run). */
+  private making?: Promise<void>;
+  /** Snapshots VMs resumed, the most recent last, with what their standbys are made like. */
+  private readonly wanted = new Map<string, Pick<DriverVM, 'image' | 'cpu' | 'memory'>>();
   /** When a standby of a snapshot last failed. */
   private readonly failed = new Map<string, number>();
   private closed = false;
@@ -77,21 +81,21 @@ export class Standbys {
 
   /** The ready standbys: their snapshot and their QEMU's directory. */
   list(): { snapshot: string; dir: string }[] {
-    return [...this.ready.values()].map((s) => ({ snapshot: s.snapshot, dir: s.dir }));
+    return this.ready.map((s) => ({ snapshot: s.snapshot, dir: s.dir }));
   }
 
   /**
-   * The ready standby of `snapshot` as it was `created`, now the caller's: it renames the directory,
-   * then calls `taken` (till then the directory is still a standby's, which no tidy removes). A stale
-   * one is removed.
+   * A ready standby of `snapshot` as it was `created`, now the caller's: it renames the directory,
+   * then calls `taken` (till then the directory is still a standby's, which no tidy removes). Stale
+   * ones are removed.
    */
   take(snapshot: string, created: string): Standby | undefined {
-    const s = this.ready.get(snapshot);
-    if (!s) return undefined;
-    this.ready.delete(snapshot);
-    if (s.created === created) return s;
-    this.dirs.delete(s.localName);
-    void this.remove(s);
+    for (const s of this.ready.filter((r) => r.snapshot === snapshot)) {
+      this.ready = this.ready.filter((r) => r !== s);
+      if (s.created === created) return s;
+      this.dirs.delete(s.localName);
+      void this.remove(s);
+    }
     return undefined;
   }
 
@@ -101,40 +105,48 @@ export class Standbys {
   }
 
   /**
-   * Makes a standby for VMs like `vm` (image, shape) unless one is ready or being made; the least
-   * recently wanted other one makes room. In the background: never rejects.
+   * A VM like `vm` (image, shape) resumed `snapshot`: the worker keeps standbys of it, one at least
+   * (the least recently wanted snapshot's making room), more while there is room. Made one after
+   * the other, in the background: never rejects.
    */
-  fill(vm: Pick<DriverVM, 'image' | 'imagePullPolicy' | 'cpu' | 'memory'>, snapshot: string): void {
+  fill(vm: Pick<DriverVM, 'image' | 'cpu' | 'memory'>, snapshot: string): void {
     if (this.max < 1 || this.closed) return;
-    const ready = this.ready.get(snapshot);
-    if (ready) {
-      // most recently wanted: last in line for eviction
-      this.ready.delete(snapshot);
-      this.ready.set(snapshot, ready);
-      return;
-    }
-    if (this.making.has(snapshot) || Date.now() - (this.failed.get(snapshot) ?? -Infinity) < RETRY_MS) return;
-    const evict = [...this.ready.values()].slice(0, Math.max(0, this.ready.size + this.making.size + 1 - this.max));
-    if (this.ready.size + this.making.size + 1 - evict.length > this.max) return; // all being made
-    for (const s of evict) {
-      this.ready.delete(s.snapshot);
-      this.dirs.delete(s.localName);
-      this.remove(s);
-    }
-    const p = this.make(vm, snapshot).catch((err: Error) => {
-      if (this.closed) return;
-      this.failed.set(snapshot, Date.now());
-      this.host.log.warn({ image: vm.image, err: err.message }, 'cannot make a standby');
-    }).finally(() => this.making.delete(snapshot));
-    this.making.set(snapshot, p);
+    this.wanted.delete(snapshot);
+    this.wanted.set(snapshot, { image: vm.image, cpu: vm.cpu, memory: vm.memory });
+    if (this.wanted.size > 64) this.wanted.delete(this.wanted.keys().next().value!);
+    // its standbys last in line for eviction
+    this.ready = [...this.ready.filter((s) => s.snapshot !== snapshot), ...this.ready.filter((s) => s.snapshot === snapshot)];
+    this.topUp();
   }
 
-  private async make(like: Pick<DriverVM, 'image' | 'imagePullPolicy' | 'cpu' | 'memory'>, snapshot: string): Promise<void> {
+  /** Makes the next standby the most recently wanted snapshot should have, if any. */
+  private topUp(): void {
+    if (this.making || this.closed) return;
+    const [snapshot, like] = [...this.wanted].at(-1) ?? [];
+    if (!snapshot || !like || Date.now() - (this.failed.get(snapshot) ?? -Infinity) < RETRY_MS) return;
+    if (this.ready.length >= this.max) {
+      if (this.ready.some((s) => s.snapshot === snapshot)) return;
+      const evicted = this.ready.shift()!;
+      this.dirs.delete(evicted.localName);
+      void this.remove(evicted);
+    }
+    this.making = this.make(like, snapshot).catch((err: Error) => {
+      if (this.closed) return;
+      this.failed.set(snapshot, Date.now());
+      this.host.log.warn({ image: like.image, err: err.message }, 'cannot make a standby');
+    }).finally(() => {
+      this.making = undefined;
+      this.topUp();
+    });
+  }
+
+  private async make(like: Pick<DriverVM, 'image' | 'cpu' | 'memory'>, snapshot: string): Promise<void> {
     const localName = `orchard-standby-${randomUUID()}-0`;
     const dir = join(this.host.vmsDir, `${PREFIX}${process.pid}-${Date.now()}`);
     this.dirs.set(localName, dir);
     const vm: DriverVM = {
-      localName, uid: 'standby', name: 'orchard-standby', image: like.image, imagePullPolicy: like.imagePullPolicy,
+      // (a standby pulls nothing: its image is there, the VM before it resumed its snapshot)
+      localName, uid: 'standby', name: 'orchard-standby', image: like.image, imagePullPolicy: 'IfNotPresent',
       cpu: like.cpu, memory: like.memory, username: 'admin', password: randomUUID(),
     };
     let agent: Duplex | undefined;
@@ -153,7 +165,7 @@ export class Standbys {
       await this.host.warmUp(localName, agent);
       await this.host.pause(localName);
       open();
-      this.ready.set(snapshot, { localName, dir, snapshot, created: made.created, agent });
+      this.ready.push({ localName, dir, snapshot, created: made.created, agent });
       this.host.log.info({ image: vm.image, snapshot }, 'standby ready');
     } catch (err) {
       agent?.destroy();
@@ -165,9 +177,9 @@ export class Standbys {
 
   /** Removes the standbys whose snapshot is no longer `current` (gone or made again). */
   async prune(current: (snapshot: string) => Promise<string | undefined>): Promise<void> {
-    for (const s of [...this.ready.values()]) {
-      if ((await current(s.snapshot)) === s.created || this.ready.get(s.snapshot) !== s) continue;
-      this.ready.delete(s.snapshot);
+    for (const s of this.ready) {
+      if ((await current(s.snapshot)) === s.created || !this.ready.includes(s)) continue;
+      this.ready = this.ready.filter((r) => r !== s);
       this.dirs.delete(s.localName);
       await this.remove(s);
     }
@@ -187,10 +199,10 @@ export class Standbys {
   /** Removes every standby; none is made after. */
   async close(): Promise<void> {
     this.closed = true;
-    const all = [...this.ready.values()];
-    this.ready.clear();
+    const all = this.ready;
+    this.ready = [];
     for (const s of all) this.dirs.delete(s.localName);
-    await Promise.all([...all.map((s) => this.remove(s)), ...this.making.values()]);
+    await Promise.all([...all.map((s) => this.remove(s)), this.making]);
   }
 
   private async remove(s: Standby): Promise<void> {
