@@ -5,6 +5,7 @@
 //    others keep theirs;
 //  - a VM takes the oldest standby of its snapshot as it was made; a stale one (the snapshot made
 //    again since) is removed, not taken;
+//  - one whose QEMU ended (its agent's connection closed) is removed;
 //  - none with max 0, and none made after close, which removes them all.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -17,6 +18,7 @@ function standbys(max: number) {
   const created = new Map<string, string>(); // snapshot -> its `created`
   const made: string[] = [];
   const forgotten: string[] = [];
+  const agents: PassThrough[] = [];
   const host: StandbyHost = {
     vmsDir: tempDir('orchard-standby-policy-'),
     log: pino({ level: 'silent' }),
@@ -26,7 +28,11 @@ function standbys(max: number) {
       return { snapshot, created: created.get(snapshot) ?? 'c1' };
     },
     start: async () => {},
-    load: async () => new PassThrough(),
+    load: async () => {
+      const agent = new PassThrough();
+      agents.push(agent);
+      return agent;
+    },
     warmUp: async () => {},
     pause: async () => {},
     forget: (localName) => void forgotten.push(localName),
@@ -35,7 +41,7 @@ function standbys(max: number) {
   const shape = (image: string, memory = 512) => ({ vm: { image, cpu: 1, memory }, snapshot: `${image}@1cpu-${memory}mib` });
   const ready = () => s.list().map((r) => r.snapshot);
   const settle = (want: string[]) => waitFor(`standbys ${want.join(', ')}`, () => JSON.stringify(ready()) === JSON.stringify(want) || undefined, 5000, 5);
-  return { s, shape, ready, settle, made, forgotten, created };
+  return { s, shape, ready, settle, made, forgotten, created, agents };
 }
 
 test('standbys: up to max in all, of the snapshot last resumed; a newly wanted snapshot gets one, the least recently wanted making room', async () => {
@@ -75,6 +81,20 @@ test('standbys: a VM takes the oldest of its snapshot; a stale one is removed, n
   created.set(a.snapshot, 'c2');
   assert.equal(s.take(a.snapshot, 'c2'), undefined, 'a standby of the old snapshot is not taken');
   assert.deepEqual(ready(), [], 'and is removed');
+  await s.close();
+});
+
+test("standbys: one whose QEMU ended (its agent's connection closed) is removed; the next VM's resume makes another", async () => {
+  const { s, shape, settle, made, agents, forgotten } = standbys(1);
+  const a = shape('a');
+  s.fill(a.vm, a.snapshot);
+  await settle([a.snapshot]);
+  agents[0].destroy();
+  await waitFor('the dead standby removed', () => forgotten.length === 1 || undefined, 5000, 5);
+  s.fill(a.vm, a.snapshot);
+  await settle([a.snapshot]);
+  assert.equal(made.length, 2);
+  assert.equal(s.take(a.snapshot, 'c1')?.agent, agents[1]);
   await s.close();
 });
 

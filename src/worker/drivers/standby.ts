@@ -26,7 +26,7 @@ const PREFIX = '.standby-';
 /** After a standby of a snapshot failed, none is made for it for this long. */
 const RETRY_MS = 60_000;
 
-/** A VM's resources of a standby: what a fresh VM of the same snapshot may take over. */
+/** A ready standby: what a fresh VM of its snapshot takes over. */
 export interface Standby {
   localName: string;
   dir: string;
@@ -46,7 +46,7 @@ export interface StandbyHost {
   start(vm: DriverVM): Promise<void>;
   /** Loads the snapshot's state into the started QEMU and continues the guest; resolves with its agent's socket. */
   load(localName: string): Promise<Duplex>;
-  /** Runs `script` through the agent (guest-identity.ts runOverAgent, keeping it open). */
+  /** Runs the warm-up (guest-identity.ts warmUpScript) through the agent, which stays open. */
   warmUp(localName: string, agent: Duplex): Promise<void>;
   /** Pauses the guest (QMP stop). */
   pause(localName: string): Promise<void>;
@@ -165,7 +165,16 @@ export class Standbys {
       await this.host.warmUp(localName, agent);
       await this.host.pause(localName);
       open();
-      this.ready.push({ localName, dir, snapshot, created: made.created, agent });
+      const standby = { localName, dir, snapshot, created: made.created, agent };
+      this.ready.push(standby);
+      // Its agent's connection ends only with its QEMU (killed by someone else, crashed): no VM takes it then.
+      agent.once('close', () => {
+        if (!this.ready.includes(standby)) return;
+        this.ready = this.ready.filter((r) => r !== standby);
+        this.dirs.delete(localName);
+        this.host.log.warn({ image: vm.image, snapshot }, 'a standby\'s QEMU ended: removed');
+        void this.removeDir(localName, dir);
+      });
       this.host.log.info({ image: vm.image, snapshot }, 'standby ready');
     } catch (err) {
       agent?.destroy();
