@@ -183,7 +183,8 @@ const octal = (bytes: Buffer) => [...bytes].map((b) => '\\' + b.toString(8).padS
  * Once the host keys are written it restarts dropbear, whose listener holds the keys it read at
  * start (this session's own process is not the listener and carries on), and says so with a line
  * DROPBEAR_RESTARTED, so that the worker can check the new listener while the script goes on. `guestIp`: the guest's address, for
- * the gratuitous ARP that tells QEMU's user-mode network the new MAC.
+ * the gratuitous ARP that tells QEMU's user-mode network the new MAC. `keepPasswords`: the user's
+ * password stays as it is (a standby's warm-up: warmUpScript).
  */
 export function identityScript(id: Identity, nowSeconds: number, guestIp = '10.0.2.15', opts: { keepPasswords?: boolean } = {}): string {
   const host = hostnameOf(id.name);
