@@ -32,11 +32,11 @@ import type { Registries } from '../oci/registries.ts';
 import { formatPullProgress } from '../oci/progress.ts';
 import { isImageReference } from '../oci/reference.ts';
 import { forward, QmpClient } from './qmp.ts';
-import { killQemuIn, qemuIn, qemuPidIn } from './qemu-process.ts';
+import { qemuIn, qemuPidIn } from './qemu-process.ts';
 import { type Standby, Standbys } from './standby.ts';
 import { hostnameOf, publicKeyOf, SEED_LABEL, writeSeed } from './cloud-init.ts';
 import { AGENT_PORT, DROPBEAR_RESTARTED, type Identity, identityScript, keyBlob, newIdentity, newMac, offeredHostKey, runAsRoot, runOverAgent, warmUpScript } from './guest-identity.ts';
-import { MEMORY_FILE, readSnapshotMeta, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
+import { MEMORY_FILE, STATE_FILE, type SnapshotMeta } from './snapshots.ts';
 import { type Shape, SnapshotMaker } from './snapshot-maker.ts';
 import { qemuImg } from './qemu-img.ts';
 import { parseLocalName } from '../../api/schemas.ts';
@@ -226,10 +226,7 @@ export class QemuDriver implements Driver {
       stop: (localName, graceMs) => this.stop(localName, graceMs),
       qmp: (localName, fn) => this.qmp(localName, fn),
       record: (localName) => this.records.read(localName),
-      forget: (localName) => {
-        this.state.delete(localName);
-        this.started.delete(localName);
-      },
+      forget: (localName) => this.forget(localName),
     });
     this.standbys = new Standbys({
       vmsDir: join(this.dataDir, 'vms'), log: this.log,
@@ -255,15 +252,18 @@ export class QemuDriver implements Driver {
         await runOverAgent(agent, warmUpScript(file!.mac!, Date.now() / 1000), { keepOpen: true, timeoutMs: 60_000 });
       },
       pause: (localName) => this.qmp(localName, (q) => q.execute('stop')).then(() => {}),
-      forget: (localName) => {
-        this.state.delete(localName);
-        this.started.delete(localName);
-      },
+      forget: (localName) => this.forget(localName),
     }, this.warmStart ? opts.standbys ?? 1 : 0);
     if (cache) cache.followers = { links: () => this.snapshots.imageLinks(), released: () => this.tidyImages() };
   }
 
   // --- paths and small helpers -----------------------------------------------------------------
+
+  /** Drops what this driver keeps in memory of a VM (a template's, a standby's) that is gone or another's now. */
+  private forget(localName: string): void {
+    this.state.delete(localName);
+    this.started.delete(localName);
+  }
 
   vmDir(localName: string): string {
     return this.snapshots.templateDir(localName) ?? this.standbys.dirOf(localName) ?? join(this.dataDir, 'vms', checkLocalName(localName));
@@ -301,7 +301,7 @@ export class QemuDriver implements Driver {
   tidyImages(): Promise<void> {
     const run = this.tidying.then(async () => {
       await this.snapshots.removeStale((name) => this.imagesNamed(name));
-      await this.standbys.prune(async (snapshot) => (await readSnapshotMeta(join(this.dataDir, 'snapshots', snapshot)))?.created);
+      await this.standbys.prune(async (snapshot) => (await this.snapshots.meta(snapshot))?.created);
       await this.standbys.removeLeftBehind();
     });
     this.tidying = run.catch((err: Error) => this.log.warn({ err: err.message }, 'cannot remove the snapshots no VM will resume'));
@@ -515,16 +515,13 @@ export class QemuDriver implements Driver {
   private async takeStandby(vm: DriverVM, taken: Standby, file: VmFile, progress: Progress): Promise<boolean> {
     const dir = this.vmDir(vm.localName);
     const s = this.state.get(taken.localName);
-    this.state.delete(taken.localName);
-    this.started.delete(taken.localName);
+    this.forget(taken.localName);
     try {
       await rm(dir, { recursive: true, force: true });
       await rename(taken.dir, dir);
     } catch (err) {
       this.log.warn({ vm: vm.localName, err: (err as Error).message }, 'cannot take the standby: removed');
-      taken.agent.destroy();
-      killQemuIn(taken.dir);
-      await rm(taken.dir, { recursive: true, force: true }).catch(() => {});
+      await this.standbys.discard(taken);
       await privateDir(dir);
       return false;
     } finally {

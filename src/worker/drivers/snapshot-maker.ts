@@ -80,6 +80,11 @@ export class SnapshotMaker {
     return join(this.root, `${imageDirName(name)}@${shape.cpu}cpu-${shape.memory}mib`);
   }
 
+  /** The record of the snapshot in directory `snapshot` (a snapshotDir's name), if there is one. */
+  meta(snapshot: string): Promise<SnapshotMeta | undefined> {
+    return readSnapshotMeta(join(this.root, snapshot));
+  }
+
   private get root(): string {
     return join(this.host.dataDir, 'snapshots');
   }

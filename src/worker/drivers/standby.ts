@@ -94,7 +94,7 @@ export class Standbys {
       this.ready = this.ready.filter((r) => r !== s);
       if (s.created === created) return s;
       this.dirs.delete(s.localName);
-      void this.remove(s);
+      void this.discard(s);
     }
     return undefined;
   }
@@ -128,7 +128,7 @@ export class Standbys {
       if (this.ready.some((s) => s.snapshot === snapshot)) return;
       const evicted = this.ready.shift()!;
       this.dirs.delete(evicted.localName);
-      void this.remove(evicted);
+      void this.discard(evicted);
     }
     this.making = this.make(like, snapshot).catch((err: Error) => {
       if (this.closed) return;
@@ -190,7 +190,7 @@ export class Standbys {
       if ((await current(s.snapshot)) === s.created || !this.ready.includes(s)) continue;
       this.ready = this.ready.filter((r) => r !== s);
       this.dirs.delete(s.localName);
-      await this.remove(s);
+      await this.discard(s);
     }
   }
 
@@ -211,10 +211,11 @@ export class Standbys {
     const all = this.ready;
     this.ready = [];
     for (const s of all) this.dirs.delete(s.localName);
-    await Promise.all([...all.map((s) => this.remove(s)), this.making]);
+    await Promise.all([...all.map((s) => this.discard(s)), this.making]);
   }
 
-  private async remove(s: Standby): Promise<void> {
+  /** Ends standby `s` (ready, or taken and not wanted after all): its QEMU killed, its directory removed. */
+  async discard(s: Standby): Promise<void> {
     s.agent.destroy();
     await this.removeDir(s.localName, s.dir);
   }
