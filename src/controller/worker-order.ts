@@ -93,8 +93,13 @@ export class WorkerOrder {
       }
       for (const [name] of view.placements()) if (!view.workers.has(name)) this.gone.add(name);
     }
-    // Time alone can take a disconnected worker offline.
-    for (const name of this.down) this.dirty.add(name);
+    // Time alone can take a listed worker whose watch is down offline, and never puts one online: only
+    // those now offline are placed again (after a restart every worker is down, and this ran for each
+    // of them at every pass while they reconnected).
+    for (const name of this.down) {
+      const w = view.workers.get(name);
+      if (!w || (this.listedLoad.has(name) && !online(w))) this.dirty.add(name);
+    }
     for (const name of this.dirty) {
       const listed = this.listedLoad.get(name);
       if (listed !== undefined) {
