@@ -51,6 +51,8 @@ export class ControllerLink {
   private reconnectWindowMs?: number;
   /** This worker's moment within that window, while it reconnects. */
   private phase?: number;
+  /** When the open watch last dropped: the controller knew this worker alive until then. */
+  private droppedAt = 0;
   /** The controller does not know this worker (it was deleted): register before watching again. */
   private unregistered = false;
   /** What the controller can do, from its capabilities (an upstream controller has none of ours). */
@@ -100,7 +102,7 @@ export class ControllerLink {
     } catch (err) {
       throw await this.joinError(err as Error);
     }
-    this.heartbeat = setInterval(() => void this.beat(), this.o.heartbeatMs ?? 10_000);
+    this.heartbeat = setInterval(() => void this.beat(), this.heartbeatMs);
     this.connect();
   }
 
@@ -148,9 +150,17 @@ export class ControllerLink {
     return err;
   }
 
+  private get heartbeatMs() {
+    return this.o.heartbeatMs ?? 10_000;
+  }
+
   private async beat() {
     const { client, workerName: name, machineId } = this.o;
-    if (this.can.watchLiveness && this.connected) return;
+    // A connected watch keeps this worker alive, and so did the watch that just dropped: the watch
+    // comes back within the controller's reconnect window (its restart, most likely), and a thousand
+    // workers' heartbeats on new connections would only slow its return. One interval after the drop
+    // with the watch still down, heartbeats resume.
+    if (this.can.watchLiveness && (this.connected || Date.now() - this.droppedAt < this.heartbeatMs)) return;
     try {
       if (this.can.watchLiveness) await client.updateWorker({ name, machine_id: machineId });
       else {
@@ -246,6 +256,7 @@ export class ControllerLink {
       stopSilenceWatch();
       this.o.reports.detach(ws);
       if (this.o.stopped.aborted) return;
+      if (opened) this.droppedAt = Date.now();
       // The controller keeps the worker's record; only when it was deleted does the worker register again.
       let delay: number;
       const window = this.reconnectWindowMs;
