@@ -171,12 +171,12 @@ export class Scheduler {
     });
   }
 
-  private online(w: Worker, now: number): boolean {
-    if (this.opts.isConnected(w.name)) return true;
+  /** When a worker goes offline: a timeout after it was last seen; never while its watch is connected. */
+  private readonly offlineAt = (w: Worker): number => {
+    if (this.opts.isConnected(w.name)) return Infinity;
     // After a controller restart every worker gets one full timeout to come back.
-    const seen = Math.max(w.last_seen ? Date.parse(w.last_seen) : 0, this.startedAt);
-    return now - seen <= this.opts.offlineTimeoutMs;
-  }
+    return Math.max(w.last_seen ? Date.parse(w.last_seen) : 0, this.startedAt) + this.opts.offlineTimeoutMs;
+  };
 
   private backoffMs(restartCount: number) {
     return Math.min((this.opts.backoffBaseMs ?? BACKOFF_BASE_MS) * 2 ** restartCount, BACKOFF_CAP_MS);
@@ -228,9 +228,9 @@ export class Scheduler {
     const now = Date.now();
     const settings = await this.store.getClusterSettings();
     const view = this.view;
-    const online = (w: Worker) => this.online(w, now);
+    const online = (w: Worker) => now <= this.offlineAt(w);
     const distribute = (settings.schedulerProfile ?? 'optimize-utilization') === 'distribute-load';
-    this.order.refresh(distribute, online);
+    this.order.refresh(distribute, now, this.offlineAt);
     // The pass's own decisions, by VM name (the committed objects are never changed).
     const decided = new Map<string, VM>();
     const current = (name: string) => decided.get(name) ?? view.vms.get(name);

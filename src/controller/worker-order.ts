@@ -24,6 +24,14 @@ export class WorkerOrder {
   private readonly dirty = new Set<string>();
   /** Registered workers whose watch is not connected: whether they are online depends on the time. */
   private readonly down = new Set<string>();
+  /** Those of them found offline: a pass looks at these for VMs to fail, until they reconnect or go. */
+  private readonly offline = new Set<string>();
+  /**
+   * The earliest moment one of the others goes offline (time alone never puts one online): a pass
+   * looks at them all only once it has come, not at every pass (after a restart all the workers are
+   * down, and each of the passes made while they reconnect would otherwise look at all of them twice).
+   */
+  private downDue = -Infinity;
   /** Names VMs may be placed on that have no worker record. */
   private readonly gone = new Set<string>();
   /** The profile the list is ordered for; undefined until the first refresh (which visits every worker once). */
@@ -39,6 +47,7 @@ export class WorkerOrder {
         this.dirty.add(name);
         if (change.type === 'DELETED') {
           this.down.delete(name);
+          this.offline.delete(name);
           this.gone.add(name);
         } else {
           this.gone.delete(name);
@@ -64,8 +73,10 @@ export class WorkerOrder {
   connection(worker: string) {
     if (!this.view.workers.has(worker)) return;
     this.dirty.add(worker);
-    if (this.isConnected(worker)) this.down.delete(worker);
-    else this.down.add(worker);
+    if (this.isConnected(worker)) {
+      this.down.delete(worker);
+      this.offline.delete(worker);
+    } else this.down.add(worker);
   }
 
   /** Workers that may be offline (watch down) or deleted, and still hold VMs, for the pass to fail those VMs. */
@@ -74,11 +85,14 @@ export class WorkerOrder {
       if (this.view.placedOn(name).size === 0) this.gone.delete(name);
       else yield name;
     }
-    yield* this.down;
+    yield* this.offline;
   }
 
-  /** Brings the list up to date for this pass; `online` is the scheduler's check of a worker whose watch is down. */
-  refresh(distribute: boolean, online: (w: Worker) => boolean) {
+  /**
+   * Brings the list up to date for the pass at `now`; `offlineAt` is when a worker whose watch is down
+   * goes offline (by the scheduler's timeout; it is online until then).
+   */
+  refresh(distribute: boolean, now: number, offlineAt: (w: Worker) => number) {
     const view = this.view;
     if (distribute !== this.distribute) {
       // First pass, or the profile changed: every worker once.
@@ -87,18 +101,16 @@ export class WorkerOrder {
       this.listedLoad.clear();
       this.holders.clear();
       this.down.clear();
+      this.offline.clear();
       for (const name of view.workers.keys()) {
         this.dirty.add(name);
         if (!this.isConnected(name)) this.down.add(name);
       }
       for (const [name] of view.placements()) if (!view.workers.has(name)) this.gone.add(name);
     }
-    // Time alone can take a listed worker whose watch is down offline, and never puts one online: only
-    // those now offline are placed again (after a restart every worker is down, and this ran for each
-    // of them at every pass while they reconnected).
-    for (const name of this.down) {
-      const w = view.workers.get(name);
-      if (!w || (this.listedLoad.has(name) && !online(w))) this.dirty.add(name);
+    if (now > this.downDue) {
+      this.downDue = Infinity;
+      for (const name of this.down) this.dirty.add(name);
     }
     for (const name of this.dirty) {
       const listed = this.listedLoad.get(name);
@@ -112,8 +124,16 @@ export class WorkerOrder {
         }
       }
       const w = view.workers.get(name);
+      if (w && this.down.has(name)) {
+        const at = offlineAt(w);
+        if (now > at) this.offline.add(name);
+        else {
+          this.offline.delete(name);
+          this.downDue = Math.min(this.downDue, at);
+        }
+      }
       const load = loadOf(view, name);
-      if (!w || w.scheduling_paused || freeSlots(w, load) <= 0 || (this.down.has(name) && !online(w))) continue;
+      if (!w || w.scheduling_paused || freeSlots(w, load) <= 0 || this.offline.has(name)) continue;
       this.list.splice(this.indexOf(load, name), 0, w);
       this.listedLoad.set(name, load);
       for (const image of w.images ?? []) {
