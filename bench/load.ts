@@ -8,6 +8,8 @@
 //   --paced-rate 200    creates/s of the paced phase after it (M/10 more VMs, one at a time)
 //   --executable        the controller is the single executable (dist/orchard-linux-ARCH, npm run
 //                       build -- --host-only), not bin/orchard: what a restart takes as shipped
+//   --restarts 1        cold restarts in a row at the end (kill -9, start, all workers back): a later
+//                       one may fall on the workers' heartbeat tick
 import { parseArgs } from 'node:util';
 import { spawn } from 'node:child_process';
 import { existsSync, readdirSync, rmSync } from 'node:fs';
@@ -18,7 +20,7 @@ import { ADMIN_TOKEN, ROOT } from '../test/helpers.ts';
 import { Cluster, cpuSeconds, pct, usageOf, Watcher } from './load-harness.ts';
 
 const { values } = parseArgs({
-  options: { scales: { type: 'string', default: '10x100,100x1000,1000x10000' }, concurrency: { type: 'string', default: '32' }, 'paced-rate': { type: 'string', default: '200' }, 'no-restart': { type: 'boolean', default: false }, executable: { type: 'boolean', default: false } },
+  options: { scales: { type: 'string', default: '10x100,100x1000,1000x10000' }, concurrency: { type: 'string', default: '32' }, 'paced-rate': { type: 'string', default: '200' }, 'no-restart': { type: 'boolean', default: false }, restarts: { type: 'string', default: '1' }, executable: { type: 'boolean', default: false } },
 });
 const BIN = values.executable ? join(ROOT, 'dist', `orchard-linux-${process.arch}`) : undefined;
 if (BIN && !existsSync(BIN)) throw new Error(`${BIN} is missing: npm run build -- --host-only makes it`);
@@ -26,6 +28,7 @@ const scales = values.scales.split(',').map((s) => s.split('x').map(Number) as [
 const CONCURRENCY = Number(values.concurrency);
 /** Creates per second of the paced phase (after the burst): a rate the controller keeps up with. */
 const PACED_RATE = Number(values['paced-rate']);
+const RESTARTS = Number(values.restarts);
 
 /** Starts bench/probe.ts against the cluster's controller; the function returned runs it and resolves with its output lines. */
 async function probe(cluster: Cluster, args: string[]): Promise<() => Promise<string[]>> {
@@ -189,32 +192,40 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     row['controller descriptors, all running'] = String(descriptors(pid));
 
     if (values['no-restart']) return row;
-    // Cold restart with everything stored, while the workers reconnect; the first served request is
-    // timed by a client process of its own.
-    const firstServed = await probe(cluster, ['first-served']);
-    await cluster.ctl.kill('SIGKILL');
-    t0 = performance.now();
-    const harnessCPU0 = harnessCPU();
-    const served = firstServed();
-    await cluster.startController(Number(new URL(cluster.ctl.url).port));
-    row['cold restart to first served request'] = `${(await served)[0]} ms`;
-    const back: number[] = [];
-    const waiting = new Set(Array.from({ length: nWorkers }, (_, i) => i));
-    while (waiting.size) {
-      await new Promise((r) => setTimeout(r, 50));
-      const connected = await fleet.connected();
-      for (const i of waiting) {
-        if (!connected[i]) continue;
-        waiting.delete(i);
-        back.push(performance.now() - t0);
+    for (let r = 1; r <= RESTARTS; r++) {
+      const of = r === 1 ? '' : ` (restart ${r})`;
+      // Cold restart with everything stored, while the workers reconnect; the first served request is
+      // timed by a client process of its own.
+      const firstServed = await probe(cluster, ['first-served']);
+      await cluster.ctl.kill('SIGKILL');
+      t0 = performance.now();
+      const harnessCPU0 = harnessCPU();
+      const served = firstServed();
+      await cluster.startController(Number(new URL(cluster.ctl.url).port));
+      row[`cold restart to first served request${of}`] = `${(await served)[0]} ms`;
+      const back: number[] = [];
+      const waiting = new Set(Array.from({ length: nWorkers }, (_, i) => i));
+      while (waiting.size) {
+        await new Promise((r) => setTimeout(r, 50));
+        const connected = await fleet.connected();
+        for (const i of waiting) {
+          if (!connected[i]) continue;
+          waiting.delete(i);
+          back.push(performance.now() - t0);
+        }
       }
+      back.sort((a, b) => a - b);
+      row[`workers back after restart: half / 90 %${of}`] = `${(pct(back, 50) / 1000).toFixed(1)} / ${(pct(back, 90) / 1000).toFixed(1)} s`;
+      row[`all workers back after restart${of}`] = `${((performance.now() - t0) / 1000).toFixed(1)} s`;
+      // What taking them back cost the restarted controller (its CPU from its start until then: the
+      // store's opening, then mostly their TLS handshakes and watches), and the harness (their side).
+      row[`CPU until all back: controller / harness${of}`] = `${cpuSeconds(cluster.ctl.proc.pid!).toFixed(2)} / ${(harnessCPU() - harnessCPU0).toFixed(2)} s`;
+      // The connections it took: one per worker is the least (its watch); HTTP heartbeats sent while
+      // the watch was down each came on a connection of their own.
+      const m = (await cluster.admin.request<string>('GET', '/metrics', undefined, { raw: true })).body.toString();
+      const count = (re: RegExp) => [...m.matchAll(re)].reduce((n, x) => n + Number(x[1]), 0);
+      row[`TLS handshakes / heartbeats until then${of}`] = `${count(/^orchard_tls_handshakes_total\{[^}]*\} (\d+)$/gm)} / ${count(/^orchard_http_requests_total\{method="PUT",route="\/v1\/workers\/:name"[^}]*\} (\d+)$/gm)}`;
     }
-    back.sort((a, b) => a - b);
-    row['workers back after restart: half / 90 %'] = `${(pct(back, 50) / 1000).toFixed(1)} / ${(pct(back, 90) / 1000).toFixed(1)} s`;
-    row['all workers back after restart'] = `${((performance.now() - t0) / 1000).toFixed(1)} s`;
-    // What taking them back cost the restarted controller (its CPU from its start until then: the
-    // store's opening, then mostly their TLS handshakes and watches), and the harness (their side).
-    row['CPU until all back: controller / harness'] = `${cpuSeconds(cluster.ctl.proc.pid!).toFixed(2)} / ${(harnessCPU() - harnessCPU0).toFixed(2)} s`;
     return row;
   } finally {
     await cluster.stop();
