@@ -37,6 +37,8 @@ export class WorkerOrder {
   /** The profile the list is ordered for; undefined until the first refresh (which visits every worker once). */
   private distribute?: boolean;
   private readonly unsubscribe: () => void;
+  /** Counts the refreshes that changed anything a VM's fit depends on (a worker's record, usage, connection or time offline). */
+  version = 0;
 
   constructor(view: ClusterView, isConnected: (worker: string) => boolean) {
     this.view = view;
@@ -112,6 +114,7 @@ export class WorkerOrder {
       this.downDue = Infinity;
       for (const name of this.down) this.dirty.add(name);
     }
+    if (this.dirty.size) this.version++;
     for (const name of this.dirty) {
       const listed = this.listedLoad.get(name);
       if (listed !== undefined) {
