@@ -1,7 +1,8 @@
 // The worker protocol and our additions to it: the sync push carries the worker's VMs (no listing),
 // a quick start is one state report that carries its events, a report about an earlier run of a VM
 // is refused instead of overwriting the current run's state, a connected watch keeps a worker alive
-// (no HTTP heartbeats), and against a controller without these the worker speaks the upstream protocol.
+// (no HTTP heartbeats, nor for an interval after it drops), and against a controller without these the
+// worker speaks the upstream protocol.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { pino } from 'pino';
@@ -128,6 +129,36 @@ test('against a controller without our capabilities the worker speaks the upstre
     assert.equal(await reportFrames(c, 'vmState'), 0, 'nothing up the watch');
     const beats = await served(c, 'PUT', '/v1/workers/:name');
     await waitFor('the worker to heartbeat over HTTP', async () => (await served(c, 'PUT', '/v1/workers/:name')) > beats || undefined, 5000, 50);
+  } finally {
+    await worker.stop();
+    await c.close();
+    c.cleanup();
+  }
+});
+
+test('a worker whose watch dropped heartbeats over HTTP only once it has been down a whole interval, then on every tick while it stays down', async () => {
+  const c = await inProcessController();
+  const HEARTBEAT_MS = 1000;
+  await c.admin.createServiceAccount({ name: 'wk', token: 'wk-token-0123456789', roles: ['compute:read', 'compute:write'] });
+  const client = clientOf(c.ctl, 'wk', 'wk-token-0123456789');
+  const worker = new OrchardWorker({ client, name: 'drop', driver: new SyntheticDriver(), dataDir: tempDir(), slots: 1, heartbeatMs: HEARTBEAT_MS, logger: pino({ level: 'silent' }) });
+  try {
+    const started = performance.now();
+    await worker.start();
+    await waitFor('the watch connected', () => worker.connected || undefined);
+    const beats = await served(c, 'PUT', '/v1/workers/:name');
+    // Midway between two ticks of the worker's heartbeat (they follow its start, every interval).
+    await new Promise((r) => setTimeout(r, started + 1.5 * HEARTBEAT_MS - performance.now()));
+    // The account loses its roles: the controller ends the watch (its tunnel mux needs compute:write),
+    // and refuses it again; the heartbeats are refused too, but each is counted as it arrives.
+    await c.admin.updateServiceAccount({ name: 'wk', token: 'wk-token-0123456789', roles: [] });
+    const dropped = performance.now();
+    await waitFor('the watch dropped', () => !worker.connected || undefined, 5000, 5);
+    // The tick half an interval after the drop sent a heartbeat before; now the next one does.
+    await new Promise((r) => setTimeout(r, dropped + 0.9 * HEARTBEAT_MS - performance.now()));
+    assert.equal(await served(c, 'PUT', '/v1/workers/:name'), beats, 'no heartbeat within an interval of the drop');
+    assert.equal(worker.connected, false, 'the watch is still down');
+    await waitFor('heartbeats again, the watch being down', async () => ((await served(c, 'PUT', '/v1/workers/:name')) >= beats + 2 ? true : undefined), 4 * HEARTBEAT_MS, 50);
   } finally {
     await worker.stop();
     await c.close();
