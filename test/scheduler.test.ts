@@ -2,7 +2,8 @@
 // OrchardWorkers on SyntheticDrivers in this process. Placement by slots, resources and labels, the
 // scheduler profiles, pause/resume, offline workers (and the grace after a controller restart),
 // OnFailure restarts with exponential backoff, no overbooking under concurrent creates, and pushed
-// (not polled) changes to workers.
+// (not polled) changes to workers; and one pass on its own (a store, a view, no controller): VMs that
+// differ only in their OS get verdicts of their own.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
@@ -598,4 +599,28 @@ test('push, not poll: with rare heartbeats a created VM runs within a second, an
       assert.ok(x.delete < 2000, `delete → gone from the worker took ${x.delete} ms (${JSON.stringify(timings)})`);
     }
   });
+});
+
+test('a Linux VM that fits a worker counting no VM slots is placed, though a macOS VM asking the same waits ahead of it: the two never share a verdict', async (t) => {
+  const { join } = await import('node:path');
+  const { SQLiteStore } = await import('../src/controller/store/sqlite.ts');
+  const { ClusterView } = await import('../src/controller/view.ts');
+  const { Scheduler } = await import('../src/controller/scheduler.ts');
+  const store = new SQLiteStore(join(tempDir(), 'orchard.db'));
+  const view = new ClusterView(store);
+  const scheduler = new Scheduler(store, view, logger, { offlineTimeoutMs: 60_000, isConnected: () => true });
+  t.after(async () => {
+    await scheduler.stop();
+    view.close();
+    store.close();
+  });
+  await view.loaded;
+  // As upstream's Vetu workers: no tart-vms resource, so only macOS Tart VMs need a slot there.
+  await store.create('workers', { name: 'vetu-1', runtime: 'vetu', resources: {}, labels: {}, last_seen: new Date().toISOString() });
+  await store.create('vms', newVM({ name: 'mac', image: 'img' } as VM));
+  await store.create('vms', newVM({ name: 'lin', image: 'img', os: 'linux' } as VM));
+  await scheduler.pass();
+  assert.equal(view.vms.get('lin')?.worker, 'vetu-1', 'the Linux VM is placed');
+  assert.equal(view.vms.get('mac')?.worker, undefined);
+  assert.match(view.vms.get('mac')!.status_message!, /no worker fits: 1 worker: 1 has 0 of 1 VM slots free/);
 });

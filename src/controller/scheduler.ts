@@ -19,8 +19,8 @@ const LOOK_AT_ALL_MS = 1000;
 const NOTHING_USED: Readonly<Record<string, number>> = Object.freeze({});
 
 /**
- * What placing a VM depends on: what it needs, and its runtime, labels and needs as one string (VMs
- * with the same string fit or do not fit alike). Kept as long as the view holds that version of the
+ * What placing a VM depends on: what it needs, and its runtime, OS, labels and needs as one string
+ * (VMs with the same string fit or do not fit alike: a macOS Tart VM needs a VM slot where others may not). Kept as long as the view holds that version of the
  * VM: a pass goes over every waiting VM, and in a full cluster with 10,000 waiting, working it out
  * again on each pass was a fifth of the pass (bench/scheduler-pass.ts --workers 0).
  */
@@ -29,7 +29,7 @@ function placementOf(vm: VM) {
   let p = placements.get(vm);
   if (!p) {
     const need = requirements(vm);
-    placements.set(vm, (p = { need, signature: JSON.stringify([vm.runtime, vm.labels, need]) }));
+    placements.set(vm, (p = { need, signature: JSON.stringify([vm.runtime, vm.os, vm.labels, need]) }));
   }
   return p;
 }
