@@ -7,10 +7,14 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { pino } from 'pino';
 import type { VM } from '../src/api/schemas.ts';
 import type { OrchardClient } from '../src/client/client.ts';
 import { newVM } from '../src/controller/domain/vms.ts';
+import { Scheduler } from '../src/controller/scheduler.ts';
+import { SQLiteStore } from '../src/controller/store/sqlite.ts';
+import { ClusterView } from '../src/controller/view.ts';
 import { OrchardWorker } from '../src/worker/worker.ts';
 import { SyntheticDriver } from '../src/worker/drivers/synthetic.ts';
 import { ADMIN_TOKEN, clientOf, inProcessController, tempDir, waitFor } from './helpers.ts';
@@ -602,10 +606,6 @@ test('push, not poll: with rare heartbeats a created VM runs within a second, an
 });
 
 test('a Linux VM that fits a worker counting no VM slots is placed, though a macOS VM asking the same waits ahead of it: the two never share a verdict', async (t) => {
-  const { join } = await import('node:path');
-  const { SQLiteStore } = await import('../src/controller/store/sqlite.ts');
-  const { ClusterView } = await import('../src/controller/view.ts');
-  const { Scheduler } = await import('../src/controller/scheduler.ts');
   const store = new SQLiteStore(join(tempDir(), 'orchard.db'));
   const view = new ClusterView(store);
   const scheduler = new Scheduler(store, view, logger, { offlineTimeoutMs: 60_000, isConnected: () => true });

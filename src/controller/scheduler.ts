@@ -20,9 +20,10 @@ const NOTHING_USED: Readonly<Record<string, number>> = Object.freeze({});
 
 /**
  * What placing a VM depends on: what it needs, and its runtime, OS, labels and needs as one string
- * (VMs with the same string fit or do not fit alike: a macOS Tart VM needs a VM slot where others may not). Kept as long as the view holds that version of the
- * VM: a pass goes over every waiting VM, and in a full cluster with 10,000 waiting, working it out
- * again on each pass was a fifth of the pass (bench/scheduler-pass.ts --workers 0).
+ * (VMs with the same string fit or do not fit alike; the OS, as a macOS Tart VM needs a VM slot where
+ * others may not). Kept as long as the view holds that version of the VM: a pass may go over every
+ * waiting VM, and in a full cluster with 10,000 waiting, working it out again on each pass was a
+ * fifth of the pass (bench/scheduler-pass.ts --workers 0).
  */
 const placements = new WeakMap<VM, { need: Record<string, number>; signature: string }>();
 function placementOf(vm: VM) {

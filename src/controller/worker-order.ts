@@ -81,7 +81,7 @@ export class WorkerOrder {
     } else this.down.add(worker);
   }
 
-  /** Workers that may be offline (watch down) or deleted, and still hold VMs, for the pass to fail those VMs. */
+  /** Workers found offline (watch down, past their timeout) or deleted that may still hold VMs, for the pass to fail those VMs. */
   *suspects(): Iterable<string> {
     for (const name of this.gone) {
       if (this.view.placedOn(name).size === 0) this.gone.delete(name);
