@@ -5,8 +5,9 @@
 //    identity (hostname, host key, MAC, machine-id, user and password) before it is reported running;
 //    it answers `orchard ssh` as its own user, and differs from the VM before it;
 //  - the standby taken is replaced by a new one;
-//  - the worker's stop ends its standby (VMs run on); a standby left by a worker that did not end it
-//    (as a killed one would) is ended when the worker starts again.
+//  - the worker's stop ends its standby (VMs run on); started again, the worker makes a standby of the
+//    snapshot last wanted before any VM asks, and the next VM takes it; a standby left by a worker
+//    that did not end it (as a killed one would) is ended when the worker starts again.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
@@ -81,10 +82,14 @@ test('qemu standby: the next VM of a snapshot takes a standby of the worker (the
     assert.deepEqual([qemuPidIn(a.dir), qemuPidIn(b.dir)], vmPids, 'the VMs run on');
 
     // A standby whose worker did not end it (killed: here its driver's close skipped) is ended by the next start.
+    // Started again, the worker makes a standby of the snapshot it last resumed, before any VM asks.
     w = await qemuWorker(c, 'standby-1', workerDir, { imagesDir: TEST_IMAGES, warmStart: true, standbys: 1 });
+    const [atStart] = await standbys('a standby made at the start, of the snapshot last wanted', 1);
+    assert.equal(atStart.snapshot, 'debian-dev@1cpu-512mib');
     await c.admin.deleteVM('sb-a');
     const c2 = await created('sb-c');
-    assert.ok(c2.events.some((e) => e.startsWith('warm start: took a standby') || e.startsWith('warm start: resumed')), c2.events.join('\n'));
+    assert.ok(c2.events.some((e) => e.startsWith('warm start: took a standby')), c2.events.join('\n'));
+    assert.equal(qemuPidIn(c2.dir), atStart.pid, "sb-c runs in the standby made at the worker's start");
     const [left] = await standbys('a standby on the restarted worker', 1);
     w.driver.close = async () => {};
     await w.worker.stop();

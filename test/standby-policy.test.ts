@@ -6,15 +6,18 @@
 //  - a VM takes the oldest standby of its snapshot as it was made; a stale one (the snapshot made
 //    again since) is removed, not taken;
 //  - one whose QEMU ended (its agent's connection closed) is removed;
-//  - none with max 0, and none made after close, which removes them all.
+//  - none with max 0, and none made after close, which removes them all;
+//  - the snapshots wanted are kept in a file: the next start makes their standbys (those still there).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { pino } from 'pino';
 import { Standbys, type StandbyHost } from '../src/worker/drivers/standby.ts';
 import { tempDir, waitFor } from './helpers.ts';
 
-function standbys(max: number) {
+function standbys(max: number, wantedFile = join(tempDir('orchard-standby-wanted-'), 'standbys.json')) {
   const created = new Map<string, string>(); // snapshot -> its `created`
   const made: string[] = [];
   const forgotten: string[] = [];
@@ -37,7 +40,7 @@ function standbys(max: number) {
     pause: async () => {},
     forget: (localName) => void forgotten.push(localName),
   };
-  const s = new Standbys(host, max);
+  const s = new Standbys(host, max, wantedFile);
   const shape = (image: string, memory = 512) => ({ vm: { image, cpu: 1, memory }, snapshot: `${image}@1cpu-${memory}mib` });
   const ready = () => s.list().map((r) => r.snapshot);
   const settle = (want: string[]) => waitFor(`standbys ${want.join(', ')}`, () => JSON.stringify(ready()) === JSON.stringify(want) || undefined, 5000, 5);
@@ -113,4 +116,36 @@ test('standbys: none with max 0; none made after close, which removes those read
   s.fill(shape('b').vm, shape('b').snapshot);
   await new Promise((r) => setTimeout(r, 50));
   assert.equal(made.length, 1);
+});
+
+test('standbys: the snapshots wanted outlive the worker: the next start makes standbys of the last one still there', async () => {
+  const file = join(tempDir('orchard-standby-wanted-'), 'standbys.json');
+  const before = standbys(2, file);
+  const [a, b, c] = [before.shape('a'), before.shape('b'), before.shape('c')];
+  before.s.fill(a.vm, a.snapshot);
+  await before.settle([a.snapshot, a.snapshot]);
+  before.s.fill(b.vm, b.snapshot);
+  await before.settle([a.snapshot, b.snapshot]);
+  before.s.fill(c.vm, c.snapshot);
+  await before.settle([b.snapshot, c.snapshot]);
+  await before.s.close();
+
+  // c's snapshot is gone meanwhile: b is the last wanted one still there
+  const after = standbys(2, file);
+  await after.s.restore(async (snapshot) => snapshot !== c.snapshot);
+  await after.settle([b.snapshot, b.snapshot]);
+  assert.deepEqual(after.made, [b.snapshot, b.snapshot], 'made as the vm before made them: image and shape kept');
+  // and the order kept: a VM of a now makes a standby of a, b's older one making room
+  after.s.fill(a.vm, a.snapshot);
+  await after.settle([b.snapshot, a.snapshot]);
+  await after.s.restore(async () => true); // (once per start)
+  await after.s.close();
+
+  // a file that is not what fill writes is ignored
+  writeFileSync(file, '{"not": "a list"}');
+  const garbled = standbys(2, file);
+  await garbled.s.restore(async () => true);
+  await new Promise((r) => setTimeout(r, 50));
+  assert.deepEqual(garbled.ready(), []);
+  await garbled.s.close();
 });

@@ -253,7 +253,7 @@ export class QemuDriver implements Driver {
       },
       pause: (localName) => this.qmp(localName, (q) => q.execute('stop')).then(() => {}),
       forget: (localName) => this.forget(localName),
-    }, this.warmStart ? opts.standbys ?? 1 : 0);
+    }, this.warmStart ? opts.standbys ?? 1 : 0, join(this.dataDir, 'standbys.json'));
     if (cache) cache.followers = { links: () => this.snapshots.imageLinks(), released: () => this.tidyImages() };
   }
 
@@ -303,6 +303,7 @@ export class QemuDriver implements Driver {
       await this.snapshots.removeStale((name) => this.imagesNamed(name));
       await this.standbys.prune(async (snapshot) => (await this.snapshots.meta(snapshot))?.created);
       await this.standbys.removeLeftBehind();
+      await this.standbys.restore(async (snapshot) => (await this.snapshots.meta(snapshot)) !== undefined);
     });
     this.tidying = run.catch((err: Error) => this.log.warn({ err: err.message }, 'cannot remove the snapshots no VM will resume'));
     return this.tidying;

@@ -12,8 +12,9 @@
 // starts are off): one at least of the snapshot a VM last resumed, the least recently wanted
 // snapshot's making room, and more of it while there is room (for VMs asked for together). They are
 // killed when the worker stops, when their snapshot goes, and, left behind by a worker that died, at
-// the next start.
-import { readdir, rm } from 'node:fs/promises';
+// the next start. Which snapshots were wanted is kept in a file: a worker that starts again makes
+// the standbys it had (of snapshots still there), so its first VM too takes one.
+import { readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
@@ -68,10 +69,15 @@ export class Standbys {
   /** When a standby of a snapshot last failed. */
   private readonly failed = new Map<string, number>();
   private closed = false;
+  /** Where `wanted` is kept across the worker's restarts. */
+  private readonly wantedFile: string;
+  private restored = false;
+  private saving = Promise.resolve();
 
-  constructor(host: StandbyHost, max: number) {
+  constructor(host: StandbyHost, max: number, wantedFile: string) {
     this.host = host;
     this.max = max;
+    this.wantedFile = wantedFile;
   }
 
   /** The directory of a standby (undefined for any other VM). */
@@ -114,8 +120,46 @@ export class Standbys {
     this.wanted.delete(snapshot);
     this.wanted.set(snapshot, { image: vm.image, cpu: vm.cpu, memory: vm.memory });
     if (this.wanted.size > 64) this.wanted.delete(this.wanted.keys().next().value!);
+    this.save();
     // its standbys last in line for eviction
     this.ready = [...this.ready.filter((s) => s.snapshot !== snapshot), ...this.ready.filter((s) => s.snapshot === snapshot)];
+    this.topUp();
+  }
+
+  /** Writes `wanted` to its file, one write after the other (not synced: a lost file costs the next start its standbys, nothing else). */
+  private save(): void {
+    this.saving = this.saving
+      .then(() => writeFile(this.wantedFile, JSON.stringify([...this.wanted]) + '\n', { mode: 0o600 }))
+      .catch((err: Error) => this.host.log.debug({ err: err.message }, 'cannot keep the standbys wanted'));
+  }
+
+  /**
+   * Once, at the worker's start: the snapshots wanted before it (the file `fill` keeps), those that
+   * `exists` still, the most recent last; their standbys are made as after a VM resumed the last one.
+   */
+  async restore(exists: (snapshot: string) => Promise<boolean>): Promise<void> {
+    if (this.restored || this.max < 1) return;
+    this.restored = true;
+    let kept: unknown;
+    try {
+      kept = JSON.parse(await readFile(this.wantedFile, 'utf8'));
+    } catch {
+      return; // none yet, or unreadable: VMs will say what is wanted
+    }
+    if (!Array.isArray(kept)) return;
+    const valid = (e: unknown): e is [string, Pick<DriverVM, 'image' | 'cpu' | 'memory'>] => {
+      if (!Array.isArray(e) || typeof e[0] !== 'string' || typeof e[1] !== 'object' || e[1] === null) return false;
+      const { image, cpu, memory } = e[1] as Record<string, unknown>;
+      return typeof image === 'string' && typeof cpu === 'number' && typeof memory === 'number';
+    };
+    const before: [string, Pick<DriverVM, 'image' | 'cpu' | 'memory'>][] = [];
+    for (const [snapshot, { image, cpu, memory }] of kept.filter(valid).slice(-64)) {
+      if (await exists(snapshot)) before.push([snapshot, { image, cpu, memory }]);
+    }
+    // older than what VMs wanted since this start (meanwhile)
+    const merged = [...before.filter(([snapshot]) => !this.wanted.has(snapshot)), ...this.wanted];
+    this.wanted.clear();
+    for (const [snapshot, like] of merged) this.wanted.set(snapshot, like);
     this.topUp();
   }
 
