@@ -97,10 +97,12 @@ export class Standbys {
    */
   take(snapshot: string, created: string): Standby | undefined {
     for (const s of this.ready.filter((r) => r.snapshot === snapshot)) {
+      if (s.created !== created) {
+        void this.drop(s);
+        continue;
+      }
       this.ready = this.ready.filter((r) => r !== s);
-      if (s.created === created) return s;
-      this.dirs.delete(s.localName);
-      void this.discard(s);
+      return s;
     }
     return undefined;
   }
@@ -170,9 +172,7 @@ export class Standbys {
     if (!snapshot || !like || Date.now() - (this.failed.get(snapshot) ?? -Infinity) < RETRY_MS) return;
     if (this.ready.length >= this.max) {
       if (this.ready.some((s) => s.snapshot === snapshot)) return;
-      const evicted = this.ready.shift()!;
-      this.dirs.delete(evicted.localName);
-      void this.discard(evicted);
+      void this.drop(this.ready[0]);
     }
     this.making = this.make(like, snapshot).catch((err: Error) => {
       if (this.closed) return;
@@ -214,10 +214,8 @@ export class Standbys {
       // Its agent's connection ends only with its QEMU (killed by someone else, crashed): no VM takes it then.
       agent.once('close', () => {
         if (!this.ready.includes(standby)) return;
-        this.ready = this.ready.filter((r) => r !== standby);
-        this.dirs.delete(localName);
         this.host.log.warn({ image: vm.image, snapshot }, 'a standby\'s QEMU ended: removed');
-        void this.removeDir(localName, dir);
+        void this.drop(standby);
       });
       this.host.log.info({ image: vm.image, snapshot }, 'standby ready');
     } catch (err) {
@@ -232,9 +230,7 @@ export class Standbys {
   async prune(current: (snapshot: string) => Promise<string | undefined>): Promise<void> {
     for (const s of this.ready) {
       if ((await current(s.snapshot)) === s.created || !this.ready.includes(s)) continue;
-      this.ready = this.ready.filter((r) => r !== s);
-      this.dirs.delete(s.localName);
-      await this.discard(s);
+      await this.drop(s);
     }
   }
 
@@ -252,10 +248,14 @@ export class Standbys {
   /** Removes every standby; none is made after. */
   async close(): Promise<void> {
     this.closed = true;
-    const all = this.ready;
-    this.ready = [];
-    for (const s of all) this.dirs.delete(s.localName);
-    await Promise.all([...all.map((s) => this.discard(s)), this.making]);
+    await Promise.all([...[...this.ready].map((s) => this.drop(s)), this.making]);
+  }
+
+  /** Ends ready standby `s`: out of the ready ones at once, then discarded. */
+  private drop(s: Standby): Promise<void> {
+    this.ready = this.ready.filter((r) => r !== s);
+    this.dirs.delete(s.localName);
+    return this.discard(s);
   }
 
   /** Ends standby `s` (ready, or taken and not wanted after all): its QEMU killed, its directory removed. */
