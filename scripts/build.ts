@@ -19,6 +19,7 @@ import { parseArgs } from 'node:util';
 import * as esbuild from 'esbuild';
 import { ASSETS, LAZY_SCRIPT, LAZY_WRAPPER } from '../src/build/assets.ts';
 import { writeConsole } from '../src/console/build.ts';
+import { orchardNodeFlags } from './node-flags.ts';
 import { CONSOLE_MANIFEST, ENCODED_SUFFIX, type ConsoleEncoding } from '../src/console/files.ts';
 
 const ROOT = resolve(import.meta.dirname, '..');
@@ -180,10 +181,8 @@ say(
     `${relative(ROOT, lazyBundle)} (${(statSync(lazyBundle).size / 1e6).toFixed(1)} MB; ${shared.size} shared) in ${elapsed()}`,
 );
 
-// The Node flags bin/orchard runs with (why: there), read from its exec line so that the two cannot drift.
-const execLine = /^exec "\$root\/node_modules\/node\/bin\/node" ((?:--\S+ )*)"\$root\/src\/cli\/main\.ts" "\$@"$/m.exec(readFileSync(join(ROOT, 'bin', 'orchard'), 'utf8'));
-if (!execLine) throw new Error("bin/orchard's exec line was not found: the executable would run without its Node flags");
-const NODE_FLAGS = execLine[1].split(' ').filter(Boolean);
+// The Node flags bin/orchard runs with: the executable runs with the same.
+const NODE_FLAGS = orchardNodeFlags();
 
 // The second script's code cache, for this host: V8 compiles it exactly as lazy-single-executable.ts will,
 // under the same flags: V8 rejects a code cache made under other flags (and Node then warns on stderr).
