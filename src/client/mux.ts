@@ -209,7 +209,11 @@ export class MuxTunnel extends Duplex {
         this.hold();
         dest.once('drain', release);
       },
-      () => dest.end(),
+      // A socket that ended already (its client closed first, and a net.Server's socket then ends
+      // too) is left alone: end() would make an error, with its stack trace, to drop.
+      () => {
+        if (!dest.writableEnded && !dest.destroyed) dest.end();
+      },
     );
   }
 
