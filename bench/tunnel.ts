@@ -22,7 +22,7 @@
 // CPU seconds per GiB of each process show where the tunnel's cost goes. A measurement ends its
 // connection with end(), as a program does (a tunnel that can reuse its connection then does).
 //
-//   node bench/tunnel.ts [--size 256] [--runs 3] [--pings 2000] [--conns 100] [--rtt 40]
+//   node bench/tunnel.ts [--size 256] [--runs 3] [--pings 2000] [--conns 100] [--rtt 40] [--setups 200]
 // (`--serve` is the sink/source server's own mode.)
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -44,6 +44,7 @@ const { values } = parseArgs({
     pings: { type: 'string', default: '2000' },
     conns: { type: 'string', default: '100' },
     rtt: { type: 'string', default: '40' },
+    setups: { type: 'string', default: '200' },
     serve: { type: 'boolean', default: false },
   },
 });
@@ -313,12 +314,18 @@ async function throughput(path: Path, bytes: number, runs: number): Promise<Thro
   return { up: median(ups), down: median(downs), cpu: cpuPerGiB(gib) };
 }
 
-/** Sets up `n` connections through `path` one after another and prints open → first byte p50 / p99; returns the p50 (ms). */
+/**
+ * Sets up `n` connections through `path` one after another and prints open → first byte p50 / p99,
+ * and each process's CPU per connection (ms); returns the p50 (ms).
+ */
 async function setupRow(path: Path, n: number): Promise<number> {
   const xs: number[] = [];
+  const cpu = cpuMeter(path.pids);
   for (let i = 0; i < n; i++) xs.push((await download(path.dial, 16)).seconds * 1000);
   xs.sort((a, b) => a - b);
-  console.log(`${path.name.padEnd(W)} ${pct(xs, 50).toFixed(1)} / ${pct(xs, 99).toFixed(1)} ms`);
+  // cpuMeter divides by GiB: n connections as n/1000 "GiB" give ms per connection.
+  const perConn = Object.entries(cpu(n / 1000)).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(', ');
+  console.log(`${path.name.padEnd(W)} ${`${pct(xs, 50).toFixed(1)} / ${pct(xs, 99).toFixed(1)} ms`.padEnd(18)}${perConn && `   CPU ms per connection: ${perConn}`}`);
   return pct(xs, 50);
 }
 
@@ -387,6 +394,7 @@ async function main() {
   const RUNS = Number(values.runs);
   const PINGS = Number(values.pings);
   const CONNS = Number(values.conns);
+  const SETUPS = Number(values.setups);
   const dir = tempDir('orchard-bench-tunnel-');
   let ctl: ChildController | undefined;
   let client: OrchardClient | undefined;
@@ -517,9 +525,9 @@ async function main() {
     }
 
     // Setting up one tunnel: open → first byte, one at a time.
-    console.log(`\n${'setting up one connection (50 in a row)'.padEnd(W)} open → first byte p50 / p99`);
+    console.log(`\n${`setting up one connection (${SETUPS} in a row)`.padEnd(W)} open → first byte p50 / p99`);
     const setup = new Map<string, number>();
-    for (const p of [...paths, floor, ...sshPaths]) setup.set(p.name, await setupRow(p, 50));
+    for (const p of [...paths, floor, ...sshPaths]) setup.set(p.name, await setupRow(p, SETUPS));
 
     // (f) One tunnel over a long link: RTT ms between the user's side and the controller (the worker
     // next to it), and for ssh -L between ssh and dropbear; the transfers are latency-bound, so one each way.
