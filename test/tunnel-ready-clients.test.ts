@@ -58,6 +58,19 @@ describe('client ready port-forward connections', () => {
     }
   });
 
+  test('an unknown worker is 404 naming it, on the per-tunnel route and on a ready connection', async () => {
+    const { admin } = cluster.c;
+    const named = (err: unknown) => err instanceof ApiError && err.status === 404 && /worker "nowhere" not found/.test(err.message);
+    await assert.rejects(admin.portForwardWorker('nowhere', 22), named);
+    const ready = admin.portForwarder({ worker: 'nowhere', port: 22 }, 1, { mux: false });
+    try {
+      await waitFor('a ready connection', () => ready.ready > 0 || undefined, 10_000, 5);
+      await assert.rejects(ready.open(), named);
+    } finally {
+      ready.close();
+    }
+  });
+
   test('roles as on the per-tunnel path: compute:read may not open a ready connection, compute:connect may not reach a worker host', async () => {
     const reader = await account(cluster.c, 'reader', ['compute:read']);
     const connector = await account(cluster.c, 'connector', ['compute:connect']);

@@ -6,6 +6,13 @@ import { ConflictError, NotFoundError, StoreFailedError } from './store/store.ts
 import { NAME_PATTERN } from '../api/schemas.ts';
 
 /**
+ * What a request's work is aborted with when its client goes away (its AbortController). Nothing reads
+ * it; abort() without a reason makes a DOMException, stack trace and all, each time: 111 ms of the
+ * controller's CPU in a profile of some 2,000 multiplexed tunnel set-ups.
+ */
+export const CLIENT_GONE: Error = new Error('the client went away');
+
+/**
  * What went wrong, for any access path: HTTP answers `statusCode` with the message (and `httpHint`,
  * advice that only makes sense to an API or CLI user); the SSH jump host maps it to a channel-open
  * failure with the message alone (sshOpenFailure).

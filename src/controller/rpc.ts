@@ -7,7 +7,7 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import type { Role, ServiceAccount } from '../api/schemas.ts';
 import { authorize, type Access } from './access.ts';
 import { authenticateCaller, type Sessions } from './console/sessions.ts';
-import { HttpError } from './errors.ts';
+import { HttpError, CLIENT_GONE } from './errors.ts';
 import type { Logger } from 'pino';
 import type { Limits } from './limits.ts';
 import { syncVMsFrame, type WorkerInstruction } from '../api/worker-protocol.ts';
@@ -158,7 +158,7 @@ export class WebSocketRoutes {
     socket.once('close', () => untake());
     // A client that leaves before the WebSocket opens ends what its handler waits for.
     const gone = new AbortController();
-    const leave = () => gone.abort();
+    const leave = () => gone.abort(CLIENT_GONE);
     socket.once('close', leave);
     try {
       let match: RegExpExecArray | null = null;

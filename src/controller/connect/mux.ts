@@ -9,7 +9,7 @@ import type { Role, ServiceAccount } from '../../api/schemas.ts';
 import { MuxConnection, MuxTunnel } from '../../client/mux.ts';
 import { reusableStream } from '../../client/tunnel-ends.ts';
 import { authorize, CONNECT_ROLES, type Access } from '../access.ts';
-import { HttpError } from '../errors.ts';
+import { HttpError, CLIENT_GONE } from '../errors.ts';
 import type { ClusterView } from '../view.ts';
 import { spliceTunnelEnds, streamEnd, wsSide, type SpliceEnd } from './relay.ts';
 import type { MuxStart, StartedStream, Tunnels } from './tunnels.ts';
@@ -166,7 +166,7 @@ export class MuxTunnels {
     tunnel.once('close', () => {
       release();
       unhold();
-      gone.abort();
+      gone.abort(CLIENT_GONE);
     });
     if ('vm' in target) {
       const vm = await this.tunnels.runningVM(target.vm, target.wait, gone.signal);

@@ -4,7 +4,7 @@
 // tunnel. The client's TLS handshake and upgrade are then off the critical path of a new tunnel.
 // Protocol: docs/tunnel-pool-protocol.md ("Client ↔ controller").
 import type { RawData, WebSocket } from 'ws';
-import { HttpError } from '../errors.ts';
+import { HttpError, CLIENT_GONE } from '../errors.ts';
 import { MuxTunnel } from '../../client/mux.ts';
 import { spliceReady } from './mux.ts';
 import { splice, type Tunnel } from './tunnels.ts';
@@ -34,7 +34,7 @@ const EARLY_BYTES = 1024 * 1024;
  */
 export function awaitOpenRequest(ws: WebSocket, open: (signal: AbortSignal) => Promise<Tunnel | MuxTunnel>) {
   const gone = new AbortController();
-  const leave = () => gone.abort();
+  const leave = () => gone.abort(CLIENT_GONE);
   ws.once('close', leave);
   let requested = false;
   // Frames read with the request (the same socket read) before the pause took effect.

@@ -16,7 +16,7 @@ import { NAME_PATTERN, type ServiceAccount } from '../../api/schemas.ts';
 import type { Tunnels } from './tunnels.ts';
 import { relay, streamSide } from './relay.ts';
 import { CONNECT_ROLES, hasAnyRole, type Access } from '../access.ts';
-import { HttpError, OPEN_FAILURE, sshOpenFailure } from '../errors.ts';
+import { HttpError, OPEN_FAILURE, sshOpenFailure, CLIENT_GONE } from '../errors.ts';
 
 export const HOST_KEY_FILE = 'ssh_host_ed25519_key';
 const AUTH_METHODS: ('password' | 'keyboard-interactive')[] = ['password', 'keyboard-interactive'];
@@ -167,7 +167,7 @@ export async function startSSHJump(opts: SSHJumpOptions): Promise<SSHJumpServer>
       clearTimeout(grace);
       release();
       clients.delete(client);
-      gone.abort();
+      gone.abort(CLIENT_GONE);
       for (const t of open) t.destroy();
     });
 
