@@ -4,17 +4,18 @@
 // flags. It is the floor for bench/tunnel.ts's "orchard port-forward (CLI, mux)" row on the same
 // machine, and bench/tunnel.ts measures it in the same run (`relayChain`): what the mux, WebSocket
 // framing and flow control cost per GiB is that row's CPU minus this one's. The TLS settings are
-// Node's defaults, as the controller's (TLS 1.3, a P-256 certificate made for the run).
+// Node's defaults, as the controller's (TLS 1.3, a self-signed certificate made as the controller makes its own).
 //
 //   node bench/tunnel-floor.ts [--size 1024] [--runs 3]      (MiB uploaded per run, into a sink)
-import { fork, spawnSync, type ChildProcess } from 'node:child_process';
-import { readFileSync, rmSync } from 'node:fs';
+import { fork, type ChildProcess } from 'node:child_process';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import tls from 'node:tls';
 import { parseArgs } from 'node:util';
+import { createSelfSigned } from '../src/controller/tls.ts';
 import { tempDir } from '../test/helpers.ts';
 import { orchardNodeFlags } from '../scripts/node-flags.ts';
 import { cpuSeconds } from './load-harness.ts';
@@ -66,8 +67,9 @@ export interface RelayChain {
 /** Starts the chain of relays in front of `target` (a port on 127.0.0.1); `sinkBytes`: also a sink child, the target. */
 export async function relayChain(target: number | { sinkBytes: number }): Promise<RelayChain & { sink?: ChildProcess }> {
   const certs = tempDir('tunnel-floor-');
-  const made = spawnSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', join(certs, 'key.pem'), '-out', join(certs, 'cert.pem'), '-days', '1', '-subj', '/CN=localhost']);
-  if (made.status !== 0) throw new Error(`openssl: ${made.stderr.toString()}`);
+  const { cert, key } = await createSelfSigned();
+  writeFileSync(join(certs, 'cert.pem'), cert);
+  writeFileSync(join(certs, 'key.pem'), key, { mode: 0o600 });
   const flags = orchardNodeFlags();
   const procs: ChildProcess[] = [];
   const start = (name: string, to: number) =>
