@@ -157,6 +157,10 @@ async function measure(nWorkers: number, nVMs: number): Promise<Row> {
     row['all running after last create'] = `${((performance.now() - lastCreate) / 1000).toFixed(2)} s`;
     const c2r = [...creates.sent].map(([name, t]) => watcher.runningAt.get(name)! - t).sort((a, b) => a - b);
     row['create→running p50 / p99'] = `${pct(c2r, 50).toFixed(0)} / ${pct(c2r, 99).toFixed(0)} ms`;
+    // Where that time goes: to the create's answer, to the placement seen on the watch, then to running.
+    const stage = (from: Map<string, number>, to: Map<string, number>) => [...creates.sent.keys()].map((n) => to.get(n)! - from.get(n)!).sort((a, b) => a - b);
+    const p5099 = (xs: number[]) => `${pct(xs, 50).toFixed(0)} / ${pct(xs, 99).toFixed(0)}`;
+    row['  answered / placed / running, p50 / p99'] = `${p5099(stage(creates.sent, creates.acknowledged))}, ${p5099(stage(creates.acknowledged, watcher.placedAt))}, ${p5099(stage(watcher.placedAt, watcher.runningAt))} ms`;
     // Watch lag: from the create's 2xx to its ADDED event on the watch (0 when the event came first).
     const lags = [...creates.acknowledged].map(([name, t]) => Math.max(0, (watcher.addedAt.get(name) ?? Infinity) - t)).sort((a, b) => a - b);
     row['watch lag p50 / p99'] = `${pct(lags, 50).toFixed(1)} / ${pct(lags, 99).toFixed(1)} ms`;
