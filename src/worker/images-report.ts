@@ -7,6 +7,7 @@ import type { WorkerImagesReport } from '../api/schemas.ts';
 import { PULL_IMAGE_ACTION, REGISTRIES_ACTION, type RegistryCredentials } from '../api/worker-protocol.ts';
 import type { Reports } from './reports.ts';
 import type { Driver, DriverImages } from './drivers/driver.ts';
+import { Throttle } from './throttle.ts';
 
 /** Pull progress goes to the controller at most this often (the last message of a pull always does). */
 const PROGRESS_EVERY_MS = 1000;
@@ -89,32 +90,16 @@ export class WorkerImages {
 
   private async pullOnce(image: string) {
     const t0 = Date.now();
-    let last = 0;
-    let held: string | undefined;
-    let timer: NodeJS.Timeout | undefined;
-    const send = (message: string) => {
-      last = Date.now();
-      held = undefined;
-      void this.report({ pull: { image, state: 'pulling', message } });
-    };
-    const progress = (message: string) => {
-      const wait = last + PROGRESS_EVERY_MS - Date.now();
-      if (wait <= 0) return send(message);
-      held = message;
-      timer ??= setTimeout(() => {
-        timer = undefined;
-        if (held !== undefined) send(held);
-      }, wait);
-    };
+    const progress = new Throttle((message) => void this.report({ pull: { image, state: 'pulling', message } }), PROGRESS_EVERY_MS);
     this.o.log.info({ image }, 'pre-pulling an image');
     try {
-      await this.o.images.pull(image, progress);
-      clearTimeout(timer);
+      await this.o.images.pull(image, (message) => progress.push(message));
+      progress.cancel();
       const seconds = ((Date.now() - t0) / 1000).toFixed(1);
       this.o.log.info({ image, seconds }, 'image pulled');
       await this.refresh({ image, state: 'done', message: `${image} is here (${seconds} s)` });
     } catch (err) {
-      clearTimeout(timer);
+      progress.cancel();
       const message = (err as Error).message;
       this.o.log.warn({ image, err: message }, 'pre-pull failed');
       await this.report({ pull: { image, state: 'failed', message: message.slice(0, 1000) } });

@@ -8,6 +8,7 @@ import { sshCredentials, VM_DEFAULTS } from '../api/defaults.ts';
 import type { Driver, DriverVM, LocalVM } from './drivers/driver.ts';
 import { Outbox, type OutboxContext } from './outbox.ts';
 import { runScript } from './startup-script.ts';
+import { Throttle } from './throttle.ts';
 
 /** Abort reason of a worker that stops: its VMs keep running (a restarted worker adopts them). */
 export const SHUTDOWN = 'worker shutdown';
@@ -216,36 +217,15 @@ function toDriverVM(ctx: RunContext, vm: VM, localName: string): DriverVM {
  */
 async function prepare(ctx: RunContext, vm: VM, task: Task) {
   const signal = task.abort.signal;
-  // At most one progress message a second; the newest held back is sent when the second is over (none is lost at the end).
-  let lastProgress = 0;
-  let held: string | undefined;
-  let timer: NodeJS.Timeout | undefined;
-  const progress = (msg: string) => {
-    const wait = lastProgress + 1000 - Date.now();
-    if (wait > 0) {
-      held = msg;
-      timer ??= setTimeout(() => {
-        timer = undefined;
-        if (held !== undefined && !signal.aborted) progress(held);
-        held = undefined;
-      }, wait);
-      return;
-    }
-    held = undefined;
-    lastProgress = Date.now();
-    show(msg);
-  };
-  // Progress (a pull's bytes and rate, a build's steps) is the VM's reason while it lasts, and an event.
-  const show = (msg: string) => {
+  // Progress (a pull's bytes and rate, a build's steps) is the VM's reason while it lasts, and an
+  // event: at most one a second, the newest held back sent when the second is over, and at the end.
+  const throttle = new Throttle((msg) => {
+    if (signal.aborted) return;
     task.out.event('progress', msg);
     report(task, { status: 'pending', status_message: msg, conditions: [{ type: 'scheduled', state: 'true' }, { type: 'cloning', state: 'true' }] });
-  };
-  const flush = () => {
-    clearTimeout(timer);
-    timer = undefined;
-    if (held !== undefined && !signal.aborted) show(held);
-    held = undefined;
-  };
+  }, 1000);
+  const progress = (msg: string) => throttle.push(msg);
+  const flush = () => throttle.flush();
   let lastReason = '';
   for (let attempt = 0; ; attempt++) {
     try {
