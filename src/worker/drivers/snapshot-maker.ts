@@ -57,12 +57,21 @@ export interface TemplateHost {
   forget(localName: string): void;
 }
 
+interface Snapshotting {
+  done: Promise<SnapshotMeta>;
+  making: boolean;
+  onMaking: (() => void)[];
+}
+
 export class SnapshotMaker {
   private readonly host: TemplateHost;
   /** Templates being booted for a snapshot: their local name -> their directory (not under vms/, so list() never sees them). */
   private readonly templateDirs = new Map<string, string>();
-  /** Snapshots being made, by their directory's name: VMs that need one meanwhile wait for the same. */
-  private readonly snapshotting = new Map<string, Promise<SnapshotMeta>>();
+  /**
+   * Snapshots being looked at, and made if need be (`making`), by their directory's name: VMs that
+   * need one meanwhile wait for the same answer (and say so once it is being made: `onMaking`).
+   */
+  private readonly snapshotting = new Map<string, Snapshotting>();
   /** Image names whose snapshot VMs are being prepared from (its files linked): removeStale leaves those. */
   private readonly holds = new Map<string, number>();
 
@@ -208,27 +217,39 @@ export class SnapshotMaker {
     const key = basename(dir);
     const qemu = await binaryId(this.host.qemuBinary);
     for (;;) {
-      const making = this.snapshotting.get(key);
-      if (making) {
-        progress(`waiting for the snapshot of image ${name} being made on this worker`);
-        await making.catch(() => {});
-        if (this.snapshotting.get(key) === making) this.snapshotting.delete(key);
+      const other = this.snapshotting.get(key);
+      if (other) {
+        const waiting = () => progress(`waiting for the snapshot of image ${name} being made on this worker`);
+        if (other.making) waiting();
+        else other.onMaking.push(waiting);
+        await other.done.catch(() => {});
         continue;
       }
-      const meta = await readSnapshotMeta(dir);
-      const stale = meta && await staleReason(meta, this.imageFiles(image), this.host.accel, qemu);
-      if (meta && !stale) return meta;
-      progress(stale ? `the snapshot of image ${name} is out of date (${stale}): making a new one`
-        : `making a snapshot of image ${name} for warm starts of VMs with ${shape.cpu} CPU and ${shape.memory} MiB (once on this worker)`);
-      await this.removeAbandonedTemplates(name);
-      const p = this.makeSnapshot(image, shape, qemu, progress);
-      this.snapshotting.set(key, p);
+      // Looked at, and made if need be, by one VM at a time, registered before the first await: two
+      // VMs of a new shape asking at once each made one, and the second's rename replaced the
+      // directory the first VM was linking its files from (CI: ENOENT on its initrd.img).
+      const state = { making: false, onMaking: [] as (() => void)[] };
+      const entry: Snapshotting = Object.assign(state, { done: this.lookOrMake(state, name, dir, image, shape, qemu, progress) });
+      this.snapshotting.set(key, entry);
       try {
-        return await p;
+        return await entry.done;
       } finally {
-        this.snapshotting.delete(key);
+        if (this.snapshotting.get(key) === entry) this.snapshotting.delete(key);
       }
     }
+  }
+
+  /** The snapshot of image `name` in `dir` if it is there and up to date, else a new one (`state.making` then). */
+  private async lookOrMake(state: Omit<Snapshotting, 'done'>, name: string, dir: string, image: ResolvedImage, shape: Shape, qemu: string, progress: Progress): Promise<SnapshotMeta> {
+    const meta = await readSnapshotMeta(dir);
+    const stale = meta && await staleReason(meta, this.imageFiles(image), this.host.accel, qemu);
+    if (meta && !stale) return meta;
+    state.making = true;
+    for (const say of state.onMaking) say();
+    progress(stale ? `the snapshot of image ${name} is out of date (${stale}): making a new one`
+      : `making a snapshot of image ${name} for warm starts of VMs with ${shape.cpu} CPU and ${shape.memory} MiB (once on this worker)`);
+    await this.removeAbandonedTemplates(name);
+    return this.makeSnapshot(image, shape, qemu, progress);
   }
 
   /**
