@@ -224,12 +224,10 @@ async function prepare(ctx: RunContext, vm: VM, task: Task) {
     task.out.event('progress', msg);
     report(task, { status: 'pending', status_message: msg, conditions: [{ type: 'scheduled', state: 'true' }, { type: 'cloning', state: 'true' }] });
   }, 1000);
-  const progress = (msg: string) => throttle.push(msg);
-  const flush = () => throttle.flush();
   let lastReason = '';
   for (let attempt = 0; ; attempt++) {
     try {
-      await ctx.driver.prepare(toDriverVM(ctx, vm, task.localName), progress).finally(flush);
+      await ctx.driver.prepare(toDriverVM(ctx, vm, task.localName), (msg) => throttle.push(msg)).finally(() => throttle.flush());
       ctx.onPrepared?.();
       if (attempt > 0) task.out.event('lifecycle', `image ${vm.image} is here now (after ${attempt + 1} attempts); cloning it`);
       return;

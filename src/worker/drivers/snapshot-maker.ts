@@ -213,8 +213,7 @@ export class SnapshotMaker {
    */
   async snapshot(name: string, shape: Shape, progress: Progress = () => {}, resolved?: ResolvedImage): Promise<SnapshotMeta> {
     const image = resolved ?? await resolveImage(this.host.imagesDir, name);
-    const dir = this.snapshotDir(name, shape);
-    const key = basename(dir);
+    const key = basename(this.snapshotDir(name, shape));
     const qemu = await binaryId(this.host.qemuBinary);
     for (;;) {
       const other = this.snapshotting.get(key);
@@ -229,7 +228,7 @@ export class SnapshotMaker {
       // VMs of a new shape asking at once each made one, and the second's rename replaced the
       // directory the first VM was linking its files from (CI: ENOENT on its initrd.img).
       const state = { making: false, onMaking: [] as (() => void)[] };
-      const entry: Snapshotting = Object.assign(state, { done: this.lookOrMake(state, name, dir, image, shape, qemu, progress) });
+      const entry: Snapshotting = Object.assign(state, { done: this.lookOrMake(state, name, image, shape, qemu, progress) });
       this.snapshotting.set(key, entry);
       try {
         return await entry.done;
@@ -239,9 +238,9 @@ export class SnapshotMaker {
     }
   }
 
-  /** The snapshot of image `name` in `dir` if it is there and up to date, else a new one (`state.making` then). */
-  private async lookOrMake(state: Omit<Snapshotting, 'done'>, name: string, dir: string, image: ResolvedImage, shape: Shape, qemu: string, progress: Progress): Promise<SnapshotMeta> {
-    const meta = await readSnapshotMeta(dir);
+  /** The snapshot of image `name` for `shape` if it is there and up to date, else a new one (`state.making` then). */
+  private async lookOrMake(state: Omit<Snapshotting, 'done'>, name: string, image: ResolvedImage, shape: Shape, qemu: string, progress: Progress): Promise<SnapshotMeta> {
+    const meta = await readSnapshotMeta(this.snapshotDir(name, shape));
     const stale = meta && await staleReason(meta, this.imageFiles(image), this.host.accel, qemu);
     if (meta && !stale) return meta;
     state.making = true;
